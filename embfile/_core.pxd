@@ -1,0 +1,30 @@
+# cython: language_level=3
+"""The C core's API, declared once (src_c/embfile.h)."""
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+
+cdef extern from "embfile.h" nogil:
+    int EMB_OK, EMB_NOT_FOUND, EMB_E_CORRUPT, EMB_E_DUPLICATE, EMB_E_NOMEM, EMB_E_LIMIT
+    unsigned int EMB_MAX_KEY_BYTES
+
+    ctypedef struct emb_index_t:
+        uint64_t n_buckets
+        uint64_t n_records
+
+    int emb_index_open(emb_index_t *ix, const uint8_t *section, uint64_t len,
+                       uint64_t lcp_len, uint64_t n_buckets, uint64_t n_records)
+    int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen, uint64_t *row)
+    int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
+                        const size_t *lens, size_t k, uint64_t *rows, size_t *failed)
+    void emb_gather(const uint8_t *records, uint64_t record_bytes,
+                    const uint64_t *rows, size_t k, uint8_t *dst)
+    uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len)
+    void emb_crc32c_blocks(const uint8_t *p, uint64_t len, uint64_t block, uint32_t *out)
+    int emb_sort_keys(const uint8_t *heap, const uint64_t *offsets, uint64_t n,
+                      uint64_t *perm, uint64_t dup[2])
+    int emb_index_build(const uint8_t *heap, const uint64_t *offsets, const uint64_t *perm,
+                        uint64_t n, uint32_t bucket_keys, uint8_t *out, uint64_t *out_len,
+                        uint64_t *n_buckets, uint64_t *lcp_len)
+    int emb_index_check(const emb_index_t *ix, const uint8_t *key_offsets,
+                        const uint8_t *key_bytes, uint64_t key_bytes_len,
+                        uint8_t *seen, uint64_t *where)

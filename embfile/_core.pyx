@@ -1,0 +1,289 @@
+# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False
+"""The native core's Python face: the mapped reader and the byte loops the writer needs.
+
+Policy, messages and I/O live in Python (reader.py, writer.py); this module
+only moves bytes and turns the core's status codes into exceptions.
+"""
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.ref cimport Py_INCREF, PyObject, PyTypeObject
+from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
+
+import numpy as np
+cimport numpy as cnp
+
+from embfile._core cimport *
+from embfile import errors
+
+cnp.import_array()
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+
+cdef extern from "numpy/arrayobject.h":
+    PyTypeObject PyArray_Type
+    object PyArray_NewFromDescr(PyTypeObject *subtype, PyObject *descr, int nd,
+                                cnp.npy_intp *dims, cnp.npy_intp *strides, void *data,
+                                int flags, PyObject *obj)
+    int PyArray_SetBaseObject(cnp.ndarray arr, PyObject *obj) except -1
+    int NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_ALIGNED
+
+MAX_KEY_BYTES = EMB_MAX_KEY_BYTES
+STATUS = {"ok": EMB_OK, "not_found": EMB_NOT_FOUND, "corrupt": EMB_E_CORRUPT,
+          "duplicate": EMB_E_DUPLICATE, "nomem": EMB_E_NOMEM, "limit": EMB_E_LIMIT}
+
+
+cdef int _check(int rc, what) except -1:
+    """The one translation point from a core status to an exception."""
+    if rc == EMB_OK:
+        return 0
+    if rc == EMB_E_CORRUPT:
+        raise errors.CorruptFileError(f"{what}: index structure is corrupted")
+    if rc == EMB_E_NOMEM:
+        raise MemoryError(what)
+    raise errors.EmbFileError(f"{what}: core status {rc}")
+
+
+cdef inline const uint8_t *_utf8(object key, size_t *n) except NULL:
+    cdef Py_ssize_t size
+    if not PyUnicode_Check(key):
+        raise TypeError(f"embfile keys are str, not {type(key).__name__}")
+    cdef const char *p = PyUnicode_AsUTF8AndSize(key, &size)
+    n[0] = <size_t>size
+    return <const uint8_t *>p
+
+
+cdef inline uint64_t _load_u64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v |= (<uint64_t>p[i]) << (8 * i)
+    return v
+
+
+cdef class _Reader:
+    """A read-only mapping of one .emb file: lookups, gathers, key iteration.
+
+    Holds a buffer on the mmap for as long as it is open.  Arrays it hands out
+    keep the mmap object (not this reader) alive, so closing the reader never
+    leaves a view pointing at unmapped memory.
+    """
+    cdef Py_buffer _buf
+    cdef bint _open
+    cdef object _mm
+    cdef object _descr
+    cdef emb_index_t _ix
+    cdef const uint8_t *_records
+    cdef const uint8_t *_key_offsets
+    cdef const uint8_t *_key_bytes
+    cdef uint64_t _key_bytes_len, _n, _dim, _record_bytes
+
+    def _attach(self, mm, dtype, uint64_t n, uint64_t dim, uint64_t records_offset,
+                uint64_t keys_offset, uint64_t keys_bytes, uint64_t index_offset,
+                uint64_t index_bytes, uint64_t lcp_len, uint64_t n_buckets):
+        """Binds the mapping; the caller has checked every section against the file size."""
+        PyObject_GetBuffer(mm, &self._buf, PyBUF_SIMPLE)
+        self._open = True
+        self._mm = mm
+        cdef const uint8_t *base = <const uint8_t *>self._buf.buf
+        self._descr = np.dtype(dtype)
+        self._n, self._dim = n, dim
+        self._record_bytes = dim * self._descr.itemsize
+        self._records = base + records_offset
+        self._key_offsets = base + keys_offset
+        self._key_bytes = base + keys_offset + 8 * (n + 1)
+        self._key_bytes_len = keys_bytes - 8 * (n + 1)
+        _check(emb_index_open(&self._ix, base + index_offset, index_bytes,
+                              lcp_len, n_buckets, n), "index section")
+
+    def _detach(self):
+        if self._open:
+            self._open = False
+            PyBuffer_Release(&self._buf)
+            self._mm = None
+
+    def __dealloc__(self):
+        if self._open:
+            PyBuffer_Release(&self._buf)
+
+    cdef inline int _live(self) except -1:
+        if not self._open:
+            raise errors.ClosedFileError("operation on a closed EmbFile")
+        return 0
+
+    cdef object _view(self, uint64_t row):
+        cdef cnp.npy_intp dims[1]
+        dims[0] = <cnp.npy_intp>self._dim
+        Py_INCREF(self._descr)  # NewFromDescr steals it
+        arr = PyArray_NewFromDescr(&PyArray_Type, <PyObject *>self._descr, 1, dims, NULL,
+                                   <void *>(self._records + row * self._record_bytes),
+                                   NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED, NULL)
+        Py_INCREF(self._mm)  # SetBaseObject steals it
+        PyArray_SetBaseObject(arr, <PyObject *>self._mm)
+        return arr
+
+    def __getitem__(self, key):
+        cdef size_t n
+        cdef uint64_t row
+        self._live()
+        cdef const uint8_t *p = _utf8(key, &n)
+        cdef int rc = emb_lookup(&self._ix, p, n, &row)
+        if rc == EMB_OK:
+            return self._view(row)
+        if rc == EMB_NOT_FOUND:
+            raise errors.KeyNotFoundError(key)
+        _check(rc, f"looking up {key!r}")
+
+    def __contains__(self, key):
+        cdef size_t n
+        cdef uint64_t row
+        self._live()
+        cdef const uint8_t *p = _utf8(key, &n)
+        cdef int rc = emb_lookup(&self._ix, p, n, &row)
+        if rc == EMB_NOT_FOUND:
+            return False
+        _check(rc, f"looking up {key!r}")
+        return True
+
+    def __len__(self):
+        self._live()
+        return self._n
+
+    def row(self, key):
+        """The row number of one key (``KeyError`` if absent)."""
+        cdef size_t n
+        cdef uint64_t row
+        self._live()
+        cdef const uint8_t *p = _utf8(key, &n)
+        cdef int rc = emb_lookup(&self._ix, p, n, &row)
+        if rc == EMB_NOT_FOUND:
+            raise errors.KeyNotFoundError(key)
+        _check(rc, f"looking up {key!r}")
+        return row
+
+    def rows(self, keys):
+        """Row numbers of ``keys`` (any sequence of str, or a numpy string array), as int64."""
+        self._live()
+        if isinstance(keys, (str, bytes)):
+            raise TypeError("rows() takes a sequence of keys, not a single key")
+        seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        cdef size_t k = len(seq), i, failed = 0
+        ptrs = np.empty(k, dtype=np.uintp)
+        lens = np.empty(k, dtype=np.uintp)
+        out = np.empty(k, dtype=np.int64)
+        cdef uintptr_t[::1] pv = ptrs
+        cdef size_t[::1] lv = lens
+        cdef int64_t[::1] ov = out
+        for i in range(k):
+            pv[i] = <uintptr_t>_utf8(seq[i], &lv[i])
+        cdef int rc = EMB_OK
+        if k:
+            with nogil:
+                rc = emb_lookup_many(&self._ix, <const uint8_t *const *>&pv[0], &lv[0], k,
+                                     <uint64_t *>&ov[0], &failed)
+        if rc == EMB_NOT_FOUND:
+            raise errors.KeyNotFoundError(seq[failed])
+        _check(rc, "looking up keys")
+        return out
+
+    def get_batch(self, keys):
+        """A new ``(len(keys), dim)`` array of the vectors of ``keys``, in that order."""
+        rows = self.rows(keys)
+        out = np.empty((len(rows), self._dim), dtype=self._descr)
+        cdef int64_t[::1] rv = rows
+        cdef cnp.ndarray o = out
+        cdef size_t k = len(rows)
+        if k:
+            with nogil:
+                emb_gather(self._records, self._record_bytes, <const uint64_t *>&rv[0], k,
+                           <uint8_t *>cnp.PyArray_DATA(o))
+        return out
+
+    def key(self, uint64_t row):
+        """The key stored at ``row`` (row order is write order)."""
+        self._live()
+        if row >= self._n:
+            raise IndexError(f"row {row} out of range for {self._n} records")
+        cdef uint64_t start = _load_u64(self._key_offsets + 8 * row)
+        cdef uint64_t end = _load_u64(self._key_offsets + 8 * (row + 1))
+        if start > end or end > self._key_bytes_len:
+            raise errors.CorruptFileError(f"keys section: offsets of row {row} are out of range")
+        try:
+            return PyUnicode_DecodeUTF8(<const char *>self._key_bytes + start, end - start, NULL)
+        except UnicodeDecodeError as e:
+            raise errors.CorruptFileError(f"keys section: key at row {row} is not UTF-8") from e
+
+    def __iter__(self):
+        cdef uint64_t i
+        for i in range(self._n):
+            yield self.key(i)
+
+    def _check_index(self):
+        """Full walk of the index (verify); returns (ok, sorted position where it failed)."""
+        self._live()
+        seen = np.zeros((self._n + 7) // 8 + 1, dtype=np.uint8)
+        cdef uint8_t[::1] sv = seen
+        cdef uint64_t where = 0
+        cdef int rc
+        with nogil:
+            rc = emb_index_check(&self._ix, self._key_offsets, self._key_bytes,
+                                 self._key_bytes_len, &sv[0], &where)
+        return rc == EMB_OK, where
+
+
+def crc32c(const uint8_t[::1] data, uint32_t crc=0):
+    """CRC-32C of a buffer, chained like ``zlib.crc32``."""
+    cdef size_t n = data.shape[0]
+    if n == 0:
+        return crc
+    with nogil:
+        crc = emb_crc32c(crc, &data[0], n)
+    return crc
+
+
+def crc32c_blocks(const uint8_t[::1] data, uint64_t block):
+    """CRC-32C of each ``block``-byte block of a buffer, as a uint32 array."""
+    cdef uint64_t n = data.shape[0]
+    out = np.zeros((n + block - 1) // block, dtype=np.uint32)
+    cdef uint32_t[::1] ov = out
+    if n:
+        with nogil:
+            emb_crc32c_blocks(&data[0], n, block, &ov[0])
+    return out
+
+
+def sort_keys(const uint8_t[::1] heap, const uint64_t[::1] offsets):
+    """Rows in key order.  Returns ``(status, perm, (row_a, row_b))``; the rows
+    name a duplicate pair (``status == STATUS['duplicate']``) or an over-long key."""
+    cdef uint64_t n = offsets.shape[0] - 1
+    perm = np.empty(n, dtype=np.uint64)
+    cdef uint64_t[::1] pv = perm
+    cdef uint64_t dup[2]
+    cdef const uint8_t *hp = &heap[0] if heap.shape[0] else NULL
+    dup[0] = dup[1] = 0
+    cdef int rc = EMB_OK
+    if n:
+        with nogil:
+            rc = emb_sort_keys(hp, &offsets[0], n, &pv[0], dup)
+    if rc == EMB_E_NOMEM:
+        raise MemoryError("sorting keys")
+    return rc, perm, (dup[0], dup[1])
+
+
+def build_index(const uint8_t[::1] heap, const uint64_t[::1] offsets,
+                const uint64_t[::1] perm, uint32_t bucket_keys):
+    """The index section for keys sorted by ``perm``: ``(bytes array, n_buckets, lcp_len)``."""
+    cdef uint64_t n = perm.shape[0], size = 0, nb = 0, lcp = 0
+    cdef const uint8_t *hp = &heap[0] if heap.shape[0] else NULL
+    cdef const uint64_t *pp = &perm[0] if n else NULL
+    cdef int rc
+    with nogil:
+        rc = emb_index_build(hp, &offsets[0], pp, n, bucket_keys, NULL, &size, &nb, &lcp)
+    _check(rc, "building the index")
+    out = np.zeros(size, dtype=np.uint8)
+    cdef uint8_t[::1] ov = out
+    if size:
+        with nogil:
+            rc = emb_index_build(hp, &offsets[0], pp, n, bucket_keys, &ov[0], &size, &nb, &lcp)
+        _check(rc, "building the index")
+    return out, nb, lcp

@@ -1,0 +1,51 @@
+"""The embfile exception family.
+
+Every problem with a file's contents raises a subclass of :class:`EmbFileError`;
+operating-system errors (a missing file, a full disk) pass through as
+``OSError``.  Classes also derive from the builtin a caller would catch
+(``ValueError`` for bad data, ``KeyError`` for a missing key).
+"""
+
+
+class EmbFileError(Exception):
+    """Base class of every embfile error."""
+
+
+class FormatError(EmbFileError, ValueError):
+    """The file is not a valid .emb file."""
+
+
+class NotAnEmbFileError(FormatError):
+    """The file does not start with the .emb magic number."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file was written in a format version this embfile cannot read."""
+
+
+class TruncatedFileError(FormatError):
+    """The file is shorter than its header says."""
+
+
+class CorruptFileError(FormatError):
+    """A structure inside the file is inconsistent."""
+
+
+class ChecksumError(CorruptFileError):
+    """Stored checksums do not match the bytes (found by ``verify()``)."""
+
+    def __init__(self, message, problems=()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+class KeyNotFoundError(EmbFileError, KeyError):
+    """A key is not in the file."""
+
+
+class WriterError(EmbFileError, ValueError):
+    """Data given to a writer cannot be stored (duplicate key, wrong shape or dtype, overflow)."""
+
+
+class ClosedFileError(EmbFileError, ValueError):
+    """An operation on a closed file or writer."""

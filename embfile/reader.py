@@ -1,0 +1,206 @@
+"""Reading .emb files: :func:`open` and :class:`EmbFile`.
+
+Opening reads and checks the 256-byte header, maps the file, and checks every
+section against the file size: constant time whatever the number of keys.
+Lookups then run in the native core over the mapping, so nothing but the
+pages a lookup touches is ever read.
+"""
+import collections.abc
+import io
+import json
+import mmap
+import os
+
+import numpy as np
+
+from embfile import _core, errors
+from embfile import _format as F
+
+
+def open(path):  # noqa: A001 - the module's entry point, like gzip.open
+    """Open an .emb file for reading.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    EmbFile
+
+    Raises
+    ------
+    FormatError
+        If the file is not a readable .emb file (with a subclass saying why).
+    OSError
+        If the file cannot be opened.
+
+    Examples
+    --------
+    >>> with embfile.open("db.emb") as db:          # doctest: +SKIP
+    ...     v = db["sp|P69905|HBA_HUMAN"]
+    """
+    return EmbFile(path)
+
+
+class EmbFile(_core._Reader, collections.abc.Mapping):
+    """A read-only ``Mapping[str, ndarray]`` over one .emb file.
+
+    ``db[key]`` is a read-only view of shape ``(dim,)`` into the mapped file: no
+    copy is made, and the view stays valid after :meth:`close` (the mapping is
+    released when the last view is gone).  :meth:`get_batch` returns a new array.
+    Keys, values and items iterate in row order, which is the order the
+    vectors were written in.
+
+    An ``EmbFile`` pickles by path, so it can be handed to worker processes;
+    a forked child may keep using the parent's object.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        with io.open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h = _read_header(os.pread(f.fileno(), F.PAGE, 0), size, self.path)
+            # Lookups touch scattered pages: no read-ahead on this mapping.
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm.madvise(mmap.MADV_RANDOM)
+            # Whole-matrix reads and checksums stream: read ahead on this one.
+            self._bulk = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._bulk.madvise(mmap.MADV_SEQUENTIAL)
+        self._h = h
+        self.dtype = F.disk_dtype(F.DTYPES[h["dtype_code"]])
+        self.dim = h["dim"]
+        n, keys = h["count"], h["keys_offset"]
+        first, last = np.frombuffer(mm, "<u8", count=n + 1, offset=keys)[[0, -1]]
+        if first != 0 or last != h["keys_size"] - 8 * (n + 1):
+            raise errors.CorruptFileError(f"{self.path}: keys section offsets do not span it")
+        self._attach(mm, self.dtype, n, self.dim, h["records_offset"], keys, h["keys_size"],
+                     h["index_offset"], h["index_size"], h["lcp_len"], h["n_buckets"])
+
+    @property
+    def matrix(self):
+        """All vectors as a read-only ``(n, dim)`` view, in row order."""
+        self._require_open()
+        n, dim = len(self), self.dim
+        flat = np.frombuffer(self._bulk, self.dtype, count=n * dim, offset=self._h["records_offset"])
+        return flat.reshape(n, dim)
+
+    @property
+    def metadata(self):
+        """The metadata object: the writer's own record under ``"embfile"``, plus the user's keys."""
+        self._require_open()
+        h = self._h
+        raw = self._bulk[h["meta_offset"]:h["meta_offset"] + h["meta_size"]]
+        try:
+            meta = json.loads(raw)
+        except ValueError as e:
+            raise errors.CorruptFileError(f"{self.path}: metadata is not valid JSON: {e}") from None
+        if not isinstance(meta, dict):
+            raise errors.CorruptFileError(f"{self.path}: metadata is not a JSON object")
+        return meta
+
+    def verify(self):
+        """Check every checksum and the whole index; raise :class:`ChecksumError` naming each damaged part.
+
+        Reads the entire file once.  Returns ``None`` when everything holds.
+        """
+        self._require_open()
+        h, problems = self._h, []
+        nblocks = -(-h["records_size"] // h["block_bytes"])
+        sums = np.frombuffer(self._bulk, "<u4", count=nblocks + 3, offset=h["sums_offset"])
+        with memoryview(self._bulk) as whole:
+            records = whole[h["records_offset"]:h["records_offset"] + h["records_size"]]
+            bad = np.flatnonzero(_core.crc32c_blocks(records, h["block_bytes"]) != sums[:nblocks])
+            record_bytes = self.dim * self.dtype.itemsize
+            for b in bad.tolist():
+                lo = b * h["block_bytes"]
+                hi = min(lo + h["block_bytes"], h["records_size"])
+                problems.append(
+                    f"records block {b} (bytes {h['records_offset'] + lo}-{h['records_offset'] + hi}, "
+                    f"rows {lo // record_bytes}-{(hi - 1) // record_bytes}) does not match its checksum")
+            for i, name in enumerate(("index", "keys", "meta")):
+                off, size = h[f"{name}_offset"], h[f"{name}_size"]
+                if _core.crc32c(whole[off:off + size]) != sums[nblocks + i]:
+                    problems.append(f"{name} section does not match its checksum")
+            del records
+        ok, where = self._check_index()
+        if not ok:
+            problems.append(f"index structure is invalid at sorted position {where}")
+        if problems:
+            raise errors.ChecksumError(f"{self.path}: " + "; ".join(problems), problems)
+
+    def close(self):
+        """Release the file.  Arrays already returned stay valid."""
+        self._detach()
+        self._bulk = None
+
+    def _require_open(self):
+        if self._bulk is None:
+            raise errors.ClosedFileError(f"{self.path}: operation on a closed EmbFile")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        return (open, (self.path,))
+
+    def __eq__(self, other):
+        return self is other
+
+    __hash__ = object.__hash__
+
+    def __repr__(self):
+        state = "closed" if self._bulk is None else f"{self._h['count']} x {self.dim} {self.dtype.name}"
+        return f"<EmbFile {self.path!r}: {state}>"
+
+
+def _read_header(head, size, path):
+    """Parse and check the header page against the file size (FORMAT.md "Header")."""
+    if len(head) < len(F.MAGIC) or head[:len(F.MAGIC)] != F.MAGIC:
+        raise errors.NotAnEmbFileError(f"{path}: not an .emb file (starts with {head[:8]!r})")
+    if size < F.HEADER_SIZE:
+        raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, shorter than the header")
+    h = dict(zip(F.HEADER_FIELDS, F.HEADER.unpack_from(head)))
+    if h["major"] != F.VERSION[0]:
+        raise errors.UnsupportedVersionError(
+            f"{path}: format version {h['major']}.{h['minor']}; this embfile reads {F.VERSION[0]}.x")
+    if _core.crc32c(head[:F.HEADER.size]) != int.from_bytes(head[F.HEADER.size:F.HEADER_SIZE], "little"):
+        raise errors.CorruptFileError(f"{path}: header is corrupted (checksum mismatch)")
+
+    def bad(what):
+        return errors.CorruptFileError(f"{path}: {what}")
+
+    if size < h["file_size"]:
+        raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, header says {h['file_size']}")
+    if size > h["file_size"]:
+        raise bad(f"{size - h['file_size']} unexpected bytes after the end ({h['file_size']} bytes)")
+    if h["header_size"] != F.HEADER_SIZE or h["flags"] != 0:
+        raise bad(f"unknown header size {h['header_size']} or flags {h['flags']:#x}")
+    if h["dtype_code"] not in F.DTYPES:
+        raise bad(f"unknown dtype code {h['dtype_code']}")
+    itemsize = np.dtype(F.DTYPES[h["dtype_code"]]).itemsize
+    if h["dim"] < 1 or h["records_size"] != h["count"] * h["dim"] * itemsize:
+        raise bad(f"records section size {h['records_size']} does not hold "
+                  f"{h['count']} x {h['dim']} {F.DTYPES[h['dtype_code']]}")
+    end = F.PAGE
+    for name in sorted(F.SECTIONS, key=lambda s: h[f"{s}_offset"]):
+        off, n = h[f"{name}_offset"], h[f"{name}_size"]
+        if off < end or off + n > size:
+            raise bad(f"{name} section [{off}, {off + n}) overlaps another or runs past the end ({size})")
+        end = off + n
+    for name, align in (("records", F.PAGE), ("index", F.PAGE), ("keys", 8), ("sums", 4)):
+        if h[f"{name}_offset"] % align:
+            raise bad(f"{name} section offset {h[f'{name}_offset']} is not a multiple of {align}")
+    block = h["block_bytes"]
+    if not (F.MIN_BLOCK_BYTES <= block <= F.MAX_BLOCK_BYTES and block & (block - 1) == 0):
+        raise bad(f"checksum block size {block} is not a power of two in range")
+    if h["sums_size"] != 4 * (-(-h["records_size"] // block) + 3):
+        raise bad(f"checksums section size {h['sums_size']} does not match the records")
+    if h["keys_size"] < 8 * (h["count"] + 1):
+        raise bad(f"keys section ({h['keys_size']} bytes) too small for {h['count']} keys")
+    if h["meta_size"] > F.MAX_META_BYTES or h["lcp_len"] > F.MAX_KEY_BYTES:
+        raise bad("metadata or key prefix longer than the format allows")
+    return h

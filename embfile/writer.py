@@ -1,0 +1,315 @@
+"""Writing .emb files: :class:`Writer` (streaming) and :func:`write` (a whole mapping).
+
+Vectors go to a temporary file beside the target as they come; only the keys
+are kept in memory (compactly, about 8 bytes plus the key's UTF-8 each).  A
+clean close sorts the keys, appends the index, keys, metadata and checksums,
+writes the header, fsyncs and renames into place, so the target path only
+ever holds a complete file: the old one or the new one.
+"""
+import array
+import collections.abc
+import datetime
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from embfile import _core, errors
+from embfile import _format as F
+
+_CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
+
+
+class Writer:
+    """Write an .emb file record by record.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination.  Replaced atomically on a clean close; untouched otherwise.
+    dim : int
+        Elements per vector.
+    dtype : str or numpy.dtype
+        Stored element type: float16, float32, float64, (u)int8/16/32/64.
+        Vectors are converted on the way in; a value the type cannot hold is an
+        error naming the key, never a silent ``inf``.
+    metadata : dict, optional
+        JSON-serialisable user metadata (model name, layer, pooling, source, ...).
+
+    Examples
+    --------
+    >>> with embfile.Writer("db.emb", dim=1024, dtype="float16") as w:   # doctest: +SKIP
+    ...     for seqid, vec in embeddings:
+    ...         w.add(seqid, vec)
+    """
+
+    def __init__(self, path, dim, dtype="float32", metadata=None, *,
+                 block_bytes=F.DEFAULT_BLOCK_BYTES, bucket_keys=F.DEFAULT_BUCKET_KEYS):
+        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+            raise TypeError(f"dim must be a positive int, not {dim!r}")
+        try:
+            self.dtype = F.disk_dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype {dtype!r} is not a numpy dtype") from None
+        if self.dtype.newbyteorder("=") not in F.DTYPE_CODES:
+            names = ", ".join(sorted(F.DTYPES.values()))
+            raise TypeError(f"dtype {self.dtype.name} is not supported; use one of {names}")
+        self._meta = _metadata_json(metadata)
+        self.path = os.fspath(path)
+        self.dim = int(dim)
+        self._record_bytes = self.dim * self.dtype.itemsize
+        self._block_bytes = block_bytes
+        self._bucket_keys = bucket_keys
+        self._heap = bytearray()
+        self._offsets = array.array("Q", [0])
+        self._pending_keys, self._pending_vecs = [], []
+        self._block_crcs = array.array("I")
+        self._crc, self._crc_fill = 0, 0
+        folder, name = os.path.split(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(bytes(F.PAGE))  # the header is written last
+
+    def __len__(self):
+        return len(self._offsets) - 1
+
+    def add(self, key, vector):
+        """Append one record."""
+        v = np.asarray(vector)
+        if v.shape != (self.dim,):
+            raise errors.WriterError(f"key {key!r}: vector has shape {v.shape}, expected ({self.dim},)")
+        _check_kind(v.dtype, self.dtype, key)
+        self._add_key(key)
+        self._pending_keys.append(key)
+        self._pending_vecs.append(v)
+        if len(self._pending_vecs) * self._record_bytes >= _CHUNK_BYTES:
+            self._flush()
+
+    def add_batch(self, keys, matrix):
+        """Append ``len(keys)`` records, one per row of ``matrix``."""
+        m = np.asarray(matrix)
+        keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        if m.ndim != 2 or m.shape != (len(keys), self.dim):
+            raise errors.WriterError(
+                f"matrix has shape {m.shape}, expected ({len(keys)}, {self.dim}) for {len(keys)} keys")
+        _check_kind(m.dtype, self.dtype, keys[0] if keys else None)
+        self._flush()
+        step = max(1, _CHUNK_BYTES // self._record_bytes)
+        for lo in range(0, len(keys), step):
+            chunk = keys[lo:lo + step]
+            for key in chunk:
+                self._add_key(key)
+            self._write_records(_convert(m[lo:lo + step], self.dtype, chunk))
+
+    def _add_key(self, key):
+        if not isinstance(key, str):
+            raise TypeError(f"embfile keys are str, not {type(key).__name__}: {key!r}")
+        try:
+            b = key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.WriterError(f"key {key!r} cannot be encoded as UTF-8") from None
+        if len(b) > F.MAX_KEY_BYTES:
+            raise errors.WriterError(f"key {key[:40]!r}... is {len(b)} bytes; the limit is {F.MAX_KEY_BYTES}")
+        self._heap += b
+        self._offsets.append(len(self._heap))
+
+    def _flush(self):
+        if self._pending_vecs:
+            block = _convert(np.stack(self._pending_vecs), self.dtype, self._pending_keys)
+            self._pending_keys, self._pending_vecs = [], []
+            self._write_records(block)
+
+    def _write_records(self, block):
+        data = memoryview(np.ascontiguousarray(block)).cast("B")
+        self._file.write(data)
+        while len(data):  # running CRC per checksum block
+            take = min(len(data), self._block_bytes - self._crc_fill)
+            self._crc = _core.crc32c(data[:take], self._crc)
+            self._crc_fill += take
+            data = data[take:]
+            if self._crc_fill == self._block_bytes:
+                self._block_crcs.append(self._crc)
+                self._crc, self._crc_fill = 0, 0
+
+    def close(self):
+        """Finish the file: index, keys, metadata, checksums, header; fsync; rename into place."""
+        if self._file is None:
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self):
+        self._flush()
+        if self._crc_fill:
+            self._block_crcs.append(self._crc)
+        n = len(self)
+        offsets = np.frombuffer(self._offsets, dtype=np.uint64)
+        heap = np.frombuffer(self._heap, dtype=np.uint8)
+        status, perm, (a, b) = _core.sort_keys(heap, offsets)
+        if status == _core.STATUS["duplicate"]:
+            key = bytes(self._heap[self._offsets[a]:self._offsets[a + 1]]).decode()
+            raise errors.WriterError(f"duplicate key {key!r} (rows {a} and {b})")
+        index, n_buckets, lcp_len = _core.build_index(heap, offsets, perm, self._bucket_keys)
+        keys = offsets.astype("<u8").tobytes() + self._heap
+        meta = json.dumps({**self._meta, "embfile": self._writer_record(n)}, ensure_ascii=False).encode()
+
+        h = dict(magic=F.MAGIC, major=F.VERSION[0], minor=F.VERSION[1], header_size=F.HEADER_SIZE,
+                 count=n, dim=self.dim, dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")], flags=0,
+                 block_bytes=self._block_bytes, n_buckets=n_buckets, lcp_len=lcp_len,
+                 records_offset=F.PAGE, records_size=n * self._record_bytes)
+        pos = F.PAGE + h["records_size"]
+        for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1)):
+            pos = self._pad_to(pos, align)
+            h[f"{name}_offset"], h[f"{name}_size"] = pos, len(data)
+            self._file.write(data)
+            pos += len(data)
+        sums = np.array([*self._block_crcs, _core.crc32c(index), _core.crc32c(keys),
+                         _core.crc32c(meta)], dtype="<u4").tobytes()
+        pos = self._pad_to(pos, 4)
+        h["sums_offset"], h["sums_size"] = pos, len(sums)
+        self._file.write(sums)
+        h["file_size"] = pos + len(sums)
+        head = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
+        self._file.seek(0)
+        self._file.write(head + _core.crc32c(head).to_bytes(4, "little"))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def _pad_to(self, pos, align):
+        pad = -pos % align
+        self._file.write(bytes(pad))
+        return pos + pad
+
+    def _writer_record(self, n):
+        from embfile import __version__
+        return {"format_version": "%d.%d" % F.VERSION, "dtype": self.dtype.name, "dim": self.dim,
+                "count": n, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "embfile_version": __version__}
+
+    def abort(self):
+        """Discard everything written; the destination path is left as it was."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            self.abort()  # never leave a partial file behind
+
+
+def write(path, data, dtype=None, metadata=None, **options):
+    """Write a whole mapping ``{key: vector}`` or a ``(keys, matrix)`` pair to ``path``.
+
+    ``dtype=None`` keeps the dtype of the data.  Other options go to :class:`Writer`.
+    """
+    if isinstance(data, tuple) and len(data) == 2:
+        keys, matrix = data
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2:
+            raise errors.WriterError(f"matrix must be 2-d, got shape {matrix.shape}")
+        with Writer(path, matrix.shape[1], dtype or matrix.dtype, metadata, **options) as w:
+            w.add_batch(keys, matrix)
+        return
+    if not isinstance(data, collections.abc.Mapping):
+        raise TypeError(f"write() takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
+    items = iter(data.items())
+    first = next(items, None)
+    if first is None:
+        raise errors.WriterError("cannot infer dim from an empty mapping; use Writer(path, dim) instead")
+    v0 = np.asarray(first[1])
+    if v0.ndim != 1:
+        raise errors.WriterError(f"key {first[0]!r}: vector has shape {v0.shape}, expected 1-d")
+    with Writer(path, v0.shape[0], dtype or v0.dtype, metadata, **options) as w:
+        step = max(1, _CHUNK_BYTES // (v0.shape[0] * w.dtype.itemsize))
+        keys, vecs = [first[0]], [v0]
+        for k, v in items:
+            keys.append(k)
+            vecs.append(v)
+            if len(keys) >= step:
+                _add_rows(w, keys, vecs)
+                keys, vecs = [], []
+        _add_rows(w, keys, vecs)
+
+
+def _add_rows(w, keys, vecs):
+    try:
+        matrix = np.stack([np.asarray(v) for v in vecs])
+    except ValueError:  # ragged: let add() name the offending key
+        for k, v in zip(keys, vecs):
+            w.add(k, v)
+        return
+    if matrix.ndim != 2 or matrix.shape[1] != w.dim:
+        for k, v in zip(keys, vecs):
+            w.add(k, v)
+        return
+    w.add_batch(keys, matrix)
+
+
+def _check_kind(src, dst, key):
+    """Refuse conversions that change what the numbers mean (float to int, complex, text)."""
+    if src.kind not in "iuf" or (src.kind == "f" and dst.kind in "iu"):
+        raise errors.WriterError(f"key {key!r}: cannot store {src} vectors as {dst}")
+
+
+def _convert(block, dtype, keys):
+    """``block`` as ``dtype``, or a WriterError naming the first key whose values do not fit."""
+    if block.dtype == dtype or np.can_cast(block.dtype, dtype, "safe"):
+        return block.astype(dtype, copy=False)
+    if dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = block.astype(dtype)
+        lost = ~np.isfinite(out) & np.isfinite(block)
+    else:
+        info = np.iinfo(dtype)
+        lost = (block < info.min) | (block > info.max)
+        out = None if lost.any() else block.astype(dtype)
+    bad = np.flatnonzero(lost.any(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        value = block[i][lost[i]][0]
+        raise errors.WriterError(f"key {keys[i]!r}: value {value} does not fit in {dtype.name}")
+    return out
+
+
+def _metadata_json(metadata):
+    meta = {} if metadata is None else metadata
+    if not isinstance(meta, dict):
+        raise TypeError(f"metadata must be a dict, not {type(meta).__name__}")
+    if "embfile" in meta:
+        raise errors.WriterError('metadata key "embfile" is reserved for what the writer records')
+    try:
+        text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise errors.WriterError(f"metadata is not JSON-serialisable: {e}") from None
+    if len(text.encode()) > F.MAX_META_BYTES - 4096:
+        raise errors.WriterError("metadata is too large")
+    return json.loads(text)
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,31 @@
+"""Builds embfile's one extension, embfile._core, from the Cython layer and the C core."""
+import os
+
+import numpy
+from setuptools import Extension, setup
+
+
+def core_extension():
+    """The extension: embfile/_core.pyx plus src_c/*.c.
+
+    EMBFILE_DEBUG=1 builds without optimisation and with assertions;
+    EMBFILE_SANITIZE=1 adds AddressSanitizer and UBSan (for the fuzz run).
+    """
+    args = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wno-unused-function"]
+    link = []
+    if os.environ.get("EMBFILE_DEBUG"):
+        args += ["-O0", "-g", "-UNDEBUG"]
+    if os.environ.get("EMBFILE_SANITIZE"):
+        args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        link += ["-fsanitize=address,undefined"]
+    return Extension(
+        "embfile._core",
+        sources=["embfile/_core.pyx", "src_c/index.c", "src_c/records.c"],
+        include_dirs=["src_c", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        extra_compile_args=args,
+        extra_link_args=link,
+    )
+
+
+setup(ext_modules=[core_extension()])

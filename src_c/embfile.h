@@ -1,0 +1,96 @@
+/*
+ * embfile.h -- the C core of embfile.
+ *
+ * The core knows bytes only: it never sees a path, a file descriptor or a
+ * Python object, so it can be fuzzed standalone.  Every function that reads a
+ * section of a file gets that section's pointer and length and checks every
+ * offset it reads against them before use.  Functions return EMB_OK (0),
+ * EMB_NOT_FOUND (1) or a negative EMB_E_* status; the Python layer turns those
+ * into exceptions.  Nothing here allocates except where stated.
+ *
+ * The on-disk layout these functions read and write is specified in FORMAT.md.
+ */
+#ifndef EMBFILE_H
+#define EMBFILE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define EMB_OK 0
+#define EMB_NOT_FOUND 1
+#define EMB_E_CORRUPT (-1)   /* a section's inner structure is inconsistent */
+#define EMB_E_DUPLICATE (-2) /* two keys are equal (writer) */
+#define EMB_E_NOMEM (-3)     /* malloc failed (writer, verify) */
+#define EMB_E_LIMIT (-4)     /* a key is longer than EMB_MAX_KEY_BYTES (writer) */
+
+#define EMB_PAGE 4096u
+#define EMB_MAX_KEY_BYTES 65535u /* FORMAT.md "Limits" */
+#define EMB_FENCE_ENTRY 16u      /* u64 first prefix, u64 bucket offset */
+#define EMB_FENCE_GROUP 32u      /* fence entries per top-level entry */
+
+/* A view of a mapped index section (FORMAT.md "Index"); filled by emb_index_open. */
+typedef struct {
+    const uint8_t *lcp;   /* prefix shared by every key */
+    uint64_t lcp_len;
+    const uint8_t *top;   /* first prefix of every EMB_FENCE_GROUP-th fence entry */
+    const uint8_t *fence; /* n_buckets entries of EMB_FENCE_ENTRY bytes */
+    uint64_t n_buckets;
+    const uint8_t *area; /* the buckets */
+    uint64_t area_len;
+    uint64_t n_records; /* rows must be below this */
+} emb_index_t;
+
+/* Checks that an index section of `len` bytes holding `n_buckets` buckets and a
+ * common prefix of `lcp_len` bytes fits, and fills `ix`.  Constant time: the
+ * buckets themselves are checked as lookups read them, and in full by
+ * emb_index_check.  Returns EMB_OK or EMB_E_CORRUPT. */
+int emb_index_open(emb_index_t *ix, const uint8_t *section, uint64_t len,
+                   uint64_t lcp_len, uint64_t n_buckets, uint64_t n_records);
+
+/* Finds `key` (UTF-8 bytes, `klen` long).  Sets *row and returns EMB_OK,
+ * returns EMB_NOT_FOUND, or EMB_E_CORRUPT if a bucket it reads is malformed. */
+int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
+               uint64_t *row);
+
+/* Looks up k keys; on the first key that is missing or hits corruption,
+ * stores its position in *failed and returns that status. */
+int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
+                    const size_t *lens, size_t k, uint64_t *rows,
+                    size_t *failed);
+
+/* Copies records rows[0..k) of `record_bytes` each into dst, in that order.
+ * Rows must already be known to be in range (lookups guarantee it). */
+void emb_gather(const uint8_t *records, uint64_t record_bytes,
+                const uint64_t *rows, size_t k, uint8_t *dst);
+
+/* CRC-32C (Castagnoli), chained like zlib's crc32: emb_crc32c(0, ...) starts. */
+uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len);
+
+/* CRC-32C of each `block`-byte block of p[0..len) (the last may be short). */
+void emb_crc32c_blocks(const uint8_t *p, uint64_t len, uint64_t block,
+                       uint32_t *out);
+
+/* Writer: sorts the rows 0..n-1 by their keys (bytewise; key r is
+ * heap[offsets[r] .. offsets[r+1])) into perm.  Returns EMB_E_DUPLICATE with
+ * the two rows in *dup if two keys are equal, EMB_E_NOMEM, or EMB_OK. */
+int emb_sort_keys(const uint8_t *heap, const uint64_t *offsets, uint64_t n,
+                  uint64_t *perm, uint64_t dup[2]);
+
+/* Writer: lays out the index section for keys in sorted order `perm`.  With
+ * out == NULL only computes *out_len; otherwise writes exactly *out_len bytes
+ * (as computed by a first call) to out.  Sets *n_buckets and *lcp_len. */
+int emb_index_build(const uint8_t *heap, const uint64_t *offsets,
+                    const uint64_t *perm, uint64_t n, uint32_t bucket_keys,
+                    uint8_t *out, uint64_t *out_len, uint64_t *n_buckets,
+                    uint64_t *lcp_len);
+
+/* Verify: walks the whole index and checks every invariant of FORMAT.md
+ * (buckets well formed, keys strictly increasing, prefixes right, every row
+ * exactly once, each key equal to the row-order key section).  `seen` is a
+ * zeroed bitmap of at least ceil(n_records / 8) bytes.  On failure stores the
+ * sorted position where it stopped in *where. */
+int emb_index_check(const emb_index_t *ix, const uint8_t *key_offsets,
+                    const uint8_t *key_bytes, uint64_t key_bytes_len,
+                    uint8_t *seen, uint64_t *where);
+
+#endif

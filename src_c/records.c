@@ -1,0 +1,91 @@
+/* records.c -- the byte-moving loops: gather and CRC-32C. */
+#include "embfile.h"
+#include "internal.h"
+
+void emb_gather(const uint8_t *records, uint64_t record_bytes,
+                const uint64_t *rows, size_t k, uint8_t *dst) {
+    size_t i;
+    for (i = 0; i < k; i++) {
+        if (i + 2 < k)
+            __builtin_prefetch(records + rows[i + 2] * record_bytes);
+        memcpy(dst + i * record_bytes, records + rows[i] * record_bytes,
+               record_bytes);
+    }
+}
+
+/* CRC-32C: the SSE4.2 instruction where the CPU has it, else slicing-by-8. */
+static uint32_t table[8][256];
+static int table_ready;
+
+static void make_table(void) {
+    uint32_t i, j;
+    for (i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (j = 0; j < 8; j++)
+            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        table[0][i] = c;
+    }
+    for (i = 0; i < 256; i++)
+        for (j = 1; j < 8; j++)
+            table[j][i] = (table[j - 1][i] >> 8) ^ table[0][table[j - 1][i] & 0xff];
+    table_ready = 1;
+}
+
+static uint32_t crc_soft(uint32_t c, const uint8_t *p, size_t len) {
+    if (!table_ready)
+        make_table(); /* idempotent: a race writes the same values */
+    while (len >= 8) {
+        uint64_t v = emb_load_u64(p) ^ c;
+        c = table[7][v & 0xff] ^ table[6][(v >> 8) & 0xff] ^
+            table[5][(v >> 16) & 0xff] ^ table[4][(v >> 24) & 0xff] ^
+            table[3][(v >> 32) & 0xff] ^ table[2][(v >> 40) & 0xff] ^
+            table[1][(v >> 48) & 0xff] ^ table[0][v >> 56];
+        p += 8, len -= 8;
+    }
+    while (len--)
+        c = (c >> 8) ^ table[0][(c ^ *p++) & 0xff];
+    return c;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t c,
+                                                         const uint8_t *p,
+                                                         size_t len) {
+    uint64_t c64 = c;
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c64 = __builtin_ia32_crc32di(c64, v);
+        p += 8, len -= 8;
+    }
+    c = (uint32_t)c64;
+    while (len--)
+        c = __builtin_ia32_crc32qi(c, *p++);
+    return c;
+}
+
+static int have_hw(void) {
+    static int known = -1;
+    if (known < 0)
+        known = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    return known;
+}
+#else
+#define crc_hw crc_soft
+static int have_hw(void) { return 0; }
+#endif
+
+uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len) {
+    uint32_t c = ~crc;
+    c = have_hw() ? crc_hw(c, p, len) : crc_soft(c, p, len);
+    return ~c;
+}
+
+void emb_crc32c_blocks(const uint8_t *p, uint64_t len, uint64_t block,
+                       uint32_t *out) {
+    uint64_t i, nblocks = block ? (len + block - 1) / block : 0;
+    for (i = 0; i < nblocks; i++) {
+        uint64_t n = len - i * block < block ? len - i * block : block;
+        out[i] = emb_crc32c(0, p + i * block, (size_t)n);
+    }
+}

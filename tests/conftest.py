@@ -1,0 +1,59 @@
+"""Shared checkers and the hypothesis profiles (HYPOTHESIS_PROFILE=dev|ci|expensive)."""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import embfile
+
+settings.register_profile("ci", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("dev", max_examples=20, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("expensive", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def reference_lookup(keys, key):
+    """The oracle: a binary search in numpy over the UTF-8 keys, as the format defines the order."""
+    encoded = np.array([k.encode() for k in keys], dtype=object)
+    order = sorted(range(len(keys)), key=lambda i: encoded[i])
+    sorted_keys = [encoded[i] for i in order]
+    import bisect
+    pos = bisect.bisect_left(sorted_keys, key.encode())
+    if pos < len(sorted_keys) and sorted_keys[pos] == key.encode():
+        return order[pos]
+    return None
+
+
+def check_roundtrip(path, keys, matrix, dtype=None):
+    """Write (keys, matrix), reopen, and compare every access path with the source."""
+    embfile.write(path, (keys, matrix), dtype=dtype)
+    want = np.asarray(matrix).astype(dtype or np.asarray(matrix).dtype)
+    with embfile.open(path) as db:
+        assert len(db) == len(keys)
+        assert db.dim == want.shape[1]
+        assert db.dtype == want.dtype
+        assert list(db) == list(keys)
+        assert db.matrix.shape == want.shape
+        np.testing.assert_array_equal(db.matrix, want)
+        for i, k in enumerate(keys):
+            assert k in db
+            assert db.row(k) == i
+            np.testing.assert_array_equal(db[k], want[i])
+        np.testing.assert_array_equal(db.get_batch(list(keys)[::-1]), want[::-1])
+        np.testing.assert_array_equal(db.rows(keys), np.arange(len(keys)))
+        db.verify()
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A small version of the "Pickle vs HDF5" workload: seq{i:010d} -> float64 vectors."""
+    rng = np.random.default_rng(0)
+    keys = [f"seq{i:010d}" for i in range(500)]
+    matrix = rng.random((500, 32))
+    path = tmp_path / "study.emb"
+    embfile.write(path, (keys, matrix), metadata={"model": "esm2_t33_650M_UR50D", "layer": 33})
+    return path, keys, matrix

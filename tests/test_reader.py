@@ -1,0 +1,204 @@
+"""EmbFile as a read-only Mapping: lookups, batches, views, metadata, lifetime."""
+import collections.abc
+import multiprocessing
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import embfile
+from conftest import check_roundtrip
+
+
+def test_mapping_protocol(study):
+    path, keys, matrix = study
+    db = embfile.open(path)
+    assert isinstance(db, collections.abc.Mapping)
+    assert len(db) == len(keys) and list(db) == keys
+    assert list(db.keys()) == keys
+    np.testing.assert_array_equal(np.stack(list(db.values())), matrix)
+    k, v = next(iter(db.items()))
+    assert k == keys[0]
+    np.testing.assert_array_equal(v, matrix[0])
+    assert db.get("absent") is None
+    assert db.get("absent", 7) == 7
+    np.testing.assert_array_equal(db.get(keys[3]), matrix[3])
+    assert keys[3] in db and "absent" not in db and keys[3] in db.keys()
+
+
+def test_lookup_is_a_read_only_view(study):
+    path, keys, _ = study
+    db = embfile.open(path)
+    v = db[keys[10]]
+    assert v.shape == (db.dim,) and v.dtype == np.float64
+    assert not v.flags.writeable
+    with pytest.raises(ValueError):
+        v[0] = 1.0
+    assert not db.matrix.flags.writeable
+
+
+def test_missing_key_names_it(study):
+    db = embfile.open(study[0])
+    with pytest.raises(KeyError, match="seq-missing") as info:
+        db["seq-missing"]
+    assert isinstance(info.value, embfile.KeyNotFoundError)
+    with pytest.raises(embfile.KeyNotFoundError, match="nope"):
+        db.get_batch([study[1][0], "nope"])
+    with pytest.raises(KeyError, match="nope"):
+        db.rows(["nope"])
+
+
+def test_get_batch_orders_and_types(study):
+    path, keys, matrix = study
+    db = embfile.open(path)
+    pick = [keys[i] for i in (5, 0, 499, 5)]
+    want = matrix[[5, 0, 499, 5]]
+    np.testing.assert_array_equal(db.get_batch(pick), want)
+    np.testing.assert_array_equal(db.get_batch(tuple(pick)), want)
+    np.testing.assert_array_equal(db.get_batch(np.array(pick)), want)
+    np.testing.assert_array_equal(db.get_batch(np.array(pick, dtype=object)), want)
+    out = db.get_batch(pick)
+    assert out.flags.writeable and out.flags.owndata is not None
+    out[:] = 0  # a fresh array: writing to it does not touch the file
+    np.testing.assert_array_equal(db[keys[5]], matrix[5])
+    assert db.get_batch([]).shape == (0, db.dim)
+    np.testing.assert_array_equal(db.rows(pick), [5, 0, 499, 5])
+
+
+def test_wrong_key_types(study):
+    db = embfile.open(study[0])
+    for bad in (1, b"seq0000000001", None, 1.5):
+        with pytest.raises(TypeError, match="keys are str"):
+            db[bad]
+    with pytest.raises(TypeError, match="single key"):
+        db.get_batch("seq0000000001")
+    with pytest.raises(TypeError):
+        db.get_batch([1, 2])
+
+
+def test_metadata(study):
+    meta = embfile.open(study[0]).metadata
+    assert meta["model"] == "esm2_t33_650M_UR50D" and meta["layer"] == 33
+    rec = meta["embfile"]
+    assert rec["format_version"] == "1.0" and rec["dtype"] == "float64"
+    assert rec["dim"] == 32 and rec["count"] == 500
+    assert rec["embfile_version"] == embfile.__version__ and rec["created"]
+
+
+def test_close_and_context_manager(study):
+    path, keys, matrix = study
+    with embfile.open(path) as db:
+        v = db[keys[1]]
+        m = db.matrix
+    for op in (lambda: db[keys[1]], lambda: len(db), lambda: keys[1] in db, lambda: db.matrix,
+               lambda: db.get_batch(keys[:2]), lambda: list(db), lambda: db.verify(), lambda: db.metadata):
+        with pytest.raises(embfile.ClosedFileError):
+            op()
+    # arrays handed out before close keep their mapping alive
+    np.testing.assert_array_equal(v, matrix[1])
+    np.testing.assert_array_equal(m, matrix)
+    db.close()  # closing twice is fine
+    assert "closed" in repr(db)
+
+
+def test_views_outlive_the_file_object(study):
+    path, keys, matrix = study
+    db = embfile.open(path)
+    views = [db[k] for k in keys[:5]]
+    del db
+    import gc
+    gc.collect()
+    np.testing.assert_array_equal(np.stack(views), matrix[:5])
+
+
+def test_pickle_reopens_by_path(study):
+    path, keys, matrix = study
+    db = embfile.open(path)
+    clone = pickle.loads(pickle.dumps(db))
+    assert clone.path == db.path and len(clone) == len(db)
+    np.testing.assert_array_equal(clone[keys[7]], matrix[7])
+
+
+def _child_lookups(db, keys):
+    return [float(db[k].sum()) for k in keys]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_processes(study, method):
+    path, keys, matrix = study
+    db = embfile.open(path)
+    db[keys[0]]  # touch it in the parent first
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(2) as pool:
+        chunks = [keys[i::4] for i in range(4)]
+        got = pool.starmap(_child_lookups, [(db, c) for c in chunks])
+    for chunk, sums in zip(chunks, got):
+        assert sums == [float(matrix[keys.index(k)].sum()) for k in chunk]
+
+
+def test_fork_child_uses_parent_object(study):
+    path, keys, matrix = study
+    db = embfile.open(path)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: use the inherited object and the mapping
+        ok = np.array_equal(db.get_batch(keys), matrix) and np.array_equal(db[keys[-1]], matrix[-1])
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+
+
+def test_awkward_keys(tmp_path):
+    keys = ["sp|P69905|HBA_HUMAN", "with space", "a/b.c", "ünïcödé-蛋白质", "x" * 1024, "", "a", "ab",
+            "a\x00", "\U0001F9EC", "tr|Q9|X Y Z", "abc\x00def"]
+    matrix = np.arange(len(keys) * 3, dtype=np.float32).reshape(-1, 3)
+    check_roundtrip(tmp_path / "k.emb", keys, matrix)
+
+
+def test_long_keys_and_shared_prefixes(tmp_path):
+    # keys equal in their first 1000 bytes: the index must settle on whole keys
+    keys = ["P" * 1000 + f"{i:05d}" for i in range(300)] + ["P" * 1000, "P" * 999]
+    matrix = np.random.default_rng(1).random((len(keys), 2))
+    check_roundtrip(tmp_path / "p.emb", keys, matrix)
+    db = embfile.open(tmp_path / "p.emb")
+    assert "P" * 1001 not in db and "P" * 998 not in db and "Q" not in db
+
+
+def test_key_size_limit(tmp_path):
+    big = "k" * embfile._format.MAX_KEY_BYTES
+    check_roundtrip(tmp_path / "big.emb", [big, "small"], np.ones((2, 1)))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "uint8", "int16",
+                                   "uint16", "int32", "uint32", "int64", "uint64"])
+def test_every_dtype(tmp_path, dtype):
+    rng = np.random.default_rng(2)
+    matrix = (rng.random((40, 7)) * 100).astype(dtype)
+    check_roundtrip(tmp_path / f"{dtype}.emb", [f"id{i}" for i in range(40)], matrix)
+
+
+def test_empty_and_dim_one(tmp_path):
+    with embfile.Writer(tmp_path / "empty.emb", dim=4) as w:
+        pass
+    db = embfile.open(tmp_path / "empty.emb")
+    assert len(db) == 0 and list(db) == [] and db.matrix.shape == (0, 4)
+    assert "x" not in db and db.get_batch([]).shape == (0, 4)
+    db.verify()
+    check_roundtrip(tmp_path / "one.emb", ["only"], np.array([[3.0]]))
+
+
+def test_many_keys_match_a_dict(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 20_000
+    keys = [f"{rng.integers(1 << 40):x}-{i}" for i in range(n)]
+    matrix = rng.random((n, 2)).astype(np.float32)
+    embfile.write(tmp_path / "m.emb", (keys, matrix))
+    db = embfile.open(tmp_path / "m.emb")
+    probe = rng.choice(n, 2000)
+    np.testing.assert_array_equal(db.get_batch([keys[i] for i in probe]), matrix[probe])
+    assert all(db.row(keys[i]) == i for i in probe[:200])
+    assert sum(f"{k}!" in db for k in keys[:500]) == 0
+    db.verify()
