@@ -123,6 +123,9 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
                 if _core.crc32c(whole[off:off + size]) != sums[nblocks + i]:
                     problems.append(f"{name} section does not match its checksum")
             del records
+        for lo, hi in _gaps(h):
+            if np.frombuffer(self._bulk, np.uint8, hi - lo, lo).any():
+                problems.append(f"padding bytes {lo}-{hi} are not zero")
         ok, where = self._check_index()
         if not ok:
             problems.append(f"index structure is invalid at sorted position {where}")
@@ -157,6 +160,15 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         return f"<EmbFile {self.path!r}: {state}>"
 
 
+def _gaps(h):
+    """The byte ranges no section covers (header page tail, alignment padding): all zero."""
+    lo = F.HEADER_SIZE
+    for name in sorted(F.SECTIONS, key=lambda s: h[f"{s}_offset"]):
+        if h[f"{name}_offset"] > lo:
+            yield lo, h[f"{name}_offset"]
+        lo = max(lo, h[f"{name}_offset"] + h[f"{name}_size"])
+
+
 def _read_header(head, size, path):
     """Parse and check the header page against the file size (FORMAT.md "Header")."""
     if len(head) < len(F.MAGIC) or head[:len(F.MAGIC)] != F.MAGIC:
@@ -185,15 +197,15 @@ def _read_header(head, size, path):
     if h["dim"] < 1 or h["records_size"] != h["count"] * h["dim"] * itemsize:
         raise bad(f"records section size {h['records_size']} does not hold "
                   f"{h['count']} x {h['dim']} {F.DTYPES[h['dtype_code']]}")
+    for name, align in (("records", F.PAGE), ("index", F.PAGE), ("keys", 8), ("sums", 4)):
+        if h[f"{name}_offset"] % align:
+            raise bad(f"{name} section offset {h[f'{name}_offset']} is not a multiple of {align}")
     end = F.PAGE
     for name in sorted(F.SECTIONS, key=lambda s: h[f"{s}_offset"]):
         off, n = h[f"{name}_offset"], h[f"{name}_size"]
         if off < end or off + n > size:
             raise bad(f"{name} section [{off}, {off + n}) overlaps another or runs past the end ({size})")
         end = off + n
-    for name, align in (("records", F.PAGE), ("index", F.PAGE), ("keys", 8), ("sums", 4)):
-        if h[f"{name}_offset"] % align:
-            raise bad(f"{name} section offset {h[f'{name}_offset']} is not a multiple of {align}")
     block = h["block_bytes"]
     if not (F.MIN_BLOCK_BYTES <= block <= F.MAX_BLOCK_BYTES and block & (block - 1) == 0):
         raise bad(f"checksum block size {block} is not a power of two in range")

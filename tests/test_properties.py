@@ -1,0 +1,86 @@
+"""Property-based tests: any keys, any dtype and dim, write then open gives back the same mapping."""
+import numpy as np
+from hypothesis import assume, given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import embfile
+from conftest import reference_lookup
+
+DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+          "int64", "uint64"]
+
+# Unicode keys, short enough to collide on prefixes, plus their own prefixes and extensions.
+base_keys = st.text(st.characters(codec="utf-8"), max_size=12)
+
+
+@st.composite
+def key_sets(draw):
+    keys = draw(st.lists(base_keys, max_size=60, unique=True))
+    extra = []
+    for k in keys[:10]:  # prefixes of each other
+        extra += [k[:len(k) // 2], k + "\x00", k + "a"]
+    return list(dict.fromkeys(keys + extra))
+
+
+@st.composite
+def files(draw):
+    keys = draw(key_sets())
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    dim = draw(st.integers(1, 9))
+    elements = hnp.from_dtype(dtype, allow_nan=True, allow_infinity=True) if dtype.kind == "f" else None
+    matrix = draw(hnp.arrays(dtype, (len(keys), dim), elements=elements))
+    bucket_keys = draw(st.sampled_from([1, 2, 16, 100]))
+    return keys, matrix, bucket_keys
+
+
+def same(a, b):
+    return a.tobytes() == b.tobytes()  # bit-exact, NaN payloads included
+
+
+@given(f=files())
+def test_roundtrip_any_keys_dtypes_dims(tmp_path_factory, f):
+    keys, matrix, bucket_keys = f
+    path = tmp_path_factory.mktemp("p") / "x.emb"
+    embfile.write(path, (keys, matrix), bucket_keys=bucket_keys)
+    with embfile.open(path) as db:
+        assert len(db) == len(keys) and list(db) == keys
+        assert db.dtype == matrix.dtype and db.dim == matrix.shape[1]
+        assert same(np.asarray(db.matrix), matrix)
+        for i, k in enumerate(keys):
+            assert same(db[k], matrix[i])
+        if keys:
+            order = np.random.default_rng(len(keys)).permutation(len(keys))
+            picked = [keys[i] for i in order]
+            assert same(db.get_batch(picked), np.stack([db[k] for k in picked]))
+        db.verify()
+
+
+@given(f=files(), probes=st.lists(base_keys, max_size=30))
+def test_lookups_agree_with_the_oracle(tmp_path_factory, f, probes):
+    keys, matrix, bucket_keys = f
+    path = tmp_path_factory.mktemp("o") / "x.emb"
+    embfile.write(path, (keys, matrix), bucket_keys=bucket_keys)
+    db = embfile.open(path)
+    for probe in probes + [k + "~" for k in keys[:5]] + [k[:-1] for k in keys[:5]]:
+        want = reference_lookup(keys, probe)
+        assert (probe in db) == (want is not None)
+        if want is None:
+            try:
+                db[probe]
+                raise AssertionError(f"{probe!r} found but absent")
+            except KeyError as e:
+                assert isinstance(e, embfile.KeyNotFoundError)
+        else:
+            assert db.row(probe) == want
+
+
+@given(keys=st.lists(base_keys, min_size=2, max_size=30))
+def test_duplicates_are_always_refused(tmp_path_factory, keys):
+    assume(len(set(keys)) < len(keys))
+    path = tmp_path_factory.mktemp("d") / "x.emb"
+    try:
+        embfile.write(path, (keys, np.zeros((len(keys), 1))))
+        raise AssertionError("duplicates accepted")
+    except embfile.WriterError as e:
+        assert "duplicate key" in str(e)
+    assert not path.exists()

@@ -1,0 +1,188 @@
+"""Writer: conversions and their errors, duplicates, atomic replacement, streaming memory."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import embfile
+from conftest import check_roundtrip
+
+
+def test_add_and_add_batch_mix(tmp_path):
+    rng = np.random.default_rng(0)
+    m = rng.random((30, 5)).astype(np.float32)
+    keys = [f"k{i}" for i in range(30)]
+    with embfile.Writer(tmp_path / "a.emb", dim=5, metadata={"source": "test"}) as w:
+        for k, v in zip(keys[:10], m[:10]):
+            w.add(k, v)
+        w.add_batch(keys[10:25], m[10:25])
+        w.add(keys[25], list(m[25]))  # any array-like
+        w.add_batch(np.array(keys[26:]), m[26:])
+        assert len(w) == 30
+    db = embfile.open(tmp_path / "a.emb")
+    assert list(db) == keys
+    np.testing.assert_array_equal(db.matrix, m)
+    assert db.metadata["source"] == "test"
+
+
+def test_write_mapping_and_pair(tmp_path):
+    d = {f"seq{i:010d}": np.random.random(8) for i in range(100)}
+    embfile.write(tmp_path / "d.emb", d)
+    db = embfile.open(tmp_path / "d.emb")
+    assert db.dtype == np.float64 and list(db) == list(d)
+    for k, v in d.items():
+        np.testing.assert_array_equal(db[k], v)
+    embfile.write(tmp_path / "p.emb", (list(d), np.stack(list(d.values()))), dtype="float16")
+    assert embfile.open(tmp_path / "p.emb").dtype == np.float16
+
+
+def test_dtype_conversion_on_write(tmp_path):
+    m = np.linspace(-3, 3, 24).reshape(4, 6)
+    check_roundtrip(tmp_path / "h.emb", list("abcd"), m, dtype="float16")
+    ints = np.arange(24, dtype=np.int64).reshape(4, 6)
+    check_roundtrip(tmp_path / "i.emb", list("abcd"), ints, dtype="int8")
+    check_roundtrip(tmp_path / "f.emb", list("abcd"), ints, dtype="float32")
+
+
+def test_nan_and_inf_in_source_are_kept(tmp_path):
+    m = np.array([[np.nan, 1.0], [np.inf, -np.inf]])
+    embfile.write(tmp_path / "n.emb", (["a", "b"], m), dtype="float16")
+    db = embfile.open(tmp_path / "n.emb")
+    assert np.isnan(db["a"][0]) and db["b"][0] == np.inf and db["b"][1] == -np.inf
+
+
+@pytest.mark.parametrize("dtype,value", [("float16", 1e6), ("float32", 1e300), ("int8", 300), ("uint8", -1)])
+def test_overflow_names_the_key(tmp_path, dtype, value):
+    src = np.zeros((3, 4), dtype=np.float64 if dtype.startswith("float") else np.int64)
+    src[2, 1] = value
+    with pytest.raises(embfile.WriterError, match=r"'third'.*does not fit"):
+        embfile.write(tmp_path / "o.emb", (["first", "second", "third"], src), dtype=dtype)
+    with pytest.raises(embfile.WriterError, match="'third'"):
+        with embfile.Writer(tmp_path / "o.emb", 4, dtype) as w:
+            for k, v in zip(["first", "second", "third"], src):
+                w.add(k, v)
+    assert not os.path.exists(tmp_path / "o.emb")
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_shape_or_kind_names_the_key(tmp_path):
+    with embfile.Writer(tmp_path / "s.emb", 4) as w:
+        w.add("ok", np.zeros(4))
+        with pytest.raises(embfile.WriterError, match=r"'short'.*shape \(3,\)"):
+            w.add("short", np.zeros(3))
+        with pytest.raises(embfile.WriterError, match=r"'matrix'.*shape \(2, 4\)"):
+            w.add("matrix", np.zeros((2, 4)))
+        with pytest.raises(embfile.WriterError, match="'text'"):
+            w.add("text", np.array(["a", "b", "c", "d"]))
+        with pytest.raises(embfile.WriterError, match="'cplx'"):
+            w.add("cplx", np.zeros(4, dtype=complex))
+        with pytest.raises(TypeError, match="keys are str"):
+            w.add(b"bytes", np.zeros(4))
+        with pytest.raises(embfile.WriterError, match="shape"):
+            w.add_batch(["a", "b"], np.zeros((3, 4)))
+    assert list(embfile.open(tmp_path / "s.emb")) == ["ok"]
+    with embfile.Writer(tmp_path / "q.emb", 4, "int8") as w:
+        with pytest.raises(embfile.WriterError, match="'f'.*float64.*int8"):
+            w.add("f", np.zeros(4))  # quantisation is the caller's decision
+
+
+def test_bad_writer_arguments(tmp_path):
+    with pytest.raises(TypeError, match="dim"):
+        embfile.Writer(tmp_path / "x.emb", 0)
+    with pytest.raises(TypeError, match="not supported"):
+        embfile.Writer(tmp_path / "x.emb", 4, "complex64")
+    with pytest.raises(embfile.WriterError, match="JSON"):
+        embfile.Writer(tmp_path / "x.emb", 4, metadata={"x": object()})
+    with pytest.raises(embfile.WriterError, match="reserved"):
+        embfile.Writer(tmp_path / "x.emb", 4, metadata={"embfile": 1})
+    with pytest.raises(TypeError):
+        embfile.write(tmp_path / "x.emb", [1, 2, 3])
+    assert os.listdir(tmp_path) == []
+
+
+def test_duplicate_key_is_an_error_naming_it(tmp_path):
+    target = tmp_path / "dup.emb"
+    embfile.write(target, {"old": np.zeros(2)})
+    with pytest.raises(embfile.WriterError, match=r"duplicate key 'sp\|P1' \(rows 1 and 3\)"):
+        embfile.write(target, (["a", "sp|P1", "b", "sp|P1"], np.zeros((4, 2))))
+    assert list(embfile.open(target)) == ["old"]  # the earlier file is untouched
+    assert sorted(os.listdir(tmp_path)) == ["dup.emb"]
+
+
+def test_exception_inside_with_keeps_the_old_file(tmp_path):
+    target = tmp_path / "t.emb"
+    embfile.write(target, {"old": np.ones(3)})
+    with pytest.raises(RuntimeError):
+        with embfile.Writer(target, 3) as w:
+            w.add("new", np.zeros(3))
+            raise RuntimeError("boom")
+    np.testing.assert_array_equal(embfile.open(target)["old"], np.ones(3))
+    assert os.listdir(tmp_path) == ["t.emb"]
+
+
+def test_replacing_a_file_that_readers_hold(tmp_path):
+    target = tmp_path / "r.emb"
+    embfile.write(target, {"k": np.ones(3)})
+    old = embfile.open(target)
+    view = old["k"]
+    embfile.write(target, {"k": np.full(3, 2.0), "j": np.zeros(3)})
+    np.testing.assert_array_equal(old["k"], np.ones(3))  # the reader keeps the old inode
+    np.testing.assert_array_equal(view, np.ones(3))
+    assert len(old) == 1 and len(embfile.open(target)) == 2
+
+
+_SLOW_WRITER = textwrap.dedent("""
+    import sys, numpy as np, embfile
+    with embfile.Writer(sys.argv[1], 256) as w:
+        for i in range(10**9):
+            w.add(f"key{i}", np.full(256, i, dtype=np.float32))
+            if i == 2000:
+                print("writing", flush=True)
+""")
+
+
+def test_kill_mid_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "k.emb"
+    embfile.write(target, {"old": np.ones(256, dtype=np.float32)})
+    before = target.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(target)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"writing\n"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.read_bytes() == before
+    embfile.open(target).verify()
+    leftovers = [p for p in os.listdir(tmp_path) if p != "k.emb"]
+    assert all(p.startswith(".k.emb.") and p.endswith(".tmp") for p in leftovers)  # hidden, never at the path
+    embfile.write(target, {"next": np.zeros(256, dtype=np.float32)})  # the next write succeeds
+    assert list(embfile.open(target)) == ["next"]
+
+
+_BIG_WRITER = textwrap.dedent("""
+    import resource, sys, numpy as np, embfile
+    dim, n = 1024, int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with embfile.Writer(sys.argv[1], dim, "float32") as w:
+        block = rng.random((1000, dim), dtype=np.float32)
+        for i in range(0, n, 1000):
+            w.add_batch([f"seq{j:010d}" for j in range(i, i + 1000)], block)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+""")
+
+
+def test_streaming_write_memory_is_bounded(tmp_path):
+    # 400 MB of vectors through a writer must not grow the process by anything near that
+    n = 100_000
+    out = subprocess.run([sys.executable, "-c", _BIG_WRITER, str(tmp_path / "big.emb"), str(n)],
+                         check=True, capture_output=True, text=True).stdout
+    growth_mb = int(out)
+    assert growth_mb < 64, f"writer grew by {growth_mb} MB for {n * 4096 >> 20} MB of vectors"
+    db = embfile.open(tmp_path / "big.emb")
+    assert len(db) == n
+    db.verify()
