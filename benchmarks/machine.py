@@ -1,0 +1,105 @@
+"""The machine's own limits, measured in the same run as a benchmark, so results print as ratios.
+
+memcpy bandwidth, write + fsync bandwidth, cold sequential read bandwidth and cold random 4 KiB
+pread latency.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED).
+"""
+import os
+import time
+
+import numpy as np
+
+MB = 1 << 20
+
+
+def evict(path, offset=0, length=0):
+    """Drop a file's pages from the page cache (pages mapped by this process stay: unmap first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def memcpy_gbps(nbytes=256 * MB, repeats=5):
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return nbytes / best / 1e9
+
+
+def write_fsync_gbps(path, nbytes):
+    chunk = np.random.default_rng(0).bytes(8 * MB)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def cold_read_gbps(path):
+    evict(path)
+    buf = bytearray(8 * MB)
+    total = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total / (time.perf_counter() - t0) / 1e9
+
+
+def cold_pread_us(path, count=400, size=4096, seed=0):
+    """Median and p99 latency of single random preads on an evicted file, read-ahead off."""
+    evict(path)
+    pages = os.path.getsize(path) // size
+    offsets = np.random.default_rng(seed).choice(pages, count, replace=False) * size
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    times = []
+    try:
+        for off in offsets.tolist():
+            t0 = time.perf_counter_ns()
+            os.pread(fd, size, off)
+            times.append(time.perf_counter_ns() - t0)
+    finally:
+        os.close(fd)
+    return np.median(times) / 1e3, np.percentile(times, 99) / 1e3
+
+
+def measure(folder, nbytes=1024 * MB):
+    """All four limits, using a scratch file of ``nbytes`` in ``folder`` (removed afterwards)."""
+    path = os.path.join(folder, "machine-limits.bin")
+    try:
+        limits = {"memcpy_gbps": memcpy_gbps(), "write_fsync_gbps": write_fsync_gbps(path, nbytes)}
+        limits["cold_read_gbps"] = cold_read_gbps(path)
+        limits["cold_pread_us"], limits["cold_pread_p99_us"] = cold_pread_us(path)
+        return limits
+    finally:
+        os.unlink(path)
+
+
+def describe(limits):
+    return (f"memcpy {limits['memcpy_gbps']:.1f} GB/s | write+fsync {limits['write_fsync_gbps']:.2f} GB/s | "
+            f"cold sequential read {limits['cold_read_gbps']:.2f} GB/s | cold random 4 KiB pread "
+            f"{limits['cold_pread_us']:.0f} us median ({limits['cold_pread_p99_us']:.0f} us p99)")
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    import tempfile
+    print(describe(measure(tempfile.gettempdir())))
