@@ -213,10 +213,26 @@ cdef class _Reader:
         except UnicodeDecodeError as e:
             raise errors.CorruptFileError(f"keys section: key at row {row} is not UTF-8") from e
 
+    def keys_between(self, uint64_t start, uint64_t stop):
+        """The keys of rows ``start`` to ``stop`` (clipped to the file), as a list."""
+        self._live()
+        stop = min(stop, self._n)
+        out = []
+        cdef uint64_t i, a, b = _load_u64(self._key_offsets + 8 * start) if start < stop else 0
+        for i in range(start, stop):
+            a, b = b, _load_u64(self._key_offsets + 8 * (i + 1))
+            if a > b or b > self._key_bytes_len:
+                raise errors.CorruptFileError(f"keys section: offsets of row {i} are out of range")
+            try:
+                out.append(PyUnicode_DecodeUTF8(<const char *>self._key_bytes + a, b - a, NULL))
+            except UnicodeDecodeError as e:
+                raise errors.CorruptFileError(f"keys section: key at row {i} is not UTF-8") from e
+        return out
+
     def __iter__(self):
-        cdef uint64_t i
-        for i in range(self._n):
-            yield self.key(i)
+        cdef uint64_t start
+        for start in range(0, self._n, 4096):  # decoded in chunks: fast, and bounded in memory
+            yield from self.keys_between(start, start + 4096)
 
     def _check_index(self):
         """Full walk of the index (verify); returns (ok, sorted position where it failed)."""

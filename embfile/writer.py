@@ -19,6 +19,7 @@ from embfile import _core, errors
 from embfile import _format as F
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
+_WRITEBACK_BYTES = 32 << 20  # start writing back to disk every this many bytes, not all at the fsync
 
 
 class Writer:
@@ -70,6 +71,7 @@ class Writer:
         fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         self._file = os.fdopen(fd, "wb")
         self._file.write(bytes(F.PAGE))  # the header is written last
+        self._written = self._synced = F.PAGE
 
     def __len__(self):
         return len(self._offsets) - 1
@@ -123,6 +125,14 @@ class Writer:
     def _write_records(self, block):
         data = memoryview(np.ascontiguousarray(block)).cast("B")
         self._file.write(data)
+        self._written += len(data)
+        if self._written - self._synced >= _WRITEBACK_BYTES:
+            # On dirty pages DONTNEED starts asynchronous writeback (and evicts nothing):
+            # the disk works while we go on, and dirty memory stays bounded.
+            self._file.flush()
+            os.posix_fadvise(self._file.fileno(), self._synced, self._written - self._synced,
+                             os.POSIX_FADV_DONTNEED)
+            self._synced = self._written
         while len(data):  # running CRC per checksum block
             take = min(len(data), self._block_bytes - self._crc_fill)
             self._crc = _core.crc32c(data[:take], self._crc)

@@ -77,6 +77,19 @@ def test_wrong_key_types(study):
         db.get_batch([1, 2])
 
 
+def test_read_matrix_is_a_fresh_copy(study):
+    path, keys, matrix = study
+    with embfile.open(path) as db:
+        m = db.read_matrix()
+        assert m.flags.writeable and m.flags.owndata
+        np.testing.assert_array_equal(m, matrix)
+        m[:] = 0
+        np.testing.assert_array_equal(db.matrix, matrix)
+        assert db.keys_between(498, 10**9) == keys[498:]
+    with pytest.raises(embfile.ClosedFileError):
+        db.read_matrix()
+
+
 def test_metadata(study):
     meta = embfile.open(study[0]).metadata
     assert meta["model"] == "esm2_t33_650M_UR50D" and meta["layer"] == 33
