@@ -212,7 +212,7 @@ class EmbFile:
 
     def read_all(self, path):
         with embfile.open(path) as db:
-            return list(db), db.read_matrix()
+            return list(db), np.array(db.matrix)
 
     def open(self, path):
         return embfile.open(path)

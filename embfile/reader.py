@@ -69,7 +69,6 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
             self._lookup_map = mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             mm.madvise(mmap.MADV_RANDOM)
             self._bulk = mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_READ)
-            self._fd = os.dup(g.fileno())  # for read_matrix: the same file, even if the path is replaced
         self._h = h
         self.dtype = F.disk_dtype(F.DTYPES[h["dtype_code"]])
         self.dim = h["dim"]
@@ -87,23 +86,6 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         n, dim = len(self), self.dim
         flat = np.frombuffer(self._bulk, self.dtype, count=n * dim, offset=self._h["records_offset"])
         return flat.reshape(n, dim)
-
-    def read_matrix(self):
-        """All vectors in a new ``(n, dim)`` array, read with sequential preads straight into it.
-
-        Faster than ``np.array(db.matrix)`` when you want everything in memory: no page
-        faults on the mapping, and the kernel reads ahead.
-        """
-        self._require_open()
-        out = np.empty((len(self), self.dim), self.dtype)
-        view = memoryview(out).cast("B")
-        pos, offset = 0, self._h["records_offset"]
-        while pos < len(view):
-            n = os.preadv(self._fd, [view[pos:pos + (256 << 20)]], offset + pos)
-            if n == 0:
-                raise errors.TruncatedFileError(f"{self.path}: file shrank while being read")
-            pos += n
-        return out
 
     @property
     def metadata(self):
@@ -156,13 +138,6 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         """Release the file.  Arrays already returned stay valid."""
         self._detach()
         self._bulk = self._lookup_map = None
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
 
     def _require_open(self):
         if self._bulk is None:

@@ -56,6 +56,10 @@ class Writer:
         if self.dtype.newbyteorder("=") not in F.DTYPE_CODES:
             names = ", ".join(sorted(F.DTYPES.values()))
             raise TypeError(f"dtype {self.dtype.name} is not supported; use one of {names}")
+        if not (F.MIN_BLOCK_BYTES <= block_bytes <= F.MAX_BLOCK_BYTES and block_bytes & (block_bytes - 1) == 0):
+            raise ValueError(f"block_bytes must be a power of two from {F.MIN_BLOCK_BYTES}, not {block_bytes}")
+        if not 1 <= bucket_keys <= 4096:
+            raise ValueError(f"bucket_keys must be from 1 to 4096, not {bucket_keys}")
         self._meta = _metadata_json(metadata)
         self.path = os.fspath(path)
         self.dim = int(dim)
@@ -64,7 +68,7 @@ class Writer:
         self._bucket_keys = bucket_keys
         self._heap = bytearray()
         self._offsets = array.array("Q", [0])
-        self._pending_keys, self._pending_vecs = [], []
+        self._pending = []
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
         folder, name = os.path.split(os.path.abspath(self.path))
@@ -77,49 +81,54 @@ class Writer:
         return len(self._offsets) - 1
 
     def add(self, key, vector):
-        """Append one record."""
+        """Append one record.  On an error nothing is added and the writer stays usable."""
         v = np.asarray(vector)
         if v.shape != (self.dim,):
             raise errors.WriterError(f"key {key!r}: vector has shape {v.shape}, expected ({self.dim},)")
         _check_kind(v.dtype, self.dtype, key)
-        self._add_key(key)
-        self._pending_keys.append(key)
-        self._pending_vecs.append(v)
-        if len(self._pending_vecs) * self._record_bytes >= _CHUNK_BYTES:
+        encoded = _encode_key(key)
+        v = _convert(v[None], self.dtype, [key])[0]  # overflow is found here, naming this key
+        self._heap += encoded
+        self._offsets.append(len(self._heap))
+        self._pending.append(v)
+        if len(self._pending) * self._record_bytes >= _CHUNK_BYTES:
             self._flush()
 
     def add_batch(self, keys, matrix):
-        """Append ``len(keys)`` records, one per row of ``matrix``."""
+        """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none."""
         m = np.asarray(matrix)
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         if m.ndim != 2 or m.shape != (len(keys), self.dim):
             raise errors.WriterError(
                 f"matrix has shape {m.shape}, expected ({len(keys)}, {self.dim}) for {len(keys)} keys")
         _check_kind(m.dtype, self.dtype, keys[0] if keys else None)
+        encoded = [_encode_key(k) for k in keys]
         self._flush()
-        step = max(1, _CHUNK_BYTES // self._record_bytes)
-        for lo in range(0, len(keys), step):
-            chunk = keys[lo:lo + step]
-            for key in chunk:
-                self._add_key(key)
-            self._write_records(_convert(m[lo:lo + step], self.dtype, chunk))
-
-    def _add_key(self, key):
-        if not isinstance(key, str):
-            raise TypeError(f"embfile keys are str, not {type(key).__name__}: {key!r}")
+        mark = (len(self._offsets), len(self._heap), len(self._block_crcs), self._crc, self._crc_fill,
+                self._written)
         try:
-            b = key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise errors.WriterError(f"key {key!r} cannot be encoded as UTF-8") from None
-        if len(b) > F.MAX_KEY_BYTES:
-            raise errors.WriterError(f"key {key[:40]!r}... is {len(b)} bytes; the limit is {F.MAX_KEY_BYTES}")
-        self._heap += b
-        self._offsets.append(len(self._heap))
+            step = max(1, _CHUNK_BYTES // self._record_bytes)
+            for lo in range(0, len(keys), step):
+                self._write_records(_convert(m[lo:lo + step], self.dtype, keys[lo:lo + step]))
+        except BaseException:
+            self._rollback(*mark)
+            raise
+        for b in encoded:
+            self._heap += b
+            self._offsets.append(len(self._heap))
+
+    def _rollback(self, n_offsets, n_heap, n_crcs, crc, crc_fill, written):
+        """Undo a partly written batch: keys, checksum state and file back to the mark."""
+        del self._offsets[n_offsets:], self._heap[n_heap:], self._block_crcs[n_crcs:]
+        self._crc, self._crc_fill, self._written = crc, crc_fill, written
+        self._synced = min(self._synced, written)
+        self._file.flush()
+        self._file.truncate(written)
+        self._file.seek(written)
 
     def _flush(self):
-        if self._pending_vecs:
-            block = _convert(np.stack(self._pending_vecs), self.dtype, self._pending_keys)
-            self._pending_keys, self._pending_vecs = [], []
+        if self._pending:  # already converted and checked by add()
+            block, self._pending = np.stack(self._pending), []
             self._write_records(block)
 
     def _write_records(self, block):
@@ -225,7 +234,10 @@ class Writer:
 
     def __del__(self):
         if getattr(self, "_file", None) is not None:
-            self.abort()  # never leave a partial file behind
+            try:
+                self.abort()  # never leave a partial file behind
+            except Exception:
+                pass
 
 
 def write(path, data, dtype=None, metadata=None, **options):
@@ -274,6 +286,18 @@ def _add_rows(w, keys, vecs):
             w.add(k, v)
         return
     w.add_batch(keys, matrix)
+
+
+def _encode_key(key):
+    if not isinstance(key, str):
+        raise TypeError(f"embfile keys are str, not {type(key).__name__}: {key!r}")
+    try:
+        b = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.WriterError(f"key {key!r} cannot be encoded as UTF-8") from None
+    if len(b) > F.MAX_KEY_BYTES:
+        raise errors.WriterError(f"key {key[:40]!r}... is {len(b)} bytes; the limit is {F.MAX_KEY_BYTES}")
+    return b
 
 
 def _check_kind(src, dst, key):

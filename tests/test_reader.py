@@ -77,17 +77,15 @@ def test_wrong_key_types(study):
         db.get_batch([1, 2])
 
 
-def test_read_matrix_is_a_fresh_copy(study):
-    path, keys, matrix = study
-    with embfile.open(path) as db:
-        m = db.read_matrix()
-        assert m.flags.writeable and m.flags.owndata
-        np.testing.assert_array_equal(m, matrix)
-        m[:] = 0
-        np.testing.assert_array_equal(db.matrix, matrix)
-        assert db.keys_between(498, 10**9) == keys[498:]
-    with pytest.raises(embfile.ClosedFileError):
-        db.read_matrix()
+def test_keys_between(study):
+    path, keys, _ = study
+    db = embfile.open(path)
+    assert db.keys_between(0, 3) == keys[:3]
+    assert db.keys_between(498, 10**9) == keys[498:]
+    assert db.keys_between(600, 700) == []
+    assert db.key(17) == keys[17]
+    with pytest.raises(IndexError):
+        db.key(500)
 
 
 def test_metadata(study):

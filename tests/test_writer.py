@@ -70,6 +70,38 @@ def test_overflow_names_the_key(tmp_path, dtype, value):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failed_call_adds_nothing(tmp_path):
+    """A caller may catch a WriterError and go on: the file holds exactly the accepted rows."""
+    rng = np.random.default_rng(5)
+    good = rng.random((3000, 700))  # several conversion chunks, several checksum blocks
+    bad = good.copy()
+    bad[2500, 3] = 1e6  # overflows float16 late in the batch, after chunks were written
+    keys = [f"k{i}" for i in range(3000)]
+    path = tmp_path / "partial.emb"
+    with embfile.Writer(path, 700, "float16", block_bytes=4096) as w:
+        w.add_batch(keys[:1000], good[:1000])
+        with pytest.raises(embfile.WriterError, match="'k2500'"):
+            w.add_batch(keys[1000:], bad[1000:])
+        with pytest.raises(embfile.WriterError, match="'solo'"):
+            w.add("solo", bad[2500])
+        with pytest.raises(TypeError):
+            w.add_batch(["fine", 7], good[:2])
+        w.add("solo", good[0])
+        w.add_batch(keys[1000:2000], good[1000:2000])
+    db = embfile.open(path)
+    assert list(db) == keys[:1000] + ["solo"] + keys[1000:2000]
+    np.testing.assert_array_equal(db.matrix, np.vstack([good[:1000], good[:1], good[1000:2000]]).astype("float16"))
+    db.verify()
+
+
+def test_layout_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="block_bytes"):
+        embfile.Writer(tmp_path / "x.emb", 4, block_bytes=1000)
+    with pytest.raises(ValueError, match="bucket_keys"):
+        embfile.Writer(tmp_path / "x.emb", 4, bucket_keys=0)
+    assert os.listdir(tmp_path) == []
+
+
 def test_wrong_shape_or_kind_names_the_key(tmp_path):
     with embfile.Writer(tmp_path / "s.emb", 4) as w:
         w.add("ok", np.zeros(4))
