@@ -15,7 +15,6 @@ import json
 import mmap
 import os
 import pickle
-import resource
 import shutil
 import subprocess
 import sys
@@ -238,7 +237,9 @@ def rss_mb():
 
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory so far (VmHWM: ru_maxrss is only updated lazily while a process runs)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def per_call(fn, args, batch=1):
