@@ -141,7 +141,20 @@ class H5Bulk:
         h[0].close()
 
 
-class Parquet:
+class MatrixAndDict:
+    """Stores whose lookups need a dict of every key built at open: the handle is (matrix, {key: row})."""
+
+    def lookup(self, h, key):
+        return h[0][h[1][key]]
+
+    def gather(self, h, keys):
+        return h[0][[h[1][k] for k in keys]]
+
+    def close(self, h):
+        pass
+
+
+class Parquet(MatrixAndDict):
     name = "parquet (pyarrow)"
 
     def write(self, path, keys, matrix):
@@ -163,17 +176,9 @@ class Parquet:
         ids, matrix = self.read_all(path)  # encoded pages: no lookup without decoding the file
         return matrix, {k: i for i, k in enumerate(ids)}
 
-    def lookup(self, h, key):
-        return h[0][h[1][key]]
-
-    def gather(self, h, keys):
-        return h[0][[h[1][k] for k in keys]]
-
-    def close(self, h):
-        pass
 
 
-class Memmap:
+class Memmap(MatrixAndDict):
     name = "numpy memmap + dict"
 
     def write(self, path, keys, matrix):
@@ -190,14 +195,6 @@ class Memmap:
         keys = np.load(path + ".keys.npy").tolist()
         return np.load(path + ".npy", mmap_mode="r"), {k: i for i, k in enumerate(keys)}
 
-    def lookup(self, h, key):
-        return h[0][h[1][key]]
-
-    def gather(self, h, keys):
-        return h[0][[h[1][k] for k in keys]]
-
-    def close(self, h):
-        pass
 
 
 class EmbFile:
