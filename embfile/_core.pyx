@@ -122,28 +122,26 @@ cdef class _Reader:
         PyArray_SetBaseObject(arr, <PyObject *>self._mm)
         return arr
 
-    def __getitem__(self, key):
+    cdef inline bint _find(self, key, uint64_t *row) except -1:
+        """True and the row if ``key`` is present, False if not; raises on corruption."""
         cdef size_t n
-        cdef uint64_t row
         self._live()
         cdef const uint8_t *p = _utf8(key, &n)
-        cdef int rc = emb_lookup(&self._ix, p, n, &row)
-        if rc == EMB_OK:
-            return self._view(row)
-        if rc == EMB_NOT_FOUND:
-            raise errors.KeyNotFoundError(key)
-        _check(rc, f"looking up {key!r}")
-
-    def __contains__(self, key):
-        cdef size_t n
-        cdef uint64_t row
-        self._live()
-        cdef const uint8_t *p = _utf8(key, &n)
-        cdef int rc = emb_lookup(&self._ix, p, n, &row)
+        cdef int rc = emb_lookup(&self._ix, p, n, row)
         if rc == EMB_NOT_FOUND:
             return False
         _check(rc, f"looking up {key!r}")
         return True
+
+    def __getitem__(self, key):
+        cdef uint64_t row
+        if self._find(key, &row):
+            return self._view(row)
+        raise errors.KeyNotFoundError(key)
+
+    def __contains__(self, key):
+        cdef uint64_t row
+        return self._find(key, &row)
 
     def __len__(self):
         self._live()
@@ -151,15 +149,10 @@ cdef class _Reader:
 
     def row(self, key):
         """The row number of one key (``KeyError`` if absent)."""
-        cdef size_t n
         cdef uint64_t row
-        self._live()
-        cdef const uint8_t *p = _utf8(key, &n)
-        cdef int rc = emb_lookup(&self._ix, p, n, &row)
-        if rc == EMB_NOT_FOUND:
-            raise errors.KeyNotFoundError(key)
-        _check(rc, f"looking up {key!r}")
-        return row
+        if self._find(key, &row):
+            return row
+        raise errors.KeyNotFoundError(key)
 
     def rows(self, keys):
         """Row numbers of ``keys`` (any sequence of str, or a numpy string array), as int64."""
