@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from embfile.errors import (  # noqa: E402
     ChecksumError,
     ClosedFileError,
+    ConversionError,
     CorruptFileError,
     EmbFileError,
     FormatError,
@@ -21,9 +22,20 @@ from embfile.errors import (  # noqa: E402
 )
 from embfile.reader import EmbFile, open  # noqa: E402
 from embfile.writer import Writer, write  # noqa: E402
+from embfile.formats import (  # noqa: E402
+    convert,
+    from_esm,
+    from_hdf5,
+    from_npy,
+    from_parquet,
+    from_pickle,
+    to_hdf5,
+    to_parquet,
+)
 
 __all__ = [
     "open", "write", "EmbFile", "Writer", "EmbFileError", "FormatError", "NotAnEmbFileError",
     "UnsupportedVersionError", "TruncatedFileError", "CorruptFileError", "ChecksumError",
-    "KeyNotFoundError", "WriterError", "ClosedFileError", "__version__",
+    "KeyNotFoundError", "WriterError", "ConversionError", "ClosedFileError", "convert", "from_hdf5",
+    "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5", "to_parquet", "__version__",
 ]

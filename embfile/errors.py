@@ -47,5 +47,9 @@ class WriterError(EmbFileError, ValueError):
     """Data given to a writer cannot be stored (duplicate key, wrong shape or dtype, overflow)."""
 
 
+class ConversionError(EmbFileError, ValueError):
+    """An input to a converter has a layout or contents embfile cannot take in (the message says which option helps)."""
+
+
 class ClosedFileError(EmbFileError, ValueError):
     """An operation on a closed file or writer."""

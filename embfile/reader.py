@@ -73,7 +73,7 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         self.dtype = F.disk_dtype(F.DTYPES[h["dtype_code"]])
         self.dim = h["dim"]
         n, keys = h["count"], h["keys_offset"]
-        first, last = np.frombuffer(mm, "<u8", count=n + 1, offset=keys)[[0, -1]]
+        first, last = self._key_offsets()[[0, -1]]
         if first != 0 or last != h["keys_size"] - 8 * (n + 1):
             raise errors.CorruptFileError(f"{self.path}: keys section offsets do not span it")
         self._attach(mm, self.dtype, n, self.dim, h["records_offset"], keys, h["keys_size"],
@@ -86,6 +86,31 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         n, dim = len(self), self.dim
         flat = np.frombuffer(self._bulk, self.dtype, count=n * dim, offset=self._h["records_offset"])
         return flat.reshape(n, dim)
+
+    def _key_offsets(self):
+        """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
+        h = self._h
+        return np.frombuffer(self._lookup_map, "<u8", count=h["count"] + 1, offset=h["keys_offset"])
+
+    def to_arrow(self, key_column="key", vector_column="vector"):
+        """A ``pyarrow.Table`` of ``(key: large_string, vector: fixed_size_list<dtype>[dim])``
+        sharing memory with the mapped file: no copy, valid after :meth:`close`.  Needs pyarrow."""
+        from embfile.formats.parquet import emb_to_arrow
+        return emb_to_arrow(self, key_column, vector_column)
+
+    def _chunks(self, rows):
+        """``(lo, hi, matrix[lo:hi])`` for consecutive row ranges, for exports.
+
+        Each range's pages leave this process's memory once the next is asked for
+        (they stay in the page cache), so a pass over a file larger than RAM keeps
+        a bounded resident size.
+        """
+        m, rb, base = self.matrix, self.dim * self.dtype.itemsize, self._h["records_offset"]
+        for lo in range(0, len(self), rows):
+            hi = min(lo + rows, len(self))
+            yield lo, hi, m[lo:hi]
+            start = (base + lo * rb) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._bulk.madvise(mmap.MADV_DONTNEED, start, base + hi * rb - start)
 
     @property
     def metadata(self):

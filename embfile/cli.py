@@ -1,0 +1,201 @@
+"""The ``embfile`` command: convert, info, get, keys, verify.
+
+``main(argv) -> int`` runs one command; user errors are one line on stderr and
+exit status 1 (2 for bad usage), never a traceback.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import embfile
+from embfile import errors, formats
+
+_EXAMPLES = {
+    "convert": """examples:
+  embfile convert prott5.h5 prott5.emb --dtype float16        # ProtTrans per-protein HDF5
+  embfile convert residues.h5 proteins.emb --pool mean        # per-residue (L, D) -> mean vectors
+  embfile convert reduced.h5 db.emb --key-attr original_id    # bio_embeddings: ids in an attribute
+  embfile convert esm_out/ esm2.emb --layer 33                # fair-esm extract.py folder of .pt files
+  embfile convert table.parquet db.emb --vector-column embedding
+  embfile convert db.emb db.parquet --row-group-size 50000
+  embfile convert db.emb db.h5 --compression gzip
+  embfile convert embeddings.pkl db.emb --trust-pickle        # only pickles you trust: loading runs code""",
+    "info": "example:\n  embfile info db.emb --json",
+    "get": "examples:\n  embfile get db.emb 'sp|P69905|HBA_HUMAN'\n"
+           "  embfile get db.emb P69905 P68871 --format npy > two.npy",
+    "keys": "examples:\n  embfile keys db.emb | head\n  embfile keys db.emb -0 | xargs -0 ...",
+    "verify": "example:\n  embfile verify db.emb other.emb && echo intact",
+}
+
+
+def main(argv=None):
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except errors.KeyNotFoundError as e:
+        return _fail(f"key {e.args[0]!r} is not in {getattr(args, 'file', 'the file')}")
+    except (errors.EmbFileError, OSError, ImportError, ValueError, TypeError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; no output file was left behind", 130)
+
+
+def _fail(message, status=1):
+    print(f"embfile: error: {message}", file=sys.stderr)
+    return status
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="embfile", description="Store and serve embedding vectors by key.")
+    p.add_argument("--version", action="version", version=f"embfile {embfile.__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(name, run, help):
+        c = sub.add_parser(name, help=help, description=help, epilog=_EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.set_defaults(run=run)
+        return c
+
+    c = command("convert", _convert, "convert between .emb, HDF5, Parquet, ESM .pt folders, .npy and pickles")
+    c.add_argument("src", help="input file or folder")
+    c.add_argument("dst", help="output file (.emb, .h5 or .parquet)")
+    c.add_argument("--from", dest="src_format", choices=sorted(formats.READERS), help="input format (detected)")
+    c.add_argument("--to", dest="dst_format", choices=["emb", *sorted(formats.WRITERS)],
+                   help="output format (from the name)")
+    c.add_argument("--dtype", help="stored element type, e.g. float16 (default: the input's)")
+    c.add_argument("--metadata", type=json.loads, help="JSON object to add to the metadata")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    g = c.add_argument_group("HDF5")
+    g.add_argument("--group", help="read under this group (default /)")
+    g.add_argument("--layout", choices=["bulk", "per-key"], help="input: detected; output: bulk (default)")
+    g.add_argument("--key-attr", help="take each key from this dataset attribute (e.g. original_id)")
+    g.add_argument("--pool", choices=["mean"], help="pool per-residue (L, D) embeddings into one vector")
+    g.add_argument("--ids", help="bulk layout: the ids dataset (default: detected; output: keys)")
+    g.add_argument("--vectors", help="bulk layout: the matrix dataset (default: detected; output: vectors)")
+    g.add_argument("--compression", help="HDF5 output: gzip or lzf; Parquet output: codec of the keys")
+    g = c.add_argument_group("Parquet")
+    g.add_argument("--key-column", help="default: the only string column (output: key)")
+    g.add_argument("--vector-column", help="default: the only list column (output: vector)")
+    g.add_argument("--wide-prefix", help="one numeric column per dimension: the columns starting with this")
+    g.add_argument("--wide-columns", type=lambda s: s.split(","), help="... or these, comma-separated")
+    g.add_argument("--row-group-size", type=int, help="rows per row group (default: about 64 MiB)")
+    g = c.add_argument_group("others")
+    g.add_argument("--layer", type=int, help="ESM: the layer of mean_representations to take")
+    g.add_argument("--keys", help="npy: the text file of keys, one a line (default: NAME.txt)")
+    g.add_argument("--trust-pickle", action="store_true", help="pickle: load it (this runs its code)")
+
+    c = command("info", _info, "count, dim, dtype, size, key lengths and metadata of an .emb file")
+    c.add_argument("file")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    c = command("get", _get, "print the vectors of some keys")
+    c.add_argument("file")
+    c.add_argument("keys", nargs="+", metavar="KEY")
+    c.add_argument("--format", choices=["text", "json", "npy"], default="text",
+                   help="text: 'key<TAB>values' lines; json: {key: [values]}; npy: one (k, dim) array")
+
+    c = command("keys", _keys, "print every key, in row order")
+    c.add_argument("file")
+    c.add_argument("-0", "--null", action="store_true", help="end keys with NUL instead of newline")
+
+    c = command("verify", _verify, "check every checksum and the index; exit status 0 only if all hold")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    return p
+
+
+_CONVERT_OPTIONS = ("group", "layout", "key_attr", "pool", "ids", "vectors", "compression", "key_column",
+                    "vector_column", "wide_prefix", "wide_columns", "row_group_size", "layer", "keys")
+
+
+def _convert(args):
+    options = {k: getattr(args, k) for k in _CONVERT_OPTIONS if getattr(args, k) is not None}
+    if args.trust_pickle:
+        options["trust_pickle"] = True
+    if args.metadata is not None and not isinstance(args.metadata, dict):
+        raise ValueError("--metadata must be a JSON object")
+    t = time.perf_counter()
+    formats.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
+                    dtype=args.dtype, metadata=args.metadata, progress=not args.quiet and sys.stderr.isatty(),
+                    **options)
+    if not args.quiet:
+        seconds, size = time.perf_counter() - t, os.path.getsize(args.dst)
+        print(f"wrote {args.dst}: {size / 1e6:,.1f} MB in {seconds:.2f} s ({size / 1e6 / seconds:,.0f} MB/s)",
+              file=sys.stderr)
+
+
+def _info(args):
+    with embfile.open(args.file) as db:
+        lengths = np.diff(db._key_offsets())
+        info = {"path": db.path, "format_version": "%d.%d" % (db._h["major"], db._h["minor"]),
+                "count": len(db), "dim": db.dim, "dtype": db.dtype.name, "size": db._h["file_size"],
+                "key_bytes": [int(lengths.min()), int(lengths.max())] if len(db) else None,
+                "metadata": db.metadata}
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False, indent=2))
+        return
+    width = max(map(len, info))
+    for name, value in info.items():
+        if name == "size":
+            value = f"{value:,} bytes ({value / 1e6:,.1f} MB)"
+        elif name == "key_bytes" and value:
+            value = f"{value[0]} to {value[1]} (UTF-8)"
+        elif name == "metadata":
+            value = json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n" + " " * (width + 2))
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        print(f"{name:<{width}}  {value}")
+
+
+def _get(args):
+    with embfile.open(args.file) as db:
+        batch = db.get_batch(args.keys)
+    if args.format == "npy":
+        if sys.stdout.isatty():
+            raise ValueError("--format npy writes binary: redirect it to a file")
+        np.save(sys.stdout.buffer, batch)
+    elif args.format == "json":
+        print(json.dumps({k: v.tolist() for k, v in zip(args.keys, batch)}, ensure_ascii=False))
+    else:
+        for k, v in zip(args.keys, batch):
+            print(k, " ".join(map(str, v)), sep="\t")
+
+
+def _keys(args):
+    end = "\0" if args.null else "\n"
+    out = sys.stdout
+    with embfile.open(args.file) as db:
+        step = 65536
+        for lo in range(0, len(db), step):
+            out.write("".join(k + end for k in db.keys_between(lo, min(lo + step, len(db)))))
+
+
+def _verify(args):
+    status = 0
+    for path in args.files:
+        try:
+            with embfile.open(path) as db:
+                db.verify()
+            print(f"{path}: OK")
+        except errors.ChecksumError as e:
+            status = 1
+            print(f"{path}: DAMAGED", *(f"  {p}" for p in e.problems), sep="\n")
+        except (errors.EmbFileError, OSError) as e:
+            status = 1
+            print(f"{path}: UNREADABLE: {e}")
+    return status
+
+
+def run():
+    """Console-script entry point: exit with main()'s status; a closed pipe (``| head``) is not an error."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 0
+    sys.exit(status)

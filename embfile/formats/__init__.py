@@ -1,0 +1,131 @@
+"""Converters between .emb and the files our users have: HDF5, Parquet, ESM ``.pt`` folders, ``.npy``, pickles.
+
+Every input is read as a :class:`~embfile.formats._common.Source` that streams
+``(keys, matrix)`` chunks of about 16 MiB, so a conversion holds one chunk and
+the keys in memory whatever the input size.  Every output is written beside its
+destination and renamed into place only when complete.
+
+>>> embfile.convert("prott5.h5", "prott5.emb", dtype="float16")        # doctest: +SKIP
+>>> embfile.convert("prott5.emb", "prott5.parquet")                   # doctest: +SKIP
+"""
+import inspect
+import os
+import tempfile
+
+from embfile import errors
+from embfile.formats._common import write_emb
+from embfile.formats.arrays import read_emb, read_npy, read_pickle
+from embfile.formats.esm import read_esm
+from embfile.formats.hdf5 import read_hdf5, to_hdf5
+from embfile.formats.parquet import emb_to_arrow, read_parquet, to_parquet
+
+READERS = {"emb": read_emb, "hdf5": read_hdf5, "parquet": read_parquet, "esm": read_esm,
+           "pickle": read_pickle, "npy": read_npy}
+WRITERS = {"hdf5": to_hdf5, "parquet": to_parquet}  # and "emb", through write_emb
+_MAGIC = {b"\x89EMB\r\n\x1a\n": "emb", b"\x89HDF\r\n\x1a\n": "hdf5", b"PAR1": "parquet", b"\x93NUMPY": "npy"}
+_EXTENSIONS = {".emb": "emb", ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet",
+               ".pq": "parquet", ".pkl": "pickle", ".pickle": "pickle", ".npy": "npy"}
+
+
+def from_hdf5(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+    """HDF5 -> .emb.  Options: ``group``, ``layout`` ("bulk" or "per-key", detected),
+    ``key_attr`` (take keys from this dataset attribute, e.g. "original_id"),
+    ``pool="mean"`` (per-residue ``(L, D)`` datasets), ``ids`` and ``vectors`` (bulk dataset names)."""
+    return write_emb(read_hdf5(src, **options), dst, dtype, metadata, progress)
+
+
+def from_parquet(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+    """Parquet file or folder -> .emb.  Options: ``key_column``, ``vector_column`` (detected when
+    only one fits), or ``wide_prefix`` / ``wide_columns`` for one column per dimension."""
+    return write_emb(read_parquet(src, **options), dst, dtype, metadata, progress)
+
+
+def from_esm(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+    """Folder of fair-esm ``extract.py`` ``.pt`` files -> .emb (needs torch).  Options: ``layer``,
+    ``pool="mean"`` (pool per-residue ``representations`` instead of ``mean_representations``)."""
+    return write_emb(read_esm(src, **options), dst, dtype, metadata, progress)
+
+
+def from_npy(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+    """``.npy`` matrix plus a text file of keys, one a line -> .emb.  Option: ``keys`` (the text file)."""
+    return write_emb(read_npy(src, **options), dst, dtype, metadata, progress)
+
+
+def from_pickle(src, dst, *, dtype=None, metadata=None, progress=False, trust_pickle=False):
+    """Pickled ``dict {key: vector}`` -> .emb, only with ``trust_pickle=True``: loading a pickle runs code."""
+    return write_emb(read_pickle(src, trust_pickle=trust_pickle), dst, dtype, metadata, progress)
+
+
+def convert(src, dst, *, src_format=None, dst_format=None, dtype=None, metadata=None, progress=False,
+            **options):
+    """Convert ``src`` to ``dst``, in the formats their contents and names say.
+
+    Formats: ``emb``, ``hdf5``, ``parquet``, ``esm`` (input only), ``pickle`` (input only),
+    ``npy`` (input only).  ``src_format`` / ``dst_format`` override the detection.
+    ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
+    options go to the reader or the writer they belong to (see :func:`from_hdf5`,
+    :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`,
+    :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.
+    Between two formats other than .emb the data passes through a temporary .emb
+    beside ``dst``.
+    """
+    sf = src_format or detect_format(src)
+    df = dst_format or output_format(dst)
+    if sf not in READERS:
+        raise ValueError(f"unknown input format {sf!r}; one of {sorted(READERS)}")
+    if df not in {"emb", *WRITERS}:
+        raise ValueError(f"unknown output format {df!r}; one of {sorted({'emb', *WRITERS})}")
+    reader_opts, writer_opts = _split_options(options, READERS[sf], WRITERS.get(df), sf, df)
+    if df == "emb":
+        return write_emb(READERS[sf](src, **reader_opts), dst, dtype, metadata, progress)
+    if sf == "emb" and dtype is None and metadata is None:
+        return WRITERS[df](src, dst, progress=progress, **writer_opts)
+    with tempfile.TemporaryDirectory(prefix=".embfile-", dir=os.path.dirname(os.path.abspath(dst))) as tmp:
+        middle = write_emb(READERS[sf](src, **reader_opts), os.path.join(tmp, "middle.emb"),
+                           dtype, metadata, progress)
+        return WRITERS[df](middle, dst, progress=progress, **writer_opts)
+
+
+def _split_options(options, reader, writer, sf, df):
+    takes = lambda f: set(inspect.signature(f).parameters) - {"src", "dst", "path", "progress"}  # noqa: E731
+    r, w = takes(reader), takes(writer) if writer else set()
+    unknown = set(options) - r - w
+    if unknown:
+        raise TypeError(f"option {sorted(unknown)[0]!r} applies to neither {sf} input nor {df} output")
+    return ({k: v for k, v in options.items() if k in r}, {k: v for k, v in options.items() if k in w})
+
+
+def detect_format(path):
+    """The format of an existing input, from its first bytes (a folder: from what it holds)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        names = [f for _, _, fs in os.walk(path) for f in fs]
+        for ext, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".pt", "esm")):
+            if any(n.endswith(ext) for n in names):
+                return fmt
+        raise errors.ConversionError(f"{path}: a folder with no .parquet or .pt files")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, fmt in _MAGIC.items():
+        if head.startswith(magic):
+            return fmt
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pkl", ".pickle") or head[:1] == b"\x80":
+        return "pickle"
+    if ext in _EXTENSIONS:  # e.g. HDF5 with a user block before its signature
+        return _EXTENSIONS[ext]
+    raise errors.ConversionError(f"{path}: cannot tell its format; name it with src_format= (--from)")
+
+
+def output_format(path):
+    """The format an output's name asks for."""
+    fmt = _EXTENSIONS.get(os.path.splitext(os.fspath(path))[1].lower())
+    if fmt not in ("emb", *WRITERS):
+        raise errors.ConversionError(
+            f"{path}: cannot tell the output format from its name; use .emb, .h5 or .parquet, or "
+            "dst_format= (--to)")
+    return fmt
+
+
+__all__ = ["convert", "from_hdf5", "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5",
+           "to_parquet", "emb_to_arrow", "detect_format", "output_format"]

@@ -1,0 +1,119 @@
+"""What every converter shares: the streamed source, the .emb sink, atomic outputs, progress."""
+import contextlib
+import dataclasses
+import importlib
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+from embfile import errors
+from embfile.writer import Writer, _fsync_dir
+
+CHUNK_BYTES = 16 << 20  # records read and written per step: the memory bound of a conversion
+
+
+def chunk_rows(record_bytes, multiple=1):
+    """Rows per step: about CHUNK_BYTES, a multiple of ``multiple`` (an input's own chunking)."""
+    rows = max(1, CHUNK_BYTES // max(1, record_bytes))
+    return max(multiple, rows // multiple * multiple)
+
+
+@dataclasses.dataclass
+class Source:
+    """An input opened for streaming: what it holds, and its records in chunks.
+
+    ``chunks`` yields ``(keys, matrix)`` pairs (a list of str and a ``(b, dim)``
+    array); ``count`` is the number of records if known in advance (for the
+    progress bar); ``description`` goes into the output's metadata under
+    ``"source"``; ``metadata`` is user metadata an earlier embfile export left
+    in the input, carried over.
+    """
+
+    dim: int
+    dtype: np.dtype
+    count: "int | None"
+    chunks: Iterator
+    description: dict
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def write_emb(source, dst, dtype=None, metadata=None, progress=False):
+    """Stream ``source`` into the .emb file ``dst`` (atomic: on any error, no file appears)."""
+    meta = {k: v for k, v in source.metadata.items() if k != "embfile"}
+    meta.update(metadata or {})
+    meta["source"] = source.description
+    with progress_bar(source.count, progress, os.path.basename(os.fspath(dst))) as bar, \
+            Writer(dst, source.dim, dtype or source.dtype, meta) as w:
+        for keys, matrix in source.chunks:
+            w.add_batch(keys, matrix)
+            bar.update(len(keys))
+        bar.set_postfix_str("sorting keys, writing the index")
+    return os.fspath(dst)
+
+
+@contextlib.contextmanager
+def atomic_output(dst, suffix=""):
+    """A temporary path beside ``dst``; renamed onto ``dst`` (and fsynced) only if the block succeeds."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(dst)))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+        _fsync_dir(folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def progress_bar(total, enabled, desc=None):
+    """A tqdm bar on stderr (records done, rate, time left), or a silent stand-in."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=" records", unit_scale=True, dynamic_ncols=True,
+                mininterval=0.5, leave=False)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+
+def require(module, extra):
+    """Import an optional dependency, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"this needs {module.split('.')[0]}: pip install 'embfile[{extra}]'") from None
+
+
+def as_matrix(values, rows, dim, where):
+    """``values`` (flat) as ``(rows, dim)``; ``where`` names the input in the error."""
+    if values.size != rows * dim:
+        raise errors.ConversionError(f"{where}: {values.size} values do not make {rows} vectors of {dim}")
+    return values.reshape(rows, dim)
+
+
+def check_vector_dtype(dtype, where):
+    """Vectors must be real numbers: say so, naming the input, otherwise."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        raise errors.ConversionError(f"{where}: vectors of {dtype} are not numbers embfile can store")
+    return dtype

@@ -1,0 +1,262 @@
+"""HDF5 in and out, in the layouts our users' tools write.
+
+* per-key: one dataset per key, as ProtTrans' ``prott5_embedder.py`` writes it (shape ``(D,)``,
+  or ``(L, D)`` per residue, pooled on request), or bio_embeddings (the id in an attribute);
+* bulk: a 1-d ids dataset (strings or integers) beside an ``(n, D)`` matrix.
+
+Per-key input is read through h5py's low-level API straight into the chunk buffer
+(the high-level ``f[key][()]`` costs about three times as much per dataset).
+"""
+import json
+import os
+
+import numpy as np
+
+from embfile import errors
+from embfile.formats._common import Source, atomic_output, chunk_rows, progress_bar, require
+from embfile.reader import EmbFile
+
+META_ATTR = "embfile_metadata"  # where exports keep the .emb metadata (JSON), and imports find it
+_MAX_BULK_MEMBERS = 8  # a group with more members than this is taken as per-key
+
+
+def read_hdf5(path, *, group="/", layout=None, key_attr=None, pool=None, ids=None, vectors=None):
+    """Open an HDF5 file of embeddings for streaming (see :func:`embfile.formats.from_hdf5`)."""
+    h5py = require("h5py", "hdf5")
+    if layout not in (None, "bulk", "per-key"):
+        raise ValueError(f"layout must be 'bulk' or 'per-key', not {layout!r}")
+    if pool not in (None, "mean"):
+        raise ValueError(f"pool must be 'mean' or None, not {pool!r}")
+    path = os.fspath(path)
+    with h5py.File(path, "r") as f:
+        if group not in f or not isinstance(f[group], h5py.Group):
+            raise errors.ConversionError(f"{path}: no group {group!r}")
+        g = f[group]
+        meta = _stored_metadata(f)
+        if layout is None:
+            layout = "bulk" if ids or vectors or _bulk_pair(g) else "per-key"
+        if layout == "bulk":
+            if key_attr or pool:
+                raise errors.ConversionError(f"{path}: key_attr and pool apply to the per-key layout only")
+            return _read_bulk(h5py, path, g, ids, vectors, meta)
+        if ids or vectors:
+            raise errors.ConversionError(f"{path}: ids and vectors name the datasets of the bulk layout")
+        return _read_per_key(h5py, path, g, key_attr, pool, meta)
+
+
+def _stored_metadata(f):
+    try:
+        meta = json.loads(f.attrs.get(META_ATTR, "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _bulk_pair(g):
+    """``(ids, vectors)`` names if ``g`` holds exactly one matrix and one matching 1-d ids dataset."""
+    names = []
+    g.id.links.iterate(lambda name: names.append(name.decode()) if len(names) <= _MAX_BULK_MEMBERS else 1)
+    if len(names) > _MAX_BULK_MEMBERS:
+        return None
+    members = [(n, g.get(n)) for n in names]
+    mats = [(n, d) for n, d in members if _is_dataset(d) and d.ndim == 2 and d.dtype.kind in "iuf"]
+    if len(mats) != 1:
+        return None
+    rows = mats[0][1].shape[0]
+    idss = [n for n, d in members if _is_dataset(d) and d.shape == (rows,) and _ids_kind(d) is not None]
+    return (idss[0], mats[0][0]) if len(idss) == 1 else None
+
+
+def _is_dataset(obj):
+    return obj is not None and hasattr(obj, "dtype") and hasattr(obj, "shape")
+
+
+def _ids_kind(d):
+    import h5py
+    if h5py.check_string_dtype(d.dtype) is not None or d.dtype.kind == "S":
+        return "str"
+    return "int" if d.dtype.kind in "iu" else None
+
+
+def _read_bulk(h5py, path, g, ids, vectors, meta):
+    if not (ids and vectors):
+        found = _bulk_pair(g)
+        if found is None:
+            raise errors.ConversionError(
+                f"{path}: cannot tell which datasets hold the ids and the vectors in {g.name!r}; "
+                "name them with ids= and vectors= (--ids, --vectors)")
+        ids, vectors = ids or found[0], vectors or found[1]
+    for name in (ids, vectors):
+        if not _is_dataset(g.get(name)):
+            raise errors.ConversionError(f"{path}: no dataset {name!r} in {g.name!r}")
+    vd, idd = g[vectors], g[ids]
+    if vd.ndim != 2 or vd.dtype.kind not in "iuf":
+        raise errors.ConversionError(f"{path}: {vectors!r} has shape {vd.shape} of {vd.dtype}, "
+                                     "not an (n, dim) matrix of numbers")
+    if idd.shape != (vd.shape[0],) or _ids_kind(idd) is None:
+        raise errors.ConversionError(f"{path}: {ids!r} has shape {idd.shape} of {idd.dtype}, "
+                                     f"not {vd.shape[0]} string or integer ids")
+    n, dim = vd.shape
+    dtype = vd.dtype.newbyteorder("=")
+    step = chunk_rows(dim * dtype.itemsize, vd.chunks[0] if vd.chunks else 1)
+    desc = {"format": "hdf5", "path": os.path.abspath(path), "layout": "bulk",
+            "ids": idd.name, "vectors": vd.name}
+    return Source(dim, dtype, n, _bulk_chunks(h5py, path, idd.name, vd.name, n, dim, dtype, step), desc, meta)
+
+
+def _bulk_chunks(h5py, path, ids, vectors, n, dim, dtype, step):
+    with h5py.File(path, "r") as f:
+        vd, idd = f[vectors], f[ids]
+        kind = _ids_kind(idd)
+        buf = np.empty((min(step, n), dim), dtype)
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            out = buf[:hi - lo]
+            if hi > lo:
+                vd.read_direct(out, np.s_[lo:hi], np.s_[0:hi - lo])
+            raw = idd[lo:hi]
+            yield (raw.astype(str).tolist() if kind == "int" else _decode(raw, path, ids, lo)), out
+
+
+def _decode(raw, path, name, lo):
+    try:
+        return [b.decode() for b in raw]
+    except UnicodeDecodeError:
+        for i, b in enumerate(raw):
+            try:
+                b.decode()
+            except UnicodeDecodeError:
+                raise errors.ConversionError(f"{path}: {name}[{lo + i}] = {bytes(b)!r} is not UTF-8") from None
+        raise
+
+
+def _dataset_names(h5py, g):
+    """Paths (relative to ``g``, in name order) of every dataset under ``g``, nested groups included."""
+    names = []
+
+    def visit(name, info):
+        if info.type == h5py.h5o.TYPE_DATASET:
+            names.append(name)
+
+    h5py.h5o.visit(g.id, visit, info=True)
+    return names
+
+
+def _read_per_key(h5py, path, g, key_attr, pool, meta):
+    names = _dataset_names(h5py, g)
+    if not names:
+        raise errors.ConversionError(f"{path}: no datasets under {g.name!r}: nothing to convert")
+    first = g[names[0].decode()]
+    if first.dtype.kind not in "iuf":
+        raise errors.ConversionError(f"{path}: dataset {first.name!r} holds {first.dtype}, not numbers")
+    if first.ndim == 2 and pool is None:
+        raise errors.ConversionError(
+            f"{path}: dataset {first.name!r} has shape {first.shape}: per-residue embeddings, one vector per "
+            "residue; pass pool='mean' (--pool mean) to store each key's mean vector")
+    if first.ndim not in (1, 2):
+        raise errors.ConversionError(f"{path}: dataset {first.name!r} has shape {first.shape}, not (dim,)")
+    dim = first.shape[-1]
+    dtype = first.dtype.newbyteorder("=")
+    if pool and dtype.kind != "f":
+        raise errors.ConversionError(f"{path}: mean pooling needs float vectors, not {dtype}")
+    desc = {"format": "hdf5", "path": os.path.abspath(path), "layout": "per-key", "group": g.name}
+    if key_attr:
+        desc["key_attr"] = key_attr
+    if pool:
+        desc["pool"] = pool
+    chunks = _per_key_chunks(h5py, path, g.name, names, dim, dtype, key_attr, pool)
+    return Source(dim, dtype, len(names), chunks, desc, meta)
+
+
+def _per_key_chunks(h5py, path, group, names, dim, dtype, key_attr, pool):
+    step = chunk_rows(dim * dtype.itemsize)
+    with h5py.File(path, "r") as f:
+        gid = f[group].id
+        want = h5py.h5d.open(gid, names[0]).get_type()
+        buf = np.empty((min(step, len(names)), dim), dtype)
+        for lo in range(0, len(names), step):
+            batch = names[lo:lo + step]
+            keys = []
+            for i, name in enumerate(batch):
+                ds = h5py.h5d.open(gid, name)
+                where = f"{path}: dataset {name.decode()!r}"
+                if ds.get_type() != want:
+                    raise errors.ConversionError(
+                        f"{where} holds {h5py.Dataset(ds).dtype}, the first dataset {dtype}: mixed types")
+                shape = ds.get_space().get_simple_extent_dims()
+                if shape == (dim,) and pool is None:
+                    ds.read(h5py.h5s.ALL, h5py.h5s.ALL, buf[i])
+                elif len(shape) == 2 and shape[1] == dim and pool == "mean" and shape[0] > 0:
+                    per_residue = np.empty(shape, dtype)
+                    ds.read(h5py.h5s.ALL, h5py.h5s.ALL, per_residue)
+                    buf[i] = per_residue.mean(axis=0, dtype=np.float64 if dtype.itemsize > 4 else np.float32)
+                else:
+                    expect = f"(L, {dim}) with L > 0" if pool else f"({dim},)"
+                    raise errors.ConversionError(f"{where} has shape {shape}, expected {expect}")
+                keys.append(_attr_key(h5py, ds, key_attr, where) if key_attr else name.decode())
+            yield keys, buf[:len(batch)]
+
+
+def _attr_key(h5py, ds, key_attr, where):
+    value = h5py.Dataset(ds).attrs.get(key_attr)
+    if value is None:
+        raise errors.ConversionError(f"{where} has no attribute {key_attr!r} to take its key from")
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(())[()]
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode()
+    return str(value)
+
+
+def to_hdf5(src, dst, *, layout="bulk", ids="keys", vectors="vectors", compression=None, progress=False):
+    """Write the .emb file ``src`` to HDF5 at ``dst`` (atomic).
+
+    ``layout="bulk"`` writes a variable-length UTF-8 ``ids`` dataset and an ``(n, dim)``
+    ``vectors`` dataset, chunked about 1 MiB per chunk, optionally compressed
+    (``compression="gzip"`` or ``"lzf"``).  ``layout="per-key"`` writes one dataset per
+    key at the root, as ProtTrans does (a ``/`` in a key makes groups, which
+    :func:`read_hdf5` reads back as the same key).  The .emb metadata goes into the
+    root attribute ``embfile_metadata`` as JSON.
+    """
+    h5py = require("h5py", "hdf5")
+    if layout not in ("bulk", "per-key"):
+        raise ValueError(f"layout must be 'bulk' or 'per-key', not {layout!r}")
+    with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
+        meta = json.dumps(db.metadata, ensure_ascii=False)
+        with atomic_output(dst) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs[META_ATTR] = meta
+            if layout == "bulk":
+                _write_bulk(h5py, db, f, ids, vectors, compression, bar)
+            else:
+                _write_per_key(db, f, compression, bar)
+    return os.fspath(dst)
+
+
+def _write_bulk(h5py, db, f, ids, vectors, compression, bar):
+    n, dim, record = len(db), db.dim, db.dim * db.dtype.itemsize
+    kd = f.create_dataset(ids, shape=(n,), dtype=h5py.string_dtype())
+    if n:
+        rows = min(n, max(1, (1 << 20) // record))
+        vd = f.create_dataset(vectors, shape=(n, dim), dtype=db.dtype, chunks=(rows, dim),
+                              compression=compression)
+    else:
+        vd = f.create_dataset(vectors, shape=(0, dim), dtype=db.dtype)
+    for lo, hi, block in db._chunks(chunk_rows(record, vd.chunks[0] if vd.chunks else 1)):
+        vd.write_direct(np.ascontiguousarray(block), np.s_[0:hi - lo], np.s_[lo:hi])
+        kd[lo:hi] = db.keys_between(lo, hi)
+        bar.update(hi - lo)
+
+
+def _write_per_key(db, f, compression, bar):
+    for lo, hi, block in db._chunks(chunk_rows(db.dim * db.dtype.itemsize)):
+        for key, vector in zip(db.keys_between(lo, hi), block):
+            parts = key.split("/")
+            if not key or any(p in ("", ".") for p in parts):
+                raise errors.ConversionError(
+                    f"key {key!r} cannot be an HDF5 dataset name; use layout='bulk' (--layout bulk)")
+            try:
+                f.create_dataset(key, data=vector, compression=compression)
+            except ValueError as e:  # "a/b" after "a": a name taken by a dataset or a group
+                raise errors.ConversionError(
+                    f"key {key!r} clashes with another key as an HDF5 path ({e}); use layout='bulk'") from None
+        bar.update(hi - lo)

@@ -1,0 +1,217 @@
+"""Parquet (and Arrow) in and out.
+
+Input: a file or a folder of files with one string key column and the vectors as
+``fixed_size_list``, ``list`` or ``large_list`` of numbers (what pyarrow, pandas,
+Hugging Face datasets and polars write), or one numeric column per dimension
+("wide", selected by a prefix or a list).  Read a batch at a time, never whole.
+
+Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column,
+written row group by row group from the mapped records themselves
+(:func:`emb_to_arrow` wraps the mapping; nothing is copied before Parquet encodes it).
+"""
+import json
+import os
+
+import numpy as np
+
+from embfile import errors
+from embfile.formats._common import Source, atomic_output, chunk_rows, progress_bar, require
+from embfile.reader import EmbFile
+
+META_KEY = b"embfile.metadata"  # schema metadata where exports keep the .emb metadata (JSON)
+ROW_GROUP_BYTES = 64 << 20  # default row group: about this many bytes of vectors
+
+
+def emb_to_arrow(db, key_column="key", vector_column="vector"):
+    """``db`` as a ``pyarrow.Table`` that shares memory with the mapped file.
+
+    The key column is a ``large_string`` array over the keys section (which has
+    Arrow's layout), the vector column a ``fixed_size_list`` over the records.
+    The table stays valid after ``db.close()``, like any view.
+    """
+    pa = require("pyarrow", "parquet")
+    db._require_open()
+    h, n = db._h, len(db)
+    mapped = pa.py_buffer(db._bulk)
+    offsets = mapped.slice(h["keys_offset"], 8 * (n + 1))
+    keys = pa.LargeStringArray.from_buffers(n, offsets, mapped.slice(h["keys_offset"] + 8 * (n + 1)))
+    values = pa.Array.from_buffers(pa.from_numpy_dtype(db.dtype), n * db.dim,
+                                   [None, mapped.slice(h["records_offset"], h["records_size"])])
+    vectors = pa.FixedSizeListArray.from_arrays(values, db.dim)
+    return pa.table({key_column: keys, vector_column: vectors},
+                    metadata={META_KEY: json.dumps(db.metadata, ensure_ascii=False)})
+
+
+def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_column="key",
+               vector_column="vector", progress=False):
+    """Write the .emb file ``src`` to Parquet at ``dst`` (atomic).
+
+    ``row_group_size`` is in rows (default: about 64 MiB of vectors).  Keys are
+    written as ``string``, vectors as ``fixed_size_list``; ``compression`` applies
+    to the keys only, since embedding values barely compress.  The .emb metadata is
+    kept in the schema metadata under ``embfile.metadata``.
+    """
+    pa = require("pyarrow", "parquet")
+    pq = require("pyarrow.parquet", "parquet")
+    with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
+        record = db.dim * db.dtype.itemsize
+        rows = row_group_size or max(1, ROW_GROUP_BYTES // record)
+        table = emb_to_arrow(db, key_column, vector_column)
+        schema = pa.schema([(key_column, pa.string()), table.schema.field(vector_column)],
+                           metadata=table.schema.metadata)
+        with atomic_output(dst) as tmp:
+            with pq.ParquetWriter(tmp, schema, compression={key_column: compression, vector_column: "none"},
+                                  use_dictionary=[key_column], write_statistics=[key_column]) as w:
+                for lo, hi, _ in db._chunks(rows):
+                    part = table.slice(lo, hi - lo)
+                    w.write_table(part.set_column(0, key_column, part[key_column].cast(pa.string())),
+                                  row_group_size=hi - lo)
+                    bar.update(hi - lo)
+                if not len(db):
+                    w.write_table(table.cast(schema))
+    return os.fspath(dst)
+
+
+def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None, wide_columns=None):
+    """Open a Parquet file or folder for streaming (see :func:`embfile.formats.from_parquet`)."""
+    pa = require("pyarrow", "parquet")
+    pq = require("pyarrow.parquet", "parquet")
+    path = os.fspath(path)
+    files = _parquet_files(path)
+    schema = pq.read_schema(files[0])
+    for other in files[1:]:
+        if not pq.read_schema(other).equals(schema, check_metadata=False):
+            raise errors.ConversionError(f"{other}: schema differs from {files[0]}'s")
+    key_column = key_column or _only(schema, _is_key, "key column (a string)", path, "key_column", "--key-column")
+    if key_column not in schema.names:
+        raise errors.ConversionError(f"{path}: no column {key_column!r}; columns are {schema.names}")
+    if not _is_key(schema.field(key_column).type):
+        raise errors.ConversionError(f"{path}: key column {key_column!r} is {schema.field(key_column).type}, "
+                                     "not strings or integers")
+    if wide_prefix or wide_columns:
+        if vector_column:
+            raise errors.ConversionError("give vector_column or wide_prefix/wide_columns, not both")
+        columns = list(wide_columns or [n for n in schema.names if n.startswith(wide_prefix)])
+        for c in columns:
+            if c not in schema.names or not pa.types.is_integer(t := schema.field(c).type) and \
+                    not pa.types.is_floating(t):
+                raise errors.ConversionError(f"{path}: wide column {c!r} is missing or not numeric")
+        if not columns:
+            raise errors.ConversionError(f"{path}: no column starts with {wide_prefix!r}")
+        dim, dtype = len(columns), np.result_type(*(schema.field(c).type.to_pandas_dtype() for c in columns))
+    else:
+        if vector_column is None:
+            vector_column = _only(schema, _is_vector, "vector column (a list of numbers)", path,
+                                  "vector_column", "--vector-column",
+                                  hint="; for one column per dimension pass wide_prefix= (--wide-prefix)")
+        if vector_column not in schema.names:
+            raise errors.ConversionError(f"{path}: no column {vector_column!r}; columns are {schema.names}")
+        vtype = schema.field(vector_column).type
+        if not _is_vector(vtype):
+            raise errors.ConversionError(f"{path}: column {vector_column!r} is {vtype}, not a list of numbers")
+        columns = [vector_column]
+        dtype = np.dtype(vtype.value_type.to_pandas_dtype())
+        dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else _first_length(pq, files, vector_column)
+    count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    desc = {"format": "parquet", "path": os.path.abspath(path), "key_column": key_column,
+            **({"wide_columns": columns} if wide_prefix or wide_columns else {"vector_column": vector_column})}
+    meta = _stored_metadata(schema)
+    chunks = _chunks(pq, files, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns))
+    return Source(dim, dtype, count, chunks, desc, meta)
+
+
+def _parquet_files(path):
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                       if f.endswith((".parquet", ".pq")) and not f.startswith((".", "_")))
+        if not files:
+            raise errors.ConversionError(f"{path}: no .parquet files in this folder")
+        return files
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return [path]
+
+
+def _is_key(t):
+    import pyarrow as pa
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+
+
+def _is_vector(t):
+    import pyarrow as pa
+    return ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+            and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)))
+
+
+def _only(schema, test, what, path, option, flag, hint=""):
+    found = [f.name for f in schema if test(f.type)]
+    if len(found) != 1:
+        which = f"columns {found} could each be" if found else "no column is"
+        raise errors.ConversionError(f"{path}: {which} the {what}; name it with {option}= ({flag}){hint}")
+    return found[0]
+
+
+def _stored_metadata(schema):
+    raw = (schema.metadata or {}).get(META_KEY)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _first_length(pq, files, column):
+    """The length of the first non-null vector: the dim of a ``list`` column."""
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=[column]):
+            arr = batch.column(0).drop_null()
+            if len(arr):
+                return len(arr[0])
+    raise errors.ConversionError(f"{files[0]}: column {column!r} holds no vectors, so it has no dimension")
+
+
+def _chunks(pq, files, key_column, columns, dim, dtype, wide):
+    import pyarrow.compute as pc
+    step = chunk_rows(dim * dtype.itemsize)
+    row = 0
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=step, columns=[key_column, *columns]):
+            keys = batch.column(key_column)
+            if keys.null_count:
+                raise errors.ConversionError(f"{f}: row {row + _first_null(keys)} has a null key")
+            keys = (keys.cast("string") if _is_int(keys.type) else keys).to_pylist()
+            if wide:
+                matrix = np.empty((batch.num_rows, dim), dtype)
+                for j, c in enumerate(columns):
+                    col = batch.column(c)
+                    if col.null_count:
+                        i = _first_null(col)
+                        raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) is null in {c!r}")
+                    matrix[:, j] = col.to_numpy()
+            else:
+                vectors = batch.column(columns[0])
+                if vectors.null_count:
+                    i = _first_null(vectors)
+                    raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null vector")
+                lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
+                bad = np.flatnonzero(lengths != dim)
+                if bad.size:
+                    i = int(bad[0])
+                    raise errors.ConversionError(
+                        f"{f}: row {row + i} (key {keys[i]!r}) has a vector of {lengths[i]} values, not {dim}")
+                values = vectors.flatten()
+                if values.null_count:
+                    i = _first_null(values) // dim
+                    raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null value")
+                matrix = values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)
+            yield keys, matrix
+            row += batch.num_rows
+
+
+def _is_int(t):
+    import pyarrow as pa
+    return pa.types.is_integer(t)
+
+
+def _first_null(arr):
+    return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
