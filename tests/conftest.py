@@ -57,3 +57,21 @@ def study(tmp_path):
     path = tmp_path / "study.emb"
     embfile.write(path, (keys, matrix), metadata={"model": "esm2_t33_650M_UR50D", "layer": 33})
     return path, keys, matrix
+
+
+# Keys as users have them: UniProt FASTA ids, spaces, non-ASCII, one very long.
+AWKWARD_KEYS = ["sp|P69905|HBA_HUMAN", "sp|P68871|HBB_HUMAN", "tr|A0A024R161|A0A024R161_HUMAN",
+                "UniRef50_Q8WZ42 Titin", "protéine α-7 β", "蛋白质-1", "x" * 3000, "a b  c", "seq.1_2"]
+
+
+def assert_store(path, expected, dtype=None):
+    """The .emb at ``path`` holds exactly ``expected`` ({key: vector}), bit for bit (NaN included)."""
+    with embfile.open(path) as db:
+        assert sorted(db) == sorted(expected)
+        got = db.get_batch(list(expected))
+        want = np.stack([np.asarray(v) for v in expected.values()]) if expected else got
+        if dtype is not None:
+            want = want.astype(dtype)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+        db.verify()

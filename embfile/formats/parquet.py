@@ -4,6 +4,8 @@ Input: a file or a folder of files with one string key column and the vectors as
 ``fixed_size_list``, ``list`` or ``large_list`` of numbers (what pyarrow, pandas,
 Hugging Face datasets and polars write), or one numeric column per dimension
 ("wide", selected by a prefix or a list).  Read a batch at a time, never whole.
+A null float value is read as NaN (pandas writes NaN as null); a null vector, a
+null integer or a vector of the wrong length is an error naming its row and key.
 
 Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column,
 written row group by row group from the mapped records themselves
@@ -82,7 +84,10 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
     for other in files[1:]:
         if not pq.read_schema(other).equals(schema, check_metadata=False):
             raise errors.ConversionError(f"{other}: schema differs from {files[0]}'s")
-    key_column = key_column or _only(schema, _is_key, "key column (a string)", path, "key_column", "--key-column")
+    if key_column is None:  # the only string column, else the only integer one
+        strings = any(_is_key(f.type) and not _is_int(f.type) for f in schema)
+        key_column = _only(schema, (lambda t: _is_key(t) and not _is_int(t)) if strings else _is_int,
+                           "key column (strings or integers)", path, "key_column", "--key-column")
     if key_column not in schema.names:
         raise errors.ConversionError(f"{path}: no column {key_column!r}; columns are {schema.names}")
     if not _is_key(schema.field(key_column).type):
@@ -184,10 +189,10 @@ def _chunks(pq, files, key_column, columns, dim, dtype, wide):
                 matrix = np.empty((batch.num_rows, dim), dtype)
                 for j, c in enumerate(columns):
                     col = batch.column(c)
-                    if col.null_count:
+                    if col.null_count and dtype.kind != "f":
                         i = _first_null(col)
                         raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) is null in {c!r}")
-                    matrix[:, j] = col.to_numpy()
+                    matrix[:, j] = col.to_numpy(zero_copy_only=False)  # null floats: NaN, as pandas wrote them
             else:
                 vectors = batch.column(columns[0])
                 if vectors.null_count:
@@ -200,7 +205,7 @@ def _chunks(pq, files, key_column, columns, dim, dtype, wide):
                     raise errors.ConversionError(
                         f"{f}: row {row + i} (key {keys[i]!r}) has a vector of {lengths[i]} values, not {dim}")
                 values = vectors.flatten()
-                if values.null_count:
+                if values.null_count and dtype.kind != "f":  # null floats become NaN, as pandas wrote them
                     i = _first_null(values) // dim
                     raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null value")
                 matrix = values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)

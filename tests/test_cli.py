@@ -1,0 +1,145 @@
+"""The embfile command, run as a real subprocess (`embfile` and `python -m embfile`)."""
+import fcntl
+import io
+import json
+import os
+import pty
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+
+import h5py
+import numpy as np
+import pytest
+
+import embfile
+
+
+def cli(*args, check=True):
+    """Run ``python -m embfile ARGS``; return the CompletedProcess (stdout bytes, stderr text)."""
+    p = subprocess.run([sys.executable, "-m", "embfile", *map(str, args)], capture_output=True, timeout=120)
+    p.stderr = p.stderr.decode()
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}: {p.stderr}")
+    return p
+
+
+def assert_user_error(p, *needles):
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("embfile: error: "), p.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_console_script_installed():
+    exe = shutil.which("embfile")
+    assert exe, "the embfile command is not on PATH"
+    p = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == f"embfile {embfile.__version__}"
+
+
+@pytest.mark.parametrize("command", ["convert", "info", "get", "keys", "verify"])
+def test_help_has_examples(command):
+    p = cli(command, "--help")
+    assert b"example" in p.stdout and f"embfile {command}".encode() in p.stdout
+
+
+def test_convert_info_get_keys(tmp_path):
+    rng = np.random.default_rng(11)
+    data = {"sp|P69905|HBA_HUMAN": rng.random(16).astype(np.float32), "protéine 1": rng.random(16).astype(np.float32),
+            "multi\nline": rng.random(16).astype(np.float32)}
+    with h5py.File(tmp_path / "prott5.h5", "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+    p = cli("convert", tmp_path / "prott5.h5", tmp_path / "db.emb", "--dtype", "float16",
+            "--metadata", '{"model": "prot_t5"}')
+    assert p.stdout == b"" and "wrote" in p.stderr and "\r" not in p.stderr  # no bar when not a terminal
+    assert cli("convert", "-q", tmp_path / "db.emb", tmp_path / "db.parquet").stderr == ""
+
+    info = json.loads(cli("info", tmp_path / "db.emb", "--json").stdout)
+    assert (info["count"], info["dim"], info["dtype"]) == (3, 16, "float16")
+    assert info["key_bytes"] == [10, 19] and info["metadata"]["model"] == "prot_t5"
+    assert info["size"] == os.path.getsize(tmp_path / "db.emb")
+    assert b"float16" in cli("info", tmp_path / "db.emb").stdout
+
+    want = {k: v.astype(np.float16) for k, v in data.items()}
+    text = cli("get", tmp_path / "db.emb", "protéine 1").stdout.decode()
+    key, values = text.rstrip("\n").split("\t")
+    assert key == "protéine 1"
+    np.testing.assert_array_equal(np.array(values.split(), np.float16), want["protéine 1"])
+    got = json.loads(cli("get", tmp_path / "db.emb", "sp|P69905|HBA_HUMAN", "protéine 1", "--format", "json").stdout)
+    np.testing.assert_array_equal(np.array(got["sp|P69905|HBA_HUMAN"], np.float16), want["sp|P69905|HBA_HUMAN"])
+    arr = np.load(io.BytesIO(cli("get", tmp_path / "db.emb", "multi\nline", "protéine 1", "--format", "npy").stdout))
+    np.testing.assert_array_equal(arr, np.stack([want["multi\nline"], want["protéine 1"]]))
+
+    keys = cli("keys", tmp_path / "db.emb", "-0").stdout.decode().split("\0")[:-1]
+    assert sorted(keys) == sorted(data)
+
+
+def test_verify_exit_status(tmp_path, study):
+    path, keys, matrix = study
+    other = tmp_path / "copy.emb"
+    shutil.copy(path, other)
+    assert cli("verify", path, other).stdout.decode().count(": OK") == 2
+    with open(other, "r+b") as f:  # flip one bit in the records
+        f.seek(4096 + 1000)
+        b = f.read(1)
+        f.seek(4096 + 1000)
+        f.write(bytes([b[0] ^ 0x10]))
+    p = cli("verify", path, other, check=False)
+    assert p.returncode == 1
+    out = p.stdout.decode()
+    assert f"{path}: OK" in out and f"{other}: DAMAGED" in out and "records block 0" in out
+    (tmp_path / "text.emb").write_text("not an emb")
+    p = cli("verify", tmp_path / "text.emb", check=False)
+    assert p.returncode == 1 and "UNREADABLE" in p.stdout.decode()
+
+
+def test_user_errors_are_one_line(tmp_path, study):
+    path, keys, matrix = study
+    assert_user_error(cli("convert", tmp_path / "missing.h5", tmp_path / "o.emb", check=False),
+                      "No such file")
+    assert_user_error(cli("get", path, "nope", check=False), "'nope' is not in")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "v": [[1.0], [2.0], [3.0]]}), tmp_path / "dup.parquet")
+    assert_user_error(cli("convert", tmp_path / "dup.parquet", tmp_path / "o.emb", check=False),
+                      "duplicate key 'a'")
+    assert_user_error(cli("convert", tmp_path / "dup.parquet", tmp_path / "o.emb", "--key-column", "x",
+                          check=False), "no column 'x'")
+    with h5py.File(tmp_path / "res.h5", "w") as f:
+        f.create_dataset("P1", data=np.zeros((7, 4), np.float16))
+    assert_user_error(cli("convert", tmp_path / "res.h5", tmp_path / "o.emb", check=False), "--pool mean")
+    (tmp_path / "d.pkl").write_bytes(b"\x80\x04N.")
+    assert_user_error(cli("convert", tmp_path / "d.pkl", tmp_path / "o.emb", check=False), "--trust-pickle")
+    assert_user_error(cli("convert", path, tmp_path / "o.emb", "--layer", "3", check=False), "'layer'")
+    assert_user_error(cli("info", tmp_path / "res.h5", check=False), "not an .emb file")
+    assert not os.path.exists(tmp_path / "o.emb")
+    p = cli("convert", path, check=False)  # usage error: argparse's own message, status 2
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_progress_bar_on_a_terminal(tmp_path, study):
+    path, keys, matrix = study
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    p = subprocess.Popen([sys.executable, "-m", "embfile", "convert", str(path), str(tmp_path / "o.parquet")],
+                         stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    p.wait(timeout=120)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.returncode == 0
+    assert b"records" in out and b"wrote" in out

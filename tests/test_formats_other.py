@@ -1,0 +1,131 @@
+"""ESM .pt folders, .npy + keys, pickles, format detection and conversions between other formats."""
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import embfile
+from conftest import AWKWARD_KEYS, assert_store
+from embfile.formats import detect_format
+
+torch = pytest.importorskip("torch")
+
+
+def write_esm_extract(folder, labels, dim=1280, layers=(33,), per_tok=False, mean=True):
+    """As fair-esm scripts/extract.py writes them: {label}.pt per sequence (subfolders for '/')."""
+    rng = np.random.default_rng(8)
+    expected = {}
+    for label in labels:
+        reps = {layer: torch.tensor(rng.standard_normal((5 + len(label) % 7, dim)), dtype=torch.float32)
+                for layer in layers}
+        result = {"label": label}
+        if per_tok:
+            result["representations"] = {layer: t.clone() for layer, t in reps.items()}
+        if mean:
+            result["mean_representations"] = {layer: t.mean(0).clone() for layer, t in reps.items()}
+        path = os.path.join(folder, f"{label}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(result, path)
+        expected[label] = reps
+    return expected
+
+
+def test_esm_folder(tmp_path):
+    labels = [k for k in AWKWARD_KEYS if len(k) < 200] + ["UniRef90_A/B", "x/y/z"]  # '/' makes subfolders
+    reps = write_esm_extract(tmp_path / "esm", labels, dim=64)
+    assert detect_format(tmp_path / "esm") == "esm"
+    embfile.convert(tmp_path / "esm", tmp_path / "e.emb")
+    assert_store(tmp_path / "e.emb", {k: r[33].mean(0).numpy() for k, r in reps.items()})
+    assert embfile.open(tmp_path / "e.emb").metadata["source"]["layer"] == 33
+
+
+def test_esm_layers_and_pooling(tmp_path):
+    reps = write_esm_extract(tmp_path / "esm", ["a", "b"], dim=16, layers=(6, 12), per_tok=True, mean=False)
+    with pytest.raises(embfile.ConversionError, match=r"pass pool='mean' \(--pool mean\)"):
+        embfile.convert(tmp_path / "esm", tmp_path / "e.emb")
+    with pytest.raises(embfile.ConversionError, match=r"layers \[6, 12\].*--layer"):
+        embfile.convert(tmp_path / "esm", tmp_path / "e.emb", pool="mean")
+    embfile.convert(tmp_path / "esm", tmp_path / "e.emb", pool="mean", layer=12)
+    want = {k: r[12].double().mean(0).float().numpy() for k, r in reps.items()}
+    assert_store(tmp_path / "e.emb", want)
+
+
+def test_esm_refuses_code(tmp_path):
+    os.makedirs(tmp_path / "esm")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"label": "x", "mean_representations": {33: torch.zeros(4)}, "evil": Evil()},
+               tmp_path / "esm" / "x.pt")
+    with pytest.raises(embfile.ConversionError, match="not a readable torch file"):
+        embfile.convert(tmp_path / "esm", tmp_path / "e.emb")
+    assert not os.path.exists(tmp_path / "pwned")
+
+
+def test_npy_with_keys(tmp_path):
+    rng = np.random.default_rng(9)
+    keys = AWKWARD_KEYS + [f"n{i}" for i in range(100)]
+    m = rng.standard_normal((len(keys), 20)).astype(np.float16)
+    np.save(tmp_path / "emb.npy", m)
+    (tmp_path / "emb.txt").write_text("".join(k + "\n" for k in keys), encoding="utf-8")
+    embfile.convert(tmp_path / "emb.npy", tmp_path / "n.emb")
+    assert_store(tmp_path / "n.emb", dict(zip(keys, m)))
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    with pytest.raises(embfile.ConversionError, match="2 keys for 109 rows"):
+        embfile.convert(tmp_path / "emb.npy", tmp_path / "x.emb", keys=tmp_path / "short.txt")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(embfile.ConversionError, match="not a numeric .npy"):
+        embfile.convert(tmp_path / "obj.npy", tmp_path / "x.emb")
+    assert not os.path.exists(tmp_path / "x.emb")
+
+
+def test_pickle_needs_trust(tmp_path):
+    rng = np.random.default_rng(10)
+    data = {f"seq{i:010d}": rng.random(1280) for i in range(300)}  # the "Pickle vs HDF5" study's dict
+    with open(tmp_path / "d.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(embfile.ConversionError, match=r"runs code.*trust_pickle=True \(--trust-pickle\)"):
+        embfile.convert(tmp_path / "d.pkl", tmp_path / "d.emb")
+    embfile.convert(tmp_path / "d.pkl", tmp_path / "d.emb", trust_pickle=True)
+    assert_store(tmp_path / "d.emb", data)
+    data["seq0000000007"] = np.zeros(5)
+    with open(tmp_path / "bad.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(embfile.ConversionError, match=r"key 'seq0000000007': vector has shape \(5,\)"):
+        embfile.convert(tmp_path / "bad.pkl", tmp_path / "bad.emb", trust_pickle=True)
+
+
+def test_detection_and_options(tmp_path, study):
+    path, keys, matrix = study
+    assert detect_format(path) == "emb"
+    embfile.convert(path, tmp_path / "x.data", dst_format="hdf5")
+    assert detect_format(tmp_path / "x.data") == "hdf5"
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(embfile.ConversionError, match="cannot tell its format"):
+        embfile.convert(tmp_path / "x.txt", tmp_path / "y.emb")
+    with pytest.raises(embfile.ConversionError, match="cannot tell the output format"):
+        embfile.convert(path, tmp_path / "y.csv")
+    with pytest.raises(TypeError, match="'layer' applies to neither emb input nor parquet output"):
+        embfile.convert(path, tmp_path / "y.parquet", layer=3)
+
+
+def test_between_other_formats_and_dtype_change(tmp_path, study):
+    path, keys, matrix = study
+    embfile.convert(path, tmp_path / "a.h5")
+    embfile.convert(tmp_path / "a.h5", tmp_path / "a.parquet", dtype="float16", row_group_size=100)
+    t = pq.read_table(tmp_path / "a.parquet")
+    assert t["key"].to_pylist() == keys
+    np.testing.assert_array_equal(np.stack(t["vector"].to_numpy(zero_copy_only=False)),
+                                  matrix.astype(np.float16))
+    assert sorted(os.listdir(tmp_path)) == ["a.h5", "a.parquet", "study.emb"]  # no middle file left
+    embfile.convert(path, tmp_path / "small.emb", dtype="float32")
+    assert_store(tmp_path / "small.emb", dict(zip(keys, matrix)), dtype=np.float32)
+    meta = embfile.open(tmp_path / "small.emb").metadata
+    assert meta["model"] == "esm2_t33_650M_UR50D" and meta["source"]["format"] == "emb"
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert "model" in f.attrs["embfile_metadata"]

@@ -1,0 +1,175 @@
+"""Parquet <-> .emb with tables written by pyarrow, pandas and Hugging Face datasets; EmbFile.to_arrow."""
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import embfile
+from conftest import AWKWARD_KEYS, assert_store
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(7)
+    keys = AWKWARD_KEYS + [f"doc-{i}" for i in range(2000)]
+    d = {k: rng.standard_normal(48).astype(np.float32) for k in keys}
+    d["doc-5"][[0, 7]] = [np.nan, -np.inf]
+    return d
+
+
+def test_fixed_size_list_from_pyarrow(tmp_path, data):
+    values = pa.array(np.concatenate(list(data.values())))
+    table = pa.table({"id": list(data), "emb": pa.FixedSizeListArray.from_arrays(values, 48)})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=300)
+    embfile.convert(tmp_path / "t.parquet", tmp_path / "t.emb")
+    assert_store(tmp_path / "t.emb", data)
+    assert list(embfile.open(tmp_path / "t.emb")) == list(data)
+
+
+def test_pandas_list_of_double(tmp_path, data):
+    df = pd.DataFrame({"seqid": list(data), "embedding": [v.astype(np.float64) for v in data.values()],
+                       "length": np.arange(len(data))})
+    df.to_parquet(tmp_path / "p.parquet")
+    assert pa.types.is_list(pq.read_schema(tmp_path / "p.parquet").field("embedding").type)
+    embfile.convert(tmp_path / "p.parquet", tmp_path / "p.emb", dtype="float32")
+    assert_store(tmp_path / "p.emb", data)  # float32 -> float64 -> float32 is exact
+
+
+def test_hugging_face_datasets(tmp_path, data):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text_id": list(data), "embeddings": [v.tolist() for v in data.values()]},
+                                    features=datasets.Features({"text_id": datasets.Value("string"),
+                                                                "embeddings": datasets.Sequence(
+                                                                    datasets.Value("float32"))}))
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    embfile.convert(tmp_path / "hf.parquet", tmp_path / "hf.emb")
+    assert_store(tmp_path / "hf.emb", data)
+
+
+def test_large_list_and_folder_of_files(tmp_path, data):
+    keys, m = list(data), np.stack(list(data.values()))
+    os.makedirs(tmp_path / "shards" / "part=1")
+    for i, lo in enumerate(range(0, len(keys), 700)):
+        hi = min(lo + 700, len(keys))
+        vectors = pa.LargeListArray.from_arrays(np.arange(0, (hi - lo + 1) * 48, 48), pa.array(m[lo:hi].ravel()))
+        sub = "part=1/" if i % 2 else ""
+        pq.write_table(pa.table({"key": keys[lo:hi], "v": vectors}), tmp_path / "shards" / f"{sub}{i:03d}.parquet")
+    (tmp_path / "shards" / "_SUCCESS").write_text("")
+    embfile.convert(tmp_path / "shards", tmp_path / "s.emb")
+    assert_store(tmp_path / "s.emb", data)
+
+
+def test_wide_layout(tmp_path, data):
+    m = np.stack(list(data.values()))
+    df = pd.DataFrame(m, columns=[f"dim_{i}" for i in range(48)])
+    df.insert(0, "name", list(data))
+    df["label"] = 1.5  # a numeric column that is not part of the vector
+    df.to_parquet(tmp_path / "w.parquet")
+    with pytest.raises(embfile.ConversionError, match=r"wide_prefix= \(--wide-prefix\)"):
+        embfile.convert(tmp_path / "w.parquet", tmp_path / "w.emb")
+    embfile.convert(tmp_path / "w.parquet", tmp_path / "w.emb", wide_prefix="dim_")
+    assert_store(tmp_path / "w.emb", data)
+    embfile.convert(tmp_path / "w.parquet", tmp_path / "w2.emb", wide_columns=["dim_3", "dim_1"])
+    assert_store(tmp_path / "w2.emb", {k: v[[3, 1]] for k, v in data.items()})
+
+
+def test_bad_tables_give_clear_errors(tmp_path):
+    def write(name, **columns):
+        pq.write_table(pa.table(columns), tmp_path / name, row_group_size=4)
+        return tmp_path / name
+
+    keys = [f"k{i}" for i in range(10)]
+    vecs = [[1.0, 2.0]] * 10
+    ragged = write("ragged.parquet", key=keys, v=vecs[:7] + [[1.0, 2.0, 3.0]] + vecs[8:])
+    with pytest.raises(embfile.ConversionError, match=r"row 7 \(key 'k7'\) has a vector of 3 values, not 2"):
+        embfile.convert(ragged, tmp_path / "o.emb")
+    nulls = write("nulls.parquet", key=keys, v=vecs[:5] + [None] + vecs[6:])
+    with pytest.raises(embfile.ConversionError, match=r"row 5 \(key 'k5'\) has a null vector"):
+        embfile.convert(nulls, tmp_path / "o.emb")
+    all_null = write("allnull.parquet", key=keys, v=pa.array([None] * 10, pa.list_(pa.float32())))
+    with pytest.raises(embfile.ConversionError, match="holds no vectors"):
+        embfile.convert(all_null, tmp_path / "o.emb")
+    null_int = write("nullint.parquet", key=keys, v=[[1, 2]] * 9 + [[1, None]])
+    with pytest.raises(embfile.ConversionError, match=r"row 9 \(key 'k9'\) has a null value"):
+        embfile.convert(null_int, tmp_path / "o.emb")
+    null_float = write("nullfloat.parquet", key=keys, v=vecs[:9] + [[1.0, None]])
+    embfile.convert(null_float, tmp_path / "nan.emb")
+    assert np.isnan(embfile.open(tmp_path / "nan.emb")["k9"][1])
+    os.unlink(tmp_path / "nan.emb")
+    null_key = write("nullkey.parquet", key=keys[:3] + [None] + keys[4:], v=vecs)
+    with pytest.raises(embfile.ConversionError, match="row 3 has a null key"):
+        embfile.convert(null_key, tmp_path / "o.emb")
+    dup = write("dup.parquet", key=keys[:9] + ["k2"], v=vecs)
+    with pytest.raises(embfile.WriterError, match="duplicate key 'k2'"):
+        embfile.convert(dup, tmp_path / "o.emb")
+    two = write("two.parquet", a=keys, b=keys, v=vecs)
+    with pytest.raises(embfile.ConversionError, match=r"columns \['a', 'b'\].*key_column= \(--key-column\)"):
+        embfile.convert(two, tmp_path / "o.emb")
+    with pytest.raises(embfile.ConversionError, match="no column 'x'"):
+        embfile.convert(two, tmp_path / "o.emb", key_column="a", vector_column="x")
+    text = write("text.parquet", key=keys, v=[["a"]] * 10)
+    with pytest.raises(embfile.ConversionError, match="no column is the vector column"):
+        embfile.convert(text, tmp_path / "o.emb")
+    assert not os.path.exists(tmp_path / "o.emb")
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_empty_table(tmp_path):
+    table = pa.table({"key": pa.array([], pa.string()),
+                      "v": pa.array([], pa.list_(pa.float32(), 16))})
+    pq.write_table(table, tmp_path / "e.parquet")
+    embfile.convert(tmp_path / "e.parquet", tmp_path / "e.emb")
+    with embfile.open(tmp_path / "e.emb") as db:
+        assert len(db) == 0 and db.dim == 16 and db.dtype == np.float32
+    embfile.convert(tmp_path / "e.emb", tmp_path / "back.parquet")
+    assert pq.read_table(tmp_path / "back.parquet").num_rows == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "uint64"])
+def test_roundtrip_parquet_emb_parquet(tmp_path, data, dtype):
+    keys = list(data)
+    m = np.stack(list(data.values()))
+    m = m.astype(dtype) if dtype[0] == "f" else np.nan_to_num(np.abs(m) * 10, posinf=0).astype(dtype)
+    values = pa.array(m.ravel())
+    pq.write_table(pa.table({"key": keys, "vector": pa.FixedSizeListArray.from_arrays(values, 48)}),
+                   tmp_path / "a.parquet")
+    embfile.convert(tmp_path / "a.parquet", tmp_path / "a.emb", metadata={"model": "e5"})
+    embfile.convert(tmp_path / "a.emb", tmp_path / "b.parquet", row_group_size=500)
+    f = pq.ParquetFile(tmp_path / "b.parquet")
+    assert f.metadata.num_row_groups == -(-len(keys) // 500)
+    back = f.read()
+    assert back["key"].to_pylist() == keys
+    assert back.schema.field("vector").type == pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), 48)
+    got = np.stack(back["vector"].to_numpy(zero_copy_only=False))
+    assert got.tobytes() == m.tobytes()
+    df = pd.read_parquet(tmp_path / "b.parquet")  # pandas reads it as it is
+    assert df["key"].tolist() == keys
+    assert np.stack(df["vector"].to_numpy()).tobytes() == m.tobytes()
+    embfile.convert(tmp_path / "b.parquet", tmp_path / "c.emb")  # and back: metadata survives
+    assert embfile.open(tmp_path / "c.emb").metadata["model"] == "e5"
+
+
+def test_output_read_by_hugging_face_datasets(tmp_path, data):
+    datasets = pytest.importorskip("datasets")
+    embfile.write(tmp_path / "a.emb", data)
+    embfile.convert(tmp_path / "a.emb", tmp_path / "a.parquet")
+    ds = datasets.Dataset.from_parquet(str(tmp_path / "a.parquet"), cache_dir=str(tmp_path / "cache"))
+    assert ds["key"][:] == list(data)
+    got = np.asarray(ds.with_format("numpy")["vector"][:])
+    assert got.tobytes() == np.stack(list(data.values())).tobytes()
+
+
+def test_to_arrow_shares_memory(tmp_path, data):
+    embfile.write(tmp_path / "a.emb", data)
+    db = embfile.open(tmp_path / "a.emb")
+    t = db.to_arrow()
+    assert t.schema.field("key").type == pa.large_string()
+    assert t["key"].to_pylist() == list(data)
+    values = t["vector"].chunk(0).values.to_numpy()
+    assert np.shares_memory(values, db.matrix) or values.ctypes.data == db.matrix.ctypes.data
+    assert values.tobytes() == np.stack(list(data.values())).tobytes()
+    db.close()
+    assert t["key"][3].as_py() == list(data)[3]  # still valid after close, like any view
