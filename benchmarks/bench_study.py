@@ -228,17 +228,6 @@ TOOLS = {t.name: t for t in (Pickle(), H5PerKey(), H5Bulk(), Parquet(), Memmap()
 
 # ---- the worker: one operation of one tool in a fresh process ---------------------------------
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mb():
-    """Peak resident memory so far (VmHWM: ru_maxrss is only updated lazily while a process runs)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
 def per_call(fn, args, batch=1):
     """Latency of fn(arg) per call in ns: timed one by one, or in batches (mean of each batch) when
     a call is too short for the timer; returns the list of samples."""
@@ -257,22 +246,22 @@ def worker(task):
     res = {}
     if op == "write":
         keys, matrix = make_data(n)
-        base = peak_mb()
+        base = machine.peak_mb()
         t0 = time.perf_counter()
         tool.write(path, keys, matrix)
         t1 = time.perf_counter()
         for p in tool.files(path):
             machine.fsync_path(p)
         res = {"write": t1 - t0, "write_fsync": time.perf_counter() - t0,
-               "size": sum(os.path.getsize(p) for p in tool.files(path)), "write_peak_mb": peak_mb() - base}
+               "size": sum(os.path.getsize(p) for p in tool.files(path)), "write_peak_mb": machine.peak_mb() - base}
     elif op == "read":
         for p in tool.files(path):
             machine.evict(p)
-        base = peak_mb()
+        base = machine.peak_mb()
         t0 = time.perf_counter()
         data = tool.read_all(path)
         res["read_cold"] = time.perf_counter() - t0
-        res["read_peak_mb"] = peak_mb() - base
+        res["read_peak_mb"] = machine.peak_mb() - base
         del data
         t0 = time.perf_counter()
         data = tool.read_all(path)
@@ -289,11 +278,11 @@ def worker(task):
     elif op == "open":
         for p in tool.files(path):
             machine.evict(p)
-        rss0 = rss_mb()
+        rss0 = machine.rss_mb()
         t0 = time.perf_counter()
         h = tool.open(path)
         res["open_cold"] = time.perf_counter() - t0
-        res["open_rss_mb"] = rss_mb() - rss0
+        res["open_rss_mb"] = machine.rss_mb() - rss0
         tool.close(h)
         del h
         warm = []
@@ -425,9 +414,9 @@ def open_many(path, n):
         times.append(time.perf_counter_ns() - t0)
         db.close()
     machine.evict(path)
-    rss0 = rss_mb()
+    rss0 = machine.rss_mb()
     db = embfile.open(path)
-    return {"open_warm_median_us": np.median(times) / 1e3, "open_rss_mb": rss_mb() - rss0}
+    return {"open_warm_median_us": np.median(times) / 1e3, "open_rss_mb": machine.rss_mb() - rss0}
 
 
 def lookup_vs_dict(path, n, count):

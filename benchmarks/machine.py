@@ -1,4 +1,5 @@
-"""The machine's own limits, measured in the same run as a benchmark, so results print as ratios.
+"""The machine's own limits, measured in the same run as a benchmark, so results print as ratios;
+and this process's memory.
 
 memcpy bandwidth, write + fsync bandwidth, cold sequential read bandwidth and cold random 4 KiB
 pread latency.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED).
@@ -86,6 +87,18 @@ def measure(folder, nbytes=1024 * MB):
         return limits
     finally:
         os.unlink(path)
+
+
+def rss_mb():
+    """This process's resident memory now, MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+
+
+def peak_mb():
+    """This process's peak resident memory so far, MiB (VmHWM: ru_maxrss is updated lazily)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def describe(limits):

@@ -179,3 +179,40 @@ def test_source_untouched_and_no_output_on_failure(tmp_path):
     assert (tmp_path / "in.h5").read_bytes() == before
     assert list(embfile.open(tmp_path / "out.emb")) == ["old"]  # the earlier file is still there
     assert sorted(os.listdir(tmp_path)) == ["in.h5", "out.emb"]
+
+
+def test_per_key_storage_variants(tmp_path):
+    """Contiguous (read directly), chunked and compressed (read by HDF5), big-endian, and a user block."""
+    rng = np.random.default_rng(12)
+    data = {f"P{i:03d}": rng.standard_normal(300).astype(np.float32) for i in range(40)}
+    with h5py.File(tmp_path / "mixed.h5", "w") as f:
+        for i, (k, v) in enumerate(data.items()):
+            kw = [{}, {"chunks": (100,)}, {"compression": "gzip"}, {"compression": "lzf", "shuffle": True}][i % 4]
+            f.create_dataset(k, data=v, **kw)
+        f.create_dataset("unwritten", shape=(300,), dtype="f4")  # no storage allocated: the fill value
+    embfile.convert(tmp_path / "mixed.h5", tmp_path / "m.emb")
+    assert_store(tmp_path / "m.emb", {**data, "unwritten": np.zeros(300, np.float32)})
+
+    with h5py.File(tmp_path / "be.h5", "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v.astype(">f4"))
+    embfile.convert(tmp_path / "be.h5", tmp_path / "be.emb")
+    assert_store(tmp_path / "be.emb", data)
+
+    with h5py.File(tmp_path / "ub.h5", "w", userblock_size=512) as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+    with open(tmp_path / "ub.h5", "r+b") as f:
+        f.write(b"a user block, as some tools prepend")
+    embfile.convert(tmp_path / "ub.h5", tmp_path / "ub.emb", src_format="hdf5")
+    assert_store(tmp_path / "ub.emb", data)
+
+
+def test_error_while_writing_stops_the_reader(tmp_path):
+    rng = np.random.default_rng(13)
+    data = {f"k{i:05d}": rng.random(4096).astype(np.float32) for i in range(2500)}
+    data["k02400"][7] = 1e6  # does not fit in float16: the writer refuses it after several chunks
+    write_prott5(tmp_path / "in.h5", data)
+    with pytest.raises(embfile.WriterError, match="key 'k02400': value 1000000.0 does not fit in float16"):
+        embfile.convert(tmp_path / "in.h5", tmp_path / "out.emb", dtype="float16")
+    assert sorted(os.listdir(tmp_path)) == ["in.h5"]

@@ -129,3 +129,48 @@ def test_between_other_formats_and_dtype_change(tmp_path, study):
     assert meta["model"] == "esm2_t33_650M_UR50D" and meta["source"]["format"] == "emb"
     with h5py.File(tmp_path / "a.h5") as f:
         assert "model" in f.attrs["embfile_metadata"]
+
+
+MEMORY_PROBE = """
+import sys, embfile
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+import h5py, pyarrow.parquet
+base = peak()
+embfile.convert(sys.argv[1], sys.argv[2])
+print(peak() - base)
+"""
+
+
+def test_conversion_memory_is_bounded(tmp_path):
+    """Peak memory does not grow with the input: 64 MiB and 256 MiB inputs convert in the same memory."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    def make(n, dim=1024):
+        keys = [f"k{i:08d}" for i in range(n)]
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        with h5py.File(folder / "bulk.h5", "w") as f, \
+                pq.ParquetWriter(folder / "t.parquet", pa.schema([("key", pa.string()),
+                                                                  ("v", pa.list_(pa.float32()))])) as w:
+            f.create_dataset("ids", data=keys, dtype=h5py.string_dtype())
+            m = f.create_dataset("vectors", shape=(n, dim), dtype="f4")
+            for lo in range(0, n, 4096):
+                block = np.random.default_rng(lo).standard_normal((4096, dim), dtype=np.float32)
+                m[lo:lo + 4096] = block
+                w.write_table(pa.table({"key": keys[lo:lo + 4096], "v": list(block)}))
+        return folder
+
+    def peak(folder, src):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder / src), str(folder / "o.emb")],
+                             capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    small, large = make(16384), make(65536)
+    for src in ("bulk.h5", "t.parquet"):
+        a, b = peak(small, src), peak(large, src)
+        assert b - a < 32 and b < 200, f"{src}: {a:.0f} MiB for 64 MiB of input, {b:.0f} MiB for 256 MiB"

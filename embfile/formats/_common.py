@@ -3,7 +3,9 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import queue
 import tempfile
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -11,7 +13,7 @@ import numpy as np
 from embfile import errors
 from embfile.writer import Writer, _fsync_dir
 
-CHUNK_BYTES = 16 << 20  # records read and written per step: the memory bound of a conversion
+CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
 
 
 def chunk_rows(record_bytes, multiple=1):
@@ -25,7 +27,7 @@ class Source:
     """An input opened for streaming: what it holds, and its records in chunks.
 
     ``chunks`` yields ``(keys, matrix)`` pairs (a list of str and a ``(b, dim)``
-    array); ``count`` is the number of records if known in advance (for the
+    array that stays valid after the next chunk is read); ``count`` is the number of records if known in advance (for the
     progress bar); ``description`` goes into the output's metadata under
     ``"source"``; ``metadata`` is user metadata an earlier embfile export left
     in the input, carried over.
@@ -46,11 +48,49 @@ def write_emb(source, dst, dtype=None, metadata=None, progress=False):
     meta["source"] = source.description
     with progress_bar(source.count, progress, os.path.basename(os.fspath(dst))) as bar, \
             Writer(dst, source.dim, dtype or source.dtype, meta) as w:
-        for keys, matrix in source.chunks:
+        for keys, matrix in prefetched(source.chunks):
             w.add_batch(keys, matrix)
             bar.update(len(keys))
         bar.set_postfix_str("sorting keys, writing the index")
     return os.fspath(dst)
+
+
+def prefetched(chunks, depth=2):
+    """Iterate ``chunks`` in a thread that reads up to ``depth`` ahead, so reading the input
+    overlaps writing the output (the readers and the writer release the GIL while they wait)."""
+    q, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                return q.put(item, timeout=0.1)
+
+    def produce():
+        try:
+            for item in chunks:
+                if stop.is_set():
+                    break
+                put((item, None))
+            put((end, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((None, e))
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+
+    thread = threading.Thread(target=produce, name="embfile-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -71,6 +111,16 @@ def atomic_output(dst, suffix=""):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def start_writeback(path):
+    """Have the kernel start writing ``path``'s dirty pages now (DONTNEED on dirty pages does that),
+    so the disk works while the next part is encoded and the final fsync is short."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def progress_bar(total, enabled, desc=None):

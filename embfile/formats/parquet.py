@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from embfile import errors
-from embfile.formats._common import Source, atomic_output, chunk_rows, progress_bar, require
+from embfile.formats._common import Source, atomic_output, chunk_rows, progress_bar, require, start_writeback
 from embfile.reader import EmbFile
 
 META_KEY = b"embfile.metadata"  # schema metadata where exports keep the .emb metadata (JSON)
@@ -68,6 +68,7 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
                     part = table.slice(lo, hi - lo)
                     w.write_table(part.set_column(0, key_column, part[key_column].cast(pa.string())),
                                   row_group_size=hi - lo)
+                    start_writeback(tmp)
                     bar.update(hi - lo)
                 if not len(db):
                     w.write_table(table.cast(schema))
@@ -103,7 +104,7 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
                 raise errors.ConversionError(f"{path}: wide column {c!r} is missing or not numeric")
         if not columns:
             raise errors.ConversionError(f"{path}: no column starts with {wide_prefix!r}")
-        dim, dtype = len(columns), np.result_type(*(schema.field(c).type.to_pandas_dtype() for c in columns))
+        dim, dtype = len(columns), np.result_type(*(_numpy_dtype(schema.field(c).type) for c in columns))
     else:
         if vector_column is None:
             vector_column = _only(schema, _is_vector, "vector column (a list of numbers)", path,
@@ -115,7 +116,7 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
         if not _is_vector(vtype):
             raise errors.ConversionError(f"{path}: column {vector_column!r} is {vtype}, not a list of numbers")
         columns = [vector_column]
-        dtype = np.dtype(vtype.value_type.to_pandas_dtype())
+        dtype = _numpy_dtype(vtype.value_type)
         dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else _first_length(pq, files, vector_column)
     count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     desc = {"format": "parquet", "path": os.path.abspath(path), "key_column": key_column,
@@ -176,11 +177,13 @@ def _first_length(pq, files, column):
 
 
 def _chunks(pq, files, key_column, columns, dim, dtype, wide):
-    import pyarrow.compute as pc
-    step = chunk_rows(dim * dtype.itemsize)
+    import pyarrow as pa
+    step = max(1, chunk_rows(dim * dtype.itemsize) // 4)  # arrow holds several times a batch while decoding
     row = 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=step, columns=[key_column, *columns]):
+        # Read column chunks a buffer at a time, so a huge row group is never loaded whole.
+        reader = pq.ParquetFile(f, buffer_size=8 << 20, pre_buffer=False)
+        for batch in reader.iter_batches(batch_size=step, columns=[key_column, *columns]):
             keys = batch.column(key_column)
             if keys.null_count:
                 raise errors.ConversionError(f"{f}: row {row + _first_null(keys)} has a null key")
@@ -192,13 +195,14 @@ def _chunks(pq, files, key_column, columns, dim, dtype, wide):
                     if col.null_count and dtype.kind != "f":
                         i = _first_null(col)
                         raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) is null in {c!r}")
-                    matrix[:, j] = col.to_numpy(zero_copy_only=False)  # null floats: NaN, as pandas wrote them
+                    matrix[:, j] = _values(col)
             else:
                 vectors = batch.column(columns[0])
                 if vectors.null_count:
                     i = _first_null(vectors)
                     raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null vector")
-                lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
+                fixed = pa.types.is_fixed_size_list(vectors.type)
+                lengths = np.full(len(vectors), dim) if fixed else np.diff(_values(vectors.offsets))
                 bad = np.flatnonzero(lengths != dim)
                 if bad.size:
                     i = int(bad[0])
@@ -208,9 +212,28 @@ def _chunks(pq, files, key_column, columns, dim, dtype, wide):
                 if values.null_count and dtype.kind != "f":  # null floats become NaN, as pandas wrote them
                     i = _first_null(values) // dim
                     raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null value")
-                matrix = values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)
+                matrix = _values(values).reshape(batch.num_rows, dim)
             yield keys, matrix
             row += batch.num_rows
+
+
+def _values(arr):
+    """A numeric arrow array as numpy without a copy (null floats read as NaN, as pandas wrote them).
+
+    ``np.frombuffer`` on its data buffer: ``to_numpy`` would first import pandas (0.3 s).
+    """
+    if arr.null_count:
+        return arr.to_numpy(zero_copy_only=False)
+    dtype = _numpy_dtype(arr.type)
+    return np.frombuffer(arr.buffers()[1], dtype, len(arr), arr.offset * dtype.itemsize)
+
+
+def _numpy_dtype(t):
+    import pyarrow as pa
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise TypeError(f"{t} is not a numeric arrow type")
+    return np.dtype(("f" if pa.types.is_floating(t) else "u" if pa.types.is_unsigned_integer(t) else "i")
+                    + str(t.bit_width // 8))
 
 
 def _is_int(t):
