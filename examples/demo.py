@@ -1,4 +1,4 @@
-"""A small end-to-end run: the pickled dict our users have -> db.emb -> lookups, batches, verify.
+"""A small end-to-end run: the pickled dict our users have -> db.emb -> lookups, batches, verify, info.
 
     python examples/demo.py [folder]
 """
@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 import embfile
+from embfile import cli
 
 
 def main(folder):
@@ -21,14 +22,13 @@ def main(folder):
     with open(pkl, "wb") as f:
         pickle.dump(data, f)
 
-    # Convert: one pass, streaming, atomic.  (Loading a pickle runs code: only load your own.)
-    with open(pkl, "rb") as f:
-        loaded = pickle.load(f)
+    # Convert: streaming, atomic.  Loading a pickle runs code, so embfile asks you to say you trust it.
+    # (The same from a shell: embfile convert embeddings.pkl db.emb --trust-pickle)
     db_path = os.path.join(folder, "db.emb")
     t0 = time.perf_counter()
-    embfile.write(db_path, loaded, metadata={"model": "esm2_t33_650M_UR50D", "layer": 33, "pooling": "mean",
-                                             "source": os.path.basename(pkl)})
-    print(f"wrote {db_path}: {os.path.getsize(db_path) / 1e6:.1f} MB in {time.perf_counter() - t0:.3f} s")
+    embfile.convert(pkl, db_path, trust_pickle=True,
+                    metadata={"model": "esm2_t33_650M_UR50D", "layer": 33, "pooling": "mean"})
+    print(f"converted {pkl} -> {db_path}: {os.path.getsize(db_path) / 1e6:.1f} MB in {time.perf_counter() - t0:.3f} s")
 
     t0 = time.perf_counter()
     db = embfile.open(db_path)
@@ -43,6 +43,9 @@ def main(folder):
     print(f"metadata: model={db.metadata['model']}, count={db.metadata['embfile']['count']}")
     db.verify()
     print("verify: every checksum holds")
+    db.close()
+    print(f"\n$ embfile info {db_path}")
+    cli.main(["info", db_path])
 
 
 if __name__ == "__main__":
