@@ -39,8 +39,9 @@ def make_inputs(folder, n, dim, per_key):
 
     rng = np.random.default_rng(0)
     keys = [f"UniRef50_{i:09d}" for i in range(n)]
-    paths = {"h5 bulk": os.path.join(folder, "bulk.h5"), "parquet fixed_size_list": os.path.join(folder, "fixed.parquet"),
-             "parquet list": os.path.join(folder, "list.parquet"), "h5 per-key": os.path.join(folder, "prott5.h5")}
+    paths = {name: os.path.join(folder, file) for name, file in (
+        ("h5 bulk", "bulk.h5"), ("parquet fixed_size_list", "fixed.parquet"), ("parquet list", "list.parquet"),
+        ("h5 per-key", "prott5.h5"))}
     step = 16384  # rows per write, and per Parquet row group (64 MiB at 1024 float32)
     with h5py.File(paths["h5 bulk"], "w") as f:
         f.create_dataset("ids", data=keys, dtype=h5py.string_dtype())

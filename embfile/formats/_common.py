@@ -10,7 +10,6 @@ from typing import Iterator
 
 import numpy as np
 
-from embfile import errors
 from embfile.writer import Writer, _fsync_dir
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
@@ -26,11 +25,11 @@ def chunk_rows(record_bytes, multiple=1):
 class Source:
     """An input opened for streaming: what it holds, and its records in chunks.
 
-    ``chunks`` yields ``(keys, matrix)`` pairs (a list of str and a ``(b, dim)``
-    array that stays valid after the next chunk is read); ``count`` is the number of records if known in advance (for the
-    progress bar); ``description`` goes into the output's metadata under
-    ``"source"``; ``metadata`` is user metadata an earlier embfile export left
-    in the input, carried over.
+    ``chunks`` yields ``(keys, matrix)`` pairs: a list of str and a ``(b, dim)``
+    array that stays valid after the next chunk is read (chunks are read ahead).
+    ``count`` is the number of records if known in advance (for the progress bar);
+    ``description`` goes into the output's metadata under ``"source"``; ``metadata``
+    is user metadata an earlier embfile export left in the input, carried over.
     """
 
     dim: int
@@ -152,18 +151,3 @@ def require(module, extra):
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"this needs {module.split('.')[0]}: pip install 'embfile[{extra}]'") from None
-
-
-def as_matrix(values, rows, dim, where):
-    """``values`` (flat) as ``(rows, dim)``; ``where`` names the input in the error."""
-    if values.size != rows * dim:
-        raise errors.ConversionError(f"{where}: {values.size} values do not make {rows} vectors of {dim}")
-    return values.reshape(rows, dim)
-
-
-def check_vector_dtype(dtype, where):
-    """Vectors must be real numbers: say so, naming the input, otherwise."""
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "iuf":
-        raise errors.ConversionError(f"{where}: vectors of {dtype} are not numbers embfile can store")
-    return dtype

@@ -86,8 +86,8 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
         if not pq.read_schema(other).equals(schema, check_metadata=False):
             raise errors.ConversionError(f"{other}: schema differs from {files[0]}'s")
     if key_column is None:  # the only string column, else the only integer one
-        strings = any(_is_key(f.type) and not _is_int(f.type) for f in schema)
-        key_column = _only(schema, (lambda t: _is_key(t) and not _is_int(t)) if strings else _is_int,
+        strings = any(_is_string(f.type) for f in schema)
+        key_column = _only(schema, _is_string if strings else _is_int,
                            "key column (strings or integers)", path, "key_column", "--key-column")
     if key_column not in schema.names:
         raise errors.ConversionError(f"{path}: no column {key_column!r}; columns are {schema.names}")
@@ -99,8 +99,7 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
             raise errors.ConversionError("give vector_column or wide_prefix/wide_columns, not both")
         columns = list(wide_columns or [n for n in schema.names if n.startswith(wide_prefix)])
         for c in columns:
-            if c not in schema.names or not pa.types.is_integer(t := schema.field(c).type) and \
-                    not pa.types.is_floating(t):
+            if c not in schema.names or not _is_number(schema.field(c).type):
                 raise errors.ConversionError(f"{path}: wide column {c!r} is missing or not numeric")
         if not columns:
             raise errors.ConversionError(f"{path}: no column starts with {wide_prefix!r}")
@@ -138,15 +137,29 @@ def _parquet_files(path):
     return [path]
 
 
-def _is_key(t):
+def _is_string(t):
     import pyarrow as pa
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_int(t):
+    import pyarrow as pa
+    return pa.types.is_integer(t)
+
+
+def _is_number(t):
+    import pyarrow as pa
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _is_key(t):
+    return _is_string(t) or _is_int(t)
 
 
 def _is_vector(t):
     import pyarrow as pa
     return ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
-            and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)))
+            and _is_number(t.value_type))
 
 
 def _only(schema, test, what, path, option, flag, hint=""):
@@ -230,15 +243,10 @@ def _values(arr):
 
 def _numpy_dtype(t):
     import pyarrow as pa
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+    if not _is_number(t):
         raise TypeError(f"{t} is not a numeric arrow type")
     return np.dtype(("f" if pa.types.is_floating(t) else "u" if pa.types.is_unsigned_integer(t) else "i")
                     + str(t.bit_width // 8))
-
-
-def _is_int(t):
-    import pyarrow as pa
-    return pa.types.is_integer(t)
 
 
 def _first_null(arr):
