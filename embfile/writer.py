@@ -200,7 +200,7 @@ class Writer:
         self._file.close()
         self._file = None
         os.replace(self._tmp, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_path(os.path.dirname(os.path.abspath(self.path)))
 
     def _pad_to(self, pos, align):
         pad = -pos % align
@@ -341,8 +341,9 @@ def _metadata_json(metadata):
     return json.loads(text)
 
 
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path):
+    """fsync a file or a folder (a folder: so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from embfile.writer import Writer, _fsync_dir
+from embfile.writer import Writer, fsync_path
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
 
@@ -100,13 +100,9 @@ def atomic_output(dst, suffix=""):
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, dst)
-        _fsync_dir(folder)
+        fsync_path(folder)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
