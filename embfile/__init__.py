@@ -12,16 +12,19 @@ from embfile.errors import (  # noqa: E402
     ClosedFileError,
     ConversionError,
     CorruptFileError,
+    DuplicateKeyError,
     EmbFileError,
     FormatError,
     KeyNotFoundError,
     NotAnEmbFileError,
+    ShardError,
     TruncatedFileError,
     UnsupportedVersionError,
     WriterError,
 )
 from embfile.reader import EmbFile, open  # noqa: E402
 from embfile.writer import Writer, write  # noqa: E402
+from embfile.shards import ShardedEmbFile, ShardWriter, write_index, write_shards  # noqa: E402
 from embfile.formats import (  # noqa: E402
     convert,
     from_esm,
@@ -34,8 +37,8 @@ from embfile.formats import (  # noqa: E402
 )
 
 __all__ = [
-    "open", "write", "EmbFile", "Writer", "EmbFileError", "FormatError", "NotAnEmbFileError",
+    "open", "write", "EmbFile", "Writer", "ShardedEmbFile", "ShardWriter", "write_shards", "write_index", "EmbFileError", "FormatError", "NotAnEmbFileError",
     "UnsupportedVersionError", "TruncatedFileError", "CorruptFileError", "ChecksumError",
-    "KeyNotFoundError", "WriterError", "ConversionError", "ClosedFileError", "convert", "from_hdf5",
+    "KeyNotFoundError", "WriterError", "DuplicateKeyError", "ShardError", "ConversionError", "ClosedFileError", "convert", "from_hdf5",
     "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5", "to_parquet", "__version__",
 ]

@@ -16,8 +16,10 @@ cdef extern from "embfile.h" nogil:
     int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen, uint64_t *row)
     int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
                         const size_t *lens, size_t k, uint64_t *rows, size_t *failed)
-    void emb_gather(const uint8_t *records, uint64_t record_bytes,
-                    const uint64_t *rows, size_t k, uint8_t *dst)
+    int emb_gather(const uint8_t *const *bases, const uint64_t *starts, size_t n_shards,
+                   uint64_t record_bytes, const uint64_t *rows, size_t k, uint8_t *dst)
+    uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream)
+    void emb_shuffle(uint64_t *items, uint64_t n, uint64_t seed)
     uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len)
     void emb_crc32c_blocks(const uint8_t *p, uint64_t len, uint64_t block, uint32_t *out)
     int emb_sort_keys(const uint8_t *heap, const uint64_t *offsets, uint64_t n,

@@ -17,6 +17,12 @@ from embfile import errors
 
 cnp.import_array()
 
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+
+cdef extern from "<errno.h>":
+    int errno
+
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
@@ -147,6 +153,13 @@ cdef class _Reader:
         self._live()
         return self._n
 
+    def record(self, uint64_t row):
+        """The vector at ``row``, a read-only view like ``db[key]``."""
+        self._live()
+        if row >= self._n:
+            raise IndexError(f"row {row} out of range for {self._n} records")
+        return self._view(row)
+
     def row(self, key):
         """The row number of one key (``KeyError`` if absent)."""
         cdef uint64_t row
@@ -186,17 +199,16 @@ cdef class _Reader:
         cdef int64_t[::1] rv = rows
         cdef cnp.ndarray o = out
         cdef size_t k = len(rows)
+        cdef uint64_t start[2]
+        start[0], start[1] = 0, self._n
         if k:
             with nogil:
-                emb_gather(self._records, self._record_bytes, <const uint64_t *>&rv[0], k,
-                           <uint8_t *>cnp.PyArray_DATA(o))
+                emb_gather(&self._records, start, 1, self._record_bytes,
+                           <const uint64_t *>&rv[0], k, <uint8_t *>cnp.PyArray_DATA(o))
         return out
 
-    def key(self, uint64_t row):
-        """The key stored at ``row`` (row order is write order)."""
-        self._live()
-        if row >= self._n:
-            raise IndexError(f"row {row} out of range for {self._n} records")
+    cdef object _key_of(self, uint64_t row):
+        """The key at ``row`` (below ``_n``), checked against the keys section."""
         cdef uint64_t start = _load_u64(self._key_offsets + 8 * row)
         cdef uint64_t end = _load_u64(self._key_offsets + 8 * (row + 1))
         if start > end or end > self._key_bytes_len:
@@ -206,21 +218,26 @@ cdef class _Reader:
         except UnicodeDecodeError as e:
             raise errors.CorruptFileError(f"keys section: key at row {row} is not UTF-8") from e
 
+    def key(self, uint64_t row):
+        """The key stored at ``row`` (row order is write order)."""
+        self._live()
+        if row >= self._n:
+            raise IndexError(f"row {row} out of range for {self._n} records")
+        return self._key_of(row)
+
     def keys_between(self, uint64_t start, uint64_t stop):
         """The keys of rows ``start`` to ``stop`` (clipped to the file), as a list."""
         self._live()
-        stop = min(stop, self._n)
-        out = []
-        cdef uint64_t i, a, b = _load_u64(self._key_offsets + 8 * start) if start < stop else 0
-        for i in range(start, stop):
-            a, b = b, _load_u64(self._key_offsets + 8 * (i + 1))
-            if a > b or b > self._key_bytes_len:
-                raise errors.CorruptFileError(f"keys section: offsets of row {i} are out of range")
-            try:
-                out.append(PyUnicode_DecodeUTF8(<const char *>self._key_bytes + a, b - a, NULL))
-            except UnicodeDecodeError as e:
-                raise errors.CorruptFileError(f"keys section: key at row {i} is not UTF-8") from e
-        return out
+        return [self._key_of(i) for i in range(start, min(stop, self._n))]
+
+    def keys_at(self, const uint64_t[::1] rows):
+        """The keys of ``rows``, as a list."""
+        self._live()
+        cdef uint64_t r
+        for r in rows:
+            if r >= self._n:
+                raise IndexError(f"row {r} out of range for {self._n} records")
+        return [self._key_of(r) for r in rows]
 
     def __iter__(self):
         cdef uint64_t start
@@ -259,6 +276,48 @@ def crc32c_blocks(const uint8_t[::1] data, uint64_t block):
         with nogil:
             emb_crc32c_blocks(&data[0], n, block, &ov[0])
     return out
+
+
+def gather(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t record_bytes,
+           const uint64_t[::1] rows, cnp.ndarray out):
+    """Copy global ``rows`` of records spread over mapped shards into ``out`` (C-contiguous,
+    ``len(rows) * record_bytes`` bytes): shard ``s`` holds rows ``starts[s]`` to ``starts[s+1]``
+    at address ``bases[s]``, which the caller keeps mapped."""
+    cdef size_t k = rows.shape[0], n_shards = bases.shape[0]
+    if starts.shape[0] != n_shards + 1 or n_shards == 0:
+        raise ValueError("gather needs one more start than shards")
+    if not out.flags.c_contiguous or <uint64_t>out.nbytes != k * record_bytes or not out.flags.writeable:
+        raise ValueError("gather output must be a writable C-contiguous array of the rows' size")
+    cdef int rc = EMB_OK
+    if k:
+        with nogil:
+            rc = emb_gather(<const uint8_t *const *>&bases[0], &starts[0], n_shards, record_bytes,
+                            &rows[0], k, <uint8_t *>cnp.PyArray_DATA(out))
+    if rc != EMB_OK:
+        raise IndexError(f"gather: a row is past the last record ({starts[n_shards]})")
+
+
+def advise(uintptr_t addr, size_t length, int advice):
+    """``madvise`` a page-aligned range of a mapping the caller keeps alive, without the GIL
+    (``MADV_POPULATE_READ`` blocks until the pages are read: run it off the main thread)."""
+    cdef int rc
+    with nogil:
+        rc = madvise(<void *>addr, length, advice)
+    if rc:
+        raise OSError(errno, "madvise failed")
+
+
+def stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream):
+    """The seed of random stream ``stream`` in ``epoch`` of a run seeded ``seed``."""
+    return emb_stream_seed(seed, epoch, stream)
+
+
+def shuffle(uint64_t[::1] items, uint64_t seed):
+    """Shuffle ``items`` in place, uniformly, as a function of ``seed`` alone."""
+    cdef uint64_t n = items.shape[0]
+    if n > 1:
+        with nogil:
+            emb_shuffle(&items[0], n, seed)
 
 
 def sort_keys(const uint8_t[::1] heap, const uint64_t[::1] offsets):

@@ -47,6 +47,18 @@ class WriterError(EmbFileError, ValueError):
     """Data given to a writer cannot be stored (duplicate key, wrong shape or dtype, overflow)."""
 
 
+class DuplicateKeyError(WriterError):
+    """Two records have the same key; ``key`` is it and ``rows`` are the two rows."""
+
+    def __init__(self, message, key, rows):
+        super().__init__(message)
+        self.key, self.rows = key, rows
+
+
+class ShardError(EmbFileError, ValueError):
+    """The files of a sharded dataset do not fit together (dim, dtype, duplicate keys, stale index)."""
+
+
 class ConversionError(EmbFileError, ValueError):
     """An input to a converter has a layout or contents embfile cannot take in (the message says which option helps)."""
 

@@ -13,20 +13,20 @@ import os
 
 import numpy as np
 
-from embfile import _core, errors
+from embfile import _core, epochs, errors
 from embfile import _format as F
 
 
 def open(path):  # noqa: A001 - the module's entry point, like gzip.open
-    """Open an .emb file for reading.
+    """Open an .emb file, or a sharded dataset (a folder or a list of .emb files), for reading.
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str or os.PathLike, or a list of them
 
     Returns
     -------
-    EmbFile
+    EmbFile, or ShardedEmbFile for a folder or a list
 
     Raises
     ------
@@ -40,10 +40,13 @@ def open(path):  # noqa: A001 - the module's entry point, like gzip.open
     >>> with embfile.open("db.emb") as db:          # doctest: +SKIP
     ...     v = db["sp|P69905|HBA_HUMAN"]
     """
+    if isinstance(path, (list, tuple)) or os.path.isdir(path):
+        from embfile.shards import ShardedEmbFile
+        return ShardedEmbFile(path)
     return EmbFile(path)
 
 
-class EmbFile(_core._Reader, collections.abc.Mapping):
+class EmbFile(_core._Reader, epochs.BatchSource, collections.abc.Mapping):
     """A read-only ``Mapping[str, ndarray]`` over one .emb file.
 
     ``db[key]`` is a read-only view of shape ``(dim,)`` into the mapped file: no
@@ -87,6 +90,15 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         flat = np.frombuffer(self._bulk, self.dtype, count=n * dim, offset=self._h["records_offset"])
         return flat.reshape(n, dim)
 
+    def _layout(self):
+        """What the core's gather needs: ``(bases, starts, record_bytes, owner)``.  The records
+        stay mapped while ``owner`` (an array over the mapping) lives."""
+        m = self.matrix
+        return (np.array([m.ctypes.data], np.uintp), np.array([0, len(m)], np.uint64),
+                self.dim * self.dtype.itemsize, m)
+
+    _keys_at = _core._Reader.keys_at
+
     def _key_offsets(self):
         """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
         h = self._h
@@ -105,12 +117,12 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         (they stay in the page cache), so a pass over a file larger than RAM keeps
         a bounded resident size.
         """
-        m, rb, base = self.matrix, self.dim * self.dtype.itemsize, self._h["records_offset"]
+        layout = self._layout()
+        m = layout[-1]
         for lo in range(0, len(self), rows):
             hi = min(lo + rows, len(self))
             yield lo, hi, m[lo:hi]
-            start = (base + lo * rb) // mmap.PAGESIZE * mmap.PAGESIZE
-            self._bulk.madvise(mmap.MADV_DONTNEED, start, base + hi * rb - start)
+            epochs.advise(layout, lo, hi, mmap.MADV_DONTNEED)
 
     @property
     def metadata(self):
@@ -126,6 +138,17 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
             raise errors.CorruptFileError(f"{self.path}: metadata is not a JSON object")
         return meta
 
+    def _sums(self):
+        """The checksums section: one CRC per records block, then those of index, keys, meta."""
+        h = self._h
+        nblocks = -(-h["records_size"] // h["block_bytes"])
+        return np.frombuffer(self._bulk, "<u4", count=nblocks + 3, offset=h["sums_offset"])
+
+    def _stored_crc(self, section):
+        """The stored CRC-32C of the ``index``, ``keys`` or ``meta`` section."""
+        self._require_open()
+        return int(self._sums()[-3:][("index", "keys", "meta").index(section)])
+
     def verify(self):
         """Check every checksum and the whole index; raise :class:`ChecksumError` naming each damaged part.
 
@@ -133,8 +156,8 @@ class EmbFile(_core._Reader, collections.abc.Mapping):
         """
         self._require_open()
         h, problems = self._h, []
-        nblocks = -(-h["records_size"] // h["block_bytes"])
-        sums = np.frombuffer(self._bulk, "<u4", count=nblocks + 3, offset=h["sums_offset"])
+        sums = self._sums()
+        nblocks = len(sums) - 3
         with memoryview(self._bulk) as whole:
             records = whole[h["records_offset"]:h["records_offset"] + h["records_size"]]
             bad = np.flatnonzero(_core.crc32c_blocks(records, h["block_bytes"]) != sums[:nblocks])

@@ -171,7 +171,7 @@ class Writer:
         status, perm, (a, b) = _core.sort_keys(heap, offsets)
         if status == _core.STATUS["duplicate"]:
             key = bytes(self._heap[self._offsets[a]:self._offsets[a + 1]]).decode()
-            raise errors.WriterError(f"duplicate key {key!r} (rows {a} and {b})")
+            raise errors.DuplicateKeyError(f"duplicate key {key!r} (rows {a} and {b})", key, (a, b))
         index, n_buckets, lcp_len = _core.build_index(heap, offsets, perm, self._bucket_keys)
         keys = offsets.astype("<u8").tobytes() + self._heap
         meta = json.dumps({**self._meta, "embfile": self._writer_record(n)}, ensure_ascii=False).encode()

@@ -59,9 +59,19 @@ int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
                     size_t *failed);
 
 /* Copies records rows[0..k) of `record_bytes` each into dst, in that order.
- * Rows must already be known to be in range (lookups guarantee it). */
-void emb_gather(const uint8_t *records, uint64_t record_bytes,
-                const uint64_t *rows, size_t k, uint8_t *dst);
+ * The records are spread over n_shards mapped arrays: global row r lives in
+ * shard s where starts[s] <= r < starts[s + 1], at bases[s] + (r - starts[s])
+ * * record_bytes; starts has n_shards + 1 ascending entries, starts[0] = 0.
+ * Returns EMB_E_CORRUPT (having copied the rows before it) at a row past
+ * starts[n_shards], else EMB_OK. */
+int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
+               size_t n_shards, uint64_t record_bytes, const uint64_t *rows,
+               size_t k, uint8_t *dst);
+
+/* Shuffling (shuffle.c): a seed for stream `stream` of epoch `epoch` of a run
+ * seeded `seed`, and an in-place uniform shuffle of items[0..n) driven by it. */
+uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream);
+void emb_shuffle(uint64_t *items, uint64_t n, uint64_t seed);
 
 /* CRC-32C (Castagnoli), chained like zlib's crc32: emb_crc32c(0, ...) starts. */
 uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len);

@@ -2,15 +2,41 @@
 #include "embfile.h"
 #include "internal.h"
 
-void emb_gather(const uint8_t *records, uint64_t record_bytes,
-                const uint64_t *rows, size_t k, uint8_t *dst) {
+/* The address of global row `row`, or NULL past the last shard. */
+static inline const uint8_t *locate(const uint8_t *const *bases,
+                                    const uint64_t *starts, size_t n_shards,
+                                    uint64_t record_bytes, uint64_t row) {
+    size_t lo = 0, hi = n_shards; /* the shard with starts[lo] <= row < starts[lo+1] */
+    if (row >= starts[n_shards])
+        return NULL;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (starts[mid] <= row)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return bases[lo] + (row - starts[lo]) * record_bytes;
+}
+
+int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
+               size_t n_shards, uint64_t record_bytes, const uint64_t *rows,
+               size_t k, uint8_t *dst) {
     size_t i;
     for (i = 0; i < k; i++) {
-        if (i + 2 < k)
-            __builtin_prefetch(records + rows[i + 2] * record_bytes);
-        memcpy(dst + i * record_bytes, records + rows[i] * record_bytes,
-               record_bytes);
+        const uint8_t *src =
+            locate(bases, starts, n_shards, record_bytes, rows[i]);
+        if (src == NULL)
+            return EMB_E_CORRUPT;
+        if (i + 2 < k) {
+            const uint8_t *next =
+                locate(bases, starts, n_shards, record_bytes, rows[i + 2]);
+            if (next != NULL)
+                __builtin_prefetch(next);
+        }
+        memcpy(dst + i * record_bytes, src, record_bytes);
     }
+    return EMB_OK;
 }
 
 /* CRC-32C: the SSE4.2 instruction where the CPU has it, else slicing-by-8. */
