@@ -1,4 +1,4 @@
-"""The ``embfile`` command: convert, info, get, keys, verify.
+"""The ``embfile`` command: convert, info, get, keys, verify, shard, index.
 
 ``main(argv) -> int`` runs one command; user errors are one line on stderr and
 exit status 1 (2 for bad usage), never a traceback.
@@ -29,6 +29,8 @@ _EXAMPLES = {
            "  embfile get db.emb P69905 P68871 --format npy > two.npy",
     "keys": "examples:\n  embfile keys db.emb | head\n  embfile keys db.emb -0 | xargs -0 ...",
     "verify": "example:\n  embfile verify db.emb other.emb && echo intact",
+    "shard": "example:\n  embfile shard uniref50.emb uniref50/ --shard-size 2GB    # then embfile.open('uniref50/')",
+    "index": "example:\n  cp more/*.emb uniref50/ && embfile index uniref50/",
 }
 
 
@@ -39,6 +41,8 @@ def main(argv=None):
         return args.run(args) or 0
     except errors.KeyNotFoundError as e:
         return _fail(f"key {e.args[0]!r} is not in {getattr(args, 'file', 'the file')}")
+    except BrokenPipeError:
+        raise  # the reader went away (| head): run() ends quietly
     except (errors.EmbFileError, OSError, ImportError, ValueError, TypeError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -105,7 +109,27 @@ def _parser():
 
     c = command("verify", _verify, "check every checksum and the index; exit status 0 only if all hold")
     c.add_argument("files", nargs="+", metavar="FILE")
+
+    c = command("shard", _shard, "split an .emb file into a folder of shards with an index")
+    c.add_argument("src", help="input .emb file")
+    c.add_argument("dst", help="output folder (must not exist, or be empty)")
+    c.add_argument("--shard-size", type=_size, default="1GiB", help="records per shard, in bytes (default 1GiB)")
+
+    c = command("index", _index, "(re)write the index of a folder of .emb shards")
+    c.add_argument("folder")
     return p
+
+
+def _size(text):
+    """``"2GB"``, ``"512MiB"``, ``"1e9"`` -> bytes."""
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30,
+             "TI": 1 << 40}
+    number = text.upper().rstrip("B").rstrip()
+    unit = number.lstrip("0123456789.E+")
+    try:
+        return int(float(number[:len(number) - len(unit)]) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
 
 
 _CONVERT_OPTIONS = ("group", "layout", "key_attr", "pool", "ids", "vectors", "compression", "key_column",
@@ -130,11 +154,16 @@ def _convert(args):
 
 def _info(args):
     with embfile.open(args.file) as db:
-        lengths = np.diff(db._key_offsets())
-        info = {"path": db.path, "format_version": "%d.%d" % (db._h["major"], db._h["minor"]),
-                "count": len(db), "dim": db.dim, "dtype": db.dtype.name, "size": db._h["file_size"],
+        files = getattr(db, "shards", [db])
+        lengths = np.concatenate([np.diff(f._key_offsets()) for f in files])
+        info = {"path": args.file, "format_version": "%d.%d" % (files[0]._h["major"], files[0]._h["minor"]),
+                "count": len(db), "dim": db.dim, "dtype": db.dtype.name,
+                "size": sum(f._h["file_size"] for f in files),
                 "key_bytes": [int(lengths.min()), int(lengths.max())] if len(db) else None,
-                "metadata": db.metadata}
+                "metadata": files[0].metadata}
+        if hasattr(db, "shards"):
+            info["shards"] = len(files)
+            info["metadata"].pop("embfile")  # the first shard's own record; the user's part is shared
     if args.json:
         print(json.dumps(info, ensure_ascii=False, indent=2))
         return
@@ -172,6 +201,17 @@ def _keys(args):
         step = 65536
         for lo in range(0, len(db), step):
             out.write("".join(k + end for k in db.keys_between(lo, min(lo + step, len(db)))))
+
+
+def _shard(args):
+    with embfile.open(args.src) as src:
+        embfile.write_shards(args.dst, src, shard_bytes=args.shard_size)
+    with embfile.open(args.dst) as db:
+        print(f"wrote {args.dst}: {len(db):,} records in {len(db.shards)} shards", file=sys.stderr)
+
+
+def _index(args):
+    embfile.write_index(args.folder)
 
 
 def _verify(args):

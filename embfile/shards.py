@@ -74,8 +74,8 @@ def _check_shards(shards, where):
     first = shards[0]
     for db in shards[1:]:
         if (db.dim, db.dtype) != (first.dim, first.dtype):
-            raise errors.ShardError(f"{db.path} holds {db.dim} x {db.dtype.name} records, "
-                                    f"{first.path} {first.dim} x {first.dtype.name}")
+            raise errors.ShardError(f"{db.path} has dim {db.dim} and dtype {db.dtype.name}, "
+                                    f"{first.path} dim {first.dim} and dtype {first.dtype.name}")
 
 
 class ShardedEmbFile(epochs.BatchSource, collections.abc.Mapping):
@@ -167,6 +167,11 @@ class ShardedEmbFile(epochs.BatchSource, collections.abc.Mapping):
         self._require_open()
         return self._index.key(row)
 
+    def keys_between(self, start, stop):
+        """The keys of dataset rows ``start`` to ``stop``, as a list."""
+        self._require_open()
+        return self._index.keys_between(start, stop)
+
     def get_batch(self, keys):
         """A new ``(len(keys), dim)`` array of the vectors of ``keys``, in that order."""
         return self.take(self.rows(keys))
@@ -244,13 +249,16 @@ class ShardWriter:
         self.folder = os.fspath(folder).rstrip(os.sep) or os.sep
         if os.path.exists(self.folder) and (not os.path.isdir(self.folder) or os.listdir(self.folder)):
             raise errors.WriterError(f"{self.folder} exists and is not an empty folder")
+        record_bytes = int(dim) * np.dtype(dtype).itemsize
+        if shard_bytes < record_bytes:
+            raise ValueError(f"shard_bytes {shard_bytes} is less than one record ({record_bytes} bytes)")
+        self._per_shard = int(shard_bytes) // record_bytes
         parent, name = os.path.split(os.path.abspath(self.folder))
         self._tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
         self._args = (dim, dtype, metadata)
         self._options = options
         self._shards = 0
         self._writer = self._next_writer()
-        self._per_shard = max(1, int(shard_bytes) // self._writer._record_bytes)
 
     def _next_writer(self):
         path = os.path.join(self._tmp, f"part-{self._shards:05d}.emb")
@@ -313,8 +321,9 @@ class ShardWriter:
 def write_shards(folder, data, shard_bytes=1 << 30, dtype=None, metadata=None, **options):
     """Split ``data`` into a sharded dataset in ``folder`` (see :class:`ShardWriter`).
 
-    ``data`` is an open .emb file (streamed), another mapping ``{key: vector}``
-    or a ``(keys, matrix)`` pair.
+    ``data`` is an open .emb file (streamed; its metadata is kept unless
+    ``metadata`` is given), another mapping ``{key: vector}`` or a ``(keys,
+    matrix)`` pair.
     """
     if isinstance(data, tuple) and len(data) == 2:
         keys, matrix = data[0], np.asarray(data[1])
@@ -325,6 +334,8 @@ def write_shards(folder, data, shard_bytes=1 << 30, dtype=None, metadata=None, *
     if not isinstance(data, collections.abc.Mapping):
         raise TypeError(f"write_shards() takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
     if isinstance(data, EmbFile):
+        if metadata is None:
+            metadata = {k: v for k, v in data.metadata.items() if k != "embfile"}
         with ShardWriter(folder, data.dim, dtype or data.dtype, metadata, shard_bytes=shard_bytes,
                          **options) as w:
             for lo, hi, block in data._chunks(max(1, (8 << 20) // (data.dim * data.dtype.itemsize))):

@@ -42,7 +42,7 @@ def test_console_script_installed():
     assert p.returncode == 0 and p.stdout.strip() == f"embfile {embfile.__version__}"
 
 
-@pytest.mark.parametrize("command", ["convert", "info", "get", "keys", "verify"])
+@pytest.mark.parametrize("command", ["convert", "info", "get", "keys", "verify", "shard", "index"])
 def test_help_has_examples(command):
     p = cli(command, "--help")
     assert b"example" in p.stdout and f"embfile {command}".encode() in p.stdout
@@ -143,3 +143,26 @@ def test_progress_bar_on_a_terminal(tmp_path, study):
     os.close(master)
     assert p.returncode == 0
     assert b"records" in out and b"wrote" in out
+
+
+def test_shard_a_file_then_use_the_folder(tmp_path, study):
+    path, keys, matrix = study
+    p = cli("shard", path, tmp_path / "ds", "--shard-size", "40KiB")
+    assert "500 records in 4 shards" in p.stderr
+    info = json.loads(cli("info", tmp_path / "ds", "--json").stdout)
+    assert (info["count"], info["dim"], info["shards"]) == (500, 32, 4)
+    assert info["metadata"] == {"model": "esm2_t33_650M_UR50D", "layer": 33}
+    got = json.loads(cli("get", tmp_path / "ds", keys[499], keys[0], "--format", "json").stdout)
+    assert got == {keys[499]: matrix[499].tolist(), keys[0]: matrix[0].tolist()}
+    assert cli("keys", tmp_path / "ds").stdout.decode().split() == keys
+    assert cli("verify", tmp_path / "ds").stdout.decode().strip().endswith("OK")
+    embfile.write(tmp_path / "ds" / "part-00004.emb", (["extra"], np.zeros((1, 32))))
+    assert_user_error(cli("info", tmp_path / "ds", check=False), "does not describe the shards")
+    cli("index", tmp_path / "ds")
+    assert json.loads(cli("info", tmp_path / "ds", "--json").stdout)["count"] == 501
+    assert_user_error(cli("shard", path, tmp_path / "ds", check=False), "not an empty folder")
+    assert_user_error(cli("shard", path, tmp_path / "x", "--shard-size", "100", check=False),
+                      "shard_bytes 100 is less than one record (256 bytes)")
+    p = cli("shard", path, tmp_path / "x", "--shard-size", "lots", check=False)
+    assert p.returncode == 2 and "not a size: 'lots'" in p.stderr
+    assert not (tmp_path / "x").exists()

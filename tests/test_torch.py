@@ -1,0 +1,113 @@
+"""embfile.torch with a real DataLoader: workers under fork and spawn, exactly once, determinism, resume."""
+import numpy as np
+import pytest
+
+import embfile
+
+torch = pytest.importorskip("torch")  # the test extra installs it; a core install need not
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+from torch.utils.data import DataLoader  # noqa: E402
+
+from embfile.torch import Dataset, IterableDataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    n = 1200
+    matrix = np.random.default_rng(3).random((n, 8)).astype(np.float32)
+    keys = [f"P{i:05d}" for i in range(n)]
+    folder = tmp_path_factory.mktemp("torch")
+    embfile.write(folder / "db.emb", (keys, matrix))
+    embfile.write_shards(folder / "ds", (keys, matrix), shard_bytes=400 * 32)
+    return folder, keys, matrix
+
+
+def epoch(ds, workers, context=None):
+    loader = DataLoader(ds, batch_size=None, num_workers=workers,
+                        multiprocessing_context=context if workers else None)
+    return [(list(k), x) for k, x in loader]
+
+
+@pytest.mark.parametrize("source", ["db.emb", "ds"])
+def test_same_batches_for_any_number_of_workers_fork_and_spawn(store, source):
+    folder, keys, matrix = store
+    ds = IterableDataset(folder / source, 100, seed=11, epoch=2, keys=True)
+    alone = epoch(ds, 0)
+    assert len(alone) == len(ds) == 12
+    assert sorted(k for ks, _ in alone for k in ks) == keys
+    for ks, x in alone:
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+        np.testing.assert_array_equal(x.numpy(), matrix[[int(k[1:]) for k in ks]])
+    for workers, context in ((2, "fork"), (3, "spawn")):
+        got = epoch(ds, workers, context)
+        assert [k for k, _ in got] == [k for k, _ in alone]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, alone))
+
+
+def test_epochs_differ_and_repeat(store):
+    folder, _, _ = store
+    ds = IterableDataset(folder / "db.emb", 100, seed=1, keys=True)
+    first = [k for k, _ in epoch(ds, 0)]
+    ds.set_epoch(1)
+    second = [k for k, _ in epoch(ds, 2, "fork")]
+    assert first != second and sorted(sum(first, [])) == sorted(sum(second, []))
+    ds.set_epoch(0)
+    assert [k for k, _ in epoch(ds, 0)] == first
+
+
+def test_ddp_ranks_get_equal_disjoint_shares(store):
+    folder, keys, _ = store
+    shares = [epoch(IterableDataset(folder / "db.emb", 64, seed=5, rank=r, world_size=3, drop_last=True,
+                                    keys=True), 2, "fork") for r in range(3)]
+    assert [len(s) for s in shares] == [6, 6, 6]  # 400 each: 6 whole batches of 64
+    flat = [k for s in shares for ks, _ in s for k in ks]
+    assert len(flat) == len(set(flat)) == 3 * 6 * 64
+    loose = [epoch(IterableDataset(folder / "db.emb", 64, seed=5, rank=r, world_size=3, keys=True), 0)
+             for r in range(3)]
+    assert sorted(k for s in loose for ks, _ in s for k in ks) == keys
+
+
+def test_resume_mid_epoch_with_workers(store):
+    folder, _, _ = store
+    ds = IterableDataset(folder / "db.emb", 50, seed=9, epoch=4, keys=True)
+    whole = [k for k, _ in epoch(ds, 0)]
+    seen = []
+    for i, (k, _) in enumerate(DataLoader(ds, batch_size=None, num_workers=2)):
+        seen.append(list(k))
+        if i == 6:
+            break  # the job dies here
+    state = ds.state_dict(batches_seen=len(seen))
+    fresh = IterableDataset(folder / "db.emb", 50, seed=9, keys=True)
+    fresh.load_state_dict(state)
+    assert len(fresh) == len(whole) - 7
+    rest = [k for k, _ in epoch(fresh, 2, "spawn")]
+    assert seen + rest == whole
+    with pytest.raises(ValueError, match="state was saved with seed=9"):
+        IterableDataset(folder / "db.emb", 50, seed=10, keys=True).load_state_dict(state)
+
+
+def test_map_style_dataset_by_row_and_by_key(store):
+    folder, keys, matrix = store
+    ds = Dataset(folder / "db.emb")
+    assert len(ds) == 1200
+    np.testing.assert_array_equal(ds[7].numpy(), matrix[7])
+    loader = DataLoader(ds, batch_size=32, shuffle=True, num_workers=2,
+                        generator=torch.Generator().manual_seed(0))
+    total = torch.zeros(8, dtype=torch.float64)
+    for x in loader:
+        assert x.shape[1] == 8
+        total += x.double().sum(0)
+    np.testing.assert_allclose(total.numpy(), matrix.astype(np.float64).sum(0), rtol=1e-6)
+    by_key = Dataset(folder / "ds", keys=keys[::-1])
+    np.testing.assert_array_equal(by_key[0].numpy(), matrix[-1])
+    batch = next(iter(DataLoader(by_key, batch_size=5, num_workers=2, multiprocessing_context="spawn")))
+    np.testing.assert_array_equal(batch.numpy(), matrix[::-1][:5])
+    with pytest.raises(KeyError, match="missing"):
+        Dataset(folder / "db.emb", keys=["P00001", "missing"])
+
+
+def test_transform_gets_tensors(store):
+    folder, _, matrix = store
+    ds = IterableDataset(folder / "db.emb", 300, shuffle=False, transform=lambda x: x.sum(1))
+    got = torch.cat(list(DataLoader(ds, batch_size=None)))
+    np.testing.assert_allclose(got.numpy(), matrix.sum(1), rtol=1e-5)
