@@ -21,6 +21,7 @@ are sequential reads; the next window is asked of the operating system
 batch is gathered straight from the mapped file into a fresh array by the core,
 without the GIL: one copy per record.
 """
+import bisect
 import mmap
 import operator
 import queue
@@ -73,7 +74,7 @@ class EpochPlan:
             sizes[-1] = self.n - (n_blocks - 1) * self.block_size
         firsts = np.arange(0, n_blocks, self.buffer_blocks)
         window_sizes = np.add.reduceat(sizes[self.blocks.astype(np.int64)], firsts) if n_blocks else sizes
-        self.window_starts = np.concatenate([[0], np.cumsum(window_sizes)]).astype(np.int64)
+        self.window_starts = np.concatenate([[0], np.cumsum(window_sizes)]).astype(np.int64).tolist()
         self._cached = (-1, None)
 
     @property
@@ -100,17 +101,20 @@ class EpochPlan:
 
     def window_of(self, position):
         """The window holding epoch position ``position`` (< n)."""
-        return int(np.searchsorted(self.window_starts, position, side="right")) - 1
+        w = self._cached[0]
+        if w >= 0 and self.window_starts[w] <= position < self.window_starts[w + 1]:
+            return w
+        return bisect.bisect_right(self.window_starts, position) - 1
 
     def rows(self, start, stop):
-        """The rows at epoch positions ``[start, stop)``, as a uint64 array."""
+        """The rows at epoch positions ``[start, stop)``, as a uint64 array (read-only use)."""
         parts = []
         while start < stop:
             w = self.window_of(start)
             first, end = self.window_starts[w], min(stop, self.window_starts[w + 1])
             parts.append(self.window_rows(w)[start - first:end - first])
             start = end
-        return np.concatenate(parts) if len(parts) != 1 else parts[0].copy()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty(0, np.uint64)])
 
     def order(self):
         """The whole epoch's rows in order (``O(n)`` memory: for measuring and testing)."""
@@ -170,7 +174,7 @@ class Batches:
         self._worker, self._num_workers = worker, num_workers
         self._read_ahead = _count(read_ahead, "read_ahead")
         self._window = -1  # the window being read
-        self._asked = -1  # windows up to this one have been handed to the reader
+        self._hinted = self._asked = -1  # windows up to these have been asked for / mapped in
         self._pos = 0  # records of this rank's share yielded (by all workers, up to this one's next)
         self.load_state_dict({**self._config(), "position": start})
 
@@ -199,7 +203,9 @@ class Batches:
         return self._transform(batch) if self._transform is not None else batch
 
     def _enter(self, w):
-        """Start on window ``w``: have the reader fetch the next ones and release the last."""
+        """Start on window ``w``: release the one before; have the reader ask the kernel for
+        the windows up to ``read_ahead + 1`` ahead and map in those up to ``read_ahead`` ahead
+        (so the disk always has the next window queued while one is being mapped)."""
         if w == self._window:
             return
         if self._reader is None:
@@ -207,10 +213,15 @@ class Batches:
         if self._window >= 0:
             self._reader.release(self._ranges(self._window))
         self._window = w
-        last = min(w + self._read_ahead, self.plan.n_windows - 1)
-        for ahead in range(max(w, self._asked + 1), last + 1):
-            self._reader.fetch(self._ranges(ahead))
-        self._asked = max(self._asked, last)
+        last = self.plan.n_windows - 1
+        for ahead in range(max(w, self._hinted + 1), min(w + self._read_ahead + 1, last) + 1):
+            self._reader.hint(self._ranges(ahead))
+            self._hinted = ahead
+        for ahead in range(max(w, self._asked + 1), min(w + self._read_ahead, last) + 1):
+            if self._reader.backlog() > 2 * self._read_ahead + 2:
+                break  # the reader is behind (a fast consumer): fault pages in here instead of queueing more
+            self._reader.populate(self._ranges(ahead))
+            self._asked = ahead
 
     def _ranges(self, w):
         """Row ranges ``(lo, hi)`` of window ``w``'s blocks in file order, adjacent ones merged."""
@@ -330,29 +341,41 @@ def advise(layout, lo, hi, advice):
 class ReadAhead:
     """A thread that reads upcoming windows into memory and lets go of finished ones.
 
-    Fetching asks the kernel for all of a window's pages at once (``WILLNEED``:
-    the reads queue up together) and then maps them in (``POPULATE_READ``), so
-    the main thread's gather finds them in place and takes no page faults.
-    Releasing unmaps a finished window (``DONTNEED``; the page cache keeps it),
-    so resident memory stays at about ``read_ahead + 1`` windows.  Both run
-    here, without the GIL, on the other core.
+    A hint asks the kernel for all of a window's pages at once (``WILLNEED``:
+    the reads queue up together); populating maps them in (``POPULATE_READ``,
+    which waits for them), so the main thread's gather finds them in place and
+    takes no page faults; releasing unmaps a finished window (``DONTNEED``; the
+    page cache keeps it), so resident memory stays at about ``read_ahead + 1``
+    windows.  All of it runs here, in order, without the GIL.
     """
 
     def __init__(self, layout):
         self._layout = layout  # holds the mapping alive for the thread
         self._jobs = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._queued = self._done = 0  # counts of jobs (a lagging reader must not pile up releases)
         self._thread = threading.Thread(target=self._run, name="embfile-read-ahead", daemon=True)
         self._thread.start()
 
-    def fetch(self, ranges):
-        self._jobs.put((ranges, FETCH))
+    def hint(self, ranges):
+        self._put(ranges, mmap.MADV_WILLNEED)
+
+    def populate(self, ranges):
+        self._put(ranges, POPULATE_READ)
 
     def release(self, ranges):
-        self._jobs.put((ranges, (mmap.MADV_DONTNEED,)))
+        self._put(ranges, mmap.MADV_DONTNEED)
+
+    def _put(self, ranges, advice):
+        self._queued += 1
+        self._jobs.put((ranges, advice))
+
+    def backlog(self):
+        """Jobs queued and not yet done."""
+        return self._queued - self._done
 
     def stop(self, wait=True):
-        """Finish the releases asked for, skip the fetches, end the thread (and wait for it)."""
+        """Finish the releases asked for, skip the rest, end the thread (and wait for it)."""
         self._stopping.set()
         self._jobs.put(None)
         if wait:
@@ -360,18 +383,17 @@ class ReadAhead:
 
     def _run(self):
         while (job := self._jobs.get()) is not None:
-            ranges, advices = job
-            if self._stopping.is_set() and advices is FETCH:
-                continue
-            for advice in advices:
+            ranges, advice = job
+            if advice == mmap.MADV_DONTNEED or not self._stopping.is_set():
                 for lo, hi in ranges:
                     try:
                         advise(self._layout, lo, hi, advice)
                     except OSError:
-                        pass  # POPULATE_READ before Linux 5.14: WILLNEED alone then
+                        pass  # POPULATE_READ before Linux 5.14: the WILLNEED hint alone then
+            self._done += 1
 
 
-FETCH = (mmap.MADV_WILLNEED, getattr(mmap, "MADV_POPULATE_READ", 22))
+POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python's mmap names it from 3.13
 
 
 def shuffle_quality(order, block_size=None):

@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from embfile import _core, epochs, errors
+from embfile import epochs, errors
 from embfile.reader import EmbFile
 from embfile.writer import Writer, fsync_path
 

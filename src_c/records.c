@@ -28,11 +28,14 @@ int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
             locate(bases, starts, n_shards, record_bytes, rows[i]);
         if (src == NULL)
             return EMB_E_CORRUPT;
-        if (i + 2 < k) {
+        if (i + 1 < k) { /* start the next record's every page: the hardware
+                            prefetcher stops at page boundaries */
             const uint8_t *next =
-                locate(bases, starts, n_shards, record_bytes, rows[i + 2]);
+                locate(bases, starts, n_shards, record_bytes, rows[i + 1]);
+            uint64_t off;
             if (next != NULL)
-                __builtin_prefetch(next);
+                for (off = 0; off < record_bytes; off += 4096)
+                    __builtin_prefetch(next + off);
         }
         memcpy(dst + i * record_bytes, src, record_bytes);
     }

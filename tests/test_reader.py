@@ -192,7 +192,7 @@ def test_every_dtype(tmp_path, dtype):
 
 
 def test_empty_and_dim_one(tmp_path):
-    with embfile.Writer(tmp_path / "empty.emb", dim=4) as w:
+    with embfile.Writer(tmp_path / "empty.emb", dim=4):
         pass
     db = embfile.open(tmp_path / "empty.emb")
     assert len(db) == 0 and list(db) == [] and db.matrix.shape == (0, 4)
