@@ -140,8 +140,8 @@ def timed(loader, paths, iterations, cold):
 
 
 def repeats(name, temperature):
-    """Runs of a loader: the cold embfile ones three times (the disk's speed drifts), the rest once."""
-    return 3 if temperature == "cold" and name.startswith(("embfile", "sequential")) else 1
+    """Runs of a loader (the median counts): three, but once for the slow cold ones of the others."""
+    return 3 if temperature == "warm" or name.startswith(("embfile", "sequential")) else 1
 
 
 def lookups(store, keys, count=10_000):
