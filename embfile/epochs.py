@@ -237,8 +237,8 @@ class Batches:
         (Runs by itself at the end of the epoch and when the iterator is collected.)"""
         reader, self._reader = self._reader, None
         if reader is not None:
-            if self._window >= 0:
-                reader.release(self._ranges(self._window))
+            for w in range(max(self._window, 0), self._asked + 1):  # the current and mapped-ahead windows
+                reader.release(self._ranges(w))
             reader.stop(wait)
 
     def __del__(self):
