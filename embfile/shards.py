@@ -21,7 +21,7 @@ import numpy as np
 
 from embfile import epochs, errors
 from embfile.reader import EmbFile
-from embfile.writer import Writer, fsync_path
+from embfile.writer import Writer, feed, fsync_path
 
 INDEX_NAME = "_index.emb"
 _META_KEY = "embfile.shards"
@@ -95,7 +95,7 @@ class ShardedEmbFile(epochs.BatchSource, collections.abc.Mapping):
             where = folder
         else:
             paths, index, where = [os.fspath(p) for p in source], None, "shard list"
-        self.shards, self._index = [], None
+        self.shards, self._index, self._layout_cache = [], None, None
         try:
             for p in paths:
                 self.shards.append(EmbFile(p))
@@ -177,9 +177,11 @@ class ShardedEmbFile(epochs.BatchSource, collections.abc.Mapping):
         return self.take(self.rows(keys))
 
     def _layout(self):
-        parts = [db._layout() for db in self.shards]
-        return (np.concatenate([p[0] for p in parts]), np.array(self._bounds, np.uint64),
-                parts[0][2], [p[3] for p in parts])
+        if self._layout_cache is None:  # built once: it maps every shard
+            parts = [db._layout() for db in self.shards]
+            self._layout_cache = (np.concatenate([p[0] for p in parts]), np.array(self._bounds, np.uint64),
+                                  parts[0][2], [p[3] for p in parts])
+        return self._layout_cache
 
     def _keys_at(self, rows):
         return self._index.keys_at(rows)
@@ -210,7 +212,7 @@ class ShardedEmbFile(epochs.BatchSource, collections.abc.Mapping):
         """Close every shard and the index."""
         for db in [*self.shards, *([self._index] if self._index is not None else [])]:
             db.close()
-        self._index = None
+        self._index = self._layout_cache = None
 
     def _require_open(self):
         if self._index is None:
@@ -259,6 +261,7 @@ class ShardWriter:
         self._options = options
         self._shards = 0
         self._writer = self._next_writer()
+        self.dim, self.dtype = self._writer.dim, self._writer.dtype
 
     def _next_writer(self):
         path = os.path.join(self._tmp, f"part-{self._shards:05d}.emb")
@@ -325,28 +328,7 @@ def write_shards(folder, data, shard_bytes=1 << 30, dtype=None, metadata=None, *
     ``metadata`` is given), another mapping ``{key: vector}`` or a ``(keys,
     matrix)`` pair.
     """
-    if isinstance(data, tuple) and len(data) == 2:
-        keys, matrix = data[0], np.asarray(data[1])
-        with ShardWriter(folder, matrix.shape[1], dtype or matrix.dtype, metadata,
-                         shard_bytes=shard_bytes, **options) as w:
-            w.add_batch(keys, matrix)
-        return
-    if not isinstance(data, collections.abc.Mapping):
-        raise TypeError(f"write_shards() takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
-    if isinstance(data, EmbFile):
-        if metadata is None:
-            metadata = {k: v for k, v in data.metadata.items() if k != "embfile"}
-        with ShardWriter(folder, data.dim, dtype or data.dtype, metadata, shard_bytes=shard_bytes,
-                         **options) as w:
-            for lo, hi, block in data._chunks(max(1, (8 << 20) // (data.dim * data.dtype.itemsize))):
-                w.add_batch(data.keys_between(lo, hi), block)
-        return
-    items = iter(data.items())
-    first = next(items, None)
-    if first is None:
-        raise errors.WriterError("cannot infer dim and dtype from an empty mapping")
-    v = np.asarray(first[1])
-    with ShardWriter(folder, v.shape[-1], dtype or v.dtype, metadata, shard_bytes=shard_bytes, **options) as w:
-        w.add(*first)
-        for key, vec in items:
-            w.add(key, vec)
+    if metadata is None and isinstance(data, EmbFile):
+        metadata = {k: v for k, v in data.metadata.items() if k != "embfile"}
+    feed(lambda dim, dt: ShardWriter(folder, dim, dt, metadata, shard_bytes=shard_bytes, **options),
+         data, dtype, "write_shards()")

@@ -245,24 +245,35 @@ def write(path, data, dtype=None, metadata=None, **options):
 
     ``dtype=None`` keeps the dtype of the data.  Other options go to :class:`Writer`.
     """
+    feed(lambda dim, dt: Writer(path, dim, dt, metadata, **options), data, dtype, "write()")
+
+
+def feed(open_writer, data, dtype=None, caller="write()"):
+    """Write ``data`` (a mapping, an open .emb file or a ``(keys, matrix)`` pair) through the
+    writer ``open_writer(dim, dtype)`` returns, in chunks; ``dtype=None`` keeps the data's."""
     if isinstance(data, tuple) and len(data) == 2:
         keys, matrix = data
         matrix = np.asarray(matrix)
         if matrix.ndim != 2:
             raise errors.WriterError(f"matrix must be 2-d, got shape {matrix.shape}")
-        with Writer(path, matrix.shape[1], dtype or matrix.dtype, metadata, **options) as w:
+        with open_writer(matrix.shape[1], dtype or matrix.dtype) as w:
             w.add_batch(keys, matrix)
         return
     if not isinstance(data, collections.abc.Mapping):
-        raise TypeError(f"write() takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
+        raise TypeError(f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
+    if hasattr(data, "_chunks"):  # an open .emb file: streamed from its mapping
+        with open_writer(data.dim, dtype or data.dtype) as w:
+            for lo, hi, block in data._chunks(max(1, _CHUNK_BYTES // (data.dim * data.dtype.itemsize))):
+                w.add_batch(data.keys_between(lo, hi), block)
+        return
     items = iter(data.items())
     first = next(items, None)
     if first is None:
-        raise errors.WriterError("cannot infer dim from an empty mapping; use Writer(path, dim) instead")
+        raise errors.WriterError("cannot infer dim from an empty mapping; use a Writer with dim instead")
     v0 = np.asarray(first[1])
     if v0.ndim != 1:
         raise errors.WriterError(f"key {first[0]!r}: vector has shape {v0.shape}, expected 1-d")
-    with Writer(path, v0.shape[0], dtype or v0.dtype, metadata, **options) as w:
+    with open_writer(v0.shape[0], dtype or v0.dtype) as w:
         step = max(1, _CHUNK_BYTES // (v0.shape[0] * w.dtype.itemsize))
         keys, vecs = [first[0]], [v0]
         for k, v in items:
