@@ -9,15 +9,20 @@ def core_extension():
     """The extension: embfile/_core.pyx plus src_c/*.c.
 
     EMBFILE_DEBUG=1 builds without optimisation and with assertions;
-    EMBFILE_SANITIZE=1 adds AddressSanitizer and UBSan (for the fuzz run).
+    EMBFILE_SANITIZE=1 adds AddressSanitizer and UBSan, any undefined behaviour
+    fatal, and EMBFILE_SANITIZE=fuzz libFuzzer's coverage too (clang only):
+    fuzz/sanitized.py builds these for the fuzz runs.
     """
     args = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wno-unused-function"]
     link = []
     if os.environ.get("EMBFILE_DEBUG"):
         args += ["-O0", "-g", "-UNDEBUG"]
-    if os.environ.get("EMBFILE_SANITIZE"):
-        args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-        link += ["-fsanitize=address,undefined"]
+    sanitize = os.environ.get("EMBFILE_SANITIZE")
+    if sanitize:
+        checks = "address,undefined" + (",fuzzer-no-link" if sanitize == "fuzz" else "")
+        args += ["-O1", "-g", f"-fsanitize={checks}", "-fno-sanitize-recover=undefined",
+                 "-fno-omit-frame-pointer"]
+        link += [f"-fsanitize={checks}"]
     return Extension(
         "embfile._core",
         sources=["embfile/_core.pyx", "src_c/index.c", "src_c/records.c", "src_c/shuffle.c"],

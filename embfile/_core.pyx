@@ -28,7 +28,7 @@ cdef extern from "Python.h":
 
 cdef extern from "numpy/arrayobject.h":
     PyTypeObject PyArray_Type
-    object PyArray_NewFromDescr(PyTypeObject *subtype, PyObject *descr, int nd,
+    object PyArray_NewFromDescr(PyTypeObject *subtype, cnp.PyArray_Descr *descr, int nd,
                                 cnp.npy_intp *dims, cnp.npy_intp *strides, void *data,
                                 int flags, PyObject *obj)
     int PyArray_SetBaseObject(cnp.ndarray arr, PyObject *obj) except -1
@@ -121,7 +121,7 @@ cdef class _Reader:
         cdef cnp.npy_intp dims[1]
         dims[0] = <cnp.npy_intp>self._dim
         Py_INCREF(self._descr)  # NewFromDescr steals it
-        arr = PyArray_NewFromDescr(&PyArray_Type, <PyObject *>self._descr, 1, dims, NULL,
+        arr = PyArray_NewFromDescr(&PyArray_Type, <cnp.PyArray_Descr *>self._descr, 1, dims, NULL,
                                    <void *>(self._records + row * self._record_bytes),
                                    NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED, NULL)
         Py_INCREF(self._mm)  # SetBaseObject steals it

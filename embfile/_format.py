@@ -35,6 +35,7 @@ DTYPE_CODES = {np.dtype(name): code for code, name in DTYPES.items()}
 # "Limits"
 MAX_KEY_BYTES = 65535
 MAX_META_BYTES = 64 << 20
+MAX_DIM = 1 << 31
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = PAGE, 1 << 40
 DEFAULT_BLOCK_BYTES = 1 << 20  # "Checksums": one CRC per MiB of records
 DEFAULT_BUCKET_KEYS = 16  # "Index": keys per bucket, a few cache lines

@@ -46,7 +46,30 @@ def open(path):  # noqa: A001 - the module's entry point, like gzip.open
     return EmbFile(path)
 
 
-class EmbFile(_core._Reader, epochs.BatchSource, collections.abc.Mapping):
+class RowOrderMapping(collections.abc.Mapping):
+    """A Mapping whose ``values()`` and ``items()`` read by row (``record``), in row order:
+    no lookup per key, and so none that a damaged index could fail."""
+
+    def values(self):
+        return _ValuesByRow(self)
+
+    def items(self):
+        return _ItemsByRow(self)
+
+
+class _ValuesByRow(collections.abc.ValuesView):
+    def __iter__(self):
+        for row in range(len(self._mapping)):
+            yield self._mapping.record(row)
+
+
+class _ItemsByRow(collections.abc.ItemsView):
+    def __iter__(self):
+        for row, key in enumerate(self._mapping):
+            yield key, self._mapping.record(row)
+
+
+class EmbFile(_core._Reader, epochs.BatchSource, RowOrderMapping):
     """A read-only ``Mapping[str, ndarray]`` over one .emb file.
 
     ``db[key]`` is a read-only view of shape ``(dim,)`` into the mapped file: no
@@ -219,9 +242,22 @@ def _gaps(h):
         lo = max(lo, h[f"{name}_offset"] + h[f"{name}_size"])
 
 
+def _where(h, at):
+    """Where byte ``at`` falls, in words: which section (and records block), or which gap."""
+    for name in F.SECTIONS:
+        lo = h[f"{name}_offset"]
+        if lo <= at < lo + h[f"{name}_size"]:
+            if name == "records" and F.MIN_BLOCK_BYTES <= h["block_bytes"]:
+                return f"the file ends inside the records section (block {(at - lo) // h['block_bytes']})"
+            return f"the file ends inside the {name} section"
+    return "the file ends between sections"
+
+
 def _read_header(head, size, path):
     """Parse and check the header page against the file size (FORMAT.md "Header")."""
-    if len(head) < len(F.MAGIC) or head[:len(F.MAGIC)] != F.MAGIC:
+    if size < F.HEADER_SIZE and F.MAGIC.startswith(head[:len(F.MAGIC)]):
+        raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, shorter than the header")
+    if head[:len(F.MAGIC)] != F.MAGIC:
         raise errors.NotAnEmbFileError(f"{path}: not an .emb file (starts with {head[:8]!r})")
     if size < F.HEADER_SIZE:
         raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, shorter than the header")
@@ -236,7 +272,8 @@ def _read_header(head, size, path):
         return errors.CorruptFileError(f"{path}: {what}")
 
     if size < h["file_size"]:
-        raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, header says {h['file_size']}")
+        raise errors.TruncatedFileError(
+            f"{path}: truncated: {size} bytes, header says {h['file_size']}; {_where(h, size)}")
     if size > h["file_size"]:
         raise bad(f"{size - h['file_size']} unexpected bytes after the end ({h['file_size']} bytes)")
     if h["header_size"] != F.HEADER_SIZE or h["flags"] != 0:
@@ -244,7 +281,9 @@ def _read_header(head, size, path):
     if h["dtype_code"] not in F.DTYPES:
         raise bad(f"unknown dtype code {h['dtype_code']}")
     itemsize = np.dtype(F.DTYPES[h["dtype_code"]]).itemsize
-    if h["dim"] < 1 or h["records_size"] != h["count"] * h["dim"] * itemsize:
+    if not 1 <= h["dim"] <= F.MAX_DIM:
+        raise bad(f"dim {h['dim']} is outside 1 to {F.MAX_DIM}")
+    if h["records_size"] != h["count"] * h["dim"] * itemsize:
         raise bad(f"records section size {h['records_size']} does not hold "
                   f"{h['count']} x {h['dim']} {F.DTYPES[h['dtype_code']]}")
     for name, align in (("records", F.PAGE), ("index", F.PAGE), ("keys", 8), ("sums", 4)):

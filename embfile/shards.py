@@ -12,7 +12,6 @@ builds one in a temporary file, reading every key once and refusing a key
 found in two shards; :func:`write_index` writes it into the folder for good.
 """
 import bisect
-import collections.abc
 import os
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ import tempfile
 import numpy as np
 
 from embfile import epochs, errors
-from embfile.reader import EmbFile
+from embfile.reader import EmbFile, RowOrderMapping
 from embfile.writer import Writer, feed, fsync_path
 
 INDEX_NAME = "_index.emb"
@@ -78,7 +77,7 @@ def _check_shards(shards, where):
                                     f"{first.path} dim {first.dim} and dtype {first.dtype.name}")
 
 
-class ShardedEmbFile(epochs.BatchSource, collections.abc.Mapping):
+class ShardedEmbFile(epochs.BatchSource, RowOrderMapping):
     """A read-only ``Mapping[str, ndarray]`` over several .emb files (see the module).
 
     Rows are numbered across the shards in order (shard 0's rows first); keys,

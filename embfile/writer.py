@@ -47,8 +47,10 @@ class Writer:
 
     def __init__(self, path, dim, dtype="float32", metadata=None, *,
                  block_bytes=F.DEFAULT_BLOCK_BYTES, bucket_keys=F.DEFAULT_BUCKET_KEYS):
-        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
-            raise TypeError(f"dim must be a positive int, not {dim!r}")
+        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool):
+            raise TypeError(f"dim must be an int, not {type(dim).__name__}")
+        if not 1 <= dim <= F.MAX_DIM:
+            raise ValueError(f"dim must be from 1 to {F.MAX_DIM}, not {dim}")
         try:
             self.dtype = F.disk_dtype(dtype)
         except TypeError:

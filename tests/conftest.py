@@ -1,5 +1,6 @@
 """Shared checkers and the hypothesis profiles (HYPOTHESIS_PROFILE=dev|ci|expensive)."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ settings.register_profile("dev", max_examples=20, deadline=None,
 settings.register_profile("expensive", max_examples=2000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# The long run (README "Guarantees"): exhaustive damage, more kill points, longer stress.
+LONG = os.environ.get("HYPOTHESIS_PROFILE") == "expensive"
 
 
 def reference_lookup(keys, key):
@@ -75,3 +78,7 @@ def assert_store(path, expected, dtype=None):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
         db.verify()
+
+
+# fuzz/: the hostile-file harness (exercise, mutate, sandbox) that tests/test_hostile.py drives
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz"))

@@ -1,0 +1,50 @@
+"""A copy of embfile built with AddressSanitizer and UBSan, and the environment that runs it.
+
+``python fuzz/sanitized.py [--fuzz]`` builds it into build/sanitized/ (with gcc,
+or with clang and libFuzzer's coverage for atheris) and prints that environment.
+Python itself is not instrumented: the sanitizer runtime is preloaded.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEST = os.path.join(ROOT, "build", "sanitized")
+
+
+def build(fuzz=False, dest=DEST):
+    """Build the sanitized copy into ``dest``; return the environment variables that run it."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), dest)
+    for name in ("embfile", "src_c"):
+        shutil.copytree(os.path.join(ROOT, name), os.path.join(dest, name),
+                        ignore=shutil.ignore_patterns("*.so", "_core.c", "__pycache__"))
+    cc = "clang" if fuzz else os.environ.get("CC", "gcc")
+    env = {**os.environ, "CC": cc, "LDSHARED": f"{cc} -shared",
+           "EMBFILE_SANITIZE": "fuzz" if fuzz else "1"}
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the sanitized build failed:\n{done.stderr[-4000:]}")
+    return environment(fuzz, dest)
+
+
+def environment(fuzz=False, dest=DEST):
+    if fuzz:
+        import atheris
+        runtime = os.path.join(atheris.path(), "asan_with_fuzzer.so")
+    else:
+        runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                                 check=True).stdout.strip()
+    return {"PYTHONPATH": dest, "LD_PRELOAD": runtime,
+            # Python's own allocations are not ours to check; leaks at exit neither.
+            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:allocator_may_return_null=0",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+
+if __name__ == "__main__":
+    for name, value in build(fuzz="--fuzz" in sys.argv).items():
+        print(f"export {name}={value}")
