@@ -12,6 +12,7 @@ from embfile.errors import (  # noqa: E402
     ClosedFileError,
     ConversionError,
     CorruptFileError,
+    DiskFullError,
     DuplicateKeyError,
     EmbFileError,
     FormatError,
@@ -37,8 +38,10 @@ from embfile.formats import (  # noqa: E402
 )
 
 __all__ = [
-    "open", "write", "EmbFile", "Writer", "ShardedEmbFile", "ShardWriter", "write_shards", "write_index", "EmbFileError", "FormatError", "NotAnEmbFileError",
-    "UnsupportedVersionError", "TruncatedFileError", "CorruptFileError", "ChecksumError",
-    "KeyNotFoundError", "WriterError", "DuplicateKeyError", "ShardError", "ConversionError", "ClosedFileError", "convert", "from_hdf5",
-    "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5", "to_parquet", "__version__",
+    "open", "write", "EmbFile", "Writer", "ShardedEmbFile", "ShardWriter", "write_shards", "write_index",
+    "EmbFileError", "FormatError", "NotAnEmbFileError", "UnsupportedVersionError", "TruncatedFileError",
+    "CorruptFileError", "ChecksumError", "KeyNotFoundError", "WriterError", "DuplicateKeyError", "DiskFullError",
+    "ShardError", "ConversionError", "ClosedFileError",
+    "convert", "from_hdf5", "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5", "to_parquet",
+    "__version__",
 ]

@@ -55,6 +55,10 @@ class DuplicateKeyError(WriterError):
         self.key, self.rows = key, rows
 
 
+class DiskFullError(WriterError, OSError):
+    """The disk (or quota, or file size limit) ran out during a write; the destination is as it was."""
+
+
 class ShardError(EmbFileError, ValueError):
     """The files of a sharded dataset do not fit together (dim, dtype, duplicate keys, stale index)."""
 

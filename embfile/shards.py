@@ -13,14 +13,14 @@ found in two shards; :func:`write_index` writes it into the folder for good.
 """
 import bisect
 import os
-import shutil
 import tempfile
 
 import numpy as np
 
 from embfile import epochs, errors
+from embfile._staging import Staging
 from embfile.reader import EmbFile, RowOrderMapping
-from embfile.writer import Writer, feed, fsync_path
+from embfile.writer import Writer, feed
 
 INDEX_NAME = "_index.emb"
 _META_KEY = "embfile.shards"
@@ -185,6 +185,12 @@ class ShardedEmbFile(epochs.BatchSource, RowOrderMapping):
     def _keys_at(self, rows):
         return self._index.keys_at(rows)
 
+    @property
+    def metadata(self):
+        """The first shard's metadata (a :class:`ShardWriter` gives every shard the same user keys)."""
+        self._require_open()
+        return self.shards[0].metadata if self.shards else {}
+
     def verify(self):
         """Verify every shard and the index, and that the index matches the shards record for record."""
         self._require_open()
@@ -255,7 +261,8 @@ class ShardWriter:
             raise ValueError(f"shard_bytes {shard_bytes} is less than one record ({record_bytes} bytes)")
         self._per_shard = int(shard_bytes) // record_bytes
         parent, name = os.path.split(os.path.abspath(self.folder))
-        self._tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        self._staging = Staging(self.folder, folder=True)
+        self._tmp = self._staging.path
         self._args = (dim, dtype, metadata)
         self._options = options
         self._shards = 0
@@ -294,11 +301,7 @@ class ShardWriter:
             self._writer.close()
             self._writer = None
             write_index(self._tmp)
-            fsync_path(self._tmp)
-            if os.path.isdir(self.folder):
-                os.rmdir(self.folder)  # empty, checked at the start
-            os.rename(self._tmp, self.folder)
-            fsync_path(os.path.dirname(os.path.abspath(self.folder)))
+            self._staging.commit()  # replaces an empty folder (checked at the start)
         except BaseException:
             self.abort()
             raise
@@ -308,7 +311,7 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._staging.discard()
 
     def __enter__(self):
         return self

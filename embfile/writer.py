@@ -7,15 +7,17 @@ writes the header, fsyncs and renames into place, so the target path only
 ever holds a complete file: the old one or the new one.
 """
 import array
+import builtins
 import collections.abc
+import contextlib
 import datetime
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from embfile import _core, errors
+from embfile._staging import DISK_FULL, Staging, disk_full
 from embfile import _format as F
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
@@ -73,10 +75,10 @@ class Writer:
         self._pending = []
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
-        folder, name = os.path.split(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        self._file = os.fdopen(fd, "wb")
-        self._file.write(bytes(F.PAGE))  # the header is written last
+        self._staging = Staging(self.path)
+        self._file = builtins.open(self._staging.path, "wb")
+        with _disk_errors(self):
+            self._file.write(bytes(F.PAGE))  # the header is written last
         self._written = self._synced = F.PAGE
 
     def __len__(self):
@@ -94,7 +96,8 @@ class Writer:
         self._offsets.append(len(self._heap))
         self._pending.append(v)
         if len(self._pending) * self._record_bytes >= _CHUNK_BYTES:
-            self._flush()
+            with _disk_errors(self):
+                self._flush()
 
     def add_batch(self, keys, matrix):
         """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none."""
@@ -110,8 +113,9 @@ class Writer:
                 self._written)
         try:
             step = max(1, _CHUNK_BYTES // self._record_bytes)
-            for lo in range(0, len(keys), step):
-                self._write_records(_convert(m[lo:lo + step], self.dtype, keys[lo:lo + step]))
+            with _disk_errors(self):
+                for lo in range(0, len(keys), step):
+                    self._write_records(_convert(m[lo:lo + step], self.dtype, keys[lo:lo + step]))
         except BaseException:
             self._rollback(*mark)
             raise
@@ -121,6 +125,8 @@ class Writer:
 
     def _rollback(self, n_offsets, n_heap, n_crcs, crc, crc_fill, written):
         """Undo a partly written batch: keys, checksum state and file back to the mark."""
+        if self._file is None:  # aborted (the disk is full)
+            return
         del self._offsets[n_offsets:], self._heap[n_heap:], self._block_crcs[n_crcs:]
         self._crc, self._crc_fill, self._written = crc, crc_fill, written
         self._synced = min(self._synced, written)
@@ -158,7 +164,8 @@ class Writer:
         if self._file is None:
             return
         try:
-            self._finish()
+            with _disk_errors(self):
+                self._finish()
         except BaseException:
             self.abort()
             raise
@@ -197,12 +204,9 @@ class Writer:
         head = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
         self._file.seek(0)
         self._file.write(head + _core.crc32c(head).to_bytes(4, "little"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        os.replace(self._tmp, self.path)
-        fsync_path(os.path.dirname(os.path.abspath(self.path)))
+        self._staging.commit()
 
     def _pad_to(self, pos, align):
         pad = -pos % align
@@ -218,12 +222,12 @@ class Writer:
     def abort(self):
         """Discard everything written; the destination path is left as it was."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # its buffer could not be written (disk full): nothing to keep anyway
+                pass
+        self._staging.discard()
 
     def __enter__(self):
         return self
@@ -354,10 +358,13 @@ def _metadata_json(metadata):
     return json.loads(text)
 
 
-def fsync_path(path):
-    """fsync a file or a folder (a folder: so a rename in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
+@contextlib.contextmanager
+def _disk_errors(writer):
+    """A full disk (or quota, or file size limit) aborts the write with a :class:`DiskFullError`."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        writer.abort()
+        raise disk_full(writer.path, e.errno, f" after writing {writer._written} bytes") from e

@@ -124,8 +124,10 @@ def test_wrong_shape_or_kind_names_the_key(tmp_path):
 
 
 def test_bad_writer_arguments(tmp_path):
-    with pytest.raises(TypeError, match="dim"):
+    with pytest.raises(ValueError, match="dim must be from 1"):
         embfile.Writer(tmp_path / "x.emb", 0)
+    with pytest.raises(TypeError, match="dim must be an int, not str"):
+        embfile.Writer(tmp_path / "x.emb", "4")
     with pytest.raises(TypeError, match="not supported"):
         embfile.Writer(tmp_path / "x.emb", 4, "complex64")
     with pytest.raises(embfile.WriterError, match="JSON"):

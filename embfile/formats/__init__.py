@@ -10,9 +10,9 @@ destination and renamed into place only when complete.
 """
 import inspect
 import os
-import tempfile
 
 from embfile import errors
+from embfile._staging import Staging
 from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
@@ -80,10 +80,13 @@ def convert(src, dst, *, src_format=None, dst_format=None, dtype=None, metadata=
         return write_emb(READERS[sf](src, **reader_opts), dst, dtype, metadata, progress)
     if sf == "emb" and dtype is None and metadata is None:
         return WRITERS[df](src, dst, progress=progress, **writer_opts)
-    with tempfile.TemporaryDirectory(prefix=".embfile-", dir=os.path.dirname(os.path.abspath(dst))) as tmp:
-        middle = write_emb(READERS[sf](src, **reader_opts), os.path.join(tmp, "middle.emb"),
+    staging = Staging(dst, folder=True)
+    try:
+        middle = write_emb(READERS[sf](src, **reader_opts), os.path.join(staging.path, "middle.emb"),
                            dtype, metadata, progress)
         return WRITERS[df](middle, dst, progress=progress, **writer_opts)
+    finally:
+        staging.discard()
 
 
 def _split_options(options, reader, writer, sf, df):

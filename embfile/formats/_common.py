@@ -4,13 +4,13 @@ import dataclasses
 import importlib
 import os
 import queue
-import tempfile
 import threading
 from typing import Iterator
 
 import numpy as np
 
-from embfile.writer import Writer, fsync_path
+from embfile._staging import DISK_FULL, Staging, disk_full, require_space
+from embfile.writer import Writer
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
 
@@ -93,19 +93,20 @@ def prefetched(chunks, depth=2):
 
 
 @contextlib.contextmanager
-def atomic_output(dst, suffix=""):
-    """A temporary path beside ``dst``; renamed onto ``dst`` (and fsynced) only if the block succeeds."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(dst)))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + suffix, dir=folder)
-    os.close(fd)
+def atomic_output(dst, nbytes=0):
+    """A temporary path beside ``dst``; renamed onto ``dst`` (and fsynced) only if the block succeeds.
+    A write of about ``nbytes`` that the disk cannot hold is refused before it starts."""
+    require_space(dst, nbytes)
+    staging = Staging(dst)
     try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, dst)
-        fsync_path(folder)
+        yield staging.path
+        staging.commit()
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(dst, e.errno) from e
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        staging.discard()
 
 
 def start_writeback(path):

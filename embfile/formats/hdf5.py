@@ -236,7 +236,8 @@ def to_hdf5(src, dst, *, layout="bulk", ids="keys", vectors="vectors", compressi
         raise ValueError(f"layout must be 'bulk' or 'per-key', not {layout!r}")
     with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
         meta = json.dumps(db.metadata, ensure_ascii=False)
-        with atomic_output(dst) as tmp, h5py.File(tmp, "w") as f:
+        size = db._h["keys_size"] + (0 if compression else db.matrix.nbytes)
+        with atomic_output(dst, size) as tmp, h5py.File(tmp, "w") as f:
             f.attrs[META_ATTR] = meta
             step = _write_bulk if layout == "bulk" else _write_per_key
             for done in step(h5py, db, f, ids, vectors, compression):

@@ -61,7 +61,7 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
         table = emb_to_arrow(db, key_column, vector_column)
         schema = pa.schema([(key_column, pa.string()), table.schema.field(vector_column)],
                            metadata=table.schema.metadata)
-        with atomic_output(dst) as tmp:
+        with atomic_output(dst, db._h["keys_size"] + db.matrix.nbytes) as tmp:
             with pq.ParquetWriter(tmp, schema, compression={key_column: compression, vector_column: "none"},
                                   use_dictionary=[key_column], write_statistics=[key_column]) as w:
                 for lo, hi, _ in db._chunks(rows):

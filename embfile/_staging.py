@@ -1,0 +1,115 @@
+"""Where a write happens before it is renamed into place, and the cleanup after a killed writer.
+
+Every writer (the .emb writer, the shard writer, the converters) works in a
+hidden folder beside its destination, ``.NAME.XXXXXXXX.tmp/``, and renames its
+output onto ``NAME`` only when it is complete and fsynced.  The writer holds an
+``flock`` on that folder for as long as it lives; the kernel drops the lock when
+the process dies, however it dies.  So the next writer to ``NAME`` can tell what
+a killed writer left (unlocked) from what a live one is filling (locked), and
+removes only the former.  (The lock is on the folder, not on the file, because
+HDF5 takes its own flock on the files it writes.)
+"""
+import errno
+import fcntl
+import glob
+import os
+import shutil
+import tempfile
+
+from embfile import errors
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
+
+
+class Staging:
+    """A new hidden folder beside ``dst``, locked until :meth:`commit` or :meth:`discard`.
+
+    ``path`` is where to write: a file in that folder, or with ``folder=True`` the
+    folder itself (its contents become ``dst``).
+    """
+
+    def __init__(self, dst, folder=False):
+        self.dst = os.path.abspath(os.fspath(dst))
+        self.parent, name = os.path.split(self.dst)
+        remove_stale(self.parent, name)
+        while True:
+            root = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.parent)
+            lock = _lock(root)
+            # A cleaner may have taken the new, not yet locked, folder for a dead one's: then start over.
+            if lock is not None and os.path.exists(root) and os.path.samestat(os.stat(root), os.fstat(lock)):
+                break
+            if lock is not None:
+                os.close(lock)
+        self._root, self._lock = root, lock
+        self.path = root if folder else os.path.join(root, name)
+
+    def commit(self):
+        """fsync what was written, rename it onto the destination, fsync the parent folder."""
+        fsync_path(self.path)
+        os.replace(self.path, self.dst)  # still locked: no cleaner can take it first
+        fsync_path(self.parent)
+        if self.path != self._root:
+            os.rmdir(self._root)
+        self._release()
+
+    def discard(self):
+        """Remove what was staged; the destination is left as it was."""
+        if self._lock is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._release()
+
+    def _release(self):
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __del__(self):
+        self.discard()
+
+
+def disk_full(dst, code, done=""):
+    """The :class:`DiskFullError` for a write to ``dst`` that failed with ``code`` (an errno)."""
+    e = errors.DiskFullError(f"{dst}: {os.strerror(code).lower()}{done}; the file there, if any, is as it was")
+    e.errno = code
+    return e
+
+
+def require_space(dst, nbytes):
+    """Refuse to start a write of about ``nbytes`` to ``dst`` that its file system cannot hold."""
+    st = os.statvfs(os.path.dirname(os.path.abspath(dst)))
+    if st.f_bavail * st.f_frsize < nbytes:
+        raise disk_full(dst, errno.ENOSPC, f": {nbytes} bytes needed, {st.f_bavail * st.f_frsize} free")
+
+
+def remove_stale(parent, name):
+    """Remove the staging files and folders of ``name`` in ``parent`` that no live writer holds."""
+    for path in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):
+        lock = _lock(path) if os.path.isdir(path) and not os.path.islink(path) else None
+        if lock is not None:
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(lock)
+
+
+def _lock(path):
+    """An fd holding an exclusive flock on ``path``, or None if another process holds it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def fsync_path(path):
+    """fsync a file or a folder (a folder: so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

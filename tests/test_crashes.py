@@ -1,0 +1,224 @@
+"""Crashes lose nothing: writers and converters SIGKILLed at seeded moments, and full disks.
+
+After every kill the destination holds the previous file, byte for byte (or
+nothing if there was none), or the complete new one; nothing partial there
+opens; and the next write to the same path succeeds and clears what the killed
+writer left.  The seed of the kill points is printed (``-s`` shows it) and can be
+set with EMBFILE_KILL_SEED.
+"""
+import os
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import embfile
+from conftest import LONG
+from kill_target import content
+
+HERE = pathlib.Path(__file__).parent
+N, DIM = 40_000, 128  # 20 MB of records: a run spends most of its time writing, not starting
+POINTS = 60 if LONG else 12
+
+
+@pytest.fixture(scope="module")
+def seed():
+    seed = int(os.environ.get("EMBFILE_KILL_SEED", random.SystemRandom().randrange(1 << 30)))
+    print(f"\nkill points drawn with EMBFILE_KILL_SEED={seed}")
+    return seed
+
+
+def kill_points(argv, seed, points):
+    """Time one whole run of ``argv``, then run it ``points`` times, each SIGKILLed at a seeded
+    moment (half of them in the last quarter, where the file is finished and renamed);
+    yield the moment and whether the kill came before the end."""
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    whole = time.perf_counter() - t
+    rng = random.Random(seed)
+    for i in range(points):
+        at = rng.uniform(0, whole) if i % 2 else rng.uniform(0.75 * whole, 1.1 * whole)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=at)
+            killed = False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            killed = True
+        yield at, killed
+
+
+def check_destination(dst, before, is_new, what, beside=()):
+    """``dst`` is as it was before, or the complete new file; leftovers beside it do not open."""
+    if os.path.exists(dst) and (before is None or _read(dst) != before):
+        assert is_new(dst), f"{what}: {dst} is neither the old file nor a complete new one"
+    elif before is None:
+        assert not os.path.exists(dst), f"{what}: {dst} appeared"
+    for entry in os.listdir(os.path.dirname(dst)):
+        path = os.path.join(os.path.dirname(dst), entry)
+        if entry.startswith("."):  # a killed writer's staging folder: nothing in it is a finished file
+            assert entry.endswith(".tmp"), entry
+            for root, _, files in os.walk(path):
+                for f in files:
+                    if f.endswith(".emb"):
+                        _assert_does_not_open_or_is_whole(os.path.join(root, f))
+        else:
+            assert path == dst or path in beside, f"{what}: stray {path}"
+
+
+def _read(path):
+    if os.path.isdir(path):
+        return {f: _read(os.path.join(path, f)) for f in sorted(os.listdir(path))}
+    return pathlib.Path(path).read_bytes()
+
+
+def _assert_does_not_open_or_is_whole(path):
+    try:
+        db = embfile.open(path)
+    except embfile.EmbFileError:
+        return
+    db.verify()  # a file that opens is a whole one (its header is written last)
+
+
+def is_generation(generation, n=N, dim=DIM):
+    def check(dst):
+        with embfile.open(dst) as db:
+            db.verify()
+            keys, matrix = content(n, dim, generation)
+            assert db.metadata["generation"] == generation and len(db) == n
+            np.testing.assert_array_equal(db.get_batch(keys[::997]), matrix[::997])
+        return True
+    return check
+
+
+def rewrite_clears_leftovers(dst, mode="write"):
+    """The next write to the same path succeeds and leaves nothing of the killed ones."""
+    subprocess.run([sys.executable, HERE / "kill_target.py", mode, dst, "2000", str(DIM), "99"], check=True)
+    assert is_generation(99, 2000)(dst)
+    assert [e for e in os.listdir(os.path.dirname(dst)) if e.startswith(".")] == []
+
+
+def test_killed_writer(tmp_path, seed):
+    dst = str(tmp_path / "out" / "db.emb")
+    os.mkdir(tmp_path / "out")
+    argv = [sys.executable, HERE / "kill_target.py", "write", dst, str(N), str(DIM)]
+    subprocess.run(argv + ["1"], check=True)  # generation 1 is the file to keep
+    kills = 0
+    for i, (at, killed) in enumerate(kill_points(argv + ["2"], seed, POINTS)):
+        check_destination(dst, _read(dst), is_generation(2), f"killed at {at:.3f} s")
+        kills += killed
+        if i % 4 == 3:
+            rewrite_clears_leftovers(dst)
+        subprocess.run(argv + ["1"], check=True)
+    assert kills >= POINTS // 3, f"only {kills} of {POINTS} runs were killed before they ended"
+
+
+@pytest.mark.parametrize("mode,name", [("write", "db.emb"), ("shards", "dataset")])
+def test_killed_writer_with_no_earlier_file(tmp_path, seed, mode, name):
+    """Nothing there before: after a kill there is nothing, or the whole file (or folder of shards)."""
+    dst = str(tmp_path / name)
+    argv = [sys.executable, HERE / "kill_target.py", mode, dst, str(N), str(DIM), "2"]
+    for at, killed in kill_points(argv, seed + len(mode), POINTS // 2):
+        check_destination(dst, None, is_generation(2), f"{mode} killed at {at:.3f} s")
+        shutil.rmtree(dst, ignore_errors=True) if mode == "shards" else pathlib.Path(dst).unlink(missing_ok=True)
+    rewrite_clears_leftovers(dst, mode)
+
+
+@pytest.mark.parametrize("src_name,dst_name", [("src.h5", "db.emb"), ("src.emb", "db.parquet")])
+def test_killed_converter(tmp_path, seed, src_name, dst_name):
+    """The real CLI, ``embfile convert``, killed: HDF5 to .emb and .emb to Parquet."""
+    pytest.importorskip("h5py")
+    pytest.importorskip("pyarrow")
+    keys, matrix = content(N, DIM, 2)
+    src, dst = tmp_path / src_name, tmp_path / dst_name
+    embfile.write(tmp_path / "src.emb", (keys, matrix), metadata={"generation": 2})
+    if src_name.endswith(".h5"):
+        embfile.convert(tmp_path / "src.emb", src)
+        os.unlink(tmp_path / "src.emb")
+    old = tmp_path / "old.emb"
+    embfile.write(old, (["x"], np.ones((1, DIM), np.float32)))
+    embfile.convert(old, dst)
+    os.unlink(old)
+    before = dst.read_bytes()
+
+    def is_new(path):
+        """A finished conversion: the same records, read back through embfile."""
+        check = tmp_path / "check.emb"
+        embfile.convert(path, check, progress=False)
+        try:
+            with embfile.open(check) as db:
+                db.verify()
+                np.testing.assert_array_equal(db.get_batch(keys[::997]), matrix[::997])
+        finally:
+            os.unlink(check)
+        return True
+
+    argv = [sys.executable, "-m", "embfile", "convert", "-q", src, dst]
+    for at, killed in kill_points(argv, seed + len(dst_name), POINTS):
+        check_destination(str(dst), before, is_new, f"convert killed at {at:.3f} s", beside={str(src)})
+        dst.write_bytes(before)
+    subprocess.run(argv, check=True)
+    assert is_new(dst)
+    assert [e for e in os.listdir(tmp_path) if e.startswith(".")] == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 6 MiB (a tmpfs: needs the mount permission root has, as in CI)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", mnt], check=True)
+
+
+def test_disk_full_mid_write(small_disk):
+    dst = small_disk / "db.emb"
+    keys, matrix = content(2000, DIM, 1)  # 1 MB: fits
+    embfile.write(dst, (keys, matrix))
+    before = dst.read_bytes()
+    big_keys, big = content(20_000, DIM, 2)  # 10 MB: does not
+    with pytest.raises(embfile.DiskFullError, match="no space left on device after writing") as info:
+        embfile.write(dst, (big_keys, big))
+    assert info.value.errno == 28 and isinstance(info.value, OSError)
+    assert dst.read_bytes() == before and os.listdir(small_disk) == ["db.emb"]
+    embfile.write(dst, (keys[:10], matrix[:10]))  # the space came back: the next write succeeds
+    assert len(embfile.open(dst)) == 10
+
+
+@pytest.mark.parametrize("name", ["db.h5", "db.parquet"])
+def test_disk_full_conversion_is_refused_up_front(small_disk, tmp_path, name):
+    pytest.importorskip("h5py")
+    pytest.importorskip("pyarrow")
+    src = tmp_path / "src.emb"
+    embfile.write(src, content(20_000, DIM, 2))
+    (small_disk / name).write_bytes(b"keep me")
+    with pytest.raises(embfile.DiskFullError, match="bytes needed"):
+        embfile.convert(src, small_disk / name)
+    assert os.listdir(small_disk) == [name] and (small_disk / name).read_bytes() == b"keep me"
+
+
+def test_file_size_limit(tmp_path):
+    """RLIMIT_FSIZE (EFBIG), which any user can set: the same clean failure, in a real process."""
+    dst = tmp_path / "db.emb"
+    embfile.write(dst, content(100, DIM, 1))
+    before = dst.read_bytes()
+    script = (
+        "import resource, signal, sys, embfile; from kill_target import content\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))\n"
+        "try:\n"
+        f"    embfile.write({str(dst)!r}, content(20_000, {DIM}, 2))\n"
+        "except embfile.DiskFullError as e:\n"
+        "    print(e.errno, e)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("27 ") and "file too large" in out.stdout, out
+    assert dst.read_bytes() == before and os.listdir(tmp_path) == ["db.emb"]
