@@ -9,6 +9,8 @@ from cpython.ref cimport Py_INCREF, PyObject, PyTypeObject
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 
+import operator
+
 import numpy as np
 cimport numpy as cnp
 
@@ -67,6 +69,19 @@ cdef inline uint64_t _load_u64(const uint8_t *p) noexcept nogil:
     return v
 
 
+def row_number(row, n):
+    """``row`` as an index into ``n`` records (negative counts from the end), or IndexError / TypeError."""
+    try:
+        r = operator.index(row)
+    except TypeError:
+        raise TypeError(f"a row number is an int, not {type(row).__name__}") from None
+    if r < 0:
+        r += n
+    if not 0 <= r < n:
+        raise IndexError(f"row {row} out of range for {n} records")
+    return r
+
+
 cdef class _Reader:
     """A read-only mapping of one .emb file: lookups, gathers, key iteration.
 
@@ -114,7 +129,7 @@ cdef class _Reader:
 
     cdef inline int _live(self) except -1:
         if not self._open:
-            raise errors.ClosedFileError("operation on a closed EmbFile")
+            raise errors.ClosedFileError(f"{getattr(self, 'path', '')}: operation on a closed EmbFile")
         return 0
 
     cdef object _view(self, uint64_t row):
@@ -153,12 +168,10 @@ cdef class _Reader:
         self._live()
         return self._n
 
-    def record(self, uint64_t row):
-        """The vector at ``row``, a read-only view like ``db[key]``."""
+    def record(self, row):
+        """The vector at ``row`` (negative counts from the end), a read-only view like ``db[key]``."""
         self._live()
-        if row >= self._n:
-            raise IndexError(f"row {row} out of range for {self._n} records")
-        return self._view(row)
+        return self._view(row_number(row, self._n))
 
     def row(self, key):
         """The row number of one key (``KeyError`` if absent)."""
@@ -172,7 +185,10 @@ cdef class _Reader:
         self._live()
         if isinstance(keys, (str, bytes)):
             raise TypeError("rows() takes a sequence of keys, not a single key")
-        seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        try:
+            seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        except TypeError:
+            raise TypeError(f"rows() takes a sequence of str keys, not {type(keys).__name__}") from None
         cdef size_t k = len(seq), i, failed = 0
         ptrs = np.empty(k, dtype=np.uintp)
         lens = np.empty(k, dtype=np.uintp)

@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from embfile import _core
+from embfile import _core, errors
 
 BLOCK_BYTES = 1 << 20  # default block: about 1 MiB of records, one sequential read
 BUFFER_BLOCKS = 64  # default window: 64 blocks mixed together
@@ -192,6 +192,11 @@ class Batches:
         if start >= self._hi:
             self.close()
             raise StopIteration
+        try:
+            self._source._require_open()
+        except errors.ClosedFileError:
+            self.close()
+            raise
         stop = min(start + self.batch_size, self._hi)
         self._enter(self.plan.window_of(start))
         rows = self.plan.rows(start, stop)

@@ -40,7 +40,7 @@ def open(path):  # noqa: A001 - the module's entry point, like gzip.open
     >>> with embfile.open("db.emb") as db:          # doctest: +SKIP
     ...     v = db["sp|P69905|HBA_HUMAN"]
     """
-    if isinstance(path, (list, tuple)) or os.path.isdir(path):
+    if isinstance(path, (list, tuple)) or os.path.isdir(os.fspath(path)):
         from embfile.shards import ShardedEmbFile
         return ShardedEmbFile(path)
     return EmbFile(path)

@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from embfile import epochs, errors
+from embfile import _core, epochs, errors
 from embfile._staging import Staging
 from embfile.reader import EmbFile, RowOrderMapping
 from embfile.writer import Writer, feed
@@ -134,9 +134,7 @@ class ShardedEmbFile(epochs.BatchSource, RowOrderMapping):
     def record(self, row):
         """The vector at dataset row ``row``, a read-only view."""
         self._require_open()
-        if not 0 <= row < len(self):
-            raise IndexError(f"row {row} out of range for {len(self)} records")
-        db, local = self._locate(row)
+        db, local = self._locate(_core.row_number(row, len(self)))
         return db.record(local)
 
     def __contains__(self, key):
@@ -221,7 +219,7 @@ class ShardedEmbFile(epochs.BatchSource, RowOrderMapping):
 
     def _require_open(self):
         if self._index is None:
-            raise errors.ClosedFileError(f"{self!r}: operation on a closed ShardedEmbFile")
+            raise errors.ClosedFileError(f"{os.fspath(self._source) if isinstance(self._source, (str, os.PathLike)) else 'dataset'}: operation on a closed ShardedEmbFile")
 
     def __enter__(self):
         return self
@@ -239,7 +237,8 @@ class ShardedEmbFile(epochs.BatchSource, RowOrderMapping):
 
     def __repr__(self):
         where = self._source if isinstance(self._source, (str, os.PathLike)) else f"{len(self.shards)} files"
-        return f"<ShardedEmbFile {where!r}: {len(self.shards)} shards>"
+        state = "closed" if self._index is None else f"{len(self.shards)} shards"
+        return f"<ShardedEmbFile {where!r}: {state}>"
 
 
 class ShardWriter:

@@ -87,6 +87,8 @@ class Writer:
     def add(self, key, vector):
         """Append one record.  On an error nothing is added and the writer stays usable."""
         v = np.asarray(vector)
+        if v.dtype.kind not in "biufc" and not isinstance(vector, np.ndarray):
+            raise TypeError(f"key {key!r}: expected a vector of numbers, not {type(vector).__name__}")
         if v.shape != (self.dim,):
             raise errors.WriterError(f"key {key!r}: vector has shape {v.shape}, expected ({self.dim},)")
         _check_kind(v.dtype, self.dtype, key)
@@ -102,6 +104,8 @@ class Writer:
     def add_batch(self, keys, matrix):
         """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none."""
         m = np.asarray(matrix)
+        if m.dtype.kind not in "biufc" and not isinstance(matrix, np.ndarray):
+            raise TypeError(f"add_batch() takes a matrix of numbers, not {type(matrix).__name__}")
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         if m.ndim != 2 or m.shape != (len(keys), self.dim):
             raise errors.WriterError(

@@ -16,11 +16,9 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["embfile"]):
-    import embfile  # noqa: F401 - instrumented for coverage
-
-import exercise
-import mutate
+with atheris.instrument_imports(include=["embfile"]):  # Python coverage of embfile's own modules
+    import exercise
+    import mutate
 
 CASE = f"/dev/shm/embfile-fuzz-{os.getpid()}.emb"
 

@@ -19,7 +19,7 @@ import pytest
 
 import embfile
 from conftest import LONG
-from kill_target import content
+from workers import content
 
 HERE = pathlib.Path(__file__).parent
 N, DIM = 40_000, 128  # 20 MB of records: a run spends most of its time writing, not starting
@@ -99,7 +99,7 @@ def is_generation(generation, n=N, dim=DIM):
 
 def rewrite_clears_leftovers(dst, mode="write"):
     """The next write to the same path succeeds and leaves nothing of the killed ones."""
-    subprocess.run([sys.executable, HERE / "kill_target.py", mode, dst, "2000", str(DIM), "99"], check=True)
+    subprocess.run([sys.executable, HERE / "workers.py", mode, dst, "2000", str(DIM), "99"], check=True)
     assert is_generation(99, 2000)(dst)
     assert [e for e in os.listdir(os.path.dirname(dst)) if e.startswith(".")] == []
 
@@ -107,7 +107,7 @@ def rewrite_clears_leftovers(dst, mode="write"):
 def test_killed_writer(tmp_path, seed):
     dst = str(tmp_path / "out" / "db.emb")
     os.mkdir(tmp_path / "out")
-    argv = [sys.executable, HERE / "kill_target.py", "write", dst, str(N), str(DIM)]
+    argv = [sys.executable, HERE / "workers.py", "write", dst, str(N), str(DIM)]
     subprocess.run(argv + ["1"], check=True)  # generation 1 is the file to keep
     kills = 0
     for i, (at, killed) in enumerate(kill_points(argv + ["2"], seed, POINTS)):
@@ -123,7 +123,7 @@ def test_killed_writer(tmp_path, seed):
 def test_killed_writer_with_no_earlier_file(tmp_path, seed, mode, name):
     """Nothing there before: after a kill there is nothing, or the whole file (or folder of shards)."""
     dst = str(tmp_path / name)
-    argv = [sys.executable, HERE / "kill_target.py", mode, dst, str(N), str(DIM), "2"]
+    argv = [sys.executable, HERE / "workers.py", mode, dst, str(N), str(DIM), "2"]
     for at, killed in kill_points(argv, seed + len(mode), POINTS // 2):
         check_destination(dst, None, is_generation(2), f"{mode} killed at {at:.3f} s")
         shutil.rmtree(dst, ignore_errors=True) if mode == "shards" else pathlib.Path(dst).unlink(missing_ok=True)
@@ -212,7 +212,7 @@ def test_file_size_limit(tmp_path):
     embfile.write(dst, content(100, DIM, 1))
     before = dst.read_bytes()
     script = (
-        "import resource, signal, sys, embfile; from kill_target import content\n"
+        "import resource, signal, sys, embfile; from workers import content\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))\n"
         "try:\n"

@@ -1,0 +1,102 @@
+"""The processes the reliability tests start: a writer to kill, a reader to stress.
+
+``python workers.py MODE DST N DIM GENERATION`` writes (tests/test_crashes.py
+kills it): MODE ``write`` streams records through ``embfile.Writer``,
+``shards`` through ``embfile.ShardWriter``.  :func:`stress_reader` runs in the
+processes of tests/test_stress.py.  Content is a function of (N, DIM,
+GENERATION), so a reader can check every byte without being sent the data.
+"""
+import sys
+import threading
+import time
+
+import numpy as np
+
+import embfile
+
+
+def content(n, dim, generation):
+    keys = [f"g{generation}-seq{i:08d}" for i in range(n)]
+    return keys, np.random.default_rng(generation).random((n, dim), dtype=np.float32)
+
+
+def main(mode, dst, n, dim, generation):
+    keys, matrix = content(n, dim, generation)
+    meta = {"generation": generation}
+    if mode == "write":
+        w = embfile.Writer(dst, dim, "float32", meta)
+    else:
+        w = embfile.ShardWriter(dst, dim, "float32", meta, shard_bytes=n * dim)  # four shards
+    with w:
+        for lo in range(0, n, 2000):
+            w.add_batch(keys[lo:lo + 2000], matrix[lo:lo + 2000])
+
+
+def stress_reader(path, seconds, seed):
+    """Read ``path`` for ``seconds`` from three threads (two doing lookups, gathers and
+    ``take``, one shuffled epochs), checking every vector against the content of the
+    generation the open handle shows.  The lookup threads reopen the path now and
+    then (and so see a replacement); the epoch thread keeps its first handle
+    throughout (and so must go on seeing the old file).  Returns what was checked."""
+    stop = time.monotonic() + seconds
+    truth_cache, report, lock = {}, {"records": 0, "reads": {}, "errors": []}, threading.Lock()
+
+    def truth(db):
+        meta = db.metadata
+        key = (meta["generation"], len(db), db.dim)
+        if key not in truth_cache:
+            truth_cache[key] = content(len(db), db.dim, meta["generation"])
+        return meta["generation"], *truth_cache[key]
+
+    def checked(generation, records):
+        with lock:
+            report["records"] += records
+            report["reads"][str(generation)] = time.time()  # the last read of each generation
+
+    def lookups(rng):
+        db = embfile.open(path)
+        for step in range(1 << 62):
+            if time.monotonic() > stop:
+                return
+            if step % 50 == 49:
+                db = embfile.open(path)
+            generation, keys, m = truth(db)
+            rows = rng.integers(len(keys), size=64)
+            for r in rows[:8]:
+                assert np.array_equal(db[keys[r]], m[r]), (generation, keys[r])
+            assert np.array_equal(db.get_batch([keys[r] for r in rows]), m[rows]), generation
+            assert np.array_equal(db.take(rows), m[rows]), generation
+            checked(generation, 136)
+
+    def epochs(rng):
+        db = embfile.open(path)
+        generation, keys, m = truth(db)
+        row_of = {k: i for i, k in enumerate(keys)}
+        for epoch in range(1 << 62):
+            seen = np.zeros(len(keys), np.int64)
+            for batch_keys, batch in db.iter_batches(256, seed=seed, epoch=epoch):
+                rows = [row_of[k] for k in batch_keys]
+                assert np.array_equal(batch, m[rows]), (generation, epoch)
+                seen[rows] += 1
+                checked(generation, len(rows))
+                if time.monotonic() > stop:
+                    return
+            assert (seen == 1).all(), f"epoch {epoch} did not give every record once"
+
+    def guard(run, rng):
+        try:
+            run(rng)
+        except Exception as e:  # reported to the test, which fails on it
+            report["errors"].append(f"{run.__name__}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=guard, args=(run, np.random.default_rng([seed, i])))
+               for i, run in enumerate([lookups, lookups, epochs])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
