@@ -10,8 +10,8 @@ def core_extension():
 
     EMBFILE_DEBUG=1 builds without optimisation and with assertions;
     EMBFILE_SANITIZE=1 adds AddressSanitizer and UBSan, any undefined behaviour
-    fatal, and EMBFILE_SANITIZE=fuzz libFuzzer's coverage too (clang only):
-    fuzz/sanitized.py builds these for the fuzz runs.
+    fatal, and EMBFILE_SANITIZE=fuzz libFuzzer's coverage too (clang only);
+    EMBFILE_COVERAGE=1 adds gcov's line counts.  fuzz/sanitized.py builds these.
     """
     args = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wno-unused-function"]
     link = []
@@ -23,6 +23,9 @@ def core_extension():
         args += ["-O1", "-g", f"-fsanitize={checks}", "-fno-sanitize-recover=undefined",
                  "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={checks}"]
+    if os.environ.get("EMBFILE_COVERAGE"):
+        args += ["-O0", "--coverage"]
+        link += ["--coverage"]
     return Extension(
         "embfile._core",
         sources=["embfile/_core.pyx", "src_c/index.c", "src_c/records.c", "src_c/shuffle.c"],

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Sandbox:
     """A worker process for :func:`exercise.run`; ``env`` adds to its environment (LD_PRELOAD, ...)."""
 
-    def __init__(self, timeout=30.0, memory_bytes=1 << 30, env=None, python=sys.executable):
+    def __init__(self, timeout=30.0, memory_bytes=256 << 20, env=None, python=sys.executable):
         self.timeout, self.memory_bytes = timeout, memory_bytes
         self.env = {**os.environ, **(env or {}), "PYTHONFAULTHANDLER": "1"}
         self.python = python

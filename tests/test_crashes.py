@@ -111,7 +111,7 @@ def test_killed_writer(tmp_path, seed):
     subprocess.run(argv + ["1"], check=True)  # generation 1 is the file to keep
     kills = 0
     for i, (at, killed) in enumerate(kill_points(argv + ["2"], seed, POINTS)):
-        check_destination(dst, _read(dst), is_generation(2), f"killed at {at:.3f} s")
+        check_destination(dst, _read(dst), is_generation(2), f"seed {seed}: killed at {at:.3f} s")
         kills += killed
         if i % 4 == 3:
             rewrite_clears_leftovers(dst)
@@ -125,7 +125,7 @@ def test_killed_writer_with_no_earlier_file(tmp_path, seed, mode, name):
     dst = str(tmp_path / name)
     argv = [sys.executable, HERE / "workers.py", mode, dst, str(N), str(DIM), "2"]
     for at, killed in kill_points(argv, seed + len(mode), POINTS // 2):
-        check_destination(dst, None, is_generation(2), f"{mode} killed at {at:.3f} s")
+        check_destination(dst, None, is_generation(2), f"seed {seed}: {mode} killed at {at:.3f} s")
         shutil.rmtree(dst, ignore_errors=True) if mode == "shards" else pathlib.Path(dst).unlink(missing_ok=True)
     rewrite_clears_leftovers(dst, mode)
 
@@ -161,7 +161,7 @@ def test_killed_converter(tmp_path, seed, src_name, dst_name):
 
     argv = [sys.executable, "-m", "embfile", "convert", "-q", src, dst]
     for at, killed in kill_points(argv, seed + len(dst_name), POINTS):
-        check_destination(str(dst), before, is_new, f"convert killed at {at:.3f} s", beside={str(src)})
+        check_destination(str(dst), before, is_new, f"seed {seed}: convert killed at {at:.3f} s", beside={str(src)})
         dst.write_bytes(before)
     subprocess.run(argv, check=True)
     assert is_new(dst)
