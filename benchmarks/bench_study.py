@@ -2,7 +2,10 @@
 
 Data: ``{f"seq{i:010d}": np.random.random(1280)}`` (float64, ESM-2 650M-sized), at each size of ``--sizes``.
 Every measurement runs in a fresh worker process, so page-cache state and peak memory belong to one tool and
-one operation.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED) first.
+one operation.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED) first.  Writes,
+reads, gathers and lookups report the best of up to three runs (a single run can meet a huge-page compaction
+or a busy neighbour on a shared VM).  Each tool writes from its natural input: pickle and h5py per key from
+the dict, the others from ``(keys, matrix)``; embfile is timed from both.
 
     python benchmarks/bench_study.py                         # 10,000 and 50,000 records, a few minutes
     python benchmarks/bench_study.py --sizes 10000,50000,100000,500000 --open-size 1000000
@@ -201,14 +204,17 @@ class EmbFile:
     name = "embfile"
 
     def write(self, path, keys, matrix):
-        embfile.write(path, dict(zip(keys, matrix)))  # from the user's dict, as they would
+        embfile.write(path, (keys, matrix))  # the input h5py bulk, Parquet and memmap get
+
+    def write_dict(self, path, keys, matrix):
+        embfile.write(path, dict(zip(keys, matrix)))  # the input pickle gets
 
     def files(self, path):
         return [path]
 
     def read_all(self, path):
         with embfile.open(path) as db:
-            return list(db), np.array(db.matrix)
+            return list(db), db.to_numpy()
 
     def open(self, path):
         return embfile.open(path)
@@ -241,33 +247,59 @@ def per_call(fn, args, batch=1):
     return out
 
 
+def best_of(fn, before=lambda: None, repeats=3, budget_s=5.0):
+    """The fastest of up to ``repeats`` timed calls (fewer once ``budget_s`` is spent), each after
+    ``before()``: one slow call (a huge-page compaction, a neighbour on this shared VM) is noise."""
+    best, spent = float("inf"), time.perf_counter()
+    for _ in range(repeats):
+        before()
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+        del result
+        if time.perf_counter() - spent > budget_s:
+            break
+    return best
+
+
+def durable_write(write, path, files, keys, matrix, repeats=3, budget_s=5.0):
+    """``(write, write + fsync)`` in seconds of the fastest of up to ``repeats`` writes, each into
+    a fresh file (the previous one removed and synced away first)."""
+    runs, spent = [], time.perf_counter()
+    for _ in range(repeats):
+        for p in files:
+            if os.path.exists(p):
+                os.remove(p)
+        os.sync()
+        t0 = time.perf_counter()
+        write(path, keys, matrix)
+        t1 = time.perf_counter()
+        for p in files:
+            machine.fsync_path(p)
+        runs.append((t1 - t0, time.perf_counter() - t0))
+        if time.perf_counter() - spent > budget_s:
+            break
+    return min(runs, key=lambda r: r[1])
+
+
 def worker(task):
     tool, op, path, n = TOOLS[task["tool"]], task["op"], task["path"], task["n"]
     res = {}
     if op == "write":
         keys, matrix = make_data(n)
         base = machine.peak_mb()
-        t0 = time.perf_counter()
-        tool.write(path, keys, matrix)
-        t1 = time.perf_counter()
-        for p in tool.files(path):
-            machine.fsync_path(p)
-        res = {"write": t1 - t0, "write_fsync": time.perf_counter() - t0,
-               "size": sum(os.path.getsize(p) for p in tool.files(path)), "write_peak_mb": machine.peak_mb() - base}
+        res["write"], res["write_fsync"] = durable_write(tool.write, path, tool.files(path), keys, matrix)
+        res["write_peak_mb"] = machine.peak_mb() - base
+        res["size"] = sum(os.path.getsize(p) for p in tool.files(path))
+        if hasattr(tool, "write_dict"):
+            res["write_dict_fsync"] = durable_write(tool.write_dict, path, tool.files(path), keys, matrix)[1]
     elif op == "read":
-        for p in tool.files(path):
-            machine.evict(p)
         base = machine.peak_mb()
-        t0 = time.perf_counter()
-        data = tool.read_all(path)
-        res["read_cold"] = time.perf_counter() - t0
+        evict = lambda: [machine.evict(p) for p in tool.files(path)]  # noqa: E731
+        res["read_cold"] = best_of(lambda: tool.read_all(path), before=evict)
         res["read_peak_mb"] = machine.peak_mb() - base
-        del data
-        t0 = time.perf_counter()
-        data = tool.read_all(path)
-        res["read_warm"] = time.perf_counter() - t0
+        res["read_warm"] = best_of(lambda: tool.read_all(path))
         if tool.name == "embfile":  # a streaming pass over the mapped matrix: what the disk limit measures
-            del data
             machine.evict(path)
             t0 = time.perf_counter()
             with embfile.open(path) as db:
@@ -302,23 +334,12 @@ def worker(task):
         fn(keys[0])
         samples = min((per_call(fn, keys, batch=50) for _ in range(3)), key=np.median)
         res["lookup_warm_ns"], res["lookup_warm_p99_ns"] = np.median(samples), np.percentile(samples, 99)
-        rows = np.random.default_rng(2).integers(0, n, task["lookups"])
-        fancy = np.asarray(tool.gather(h, probe_keys(n, 16)))  # compile paths, fault in nothing big
-        t = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fancy = tool.gather(h, keys)
-            t.append(time.perf_counter() - t0)
-        res["gather_warm"] = min(t)
+        rows = np.array([int(k[3:]) for k in keys])  # the same records: key seq{i} is row i
+        np.asarray(tool.gather(h, probe_keys(n, 16)))  # compile paths, fault in nothing big
+        res["gather_warm"] = best_of(lambda: tool.gather(h, keys), repeats=10, budget_s=2.0)
         if tool.name == "embfile":
-            matrix = np.array(h.matrix)
-            t = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                matrix[rows]
-                t.append(time.perf_counter() - t0)
-            res["numpy_fancy"] = min(t)  # rows known, matrix in memory: the floor for a gather
-        del fancy
+            matrix = np.array(h.matrix)  # rows known, matrix in memory: the floor for a gather
+            res["numpy_fancy"] = best_of(lambda: matrix[rows], repeats=10, budget_s=2.0)
         tool.close(h)
     elif op == "lookup_cold":
         res.update(cold_lookups(tool, path, n, task["cold"]))
@@ -510,7 +531,8 @@ def report_size(n, per_tool, limits):
     if e:
         print(f"\nembfile: cold `db[key]` (index only) {e['cold_lookup_us']:.0f} us median, "
               f"{e['cold_lookup_p99_us']:.0f} us p99 = {e['cold_lookup_us'] / limits['cold_pread_us']:.2f}x "
-              f"one cold 4 KiB pread; cold streaming pass over db.matrix {fmt_s(e['scan_cold'])} "
+              f"one cold 4 KiB pread; durable write from the dict {fmt_s(e['write_dict_fsync'])}; "
+              f"cold streaming pass over db.matrix {fmt_s(e['scan_cold'])} "
               f"({raw / e['scan_cold'] / 1e9:.2f} GB/s); numpy fancy indexing of the same rows from memory "
               f"{fmt_s(e['numpy_fancy'])}\n")
 
@@ -559,8 +581,9 @@ def report_targets(results, limits):
             if rival in per_tool:
                 rr = per_tool[rival]
                 # embfile's write always ends in fsync: compare durable write with durable write
+                mine = e["write_dict_fsync"] if rival == "pickle dict" else e["write_fsync"]  # same input
                 r = min(rr["read_cold"] / e["read_cold"], rr["read_warm"] / e["read_warm"],
-                        rr["write_fsync"] / e["write_fsync"])
+                        rr["write_fsync"] / mine)
                 checks.append((f"n={n}: faster than {rival} at read and write (slowest margin)", r, "x", r > 1))
     for what, value, unit, ok in checks:
         print(f"- {'PASS' if ok else 'MISS'}  {what}: {value:.2f} {unit}")

@@ -16,6 +16,7 @@ cdef extern from "embfile.h" nogil:
     int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen, uint64_t *row)
     int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
                         const size_t *lens, size_t k, uint64_t *rows, size_t *failed)
+    void emb_copy(uint8_t *dst, const uint8_t *src, size_t n)
     int emb_gather(const uint8_t *const *bases, const uint64_t *starts, size_t n_shards,
                    uint64_t record_bytes, const uint64_t *rows, size_t k, uint8_t *dst)
     uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream)

@@ -58,6 +58,13 @@ int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
                     const size_t *lens, size_t k, uint64_t *rows,
                     size_t *failed);
 
+/* Copies n bytes from src to dst (not overlapping) in address order.  Not
+ * glibc's memcpy alone: it copies a large block as four interleaved streams,
+ * which defeats read-ahead on a cold mapping, and on some CPUs (AMD Zen) its
+ * `rep movsb` runs at half speed unless dst and src are alike modulo 64, as a
+ * numpy array's data (16 past a page) and a page-aligned record are not. */
+void emb_copy(uint8_t *dst, const uint8_t *src, size_t n);
+
 /* Copies records rows[0..k) of `record_bytes` each into dst, in that order.
  * The records are spread over n_shards mapped arrays: global row r lives in
  * shard s where starts[s] <= r < starts[s + 1], at bases[s] + (r - starts[s])

@@ -24,6 +24,7 @@ CLOSED_CALLS = {
     "get": lambda db: db.get("k1"), "keys": lambda db: list(db.keys()), "values": lambda db: list(db.values()),
     "items": lambda db: list(db.items()), "get_batch": lambda db: db.get_batch(["k1"]),
     "rows": lambda db: db.rows(["k1"]), "take": lambda db: db.take([0]), "record": lambda db: db.record(0),
+    "to_numpy": lambda db: db.to_numpy(),
     "metadata": lambda db: db.metadata, "verify": lambda db: db.verify(),
     "iter_batches": lambda db: next(iter(db.iter_batches(4))), "keys_between": lambda db: db.keys_between(0, 2),
 }

@@ -4,6 +4,7 @@ from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import embfile
+from embfile import _core
 from conftest import reference_lookup
 
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
@@ -53,6 +54,32 @@ def test_roundtrip_any_keys_dtypes_dims(tmp_path_factory, f):
             picked = [keys[i] for i in order]
             assert same(db.get_batch(picked), np.stack([db[k] for k in picked]))
         db.verify()
+
+
+def at_offset(nbytes, offset):
+    """A writable uint8 buffer of ``nbytes`` starting ``offset`` bytes past a 64-byte boundary."""
+    buf = np.empty(nbytes + 128, np.uint8)
+    start = (offset - buf.ctypes.data) % 64
+    return buf[start:start + nbytes]
+
+
+@given(record_bytes=st.integers(1, 1100), n=st.integers(0, 30), src_offset=st.integers(0, 63),
+       dst_offset=st.integers(0, 63), data=st.data())
+def test_core_copies_exact_bytes_at_any_size_and_alignment(record_bytes, n, src_offset, dst_offset, data):
+    """The core's gather and copy (vector loop, unaligned head and tail, records split over two
+    shards) against numpy, for records below and above the vector loop's threshold."""
+    src = at_offset(n * record_bytes, src_offset).reshape(n, record_bytes)
+    src[:] = np.random.default_rng(record_bytes).integers(0, 256, src.shape, np.uint8)
+    cut = data.draw(st.integers(0, n))
+    bases = np.array([src.ctypes.data, src.ctypes.data + cut * record_bytes], np.uintp)
+    starts = np.array([0, cut, n], np.uint64)
+    rows = np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=40)) if n else [], np.uint64)
+    out = at_offset(len(rows) * record_bytes, dst_offset).reshape(len(rows), record_bytes)
+    _core.gather(bases, starts, record_bytes, rows, out)
+    assert same(out, src[rows.astype(np.intp)])
+    whole = at_offset(n * record_bytes, dst_offset).reshape(n, record_bytes)
+    _core.copy_all(bases, starts, record_bytes, whole)
+    assert same(whole, src)
 
 
 @given(f=files(), probes=st.lists(base_keys, max_size=30))

@@ -66,6 +66,17 @@ def test_get_batch_orders_and_types(study):
     np.testing.assert_array_equal(db.rows(pick), [5, 0, 499, 5])
 
 
+def test_to_numpy_is_an_in_memory_copy(study, tmp_path):
+    path, keys, matrix = study
+    with embfile.open(path) as db:
+        whole = db.to_numpy()
+    np.testing.assert_array_equal(whole, matrix)
+    assert whole.dtype == matrix.dtype and whole.flags.writeable and whole.flags.c_contiguous
+    whole[:] = 0  # its own memory, not the file's
+    embfile.write(tmp_path / "empty.emb", ([], np.zeros((0, 3), np.float16)))
+    assert embfile.open(tmp_path / "empty.emb").to_numpy().shape == (0, 3)
+
+
 def test_wrong_key_types(study):
     db = embfile.open(study[0])
     for bad in (1, b"seq0000000001", None, 1.5):

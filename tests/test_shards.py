@@ -52,6 +52,7 @@ def test_one_mapping_over_all_shards(folder, data):
         np.testing.assert_array_equal(db.get_batch(pick), matrix[[1999, 0, 650, 300, 299]])
         np.testing.assert_array_equal(db.rows(pick), [1999, 0, 650, 300, 299])
         np.testing.assert_array_equal(db.take([5, 1500]), matrix[[5, 1500]])
+        np.testing.assert_array_equal(db.to_numpy(), matrix)
         seen = []
         for k, m in db.iter_batches(128, seed=1, block_size=50):
             np.testing.assert_array_equal(m, matrix[db.rows(k)])
