@@ -322,9 +322,9 @@ class BatchSource:
     def to_numpy(self):
         """All vectors as a new in-memory ``(n, dim)`` array, in row order.
 
-        The copy runs in the native core in one pass in file order, at the disk's
-        sequential speed from a cold file (``np.array(db.matrix)`` copies in
-        interleaved streams that defeat read-ahead: several times slower there).
+        The copy runs in the native core in one pass in file order, so read-ahead
+        keeps up with it on a cold file (``np.array(db.matrix)`` copies in
+        interleaved streams that defeat read-ahead).
         """
         self._require_open()
         out = np.empty((len(self), self.dim), self.dtype)
