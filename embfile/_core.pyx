@@ -317,7 +317,7 @@ def gather(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t reco
 def copy_all(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t record_bytes,
              cnp.ndarray out):
     """Copy every record of a layout (as for :func:`gather`) into ``out``, in row order:
-    one pass in address order over each shard, so a cold file streams at disk speed."""
+    one pass in address order over each shard, so read-ahead keeps up on a cold file."""
     cdef size_t s, n_shards = bases.shape[0]
     if starts.shape[0] != n_shards + 1:
         raise ValueError("copy_all needs one more start than shards")
