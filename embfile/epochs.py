@@ -276,8 +276,9 @@ class Batches:
 
 
 class BatchSource:
-    """Adds :meth:`iter_batches` to a store that has ``_layout()``, ``_keys_at(rows)``,
-    ``dim``, ``dtype``, ``len`` and ``_require_open()`` (an .emb file or a sharded set)."""
+    """Adds :meth:`iter_batches`, :meth:`take` and :meth:`to_numpy` to a store that has
+    ``_layout()``, ``_keys_at(rows)``, ``_read_into(out)``, ``dim``, ``dtype``, ``len``
+    and ``_require_open()`` (an .emb file or a sharded set)."""
 
     def iter_batches(self, batch_size=100, *, shuffle=True, seed=0, epoch=0, block_size=None,
                      buffer_blocks=BUFFER_BLOCKS, rank=0, world_size=1, drop_last=False,
@@ -322,15 +323,23 @@ class BatchSource:
     def to_numpy(self):
         """All vectors as a new in-memory ``(n, dim)`` array, in row order.
 
-        The copy runs in the native core in one pass in file order, so read-ahead
-        keeps up with it on a cold file (``np.array(db.matrix)`` copies in
-        interleaved streams that defeat read-ahead).
+        Read with large ``pread`` calls at the disk's sequential speed on a cold
+        file (``np.array(db.matrix)`` copies in interleaved streams that defeat
+        read-ahead).  The array's data starts on a page boundary.
         """
         self._require_open()
-        out = np.empty((len(self), self.dim), self.dtype)
-        bases, starts, record_bytes, _ = self._layout()
-        _core.copy_all(bases, starts, record_bytes, out)
+        out = aligned_empty((len(self), self.dim), self.dtype)
+        self._read_into(out)
         return out
+
+
+def aligned_empty(shape, dtype, align=4096):
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def page_ranges(layout, lo, hi):

@@ -180,6 +180,10 @@ class ShardedEmbFile(epochs.BatchSource, RowOrderMapping):
                                   parts[0][2], [p[3] for p in parts])
         return self._layout_cache
 
+    def _read_into(self, out):
+        for db, lo, hi in zip(self.shards, self._bounds, self._bounds[1:]):
+            db._read_into(out[lo:hi])
+
     def _keys_at(self, rows):
         return self._index.keys_at(rows)
 

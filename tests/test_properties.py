@@ -46,7 +46,7 @@ def test_roundtrip_any_keys_dtypes_dims(tmp_path_factory, f):
     with embfile.open(path) as db:
         assert len(db) == len(keys) and list(db) == keys
         assert db.dtype == matrix.dtype and db.dim == matrix.shape[1]
-        assert same(np.asarray(db.matrix), matrix)
+        assert same(np.asarray(db.matrix), matrix) and same(db.to_numpy(), matrix)
         for i, k in enumerate(keys):
             assert same(db[k], matrix[i])
         if keys:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import embfile
+from embfile import reader
 from conftest import check_roundtrip
 
 
@@ -73,8 +74,36 @@ def test_to_numpy_is_an_in_memory_copy(study, tmp_path):
     np.testing.assert_array_equal(whole, matrix)
     assert whole.dtype == matrix.dtype and whole.flags.writeable and whole.flags.c_contiguous
     whole[:] = 0  # its own memory, not the file's
+    assert whole.ctypes.data % 4096 == 0  # lined up with the page cache: the kernel copies at full speed
     embfile.write(tmp_path / "empty.emb", ([], np.zeros((0, 3), np.float16)))
     assert embfile.open(tmp_path / "empty.emb").to_numpy().shape == (0, 3)
+
+
+def test_iteration_reading_keys_ahead_gives_every_key_once(tmp_path):
+    # more keys than two read-ahead stretches, the last one cut short by the end of the file
+    keys = [f"k{i:07d}" for i in range(2 * reader.KEYS_AHEAD + 5000)]
+    embfile.write(tmp_path / "x.emb", (keys, np.zeros((len(keys), 1), np.uint8)))
+    with embfile.open(tmp_path / "x.emb") as db:
+        assert list(db) == keys
+
+
+def test_to_numpy_reads_the_opened_file_even_after_it_was_replaced(tmp_path):
+    path, matrix = tmp_path / "x.emb", np.arange(12.0).reshape(4, 3)
+    embfile.write(path, (list("abcd"), matrix))
+    with embfile.open(path) as db:
+        embfile.write(path, (list("abcd"), -matrix))  # atomic rename: the path names a new file
+        np.testing.assert_array_equal(db.to_numpy(), matrix)
+        os.remove(path)
+        np.testing.assert_array_equal(db.to_numpy(), matrix)
+
+
+def test_to_numpy_of_a_file_truncated_after_open_raises(tmp_path):
+    path = tmp_path / "x.emb"
+    embfile.write(path, ([f"k{i}" for i in range(100)], np.ones((100, 1024), np.float32)))
+    with embfile.open(path) as db:
+        os.truncate(path, db._h["records_offset"] + 4096 * 50)
+        with pytest.raises(embfile.TruncatedFileError, match="truncated after it was opened"):
+            db.to_numpy()
 
 
 def test_wrong_key_types(study):
