@@ -256,11 +256,6 @@ cdef class _Reader:
                 raise IndexError(f"row {r} out of range for {self._n} records")
         return [self._key_of(r) for r in rows]
 
-    def __iter__(self):
-        cdef uint64_t start
-        for start in range(0, self._n, 4096):  # decoded in chunks: fast, and bounded in memory
-            yield from self.keys_between(start, start + 4096)
-
     def _check_index(self):
         """Full walk of the index (verify); returns (ok, sorted position where it failed)."""
         self._live()

@@ -127,7 +127,7 @@ class EmbFile(_core._Reader, epochs.BatchSource, RowOrderMapping):
 
     def __iter__(self):
         self._require_open()
-        for start in range(0, len(self), 4096):
+        for start in range(0, len(self), 4096):  # decoded in chunks: fast, and bounded in memory
             if start % KEYS_AHEAD == 0:  # the next stretch of keys is read while this one is decoded
                 self._prefetch_keys(start and start + KEYS_AHEAD, start + 2 * KEYS_AHEAD)
             yield from self.keys_between(start, start + 4096)
