@@ -433,7 +433,7 @@ def head_to_head(folder, n, rounds, rival="h5py bulk"):
     ratios = {op: [] for op in DUEL_OPS}
     for r in range(rounds):
         times = {}
-        for name in ("embfile", rival)[::1 if r % 2 else -1]:
+        for name in ("embfile", rival) if r % 2 else (rival, "embfile"):
             path = os.path.join(folder, f"duel-{n}-{name.split()[0]}")
             times[name] = run({"tool": name, "op": "round", "path": path, "n": n})
         for op in DUEL_OPS:
