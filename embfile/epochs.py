@@ -22,9 +22,11 @@ batch is gathered straight from the mapped file into a fresh array by the core,
 without the GIL: one copy per record.
 """
 import bisect
+import contextlib
 import mmap
 import operator
 import queue
+import sys
 import threading
 
 import numpy as np
@@ -325,11 +327,13 @@ class BatchSource:
 
         Read with large ``pread`` calls at the disk's sequential speed on a cold
         file (``np.array(db.matrix)`` copies in interleaved streams that defeat
-        read-ahead).  The array's data starts on a page boundary.
+        read-ahead), while a helper thread faults in the new array's pages ahead
+        of the copy.  The array's data starts on a page boundary.
         """
         self._require_open()
         out = aligned_empty((len(self), self.dim), self.dtype)
-        self._read_into(out)
+        with faulted_in_ahead(out):
+            self._read_into(out)
         return out
 
 
@@ -340,6 +344,50 @@ def aligned_empty(shape, dtype, align=4096):
     raw = np.empty(nbytes + align, np.uint8)
     start = -raw.ctypes.data % align
     return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+# Linux 5.14's MADV_POPULATE_WRITE (Python's mmap module does not name it yet)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
+POPULATE_STEP = 8 << 20  # pages faulted in per madvise call of the helper thread
+
+
+@contextlib.contextmanager
+def faulted_in_ahead(out):
+    """Fault in the pages of ``out``, a new array, on a helper thread while the caller fills it.
+
+    The first write to new memory makes the kernel zero each page (and, in a VM
+    whose free memory went back to the host, fault it in from the host): as
+    slow as the copy that fills it, or slower.  Done on another core, ahead of
+    the copy, it leaves the copy alone on the critical path.  Only whole pages
+    inside ``out`` are touched; without ``MADV_POPULATE_WRITE`` the copy
+    faults the pages in itself, as it would anyway.
+    """
+    start = out.ctypes.data
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + out.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if MADV_POPULATE_WRITE is None or hi - lo < 2 * POPULATE_STEP:
+        yield
+        return
+    stop = threading.Event()
+
+    def populate():
+        for at in range(lo, hi, POPULATE_STEP):
+            if stop.is_set():
+                return
+            try:
+                _core.advise(at, min(POPULATE_STEP, hi - at), MADV_POPULATE_WRITE)
+            except OSError:  # a kernel without it
+                return
+
+    helper = threading.Thread(target=populate, name="embfile-fault-in", daemon=True)
+    helper.start()
+    try:
+        yield
+    except BaseException:
+        stop.set()  # out will not be used: stop faulting it in
+        raise
+    finally:
+        helper.join()  # out must outlive the helper's last call
 
 
 def page_ranges(layout, lo, hi):

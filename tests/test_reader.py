@@ -3,12 +3,13 @@ import collections.abc
 import multiprocessing
 import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
 
 import embfile
-from embfile import reader
+from embfile import epochs, reader
 from conftest import check_roundtrip
 
 
@@ -104,6 +105,32 @@ def test_to_numpy_of_a_file_truncated_after_open_raises(tmp_path):
         os.truncate(path, db._h["records_offset"] + 4096 * 50)
         with pytest.raises(embfile.TruncatedFileError, match="truncated after it was opened"):
             db.to_numpy()
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(epochs.MADV_POPULATE_WRITE is None, reason="MADV_POPULATE_WRITE is Linux's")
+def test_fault_in_ahead_makes_every_page_of_the_array_resident():
+    out = epochs.aligned_empty(8 * epochs.POPULATE_STEP, np.uint8)  # np.empty: nothing resident yet
+    before = _resident_bytes()
+    with epochs.faulted_in_ahead(out):
+        pass  # the caller writes nothing: all the faulting is the helper's
+    assert _resident_bytes() - before >= 0.9 * out.nbytes
+
+
+def test_to_numpy_of_a_large_file_faulted_in_ahead(tmp_path):
+    path, rows = tmp_path / "x.emb", 3 * epochs.POPULATE_STEP // 4096
+    matrix = np.random.default_rng(0).random((rows, 1024), dtype=np.float32)
+    embfile.write(path, ([f"k{i}" for i in range(rows)], matrix))
+    with embfile.open(path) as db:
+        np.testing.assert_array_equal(db.to_numpy(), matrix)
+        os.truncate(path, db._h["records_offset"] + matrix.nbytes // 2)
+        with pytest.raises(embfile.TruncatedFileError):
+            db.to_numpy()
+    assert not [t for t in threading.enumerate() if t.name == "embfile-fault-in"]  # stopped and joined
 
 
 def test_wrong_key_types(study):
