@@ -1,8 +1,9 @@
 """The machine's own limits, measured in the same run as a benchmark, so results print as ratios;
 and this process's memory.
 
-memcpy bandwidth, write + fsync bandwidth, cold sequential read bandwidth and cold random 4 KiB
-pread latency.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED).
+memcpy bandwidth, first touch of new memory (the kernel zeroes each page, and in a VM the host
+may fault it in: a full read into a new array pays it), write + fsync bandwidth, cold sequential
+read bandwidth and cold random 4 KiB pread latency.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED).
 """
 import os
 import time
@@ -35,6 +36,12 @@ def memcpy_gbps(nbytes=256 * MB, repeats=5):
     dst = np.empty_like(src)
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
     return nbytes / best / 1e9
+
+
+def first_touch_gbps(nbytes=256 * MB, repeats=5):
+    def touch():
+        np.empty(nbytes, np.uint8)[::4096] = 1  # one write per page of a new allocation
+    return nbytes / min(_timed(touch) for _ in range(repeats)) / 1e9
 
 
 def write_fsync_gbps(path, nbytes):
@@ -78,10 +85,11 @@ def cold_pread_us(path, count=400, size=4096, seed=0):
 
 
 def measure(folder, nbytes=1024 * MB):
-    """All four limits, using a scratch file of ``nbytes`` in ``folder`` (removed afterwards)."""
+    """All the limits, using a scratch file of ``nbytes`` in ``folder`` (removed afterwards)."""
     path = os.path.join(folder, "machine-limits.bin")
     try:
-        limits = {"memcpy_gbps": memcpy_gbps(), "write_fsync_gbps": write_fsync_gbps(path, nbytes)}
+        limits = {"memcpy_gbps": memcpy_gbps(), "first_touch_gbps": first_touch_gbps(),
+                  "write_fsync_gbps": write_fsync_gbps(path, nbytes)}
         limits["cold_read_gbps"] = cold_read_gbps(path)
         limits["cold_pread_us"], limits["cold_pread_p99_us"] = cold_pread_us(path)
         return limits
@@ -102,7 +110,8 @@ def peak_mb():
 
 
 def describe(limits):
-    return (f"memcpy {limits['memcpy_gbps']:.1f} GB/s | write+fsync {limits['write_fsync_gbps']:.2f} GB/s | "
+    return (f"memcpy {limits['memcpy_gbps']:.1f} GB/s | first touch {limits['first_touch_gbps']:.1f} GB/s | "
+            f"write+fsync {limits['write_fsync_gbps']:.2f} GB/s | "
             f"cold sequential read {limits['cold_read_gbps']:.2f} GB/s | cold random 4 KiB pread "
             f"{limits['cold_pread_us']:.0f} us median ({limits['cold_pread_p99_us']:.0f} us p99)")
 
