@@ -3,7 +3,8 @@ and this process's memory.
 
 memcpy bandwidth, first touch of new memory (the kernel zeroes each page, and in a VM the host
 may fault it in: a full read into a new array pays it), write + fsync bandwidth, cold sequential
-read bandwidth and cold random 4 KiB pread latency.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED).
+read bandwidth and cold random 4 KiB pread latency.  "Cold" means evicted from the page cache with
+posix_fadvise(DONTNEED).
 """
 import os
 import time
