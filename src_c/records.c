@@ -128,17 +128,68 @@ static uint32_t crc_soft(uint32_t c, const uint8_t *p, size_t len) {
 }
 
 #ifdef EMB_X86
+/* The crc32 instruction has a latency of 3 cycles and a throughput of 1, so three
+   independent streams over three adjacent stretches run about 3x faster than one.
+   Their CRCs are joined by "shifting" a CRC over a stretch of zeros, which is
+   linear in the CRC: 4 lookups in a table built from the 32 shifted unit bits. */
+#define STRETCH 4096 /* bytes per stream per round; a multiple of 8 */
+static uint32_t shift_table[4][256];
+static int shift_ready;
+
+__attribute__((target("sse4.2"))) static void make_shift_table(void) {
+    uint32_t unit[32], i, b, k;
+    for (i = 0; i < 32; i++) {
+        uint64_t c = 1u << i;
+        for (k = 0; k < STRETCH / 8; k++)
+            c = __builtin_ia32_crc32di(c, 0);
+        unit[i] = (uint32_t)c;
+    }
+    for (k = 0; k < 4; k++)
+        for (b = 0; b < 256; b++) {
+            uint32_t c = 0;
+            for (i = 0; i < 8; i++)
+                if (b >> i & 1)
+                    c ^= unit[8 * k + i];
+            shift_table[k][b] = c;
+        }
+    shift_ready = 1;
+}
+
+/* The CRC register after ``c`` is followed by STRETCH zero bytes. */
+static uint32_t shift_over_stretch(uint32_t c) {
+    return shift_table[0][c & 0xff] ^ shift_table[1][(c >> 8) & 0xff] ^
+           shift_table[2][(c >> 16) & 0xff] ^ shift_table[3][c >> 24];
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t c,
                                                          const uint8_t *p,
                                                          size_t len) {
-    uint64_t c64 = c;
+    uint64_t c0 = c;
+    if (len >= 3 * STRETCH && !shift_ready)
+        make_shift_table(); /* idempotent: a race writes the same values */
+    while (len >= 3 * STRETCH) {
+        uint64_t c1 = 0, c2 = 0, v0, v1, v2;
+        const uint8_t *end = p + STRETCH;
+        do {
+            memcpy(&v0, p, 8);
+            memcpy(&v1, p + STRETCH, 8);
+            memcpy(&v2, p + 2 * STRETCH, 8);
+            c0 = __builtin_ia32_crc32di(c0, v0);
+            c1 = __builtin_ia32_crc32di(c1, v1);
+            c2 = __builtin_ia32_crc32di(c2, v2);
+            p += 8;
+        } while (p < end);
+        c0 = shift_over_stretch((uint32_t)c0) ^ (uint32_t)c1;
+        c0 = shift_over_stretch((uint32_t)c0) ^ (uint32_t)c2;
+        p += 2 * STRETCH, len -= 3 * STRETCH;
+    }
     while (len >= 8) {
         uint64_t v;
         memcpy(&v, p, 8);
-        c64 = __builtin_ia32_crc32di(c64, v);
+        c0 = __builtin_ia32_crc32di(c0, v);
         p += 8, len -= 8;
     }
-    c = (uint32_t)c64;
+    c = (uint32_t)c0;
     while (len--)
         c = __builtin_ia32_crc32qi(c, *p++);
     return c;

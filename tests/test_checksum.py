@@ -1,5 +1,6 @@
 """CRC-32C: known answers and agreement with a bitwise reference, any chunking."""
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from embfile import _core
@@ -26,6 +27,15 @@ def test_matches_reference_and_chains(data, cut):
     assert _core.crc32c(data) == crc32c_reference(data)
     cut = min(cut, len(data))
     assert _core.crc32c(data[cut:], _core.crc32c(data[:cut])) == _core.crc32c(data)
+
+
+@pytest.mark.parametrize("size", [3 * 4096 - 1, 3 * 4096, 3 * 4096 + 7, 9 * 4096 + 13])
+def test_long_buffers_three_streams_at_a_time(size):
+    """From 12 KiB the hardware path runs three streams and joins them: any length, any start."""
+    data = np.random.default_rng(size).integers(0, 256, size + 3, dtype=np.uint8).tobytes()
+    for start in (0, 3):
+        assert _core.crc32c(data[start:start + size]) == crc32c_reference(data[start:start + size])
+    assert _core.crc32c(data[5000:], _core.crc32c(data[:5000])) == crc32c_reference(data)
 
 
 def test_blocks():
