@@ -22,6 +22,10 @@ from embfile import _format as F
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
 _WRITEBACK_BYTES = 32 << 20  # start writing back to disk every this many bytes, not all at the fsync
+# Record writes end on multiples of this in the file (the rest is carried to the next write), so
+# the page cache can hold the records in huge folios: a file cached in 4 KiB pages, once evicted,
+# leaves memory fragmented, and the next big read pays for that.
+_FOLIO_BYTES = 2 << 20
 
 
 class Writer:
@@ -76,10 +80,9 @@ class Writer:
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
         self._staging = Staging(self.path)
-        self._file = builtins.open(self._staging.path, "wb")
-        with _disk_errors(self):
-            self._file.write(bytes(F.PAGE))  # the header is written last
-        self._written = self._synced = F.PAGE
+        self._file = builtins.open(self._staging.path, "wb", buffering=0)
+        self._carry = bytearray(F.PAGE)  # not yet in the file; starts with room for the header, written last
+        self._written, self._synced = F.PAGE, 0  # bytes added so far; the file's bytes already written back
 
     def __len__(self):
         return len(self._offsets) - 1
@@ -128,15 +131,16 @@ class Writer:
             self._offsets.append(len(self._heap))
 
     def _rollback(self, n_offsets, n_heap, n_crcs, crc, crc_fill, written):
-        """Undo a partly written batch: keys, checksum state and file back to the mark."""
+        """Undo a partly written batch: keys, checksum state, carry and file back to the mark."""
         if self._file is None:  # aborted (the disk is full)
             return
         del self._offsets[n_offsets:], self._heap[n_heap:], self._block_crcs[n_crcs:]
+        in_file = min(written, self._written - len(self._carry))
+        self._carry = self._carry[:written - in_file]  # a copy: a failed write's traceback may pin the old one
         self._crc, self._crc_fill, self._written = crc, crc_fill, written
-        self._synced = min(self._synced, written)
-        self._file.flush()
-        self._file.truncate(written)
-        self._file.seek(written)
+        self._synced = min(self._synced, in_file)
+        self._file.truncate(in_file)
+        self._file.seek(in_file)
 
     def _flush(self):
         if self._pending:  # already converted and checked by add()
@@ -145,15 +149,20 @@ class Writer:
 
     def _write_records(self, block):
         data = memoryview(np.ascontiguousarray(block)).cast("B")
-        self._file.write(data)
-        self._written += len(data)
-        if self._written - self._synced >= _WRITEBACK_BYTES:
+        end = self._written + len(data)
+        cut = end - end % _FOLIO_BYTES - self._written  # bytes of data that fill the file up to a boundary
+        if cut >= 0:
+            self._write_all(self._carry, data[:cut])
+            self._carry = bytearray(data[cut:])
+        else:
+            self._carry += data
+        self._written = end
+        in_file = end - len(self._carry)
+        if in_file - self._synced >= _WRITEBACK_BYTES:
             # On dirty pages DONTNEED starts asynchronous writeback (and evicts nothing):
             # the disk works while we go on, and dirty memory stays bounded.
-            self._file.flush()
-            os.posix_fadvise(self._file.fileno(), self._synced, self._written - self._synced,
-                             os.POSIX_FADV_DONTNEED)
-            self._synced = self._written
+            os.posix_fadvise(self._file.fileno(), self._synced, in_file - self._synced, os.POSIX_FADV_DONTNEED)
+            self._synced = in_file
         while len(data):  # running CRC per checksum block
             take = min(len(data), self._block_bytes - self._crc_fill)
             self._crc = _core.crc32c(data[:take], self._crc)
@@ -193,29 +202,38 @@ class Writer:
                  count=n, dim=self.dim, dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")], flags=0,
                  block_bytes=self._block_bytes, n_buckets=n_buckets, lcp_len=lcp_len,
                  records_offset=F.PAGE, records_size=n * self._record_bytes)
-        pos = F.PAGE + h["records_size"]
-        for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1)):
-            pos = self._pad_to(pos, align)
+        sums = np.array([*self._block_crcs, _core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta)],
+                        dtype="<u4").tobytes()
+        parts, pos = [self._carry], self._written  # the carry, then the sections after the records
+        for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1),
+                                  ("sums", sums, 4)):
+            parts.append(bytes(-pos % align))
+            pos += len(parts[-1])
             h[f"{name}_offset"], h[f"{name}_size"] = pos, len(data)
-            self._file.write(data)
+            parts.append(data)
             pos += len(data)
-        sums = np.array([*self._block_crcs, _core.crc32c(index), _core.crc32c(keys),
-                         _core.crc32c(meta)], dtype="<u4").tobytes()
-        pos = self._pad_to(pos, 4)
-        h["sums_offset"], h["sums_size"] = pos, len(sums)
-        self._file.write(sums)
-        h["file_size"] = pos + len(sums)
+        h["file_size"] = pos
+        self._write_all(*parts)
         head = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
         self._file.seek(0)
-        self._file.write(head + _core.crc32c(head).to_bytes(4, "little"))
+        self._write_all(head, _core.crc32c(head).to_bytes(4, "little"))
         self._file.close()
         self._file = None
         self._staging.commit()
 
-    def _pad_to(self, pos, align):
-        pad = -pos % align
-        self._file.write(bytes(pad))
-        return pos + pad
+    def _write_all(self, *buffers):
+        """Write the buffers at the file's position in one ``writev`` (more only if the kernel
+        takes part of them)."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        try:
+            while views:
+                done = os.writev(self._file.fileno(), views)
+                while views and done >= len(views[0]):
+                    done -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][done:]
+        finally:
+            views.clear()  # release the buffers even if a traceback keeps this frame
 
     def _writer_record(self, n):
         from embfile import __version__
@@ -229,7 +247,7 @@ class Writer:
             file, self._file = self._file, None
             try:
                 file.close()
-            except OSError:  # its buffer could not be written (disk full): nothing to keep anyway
+            except OSError:  # nothing to keep anyway
                 pass
         self._staging.discard()
 

@@ -94,6 +94,59 @@ def test_a_failed_call_adds_nothing(tmp_path):
     db.verify()
 
 
+def _spy_on_writev(monkeypatch, most=None):
+    """Record the file range of every ``os.writev``; with ``most``, let each call write at most
+    that many bytes, as the kernel may."""
+    calls, real = [], os.writev
+
+    def writev(fd, buffers):
+        if most is not None:
+            views, budget = [], most
+            for b in buffers:
+                views.append(memoryview(b).cast("B")[:budget])
+                budget -= len(views[-1])
+            buffers = [v for v in views if len(v)]
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        done = real(fd, buffers)
+        calls.append((start, start + done))
+        return done
+    monkeypatch.setattr(os, "writev", writev)
+    return calls
+
+
+def test_record_writes_end_on_2_mib_boundaries(tmp_path, monkeypatch):
+    """So the page cache can hold the records in huge folios; a rolled-back batch keeps it so."""
+    calls = _spy_on_writev(monkeypatch)
+    m = np.random.default_rng(7).random((9000, 700))
+    bad = m.copy()
+    bad[6000, 0] = 1e6  # overflows float16 in the second conversion chunk, after the first is written
+    keys = [f"k{i}" for i in range(9000)]
+    path = tmp_path / "aligned.emb"
+    with embfile.Writer(path, 700, "float16") as w:
+        for k, v in zip(keys[:1500], m[:1500]):
+            w.add(k, v)
+        w.add_batch(keys[1500:2000], m[1500:2000])
+        with pytest.raises(embfile.WriterError, match="'k6000'"):
+            w.add_batch(keys[2000:], bad[2000:])
+        rolled_back_past = calls[-1][1]
+        w.add_batch(keys[2000:], m[2000:])
+        record_writes = list(calls)
+    assert len(record_writes) >= 5 and rolled_back_past > 4096 + 2000 * 1400
+    assert all(end % (2 << 20) == 0 for start, end in record_writes), record_writes
+    db = embfile.open(path)
+    assert list(db) == keys
+    np.testing.assert_array_equal(db.matrix, m.astype("float16"))
+    db.verify()
+
+
+def test_a_write_the_kernel_takes_in_part_is_finished(tmp_path, monkeypatch):
+    calls = _spy_on_writev(monkeypatch, most=(1 << 20) + 3)
+    m = np.random.default_rng(8).random((2000, 1280)).astype(np.float32)
+    check_roundtrip(tmp_path / "short.emb", [f"s{i}" for i in range(2000)], m)
+    assert len(calls) > 10
+    embfile.open(tmp_path / "short.emb").verify()
+
+
 def test_layout_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="block_bytes"):
         embfile.Writer(tmp_path / "x.emb", 4, block_bytes=1000)
