@@ -25,6 +25,20 @@ cdef extern from "<sys/mman.h>" nogil:
 cdef extern from "<errno.h>":
     int errno
 
+cdef extern from *:
+    """
+    #include <fcntl.h>
+    static int emb_start_writeback(int fd, long long offset, long long length) {
+    #ifdef SYNC_FILE_RANGE_WRITE
+        return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE);
+    #else
+        (void)fd, (void)offset, (void)length; /* elsewhere the final fsync does it all */
+        return 0;
+    #endif
+    }
+    """
+    int emb_start_writeback(int fd, long long offset, long long length) nogil
+
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
@@ -334,6 +348,16 @@ def advise(uintptr_t addr, size_t length, int advice):
         rc = madvise(<void *>addr, length, advice)
     if rc:
         raise OSError(errno, "madvise failed")
+
+
+def start_writeback(int fd, long long offset, long long length):
+    """Start writing a file range's dirty pages to disk, without waiting or evicting them
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere nothing)."""
+    cdef int rc
+    with nogil:
+        rc = emb_start_writeback(fd, offset, length)
+    if rc:
+        raise OSError(errno, "sync_file_range failed")
 
 
 def stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream):

@@ -82,7 +82,7 @@ class Writer:
         self._staging = Staging(self.path)
         self._file = builtins.open(self._staging.path, "wb", buffering=0)
         self._carry = bytearray(F.PAGE)  # not yet in the file; starts with room for the header, written last
-        self._written, self._synced = F.PAGE, 0  # bytes added so far; the file's bytes already written back
+        self._written, self._synced = F.PAGE, 0  # bytes added so far; the file's bytes sent to the disk
 
     def __len__(self):
         return len(self._offsets) - 1
@@ -159,9 +159,10 @@ class Writer:
         self._written = end
         in_file = end - len(self._carry)
         if in_file - self._synced >= _WRITEBACK_BYTES:
-            # On dirty pages DONTNEED starts asynchronous writeback (and evicts nothing):
-            # the disk works while we go on, and dirty memory stays bounded.
-            os.posix_fadvise(self._file.fileno(), self._synced, in_file - self._synced, os.POSIX_FADV_DONTNEED)
+            # Start writing back now, so the disk works while we go on and dirty memory stays
+            # bounded.  Nothing is evicted: memory freed in the middle of a write is what a VM
+            # hands back to its host, and the next big allocation pays to fault it back in.
+            _core.start_writeback(self._file.fileno(), self._synced, in_file - self._synced)
             self._synced = in_file
         while len(data):  # running CRC per checksum block
             take = min(len(data), self._block_bytes - self._crc_fill)

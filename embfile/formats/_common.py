@@ -9,6 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
+from embfile import _core
 from embfile._staging import DISK_FULL, Staging, disk_full, require_space
 from embfile.writer import Writer
 
@@ -110,11 +111,11 @@ def atomic_output(dst, nbytes=0):
 
 
 def start_writeback(path):
-    """Have the kernel start writing ``path``'s dirty pages now (DONTNEED on dirty pages does that),
-    so the disk works while the next part is encoded and the final fsync is short."""
+    """Have the kernel start writing ``path``'s dirty pages now, so the disk works while the next
+    part is encoded and the final fsync is short."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        _core.start_writeback(fd, 0, 0)  # a length of 0: to the end of the file
     finally:
         os.close(fd)
 
