@@ -7,6 +7,7 @@ pages a lookup touches is ever read.
 """
 import collections.abc
 import io
+import itertools
 import json
 import mmap
 import os
@@ -127,10 +128,13 @@ class EmbFile(_core._Reader, epochs.BatchSource, RowOrderMapping):
 
     def __iter__(self):
         self._require_open()
+        return itertools.chain.from_iterable(self._key_chunks())  # no Python frame per key
+
+    def _key_chunks(self):
         for start in range(0, len(self), 4096):  # decoded in chunks: fast, and bounded in memory
             if start % KEYS_AHEAD == 0:  # the next stretch of keys is read while this one is decoded
                 self._prefetch_keys(start and start + KEYS_AHEAD, start + 2 * KEYS_AHEAD)
-            yield from self.keys_between(start, start + 4096)
+            yield self.keys_between(start, start + 4096)
 
     def _prefetch_keys(self, lo, hi):
         """Ask the disk for the keys of rows ``[lo, hi)`` (a hint: clipped to the keys section)."""
