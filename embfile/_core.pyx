@@ -21,6 +21,11 @@ cnp.import_array()
 
 cdef extern from "<sys/mman.h>" nogil:
     int madvise(void *addr, size_t length, int advice)
+    int mincore(void *addr, size_t length, unsigned char *vec)
+
+cdef extern from "<unistd.h>" nogil:
+    long sysconf(int name)
+    int _SC_PAGESIZE
 
 cdef extern from "<errno.h>":
     int errno
@@ -348,6 +353,25 @@ def advise(uintptr_t addr, size_t length, int advice):
         rc = madvise(<void *>addr, length, advice)
     if rc:
         raise OSError(errno, "madvise failed")
+
+
+def resident_fraction(uintptr_t addr, size_t length):
+    """The fraction of the pages of a page-aligned range of a file mapping that are in the
+    page cache (``mincore``)."""
+    cdef size_t page = sysconf(_SC_PAGESIZE), pages = (length + page - 1) // page, i, resident = 0
+    if pages == 0:
+        return 1.0
+    vec = np.zeros(pages, np.uint8)
+    cdef unsigned char[::1] v = vec
+    cdef int rc
+    with nogil:
+        rc = mincore(<void *>addr, length, &v[0])
+        if rc == 0:
+            for i in range(pages):
+                resident += v[i] & 1
+    if rc:
+        raise OSError(errno, "mincore failed")
+    return resident / pages
 
 
 def start_writeback(int fd, long long offset, long long length):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import embfile
-from embfile import epochs, reader
+from embfile import _core, epochs, reader
 from conftest import check_roundtrip
 
 
@@ -121,7 +121,8 @@ def test_fault_in_ahead_makes_every_page_of_the_array_resident():
     assert _resident_bytes() - before >= 0.9 * out.nbytes
 
 
-def test_to_numpy_of_a_large_file_faulted_in_ahead(tmp_path):
+def test_to_numpy_of_a_large_file_faulted_in_ahead(tmp_path, monkeypatch):
+    monkeypatch.setattr(embfile.EmbFile, "_mostly_cached", lambda self: True)  # as after the truncation
     path, rows = tmp_path / "x.emb", 3 * epochs.POPULATE_STEP // 4096
     matrix = np.random.default_rng(0).random((rows, 1024), dtype=np.float32)
     embfile.write(path, ([f"k{i}" for i in range(rows)], matrix))
@@ -131,6 +132,26 @@ def test_to_numpy_of_a_large_file_faulted_in_ahead(tmp_path):
         with pytest.raises(embfile.TruncatedFileError):
             db.to_numpy()
     assert not [t for t in threading.enumerate() if t.name == "embfile-fault-in"]  # stopped and joined
+
+
+def test_to_numpy_faults_in_ahead_only_from_a_cached_file(tmp_path, monkeypatch):
+    """From disk the read-ahead sets the pace, and the helper's page allocations would slow it."""
+    path, rows = tmp_path / "x.emb", 3 * epochs.POPULATE_STEP // 4096
+    matrix = np.random.default_rng(1).random((rows, 1024), dtype=np.float32)
+    embfile.write(path, ([f"k{i}" for i in range(rows)], matrix))
+    helped, real = [], epochs.faulted_in_ahead
+    monkeypatch.setattr(epochs, "faulted_in_ahead", lambda out: helped.append(out.nbytes) or real(out))
+    with embfile.open(path) as db:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        records = int(db._layout()[0][0]), matrix.nbytes
+        if _core.resident_fraction(*records) > 0.1:
+            pytest.skip("this file system keeps the file in memory (tmpfs?)")
+        np.testing.assert_array_equal(db.to_numpy(), matrix)  # cold: no helper
+        assert helped == [] and _core.resident_fraction(*records) == 1.0  # and now it is cached
+        np.testing.assert_array_equal(db.to_numpy(), matrix)
+    assert helped == [matrix.nbytes]
 
 
 def test_wrong_key_types(study):
