@@ -505,7 +505,7 @@ def main():
     ap.add_argument("--cold", type=int, default=200, help="cold lookups per tool (each evicts first)")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of: " + ", ".join(TOOLS))
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="scratch folder on the disk to measure")
-    ap.add_argument("--rounds", type=int, default=5, help="head-to-head rounds against h5py bulk per size")
+    ap.add_argument("--rounds", type=int, default=9, help="head-to-head rounds against h5py bulk per size")
     ap.add_argument("--json", help="also write all figures here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
