@@ -327,7 +327,7 @@ class BatchSource:
 
         Read with large ``pread`` calls at the disk's sequential speed on a cold
         file (``np.array(db.matrix)`` copies in interleaved streams that defeat
-        read-ahead); from a cached file, while a helper thread faults in the new
+        read-ahead).  From a cached file a helper thread also faults in the new
         array's pages ahead of the copy.  The array's data starts on a page boundary.
         """
         self._require_open()
@@ -342,8 +342,8 @@ class BatchSource:
         disk does, the helper's page allocations compete with the read-ahead's (cold: 228 against
         197 ms)."""
         bases, starts, record_bytes, _ = self._layout()
-        length = min(int(starts[1] - starts[0]) * record_bytes, 64 << 20)
-        return bool(length) and _core.resident_fraction(int(bases[0]), length) >= 0.5
+        length = min(int(starts[1] - starts[0]) * record_bytes, 64 << 20) if len(bases) else 0
+        return length > 0 and _core.resident_fraction(int(bases[0]), length) >= 0.5
 
 
 def aligned_empty(shape, dtype, align=4096):
