@@ -6,6 +6,7 @@ kills it): MODE ``write`` streams records through ``embfile.Writer``,
 processes of tests/test_stress.py.  Content is a function of (N, DIM,
 GENERATION), so a reader can check every byte without being sent the data.
 """
+import os
 import sys
 import threading
 import time
@@ -32,14 +33,18 @@ def main(mode, dst, n, dim, generation):
             w.add_batch(keys[lo:lo + 2000], matrix[lo:lo + 2000])
 
 
-def stress_reader(path, seconds, seed):
-    """Read ``path`` for ``seconds`` from three threads (two doing lookups, gathers and
-    ``take``, one shuffled epochs), checking every vector against the content of the
-    generation the open handle shows.  The lookup threads reopen the path now and
-    then (and so see a replacement); the epoch thread keeps its first handle
-    throughout (and so must go on seeing the old file).  Returns what was checked."""
-    stop = time.monotonic() + seconds
+def stress_reader(path, signals, seed, deadline=600):
+    """Read ``path`` from three threads (two doing lookups, gathers and ``take``, one
+    shuffled epochs), checking every vector against the content of the generation the
+    open handle shows, until the file ``signals/stop`` appears.  ``signals/ready-SEED``
+    appears once every thread has checked a read.  The lookup threads reopen the path
+    now and then, and once more at the stop (and so see a replacement); the epoch thread
+    keeps its first handle throughout (and so must go on seeing the old file).  Returns
+    what was checked."""
+    give_up = time.monotonic() + deadline  # the test has died: do not outlive it
+    stopped = lambda: os.path.exists(os.path.join(signals, "stop")) or time.monotonic() > give_up  # noqa: E731
     truth_cache, report, lock = {}, {"records": 0, "reads": {}, "errors": []}, threading.Lock()
+    started = []
 
     def truth(db):
         meta = db.metadata
@@ -48,17 +53,20 @@ def stress_reader(path, seconds, seed):
             truth_cache[key] = content(len(db), db.dim, meta["generation"])
         return meta["generation"], *truth_cache[key]
 
-    def checked(generation, records):
+    def checked(generation, records, first):
         with lock:
             report["records"] += records
             report["reads"][str(generation)] = time.time()  # the last read of each generation
+            if first:
+                started.append(1)
+                if len(started) == 3:
+                    open(os.path.join(signals, f"ready-{seed}"), "w").close()
 
     def lookups(rng):
         db = embfile.open(path)
         for step in range(1 << 62):
-            if time.monotonic() > stop:
-                return
-            if step % 50 == 49:
+            last = stopped()
+            if last or step % 50 == 49:
                 db = embfile.open(path)
             generation, keys, m = truth(db)
             rows = rng.integers(len(keys), size=64)
@@ -66,20 +74,24 @@ def stress_reader(path, seconds, seed):
                 assert np.array_equal(db[keys[r]], m[r]), (generation, keys[r])
             assert np.array_equal(db.get_batch([keys[r] for r in rows]), m[rows]), generation
             assert np.array_equal(db.take(rows), m[rows]), generation
-            checked(generation, 136)
+            checked(generation, 136, step == 0)
+            if last:
+                return
 
     def epochs(rng):
         db = embfile.open(path)
         generation, keys, m = truth(db)
         row_of = {k: i for i, k in enumerate(keys)}
+        first = True
         for epoch in range(1 << 62):
             seen = np.zeros(len(keys), np.int64)
             for batch_keys, batch in db.iter_batches(256, seed=seed, epoch=epoch):
                 rows = [row_of[k] for k in batch_keys]
                 assert np.array_equal(batch, m[rows]), (generation, epoch)
                 seen[rows] += 1
-                checked(generation, len(rows))
-                if time.monotonic() > stop:
+                checked(generation, len(rows), first)
+                first = False
+                if stopped():
                     return
             assert (seen == 1).all(), f"epoch {epoch} did not give every record once"
 
