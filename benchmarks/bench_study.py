@@ -7,12 +7,13 @@ reads, gathers and lookups report the best of up to three runs (a single run can
 or a busy neighbour on a shared VM).  Each tool writes from its natural input: pickle and h5py per key from
 the dict, the others from ``(keys, matrix)``; embfile is timed from both.
 
-    python benchmarks/bench_study.py                         # 10,000 and 50,000 records, a few minutes
+    python benchmarks/bench_study.py                         # 10,000 and 50,000 records, about 8 minutes
     python benchmarks/bench_study.py --sizes 10000,50000,100000,500000 --open-size 1000000
 
 Prints the machine's limits, one table per size, embfile against h5py bulk head to head (``--rounds``
 interleaved rounds of durable write and full read: the two do the same I/O, so only rounds taken side by
-side tell them apart), the open-scaling table, and each target of issue #3 as PASS or MISS with its ratio.
+side tell them apart; one tool runs twice per round, and its two runs against each other are the control),
+the open-scaling table, and each target of issue #3 as PASS or MISS with its ratio.
 """
 import argparse
 import json
