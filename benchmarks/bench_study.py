@@ -309,23 +309,27 @@ def worker(task):
                         m[lo:lo + 1024].sum()
             res["scan_cold"] = best_of(scan, before=lambda: machine.evict(path))
     elif op == "open":
-        for p in tool.files(path):
-            machine.evict(p)
-        rss0 = machine.rss_mb()
-        t0 = time.perf_counter()
-        h = tool.open(path)
-        res["open_cold"] = time.perf_counter() - t0
-        res["open_rss_mb"] = machine.rss_mb() - rss0
-        tool.close(h)
-        del h
-        warm = []
+        evict = lambda: [machine.evict(p) for p in tool.files(path)]  # noqa: E731
+        cold, warm, spent = [], [], time.perf_counter()
+        for i in range(3):  # cold: the best of up to 3, as every figure; memory: the first open's
+            evict()
+            rss0 = machine.rss_mb()
+            t0 = time.perf_counter()
+            h = tool.open(path)
+            cold.append(time.perf_counter() - t0)
+            if i == 0:
+                res["open_rss_mb"] = machine.rss_mb() - rss0
+            tool.close(h)
+            del h
+            if time.perf_counter() - spent > 5.0:
+                break
         for _ in range(5):
             t0 = time.perf_counter()
             h = tool.open(path)
             warm.append(time.perf_counter() - t0)
             tool.close(h)
             del h
-        res["open_warm"] = float(np.median(warm))
+        res["open_cold"], res["open_warm"] = min(cold), float(np.median(warm))
     elif op == "lookup":
         keys = probe_keys(n, task["lookups"])
         h = tool.open(path)
