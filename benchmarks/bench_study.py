@@ -287,6 +287,11 @@ def durable_write(write, path, files, keys, matrix, repeats=3, budget_s=5.0):
 def worker(task):
     tool, op, path, n = TOOLS[task["tool"]], task["op"], task["path"], task["n"]
     res = {}
+
+    def evict():
+        for p in tool.files(path):
+            machine.evict(p)
+
     if op == "write":
         keys, matrix = make_data(n)
         base = machine.peak_mb()
@@ -297,7 +302,6 @@ def worker(task):
             res["write_dict_fsync"] = durable_write(tool.write_dict, path, tool.files(path), keys, matrix)[1]
     elif op == "read":
         base = machine.peak_mb()
-        evict = lambda: [machine.evict(p) for p in tool.files(path)]  # noqa: E731
         res["read_cold"] = best_of(lambda: tool.read_all(path), before=evict)
         res["read_peak_mb"] = machine.peak_mb() - base
         res["read_warm"] = best_of(lambda: tool.read_all(path))
@@ -309,7 +313,6 @@ def worker(task):
                         m[lo:lo + 1024].sum()
             res["scan_cold"] = best_of(scan, before=lambda: machine.evict(path))
     elif op == "open":
-        evict = lambda: [machine.evict(p) for p in tool.files(path)]  # noqa: E731
         cold, warm, spent = [], [], time.perf_counter()
         for i in range(3):  # cold: the best of up to 3, as every figure; memory: the first open's
             evict()
@@ -352,8 +355,7 @@ def worker(task):
         keys, matrix = make_data(n)
         res["write_fsync"] = durable_write(tool.write, path, tool.files(path), keys, matrix, repeats=1)[1]
         del keys, matrix
-        for p in tool.files(path):
-            machine.evict(p)
+        evict()
         for mode in ("read_cold", "read_warm"):
             t0 = time.perf_counter()
             tool.read_all(path)
