@@ -152,7 +152,7 @@ __attribute__((target("sse4.2"))) static void make_shift_table(void) {
                     c ^= unit[8 * k + i];
             shift_table[k][b] = c;
         }
-    shift_ready = 1;
+    __atomic_store_n(&shift_ready, 1, __ATOMIC_RELEASE); /* after the table, for other threads */
 }
 
 /* The CRC register after ``c`` is followed by STRETCH zero bytes. */
@@ -165,7 +165,7 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t c,
                                                          const uint8_t *p,
                                                          size_t len) {
     uint64_t c0 = c;
-    if (len >= 3 * STRETCH && !shift_ready)
+    if (len >= 3 * STRETCH && !__atomic_load_n(&shift_ready, __ATOMIC_ACQUIRE))
         make_shift_table(); /* idempotent: a race writes the same values */
     while (len >= 3 * STRETCH) {
         uint64_t c1 = 0, c2 = 0, v0, v1, v2;
