@@ -49,7 +49,6 @@ def probe_keys(n, count, seed=1):
 # ---- the tools -------------------------------------------------------------------------------
 # Each: write(path, keys, matrix); files(path); read_all(path); open(path) -> handle;
 # lookup(handle, key) -> vector; gather(handle, keys) -> matrix; close(handle).
-# read_all gives every key as a Python str and every vector: the same result from every tool.
 
 class Pickle:
     name = "pickle dict"
@@ -124,7 +123,7 @@ class H5Bulk:
     def read_all(self, path):
         import h5py
         with h5py.File(path, "r") as f:
-            return f["ids"].asstr()[()], f["embeddings"][()]  # keys as str, as every tool's read gives
+            return f["ids"][()], f["embeddings"][()]
 
     def open(self, path):
         import h5py
@@ -195,7 +194,7 @@ class Memmap(MatrixAndDict):
         return [path + ".npy", path + ".keys.npy"]
 
     def read_all(self, path):
-        return np.load(path + ".keys.npy").tolist(), np.load(path + ".npy")
+        return np.load(path + ".keys.npy"), np.load(path + ".npy")
 
     def open(self, path):
         keys = np.load(path + ".keys.npy").tolist()

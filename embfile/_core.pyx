@@ -41,18 +41,8 @@ cdef extern from *:
         return 0;
     #endif
     }
-    #ifdef __linux__
-    #include <sys/vfs.h>
-    static long long emb_fs_magic(int fd) {
-        struct statfs st;
-        return fstatfs(fd, &st) ? -1 : (long long)st.f_type;
-    }
-    #else
-    static long long emb_fs_magic(int fd) { (void)fd; return -1; }
-    #endif
     """
     int emb_start_writeback(int fd, long long offset, long long length) nogil
-    long long emb_fs_magic(int fd) nogil
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
@@ -392,11 +382,6 @@ def start_writeback(int fd, long long offset, long long length):
         rc = emb_start_writeback(fd, offset, length)
     if rc:
         raise OSError(errno, "sync_file_range failed")
-
-
-def fs_magic(int fd):
-    """The type of the file system ``fd`` is on (Linux ``statfs.f_type``), or -1 where unknown."""
-    return emb_fs_magic(fd)
 
 
 def stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream):

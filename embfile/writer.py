@@ -9,27 +9,23 @@ ever holds a complete file: the old one or the new one.
 import array
 import builtins
 import collections.abc
-import concurrent.futures
 import contextlib
 import datetime
-import errno
 import json
 import os
 
 import numpy as np
 
 from embfile import _core, errors
-from embfile.epochs import aligned_empty
 from embfile._staging import DISK_FULL, Staging, disk_full
 from embfile import _format as F
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
-_WRITEBACK_BYTES = 32 << 20  # through the page cache: start writing back every this many bytes
-# Records reach the file in units of this many bytes, each at a multiple of it in the file and
-# from a page-aligned buffer: so on a local disk they can bypass the page cache (O_DIRECT), and
-# through it they fill huge folios (a file cached in 4 KiB pages, once evicted, leaves memory
-# fragmented, and the next big read pays for that).
-_UNIT_BYTES = 16 << 20
+_WRITEBACK_BYTES = 32 << 20  # start writing back to disk every this many bytes, not all at the fsync
+# Record writes end on multiples of this in the file (the rest is carried to the next write), so
+# the page cache can hold the records in huge folios: a file cached in 4 KiB pages, once evicted,
+# leaves memory fragmented, and the next big read pays for that.
+_FOLIO_BYTES = 2 << 20
 
 
 class Writer:
@@ -84,12 +80,9 @@ class Writer:
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
         self._staging = Staging(self.path)
-        self._file = builtins.open(self._staging.path, "w+b", buffering=0)  # a rollback reads
-        self._sink = _UnitSink(self._file.fileno(), self._staging.path)
-        self._spare = aligned_empty(_UNIT_BYTES, np.uint8)  # filled while the sink writes the other
-        self._unit = aligned_empty(_UNIT_BYTES, np.uint8)  # the records not yet in the file
-        self._unit[:F.PAGE] = 0  # room for the header, written last
-        self._fill = self._written = F.PAGE  # bytes in the unit; bytes added so far
+        self._file = builtins.open(self._staging.path, "wb", buffering=0)
+        self._carry = bytearray(F.PAGE)  # not yet in the file; starts with room for the header, written last
+        self._written, self._synced = F.PAGE, 0  # bytes added so far; the file's bytes sent to the disk
 
     def __len__(self):
         return len(self._offsets) - 1
@@ -131,26 +124,23 @@ class Writer:
                 for lo in range(0, len(keys), step):
                     self._write_records(_convert(m[lo:lo + step], self.dtype, keys[lo:lo + step]))
         except BaseException:
-            with _disk_errors(self):  # a unit still being written may have failed
-                self._rollback(*mark)
+            self._rollback(*mark)
             raise
         for b in encoded:
             self._heap += b
             self._offsets.append(len(self._heap))
 
     def _rollback(self, n_offsets, n_heap, n_crcs, crc, crc_fill, written):
-        """Undo a partly written batch: keys, checksum state, unit and file back to the mark."""
+        """Undo a partly written batch: keys, checksum state, carry and file back to the mark."""
         if self._file is None:  # aborted (the disk is full)
             return
         del self._offsets[n_offsets:], self._heap[n_heap:], self._block_crcs[n_crcs:]
-        self._sink.drain()
-        fd, in_file = self._file.fileno(), self._written - self._fill
-        if in_file > written:  # the mark's unit went to the file: take its first part back
-            in_file = written - written % _UNIT_BYTES
-            _read_all(fd, self._unit[:written - in_file], in_file)
-        os.ftruncate(fd, in_file)
-        self._crc, self._crc_fill, self._written, self._fill = crc, crc_fill, written, written - in_file
-        self._sink.synced = min(self._sink.synced, in_file)
+        in_file = min(written, self._written - len(self._carry))
+        self._carry = self._carry[:written - in_file]  # a copy: a failed write's traceback may pin the old one
+        self._crc, self._crc_fill, self._written = crc, crc_fill, written
+        self._synced = min(self._synced, in_file)
+        self._file.truncate(in_file)
+        self._file.seek(in_file)
 
     def _flush(self):
         if self._pending:  # already converted and checked by add()
@@ -159,15 +149,21 @@ class Writer:
 
     def _write_records(self, block):
         data = memoryview(np.ascontiguousarray(block)).cast("B")
-        src = np.frombuffer(data, np.uint8)
-        while len(src):
-            take = min(len(src), _UNIT_BYTES - self._fill)
-            self._unit[self._fill:self._fill + take] = src[:take]
-            self._fill += take
-            self._written += take
-            src = src[take:]
-            if self._fill == _UNIT_BYTES:
-                self._write_unit()
+        end = self._written + len(data)
+        cut = end - end % _FOLIO_BYTES - self._written  # bytes of data that fill the file up to a boundary
+        if cut >= 0:
+            self._write_all(self._carry, data[:cut])
+            self._carry = bytearray(data[cut:])
+        else:
+            self._carry += data
+        self._written = end
+        in_file = end - len(self._carry)
+        if in_file - self._synced >= _WRITEBACK_BYTES:
+            # Start writing back now, so the disk works while we go on and dirty memory stays
+            # bounded.  Nothing is evicted: memory freed in the middle of a write is what a VM
+            # hands back to its host, and the next big allocation pays to fault it back in.
+            _core.start_writeback(self._file.fileno(), self._synced, in_file - self._synced)
+            self._synced = in_file
         while len(data):  # running CRC per checksum block
             take = min(len(data), self._block_bytes - self._crc_fill)
             self._crc = _core.crc32c(data[:take], self._crc)
@@ -176,10 +172,6 @@ class Writer:
             if self._crc_fill == self._block_bytes:
                 self._block_crcs.append(self._crc)
                 self._crc, self._crc_fill = 0, 0
-
-    def _write_unit(self):
-        self._sink.put(self._unit, self._written - _UNIT_BYTES)
-        self._unit, self._spare, self._fill = self._spare, self._unit, 0
 
     def close(self):
         """Finish the file: index, keys, metadata, checksums, header; fsync; rename into place."""
@@ -213,7 +205,7 @@ class Writer:
                  records_offset=F.PAGE, records_size=n * self._record_bytes)
         sums = np.array([*self._block_crcs, _core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta)],
                         dtype="<u4").tobytes()
-        parts, pos = [self._unit[:self._fill]], self._written  # the unit, then the sections after the records
+        parts, pos = [self._carry], self._written  # the carry, then the sections after the records
         for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1),
                                   ("sums", sums, 4)):
             parts.append(bytes(-pos % align))
@@ -222,14 +214,27 @@ class Writer:
             parts.append(data)
             pos += len(data)
         h["file_size"] = pos
-        self._sink.close()
-        fd = self._file.fileno()
-        _write_all(fd, parts, self._written - self._fill)
+        self._write_all(*parts)
         head = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
-        _write_all(fd, [head, _core.crc32c(head).to_bytes(4, "little")], 0)
+        self._file.seek(0)
+        self._write_all(head, _core.crc32c(head).to_bytes(4, "little"))
         self._file.close()
         self._file = None
         self._staging.commit()
+
+    def _write_all(self, *buffers):
+        """Write the buffers at the file's position in one ``writev`` (more only if the kernel
+        takes part of them)."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        try:
+            while views:
+                done = os.writev(self._file.fileno(), views)
+                while views and done >= len(views[0]):
+                    done -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][done:]
+        finally:
+            views.clear()  # release the buffers even if a traceback keeps this frame
 
     def _writer_record(self, n):
         from embfile import __version__
@@ -240,7 +245,6 @@ class Writer:
     def abort(self):
         """Discard everything written; the destination path is left as it was."""
         if self._file is not None:
-            self._sink.close(quiet=True)
             file, self._file = self._file, None
             try:
                 file.close()
@@ -322,114 +326,6 @@ def _add_rows(w, keys, vecs):
             w.add(k, v)
         return
     w.add_batch(keys, matrix)
-
-
-class _UnitSink:
-    """Writes full units of records at their offsets on a thread of its own, one at a time, so
-    the disk works while the writer converts and checksums the next unit.  A write's error is
-    raised by the next call."""
-
-    def __init__(self, fd, path):
-        self.fd, self.direct, self.synced = fd, _open_direct(path), 0
-        self._thread, self._pending = None, None
-
-    def put(self, unit, at):
-        """Start writing ``unit`` at ``at``; it must stay untouched until the next call returns."""
-        self.drain()
-        if self._thread is None:
-            self._thread = concurrent.futures.ThreadPoolExecutor(1, "embfile-writer")
-        self._pending = self._thread.submit(self._write, unit, at)
-
-    def drain(self):
-        """Wait for the unit being written; raise its error, if any."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self, quiet=False):
-        """Wait for the last write (raising its error unless ``quiet``) and let the thread go."""
-        try:
-            self.drain()
-        except OSError:
-            if not quiet:
-                raise
-        finally:
-            if self._thread is not None:
-                self._thread.shutdown()
-            self._close_direct()
-
-    def _write(self, unit, at):
-        end = at + len(unit)
-        if self.direct is not None:
-            try:
-                _write_all(self.direct, [unit], at)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._close_direct()  # the file system refused an aligned direct write after all
-            else:
-                return
-        _write_all(self.fd, [unit], at)
-        if end - self.synced >= _WRITEBACK_BYTES:
-            # Start writing back now, so the disk works while we go on and dirty memory stays
-            # bounded.  Nothing is evicted: memory freed in the middle of a write is what a VM
-            # hands back to its host, and the next big allocation pays to fault it back in.
-            _core.start_writeback(self.fd, self.synced, end - self.synced)
-            self.synced = end
-
-    def _close_direct(self):
-        if self.direct is not None:
-            fd, self.direct = self.direct, None
-            os.close(fd)
-
-
-# File systems on a local disk (ext2-4, XFS, Btrfs), where a write past the page cache is faster;
-# elsewhere (network, FUSE, tmpfs) it may be slower or refused, and the page cache is kept.
-_DIRECT_FILE_SYSTEMS = {0xEF53, 0x58465342, 0x9123683E}
-
-
-def _open_direct(path):
-    """A second descriptor of ``path`` that bypasses the page cache, or None.
-
-    A durable write through the page cache copies every byte into it and then
-    waits for the disk anyway; around it, the copy and the cache's memory are
-    saved, and what else is cached stays (3 GB: 1.24x h5py's durable write).
-    """
-    if not getattr(os, "O_DIRECT", 0):
-        return None
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return None
-    if _core.fs_magic(fd) not in _DIRECT_FILE_SYSTEMS:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _write_all(fd, buffers, at):
-    """Write the buffers at offset ``at`` in one ``pwritev`` (more only if the kernel takes part
-    of them)."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    try:
-        while views:
-            done = os.pwritev(fd, views, at)
-            at += done
-            while views and done >= len(views[0]):
-                done -= len(views.pop(0))
-            if views:
-                views[0] = views[0][done:]
-    finally:
-        views.clear()  # release the buffers even if a traceback keeps this frame
-
-
-def _read_all(fd, out, at):
-    view = memoryview(out).cast("B")
-    while len(view):
-        got = os.preadv(fd, [view], at)
-        if got == 0:
-            raise OSError(errno.EIO, "the file being written is shorter than what was written to it")
-        view, at = view[got:], at + got
 
 
 def _encode_key(key):
