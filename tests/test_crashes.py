@@ -206,17 +206,19 @@ def test_disk_full_conversion_is_refused_up_front(small_disk, tmp_path, name):
     assert os.listdir(small_disk) == [name] and (small_disk / name).read_bytes() == b"keep me"
 
 
-def test_file_size_limit(tmp_path):
-    """RLIMIT_FSIZE (EFBIG), which any user can set: the same clean failure, in a real process."""
+@pytest.mark.parametrize("limit_mb, n", [(2, 20_000), (20, 100_000)])
+def test_file_size_limit(tmp_path, limit_mb, n):
+    """RLIMIT_FSIZE (EFBIG), which any user can set: the same clean failure, in a real process, met
+    at the writer's last write (2 MiB) or among its record writes (20 MiB)."""
     dst = tmp_path / "db.emb"
     embfile.write(dst, content(100, DIM, 1))
     before = dst.read_bytes()
     script = (
         "import resource, signal, sys, embfile; from workers import content\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_mb} << 20, {limit_mb} << 20))\n"
         "try:\n"
-        f"    embfile.write({str(dst)!r}, content(20_000, {DIM}, 2))\n"
+        f"    embfile.write({str(dst)!r}, content({n}, {DIM}, 2))\n"
         "except embfile.DiskFullError as e:\n"
         "    print(e.errno, e)\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, check=True)
