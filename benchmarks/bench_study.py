@@ -5,7 +5,8 @@ Every measurement runs in a fresh worker process, so page-cache state and peak m
 one operation.  "Cold" means evicted from the page cache with posix_fadvise(DONTNEED) first.  Writes,
 reads, gathers and lookups report the best of up to three runs (a single run can meet a huge-page compaction
 or a busy neighbour on a shared VM).  Each tool writes from its natural input: pickle and h5py per key from
-the dict, the others from ``(keys, matrix)``; embfile is timed from both.
+the dict, the others from ``(keys, matrix)``; embfile is timed from both.  A full read gives what the pickled
+dict gives: every key as a Python ``str``, and every vector.
 
     python benchmarks/bench_study.py                         # 10,000 and 50,000 records, about 8 minutes
     python benchmarks/bench_study.py --sizes 10000,50000,100000,500000 --open-size 1000000
@@ -123,7 +124,7 @@ class H5Bulk:
     def read_all(self, path):
         import h5py
         with h5py.File(path, "r") as f:
-            return f["ids"][()], f["embeddings"][()]
+            return f["ids"].asstr()[()], f["embeddings"][()]  # ids as str, as every full read gives them
 
     def open(self, path):
         import h5py
@@ -194,7 +195,7 @@ class Memmap(MatrixAndDict):
         return [path + ".npy", path + ".keys.npy"]
 
     def read_all(self, path):
-        return np.load(path + ".keys.npy"), np.load(path + ".npy")
+        return np.load(path + ".keys.npy").tolist(), np.load(path + ".npy")
 
     def open(self, path):
         keys = np.load(path + ".keys.npy").tolist()
