@@ -79,13 +79,17 @@ def cold_pread_us(path, count=400, size=4096, seed=0):
     return np.median(times) / 1e3, np.percentile(times, 99) / 1e3
 
 
-def measure(folder, nbytes=1024 * MB):
-    """All the limits, using a scratch file of ``nbytes`` in ``folder`` (removed afterwards)."""
+def measure(folder, nbytes=1024 * MB, repeats=3):
+    """All the limits, using a scratch file of ``nbytes`` in ``folder`` (removed afterwards).
+
+    The disk's figures are the best of ``repeats``, as the benchmarks' own: a single cold read right
+    after the write can meet the host still flushing it (1.8 against 4.4 GB/s here).
+    """
     path = os.path.join(folder, "machine-limits.bin")
     try:
         limits = {"memcpy_gbps": memcpy_gbps(), "first_touch_gbps": first_touch_gbps(),
-                  "write_fsync_gbps": write_fsync_gbps(path, nbytes)}
-        limits["cold_read_gbps"] = cold_read_gbps(path)
+                  "write_fsync_gbps": max(write_fsync_gbps(path, nbytes) for _ in range(repeats))}
+        limits["cold_read_gbps"] = max(cold_read_gbps(path) for _ in range(repeats))
         limits["cold_pread_us"], limits["cold_pread_p99_us"] = cold_pread_us(path)
         return limits
     finally:
