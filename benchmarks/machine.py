@@ -83,7 +83,7 @@ def measure(folder, nbytes=1024 * MB, repeats=3):
     """All the limits, using a scratch file of ``nbytes`` in ``folder`` (removed afterwards).
 
     The disk's figures are the best of ``repeats``, as the benchmarks' own: a single cold read right
-    after the write can meet the host still flushing it (1.8 against 4.4 GB/s here).
+    after the write can meet the host still flushing it (1.8 against 4.2 GB/s here).
     """
     path = os.path.join(folder, "machine-limits.bin")
     try:
