@@ -142,7 +142,9 @@ def test_roundtrip_parquet_emb_parquet(tmp_path, data, dtype):
     assert f.metadata.num_row_groups == -(-len(keys) // 500)
     back = f.read()
     assert back["key"].to_pylist() == keys
-    assert back.schema.field("vector").type == pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), 48)
+    item = pa.field("item", pa.from_numpy_dtype(np.dtype(dtype)), nullable=False)
+    assert back.schema.field("vector").type == pa.list_(item, 48)  # no nulls anywhere, and declared so
+    assert not back.schema.field("vector").nullable and not back.schema.field("key").nullable
     got = np.stack(back["vector"].to_numpy(zero_copy_only=False))
     assert got.tobytes() == m.tobytes()
     df = pd.read_parquet(tmp_path / "b.parquet")  # pandas reads it as it is
@@ -167,6 +169,7 @@ def test_to_arrow_shares_memory(tmp_path, data):
     db = embfile.open(tmp_path / "a.emb")
     t = db.to_arrow()
     assert t.schema.field("key").type == pa.large_string()
+    assert not any(f.nullable for f in t.schema) and not t.schema.field("vector").type.value_field.nullable
     assert t["key"].to_pylist() == list(data)
     values = t["vector"].chunk(0).values.to_numpy()
     assert np.shares_memory(values, db.matrix) or values.ctypes.data == db.matrix.ctypes.data

