@@ -92,6 +92,11 @@ def test_bad_tables_give_clear_errors(tmp_path):
     all_null = write("allnull.parquet", key=keys, v=pa.array([None] * 10, pa.list_(pa.float32())))
     with pytest.raises(embfile.ConversionError, match="holds no vectors"):
         embfile.convert(all_null, tmp_path / "o.emb")
+    late = tmp_path / "late.parquet"  # the dim is found past the first read of a few rows
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(300)],
+                             "v": pa.array([None] * 299 + [[1.0, 2.0, 3.0]], pa.list_(pa.float32()))}), late)
+    with pytest.raises(embfile.ConversionError, match=r"row 0 \(key 'k0'\) has a null vector"):
+        embfile.convert(late, tmp_path / "o.emb")
     null_int = write("nullint.parquet", key=keys, v=[[1, 2]] * 9 + [[1, None]])
     with pytest.raises(embfile.ConversionError, match=r"row 9 \(key 'k9'\) has a null value"):
         embfile.convert(null_int, tmp_path / "o.emb")
