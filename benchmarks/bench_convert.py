@@ -96,7 +96,8 @@ def run(job, repeats=3):
     """The fastest of ``repeats`` runs of ``job``, each in a fresh process, with the largest peak memory."""
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
+                             capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(out.stderr)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))

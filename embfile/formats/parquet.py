@@ -54,9 +54,10 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
     """Write the .emb file ``src`` to Parquet at ``dst`` (atomic).
 
     ``row_group_size`` is in rows (default: about 64 MiB of vectors).  Keys are
-    written as ``string``, vectors as ``fixed_size_list``, neither nullable; ``compression`` applies
-    to the keys only, since embedding values barely compress.  The .emb metadata is
-    kept in the schema metadata under ``embfile.metadata``.
+    written as ``string``, vectors as ``fixed_size_list``, neither nullable;
+    ``compression`` applies to the keys only, since embedding values barely
+    compress.  The .emb metadata is kept in the schema metadata under
+    ``embfile.metadata``.
     """
     pa = require("pyarrow", "parquet")
     pq = require("pyarrow.parquet", "parquet")
