@@ -92,10 +92,9 @@ class EmbFile(_core._Reader, epochs.BatchSource, RowOrderMapping):
         # Two mappings, each over its own open file (read-ahead state is kept per
         # open file): lookups want no read-ahead, whole-matrix reads the default.
         # (MADV_SEQUENTIAL made copying the matrix out 40x slower here: not used.)
-        with io.open(self.path, "rb") as f, io.open(self.path, "rb") as g:
-            st, st2 = os.fstat(f.fileno()), os.fstat(g.fileno())
-            if (st.st_ino, st.st_dev) != (st2.st_ino, st2.st_dev):
-                raise OSError(f"{self.path} was replaced while being opened; open it again")
+        f, g = _open_twice(self.path)
+        with f, g:
+            st = os.fstat(f.fileno())
             h = _read_header(os.pread(f.fileno(), F.PAGE, 0), st.st_size, self.path)
             self._lookup_map = mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             mm.madvise(mmap.MADV_RANDOM)
@@ -202,7 +201,7 @@ class EmbFile(_core._Reader, epochs.BatchSource, RowOrderMapping):
         return np.frombuffer(self._lookup_map, "<u8", count=h["count"] + 1, offset=h["keys_offset"])
 
     def to_arrow(self, key_column="key", vector_column="vector"):
-        """A ``pyarrow.Table`` of ``(key: large_string, vector: fixed_size_list<dtype>[dim])``
+        """A ``pyarrow.Table`` of ``(key: large_string, vector: fixed_size_list<dtype>[dim])``, not null,
         sharing memory with the mapped file: no copy, valid after :meth:`close`.  Needs pyarrow."""
         from embfile.formats.parquet import emb_to_arrow
         return emb_to_arrow(self, key_column, vector_column)
@@ -325,6 +324,24 @@ def _where(h, at):
                 return f"the file ends inside the records section (block {(at - lo) // h['block_bytes']})"
             return f"the file ends inside the {name} section"
     return "the file ends between sections"
+
+
+def _open_twice(path, attempts=100):
+    """Two open files of the file at ``path``.  A writer renaming a new file onto
+    ``path`` between the two opens makes them differ: then open both again, so the
+    reader gets the old file or the new one, whole."""
+    for _ in range(attempts):
+        f = io.open(path, "rb")
+        try:
+            g = io.open(path, "rb")
+        except BaseException:
+            f.close()
+            raise
+        if os.path.samestat(os.fstat(f.fileno()), os.fstat(g.fileno())):
+            return f, g
+        f.close()
+        g.close()
+    raise OSError(f"{path} was replaced {attempts} times while being opened")
 
 
 def _read_header(head, size, path):

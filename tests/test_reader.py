@@ -3,6 +3,8 @@ import collections.abc
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -301,3 +303,37 @@ def test_many_keys_match_a_dict(tmp_path):
     assert all(db.row(keys[i]) == i for i in probe[:200])
     assert sum(f"{k}!" in db for k in keys[:500]) == 0
     db.verify()
+
+
+REPLACER = """
+import os, sys, time
+folder, stop = sys.argv[1], time.monotonic() + float(sys.argv[2])
+i = 1  # the path starts as g1 (rename() between two links of one file would do nothing)
+while time.monotonic() < stop and not os.path.exists(os.path.join(folder, "stop")):
+    tmp = os.path.join(folder, "next.emb")
+    os.link(os.path.join(folder, f"g{i % 2 + 1}.emb"), tmp)  # a new name for one of two files
+    os.replace(tmp, os.path.join(folder, "db.emb"))           # renamed onto the path, as writers do
+    i += 1
+"""
+
+
+def test_open_racing_a_rename_gets_one_file_or_the_other(tmp_path):
+    """A process renames one of two files onto the path as fast as it can; every open
+    meanwhile gets one of them, whole (never an error, never a mix of the two)."""
+    from workers import content
+    for g in (1, 2):
+        embfile.write(tmp_path / f"g{g}.emb", content(50, 4, g), metadata={"generation": g})
+    os.link(tmp_path / "g1.emb", tmp_path / "db.emb")
+    replacer = subprocess.Popen([sys.executable, "-c", REPLACER, str(tmp_path), "60"])
+    try:
+        seen = set()
+        for _ in range(3000):
+            with embfile.open(tmp_path / "db.emb") as db:
+                g = db.metadata["generation"]
+                keys, m = content(50, 4, g)
+                assert np.array_equal(db.get_batch(keys), m) and np.array_equal(db.matrix, m)
+                seen.add(g)
+    finally:
+        (tmp_path / "stop").touch()
+        replacer.wait(timeout=60)
+    assert seen == {1, 2}
