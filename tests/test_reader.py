@@ -13,6 +13,7 @@ import pytest
 import embfile
 from embfile import _core, epochs, reader
 from conftest import check_roundtrip
+from workers import content
 
 
 def test_mapping_protocol(study):
@@ -320,7 +321,6 @@ while time.monotonic() < stop and not os.path.exists(os.path.join(folder, "stop"
 def test_open_racing_a_rename_gets_one_file_or_the_other(tmp_path):
     """A process renames one of two files onto the path as fast as it can; every open
     meanwhile gets one of them, whole (never an error, never a mix of the two)."""
-    from workers import content
     for g in (1, 2):
         embfile.write(tmp_path / f"g{g}.emb", content(50, 4, g), metadata={"generation": g})
     os.link(tmp_path / "g1.emb", tmp_path / "db.emb")
