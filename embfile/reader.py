@@ -92,9 +92,8 @@ class EmbFile(_core._Reader, epochs.BatchSource, RowOrderMapping):
         # Two mappings, each over its own open file (read-ahead state is kept per
         # open file): lookups want no read-ahead, whole-matrix reads the default.
         # (MADV_SEQUENTIAL made copying the matrix out 40x slower here: not used.)
-        f, g = _open_twice(self.path)
+        f, g, st = _open_twice(self.path)
         with f, g:
-            st = os.fstat(f.fileno())
             h = _read_header(os.pread(f.fileno(), F.PAGE, 0), st.st_size, self.path)
             self._lookup_map = mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             mm.madvise(mmap.MADV_RANDOM)
@@ -327,9 +326,9 @@ def _where(h, at):
 
 
 def _open_twice(path, attempts=100):
-    """Two open files of the file at ``path``.  A writer renaming a new file onto
-    ``path`` between the two opens makes them differ: then open both again, so the
-    reader gets the old file or the new one, whole."""
+    """Two open files of the file at ``path``, and its ``stat``.  A writer renaming a
+    new file onto ``path`` between the two opens makes them differ: then open both
+    again, so the reader gets the old file or the new one, whole."""
     for _ in range(attempts):
         f = io.open(path, "rb")
         try:
@@ -337,8 +336,9 @@ def _open_twice(path, attempts=100):
         except BaseException:
             f.close()
             raise
-        if os.path.samestat(os.fstat(f.fileno()), os.fstat(g.fileno())):
-            return f, g
+        st = os.fstat(f.fileno())
+        if os.path.samestat(st, os.fstat(g.fileno())):
+            return f, g, st
         f.close()
         g.close()
     raise OSError(f"{path} was replaced {attempts} times while being opened")
