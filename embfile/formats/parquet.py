@@ -186,14 +186,9 @@ def _stored_metadata(schema):
 
 
 def _first_length(pq, files, column):
-    """The length of the first non-null vector: the dim of a ``list`` column.
-
-    Read a few rows through a small buffer: pyarrow's default pre-buffering would
-    load the first row group's whole column chunk (64 MiB in our benchmark) first.
-    """
+    """The length of the first non-null vector: the dim of a ``list`` column."""
     for f in files:
-        reader = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
-        for batch in reader.iter_batches(batch_size=64, columns=[column]):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=[column]):
             arr = batch.column(0).drop_null()
             if len(arr):
                 return len(arr[0])
