@@ -608,13 +608,13 @@ def report_head_to_head(duels):
     rounds = len(next(iter(duels.values()))["ratio"]["read_cold"])
     print(f"## embfile against h5py bulk, head to head ({rounds} interleaved rounds)\n")
     print("h5py time / embfile time per round (above 1: embfile faster), and the control: the tool that ran twice "
-          "in a round, its second run against its first. Median (lowest - highest)\n")
+          "in a round, its second run against its first. Median (lowest - highest), and the rounds above 1\n")
     print("| n | duel | durable write | full read cold | full read warm |")
     print("|---|---|---|---|---|")
     for n, duel in duels.items():
         for what, ratios in (("h5py / embfile", duel["ratio"]), ("same tool, 2nd / 1st run", duel["self"])):
-            cells = [f"{np.median(ratios[op]):.2f} ({min(ratios[op]):.2f} - {max(ratios[op]):.2f})"
-                     for op in DUEL_OPS]
+            cells = [f"{np.median(r):.2f} ({min(r):.2f} - {max(r):.2f}), {sum(x > 1 for x in r)}/{len(r)}"
+                     for r in (ratios[op] for op in DUEL_OPS)]
             print(f"| {n:,} | {what} | " + " | ".join(cells) + " |")
     print()
 

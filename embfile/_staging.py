@@ -15,6 +15,7 @@ import glob
 import os
 import shutil
 import tempfile
+import threading
 
 from embfile import errors
 
@@ -65,6 +66,61 @@ class Staging:
 
     def __del__(self):
         self.discard()
+
+
+class Flusher:
+    """``fdatasync`` a file being written, on a helper thread, each time it has grown by ``every`` bytes.
+
+    A durable write waits at its final fsync for the storage to flush all it was given.  On a VM's
+    virtual disk that flush is the host's, and it does not start before it is asked for: filling
+    the page cache and flushing it then take their sum.  Asked along the way, off the writer's
+    thread, the flush runs while the writer fills, and the write takes about the longer of the two.
+    The kernel reports a write error to one fsync only, so an error the helper meets is raised by
+    every later :meth:`grown` and :meth:`close`: the file can no longer be committed.
+    """
+
+    def __init__(self, fd, every):
+        self._fd, self._every = fd, every
+        self._size = self._flushed = 0
+        self._closing, self._error = False, None
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="embfile-flush", daemon=True)
+        self._thread.start()
+
+    def grown(self, size):
+        """The file now holds ``size`` bytes; raises what a flush met."""
+        with self._wake:
+            self._size = size
+            if size - self._flushed >= self._every:
+                self._wake.notify()
+        self._raise()
+
+    def close(self):
+        """Wait for a flush in progress, stop the helper, and raise what a flush met."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        self._raise()
+
+    def _raise(self):
+        if self._error is not None:
+            raise self._error
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self._closing and self._size - self._flushed < self._every:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                size = self._size
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                self._error = e
+                return
+            self._flushed = size
 
 
 def disk_full(dst, code, done=""):

@@ -17,11 +17,12 @@ import os
 import numpy as np
 
 from embfile import _core, errors
-from embfile._staging import DISK_FULL, Staging, disk_full
+from embfile._staging import DISK_FULL, Flusher, Staging, disk_full
 from embfile import _format as F
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
 _WRITEBACK_BYTES = 32 << 20  # start writing back to disk every this many bytes, not all at the fsync
+_FLUSH_BYTES = 64 << 20  # past this size, have the storage flush the file as it grows (Flusher)
 # Record writes end on multiples of this in the file (the rest is carried to the next write), so
 # the page cache can hold the records in huge folios: a file cached in 4 KiB pages, once evicted,
 # leaves memory fragmented, and the next big read pays for that.
@@ -79,6 +80,7 @@ class Writer:
         self._pending = []
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
+        self._flusher = None  # started once the file is large enough to be worth flushing as it grows
         self._staging = Staging(self.path)
         self._file = builtins.open(self._staging.path, "wb", buffering=0)
         self._carry = bytearray(F.PAGE)  # not yet in the file; starts with room for the header, written last
@@ -159,10 +161,17 @@ class Writer:
         self._written = end
         in_file = end - len(self._carry)
         if in_file - self._synced >= _WRITEBACK_BYTES:
-            # Start writing back now, so the disk works while we go on and dirty memory stays
-            # bounded.  Nothing is evicted: memory freed in the middle of a write is what a VM
-            # hands back to its host, and the next big allocation pays to fault it back in.
-            _core.start_writeback(self._file.fileno(), self._synced, in_file - self._synced)
+            # Send the file's new pages to the disk now, so the disk works while we go on and dirty
+            # memory stays bounded: past _FLUSH_BYTES a helper thread fdatasyncs them (see Flusher;
+            # a writeback call of ours would then wait behind its flush), before that the kernel
+            # starts writing them back.  Nothing is evicted: memory freed in the middle of a write
+            # is what a VM hands back to its host, and the next big allocation pays to fault it back in.
+            if self._flusher is None and in_file >= _FLUSH_BYTES:
+                self._flusher = Flusher(self._file.fileno(), _FLUSH_BYTES)
+            if self._flusher is not None:
+                self._flusher.grown(in_file)
+            else:
+                _core.start_writeback(self._file.fileno(), self._synced, in_file - self._synced)
             self._synced = in_file
         while len(data):  # running CRC per checksum block
             take = min(len(data), self._block_bytes - self._crc_fill)
@@ -218,6 +227,7 @@ class Writer:
         head = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
         self._file.seek(0)
         self._write_all(head, _core.crc32c(head).to_bytes(4, "little"))
+        self._stop_flusher()
         self._file.close()
         self._file = None
         self._staging.commit()
@@ -242,9 +252,16 @@ class Writer:
                 "count": n, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "embfile_version": __version__}
 
+    def _stop_flusher(self):
+        if self._flusher is not None:
+            flusher, self._flusher = self._flusher, None
+            flusher.close()
+
     def abort(self):
         """Discard everything written; the destination path is left as it was."""
         if self._file is not None:
+            with contextlib.suppress(OSError):  # what a flush met: nothing is kept anyway
+                self._stop_flusher()
             file, self._file = self._file, None
             try:
                 file.close()

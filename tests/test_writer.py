@@ -1,16 +1,19 @@
 """Writer: conversions and their errors, duplicates, atomic replacement, streaming memory."""
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
 import pytest
 
 import embfile
-from embfile import _core
+from embfile import _core, writer
+from embfile._staging import Flusher
 from conftest import check_roundtrip
 
 
@@ -166,6 +169,57 @@ def test_start_writeback_sends_dirty_pages_to_disk(tmp_path):
         while _dirty_mb() >= 48 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _dirty_mb() < 48
+
+
+def _flushers():
+    return [t for t in threading.enumerate() if t.name == "embfile-flush"]
+
+
+def test_a_large_write_is_flushed_as_it_grows(tmp_path, monkeypatch):
+    """Past _FLUSH_BYTES a helper thread fdatasyncs the file as it grows, so the storage flushes while
+    the writer fills; the helper is gone after a close or an abort."""
+    monkeypatch.setattr(writer, "_WRITEBACK_BYTES", 2 << 20)
+    monkeypatch.setattr(writer, "_FLUSH_BYTES", 4 << 20)
+    m = np.random.default_rng(0).random((4096, 256)).astype(np.float32)  # 4 MiB a batch
+    with embfile.Writer(tmp_path / "big.emb", 256) as w:
+        w.add_batch([f"a{i}" for i in range(2048)], m[:2048, ::-1])
+        assert _flushers() == [] and w._flusher is None  # 2 MiB in the file: not yet worth a flush
+        for b in range(5):
+            w.add_batch([f"{b}-{i}" for i in range(len(m))], m)
+        assert len(_flushers()) == 1
+        deadline = time.monotonic() + 10
+        while w._flusher._flushed == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w._flusher._flushed >= 4 << 20  # what an fdatasync that returned covered
+    assert _flushers() == []
+    with embfile.open(tmp_path / "big.emb") as db:
+        np.testing.assert_array_equal(db.matrix[:2048], m[:2048, ::-1])
+        np.testing.assert_array_equal(db.matrix[-4096:], m)
+        db.verify()
+
+    with pytest.raises(RuntimeError, match="stop"), embfile.Writer(tmp_path / "gone.emb", 256) as w:
+        for b in range(4):
+            w.add_batch([f"{b}-{i}" for i in range(len(m))], m)
+        assert len(_flushers()) == 1
+        raise RuntimeError("stop")
+    assert _flushers() == [] and os.listdir(tmp_path) == ["big.emb"]
+
+
+def test_a_flush_error_is_raised_by_every_later_call():
+    """The kernel reports a write error to one fsync only: the helper's must reach the writer, every time."""
+    r, w = os.pipe()  # a pipe cannot be synced: fdatasync fails with EINVAL
+    try:
+        flusher = Flusher(w, every=1)
+        flusher.grown(1)
+        flusher._thread.join(10)  # the helper stops at its first error
+        assert not flusher._thread.is_alive()
+        for call in (lambda: flusher.grown(2), flusher.close, flusher.close):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_layout_options_are_checked(tmp_path):
