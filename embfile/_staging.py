@@ -91,7 +91,7 @@ class Flusher:
         """The file now holds ``size`` bytes; raises what a flush met."""
         with self._wake:
             self._size = size
-            if size - self._flushed >= self._every:
+            if self._due():
                 self._wake.notify()
         self._raise()
 
@@ -103,6 +103,9 @@ class Flusher:
         self._thread.join()
         self._raise()
 
+    def _due(self):
+        return self._size - self._flushed >= self._every
+
     def _raise(self):
         if self._error is not None:
             raise self._error
@@ -110,7 +113,7 @@ class Flusher:
     def _run(self):
         while True:
             with self._wake:
-                while not self._closing and self._size - self._flushed < self._every:
+                while not self._closing and not self._due():
                     self._wake.wait()
                 if self._closing:
                     return
@@ -120,7 +123,8 @@ class Flusher:
             except OSError as e:
                 self._error = e
                 return
-            self._flushed = size
+            with self._wake:
+                self._flushed = size
 
 
 def disk_full(dst, code, done=""):
