@@ -160,6 +160,7 @@ def _dirty_mb():
 def test_start_writeback_sends_dirty_pages_to_disk(tmp_path):
     """What the writer does every 32 MiB: without it, fresh pages stay dirty for the kernel's 30 s."""
     path = tmp_path / "dirty.bin"
+    os.sync()  # the count is the machine's: other files' dirty pages (an earlier test's) out of it first
     with open(path, "wb") as f:
         f.write(np.random.default_rng(0).bytes(96 << 20))
         if _dirty_mb() < 80:
