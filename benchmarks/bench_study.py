@@ -306,13 +306,19 @@ def worker(task):
         res["read_cold"] = best_of(lambda: tool.read_all(path), before=evict)
         res["read_peak_mb"] = machine.peak_mb() - base
         res["read_warm"] = best_of(lambda: tool.read_all(path))
-        if tool.name == "embfile":  # a streaming pass over the mapped matrix: what the disk limit measures
+        if tool.name == "embfile":
+            # A streaming pass over the mapped matrix, and its floor: a plain sequential read of the same
+            # file, the two taking turns (this disk's speed drifts from minute to minute).
             def scan():
                 with embfile.open(path) as db:
                     m = db.matrix
                     for lo in range(0, len(m), 1024):
                         m[lo:lo + 1024].sum()
-            res["scan_cold"] = best_of(scan, before=evict)
+            reads, scans = [], []
+            for _ in range(3):
+                reads.append(machine.cold_read_gbps(path))
+                scans.append(best_of(scan, before=evict, repeats=1))
+            res["scan_cold"], res["file_read_gbps"] = min(scans), max(reads)
     elif op == "open":
         cold, warm, spent = [], [], time.perf_counter()
         for i in range(3):  # cold: the best of up to 3, as every figure; memory: the first open's
@@ -597,7 +603,8 @@ def report_size(n, per_tool, limits):
               f"{e['cold_lookup_p99_us']:.0f} us p99 = {e['cold_lookup_us'] / limits['cold_pread_us']:.2f}x "
               f"one cold 4 KiB pread; durable write from the dict {fmt_s(e['write_dict_fsync'])}; "
               f"cold streaming pass over db.matrix {fmt_s(e['scan_cold'])} "
-              f"({raw / e['scan_cold'] / 1e9:.2f} GB/s); numpy fancy indexing of the same rows from memory "
+              f"({raw / e['scan_cold'] / 1e9:.2f} GB/s, a plain read of the file {e['file_read_gbps']:.2f} GB/s); "
+              f"numpy fancy indexing of the same rows from memory "
               f"{fmt_s(e['numpy_fancy'])}\n")
 
 
@@ -651,8 +658,9 @@ def report_targets(results, limits):
         checks.append((f"n={n}: get_batch / numpy fancy indexing <= 1.5x", r, "x", r <= 1.5))
         bw = e["size"] / e["write_fsync"] / 1e9 / limits["write_fsync_gbps"]
         checks.append((f"n={n}: durable write / write+fsync bandwidth >= 70%", bw * 100, "%", bw >= 0.7))
-        bw = n * DIM * 8 / e["scan_cold"] / 1e9 / limits["cold_read_gbps"]
-        checks.append((f"n={n}: cold pass over db.matrix / cold sequential read >= 80%", bw * 100, "%", bw >= 0.8))
+        bw = n * DIM * 8 / e["scan_cold"] / 1e9 / e["file_read_gbps"]
+        checks.append((f"n={n}: cold pass over db.matrix / cold sequential read of the file >= 80%", bw * 100, "%",
+                       bw >= 0.8))
         raw = n * DIM * 8 + sum(len(f"seq{i:010d}") for i in range(n)) + 4096
         over = (e["size"] - raw) / raw * 100
         checks.append((f"n={n}: size over raw vectors+keys+page <= 1%", over, "%", over <= 1))
