@@ -466,7 +466,7 @@ def open_scaling(folder, big, lookups):
     """Open time and memory of embfile against stores that build a key dict, at two sizes (dim 8).
 
     embfile's warm opens of the two files alternate in one process, so drift hits both sizes alike:
-    their ratio is a target, and timed minutes apart it once read 2.0x where alternating gives 1.1x.
+    their ratio is a target, and timed minutes apart it once read 2.0x where taking turns gives 0.95x.
     """
     rows, emb_paths = [], []
     for n in (10_000, big):
@@ -603,13 +603,14 @@ def report_size(n, per_tool, limits):
               f"{e['cold_lookup_p99_us']:.0f} us p99 = {e['cold_lookup_us'] / limits['cold_pread_us']:.2f}x "
               f"one cold 4 KiB pread; durable write from the dict {fmt_s(e['write_dict_fsync'])}; "
               f"cold streaming pass over db.matrix {fmt_s(e['scan_cold'])} "
-              f"({raw / e['scan_cold'] / 1e9:.2f} GB/s, a plain read of the file {e['file_read_gbps']:.2f} GB/s); "
-              f"numpy fancy indexing of the same rows from memory "
+              f"({raw / e['scan_cold'] / 1e9:.2f} GB/s, a plain read of the file "
+              f"{e['file_read_gbps']:.2f} GB/s); numpy fancy indexing of the same rows from memory "
               f"{fmt_s(e['numpy_fancy'])}\n")
 
 
 def report_scaling(rows):
-    print("## open scaling (dim 8 float32; embfile's warm open is the median of 200 opens of each file, taking turns)\n")
+    print("## open scaling (dim 8 float32; embfile's warm open is the median of 200 opens of each file, "
+          "taking turns)\n")
     print("| n | tool | open cold | open warm | RSS after open | warm lookup vs dict |")
     print("|---|---|---|---|---|---|")
     for n, name, r in rows:
