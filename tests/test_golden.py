@@ -1,0 +1,146 @@
+"""Golden files: .emb files of format 1.0 written by embfile 0.1.0, committed and never regenerated.
+
+Each ``tests/golden/v1.0/NAME.emb`` sits beside ``NAME.json``, its expected contents in a readable form:
+dtype, dim, keys in row order, vectors, metadata and the writer options used.  Every run reads every file
+through every read path and compares (today's reader still reads what an earlier release wrote), and
+writes the same input again and compares the bytes (the writer's output did not drift).  The writer's own
+record (creation time, embfile version) is the golden file's, so that comparison is exact.
+
+``python tests/test_golden.py`` wrote the files once, with embfile 0.1.0; a new format version gets a new
+folder beside this one, and these files stay as they are.
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import embfile
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "v1.0"
+CASES = sorted(p.stem for p in GOLDEN.glob("*.json"))
+
+
+def load_case(name):
+    """The expected contents of ``NAME.emb``: (spec, keys, matrix)."""
+    spec = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))
+    matrix = np.array(spec["vectors"], dtype=np.float64 if spec["dtype"].startswith("float") else object)
+    matrix = matrix.reshape(len(spec["keys"]), spec["dim"]).astype(spec["dtype"])
+    return spec, spec["keys"], matrix
+
+
+def same_bits(a, b):
+    """Arrays equal bit for bit (NaN payloads and the sign of zero included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_the_golden_set_is_complete():
+    dtypes = {json.loads((GOLDEN / f"{n}.json").read_text())["dtype"] for n in CASES}
+    assert dtypes == {"float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+                      "int64", "uint64"}
+    assert {"empty", "one_record", "awkward_keys", "metadata", "many_buckets"} <= set(CASES)
+    assert all((GOLDEN / f"{n}.emb").exists() for n in CASES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_file_reads_as_written(name):
+    spec, keys, want = load_case(name)
+    with embfile.open(GOLDEN / f"{name}.emb") as db:
+        assert (len(db), db.dim, db.dtype) == (len(keys), spec["dim"], np.dtype(spec["dtype"]))
+        assert list(db) == keys
+        assert db.metadata == spec["metadata"]
+        assert same_bits(db.matrix, want) and same_bits(db.to_numpy(), want)
+        for row, key in enumerate(keys):
+            assert key in db and db.row(key) == row and db.key(row) == key
+            assert same_bits(db[key], want[row])
+        assert same_bits(db.get_batch(keys[::-1]), want[::-1])
+        np.testing.assert_array_equal(db.rows(keys), np.arange(len(keys)))
+        assert same_bits(db.take(np.arange(len(keys))[::-1]), want[::-1])
+        if keys:
+            epoch = [(k, v) for ks, m in db.iter_batches(3, seed=1) for k, v in zip(ks, m)]
+            assert sorted(k for k, _ in epoch) == sorted(keys)
+            assert all(same_bits(v, want[db.row(k)]) for k, v in epoch)
+        assert "absent \x00 key" not in db and db.get("absent \x00 key") is None
+        db.verify()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_writing_the_same_input_gives_the_same_bytes(name, tmp_path, monkeypatch):
+    spec, keys, matrix = load_case(name)
+    record = spec["metadata"]["embfile"]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # the record is replaced below; keep the clock out anyway
+    write_case(tmp_path / "again.emb", spec, keys, matrix, record, monkeypatch)
+    assert (tmp_path / "again.emb").read_bytes() == (GOLDEN / f"{name}.emb").read_bytes()
+
+
+def write_case(path, spec, keys, matrix, record=None, monkeypatch=None):
+    """Write one golden case the way it was written first: one Writer, one add_batch."""
+    user = {k: v for k, v in spec["metadata"].items() if k != "embfile"}
+    if record is not None:  # the golden file's creation time and version, not today's
+        from embfile import writer
+
+        original = writer.Writer._writer_record
+        monkeypatch.setattr(writer.Writer, "_writer_record", lambda self, n: {**original(self, n), **record})
+    with embfile.Writer(path, spec["dim"], spec["dtype"], user or None, **spec["options"]) as w:
+        w.add_batch(keys, matrix)
+
+
+# ---- how the files were made (once, with embfile 0.1.0) --------------------------------------------
+
+
+def _values(dtype, n, dim):
+    """Values that exercise ``dtype``: its extremes, zero, and (floats) -0.0, NaN, infinities, subnormals."""
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        fi = np.finfo(dt)
+        special = [0.0, -0.0, 1.0, -1.5, float(fi.max), float(-fi.max), float(fi.smallest_subnormal),
+                   float(fi.tiny), math.inf, -math.inf, math.nan, float(fi.eps)]
+    else:
+        ii = np.iinfo(dt)
+        special = [0, 1, int(ii.max), int(ii.min), int(ii.max) - 1, int(ii.min) + 1, 7, 100]
+    flat = [special[i % len(special)] for i in range(n * dim)]
+    return np.array(flat, dtype=object).reshape(n, dim).astype(dt)
+
+
+def _cases():
+    dtypes = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+              "uint64"]
+    for dt in dtypes:
+        keys = [f"{dt}-{i}" for i in range(6)]
+        yield f"dtype_{dt}", keys, _values(dt, 6, 5), {"dtype": dt}, {}
+    yield "empty", [], np.zeros((0, 8), np.float32), {}, {}
+    yield "one_record", ["only"], np.arange(3, dtype=np.float32)[None], {}, {}
+    awkward = ["", " ", "a", "ab", "abc", "a/b", "a b  c", "sp|P69905|HBA_HUMAN", "\x00nul", "tab\there",
+               "protéine α-7 β", "蛋白质-1", "🧬", "x" * 300, "ÿ", "\u0080", "z\n"]
+    yield "awkward_keys", awkward, _values("float32", len(awkward), 2), {}, {"bucket_keys": 3}
+    meta = {"model": "esm2_t33_650M_UR50D", "layer": 33, "pooling": "mean", "note": "ünïcödé ✓",
+            "nested": {"list": [1, 2.5, None, True, "x"], "empty": {}}}
+    yield "metadata", ["k1", "k2"], np.ones((2, 4), np.float64), {}, {"metadata": meta}
+    keys = [f"UniRef50_A0A{i:06d}" for i in range(120)]  # a long common prefix, many buckets, blocks
+    yield "many_buckets", keys, _values("float32", 120, 16), {}, {"bucket_keys": 4, "block_bytes": 4096}
+
+
+def make_golden():
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    for name, keys, matrix, _, extra in _cases():
+        options = {k: v for k, v in extra.items() if k != "metadata"}
+        path = GOLDEN / f"{name}.emb"
+        with embfile.Writer(path, matrix.shape[1], matrix.dtype, extra.get("metadata"), **options) as w:
+            w.add_batch(keys, matrix)
+        with embfile.open(path) as db:
+            metadata = db.metadata
+        spec = {"dtype": matrix.dtype.name, "dim": matrix.shape[1], "options": options, "metadata": metadata}
+        lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in spec.items()]
+        lines.append(f' "keys": {json.dumps(keys, ensure_ascii=False)},')
+        rows = [json.dumps([v.item() for v in row]) for row in matrix]
+        lines.append(' "vectors": [' + ",\n  ".join(rows) + "]")
+        (GOLDEN / f"{name}.json").write_text("{\n" + "\n".join(lines) + "\n}\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    if any(GOLDEN.glob("*.emb")) and "--force" not in sys.argv:
+        sys.exit(f"{GOLDEN} holds golden files already: they are never regenerated")
+    make_golden()
