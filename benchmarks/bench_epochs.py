@@ -73,7 +73,7 @@ def embfile_epoch(paths, order, **options):
 
 def memmap_random(paths, order):
     db = embfile.open(paths["emb"])
-    mm = np.memmap(paths["emb"], db.dtype, "r", db._h["records_offset"], (len(db), db.dim))
+    mm = np.memmap(paths["emb"], db.dtype, "r", db.header.records_offset, (len(db), db.dim))
     perm = np.random.default_rng(0).permutation(len(db))
     order.append(perm)
     for lo in range(0, len(perm), BATCH):

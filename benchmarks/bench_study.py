@@ -387,13 +387,13 @@ def cold_lookups(tool, path, n, count):
     if tool.name == "pickle dict":
         return {}
     if tool.name == "embfile":
-        fence_start, area_start = h._h["index_offset"], h._h["index_offset"] + _area_start(h._h)
+        fence_start, area_start = h.header.index_offset, h.header.index_offset + _area_start(h.header)
     for k in keys:
         for mode, out in (("index", index_only), ("values", with_values)):
             if mode == "index" and tool.name != "embfile":
                 continue
             if tool.name == "embfile":
-                for m in (h._lookup_map, h._bulk):
+                for m in (h.files[0].lookup_map, h.files[0].bulk_map):
                     m.madvise(mmap.MADV_DONTNEED)
                 machine.evict(path, 0, fence_start)
                 machine.evict(path, area_start, 0)
@@ -417,9 +417,9 @@ def cold_lookups(tool, path, n, count):
 def _area_start(h):
     """Offset of the bucket area inside the index section (FORMAT.md "Index")."""
     page = 4096
-    n_top = -(-h["n_buckets"] // 32)
-    fence = -(-(((h["lcp_len"] + 7) // 8) * 8 + 8 * n_top) // page) * page
-    return -(-(fence + 16 * h["n_buckets"]) // page) * page
+    n_top = -(-h.n_buckets // 32)
+    fence = -(-(((h.lcp_len + 7) // 8) * 8 + 8 * n_top) // page) * page
+    return -(-(fence + 16 * h.n_buckets) // page) * page
 
 
 def run(task):

@@ -1,13 +1,20 @@
-"""embfile: one file of fixed-size embedding vectors, looked up by string key.
+"""embfile: embedding vectors stored by string key, in files that open in constant time.
 
 >>> import embfile
 >>> embfile.write("db.emb", {"P69905": vec_a, "P68871": vec_b})   # doctest: +SKIP
 >>> db = embfile.open("db.emb")                                     # doctest: +SKIP
 >>> db["P69905"]                                                    # doctest: +SKIP
 """
-__version__ = "0.1.0"
 
-from embfile.errors import (  # noqa: E402
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from embfile._version import __version__
+from embfile.dataset import Dataset, EmbFile
+from embfile.epochs import EpochOptions
+from embfile.errors import (
     ChecksumError,
     ClosedFileError,
     ConversionError,
@@ -23,10 +30,7 @@ from embfile.errors import (  # noqa: E402
     UnsupportedVersionError,
     WriterError,
 )
-from embfile.reader import EmbFile, open  # noqa: E402
-from embfile.writer import Writer, write  # noqa: E402
-from embfile.shards import ShardedEmbFile, ShardWriter, write_index, write_shards  # noqa: E402
-from embfile.formats import (  # noqa: E402
+from embfile.formats import (
     convert,
     from_esm,
     from_hdf5,
@@ -36,12 +40,76 @@ from embfile.formats import (  # noqa: E402
     to_hdf5,
     to_parquet,
 )
+from embfile.shards import ShardedEmbFile, ShardWriter, write_index, write_shards
+from embfile.writer import Writer, write
+
+
+def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dataset:  # noqa: A001 - like gzip.open
+    """Open an .emb file, or a sharded dataset (a folder or a list of .emb files), for reading.
+
+    Opening reads the header and maps the file: constant time, whatever the number of keys.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, or a list of them
+        An .emb file, a folder of shards, or a list of shard files.
+
+    Returns
+    -------
+    Dataset
+        An :class:`EmbFile` for a file, a :class:`ShardedEmbFile` for a folder or a list.
+
+    Raises
+    ------
+    FormatError
+        If a file is not a readable .emb file (with a subclass saying why).
+    ShardError
+        If the files of a sharded dataset do not fit together.
+    OSError
+        If a file cannot be opened.
+
+    Examples
+    --------
+    >>> with embfile.open("db.emb") as db:          # doctest: +SKIP
+    ...     v = db["sp|P69905|HBA_HUMAN"]
+    """
+    if isinstance(path, (list, tuple)) or os.path.isdir(os.fspath(path)):  # type: ignore[arg-type]
+        return ShardedEmbFile(path)
+    return EmbFile(path)  # type: ignore[arg-type]
+
 
 __all__ = [
-    "open", "write", "EmbFile", "Writer", "ShardedEmbFile", "ShardWriter", "write_shards", "write_index",
-    "EmbFileError", "FormatError", "NotAnEmbFileError", "UnsupportedVersionError", "TruncatedFileError",
-    "CorruptFileError", "ChecksumError", "KeyNotFoundError", "WriterError", "DuplicateKeyError", "DiskFullError",
-    "ShardError", "ConversionError", "ClosedFileError",
-    "convert", "from_hdf5", "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5", "to_parquet",
+    "open",
+    "write",
+    "Dataset",
+    "EmbFile",
+    "ShardedEmbFile",
+    "Writer",
+    "ShardWriter",
+    "write_shards",
+    "write_index",
+    "EpochOptions",
+    "convert",
+    "from_hdf5",
+    "from_parquet",
+    "from_esm",
+    "from_npy",
+    "from_pickle",
+    "to_hdf5",
+    "to_parquet",
+    "EmbFileError",
+    "FormatError",
+    "NotAnEmbFileError",
+    "UnsupportedVersionError",
+    "TruncatedFileError",
+    "CorruptFileError",
+    "ChecksumError",
+    "KeyNotFoundError",
+    "WriterError",
+    "DuplicateKeyError",
+    "DiskFullError",
+    "ShardError",
+    "ConversionError",
+    "ClosedFileError",
     "__version__",
 ]

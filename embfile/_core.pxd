@@ -4,7 +4,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
 cdef extern from "embfile.h" nogil:
-    int EMB_OK, EMB_NOT_FOUND, EMB_E_CORRUPT, EMB_E_DUPLICATE, EMB_E_NOMEM, EMB_E_LIMIT
+    int EMB_OK, EMB_NOT_FOUND, EMB_E_CORRUPT, EMB_E_DUPLICATE, EMB_E_NOMEM, EMB_E_LIMIT, EMB_E_RANGE
     unsigned int EMB_MAX_KEY_BYTES
 
     ctypedef struct emb_index_t:

@@ -1,10 +1,11 @@
 # cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False
-"""The native core's Python face: the mapped reader and the byte loops the writer needs.
+"""The native core's Python face: the key-index table every dataset reads through, and the byte loops.
 
-Policy, messages and I/O live in Python (reader.py, writer.py); this module
-only moves bytes and turns the core's status codes into exceptions.
+Policy, messages and I/O live in Python (dataset.py, file.py, writer.py); this module
+only moves bytes and turns the core's status codes into exceptions, through one table.
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.ref cimport Py_INCREF, PyObject, PyTypeObject
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
@@ -56,19 +57,33 @@ cdef extern from "numpy/arrayobject.h":
     int NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_ALIGNED
 
 MAX_KEY_BYTES = EMB_MAX_KEY_BYTES
-STATUS = {"ok": EMB_OK, "not_found": EMB_NOT_FOUND, "corrupt": EMB_E_CORRUPT,
-          "duplicate": EMB_E_DUPLICATE, "nomem": EMB_E_NOMEM, "limit": EMB_E_LIMIT}
 
 
-cdef int _check(int rc, what) except -1:
-    """The one translation point from a core status to an exception."""
+# The one table from a core status to the exception it becomes: (class, what the message says).
+_ERRORS = {
+    EMB_NOT_FOUND: (errors.KeyNotFoundError, None),
+    EMB_E_CORRUPT: (errors.CorruptFileError, "index structure is corrupted"),
+    EMB_E_DUPLICATE: (errors.DuplicateKeyError, "duplicate key"),
+    EMB_E_NOMEM: (MemoryError, "out of memory"),
+    EMB_E_LIMIT: (errors.WriterError, f"a key is longer than {EMB_MAX_KEY_BYTES} bytes, or a bucket holds no keys"),
+    EMB_E_RANGE: (IndexError, "a row is past the last record"),
+}
+
+
+cdef int _check(int rc, what, key=None, rows=None) except -1:
+    """Raise the exception for core status ``rc`` (nothing for ``EMB_OK``).
+
+    ``what`` says what was being done; ``key`` names the key a lookup missed or found twice, ``rows``
+    the rows of a duplicate.
+    """
     if rc == EMB_OK:
         return 0
-    if rc == EMB_E_CORRUPT:
-        raise errors.CorruptFileError(f"{what}: index structure is corrupted")
-    if rc == EMB_E_NOMEM:
-        raise MemoryError(what)
-    raise errors.EmbFileError(f"{what}: core status {rc}")
+    cls, says = _ERRORS.get(rc, (errors.EmbFileError, f"core status {rc}"))
+    if rc == EMB_NOT_FOUND:
+        raise cls(key)
+    if rc == EMB_E_DUPLICATE:
+        raise cls(f"duplicate key {key!r} (rows {rows[0]} and {rows[1]})", key, rows)
+    raise cls(f"{what}: {says}")
 
 
 cdef inline const uint8_t *_utf8(object key, size_t *n) except NULL:
@@ -101,65 +116,113 @@ def row_number(row, n):
     return r
 
 
-cdef class _Reader:
-    """A read-only mapping of one .emb file: lookups, gathers, key iteration.
+cdef class Table:
+    """Rows of ``dim`` elements found by string key: the native engine under every dataset.
 
-    Holds a buffer on the mmap for as long as it is open.  Arrays it hands out
-    keep the mmap object (not this reader) alive, so closing the reader never
-    leaves a view pointing at unmapped memory.
+    The keys and their index are the index and keys sections of one mapped .emb file (a single file's
+    own, or a sharded dataset's ``_index.emb``, whose rows are the dataset's rows); the records are
+    the records sections of one or more mapped files (*parts*), part after part.  A lookup is one
+    binary search and then a pointer into the part that holds the row, all without a Python frame.
+
+    Holds a buffer on every mapping for as long as it is attached.  Arrays it hands out keep their
+    part's mapping (not this object) alive, so detaching never leaves a view over unmapped memory.
     """
-    cdef Py_buffer _buf
     cdef bint _open
-    cdef object _mm
+    cdef Py_buffer _index_buf
+    cdef Py_buffer *_part_bufs
+    cdef const uint8_t **_bases
+    cdef uint64_t *_starts
+    cdef size_t _n_parts
+    cdef list _owners
     cdef object _descr
     cdef emb_index_t _ix
-    cdef const uint8_t *_records
     cdef const uint8_t *_key_offsets
     cdef const uint8_t *_key_bytes
     cdef uint64_t _key_bytes_len, _n, _dim, _record_bytes
 
-    def _attach(self, mm, dtype, uint64_t n, uint64_t dim, uint64_t records_offset,
-                uint64_t keys_offset, uint64_t keys_bytes, uint64_t index_offset,
-                uint64_t index_bytes, uint64_t lcp_len, uint64_t n_buckets):
-        """Binds the mapping; the caller has checked every section against the file size."""
-        PyObject_GetBuffer(mm, &self._buf, PyBUF_SIMPLE)
+    def _attach(self, index_map, uint64_t n, uint64_t keys_offset, uint64_t keys_size, uint64_t index_offset,
+                uint64_t index_size, uint64_t lcp_len, uint64_t n_buckets, parts, uint64_t dim, dtype):
+        """Bind the mappings; the caller has checked every section against its file's size.
+
+        ``index_map`` holds the key index and keys sections (at the offsets given, ``n`` keys);
+        ``parts`` lists ``(mapping, records_offset, count)`` in row order, the counts adding up to ``n``.
+        """
+        cdef size_t i, k = len(parts)
+        cdef uint64_t total = 0
+        for _, _, count in parts:
+            total += <uint64_t>count
+        if total != n:
+            raise errors.CorruptFileError(f"the index has {n} keys, the records {total}")
+        self._part_bufs = <Py_buffer *>PyMem_Calloc(k if k else 1, sizeof(Py_buffer))
+        self._bases = <const uint8_t **>PyMem_Calloc(k if k else 1, sizeof(uint8_t *))
+        self._starts = <uint64_t *>PyMem_Calloc(k + 1, sizeof(uint64_t))
+        if self._part_bufs == NULL or self._bases == NULL or self._starts == NULL:
+            raise MemoryError("attaching a table")
+        PyObject_GetBuffer(index_map, &self._index_buf, PyBUF_SIMPLE)
         self._open = True
-        self._mm = mm
-        cdef const uint8_t *base = <const uint8_t *>self._buf.buf
+        self._owners = []
+        for i in range(k):
+            mapping, records_offset, count = parts[i]
+            PyObject_GetBuffer(mapping, &self._part_bufs[i], PyBUF_SIMPLE)
+            self._n_parts = i + 1
+            self._owners.append(mapping)
+            self._bases[i] = <const uint8_t *>self._part_bufs[i].buf + <uint64_t>records_offset
+            self._starts[i + 1] = self._starts[i] + <uint64_t>count
+        cdef const uint8_t *base = <const uint8_t *>self._index_buf.buf
         self._descr = np.dtype(dtype)
         self._n, self._dim = n, dim
         self._record_bytes = dim * self._descr.itemsize
-        self._records = base + records_offset
         self._key_offsets = base + keys_offset
         self._key_bytes = base + keys_offset + 8 * (n + 1)
-        self._key_bytes_len = keys_bytes - 8 * (n + 1)
-        _check(emb_index_open(&self._ix, base + index_offset, index_bytes,
-                              lcp_len, n_buckets, n), "index section")
+        self._key_bytes_len = keys_size - 8 * (n + 1)
+        _check(emb_index_open(&self._ix, base + index_offset, index_size, lcp_len, n_buckets, n),
+               "index section")
 
     def _detach(self):
+        """Release every mapping (idempotent)."""
+        cdef size_t i
         if self._open:
             self._open = False
-            PyBuffer_Release(&self._buf)
-            self._mm = None
+            PyBuffer_Release(&self._index_buf)
+            for i in range(self._n_parts):
+                PyBuffer_Release(&self._part_bufs[i])
+            self._n_parts = 0
+            self._owners = None
 
     def __dealloc__(self):
+        cdef size_t i
         if self._open:
-            PyBuffer_Release(&self._buf)
+            PyBuffer_Release(&self._index_buf)
+            for i in range(self._n_parts):
+                PyBuffer_Release(&self._part_bufs[i])
+        PyMem_Free(self._part_bufs)
+        PyMem_Free(self._bases)
+        PyMem_Free(self._starts)
 
     cdef inline int _live(self) except -1:
         if not self._open:
-            raise errors.ClosedFileError(f"{getattr(self, 'path', '')}: operation on a closed EmbFile")
+            raise errors.ClosedFileError(f"{getattr(self, 'path', None) or 'dataset'}: operation on a closed "
+                                         f"{type(self).__name__}")
         return 0
 
     cdef object _view(self, uint64_t row):
+        """A read-only ``(dim,)`` array over record ``row`` (below ``_n``), owned by its part's mapping."""
+        cdef size_t lo = 0, hi = self._n_parts, mid
+        while hi - lo > 1:  # the part with starts[lo] <= row < starts[lo + 1]
+            mid = lo + (hi - lo) // 2
+            if self._starts[mid] <= row:
+                lo = mid
+            else:
+                hi = mid
         cdef cnp.npy_intp dims[1]
         dims[0] = <cnp.npy_intp>self._dim
         Py_INCREF(self._descr)  # NewFromDescr steals it
         arr = PyArray_NewFromDescr(&PyArray_Type, <cnp.PyArray_Descr *>self._descr, 1, dims, NULL,
-                                   <void *>(self._records + row * self._record_bytes),
+                                   <void *>(self._bases[lo] + (row - self._starts[lo]) * self._record_bytes),
                                    NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED, NULL)
-        Py_INCREF(self._mm)  # SetBaseObject steals it
-        PyArray_SetBaseObject(arr, <PyObject *>self._mm)
+        owner = self._owners[lo]
+        Py_INCREF(owner)  # SetBaseObject steals it
+        PyArray_SetBaseObject(arr, <PyObject *>owner)
         return arr
 
     cdef inline bint _find(self, key, uint64_t *row) except -1:
@@ -178,7 +241,7 @@ cdef class _Reader:
         cdef uint64_t row
         if self._find(key, &row):
             return self._view(row)
-        raise errors.KeyNotFoundError(key)
+        _check(EMB_NOT_FOUND, "", key)
 
     def __contains__(self, key):
         cdef uint64_t row
@@ -194,11 +257,11 @@ cdef class _Reader:
         return self._view(row_number(row, self._n))
 
     def row(self, key):
-        """The row number of one key (``KeyError`` if absent)."""
+        """The row number of one key (``KeyNotFoundError``, a ``KeyError``, if absent)."""
         cdef uint64_t row
         if self._find(key, &row):
             return row
-        raise errors.KeyNotFoundError(key)
+        _check(EMB_NOT_FOUND, "", key)
 
     def rows(self, keys):
         """Row numbers of ``keys`` (any sequence of str, or a numpy string array), as int64."""
@@ -223,9 +286,7 @@ cdef class _Reader:
             with nogil:
                 rc = emb_lookup_many(&self._ix, <const uint8_t *const *>&pv[0], &lv[0], k,
                                      <uint64_t *>&ov[0], &failed)
-        if rc == EMB_NOT_FOUND:
-            raise errors.KeyNotFoundError(seq[failed])
-        _check(rc, "looking up keys")
+        _check(rc, "looking up keys", seq[failed] if rc != EMB_OK else None)
         return out
 
     def get_batch(self, keys):
@@ -235,12 +296,12 @@ cdef class _Reader:
         cdef int64_t[::1] rv = rows
         cdef cnp.ndarray o = out
         cdef size_t k = len(rows)
-        cdef uint64_t start[2]
-        start[0], start[1] = 0, self._n
+        cdef int rc = EMB_OK
         if k:
             with nogil:
-                emb_gather(&self._records, start, 1, self._record_bytes,
-                           <const uint64_t *>&rv[0], k, <uint8_t *>cnp.PyArray_DATA(o))
+                rc = emb_gather(self._bases, self._starts, self._n_parts, self._record_bytes,
+                                <const uint64_t *>&rv[0], k, <uint8_t *>cnp.PyArray_DATA(o))
+        _check(rc, "gathering records")
         return out
 
     cdef object _key_of(self, uint64_t row):
@@ -262,7 +323,7 @@ cdef class _Reader:
         return self._key_of(row)
 
     def keys_between(self, uint64_t start, uint64_t stop):
-        """The keys of rows ``start`` to ``stop`` (clipped to the file), as a list."""
+        """The keys of rows ``start`` to ``stop`` (clipped to the dataset), as a list."""
         self._live()
         return [self._key_of(i) for i in range(start, min(stop, self._n))]
 
@@ -324,8 +385,7 @@ def gather(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t reco
         with nogil:
             rc = emb_gather(<const uint8_t *const *>&bases[0], &starts[0], n_shards, record_bytes,
                             &rows[0], k, <uint8_t *>cnp.PyArray_DATA(out))
-    if rc != EMB_OK:
-        raise IndexError(f"gather: a row is past the last record ({starts[n_shards]})")
+    _check(rc, f"gathering records of {starts[n_shards]}")
 
 
 def copy_all(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t record_bytes,
@@ -398,8 +458,10 @@ def shuffle(uint64_t[::1] items, uint64_t seed):
 
 
 def sort_keys(const uint8_t[::1] heap, const uint64_t[::1] offsets):
-    """Rows in key order.  Returns ``(status, perm, (row_a, row_b))``; the rows
-    name a duplicate pair (``status == STATUS['duplicate']``) or an over-long key."""
+    """Rows in key order, as uint64 (key ``r`` is ``heap[offsets[r]:offsets[r + 1]]``).
+
+    Raises :class:`~embfile.DuplicateKeyError` naming the key and both rows if two keys are equal.
+    """
     cdef uint64_t n = offsets.shape[0] - 1
     perm = np.empty(n, dtype=np.uint64)
     cdef uint64_t[::1] pv = perm
@@ -410,9 +472,11 @@ def sort_keys(const uint8_t[::1] heap, const uint64_t[::1] offsets):
     if n:
         with nogil:
             rc = emb_sort_keys(hp, &offsets[0], n, &pv[0], dup)
-    if rc == EMB_E_NOMEM:
-        raise MemoryError("sorting keys")
-    return rc, perm, (dup[0], dup[1])
+    key = None
+    if rc == EMB_E_DUPLICATE:
+        key = bytes(heap[offsets[dup[0]]:offsets[dup[0] + 1]]).decode("utf-8", "replace")
+    _check(rc, f"sorting keys (row {dup[0]})", key, (dup[0], dup[1]))
+    return perm
 
 
 def build_index(const uint8_t[::1] heap, const uint64_t[::1] offsets,

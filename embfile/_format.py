@@ -1,34 +1,49 @@
-"""Constants of the .emb format, version 1.0; sections refer to FORMAT.md."""
+"""The .emb format, version 1.0: its constants and the one codec of its header.
+
+Sections in comments refer to FORMAT.md.  :class:`Header` packs, unpacks and validates the 256-byte
+header; the reader, the writer, ``verify``, the fuzzers and the tests all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
 import struct
+from collections.abc import Iterator
 
 import numpy as np
+
+from embfile import _core, errors
 
 MAGIC = b"\x89EMB\r\n\x1a\n"  # "Header": PNG-style, catches text-mode mangling
 VERSION = (1, 0)  # "Versioning": a reader refuses a newer major version
 PAGE = 4096  # "Alignment": records and index start on a page
 
 # "Header": little-endian, 256 bytes, CRC-32C of bytes [0, 252) in the last 4.
-HEADER = struct.Struct(
+_STRUCT = struct.Struct(
     "<8sHHI"  # magic, major, minor, header size
     "QQQ"  # file size, count, dim
     "II"  # dtype code, flags
-    "QQ" "QQ" "QQ" "QQ" "QQ"  # (offset, size) of records, index, keys, metadata, checksums
+    "QQQQQQQQQQ"  # (offset, size) of records, index, keys, metadata, checksums
     "QQI"  # checksum block bytes, index buckets, common-prefix length
     "104x"  # reserved, zero
 )
-HEADER_SIZE = HEADER.size + 4
-HEADER_FIELDS = (
-    "magic", "major", "minor", "header_size", "file_size", "count", "dim", "dtype_code", "flags",
-    "records_offset", "records_size", "index_offset", "index_size", "keys_offset", "keys_size",
-    "meta_offset", "meta_size", "sums_offset", "sums_size", "block_bytes", "n_buckets", "lcp_len",
-)
+HEADER_SIZE = _STRUCT.size + 4
 SECTIONS = ("records", "index", "keys", "meta", "sums")
 
 # "Records": element types by code, stored little-endian.
 DTYPES = {
-    1: "float16", 2: "float32", 3: "float64",
-    10: "int8", 11: "uint8", 12: "int16", 13: "uint16", 14: "int32", 15: "uint32",
-    16: "int64", 17: "uint64",
+    1: "float16",
+    2: "float32",
+    3: "float64",
+    10: "int8",
+    11: "uint8",
+    12: "int16",
+    13: "uint16",
+    14: "int32",
+    15: "uint32",
+    16: "int64",
+    17: "uint64",
 }
 DTYPE_CODES = {np.dtype(name): code for code, name in DTYPES.items()}
 
@@ -41,6 +56,174 @@ DEFAULT_BLOCK_BYTES = 1 << 20  # "Checksums": one CRC per MiB of records
 DEFAULT_BUCKET_KEYS = 16  # "Index": keys per bucket, a few cache lines
 
 
-def disk_dtype(dtype):
+def disk_dtype(dtype: object) -> np.dtype:
     """The little-endian dtype records of ``dtype`` are stored as."""
-    return np.dtype(dtype).newbyteorder("<")
+    return np.dtype(dtype).newbyteorder("<")  # type: ignore[call-overload]
+
+
+def valid_block_bytes(block: int) -> bool:
+    """Whether ``block`` is a checksum block size the format allows ("Checksums")."""
+    return MIN_BLOCK_BYTES <= block <= MAX_BLOCK_BYTES and block & (block - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """The 256-byte header of an .emb file ("Header"), field by field.
+
+    :meth:`unpack` and :meth:`pack` convert without judging (the fuzzers pack absurd values on purpose);
+    :meth:`validate` checks everything FORMAT.md "Validity" asks of a reader at open.
+    """
+
+    magic: bytes
+    major: int
+    minor: int
+    header_size: int
+    file_size: int
+    count: int
+    dim: int
+    dtype_code: int
+    flags: int
+    records_offset: int
+    records_size: int
+    index_offset: int
+    index_size: int
+    keys_offset: int
+    keys_size: int
+    meta_offset: int
+    meta_size: int
+    sums_offset: int
+    sums_size: int
+    block_bytes: int
+    n_buckets: int
+    lcp_len: int
+
+    @classmethod
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
+        """The fields of the first 252 bytes of ``data``, unchecked (the CRC is not read)."""
+        return cls(*_STRUCT.unpack_from(data))
+
+    def pack(self) -> bytes:
+        """The 256 header bytes: the fields, then their CRC-32C."""
+        head = _STRUCT.pack(*dataclasses.astuple(self))
+        return head + _core.crc32c(head).to_bytes(4, "little")
+
+    @staticmethod
+    def stored_crc_matches(data: bytes | bytearray | memoryview) -> bool:
+        """Whether the CRC in bytes [252, 256) of ``data`` is that of bytes [0, 252)."""
+        return _core.crc32c(bytes(data[: _STRUCT.size])) == int.from_bytes(
+            data[_STRUCT.size : HEADER_SIZE], "little"
+        )
+
+    @classmethod
+    def read(cls, head: bytes, size: int, path: str) -> Header:
+        """The checked header of the file at ``path`` of ``size`` bytes, from its first bytes ``head``.
+
+        Raises the :class:`~embfile.FormatError` subclass that says what is wrong, in the order
+        FORMAT.md "Versioning" asks for: a newer major version is named as such, never as damage.
+        """
+        if head[: len(MAGIC)] != MAGIC:
+            if size < HEADER_SIZE and MAGIC.startswith(head[: len(MAGIC)]):
+                raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, shorter than the header")
+            raise errors.NotAnEmbFileError(f"{path}: not an .emb file (starts with {head[:8]!r})")
+        if size < HEADER_SIZE or len(head) < HEADER_SIZE:
+            raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, shorter than the header")
+        h = cls.unpack(head)
+        if h.major != VERSION[0]:
+            raise errors.UnsupportedVersionError(
+                f"{path}: format version {h.major}.{h.minor}; this embfile reads {VERSION[0]}.x"
+            )
+        if not cls.stored_crc_matches(head):
+            raise errors.CorruptFileError(f"{path}: header is corrupted (checksum mismatch)")
+        h.validate(size, path)
+        return h
+
+    def validate(self, size: int, path: str) -> None:
+        """Check every field against the format and against the real file ``size`` ("Validity")."""
+
+        def bad(what: str) -> errors.CorruptFileError:
+            return errors.CorruptFileError(f"{path}: {what}")
+
+        if size < self.file_size:
+            raise errors.TruncatedFileError(
+                f"{path}: truncated: {size} bytes, header says {self.file_size}; {self.where(size)}"
+            )
+        if size > self.file_size:
+            raise bad(f"{size - self.file_size} unexpected bytes after the end ({self.file_size} bytes)")
+        if self.header_size != HEADER_SIZE or self.flags != 0:
+            raise bad(f"unknown header size {self.header_size} or flags {self.flags:#x}")
+        if self.dtype_code not in DTYPES:
+            raise bad(f"unknown dtype code {self.dtype_code}")
+        if not 1 <= self.dim <= MAX_DIM:
+            raise bad(f"dim {self.dim} is outside 1 to {MAX_DIM}")
+        if self.records_size != self.count * self.dim * self.dtype.itemsize:
+            raise bad(
+                f"records section size {self.records_size} does not hold "
+                f"{self.count} x {self.dim} {self.dtype.name}"
+            )
+        for name, align in (("records", PAGE), ("index", PAGE), ("keys", 8), ("sums", 4)):
+            if self.offset(name) % align:
+                raise bad(f"{name} section offset {self.offset(name)} is not a multiple of {align}")
+        end = PAGE
+        for name, off, n in self.sections_in_file_order():
+            if off < end or off + n > size:
+                raise bad(f"{name} section [{off}, {off + n}) overlaps another or runs past the end ({size})")
+            end = off + n
+        if not valid_block_bytes(self.block_bytes):
+            raise bad(f"checksum block size {self.block_bytes} is not a power of two in range")
+        if self.sums_size != 4 * (self.n_blocks + 3):
+            raise bad(f"checksums section size {self.sums_size} does not match the records")
+        if self.keys_size < 8 * (self.count + 1):
+            raise bad(f"keys section ({self.keys_size} bytes) too small for {self.count} keys")
+        if self.meta_size > MAX_META_BYTES or self.lcp_len > MAX_KEY_BYTES:
+            raise bad("metadata or key prefix longer than the format allows")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored element type (little-endian); only for a known ``dtype_code``."""
+        return disk_dtype(DTYPES[self.dtype_code])
+
+    @property
+    def version(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    @property
+    def n_blocks(self) -> int:
+        """Checksum blocks of the records section ("Checksums")."""
+        return -(-self.records_size // self.block_bytes)
+
+    def offset(self, section: str) -> int:
+        return int(getattr(self, f"{section}_offset"))
+
+    def size(self, section: str) -> int:
+        return int(getattr(self, f"{section}_size"))
+
+    def sections_in_file_order(self) -> list[tuple[str, int, int]]:
+        """``(name, offset, size)`` of every section, by offset."""
+        return sorted(((s, self.offset(s), self.size(s)) for s in SECTIONS), key=lambda t: t[1])
+
+    def gaps(self) -> Iterator[tuple[int, int]]:
+        """The byte ranges no section covers (header page tail, alignment padding): all zero."""
+        lo = HEADER_SIZE
+        for _, off, n in self.sections_in_file_order():
+            if off > lo:
+                yield lo, off
+            lo = max(lo, off + n)
+
+    def where(self, at: int) -> str:
+        """Where byte ``at`` falls, in words: which section (and records block), or which gap."""
+        for name in SECTIONS:
+            lo = self.offset(name)
+            if lo <= at < lo + self.size(name):
+                if name == "records" and MIN_BLOCK_BYTES <= self.block_bytes:
+                    return f"the file ends inside the records section (block {(at - lo) // self.block_bytes})"
+                return f"the file ends inside the {name} section"
+        return "the file ends between sections"
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Header))
+# The largest value each field can hold (what a fuzzer may set it to).
+FIELD_MAX = {
+    name: (1 << 8 * struct.calcsize(code)) - 1
+    for name, code in zip(FIELDS, re.findall(r"\d*[a-zA-Z]", _STRUCT.format.lstrip("<")))
+    if name != "magic"
+}

@@ -154,14 +154,14 @@ def _convert(args):
 
 def _info(args):
     with embfile.open(args.file) as db:
-        files = getattr(db, "shards", [db])
-        lengths = np.concatenate([np.diff(f._key_offsets()) for f in files])
-        info = {"path": args.file, "format_version": "%d.%d" % (files[0]._h["major"], files[0]._h["minor"]),
+        files = db.files
+        lengths = np.concatenate([np.diff(f.key_offsets()) for f in files])
+        info = {"path": args.file, "format_version": files[0].header.version,
                 "count": len(db), "dim": db.dim, "dtype": db.dtype.name,
-                "size": sum(f._h["file_size"] for f in files),
+                "size": sum(f.header.file_size for f in files),
                 "key_bytes": [int(lengths.min()), int(lengths.max())] if len(db) else None,
-                "metadata": files[0].metadata}
-        if hasattr(db, "shards"):
+                "metadata": db.metadata}
+        if isinstance(db, embfile.ShardedEmbFile):
             info["shards"] = len(files)
             info["metadata"].pop("embfile")  # the first shard's own record; the user's part is shared
     if args.json:

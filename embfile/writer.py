@@ -1,24 +1,29 @@
-"""Writing .emb files: :class:`Writer` (streaming) and :func:`write` (a whole mapping).
+"""Writing .emb files: :class:`Writer` (streaming), :func:`write` (a whole mapping), and
+:func:`write_source`, the one path from any input into a writer.
 
-Vectors go to a temporary file beside the target as they come; only the keys
-are kept in memory (compactly, about 8 bytes plus the key's UTF-8 each).  A
-clean close sorts the keys, appends the index, keys, metadata and checksums,
-writes the header, fsyncs and renames into place, so the target path only
+Vectors go to a temporary file beside the target as they come; only the keys are kept in memory
+(compactly, about 8 bytes plus the key's UTF-8 each).  A clean close sorts the keys, appends the index,
+keys, metadata and checksums, writes the header, fsyncs and renames into place, so the target path only
 ever holds a complete file: the old one or the new one.
 """
+
+from __future__ import annotations
+
 import array
-import builtins
-import collections.abc
 import contextlib
 import datetime
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from embfile import _core, errors
-from embfile._staging import DISK_FULL, Flusher, Staging, disk_full
 from embfile import _format as F
+from embfile._staging import DISK_FULL, Flusher, Staging, disk_full
+from embfile._stream import Source, as_vector, prefetched, progress_bar, source_of
+from embfile._version import __version__
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
 _WRITEBACK_BYTES = 32 << 20  # start writing back to disk every this many bytes, not all at the fsync
@@ -52,8 +57,16 @@ class Writer:
     ...         w.add(seqid, vec)
     """
 
-    def __init__(self, path, dim, dtype="float32", metadata=None, *,
-                 block_bytes=F.DEFAULT_BLOCK_BYTES, bucket_keys=F.DEFAULT_BUCKET_KEYS):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        dim: int,
+        dtype: object = "float32",
+        metadata: dict[str, Any] | None = None,
+        *,
+        block_bytes: int = F.DEFAULT_BLOCK_BYTES,
+        bucket_keys: int = F.DEFAULT_BUCKET_KEYS,
+    ) -> None:
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool):
             raise TypeError(f"dim must be an int, not {type(dim).__name__}")
         if not 1 <= dim <= F.MAX_DIM:
@@ -65,7 +78,7 @@ class Writer:
         if self.dtype.newbyteorder("=") not in F.DTYPE_CODES:
             names = ", ".join(sorted(F.DTYPES.values()))
             raise TypeError(f"dtype {self.dtype.name} is not supported; use one of {names}")
-        if not (F.MIN_BLOCK_BYTES <= block_bytes <= F.MAX_BLOCK_BYTES and block_bytes & (block_bytes - 1) == 0):
+        if not F.valid_block_bytes(block_bytes):
             raise ValueError(f"block_bytes must be a power of two from {F.MIN_BLOCK_BYTES}, not {block_bytes}")
         if not 1 <= bucket_keys <= 4096:
             raise ValueError(f"bucket_keys must be from 1 to 4096, not {bucket_keys}")
@@ -77,25 +90,21 @@ class Writer:
         self._bucket_keys = bucket_keys
         self._heap = bytearray()
         self._offsets = array.array("Q", [0])
-        self._pending = []
+        self._pending: list[np.ndarray] = []
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
-        self._flusher = None  # started once the file is large enough to be worth flushing as it grows
+        self._flusher: Flusher | None = None  # started once the file is worth flushing as it grows
         self._staging = Staging(self.path)
-        self._file = builtins.open(self._staging.path, "wb", buffering=0)
+        self._file: Any = open(self._staging.path, "wb", buffering=0)
         self._carry = bytearray(F.PAGE)  # not yet in the file; starts with room for the header, written last
         self._written, self._synced = F.PAGE, 0  # bytes added so far; the file's bytes sent to the disk
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._offsets) - 1
 
-    def add(self, key, vector):
+    def add(self, key: str, vector: Any) -> None:
         """Append one record.  On an error nothing is added and the writer stays usable."""
-        v = np.asarray(vector)
-        if v.dtype.kind not in "biufc" and not isinstance(vector, np.ndarray):
-            raise TypeError(f"key {key!r}: expected a vector of numbers, not {type(vector).__name__}")
-        if v.shape != (self.dim,):
-            raise errors.WriterError(f"key {key!r}: vector has shape {v.shape}, expected ({self.dim},)")
+        v = as_vector(key, vector, self.dim)
         _check_kind(v.dtype, self.dtype, key)
         encoded = _encode_key(key)
         v = _convert(v[None], self.dtype, [key])[0]  # overflow is found here, naming this key
@@ -106,7 +115,7 @@ class Writer:
             with _disk_errors(self):
                 self._flush()
 
-    def add_batch(self, keys, matrix):
+    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any) -> None:
         """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none."""
         m = np.asarray(matrix)
         if m.dtype.kind not in "biufc" and not isinstance(matrix, np.ndarray):
@@ -132,7 +141,7 @@ class Writer:
             self._heap += b
             self._offsets.append(len(self._heap))
 
-    def _rollback(self, n_offsets, n_heap, n_crcs, crc, crc_fill, written):
+    def _rollback(self, n_offsets: int, n_heap: int, n_crcs: int, crc: int, crc_fill: int, written: int) -> None:
         """Undo a partly written batch: keys, checksum state, carry and file back to the mark."""
         if self._file is None:  # aborted (the disk is full)
             return
@@ -144,12 +153,12 @@ class Writer:
         self._file.truncate(in_file)
         self._file.seek(in_file)
 
-    def _flush(self):
+    def _flush(self) -> None:
         if self._pending:  # already converted and checked by add()
             block, self._pending = np.stack(self._pending), []
             self._write_records(block)
 
-    def _write_records(self, block):
+    def _write_records(self, block: np.ndarray) -> None:
         data = memoryview(np.ascontiguousarray(block)).cast("B")
         end = self._written + len(data)
         cut = end - end % _FOLIO_BYTES - self._written  # bytes of data that fill the file up to a boundary
@@ -182,7 +191,7 @@ class Writer:
                 self._block_crcs.append(self._crc)
                 self._crc, self._crc_fill = 0, 0
 
-    def close(self):
+    def close(self) -> None:
         """Finish the file: index, keys, metadata, checksums, header; fsync; rename into place."""
         if self._file is None:
             return
@@ -193,46 +202,44 @@ class Writer:
             self.abort()
             raise
 
-    def _finish(self):
+    def _finish(self) -> None:
         self._flush()
         if self._crc_fill:
             self._block_crcs.append(self._crc)
         n = len(self)
         offsets = np.frombuffer(self._offsets, dtype=np.uint64)
         heap = np.frombuffer(self._heap, dtype=np.uint8)
-        status, perm, (a, b) = _core.sort_keys(heap, offsets)
-        if status == _core.STATUS["duplicate"]:
-            key = bytes(self._heap[self._offsets[a]:self._offsets[a + 1]]).decode()
-            raise errors.DuplicateKeyError(f"duplicate key {key!r} (rows {a} and {b})", key, (a, b))
+        perm = _core.sort_keys(heap, offsets)  # a DuplicateKeyError names the key and both rows
         index, n_buckets, lcp_len = _core.build_index(heap, offsets, perm, self._bucket_keys)
         keys = offsets.astype("<u8").tobytes() + self._heap
         meta = json.dumps({**self._meta, "embfile": self._writer_record(n)}, ensure_ascii=False).encode()
-
-        h = dict(magic=F.MAGIC, major=F.VERSION[0], minor=F.VERSION[1], header_size=F.HEADER_SIZE,
-                 count=n, dim=self.dim, dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")], flags=0,
-                 block_bytes=self._block_bytes, n_buckets=n_buckets, lcp_len=lcp_len,
-                 records_offset=F.PAGE, records_size=n * self._record_bytes)
-        sums = np.array([*self._block_crcs, _core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta)],
-                        dtype="<u4").tobytes()
+        sums = np.array(
+            [*self._block_crcs, _core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta)], dtype="<u4"
+        ).tobytes()
         parts, pos = [self._carry], self._written  # the carry, then the sections after the records
-        for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1),
-                                  ("sums", sums, 4)):
+        where = {"records": (F.PAGE, n * self._record_bytes)}
+        for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1), ("sums", sums, 4)):
             parts.append(bytes(-pos % align))
             pos += len(parts[-1])
-            h[f"{name}_offset"], h[f"{name}_size"] = pos, len(data)
+            where[name] = (pos, len(data))
             parts.append(data)
             pos += len(data)
-        h["file_size"] = pos
         self._write_all(*parts)
-        head = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
+        header = F.Header(
+            magic=F.MAGIC, major=F.VERSION[0], minor=F.VERSION[1], header_size=F.HEADER_SIZE, file_size=pos,
+            count=n, dim=self.dim, dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")], flags=0,
+            **{f"{name}_{part}": value for name, (off, size) in where.items()
+               for part, value in (("offset", off), ("size", size))},
+            block_bytes=self._block_bytes, n_buckets=n_buckets, lcp_len=lcp_len,
+        )
         self._file.seek(0)
-        self._write_all(head, _core.crc32c(head).to_bytes(4, "little"))
+        self._write_all(header.pack())
         self._stop_flusher()
         self._file.close()
         self._file = None
         self._staging.commit()
 
-    def _write_all(self, *buffers):
+    def _write_all(self, *buffers: Any) -> None:
         """Write the buffers at the file's position in one ``writev`` (more only if the kernel
         takes part of them)."""
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -246,18 +253,26 @@ class Writer:
         finally:
             views.clear()  # release the buffers even if a traceback keeps this frame
 
-    def _writer_record(self, n):
-        from embfile import __version__
-        return {"format_version": "%d.%d" % F.VERSION, "dtype": self.dtype.name, "dim": self.dim,
-                "count": n, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "embfile_version": __version__}
+    def _writer_record(self, n: int) -> dict[str, Any]:
+        """What the writer records in the metadata ("Metadata").  ``SOURCE_DATE_EPOCH``, the
+        reproducible-builds convention, fixes the creation time."""
+        epoch, utc = os.environ.get("SOURCE_DATE_EPOCH"), datetime.timezone.utc
+        when = datetime.datetime.fromtimestamp(int(epoch), utc) if epoch else datetime.datetime.now(utc)
+        return {
+            "format_version": "%d.%d" % F.VERSION,
+            "dtype": self.dtype.name,
+            "dim": self.dim,
+            "count": n,
+            "created": when.isoformat(),
+            "embfile_version": __version__,
+        }
 
-    def _stop_flusher(self):
+    def _stop_flusher(self) -> None:
         if self._flusher is not None:
             flusher, self._flusher = self._flusher, None
             flusher.close()
 
-    def abort(self):
+    def abort(self) -> None:
         """Discard everything written; the destination path is left as it was."""
         if self._file is not None:
             with contextlib.suppress(OSError):  # what a flush met: nothing is kept anyway
@@ -269,16 +284,16 @@ class Writer:
                 pass
         self._staging.discard()
 
-    def __enter__(self):
+    def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, exc_type, *exc):
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.close()
         else:
             self.abort()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
             try:
                 self.abort()  # never leave a partial file behind
@@ -286,66 +301,60 @@ class Writer:
                 pass
 
 
-def write(path, data, dtype=None, metadata=None, **options):
-    """Write a whole mapping ``{key: vector}`` or a ``(keys, matrix)`` pair to ``path``.
+class Sink(Protocol):
+    """What :func:`write_source` writes into: a :class:`Writer`, or a writer of shards."""
 
-    ``dtype=None`` keeps the dtype of the data.  Other options go to :class:`Writer`.
+    dim: int
+    dtype: np.dtype
+
+    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any) -> None: ...
+    def __enter__(self) -> Any: ...
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None: ...
+
+
+def write_source(
+    source: Source,
+    open_sink: Callable[[int, Any], Sink],
+    dtype: object = None,
+    *,
+    progress: bool | str | os.PathLike[str] = False,
+    prefetch: bool = False,
+) -> None:
+    """Write every chunk of ``source`` into the sink ``open_sink(dim, dtype)`` returns, and close it.
+
+    ``dtype=None`` keeps the source's.  ``prefetch`` reads the next chunks on a thread while one is
+    written (for inputs read from disk).  ``progress`` shows a bar (a path names it).  On any error the
+    sink is aborted: nothing appears at its destination.
     """
-    feed(lambda dim, dt: Writer(path, dim, dt, metadata, **options), data, dtype, "write()")
-
-
-def feed(open_writer, data, dtype=None, caller="write()"):
-    """Write ``data`` (a mapping, an open .emb file or a ``(keys, matrix)`` pair) through the
-    writer ``open_writer(dim, dtype)`` returns, in chunks; ``dtype=None`` keeps the data's."""
-    if isinstance(data, tuple) and len(data) == 2:
-        keys, matrix = data
-        matrix = np.asarray(matrix)
-        if matrix.ndim != 2:
-            raise errors.WriterError(f"matrix must be 2-d, got shape {matrix.shape}")
-        with open_writer(matrix.shape[1], dtype or matrix.dtype) as w:
+    chunks: Iterator[Any] = prefetched(source.chunks) if prefetch else source.chunks
+    name = progress if isinstance(progress, (str, os.PathLike)) else None
+    with progress_bar(source.count, bool(progress), name) as bar, open_sink(source.dim, dtype or source.dtype) as w:
+        for keys, matrix in chunks:
             w.add_batch(keys, matrix)
-        return
-    if not isinstance(data, collections.abc.Mapping):
-        raise TypeError(f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
-    if hasattr(data, "_chunks"):  # an open .emb file: streamed from its mapping
-        with open_writer(data.dim, dtype or data.dtype) as w:
-            for lo, hi, block in data._chunks(max(1, _CHUNK_BYTES // (data.dim * data.dtype.itemsize))):
-                w.add_batch(data.keys_between(lo, hi), block)
-        return
-    items = iter(data.items())
-    first = next(items, None)
-    if first is None:
-        raise errors.WriterError("cannot infer dim from an empty mapping; use a Writer with dim instead")
-    v0 = np.asarray(first[1])
-    if v0.ndim != 1:
-        raise errors.WriterError(f"key {first[0]!r}: vector has shape {v0.shape}, expected 1-d")
-    with open_writer(v0.shape[0], dtype or v0.dtype) as w:
-        step = max(1, _CHUNK_BYTES // (v0.shape[0] * w.dtype.itemsize))
-        keys, vecs = [first[0]], [v0]
-        for k, v in items:
-            keys.append(k)
-            vecs.append(v)
-            if len(keys) >= step:
-                _add_rows(w, keys, vecs)
-                keys, vecs = [], []
-        _add_rows(w, keys, vecs)
+            bar.update(len(keys))
+        bar.set_postfix_str("sorting keys, writing the index")
 
 
-def _add_rows(w, keys, vecs):
-    try:
-        matrix = np.stack([np.asarray(v) for v in vecs])
-    except ValueError:  # ragged: let add() name the offending key
-        for k, v in zip(keys, vecs):
-            w.add(k, v)
-        return
-    if matrix.ndim != 2 or matrix.shape[1] != w.dim:
-        for k, v in zip(keys, vecs):
-            w.add(k, v)
-        return
-    w.add_batch(keys, matrix)
+def write(
+    path: str | os.PathLike[str],
+    data: Any,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    **options: Any,
+) -> None:
+    """Write a whole mapping ``{key: vector}``, a ``(keys, matrix)`` pair or an open dataset to ``path``.
+
+    ``dtype=None`` keeps the dtype of the data.  Other options (``block_bytes``, ``bucket_keys``) go to
+    :class:`Writer`.  Atomic: on any error nothing appears at ``path`` (and a file there is untouched).
+
+    Examples
+    --------
+    >>> embfile.write("db.emb", {"P69905": v1, "P68871": v2}, metadata={"model": "esm2"})  # doctest: +SKIP
+    """
+    write_source(source_of(data, "write()"), lambda dim, dt: Writer(path, dim, dt, metadata, **options), dtype)
 
 
-def _encode_key(key):
+def _encode_key(key: object) -> bytes:
     if not isinstance(key, str):
         raise TypeError(f"embfile keys are str, not {type(key).__name__}: {key!r}")
     try:
@@ -357,13 +366,13 @@ def _encode_key(key):
     return b
 
 
-def _check_kind(src, dst, key):
+def _check_kind(src: np.dtype, dst: np.dtype, key: object) -> None:
     """Refuse conversions that change what the numbers mean (float to int, complex, text)."""
     if src.kind not in "iuf" or (src.kind == "f" and dst.kind in "iu"):
         raise errors.WriterError(f"key {key!r}: cannot store {src} vectors as {dst}")
 
 
-def _convert(block, dtype, keys):
+def _convert(block: np.ndarray, dtype: np.dtype, keys: Sequence[object]) -> np.ndarray:
     """``block`` as ``dtype``, or a WriterError naming the first key whose values do not fit."""
     if block.dtype == dtype or np.can_cast(block.dtype, dtype, "safe"):
         return block.astype(dtype, copy=False)
@@ -383,7 +392,7 @@ def _convert(block, dtype, keys):
     return out
 
 
-def _metadata_json(metadata):
+def _metadata_json(metadata: object) -> dict[str, Any]:
     meta = {} if metadata is None else metadata
     if not isinstance(meta, dict):
         raise TypeError(f"metadata must be a dict, not {type(meta).__name__}")
@@ -399,7 +408,7 @@ def _metadata_json(metadata):
 
 
 @contextlib.contextmanager
-def _disk_errors(writer):
+def _disk_errors(writer: Writer) -> Iterator[None]:
     """A full disk (or quota, or file size limit) aborts the write with a :class:`DiskFullError`."""
     try:
         yield

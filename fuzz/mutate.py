@@ -14,8 +14,7 @@ the checksums and reaches the structural checks and the read paths behind them.
     ("copy", section, width, i, j)     copy item ``i`` over item ``j`` (duplicated entries)
     ("fill", section, start, length, byte)   overwrite a run inside a section
 """
-import re
-import struct
+import dataclasses
 
 import numpy as np
 from hypothesis import strategies as st
@@ -23,14 +22,11 @@ from hypothesis import strategies as st
 from embfile import _core
 from embfile import _format as F
 
-_CODES = re.findall(r"\d*[a-zA-Z]", F.HEADER.format.lstrip("<"))  # "8s", "H", ..., "104x"
-FIELD_LIMITS = {name: (1 << 8 * struct.calcsize(code)) - 1
-                for name, code in zip(F.HEADER_FIELDS, _CODES) if name != "magic"}
-FIELDS = list(FIELD_LIMITS)
+FIELDS = list(F.FIELD_MAX)
 
 
 def header(data):
-    return dict(zip(F.HEADER_FIELDS, F.HEADER.unpack_from(data))) if len(data) >= F.HEADER.size else None
+    return F.Header.unpack(data) if len(data) >= F.HEADER_SIZE else None
 
 
 def apply(original, ops, reseal=False):
@@ -50,15 +46,13 @@ def apply(original, ops, reseal=False):
             continue
         elif kind == "field":
             name, value = args
-            h[name] = value & FIELD_LIMITS[name]
-            data[:F.HEADER.size] = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
+            _put_fields(data, h, **{name: value & F.FIELD_MAX[name]})
         elif kind == "point":
             section, other = args
-            h[f"{section}_offset"] = h[f"{other}_offset"]
-            data[:F.HEADER.size] = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
+            _put_fields(data, h, **{f"{section}_offset": h.offset(other)})
         elif kind in ("swap", "copy", "fill"):
             section = args[0]
-            lo, size = h[f"{section}_offset"], h[f"{section}_size"]
+            lo, size = h.offset(section), h.size(section)
             lo, hi = min(lo, len(data)), min(lo + size, len(data))
             if kind == "fill":
                 start, length, byte = args[1:]
@@ -79,22 +73,24 @@ def apply(original, ops, reseal=False):
     return bytes(data)
 
 
+def _put_fields(data, h, **fields):
+    """Write header ``h`` with ``fields`` changed into ``data``, keeping the stored CRC as it was."""
+    data[:F.HEADER_SIZE - 4] = dataclasses.replace(h, **fields).pack()[:-4]
+
+
 def _reseal(data):
     """Recompute the section checksums (where the header lets us find them) and the header's."""
     h = header(data)
-    if h is None or len(data) < F.HEADER_SIZE:
+    if h is None:
         return
-    sums_at, block = h["sums_offset"], h["block_bytes"]
-    sections_fit = all(h[f"{s}_offset"] + h[f"{s}_size"] <= len(data) for s in F.SECTIONS)
-    if sections_fit and F.MIN_BLOCK_BYTES <= block <= F.MAX_BLOCK_BYTES and block & (block - 1) == 0:
-        rec = bytes(data[h["records_offset"]:h["records_offset"] + h["records_size"]])
-        sums = [*_core.crc32c_blocks(rec, block).tolist()]
-        sums += [_core.crc32c(bytes(data[h[f"{s}_offset"]:h[f"{s}_offset"] + h[f"{s}_size"]]))
-                 for s in ("index", "keys", "meta")]
-        packed = np.array(sums, "<u4").tobytes()[:h["sums_size"]]
-        data[sums_at:sums_at + len(packed)] = packed
-    head = bytes(data[:F.HEADER.size])
-    data[F.HEADER.size:F.HEADER_SIZE] = _core.crc32c(head).to_bytes(4, "little")
+    sections_fit = all(h.offset(s) + h.size(s) <= len(data) for s in F.SECTIONS)
+    if sections_fit and F.valid_block_bytes(h.block_bytes):
+        rec = bytes(data[h.records_offset:h.records_offset + h.records_size])
+        sums = [*_core.crc32c_blocks(rec, h.block_bytes).tolist()]
+        sums += [_core.crc32c(bytes(data[h.offset(s):h.offset(s) + h.size(s)])) for s in ("index", "keys", "meta")]
+        packed = np.array(sums, "<u4").tobytes()[:h.sums_size]
+        data[h.sums_offset:h.sums_offset + len(packed)] = packed
+    data[:F.HEADER_SIZE] = h.pack()
 
 
 def extremes(original):
@@ -103,8 +99,8 @@ def extremes(original):
     size = len(original)
     values = {0, 1, 7, 8, F.PAGE - 1, F.PAGE, F.PAGE + 8, size - 1, size, size + 1, size + F.PAGE,
               2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 8, 2**64 - 1}
-    values |= {h[f"{s}_offset"] for s in F.SECTIONS} | {h[f"{s}_size"] for s in F.SECTIONS}
-    values |= {h["count"] + 1, h["count"] - 1, h["dim"] + 1, h["n_buckets"] + 1, max(0, h["n_buckets"] - 1)}
+    values |= {h.offset(s) for s in F.SECTIONS} | {h.size(s) for s in F.SECTIONS}
+    values |= {h.count + 1, h.count - 1, h.dim + 1, h.n_buckets + 1, max(0, h.n_buckets - 1)}
     return sorted(v for v in values if v >= 0)
 
 

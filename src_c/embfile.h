@@ -22,6 +22,7 @@
 #define EMB_E_DUPLICATE (-2) /* two keys are equal (writer) */
 #define EMB_E_NOMEM (-3)     /* malloc failed (writer, verify) */
 #define EMB_E_LIMIT (-4)     /* a key is longer than EMB_MAX_KEY_BYTES (writer) */
+#define EMB_E_RANGE (-5)     /* a row number is past the last record (gather) */
 
 #define EMB_PAGE 4096u
 #define EMB_MAX_KEY_BYTES 65535u /* FORMAT.md "Limits" */
@@ -69,7 +70,7 @@ void emb_copy(uint8_t *dst, const uint8_t *src, size_t n);
  * The records are spread over n_shards mapped arrays: global row r lives in
  * shard s where starts[s] <= r < starts[s + 1], at bases[s] + (r - starts[s])
  * * record_bytes; starts has n_shards + 1 ascending entries, starts[0] = 0.
- * Returns EMB_E_CORRUPT (having copied the rows before it) at a row past
+ * Returns EMB_E_RANGE (having copied the rows before it) at a row past
  * starts[n_shards], else EMB_OK. */
 int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
                size_t n_shards, uint64_t record_bytes, const uint64_t *rows,

@@ -78,7 +78,7 @@ int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
         const uint8_t *src =
             locate(bases, starts, n_shards, record_bytes, rows[i]);
         if (src == NULL)
-            return EMB_E_CORRUPT;
+            return EMB_E_RANGE;
         if (i + 1 < k) { /* start the next record's every page: the hardware
                             prefetcher stops at page boundaries */
             const uint8_t *next =

@@ -1,4 +1,5 @@
 """Bad input gets a clear embfile error: foreign, truncated, patched and bit-flipped files."""
+import dataclasses
 import pickle
 
 import numpy as np
@@ -20,17 +21,14 @@ def good(tmp_path):
 
 
 def header(path):
-    return dict(zip(F.HEADER_FIELDS, F.HEADER.unpack_from(path.read_bytes())))
+    return F.Header.unpack(path.read_bytes())
 
 
 def patch_header(path, fix_crc=True, **fields):
     """Overwrite named header fields; with fix_crc, as an adversary who recomputes the checksum."""
     data = bytearray(path.read_bytes())
-    h = dict(zip(F.HEADER_FIELDS, F.HEADER.unpack_from(data)))
-    h.update(fields)
-    data[:F.HEADER.size] = F.HEADER.pack(*(h[f] for f in F.HEADER_FIELDS))
-    if fix_crc:
-        data[F.HEADER.size:F.HEADER_SIZE] = _core.crc32c(bytes(data[:F.HEADER.size])).to_bytes(4, "little")
+    packed = dataclasses.replace(F.Header.unpack(data), **fields).pack()
+    data[:F.HEADER_SIZE if fix_crc else F.HEADER_SIZE - 4] = packed if fix_crc else packed[:-4]
     path.write_bytes(data)
 
 
@@ -92,7 +90,7 @@ def test_truncation_at_every_section_boundary(good):
     h = header(path)
     cuts = {8, 100, F.HEADER_SIZE - 1, F.HEADER_SIZE, F.PAGE - 1, F.PAGE, len(data) - 1}
     for s in F.SECTIONS:
-        cuts |= {h[f"{s}_offset"], h[f"{s}_offset"] + 1, h[f"{s}_offset"] + h[f"{s}_size"] // 2}
+        cuts |= {h.offset(s), h.offset(s) + 1, h.offset(s) + h.size(s) // 2}
     for cut in sorted(c for c in cuts if 0 < c < len(data)):
         path.write_bytes(data[:cut])
         with pytest.raises(embfile.TruncatedFileError, match="truncated") as info:
@@ -142,9 +140,9 @@ def test_hostile_header_fields(good, fields, message):
 def _bucket_area(path):
     """(file offset of the first bucket, its entry count) in a valid file."""
     h = header(path)
-    n_top = -(-h["n_buckets"] // 32)
-    fence = h["index_offset"] + -(-(((h["lcp_len"] + 7) // 8 * 8) + 8 * n_top) // F.PAGE) * F.PAGE
-    area = fence + -(-(16 * h["n_buckets"]) // F.PAGE) * F.PAGE
+    n_top = -(-h.n_buckets // 32)
+    fence = h.index_offset + -(-(((h.lcp_len + 7) // 8 * 8) + 8 * n_top) // F.PAGE) * F.PAGE
+    area = fence + -(-(16 * h.n_buckets) // F.PAGE) * F.PAGE
     first = int.from_bytes(path.read_bytes()[fence + 8:fence + 16], "little")
     return area + first
 
@@ -189,7 +187,7 @@ def test_verify_names_the_damaged_section(good, section):
     path, keys = good
     h = header(path)
     data = bytearray(path.read_bytes())
-    at = h[f"{section}_offset"] + h[f"{section}_size"] - 3
+    at = h.offset(section) + h.size(section) - 3
     data[at] ^= 0x10
     path.write_bytes(bytes(data))
     db = embfile.open(path)
@@ -210,11 +208,11 @@ def test_verify_checks_padding(tmp_path, where):
     embfile.write(path, (["a", "b", "c"], np.ones((3, 5), dtype=np.float32)))  # 60 bytes of records
     h = header(path)
     data = bytearray(path.read_bytes())
-    at = 1000 if where == "header page" else h["records_offset"] + h["records_size"] + 10
-    assert at < h["index_offset"]
+    at = 1000 if where == "header page" else h.records_offset + h.records_size + 10
+    assert at < h.index_offset
     data[at] = 1
     path.write_bytes(bytes(data))
-    gap = (256, 4096) if where == "header page" else (h["records_offset"] + 60, h["index_offset"])
+    gap = (256, 4096) if where == "header page" else (h.records_offset + 60, h.index_offset)
     with pytest.raises(embfile.ChecksumError, match=f"padding bytes {gap[0]}-{gap[1]} are not zero"):
         embfile.open(path).verify()
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import embfile
-from embfile.epochs import Batches, EpochPlan, rank_share, shuffle_quality
+from embfile.epochs import Batches, EpochOptions, EpochPlan, rank_share, shuffle_quality
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,8 @@ def test_workers_each_take_every_kth_batch_of_one_sequence(store):
     with embfile.open(path) as db:
         whole = [k for k, _ in db.iter_batches(70, seed=8, epoch=1)]
         for workers in (2, 3, 7):
-            its = [Batches(db, 70, seed=8, epoch=1, worker=w, num_workers=workers) for w in range(workers)]
+            options = EpochOptions(70, seed=8, epoch=1)
+            its = [Batches(db, options, worker=w, num_workers=workers) for w in range(workers)]
             assert sum(len(it) for it in its) == len(whole)
             merged, live = [], list(its)
             while live:  # the DataLoader's round robin

@@ -103,7 +103,7 @@ def _region(h, at):
     if at < F.HEADER_SIZE:
         return "header"
     for s in F.SECTIONS:
-        if h[f"{s}_offset"] <= at < h[f"{s}_offset"] + h[f"{s}_size"]:
+        if h.offset(s) <= at < h.offset(s) + h.size(s):
             return s
     return "padding"
 
@@ -124,7 +124,7 @@ def test_verify_finds_every_single_bit_flip(tmp_path, seeds):
         assert e is not None, f"bit {bit} (byte {at}) flipped unnoticed"
         region, text = _region(h, at), str(e)
         if region == "records":
-            assert "records block 0 " in text and f"rows 0-{h['count'] - 1}" in text, text
+            assert "records block 0 " in text and f"rows 0-{h.count - 1}" in text, text
         elif region == "sums":
             assert "checksum" in text, text
         elif region == "padding":
@@ -141,7 +141,7 @@ def test_every_truncation_says_where_the_file_ends(tmp_path, seeds):
     src, _ = seeds["blocks"]
     data = src.read_bytes()
     h = mutate.header(data)
-    edges = [h[f"{s}_offset"] + d for s in F.SECTIONS for d in (0, h[f"{s}_size"])]
+    edges = [h.offset(s) + d for s in F.SECTIONS for d in (0, h.size(s))]
     lengths = range(len(data)) if LONG else sorted(
         {n for n in range(len(data)) if n <= F.PAGE or n % 61 == 0 or min(abs(n - e) for e in edges) < 16})
     path = tmp_path / "cut.emb"
@@ -155,7 +155,7 @@ def test_every_truncation_says_where_the_file_ends(tmp_path, seeds):
             assert f"{length} bytes" in text and f"header says {len(data)}" in text
             region = _region(h, length)
             if region == "records":
-                block = (length - h["records_offset"]) // h["block_bytes"]
+                block = (length - h.records_offset) // h.block_bytes
                 assert f"inside the records section (block {block})" in text, text
             elif region != "padding":
                 assert f"inside the {region} section" in text, text

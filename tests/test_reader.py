@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import embfile
-from embfile import _core, epochs, reader
+from embfile import _core, _pages, dataset
 from conftest import check_roundtrip
 from workers import content
 
@@ -85,7 +85,7 @@ def test_to_numpy_is_an_in_memory_copy(study, tmp_path):
 
 def test_iteration_reading_keys_ahead_gives_every_key_once(tmp_path):
     # more keys than two read-ahead stretches, the last one cut short by the end of the file
-    keys = [f"k{i:07d}" for i in range(2 * reader.KEYS_AHEAD + 5000)]
+    keys = [f"k{i:07d}" for i in range(2 * dataset.KEYS_AHEAD + 5000)]
     embfile.write(tmp_path / "x.emb", (keys, np.zeros((len(keys), 1), np.uint8)))
     with embfile.open(tmp_path / "x.emb") as db:
         assert list(db) == keys
@@ -105,7 +105,7 @@ def test_to_numpy_of_a_file_truncated_after_open_raises(tmp_path):
     path = tmp_path / "x.emb"
     embfile.write(path, ([f"k{i}" for i in range(100)], np.ones((100, 1024), np.float32)))
     with embfile.open(path) as db:
-        os.truncate(path, db._h["records_offset"] + 4096 * 50)
+        os.truncate(path, db.header.records_offset + 4096 * 50)
         with pytest.raises(embfile.TruncatedFileError, match="truncated after it was opened"):
             db.to_numpy()
 
@@ -115,23 +115,23 @@ def _resident_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(epochs.MADV_POPULATE_WRITE is None, reason="MADV_POPULATE_WRITE is Linux's")
+@pytest.mark.skipif(_pages.MADV_POPULATE_WRITE is None, reason="MADV_POPULATE_WRITE is Linux's")
 def test_fault_in_ahead_makes_every_page_of_the_array_resident():
-    out = epochs.aligned_empty(8 * epochs.POPULATE_STEP, np.uint8)  # np.empty: nothing resident yet
+    out = _pages.aligned_empty(8 * _pages.POPULATE_STEP, np.uint8)  # np.empty: nothing resident yet
     before = _resident_bytes()
-    with epochs.faulted_in_ahead(out):
+    with _pages.faulted_in_ahead(out):
         pass  # the caller writes nothing: all the faulting is the helper's
     assert _resident_bytes() - before >= 0.9 * out.nbytes
 
 
 def test_to_numpy_of_a_large_file_faulted_in_ahead(tmp_path, monkeypatch):
-    monkeypatch.setattr(embfile.EmbFile, "_mostly_cached", lambda self: True)  # as after the truncation
-    path, rows = tmp_path / "x.emb", 3 * epochs.POPULATE_STEP // 4096
+    monkeypatch.setattr(_pages.Layout, "first_part_cached", lambda self: True)  # as after the truncation
+    path, rows = tmp_path / "x.emb", 3 * _pages.POPULATE_STEP // 4096
     matrix = np.random.default_rng(0).random((rows, 1024), dtype=np.float32)
     embfile.write(path, ([f"k{i}" for i in range(rows)], matrix))
     with embfile.open(path) as db:
         np.testing.assert_array_equal(db.to_numpy(), matrix)
-        os.truncate(path, db._h["records_offset"] + matrix.nbytes // 2)
+        os.truncate(path, db.header.records_offset + matrix.nbytes // 2)
         with pytest.raises(embfile.TruncatedFileError):
             db.to_numpy()
     assert not [t for t in threading.enumerate() if t.name == "embfile-fault-in"]  # stopped and joined
@@ -139,16 +139,16 @@ def test_to_numpy_of_a_large_file_faulted_in_ahead(tmp_path, monkeypatch):
 
 def test_to_numpy_faults_in_ahead_only_from_a_cached_file(tmp_path, monkeypatch):
     """From disk the read-ahead sets the pace, and the helper's page allocations would slow it."""
-    path, rows = tmp_path / "x.emb", 3 * epochs.POPULATE_STEP // 4096
+    path, rows = tmp_path / "x.emb", 3 * _pages.POPULATE_STEP // 4096
     matrix = np.random.default_rng(1).random((rows, 1024), dtype=np.float32)
     embfile.write(path, ([f"k{i}" for i in range(rows)], matrix))
-    helped, real = [], epochs.faulted_in_ahead
-    monkeypatch.setattr(epochs, "faulted_in_ahead", lambda out: helped.append(out.nbytes) or real(out))
+    helped, real = [], dataset.faulted_in_ahead
+    monkeypatch.setattr(dataset, "faulted_in_ahead", lambda out: helped.append(out.nbytes) or real(out))
     with embfile.open(path) as db:
         fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-        records = int(db._layout()[0][0]), matrix.nbytes
+        records = int(db._layout().bases[0]), matrix.nbytes
         if _core.resident_fraction(*records) > 0.1:
             pytest.skip("this file system keeps the file in memory (tmpfs?)")
         np.testing.assert_array_equal(db.to_numpy(), matrix)  # cold: no helper

@@ -17,7 +17,7 @@ from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
-from embfile.formats.parquet import emb_to_arrow, read_parquet, to_parquet
+from embfile.formats.parquet import read_parquet, to_parquet
 
 READERS = {"emb": read_emb, "hdf5": read_hdf5, "parquet": read_parquet, "esm": read_esm,
            "pickle": read_pickle, "npy": read_npy}
@@ -131,4 +131,4 @@ def output_format(path):
 
 
 __all__ = ["convert", "from_hdf5", "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5",
-           "to_parquet", "emb_to_arrow", "detect_format", "output_format"]
+           "to_parquet", "detect_format", "output_format"]

@@ -1,26 +1,26 @@
 """Inputs that are arrays already: another .emb, a ``.npy`` matrix with a keys file, a pickled dict."""
 import collections.abc
+import dataclasses
 import os
 import pickle
 
 import numpy as np
 
 from embfile import errors
-from embfile.formats._common import Source, chunk_rows
-from embfile.reader import EmbFile
+from embfile._stream import Source, chunk_rows, source_of
+from embfile.dataset import EmbFile
 
 
 def read_emb(path):
     """Another .emb file (to change its dtype, or on the way to another format)."""
     db = EmbFile(path)
-    desc = {"format": "emb", "path": os.path.abspath(db.path)}
-    return Source(db.dim, db.dtype.newbyteorder("="), len(db), _emb_chunks(db), desc, db.metadata)
+    source = source_of(db)
+    return dataclasses.replace(source, chunks=_closing(db, source.chunks), metadata=db.metadata)
 
 
-def _emb_chunks(db):
+def _closing(db, chunks):
     with db:
-        for lo, hi, block in db._chunks(chunk_rows(db.dim * db.dtype.itemsize)):
-            yield db.keys_between(lo, hi), block
+        yield from chunks
 
 
 def read_npy(path, *, keys=None):

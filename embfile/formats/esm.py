@@ -11,7 +11,8 @@ import os
 import numpy as np
 
 from embfile import errors
-from embfile.formats._common import Source, chunk_rows, require
+from embfile._extras import require
+from embfile._stream import Source, chunk_rows
 
 
 def read_esm(path, *, layer=None, pool=None):

@@ -13,8 +13,10 @@ import os
 import numpy as np
 
 from embfile import errors
-from embfile.formats._common import Source, atomic_output, chunk_rows, progress_bar, require, start_writeback
-from embfile.reader import EmbFile
+from embfile._extras import require
+from embfile._stream import Source, chunk_rows, progress_bar
+from embfile.dataset import EmbFile
+from embfile.formats._common import atomic_output, start_writeback
 
 META_ATTR = "embfile_metadata"  # where exports keep the .emb metadata (JSON), and imports find it
 _MAX_BULK_MEMBERS = 8  # a group with more members than this is taken as per-key
@@ -236,7 +238,7 @@ def to_hdf5(src, dst, *, layout="bulk", ids="keys", vectors="vectors", compressi
         raise ValueError(f"layout must be 'bulk' or 'per-key', not {layout!r}")
     with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
         meta = json.dumps(db.metadata, ensure_ascii=False)
-        size = db._h["keys_size"] + (0 if compression else db.matrix.nbytes)
+        size = db.header.keys_size + (0 if compression else db.matrix.nbytes)
         with atomic_output(dst, size) as tmp, h5py.File(tmp, "w") as f:
             f.attrs[META_ATTR] = meta
             step = _write_bulk if layout == "bulk" else _write_per_key
@@ -256,14 +258,14 @@ def _write_bulk(h5py, db, f, ids, vectors, compression):
                               compression=compression)
     else:
         vd = f.create_dataset(vectors, shape=(0, dim), dtype=db.dtype)
-    for lo, hi, block in db._chunks(chunk_rows(record, vd.chunks[0] if vd.chunks else 1)):
+    for lo, hi, block in db.chunks(chunk_rows(record, vd.chunks[0] if vd.chunks else 1)):
         vd.write_direct(np.ascontiguousarray(block), np.s_[0:hi - lo], np.s_[lo:hi])
         kd[lo:hi] = db.keys_between(lo, hi)
         yield hi - lo
 
 
 def _write_per_key(h5py, db, f, ids, vectors, compression):
-    for lo, hi, block in db._chunks(chunk_rows(db.dim * db.dtype.itemsize)):
+    for lo, hi, block in db.chunks(chunk_rows(db.dim * db.dtype.itemsize)):
         for key, vector in zip(db.keys_between(lo, hi), block):
             parts = key.split("/")
             if not key or any(p in ("", ".") for p in parts):

@@ -10,7 +10,7 @@ null integer or a vector of the wrong length is an error naming its row and key.
 Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column, both
 declared not null (an .emb file has no null key, vector or value, and pyarrow encodes
 required columns about 40% faster), written row group by row group from the mapped
-records themselves (:func:`emb_to_arrow` wraps the mapping; nothing is copied before
+records themselves (:meth:`~embfile.Dataset.to_arrow` wraps the mapping; nothing is copied before
 Parquet encodes it).
 """
 import json
@@ -19,34 +19,12 @@ import os
 import numpy as np
 
 from embfile import errors
-from embfile.formats._common import Source, atomic_output, chunk_rows, progress_bar, require, start_writeback
-from embfile.reader import EmbFile
+from embfile._extras import require
+from embfile._stream import Source, chunk_rows, progress_bar
+from embfile.dataset import ARROW_METADATA_KEY, EmbFile
+from embfile.formats._common import atomic_output, start_writeback
 
-META_KEY = b"embfile.metadata"  # schema metadata where exports keep the .emb metadata (JSON)
 ROW_GROUP_BYTES = 64 << 20  # default row group: about this many bytes of vectors
-
-
-def emb_to_arrow(db, key_column="key", vector_column="vector"):
-    """``db`` as a ``pyarrow.Table`` that shares memory with the mapped file.
-
-    The key column is a ``large_string`` array over the keys section (which has
-    Arrow's layout), the vector column a ``fixed_size_list`` over the records; no
-    field is nullable.  The table stays valid after ``db.close()``, like any view.
-    """
-    pa = require("pyarrow", "parquet")
-    db._require_open()
-    h, n = db._h, len(db)
-    mapped = pa.py_buffer(db._bulk)
-    offsets = mapped.slice(h["keys_offset"], 8 * (n + 1))
-    keys = pa.LargeStringArray.from_buffers(n, offsets, mapped.slice(h["keys_offset"] + 8 * (n + 1)))
-    values = pa.Array.from_buffers(pa.from_numpy_dtype(db.dtype), n * db.dim,
-                                   [None, mapped.slice(h["records_offset"], h["records_size"])])
-    vectors = pa.FixedSizeListArray.from_arrays(
-        values, type=pa.list_(pa.field("item", values.type, nullable=False), db.dim))
-    schema = pa.schema([pa.field(key_column, keys.type, nullable=False),
-                        pa.field(vector_column, vectors.type, nullable=False)],
-                       metadata={META_KEY: json.dumps(db.metadata, ensure_ascii=False)})
-    return pa.Table.from_arrays([keys, vectors], schema=schema)
 
 
 def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_column="key",
@@ -64,13 +42,13 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
     with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
         record = db.dim * db.dtype.itemsize
         rows = row_group_size or max(1, ROW_GROUP_BYTES // record)
-        table = emb_to_arrow(db, key_column, vector_column)
+        table = db.to_arrow(key_column, vector_column)
         key_field = pa.field(key_column, pa.string(), nullable=False)
         schema = pa.schema([key_field, table.schema.field(vector_column)], metadata=table.schema.metadata)
-        with atomic_output(dst, db._h["keys_size"] + db.matrix.nbytes) as tmp:
+        with atomic_output(dst, db.header.keys_size + db.matrix.nbytes) as tmp:
             with pq.ParquetWriter(tmp, schema, compression={key_column: compression, vector_column: "none"},
                                   use_dictionary=[key_column], write_statistics=[key_column]) as w:
-                for lo, hi, _ in db._chunks(rows):
+                for lo, hi, _ in db.chunks(rows):
                     part = table.slice(lo, hi - lo)
                     w.write_table(part.set_column(0, key_field, part[key_column].cast(pa.string())),
                                   row_group_size=hi - lo)
@@ -177,7 +155,7 @@ def _only(schema, test, what, path, option, flag, hint=""):
 
 
 def _stored_metadata(schema):
-    raw = (schema.metadata or {}).get(META_KEY)
+    raw = (schema.metadata or {}).get(ARROW_METADATA_KEY)
     try:
         meta = json.loads(raw) if raw else {}
     except ValueError:

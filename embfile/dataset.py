@@ -1,0 +1,326 @@
+"""What every embfile dataset offers, in one place: lookups, gathers, iteration, epochs, full reads, exports.
+
+A :class:`Dataset` is built from open .emb files (:class:`~embfile.file.MappedFile`): one whose index and
+keys sections map keys to rows, and one or more whose records hold the rows, part after part.  A single
+file (:class:`EmbFile`) is both; a sharded folder (:class:`~embfile.ShardedEmbFile`) has an index file and
+its shards.  Everything here is written once over those two roles.
+
+The lookups themselves (``db[key]``, ``in``, ``rows``, ``get_batch``, ``key``) are the native
+:class:`embfile._core.Table` this class extends: they run without a Python frame, which a lookup that
+answers in a few hundred nanoseconds would otherwise spend a quarter of its time in.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import itertools
+import json
+import mmap
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from embfile import _core, errors
+from embfile._extras import require
+from embfile._pages import Layout, aligned_empty, faulted_in_ahead
+from embfile.epochs import Batches, EpochOptions
+from embfile.file import MappedFile
+
+KEY_CHUNK = 4096  # keys decoded at a time by an iteration: fast, and bounded in memory
+KEYS_AHEAD = 1 << 16  # keys asked of the disk ahead of an iteration
+ARROW_METADATA_KEY = b"embfile.metadata"  # schema metadata where Arrow and Parquet exports keep the metadata
+
+
+class Dataset(_core.Table, collections.abc.Mapping):  # type: ignore[misc]
+    """A read-only ``Mapping[str, ndarray]`` of embedding vectors, over one or more .emb files.
+
+    ``db[key]`` is a read-only view of shape ``(dim,)`` into the mapped file: no copy is made, and the
+    view stays valid after :meth:`close` (the mapping is released when the last view is gone).
+    :meth:`get_batch`, :meth:`take` and :meth:`to_numpy` return new arrays.  Keys, values and items
+    iterate in row order, which is the order the vectors were written in.
+
+    A dataset pickles by path, so it can be handed to worker processes; a forked child may keep using
+    the parent's object.
+
+    Attributes
+    ----------
+    path : str or None
+        The file or folder opened (None for a list of files).
+    dim : int
+        Elements per vector.
+    dtype : numpy.dtype
+        The stored element type (little-endian).
+    files : tuple of MappedFile
+        The files holding the records, in row order.
+    """
+
+    path: str | None
+    dim: int
+    dtype: np.dtype
+    files: tuple[MappedFile, ...]
+
+    def _open_files(self, index: MappedFile, parts: Sequence[MappedFile], path: str | None) -> None:
+        """Attach the lookup table to ``index`` (keys and key index) and ``parts`` (records)."""
+        self.path, self._index, self.files = path, index, tuple(parts)
+        self.dim, self.dtype = parts[0].dim, parts[0].dtype
+        self._layout_cache: Layout | None = None
+        h = index.header
+        lookup = index._maps()[0]
+        self._attach(lookup, h.count, h.keys_offset, h.keys_size, h.index_offset, h.index_size, h.lcp_len,
+                     h.n_buckets, [(p._maps()[0], p.header.records_offset, p.count) for p in parts], self.dim,
+                     self.dtype)
+        self._starts = np.cumsum([0] + [p.count for p in parts]).tolist()
+
+    # -- iteration: keys in row order, values and items read by row ----------------------------------
+
+    def __iter__(self) -> Iterator[str]:
+        self._require_open()
+        return itertools.chain.from_iterable(self._key_chunks())  # no Python frame per key
+
+    def _key_chunks(self) -> Iterator[list[str]]:
+        for start in range(0, len(self), KEY_CHUNK):
+            if start % KEYS_AHEAD == 0:  # the next stretch of keys is read while this one is decoded
+                self._index.prefetch_keys(start and start + KEYS_AHEAD, start + 2 * KEYS_AHEAD)
+            yield self.keys_between(start, start + KEY_CHUNK)
+
+    def values(self) -> collections.abc.ValuesView[np.ndarray]:
+        """The vectors in row order, read by row: no lookup per key (so none a damaged index could fail)."""
+        return _ValuesByRow(self)
+
+    def items(self) -> collections.abc.ItemsView[str, np.ndarray]:
+        """``(key, vector)`` pairs in row order, read by row."""
+        return _ItemsByRow(self)
+
+    # -- reading rows in bulk -----------------------------------------------------------------------
+
+    def _layout(self) -> Layout:
+        """Where the rows are in the bulk mappings (built once: it maps every part)."""
+        if self._layout_cache is None:
+            self._require_open()
+            matrices = [p.matrix for p in self.files]
+            bases = np.array([m.ctypes.data for m in matrices], np.uintp)
+            self._layout_cache = Layout(bases, np.array(self._starts, np.uint64),
+                                        self.dim * self.dtype.itemsize, matrices)
+        return self._layout_cache
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """A new ``(len(rows), dim)`` array of the records at ``rows`` (ints), in that order."""
+        self._require_open()
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or not (rows.dtype.kind in "iu" or rows.size == 0):
+            raise TypeError(f"take() needs a 1-d sequence of row numbers, not {rows.dtype} {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows must be from 0 to {len(self) - 1}")
+        out = np.empty((len(rows), self.dim), self.dtype)
+        self._layout().gather(rows.astype(np.uint64), out)
+        return out
+
+    def to_numpy(self) -> np.ndarray:
+        """All vectors as a new in-memory ``(n, dim)`` array, in row order.
+
+        Read with large ``pread`` calls, at the disk's sequential speed on a cold file (copying
+        ``db.matrix`` faults its pages in a little at a time).  When the records are mostly in the page
+        cache already, a helper thread also faults in the new array's pages ahead of the copy.  The
+        array's data starts on a page boundary.
+        """
+        self._require_open()
+        out = aligned_empty((len(self), self.dim), self.dtype)
+        with faulted_in_ahead(out) if self._layout().first_part_cached() else contextlib.nullcontext():
+            for part, lo, hi in zip(self.files, self._starts, self._starts[1:]):
+                part.read_into(out[lo:hi])
+        return out
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(lo, hi, block)`` for consecutive row ranges of at most ``rows`` rows, ``block`` a read-only
+        view of rows ``[lo, hi)``, for exports.
+
+        Each range's pages leave this process's memory once the next is asked for (they stay in the page
+        cache), so a pass over a dataset larger than RAM keeps a bounded resident size.
+        """
+        layout = self._layout()
+        for part, first, last in zip(self.files, self._starts, self._starts[1:]):
+            matrix = part.matrix
+            for lo in range(first, last, rows):
+                hi = min(lo + rows, last)
+                yield lo, hi, matrix[lo - first : hi - first]
+                layout.advise(lo, hi, mmap.MADV_DONTNEED)
+
+    def iter_batches(
+        self, batch_size: int = 100, *, transform: Callable[[Any], Any] | None = None, **options: Any
+    ) -> Batches:
+        """Batches of one epoch: every record once, in a block-shuffled order.
+
+        Yields ``(keys, matrix)`` (``matrix`` alone with ``keys=False``), ``matrix`` a new ``(b, dim)``
+        array passed through ``transform`` if given.  Blocks of ``block_size`` consecutive records
+        (default: about 1 MiB) are shuffled, and each window of ``buffer_blocks`` blocks is shuffled as a
+        whole, so reads stay sequential while batches mix records from all over the dataset.  The order
+        depends only on ``(seed, epoch)``; without ``shuffle`` it is row order.  ``rank`` of
+        ``world_size`` reads its own part (every record once across ranks; with ``drop_last`` every rank
+        gets the same number of whole batches).
+
+        Parameters
+        ----------
+        batch_size : int
+            Records per batch.
+        transform : callable, optional
+            Applied to each batch.
+        **options
+            Any other field of :class:`~embfile.epochs.EpochOptions`: ``shuffle``, ``seed``, ``epoch``,
+            ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``, ``drop_last``, ``keys``.
+
+        Returns
+        -------
+        Batches
+            An iterator with ``len`` and ``state_dict()`` / ``load_state_dict()`` for resuming.
+
+        Examples
+        --------
+        >>> for keys, x in db.iter_batches(256, seed=1, epoch=e):   # doctest: +SKIP
+        ...     loss = model(torch.from_numpy(x))
+        """
+        self._require_open()
+        return Batches(self, EpochOptions(batch_size, **options), transform=transform)
+
+    def to_arrow(self, key_column: str = "key", vector_column: str = "vector") -> Any:
+        """A ``pyarrow.Table`` of ``(key: large_string, vector: fixed_size_list<dtype>[dim])``, not null.
+
+        It shares memory with the mapped files (the keys section has Arrow's ``large_string`` layout and
+        the records its ``fixed_size_list`` layout): nothing is copied, and the table stays valid after
+        :meth:`close`.  One record batch per file.  Needs pyarrow (``pip install "embfile[parquet]"``).
+        """
+        pa = require("pyarrow", "parquet")
+        self._require_open()
+        value_type = pa.from_numpy_dtype(self.dtype)
+        list_type = pa.list_(pa.field("item", value_type, nullable=False), self.dim)
+        schema = pa.schema(
+            [pa.field(key_column, pa.large_string(), nullable=False),
+             pa.field(vector_column, list_type, nullable=False)],
+            metadata={ARROW_METADATA_KEY: json.dumps(self.metadata, ensure_ascii=False)},
+        )
+        batches = []
+        for part in self.files:
+            h, n = part.header, part.count
+            mapped = pa.py_buffer(part._maps()[1])
+            offsets = mapped.slice(h.keys_offset, 8 * (n + 1))
+            keys = pa.LargeStringArray.from_buffers(n, offsets, mapped.slice(h.keys_offset + 8 * (n + 1)))
+            values = pa.Array.from_buffers(value_type, n * self.dim,
+                                           [None, mapped.slice(h.records_offset, h.records_size)])
+            vectors = pa.FixedSizeListArray.from_arrays(values, type=list_type)
+            batches.append(pa.RecordBatch.from_arrays([keys, vectors], schema=schema))
+        return pa.Table.from_batches(batches, schema=schema)
+
+    # -- the files ----------------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The metadata object: the writer's record under ``"embfile"``, plus the user's keys (of the
+        first file, for a sharded dataset: every shard a writer makes has the same user keys)."""
+        self._require_open()
+        return self.files[0].metadata
+
+    def verify(self) -> None:
+        """Check every checksum and index, reading everything once; raise :class:`ChecksumError` naming
+        each damaged part.  Returns ``None`` when everything holds."""
+        self._require_open()
+        if self.files == (self._index,):
+            problems = self._index.problems()
+            if problems:
+                raise errors.ChecksumError(f"{self._index.path}: " + "; ".join(problems), problems)
+            return
+        problems = [f"{f.path}: {p}" for f in [*self.files, self._index] for p in f.problems()]
+        problems += self._consistency_problems()
+        if problems:
+            raise errors.ChecksumError("; ".join(problems), problems)
+
+    def _consistency_problems(self) -> list[str]:
+        """What does not fit between the files (for datasets of several)."""
+        return []
+
+    def close(self) -> None:
+        """Release the files.  Arrays already returned stay valid."""
+        self._detach()
+        for f in {id(f): f for f in [*getattr(self, "files", ()), getattr(self, "_index", None)] if f}.values():
+            f.close()
+        self._layout_cache = None
+
+    def _require_open(self) -> None:
+        if not getattr(self, "files", None) or self.files[0].closed:
+            raise errors.ClosedFileError(f"{self.path or 'dataset'}: operation on a closed {type(self).__name__}")
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        if not getattr(self, "files", None) or self.files[0].closed:
+            state = "closed"
+        else:
+            state = f"{len(self)} x {self.dim} {self.dtype.name}"
+            if len(self.files) > 1:
+                state += f" in {len(self.files)} files"
+        return f"<{type(self).__name__} {self.path!r}: {state}>"
+
+
+class EmbFile(Dataset):
+    """One .emb file as a dataset (see :class:`Dataset`): the file holds its own keys and records.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to open.
+
+    Raises
+    ------
+    FormatError
+        If the file is not a readable .emb file (with a subclass saying why).
+    OSError
+        If the file cannot be opened.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        file = MappedFile(path)
+        try:
+            self._open_files(file, [file], file.path)
+        except BaseException:
+            file.close()
+            raise
+
+    @property
+    def header(self) -> Any:
+        """The file's header (:class:`embfile._format.Header`): format version, sections, sizes."""
+        return self._index.header
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """All vectors as a read-only ``(n, dim)`` view, in row order."""
+        self._require_open()
+        return self._index.matrix
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (EmbFile, (self.path,))
+
+
+class _ValuesByRow(collections.abc.ValuesView):  # type: ignore[type-arg]
+    _mapping: Dataset
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for row in range(len(self._mapping)):
+            yield self._mapping.record(row)
+
+
+class _ItemsByRow(collections.abc.ItemsView):  # type: ignore[type-arg]
+    _mapping: Dataset
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for row, key in enumerate(self._mapping):
+            yield key, self._mapping.record(row)

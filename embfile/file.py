@@ -1,0 +1,234 @@
+"""One .emb file opened for reading: its checked header, its mappings, its checksums.
+
+Opening reads and checks the 256-byte header (:class:`~embfile._format.Header`), maps the file, and
+checks every section against the file size: constant time whatever the number of keys.  A
+:class:`MappedFile` is storage, not yet a dataset: :class:`~embfile.EmbFile` and
+:class:`~embfile.ShardedEmbFile` are built from one or several of them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import os
+from typing import Any
+
+import numpy as np
+
+from embfile import _core, errors
+from embfile._format import PAGE, Header
+
+READ_STEP = 64 << 20  # read_into's pread size: large enough for the kernel's full read-ahead
+FIRST_READ = 64 << 10  # read_into's first pread: small, so that read-ahead starts small and ramps up
+
+
+class MappedFile:
+    """One .emb file, mapped twice: once for lookups, once for reading the records in bulk.
+
+    The two mappings sit on two open files because the kernel keeps read-ahead state per open file:
+    lookups want none (a record's pages, nothing around them), bulk reads the default.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        f, g, st = _open_twice(self.path)
+        with f, g:
+            self.header = h = Header.read(os.pread(f.fileno(), PAGE, 0), st.st_size, self.path)
+            self.lookup_map: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.lookup_map.madvise(mmap.MADV_RANDOM)
+            self.bulk_map: mmap.mmap | None = mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_READ)
+        self._file_id = (st.st_dev, st.st_ino)
+        self._table: _core.Table | None = None
+        first, last = self.key_offsets()[[0, -1]]
+        if first != 0 or last != h.keys_size - 8 * (h.count + 1):
+            self.close()
+            raise errors.CorruptFileError(f"{self.path}: keys section offsets do not span it")
+
+    @property
+    def count(self) -> int:
+        return self.header.count
+
+    def __len__(self) -> int:
+        return self.header.count
+
+    @property
+    def dim(self) -> int:
+        return self.header.dim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.header.dtype
+
+    @property
+    def closed(self) -> bool:
+        return self.bulk_map is None
+
+    def _maps(self) -> tuple[mmap.mmap, mmap.mmap]:
+        if self.lookup_map is None or self.bulk_map is None:
+            raise errors.ClosedFileError(f"{self.path}: operation on a closed file")
+        return self.lookup_map, self.bulk_map
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """All records as a read-only ``(count, dim)`` view of the bulk mapping, in row order."""
+        h = self.header
+        flat = np.frombuffer(self._maps()[1], self.dtype, count=h.count * h.dim, offset=h.records_offset)
+        return flat.reshape(h.count, h.dim)
+
+    def table(self) -> _core.Table:
+        """The native lookup table of this file alone (its own index, keys and records)."""
+        if self._table is None:
+            lookup = self._maps()[0]
+            h = self.header
+            table = _core.Table()
+            table._attach(lookup, h.count, h.keys_offset, h.keys_size, h.index_offset, h.index_size,
+                          h.lcp_len, h.n_buckets, [(lookup, h.records_offset, h.count)], h.dim, self.dtype)
+            self._table = table
+        return self._table
+
+    def key_offsets(self) -> np.ndarray:
+        """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
+        h = self.header
+        return np.frombuffer(self._maps()[0], "<u8", count=h.count + 1, offset=h.keys_offset)
+
+    def prefetch_keys(self, lo: int, hi: int) -> None:
+        """Ask the disk for the keys of rows ``[lo, hi)`` (a hint: clipped to the keys section).
+
+        The lookup mapping has read-ahead off, so an iteration over the keys asks ahead itself.
+        """
+        h, n = self.header, self.count
+        lo, hi = min(lo, n), min(hi, n)
+        if lo >= hi:
+            return
+        lookup = self._maps()[0]
+        heap, size = h.keys_offset + 8 * (n + 1), h.keys_size - 8 * (n + 1)
+        first, last = (min(int(o), size) for o in self.key_offsets()[[lo, hi]])
+        for at, length in ((h.keys_offset + 8 * lo, 8 * (hi - lo + 1)), (heap + first, last - first)):
+            if length > 0:
+                page = at - at % mmap.PAGESIZE
+                lookup.madvise(mmap.MADV_WILLNEED, page, at + length - page)
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill ``out``, a C-contiguous ``(count, dim)`` array, with every record.
+
+        ``pread`` in large requests gets the kernel's full read-ahead, at the disk's sequential speed on a
+        cold file, where page faults on a mapping read ahead a little at a time.  The first request is
+        small, so read-ahead starts small and grows as for any sequential reader (a large first request
+        makes the kernel read its first megabytes synchronously).  The kernel copies at half speed when
+        ``out`` and its page-aligned source differ mod 64 bytes, and the path may name another file by
+        now: then the core copies from the mapping instead.
+        """
+        fd = self._reopen() if out.ctypes.data % 64 == 0 else None
+        if fd is None:
+            m = self.matrix
+            _core.copy_all(np.array([m.ctypes.data], np.uintp), np.array([0, len(m)], np.uint64),
+                           self.dim * self.dtype.itemsize, out)
+            return
+        view, at = memoryview(out.reshape(-1).view(np.uint8)), self.header.records_offset
+        try:
+            done = 0
+            while done < view.nbytes:
+                got = os.preadv(fd, [view[done : done + (READ_STEP if done else FIRST_READ)]], at + done)
+                if got == 0:
+                    raise errors.TruncatedFileError(
+                        f"{self.path} ends at byte {at + done}, inside its records: "
+                        "it was truncated after it was opened"
+                    )
+                done += got
+        finally:
+            os.close(fd)
+
+    def _reopen(self) -> int | None:
+        """A new descriptor of ``path`` if it still names the mapped file, else None."""
+        if not hasattr(os, "preadv"):
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == self._file_id:
+            return fd
+        os.close(fd)
+        return None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The metadata object: the writer's own record under ``"embfile"``, plus the user's keys."""
+        h = self.header
+        raw = self._maps()[1][h.meta_offset : h.meta_offset + h.meta_size]
+        try:
+            meta = json.loads(raw)
+        except ValueError as e:
+            raise errors.CorruptFileError(f"{self.path}: metadata is not valid JSON: {e}") from None
+        if not isinstance(meta, dict):
+            raise errors.CorruptFileError(f"{self.path}: metadata is not a JSON object")
+        return meta
+
+    def sums(self) -> np.ndarray:
+        """The checksums section: one CRC per records block, then those of index, keys, meta."""
+        h = self.header
+        return np.frombuffer(self._maps()[1], "<u4", count=h.n_blocks + 3, offset=h.sums_offset)
+
+    def stored_crc(self, section: str) -> int:
+        """The stored CRC-32C of the ``index``, ``keys`` or ``meta`` section."""
+        return int(self.sums()[-3:][("index", "keys", "meta").index(section)])
+
+    def problems(self) -> list[str]:
+        """Everything wrong in the file, found by reading all of it: checksums, padding, the index walk."""
+        h, problems = self.header, []
+        sums = self.sums()
+        with memoryview(self._maps()[1]) as whole:
+            records = whole[h.records_offset : h.records_offset + h.records_size]
+            bad = np.flatnonzero(_core.crc32c_blocks(records, h.block_bytes) != sums[: h.n_blocks])
+            record_bytes = h.dim * self.dtype.itemsize
+            for b in bad.tolist():
+                lo = b * h.block_bytes
+                hi = min(lo + h.block_bytes, h.records_size)
+                problems.append(
+                    f"records block {b} (bytes {h.records_offset + lo}-{h.records_offset + hi}, "
+                    f"rows {lo // record_bytes}-{(hi - 1) // record_bytes}) does not match its checksum"
+                )
+            for i, name in enumerate(("index", "keys", "meta")):
+                off, size = h.offset(name), h.size(name)
+                if _core.crc32c(whole[off : off + size]) != sums[h.n_blocks + i]:
+                    problems.append(f"{name} section does not match its checksum")
+            del records
+        for lo, hi in h.gaps():
+            if np.frombuffer(self._maps()[1], np.uint8, hi - lo, lo).any():
+                problems.append(f"padding bytes {lo}-{hi} are not zero")
+        ok, where = self.table()._check_index()
+        if not ok:
+            problems.append(f"index structure is invalid at sorted position {where}")
+        return problems
+
+    def close(self) -> None:
+        """Let go of the mappings (arrays already handed out keep theirs alive)."""
+        if self._table is not None:
+            self._table._detach()
+            self._table = None
+        self.lookup_map = self.bulk_map = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.count} x {self.dim} {self.dtype.name}"
+        return f"<MappedFile {self.path!r}: {state}>"
+
+
+def _open_twice(path: str, attempts: int = 100) -> tuple[io.BufferedReader, io.BufferedReader, os.stat_result]:
+    """Two open files of the file at ``path``, and its ``stat``.  A writer renaming a new file onto
+    ``path`` between the two opens makes them differ: then open both again, so the reader gets the
+    old file or the new one, whole."""
+    for _ in range(attempts):
+        f = open(path, "rb")
+        try:
+            g = open(path, "rb")
+        except BaseException:
+            f.close()
+            raise
+        st = os.fstat(f.fileno())
+        if os.path.samestat(st, os.fstat(g.fileno())):
+            return f, g, st
+        f.close()
+        g.close()
+    raise OSError(f"{path} was replaced {attempts} times while being opened")
