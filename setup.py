@@ -1,4 +1,5 @@
 """Builds embfile's one extension, embfile._core, from the Cython layer and the C core."""
+
 import os
 
 import numpy
@@ -20,8 +21,7 @@ def core_extension():
     sanitize = os.environ.get("EMBFILE_SANITIZE")
     if sanitize:
         checks = "address,undefined" + (",fuzzer-no-link" if sanitize == "fuzz" else "")
-        args += ["-O1", "-g", f"-fsanitize={checks}", "-fno-sanitize-recover=undefined",
-                 "-fno-omit-frame-pointer"]
+        args += ["-O1", "-g", f"-fsanitize={checks}", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={checks}"]
     if os.environ.get("EMBFILE_COVERAGE"):
         args += ["-O0", "--coverage"]

@@ -20,6 +20,7 @@ same data split into 100 shards.
 Targets (issue #5): cold shuffled epoch >= 70% of cold sequential read and >= 10x the per-record random epoch;
 warm >= 50% of memcpy; shuffle quality within a few percent of a full permutation.
 """
+
 import argparse
 import json
 import os
@@ -31,10 +32,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import machine  # noqa: E402
+import machine
 
-import embfile  # noqa: E402
-from embfile.epochs import BLOCK_BYTES, EpochPlan, shuffle_quality  # noqa: E402
+import embfile
+from embfile.epochs import BLOCK_BYTES, EpochPlan, shuffle_quality
 
 MB = 1 << 20
 BATCH = 100
@@ -43,18 +44,22 @@ BATCH = 100
 def make_files(folder, n, dim, dtype):
     """The same records as .emb, contiguous bulk HDF5 and Parquet (64 MiB row groups)."""
     import h5py
+
     rng = np.random.default_rng(0)
     keys = [f"seq{i:010d}" for i in range(n)]
-    paths = {"emb": os.path.join(folder, "db.emb"), "h5": os.path.join(folder, "bulk.h5"),
-             "parquet": os.path.join(folder, "db.parquet")}
+    paths = {
+        "emb": os.path.join(folder, "db.emb"),
+        "h5": os.path.join(folder, "bulk.h5"),
+        "parquet": os.path.join(folder, "db.parquet"),
+    }
     step = max(1, 16 * MB // (dim * np.dtype(dtype).itemsize))
     with embfile.Writer(paths["emb"], dim, dtype) as w, h5py.File(paths["h5"], "w") as f:
         f.create_dataset("ids", data=keys, dtype=h5py.string_dtype())
         m = f.create_dataset("embeddings", shape=(n, dim), dtype=dtype)  # contiguous, as users write it
         for lo in range(0, n, step):
             block = rng.random((min(step, n - lo), dim)).astype(dtype)
-            w.add_batch(keys[lo:lo + step], block)
-            m[lo:lo + step] = block
+            w.add_batch(keys[lo : lo + step], block)
+            m[lo : lo + step] = block
     embfile.to_parquet(paths["emb"], paths["parquet"])
     for p in paths.values():
         machine.fsync_path(p)
@@ -63,11 +68,15 @@ def make_files(folder, n, dim, dtype):
 
 # ---- loaders: each yields batches and appends the file rows it delivers to `order` -----------------------
 
+
 def embfile_epoch(paths, order, **options):
     db = embfile.open(paths["emb"])
     it = db.iter_batches(BATCH, keys=False, **options)
-    order.append(EpochPlan(len(db), block_size=it.plan.block_size, buffer_blocks=it.plan.buffer_blocks,
-                           shuffle=it.plan.shuffle).order())
+    order.append(
+        EpochPlan(
+            len(db), block_size=it.plan.block_size, buffer_blocks=it.plan.buffer_blocks, shuffle=it.plan.shuffle
+        ).order()
+    )
     yield from it
 
 
@@ -77,17 +86,18 @@ def memmap_random(paths, order):
     perm = np.random.default_rng(0).permutation(len(db))
     order.append(perm)
     for lo in range(0, len(perm), BATCH):
-        yield mm[perm[lo:lo + BATCH]]
+        yield mm[perm[lo : lo + BATCH]]
 
 
 def h5py_sorted(paths, order):
     import h5py
+
     f = h5py.File(paths["h5"], "r")
     m = f["embeddings"]
     perm = np.random.default_rng(0).permutation(m.shape[0])
     out = []
     for lo in range(0, len(perm), BATCH):
-        idx = np.sort(perm[lo:lo + BATCH])
+        idx = np.sort(perm[lo : lo + BATCH])
         out.append(idx)
         yield m[idx]
     order.append(np.concatenate(out) if out else perm)
@@ -95,6 +105,7 @@ def h5py_sorted(paths, order):
 
 def parquet_row_groups(paths, order):
     import pyarrow.parquet as pq
+
     pf = pq.ParquetFile(paths["parquet"])
     rng = np.random.default_rng(0)
     starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
@@ -105,7 +116,7 @@ def parquet_row_groups(paths, order):
         perm = rng.permutation(len(matrix))
         seen.append(starts[g] + perm)
         for lo in range(0, len(perm), BATCH):
-            yield matrix[perm[lo:lo + BATCH]]
+            yield matrix[perm[lo : lo + BATCH]]
     order.append(np.concatenate(seen))
 
 
@@ -162,8 +173,12 @@ def main():
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--dtype", default="float64")
     ap.add_argument("--iterations", type=int, default=1000, help="batches timed per loader")
-    ap.add_argument("--random-iterations", type=int, default=100,
-                    help="batches timed for the cold per-record loaders (slow by design)")
+    ap.add_argument(
+        "--random-iterations",
+        type=int,
+        default=100,
+        help="batches timed for the cold per-record loaders (slow by design)",
+    )
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -177,9 +192,11 @@ def main():
         t0 = time.perf_counter()
         paths = make_files(folder, n, args.dim, args.dtype)
         block = max(1, BLOCK_BYTES // record_bytes)
-        print(f"data: {n:,} x {args.dim} {args.dtype} ({n * record_bytes / 1e6:,.0f} MB; embfile blocks of {block} "
-              f"records, windows of 64 blocks = {64 * block * record_bytes / 1e6:.0f} MB), written in "
-              f"{time.perf_counter() - t0:.0f} s\n")
+        print(
+            f"data: {n:,} x {args.dim} {args.dtype} ({n * record_bytes / 1e6:,.0f} MB; embfile blocks of {block} "
+            f"records, windows of 64 blocks = {64 * block * record_bytes / 1e6:.0f} MB), written in "
+            f"{time.perf_counter() - t0:.0f} s\n"
+        )
 
         results = {"limits": limits, "n": n, "dim": args.dim, "dtype": args.dtype, "loaders": {}}
         for temperature in ("cold", "warm"):
@@ -196,31 +213,42 @@ def main():
                     sequential += [machine.cold_read_gbps(paths["emb"]) for _ in range(repeats(name, temperature))]
                 runs = [timed(loader, paths, its, temperature == "cold") for _ in range(repeats(name, temperature))]
                 seconds, records, rss = sorted(runs)[len(runs) // 2]  # the median run
-                rows[name] = {"records_per_s": records / seconds, "seconds_per_1000": seconds / its * 1000,
-                              "iterations": its, "rss_mb": rss}
+                rows[name] = {
+                    "records_per_s": records / seconds,
+                    "seconds_per_1000": seconds / its * 1000,
+                    "iterations": its,
+                    "rss_mb": rss,
+                }
             if temperature == "cold":
                 limits["cold_read_data_gbps"] = float(np.median(sequential))
-                print(f"cold sequential read of db.emb itself (8 MiB reads), measured before each cold run: "
-                      f"median {limits['cold_read_data_gbps']:.2f} GB/s of {len(sequential)}, from "
-                      f"{min(sequential):.2f} to {max(sequential):.2f}; the cold ratios use the median\n")
+                print(
+                    f"cold sequential read of db.emb itself (8 MiB reads), measured before each cold run: "
+                    f"median {limits['cold_read_data_gbps']:.2f} GB/s of {len(sequential)}, from "
+                    f"{min(sequential):.2f} to {max(sequential):.2f}; the cold ratios use the median\n"
+                )
             floor = limits["cold_read_data_gbps"] if temperature == "cold" else limits["memcpy_gbps"]
-            print(f"| {temperature}: loader (batch {BATCH}) | s per 1,000 it. | records/s | MB/s | "
-                  f"{'/ cold seq. read' if temperature == 'cold' else '/ memcpy'} | x per-record random | "
-                  f"RSS growth MB |\n|---|---|---|---|---|---|---|")
+            print(
+                f"| {temperature}: loader (batch {BATCH}) | s per 1,000 it. | records/s | MB/s | "
+                f"{'/ cold seq. read' if temperature == 'cold' else '/ memcpy'} | x per-record random | "
+                f"RSS growth MB |\n|---|---|---|---|---|---|---|"
+            )
             random_rate = rows["per-record random (numpy memmap)"]["records_per_s"]
             for name, r in rows.items():
                 gbps = r["records_per_s"] * record_bytes / 1e9
                 r.update(gbps=gbps, vs_floor=gbps / floor, vs_random=r["records_per_s"] / random_rate)
-                print(f"| {name} | {r['seconds_per_1000']:.2f} | {r['records_per_s']:,.0f} | {gbps * 1e3:,.0f} | "
-                      f"{r['vs_floor']:.0%} | {r['vs_random']:.1f}x | {r['rss_mb']:.0f} |")
+                print(
+                    f"| {name} | {r['seconds_per_1000']:.2f} | {r['records_per_s']:,.0f} | {gbps * 1e3:,.0f} | "
+                    f"{r['vs_floor']:.0%} | {r['vs_random']:.1f}x | {r['rss_mb']:.0f} |"
+                )
             results["loaders"][temperature] = rows
             print()
 
         quality = {}
-        print("| order | gap entropy (bits) | / full permutation | displacement | rank correlation | "
-              f"neighbour rate (< {block} rows) |\n|---|---|---|---|---|---|")
-        orders = {"full random permutation": np.random.default_rng(7).permutation(n),
-                  "no shuffle": np.arange(n)}
+        print(
+            "| order | gap entropy (bits) | / full permutation | displacement | rank correlation | "
+            f"neighbour rate (< {block} rows) |\n|---|---|---|---|---|---|"
+        )
+        orders = {"full random permutation": np.random.default_rng(7).permutation(n), "no shuffle": np.arange(n)}
         for name, loader in LOADERS.items():
             if "sequential" in name or "h5py" in name:
                 continue
@@ -232,8 +260,10 @@ def main():
             q = shuffle_quality(order, block)
             quality[name] = q
             full = quality["full random permutation"]["gap_entropy"]
-            print(f"| {name} | {q['gap_entropy']:.2f} | {q['gap_entropy'] / full:.1%} | {q['displacement']:.3f} | "
-                  f"{q['rank_correlation']:+.3f} | {q['neighbour_rate']:.4f} |")
+            print(
+                f"| {name} | {q['gap_entropy']:.2f} | {q['gap_entropy'] / full:.1%} | {q['displacement']:.3f} | "
+                f"{q['rank_correlation']:+.3f} | {q['neighbour_rate']:.4f} |"
+            )
         results["quality"] = quality
 
         shards = os.path.join(folder, "shards")
@@ -245,15 +275,24 @@ def main():
             open_ms = (time.perf_counter() - t0) * 1e3
             d = dict.fromkeys(keys, 0)
             one, many, in_dict = lookups(db, keys), lookups(sharded, keys), lookups(d, keys)
-            seconds, records, _ = timed(lambda p, o: sharded.iter_batches(BATCH, keys=False), {}, args.iterations,
-                                        False)
+            seconds, records, _ = timed(
+                lambda p, o: sharded.iter_batches(BATCH, keys=False), {}, args.iterations, False
+            )
             sharded.close()
-        results["shards"] = {"count": 100, "open_ms": open_ms, "lookup_us": many, "single_lookup_us": one,
-                             "dict_lookup_us": in_dict, "epoch_gbps": records * record_bytes / seconds / 1e9}
-        print(f"100 shards: open {open_ms:.1f} ms; warm db[key] median {many:.2f} us vs {one:.2f} us for one file "
-              f"({many / one:.1f}x; a dict: {in_dict:.2f} us); warm shuffled epoch "
-              f"{results['shards']['epoch_gbps']:.2f} GB/s ({results['shards']['epoch_gbps'] / limits['memcpy_gbps']:.0%}"
-              " of memcpy)")
+        results["shards"] = {
+            "count": 100,
+            "open_ms": open_ms,
+            "lookup_us": many,
+            "single_lookup_us": one,
+            "dict_lookup_us": in_dict,
+            "epoch_gbps": records * record_bytes / seconds / 1e9,
+        }
+        print(
+            f"100 shards: open {open_ms:.1f} ms; warm db[key] median {many:.2f} us vs {one:.2f} us for one file "
+            f"({many / one:.1f}x; a dict: {in_dict:.2f} us); warm shuffled epoch "
+            f"{results['shards']['epoch_gbps']:.2f} GB/s ({results['shards']['epoch_gbps'] / limits['memcpy_gbps']:.0%}"
+            " of memcpy)"
+        )
 
         cold, warm = results["loaders"]["cold"], results["loaders"]["warm"]
         ours = "embfile block shuffle (defaults)"
@@ -261,8 +300,10 @@ def main():
             ("cold shuffled epoch >= 70% of cold sequential read", cold[ours]["vs_floor"] >= 0.7),
             ("cold shuffled epoch >= 10x per-record random", cold[ours]["vs_random"] >= 10),
             ("warm shuffled epoch >= 50% of memcpy", warm[ours]["vs_floor"] >= 0.5),
-            ("gap entropy within 3% of a full permutation",
-             quality[ours]["gap_entropy"] >= 0.97 * quality["full random permutation"]["gap_entropy"]),
+            (
+                "gap entropy within 3% of a full permutation",
+                quality[ours]["gap_entropy"] >= 0.97 * quality["full random permutation"]["gap_entropy"],
+            ),
         ]
         print()
         for label, ok in checks:

@@ -16,6 +16,7 @@ interleaved rounds of durable write and full read: the two do the same I/O, so o
 side tell them apart; one tool runs twice per round, and its two runs against each other are the control),
 the open-scaling table, and each target of issue #3 as PASS or MISS with its ratio.
 """
+
 import argparse
 import json
 import mmap
@@ -30,9 +31,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import machine  # noqa: E402
+import machine
 
-import embfile  # noqa: E402
+import embfile
 
 DIM = 1280
 
@@ -50,6 +51,7 @@ def probe_keys(n, count, seed=1):
 # ---- the tools -------------------------------------------------------------------------------
 # Each: write(path, keys, matrix); files(path); read_all(path); open(path) -> handle;
 # lookup(handle, key) -> vector; gather(handle, keys) -> matrix; close(handle).
+
 
 class Pickle:
     name = "pickle dict"
@@ -83,6 +85,7 @@ class H5PerKey:
 
     def write(self, path, keys, matrix):
         import h5py
+
         with h5py.File(path, "w") as f:  # as ProtTrans' prott5_embedder.py does
             for k, v in zip(keys, matrix):
                 f.create_dataset(k, data=v)
@@ -92,11 +95,13 @@ class H5PerKey:
 
     def read_all(self, path):
         import h5py
+
         with h5py.File(path, "r") as f:
             return {k: f[k][()] for k in f}
 
     def open(self, path):
         import h5py
+
         return h5py.File(path, "r")
 
     def lookup(self, h, key):
@@ -114,6 +119,7 @@ class H5Bulk:
 
     def write(self, path, keys, matrix):
         import h5py
+
         with h5py.File(path, "w") as f:
             f.create_dataset("ids", data=np.array(keys, dtype="S"))
             f.create_dataset("embeddings", data=matrix)
@@ -123,11 +129,13 @@ class H5Bulk:
 
     def read_all(self, path):
         import h5py
+
         with h5py.File(path, "r") as f:
             return f["ids"].asstr()[()], f["embeddings"][()]  # ids as str, as every full read gives them
 
     def open(self, path):
         import h5py
+
         f = h5py.File(path, "r")
         ids = f["ids"][()]
         return f, f["embeddings"], {k.decode(): i for i, k in enumerate(ids.tolist())}
@@ -166,6 +174,7 @@ class Parquet(MatrixAndDict):
     def write(self, path, keys, matrix):
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
         pq.write_table(pa.table({"id": keys, "embedding": vectors}), path)
 
@@ -174,6 +183,7 @@ class Parquet(MatrixAndDict):
 
     def read_all(self, path):
         import pyarrow.parquet as pq
+
         t = pq.read_table(path)
         col = t["embedding"].combine_chunks()
         return t["id"].to_pylist(), col.flatten().to_numpy().reshape(len(col), -1)
@@ -181,7 +191,6 @@ class Parquet(MatrixAndDict):
     def open(self, path):
         ids, matrix = self.read_all(path)  # encoded pages: no lookup without decoding the file
         return matrix, {k: i for i, k in enumerate(ids)}
-
 
 
 class Memmap(MatrixAndDict):
@@ -200,7 +209,6 @@ class Memmap(MatrixAndDict):
     def open(self, path):
         keys = np.load(path + ".keys.npy").tolist()
         return np.load(path + ".npy", mmap_mode="r"), {k: i for i, k in enumerate(keys)}
-
 
 
 class EmbFile:
@@ -237,12 +245,13 @@ TOOLS = {t.name: t for t in (Pickle(), H5PerKey(), H5Bulk(), Parquet(), Memmap()
 
 # ---- the worker: one operation of one tool in a fresh process ---------------------------------
 
+
 def per_call(fn, args, batch=1):
     """Latency of fn(arg) per call in ns: timed one by one, or in batches (mean of each batch) when
     a call is too short for the timer; returns the list of samples."""
     out, clock = [], time.perf_counter_ns
     for lo in range(0, len(args), batch):
-        chunk = args[lo:lo + batch]
+        chunk = args[lo : lo + batch]
         t0 = clock()
         for a in chunk:
             fn(a)
@@ -313,7 +322,8 @@ def worker(task):
                 with embfile.open(path) as db:
                     m = db.matrix
                     for lo in range(0, len(m), 1024):
-                        m[lo:lo + 1024].sum()
+                        m[lo : lo + 1024].sum()
+
             reads, scans = [], []
             for _ in range(3):
                 reads.append(machine.cold_read_gbps(path))
@@ -345,7 +355,7 @@ def worker(task):
         h = tool.open(path)
         for k in keys:  # warm: every page and cache line the probes need is loaded once
             np.asarray(tool.lookup(h, k)).sum()
-        fn = lambda k: tool.lookup(h, k)  # noqa: E731
+        fn = lambda k: tool.lookup(h, k)
         fn(keys[0])
         samples = min((per_call(fn, keys, batch=50) for _ in range(3)), key=np.median)
         res["lookup_warm_ns"], res["lookup_warm_p99_ns"] = np.median(samples), np.percentile(samples, 99)
@@ -423,8 +433,7 @@ def _area_start(h):
 
 
 def run(task):
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(task)],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(task)], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{task}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -462,6 +471,7 @@ def head_to_head(folder, n, rounds, rival="h5py bulk"):
 
 # ---- open scaling: 10,000 vs 1,000,000 records ----------------------------------------------
 
+
 def open_scaling(folder, big, lookups):
     """Open time and memory of embfile against stores that build a key dict, at two sizes (dim 8).
 
@@ -477,15 +487,14 @@ def open_scaling(folder, big, lookups):
             tool.write(path, keys, matrix)
             r = run({"tool": tool.name, "op": "open", "path": path, "n": n})
             if tool.name == "embfile":
-                r.update(run({"tool": "embfile", "op": "lookup_dict", "path": path, "n": n,
-                              "lookups": lookups}))
+                r.update(run({"tool": "embfile", "op": "lookup_dict", "path": path, "n": n, "lookups": lookups}))
                 emb_paths.append(path)
             else:
                 for p in tool.files(path):
                     os.unlink(p)
             rows.append((n, tool.name, r))
     opened = run({"tool": "embfile", "op": "open_many", "paths": emb_paths})
-    for (_, name, r) in rows:
+    for _, name, r in rows:
         if name == "embfile":
             r.update(opened.pop(0))
     for p in emb_paths:
@@ -521,6 +530,7 @@ def lookup_vs_dict(path, n, count):
 
 # ---- report ----------------------------------------------------------------------------------
 
+
 def fmt_s(x):
     return "-" if x is None else (f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s")
 
@@ -553,16 +563,28 @@ def main():
     try:
         limits = machine.measure(folder)
         results["limits"] = limits
-        print(f"# machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB;"
-              f" {machine.describe(limits)}\n")
+        print(
+            f"# machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB;"
+            f" {machine.describe(limits)}\n"
+        )
         for n in [int(s) for s in args.sizes.split(",")]:
             per_tool = {}
             for tool in tools:
                 path = os.path.join(folder, f"study-{n}-{tool.name.split()[0]}")
                 r = {}
                 for op in ("write", "read", "open", "lookup", "lookup_cold"):
-                    r.update(run({"tool": tool.name, "op": op, "path": path, "n": n,
-                                  "lookups": args.lookups, "cold": args.cold}))
+                    r.update(
+                        run(
+                            {
+                                "tool": tool.name,
+                                "op": op,
+                                "path": path,
+                                "n": n,
+                                "lookups": args.lookups,
+                                "cold": args.cold,
+                            }
+                        )
+                    )
                 per_tool[tool.name] = r
                 for p in tool.files(path):
                     os.unlink(p)
@@ -587,36 +609,46 @@ def main():
 def report_size(n, per_tool, limits):
     raw = n * DIM * 8
     print(f"## n = {n:,} ({raw / 1e9:.2f} GB of float64 vectors)\n")
-    print("| tool | write | write+fsync | size | read cold | read warm | open cold | open warm | "
-          "lookup warm (median / p99) | lookup+read cold (median / p99) | gather 10k warm | peak MB write / read |")
+    print(
+        "| tool | write | write+fsync | size | read cold | read warm | open cold | open warm | "
+        "lookup warm (median / p99) | lookup+read cold (median / p99) | gather 10k warm | peak MB write / read |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in per_tool.items():
-        cold = (f"{r['cold_lookup_read_us']:.0f} / {r['cold_lookup_read_p99_us']:.0f} us"
-                if "cold_lookup_read_us" in r else "in RAM")
-        print(f"| {name} | {fmt_s(r['write'])} | {fmt_s(r['write_fsync'])} | {r['size'] / 1e6:.1f} MB | "
-              f"{fmt_s(r['read_cold'])} | {fmt_s(r['read_warm'])} | {fmt_s(r['open_cold'])} | "
-              f"{fmt_s(r['open_warm'])} | {r['lookup_warm_ns'] / 1e3:.2f} / {r['lookup_warm_p99_ns'] / 1e3:.2f} us | "
-              f"{cold} | {fmt_s(r['gather_warm'])} | {r['write_peak_mb']:.0f} / {r['read_peak_mb']:.0f} |")
+        cold = (
+            f"{r['cold_lookup_read_us']:.0f} / {r['cold_lookup_read_p99_us']:.0f} us"
+            if "cold_lookup_read_us" in r
+            else "in RAM"
+        )
+        print(
+            f"| {name} | {fmt_s(r['write'])} | {fmt_s(r['write_fsync'])} | {r['size'] / 1e6:.1f} MB | "
+            f"{fmt_s(r['read_cold'])} | {fmt_s(r['read_warm'])} | {fmt_s(r['open_cold'])} | "
+            f"{fmt_s(r['open_warm'])} | {r['lookup_warm_ns'] / 1e3:.2f} / {r['lookup_warm_p99_ns'] / 1e3:.2f} us | "
+            f"{cold} | {fmt_s(r['gather_warm'])} | {r['write_peak_mb']:.0f} / {r['read_peak_mb']:.0f} |"
+        )
     e = per_tool.get("embfile")
     if e:
-        print(f"\nembfile: cold `db[key]` (index only) {e['cold_lookup_us']:.0f} us median, "
-              f"{e['cold_lookup_p99_us']:.0f} us p99 = {e['cold_lookup_us'] / limits['cold_pread_us']:.2f}x "
-              f"one cold 4 KiB pread; durable write from the dict {fmt_s(e['write_dict_fsync'])}; "
-              f"cold streaming pass over db.matrix {fmt_s(e['scan_cold'])} "
-              f"({raw / e['scan_cold'] / 1e9:.2f} GB/s, a plain read of the file "
-              f"{e['file_read_gbps']:.2f} GB/s); numpy fancy indexing of the same rows from memory "
-              f"{fmt_s(e['numpy_fancy'])}\n")
+        print(
+            f"\nembfile: cold `db[key]` (index only) {e['cold_lookup_us']:.0f} us median, "
+            f"{e['cold_lookup_p99_us']:.0f} us p99 = {e['cold_lookup_us'] / limits['cold_pread_us']:.2f}x "
+            f"one cold 4 KiB pread; durable write from the dict {fmt_s(e['write_dict_fsync'])}; "
+            f"cold streaming pass over db.matrix {fmt_s(e['scan_cold'])} "
+            f"({raw / e['scan_cold'] / 1e9:.2f} GB/s, a plain read of the file "
+            f"{e['file_read_gbps']:.2f} GB/s); numpy fancy indexing of the same rows from memory "
+            f"{fmt_s(e['numpy_fancy'])}\n"
+        )
 
 
 def report_scaling(rows):
-    print("## open scaling (dim 8 float32; embfile's warm open is the median of 200 opens of each file, "
-          "taking turns)\n")
+    print(
+        "## open scaling (dim 8 float32; embfile's warm open is the median of 200 opens of each file, taking turns)\n"
+    )
     print("| n | tool | open cold | open warm | RSS after open | warm lookup vs dict |")
     print("|---|---|---|---|---|---|")
     for n, name, r in rows:
         warm = f"{r['open_warm_median_us'] / 1e3:.3f} ms" if "open_warm_median_us" in r else fmt_s(r["open_warm"])
         rss = r.get("open_rss_mb", 0)
-        vs = (f"{r['lookup_warm_ns']:.0f} ns vs {r['dict_warm_ns']:.0f} ns" if "dict_warm_ns" in r else "")
+        vs = f"{r['lookup_warm_ns']:.0f} ns vs {r['dict_warm_ns']:.0f} ns" if "dict_warm_ns" in r else ""
         print(f"| {n:,} | {name} | {fmt_s(r['open_cold'])} | {warm} | {rss:+.1f} MB | {vs} |")
     print()
 
@@ -624,14 +656,18 @@ def report_scaling(rows):
 def report_head_to_head(duels):
     rounds = len(next(iter(duels.values()))["ratio"]["read_cold"])
     print(f"## embfile against h5py bulk, head to head ({rounds} interleaved rounds)\n")
-    print("h5py time / embfile time per round (above 1: embfile faster), and the control: the tool that ran twice "
-          "in a round, its second run against its first. Median (lowest - highest), and the rounds above 1\n")
+    print(
+        "h5py time / embfile time per round (above 1: embfile faster), and the control: the tool that ran twice "
+        "in a round, its second run against its first. Median (lowest - highest), and the rounds above 1\n"
+    )
     print("| n | duel | durable write | full read cold | full read warm |")
     print("|---|---|---|---|---|")
     for n, duel in duels.items():
         for what, ratios in (("h5py / embfile", duel["ratio"]), ("same tool, 2nd / 1st run", duel["self"])):
-            cells = [f"{np.median(r):.2f} ({min(r):.2f} - {max(r):.2f}), {sum(x > 1 for x in r)}/{len(r)}"
-                     for r in (ratios[op] for op in DUEL_OPS)]
+            cells = [
+                f"{np.median(r):.2f} ({min(r):.2f} - {max(r):.2f}), {sum(x > 1 for x in r)}/{len(r)}"
+                for r in (ratios[op] for op in DUEL_OPS)
+            ]
             print(f"| {n:,} | {what} | " + " | ".join(cells) + " |")
     print()
 
@@ -641,7 +677,9 @@ def report_targets(results, limits):
     checks = []
     emb_rows = [r for _, name, r in results["open_scaling"] if name == "embfile"]
     small, big = emb_rows[0], emb_rows[-1]
-    checks.append(("open of the large file < 1 ms", big["open_warm_median_us"] / 1e3, "ms", big["open_warm_median_us"] < 1000))
+    checks.append(
+        ("open of the large file < 1 ms", big["open_warm_median_us"] / 1e3, "ms", big["open_warm_median_us"] < 1000)
+    )
     ratio = big["open_warm_median_us"] / small["open_warm_median_us"]
     checks.append(("open large / open 10k <= 2x", ratio, "x", ratio <= 2))
     checks.append(("RSS after open < 10 MB", big["open_rss_mb"], "MB", big["open_rss_mb"] < 10))
@@ -660,8 +698,9 @@ def report_targets(results, limits):
         bw = e["size"] / e["write_fsync"] / 1e9 / limits["write_fsync_gbps"]
         checks.append((f"n={n}: durable write / write+fsync bandwidth >= 70%", bw * 100, "%", bw >= 0.7))
         bw = n * DIM * 8 / e["scan_cold"] / 1e9 / e["file_read_gbps"]
-        checks.append((f"n={n}: cold pass over db.matrix / cold sequential read of the file >= 80%", bw * 100, "%",
-                       bw >= 0.8))
+        checks.append(
+            (f"n={n}: cold pass over db.matrix / cold sequential read of the file >= 80%", bw * 100, "%", bw >= 0.8)
+        )
         raw = n * DIM * 8 + sum(len(f"seq{i:010d}") for i in range(n)) + 4096
         over = (e["size"] - raw) / raw * 100
         checks.append((f"n={n}: size over raw vectors+keys+page <= 1%", over, "%", over <= 1))
@@ -670,8 +709,7 @@ def report_targets(results, limits):
                 rr = per_tool[rival]
                 # embfile's write always ends in fsync: compare durable write with durable write
                 mine = e["write_dict_fsync"] if rival == "pickle dict" else e["write_fsync"]  # same input
-                r = min(rr["read_cold"] / e["read_cold"], rr["read_warm"] / e["read_warm"],
-                        rr["write_fsync"] / mine)
+                r = min(rr["read_cold"] / e["read_cold"], rr["read_warm"] / e["read_warm"], rr["write_fsync"] / mine)
                 duel = results.get("head_to_head", {}).get(n) if rival == "h5py bulk" else None
                 if duel:  # the same I/O for both: judged on the rounds, not on tables taken minutes apart
                     r = min(np.median(duel["ratio"][op]) for op in DUEL_OPS)

@@ -6,6 +6,7 @@ may fault it in: a full read into a new array pays it), write + fsync bandwidth,
 read bandwidth and cold random 4 KiB pread latency.  "Cold" means evicted from the page cache with
 posix_fadvise(DONTNEED).
 """
+
 import os
 import time
 
@@ -36,6 +37,7 @@ def memcpy_gbps(nbytes=256 * MB, repeats=5):
 def first_touch_gbps(nbytes=256 * MB, repeats=5):
     def touch():
         np.empty(nbytes, np.uint8)[::4096] = 1  # one write per page of a new allocation
+
     return nbytes / min(_timed(touch) for _ in range(repeats)) / 1e9
 
 
@@ -87,8 +89,11 @@ def measure(folder, nbytes=1024 * MB, repeats=3):
     """
     path = os.path.join(folder, "machine-limits.bin")
     try:
-        limits = {"memcpy_gbps": memcpy_gbps(), "first_touch_gbps": first_touch_gbps(),
-                  "write_fsync_gbps": max(write_fsync_gbps(path, nbytes) for _ in range(repeats))}
+        limits = {
+            "memcpy_gbps": memcpy_gbps(),
+            "first_touch_gbps": first_touch_gbps(),
+            "write_fsync_gbps": max(write_fsync_gbps(path, nbytes) for _ in range(repeats)),
+        }
         limits["cold_read_gbps"] = max(cold_read_gbps(path) for _ in range(repeats))
         limits["cold_pread_us"], limits["cold_pread_p99_us"] = cold_pread_us(path)
         return limits
@@ -109,10 +114,12 @@ def peak_mb():
 
 
 def describe(limits):
-    return (f"memcpy {limits['memcpy_gbps']:.1f} GB/s | first touch {limits['first_touch_gbps']:.1f} GB/s | "
-            f"write+fsync {limits['write_fsync_gbps']:.2f} GB/s | "
-            f"cold sequential read {limits['cold_read_gbps']:.2f} GB/s | cold random 4 KiB pread "
-            f"{limits['cold_pread_us']:.0f} us median ({limits['cold_pread_p99_us']:.0f} us p99)")
+    return (
+        f"memcpy {limits['memcpy_gbps']:.1f} GB/s | first touch {limits['first_touch_gbps']:.1f} GB/s | "
+        f"write+fsync {limits['write_fsync_gbps']:.2f} GB/s | "
+        f"cold sequential read {limits['cold_read_gbps']:.2f} GB/s | cold random 4 KiB pread "
+        f"{limits['cold_pread_us']:.0f} us median ({limits['cold_pread_p99_us']:.0f} us p99)"
+    )
 
 
 def _timed(fn):
@@ -123,4 +130,5 @@ def _timed(fn):
 
 if __name__ == "__main__":
     import tempfile
+
     print(describe(measure(tempfile.gettempdir())))

@@ -44,7 +44,7 @@ from embfile.shards import ShardedEmbFile, ShardWriter, write_index, write_shard
 from embfile.writer import Writer, write
 
 
-def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dataset:  # noqa: A001 - like gzip.open
+def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dataset:
     """Open an .emb file, or a sharded dataset (a folder or a list of .emb files), for reading.
 
     Opening reads the header and maps the file: constant time, whatever the number of keys.

@@ -1,4 +1,5 @@
 """``python -m embfile``: the same as the ``embfile`` command."""
+
 from embfile.cli import run
 
 run()

@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False
+# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False, auto_pickle=False, autotestdict=False
 """The native core's Python face: the key-index table every dataset reads through, and the byte loops.
 
 Policy, messages and I/O live in Python (dataset.py, file.py, writer.py); this module

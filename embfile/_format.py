@@ -58,7 +58,8 @@ DEFAULT_BUCKET_KEYS = 16  # "Index": keys per bucket, a few cache lines
 
 def disk_dtype(dtype: object) -> np.dtype:
     """The little-endian dtype records of ``dtype`` are stored as."""
-    return np.dtype(dtype).newbyteorder("<")  # type: ignore[call-overload]
+    little: np.dtype = np.dtype(dtype).newbyteorder("<")  # type: ignore[call-overload]
+    return little
 
 
 def valid_block_bytes(block: int) -> bool:
@@ -110,9 +111,7 @@ class Header:
     @staticmethod
     def stored_crc_matches(data: bytes | bytearray | memoryview) -> bool:
         """Whether the CRC in bytes [252, 256) of ``data`` is that of bytes [0, 252)."""
-        return _core.crc32c(bytes(data[: _STRUCT.size])) == int.from_bytes(
-            data[_STRUCT.size : HEADER_SIZE], "little"
-        )
+        return _core.crc32c(bytes(data[: _STRUCT.size])) == int.from_bytes(data[_STRUCT.size : HEADER_SIZE], "little")
 
     @classmethod
     def read(cls, head: bytes, size: int, path: str) -> Header:
@@ -157,8 +156,7 @@ class Header:
             raise bad(f"dim {self.dim} is outside 1 to {MAX_DIM}")
         if self.records_size != self.count * self.dim * self.dtype.itemsize:
             raise bad(
-                f"records section size {self.records_size} does not hold "
-                f"{self.count} x {self.dim} {self.dtype.name}"
+                f"records section size {self.records_size} does not hold {self.count} x {self.dim} {self.dtype.name}"
             )
         for name, align in (("records", PAGE), ("index", PAGE), ("keys", 8), ("sums", 4)):
             if self.offset(name) % align:

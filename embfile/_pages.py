@@ -78,7 +78,8 @@ def aligned_empty(shape: int | Sequence[int], dtype: object, align: int = 4096) 
     nbytes = int(np.prod(shape)) * dt.itemsize
     raw = np.empty(nbytes + align, np.uint8)
     start = -raw.ctypes.data % align
-    return raw[start : start + nbytes].view(dt).reshape(shape)
+    out: np.ndarray = raw[start : start + nbytes].view(dt).reshape(shape)
+    return out
 
 
 @contextlib.contextmanager

@@ -9,6 +9,9 @@ a killed writer left (unlocked) from what a live one is filling (locked), and
 removes only the former.  (The lock is on the folder, not on the file, because
 HDF5 takes its own flock on the files it writes.)
 """
+
+from __future__ import annotations
+
 import errno
 import fcntl
 import glob
@@ -29,7 +32,7 @@ class Staging:
     folder itself (its contents become ``dst``).
     """
 
-    def __init__(self, dst, folder=False):
+    def __init__(self, dst: str | os.PathLike[str], folder: bool = False) -> None:
         self.dst = os.path.abspath(os.fspath(dst))
         self.parent, name = os.path.split(self.dst)
         remove_stale(self.parent, name)
@@ -41,10 +44,11 @@ class Staging:
                 break
             if lock is not None:
                 os.close(lock)
-        self._root, self._lock = root, lock
+        self._root = root
+        self._lock: int | None = lock
         self.path = root if folder else os.path.join(root, name)
 
-    def commit(self):
+    def commit(self) -> None:
         """fsync what was written, rename it onto the destination, fsync the parent folder."""
         fsync_path(self.path)
         os.replace(self.path, self.dst)  # still locked: no cleaner can take it first
@@ -53,18 +57,18 @@ class Staging:
             os.rmdir(self._root)
         self._release()
 
-    def discard(self):
+    def discard(self) -> None:
         """Remove what was staged; the destination is left as it was."""
         if self._lock is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._release()
 
-    def _release(self):
+    def _release(self) -> None:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
 
-    def __del__(self):
+    def __del__(self) -> None:
         self.discard()
 
 
@@ -79,15 +83,16 @@ class Flusher:
     every later :meth:`grown` and :meth:`close`: the file can no longer be committed.
     """
 
-    def __init__(self, fd, every):
+    def __init__(self, fd: int, every: int) -> None:
         self._fd, self._every = fd, every
         self._size = self._flushed = 0
-        self._closing, self._error = False, None
+        self._closing = False
+        self._error: OSError | None = None
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="embfile-flush", daemon=True)
         self._thread.start()
 
-    def grown(self, size):
+    def grown(self, size: int) -> None:
         """The file now holds ``size`` bytes; raises what a flush met."""
         with self._wake:
             self._size = size
@@ -95,7 +100,7 @@ class Flusher:
                 self._wake.notify()
         self._raise()
 
-    def close(self):
+    def close(self) -> None:
         """Wait for a flush in progress, stop the helper, and raise what a flush met."""
         with self._wake:
             self._closing = True
@@ -103,14 +108,14 @@ class Flusher:
         self._thread.join()
         self._raise()
 
-    def _due(self):
+    def _due(self) -> bool:
         return self._size - self._flushed >= self._every
 
-    def _raise(self):
+    def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             with self._wake:
                 while not self._closing and not self._due():
@@ -127,21 +132,21 @@ class Flusher:
                 self._flushed = size
 
 
-def disk_full(dst, code, done=""):
+def disk_full(dst: str | os.PathLike[str], code: int, done: str = "") -> errors.DiskFullError:
     """The :class:`DiskFullError` for a write to ``dst`` that failed with ``code`` (an errno)."""
     e = errors.DiskFullError(f"{dst}: {os.strerror(code).lower()}{done}; the file there, if any, is as it was")
     e.errno = code
     return e
 
 
-def require_space(dst, nbytes):
+def require_space(dst: str | os.PathLike[str], nbytes: int) -> None:
     """Refuse to start a write of about ``nbytes`` to ``dst`` that its file system cannot hold."""
     st = os.statvfs(os.path.dirname(os.path.abspath(dst)))
     if st.f_bavail * st.f_frsize < nbytes:
         raise disk_full(dst, errno.ENOSPC, f": {nbytes} bytes needed, {st.f_bavail * st.f_frsize} free")
 
 
-def remove_stale(parent, name):
+def remove_stale(parent: str, name: str) -> None:
     """Remove the staging files and folders of ``name`` in ``parent`` that no live writer holds."""
     for path in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):
         lock = _lock(path) if os.path.isdir(path) and not os.path.islink(path) else None
@@ -152,7 +157,7 @@ def remove_stale(parent, name):
                 os.close(lock)
 
 
-def _lock(path):
+def _lock(path: str) -> int | None:
     """An fd holding an exclusive flock on ``path``, or None if another process holds it (or it is gone)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -166,7 +171,7 @@ def _lock(path):
     return fd
 
 
-def fsync_path(path):
+def fsync_path(path: str | os.PathLike[str]) -> None:
     """fsync a file or a folder (a folder: so a rename in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:

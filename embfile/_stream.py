@@ -13,7 +13,7 @@ import dataclasses
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,8 +68,14 @@ def source_of(data: Any, caller: str = "write()") -> Source:
     if isinstance(data, Dataset):
         step = chunk_rows(data.dim * data.dtype.itemsize)
         meta = {k: v for k, v in data.metadata.items() if k != "embfile"}
-        return Source(data.dim, data.dtype.newbyteorder("="), len(data), _dataset_chunks(data, step),
-                      {"format": "emb", "path": os.path.abspath(data.path) if data.path else None}, meta)
+        return Source(
+            data.dim,
+            data.dtype.newbyteorder("="),
+            len(data),
+            _dataset_chunks(data, step),
+            {"format": "emb", "path": os.path.abspath(data.path) if data.path else None},
+            meta,
+        )
     if isinstance(data, tuple) and len(data) == 2:
         keys, matrix = data
         matrix = np.asarray(matrix)
@@ -169,8 +175,10 @@ def progress_bar(total: int | None, enabled: bool, desc: str | os.PathLike[str] 
     from tqdm import tqdm
 
     desc = os.path.basename(os.fspath(desc)) if desc is not None else None
-    return tqdm(total=total, desc=desc, unit=" records", unit_scale=True, dynamic_ncols=True, mininterval=0.5,
-                leave=False)
+    bar: ProgressBar = tqdm(
+        total=total, desc=desc, unit=" records", unit_scale=True, dynamic_ncols=True, mininterval=0.5, leave=False
+    )
+    return bar
 
 
 class _NoBar:

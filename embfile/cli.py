@@ -3,11 +3,15 @@
 ``main(argv) -> int`` runs one command; user errors are one line on stderr and
 exit status 1 (2 for bad usage), never a traceback.
 """
+
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -26,7 +30,7 @@ _EXAMPLES = {
   embfile convert embeddings.pkl db.emb --trust-pickle        # only pickles you trust: loading runs code""",
     "info": "example:\n  embfile info db.emb --json",
     "get": "examples:\n  embfile get db.emb 'sp|P69905|HBA_HUMAN'\n"
-           "  embfile get db.emb P69905 P68871 --format npy > two.npy",
+    "  embfile get db.emb P69905 P68871 --format npy > two.npy",
     "keys": "examples:\n  embfile keys db.emb | head\n  embfile keys db.emb -0 | xargs -0 ...",
     "verify": "example:\n  embfile verify db.emb other.emb && echo intact",
     "shard": "example:\n  embfile shard uniref50.emb uniref50/ --shard-size 2GB    # then embfile.open('uniref50/')",
@@ -34,11 +38,12 @@ _EXAMPLES = {
 }
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     args = _parser().parse_args(argv)
     try:
-        return args.run(args) or 0
+        status: int | None = args.run(args)
+        return status or 0
     except errors.KeyNotFoundError as e:
         return _fail(f"key {e.args[0]!r} is not in {getattr(args, 'file', 'the file')}")
     except BrokenPipeError:
@@ -49,19 +54,24 @@ def main(argv=None):
         return _fail("interrupted; no output file was left behind", 130)
 
 
-def _fail(message, status=1):
+def _fail(message: str, status: int = 1) -> int:
     print(f"embfile: error: {message}", file=sys.stderr)
     return status
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embfile", description="Store and serve embedding vectors by key.")
     p.add_argument("--version", action="version", version=f"embfile {embfile.__version__}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    def command(name, run, help):
-        c = sub.add_parser(name, help=help, description=help, epilog=_EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    def command(name: str, run: Callable[[argparse.Namespace], int | None], help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         c.set_defaults(run=run)
         return c
 
@@ -69,8 +79,9 @@ def _parser():
     c.add_argument("src", help="input file or folder")
     c.add_argument("dst", help="output file (.emb, .h5 or .parquet)")
     c.add_argument("--from", dest="src_format", choices=sorted(formats.READERS), help="input format (detected)")
-    c.add_argument("--to", dest="dst_format", choices=["emb", *sorted(formats.WRITERS)],
-                   help="output format (from the name)")
+    c.add_argument(
+        "--to", dest="dst_format", choices=["emb", *sorted(formats.WRITERS)], help="output format (from the name)"
+    )
     c.add_argument("--dtype", help="stored element type, e.g. float16 (default: the input's)")
     c.add_argument("--metadata", type=json.loads, help="JSON object to add to the metadata")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
@@ -100,8 +111,12 @@ def _parser():
     c = command("get", _get, "print the vectors of some keys")
     c.add_argument("file")
     c.add_argument("keys", nargs="+", metavar="KEY")
-    c.add_argument("--format", choices=["text", "json", "npy"], default="text",
-                   help="text: 'key<TAB>values' lines; json: {key: [values]}; npy: one (k, dim) array")
+    c.add_argument(
+        "--format",
+        choices=["text", "json", "npy"],
+        default="text",
+        help="text: 'key<TAB>values' lines; json: {key: [values]}; npy: one (k, dim) array",
+    )
 
     c = command("keys", _keys, "print every key, in row order")
     c.add_argument("file")
@@ -120,47 +135,74 @@ def _parser():
     return p
 
 
-def _size(text):
+def _size(text: str) -> int:
     """``"2GB"``, ``"512MiB"``, ``"1e9"`` -> bytes."""
-    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30,
-             "TI": 1 << 40}
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
     number = text.upper().rstrip("B").rstrip()
     unit = number.lstrip("0123456789.E+")
     try:
-        return int(float(number[:len(number) - len(unit)]) * units[unit])
+        return int(float(number[: len(number) - len(unit)]) * units[unit])
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
 
 
-_CONVERT_OPTIONS = ("group", "layout", "key_attr", "pool", "ids", "vectors", "compression", "key_column",
-                    "vector_column", "wide_prefix", "wide_columns", "row_group_size", "layer", "keys")
+_CONVERT_OPTIONS = (
+    "group",
+    "layout",
+    "key_attr",
+    "pool",
+    "ids",
+    "vectors",
+    "compression",
+    "key_column",
+    "vector_column",
+    "wide_prefix",
+    "wide_columns",
+    "row_group_size",
+    "layer",
+    "keys",
+)
 
 
-def _convert(args):
+def _convert(args: argparse.Namespace) -> None:
     options = {k: getattr(args, k) for k in _CONVERT_OPTIONS if getattr(args, k) is not None}
     if args.trust_pickle:
         options["trust_pickle"] = True
     if args.metadata is not None and not isinstance(args.metadata, dict):
         raise ValueError("--metadata must be a JSON object")
     t = time.perf_counter()
-    formats.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
-                    dtype=args.dtype, metadata=args.metadata, progress=not args.quiet and sys.stderr.isatty(),
-                    **options)
+    formats.convert(
+        args.src,
+        args.dst,
+        src_format=args.src_format,
+        dst_format=args.dst_format,
+        dtype=args.dtype,
+        metadata=args.metadata,
+        progress=not args.quiet and sys.stderr.isatty(),
+        **options,
+    )
     if not args.quiet:
         seconds, size = time.perf_counter() - t, os.path.getsize(args.dst)
-        print(f"wrote {args.dst}: {size / 1e6:,.1f} MB in {seconds:.2f} s ({size / 1e6 / seconds:,.0f} MB/s)",
-              file=sys.stderr)
+        print(
+            f"wrote {args.dst}: {size / 1e6:,.1f} MB in {seconds:.2f} s ({size / 1e6 / seconds:,.0f} MB/s)",
+            file=sys.stderr,
+        )
 
 
-def _info(args):
+def _info(args: argparse.Namespace) -> None:
     with embfile.open(args.file) as db:
         files = db.files
         lengths = np.concatenate([np.diff(f.key_offsets()) for f in files])
-        info = {"path": args.file, "format_version": files[0].header.version,
-                "count": len(db), "dim": db.dim, "dtype": db.dtype.name,
-                "size": sum(f.header.file_size for f in files),
-                "key_bytes": [int(lengths.min()), int(lengths.max())] if len(db) else None,
-                "metadata": db.metadata}
+        info = {
+            "path": args.file,
+            "format_version": files[0].header.version,
+            "count": len(db),
+            "dim": db.dim,
+            "dtype": db.dtype.name,
+            "size": sum(f.header.file_size for f in files),
+            "key_bytes": [int(lengths.min()), int(lengths.max())] if len(db) else None,
+            "metadata": db.metadata,
+        }
         if isinstance(db, embfile.ShardedEmbFile):
             info["shards"] = len(files)
             info["metadata"].pop("embfile")  # the first shard's own record; the user's part is shared
@@ -180,7 +222,7 @@ def _info(args):
         print(f"{name:<{width}}  {value}")
 
 
-def _get(args):
+def _get(args: argparse.Namespace) -> None:
     with embfile.open(args.file) as db:
         batch = db.get_batch(args.keys)
     if args.format == "npy":
@@ -194,7 +236,7 @@ def _get(args):
             print(k, " ".join(map(str, v)), sep="\t")
 
 
-def _keys(args):
+def _keys(args: argparse.Namespace) -> None:
     end = "\0" if args.null else "\n"
     out = sys.stdout
     with embfile.open(args.file) as db:
@@ -203,18 +245,18 @@ def _keys(args):
             out.write("".join(k + end for k in db.keys_between(lo, min(lo + step, len(db)))))
 
 
-def _shard(args):
+def _shard(args: argparse.Namespace) -> None:
     with embfile.open(args.src) as src:
         embfile.write_shards(args.dst, src, shard_bytes=args.shard_size)
     with embfile.open(args.dst) as db:
-        print(f"wrote {args.dst}: {len(db):,} records in {len(db.shards)} shards", file=sys.stderr)
+        print(f"wrote {args.dst}: {len(db):,} records in {len(db.files)} shards", file=sys.stderr)
 
 
-def _index(args):
+def _index(args: argparse.Namespace) -> None:
     embfile.write_index(args.folder)
 
 
-def _verify(args):
+def _verify(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
         try:
@@ -230,7 +272,7 @@ def _verify(args):
     return status
 
 
-def run():
+def run() -> None:
     """Console-script entry point: exit with main()'s status; a closed pipe (``| head``) is not an error."""
     try:
         status = main()

@@ -19,7 +19,7 @@ import json
 import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -34,7 +34,7 @@ KEYS_AHEAD = 1 << 16  # keys asked of the disk ahead of an iteration
 ARROW_METADATA_KEY = b"embfile.metadata"  # schema metadata where Arrow and Parquet exports keep the metadata
 
 
-class Dataset(_core.Table, collections.abc.Mapping):  # type: ignore[misc]
+class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     """A read-only ``Mapping[str, ndarray]`` of embedding vectors, over one or more .emb files.
 
     ``db[key]`` is a read-only view of shape ``(dim,)`` into the mapped file: no copy is made, and the
@@ -69,9 +69,19 @@ class Dataset(_core.Table, collections.abc.Mapping):  # type: ignore[misc]
         self._layout_cache: Layout | None = None
         h = index.header
         lookup = index._maps()[0]
-        self._attach(lookup, h.count, h.keys_offset, h.keys_size, h.index_offset, h.index_size, h.lcp_len,
-                     h.n_buckets, [(p._maps()[0], p.header.records_offset, p.count) for p in parts], self.dim,
-                     self.dtype)
+        self._attach(
+            lookup,
+            h.count,
+            h.keys_offset,
+            h.keys_size,
+            h.index_offset,
+            h.index_size,
+            h.lcp_len,
+            h.n_buckets,
+            [(p._maps()[0], p.header.records_offset, p.count) for p in parts],
+            self.dim,
+            self.dtype,
+        )
         self._starts = np.cumsum([0] + [p.count for p in parts]).tolist()
 
     # -- iteration: keys in row order, values and items read by row ----------------------------------
@@ -102,8 +112,9 @@ class Dataset(_core.Table, collections.abc.Mapping):  # type: ignore[misc]
             self._require_open()
             matrices = [p.matrix for p in self.files]
             bases = np.array([m.ctypes.data for m in matrices], np.uintp)
-            self._layout_cache = Layout(bases, np.array(self._starts, np.uint64),
-                                        self.dim * self.dtype.itemsize, matrices)
+            self._layout_cache = Layout(
+                bases, np.array(self._starts, np.uint64), self.dim * self.dtype.itemsize, matrices
+            )
         return self._layout_cache
 
     def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -196,8 +207,10 @@ class Dataset(_core.Table, collections.abc.Mapping):  # type: ignore[misc]
         value_type = pa.from_numpy_dtype(self.dtype)
         list_type = pa.list_(pa.field("item", value_type, nullable=False), self.dim)
         schema = pa.schema(
-            [pa.field(key_column, pa.large_string(), nullable=False),
-             pa.field(vector_column, list_type, nullable=False)],
+            [
+                pa.field(key_column, pa.large_string(), nullable=False),
+                pa.field(vector_column, list_type, nullable=False),
+            ],
             metadata={ARROW_METADATA_KEY: json.dumps(self.metadata, ensure_ascii=False)},
         )
         batches = []
@@ -206,8 +219,9 @@ class Dataset(_core.Table, collections.abc.Mapping):  # type: ignore[misc]
             mapped = pa.py_buffer(part._maps()[1])
             offsets = mapped.slice(h.keys_offset, 8 * (n + 1))
             keys = pa.LargeStringArray.from_buffers(n, offsets, mapped.slice(h.keys_offset + 8 * (n + 1)))
-            values = pa.Array.from_buffers(value_type, n * self.dim,
-                                           [None, mapped.slice(h.records_offset, h.records_size)])
+            values = pa.Array.from_buffers(
+                value_type, n * self.dim, [None, mapped.slice(h.records_offset, h.records_size)]
+            )
             vectors = pa.FixedSizeListArray.from_arrays(values, type=list_type)
             batches.append(pa.RecordBatch.from_arrays([keys, vectors], schema=schema))
         return pa.Table.from_batches(batches, schema=schema)
@@ -250,7 +264,7 @@ class Dataset(_core.Table, collections.abc.Mapping):  # type: ignore[misc]
         if not getattr(self, "files", None) or self.files[0].closed:
             raise errors.ClosedFileError(f"{self.path or 'dataset'}: operation on a closed {type(self).__name__}")
 
-    def __enter__(self) -> Dataset:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -310,7 +324,7 @@ class EmbFile(Dataset):
         return (EmbFile, (self.path,))
 
 
-class _ValuesByRow(collections.abc.ValuesView):  # type: ignore[type-arg]
+class _ValuesByRow(collections.abc.ValuesView[np.ndarray]):
     _mapping: Dataset
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -318,7 +332,7 @@ class _ValuesByRow(collections.abc.ValuesView):  # type: ignore[type-arg]
             yield self._mapping.record(row)
 
 
-class _ItemsByRow(collections.abc.ItemsView):  # type: ignore[type-arg]
+class _ItemsByRow(collections.abc.ItemsView[str, np.ndarray]):
     _mapping: Dataset
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:

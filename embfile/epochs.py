@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,19 +88,19 @@ class EpochOptions:
     keys: bool = True
 
     def __post_init__(self) -> None:
-        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
-        fix("batch_size", count(self.batch_size, "batch_size", 1))
+        checked: dict[str, object] = {"batch_size": count(self.batch_size, "batch_size", 1)}
         for name in ("seed", "epoch"):
             if count(getattr(self, name), name) >= 1 << 64:
                 raise ValueError("seed and epoch must fit in 64 bits")
         if self.block_size is not None:
-            fix("block_size", count(self.block_size, "block_size", 1))
-        fix("buffer_blocks", count(self.buffer_blocks, "buffer_blocks", 1))
-        fix("world_size", count(self.world_size, "world_size", 1))
-        if not count(self.rank, "rank") < self.world_size:
+            checked["block_size"] = count(self.block_size, "block_size", 1)
+        checked["buffer_blocks"] = count(self.buffer_blocks, "buffer_blocks", 1)
+        checked["world_size"] = world_size = count(self.world_size, "world_size", 1)
+        if not count(self.rank, "rank") < world_size:
             raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
-        for name in ("shuffle", "drop_last", "keys"):
-            fix(name, bool(getattr(self, name)))
+        checked.update((name, bool(getattr(self, name))) for name in ("shuffle", "drop_last", "keys"))
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: the checked values replace the given ones
 
 
 class EpochPlan:
@@ -153,7 +153,9 @@ class EpochPlan:
         if cached_w == w and cached_rows is not None:
             return cached_rows
         blocks = self.window_blocks(w)
-        rows = (blocks[:, None] * np.uint64(self.block_size) + np.arange(self.block_size, dtype=np.uint64)).ravel()
+        rows: np.ndarray = (
+            blocks[:, None] * np.uint64(self.block_size) + np.arange(self.block_size, dtype=np.uint64)
+        ).ravel()
         if len(rows) > self.window_starts[w + 1] - self.window_starts[w]:
             rows = rows[rows < self.n]  # the window holding the short last block
         if self.shuffle:
@@ -351,9 +353,7 @@ class Batches:
         want = self._config()
         for name, value in want.items():
             if state.get(name) != value:
-                raise ValueError(
-                    f"state was saved with {name}={state.get(name)!r}, this iterator has {name}={value!r}"
-                )
+                raise ValueError(f"state was saved with {name}={state.get(name)!r}, this iterator has {name}={value!r}")
         position = count(state["position"], "position")
         if position > self.share:
             raise ValueError(f"position {position} is past this rank's {self.share} records")

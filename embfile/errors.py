@@ -6,6 +6,10 @@ operating-system errors (a missing file, a full disk) pass through as
 (``ValueError`` for bad data, ``KeyError`` for a missing key).
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class EmbFileError(Exception):
     """Base class of every embfile error."""
@@ -34,7 +38,7 @@ class CorruptFileError(FormatError):
 class ChecksumError(CorruptFileError):
     """Stored checksums do not match the bytes (found by ``verify()``)."""
 
-    def __init__(self, message, problems=()):
+    def __init__(self, message: str, problems: Iterable[str] = ()) -> None:
         super().__init__(message)
         self.problems = list(problems)
 
@@ -50,7 +54,7 @@ class WriterError(EmbFileError, ValueError):
 class DuplicateKeyError(WriterError):
     """Two records have the same key; ``key`` is it and ``rows`` are the two rows."""
 
-    def __init__(self, message, key, rows):
+    def __init__(self, message: str, key: str, rows: tuple[int, int]) -> None:
         super().__init__(message)
         self.key, self.rows = key, rows
 

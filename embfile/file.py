@@ -82,8 +82,19 @@ class MappedFile:
             lookup = self._maps()[0]
             h = self.header
             table = _core.Table()
-            table._attach(lookup, h.count, h.keys_offset, h.keys_size, h.index_offset, h.index_size,
-                          h.lcp_len, h.n_buckets, [(lookup, h.records_offset, h.count)], h.dim, self.dtype)
+            table._attach(
+                lookup,
+                h.count,
+                h.keys_offset,
+                h.keys_size,
+                h.index_offset,
+                h.index_size,
+                h.lcp_len,
+                h.n_buckets,
+                [(lookup, h.records_offset, h.count)],
+                h.dim,
+                self.dtype,
+            )
             self._table = table
         return self._table
 
@@ -122,10 +133,14 @@ class MappedFile:
         fd = self._reopen() if out.ctypes.data % 64 == 0 else None
         if fd is None:
             m = self.matrix
-            _core.copy_all(np.array([m.ctypes.data], np.uintp), np.array([0, len(m)], np.uint64),
-                           self.dim * self.dtype.itemsize, out)
+            _core.copy_all(
+                np.array([m.ctypes.data], np.uintp),
+                np.array([0, len(m)], np.uint64),
+                self.dim * self.dtype.itemsize,
+                out,
+            )
             return
-        view, at = memoryview(out.reshape(-1).view(np.uint8)), self.header.records_offset
+        view, at = out.reshape(-1).view(np.uint8).data, self.header.records_offset
         try:
             done = 0
             while done < view.nbytes:

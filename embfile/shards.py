@@ -220,7 +220,7 @@ class ShardWriter:
         if len(self._current()) >= self._per_shard:
             self._current().close()
             self._writer = self._next_writer()
-        return self._per_shard - len(self._current())
+        return int(self._per_shard - len(self._current()))
 
     def add(self, key: str, vector: Any) -> None:
         """Append one record (see :meth:`Writer.add`)."""

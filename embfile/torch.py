@@ -26,7 +26,7 @@ def _dataset(source: Source) -> embfile.Dataset:
     return source if isinstance(source, embfile.Dataset) else embfile.open(source)
 
 
-class Dataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class Dataset(torch.utils.data.Dataset):
     """Item ``i`` is the vector at row ``i``, or of ``keys[i]`` when ``keys`` is given, as a tensor.
 
     A DataLoader's batch is fetched with one native gather (``__getitems__``).  Single items are copied
@@ -55,7 +55,7 @@ class Dataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return list(torch.from_numpy(self.store.take(self._rows(indices))))
 
 
-class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+class IterableDataset(torch.utils.data.IterableDataset):
     """Block-shuffled batches of one epoch (:meth:`embfile.Dataset.iter_batches`) as tensors.
 
     Use with ``DataLoader(ds, batch_size=None, num_workers=k)``: each worker takes every k-th batch of the

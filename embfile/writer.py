@@ -123,17 +123,17 @@ class Writer:
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         if m.ndim != 2 or m.shape != (len(keys), self.dim):
             raise errors.WriterError(
-                f"matrix has shape {m.shape}, expected ({len(keys)}, {self.dim}) for {len(keys)} keys")
+                f"matrix has shape {m.shape}, expected ({len(keys)}, {self.dim}) for {len(keys)} keys"
+            )
         _check_kind(m.dtype, self.dtype, keys[0] if keys else None)
         encoded = [_encode_key(k) for k in keys]
         self._flush()
-        mark = (len(self._offsets), len(self._heap), len(self._block_crcs), self._crc, self._crc_fill,
-                self._written)
+        mark = (len(self._offsets), len(self._heap), len(self._block_crcs), self._crc, self._crc_fill, self._written)
         try:
             step = max(1, _CHUNK_BYTES // self._record_bytes)
             with _disk_errors(self):
                 for lo in range(0, len(keys), step):
-                    self._write_records(_convert(m[lo:lo + step], self.dtype, keys[lo:lo + step]))
+                    self._write_records(_convert(m[lo : lo + step], self.dtype, keys[lo : lo + step]))
         except BaseException:
             self._rollback(*mark)
             raise
@@ -147,7 +147,7 @@ class Writer:
             return
         del self._offsets[n_offsets:], self._heap[n_heap:], self._block_crcs[n_crcs:]
         in_file = min(written, self._written - len(self._carry))
-        self._carry = self._carry[:written - in_file]  # a copy: a failed write's traceback may pin the old one
+        self._carry = self._carry[: written - in_file]  # a copy: a failed write's traceback may pin the old one
         self._crc, self._crc_fill, self._written = crc, crc_fill, written
         self._synced = min(self._synced, in_file)
         self._file.truncate(in_file)
@@ -159,7 +159,7 @@ class Writer:
             self._write_records(block)
 
     def _write_records(self, block: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(block)).cast("B")
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8).data
         end = self._written + len(data)
         cut = end - end % _FOLIO_BYTES - self._written  # bytes of data that fill the file up to a boundary
         if cut >= 0:
@@ -216,7 +216,8 @@ class Writer:
         sums = np.array(
             [*self._block_crcs, _core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta)], dtype="<u4"
         ).tobytes()
-        parts, pos = [self._carry], self._written  # the carry, then the sections after the records
+        parts: list[Any] = [self._carry]  # the carry, then the sections after the records
+        pos = self._written
         where = {"records": (F.PAGE, n * self._record_bytes)}
         for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1), ("sums", sums, 4)):
             parts.append(bytes(-pos % align))
@@ -226,11 +227,23 @@ class Writer:
             pos += len(data)
         self._write_all(*parts)
         header = F.Header(
-            magic=F.MAGIC, major=F.VERSION[0], minor=F.VERSION[1], header_size=F.HEADER_SIZE, file_size=pos,
-            count=n, dim=self.dim, dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")], flags=0,
-            **{f"{name}_{part}": value for name, (off, size) in where.items()
-               for part, value in (("offset", off), ("size", size))},
-            block_bytes=self._block_bytes, n_buckets=n_buckets, lcp_len=lcp_len,
+            magic=F.MAGIC,
+            major=F.VERSION[0],
+            minor=F.VERSION[1],
+            header_size=F.HEADER_SIZE,
+            file_size=pos,
+            count=n,
+            dim=self.dim,
+            dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")],
+            flags=0,
+            **{
+                f"{name}_{part}": value
+                for name, (off, size) in where.items()
+                for part, value in (("offset", off), ("size", size))
+            },
+            block_bytes=self._block_bytes,
+            n_buckets=n_buckets,
+            lcp_len=lcp_len,
         )
         self._file.seek(0)
         self._write_all(header.pack())
@@ -256,10 +269,10 @@ class Writer:
     def _writer_record(self, n: int) -> dict[str, Any]:
         """What the writer records in the metadata ("Metadata").  ``SOURCE_DATE_EPOCH``, the
         reproducible-builds convention, fixes the creation time."""
-        epoch, utc = os.environ.get("SOURCE_DATE_EPOCH"), datetime.timezone.utc
+        epoch, utc = os.environ.get("SOURCE_DATE_EPOCH"), datetime.UTC
         when = datetime.datetime.fromtimestamp(int(epoch), utc) if epoch else datetime.datetime.now(utc)
         return {
-            "format_version": "%d.%d" % F.VERSION,
+            "format_version": "{}.{}".format(*F.VERSION),
             "dtype": self.dtype.name,
             "dim": self.dim,
             "count": n,
@@ -383,7 +396,7 @@ def _convert(block: np.ndarray, dtype: np.dtype, keys: Sequence[object]) -> np.n
     else:
         info = np.iinfo(dtype)
         lost = (block < info.min) | (block > info.max)
-        out = None if lost.any() else block.astype(dtype)
+        out = block if lost.any() else block.astype(dtype)
     bad = np.flatnonzero(lost.any(axis=1))
     if bad.size:
         i = int(bad[0])
@@ -404,7 +417,8 @@ def _metadata_json(metadata: object) -> dict[str, Any]:
         raise errors.WriterError(f"metadata is not JSON-serialisable: {e}") from None
     if len(text.encode()) > F.MAX_META_BYTES - 4096:
         raise errors.WriterError("metadata is too large")
-    return json.loads(text)
+    copy: dict[str, Any] = json.loads(text)
+    return copy
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """A small end-to-end run: the pickled dict our users have -> db.emb -> lookups, batches, verify, info.
 
-    python examples/demo.py [folder]
+python examples/demo.py [folder]
 """
+
 import os
 import pickle
 import sys
@@ -26,8 +27,9 @@ def main(folder):
     # (The same from a shell: embfile convert embeddings.pkl db.emb --trust-pickle)
     db_path = os.path.join(folder, "db.emb")
     t0 = time.perf_counter()
-    embfile.convert(pkl, db_path, trust_pickle=True,
-                    metadata={"model": "esm2_t33_650M_UR50D", "layer": 33, "pooling": "mean"})
+    embfile.convert(
+        pkl, db_path, trust_pickle=True, metadata={"model": "esm2_t33_650M_UR50D", "layer": 33, "pooling": "mean"}
+    )
     print(f"converted {pkl} -> {db_path}: {os.path.getsize(db_path) / 1e6:.1f} MB in {time.perf_counter() - t0:.3f} s")
 
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ an :class:`embfile.EmbFileError` whose message says what is wrong, or a
 ``KeyError`` from a lookup.  Any other exception is a bug; a crash, a hang or
 a runaway allocation is caught one level up, by :mod:`sandbox`.
 """
+
 import contextlib
 import io
 

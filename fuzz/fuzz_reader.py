@@ -11,6 +11,7 @@ the C core; atheris covers the Python layer):
 
     make fuzz FUZZ_SECONDS=600
 """
+
 import os
 import sys
 
@@ -26,6 +27,7 @@ CASE = f"/dev/shm/embfile-fuzz-{os.getpid()}.emb"
 def write_corpus(folder):
     """The seed files, each plain and resealed, as fuzz inputs."""
     import tempfile
+
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (path, _) in mutate.write_seeds(tmp).items():

@@ -14,6 +14,7 @@ the checksums and reaches the structural checks and the read paths behind them.
     ("copy", section, width, i, j)     copy item ``i`` over item ``j`` (duplicated entries)
     ("fill", section, start, length, byte)   overwrite a run inside a section
 """
+
 import dataclasses
 
 import numpy as np
@@ -39,7 +40,7 @@ def apply(original, ops, reseal=False):
             bit = args[0] % (8 * len(data))
             data[bit // 8] ^= 1 << (bit % 8)
         elif kind == "truncate":
-            del data[args[0]:]
+            del data[args[0] :]
         elif kind == "append":
             data += args[0]
         elif h is None:
@@ -57,17 +58,17 @@ def apply(original, ops, reseal=False):
             if kind == "fill":
                 start, length, byte = args[1:]
                 a = lo + start % max(1, hi - lo)
-                data[a:min(hi, a + length)] = bytes([byte]) * len(data[a:min(hi, a + length)])
+                data[a : min(hi, a + length)] = bytes([byte]) * len(data[a : min(hi, a + length)])
                 continue
             width, i, j = args[1:]
             items = (hi - lo) // width
             if items < 2:
                 continue
             a, b = lo + (i % items) * width, lo + (j % items) * width
-            item_a, item_b = bytes(data[a:a + width]), bytes(data[b:b + width])
-            data[b:b + width] = item_a
+            item_a, item_b = bytes(data[a : a + width]), bytes(data[b : b + width])
+            data[b : b + width] = item_a
             if kind == "swap":
-                data[a:a + width] = item_b
+                data[a : a + width] = item_b
     if reseal:
         _reseal(data)
     return bytes(data)
@@ -75,7 +76,7 @@ def apply(original, ops, reseal=False):
 
 def _put_fields(data, h, **fields):
     """Write header ``h`` with ``fields`` changed into ``data``, keeping the stored CRC as it was."""
-    data[:F.HEADER_SIZE - 4] = dataclasses.replace(h, **fields).pack()[:-4]
+    data[: F.HEADER_SIZE - 4] = dataclasses.replace(h, **fields).pack()[:-4]
 
 
 def _reseal(data):
@@ -85,20 +86,40 @@ def _reseal(data):
         return
     sections_fit = all(h.offset(s) + h.size(s) <= len(data) for s in F.SECTIONS)
     if sections_fit and F.valid_block_bytes(h.block_bytes):
-        rec = bytes(data[h.records_offset:h.records_offset + h.records_size])
+        rec = bytes(data[h.records_offset : h.records_offset + h.records_size])
         sums = [*_core.crc32c_blocks(rec, h.block_bytes).tolist()]
-        sums += [_core.crc32c(bytes(data[h.offset(s):h.offset(s) + h.size(s)])) for s in ("index", "keys", "meta")]
-        packed = np.array(sums, "<u4").tobytes()[:h.sums_size]
-        data[h.sums_offset:h.sums_offset + len(packed)] = packed
-    data[:F.HEADER_SIZE] = h.pack()
+        sums += [_core.crc32c(bytes(data[h.offset(s) : h.offset(s) + h.size(s)])) for s in ("index", "keys", "meta")]
+        packed = np.array(sums, "<u4").tobytes()[: h.sums_size]
+        data[h.sums_offset : h.sums_offset + len(packed)] = packed
+    data[: F.HEADER_SIZE] = h.pack()
 
 
 def extremes(original):
     """Header values worth trying: edges of the integer types and of this file's layout."""
     h = header(original)
     size = len(original)
-    values = {0, 1, 7, 8, F.PAGE - 1, F.PAGE, F.PAGE + 8, size - 1, size, size + 1, size + F.PAGE,
-              2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 8, 2**64 - 1}
+    values = {
+        0,
+        1,
+        7,
+        8,
+        F.PAGE - 1,
+        F.PAGE,
+        F.PAGE + 8,
+        size - 1,
+        size,
+        size + 1,
+        size + F.PAGE,
+        2**31,
+        2**32 - 1,
+        2**32,
+        2**40,
+        2**62,
+        2**63 - 1,
+        2**63,
+        2**64 - 8,
+        2**64 - 1,
+    }
     values |= {h.offset(s) for s in F.SECTIONS} | {h.size(s) for s in F.SECTIONS}
     values |= {h.count + 1, h.count - 1, h.dim + 1, h.n_buckets + 1, max(0, h.n_buckets - 1)}
     return sorted(v for v in values if v >= 0)
@@ -131,15 +152,24 @@ def write_seeds(folder):
     import os
 
     import embfile
+
     rng = np.random.default_rng(0)
     shapes = {
         # many 4 KiB checksum blocks, 4 keys a bucket: several fence groups
-        "blocks": ([f"sp|P{i:05d}|PROT_HUMAN" for i in range(300)], "float32", 32, dict(block_bytes=4096,
-                                                                                      bucket_keys=4)),
+        "blocks": (
+            [f"sp|P{i:05d}|PROT_HUMAN" for i in range(300)],
+            "float32",
+            32,
+            dict(block_bytes=4096, bucket_keys=4),
+        ),
         # keys equal in their first 8 bytes after a long common prefix: the whole-key path
         "prefixes": ([f"UniRef50_{i:012d}" for i in range(0, 4000, 37)], "float16", 3, dict(bucket_keys=2)),
-        "awkward": (["sp|P69905|HBA_HUMAN", "protéine α-7 β", "蛋白质-1", "x" * 3000, "a b  c", "", "\x00"],
-                    "int8", 1, {}),
+        "awkward": (
+            ["sp|P69905|HBA_HUMAN", "protéine α-7 β", "蛋白质-1", "x" * 3000, "a b  c", "", "\x00"],
+            "int8",
+            1,
+            {},
+        ),
         "empty": ([], "float64", 4, {}),
     }
     seeds = {}

@@ -7,6 +7,7 @@ that makes embfile allocate far beyond its size gets a ``MemoryError``, which
 :mod:`exercise` counts as a bug.  A worker that dies is restarted for the next
 case.  ``python fuzz/sandbox.py FILE...`` runs files by hand.
 """
+
 import json
 import os
 import select
@@ -31,8 +32,13 @@ class Sandbox:
     def _start(self):
         self._proc = subprocess.Popen(
             [self.python, os.path.join(HERE, "sandbox.py"), "--serve", str(self.memory_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-            text=True, bufsize=1)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            text=True,
+            bufsize=1,
+        )
         ready = self._answer(120.0)  # imports numpy and embfile
         if "core" not in ready:
             raise RuntimeError(f"sandbox worker did not start: {ready}")
@@ -86,6 +92,7 @@ def _limit_data(extra):
     if "asan" in os.environ.get("LD_PRELOAD", ""):
         return
     import resource
+
     with open("/proc/self/status") as f:
         used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
     resource.setrlimit(resource.RLIMIT_DATA, (used + extra, used + extra))
@@ -93,6 +100,7 @@ def _limit_data(extra):
 
 def serve(memory_bytes):
     import exercise  # imports embfile before the limit is set
+
     _limit_data(memory_bytes)
     out = sys.stdout
     sys.stdout = sys.stderr  # nothing but answers on the pipe
@@ -102,6 +110,7 @@ def serve(memory_bytes):
         request = json.loads(line)
         if request["probes"] == ["crash"] and os.environ.get("EMBFILE_SANDBOX_TEST_CRASH"):
             import ctypes
+
             ctypes.string_at(0)  # the harness's own test: a segfault in the middle of a case
         answer = exercise.run(request["path"], request["probes"])
         out.write(json.dumps(answer) + "\n")

@@ -1,4 +1,5 @@
 """Shared checkers and the hypothesis profiles (HYPOTHESIS_PROFILE=dev|ci|expensive)."""
+
 import os
 import sys
 
@@ -8,12 +9,24 @@ from hypothesis import HealthCheck, settings
 
 import embfile
 
-settings.register_profile("ci", max_examples=60, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("dev", max_examples=20, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("expensive", max_examples=2000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev",
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "expensive",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # The long run (README "Guarantees"): exhaustive damage, more kill points, longer stress.
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "expensive"
@@ -25,6 +38,7 @@ def reference_lookup(keys, key):
     order = sorted(range(len(keys)), key=lambda i: encoded[i])
     sorted_keys = [encoded[i] for i in order]
     import bisect
+
     pos = bisect.bisect_left(sorted_keys, key.encode())
     if pos < len(sorted_keys) and sorted_keys[pos] == key.encode():
         return order[pos]
@@ -63,8 +77,17 @@ def study(tmp_path):
 
 
 # Keys as users have them: UniProt FASTA ids, spaces, non-ASCII, one very long.
-AWKWARD_KEYS = ["sp|P69905|HBA_HUMAN", "sp|P68871|HBB_HUMAN", "tr|A0A024R161|A0A024R161_HUMAN",
-                "UniRef50_Q8WZ42 Titin", "protéine α-7 β", "蛋白质-1", "x" * 3000, "a b  c", "seq.1_2"]
+AWKWARD_KEYS = [
+    "sp|P69905|HBA_HUMAN",
+    "sp|P68871|HBB_HUMAN",
+    "tr|A0A024R161|A0A024R161_HUMAN",
+    "UniRef50_Q8WZ42 Titin",
+    "protéine α-7 β",
+    "蛋白质-1",
+    "x" * 3000,
+    "a b  c",
+    "seq.1_2",
+]
 
 
 def assert_store(path, expected, dtype=None):

@@ -24,8 +24,11 @@ def imports_of(path, known):
     """The embfile modules ``path`` imports, anywhere in it (of Cython source, its top-level imports)."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".pyx":
-        text = "\n".join(line.replace(" cimport ", " import ") for line in text.splitlines()
-                         if line.startswith(("import embfile", "from embfile")))
+        text = "\n".join(
+            line.replace(" cimport ", " import ")
+            for line in text.splitlines()
+            if line.startswith(("import embfile", "from embfile"))
+        )
     tree = ast.parse(text, str(path))
     found = set()
     for node in ast.walk(tree):
@@ -52,7 +55,7 @@ def find_cycle(graph):
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -76,8 +79,18 @@ def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("low", ["embfile.errors", "embfile._version", "embfile._core", "embfile._format",
-                                 "embfile.file", "embfile.dataset", "embfile.writer"])
+@pytest.mark.parametrize(
+    "low",
+    [
+        "embfile.errors",
+        "embfile._version",
+        "embfile._core",
+        "embfile._format",
+        "embfile.file",
+        "embfile.dataset",
+        "embfile.writer",
+    ],
+)
 def test_lower_layers_never_import_the_package_or_its_edges(low):
     """Adapters (torch, cli) and the package's front (``embfile/__init__``) sit above everything else."""
     reach, todo = set(), [low]

@@ -1,7 +1,9 @@
 """CRC-32C: known answers and agreement with a bitwise reference, any chunking."""
+
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from embfile import _core
 
@@ -34,11 +36,11 @@ def test_long_buffers_three_streams_at_a_time(size):
     """From 12 KiB the hardware path runs three streams and joins them: any length, any start."""
     data = np.random.default_rng(size).integers(0, 256, size + 3, dtype=np.uint8).tobytes()
     for start in (0, 3):
-        assert _core.crc32c(data[start:start + size]) == crc32c_reference(data[start:start + size])
+        assert _core.crc32c(data[start : start + size]) == crc32c_reference(data[start : start + size])
     assert _core.crc32c(data[5000:], _core.crc32c(data[:5000])) == crc32c_reference(data)
 
 
 def test_blocks():
     data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
     sums = _core.crc32c_blocks(data, 4096)
-    assert list(sums) == [_core.crc32c(data[i:i + 4096]) for i in range(0, 10_000, 4096)]
+    assert list(sums) == [_core.crc32c(data[i : i + 4096]) for i in range(0, 10_000, 4096)]

@@ -1,4 +1,5 @@
 """The embfile command, run as a real subprocess (`embfile` and `python -m embfile`)."""
+
 import fcntl
 import io
 import json
@@ -50,13 +51,23 @@ def test_help_has_examples(command):
 
 def test_convert_info_get_keys(tmp_path):
     rng = np.random.default_rng(11)
-    data = {"sp|P69905|HBA_HUMAN": rng.random(16).astype(np.float32), "protéine 1": rng.random(16).astype(np.float32),
-            "multi\nline": rng.random(16).astype(np.float32)}
+    data = {
+        "sp|P69905|HBA_HUMAN": rng.random(16).astype(np.float32),
+        "protéine 1": rng.random(16).astype(np.float32),
+        "multi\nline": rng.random(16).astype(np.float32),
+    }
     with h5py.File(tmp_path / "prott5.h5", "w") as f:
         for k, v in data.items():
             f.create_dataset(k, data=v)
-    p = cli("convert", tmp_path / "prott5.h5", tmp_path / "db.emb", "--dtype", "float16",
-            "--metadata", '{"model": "prot_t5"}')
+    p = cli(
+        "convert",
+        tmp_path / "prott5.h5",
+        tmp_path / "db.emb",
+        "--dtype",
+        "float16",
+        "--metadata",
+        '{"model": "prot_t5"}',
+    )
     assert p.stdout == b"" and "wrote" in p.stderr and "\r" not in p.stderr  # no bar when not a terminal
     assert cli("convert", "-q", tmp_path / "db.emb", tmp_path / "db.parquet").stderr == ""
 
@@ -101,16 +112,16 @@ def test_verify_exit_status(tmp_path, study):
 
 def test_user_errors_are_one_line(tmp_path, study):
     path, keys, matrix = study
-    assert_user_error(cli("convert", tmp_path / "missing.h5", tmp_path / "o.emb", check=False),
-                      "No such file")
+    assert_user_error(cli("convert", tmp_path / "missing.h5", tmp_path / "o.emb", check=False), "No such file")
     assert_user_error(cli("get", path, "nope", check=False), "'nope' is not in")
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"id": ["a", "b", "a"], "v": [[1.0], [2.0], [3.0]]}), tmp_path / "dup.parquet")
-    assert_user_error(cli("convert", tmp_path / "dup.parquet", tmp_path / "o.emb", check=False),
-                      "duplicate key 'a'")
-    assert_user_error(cli("convert", tmp_path / "dup.parquet", tmp_path / "o.emb", "--key-column", "x",
-                          check=False), "no column 'x'")
+    assert_user_error(cli("convert", tmp_path / "dup.parquet", tmp_path / "o.emb", check=False), "duplicate key 'a'")
+    assert_user_error(
+        cli("convert", tmp_path / "dup.parquet", tmp_path / "o.emb", "--key-column", "x", check=False), "no column 'x'"
+    )
     with h5py.File(tmp_path / "res.h5", "w") as f:
         f.create_dataset("P1", data=np.zeros((7, 4), np.float16))
     assert_user_error(cli("convert", tmp_path / "res.h5", tmp_path / "o.emb", check=False), "--pool mean")
@@ -127,8 +138,11 @@ def test_progress_bar_on_a_terminal(tmp_path, study):
     path, keys, matrix = study
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-    p = subprocess.Popen([sys.executable, "-m", "embfile", "convert", str(path), str(tmp_path / "o.parquet")],
-                         stdout=subprocess.PIPE, stderr=slave)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "embfile", "convert", str(path), str(tmp_path / "o.parquet")],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
     os.close(slave)
     p.wait(timeout=120)
     out = b""
@@ -161,8 +175,10 @@ def test_shard_a_file_then_use_the_folder(tmp_path, study):
     cli("index", tmp_path / "ds")
     assert json.loads(cli("info", tmp_path / "ds", "--json").stdout)["count"] == 501
     assert_user_error(cli("shard", path, tmp_path / "ds", check=False), "not an empty folder")
-    assert_user_error(cli("shard", path, tmp_path / "x", "--shard-size", "100", check=False),
-                      "shard_bytes 100 is less than one record (256 bytes)")
+    assert_user_error(
+        cli("shard", path, tmp_path / "x", "--shard-size", "100", check=False),
+        "shard_bytes 100 is less than one record (256 bytes)",
+    )
     p = cli("shard", path, tmp_path / "x", "--shard-size", "lots", check=False)
     assert p.returncode == 2 and "not a size: 'lots'" in p.stderr
     assert not (tmp_path / "x").exists()

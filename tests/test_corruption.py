@@ -1,13 +1,14 @@
 """Bad input gets a clear embfile error: foreign, truncated, patched and bit-flipped files."""
+
 import dataclasses
 import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import embfile
-from embfile import _core
 from embfile import _format as F
 
 
@@ -28,7 +29,7 @@ def patch_header(path, fix_crc=True, **fields):
     """Overwrite named header fields; with fix_crc, as an adversary who recomputes the checksum."""
     data = bytearray(path.read_bytes())
     packed = dataclasses.replace(F.Header.unpack(data), **fields).pack()
-    data[:F.HEADER_SIZE if fix_crc else F.HEADER_SIZE - 4] = packed if fix_crc else packed[:-4]
+    data[: F.HEADER_SIZE if fix_crc else F.HEADER_SIZE - 4] = packed if fix_crc else packed[:-4]
     path.write_bytes(data)
 
 
@@ -45,13 +46,22 @@ def exercise(path, keys):
         except KeyError:
             pass
         list(db)
-        db.metadata
+        assert isinstance(db.metadata, dict)
         np.asarray(db.matrix).sum()
         db.verify()
 
 
-@pytest.mark.parametrize("content", [b"", b"\x89EM", b"hello world\n" * 1000, pickle.dumps({"a": [1.0]}),
-                                     b"\x89HDF\r\n\x1a\n" + bytes(5000), b"PAR1" + bytes(5000)])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\x89EM",
+        b"hello world\n" * 1000,
+        pickle.dumps({"a": [1.0]}),
+        b"\x89HDF\r\n\x1a\n" + bytes(5000),
+        b"PAR1" + bytes(5000),
+    ],
+)
 def test_foreign_files_are_not_emb(tmp_path, content):
     p = tmp_path / "foreign.emb"
     p.write_bytes(content)
@@ -63,6 +73,7 @@ def test_real_hdf5_and_parquet_are_refused(tmp_path):
     h5py = pytest.importorskip("h5py")
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f.create_dataset("seq1", data=np.zeros(4))
     pq.write_table(pa.table({"id": ["a"], "v": [[1.0, 2.0]]}), tmp_path / "x.parquet")
@@ -112,22 +123,25 @@ def test_header_damage_is_caught_by_its_checksum(good):
         embfile.open(path)
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(count=2**62), "does not hold"),
-    (dict(dim=2**40), "outside 1 to"),
-    (dict(dim=0, records_size=0), "outside 1 to"),
-    (dict(dtype_code=99), "unknown dtype"),
-    (dict(flags=1), "flags"),
-    (dict(index_offset=2**63), "runs past the end"),
-    (dict(keys_size=2**60), "runs past the end"),
-    (dict(keys_offset=F.PAGE), "overlaps"),
-    (dict(records_offset=F.PAGE + 8), "not a multiple"),
-    (dict(block_bytes=12345), "power of two"),
-    (dict(block_bytes=F.PAGE), "checksums section size"),
-    (dict(n_buckets=2**60), "index"),
-    (dict(lcp_len=70000), "prefix"),
-    (dict(meta_size=0), "JSON"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(count=2**62), "does not hold"),
+        (dict(dim=2**40), "outside 1 to"),
+        (dict(dim=0, records_size=0), "outside 1 to"),
+        (dict(dtype_code=99), "unknown dtype"),
+        (dict(flags=1), "flags"),
+        (dict(index_offset=2**63), "runs past the end"),
+        (dict(keys_size=2**60), "runs past the end"),
+        (dict(keys_offset=F.PAGE), "overlaps"),
+        (dict(records_offset=F.PAGE + 8), "not a multiple"),
+        (dict(block_bytes=12345), "power of two"),
+        (dict(block_bytes=F.PAGE), "checksums section size"),
+        (dict(n_buckets=2**60), "index"),
+        (dict(lcp_len=70000), "prefix"),
+        (dict(meta_size=0), "JSON"),
+    ],
+)
 def test_hostile_header_fields(good, fields, message):
     path, keys = good
     if "file_size" not in fields:
@@ -143,7 +157,7 @@ def _bucket_area(path):
     n_top = -(-h.n_buckets // 32)
     fence = h.index_offset + -(-(((h.lcp_len + 7) // 8 * 8) + 8 * n_top) // F.PAGE) * F.PAGE
     area = fence + -(-(16 * h.n_buckets) // F.PAGE) * F.PAGE
-    first = int.from_bytes(path.read_bytes()[fence + 8:fence + 16], "little")
+    first = int.from_bytes(path.read_bytes()[fence + 8 : fence + 16], "little")
     return area + first
 
 
@@ -151,9 +165,9 @@ def test_broken_index_order(good):
     path, keys = good
     data = bytearray(path.read_bytes())
     b = _bucket_area(path)
-    m = int.from_bytes(data[b:b + 4], "little")
+    m = int.from_bytes(data[b : b + 4], "little")
     p = b + 8  # swap the first two prefixes of the first bucket
-    data[p:p + 8], data[p + 8:p + 16] = data[p + 8:p + 16], data[p:p + 8]
+    data[p : p + 8], data[p + 8 : p + 16] = data[p + 8 : p + 16], data[p : p + 8]
     path.write_bytes(bytes(data))
     db = embfile.open(path)  # open stays constant-time: damage shows where it is read
     outcomes = []
@@ -175,7 +189,7 @@ def test_index_pointing_outside_the_area(good):
     path, keys = good
     data = bytearray(path.read_bytes())
     b = _bucket_area(path)
-    data[b:b + 4] = (10**6).to_bytes(4, "little")  # a bucket claiming a million entries
+    data[b : b + 4] = (10**6).to_bytes(4, "little")  # a bucket claiming a million entries
     path.write_bytes(bytes(data))
     db = embfile.open(path)
     with pytest.raises(embfile.CorruptFileError, match="index"):
@@ -229,7 +243,7 @@ def test_random_damage_only_raises_embfile_errors(good, data):
         damaged = bytearray(original)
         how = data.draw(st.sampled_from(["flip", "truncate", "zero"]))
         if how == "truncate":
-            damaged = damaged[:data.draw(st.integers(0, len(original) - 1))]
+            damaged = damaged[: data.draw(st.integers(0, len(original) - 1))]
         else:
             for _ in range(data.draw(st.integers(1, 8))):
                 i = data.draw(st.integers(0, len(original) - 1))

@@ -1,10 +1,12 @@
 """iter_batches: exactly once per epoch, ranks, workers, determinism, resume, the order itself, quality."""
+
 import json
 import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import embfile
 from embfile.epochs import Batches, EpochOptions, EpochPlan, rank_share, shuffle_quality
@@ -40,8 +42,10 @@ def test_every_record_once_with_its_key_and_vector(store):
 def test_order_depends_only_on_seed_and_epoch(store):
     path, _, _ = store
     with embfile.open(path) as db:
+
         def order(**kw):
             return rows_of(db.iter_batches(100, **kw))
+
         assert order(seed=1, epoch=2) == order(seed=1, epoch=2)
         assert order(seed=1, epoch=2) != order(seed=1, epoch=3) != order(seed=2, epoch=3)
         assert order(shuffle=False) == list(range(1000))
@@ -53,6 +57,7 @@ M64 = (1 << 64) - 1
 
 def reference_order(n, block_size, buffer_blocks, seed, epoch):
     """The epoch order as the module docstring defines it, in plain Python (the oracle)."""
+
     def splitmix(state):
         state = (state + 0x9E3779B97F4A7C15) & M64
         z = state
@@ -80,8 +85,7 @@ def reference_order(n, block_size, buffer_blocks, seed, epoch):
     shuffle(blocks, stream_seed(M64))
     order = []
     for w in range(0, len(blocks), buffer_blocks):
-        rows = [r for b in blocks[w:w + buffer_blocks]
-                for r in range(b * block_size, min(n, (b + 1) * block_size))]
+        rows = [r for b in blocks[w : w + buffer_blocks] for r in range(b * block_size, min(n, (b + 1) * block_size))]
         shuffle(rows, stream_seed(w // buffer_blocks))
         order += rows
     return order
@@ -94,11 +98,37 @@ def test_the_order_is_the_documented_one():
         plan = EpochPlan(n, block_size=block, buffer_blocks=buffer, seed=seed, epoch=epoch)
         assert plan.order().tolist() == reference_order(n, block, buffer, seed, epoch)
     assert EpochPlan(20, block_size=3, buffer_blocks=2, seed=7, epoch=1).order().tolist() == [
-        0, 2, 6, 8, 7, 1, 19, 4, 18, 5, 3, 12, 11, 9, 14, 10, 13, 17, 16, 15]
+        0,
+        2,
+        6,
+        8,
+        7,
+        1,
+        19,
+        4,
+        18,
+        5,
+        3,
+        12,
+        11,
+        9,
+        14,
+        10,
+        13,
+        17,
+        16,
+        15,
+    ]
 
 
-@given(n=st.integers(0, 700), batch=st.integers(1, 90), block=st.integers(1, 50),
-       buffer=st.integers(1, 9), world=st.integers(1, 5), seed=st.integers(0, 2**64 - 1))
+@given(
+    n=st.integers(0, 700),
+    batch=st.integers(1, 90),
+    block=st.integers(1, 50),
+    buffer=st.integers(1, 9),
+    world=st.integers(1, 5),
+    seed=st.integers(0, 2**64 - 1),
+)
 def test_ranks_split_an_epoch_exactly(n, batch, block, buffer, world, seed):
     plan = EpochPlan(n, block_size=block, buffer_blocks=buffer, seed=seed)
     order = plan.order()
@@ -116,8 +146,7 @@ def test_ranks_split_an_epoch_exactly(n, batch, block, buffer, world, seed):
     assert n - sum(h - lo for lo, h in shares) < world * batch + world
     # plan.rows over any split equals slicing the order
     cut = sorted({0, n, n // 3, n // 2})
-    assert np.concatenate([plan.rows(a, b) for a, b in zip(cut, cut[1:])] or [order]).tolist() == \
-        order.tolist()
+    assert np.concatenate([plan.rows(a, b) for a, b in zip(cut, cut[1:])] or [order]).tolist() == order.tolist()
 
 
 def test_ranks_read_disjoint_parts(store):

@@ -1,13 +1,14 @@
 """HDF5 <-> .emb with files written the way ProtTrans, bio_embeddings and bulk writers write them."""
+
 import hashlib
 import os
 
 import h5py
 import numpy as np
 import pytest
+from conftest import AWKWARD_KEYS, assert_store
 
 import embfile
-from conftest import AWKWARD_KEYS, assert_store
 
 
 def prott5_name(fasta_header):

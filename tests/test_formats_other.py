@@ -1,4 +1,5 @@
 """ESM .pt folders, .npy + keys, pickles, format detection and conversions between other formats."""
+
 import os
 import pickle
 
@@ -6,9 +7,9 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import AWKWARD_KEYS, assert_store
 
 import embfile
-from conftest import AWKWARD_KEYS, assert_store
 from embfile.formats import detect_format
 
 torch = pytest.importorskip("torch")
@@ -19,8 +20,9 @@ def write_esm_extract(folder, labels, dim=1280, layers=(33,), per_tok=False, mea
     rng = np.random.default_rng(8)
     expected = {}
     for label in labels:
-        reps = {layer: torch.tensor(rng.standard_normal((5 + len(label) % 7, dim)), dtype=torch.float32)
-                for layer in layers}
+        reps = {
+            layer: torch.tensor(rng.standard_normal((5 + len(label) % 7, dim)), dtype=torch.float32) for layer in layers
+        }
         result = {"label": label}
         if per_tok:
             result["representations"] = {layer: t.clone() for layer, t in reps.items()}
@@ -60,8 +62,7 @@ def test_esm_refuses_code(tmp_path):
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
 
-    torch.save({"label": "x", "mean_representations": {33: torch.zeros(4)}, "evil": Evil()},
-               tmp_path / "esm" / "x.pt")
+    torch.save({"label": "x", "mean_representations": {33: torch.zeros(4)}, "evil": Evil()}, tmp_path / "esm" / "x.pt")
     with pytest.raises(embfile.ConversionError, match="not a readable torch file"):
         embfile.convert(tmp_path / "esm", tmp_path / "e.emb")
     assert not os.path.exists(tmp_path / "pwned")
@@ -120,8 +121,7 @@ def test_between_other_formats_and_dtype_change(tmp_path, study):
     embfile.convert(tmp_path / "a.h5", tmp_path / "a.parquet", dtype="float16", row_group_size=100)
     t = pq.read_table(tmp_path / "a.parquet")
     assert t["key"].to_pylist() == keys
-    np.testing.assert_array_equal(np.stack(t["vector"].to_numpy(zero_copy_only=False)),
-                                  matrix.astype(np.float16))
+    np.testing.assert_array_equal(np.stack(t["vector"].to_numpy(zero_copy_only=False)), matrix.astype(np.float16))
     assert sorted(os.listdir(tmp_path)) == ["a.h5", "a.parquet", "study.emb"]  # no middle file left
     embfile.convert(path, tmp_path / "small.emb", dtype="float32")
     assert_store(tmp_path / "small.emb", dict(zip(keys, matrix)), dtype=np.float32)
@@ -154,20 +154,27 @@ def test_conversion_memory_is_bounded(tmp_path):
         keys = [f"k{i:08d}" for i in range(n)]
         folder = tmp_path / str(n)
         folder.mkdir()
-        with h5py.File(folder / "bulk.h5", "w") as f, \
-                pq.ParquetWriter(folder / "t.parquet", pa.schema([("key", pa.string()),
-                                                                  ("v", pa.list_(pa.float32()))])) as w:
+        with (
+            h5py.File(folder / "bulk.h5", "w") as f,
+            pq.ParquetWriter(
+                folder / "t.parquet", pa.schema([("key", pa.string()), ("v", pa.list_(pa.float32()))])
+            ) as w,
+        ):
             f.create_dataset("ids", data=keys, dtype=h5py.string_dtype())
             m = f.create_dataset("vectors", shape=(n, dim), dtype="f4")
             for lo in range(0, n, 4096):
                 block = np.random.default_rng(lo).standard_normal((4096, dim), dtype=np.float32)
-                m[lo:lo + 4096] = block
-                w.write_table(pa.table({"key": keys[lo:lo + 4096], "v": list(block)}))
+                m[lo : lo + 4096] = block
+                w.write_table(pa.table({"key": keys[lo : lo + 4096], "v": list(block)}))
         return folder
 
     def peak(folder, src):
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder / src), str(folder / "o.emb")],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, str(folder / src), str(folder / "o.emb")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return float(out.stdout)
 
     small, large = make(16384), make(65536)

@@ -1,4 +1,5 @@
 """Parquet <-> .emb with tables written by pyarrow, pandas and Hugging Face datasets; EmbFile.to_arrow."""
+
 import os
 
 import numpy as np
@@ -6,9 +7,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import AWKWARD_KEYS, assert_store
 
 import embfile
-from conftest import AWKWARD_KEYS, assert_store
 
 
 @pytest.fixture
@@ -30,8 +31,13 @@ def test_fixed_size_list_from_pyarrow(tmp_path, data):
 
 
 def test_pandas_list_of_double(tmp_path, data):
-    df = pd.DataFrame({"seqid": list(data), "embedding": [v.astype(np.float64) for v in data.values()],
-                       "length": np.arange(len(data))})
+    df = pd.DataFrame(
+        {
+            "seqid": list(data),
+            "embedding": [v.astype(np.float64) for v in data.values()],
+            "length": np.arange(len(data)),
+        }
+    )
     df.to_parquet(tmp_path / "p.parquet")
     assert pa.types.is_list(pq.read_schema(tmp_path / "p.parquet").field("embedding").type)
     embfile.convert(tmp_path / "p.parquet", tmp_path / "p.emb", dtype="float32")
@@ -40,10 +46,12 @@ def test_pandas_list_of_double(tmp_path, data):
 
 def test_hugging_face_datasets(tmp_path, data):
     datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_dict({"text_id": list(data), "embeddings": [v.tolist() for v in data.values()]},
-                                    features=datasets.Features({"text_id": datasets.Value("string"),
-                                                                "embeddings": datasets.Sequence(
-                                                                    datasets.Value("float32"))}))
+    ds = datasets.Dataset.from_dict(
+        {"text_id": list(data), "embeddings": [v.tolist() for v in data.values()]},
+        features=datasets.Features(
+            {"text_id": datasets.Value("string"), "embeddings": datasets.Sequence(datasets.Value("float32"))}
+        ),
+    )
     ds.to_parquet(str(tmp_path / "hf.parquet"))
     embfile.convert(tmp_path / "hf.parquet", tmp_path / "hf.emb")
     assert_store(tmp_path / "hf.emb", data)
@@ -93,8 +101,15 @@ def test_bad_tables_give_clear_errors(tmp_path):
     with pytest.raises(embfile.ConversionError, match="holds no vectors"):
         embfile.convert(all_null, tmp_path / "o.emb")
     late = tmp_path / "late.parquet"  # the dim is found past the first read of a few rows
-    pq.write_table(pa.table({"key": [f"k{i}" for i in range(300)],
-                             "v": pa.array([None] * 299 + [[1.0, 2.0, 3.0]], pa.list_(pa.float32()))}), late)
+    pq.write_table(
+        pa.table(
+            {
+                "key": [f"k{i}" for i in range(300)],
+                "v": pa.array([None] * 299 + [[1.0, 2.0, 3.0]], pa.list_(pa.float32())),
+            }
+        ),
+        late,
+    )
     with pytest.raises(embfile.ConversionError, match=r"row 0 \(key 'k0'\) has a null vector"):
         embfile.convert(late, tmp_path / "o.emb")
     null_int = write("nullint.parquet", key=keys, v=[[1, 2]] * 9 + [[1, None]])
@@ -123,8 +138,7 @@ def test_bad_tables_give_clear_errors(tmp_path):
 
 
 def test_empty_table(tmp_path):
-    table = pa.table({"key": pa.array([], pa.string()),
-                      "v": pa.array([], pa.list_(pa.float32(), 16))})
+    table = pa.table({"key": pa.array([], pa.string()), "v": pa.array([], pa.list_(pa.float32(), 16))})
     pq.write_table(table, tmp_path / "e.parquet")
     embfile.convert(tmp_path / "e.parquet", tmp_path / "e.emb")
     with embfile.open(tmp_path / "e.emb") as db:
@@ -139,8 +153,9 @@ def test_roundtrip_parquet_emb_parquet(tmp_path, data, dtype):
     m = np.stack(list(data.values()))
     m = m.astype(dtype) if dtype[0] == "f" else np.nan_to_num(np.abs(m) * 10, posinf=0).astype(dtype)
     values = pa.array(m.ravel())
-    pq.write_table(pa.table({"key": keys, "vector": pa.FixedSizeListArray.from_arrays(values, 48)}),
-                   tmp_path / "a.parquet")
+    pq.write_table(
+        pa.table({"key": keys, "vector": pa.FixedSizeListArray.from_arrays(values, 48)}), tmp_path / "a.parquet"
+    )
     embfile.convert(tmp_path / "a.parquet", tmp_path / "a.emb", metadata={"model": "e5"})
     embfile.convert(tmp_path / "a.emb", tmp_path / "b.parquet", row_group_size=500)
     f = pq.ParquetFile(tmp_path / "b.parquet")

@@ -39,8 +39,19 @@ def same_bits(a, b):
 
 def test_the_golden_set_is_complete():
     dtypes = {json.loads((GOLDEN / f"{n}.json").read_text())["dtype"] for n in CASES}
-    assert dtypes == {"float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
-                      "int64", "uint64"}
+    assert dtypes == {
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+    }
     assert {"empty", "one_record", "awkward_keys", "metadata", "many_buckets"} <= set(CASES)
     assert all((GOLDEN / f"{n}.emb").exists() for n in CASES)
 
@@ -96,8 +107,20 @@ def _values(dtype, n, dim):
     dt = np.dtype(dtype)
     if dt.kind == "f":
         fi = np.finfo(dt)
-        special = [0.0, -0.0, 1.0, -1.5, float(fi.max), float(-fi.max), float(fi.smallest_subnormal),
-                   float(fi.tiny), math.inf, -math.inf, math.nan, float(fi.eps)]
+        special = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            float(fi.max),
+            float(-fi.max),
+            float(fi.smallest_subnormal),
+            float(fi.tiny),
+            math.inf,
+            -math.inf,
+            math.nan,
+            float(fi.eps),
+        ]
     else:
         ii = np.iinfo(dt)
         special = [0, 1, int(ii.max), int(ii.min), int(ii.max) - 1, int(ii.min) + 1, 7, 100]
@@ -106,18 +129,39 @@ def _values(dtype, n, dim):
 
 
 def _cases():
-    dtypes = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
-              "uint64"]
+    dtypes = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
     for dt in dtypes:
         keys = [f"{dt}-{i}" for i in range(6)]
         yield f"dtype_{dt}", keys, _values(dt, 6, 5), {"dtype": dt}, {}
     yield "empty", [], np.zeros((0, 8), np.float32), {}, {}
     yield "one_record", ["only"], np.arange(3, dtype=np.float32)[None], {}, {}
-    awkward = ["", " ", "a", "ab", "abc", "a/b", "a b  c", "sp|P69905|HBA_HUMAN", "\x00nul", "tab\there",
-               "protéine α-7 β", "蛋白质-1", "🧬", "x" * 300, "ÿ", "\u0080", "z\n"]
+    awkward = [
+        "",
+        " ",
+        "a",
+        "ab",
+        "abc",
+        "a/b",
+        "a b  c",
+        "sp|P69905|HBA_HUMAN",
+        "\x00nul",
+        "tab\there",
+        "protéine α-7 β",
+        "蛋白质-1",
+        "🧬",
+        "x" * 300,
+        "ÿ",
+        "\u0080",
+        "z\n",
+    ]
     yield "awkward_keys", awkward, _values("float32", len(awkward), 2), {}, {"bucket_keys": 3}
-    meta = {"model": "esm2_t33_650M_UR50D", "layer": 33, "pooling": "mean", "note": "ünïcödé ✓",
-            "nested": {"list": [1, 2.5, None, True, "x"], "empty": {}}}
+    meta = {
+        "model": "esm2_t33_650M_UR50D",
+        "layer": 33,
+        "pooling": "mean",
+        "note": "ünïcödé ✓",
+        "nested": {"list": [1, 2.5, None, True, "x"], "empty": {}},
+    }
     yield "metadata", ["k1", "k2"], np.ones((2, 4), np.float64), {}, {"metadata": meta}
     keys = [f"UniRef50_A0A{i:06d}" for i in range(120)]  # a long common prefix, many buckets, blocks
     yield "many_buckets", keys, _values("float32", 120, 16), {}, {"bucket_keys": 4, "block_bytes": 4096}

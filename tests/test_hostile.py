@@ -3,19 +3,20 @@
 Every mutated file is exercised in a sandbox worker process (fuzz/sandbox.py),
 so a crash or a hang is reported as a failing case instead of ending the run.
 """
+
 import pathlib
 import shutil
 
+import mutate
 import numpy as np
 import pytest
-from hypothesis import event, given, settings, strategies as st
+from conftest import LONG
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from sandbox import Sandbox
 
 import embfile
 from embfile import _format as F
-
-import mutate
-from sandbox import Sandbox
-from conftest import LONG
 
 REGRESSIONS = pathlib.Path(__file__).parent.parent / "fuzz" / "regressions"
 
@@ -115,8 +116,11 @@ def test_verify_finds_every_single_bit_flip(tmp_path, seeds):
     src, _ = seeds["awkward"]
     data = src.read_bytes()
     h = mutate.header(data)
-    bits = range(8 * len(data)) if LONG else sorted(
-        {8 * at + at % 8 for at in range(len(data))} | set(range(8 * F.HEADER_SIZE)))
+    bits = (
+        range(8 * len(data))
+        if LONG
+        else sorted({8 * at + at % 8 for at in range(len(data))} | set(range(8 * F.HEADER_SIZE)))
+    )
     path = tmp_path / "flip.emb"
     for bit in bits:
         at = bit // 8
@@ -142,8 +146,11 @@ def test_every_truncation_says_where_the_file_ends(tmp_path, seeds):
     data = src.read_bytes()
     h = mutate.header(data)
     edges = [h.offset(s) + d for s in F.SECTIONS for d in (0, h.size(s))]
-    lengths = range(len(data)) if LONG else sorted(
-        {n for n in range(len(data)) if n <= F.PAGE or n % 61 == 0 or min(abs(n - e) for e in edges) < 16})
+    lengths = (
+        range(len(data))
+        if LONG
+        else sorted({n for n in range(len(data)) if n <= F.PAGE or n % 61 == 0 or min(abs(n - e) for e in edges) < 16})
+    )
     path = tmp_path / "cut.emb"
     for length in lengths:
         path.write_bytes(data[:length])

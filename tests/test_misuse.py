@@ -1,5 +1,6 @@
 """Misuse: a closed file gives ClosedFileError everywhere (arrays already handed out stay valid),
 and arguments of the wrong type give TypeErrors saying what was expected."""
+
 import gc
 
 import numpy as np
@@ -20,13 +21,23 @@ def db_path(tmp_path, request):
 
 
 CLOSED_CALLS = {
-    "db[key]": lambda db: db["k1"], "in": lambda db: "k1" in db, "len": len, "iter": list,
-    "get": lambda db: db.get("k1"), "keys": lambda db: list(db.keys()), "values": lambda db: list(db.values()),
-    "items": lambda db: list(db.items()), "get_batch": lambda db: db.get_batch(["k1"]),
-    "rows": lambda db: db.rows(["k1"]), "take": lambda db: db.take([0]), "record": lambda db: db.record(0),
+    "db[key]": lambda db: db["k1"],
+    "in": lambda db: "k1" in db,
+    "len": len,
+    "iter": list,
+    "get": lambda db: db.get("k1"),
+    "keys": lambda db: list(db.keys()),
+    "values": lambda db: list(db.values()),
+    "items": lambda db: list(db.items()),
+    "get_batch": lambda db: db.get_batch(["k1"]),
+    "rows": lambda db: db.rows(["k1"]),
+    "take": lambda db: db.take([0]),
+    "record": lambda db: db.record(0),
     "to_numpy": lambda db: db.to_numpy(),
-    "metadata": lambda db: db.metadata, "verify": lambda db: db.verify(),
-    "iter_batches": lambda db: next(iter(db.iter_batches(4))), "keys_between": lambda db: db.keys_between(0, 2),
+    "metadata": lambda db: db.metadata,
+    "verify": lambda db: db.verify(),
+    "iter_batches": lambda db: next(iter(db.iter_batches(4))),
+    "keys_between": lambda db: db.keys_between(0, 2),
 }
 
 
@@ -53,7 +64,7 @@ def test_arrays_held_past_close_stay_valid(db_path):
     db.close()
     if whole is not None:
         with pytest.raises(embfile.ClosedFileError):
-            db.matrix
+            _ = db.matrix
     del db
     gc.collect()
     np.testing.assert_array_equal(one, matrix[7])
@@ -114,18 +125,21 @@ def test_out_of_range_rows_are_index_errors(db_path):
             db.take([0, 40])
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda p: embfile.open(None), "not NoneType"),
-    (lambda p: embfile.open(3.5), "not float"),
-    (lambda p: embfile.write(p, 5), "a mapping or a \\(keys, matrix\\) pair, not int"),
-    (lambda p: embfile.write(p, {1: [1.0]}), "keys are str, not int"),
-    (lambda p: embfile.Writer(p, 2.0), "dim must be an int, not float"),
-    (lambda p: embfile.Writer(p, 2, metadata=[1]), "metadata must be a dict, not list"),
-    (lambda p: embfile.Writer(p, 2, dtype="complex64"), "not supported"),
-    (lambda p: embfile.Writer(p, 2).add("k", None), "expected a vector of numbers, not NoneType"),
-    (lambda p: embfile.Writer(p, 2).add("k", "ab"), "expected a vector of numbers, not str"),
-    (lambda p: embfile.Writer(p, 2).add_batch(["k"], [["a", "b"]]), "matrix of numbers, not list"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda p: embfile.open(None), "not NoneType"),
+        (lambda p: embfile.open(3.5), "not float"),
+        (lambda p: embfile.write(p, 5), "a mapping or a \\(keys, matrix\\) pair, not int"),
+        (lambda p: embfile.write(p, {1: [1.0]}), "keys are str, not int"),
+        (lambda p: embfile.Writer(p, 2.0), "dim must be an int, not float"),
+        (lambda p: embfile.Writer(p, 2, metadata=[1]), "metadata must be a dict, not list"),
+        (lambda p: embfile.Writer(p, 2, dtype="complex64"), "not supported"),
+        (lambda p: embfile.Writer(p, 2).add("k", None), "expected a vector of numbers, not NoneType"),
+        (lambda p: embfile.Writer(p, 2).add("k", "ab"), "expected a vector of numbers, not str"),
+        (lambda p: embfile.Writer(p, 2).add_batch(["k"], [["a", "b"]]), "matrix of numbers, not list"),
+    ],
+)
 def test_wrong_types_for_writing(tmp_path, call, message):
     with pytest.raises(TypeError, match=message):
         call(tmp_path / "x.emb")

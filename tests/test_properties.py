@@ -1,14 +1,15 @@
 """Property-based tests: any keys, any dtype and dim, write then open gives back the same mapping."""
+
 import numpy as np
-from hypothesis import given, strategies as st
+from conftest import reference_lookup
+from hypothesis import given
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import embfile
 from embfile import _core
-from conftest import reference_lookup
 
-DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
-          "int64", "uint64"]
+DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
 
 # Unicode keys, short enough to collide on prefixes, plus their own prefixes and extensions.
 base_keys = st.text(st.characters(codec="utf-8"), max_size=12)
@@ -19,7 +20,7 @@ def key_sets(draw):
     keys = draw(st.lists(base_keys, max_size=60, unique=True))
     extra = []
     for k in keys[:10]:  # prefixes of each other
-        extra += [k[:len(k) // 2], k + "\x00", k + "a"]
+        extra += [k[: len(k) // 2], k + "\x00", k + "a"]
     return list(dict.fromkeys(keys + extra))
 
 
@@ -60,11 +61,16 @@ def at_offset(nbytes, offset):
     """A writable uint8 buffer of ``nbytes`` starting ``offset`` bytes past a 64-byte boundary."""
     buf = np.empty(nbytes + 128, np.uint8)
     start = (offset - buf.ctypes.data) % 64
-    return buf[start:start + nbytes]
+    return buf[start : start + nbytes]
 
 
-@given(record_bytes=st.integers(1, 1100), n=st.integers(0, 30), src_offset=st.integers(0, 63),
-       dst_offset=st.integers(0, 63), data=st.data())
+@given(
+    record_bytes=st.integers(1, 1100),
+    n=st.integers(0, 30),
+    src_offset=st.integers(0, 63),
+    dst_offset=st.integers(0, 63),
+    data=st.data(),
+)
 def test_core_copies_exact_bytes_at_any_size_and_alignment(record_bytes, n, src_offset, dst_offset, data):
     """The core's gather and copy (vector loop, unaligned head and tail, records split over two
     shards) against numpy, for records below and above the vector loop's threshold."""

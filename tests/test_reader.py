@@ -1,4 +1,5 @@
 """EmbFile as a read-only Mapping: lookups, batches, views, metadata, lifetime."""
+
 import collections.abc
 import multiprocessing
 import os
@@ -9,11 +10,11 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import check_roundtrip
+from workers import content
 
 import embfile
 from embfile import _core, _pages, dataset
-from conftest import check_roundtrip
-from workers import content
 
 
 def test_mapping_protocol(study):
@@ -193,8 +194,16 @@ def test_close_and_context_manager(study):
     with embfile.open(path) as db:
         v = db[keys[1]]
         m = db.matrix
-    for op in (lambda: db[keys[1]], lambda: len(db), lambda: keys[1] in db, lambda: db.matrix,
-               lambda: db.get_batch(keys[:2]), lambda: list(db), lambda: db.verify(), lambda: db.metadata):
+    for op in (
+        lambda: db[keys[1]],
+        lambda: len(db),
+        lambda: keys[1] in db,
+        lambda: db.matrix,
+        lambda: db.get_batch(keys[:2]),
+        lambda: list(db),
+        lambda: db.verify(),
+        lambda: db.metadata,
+    ):
         with pytest.raises(embfile.ClosedFileError):
             op()
     # arrays handed out before close keep their mapping alive
@@ -210,6 +219,7 @@ def test_views_outlive_the_file_object(study):
     views = [db[k] for k in keys[:5]]
     del db
     import gc
+
     gc.collect()
     np.testing.assert_array_equal(np.stack(views), matrix[:5])
 
@@ -254,8 +264,20 @@ def test_fork_child_uses_parent_object(study):
 
 
 def test_awkward_keys(tmp_path):
-    keys = ["sp|P69905|HBA_HUMAN", "with space", "a/b.c", "ünïcödé-蛋白质", "x" * 1024, "", "a", "ab",
-            "a\x00", "\U0001F9EC", "tr|Q9|X Y Z", "abc\x00def"]
+    keys = [
+        "sp|P69905|HBA_HUMAN",
+        "with space",
+        "a/b.c",
+        "ünïcödé-蛋白质",
+        "x" * 1024,
+        "",
+        "a",
+        "ab",
+        "a\x00",
+        "\U0001f9ec",
+        "tr|Q9|X Y Z",
+        "abc\x00def",
+    ]
     matrix = np.arange(len(keys) * 3, dtype=np.float32).reshape(-1, 3)
     check_roundtrip(tmp_path / "k.emb", keys, matrix)
 
@@ -274,8 +296,9 @@ def test_key_size_limit(tmp_path):
     check_roundtrip(tmp_path / "big.emb", [big, "small"], np.ones((2, 1)))
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "uint8", "int16",
-                                   "uint16", "int32", "uint32", "int64", "uint64"])
+@pytest.mark.parametrize(
+    "dtype", ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+)
 def test_every_dtype(tmp_path, dtype):
     rng = np.random.default_rng(2)
     matrix = (rng.random((40, 7)) * 100).astype(dtype)

@@ -4,21 +4,24 @@ A read one byte outside the mapping, or any undefined behaviour in the C core,
 aborts the sanitized worker, which the sandbox reports as a crash with the
 sanitizer's report.  (``make fuzz`` runs the coverage-guided fuzzer on such a build.)
 """
+
 import pathlib
 import shutil
 import subprocess
 
-import pytest
-from hypothesis import given, settings, strategies as st
-
 import mutate
+import pytest
 import sanitized
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sandbox import Sandbox
 
 REGRESSIONS = pathlib.Path(__file__).parent.parent / "fuzz" / "regressions"
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("nm") is None,
-                                reason="needs gcc and nm (binutils) to build and inspect the sanitized core")
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("nm") is None,
+    reason="needs gcc and nm (binutils) to build and inspect the sanitized core",
+)
 
 
 @pytest.fixture(scope="module")

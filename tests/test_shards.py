@@ -1,4 +1,5 @@
 """Sharded datasets: writing, the index, one Mapping over many files, and what is refused."""
+
 import multiprocessing
 import os
 import pickle
@@ -143,8 +144,8 @@ def test_pickles_into_worker_processes(folder, data):
     db = embfile.open(folder)
     assert pickle.loads(pickle.dumps(db))[keys[7]].tolist() == matrix[7].tolist()
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        got = pool.starmap(_sum_of, [(db, keys[i:i + 500]) for i in range(0, 2000, 500)])
-    np.testing.assert_allclose(got, [matrix[i:i + 500].sum() for i in range(0, 2000, 500)], rtol=1e-5)
+        got = pool.starmap(_sum_of, [(db, keys[i : i + 500]) for i in range(0, 2000, 500)])
+    np.testing.assert_allclose(got, [matrix[i : i + 500].sum() for i in range(0, 2000, 500)], rtol=1e-5)
     db.close()
     with pytest.raises(embfile.ClosedFileError):
         db["x"]

@@ -7,13 +7,15 @@ they can recompute.  Once all of them read, the file is replaced twice by
 reopening gets the new one.  8 s of reading here, 120 s in the long run; the
 steps wait on the workers' signals, not on guesses of how long a start takes.
 """
+
 import multiprocessing
 import os
 import time
 
-import embfile
 from conftest import LONG
 from workers import content, stress_reader
+
+import embfile
 
 PROCESSES = 8
 SECONDS = 120 if LONG else 8

@@ -1,4 +1,5 @@
 """embfile.torch with a real DataLoader: workers under fork and spawn, exactly once, determinism, resume."""
+
 import numpy as np
 import pytest
 
@@ -23,8 +24,7 @@ def store(tmp_path_factory):
 
 
 def epoch(ds, workers, context=None):
-    loader = DataLoader(ds, batch_size=None, num_workers=workers,
-                        multiprocessing_context=context if workers else None)
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context=context if workers else None)
     return [(list(k), x) for k, x in loader]
 
 
@@ -57,13 +57,18 @@ def test_epochs_differ_and_repeat(store):
 
 def test_ddp_ranks_get_equal_disjoint_shares(store):
     folder, keys, _ = store
-    shares = [epoch(IterableDataset(folder / "db.emb", 64, seed=5, rank=r, world_size=3, drop_last=True,
-                                    keys=True), 2, "fork") for r in range(3)]
+    shares = [
+        epoch(
+            IterableDataset(folder / "db.emb", 64, seed=5, rank=r, world_size=3, drop_last=True, keys=True), 2, "fork"
+        )
+        for r in range(3)
+    ]
     assert [len(s) for s in shares] == [6, 6, 6]  # 400 each: 6 whole batches of 64
     flat = [k for s in shares for ks, _ in s for k in ks]
     assert len(flat) == len(set(flat)) == 3 * 6 * 64
-    loose = [epoch(IterableDataset(folder / "db.emb", 64, seed=5, rank=r, world_size=3, keys=True), 0)
-             for r in range(3)]
+    loose = [
+        epoch(IterableDataset(folder / "db.emb", 64, seed=5, rank=r, world_size=3, keys=True), 0) for r in range(3)
+    ]
     assert sorted(k for s in loose for ks, _ in s for k in ks) == keys
 
 
@@ -91,8 +96,7 @@ def test_map_style_dataset_by_row_and_by_key(store):
     ds = Dataset(folder / "db.emb")
     assert len(ds) == 1200
     np.testing.assert_array_equal(ds[7].numpy(), matrix[7])
-    loader = DataLoader(ds, batch_size=32, shuffle=True, num_workers=2,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(ds, batch_size=32, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
     total = torch.zeros(8, dtype=torch.float64)
     for x in loader:
         assert x.shape[1] == 8

@@ -6,6 +6,7 @@ kills it): MODE ``write`` streams records through ``embfile.Writer``,
 processes of tests/test_stress.py.  Content is a function of (N, DIM,
 GENERATION), so a reader can check every byte without being sent the data.
 """
+
 import os
 import sys
 import threading
@@ -30,7 +31,7 @@ def main(mode, dst, n, dim, generation):
         w = embfile.ShardWriter(dst, dim, "float32", meta, shard_bytes=n * dim)  # four shards
     with w:
         for lo in range(0, n, 2000):
-            w.add_batch(keys[lo:lo + 2000], matrix[lo:lo + 2000])
+            w.add_batch(keys[lo : lo + 2000], matrix[lo : lo + 2000])
 
 
 def stress_reader(path, signals, seed, deadline=600):
@@ -42,7 +43,7 @@ def stress_reader(path, signals, seed, deadline=600):
     keeps its first handle throughout (and so must go on seeing the old file).  Returns
     what was checked."""
     give_up = time.monotonic() + deadline  # the test has died: do not outlive it
-    stopped = lambda: os.path.exists(os.path.join(signals, "stop")) or time.monotonic() > give_up  # noqa: E731
+    stopped = lambda: os.path.exists(os.path.join(signals, "stop")) or time.monotonic() > give_up
     truth_cache, report, lock = {}, {"records": 0, "reads": {}, "errors": []}, threading.Lock()
     started = []
 
@@ -101,8 +102,10 @@ def stress_reader(path, signals, seed, deadline=600):
         except Exception as e:  # reported to the test, which fails on it
             report["errors"].append(f"{run.__name__}: {type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=guard, args=(run, np.random.default_rng([seed, i])))
-               for i, run in enumerate([lookups, lookups, epochs])]
+    threads = [
+        threading.Thread(target=guard, args=(run, np.random.default_rng([seed, i])))
+        for i, run in enumerate([lookups, lookups, epochs])
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -8,56 +8,126 @@ destination and renamed into place only when complete.
 >>> embfile.convert("prott5.h5", "prott5.emb", dtype="float16")        # doctest: +SKIP
 >>> embfile.convert("prott5.emb", "prott5.parquet")                   # doctest: +SKIP
 """
+
+from __future__ import annotations
+
 import inspect
 import os
+from collections.abc import Callable
+from typing import Any
 
 from embfile import errors
 from embfile._staging import Staging
+from embfile._stream import Source
 from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_parquet, to_parquet
 
-READERS = {"emb": read_emb, "hdf5": read_hdf5, "parquet": read_parquet, "esm": read_esm,
-           "pickle": read_pickle, "npy": read_npy}
-WRITERS = {"hdf5": to_hdf5, "parquet": to_parquet}  # and "emb", through write_emb
+READERS: dict[str, Callable[..., Source]] = {
+    "emb": read_emb,
+    "hdf5": read_hdf5,
+    "parquet": read_parquet,
+    "esm": read_esm,
+    "pickle": read_pickle,
+    "npy": read_npy,
+}
+WRITERS: dict[str, Callable[..., str]] = {"hdf5": to_hdf5, "parquet": to_parquet}  # and "emb", through write_emb
 _MAGIC = {b"\x89EMB\r\n\x1a\n": "emb", b"\x89HDF\r\n\x1a\n": "hdf5", b"PAR1": "parquet", b"\x93NUMPY": "npy"}
-_EXTENSIONS = {".emb": "emb", ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet",
-               ".pq": "parquet", ".pkl": "pickle", ".pickle": "pickle", ".npy": "npy"}
+_EXTENSIONS = {
+    ".emb": "emb",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+    ".hdf": "hdf5",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+    ".npy": "npy",
+}
 
 
-def from_hdf5(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+def from_hdf5(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> str:
     """HDF5 -> .emb.  Options: ``group``, ``layout`` ("bulk" or "per-key", detected),
     ``key_attr`` (take keys from this dataset attribute, e.g. "original_id"),
     ``pool="mean"`` (per-residue ``(L, D)`` datasets), ``ids`` and ``vectors`` (bulk dataset names)."""
     return write_emb(read_hdf5(src, **options), dst, dtype, metadata, progress)
 
 
-def from_parquet(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+def from_parquet(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> str:
     """Parquet file or folder -> .emb.  Options: ``key_column``, ``vector_column`` (detected when
     only one fits), or ``wide_prefix`` / ``wide_columns`` for one column per dimension."""
     return write_emb(read_parquet(src, **options), dst, dtype, metadata, progress)
 
 
-def from_esm(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+def from_esm(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> str:
     """Folder of fair-esm ``extract.py`` ``.pt`` files -> .emb (needs torch).  Options: ``layer``,
     ``pool="mean"`` (pool per-residue ``representations`` instead of ``mean_representations``)."""
     return write_emb(read_esm(src, **options), dst, dtype, metadata, progress)
 
 
-def from_npy(src, dst, *, dtype=None, metadata=None, progress=False, **options):
+def from_npy(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> str:
     """``.npy`` matrix plus a text file of keys, one a line -> .emb.  Option: ``keys`` (the text file)."""
     return write_emb(read_npy(src, **options), dst, dtype, metadata, progress)
 
 
-def from_pickle(src, dst, *, dtype=None, metadata=None, progress=False, trust_pickle=False):
+def from_pickle(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = False,
+    trust_pickle: bool = False,
+) -> str:
     """Pickled ``dict {key: vector}`` -> .emb, only with ``trust_pickle=True``: loading a pickle runs code."""
     return write_emb(read_pickle(src, trust_pickle=trust_pickle), dst, dtype, metadata, progress)
 
 
-def convert(src, dst, *, src_format=None, dst_format=None, dtype=None, metadata=None, progress=False,
-            **options):
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    src_format: str | None = None,
+    dst_format: str | None = None,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> str:
     """Convert ``src`` to ``dst``, in the formats their contents and names say.
 
     Formats: ``emb``, ``hdf5``, ``parquet``, ``esm`` (input only), ``pickle`` (input only),
@@ -82,15 +152,20 @@ def convert(src, dst, *, src_format=None, dst_format=None, dtype=None, metadata=
         return WRITERS[df](src, dst, progress=progress, **writer_opts)
     staging = Staging(dst, folder=True)
     try:
-        middle = write_emb(READERS[sf](src, **reader_opts), os.path.join(staging.path, "middle.emb"),
-                           dtype, metadata, progress)
+        middle = write_emb(
+            READERS[sf](src, **reader_opts), os.path.join(staging.path, "middle.emb"), dtype, metadata, progress
+        )
         return WRITERS[df](middle, dst, progress=progress, **writer_opts)
     finally:
         staging.discard()
 
 
-def _split_options(options, reader, writer, sf, df):
-    takes = lambda f: set(inspect.signature(f).parameters) - {"src", "dst", "path", "progress"}  # noqa: E731
+def _split_options(
+    options: dict[str, Any], reader: Callable[..., Any], writer: Callable[..., Any] | None, sf: str, df: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    def takes(f: Callable[..., Any]) -> set[str]:
+        return set(inspect.signature(f).parameters) - {"src", "dst", "path", "progress"}
+
     r, w = takes(reader), takes(writer) if writer else set()
     unknown = set(options) - r - w
     if unknown:
@@ -98,7 +173,7 @@ def _split_options(options, reader, writer, sf, df):
     return ({k: v for k, v in options.items() if k in r}, {k: v for k, v in options.items() if k in w})
 
 
-def detect_format(path):
+def detect_format(path: str | os.PathLike[str]) -> str:
     """The format of an existing input, from its first bytes (a folder: from what it holds)."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -120,15 +195,25 @@ def detect_format(path):
     raise errors.ConversionError(f"{path}: cannot tell its format; name it with src_format= (--from)")
 
 
-def output_format(path):
+def output_format(path: str | os.PathLike[str]) -> str:
     """The format an output's name asks for."""
     fmt = _EXTENSIONS.get(os.path.splitext(os.fspath(path))[1].lower())
-    if fmt not in ("emb", *WRITERS):
+    if fmt is None or fmt not in ("emb", *WRITERS):
         raise errors.ConversionError(
-            f"{path}: cannot tell the output format from its name; use .emb, .h5 or .parquet, or "
-            "dst_format= (--to)")
+            f"{path}: cannot tell the output format from its name; use .emb, .h5 or .parquet, or dst_format= (--to)"
+        )
     return fmt
 
 
-__all__ = ["convert", "from_hdf5", "from_parquet", "from_esm", "from_npy", "from_pickle", "to_hdf5",
-           "to_parquet", "detect_format", "output_format"]
+__all__ = [
+    "convert",
+    "from_hdf5",
+    "from_parquet",
+    "from_esm",
+    "from_npy",
+    "from_pickle",
+    "to_hdf5",
+    "to_parquet",
+    "detect_format",
+    "output_format",
+]

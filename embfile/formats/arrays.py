@@ -1,29 +1,34 @@
 """Inputs that are arrays already: another .emb, a ``.npy`` matrix with a keys file, a pickled dict."""
+
+from __future__ import annotations
+
 import collections.abc
 import dataclasses
 import os
 import pickle
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from embfile import errors
-from embfile._stream import Source, chunk_rows, source_of
+from embfile._stream import Chunk, Source, chunk_rows, source_of
 from embfile.dataset import EmbFile
 
 
-def read_emb(path):
+def read_emb(path: str | os.PathLike[str]) -> Source:
     """Another .emb file (to change its dtype, or on the way to another format)."""
     db = EmbFile(path)
     source = source_of(db)
     return dataclasses.replace(source, chunks=_closing(db, source.chunks), metadata=db.metadata)
 
 
-def _closing(db, chunks):
+def _closing(db: EmbFile, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
     with db:
         yield from chunks
 
 
-def read_npy(path, *, keys=None):
+def read_npy(path: str | os.PathLike[str], *, keys: str | os.PathLike[str] | None = None) -> Source:
     """A 2-d ``.npy`` matrix (memory-mapped, never pickled) and a UTF-8 text file of keys, one a line.
 
     ``keys`` defaults to the matrix's name with ``.txt`` for ``.npy`` (``emb.npy`` -> ``emb.txt``).
@@ -42,7 +47,7 @@ def read_npy(path, *, keys=None):
     return Source(m.shape[1], m.dtype.newbyteorder("="), m.shape[0], _npy_chunks(m, keys), desc)
 
 
-def _npy_chunks(m, keys_path):
+def _npy_chunks(m: np.ndarray, keys_path: str) -> Iterator[Chunk]:
     n = m.shape[0]
     step = chunk_rows(m.shape[1] * m.dtype.itemsize)
     with open(keys_path, encoding="utf-8", newline="") as lines:
@@ -57,7 +62,7 @@ def _npy_chunks(m, keys_path):
             raise errors.ConversionError(f"{keys_path}: {n + extra} keys for {n} rows")
 
 
-def read_pickle(path, *, trust_pickle=False):
+def read_pickle(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Source:
     """A pickled ``dict {key: vector}``.  Loading a pickle runs code: only with ``trust_pickle=True``.
 
     The whole dict is loaded (pickle cannot be read in parts).
@@ -66,9 +71,10 @@ def read_pickle(path, *, trust_pickle=False):
     if not trust_pickle:
         raise errors.ConversionError(
             f"{path}: loading a pickle runs code; if you trust where it came from, pass trust_pickle=True "
-            "(--trust-pickle)")
+            "(--trust-pickle)"
+        )
     with open(path, "rb") as f:
-        data = pickle.load(f)  # noqa: S301 - the caller said they trust it
+        data = pickle.load(f)
     if not isinstance(data, collections.abc.Mapping):
         raise errors.ConversionError(f"{path}: holds a {type(data).__name__}, not a dict of vectors")
     if not data:
@@ -80,7 +86,7 @@ def read_pickle(path, *, trust_pickle=False):
     return Source(v0.shape[0], v0.dtype.newbyteorder("="), len(data), _dict_chunks(data, v0), desc)
 
 
-def _dict_chunks(data, v0):
+def _dict_chunks(data: collections.abc.Mapping[Any, Any], v0: np.ndarray) -> Iterator[Chunk]:
     step = chunk_rows(v0.nbytes)
     items = iter(data.items())
     while batch := [kv for _, kv in zip(range(step), items)]:
@@ -90,7 +96,9 @@ def _dict_chunks(data, v0):
             if not isinstance(key, str):
                 raise errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str")
             if v.shape != v0.shape or v.dtype != v0.dtype:
-                raise errors.ConversionError(f"key {key!r}: vector has shape {v.shape} of {v.dtype}, "
-                                             f"expected {v0.shape} of {v0.dtype} like the first")
+                raise errors.ConversionError(
+                    f"key {key!r}: vector has shape {v.shape} of {v.dtype}, "
+                    f"expected {v0.shape} of {v0.dtype} like the first"
+                )
             matrix[i] = v
         yield [k for k, _ in batch], matrix

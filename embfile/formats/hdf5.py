@@ -7,14 +7,19 @@
 Per-key input is read through h5py's low-level API straight into the chunk buffer
 (the high-level ``f[key][()]`` costs several times as much per dataset).
 """
+
+from __future__ import annotations
+
 import json
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Source, chunk_rows, progress_bar
+from embfile._stream import Chunk, Source, chunk_rows, progress_bar
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
@@ -22,7 +27,16 @@ META_ATTR = "embfile_metadata"  # where exports keep the .emb metadata (JSON), a
 _MAX_BULK_MEMBERS = 8  # a group with more members than this is taken as per-key
 
 
-def read_hdf5(path, *, group="/", layout=None, key_attr=None, pool=None, ids=None, vectors=None):
+def read_hdf5(
+    path: str | os.PathLike[str],
+    *,
+    group: str = "/",
+    layout: str | None = None,
+    key_attr: str | None = None,
+    pool: str | None = None,
+    ids: str | None = None,
+    vectors: str | None = None,
+) -> Source:
     """Open an HDF5 file of embeddings for streaming (see :func:`embfile.formats.from_hdf5`)."""
     h5py = require("h5py", "hdf5")
     if layout not in (None, "bulk", "per-key"):
@@ -46,7 +60,7 @@ def read_hdf5(path, *, group="/", layout=None, key_attr=None, pool=None, ids=Non
         return _read_per_key(h5py, path, g, key_attr, pool, meta)
 
 
-def _stored_metadata(f):
+def _stored_metadata(f: Any) -> dict[str, Any]:
     try:
         meta = json.loads(f.attrs.get(META_ATTR, "{}"))
     except (TypeError, ValueError):
@@ -54,9 +68,9 @@ def _stored_metadata(f):
     return meta if isinstance(meta, dict) else {}
 
 
-def _bulk_pair(g):
+def _bulk_pair(g: Any) -> tuple[str, str] | None:
     """``(ids, vectors)`` names if ``g`` holds exactly one matrix and one matching 1-d ids dataset."""
-    names = []
+    names: list[str] = []
     g.id.links.iterate(lambda name: names.append(name.decode()) if len(names) <= _MAX_BULK_MEMBERS else 1)
     if len(names) > _MAX_BULK_MEMBERS:
         return None
@@ -69,44 +83,49 @@ def _bulk_pair(g):
     return (idss[0], mats[0][0]) if len(idss) == 1 else None
 
 
-def _is_dataset(obj):
+def _is_dataset(obj: Any) -> bool:
     return obj is not None and hasattr(obj, "dtype") and hasattr(obj, "shape")
 
 
-def _ids_kind(d):
+def _ids_kind(d: Any) -> str | None:
     import h5py
+
     if h5py.check_string_dtype(d.dtype) is not None or d.dtype.kind == "S":
         return "str"
     return "int" if d.dtype.kind in "iu" else None
 
 
-def _read_bulk(h5py, path, g, ids, vectors, meta):
+def _read_bulk(h5py: Any, path: str, g: Any, ids: str | None, vectors: str | None, meta: dict[str, Any]) -> Source:
     if not (ids and vectors):
         found = _bulk_pair(g)
         if found is None:
             raise errors.ConversionError(
                 f"{path}: cannot tell which datasets hold the ids and the vectors in {g.name!r}; "
-                "name them with ids= and vectors= (--ids, --vectors)")
+                "name them with ids= and vectors= (--ids, --vectors)"
+            )
         ids, vectors = ids or found[0], vectors or found[1]
     for name in (ids, vectors):
         if not _is_dataset(g.get(name)):
             raise errors.ConversionError(f"{path}: no dataset {name!r} in {g.name!r}")
     vd, idd = g[vectors], g[ids]
     if vd.ndim != 2 or vd.dtype.kind not in "iuf":
-        raise errors.ConversionError(f"{path}: {vectors!r} has shape {vd.shape} of {vd.dtype}, "
-                                     "not an (n, dim) matrix of numbers")
+        raise errors.ConversionError(
+            f"{path}: {vectors!r} has shape {vd.shape} of {vd.dtype}, not an (n, dim) matrix of numbers"
+        )
     if idd.shape != (vd.shape[0],) or _ids_kind(idd) is None:
-        raise errors.ConversionError(f"{path}: {ids!r} has shape {idd.shape} of {idd.dtype}, "
-                                     f"not {vd.shape[0]} string or integer ids")
+        raise errors.ConversionError(
+            f"{path}: {ids!r} has shape {idd.shape} of {idd.dtype}, not {vd.shape[0]} string or integer ids"
+        )
     n, dim = vd.shape
     dtype = vd.dtype.newbyteorder("=")
     step = chunk_rows(dim * dtype.itemsize, vd.chunks[0] if vd.chunks else 1)
-    desc = {"format": "hdf5", "path": os.path.abspath(path), "layout": "bulk",
-            "ids": idd.name, "vectors": vd.name}
+    desc = {"format": "hdf5", "path": os.path.abspath(path), "layout": "bulk", "ids": idd.name, "vectors": vd.name}
     return Source(dim, dtype, n, _bulk_chunks(h5py, path, idd.name, vd.name, n, dim, dtype, step), desc, meta)
 
 
-def _bulk_chunks(h5py, path, ids, vectors, n, dim, dtype, step):
+def _bulk_chunks(
+    h5py: Any, path: str, ids: str, vectors: str, n: int, dim: int, dtype: np.dtype, step: int
+) -> Iterator[Chunk]:
     with h5py.File(path, "r") as f:
         vd, idd = f[vectors], f[ids]
         kind = _ids_kind(idd)
@@ -114,12 +133,12 @@ def _bulk_chunks(h5py, path, ids, vectors, n, dim, dtype, step):
             hi = min(lo + step, n)
             out = np.empty((hi - lo, dim), dtype)
             if hi > lo:
-                vd.read_direct(out, np.s_[lo:hi], np.s_[0:hi - lo])
+                vd.read_direct(out, np.s_[lo:hi], np.s_[0 : hi - lo])
             raw = idd[lo:hi]
             yield (raw.astype(str).tolist() if kind == "int" else _decode(raw, path, ids, lo)), out
 
 
-def _decode(raw, path, name, lo):
+def _decode(raw: np.ndarray, path: str, name: str, lo: int) -> list[str]:
     try:
         return [b.decode() for b in raw]
     except UnicodeDecodeError:
@@ -131,11 +150,11 @@ def _decode(raw, path, name, lo):
         raise
 
 
-def _dataset_names(h5py, g):
+def _dataset_names(h5py: Any, g: Any) -> list[bytes]:
     """Paths (relative to ``g``, in name order) of every dataset under ``g``, nested groups included."""
     names = []
 
-    def visit(name, info):
+    def visit(name: bytes, info: Any) -> None:
         if info.type == h5py.h5o.TYPE_DATASET:
             names.append(name)
 
@@ -143,7 +162,7 @@ def _dataset_names(h5py, g):
     return names
 
 
-def _read_per_key(h5py, path, g, key_attr, pool, meta):
+def _read_per_key(h5py: Any, path: str, g: Any, key_attr: str | None, pool: str | None, meta: dict[str, Any]) -> Source:
     names = _dataset_names(h5py, g)
     if not names:
         raise errors.ConversionError(f"{path}: no datasets under {g.name!r}: nothing to convert")
@@ -153,7 +172,8 @@ def _read_per_key(h5py, path, g, key_attr, pool, meta):
     if first.ndim == 2 and pool is None:
         raise errors.ConversionError(
             f"{path}: dataset {first.name!r} has shape {first.shape}: per-residue embeddings, one vector per "
-            "residue; pass pool='mean' (--pool mean) to store each key's mean vector")
+            "residue; pass pool='mean' (--pool mean) to store each key's mean vector"
+        )
     if first.ndim not in (1, 2):
         raise errors.ConversionError(f"{path}: dataset {first.name!r} has shape {first.shape}, not (dim,)")
     dim = first.shape[-1]
@@ -169,7 +189,16 @@ def _read_per_key(h5py, path, g, key_attr, pool, meta):
     return Source(dim, dtype, len(names), chunks, desc, meta)
 
 
-def _per_key_chunks(h5py, path, group, names, dim, dtype, key_attr, pool):
+def _per_key_chunks(
+    h5py: Any,
+    path: str,
+    group: str,
+    names: list[bytes],
+    dim: int,
+    dtype: np.dtype,
+    key_attr: str | None,
+    pool: str | None,
+) -> Iterator[Chunk]:
     record = dim * dtype.itemsize
     step = chunk_rows(record)
     with h5py.File(path, "r") as f, open(path, "rb") as raw:
@@ -181,7 +210,7 @@ def _per_key_chunks(h5py, path, group, names, dim, dtype, key_attr, pool):
         # (offsets would need shifting) or non-native byte order.
         direct_ok = f.userblock_size == 0 and first.dtype.isnative and pool is None
         for lo in range(0, len(names), step):
-            batch = names[lo:lo + step]
+            batch = names[lo : lo + step]
             buf = np.empty((len(batch), dim), dtype)
             keys, direct = [], []
             for i, name in enumerate(batch):
@@ -189,7 +218,8 @@ def _per_key_chunks(h5py, path, group, names, dim, dtype, key_attr, pool):
                 where = f"{path}: dataset {name.decode()!r}"
                 if ds.get_type() != want:
                     raise errors.ConversionError(
-                        f"{where} holds {h5py.Dataset(ds).dtype}, the first dataset {dtype}: mixed types")
+                        f"{where} holds {h5py.Dataset(ds).dtype}, the first dataset {dtype}: mixed types"
+                    )
                 shape = ds.shape
                 if shape == (dim,) and pool is None:
                     offset = ds.get_offset() if direct_ok else None
@@ -212,7 +242,7 @@ def _per_key_chunks(h5py, path, group, names, dim, dtype, key_attr, pool):
             yield keys, buf
 
 
-def _attr_key(h5py, ds, key_attr, where):
+def _attr_key(h5py: Any, ds: Any, key_attr: str, where: str) -> str:
     value = h5py.Dataset(ds).attrs.get(key_attr)
     if value is None:
         raise errors.ConversionError(f"{where} has no attribute {key_attr!r} to take its key from")
@@ -223,7 +253,16 @@ def _attr_key(h5py, ds, key_attr, where):
     return str(value)
 
 
-def to_hdf5(src, dst, *, layout="bulk", ids="keys", vectors="vectors", compression=None, progress=False):
+def to_hdf5(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    layout: str = "bulk",
+    ids: str = "keys",
+    vectors: str = "vectors",
+    compression: str | None = None,
+    progress: bool = False,
+) -> str:
     """Write the .emb file ``src`` to HDF5 at ``dst`` (atomic).
 
     ``layout="bulk"`` writes a variable-length UTF-8 ``ids`` dataset and an ``(n, dim)``
@@ -249,31 +288,32 @@ def to_hdf5(src, dst, *, layout="bulk", ids="keys", vectors="vectors", compressi
     return os.fspath(dst)
 
 
-def _write_bulk(h5py, db, f, ids, vectors, compression):
+def _write_bulk(h5py: Any, db: EmbFile, f: Any, ids: str, vectors: str, compression: str | None) -> Iterator[int]:
     n, dim, record = len(db), db.dim, db.dim * db.dtype.itemsize
     kd = f.create_dataset(ids, shape=(n,), dtype=h5py.string_dtype())
     if n:
         rows = min(n, max(1, (1 << 20) // record))
-        vd = f.create_dataset(vectors, shape=(n, dim), dtype=db.dtype, chunks=(rows, dim),
-                              compression=compression)
+        vd = f.create_dataset(vectors, shape=(n, dim), dtype=db.dtype, chunks=(rows, dim), compression=compression)
     else:
         vd = f.create_dataset(vectors, shape=(0, dim), dtype=db.dtype)
     for lo, hi, block in db.chunks(chunk_rows(record, vd.chunks[0] if vd.chunks else 1)):
-        vd.write_direct(np.ascontiguousarray(block), np.s_[0:hi - lo], np.s_[lo:hi])
+        vd.write_direct(np.ascontiguousarray(block), np.s_[0 : hi - lo], np.s_[lo:hi])
         kd[lo:hi] = db.keys_between(lo, hi)
         yield hi - lo
 
 
-def _write_per_key(h5py, db, f, ids, vectors, compression):
+def _write_per_key(h5py: Any, db: EmbFile, f: Any, ids: str, vectors: str, compression: str | None) -> Iterator[int]:
     for lo, hi, block in db.chunks(chunk_rows(db.dim * db.dtype.itemsize)):
         for key, vector in zip(db.keys_between(lo, hi), block):
             parts = key.split("/")
             if not key or any(p in ("", ".") for p in parts):
                 raise errors.ConversionError(
-                    f"key {key!r} cannot be an HDF5 dataset name; use layout='bulk' (--layout bulk)")
+                    f"key {key!r} cannot be an HDF5 dataset name; use layout='bulk' (--layout bulk)"
+                )
             try:
                 f.create_dataset(key, data=vector, compression=compression)
             except ValueError as e:  # "a/b" after "a": a name taken by a dataset or a group
                 raise errors.ConversionError(
-                    f"key {key!r} clashes with another key as an HDF5 path ({e}); use layout='bulk'") from None
+                    f"key {key!r} clashes with another key as an HDF5 path ({e}); use layout='bulk'"
+                ) from None
         yield hi - lo

@@ -13,22 +13,35 @@ required columns about 40% faster), written row group by row group from the mapp
 records themselves (:meth:`~embfile.Dataset.to_arrow` wraps the mapping; nothing is copied before
 Parquet encodes it).
 """
+
+from __future__ import annotations
+
 import json
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Source, chunk_rows, progress_bar
+from embfile._stream import Chunk, Source, chunk_rows, progress_bar
 from embfile.dataset import ARROW_METADATA_KEY, EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
 ROW_GROUP_BYTES = 64 << 20  # default row group: about this many bytes of vectors
 
 
-def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_column="key",
-               vector_column="vector", progress=False):
+def to_parquet(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    row_group_size: int | None = None,
+    compression: str = "snappy",
+    key_column: str = "key",
+    vector_column: str = "vector",
+    progress: bool = False,
+) -> str:
     """Write the .emb file ``src`` to Parquet at ``dst`` (atomic).
 
     ``row_group_size`` is in rows (default: about 64 MiB of vectors).  Keys are
@@ -46,12 +59,18 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
         key_field = pa.field(key_column, pa.string(), nullable=False)
         schema = pa.schema([key_field, table.schema.field(vector_column)], metadata=table.schema.metadata)
         with atomic_output(dst, db.header.keys_size + db.matrix.nbytes) as tmp:
-            with pq.ParquetWriter(tmp, schema, compression={key_column: compression, vector_column: "none"},
-                                  use_dictionary=[key_column], write_statistics=[key_column]) as w:
+            with pq.ParquetWriter(
+                tmp,
+                schema,
+                compression={key_column: compression, vector_column: "none"},
+                use_dictionary=[key_column],
+                write_statistics=[key_column],
+            ) as w:
                 for lo, hi, _ in db.chunks(rows):
                     part = table.slice(lo, hi - lo)
-                    w.write_table(part.set_column(0, key_field, part[key_column].cast(pa.string())),
-                                  row_group_size=hi - lo)
+                    w.write_table(
+                        part.set_column(0, key_field, part[key_column].cast(pa.string())), row_group_size=hi - lo
+                    )
                     start_writeback(tmp)
                     bar.update(hi - lo)
                 if not len(db):
@@ -59,7 +78,14 @@ def to_parquet(src, dst, *, row_group_size=None, compression="snappy", key_colum
     return os.fspath(dst)
 
 
-def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None, wide_columns=None):
+def read_parquet(
+    path: str | os.PathLike[str],
+    *,
+    key_column: str | None = None,
+    vector_column: str | None = None,
+    wide_prefix: str | None = None,
+    wide_columns: list[str] | None = None,
+) -> Source:
     """Open a Parquet file or folder for streaming (see :func:`embfile.formats.from_parquet`)."""
     pa = require("pyarrow", "parquet")
     pq = require("pyarrow.parquet", "parquet")
@@ -71,13 +97,20 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
             raise errors.ConversionError(f"{other}: schema differs from {files[0]}'s")
     if key_column is None:  # the only string column, else the only integer one
         strings = any(_is_string(f.type) for f in schema)
-        key_column = _only(schema, _is_string if strings else _is_int,
-                           "key column (strings or integers)", path, "key_column", "--key-column")
+        key_column = _only(
+            schema,
+            _is_string if strings else _is_int,
+            "key column (strings or integers)",
+            path,
+            "key_column",
+            "--key-column",
+        )
     if key_column not in schema.names:
         raise errors.ConversionError(f"{path}: no column {key_column!r}; columns are {schema.names}")
     if not _is_key(schema.field(key_column).type):
-        raise errors.ConversionError(f"{path}: key column {key_column!r} is {schema.field(key_column).type}, "
-                                     "not strings or integers")
+        raise errors.ConversionError(
+            f"{path}: key column {key_column!r} is {schema.field(key_column).type}, not strings or integers"
+        )
     if wide_prefix or wide_columns:
         if vector_column:
             raise errors.ConversionError("give vector_column or wide_prefix/wide_columns, not both")
@@ -90,9 +123,15 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
         dim, dtype = len(columns), np.result_type(*(_numpy_dtype(schema.field(c).type) for c in columns))
     else:
         if vector_column is None:
-            vector_column = _only(schema, _is_vector, "vector column (a list of numbers)", path,
-                                  "vector_column", "--vector-column",
-                                  hint="; for one column per dimension pass wide_prefix= (--wide-prefix)")
+            vector_column = _only(
+                schema,
+                _is_vector,
+                "vector column (a list of numbers)",
+                path,
+                "vector_column",
+                "--vector-column",
+                hint="; for one column per dimension pass wide_prefix= (--wide-prefix)",
+            )
         if vector_column not in schema.names:
             raise errors.ConversionError(f"{path}: no column {vector_column!r}; columns are {schema.names}")
         vtype = schema.field(vector_column).type
@@ -102,17 +141,25 @@ def read_parquet(path, *, key_column=None, vector_column=None, wide_prefix=None,
         dtype = _numpy_dtype(vtype.value_type)
         dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else _first_length(pq, files, vector_column)
     count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    desc = {"format": "parquet", "path": os.path.abspath(path), "key_column": key_column,
-            **({"wide_columns": columns} if wide_prefix or wide_columns else {"vector_column": vector_column})}
+    desc = {
+        "format": "parquet",
+        "path": os.path.abspath(path),
+        "key_column": key_column,
+        **({"wide_columns": columns} if wide_prefix or wide_columns else {"vector_column": vector_column}),
+    }
     meta = _stored_metadata(schema)
     chunks = _chunks(pq, files, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns))
     return Source(dim, dtype, count, chunks, desc, meta)
 
 
-def _parquet_files(path):
+def _parquet_files(path: str) -> list[str]:
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                       if f.endswith((".parquet", ".pq")) and not f.startswith((".", "_")))
+        files = sorted(
+            os.path.join(d, f)
+            for d, _, fs in os.walk(path)
+            for f in fs
+            if f.endswith((".parquet", ".pq")) and not f.startswith((".", "_"))
+        )
         if not files:
             raise errors.ConversionError(f"{path}: no .parquet files in this folder")
         return files
@@ -121,40 +168,47 @@ def _parquet_files(path):
     return [path]
 
 
-def _is_string(t):
+def _is_string(t: Any) -> bool:
     import pyarrow as pa
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
 
 
-def _is_int(t):
+def _is_int(t: Any) -> bool:
     import pyarrow as pa
-    return pa.types.is_integer(t)
+
+    return bool(pa.types.is_integer(t))
 
 
-def _is_number(t):
+def _is_number(t: Any) -> bool:
     import pyarrow as pa
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
 
 
-def _is_key(t):
+def _is_key(t: Any) -> bool:
     return _is_string(t) or _is_int(t)
 
 
-def _is_vector(t):
+def _is_vector(t: Any) -> bool:
     import pyarrow as pa
-    return ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
-            and _is_number(t.value_type))
+
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _is_number(
+        t.value_type
+    )
 
 
-def _only(schema, test, what, path, option, flag, hint=""):
+def _only(
+    schema: Any, test: Callable[[Any], bool], what: str, path: str, option: str, flag: str, hint: str = ""
+) -> str:
     found = [f.name for f in schema if test(f.type)]
     if len(found) != 1:
         which = f"columns {found} could each be" if found else "no column is"
         raise errors.ConversionError(f"{path}: {which} the {what}; name it with {option}= ({flag}){hint}")
-    return found[0]
+    return str(found[0])
 
 
-def _stored_metadata(schema):
+def _stored_metadata(schema: Any) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(ARROW_METADATA_KEY)
     try:
         meta = json.loads(raw) if raw else {}
@@ -163,7 +217,7 @@ def _stored_metadata(schema):
     return meta if isinstance(meta, dict) else {}
 
 
-def _first_length(pq, files, column):
+def _first_length(pq: Any, files: list[str], column: str) -> int:
     """The length of the first non-null vector: the dim of a ``list`` column."""
     for f in files:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=[column]):
@@ -173,8 +227,11 @@ def _first_length(pq, files, column):
     raise errors.ConversionError(f"{files[0]}: column {column!r} holds no vectors, so it has no dimension")
 
 
-def _chunks(pq, files, key_column, columns, dim, dtype, wide):
+def _chunks(
+    pq: Any, files: list[str], key_column: str, columns: list[str], dim: int, dtype: np.dtype, wide: bool
+) -> Iterator[Chunk]:
     import pyarrow as pa
+
     step = max(1, chunk_rows(dim * dtype.itemsize) // 4)  # arrow holds several times a batch while decoding
     row = 0
     for f in files:
@@ -204,7 +261,8 @@ def _chunks(pq, files, key_column, columns, dim, dtype, wide):
                 if bad.size:
                     i = int(bad[0])
                     raise errors.ConversionError(
-                        f"{f}: row {row + i} (key {keys[i]!r}) has a vector of {lengths[i]} values, not {dim}")
+                        f"{f}: row {row + i} (key {keys[i]!r}) has a vector of {lengths[i]} values, not {dim}"
+                    )
                 values = vectors.flatten()
                 if values.null_count and dtype.kind != "f":  # null floats become NaN, as pandas wrote them
                     i = _first_null(values) // dim
@@ -214,24 +272,26 @@ def _chunks(pq, files, key_column, columns, dim, dtype, wide):
             row += batch.num_rows
 
 
-def _values(arr):
+def _values(arr: Any) -> np.ndarray:
     """A numeric arrow array as numpy without a copy (null floats read as NaN, as pandas wrote them).
 
     ``np.frombuffer`` on its data buffer: ``to_numpy`` would first import pandas (0.3 s).
     """
     if arr.null_count:
-        return arr.to_numpy(zero_copy_only=False)
+        return np.asarray(arr.to_numpy(zero_copy_only=False))
     dtype = _numpy_dtype(arr.type)
     return np.frombuffer(arr.buffers()[1], dtype, len(arr), arr.offset * dtype.itemsize)
 
 
-def _numpy_dtype(t):
+def _numpy_dtype(t: Any) -> np.dtype:
     import pyarrow as pa
+
     if not _is_number(t):
         raise TypeError(f"{t} is not a numeric arrow type")
-    return np.dtype(("f" if pa.types.is_floating(t) else "u" if pa.types.is_unsigned_integer(t) else "i")
-                    + str(t.bit_width // 8))
+    return np.dtype(
+        ("f" if pa.types.is_floating(t) else "u" if pa.types.is_unsigned_integer(t) else "i") + str(t.bit_width // 8)
+    )
 
 
-def _first_null(arr):
+def _first_null(arr: Any) -> int:
     return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
