@@ -34,13 +34,15 @@ def seed():
     return seed
 
 
-def kill_points(argv, seed, points):
-    """Time a whole run of ``argv``, then run it ``points`` times, each SIGKILLed at a seeded
-    moment (half of them in the last quarter, where the file is finished and renamed);
-    yield the moment and whether the kill came before the end."""
-    whole = min(_timed_run(argv) for _ in range(2))  # the first may pay for cold caches (bytecode, pages)
+def kill_points(argv, seed, points, reset):
+    """Time a whole run of ``argv`` (the better of two: the first may pay for cold caches), then run it
+    ``points`` times, each SIGKILLed at a seeded moment (half of them in the last quarter, where the file
+    is finished and renamed); yield the moment and whether the kill came before the end.  ``reset()`` puts
+    the destination back as it was before every run."""
+    whole = min(_timed_run(argv, reset) for _ in range(2))
     rng = random.Random(seed)
     for i in range(points):
+        reset()
         at = rng.uniform(0, whole) if i % 2 else rng.uniform(0.75 * whole, 1.1 * whole)
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -53,7 +55,8 @@ def kill_points(argv, seed, points):
         yield at, killed
 
 
-def _timed_run(argv):
+def _timed_run(argv, reset):
+    reset()
     t = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)
     return time.perf_counter() - t
@@ -114,14 +117,19 @@ def test_killed_writer(tmp_path, seed):
     dst = str(tmp_path / "out" / "db.emb")
     os.mkdir(tmp_path / "out")
     argv = [sys.executable, HERE / "workers.py", "write", dst, str(N), str(DIM)]
-    subprocess.run(argv + ["1"], check=True)  # generation 1 is the file to keep
+    same_bytes = {**os.environ, "SOURCE_DATE_EPOCH": "0"}  # generation 1 is the same file each time
+
+    def reset():  # generation 1 is the file to keep
+        subprocess.run(argv + ["1"], check=True, env=same_bytes)
+
+    reset()
+    before = _read(dst)
     kills = 0
-    for i, (at, killed) in enumerate(kill_points(argv + ["2"], seed, POINTS)):
-        check_destination(dst, _read(dst), is_generation(2), f"seed {seed}: killed at {at:.3f} s")
+    for i, (at, killed) in enumerate(kill_points(argv + ["2"], seed, POINTS, reset)):
+        check_destination(dst, before, is_generation(2), f"seed {seed}: killed at {at:.3f} s")
         kills += killed
         if i % 4 == 3:
             rewrite_clears_leftovers(dst)
-        subprocess.run(argv + ["1"], check=True)
     assert kills >= POINTS // 3, f"only {kills} of {POINTS} runs were killed before they ended"
 
 
@@ -130,9 +138,13 @@ def test_killed_writer_with_no_earlier_file(tmp_path, seed, mode, name):
     """Nothing there before: after a kill there is nothing, or the whole file (or folder of shards)."""
     dst = str(tmp_path / name)
     argv = [sys.executable, HERE / "workers.py", mode, dst, str(N), str(DIM), "2"]
-    for at, _ in kill_points(argv, seed + len(mode), POINTS // 2):
-        check_destination(dst, None, is_generation(2), f"seed {seed}: {mode} killed at {at:.3f} s")
+
+    def reset():
         shutil.rmtree(dst, ignore_errors=True) if mode == "shards" else pathlib.Path(dst).unlink(missing_ok=True)
+
+    for at, _ in kill_points(argv, seed + len(mode), POINTS // 2, reset):
+        check_destination(dst, None, is_generation(2), f"seed {seed}: {mode} killed at {at:.3f} s")
+    reset()
     rewrite_clears_leftovers(dst, mode)
 
 
@@ -166,9 +178,9 @@ def test_killed_converter(tmp_path, seed, src_name, dst_name):
         return True
 
     argv = [sys.executable, "-m", "embfile", "convert", "-q", src, dst]
-    for at, _ in kill_points(argv, seed + len(dst_name), POINTS):
+    for at, _ in kill_points(argv, seed + len(dst_name), POINTS, lambda: dst.write_bytes(before)):
         check_destination(str(dst), before, is_new, f"seed {seed}: convert killed at {at:.3f} s", beside={str(src)})
-        dst.write_bytes(before)
+    dst.write_bytes(before)
     subprocess.run(argv, check=True)
     assert is_new(dst)
     assert [e for e in os.listdir(tmp_path) if e.startswith(".")] == []
