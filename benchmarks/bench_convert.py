@@ -10,7 +10,7 @@ disk limits are.  Peak memory is the largest of those runs' VmHWM minus what the
     python benchmarks/bench_convert.py                      # 1 GiB inputs, 20,000 per-key datasets: minutes
     python benchmarks/bench_convert.py --mb 4096 --per-key 100000
 
-Targets (issue #4): bulk HDF5 and Parquet conversions at >= 50% of the slower of cold sequential read and
+Targets: bulk HDF5 and Parquet conversions at >= 50% of the slower of cold sequential read and
 write+fsync bandwidth; per-key HDF5 at >= 2x the naive ``{k: f[k][()] for k in f}`` loop (which does not even
 write anything); peak memory flat in the input size (the chunk plus the keys).
 """
@@ -123,11 +123,20 @@ def main():
     ap.add_argument("--per-key", type=int, default=20000, help="datasets in the per-key HDF5 input")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--out", help="the result file (default benchmarks/results/convert.md; - for none)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    with machine.recorded("convert", "Conversions: throughput and memory", args.out):
+        results = measure(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
+
+def measure(args):
+    """Every conversion, the memory bound and the per-key HDF5 input; the figures, as a dict."""
     folder = tempfile.mkdtemp(prefix="bench-convert-", dir=args.dir)
     try:
         limits = machine.measure(folder)
@@ -243,11 +252,9 @@ def main():
             f"  {'PASS' if grow < 64 else 'MISS'}  peak memory grows {grow:.0f} MB from 1/4 to the full input "
             f"of {vector_bytes / 1e6:,.0f} MB (keys: about {n * 27 * 0.75 / 1e6:.0f} MB of that is expected)"
         )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    return results
 
 
 if __name__ == "__main__":

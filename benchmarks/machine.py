@@ -1,5 +1,5 @@
 """The machine's own limits, measured in the same run as a benchmark, so results print as ratios;
-and this process's memory.
+this process's memory; and the result files every benchmark writes (:func:`recorded`).
 
 memcpy bandwidth, first touch of new memory (the kernel zeroes each page, and in a VM the host
 may fault it in: a full read into a new array pays it), write + fsync bandwidth, cold sequential
@@ -7,7 +7,16 @@ read bandwidth and cold random 4 KiB pread latency.  "Cold" means evicted from t
 posix_fadvise(DONTNEED).
 """
 
+import contextlib
+import datetime
+import io
 import os
+import pathlib
+import platform
+import re
+import shlex
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -120,6 +129,85 @@ def describe(limits):
         f"cold sequential read {limits['cold_read_gbps']:.2f} GB/s | cold random 4 KiB pread "
         f"{limits['cold_pread_us']:.0f} us median ({limits['cold_pread_p99_us']:.0f} us p99)"
     )
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent
+
+
+def host():
+    """This machine in one line: CPU, cores, memory, kernel, Python, numpy, and the embfile tested."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    import embfile
+
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB, Linux {platform.release()}; Python "
+        f"{platform.python_version()}, numpy {np.__version__}; embfile {embfile.__version__}"
+        + (f" ({commit})" if commit else "")
+    )
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+@contextlib.contextmanager
+def recorded(name, title, out=None):
+    """Print as usual, and write what was printed to ``benchmarks/results/NAME.md`` (or ``out``; ``"-"``
+    writes nothing), under a header: what it is, when and where it ran, the command, how long it took.
+
+    The result files are the only place figures are kept: the documentation includes them as they are.
+    """
+    kept, started, t0 = io.StringIO(), datetime.datetime.now(datetime.UTC), time.perf_counter()
+    real = sys.stdout
+    sys.stdout = _Tee(real, kept)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+    if out == "-":
+        return
+    path = pathlib.Path(out) if out else RESULTS / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    minutes = (time.perf_counter() - t0) / 60
+    head = (
+        f"# {title}\n\n"
+        f"Written by `{command}` on {started:%Y-%m-%d %H:%M} UTC ({minutes:.1f} min).\n\n"
+        f"**Host:** {host()}\n\n"
+    )
+    path.write_text(head + kept.getvalue())
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def update_block(path, marker, text):
+    """Replace the text between ``<!-- marker -->`` and ``<!-- /marker -->`` in ``path`` (a generated block)."""
+    path = pathlib.Path(path)
+    old = path.read_text()
+    pattern = re.compile(rf"(<!-- {re.escape(marker)} -->\n).*?(<!-- /{re.escape(marker)} -->)", re.S)
+    if not pattern.search(old):
+        print(f"{path} has no <!-- {marker} --> block; not updated", file=sys.stderr)
+        return
+    path.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), old))
 
 
 def _timed(fn):

@@ -51,7 +51,7 @@ def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dat
 
     Parameters
     ----------
-    path : str or os.PathLike, or a list of them
+    path : str, os.PathLike or list
         An .emb file, a folder of shards, or a list of shard files.
 
     Returns

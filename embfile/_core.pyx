@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False, auto_pickle=False, autotestdict=False
+# cython: language_level=3, embedsignature=True, embedsignature.format=python, boundscheck=False, wraparound=False, auto_pickle=False, autotestdict=False
 """The native core's Python face: the key-index table every dataset reads through, and the byte loops.
 
 Policy, messages and I/O live in Python (dataset.py, file.py, writer.py); this module
@@ -327,14 +327,15 @@ cdef class Table:
         self._live()
         return [self._key_of(i) for i in range(start, min(stop, self._n))]
 
-    def keys_at(self, const uint64_t[::1] rows):
-        """The keys of ``rows``, as a list."""
+    def keys_at(self, rows):
+        """The keys of ``rows`` (a uint64 array), as a list."""
         self._live()
+        cdef const uint64_t[::1] rv = rows
         cdef uint64_t r
-        for r in rows:
+        for r in rv:
             if r >= self._n:
                 raise IndexError(f"row {r} out of range for {self._n} records")
-        return [self._key_of(r) for r in rows]
+        return [self._key_of(r) for r in rv]
 
     def _check_index(self):
         """Full walk of the index (verify); returns (ok, sorted position where it failed)."""

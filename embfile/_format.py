@@ -6,10 +6,10 @@ header; the reader, the writer, ``verify``, the fuzzers and the tests all go thr
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import struct
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -67,12 +67,12 @@ def valid_block_bytes(block: int) -> bool:
     return MIN_BLOCK_BYTES <= block <= MAX_BLOCK_BYTES and block & (block - 1) == 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """The 256-byte header of an .emb file ("Header"), field by field.
 
     :meth:`unpack` and :meth:`pack` convert without judging (the fuzzers pack absurd values on purpose);
-    :meth:`validate` checks everything FORMAT.md "Validity" asks of a reader at open.
+    :meth:`validate` checks everything FORMAT.md "Validity" asks of a reader at open.  A named tuple, not a
+    dataclass: opening a file makes one, and opening costs the same at every size, so it must be cheap.
     """
 
     magic: bytes
@@ -80,7 +80,7 @@ class Header:
     minor: int
     header_size: int
     file_size: int
-    count: int
+    count: int  # type: ignore[assignment]  # FORMAT.md's name; it hides tuple.count, unused here
     dim: int
     dtype_code: int
     flags: int
@@ -101,11 +101,11 @@ class Header:
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
         """The fields of the first 252 bytes of ``data``, unchecked (the CRC is not read)."""
-        return cls(*_STRUCT.unpack_from(data))
+        return cls._make(_STRUCT.unpack_from(data))
 
     def pack(self) -> bytes:
         """The 256 header bytes: the fields, then their CRC-32C."""
-        head = _STRUCT.pack(*dataclasses.astuple(self))
+        head = _STRUCT.pack(*self)
         return head + _core.crc32c(head).to_bytes(4, "little")
 
     @staticmethod
@@ -158,9 +158,14 @@ class Header:
             raise bad(
                 f"records section size {self.records_size} does not hold {self.count} x {self.dim} {self.dtype.name}"
             )
-        for name, align in (("records", PAGE), ("index", PAGE), ("keys", 8), ("sums", 4)):
-            if self.offset(name) % align:
-                raise bad(f"{name} section offset {self.offset(name)} is not a multiple of {align}")
+        for name, offset, align in (
+            ("records", self.records_offset, PAGE),
+            ("index", self.index_offset, PAGE),
+            ("keys", self.keys_offset, 8),
+            ("sums", self.sums_offset, 4),
+        ):
+            if offset % align:
+                raise bad(f"{name} section offset {offset} is not a multiple of {align}")
         end = PAGE
         for name, off, n in self.sections_in_file_order():
             if off < end or off + n > size:
@@ -197,7 +202,15 @@ class Header:
 
     def sections_in_file_order(self) -> list[tuple[str, int, int]]:
         """``(name, offset, size)`` of every section, by offset."""
-        return sorted(((s, self.offset(s), self.size(s)) for s in SECTIONS), key=lambda t: t[1])
+        sections = [
+            ("records", self.records_offset, self.records_size),
+            ("index", self.index_offset, self.index_size),
+            ("keys", self.keys_offset, self.keys_size),
+            ("meta", self.meta_offset, self.meta_size),
+            ("sums", self.sums_offset, self.sums_size),
+        ]
+        sections.sort(key=lambda t: t[1])
+        return sections
 
     def gaps(self) -> Iterator[tuple[int, int]]:
         """The byte ranges no section covers (header page tail, alignment padding): all zero."""
@@ -218,7 +231,7 @@ class Header:
         return "the file ends between sections"
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(Header))
+FIELDS = Header._fields
 # The largest value each field can hold (what a fuzzer may set it to).
 FIELD_MAX = {
     name: (1 << 8 * struct.calcsize(code)) - 1

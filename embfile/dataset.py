@@ -82,11 +82,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             self.dim,
             self.dtype,
         )
-        self._starts = np.cumsum([0] + [p.count for p in parts]).tolist()
+        self._starts = [0, *itertools.accumulate(p.count for p in parts)]
 
     # -- iteration: keys in row order, values and items read by row ----------------------------------
 
     def __iter__(self) -> Iterator[str]:
+        """The keys, in row order (decoded a few thousand at a time, the next ones read ahead)."""
         self._require_open()
         return itertools.chain.from_iterable(self._key_chunks())  # no Python frame per key
 
@@ -230,7 +231,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The metadata object: the writer's record under ``"embfile"``, plus the user's keys (of the
+        """The metadata object, a dict of the writer's record under ``"embfile"`` and the user's keys (of the
         first file, for a sharded dataset: every shard a writer makes has the same user keys)."""
         self._require_open()
         return self.files[0].metadata

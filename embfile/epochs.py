@@ -62,14 +62,18 @@ class EpochOptions:
         Records per batch (the last batch of a share may be shorter, unless ``drop_last``).
     shuffle : bool
         Block-shuffle the order; without it, row order.
-    seed, epoch : int
-        The order is a function of these two alone (each below 2**64).
+    seed : int
+        With ``epoch``, all the order depends on (below 2**64).
+    epoch : int
+        The epoch's number (below 2**64): each epoch has its own order.
     block_size : int or None
         Consecutive rows read together; default about 1 MiB of records.
     buffer_blocks : int
         Shuffled blocks whose rows are mixed together (a window).
-    rank, world_size : int
-        This reader's part of the epoch: every record once across the ``world_size`` ranks.
+    rank : int
+        This reader's part of the epoch, below ``world_size``.
+    world_size : int
+        Readers sharing the epoch: every record goes to one of them, once.
     drop_last : bool
         Give every rank the same number of whole batches (what DDP needs so that no rank waits).
     keys : bool
@@ -211,7 +215,7 @@ class Rows(Protocol):
 
 
 class Batches:
-    """An iterator over the batches of one epoch for one rank (see :meth:`Dataset.iter_batches`).
+    """An iterator over the batches of one epoch for one rank (see :meth:`embfile.Dataset.iter_batches`).
 
     Yields ``(keys, matrix)`` (or ``matrix`` with ``keys=False``), ``matrix`` a new ``(b, dim)`` array,
     each passed through ``transform`` if one is given.  ``worker`` and ``num_workers`` let several copies

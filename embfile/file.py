@@ -28,6 +28,13 @@ class MappedFile:
 
     The two mappings sit on two open files because the kernel keeps read-ahead state per open file:
     lookups want none (a record's pages, nothing around them), bulk reads the default.
+
+    Attributes
+    ----------
+    path : str
+        The file opened.
+    header : embfile._format.Header
+        Its header, checked against the file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -170,7 +177,7 @@ class MappedFile:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The metadata object: the writer's own record under ``"embfile"``, plus the user's keys."""
+        """The metadata object, a dict of the writer's own record under ``"embfile"`` and the user's keys."""
         h = self.header
         raw = self._maps()[1][h.meta_offset : h.meta_offset + h.meta_size]
         try:

@@ -100,7 +100,7 @@ class ShardedEmbFile(Dataset):
 
     Parameters
     ----------
-    source : str or os.PathLike, or a list of them
+    source : str, os.PathLike or list
         A folder of shards (with its ``_index.emb``, or indexed at open without one), or the shard files.
 
     Raises
@@ -149,7 +149,7 @@ class ShardedEmbFile(Dataset):
 
     @property
     def shards(self) -> tuple[MappedFile, ...]:
-        """The shard files, in row order (the same as :attr:`files`)."""
+        """The shard files, in row order (the same as :attr:`~embfile.Dataset.files`)."""
         return self.files
 
     def _consistency_problems(self) -> list[str]:

@@ -15,8 +15,6 @@ the checksums and reaches the structural checks and the read paths behind them.
     ("fill", section, start, length, byte)   overwrite a run inside a section
 """
 
-import dataclasses
-
 import numpy as np
 from hypothesis import strategies as st
 
@@ -76,7 +74,7 @@ def apply(original, ops, reseal=False):
 
 def _put_fields(data, h, **fields):
     """Write header ``h`` with ``fields`` changed into ``data``, keeping the stored CRC as it was."""
-    data[: F.HEADER_SIZE - 4] = dataclasses.replace(h, **fields).pack()[:-4]
+    data[: F.HEADER_SIZE - 4] = h._replace(**fields).pack()[:-4]
 
 
 def _reseal(data):

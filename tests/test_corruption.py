@@ -1,6 +1,5 @@
 """Bad input gets a clear embfile error: foreign, truncated, patched and bit-flipped files."""
 
-import dataclasses
 import pickle
 
 import numpy as np
@@ -28,7 +27,7 @@ def header(path):
 def patch_header(path, fix_crc=True, **fields):
     """Overwrite named header fields; with fix_crc, as an adversary who recomputes the checksum."""
     data = bytearray(path.read_bytes())
-    packed = dataclasses.replace(F.Header.unpack(data), **fields).pack()
+    packed = F.Header.unpack(data)._replace(**fields).pack()
     data[: F.HEADER_SIZE if fix_crc else F.HEADER_SIZE - 4] = packed if fix_crc else packed[:-4]
     path.write_bytes(data)
 

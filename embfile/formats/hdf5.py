@@ -269,7 +269,7 @@ def to_hdf5(
     ``vectors`` dataset, chunked about 1 MiB per chunk, optionally compressed
     (``compression="gzip"`` or ``"lzf"``).  ``layout="per-key"`` writes one dataset per
     key at the root, as ProtTrans does (a ``/`` in a key makes groups, which
-    :func:`read_hdf5` reads back as the same key).  The .emb metadata goes into the
+    :func:`~embfile.from_hdf5` reads back as the same key).  The .emb metadata goes into the
     root attribute ``embfile_metadata`` as JSON.
     """
     h5py = require("h5py", "hdf5")
