@@ -576,10 +576,8 @@ def study(args):
     try:
         limits = machine.measure(folder)
         results["limits"] = limits
-        print(
-            f"**machine:** {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB;"
-            f" {machine.describe(limits)}\n"
-        )
+        ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
+        print(f"**machine:** {os.cpu_count()} cores, {ram_gib} GiB; {machine.describe(limits)}\n")
         for n in [int(s) for s in args.sizes.split(",")]:
             per_tool = {}
             for tool in tools:

@@ -6,8 +6,8 @@ file (:class:`EmbFile`) is both; a sharded folder (:class:`~embfile.ShardedEmbFi
 its shards.  Everything here is written once over those two roles.
 
 The lookups themselves (``db[key]``, ``in``, ``rows``, ``get_batch``, ``key``) are the native
-:class:`embfile._core.Table` this class extends: they run without a Python frame, which a lookup that
-answers in a few hundred nanoseconds would otherwise spend a quarter of its time in.
+:class:`embfile._core.Table` this class extends, not a member it delegates to: a lookup then runs without a
+Python frame, which would otherwise be a large part of its cost.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 
 from embfile import _core, errors
 from embfile._extras import require
+from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
 from embfile.epochs import Batches, EpochOptions
 from embfile.file import MappedFile
@@ -57,10 +58,10 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         The files holding the records, in row order.
     """
 
-    path: str | None
+    path: str | None = None
     dim: int
     dtype: np.dtype
-    files: tuple[MappedFile, ...]
+    files: tuple[MappedFile, ...] = ()  # empty until opened (and so after a failed open)
 
     def _open_files(self, index: MappedFile, parts: Sequence[MappedFile], path: str | None) -> None:
         """Attach the lookup table to ``index`` (keys and key index) and ``parts`` (records)."""
@@ -68,7 +69,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         self.dim, self.dtype = parts[0].dim, parts[0].dtype
         self._layout_cache: Layout | None = None
         h = index.header
-        lookup = index._maps()[0]
+        lookup = index.mappings()[0]
         self._attach(
             lookup,
             h.count,
@@ -78,7 +79,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             h.index_size,
             h.lcp_len,
             h.n_buckets,
-            [(p._maps()[0], p.header.records_offset, p.count) for p in parts],
+            [(p.mappings()[0], p.header.records_offset, p.count) for p in parts],
             self.dim,
             self.dtype,
         )
@@ -217,7 +218,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         batches = []
         for part in self.files:
             h, n = part.header, part.count
-            mapped = pa.py_buffer(part._maps()[1])
+            mapped = pa.py_buffer(part.mappings()[1])
             offsets = mapped.slice(h.keys_offset, 8 * (n + 1))
             keys = pa.LargeStringArray.from_buffers(n, offsets, mapped.slice(h.keys_offset + 8 * (n + 1)))
             values = pa.Array.from_buffers(
@@ -255,14 +256,14 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         return []
 
     def close(self) -> None:
-        """Release the files.  Arrays already returned stay valid."""
+        """Release the files.  Arrays already returned stay valid.  Closing twice is fine."""
         self._detach()
-        for f in {id(f): f for f in [*getattr(self, "files", ()), getattr(self, "_index", None)] if f}.values():
+        for f in [*self.files, *([self._index] if self.files else [])]:
             f.close()
         self._layout_cache = None
 
     def _require_open(self) -> None:
-        if not getattr(self, "files", None) or self.files[0].closed:
+        if not self.files or self.files[0].closed:
             raise errors.ClosedFileError(f"{self.path or 'dataset'}: operation on a closed {type(self).__name__}")
 
     def __enter__(self) -> Self:
@@ -277,7 +278,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
-        if not getattr(self, "files", None) or self.files[0].closed:
+        if not self.files or self.files[0].closed:
             state = "closed"
         else:
             state = f"{len(self)} x {self.dim} {self.dtype.name}"
@@ -311,7 +312,7 @@ class EmbFile(Dataset):
             raise
 
     @property
-    def header(self) -> Any:
+    def header(self) -> Header:
         """The file's header (:class:`embfile._format.Header`): format version, sections, sizes."""
         return self._index.header
 

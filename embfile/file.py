@@ -71,7 +71,8 @@ class MappedFile:
     def closed(self) -> bool:
         return self.bulk_map is None
 
-    def _maps(self) -> tuple[mmap.mmap, mmap.mmap]:
+    def mappings(self) -> tuple[mmap.mmap, mmap.mmap]:
+        """The lookup mapping (read-ahead off) and the bulk mapping, or ClosedFileError."""
         if self.lookup_map is None or self.bulk_map is None:
             raise errors.ClosedFileError(f"{self.path}: operation on a closed file")
         return self.lookup_map, self.bulk_map
@@ -80,13 +81,13 @@ class MappedFile:
     def matrix(self) -> np.ndarray:
         """All records as a read-only ``(count, dim)`` view of the bulk mapping, in row order."""
         h = self.header
-        flat = np.frombuffer(self._maps()[1], self.dtype, count=h.count * h.dim, offset=h.records_offset)
+        flat = np.frombuffer(self.mappings()[1], self.dtype, count=h.count * h.dim, offset=h.records_offset)
         return flat.reshape(h.count, h.dim)
 
     def table(self) -> _core.Table:
         """The native lookup table of this file alone (its own index, keys and records)."""
         if self._table is None:
-            lookup = self._maps()[0]
+            lookup = self.mappings()[0]
             h = self.header
             table = _core.Table()
             table._attach(
@@ -108,7 +109,7 @@ class MappedFile:
     def key_offsets(self) -> np.ndarray:
         """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
         h = self.header
-        return np.frombuffer(self._maps()[0], "<u8", count=h.count + 1, offset=h.keys_offset)
+        return np.frombuffer(self.mappings()[0], "<u8", count=h.count + 1, offset=h.keys_offset)
 
     def prefetch_keys(self, lo: int, hi: int) -> None:
         """Ask the disk for the keys of rows ``[lo, hi)`` (a hint: clipped to the keys section).
@@ -119,7 +120,7 @@ class MappedFile:
         lo, hi = min(lo, n), min(hi, n)
         if lo >= hi:
             return
-        lookup = self._maps()[0]
+        lookup = self.mappings()[0]
         heap, size = h.keys_offset + 8 * (n + 1), h.keys_size - 8 * (n + 1)
         first, last = (min(int(o), size) for o in self.key_offsets()[[lo, hi]])
         for at, length in ((h.keys_offset + 8 * lo, 8 * (hi - lo + 1)), (heap + first, last - first)):
@@ -179,7 +180,7 @@ class MappedFile:
     def metadata(self) -> dict[str, Any]:
         """The metadata object, a dict of the writer's own record under ``"embfile"`` and the user's keys."""
         h = self.header
-        raw = self._maps()[1][h.meta_offset : h.meta_offset + h.meta_size]
+        raw = self.mappings()[1][h.meta_offset : h.meta_offset + h.meta_size]
         try:
             meta = json.loads(raw)
         except ValueError as e:
@@ -191,7 +192,7 @@ class MappedFile:
     def sums(self) -> np.ndarray:
         """The checksums section: one CRC per records block, then those of index, keys, meta."""
         h = self.header
-        return np.frombuffer(self._maps()[1], "<u4", count=h.n_blocks + 3, offset=h.sums_offset)
+        return np.frombuffer(self.mappings()[1], "<u4", count=h.n_blocks + 3, offset=h.sums_offset)
 
     def stored_crc(self, section: str) -> int:
         """The stored CRC-32C of the ``index``, ``keys`` or ``meta`` section."""
@@ -201,7 +202,7 @@ class MappedFile:
         """Everything wrong in the file, found by reading all of it: checksums, padding, the index walk."""
         h, problems = self.header, []
         sums = self.sums()
-        with memoryview(self._maps()[1]) as whole:
+        with memoryview(self.mappings()[1]) as whole:
             records = whole[h.records_offset : h.records_offset + h.records_size]
             bad = np.flatnonzero(_core.crc32c_blocks(records, h.block_bytes) != sums[: h.n_blocks])
             record_bytes = h.dim * self.dtype.itemsize
@@ -218,7 +219,7 @@ class MappedFile:
                     problems.append(f"{name} section does not match its checksum")
             del records
         for lo, hi in h.gaps():
-            if np.frombuffer(self._maps()[1], np.uint8, hi - lo, lo).any():
+            if np.frombuffer(self.mappings()[1], np.uint8, hi - lo, lo).any():
                 problems.append(f"padding bytes {lo}-{hi} are not zero")
         ok, where = self.table()._check_index()
         if not ok:

@@ -9,7 +9,7 @@ null integer or a vector of the wrong length is an error naming its row and key.
 
 Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column, both
 declared not null (an .emb file has no null key, vector or value, and pyarrow encodes
-required columns about 40% faster), written row group by row group from the mapped
+required columns faster), written row group by row group from the mapped
 records themselves (:meth:`~embfile.Dataset.to_arrow` wraps the mapping; nothing is copied before
 Parquet encodes it).
 """
