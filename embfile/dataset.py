@@ -68,21 +68,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         self.path, self._index, self.files = path, index, tuple(parts)
         self.dim, self.dtype = parts[0].dim, parts[0].dtype
         self._layout_cache: Layout | None = None
-        h = index.header
-        lookup = index.mappings()[0]
-        self._attach(
-            lookup,
-            h.count,
-            h.keys_offset,
-            h.keys_size,
-            h.index_offset,
-            h.index_size,
-            h.lcp_len,
-            h.n_buckets,
-            [(p.mappings()[0], p.header.records_offset, p.count) for p in parts],
-            self.dim,
-            self.dtype,
-        )
+        index.attach_keys(self, parts)
         self._starts = [0, *itertools.accumulate(p.count for p in parts)]
 
     # -- iteration: keys in row order, values and items read by row ----------------------------------

@@ -12,6 +12,7 @@ import io
 import json
 import mmap
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -87,24 +88,26 @@ class MappedFile:
     def table(self) -> _core.Table:
         """The native lookup table of this file alone (its own index, keys and records)."""
         if self._table is None:
-            lookup = self.mappings()[0]
-            h = self.header
-            table = _core.Table()
-            table._attach(
-                lookup,
-                h.count,
-                h.keys_offset,
-                h.keys_size,
-                h.index_offset,
-                h.index_size,
-                h.lcp_len,
-                h.n_buckets,
-                [(lookup, h.records_offset, h.count)],
-                h.dim,
-                self.dtype,
-            )
-            self._table = table
+            self._table = self.attach_keys(_core.Table(), [self])
         return self._table
+
+    def attach_keys(self, table: _core.Table, parts: Sequence[MappedFile]) -> _core.Table:
+        """Attach ``table`` to this file's key index and keys, and to the records of ``parts`` (in row order)."""
+        h = self.header
+        table._attach(
+            self.mappings()[0],
+            h.count,
+            h.keys_offset,
+            h.keys_size,
+            h.index_offset,
+            h.index_size,
+            h.lcp_len,
+            h.n_buckets,
+            [(p.mappings()[0], p.header.records_offset, p.count) for p in parts],
+            parts[0].dim,
+            parts[0].dtype,
+        )
+        return table
 
     def key_offsets(self) -> np.ndarray:
         """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
