@@ -149,6 +149,8 @@ cdef class Table:
         """
         cdef size_t i, k = len(parts)
         cdef uint64_t total = 0
+        if self._part_bufs != NULL:
+            raise ValueError("a Table is attached once")
         for _, _, count in parts:
             total += <uint64_t>count
         if total != n:
