@@ -6,8 +6,9 @@ through every read path and compares (today's reader still reads what an earlier
 writes the same input again and compares the bytes (the writer's output did not drift).  The writer's own
 record (creation time, embfile version) is the golden file's, so that comparison is exact.
 
-``python tests/test_golden.py`` wrote the files once, with embfile 0.1.0; a new format version gets a new
-folder beside this one, and these files stay as they are.
+``python tests/test_golden.py`` wrote the files once, with embfile 0.1.0; ``folder_legacy/`` is a sharded
+folder in 0.1's layout (``part-*.emb`` and ``_index.emb``), written by ``write_shards`` of that layout and only
+read.  A new format version gets a new folder beside this one, and these files stay as they are.
 """
 
 import json
@@ -21,12 +22,14 @@ import pytest
 import embfile
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "v1.0"
-CASES = sorted(p.stem for p in GOLDEN.glob("*.json"))
+SPECS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in GOLDEN.glob("*.json")}
+FILES = sorted(name for name, spec in SPECS.items() if spec.get("layout") != "folder")
+FOLDERS = sorted(name for name, spec in SPECS.items() if spec.get("layout") == "folder")
 
 
 def load_case(name):
-    """The expected contents of ``NAME.emb``: (spec, keys, matrix)."""
-    spec = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))
+    """The expected contents of ``NAME.emb`` (or the folder ``NAME``): (spec, keys, matrix)."""
+    spec = SPECS[name]
     matrix = np.array(spec["vectors"], dtype=np.float64 if spec["dtype"].startswith("float") else object)
     matrix = matrix.reshape(len(spec["keys"]), spec["dim"]).astype(spec["dtype"])
     return spec, spec["keys"], matrix
@@ -38,7 +41,7 @@ def same_bits(a, b):
 
 
 def test_the_golden_set_is_complete():
-    dtypes = {json.loads((GOLDEN / f"{n}.json").read_text())["dtype"] for n in CASES}
+    dtypes = {SPECS[n]["dtype"] for n in FILES}
     assert dtypes == {
         "float16",
         "float32",
@@ -52,18 +55,25 @@ def test_the_golden_set_is_complete():
         "int64",
         "uint64",
     }
-    assert {"empty", "one_record", "awkward_keys", "metadata", "many_buckets"} <= set(CASES)
-    assert all((GOLDEN / f"{n}.emb").exists() for n in CASES)
+    assert {"empty", "one_record", "awkward_keys", "metadata", "many_buckets"} <= set(FILES)
+    assert all((GOLDEN / f"{n}.emb").exists() for n in FILES)
+    assert FOLDERS == ["folder_legacy"]  # 0.1's sharded layout: part-*.emb and _index.emb
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", FILES + FOLDERS)
 def test_golden_file_reads_as_written(name):
     spec, keys, want = load_case(name)
-    with embfile.open(GOLDEN / f"{name}.emb") as db:
+    folder = spec.get("layout") == "folder"
+    with embfile.open(GOLDEN / (name if folder else f"{name}.emb")) as db:
         assert (len(db), db.dim, db.dtype) == (len(keys), spec["dim"], np.dtype(spec["dtype"]))
         assert list(db) == keys
-        assert db.metadata == spec["metadata"]
-        assert same_bits(db.matrix, want) and same_bits(db.to_numpy(), want)
+        if folder:
+            assert {k: v for k, v in db.metadata.items() if k != "embfile"} == spec["metadata"]
+            assert len(db.files) == -(-len(keys) * spec["dim"] * want.itemsize // spec["shard_bytes"])
+        else:
+            assert db.metadata == spec["metadata"]
+            assert same_bits(db.matrix, want)
+        assert same_bits(db.to_numpy(), want)
         for row, key in enumerate(keys):
             assert key in db and db.row(key) == row and db.key(row) == key
             assert same_bits(db[key], want[row])
@@ -78,7 +88,7 @@ def test_golden_file_reads_as_written(name):
         db.verify()
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", FILES)
 def test_writing_the_same_input_gives_the_same_bytes(name, tmp_path, monkeypatch):
     spec, keys, matrix = load_case(name)
     record = spec["metadata"]["embfile"]
