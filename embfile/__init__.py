@@ -17,6 +17,7 @@ from embfile.epochs import EpochOptions
 from embfile.errors import (
     ChecksumError,
     ClosedFileError,
+    CommitConflictError,
     ConversionError,
     CorruptFileError,
     DiskFullError,
@@ -28,6 +29,7 @@ from embfile.errors import (
     ShardError,
     TruncatedFileError,
     UnsupportedVersionError,
+    VersionNotFoundError,
     WriterError,
 )
 from embfile.formats import (
@@ -44,15 +46,19 @@ from embfile.shards import ShardedEmbFile, ShardWriter, write_index, write_shard
 from embfile.writer import Writer, write
 
 
-def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dataset:
+def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], version: int | None = None) -> Dataset:
     """Open an .emb file, or a sharded dataset (a folder or a list of .emb files), for reading.
 
-    Opening reads the header and maps the file: constant time, whatever the number of keys.
+    Opening reads the header (and a folder's manifest) and maps the files: constant time, whatever the
+    number of keys.
 
     Parameters
     ----------
     path : str, os.PathLike or list
-        An .emb file, a folder of shards, or a list of shard files.
+        An .emb file, a dataset folder, or a list of shard files.
+    version : int, optional
+        Of a versioned dataset folder, the version to open (default: the latest); ``ds.version`` says which
+        one a handle reads.
 
     Returns
     -------
@@ -65,6 +71,8 @@ def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dat
         If a file is not a readable .emb file (with a subclass saying why).
     ShardError
         If the files of a sharded dataset do not fit together.
+    VersionNotFoundError
+        If a dataset folder has no such version.
     OSError
         If a file cannot be opened.
 
@@ -74,7 +82,9 @@ def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dat
     ...     v = db["sp|P69905|HBA_HUMAN"]
     """
     if isinstance(path, (list, tuple)) or os.path.isdir(os.fspath(path)):  # type: ignore[arg-type]
-        return ShardedEmbFile(path)
+        return ShardedEmbFile(path, version)
+    if version is not None:
+        raise ValueError("version= applies to a dataset folder, not to one .emb file")
     return EmbFile(path)  # type: ignore[arg-type]
 
 
@@ -111,5 +121,7 @@ __all__ = [
     "ShardError",
     "ConversionError",
     "ClosedFileError",
+    "CommitConflictError",
+    "VersionNotFoundError",
     "__version__",
 ]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 import embfile
-from embfile import errors, formats
+from embfile import errors, folder, formats
 
 _EXAMPLES = {
     "convert": """examples:
@@ -33,7 +33,9 @@ _EXAMPLES = {
     "  embfile get db.emb P69905 P68871 --format npy > two.npy",
     "keys": "examples:\n  embfile keys db.emb | head\n  embfile keys db.emb -0 | xargs -0 ...",
     "verify": "example:\n  embfile verify db.emb other.emb && echo intact",
-    "shard": "example:\n  embfile shard uniref50.emb uniref50/ --shard-size 2GB    # then embfile.open('uniref50/')",
+    "shard": "examples:\n  embfile shard uniref50.emb uniref50/ --shard-size 2GB    # then embfile.open('uniref50/')\n"
+    "  embfile shard uniref50-2027.emb uniref50/ --overwrite     # its next version; the earlier ones stay",
+    "versions": "example:\n  embfile versions uniref50/ --json",
     "index": "example:\n  cp more/*.emb uniref50/ && embfile index uniref50/",
 }
 
@@ -130,7 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output folder (must not exist, or be empty)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="records per shard, in bytes (default 1GiB)")
 
-    c = command("index", _index, "(re)write the index of a folder of .emb shards")
+    c.add_argument("--overwrite", action="store_true", help="DST is a dataset: write its next version")
+
+    c = command("versions", _versions, "the versions of a dataset folder: number, time, operation, records")
+    c.add_argument("folder")
+    c.add_argument("--json", action="store_true", help="print one JSON list")
+
+    c = command("index", _index, "(re)write the index of a folder of .emb shards in 0.1's layout")
     c.add_argument("folder")
     return p
 
@@ -205,6 +213,8 @@ def _info(args: argparse.Namespace) -> None:
         }
         if isinstance(db, embfile.ShardedEmbFile):
             info["shards"] = len(files)
+            if db.version is not None:
+                info["version"] = db.version
             info["metadata"].pop("embfile")  # the first shard's own record; the user's part is shared
     if args.json:
         print(json.dumps(info, ensure_ascii=False, indent=2))
@@ -247,9 +257,30 @@ def _keys(args: argparse.Namespace) -> None:
 
 def _shard(args: argparse.Namespace) -> None:
     with embfile.open(args.src) as src:
-        embfile.write_shards(args.dst, src, shard_bytes=args.shard_size)
+        embfile.write_shards(
+            args.dst, src, shard_bytes=args.shard_size, mode="overwrite" if args.overwrite else "error"
+        )
     with embfile.open(args.dst) as db:
-        print(f"wrote {args.dst}: {len(db):,} records in {len(db.files)} shards", file=sys.stderr)
+        print(f"wrote {args.dst} version {db.version}: {len(db):,} records in {len(db.files)} shards", file=sys.stderr)
+
+
+def _versions(args: argparse.Namespace) -> None:
+    rows = [
+        {
+            "version": m.version,
+            "created": m.created,
+            "operation": m.operation["name"],
+            "records": m.count,
+            "shards": len(m.shards),
+        }
+        for m in folder.history(args.folder)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print("version  created                    operation   records  shards")
+    for r in rows:
+        print(f"{r['version']:>7}  {r['created']:<25}  {r['operation']:<10}  {r['records']:>7,}  {r['shards']:>6}")
 
 
 def _index(args: argparse.Namespace) -> None:

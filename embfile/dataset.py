@@ -56,12 +56,16 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         The stored element type (little-endian).
     files : tuple of MappedFile
         The files holding the records, in row order.
+    version : int or None
+        Of a versioned dataset folder, the version this handle reads (it keeps reading it while later
+        versions are committed); None for a single file, a list of files or a folder in 0.1's layout.
     """
 
     path: str | None = None
     dim: int
     dtype: np.dtype
     files: tuple[MappedFile, ...] = ()  # empty until opened (and so after a failed open)
+    version: int | None = None
 
     def _open_files(self, index: MappedFile, parts: Sequence[MappedFile], path: str | None) -> None:
         """Attach the lookup table to ``index`` (keys and key index) and ``parts`` (records)."""

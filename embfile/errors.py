@@ -73,3 +73,11 @@ class ConversionError(EmbFileError, ValueError):
 
 class ClosedFileError(EmbFileError, ValueError):
     """An operation on a closed file or writer."""
+
+
+class CommitConflictError(EmbFileError):
+    """Another writer committed the version this one was about to commit; nothing was changed."""
+
+
+class VersionNotFoundError(EmbFileError, LookupError):
+    """A dataset has no version of that number (never committed, or removed by vacuum)."""

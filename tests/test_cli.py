@@ -170,11 +170,17 @@ def test_shard_a_file_then_use_the_folder(tmp_path, study):
     assert got == {keys[499]: matrix[499].tolist(), keys[0]: matrix[0].tolist()}
     assert cli("keys", tmp_path / "ds").stdout.decode().split() == keys
     assert cli("verify", tmp_path / "ds").stdout.decode().strip().endswith("OK")
-    embfile.write(tmp_path / "ds" / "part-00004.emb", (["extra"], np.zeros((1, 32))))
-    assert_user_error(cli("info", tmp_path / "ds", check=False), "does not describe the shards")
-    cli("index", tmp_path / "ds")
-    assert json.loads(cli("info", tmp_path / "ds", "--json").stdout)["count"] == 501
-    assert_user_error(cli("shard", path, tmp_path / "ds", check=False), "not an empty folder")
+    embfile.write(tmp_path / "ds" / "shards" / "stray.emb", (["extra"], np.zeros((1, 32))))
+    info = json.loads(cli("info", tmp_path / "ds", "--json").stdout)
+    assert (info["count"], info["version"]) == (500, 1)  # a file no manifest names is invisible
+    assert_user_error(cli("index", tmp_path / "ds", check=False), "versioned dataset")
+    assert_user_error(cli("shard", path, tmp_path / "ds", check=False), "--overwrite", "mode='overwrite'")
+    assert "version 2" in cli("shard", path, tmp_path / "ds", "--overwrite").stderr
+    versions = json.loads(cli("versions", tmp_path / "ds", "--json").stdout)
+    assert [(v["version"], v["operation"], v["records"]) for v in versions] == [
+        (1, "write", 500),
+        (2, "overwrite", 500),
+    ]
     assert_user_error(
         cli("shard", path, tmp_path / "x", "--shard-size", "100", check=False),
         "shard_bytes 100 is less than one record (256 bytes)",

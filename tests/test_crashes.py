@@ -21,6 +21,7 @@ from conftest import LONG
 from workers import content
 
 import embfile
+from embfile import folder as layout
 
 HERE = pathlib.Path(__file__).parent
 N, DIM = 40_000, 128  # 20 MB of records: a run spends most of its time writing, not starting
@@ -146,6 +147,24 @@ def test_killed_writer_with_no_earlier_file(tmp_path, seed, mode, name):
         check_destination(dst, None, is_generation(2), f"seed {seed}: {mode} killed at {at:.3f} s")
     reset()
     rewrite_clears_leftovers(dst, mode)
+
+
+def test_killed_overwrite_leaves_whole_versions(tmp_path, seed):
+    """A dataset's next version, killed: the latest version is the old one or the new one, whole, and every
+    earlier version still opens; the next writer clears the killed one's staging folder."""
+    dst = tmp_path / "ds"
+    argv = [sys.executable, HERE / "workers.py", "overwrite", dst, str(N), str(DIM)]
+    subprocess.run(argv + ["1"], check=True)
+    for at, _ in kill_points(argv + ["2"], seed + 5, POINTS // 2, lambda: None):
+        latest = layout.latest_version(dst)
+        for version in range(1, latest + 1):
+            with embfile.open(dst, version=version) as db:
+                generation = db.metadata["generation"]
+                assert generation == (1 if version == 1 else 2), f"seed {seed}: killed at {at:.3f} s"
+                db.verify()
+        assert is_generation(1 if latest == 1 else 2)(dst)
+    subprocess.run(argv + ["3"], check=True)
+    assert is_generation(3)(dst) and os.listdir(dst / layout.STAGING) == []
 
 
 @pytest.mark.parametrize("src_name,dst_name", [("src.h5", "db.emb"), ("src.emb", "db.parquet")])

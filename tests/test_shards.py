@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import embfile
-from embfile.shards import INDEX_NAME, shard_paths
+from embfile.shards import INDEX_NAME
 
 
 @pytest.fixture
@@ -26,14 +26,35 @@ def folder(tmp_path, data):
     return path
 
 
+@pytest.fixture
+def legacy(tmp_path, data):
+    """A folder in 0.1's layout: part-*.emb files and _index.emb."""
+    keys, matrix = data
+    path = tmp_path / "legacy"
+    path.mkdir()
+    for i, lo in enumerate(range(0, 2000, 300)):
+        embfile.write(path / f"part-{i:05d}.emb", (keys[lo : lo + 300], matrix[lo : lo + 300]))
+    embfile.write_index(path)
+    return path
+
+
 def test_write_shards_splits_by_size_and_indexes(folder, data):
     keys, matrix = data
-    names = sorted(os.listdir(folder))
-    assert names == [INDEX_NAME] + [f"part-{i:05d}.emb" for i in range(7)]
-    sizes = [len(embfile.open(p)) for p in shard_paths(folder)]
-    assert sizes == [300] * 6 + [200]
-    assert embfile.open(shard_paths(folder)[0]).metadata["model"] == "prot_t5"
+    assert sorted(os.listdir(folder)) == ["_embfile", "shards"]
+    with embfile.open(folder) as db:
+        assert db.version == 1 and db.manifest.operation == {"name": "write", "records": 2000}
+        assert [f.count for f in db.files] == [300] * 6 + [200]
+        assert all(f.metadata["model"] == "prot_t5" for f in db.files)
+        assert sorted(os.listdir(folder / "shards")) == sorted(os.path.basename(f.path) for f in db.files)
     assert not [n for n in os.listdir(folder.parent) if n.startswith(".")]
+
+
+def test_a_folder_in_the_0_1_layout_still_opens(legacy, data):
+    keys, matrix = data
+    with embfile.open(legacy) as db:
+        assert db.version is None and len(db.files) == 7 and list(db) == keys
+        np.testing.assert_array_equal(db.get_batch(keys[::-7]), matrix[::-7])
+        db.verify()
 
 
 def test_one_mapping_over_all_shards(folder, data):
@@ -66,7 +87,8 @@ def test_one_mapping_over_all_shards(folder, data):
 
 def test_a_list_of_files_without_an_index(folder, data):
     keys, matrix = data
-    paths = shard_paths(folder)[::-1]
+    with embfile.open(folder) as db:
+        paths = [f.path for f in db.files][::-1]
     with embfile.open(paths) as db:
         assert len(db) == 2000
         np.testing.assert_array_equal(db.get_batch(keys[:10]), matrix[:10])
@@ -93,17 +115,16 @@ def test_shards_that_do_not_fit_together(tmp_path):
         embfile.open(tmp_path / "empty")
 
 
-def test_a_stale_index_is_refused_until_rebuilt(folder, data):
-    keys, matrix = data
-    embfile.write(folder / "part-00007.emb", (["extra"], np.ones((1, 5), np.float32)))
+def test_a_stale_index_is_refused_until_rebuilt(legacy, data):
+    embfile.write(legacy / "part-00007.emb", (["extra"], np.ones((1, 5), np.float32)))
     with pytest.raises(embfile.ShardError, match="does not describe the shards.*write_index"):
-        embfile.open(folder)
-    embfile.write_index(folder)
-    with embfile.open(folder) as db:
+        embfile.open(legacy)
+    embfile.write_index(legacy)
+    with embfile.open(legacy) as db:
         assert len(db) == 2001 and db["extra"][0] == 1
-    embfile.write(folder / "part-00007.emb", (["other"], np.ones((1, 5), np.float32)))  # same size
+    embfile.write(legacy / "part-00007.emb", (["other"], np.ones((1, 5), np.float32)))  # same size
     with pytest.raises(embfile.ShardError, match="does not describe"):
-        embfile.open(folder)
+        embfile.open(legacy)
 
 
 def test_shard_writer_publishes_the_folder_whole_or_not_at_all(tmp_path):

@@ -2,7 +2,8 @@
 
 ``python workers.py MODE DST N DIM GENERATION`` writes (tests/test_crashes.py
 kills it): MODE ``write`` streams records through ``embfile.Writer``,
-``shards`` through ``embfile.ShardWriter``.  :func:`stress_reader` runs in the
+``shards`` through ``embfile.ShardWriter`` into a new folder, ``overwrite`` as the
+next version of a dataset.  :func:`stress_reader` runs in the
 processes of tests/test_stress.py.  Content is a function of (N, DIM,
 GENERATION), so a reader can check every byte without being sent the data.
 """
@@ -27,8 +28,9 @@ def main(mode, dst, n, dim, generation):
     meta = {"generation": generation}
     if mode == "write":
         w = embfile.Writer(dst, dim, "float32", meta)
-    else:
-        w = embfile.ShardWriter(dst, dim, "float32", meta, shard_bytes=n * dim)  # four shards
+    else:  # "shards" (a new folder) or "overwrite" (the next version of a dataset)
+        mode = "overwrite" if mode == "overwrite" else "error"
+        w = embfile.ShardWriter(dst, dim, "float32", meta, shard_bytes=n * dim, mode=mode)  # four shards
     with w:
         for lo in range(0, n, 2000):
             w.add_batch(keys[lo : lo + 2000], matrix[lo : lo + 2000])
