@@ -16,18 +16,13 @@ def row_number(row: object, n: int) -> int: ...
 class Table:
     def _attach(
         self,
-        index_map: object,
-        n: int,
-        keys_offset: int,
-        keys_size: int,
-        index_offset: int,
-        index_size: int,
-        lcp_len: int,
-        n_buckets: int,
-        parts: Sequence[tuple[object, int, int]],
+        segments: Sequence[tuple[Any, ...]],
+        parts: Sequence[tuple[Any, ...]],
         dim: int,
         dtype: Any,
     ) -> None: ...
+    @property
+    def segments(self) -> int: ...
     def _detach(self) -> None: ...
     def __getitem__(self, key: str, /) -> npt.NDArray[Any]: ...
     def __contains__(self, key: object, /) -> bool: ...

@@ -28,7 +28,7 @@ from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
 from embfile.epochs import Batches, EpochOptions
-from embfile.file import MappedFile
+from embfile.file import MappedFile, attach
 
 KEY_CHUNK = 4096  # keys decoded at a time by an iteration: fast, and bounded in memory
 KEYS_AHEAD = 1 << 16  # keys asked of the disk ahead of an iteration
@@ -65,14 +65,19 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     dim: int
     dtype: np.dtype
     files: tuple[MappedFile, ...] = ()  # empty until opened (and so after a failed open)
+    _segments: tuple[MappedFile, ...] = ()
     version: int | None = None
 
-    def _open_files(self, index: MappedFile, parts: Sequence[MappedFile], path: str | None) -> None:
-        """Attach the lookup table to ``index`` (keys and key index) and ``parts`` (records)."""
-        self.path, self._index, self.files = path, index, tuple(parts)
+    def _open_files(
+        self, index: MappedFile | Sequence[MappedFile], parts: Sequence[MappedFile], path: str | None
+    ) -> None:
+        """Attach the lookup table to ``index`` (the files of the key index, in row order) and ``parts``
+        (the files of the records)."""
+        segments = [index] if isinstance(index, MappedFile) else list(index)
+        self.path, self._segments, self.files = path, tuple(segments), tuple(parts)
         self.dim, self.dtype = parts[0].dim, parts[0].dtype
         self._layout_cache: Layout | None = None
-        index.attach_keys(self, parts)
+        attach(self, segments, parts)
         self._starts = [0, *itertools.accumulate(p.count for p in parts)]
 
     # -- iteration: keys in row order, values and items read by row ----------------------------------
@@ -83,10 +88,13 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         return itertools.chain.from_iterable(self._key_chunks())  # no Python frame per key
 
     def _key_chunks(self) -> Iterator[list[str]]:
-        for start in range(0, len(self), KEY_CHUNK):
-            if start % KEYS_AHEAD == 0:  # the next stretch of keys is read while this one is decoded
-                self._index.prefetch_keys(start and start + KEYS_AHEAD, start + 2 * KEYS_AHEAD)
-            yield self.keys_between(start, start + KEY_CHUNK)
+        first = 0
+        for segment in self._segments:  # each covers the next rows, in row order
+            for local in range(0, segment.count, KEY_CHUNK):
+                if local % KEYS_AHEAD == 0:  # the next stretch of keys is read while this one is decoded
+                    segment.prefetch_keys(local and local + KEYS_AHEAD, local + 2 * KEYS_AHEAD)
+                yield self.keys_between(first + local, first + min(local + KEY_CHUNK, segment.count))
+            first += segment.count
 
     def values(self) -> collections.abc.ValuesView[np.ndarray]:
         """The vectors in row order, read by row: no lookup per key (so none a damaged index could fail)."""
@@ -231,12 +239,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """Check every checksum and index, reading everything once; raise :class:`ChecksumError` naming
         each damaged part.  Returns ``None`` when everything holds."""
         self._require_open()
-        if self.files == (self._index,):
-            problems = self._index.problems()
+        if self.files == self._segments and len(self.files) == 1:
+            problems = self.files[0].problems()
             if problems:
-                raise errors.ChecksumError(f"{self._index.path}: " + "; ".join(problems), problems)
+                raise errors.ChecksumError(f"{self.files[0].path}: " + "; ".join(problems), problems)
             return
-        problems = [f"{f.path}: {p}" for f in [*self.files, self._index] for p in f.problems()]
+        problems = [f"{f.path}: {p}" for f in [*self.files, *self._segments] for p in f.problems()]
         problems += self._consistency_problems()
         if problems:
             raise errors.ChecksumError("; ".join(problems), problems)
@@ -248,7 +256,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     def close(self) -> None:
         """Release the files.  Arrays already returned stay valid.  Closing twice is fine."""
         self._detach()
-        for f in [*self.files, *([self._index] if self.files else [])]:
+        for f in [*self.files, *self._segments]:
             f.close()
         self._layout_cache = None
 
@@ -304,13 +312,13 @@ class EmbFile(Dataset):
     @property
     def header(self) -> Header:
         """The file's header (:class:`embfile._format.Header`): format version, sections, sizes."""
-        return self._index.header
+        return self.files[0].header
 
     @property
     def matrix(self) -> np.ndarray:
         """All vectors as a read-only ``(n, dim)`` view, in row order."""
         self._require_open()
-        return self._index.matrix
+        return self.files[0].matrix
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (EmbFile, (self.path,))

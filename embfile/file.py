@@ -88,13 +88,15 @@ class MappedFile:
     def table(self) -> _core.Table:
         """The native lookup table of this file alone (its own index, keys and records)."""
         if self._table is None:
-            self._table = self.attach_keys(_core.Table(), [self])
+            table = _core.Table()
+            attach(table, [self], [self])
+            self._table = table
         return self._table
 
-    def attach_keys(self, table: _core.Table, parts: Sequence[MappedFile]) -> _core.Table:
-        """Attach ``table`` to this file's key index and keys, and to the records of ``parts`` (in row order)."""
+    def key_segment(self) -> tuple[Any, ...]:
+        """What the native table needs of this file's key index and keys sections (one segment)."""
         h = self.header
-        table._attach(
+        return (
             self.mappings()[0],
             h.count,
             h.keys_offset,
@@ -103,11 +105,11 @@ class MappedFile:
             h.index_size,
             h.lcp_len,
             h.n_buckets,
-            [(p.mappings()[0], p.header.records_offset, p.count) for p in parts],
-            parts[0].dim,
-            parts[0].dtype,
         )
-        return table
+
+    def records_part(self) -> tuple[Any, ...]:
+        """What the native table needs of this file's records section (one part)."""
+        return (self.mappings()[0], self.header.records_offset, self.count)
 
     def key_offsets(self) -> np.ndarray:
         """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
@@ -239,6 +241,11 @@ class MappedFile:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.count} x {self.dim} {self.dtype.name}"
         return f"<MappedFile {self.path!r}: {state}>"
+
+
+def attach(table: _core.Table, segments: Sequence[MappedFile], parts: Sequence[MappedFile]) -> None:
+    """Attach ``table`` to the key index of ``segments`` and the records of ``parts`` (both in row order)."""
+    table._attach([s.key_segment() for s in segments], [p.records_part() for p in parts], parts[0].dim, parts[0].dtype)
 
 
 def _open_twice(path: str, attempts: int = 100) -> tuple[io.BufferedReader, io.BufferedReader, os.stat_result]:

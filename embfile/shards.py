@@ -216,7 +216,7 @@ class ShardedEmbFile(Dataset):
         """Whether the index matches the shards record for record: its records (the row, or in 0.1's
         layout the shard number) and its keys."""
         problems = []
-        records = self._index.matrix[:, 0]
+        records = np.concatenate([segment.matrix[:, 0] for segment in self._segments])
         for s, shard in enumerate(self.files):
             lo, hi = self._starts[s], self._starts[s + 1]
             want = np.arange(lo, hi) if self.version is not None else s
