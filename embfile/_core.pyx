@@ -116,6 +116,16 @@ def row_number(row, n):
     return r
 
 
+def _key_list(keys, caller):
+    """``keys`` (a sequence of str or a numpy string array) as a list, or TypeError."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(f"{caller}() takes a sequence of keys, not a single key")
+    try:
+        return keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+    except TypeError:
+        raise TypeError(f"{caller}() takes a sequence of str keys, not {type(keys).__name__}") from None
+
+
 ctypedef struct segment_t:
     emb_index_t ix
     const uint8_t *key_offsets
@@ -316,12 +326,7 @@ cdef class Table:
     def rows(self, keys):
         """Row numbers of ``keys`` (any sequence of str, or a numpy string array), as int64."""
         self._live()
-        if isinstance(keys, (str, bytes)):
-            raise TypeError("rows() takes a sequence of keys, not a single key")
-        try:
-            seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        except TypeError:
-            raise TypeError(f"rows() takes a sequence of str keys, not {type(keys).__name__}") from None
+        seq = _key_list(keys, "rows")
         cdef size_t k = len(seq), i, failed = 0
         ptrs = np.empty(k, dtype=np.uintp)
         lens = np.empty(k, dtype=np.uintp)
@@ -344,6 +349,31 @@ cdef class Table:
                         failed = i
                         break
         _check(rc, "looking up keys", seq[failed] if rc != EMB_OK else None)
+        return out
+
+    def find_rows(self, keys):
+        """Row numbers of ``keys`` as int64, -1 for each key that is absent (no exception for those)."""
+        self._live()
+        seq = _key_list(keys, "find_rows")
+        cdef size_t k = len(seq), i
+        ptrs = np.empty(k, dtype=np.uintp)
+        lens = np.empty(k, dtype=np.uintp)
+        out = np.empty(k, dtype=np.int64)
+        cdef uintptr_t[::1] pv = ptrs
+        cdef size_t[::1] lv = lens
+        cdef int64_t[::1] ov = out
+        for i in range(k):
+            pv[i] = <uintptr_t>_utf8(seq[i], &lv[i])
+        cdef int rc = EMB_OK
+        with nogil:
+            for i in range(k):
+                rc = _lookup(self._segs, self._n_segs, <const uint8_t *>pv[i], lv[i], <uint64_t *>&ov[i])
+                if rc == EMB_NOT_FOUND:
+                    ov[i] = -1
+                elif rc != EMB_OK:
+                    break
+        if rc != EMB_NOT_FOUND:
+            _check(rc, "looking up keys")
         return out
 
     def get_batch(self, keys):

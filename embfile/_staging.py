@@ -38,14 +38,14 @@ class Staging:
         remove_stale(self.parent, name)
         while True:
             root = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.parent)
-            lock = _lock(root)
+            fd = lock(root)
             # A cleaner may have taken the new, not yet locked, folder for a dead one's: then start over.
-            if lock is not None and os.path.exists(root) and os.path.samestat(os.stat(root), os.fstat(lock)):
+            if fd is not None and os.path.exists(root) and os.path.samestat(os.stat(root), os.fstat(fd)):
                 break
-            if lock is not None:
-                os.close(lock)
+            if fd is not None:
+                os.close(fd)
         self._root = root
-        self._lock: int | None = lock
+        self._lock: int | None = fd
         self.path = root if folder else os.path.join(root, name)
 
     def commit(self) -> None:
@@ -149,15 +149,15 @@ def require_space(dst: str | os.PathLike[str], nbytes: int) -> None:
 def remove_stale(parent: str, name: str) -> None:
     """Remove the staging files and folders of ``name`` in ``parent`` that no live writer holds."""
     for path in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):
-        lock = _lock(path) if os.path.isdir(path) and not os.path.islink(path) else None
-        if lock is not None:
+        fd = lock(path) if os.path.isdir(path) and not os.path.islink(path) else None
+        if fd is not None:
             try:
                 shutil.rmtree(path, ignore_errors=True)
             finally:
-                os.close(lock)
+                os.close(fd)
 
 
-def _lock(path: str) -> int | None:
+def lock(path: str) -> int | None:
     """An fd holding an exclusive flock on ``path``, or None if another process holds it (or it is gone)."""
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -4,6 +4,11 @@ A dataset is a folder of immutable .emb files plus one manifest per version (FOR
 A commit creates the manifest of the next version with a hard link, which fails if the name exists: of two
 committers exactly one wins, on any POSIX file system, without locks.  Readers never list the folder; files
 that no manifest names are invisible.
+
+Every operation that writes into a dataset is a :class:`Transaction`: it holds an ``flock`` on its own folder
+in ``_embfile/staging/`` for as long as it runs, and names every file it writes after that folder (its
+*token*).  The kernel drops the lock when the process dies, however it dies, so the next operation can tell
+the files of a killed one (unlocked token, named by no version) from those of a live one, and removes them.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import json
 import os
 import posixpath
 import secrets
-from collections.abc import Sequence
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from embfile import errors
-from embfile._staging import fsync_path
+from embfile._staging import Staging, fsync_path, lock, remove_stale
 
 FORMAT = "embfile-dataset"
 FORMAT_VERSION = (1, 0)
@@ -74,6 +81,29 @@ class Manifest:
         default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     )
 
+    def successor(
+        self, shards: Iterable[FileEntry], segments: Iterable[FileEntry], operation: dict[str, Any]
+    ) -> Manifest:
+        """The next version: these shards (the empty ones left out, unless all are) and segments (their rows
+        placed one after another)."""
+        shards = tuple(shards)
+        shards = tuple(s for s in shards if s.count) or shards[:1]
+        return Manifest(
+            version=self.version + 1,
+            parent=self.version,
+            dim=self.dim,
+            dtype=self.dtype,
+            count=sum(s.count for s in shards),
+            shards=shards,
+            segments=placed(segments),
+            operation=operation,
+            metadata=self.metadata,
+        )
+
+    def files(self) -> set[str]:
+        """The paths of every file this version needs."""
+        return {e.path for e in (*self.shards, *self.segments)}
+
     def to_json(self) -> bytes:
         body = {
             "format": FORMAT,
@@ -128,7 +158,18 @@ class Manifest:
             raise bad(f"its shards hold {sum(s.count for s in manifest.shards)} records, not {manifest.count}")
         if not manifest.shards:
             raise bad("it names no shards")
+        if manifest.segments != placed(manifest.segments) or sum(s.count for s in manifest.segments) != manifest.count:
+            raise bad("its key-index segments do not cover its rows one after another")
         return manifest
+
+
+def placed(segments: Iterable[FileEntry]) -> tuple[FileEntry, ...]:
+    """``segments`` with their ``rows`` set to cover the dataset's rows one after another, in order."""
+    out, lo = [], 0
+    for s in segments:
+        out.append(dataclasses.replace(s, rows=(lo, lo + s.count)))
+        lo += s.count
+    return tuple(out)
 
 
 def _int(value: object, low: int) -> int:
@@ -155,6 +196,14 @@ def version_path(folder: str | os.PathLike[str], version: int) -> str:
 
 def latest_version(folder: str | os.PathLike[str]) -> int:
     """The number of the latest committed version: ``LATEST``'s hint, then the next numbers while they exist."""
+    version = _latest(folder)
+    if version == 0:
+        raise errors.CorruptFileError(f"{os.fspath(folder)}: a dataset folder with no committed version")
+    return version
+
+
+def _latest(folder: str | os.PathLike[str]) -> int:
+    """:func:`latest_version`, or 0 if none is committed yet."""
     try:
         with open(os.path.join(folder, LATEST), "rb") as f:
             hint = int(f.read(32).strip() or b"0")
@@ -163,9 +212,7 @@ def latest_version(folder: str | os.PathLike[str]) -> int:
     version = max(hint, 0)
     while os.path.exists(version_path(folder, version + 1)):
         version += 1
-    if version == 0 or not os.path.exists(version_path(folder, version)):
-        raise errors.CorruptFileError(f"{os.fspath(folder)}: a dataset folder with no committed version")
-    return version
+    return version if version and os.path.exists(version_path(folder, version)) else 0
 
 
 def read_manifest(folder: str | os.PathLike[str], version: int | None = None) -> Manifest:
@@ -177,9 +224,9 @@ def read_manifest(folder: str | os.PathLike[str], version: int | None = None) ->
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        latest = latest_version(folder)
+        present = versions(folder)
         raise errors.VersionNotFoundError(
-            f"{os.fspath(folder)}: no version {version}; its versions are 1 to {latest}"
+            f"{os.fspath(folder)}: no version {version}; its versions are {present[0]} to {present[-1]}"
         ) from None
     manifest = Manifest.from_json(data, path)
     if manifest.version != version:
@@ -229,10 +276,182 @@ def make_layout(folder: str | os.PathLike[str]) -> None:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
 
 
+def versions(folder: str | os.PathLike[str]) -> list[int]:
+    """The numbers of the versions still in the folder (vacuum removes old ones), oldest first."""
+    latest = _latest(folder)
+    found = []
+    for name in os.listdir(os.path.join(folder, VERSIONS)):
+        stem, ext = os.path.splitext(name)
+        if ext == ".json" and stem.isdigit() and len(stem) == 20 and int(stem) <= latest:
+            found.append(int(stem))
+    return sorted(found)
+
+
 def history(folder: str | os.PathLike[str]) -> Sequence[Manifest]:
     """Every version still in the folder, oldest first."""
-    out = []
-    for v in range(1, latest_version(folder) + 1):
-        if os.path.exists(version_path(folder, v)):
-            out.append(read_manifest(folder, v))
-    return out
+    return [read_manifest(folder, v) for v in versions(folder)]
+
+
+class Transaction:
+    """One operation on a dataset folder: a token for the files it writes, and the commit that publishes them.
+
+    Opening one first removes what killed operations left (:func:`clean_leftovers`).  Files are written
+    straight into ``shards/`` and ``_embfile/index/`` under names starting with the token (a reader sees none
+    of them until a manifest names them).  :meth:`commit` builds the next manifest from the latest one and
+    publishes it, again on a conflict; :meth:`close` (or leaving a ``with``) releases the token, removing the
+    files of an operation that committed nothing.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = os.fspath(folder)
+        clean_leftovers(self.folder)
+        self._staging = Staging(os.path.join(self.folder, STAGING, OPERATION), folder=True)
+        self.token = _token(os.path.basename(self._staging.path))
+        self._serial = 0
+        self._attempt: list[str] = []  # files of the commit being tried (removed if it loses)
+        self._unpublished: list[str] = []  # every file written and not yet named by a committed version
+
+    def new_name(self, sub: str) -> str:
+        """The folder-relative path of a new file in ``sub`` (``SHARDS`` or ``INDEX``), owned by this operation."""
+        self._serial += 1
+        name = f"{sub}/{self.token}-{self._serial:06d}.emb"
+        self._attempt.append(name)
+        self._unpublished.append(name)
+        return name
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def commit(self, plan: Callable[[Manifest | None], Manifest | None]) -> Manifest | None:
+        """Commit ``plan(latest)`` (``latest`` None in a folder with no version yet); if another writer commits
+        first, call ``plan`` again on the new latest.  A plan returning None commits nothing (it returns
+        ``latest``).
+
+        Files ``plan`` makes (with :meth:`new_name`) are fsynced with their folders before the commit and
+        removed if it loses.  Exceptions from ``plan`` (a duplicate key, say) propagate; nothing is committed.
+        """
+        while True:
+            latest = _latest(self.folder)
+            base = read_manifest(self.folder, latest) if latest else None
+            self._attempt = []
+            try:
+                manifest = plan(base)
+                if manifest is None:
+                    self._remove(self._attempt)
+                    return base
+                for sub in (SHARDS, INDEX):
+                    fsync_path(os.path.join(self.folder, sub))
+                commit(self.folder, manifest)
+            except BaseException as e:
+                self._remove(self._attempt)
+                if isinstance(e, errors.CommitConflictError):
+                    continue
+                raise
+            self._unpublished = [n for n in self._unpublished if n not in manifest.files()]
+            return manifest
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Remove files this operation wrote that no version will name."""
+        self._remove(list(names))
+
+    def _remove(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                os.unlink(self.path(name))
+            except FileNotFoundError:
+                pass
+        self._unpublished = [n for n in self._unpublished if n not in names]
+
+    def close(self) -> None:
+        """Release the token; files written and never committed are removed."""
+        self._remove(self._unpublished)
+        self._staging.discard()
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+OPERATION = "op"  # a transaction's staging folder is _embfile/staging/.op.TOKEN.tmp
+
+
+def _token(staging_name: str) -> str:
+    return staging_name[len(f".{OPERATION}.") : -len(".tmp")]
+
+
+def clean_leftovers(folder: str | os.PathLike[str]) -> None:
+    """Remove what killed operations left in a dataset folder: their staging folders, and the files of their
+    tokens that no version names.  Files of live operations (their token still locked) are left alone."""
+    folder = os.fspath(folder)
+    staging = os.path.join(folder, STAGING)
+    dead: dict[str, int] = {}  # token -> the lock held on its staging folder while its files go
+    try:
+        for name in os.listdir(staging):
+            if name.startswith(f".{OPERATION}.") and name.endswith(".tmp"):
+                fd = lock(os.path.join(staging, name))
+                if fd is not None:
+                    dead[_token(name)] = fd
+        if not dead:
+            return
+        named = set().union(*(m.files() for m in history(folder)))
+        for sub in (SHARDS, INDEX):
+            for name in os.listdir(os.path.join(folder, sub)):
+                path = f"{sub}/{name}"
+                token = name.lstrip(".").split("-")[0]
+                if token in dead and path not in named:
+                    if os.path.isdir(os.path.join(folder, path)):  # a killed Writer's staging folder
+                        shutil.rmtree(os.path.join(folder, path), ignore_errors=True)
+                    else:
+                        os.unlink(os.path.join(folder, path))
+        for token in dead:
+            shutil.rmtree(os.path.join(staging, f".{OPERATION}.{token}.tmp"), ignore_errors=True)
+    finally:
+        for fd in dead.values():
+            os.close(fd)
+    remove_stale(staging, "write")  # what 0.2's first ShardWriter(mode="overwrite") staged
+
+
+def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0) -> list[int]:
+    """Remove versions older than the ``keep`` newest, and the files no remaining version names.
+
+    A version goes only once it has been superseded for ``grace`` seconds.  On a local file system a handle
+    that is open keeps reading its files after they are removed (they stay mapped); the grace period is for
+    handles that open a version again by number (pickled into DataLoader workers or DDP ranks) and for
+    network file systems, where a removed file can fail a reader that mapped it.  Files of live operations
+    are never touched.  Returns the versions removed.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    folder = os.fspath(folder)
+    clean_leftovers(folder)
+    present = history(folder)
+    now = time.time()
+    gone = []
+    for old, newer in zip(present[:-keep], present[1:]):
+        if now - datetime.datetime.fromisoformat(newer.created).timestamp() < grace:
+            break
+        gone.append(old.version)
+    for version in gone:  # oldest first: what remains is always a run of whole versions
+        os.unlink(version_path(folder, version))
+    fsync_path(os.path.join(folder, VERSIONS))
+    # In this order, a file an operation is writing is either not listed yet or its token is still locked,
+    # and one it committed since is named by a version read after.
+    files = [f"{sub}/{n}" for sub in (SHARDS, INDEX) for n in os.listdir(os.path.join(folder, sub)) if n[0] != "."]
+    staging = os.path.join(folder, STAGING)
+    live = {_token(n) for n in os.listdir(staging) if _held(os.path.join(staging, n))}
+    named = set().union(*(m.files() for m in history(folder)))
+    for path in files:
+        if path not in named and os.path.basename(path).split("-")[0] not in live:
+            os.unlink(os.path.join(folder, path))
+    return gone
+
+
+def _held(path: str) -> bool:
+    """Whether a live process holds the lock on ``path``."""
+    fd = lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False

@@ -1,9 +1,9 @@
 """Sharded datasets: one dataset over a folder (or a list) of .emb files.
 
 A folder written by this embfile is *versioned* (FORMAT.md "Versioned datasets"): its shards sit in
-``shards/``, each version's manifest names the shards and the key-index segment of that version, and a commit
-publishes a new version without changing any file an earlier version uses.  The segment's keys and rows are the
-dataset's, so a lookup is one binary search in it and then a read from the shard, however many shards there are.
+``shards/``, each version's manifest names its shards and the segments of its key index
+(:mod:`embfile.segments`), and a commit publishes a new version without changing any file an earlier version
+uses.  A lookup searches the few segments and reads from the shard, however many shards there are.
 
 Folders in 0.1's layout (``part-*.emb`` beside ``_index.emb``, an .emb file of every key with its shard's
 number) still open.  Without an index (a list of paths, or a 0.1 folder assembled by hand) ``open`` builds one
@@ -13,20 +13,19 @@ it into a 0.1 folder for good.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from embfile import errors
 from embfile import folder as layout
-from embfile._staging import Staging, fsync_path
-from embfile._stream import source_of
-from embfile.dataset import Dataset
+from embfile.dataset import Dataset, EmbFile
 from embfile.file import MappedFile
-from embfile.writer import Writer, write_source
+from embfile.writer import Writer
 
 INDEX_NAME = "_index.emb"  # 0.1's layout
 _META_KEY = "embfile.shards"
@@ -45,28 +44,27 @@ def _identity(shard: MappedFile) -> dict[str, Any]:
     return {"name": os.path.basename(shard.path), "count": shard.count, "keys_crc": shard.stored_crc("keys")}
 
 
-def _build_index(path: str, shards: Sequence[MappedFile], segment: bool = False, metadata: Any = None) -> None:
-    """Write the key index of ``shards`` to ``path``: every key in dataset row order with its row (a
-    versioned dataset's segment) or its shard's number (0.1's ``_index.emb``).  A key in two shards is a
-    ShardError naming both."""
-    bounds = np.cumsum([0] + [s.count for s in shards])
-    if metadata is None:
-        metadata = {_META_KEY: [_identity(s) for s in shards]}
-    try:
-        with Writer(path, 1, "uint64" if segment else "uint32", metadata) as w:
+def _build_index(path: str, shards: Sequence[MappedFile]) -> None:
+    """Write 0.1's ``_index.emb`` of ``shards`` to ``path``: every key in dataset row order with its shard's
+    number.  A key in two shards is a ShardError naming both."""
+    with in_two_shards([s.path for s in shards], [s.count for s in shards]):
+        with Writer(path, 1, "uint32", {_META_KEY: [_identity(s) for s in shards]}) as w:
             for number, shard in enumerate(shards):
                 table = shard.table()
                 for lo in range(0, shard.count, _KEY_CHUNK):
                     keys = table.keys_between(lo, lo + _KEY_CHUNK)
-                    first = int(bounds[number]) + lo
-                    records = np.arange(first, first + len(keys)) if segment else np.full(len(keys), number)
-                    w.add_batch(keys, records[:, None])
+                    w.add_batch(keys, np.full((len(keys), 1), number))
+
+
+@contextlib.contextmanager
+def in_two_shards(paths: Sequence[str], counts: Sequence[int]) -> Iterator[None]:
+    """Turn a DuplicateKeyError about rows across these shards into a ShardError naming both shards."""
+    bounds = np.cumsum([0, *counts])
+    try:
+        yield
     except errors.DuplicateKeyError as e:
-        where = [
-            f"{shards[s].path} (row {r - bounds[s]})"
-            for r in e.rows
-            for s in [int(np.searchsorted(bounds, r, side="right")) - 1]
-        ]
+        shard = [int(np.searchsorted(bounds, r, side="right")) - 1 for r in e.rows]
+        where = [f"{paths[s]} (row {r - bounds[s]})" for r, s in zip(e.rows, shard)]
         raise errors.ShardError(f"key {e.key!r} is in two shards: {where[0]} and {where[1]}") from None
 
 
@@ -172,12 +170,6 @@ class ShardedEmbFile(Dataset):
 
     def _open_version(self, folder: str, version: int | None) -> None:
         manifest = layout.read_manifest(folder, version)
-        (segment,) = manifest.segments if len(manifest.segments) == 1 else (None,)
-        if segment is None or segment.rows != (0, manifest.count):
-            raise errors.UnsupportedVersionError(
-                f"{folder}: version {manifest.version} has {len(manifest.segments)} key-index segments; "
-                "this embfile reads versions with one"
-            )
         files: list[MappedFile] = []
         try:
             for entry in manifest.shards:
@@ -185,10 +177,12 @@ class ShardedEmbFile(Dataset):
             _check_shards(files, folder)
             if (files[0].dim, files[0].dtype.name) != (manifest.dim, manifest.dtype):
                 raise errors.ShardError(f"{files[0].path} is not of the manifest's dim and dtype")
-            files.append(_open_named(folder, segment))
-            if (files[-1].dim, files[-1].dtype) != (1, np.dtype("<u8")):
-                raise errors.CorruptFileError(f"{files[-1].path}: a key-index segment holds one uint64 per key")
-            self._open_files(files[-1], files[:-1], folder)
+            shards = len(files)
+            for entry in manifest.segments:
+                files.append(_open_named(folder, entry))
+                if (files[-1].dim, files[-1].dtype) != (1, np.dtype("<u8")):
+                    raise errors.CorruptFileError(f"{files[-1].path}: a key-index segment holds one uint64 per key")
+            self._open_files(files[shards:], files[:shards], folder)
         except BaseException:
             for f in files:
                 f.close()
@@ -216,12 +210,18 @@ class ShardedEmbFile(Dataset):
         """Whether the index matches the shards record for record: its records (the row, or in 0.1's
         layout the shard number) and its keys."""
         problems = []
-        records = np.concatenate([segment.matrix[:, 0] for segment in self._segments])
+        if self.version is not None:  # a segment's records number its keys
+            for segment in self._segments:
+                if (segment.matrix[:, 0] != np.arange(segment.count)).any():
+                    problems.append(f"{segment.path}: its records are not its positions 0 to {segment.count - 1}")
+        else:  # 0.1's index: each key's shard
+            records = self._segments[0].matrix[:, 0]
+            for s in range(len(self.files)):
+                lo, hi = self._starts[s], self._starts[s + 1]
+                if (records[lo:hi] != s).any():
+                    problems.append(f"index: rows {lo}-{hi} do not all point at shard {s}")
         for s, shard in enumerate(self.files):
             lo, hi = self._starts[s], self._starts[s + 1]
-            want = np.arange(lo, hi) if self.version is not None else s
-            if (records[lo:hi] != want).any():
-                problems.append(f"index: rows {lo}-{hi} do not all point at shard {s}")
             table = shard.table()
             for a in range(lo, hi, _KEY_CHUNK):
                 b = min(a + _KEY_CHUNK, hi)
@@ -234,194 +234,43 @@ class ShardedEmbFile(Dataset):
         return (ShardedEmbFile, (self._source, self.version))  # a worker reads the same version
 
 
-class ShardWriter:
-    """Write a versioned sharded dataset: like :class:`~embfile.Writer`, but starts a new shard every
-    ``shard_bytes`` of records (default 1 GiB).
+def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], version: int | None = None) -> Dataset:
+    """Open an .emb file, or a sharded dataset (a folder or a list of .emb files), for reading.
 
-    With ``mode="error"`` (the default) ``folder`` must not exist yet, or be empty: the whole dataset (shards,
-    key index, version 1) is written beside it and renamed into place on a clean close, so ``folder`` appears
-    complete or not at all.  With ``mode="overwrite"`` ``folder`` may also be a versioned dataset: the records
-    written become its next version, and earlier versions stay readable.  A key in two shards is found at
-    close (a :class:`ShardError`); on any error nothing is committed.
+    Opening reads the header (and a folder's manifest) and maps the files: constant time, whatever the
+    number of keys.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or list
+        An .emb file, a dataset folder, or a list of shard files.
+    version : int, optional
+        Of a versioned dataset folder, the version to open (default: the latest); ``ds.version`` says which
+        one a handle reads.
+
+    Returns
+    -------
+    Dataset
+        An :class:`EmbFile` for a file, a :class:`ShardedEmbFile` for a folder or a list.
+
+    Raises
+    ------
+    FormatError
+        If a file is not a readable .emb file (with a subclass saying why).
+    ShardError
+        If the files of a sharded dataset do not fit together.
+    VersionNotFoundError
+        If a dataset folder has no such version.
+    OSError
+        If a file cannot be opened.
+
+    Examples
+    --------
+    >>> with embfile.open("db.emb") as db:          # doctest: +SKIP
+    ...     v = db["sp|P69905|HBA_HUMAN"]
     """
-
-    def __init__(
-        self,
-        folder: PathLike,
-        dim: int,
-        dtype: object = "float32",
-        metadata: dict[str, Any] | None = None,
-        *,
-        shard_bytes: int = 1 << 30,
-        mode: str = "error",
-        **options: Any,
-    ) -> None:
-        if mode not in ("error", "overwrite"):
-            raise ValueError(f"mode must be 'error' or 'overwrite', not {mode!r}")
-        self.folder = os.fspath(folder).rstrip(os.sep) or os.sep
-        exists = os.path.exists(self.folder) and (not os.path.isdir(self.folder) or os.listdir(self.folder))
-        self._into = self.folder if exists and mode == "overwrite" and layout.is_versioned(self.folder) else None
-        if exists and self._into is None:
-            what = (
-                "a dataset: mode='overwrite' (--overwrite) writes its next version"
-                if layout.is_versioned(self.folder)
-                else "not an empty folder or a versioned dataset"
-            )
-            raise errors.WriterError(f"{self.folder} exists and is {what}")
-        record_bytes = int(dim) * np.dtype(dtype).itemsize  # type: ignore[call-overload]
-        if shard_bytes < record_bytes:
-            raise ValueError(f"shard_bytes {shard_bytes} is less than one record ({record_bytes} bytes)")
-        self._per_shard = int(shard_bytes) // record_bytes
-        if self._into is None:  # a new dataset: built whole beside the destination
-            self._staging = Staging(self.folder, folder=True)
-            self._root = self._staging.path
-            layout.make_layout(self._root)
-        else:  # a new version: built in the dataset's staging folder, moved in at commit
-            self._staging = Staging(os.path.join(self._into, layout.STAGING, "write"), folder=True)
-            self._root = self._staging.path
-            os.makedirs(os.path.join(self._root, layout.SHARDS))
-            os.makedirs(os.path.join(self._root, layout.INDEX))
-        self._token = layout.unique_name()
-        self._args = (dim, dtype, metadata)
-        self._metadata = dict(metadata or {})
-        self._options = options
-        self._shard_names: list[str] = []
-        self._writer: Writer | None = self._next_writer()
-        self.dim, self.dtype = self._writer.dim, self._writer.dtype
-
-    def _next_writer(self) -> Writer:
-        name = f"{layout.SHARDS}/{self._token}-{len(self._shard_names):05d}.emb"
-        self._shard_names.append(name)
-        return Writer(os.path.join(self._root, name), *self._args, **self._options)
-
-    def _current(self) -> Writer:
-        if self._writer is None:
-            raise errors.ClosedFileError(f"{self.folder}: operation on a closed ShardWriter")
-        return self._writer
-
-    def _room(self) -> int:
-        """Records the current shard still takes, after starting a new one if it is full."""
-        if len(self._current()) >= self._per_shard:
-            self._current().close()
-            self._writer = self._next_writer()
-        return int(self._per_shard - len(self._current()))
-
-    def add(self, key: str, vector: Any) -> None:
-        """Append one record (see :meth:`Writer.add`)."""
-        self._room()
-        self._current().add(key, vector)
-
-    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any) -> None:
-        """Append one record per row of ``matrix`` (see :meth:`Writer.add_batch`)."""
-        keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        lo = 0
-        while lo < len(keys):
-            hi = lo + self._room()
-            self._current().add_batch(keys[lo:hi], matrix[lo:hi])
-            lo = hi
-
-    def close(self) -> None:
-        """Finish the last shard, write the key index and commit the version."""
-        if self._writer is None:
-            return
-        try:
-            self._writer.close()
-            self._writer = None
-            self._commit()
-        except BaseException:
-            self.abort()
-            raise
-
-    def _commit(self) -> None:
-        shards = [MappedFile(os.path.join(self._root, name)) for name in self._shard_names]
-        segment_name = f"{layout.INDEX}/{self._token}.emb"
-        try:
-            _check_shards(shards, self.folder)
-            _build_index(os.path.join(self._root, segment_name), shards, segment=True, metadata={})
-            segment = MappedFile(os.path.join(self._root, segment_name))
-            entries = [layout.FileEntry(n, s.count, s.stored_crc("keys")) for n, s in zip(self._shard_names, shards)]
-            count = sum(s.count for s in shards)
-            seg_entry = layout.FileEntry(segment_name, count, segment.stored_crc("keys"), (0, count))
-            segment.close()
-        finally:
-            for s in shards:
-                s.close()
-        if self._into is None:
-            manifest = self._manifest(1, None, "write", entries, seg_entry, count)
-            layout.commit(self._root, manifest)
-            self._staging.commit()  # replaces an empty folder (checked at the start)
-            return
-        for name in [*self._shard_names, segment_name]:  # in place under unique names: invisible until committed
-            os.rename(os.path.join(self._root, name), os.path.join(self._into, name))
-        for sub in (layout.SHARDS, layout.INDEX):
-            fsync_path(os.path.join(self._into, sub))
-        while True:  # an overwrite does not depend on what it replaces: on a conflict, commit after the winner
-            latest = layout.latest_version(self._into)
-            try:
-                layout.commit(self._into, self._manifest(latest + 1, latest, "overwrite", entries, seg_entry, count))
-                break
-            except errors.CommitConflictError:
-                continue
-        self._staging.discard()
-
-    def _manifest(
-        self,
-        version: int,
-        parent: int | None,
-        operation: str,
-        shards: list[layout.FileEntry],
-        segment: layout.FileEntry,
-        count: int,
-    ) -> layout.Manifest:
-        return layout.Manifest(
-            version=version,
-            parent=parent,
-            dim=self.dim,
-            dtype=self.dtype.name,
-            count=count,
-            shards=tuple(shards),
-            segments=(segment,),
-            operation={"name": operation, "records": count},
-            metadata=self._metadata,
-        )
-
-    def abort(self) -> None:
-        """Discard everything; ``folder`` is left as it was."""
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
-        self._staging.discard()
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def write_shards(
-    folder: PathLike,
-    data: Any,
-    shard_bytes: int = 1 << 30,
-    dtype: object = None,
-    metadata: dict[str, Any] | None = None,
-    *,
-    mode: str = "error",
-    **options: Any,
-) -> None:
-    """Split ``data`` into a versioned sharded dataset in ``folder`` (see :class:`ShardWriter`).
-
-    ``data`` is an open dataset (streamed; its user metadata is kept unless ``metadata`` is given), another
-    mapping ``{key: vector}`` or a ``(keys, matrix)`` pair.  ``mode="overwrite"`` writes a new version of an
-    existing dataset.
-    """
-    source = source_of(data, "write_shards()")
-    meta = source.metadata if metadata is None else metadata
-
-    def open_sink(dim: int, dt: object) -> ShardWriter:
-        return ShardWriter(folder, dim, dt, meta or None, shard_bytes=shard_bytes, mode=mode, **options)
-
-    write_source(source, open_sink, dtype)
+    if isinstance(path, (list, tuple)) or os.path.isdir(os.fspath(path)):  # type: ignore[arg-type]
+        return ShardedEmbFile(path, version)
+    if version is not None:
+        raise ValueError("version= applies to a dataset folder, not to one .emb file")
+    return EmbFile(path)  # type: ignore[arg-type]

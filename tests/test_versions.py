@@ -105,7 +105,7 @@ def test_a_replaced_shard_is_refused(ds):
         (lambda m: m["shards"][0].update(path="/etc/passwd"), embfile.CorruptFileError),
         (lambda m: m.update(count=601), embfile.CorruptFileError),
         (lambda m: m.pop("segments"), embfile.CorruptFileError),
-        (lambda m: m.update(segments=[*m["segments"], *m["segments"]]), embfile.UnsupportedVersionError),
+        (lambda m: m.update(segments=[*m["segments"], *m["segments"]]), embfile.CorruptFileError),
         (lambda m: m.update(version=7), embfile.CorruptFileError),
         (lambda m: m.update(format="other"), embfile.CorruptFileError),
     ],
@@ -133,7 +133,7 @@ def test_writing_onto_a_dataset_needs_overwrite(ds):
     with pytest.raises(embfile.WriterError, match="mode='overwrite'"):
         embfile.write_shards(ds, generation(2))
     with pytest.raises(ValueError, match="mode must be"):
-        embfile.ShardWriter(ds, 4, mode="append")
+        embfile.ShardWriter(ds, 4, mode="update")
     with pytest.raises(embfile.ShardError, match="versioned dataset"):
         embfile.write_index(ds)
 

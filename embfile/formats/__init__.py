@@ -19,11 +19,13 @@ from typing import Any
 from embfile import errors
 from embfile._staging import Staging
 from embfile._stream import Source
+from embfile.folder import is_versioned
 from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_parquet, to_parquet
+from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {
     "emb": read_emb,
@@ -160,6 +162,18 @@ def convert(
         staging.discard()
 
 
+def read(src: str | os.PathLike[str], *, src_format: str | None = None, **options: Any) -> Source:
+    """Open any input :func:`convert` takes (or an embfile dataset folder) as a stream of records.
+
+    ``options`` go to the reader of its format (see :func:`convert`).
+    """
+    sf = src_format or detect_format(src)
+    if sf not in READERS:
+        raise ValueError(f"unknown input format {sf!r}; one of {sorted(READERS)}")
+    reader_opts, _ = _split_options(options, READERS[sf], None, sf, "emb")
+    return READERS[sf](src, **reader_opts)
+
+
 def _split_options(
     options: dict[str, Any], reader: Callable[..., Any], writer: Callable[..., Any] | None, sf: str, df: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -177,6 +191,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """The format of an existing input, from its first bytes (a folder: from what it holds)."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        if is_versioned(path) or shard_paths(path):
+            return "emb"  # an embfile dataset
         names = [f for _, _, fs in os.walk(path) for f in fs]
         for ext, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".pt", "esm")):
             if any(n.endswith(ext) for n in names):
@@ -207,6 +223,7 @@ def output_format(path: str | os.PathLike[str]) -> str:
 
 __all__ = [
     "convert",
+    "read",
     "from_hdf5",
     "from_parquet",
     "from_esm",

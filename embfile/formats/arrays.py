@@ -13,17 +13,18 @@ import numpy as np
 
 from embfile import errors
 from embfile._stream import Chunk, Source, chunk_rows, source_of
-from embfile.dataset import EmbFile
+from embfile.dataset import Dataset, EmbFile
+from embfile.shards import ShardedEmbFile
 
 
 def read_emb(path: str | os.PathLike[str]) -> Source:
-    """Another .emb file (to change its dtype, or on the way to another format)."""
-    db = EmbFile(path)
+    """Another .emb file or dataset folder (to change its dtype, or on the way to another format)."""
+    db: Dataset = ShardedEmbFile(path) if os.path.isdir(path) else EmbFile(path)
     source = source_of(db)
     return dataclasses.replace(source, chunks=_closing(db, source.chunks), metadata=db.metadata)
 
 
-def _closing(db: EmbFile, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+def _closing(db: Dataset, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
     with db:
         yield from chunks
 

@@ -1,0 +1,186 @@
+"""Operations on datasets: append, remove and compact commit a new version of a dataset folder; merge and
+subset write a new file or dataset from existing ones.
+
+Each operation on a folder is one :class:`~embfile.folder.Transaction`: it writes new files only (an earlier
+version never changes), commits, and if another writer committed first, plans again on the new latest
+version.  A killed operation leaves the latest version as it was; the next one removes what it left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from embfile import errors, formats
+from embfile import folder as layout
+from embfile._stream import Source, chunk_rows, source_of
+from embfile.dataset import Dataset
+from embfile.dataset_writer import ShardWriter
+from embfile.segments import KeyIndex, copied, merged, without_rows
+from embfile.shards import open as open_dataset
+from embfile.writer import Sink, Writer, write_source
+
+PathLike = str | os.PathLike[str]
+
+
+def append(
+    folder: PathLike, data: Any, on_duplicate: str = "error", *, shard_bytes: int = 1 << 30, **options: Any
+) -> int:
+    """Add the records of ``data`` to the dataset in ``folder`` as its next version; return that version.
+
+    ``data`` is anything :func:`embfile.write` takes (a mapping, a ``(keys, matrix)`` pair, an open dataset)
+    or a path :func:`embfile.convert` reads (an .emb file, a dataset folder, HDF5, Parquet, ...; ``options``
+    go to its reader).  Records are stored in the dataset's dtype.  A key the dataset holds already is a
+    :class:`DuplicateKeyError` naming it, and nothing is committed; with ``on_duplicate="replace"`` the new
+    record replaces the old one.  The cost is that of writing the new records (and, with replacements, of
+    rewriting the shards that held the old ones), whatever the size of the dataset.
+    """
+    writers: list[ShardWriter] = []
+
+    def open_sink(dim: int, dtype: object) -> ShardWriter:
+        writers.append(ShardWriter(folder, dim, shard_bytes=shard_bytes, mode="append", on_duplicate=on_duplicate))
+        return writers[-1]
+
+    write_source(_source(data, "append()", options), open_sink)
+    version = writers[0].version
+    assert version is not None
+    return version
+
+
+def remove(folder: PathLike, keys: Iterable[str], missing: str = "error") -> int:
+    """Remove ``keys`` from the dataset in ``folder`` as its next version; return that version.
+
+    A key the dataset does not hold is a :class:`KeyNotFoundError` (nothing is committed), or with
+    ``missing="ignore"`` is skipped; if no key is there, no version is committed.  The shards and key-index
+    segments holding the keys are rewritten without them; the others are shared with the earlier version.
+    """
+    if missing not in ("error", "ignore"):
+        raise ValueError(f"missing must be 'error' or 'ignore', not {missing!r}")
+    keys = _key_list(keys, "remove()")
+    with layout.Transaction(folder) as tx:
+
+        def plan(base: layout.Manifest | None) -> layout.Manifest | None:
+            assert base is not None
+            rows = _rows_in(tx.folder, base, keys, missing)
+            if not rows.size:
+                return None
+            shards, segments = without_rows(tx, base, rows)
+            return base.successor(shards, segments, {"name": "remove", "records": int(rows.size)})
+
+        return _committed(tx.commit(plan))
+
+
+def compact(folder: PathLike, shard_bytes: int = 1 << 30) -> int:
+    """Join runs of small shards into shards of up to ``shard_bytes`` of records, and merge the key index into
+    one segment, as the next version (none if there is nothing to join); return the latest version.
+
+    Rows, keys and vectors stay as they were.  Earlier versions keep their files until :func:`vacuum`.
+    """
+    with layout.Transaction(folder) as tx:
+
+        def plan(base: layout.Manifest | None) -> layout.Manifest | None:
+            assert base is not None
+            per_shard = max(1, shard_bytes // (base.dim * np.dtype(base.dtype).itemsize))
+            runs: list[list[layout.FileEntry]] = []
+            for shard in base.shards:
+                if not runs or sum(s.count for s in runs[-1]) + shard.count > per_shard:
+                    runs.append([])
+                runs[-1].append(shard)
+            if len(runs) == len(base.shards) and len(base.segments) <= 1:
+                return None
+            shards = [run[0] if len(run) == 1 else copied(tx, run) for run in runs]
+            segments = [merged(tx, base.segments)] if len(base.segments) > 1 else base.segments
+            return base.successor(shards, segments, {"name": "compact", "records": base.count})
+
+        return _committed(tx.commit(plan))
+
+
+def merge(sources: Sequence[Any], dst: PathLike, *, shard_bytes: int = 1 << 30, **options: Any) -> None:
+    """Write the records of every source, one after another, to a new .emb file (``dst`` ending in ``.emb``)
+    or a new dataset folder.  Sources are what :func:`append` takes; the first one's dim, dtype and metadata
+    are the result's.  A key in two sources is an error naming it, and nothing is written."""
+    opened = [_source(s, "merge()", options) for s in sources]
+    if not opened:
+        raise ValueError("merge() needs at least one source")
+    first = opened[0]
+    for s in opened[1:]:
+        if s.dim != first.dim:
+            where = [x.description.get("path") or x.description.get("format") for x in (s, first)]
+            raise errors.WriterError(f"{where[0]} has vectors of dim {s.dim}, {where[1]} of dim {first.dim}")
+    chunks = (chunk for s in opened for chunk in s.chunks)
+    count = None if any(s.count is None for s in opened) else sum(s.count for s in opened if s.count is not None)
+    _write_new(dataclasses.replace(first, chunks=chunks, count=count), dst, shard_bytes)
+
+
+def subset(
+    src: PathLike | Dataset, dst: PathLike, keys: Iterable[str], *, missing: str = "error", shard_bytes: int = 1 << 30
+) -> None:
+    """Write the records of ``keys`` in ``src`` (an .emb file, a dataset folder or an open dataset) to a new .emb
+    file or dataset folder ``dst``, in ``src``'s row order.  A key ``src`` lacks is a
+    :class:`KeyNotFoundError`, or with ``missing="ignore"`` is skipped."""
+    if missing not in ("error", "ignore"):
+        raise ValueError(f"missing must be 'error' or 'ignore', not {missing!r}")
+    keys = _key_list(keys, "subset()")
+    ds = src if isinstance(src, Dataset) else open_dataset(src)
+    try:
+        found = ds.find_rows(keys)
+        _refuse_missing(found, keys, f"{ds.path}", missing)
+        rows = np.unique(found[found >= 0]).astype(np.uint64)
+        source = source_of(ds, "subset()")
+        step = chunk_rows(ds.dim * ds.dtype.itemsize)
+        chunks = ((ds.keys_at(rows[lo : lo + step]), ds.take(rows[lo : lo + step])) for lo in range(0, len(rows), step))
+        _write_new(dataclasses.replace(source, chunks=chunks, count=len(rows)), dst, shard_bytes)
+    finally:
+        if ds is not src:
+            ds.close()
+
+
+def _source(data: Any, caller: str, options: dict[str, Any]) -> Source:
+    if isinstance(data, (str, os.PathLike)):
+        return formats.read(data, **options)
+    if options:
+        raise TypeError(f"{caller}: options {sorted(options)} apply to reading a file or folder only")
+    return source_of(data, caller)
+
+
+def _write_new(source: Source, dst: PathLike, shard_bytes: int) -> None:
+    meta = {k: v for k, v in source.metadata.items() if k != "embfile"} or None
+
+    def open_sink(dim: int, dtype: object) -> Sink:
+        if os.fspath(dst).endswith(".emb"):
+            return Writer(dst, dim, dtype, meta)
+        return ShardWriter(dst, dim, dtype, meta, shard_bytes=shard_bytes)
+
+    write_source(source, open_sink)
+
+
+def _key_list(keys: Iterable[str], caller: str) -> list[str]:
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(f"{caller} takes an iterable of keys, not a single key")
+    return list(keys)
+
+
+def _rows_in(folder: str, base: layout.Manifest, keys: list[str], missing: str) -> np.ndarray:
+    """The sorted, unique rows of ``keys`` in ``base`` (a missing key refused unless ``missing="ignore"``)."""
+    index = KeyIndex(folder, base)
+    try:
+        found = index.find_rows(keys)
+    finally:
+        index.close()
+    _refuse_missing(found, keys, f"{folder} (version {base.version})", missing)
+    return np.unique(found[found >= 0]).astype(np.uint64)
+
+
+def _refuse_missing(found: np.ndarray, keys: list[str], where: str, missing: str) -> None:
+    if missing == "error" and (found < 0).any():
+        key = keys[int(np.flatnonzero(found < 0)[0])]
+        raise errors.KeyNotFoundError(f"key {key!r} is not in {where}; missing='ignore' skips absent keys")
+
+
+def _committed(manifest: layout.Manifest | None) -> int:
+    assert manifest is not None
+    return manifest.version

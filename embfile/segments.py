@@ -1,0 +1,198 @@
+"""The key index of a versioned dataset, in segments, and the edits that rewrite it with the shards.
+
+A version's key index is a list of *segments*: .emb files holding the keys of consecutive dataset rows in row
+order, each key's record its position in the segment (a uint64).  A lookup searches every segment, so an
+append writes one segment of the new keys and rewrites nothing; :func:`merge_tail` then merges the newest
+segments while they are not much smaller than the one before, so sizes fall by half or more from oldest to
+newest and a dataset built by any number of appends has at most ``log2(count)`` segments (each key is
+rewritten about as many times over its life: appends stay in proportion to the data appended).
+``compact`` merges them all into one.
+
+Removing rows rewrites the shards and the segments that hold them without those rows (copy-on-write, at the
+granularity of a shard), so every version's rows stay contiguous and every key is in exactly one segment:
+reading a dataset never checks for deleted rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from embfile import _core, errors
+from embfile.file import MappedFile, attach
+from embfile.folder import INDEX, SHARDS, FileEntry, Manifest, Transaction
+from embfile.writer import Writer
+
+KEY_CHUNK = 1 << 16  # keys read and written at a time
+ROW_CHUNK_BYTES = 64 << 20  # records copied at a time by a rewrite
+
+
+def entry(folder: str, name: str) -> FileEntry:
+    """The manifest entry of a file just written: its count and its keys CRC, read back from it."""
+    f = MappedFile(f"{folder}/{name}")
+    try:
+        return FileEntry(name, f.count, f.stored_crc("keys"))
+    finally:
+        f.close()
+
+
+def file_keys(folder: str, name: str) -> Iterator[list[str]]:
+    """The keys of a file in row order, in chunks."""
+    f = MappedFile(f"{folder}/{name}")
+    try:
+        table = f.table()
+        for lo in range(0, f.count, KEY_CHUNK):
+            yield table.keys_between(lo, lo + KEY_CHUNK)
+    finally:
+        f.close()
+
+
+def write_segment(tx: Transaction, key_chunks: Iterable[list[str]]) -> FileEntry:
+    """A new segment of these keys, in this order.  A key given twice is a :class:`DuplicateKeyError`."""
+    name = tx.new_name(INDEX)
+    n = 0
+    with Writer(tx.path(name), 1, "uint64") as w:
+        for keys in key_chunks:
+            w.add_batch(keys, np.arange(n, n + len(keys), dtype=np.uint64)[:, None])
+            n += len(keys)
+    return entry(tx.folder, name)
+
+
+def merge_tail(tx: Transaction, segments: Sequence[FileEntry]) -> list[FileEntry]:
+    """``segments`` with the newest ones merged while the one before is less than twice as large."""
+    out = [s for s in segments if s.count]
+    while len(out) >= 2 and out[-2].count < 2 * out[-1].count:
+        out[-2:] = [merged(tx, out[-2:])]
+    return out
+
+
+def merged(tx: Transaction, segments: Sequence[FileEntry]) -> FileEntry:
+    """One segment of the keys of ``segments``, in order."""
+    return write_segment(tx, itertools.chain.from_iterable(file_keys(tx.folder, s.path) for s in segments))
+
+
+def without_rows(tx: Transaction, base: Manifest, rows: np.ndarray) -> tuple[list[FileEntry], list[FileEntry]]:
+    """The shards and segments of ``base`` with dataset ``rows`` (sorted, unique) removed: the files holding
+    none of them as they were, the others rewritten without them (or dropped if nothing is left)."""
+    shards = _rewritten(tx, base.shards, rows, _copy_shard)
+    segments = _rewritten(tx, base.segments, rows, lambda tx, f, live: write_segment(tx, _keys_at(f, live)))
+    if not shards:  # every record removed: a version names at least one shard
+        name = tx.new_name(SHARDS)
+        Writer(tx.path(name), base.dim, base.dtype).close()
+        shards = [entry(tx.folder, name)]
+    return shards, segments
+
+
+def _rewritten(tx: Transaction, entries: Sequence[FileEntry], rows: np.ndarray, rewrite) -> list[FileEntry]:  # type: ignore[no-untyped-def]
+    out, first = [], 0
+    for e in entries:
+        dead = rows[np.searchsorted(rows, first) : np.searchsorted(rows, first + e.count)] - first
+        first += e.count
+        if not dead.size:
+            out.append(e)
+        elif dead.size < e.count:
+            f = MappedFile(tx.path(e.path))
+            try:
+                out.append(rewrite(tx, f, np.setdiff1d(np.arange(e.count, dtype=np.uint64), dead)))
+            finally:
+                f.close()
+    return out
+
+
+def _keys_at(f: MappedFile, rows: np.ndarray) -> Iterator[list[str]]:
+    for lo in range(0, len(rows), KEY_CHUNK):
+        yield f.table().keys_at(rows[lo : lo + KEY_CHUNK])
+
+
+def _copy_shard(tx: Transaction, f: MappedFile, live: np.ndarray) -> FileEntry:
+    """A new shard of ``f``'s records at rows ``live``."""
+    return _new_shard(tx, f, [(f, live)])
+
+
+def copied(tx: Transaction, shards: Sequence[FileEntry]) -> FileEntry:
+    """One new shard of the records of ``shards``, in order."""
+    files = [MappedFile(tx.path(s.path)) for s in shards]
+    try:
+        return _new_shard(tx, files[0], [(f, np.arange(f.count, dtype=np.uint64)) for f in files])
+    finally:
+        for f in files:
+            f.close()
+
+
+def _new_shard(tx: Transaction, like: MappedFile, parts: Sequence[tuple[MappedFile, np.ndarray]]) -> FileEntry:
+    """A new shard of the records at ``rows`` of each ``(file, rows)``, with the user metadata of ``like``."""
+    name = tx.new_name(SHARDS)
+    meta = {k: v for k, v in like.metadata.items() if k != "embfile"}
+    step = max(1, ROW_CHUNK_BYTES // (like.dim * like.dtype.itemsize))
+    with Writer(tx.path(name), like.dim, like.dtype, meta) as w:
+        for f, rows in parts:
+            for lo in range(0, len(rows), step):
+                chunk = rows[lo : lo + step]
+                w.add_batch(f.table().keys_at(chunk), f.matrix[chunk])
+    return entry(tx.folder, name)
+
+
+class KeyIndex:
+    """The key index of one version, for the writers: ``find_rows``, ``in`` and the keys, without mapping a
+    shard (its table's records are the segments' own)."""
+
+    def __init__(self, folder: str, manifest: Manifest) -> None:
+        self.version, self.count = manifest.version, manifest.count
+        self._files = [MappedFile(f"{folder}/{s.path}") for s in manifest.segments]
+        self.table = _core.Table()
+        attach(self.table, self._files, self._files) if self._files else None
+
+    def find_rows(self, keys: Sequence[str]) -> np.ndarray:
+        if not self._files:
+            return np.full(len(keys), -1, np.int64)
+        return self.table.find_rows(keys)
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self._files) and key in self.table
+
+    def keys(self) -> Iterator[str]:
+        for f in self._files:
+            for lo in range(0, f.count, KEY_CHUNK):
+                yield from f.table().keys_between(lo, lo + KEY_CHUNK)
+
+    def close(self) -> None:
+        self.table._detach()
+        for f in self._files:
+            f.close()
+
+
+def appended(
+    tx: Transaction,
+    base: Manifest,
+    shards: Sequence[FileEntry],
+    segment: FileEntry,
+    replace: bool,
+    operation: dict[str, Any],
+) -> Manifest:
+    """``base`` and then ``shards`` (whose keys ``segment`` holds).  A key already in ``base`` is a
+    :class:`DuplicateKeyError`, or with ``replace`` its old record is removed."""
+    index = KeyIndex(tx.folder, base)
+    try:
+        rows = np.concatenate(
+            [index.find_rows(keys) for keys in file_keys(tx.folder, segment.path)] or [np.empty(0, np.int64)]
+        )
+        if not replace and (rows >= 0).any():
+            first = int(np.flatnonzero(rows >= 0)[0])
+            key = index.table.key(int(rows[first]))
+            raise errors.DuplicateKeyError(
+                f"key {key!r} is already in the dataset (version {base.version}); on_duplicate='replace' replaces it",
+                key,
+                (int(rows[first]), -1),
+            )
+    finally:
+        index.close()
+    dead = np.unique(rows[rows >= 0]).astype(np.uint64)
+    old_shards, old_segments = without_rows(tx, base, dead) if dead.size else (base.shards, base.segments)
+    return base.successor(
+        [*old_shards, *shards],
+        merge_tail(tx, [*old_segments, segment]),
+        {**operation, "replaced": int(dead.size)} if replace else operation,
+    )
