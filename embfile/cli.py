@@ -1,4 +1,5 @@
-"""The ``embfile`` command: convert, info, get, keys, verify, shard, index.
+"""The ``embfile`` command: convert, info, get, keys, verify, shard; the versions of a dataset folder
+(append, remove, compact, versions, vacuum); merge, subset; index (0.1's layout).
 
 ``main(argv) -> int`` runs one command; user errors are one line on stderr and
 exit status 1 (2 for bad usage), never a traceback.
@@ -36,6 +37,14 @@ _EXAMPLES = {
     "shard": "examples:\n  embfile shard uniref50.emb uniref50/ --shard-size 2GB    # then embfile.open('uniref50/')\n"
     "  embfile shard uniref50-2027.emb uniref50/ --overwrite     # its next version; the earlier ones stay",
     "versions": "example:\n  embfile versions uniref50/ --json",
+    "append": "examples:\n  embfile append esm2/ week49.emb week50.h5\n"
+    "  embfile append esm2/ fixed.parquet --replace                # new vectors replace the old ones",
+    "remove": "example:\n  embfile remove esm2/ --keys retracted.txt --missing ignore",
+    "compact": "example:\n  embfile compact esm2/ --shard-size 2GB",
+    "vacuum": "examples:\n  embfile vacuum esm2/ --keep 5\n"
+    "  embfile vacuum esm2/ --keep 1 --grace 0      # no reader can be using an older version",
+    "merge": "examples:\n  embfile merge part1.emb part2.emb all.emb\n  embfile merge human/ mouse/ both/",
+    "subset": "example:\n  embfile subset uniref50/ test.emb --keys test_ids.txt",
     "index": "example:\n  cp more/*.emb uniref50/ && embfile index uniref50/",
 }
 
@@ -47,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int | None = args.run(args)
         return status or 0
     except errors.KeyNotFoundError as e:
-        return _fail(f"key {e.args[0]!r} is not in {getattr(args, 'file', 'the file')}")
+        return _fail(e.message or f"key {e.args[0]!r} is not in {getattr(args, 'file', 'the file')}")
     except BrokenPipeError:
         raise  # the reader went away (| head): run() ends quietly
     except (errors.EmbFileError, OSError, ImportError, ValueError, TypeError) as e:
@@ -137,6 +146,40 @@ def _parser() -> argparse.ArgumentParser:
     c = command("versions", _versions, "the versions of a dataset folder: number, time, operation, records")
     c.add_argument("folder")
     c.add_argument("--json", action="store_true", help="print one JSON list")
+
+    c = command("append", _append, "add the records of files or datasets to a dataset folder, as its next version")
+    c.add_argument("folder")
+    c.add_argument("sources", nargs="+", metavar="SRC", help="anything convert reads, or an embfile dataset")
+    c.add_argument("--replace", action="store_true", help="a key already there gets the new vector (default: error)")
+    c.add_argument("--shard-size", type=_size, default="1GiB", help="records per new shard, in bytes (default 1GiB)")
+
+    c = command("remove", _remove, "remove keys from a dataset folder, as its next version")
+    c.add_argument("folder")
+    c.add_argument("--keys", required=True, metavar="FILE", help="the keys, one a line ('-': standard input)")
+    c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
+
+    c = command("compact", _compact, "join small shards and merge the key index, as the next version")
+    c.add_argument("folder")
+    c.add_argument("--shard-size", type=_size, default="1GiB", help="records per shard, in bytes (default 1GiB)")
+
+    c = command("vacuum", _vacuum, "remove old versions of a dataset folder and the files only they use")
+    c.add_argument("folder")
+    c.add_argument("--keep", type=int, required=True, metavar="N", help="keep the N newest versions")
+    c.add_argument(
+        "--grace", type=float, default=86400.0, metavar="SECONDS", help="and those superseded since (default 1 day)"
+    )
+
+    c = command("merge", _merge, "write the records of several files or datasets to a new file or dataset")
+    c.add_argument("sources", nargs="+", metavar="SRC")
+    c.add_argument("dst", help="a new .emb file, or a new dataset folder")
+    c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
+
+    c = command("subset", _subset, "write the records of some keys to a new file or dataset")
+    c.add_argument("src", help="an .emb file or a dataset folder")
+    c.add_argument("dst", help="a new .emb file, or a new dataset folder")
+    c.add_argument("--keys", required=True, metavar="FILE", help="the keys, one a line ('-': standard input)")
+    c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
+    c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
 
     c = command("index", _index, "(re)write the index of a folder of .emb shards in 0.1's layout")
     c.add_argument("folder")
@@ -270,17 +313,60 @@ def _versions(args: argparse.Namespace) -> None:
             "version": m.version,
             "created": m.created,
             "operation": m.operation["name"],
+            "changed": m.operation.get("records"),
+            "replaced": m.operation.get("replaced"),
             "records": m.count,
             "shards": len(m.shards),
+            "segments": len(m.segments),
         }
         for m in folder.history(args.folder)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("version  created                    operation   records  shards")
+    print(f"{'version':>7}  {'created':<25}  {'operation':<11}  {'changed':>11}  {'records':>11}  shards  segments")
     for r in rows:
-        print(f"{r['version']:>7}  {r['created']:<25}  {r['operation']:<10}  {r['records']:>7,}  {r['shards']:>6}")
+        changed = "" if r["changed"] is None else f"{r['changed']:,}"
+        print(
+            f"{r['version']:>7}  {r['created']:<25}  {r['operation']:<11}  {changed:>11}  {r['records']:>11,}  "
+            f"{r['shards']:>6}  {r['segments']:>8}"
+        )
+
+
+def _append(args: argparse.Namespace) -> None:
+    for src in args.sources:
+        version = embfile.append(args.folder, src, "replace" if args.replace else "error", shard_bytes=args.shard_size)
+        print(f"{args.folder}: version {version} appends {src}", file=sys.stderr)
+
+
+def _key_lines(path: str) -> list[str]:
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    with f:
+        return [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
+
+
+def _remove(args: argparse.Namespace) -> None:
+    keys = _key_lines(args.keys)
+    version = embfile.remove(args.folder, keys, missing=args.missing)
+    print(f"{args.folder}: version {version}", file=sys.stderr)
+
+
+def _compact(args: argparse.Namespace) -> None:
+    version = embfile.compact(args.folder, shard_bytes=args.shard_size)
+    print(f"{args.folder}: version {version}", file=sys.stderr)
+
+
+def _vacuum(args: argparse.Namespace) -> None:
+    gone = embfile.vacuum(args.folder, keep=args.keep, grace=args.grace)
+    print(f"{args.folder}: removed {len(gone)} versions", file=sys.stderr)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    embfile.merge(args.sources, args.dst, shard_bytes=args.shard_size)
+
+
+def _subset(args: argparse.Namespace) -> None:
+    embfile.subset(args.src, args.dst, _key_lines(args.keys), missing=args.missing, shard_bytes=args.shard_size)
 
 
 def _index(args: argparse.Namespace) -> None:

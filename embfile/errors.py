@@ -44,7 +44,15 @@ class ChecksumError(CorruptFileError):
 
 
 class KeyNotFoundError(EmbFileError, KeyError):
-    """A key is not in the file."""
+    """A key is not in the file.  ``args[0]`` is the key, as for any ``KeyError``; an operation that was
+    given the key (``remove``, ``subset``) also says where it looked."""
+
+    def __init__(self, key: object, message: str | None = None) -> None:
+        super().__init__(key)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message or KeyError.__str__(self)
 
 
 class WriterError(EmbFileError, ValueError):

@@ -178,7 +178,9 @@ def _rows_in(folder: str, base: layout.Manifest, keys: list[str], missing: str) 
 def _refuse_missing(found: np.ndarray, keys: list[str], where: str, missing: str) -> None:
     if missing == "error" and (found < 0).any():
         key = keys[int(np.flatnonzero(found < 0)[0])]
-        raise errors.KeyNotFoundError(f"key {key!r} is not in {where}; missing='ignore' skips absent keys")
+        raise errors.KeyNotFoundError(
+            key, f"key {key!r} is not in {where}; missing='ignore' (--missing ignore) skips it"
+        )
 
 
 def _committed(manifest: layout.Manifest | None) -> int:

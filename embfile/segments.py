@@ -183,7 +183,8 @@ def appended(
             first = int(np.flatnonzero(rows >= 0)[0])
             key = index.table.key(int(rows[first]))
             raise errors.DuplicateKeyError(
-                f"key {key!r} is already in the dataset (version {base.version}); on_duplicate='replace' replaces it",
+                f"key {key!r} is already in the dataset (version {base.version}); "
+                "on_duplicate='replace' (--replace) replaces it",
                 key,
                 (int(rows[first]), -1),
             )

@@ -163,9 +163,9 @@ def convert(
 
 
 def read(src: str | os.PathLike[str], *, src_format: str | None = None, **options: Any) -> Source:
-    """Open any input :func:`convert` takes (or an embfile dataset folder) as a stream of records.
+    """Open any input :func:`~embfile.convert` takes (or an embfile dataset folder) as a stream of records.
 
-    ``options`` go to the reader of its format (see :func:`convert`).
+    ``options`` go to the reader of its format (see :func:`~embfile.convert`).
     """
     sf = src_format or detect_format(src)
     if sf not in READERS:
