@@ -167,6 +167,99 @@ def test_killed_overwrite_leaves_whole_versions(tmp_path, seed):
     assert is_generation(3)(dst) and os.listdir(dst / layout.STAGING) == []
 
 
+def _holds(dst, generations):
+    """The latest version of ``dst`` holds exactly ``generations`` ({generation: the rows of it kept}), and
+    every version there opens and checks out."""
+    for version in layout.versions(dst):
+        with embfile.open(dst, version=version) as db:
+            db.verify()
+    keys, matrices = [], []
+    for generation, rows in generations.items():
+        k, m = content(N, DIM, generation)
+        keys += [k[r] for r in range(N)[rows]]
+        matrices.append(m[rows])
+    with embfile.open(dst) as db:
+        assert sorted(db) == sorted(keys)
+        np.testing.assert_array_equal(db.get_batch(keys[::97]), np.concatenate(matrices)[::97])
+
+
+def _no_leftovers(dst):
+    named = set().union(*(m.files() for m in layout.history(dst)))
+    present = {f"{sub}/{n}" for sub in (layout.SHARDS, layout.INDEX) for n in os.listdir(dst / sub)}
+    assert present == named and os.listdir(dst / layout.STAGING) == []
+
+
+@pytest.mark.parametrize(
+    "operation,before,after",
+    [
+        ("append", {1: slice(None)}, {1: slice(None), 2: slice(None)}),
+        ("remove", {1: slice(None)}, {1: slice(1, None, 2)}),
+        ("compact", {1: slice(None)}, {1: slice(None)}),
+    ],
+)
+def test_killed_operation_leaves_the_latest_version_whole(tmp_path, seed, operation, before, after):
+    """An append, remove or compact SIGKILLed at a seeded moment: the latest version is the one before or the
+    one after, whole, every version opens, and the next operation removes what the killed one left."""
+    pristine, dst = tmp_path / "pristine", tmp_path / "ds"
+    keys, matrix = content(N, DIM, 1)
+    embfile.write_shards(pristine, (keys, matrix), shard_bytes=N * DIM // 4, metadata={"generation": 1})
+    for i in range(1, 4):  # small appended shards and segments, for compact to join
+        embfile.append(pristine, ([f"extra{i}"], matrix[:1]))
+        embfile.remove(pristine, [f"extra{i}"])
+    argv = [
+        sys.executable,
+        HERE / "workers.py",
+        operation,
+        dst,
+        str(N),
+        str(DIM),
+        "2" if operation == "append" else "1",
+    ]
+
+    def reset():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(pristine, dst)
+
+    kills = 0
+    for i, (at, killed) in enumerate(kill_points(argv, seed + len(operation), POINTS // 2, reset)):
+        where = f"seed {seed}: {operation} killed at {at:.3f} s"
+        kills += killed
+        done = layout.latest_version(dst) > layout.latest_version(pristine)
+        try:
+            _holds(dst, after if done else before)
+        except AssertionError as e:
+            raise AssertionError(f"{where}: {e}") from None
+        if i % 3 == 2:  # the next operation clears what the killed one left
+            embfile.append(dst, (["next"], matrix[:1]))
+            _no_leftovers(dst)
+    assert kills >= POINTS // 6, f"seed {seed}: only {kills} runs of {operation} were killed before they ended"
+
+
+def test_killed_dataset_writer_resumes_with_every_key_once(tmp_path, seed):
+    """A DatasetWriter job SIGKILLed again and again, each time resumed: it ends with every key exactly once."""
+    dst = tmp_path / "job"
+    argv = [sys.executable, HERE / "workers.py", "job", dst, str(N), str(DIM), "2"]
+    whole = min(_timed_run(argv, lambda: shutil.rmtree(dst, ignore_errors=True)) for _ in range(2))
+    shutil.rmtree(dst)
+    rng = random.Random(seed)
+    kills = 0
+    for _ in range(POINTS // 2):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.2, 0.8) * whole)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            kills += 1
+        proc.wait()
+        if os.path.exists(dst):
+            with embfile.open(dst) as db:  # what was committed is whole
+                db.verify()
+    subprocess.run(argv, check=True)
+    _holds(dst, {2: slice(None)})
+    _no_leftovers(dst)
+    assert kills >= 1, f"seed {seed}: no run was killed"
+
+
 @pytest.mark.parametrize("src_name,dst_name", [("src.h5", "db.emb"), ("src.emb", "db.parquet")])
 def test_killed_converter(tmp_path, seed, src_name, dst_name):
     """The real CLI, ``embfile convert``, killed: HDF5 to .emb and .emb to Parquet."""

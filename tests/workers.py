@@ -3,7 +3,10 @@
 ``python workers.py MODE DST N DIM GENERATION`` writes (tests/test_crashes.py
 kills it): MODE ``write`` streams records through ``embfile.Writer``,
 ``shards`` through ``embfile.ShardWriter`` into a new folder, ``overwrite`` as the
-next version of a dataset.  :func:`stress_reader` runs in the
+next version of a dataset; ``append`` adds the generation to a dataset, ``remove``
+removes every other key of the generation from it, ``compact`` compacts it, and
+``job`` writes the generation with a resumed ``embfile.DatasetWriter``, skipping
+the keys it holds.  :func:`stress_reader` runs in the
 processes of tests/test_stress.py.  Content is a function of (N, DIM,
 GENERATION), so a reader can check every byte without being sent the data.
 """
@@ -26,6 +29,19 @@ def content(n, dim, generation):
 def main(mode, dst, n, dim, generation):
     keys, matrix = content(n, dim, generation)
     meta = {"generation": generation}
+    if mode == "append":
+        return embfile.append(dst, (keys, matrix), shard_bytes=n * dim)
+    if mode == "remove":
+        return embfile.remove(dst, keys[::2])
+    if mode == "compact":
+        return embfile.compact(dst)
+    if mode == "job":
+        with embfile.DatasetWriter(dst, dim, "float32", meta, shard_bytes=n * dim // 2, resume=True) as w:
+            done = w.done_keys()
+            for key, vector in zip(keys, matrix):
+                if key not in done:
+                    w.add(key, vector)
+        return None
     if mode == "write":
         w = embfile.Writer(dst, dim, "float32", meta)
     else:  # "shards" (a new folder) or "overwrite" (the next version of a dataset)

@@ -1,0 +1,300 @@
+"""Datasets that grow: append, remove, compact, merge, subset and vacuum against a dict oracle, DatasetWriter,
+and appenders in real processes racing to commit."""
+
+import multiprocessing
+import os
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import embfile
+from embfile import folder as layout
+
+DIM = 3
+KEYS = st.sampled_from([f"k{i:03d}" for i in range(60)])
+
+
+def vectors(keys, seed):
+    return np.random.default_rng(seed).standard_normal((len(keys), DIM)).astype(np.float32)
+
+
+def assert_holds(db, truth):
+    """``db`` is ``truth`` (a dict key -> vector), read every way, and its files check out."""
+    assert len(db) == len(truth) and set(db) == set(truth)
+    if truth:
+        keys = sorted(truth)
+        np.testing.assert_array_equal(db.get_batch(keys), np.stack([truth[k] for k in keys]))
+        np.testing.assert_array_equal(db.to_numpy(), np.stack([truth[k] for k in db]))
+    assert "absent" not in db and db.find_rows(["absent"]).tolist() == [-1]
+    db.verify()
+
+
+def no_leftovers(folder):
+    """Every file in the folder is named by a version, and no operation's staging is left."""
+    named = set().union(*(m.files() for m in layout.history(folder)))
+    present = {f"{sub}/{n}" for sub in (layout.SHARDS, layout.INDEX) for n in os.listdir(folder / sub)}
+    assert present == named, present ^ named
+    assert os.listdir(folder / layout.STAGING) == []
+
+
+class Growing(RuleBasedStateMachine):
+    """Random sequences of operations on one dataset; after each, every version reopened and compared with
+    the dict it was at that version."""
+
+    def __init__(self):
+        super().__init__()
+        self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="embfile-grow-"))
+        self.path = self.tmp / "ds"
+        self.versions = {}  # version -> the dict it holds
+        self.seed = 0
+
+    def teardown(self):
+        shutil.rmtree(self.tmp)
+
+    @property
+    def truth(self):
+        return self.versions[max(self.versions)]
+
+    def committed(self, version, truth):
+        assert version == max(self.versions) + 1
+        self.versions[version] = truth
+
+    @initialize(keys=st.lists(KEYS, min_size=1, max_size=20, unique=True), per_shard=st.integers(1, 8))
+    def start(self, keys, per_shard):
+        m = vectors(keys, 0)
+        embfile.write_shards(self.path, (keys, m), shard_bytes=per_shard * DIM * 4)
+        self.versions[1] = dict(zip(keys, m))
+
+    @rule(keys=st.lists(KEYS, min_size=1, max_size=12, unique=True), replace=st.booleans(), per_shard=st.integers(1, 8))
+    def append(self, keys, replace, per_shard):
+        self.seed += 1
+        m = vectors(keys, self.seed)
+        present = [k for k in keys if k in self.truth]
+        if present and not replace:
+            with pytest.raises(embfile.DuplicateKeyError, match=repr(present[0])[1:-1]):
+                embfile.append(self.path, (keys, m), shard_bytes=per_shard * DIM * 4)
+            return
+        how = "replace" if replace else "error"
+        version = embfile.append(self.path, (keys, m), how, shard_bytes=per_shard * DIM * 4)
+        self.committed(version, {**self.truth, **dict(zip(keys, m))})
+
+    @rule(keys=st.lists(KEYS, min_size=1, max_size=10, unique=True), ignore=st.booleans())
+    def remove(self, keys, ignore):
+        absent = [k for k in keys if k not in self.truth]
+        if absent and not ignore:
+            with pytest.raises(embfile.KeyNotFoundError, match=absent[0]):
+                embfile.remove(self.path, keys)
+            return
+        version = embfile.remove(self.path, keys, missing="ignore" if ignore else "error")
+        if len(absent) == len(keys):
+            assert version == max(self.versions)  # nothing removed: no version
+            return
+        self.committed(version, {k: v for k, v in self.truth.items() if k not in keys})
+
+    @rule(per_shard=st.integers(1, 30))
+    def compact(self, per_shard):
+        before = max(self.versions)
+        version = embfile.compact(self.path, shard_bytes=per_shard * DIM * 4)
+        with embfile.open(self.path) as db:
+            assert db.segments <= 1 or version == before
+        if version != before:
+            self.committed(version, dict(self.truth))
+
+    @rule(keys=st.lists(KEYS, max_size=10, unique=True), to_file=st.booleans())
+    def subset(self, keys, to_file):
+        self.seed += 1
+        dst = self.tmp / f"subset{self.seed}{'.emb' if to_file else ''}"
+        embfile.subset(self.path, dst, keys, missing="ignore")
+        with embfile.open(dst) as db:
+            assert_holds(db, {k: v for k, v in self.truth.items() if k in keys})
+            with embfile.open(self.path) as whole:
+                assert list(db) == [k for k in whole if k in keys]  # in the dataset's row order
+
+    @rule()
+    def merge_with_a_file(self):
+        self.seed += 1
+        other = self.tmp / f"other{self.seed}.emb"
+        embfile.write(other, ([f"other{self.seed}"], vectors([0], self.seed)))
+        embfile.merge([self.path, other], self.tmp / f"merged{self.seed}")
+        with embfile.open(self.tmp / f"merged{self.seed}") as db:
+            assert_holds(db, {**self.truth, f"other{self.seed}": vectors([0], self.seed)[0]})
+
+    @invariant()
+    def every_version_holds_what_it_held(self):
+        if not self.versions:
+            return
+        for version, truth in self.versions.items():
+            with embfile.open(self.path, version=version) as db:
+                assert db.version == version
+                assert_holds(db, truth)
+        with embfile.open(self.path) as db:
+            assert db.version == max(self.versions)
+            assert db.segments <= max(1, int(np.log2(max(len(db), 1))) + 1)
+        no_leftovers(self.path)
+
+
+Growing.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_operations_against_a_dict = Growing.TestCase
+
+
+@pytest.fixture
+def ds(tmp_path):
+    path = tmp_path / "ds"
+    keys = [f"p{i:04d}" for i in range(1000)]
+    embfile.write_shards(path, (keys, vectors(keys, 1)), shard_bytes=100 * DIM * 4, metadata={"model": "m"})
+    return path
+
+
+def test_a_duplicate_append_commits_nothing_and_names_the_key(ds):
+    with pytest.raises(embfile.DuplicateKeyError, match=r"key 'p0500' is already in the dataset \(version 1\)"):
+        embfile.append(ds, (["new", "p0500"], np.zeros((2, DIM))))
+    assert layout.latest_version(ds) == 1
+    no_leftovers(ds)
+    with pytest.raises(embfile.ShardError, match="'twice' is in two shards"):
+        embfile.append(ds, (["twice", "x", "twice"], np.zeros((3, DIM))), shard_bytes=DIM * 4)
+    assert layout.latest_version(ds) == 1
+
+
+def test_append_takes_what_convert_reads_and_keeps_the_datasets_dtype_and_metadata(ds, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"id": ["q1", "q2"], "emb": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]})
+    pq.write_table(table, tmp_path / "new.parquet")
+    version = embfile.append(ds, tmp_path / "new.parquet")
+    with embfile.open(ds) as db:
+        assert (db.version, len(db), db.dtype, db.manifest.metadata) == (version, 1002, np.float32, {"model": "m"})
+        np.testing.assert_array_equal(db["q2"], [4, 5, 6])
+    with pytest.raises(embfile.WriterError, match="holds vectors of dim 3, not 2"):
+        embfile.append(ds, (["r"], np.zeros((1, 2))))
+    with pytest.raises(embfile.WriterError, match="no dataset to append to"):
+        embfile.append(tmp_path / "nothing", (["r"], np.zeros((1, 3))))
+
+
+def test_appends_cost_a_segment_each_and_the_index_stays_logarithmic(ds):
+    for i in range(40):
+        embfile.append(ds, ([f"a{i}-{j}" for j in range(10)], np.full((10, DIM), i)))
+    with embfile.open(ds) as db:
+        sizes = [s.count for s in db.manifest.segments]
+        assert all(a >= 2 * b for a, b in zip(sizes, sizes[1:])), sizes  # each at least twice the next
+        assert db.segments <= 6 and len(db) == 1400
+        np.testing.assert_array_equal(db["a7-3"], [7, 7, 7])
+        assert db.manifest.segments[0].path == layout.read_manifest(ds, 1).segments[0].path  # never rewritten
+    embfile.compact(ds)
+    with embfile.open(ds) as db:
+        assert db.segments == 1 and len(db.files) == 1 and db["a7-3"].tolist() == [7, 7, 7]
+
+
+def test_remove_rewrites_only_the_shards_holding_the_keys(ds):
+    before = layout.read_manifest(ds)
+    embfile.remove(ds, ["p0150", "p0151"])
+    after = layout.read_manifest(ds)
+    changed = {s.path for s in before.shards} - {s.path for s in after.shards}
+    assert len(changed) == 1 and len(after.shards) == len(before.shards)
+    with pytest.raises(embfile.KeyNotFoundError, match=r"'p0150' is not in .*\(version 2\)"):
+        embfile.remove(ds, ["p0150"])
+    embfile.remove(ds, [f"p{i:04d}" for i in range(1000) if i not in (150, 151)])
+    with embfile.open(ds) as db:
+        assert len(db) == 0 and list(db) == [] and db.find_rows(["p0001"]).tolist() == [-1]
+    embfile.append(ds, (["back"], np.ones((1, DIM))))
+    with embfile.open(ds) as db:
+        assert list(db) == ["back"]
+
+
+def test_vacuum_keeps_what_kept_versions_and_open_handles_use(ds):
+    embfile.append(ds, (["a"], np.ones((1, DIM))))
+    embfile.remove(ds, ["p0001"])
+    old = embfile.open(ds, version=1)
+    assert embfile.vacuum(ds, keep=1) == []  # superseded less than a day ago
+    assert embfile.vacuum(ds, keep=2, grace=0) == [1]
+    assert layout.versions(ds) == [2, 3]
+    np.testing.assert_array_equal(
+        old.get_batch(["p0001", "p0999"]), vectors([f"p{i:04d}" for i in range(1000)], 1)[[1, 999]]
+    )
+    old.close()
+    with pytest.raises(embfile.VersionNotFoundError, match="its versions are 2 to 3"):
+        embfile.open(ds, version=1)
+    no_leftovers(ds)
+    embfile.vacuum(ds, keep=1, grace=0)
+    no_leftovers(ds)
+    with embfile.open(ds) as db:
+        assert len(db) == 1000 and "a" in db and "p0001" not in db
+
+
+def test_vacuum_leaves_the_files_of_a_running_operation(ds):
+    with layout.Transaction(ds) as tx:
+        name = tx.new_name(layout.SHARDS)
+        embfile.write(tx.path(name), (["wip"], np.ones((1, DIM), np.float32)))
+        embfile.vacuum(ds, keep=1, grace=0)
+        assert os.path.exists(tx.path(name))
+    assert not os.path.exists(tx.path(name))  # never committed: removed by its own close
+
+
+def test_dataset_writer_commits_each_full_shard_and_resumes(tmp_path):
+    path = tmp_path / "job"
+    keys = [f"s{i:04d}" for i in range(250)]
+    m = vectors(keys, 2)
+    with embfile.DatasetWriter(path, dim=DIM, shard_bytes=100 * DIM * 4) as w:
+        for k, v in zip(keys[:150], m[:150]):
+            w.add(k, v)
+        assert layout.latest_version(path) == 2  # version 1 is the empty dataset, 2 the first full shard
+        assert len(w.done_keys()) == 150 and "s0149" in w.done_keys() and "s0150" not in w.done_keys()
+        with pytest.raises(embfile.DuplicateKeyError, match="'s0003' is already in the dataset"):
+            w.add_batch(["fresh", "s0003"], m[:2])
+        assert "fresh" not in w.done_keys()
+    with pytest.raises(embfile.WriterError, match="resume=True continues it"):
+        embfile.DatasetWriter(path, dim=DIM)
+    with embfile.DatasetWriter(path, dim=DIM, shard_bytes=100 * DIM * 4, resume=True) as w:
+        done = w.done_keys()
+        assert sorted(done) == keys[:150]
+        for k, v in zip(keys, m):
+            if k not in done:
+                w.add(k, v)
+    with embfile.open(path) as db:
+        assert_holds(db, dict(zip(keys, m)))
+        assert [v.operation["name"] for v in layout.history(path)] == ["write"] + ["write-shard"] * 3
+    no_leftovers(path)
+
+
+def test_an_exception_inside_a_dataset_writer_keeps_what_was_added(tmp_path):
+    path = tmp_path / "job"
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        with embfile.DatasetWriter(path, dim=DIM, shard_bytes=10 * DIM * 4) as w:
+            for i in range(25):
+                w.add(f"s{i}", np.full(DIM, i))
+            raise RuntimeError("CUDA out of memory")
+    with embfile.open(path) as db:
+        assert len(db) == 25 and db["s24"].tolist() == [24] * DIM
+    no_leftovers(path)
+
+
+def _append_many(path, worker, n):
+    for i in range(n):
+        embfile.append(path, ([f"w{worker}-{i}"], np.full((1, DIM), worker)))
+
+
+def test_appenders_in_two_processes_both_commit_every_time(ds):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(ds, w, 15)) for w in range(2)]
+    for p in procs:
+        p.start()
+    seen = set()
+    while any(p.is_alive() for p in procs):  # a reader meanwhile always sees one whole version
+        with embfile.open(ds) as db:
+            assert len(db) == db.manifest.count == 1000 + db.version - 1
+            seen.add(db.version)
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    with embfile.open(ds) as db:
+        assert db.version == 31 and len(db) == 1030
+        assert {f"w{w}-{i}" for w in range(2) for i in range(15)} <= set(db)
+    assert [m.parent for m in layout.history(ds)[1:]] == list(range(1, 31))
+    no_leftovers(ds)
