@@ -304,6 +304,11 @@ class Transaction:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = os.fspath(folder)
+        if not is_versioned(self.folder):
+            what = (
+                "a folder in 0.1's layout (embfile shard writes it anew)" if os.path.isdir(folder) else "not a folder"
+            )
+            raise errors.ShardError(f"{self.folder}: not a versioned dataset: {what}")
         clean_leftovers(self.folder)
         self._staging = Staging(os.path.join(self.folder, STAGING, OPERATION), folder=True)
         self.token = _token(os.path.basename(self._staging.path))

@@ -43,7 +43,25 @@ def test_console_script_installed():
     assert p.returncode == 0 and p.stdout.strip() == f"embfile {embfile.__version__}"
 
 
-@pytest.mark.parametrize("command", ["convert", "info", "get", "keys", "verify", "shard", "index"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "convert",
+        "info",
+        "get",
+        "keys",
+        "verify",
+        "shard",
+        "index",
+        "append",
+        "remove",
+        "compact",
+        "vacuum",
+        "versions",
+        "merge",
+        "subset",
+    ],
+)
 def test_help_has_examples(command):
     p = cli(command, "--help")
     assert b"example" in p.stdout and f"embfile {command}".encode() in p.stdout
@@ -188,3 +206,42 @@ def test_shard_a_file_then_use_the_folder(tmp_path, study):
     p = cli("shard", path, tmp_path / "x", "--shard-size", "lots", check=False)
     assert p.returncode == 2 and "not a size: 'lots'" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_grow_a_dataset_from_the_shell(tmp_path, study):
+    path, keys, matrix = study
+    ds = tmp_path / "ds"
+    cli("shard", path, ds, "--shard-size", "40KiB")
+    with h5py.File(tmp_path / "new.h5", "w") as f:  # one dataset per protein, as ProtTrans writes
+        for i in range(3):
+            f[f"new{i}"] = np.full(32, i, np.float32)
+    assert "version 2 appends" in cli("append", ds, tmp_path / "new.h5").stderr
+    assert_user_error(
+        cli("append", ds, tmp_path / "new.h5", check=False), "'new0' is already in the dataset", "--replace"
+    )
+    cli("append", ds, tmp_path / "new.h5", "--replace")
+    (tmp_path / "gone.txt").write_text(f"{keys[0]}\n{keys[1]}\n")
+    cli("remove", ds, "--keys", tmp_path / "gone.txt")
+    assert_user_error(
+        cli("remove", ds, "--keys", tmp_path / "gone.txt", check=False), f"key {keys[0]!r} is not in", "--missing"
+    )
+    cli("compact", ds)
+    versions = json.loads(cli("versions", ds, "--json").stdout)
+    assert [(v["operation"], v["changed"], v["records"]) for v in versions] == [
+        ("write", 500, 500),
+        ("append", 3, 503),
+        ("append", 3, 503),
+        ("remove", 2, 501),
+        ("compact", 501, 501),
+    ]
+    assert versions[2]["replaced"] == 3 and versions[-1]["shards"] == versions[-1]["segments"] == 1
+    assert "removed 0 versions" in cli("vacuum", ds, "--keep", "1").stderr  # within the grace period
+    assert "removed 4 versions" in cli("vacuum", ds, "--keep", "1", "--grace", "0").stderr
+    (tmp_path / "some.txt").write_text(f"new2\n{keys[7]}\n")
+    cli("subset", ds, tmp_path / "some.emb", "--keys", tmp_path / "some.txt")
+    merge = cli("merge", tmp_path / "some.emb", path, tmp_path / "merged", check=False)
+    assert_user_error(merge, f"{keys[7]!r}")  # in both sources
+    assert not (tmp_path / "merged").exists()
+    with embfile.open(tmp_path / "some.emb") as db:
+        assert list(db) == [keys[7], "new2"] and db["new2"].tolist() == [2.0] * 32
+    assert_user_error(cli("append", tmp_path / "nothing", path, check=False), "no dataset to append to")

@@ -29,6 +29,7 @@ def test_every_page_is_reachable():
     for page in [
         "guide/reading",
         "guide/writing",
+        "guide/versions",
         "guide/converting",
         "guide/training",
         "api",
