@@ -116,14 +116,23 @@ def row_number(row, n):
     return r
 
 
-def _key_list(keys, caller):
-    """``keys`` (a sequence of str or a numpy string array) as a list, or TypeError."""
+cdef tuple _encoded(keys, caller):
+    """``keys`` (a sequence of str or a numpy string array) as ``(list, pointers, lengths)``: the address and
+    length of each key's UTF-8, valid while the list lives.  TypeError for anything else."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"{caller}() takes a sequence of keys, not a single key")
     try:
-        return keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
     except TypeError:
         raise TypeError(f"{caller}() takes a sequence of str keys, not {type(keys).__name__}") from None
+    ptrs = np.empty(len(seq), dtype=np.uintp)
+    lens = np.empty(len(seq), dtype=np.uintp)
+    cdef uintptr_t[::1] pv = ptrs
+    cdef size_t[::1] lv = lens
+    cdef Py_ssize_t i
+    for i in range(len(seq)):
+        pv[i] = <uintptr_t>_utf8(seq[i], &lv[i])
+    return seq, ptrs, lens
 
 
 ctypedef struct segment_t:
@@ -326,16 +335,12 @@ cdef class Table:
     def rows(self, keys):
         """Row numbers of ``keys`` (any sequence of str, or a numpy string array), as int64."""
         self._live()
-        seq = _key_list(keys, "rows")
+        seq, ptrs, lens = _encoded(keys, "rows")
         cdef size_t k = len(seq), i, failed = 0
-        ptrs = np.empty(k, dtype=np.uintp)
-        lens = np.empty(k, dtype=np.uintp)
         out = np.empty(k, dtype=np.int64)
         cdef uintptr_t[::1] pv = ptrs
         cdef size_t[::1] lv = lens
         cdef int64_t[::1] ov = out
-        for i in range(k):
-            pv[i] = <uintptr_t>_utf8(seq[i], &lv[i])
         cdef int rc = EMB_OK
         if k and self._n_segs == 1:
             with nogil:
@@ -354,16 +359,12 @@ cdef class Table:
     def find_rows(self, keys):
         """Row numbers of ``keys`` as int64, -1 for each key that is absent (no exception for those)."""
         self._live()
-        seq = _key_list(keys, "find_rows")
+        seq, ptrs, lens = _encoded(keys, "find_rows")
         cdef size_t k = len(seq), i
-        ptrs = np.empty(k, dtype=np.uintp)
-        lens = np.empty(k, dtype=np.uintp)
         out = np.empty(k, dtype=np.int64)
         cdef uintptr_t[::1] pv = ptrs
         cdef size_t[::1] lv = lens
         cdef int64_t[::1] ov = out
-        for i in range(k):
-            pv[i] = <uintptr_t>_utf8(seq[i], &lv[i])
         cdef int rc = EMB_OK
         with nogil:
             for i in range(k):
