@@ -160,7 +160,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="100000,1000000,10000000", help="dataset sizes for the append cost")
     ap.add_argument("--dim", type=int, default=16, help="elements per vector (small: the keys are what grows)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lookup-keys", type=int, default=500_000, help="keys of the 100-append dataset")
     ap.add_argument("--lookup-dim", type=int, default=256, help="its elements per vector (1 KiB records)")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")

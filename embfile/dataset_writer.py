@@ -222,11 +222,11 @@ class DatasetWriter(ShardWriter):
     """Write a dataset over a long job: every shard is committed as a new version as soon as it is full, so a
     crash loses at most the shard in progress.
 
-    ``folder`` is created (an empty version 1) if it does not exist.  If it is a dataset already,
-    ``resume=True`` continues it (of its dim and dtype) and :meth:`done_keys` says which keys it holds, so the
-    job can skip them; without ``resume`` that is an error.  A key the dataset holds, or one written twice,
-    is a :class:`DuplicateKeyError` when it is added (nothing is added then).  Leaving a ``with`` block by an
-    exception commits every record added before it, then lets the exception go on.
+    ``folder`` is created (an empty version 1, of ``dtype``, float32 by default) if it does not exist.  If it
+    is a dataset already, ``resume=True`` continues it (of its dim and dtype) and :meth:`done_keys` says which
+    keys it holds, so the job can skip them; without ``resume`` that is an error.  A key the dataset holds, or
+    one written twice, is a :class:`DuplicateKeyError` when it is added (nothing is added then).  Leaving a
+    ``with`` block by an exception commits every record added before it, then lets the exception go on.
 
     Examples
     --------
@@ -241,7 +241,7 @@ class DatasetWriter(ShardWriter):
         self,
         folder: PathLike,
         dim: int,
-        dtype: object = "float32",
+        dtype: object = None,
         metadata: dict[str, Any] | None = None,
         *,
         shard_bytes: int = 1 << 30,

@@ -13,6 +13,7 @@ the files of a killed one (unlocked token, named by no version) from those of a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from embfile import errors
-from embfile._staging import Staging, fsync_path, lock, remove_stale
+from embfile._staging import Staging, fsync_path, lock
 
 FORMAT = "embfile-dataset"
 FORMAT_VERSION = (1, 0)
@@ -212,7 +213,15 @@ def _latest(folder: str | os.PathLike[str]) -> int:
     version = max(hint, 0)
     while os.path.exists(version_path(folder, version + 1)):
         version += 1
-    return version if version and os.path.exists(version_path(folder, version)) else 0
+    if version and os.path.exists(version_path(folder, version)):
+        return version
+    listed = versions(folder)  # the hint names a version vacuum removed (or is damaged): list, only then
+    if not listed:
+        return 0
+    version = listed[-1]
+    while os.path.exists(version_path(folder, version + 1)):
+        version += 1
+    return version
 
 
 def read_manifest(folder: str | os.PathLike[str], version: int | None = None) -> Manifest:
@@ -277,12 +286,11 @@ def make_layout(folder: str | os.PathLike[str]) -> None:
 
 
 def versions(folder: str | os.PathLike[str]) -> list[int]:
-    """The numbers of the versions still in the folder (vacuum removes old ones), oldest first."""
-    latest = _latest(folder)
+    """The numbers of the versions in the folder (vacuum removes old ones), oldest first: a listing."""
     found = []
     for name in os.listdir(os.path.join(folder, VERSIONS)):
         stem, ext = os.path.splitext(name)
-        if ext == ".json" and stem.isdigit() and len(stem) == 20 and int(stem) <= latest:
+        if ext == ".json" and stem.isdigit() and len(stem) == 20:
             found.append(int(stem))
     return sorted(found)
 
@@ -415,7 +423,6 @@ def clean_leftovers(folder: str | os.PathLike[str]) -> None:
     finally:
         for fd in dead.values():
             os.close(fd)
-    remove_stale(staging, "write")  # what 0.2's first ShardWriter(mode="overwrite") staged
 
 
 def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0) -> list[int]:
@@ -449,7 +456,8 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
     named = set().union(*(m.files() for m in history(folder)))
     for path in files:
         if path not in named and os.path.basename(path).split("-")[0] not in live:
-            os.unlink(os.path.join(folder, path))
+            with contextlib.suppress(FileNotFoundError):  # another vacuum got there first
+                os.unlink(os.path.join(folder, path))
     return gone
 
 

@@ -16,7 +16,7 @@ reading a dataset never checks for deleted rows.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,7 +86,11 @@ def without_rows(tx: Transaction, base: Manifest, rows: np.ndarray) -> tuple[lis
     return shards, segments
 
 
-def _rewritten(tx: Transaction, entries: Sequence[FileEntry], rows: np.ndarray, rewrite) -> list[FileEntry]:  # type: ignore[no-untyped-def]
+Rewrite = Callable[[Transaction, MappedFile, np.ndarray], FileEntry]
+
+
+def _rewritten(tx: Transaction, entries: Sequence[FileEntry], rows: np.ndarray, rewrite: Rewrite) -> list[FileEntry]:
+    """``entries`` (files of consecutive rows) with ``rows`` removed: ``rewrite(tx, file, rows to keep)``."""
     out, first = [], 0
     for e in entries:
         dead = rows[np.searchsorted(rows, first) : np.searchsorted(rows, first + e.count)] - first
