@@ -35,7 +35,14 @@ SDIST_NEEDS = [
     "tests/test_golden.py",
 ]
 SDIST_REFUSES = ["embfile/_core.c", ".so"]
-WHEEL_NEEDS = ["embfile/__init__.py", "embfile/_core.pyi", "embfile/py.typed", "embfile/formats/hdf5.py"]
+WHEEL_NEEDS = [
+    "embfile/__init__.py",
+    "embfile/_core.pyi",
+    "embfile/py.typed",
+    "embfile/formats/hdf5.py",
+    "embfile/spark.py",
+    "pyspark_embfile.py",  # at the top level of site-packages, where Spark's automatic registration looks
+]
 WHEEL_REFUSES = [".pyx", ".pxd", ".c", ".h"]
 
 SMOKE = textwrap.dedent("""

@@ -159,6 +159,37 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
                 yield lo, hi, matrix[lo - first : hi - first]
                 layout.advise(lo, hi, mmap.MADV_DONTNEED)
 
+    def slices(self, rows: int) -> list[int]:
+        """Row boundaries that cut the dataset into ranges of at most ``rows`` rows, none across two files:
+        the partitions of a Spark or Dask read."""
+        bounds = [0]
+        for first, last in zip(self._starts, self._starts[1:]):
+            bounds += [*range(first + rows, last, rows), last]
+        return sorted(set(bounds))
+
+    def to_dask_array(self) -> Any:
+        """The vectors as an ``(n, dim)`` Dask Array chunked along the files (and slices of about 128 MiB).
+
+        Its graph holds this dataset, which pickles by path (and version), never the data; each task reads its
+        rows from the mapping.  Needs dask (``pip install "embfile[dask]"``).
+        """
+        da = require("dask.array", "dask")
+        self._require_open()
+        bounds = self.slices(max(1, (128 << 20) // (self.dim * self.dtype.itemsize)))
+        chunks = (tuple(np.diff(bounds).tolist()) or (0,), (self.dim,))
+        return da.from_array(
+            _RowsView(self), chunks=chunks, asarray=False, fancy=False, meta=np.empty((0, self.dim), self.dtype)
+        )
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        """What identifies the contents: the path, the version and the files (never changed in place)."""
+        return (
+            type(self).__name__,
+            self.path,
+            self.version,
+            *((f.path, f.count, f.stored_crc("keys")) for f in self.files),
+        )
+
     def iter_batches(
         self, batch_size: int = 100, *, transform: Callable[[Any], Any] | None = None, **options: Any
     ) -> Batches:
@@ -322,6 +353,23 @@ class EmbFile(Dataset):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (EmbFile, (self.path,))
+
+
+class _RowsView:
+    """A dataset's rows as ``dask.array.from_array`` takes them: shape, dtype, slices of rows."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.shape = (len(dataset), dataset.dim)
+        self.dtype = dataset.dtype
+        self.ndim = 2
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        lo, hi, _ = index[0].indices(self.shape[0])
+        return self.dataset.take(np.arange(lo, hi))[:, index[1]]
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return self.dataset.__dask_tokenize__()
 
 
 class _ValuesByRow(collections.abc.ValuesView[np.ndarray]):

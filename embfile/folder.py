@@ -432,7 +432,8 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
     that is open keeps reading its files after they are removed (they stay mapped); the grace period is for
     handles that open a version again by number (pickled into DataLoader workers or DDP ranks) and for
     network file systems, where a removed file can fail a reader that mapped it.  Files of live operations
-    are never touched.  Returns the versions removed.
+    are never touched, nor files no version names that are younger than ``grace`` (those of a Spark or Dask
+    job still writing).  Returns the versions removed.
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, not {keep}")
@@ -457,7 +458,8 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
     for path in files:
         if path not in named and os.path.basename(path).split("-")[0] not in live:
             with contextlib.suppress(FileNotFoundError):  # another vacuum got there first
-                os.unlink(os.path.join(folder, path))
+                if now - os.stat(os.path.join(folder, path)).st_mtime >= grace:
+                    os.unlink(os.path.join(folder, path))
     return gone
 
 

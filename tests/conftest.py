@@ -105,3 +105,43 @@ def assert_store(path, expected, dtype=None):
 
 # fuzz/: the hostile-file harness (exercise, mutate, sandbox) that tests/test_hostile.py drives
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz"))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One Spark in local mode for the whole run: 2 cores, a task tried twice before its job fails.
+
+    The repository's root is on the workers' PYTHONPATH, as site-packages is for an installed embfile, so
+    Spark finds ``pyspark_embfile`` by itself (an editable install hides top-level modules from that search).
+    """
+    pyspark = pytest.importorskip("pyspark.sql")
+    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    session = (
+        pyspark.SparkSession.builder.master("local[2,2]")
+        .appName("embfile-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.driver.host", "127.0.0.1")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """One Dask LocalCluster for the whole run: 2 worker processes of one thread each, on 127.0.0.1."""
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client

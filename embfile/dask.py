@@ -1,0 +1,150 @@
+"""Dask reads and writes embfile datasets (``pip install "embfile[dask]"``).
+
+>>> embfile.dask.to_embfile(ddf, "esm2/", key="id", vector="emb", mode="append")   # doctest: +SKIP
+>>> ddf = embfile.dask.read_embfile("esm2/")                                       # doctest: +SKIP
+>>> x = embfile.open("esm2/").to_dask_array()        # Dataset.to_dask_array            # doctest: +SKIP
+
+Writing is one task per partition and one commit at the end, as ``to_parquet`` does (:mod:`embfile.jobs`:
+every key exactly once, whatever tasks were retried or whose worker died; a failed job commits nothing).
+Reading gives a DataFrame of ``key`` and ``vector`` columns backed by Arrow (``vector`` a
+``fixed_size_list`` of the stored type), one partition per shard or slice of one; graphs hold paths, never
+data.  The folder must be on a file system every worker sees.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from embfile._extras import require
+
+dask = require("dask", "dask")
+dd = require("dask.dataframe", "dask")
+da = require("dask.array", "dask")
+pa = require("pyarrow", "dask")
+pd = require("pandas", "dask")
+
+from embfile import jobs  # noqa: E402
+from embfile._stream import Chunk, chunk_rows  # noqa: E402
+from embfile.dataset import Dataset  # noqa: E402
+from embfile.shards import open as open_dataset  # noqa: E402
+
+PathLike = str | os.PathLike[str]
+
+
+def to_embfile(
+    data: Any,
+    path: PathLike,
+    key: str | Sequence[str] | Any = "key",
+    vector: str | Sequence[str] = "vector",
+    *,
+    mode: str = "error",
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    shard_bytes: int = 1 << 30,
+    on_duplicate: str = "error",
+) -> int:
+    """Write ``data`` to the dataset folder ``path`` as one new version, and return its number.
+
+    ``data`` is a Dask DataFrame (``key`` names its key column; ``vector`` a column of vectors, or a list of
+    columns, one per dimension), a Dask Bag of ``(key, vector)`` pairs, or a 2-d Dask Array (``key`` then
+    holds its keys: a sequence, or a Dask Array of strings chunked as its rows).  ``mode``: ``"error"`` (a new
+    dataset), ``"append"`` or ``"overwrite"`` (either creates it if absent); ``dtype`` defaults to the array's,
+    float32 otherwise.
+    """
+    if dtype is None:
+        dtype = data.dtype if isinstance(data, da.Array) else "float32"
+    job = jobs.start_job(path, None, dtype, metadata, shard_bytes=shard_bytes, mode=mode, on_duplicate=on_duplicate)
+    try:
+        parts = [dask.delayed(_write_part)(job, i, p) for i, p in enumerate(_partitions(data, key, vector))]
+        manifest = dask.delayed(jobs.commit_job)(job, parts).compute()
+    except BaseException:
+        jobs.abort_job(job)
+        raise
+    return int(manifest.version)
+
+
+def _partitions(data: Any, key: Any, vector: Any) -> list[Any]:
+    """One delayed ``(kind, partition, key, vector)`` per partition of ``data``."""
+    if isinstance(data, dd.DataFrame):
+        return [dask.delayed(tuple)(["frame", p, key, vector]) for p in data.to_delayed()]
+    if isinstance(data, dask.bag.Bag):
+        return [dask.delayed(tuple)(["pairs", p, None, None]) for p in data.to_delayed()]
+    if isinstance(data, da.Array):
+        if data.ndim != 2:
+            raise ValueError(f"to_embfile() takes a 2-d array, not one of shape {data.shape}")
+        rows = data.rechunk({1: -1}).to_delayed()[:, 0]
+        bounds = np.cumsum([0, *data.chunks[0]])
+        if isinstance(key, da.Array):
+            keys = key.rechunk((data.chunks[0],)).to_delayed()
+        else:
+            keys = [list(key[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+            if bounds[-1] != len(key):
+                raise ValueError(f"{len(key)} keys for {bounds[-1]} rows")
+        return [dask.delayed(tuple)(["array", m, k, None]) for m, k in zip(rows, keys)]
+    raise TypeError(f"to_embfile() takes a Dask DataFrame, Bag or Array, not {type(data).__name__}")
+
+
+def _write_part(job: jobs.Job, part: int, partition: tuple[str, Any, Any, Any]) -> jobs.PartResult:
+    return jobs.write_part(job, part, _chunks(*partition))
+
+
+def _chunks(kind: str, data: Any, key: Any, vector: Any) -> Iterator[Chunk]:
+    """A partition as ``(keys, matrix)`` chunks."""
+    if kind == "array":
+        keys = np.asarray(key).tolist()
+        yield keys, np.asarray(data)
+    elif kind == "frame":
+        if isinstance(vector, str):  # a column of lists (Arrow-backed, as from Parquet) or of arrays
+            column = data[vector]
+            if isinstance(column.dtype, pd.ArrowDtype):
+                yield jobs.arrow_chunk(_arrow(data[key]), _arrow(column), None)
+            else:
+                yield data[key].tolist(), np.stack(column.to_numpy()) if len(column) else np.empty((0, 0))
+        else:
+            yield data[key].tolist(), data[list(vector)].to_numpy()
+    else:  # pairs, read a chunk at a time: a partition may be a generator
+        items = iter(data)
+        while batch := list(itertools.islice(items, 4096)):
+            yield [k for k, _ in batch], np.stack([np.asarray(v) for _, v in batch])
+
+
+def _arrow(series: Any) -> Any:
+    """A pandas column as one Arrow array."""
+    array = pa.array(series)
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def read_embfile(path: PathLike, version: int | None = None, rows_per_partition: int | None = None) -> Any:
+    """The dataset at ``path`` (a file, or a folder's latest version or ``version``) as a Dask DataFrame of
+    ``key`` (string) and ``vector`` (a ``fixed_size_list`` of the stored type) columns, Arrow-backed; one
+    partition per shard, or slices of ``rows_per_partition`` rows (default: about 128 MiB of records)."""
+    with _open(path, version) as ds:
+        version = ds.version
+        meta = _frame(ds, 0, 0)
+        step = rows_per_partition or chunk_rows(ds.dim * ds.dtype.itemsize) * 8
+        bounds = ds.slices(step)
+    parts = [(os.fspath(path), version, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    return dd.from_map(_read_part, parts, meta=meta, divisions=None, enforce_metadata=False)
+
+
+def _read_part(part: tuple[str, int | None, int, int]) -> Any:
+    path, version, lo, hi = part
+    with _open(path, version) as ds:
+        return _frame(ds, lo, hi)
+
+
+def _frame(ds: Dataset, lo: int, hi: int) -> Any:
+    """Rows ``[lo, hi)`` as a pandas DataFrame, of the same column types in every partition (nullable ones:
+    Dask's transport makes every column nullable, and pandas cannot concatenate two types that differ)."""
+    value = pa.from_numpy_dtype(ds.dtype)
+    schema = pa.schema([("key", pa.string()), ("vector", pa.list_(pa.field("item", value), ds.dim))])
+    return ds.to_arrow().slice(lo, hi - lo).cast(schema).to_pandas(types_mapper=pd.ArrowDtype)
+
+
+def _open(path: PathLike, version: int | None) -> Dataset:
+    return open_dataset(path, version) if os.path.isdir(path) else open_dataset(path)

@@ -1,0 +1,240 @@
+"""Writes by many tasks, committed once: what the Spark and Dask writers share, and any other engine can use.
+
+A :class:`Job` is started on the driver; each task writes its partition's records with :func:`write_part`
+into the dataset's ``shards/`` under names that start with the job's token and the task's own attempt id,
+and returns a :class:`PartResult` naming its files; the driver passes the results of the tasks that succeeded
+to :func:`commit_job`, which builds the key index of their shards and commits one version, or to
+:func:`abort_job`.  Either way every other file of the job (a failed attempt's, a speculative duplicate's, a
+killed task's half-written one) is removed, so each record is in the committed version exactly once, from
+exactly one attempt, and a job that fails commits nothing.
+
+The dataset folder must be on a file system every task can write and the driver can read (a shared POSIX
+mount; object stores come with remote datasets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from embfile import errors
+from embfile import folder as layout
+from embfile._format import disk_dtype
+from embfile._stream import Chunk
+from embfile.dataset_writer import MODES
+from embfile.segments import appended, entry, file_keys, write_segment
+from embfile.shards import in_two_shards
+from embfile.writer import Writer
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every task of one write needs to know (picklable: it travels to the workers)."""
+
+    folder: str
+    token: str
+    dim: int | None  # None: each task takes its data's (the commit checks they agree)
+    dtype: str
+    metadata: dict[str, Any]
+    shard_bytes: int
+    mode: str
+    on_duplicate: str
+    created: bool  # the job made the folder: an abort removes it
+
+
+@dataclasses.dataclass(frozen=True)
+class PartResult:
+    """What one task wrote: its partition's number and its shard files, in order."""
+
+    part: int
+    dim: int | None
+    shards: tuple[layout.FileEntry, ...]
+
+
+def start_job(
+    folder: PathLike,
+    dim: int | None = None,
+    dtype: object = "float32",
+    metadata: dict[str, Any] | None = None,
+    *,
+    shard_bytes: int = 1 << 30,
+    mode: str = "error",
+    on_duplicate: str = "error",
+) -> Job:
+    """Prepare ``folder`` for a write by many tasks (on the driver, before any task runs).
+
+    ``mode`` is as for :class:`~embfile.ShardWriter`: ``"error"`` (a new dataset), ``"overwrite"`` or
+    ``"append"``; ``"overwrite"`` and ``"append"`` also create a dataset that does not exist yet.  ``dim=None``
+    takes the data's (an append: the dataset's).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
+    if on_duplicate not in ("error", "replace"):
+        raise ValueError(f"on_duplicate must be 'error' or 'replace', not {on_duplicate!r}")
+    path = os.fspath(folder).rstrip(os.sep) or os.sep
+    exists = os.path.isdir(path) and bool(os.listdir(path))
+    if exists and (mode == "error" or not layout.is_versioned(path)):
+        raise errors.WriterError(
+            f"{path} exists and is "
+            + ("a dataset: use mode 'append' or 'overwrite'" if layout.is_versioned(path) else "not a dataset")
+        )
+    meta = dict(metadata or {})
+    if exists and mode == "append":
+        base = layout.read_manifest(path)
+        if dim not in (None, base.dim):
+            raise errors.WriterError(f"{path} holds vectors of dim {base.dim}, not {dim}")
+        dim, dtype, meta = base.dim, base.dtype, base.metadata if metadata is None else meta
+    if not exists:
+        layout.make_layout(path)
+    return Job(
+        folder=path,
+        token=f"job{secrets.token_hex(6)}",
+        dim=None if dim is None else int(dim),
+        dtype=disk_dtype(dtype).name,
+        metadata=meta,
+        shard_bytes=int(shard_bytes),
+        mode=mode,
+        on_duplicate=on_duplicate,
+        created=not exists,
+    )
+
+
+def write_part(job: Job, part: int, chunks: Iterable[Chunk]) -> PartResult:
+    """Write one partition's ``(keys, matrix)`` chunks as shards of the job (on a worker).
+
+    A new attempt id per call: a retried or speculative attempt writes files of its own, and only the files
+    of the result the driver commits survive.  On an error the files of this attempt are removed.
+    """
+    prefix = f"{layout.SHARDS}/{job.token}-{part:06d}-{secrets.token_hex(4)}-"
+    dim = job.dim
+    names: list[str] = []
+    writer: Writer | None = None
+    try:
+        for keys, matrix in chunks:
+            if not len(keys):
+                continue
+            dim = dim or matrix.shape[1]
+            per_shard = max(1, job.shard_bytes // (dim * np.dtype(job.dtype).itemsize))
+            lo = 0
+            while lo < len(keys):
+                if writer is None or len(writer) >= per_shard:
+                    if writer is not None:
+                        writer.close()
+                    names.append(f"{prefix}{len(names):05d}.emb")
+                    writer = Writer(os.path.join(job.folder, names[-1]), dim, job.dtype, job.metadata or None)
+                hi = lo + per_shard - len(writer)
+                writer.add_batch(keys[lo:hi], matrix[lo:hi])
+                lo = hi
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        for name in names:
+            _unlink(os.path.join(job.folder, name))
+        raise
+    return PartResult(part, dim, tuple(entry(job.folder, name) for name in names))
+
+
+def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
+    """Arrow arrays of keys and of list vectors (an engine's batch) as ``(keys, matrix)``.  A null, or a
+    vector of another length than ``dim`` (default: the first one's), is a WriterError naming the key."""
+    if keys.null_count or vectors.null_count:
+        raise errors.WriterError(f"a null {'key' if keys.null_count else 'vector'} among {len(keys)} records")
+    if hasattr(vectors, "list_size"):  # fixed_size_list
+        lengths = np.full(len(vectors), vectors.type.list_size)
+    else:
+        lengths = np.diff(np.asarray(vectors.offsets))
+    dim = dim or (int(lengths[0]) if len(lengths) else 0)
+    if (lengths != dim).any():
+        i = int(np.flatnonzero(lengths != dim)[0])
+        raise errors.WriterError(f"key {keys[i].as_py()!r}: vector of {lengths[i]} elements, not {dim}")
+    values = vectors.flatten()
+    if values.null_count:
+        raise errors.WriterError("a null element in a vector")
+    return keys.to_pylist(), values.to_numpy(zero_copy_only=False).reshape(len(keys), dim)
+
+
+def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifest:
+    """Commit the shards of ``results`` (one per partition; None for a partition with no result) as one new
+    version, then remove every other file of the job.  A key in two partitions is an error, and then nothing
+    is committed."""
+    chosen: dict[int, PartResult] = {}
+    for r in results:
+        if r is not None:
+            chosen.setdefault(r.part, r)  # one result per partition, whatever the engine sent
+    shards = [s for part in sorted(chosen) for s in chosen[part].shards]
+    dims = {r.part: r.dim for r in chosen.values() if r.dim is not None}
+    try:
+        if len(set(dims.values())) > 1:
+            (a, da), (b, db) = sorted(dims.items(), key=lambda item: item[1])[:: len(dims) - 1]
+            raise errors.WriterError(f"{job.folder}: partition {a} has vectors of dim {da}, partition {b} of dim {db}")
+        dim = job.dim or next(iter(dims.values()), None)
+        if dim is None:
+            raise errors.WriterError(f"{job.folder}: no records to write, and no dim to make an empty dataset of")
+        with layout.Transaction(job.folder) as tx:
+            with in_two_shards([tx.path(s.path) for s in shards], [s.count for s in shards]):
+                keys = itertools.chain.from_iterable(file_keys(job.folder, s.path) for s in shards)
+                segment = write_segment(tx, keys)
+            operation = {"name": f"{job.mode if job.mode != 'error' else 'write'}", "records": segment.count}
+            if not shards:  # no records at all: one empty shard, as every version has
+                name = tx.new_name(layout.SHARDS)
+                Writer(tx.path(name), dim, job.dtype).close()
+                shards = [entry(job.folder, name)]
+
+            def plan(base: layout.Manifest | None) -> layout.Manifest:
+                if base is not None and job.mode == "append":
+                    return appended(tx, base, shards, segment, job.on_duplicate == "replace", operation)
+                return layout.Manifest(
+                    version=1 if base is None else base.version + 1,
+                    parent=None if base is None else base.version,
+                    dim=dim,
+                    dtype=job.dtype,
+                    count=segment.count,
+                    shards=tuple(shards),
+                    segments=layout.placed([segment] if segment.count else []),
+                    operation=operation,
+                    metadata=job.metadata,
+                )
+
+            manifest = tx.commit(plan)
+            assert manifest is not None
+    except BaseException:
+        abort_job(job)
+        raise
+    _sweep(job, manifest.files())
+    return manifest
+
+
+def abort_job(job: Job) -> None:
+    """Remove every file of the job (and the folder, if the job made it and nothing was committed)."""
+    _sweep(job, set())
+    if job.created and not layout.versions(job.folder):
+        shutil.rmtree(job.folder, ignore_errors=True)
+
+
+def _sweep(job: Job, keep: set[str]) -> None:
+    """Remove the job's files not in ``keep``, and what a killed task's writer staged."""
+    shards = os.path.join(job.folder, layout.SHARDS)
+    if not os.path.isdir(shards):  # swept already (an engine may abort a job whose commit failed)
+        return
+    for name in os.listdir(shards):
+        if name.lstrip(".").startswith(job.token) and f"{layout.SHARDS}/{name}" not in keep:
+            path = os.path.join(shards, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,238 @@
+"""Spark (4.0 or newer) reads and writes embfile datasets through its Python Data Source API
+(``pip install "embfile[spark]"``).
+
+>>> embfile.spark.register(spark)                                              # doctest: +SKIP
+>>> df.write.format("embfile").mode("append").option("key", "id").save("esm2/") # doctest: +SKIP
+>>> spark.read.format("embfile").load("esm2/")                                 # doctest: +SKIP
+>>> embfile.spark.lookup(ids, "esm2/", key_col="id")                           # doctest: +SKIP
+
+Writing: each task writes its partition's shards, and the driver commits them as one new version of the
+folder (:mod:`embfile.jobs`: every key exactly once, whatever tasks failed or ran twice; a failed job commits
+nothing).  ``mode("append")`` adds to a dataset (a key it holds is an error, or with ``option("on_duplicate",
+"replace")`` replaces it), ``mode("overwrite")`` writes its next version; either creates the dataset if there
+is none.  Options: ``key`` and ``vector`` (the columns, default ``key`` and ``vector``), ``dtype`` (default:
+the vector column's element type), ``shard_bytes`` (default 1 GiB).
+
+Reading: a DataFrame ``key string, vector array<T>``, one input partition per shard or slice of a shard (option
+``rows_per_partition``), read as Arrow batches from the mapping.  ``T`` is the stored type, except float16
+(read as float: Spark has no half type); uint64 has no Spark type.  Option ``version`` reads an earlier one.
+
+The folder must be on a file system every executor and the driver see (a shared mount).  With pyspark
+installed, ``spark.read.format("embfile")`` works without :func:`register` too: Spark finds the
+``pyspark_embfile`` module embfile installs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from embfile._extras import require
+
+require("pyspark", "spark")
+pa = require("pyarrow", "spark")
+
+from pyspark.sql import DataFrame, SparkSession  # noqa: E402
+from pyspark.sql.datasource import (  # noqa: E402
+    DataSource,
+    DataSourceArrowWriter,
+    DataSourceReader,
+    InputPartition,
+    WriterCommitMessage,
+)
+from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # noqa: E402
+
+from embfile import errors, jobs  # noqa: E402
+from embfile import folder as layout  # noqa: E402
+from embfile.dataset import Dataset  # noqa: E402
+from embfile.shards import open as open_dataset  # noqa: E402
+
+ROWS_PER_BATCH = 8192  # rows per Arrow batch a read task hands to Spark
+PARTITION_BYTES = 128 << 20  # records per read task, by default
+
+# numpy dtype -> (Spark SQL type, Arrow type of the values Spark gets)
+SPARK_TYPES = {
+    "float16": ("float", pa.float32()),
+    "float32": ("float", pa.float32()),
+    "float64": ("double", pa.float64()),
+    "int8": ("byte", pa.int8()),
+    "int16": ("short", pa.int16()),
+    "int32": ("int", pa.int32()),
+    "int64": ("long", pa.int64()),
+    "uint8": ("short", pa.int16()),
+    "uint16": ("int", pa.int32()),
+    "uint32": ("long", pa.int64()),
+}
+# Spark element type -> the dtype stored by default
+STORED = {"float": "float32", "double": "float64", "byte": "int8", "short": "int16", "int": "int32", "long": "int64"}
+
+
+def register(spark: SparkSession) -> None:
+    """Make ``format("embfile")`` available to ``spark`` (needed only where Spark does not find
+    ``pyspark_embfile`` by itself)."""
+    spark.dataSource.register(EmbfileDataSource)
+
+
+class EmbfileDataSource(DataSource):
+    """The ``embfile`` format of ``spark.read`` and ``df.write`` (see the module)."""
+
+    @classmethod
+    def name(cls) -> str:
+        return "embfile"
+
+    def _path(self) -> str:
+        path = self.options.get("path")
+        if not path:
+            raise errors.EmbFileError("embfile: give the dataset's path to load() or save()")
+        return str(path)
+
+    def schema(self) -> str:
+        with _open(self._path(), self.options.get("version")) as ds:
+            return f"key string, vector array<{_spark_type(ds)[0]}>"
+
+    def reader(self, schema: StructType) -> DataSourceReader:
+        return _Reader(self._path(), self.options)
+
+    def writer(self, schema: StructType, overwrite: bool) -> DataSourceArrowWriter:
+        return _Writer(self._path(), self.options, schema, overwrite)
+
+
+@dataclasses.dataclass
+class _Rows(InputPartition):
+    """Rows ``[lo, hi)`` of one version of a dataset."""
+
+    path: str
+    version: int | None
+    lo: int
+    hi: int
+
+
+class _Reader(DataSourceReader):
+    def __init__(self, path: str, options: Any) -> None:
+        self.path, self.version = path, _version(options.get("version"))
+        self.rows_per_partition = int(options.get("rows_per_partition", 0))
+
+    def partitions(self) -> list[_Rows]:
+        with _open(self.path, self.version) as ds:
+            version = getattr(ds, "version", None)  # every task reads the version planned here
+            step = self.rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
+            bounds = ds.slices(step)  # a task reads from one file
+            return [_Rows(self.path, version, lo, hi) for lo, hi in zip(bounds, bounds[1:])] or [
+                _Rows(self.path, version, 0, 0)
+            ]
+
+    def read(self, partition: InputPartition) -> Iterator[Any]:
+        assert isinstance(partition, _Rows)
+        with _open(partition.path, partition.version) as ds:
+            _, value_type = _spark_type(ds)
+            out_type = pa.list_(pa.field("element", value_type))
+            table = ds.to_arrow()
+            for lo in range(partition.lo, partition.hi, ROWS_PER_BATCH):
+                part = table.slice(lo, min(ROWS_PER_BATCH, partition.hi - lo)).combine_chunks()
+                vectors = part.column(1).chunk(0)
+                values = vectors.flatten().cast(value_type)
+                offsets = pa.array(np.arange(0, len(part) * ds.dim + 1, ds.dim, dtype=np.int32))
+                yield pa.RecordBatch.from_arrays(
+                    [part.column(0).chunk(0).cast(pa.string()), pa.ListArray.from_arrays(offsets, values, out_type)],
+                    names=["key", "vector"],
+                )
+
+
+@dataclasses.dataclass
+class _Written(WriterCommitMessage):
+    result: jobs.PartResult
+
+
+class _Writer(DataSourceArrowWriter):
+    def __init__(self, path: str, options: Any, schema: StructType, overwrite: bool) -> None:
+        self.key, self.vector = options.get("key", "key"), options.get("vector", "vector")
+        fields = {f.name: f.dataType for f in schema.fields}
+        for column in (self.key, self.vector):
+            if column not in fields:
+                raise errors.WriterError(
+                    f"embfile: no column {column!r} (option key / vector); columns: {list(fields)}"
+                )
+        element = fields[self.vector]
+        if not isinstance(element, ArrayType) or element.elementType.simpleString() not in STORED:
+            raise errors.WriterError(
+                f"embfile: column {self.vector!r} is {element.simpleString()}, not an array of numbers"
+            )
+        dtype = options.get("dtype") or STORED[element.elementType.simpleString()]
+        mode = "overwrite" if overwrite else ("append" if layout.is_versioned(path) else "error")
+        self.job = jobs.start_job(
+            path,
+            None,
+            dtype,
+            shard_bytes=int(options.get("shard_bytes", 1 << 30)),
+            mode=mode,
+            on_duplicate=options.get("on_duplicate", "error"),
+        )
+
+    def write(self, iterator: Iterator[Any]) -> _Written:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        part = context.partitionId() if context is not None else 0
+        chunks = (_chunk(batch, self.key, self.vector, self.job.dim) for batch in iterator)
+        return _Written(jobs.write_part(self.job, part, chunks))
+
+    def commit(self, messages: list[WriterCommitMessage | None]) -> None:
+        jobs.commit_job(self.job, [m.result if isinstance(m, _Written) else None for m in messages])
+
+    def abort(self, messages: list[WriterCommitMessage | None]) -> None:
+        jobs.abort_job(self.job)
+
+
+def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vector") -> DataFrame:
+    """``df`` with a column ``out_col`` of the vectors of its ``key_col`` keys (null for a key not in the
+    dataset), read from the latest version of the dataset at ``path`` without reading the rest of it: each task
+    opens the dataset by path and gathers its keys."""
+    with _open(path, None) as ds:
+        type_name, value_type = _spark_type(ds)
+        version = getattr(ds, "version", None)
+    schema = StructType([*df.schema.fields]).add(out_col, _parse_datatype_string(f"array<{type_name}>"))
+
+    def gather(batches: Iterator[Any]) -> Iterator[Any]:
+        with _open(path, version) as ds:
+            out_type = pa.list_(pa.field("element", value_type))
+            for batch in batches:
+                keys = batch.column(key_col).to_pylist()
+                rows = ds.find_rows(["" if k is None else k for k in keys])
+                found = rows >= 0
+                matrix = np.zeros((len(keys), ds.dim), ds.dtype)
+                matrix[found] = ds.take(rows[found])
+                values = pa.array(matrix.reshape(-1)).cast(value_type)
+                offsets = pa.array(np.arange(0, len(keys) * ds.dim + 1, ds.dim, dtype=np.int32))
+                vectors = pa.ListArray.from_arrays(offsets, values, out_type, mask=pa.array(~found))
+                yield pa.RecordBatch.from_arrays([*batch.columns, vectors], names=[*batch.schema.names, out_col])
+
+    return df.mapInArrow(gather, schema)
+
+
+def _open(path: str, version: Any) -> Dataset:
+    return open_dataset(path, _version(version)) if os.path.isdir(path) else open_dataset(path)
+
+
+def _version(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def _spark_type(ds: Dataset) -> tuple[str, Any]:
+    if ds.dtype.name not in SPARK_TYPES:
+        raise errors.EmbFileError(f"{ds.path}: {ds.dtype.name} vectors have no Spark type")
+    return SPARK_TYPES[ds.dtype.name]
+
+
+def _chunk(batch: Any, key: str, vector: str, dim: int | None) -> tuple[list[str], np.ndarray]:
+    """An Arrow batch of Spark rows as ``(keys, matrix)``."""
+    try:
+        return jobs.arrow_chunk(batch.column(key), batch.column(vector), dim)
+    except errors.WriterError as e:
+        raise errors.WriterError(f"embfile: {e}") from None
+
+
+__all__ = ["register", "lookup", "EmbfileDataSource"]

@@ -1,0 +1,128 @@
+"""Dask reads and writes embfile datasets, on a real LocalCluster of 2 worker processes (tests/conftest.py):
+round trips from DataFrames, Bags and Arrays, graphs that hold paths, and a worker killed mid-write."""
+
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+
+import embfile
+from embfile import folder as layout
+
+dd = pytest.importorskip("dask.dataframe")
+da = pytest.importorskip("dask.array")
+dbag = pytest.importorskip("dask.bag")
+pd = pytest.importorskip("pandas")
+pa = pytest.importorskip("pyarrow")
+import dask  # noqa: E402
+
+import embfile.dask  # noqa: E402
+
+
+def data(n, lo=0, dim=6, dtype=np.float32):
+    ids = np.arange(lo, lo + n)
+    return [f"k{i}" for i in ids], (ids[:, None] / np.arange(1, dim + 1)).astype(dtype)
+
+
+def stray_files(path):
+    named = set().union(*(m.files() for m in layout.history(path)))
+    return {f"shards/{n}" for n in os.listdir(path / "shards")} - named
+
+
+def test_dataframe_to_embfile_to_dataframe(dask_client, tmp_path):
+    keys, matrix = data(2000)
+    emb = pd.Series(list(matrix), dtype=pd.ArrowDtype(pa.list_(pa.float32())))  # as read from Parquet
+    pdf = pd.DataFrame({"id": keys, "emb": emb})
+    version = embfile.dask.to_embfile(dd.from_pandas(pdf, npartitions=5), tmp_path / "ds", key="id", vector="emb")
+    with embfile.open(tmp_path / "ds") as db:  # written by Dask, read by embfile
+        assert (version, db.version, len(db), db.dtype) == (1, 1, 2000, np.float32)
+        np.testing.assert_array_equal(db.get_batch(keys), matrix)
+    back = embfile.dask.read_embfile(tmp_path / "ds", rows_per_partition=300)
+    assert back.npartitions >= 7
+    out = back.compute()
+    assert out["key"].tolist() == keys  # row order: the partitions' order
+    np.testing.assert_array_equal(np.stack(out["vector"].to_numpy()), matrix)
+    assert str(out["vector"].dtype).startswith("fixed_size_list<item: float>[6]")
+    assert stray_files(tmp_path / "ds") == set()
+
+
+def test_bag_and_array_and_wide_columns(dask_client, tmp_path):
+    keys, matrix = data(500, dtype=np.float64)
+    bag = dbag.from_sequence(list(zip(keys, matrix)), npartitions=4)
+    embfile.dask.to_embfile(bag, tmp_path / "bag", dtype="float16")
+    with embfile.open(tmp_path / "bag") as db:
+        assert db.dtype == np.float16
+        np.testing.assert_array_equal(db.get_batch(keys), matrix.astype(np.float16))
+    x = da.from_array(matrix, chunks=(120, 6))
+    embfile.dask.to_embfile(x, tmp_path / "arr", key=keys)
+    embfile.dask.to_embfile(
+        x[:100], tmp_path / "arr", key=da.from_array(np.array(keys[:100]), chunks=50), mode="overwrite"
+    )
+    with embfile.open(tmp_path / "arr") as db, embfile.open(tmp_path / "arr", version=1) as v1:
+        assert db.dtype == np.float64 and len(db) == 100 and len(v1) == 500
+        np.testing.assert_array_equal(v1.get_batch(keys), matrix)
+    wide = dd.from_pandas(pd.DataFrame({"id": keys, **{f"d{j}": matrix[:, j] for j in range(6)}}), npartitions=3)
+    embfile.dask.to_embfile(wide, tmp_path / "wide", key="id", vector=[f"d{j}" for j in range(6)], dtype="float64")
+    with embfile.open(tmp_path / "wide") as db:
+        np.testing.assert_array_equal(db.get_batch(keys), matrix)
+
+
+def test_append_replace_and_a_failed_job(dask_client, tmp_path):
+    keys, matrix = data(300)
+    embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=50 * 6 * 4)
+    more_keys, more = data(100, lo=250)  # 50 of them already there
+    vectors = pd.Series(list(more + 1000), dtype=pd.ArrowDtype(pa.list_(pa.float32())))
+    frame = dd.from_pandas(pd.DataFrame({"key": more_keys, "vector": vectors}), npartitions=2)
+    with pytest.raises(embfile.DuplicateKeyError, match="'k250' is already in the dataset"):
+        embfile.dask.to_embfile(frame, tmp_path / "ds", mode="append")
+    assert layout.latest_version(tmp_path / "ds") == 1 and stray_files(tmp_path / "ds") == set()
+    assert embfile.dask.to_embfile(frame, tmp_path / "ds", mode="append", on_duplicate="replace") == 2
+    with embfile.open(tmp_path / "ds") as db:
+        assert len(db) == 350 and db["k260"][0] == 1260 and db["k10"][0] == 10
+
+    def fails(part):
+        raise RuntimeError("injected")
+
+    bad = dbag.from_sequence(list(zip(keys, matrix)), npartitions=3).map_partitions(fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        embfile.dask.to_embfile(bad, tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # nothing committed, nothing left
+
+
+def _killed_on_first_attempt(marker):
+    """A partition function that writes some records, then kills its own worker, the first time it runs."""
+
+    def pairs(part):
+        for i, item in enumerate(part):
+            yield item
+            if i == 700 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return pairs
+
+
+def test_a_worker_killed_mid_write_leaves_every_key_once(dask_client, tmp_path):
+    keys, matrix = data(4000)
+    bag = dbag.from_sequence(list(zip(keys, matrix)), npartitions=2)
+    killing = bag.map_partitions(_killed_on_first_attempt(str(tmp_path / "killed")))
+    embfile.dask.to_embfile(killing, tmp_path / "ds", shard_bytes=200 * 6 * 4)  # shards of 200 records
+    assert (tmp_path / "killed").exists()  # a worker did die mid-write
+    with embfile.open(tmp_path / "ds") as db:
+        assert len(db) == 4000 and sorted(db) == sorted(keys)
+        np.testing.assert_array_equal(db.get_batch(keys), matrix)
+    assert stray_files(tmp_path / "ds") == set()
+
+
+def test_dask_array_graph_holds_paths_not_data(dask_client, tmp_path):
+    keys, matrix = data(3000, dim=16)
+    embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=1000 * 16 * 4)
+    with embfile.open(tmp_path / "ds") as db:
+        x = db.to_dask_array()
+        assert x.shape == (3000, 16) and x.chunks[0] == (1000, 1000, 1000)
+        assert len(pickle.dumps(dict(x.__dask_graph__()))) < 20_000  # 192 KB of vectors are not in it
+        assert dask.base.tokenize(x) == dask.base.tokenize(embfile.open(tmp_path / "ds").to_dask_array())
+        np.testing.assert_array_equal(x.compute(), matrix)
+        np.testing.assert_allclose(x.mean(axis=0).compute(), matrix.mean(axis=0), rtol=1e-6)
