@@ -25,7 +25,7 @@ napoleon_use_rtype = False
 # Every reference must resolve, except to other projects' objects: this site links to no other inventory.
 nitpicky = True
 nitpick_ignore_regex = [
-    ("py:.*", r"(np|numpy|os|collections|typing|torch|pyarrow|argparse|types|mmap|io)(\..*)?"),
+    ("py:.*", r"(np|numpy|os|collections|typing|torch|pyarrow|pyspark|dask|argparse|types|mmap|io)(\..*)?"),
     (
         "py:.*",
         r"(Any|Self|Callable|Iterator|Iterable|Sequence|Mapping|ModuleType|int|str|float|bool|bytes|None|object)",

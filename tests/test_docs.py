@@ -30,6 +30,7 @@ def test_every_page_is_reachable():
         "guide/reading",
         "guide/writing",
         "guide/versions",
+        "guide/engines",
         "guide/converting",
         "guide/training",
         "api",

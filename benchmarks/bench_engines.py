@@ -1,0 +1,179 @@
+"""Spark and Dask: writing and reading embfile against Parquet through the same engine, on the same data.
+
+The input is one Parquet dataset of ``--rows`` rows of ``key string, vector array<float>[--dim]`` (written first,
+not timed).  For Spark in local mode with 1 and then 2 cores, and for a Dask LocalCluster of 1 and then 2
+worker processes, each round (``--rounds``, interleaved: embfile, Parquet, embfile, ...) times:
+
+- **write**: read the input and write it as embfile (``format("embfile")`` / ``to_embfile``) or as Parquet
+  (``df.write.parquet`` / ``to_parquet``, both with the engine's default compression), to a new folder;
+- **read**: read every key and vector back (Spark: a ``noop`` write of the whole DataFrame; Dask: the length of
+  each partition's vector column, which decodes every value).
+
+Prints rows/s, the bytes written, and the ratios embfile/Parquet (above 1: embfile faster).
+
+    python benchmarks/bench_engines.py                     # 400,000 x 256 float32 (400 MB): a few minutes
+    python benchmarks/bench_engines.py --rows 1000000 --out -
+
+Targets (issue #25): writing embfile at least as fast as Parquet through the same engine; reading at least
+1.5x faster.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine
+
+import embfile
+
+
+def make_input(folder, rows, dim, files=8):
+    """The shared input: Parquet files of ``key`` and ``vector`` (a list of float32), written by pyarrow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = os.path.join(folder, "input")
+    os.mkdir(path)
+    rng = np.random.default_rng(0)
+    for f, lo in enumerate(range(0, rows, -(-rows // files))):
+        hi = min(rows, lo + -(-rows // files))
+        values = pa.array(rng.standard_normal((hi - lo) * dim, dtype=np.float32))
+        vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, (hi - lo) * dim + 1, dim, dtype=np.int32)), values)
+        keys = pa.array([f"UniRef50_{i:010d}" for i in range(lo, hi)])
+        pq.write_table(pa.table({"key": keys, "vector": vectors}), os.path.join(path, f"part-{f:03d}.parquet"))
+    return path
+
+
+def size_of(path):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def spark_runs(src, folder, cores, rounds):
+    """{(tool, op): [seconds]} and bytes, with Spark in local mode on ``cores`` cores."""
+    from pyspark.sql import SparkSession
+
+    import embfile.spark
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    spark = (
+        SparkSession.builder.master(f"local[{cores}]")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", "4g")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    embfile.spark.register(spark)
+    df = spark.read.parquet(src)
+    times, sizes = {}, {}
+    try:
+        for r in range(rounds):
+            for tool in ("embfile", "parquet"):
+                out = os.path.join(folder, f"spark-{tool}-{r}")
+                t0 = time.perf_counter()
+                if tool == "embfile":
+                    df.write.format("embfile").mode("append").save(out)
+                else:
+                    df.write.parquet(out)
+                times.setdefault((tool, "write"), []).append(time.perf_counter() - t0)
+                sizes[tool] = size_of(out)
+                reader = spark.read.format("embfile") if tool == "embfile" else spark.read.format("parquet")
+                t0 = time.perf_counter()
+                reader.load(out).write.format("noop").mode("overwrite").save()
+                times.setdefault((tool, "read"), []).append(time.perf_counter() - t0)
+                shutil.rmtree(out)
+    finally:
+        spark.stop()
+    return times, sizes
+
+
+def dask_runs(src, folder, workers, rounds):
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster
+
+    import embfile.dask
+
+    times, sizes = {}, {}
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
+        df = dd.read_parquet(src, dtype_backend="pyarrow")
+        for r in range(rounds):
+            for tool in ("embfile", "parquet"):
+                out = os.path.join(folder, f"dask-{tool}-{r}")
+                t0 = time.perf_counter()
+                if tool == "embfile":
+                    embfile.dask.to_embfile(df, out)
+                else:
+                    df.to_parquet(out)
+                times.setdefault((tool, "write"), []).append(time.perf_counter() - t0)
+                sizes[tool] = size_of(out)
+                back = (
+                    embfile.dask.read_embfile(out)
+                    if tool == "embfile"
+                    else dd.read_parquet(out, dtype_backend="pyarrow")
+                )
+                t0 = time.perf_counter()
+                n = back["vector"].map_partitions(len, meta=("n", "i8")).sum().compute()
+                times.setdefault((tool, "read"), []).append(time.perf_counter() - t0)
+                assert int(n) > 0
+                shutil.rmtree(out)
+    return times, sizes
+
+
+def report(engine, unit, runs, rows):
+    print(f"\n## {engine}\n")
+    print(f"| {unit} | op | embfile rows/s | Parquet rows/s | embfile / Parquet | bytes: embfile, Parquet |")
+    print("|---:|---|---:|---:|---:|---|")
+    for n, (times, sizes) in runs.items():
+        for op in ("write", "read"):
+            e, p = np.median(times[("embfile", op)]), np.median(times[("parquet", op)])
+            spread = (
+                f"embfile {min(times[('embfile', op)]):.2f}-{max(times[('embfile', op)]):.2f} s, "
+                f"Parquet {min(times[('parquet', op)]):.2f}-{max(times[('parquet', op)]):.2f} s"
+            )
+            size = f"{sizes['embfile'] / 1e6:,.0f} MB, {sizes['parquet'] / 1e6:,.0f} MB" if op == "write" else ""
+            print(f"| {n} | {op} | {rows / e:,.0f} | {rows / p:,.0f} | **{p / e:.2f}x** ({spread}) | {size} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=400_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default="spark,dask")
+    ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
+    ap.add_argument("--out", help="the result file (default benchmarks/results/engines.md; - for none)")
+    args = ap.parse_args()
+    with machine.recorded("engines", "Spark and Dask: embfile against Parquet through the same engine", args.out):
+        folder = tempfile.mkdtemp(prefix="bench-engines-", dir=args.dir)
+        try:
+            limits = machine.measure(folder, nbytes=256 << 20)
+            print("machine:", machine.describe(limits))
+            src = make_input(folder, args.rows, args.dim)
+            print(
+                f"\ninput: {args.rows:,} rows of key + {args.dim} float32 ({size_of(src) / 1e6:,.0f} MB of Parquet); "
+                f"{args.rounds} interleaved rounds, median time (range); embfile {embfile.__version__}"
+            )
+            engines = args.engines.split(",")
+            if "spark" in engines:
+                runs = {c: spark_runs(src, folder, c, args.rounds) for c in (1, 2)}
+                report("Spark (local mode)", "cores", runs, args.rows)
+            if "dask" in engines:
+                runs = {w: dask_runs(src, folder, w, args.rounds) for w in (1, 2)}
+                report("Dask (LocalCluster, one thread per worker process)", "workers", runs, args.rows)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
