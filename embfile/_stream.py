@@ -19,11 +19,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from embfile import errors
+from embfile._keys import EncodedKeys
 from embfile.dataset import Dataset
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
 
-Chunk = tuple[list[str], np.ndarray]
+Chunk = tuple[list[str] | EncodedKeys, np.ndarray]
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ import numpy as np
 
 from embfile import _core, errors
 from embfile._format import PAGE, Header
+from embfile._keys import EncodedKeys
 
 READ_STEP = 64 << 20  # read_into's pread size: large enough for the kernel's full read-ahead
 FIRST_READ = 64 << 10  # read_into's first pread: small, so that read-ahead starts small and ramps up
@@ -115,6 +116,16 @@ class MappedFile:
         """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
         h = self.header
         return np.frombuffer(self.mappings()[0], "<u8", count=h.count + 1, offset=h.keys_offset)
+
+    def encoded_keys(self, lo: int = 0, hi: int | None = None) -> EncodedKeys:
+        """The keys of rows ``[lo, hi)`` as UTF-8 bytes, straight from the keys section (nothing copied)."""
+        h, n = self.header, self.count
+        hi = n if hi is None else min(hi, n)
+        heap = np.frombuffer(self.mappings()[0], np.uint8, h.keys_size - 8 * (n + 1), h.keys_offset + 8 * (n + 1))
+        offsets = self.key_offsets()[lo : max(lo, hi) + 1].astype(np.int64)
+        if len(offsets) and ((np.diff(offsets) < 0).any() or offsets[-1] > heap.size):
+            raise errors.CorruptFileError(f"{self.path}: keys section offsets of rows {lo}-{hi} are out of order")
+        return EncodedKeys(offsets, heap)
 
     def prefetch_keys(self, lo: int, hi: int) -> None:
         """Ask the disk for the keys of rows ``[lo, hi)`` (a hint: clipped to the keys section).

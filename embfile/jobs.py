@@ -27,6 +27,7 @@ import numpy as np
 from embfile import errors
 from embfile import folder as layout
 from embfile._format import disk_dtype
+from embfile._keys import EncodedKeys
 from embfile._stream import Chunk
 from embfile.dataset_writer import MODES
 from embfile.segments import appended, entry, file_keys, write_segment
@@ -150,7 +151,7 @@ def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
     vector of another length than ``dim`` (default: the first one's), is a WriterError naming the key."""
     if keys.null_count or vectors.null_count:
         raise errors.WriterError(f"a null {'key' if keys.null_count else 'vector'} among {len(keys)} records")
-    if hasattr(vectors, "list_size"):  # fixed_size_list
+    if hasattr(vectors.type, "list_size"):  # fixed_size_list
         lengths = np.full(len(vectors), vectors.type.list_size)
     else:
         lengths = np.diff(np.asarray(vectors.offsets))
@@ -161,7 +162,7 @@ def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
     values = vectors.flatten()
     if values.null_count:
         raise errors.WriterError("a null element in a vector")
-    return keys.to_pylist(), values.to_numpy(zero_copy_only=False).reshape(len(keys), dim)
+    return EncodedKeys.of_arrow(keys), values.to_numpy(zero_copy_only=False).reshape(len(keys), dim)
 
 
 def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifest:

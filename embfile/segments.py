@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from embfile import _core, errors
+from embfile._keys import EncodedKeys
 from embfile.file import MappedFile, attach
 from embfile.folder import INDEX, SHARDS, FileEntry, Manifest, Transaction
 from embfile.writer import Writer
@@ -39,18 +40,17 @@ def entry(folder: str, name: str) -> FileEntry:
         f.close()
 
 
-def file_keys(folder: str, name: str) -> Iterator[list[str]]:
-    """The keys of a file in row order, in chunks."""
+def file_keys(folder: str, name: str) -> Iterator[EncodedKeys]:
+    """The keys of a file in row order, in chunks, as the bytes of its keys section."""
     f = MappedFile(f"{folder}/{name}")
     try:
-        table = f.table()
         for lo in range(0, f.count, KEY_CHUNK):
-            yield table.keys_between(lo, lo + KEY_CHUNK)
+            yield f.encoded_keys(lo, lo + KEY_CHUNK)
     finally:
         f.close()
 
 
-def write_segment(tx: Transaction, key_chunks: Iterable[list[str]]) -> FileEntry:
+def write_segment(tx: Transaction, key_chunks: Iterable[list[str] | EncodedKeys]) -> FileEntry:
     """A new segment of these keys, in this order.  A key given twice is a :class:`DuplicateKeyError`."""
     name = tx.new_name(INDEX)
     n = 0
@@ -181,7 +181,7 @@ def appended(
     index = KeyIndex(tx.folder, base)
     try:
         rows = np.concatenate(
-            [index.find_rows(keys) for keys in file_keys(tx.folder, segment.path)] or [np.empty(0, np.int64)]
+            [index.find_rows(keys.tolist()) for keys in file_keys(tx.folder, segment.path)] or [np.empty(0, np.int64)]
         )
         if not replace and (rows >= 0).any():
             first = int(np.flatnonzero(rows >= 0)[0])

@@ -48,6 +48,7 @@ from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # n
 
 from embfile import errors, jobs  # noqa: E402
 from embfile import folder as layout  # noqa: E402
+from embfile._stream import Chunk  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
 
@@ -227,7 +228,7 @@ def _spark_type(ds: Dataset) -> tuple[str, Any]:
     return SPARK_TYPES[ds.dtype.name]
 
 
-def _chunk(batch: Any, key: str, vector: str, dim: int | None) -> tuple[list[str], np.ndarray]:
+def _chunk(batch: Any, key: str, vector: str, dim: int | None) -> Chunk:
     """An Arrow batch of Spark rows as ``(keys, matrix)``."""
     try:
         return jobs.arrow_chunk(batch.column(key), batch.column(vector), dim)

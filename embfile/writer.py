@@ -21,6 +21,7 @@ import numpy as np
 
 from embfile import _core, errors
 from embfile import _format as F
+from embfile._keys import EncodedKeys
 from embfile._staging import DISK_FULL, Flusher, Staging, disk_full
 from embfile._stream import Source, as_vector, prefetched, progress_bar, source_of
 from embfile._version import __version__
@@ -115,18 +116,23 @@ class Writer:
             with _disk_errors(self):
                 self._flush()
 
-    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any) -> None:
-        """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none."""
+    def add_batch(self, keys: Sequence[str] | np.ndarray | EncodedKeys, matrix: Any) -> None:
+        """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none.
+
+        ``keys`` may be :class:`~embfile._stream.EncodedKeys` (UTF-8 bytes as an Arrow array or a keys section
+        holds them): then no Python ``str`` is made of any key.
+        """
         m = np.asarray(matrix)
         if m.dtype.kind not in "biufc" and not isinstance(matrix, np.ndarray):
             raise TypeError(f"add_batch() takes a matrix of numbers, not {type(matrix).__name__}")
-        keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        if not isinstance(keys, EncodedKeys):
+            keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         if m.ndim != 2 or m.shape != (len(keys), self.dim):
             raise errors.WriterError(
                 f"matrix has shape {m.shape}, expected ({len(keys)}, {self.dim}) for {len(keys)} keys"
             )
-        _check_kind(m.dtype, self.dtype, keys[0] if keys else None)
-        encoded = [_encode_key(k) for k in keys]
+        _check_kind(m.dtype, self.dtype, keys[0] if len(keys) else None)
+        encoded = _encoded(keys)
         self._flush()
         mark = (len(self._offsets), len(self._heap), len(self._block_crcs), self._crc, self._crc_fill, self._written)
         try:
@@ -137,6 +143,12 @@ class Writer:
         except BaseException:
             self._rollback(*mark)
             raise
+        if isinstance(encoded, EncodedKeys):
+            first, last = int(encoded.offsets[0]), int(encoded.offsets[-1])
+            ends = encoded.offsets[1:] - first + len(self._heap)
+            self._heap += encoded.heap[first:last].data
+            self._offsets.frombytes(ends.astype(np.uint64).tobytes())
+            return
         for b in encoded:
             self._heap += b
             self._offsets.append(len(self._heap))
@@ -379,13 +391,25 @@ def _encode_key(key: object) -> bytes:
     return b
 
 
+def _encoded(keys: list[str] | EncodedKeys) -> list[bytes] | EncodedKeys:
+    """Each key's UTF-8, checked against the format's limit (bytes given as such: their lengths checked)."""
+    if not isinstance(keys, EncodedKeys):
+        return [_encode_key(k) for k in keys]
+    lengths = np.diff(keys.offsets)
+    too_long = np.flatnonzero((lengths > F.MAX_KEY_BYTES) | (lengths < 0))
+    if too_long.size:
+        i = int(too_long[0])
+        raise errors.WriterError(f"key {keys[i][:40]!r}... is {lengths[i]} bytes; the limit is {F.MAX_KEY_BYTES}")
+    return keys
+
+
 def _check_kind(src: np.dtype, dst: np.dtype, key: object) -> None:
     """Refuse conversions that change what the numbers mean (float to int, complex, text)."""
     if src.kind not in "iuf" or (src.kind == "f" and dst.kind in "iu"):
         raise errors.WriterError(f"key {key!r}: cannot store {src} vectors as {dst}")
 
 
-def _convert(block: np.ndarray, dtype: np.dtype, keys: Sequence[object]) -> np.ndarray:
+def _convert(block: np.ndarray, dtype: np.dtype, keys: Sequence[object] | EncodedKeys) -> np.ndarray:
     """``block`` as ``dtype``, or a WriterError naming the first key whose values do not fit."""
     if block.dtype == dtype or np.can_cast(block.dtype, dtype, "safe"):
         return block.astype(dtype, copy=False)

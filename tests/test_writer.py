@@ -356,3 +356,31 @@ def test_streaming_write_memory_is_bounded(tmp_path):
     db = embfile.open(tmp_path / "big.emb")
     assert len(db) == n
     db.verify()
+
+
+def test_keys_given_as_utf8_bytes_write_the_same_file(tmp_path, monkeypatch):
+    """Writer.add_batch takes keys as an Arrow string array's bytes (EncodedKeys): the file is the one a list of
+    str gives, byte for byte; slices of a sliced array, limits and errors name the right keys."""
+    pa = pytest.importorskip("pyarrow")
+    from embfile._keys import EncodedKeys
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
+    keys = ["", "ä", "P69905", "🧬" * 3, *(f"k{i}" for i in range(500))]
+    matrix = np.arange(len(keys) * 3, dtype=np.float32).reshape(-1, 3)
+    embfile.write(tmp_path / "str.emb", (keys, matrix))
+    for kind in (pa.string(), pa.large_string()):
+        array = pa.array(["junk", *keys], kind).slice(1)  # an array with an offset
+        with embfile.Writer(tmp_path / "enc.emb", 3) as w:
+            encoded = EncodedKeys.of_arrow(array)
+            w.add_batch(encoded[:100], matrix[:100])
+            w.add_batch(encoded[100:], matrix[100:])
+        assert (tmp_path / "enc.emb").read_bytes() == (tmp_path / "str.emb").read_bytes()
+    with embfile.open(tmp_path / "str.emb") as db:
+        f = db.files[0]
+        assert f.encoded_keys(2, 4).tolist() == ["P69905", "🧬" * 3] and f.encoded_keys()[-1] == "k499"
+    with embfile.Writer(tmp_path / "bad.emb", 3, "float16") as w:
+        with pytest.raises(embfile.WriterError, match="key 'ä': value 1000000.0 does not fit in float16"):
+            w.add_batch(EncodedKeys.of_arrow(pa.array(["a", "ä"])), np.array([[0, 0, 0], [1e6, 0, 0]]))
+        with pytest.raises(embfile.WriterError, match="is 70000 bytes; the limit is 65535"):
+            w.add_batch(EncodedKeys.of_arrow(pa.array(["x" * 70000])), np.zeros((1, 3)))
+        assert len(w) == 0
