@@ -119,7 +119,7 @@ class Writer:
     def add_batch(self, keys: Sequence[str] | np.ndarray | EncodedKeys, matrix: Any) -> None:
         """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none.
 
-        ``keys`` may be :class:`~embfile._stream.EncodedKeys` (UTF-8 bytes as an Arrow array or a keys section
+        ``keys`` may be :class:`~embfile._keys.EncodedKeys` (UTF-8 bytes as an Arrow array or a keys section
         holds them): then no Python ``str`` is made of any key.
         """
         m = np.asarray(matrix)
