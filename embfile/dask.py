@@ -47,6 +47,7 @@ def to_embfile(
     metadata: dict[str, Any] | None = None,
     shard_bytes: int = 1 << 30,
     on_duplicate: str = "error",
+    retries: int = 0,
 ) -> int:
     """Write ``data`` to the dataset folder ``path`` as one new version, and return its number.
 
@@ -54,14 +55,15 @@ def to_embfile(
     columns, one per dimension), a Dask Bag of ``(key, vector)`` pairs, or a 2-d Dask Array (``key`` then
     holds its keys: a sequence, or a Dask Array of strings chunked as its rows).  ``mode``: ``"error"`` (a new
     dataset), ``"append"`` or ``"overwrite"`` (either creates it if absent); ``dtype`` defaults to the array's,
-    float32 otherwise.
+    float32 otherwise.  A task that raises is tried again ``retries`` times (a task whose worker dies is
+    always tried again, as Dask does); the files of every failed attempt are removed.
     """
     if dtype is None:
         dtype = data.dtype if isinstance(data, da.Array) else "float32"
     job = jobs.start_job(path, None, dtype, metadata, shard_bytes=shard_bytes, mode=mode, on_duplicate=on_duplicate)
     try:
         parts = [dask.delayed(_write_part)(job, i, p) for i, p in enumerate(_partitions(data, key, vector))]
-        manifest = dask.delayed(jobs.commit_job)(job, parts).compute()
+        manifest = dask.delayed(jobs.commit_job)(job, parts).compute(retries=retries)
     except BaseException:
         jobs.abort_job(job)
         raise

@@ -219,7 +219,7 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
 def abort_job(job: Job) -> None:
     """Remove every file of the job (and the folder, if the job made it and nothing was committed)."""
     _sweep(job, set())
-    if job.created and not layout.versions(job.folder):
+    if job.created and os.path.isdir(job.folder) and not layout.versions(job.folder):
         shutil.rmtree(job.folder, ignore_errors=True)
 
 

@@ -126,3 +126,29 @@ def test_dask_array_graph_holds_paths_not_data(dask_client, tmp_path):
         assert dask.base.tokenize(x) == dask.base.tokenize(embfile.open(tmp_path / "ds").to_dask_array())
         np.testing.assert_array_equal(x.compute(), matrix)
         np.testing.assert_allclose(x.mean(axis=0).compute(), matrix.mean(axis=0), rtol=1e-6)
+
+
+class _RaisingOnFirstPass:
+    """A partition read afresh by each attempt, whose first reading fails after 300 records."""
+
+    def __init__(self, items, marker):
+        self.items, self.marker = items, marker
+
+    def __iter__(self):
+        for i, item in enumerate(self.items):
+            yield item
+            if i == 300 and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                raise RuntimeError("injected: the first attempt fails")
+
+
+def test_a_task_raising_on_its_first_attempt_is_retried(dask_client, tmp_path):
+    keys, matrix = data(1000)
+    bag = dbag.from_sequence(list(zip(keys, matrix)), npartitions=2)
+    failing = bag.map_partitions(_RaisingOnFirstPass, str(tmp_path / "raised"))
+    embfile.dask.to_embfile(failing, tmp_path / "ds", shard_bytes=100 * 6 * 4, retries=1)
+    assert (tmp_path / "raised").exists()
+    with embfile.open(tmp_path / "ds") as db:
+        assert len(db) == 1000 and sorted(db) == sorted(keys)
+        np.testing.assert_array_equal(db.get_batch(keys), matrix)
+    assert stray_files(tmp_path / "ds") == set()
