@@ -1,4 +1,4 @@
-"""The ``embfile`` command: convert, info, get, keys, verify, shard; the versions of a dataset folder
+"""The ``embfile`` command: convert, info, get, keys, verify, shard, search; the versions of a dataset folder
 (append, remove, compact, versions, vacuum); merge, subset; index (0.1's layout).
 
 ``main(argv) -> int`` runs one command; user errors are one line on stderr and
@@ -45,6 +45,8 @@ _EXAMPLES = {
     "  embfile vacuum esm2/ --keep 1 --grace 0      # no reader can be using an older version",
     "merge": "examples:\n  embfile merge part1.emb part2.emb all.emb\n  embfile merge human/ mouse/ both/",
     "subset": "example:\n  embfile subset uniref50/ test.emb --keys test_ids.txt",
+    "search": "examples:\n  embfile search prott5.emb --key P69905 P68871 -k 5\n"
+    "  embfile search esm2/ --queries new.npy -k 1 --metric l2 --format tsv > hits.tsv",
     "index": "example:\n  cp more/*.emb uniref50/ && embfile index uniref50/",
 }
 
@@ -180,6 +182,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--keys", required=True, metavar="FILE", help="the keys, one a line ('-': standard input)")
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
+
+    c = command("search", _search, "the stored vectors nearest some keys' vectors or some query vectors, exactly")
+    c.add_argument("file", help="an .emb file or a dataset folder")
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--key", nargs="+", metavar="KEY", help="query with these keys' vectors (each leaves itself out)"
+    )
+    which.add_argument("--queries", metavar="NPY", help="query with the rows of this (Q, dim) or (dim,) .npy array")
+    c.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    c.add_argument("--metric", choices=["cosine", "ip", "l2"], default="cosine", help="default cosine")
+    c.add_argument(
+        "--format",
+        choices=["text", "tsv", "json"],
+        default="text",
+        help="text: 'query key score' lines; tsv: the same with a header; json: {query: [{key, score}]}",
+    )
 
     c = command("index", _index, "(re)write the index of a folder of .emb shards in 0.1's layout")
     c.add_argument("folder")
@@ -367,6 +385,27 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _subset(args: argparse.Namespace) -> None:
     embfile.subset(args.src, args.dst, _key_lines(args.keys), missing=args.missing, shard_bytes=args.shard_size)
+
+
+def _search(args: argparse.Namespace) -> None:
+    with embfile.open(args.file) as db:
+        if args.key:
+            names = list(args.key)
+            scores, keys = db.search_keys(names, k=args.k, metric=args.metric)
+        else:
+            queries = np.load(args.queries, allow_pickle=False)
+            scores, keys = db.search(np.atleast_2d(queries), k=args.k, metric=args.metric)
+            names = [str(i) for i in range(len(scores))]
+    if args.format == "json":
+        hits = {n: [{"key": k, "score": float(s)} for k, s in zip(ks, ss)] for n, ks, ss in zip(names, keys, scores)}
+        print(json.dumps(hits, ensure_ascii=False, indent=1))
+        return
+    sep = "\t" if args.format == "tsv" else " "
+    if args.format == "tsv":
+        print("query\tkey\tscore")
+    for name, ks, ss in zip(names, keys, scores):
+        for key, score in zip(ks, ss):
+            print(f"{name}{sep}{key}{sep}{score:.6g}")
 
 
 def _index(args: argparse.Namespace) -> None:

@@ -18,12 +18,12 @@ import itertools
 import json
 import mmap
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Self
 
 import numpy as np
 
-from embfile import _core, errors
+from embfile import _core, errors, search
 from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
@@ -67,6 +67,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     files: tuple[MappedFile, ...] = ()  # empty until opened (and so after a failed open)
     _segments: tuple[MappedFile, ...] = ()
     version: int | None = None
+    _norms: tuple[np.ndarray, np.ndarray] | None = None  # cosine search: each row's norm, and which are known
 
     def _open_files(
         self, index: MappedFile | Sequence[MappedFile], parts: Sequence[MappedFile], path: str | None
@@ -189,6 +190,28 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             self.version,
             *((f.path, f.count, f.stored_crc("keys")) for f in self.files),
         )
+
+    def search(
+        self, queries: Any, k: int = 10, metric: str = "cosine", exclude: Iterable[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` stored vectors nearest each query, exactly: ``(scores, keys)``, best first.
+
+        ``queries`` is one vector ``(dim,)`` (then both results are ``(k,)``) or ``(Q, dim)`` (then ``(Q, k)``).
+        ``metric``: ``"cosine"`` and ``"ip"`` give similarities (highest first), ``"l2"`` Euclidean distances
+        (smallest first); equal scores come in row order.  ``exclude``: keys never returned.  Fewer than ``k``
+        results if the dataset holds fewer.  A record holding NaN scores NaN and ranks last; a zero vector
+        has cosine similarity 0.  A streaming scan of the mapping: memory stays flat.
+        """
+        self._require_open()
+        return search.search(self, queries, k, metric, exclude)
+
+    def search_keys(
+        self, keys: Sequence[str], k: int = 10, metric: str = "cosine", exclude_self: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` with the stored vectors of ``keys`` as queries, each key's own record left out
+        (by identity: an equal vector under another key is still found)."""
+        self._require_open()
+        return search.search_keys(self, keys, k, metric, exclude_self)
 
     def iter_batches(
         self, batch_size: int = 100, *, transform: Callable[[Any], Any] | None = None, **options: Any

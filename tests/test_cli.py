@@ -60,6 +60,7 @@ def test_console_script_installed():
         "versions",
         "merge",
         "subset",
+        "search",
     ],
 )
 def test_help_has_examples(command):

@@ -1,0 +1,151 @@
+"""Exact nearest-neighbour search over a dataset: a streaming scan of the mapping with a running top-k.
+
+The records are read a block at a time straight from the mapping, converted to float32 (float64 for float64
+files), scored against every query with one matrix product (numpy's BLAS), and each block's best ``k`` are
+merged into the running best ``k`` of each query.  Memory stays flat in the number of records; nothing is
+copied but the block in hand.  Cosine needs each record's norm: computed once per handle and kept.
+
+Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
+row order.  A record holding NaN scores NaN and ranks after every other; a zero vector has cosine similarity
+0 with every query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Dataset(Protocol):
+    """What a search reads of a dataset (:class:`embfile.Dataset` has it all)."""
+
+    dim: int
+    dtype: np.dtype
+    _norms: tuple[np.ndarray, np.ndarray] | None
+
+    def __len__(self) -> int: ...
+    def chunks(self, rows: int) -> Iterator[tuple[int, int, np.ndarray]]: ...
+    def keys_at(self, rows: np.ndarray) -> list[str]: ...
+    def find_rows(self, keys: Sequence[str]) -> np.ndarray: ...
+    def rows(self, keys: Sequence[str]) -> np.ndarray: ...
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray: ...
+
+
+METRICS = ("cosine", "ip", "l2")
+BLOCK_BYTES = 16 << 20  # records scored at a time (converted to float32: a bounded copy)
+
+
+def search(
+    ds: Dataset,
+    queries: Any,
+    k: int = 10,
+    metric: str = "cosine",
+    exclude: Iterable[str] | None = None,
+    exclude_rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, keys)`` of the ``k`` records nearest each query (see :meth:`embfile.Dataset.search`).
+
+    ``exclude_rows``: a ``(Q,)`` array of one row per query to leave out (-1: none), for searches by stored key.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, not {k!r}")
+    q = np.asarray(queries)
+    single = q.ndim == 1
+    q = np.atleast_2d(q)
+    if q.ndim != 2 or q.shape[1] != ds.dim or q.dtype.kind not in "biuf":
+        raise ValueError(f"queries must be numbers of shape ({ds.dim},) or (Q, {ds.dim}), not {q.dtype} {q.shape}")
+    work = np.float64 if ds.dtype == np.float64 else np.float32
+    q = q.astype(work)
+    if metric == "cosine":
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+    excluded = np.zeros(0, np.int64) if exclude is None else _rows_of(ds, exclude)
+    extra = 0 if exclude_rows is None else 1  # one more, for the row each query leaves out
+    best = _Best(len(q), min(k + extra, len(ds)), smaller_first=metric == "l2")
+    step = max(1, BLOCK_BYTES // (ds.dim * max(ds.dtype.itemsize, np.dtype(work).itemsize)))
+    q_sq = (q * q).sum(axis=1) if metric == "l2" else None
+    for lo, hi, block in ds.chunks(step):
+        x: np.ndarray = block.astype(work)
+        scores = x @ q.T  # (rows, Q)
+        if metric == "cosine":
+            n = _norms(ds, lo, hi, x)
+            np.divide(scores, n[:, None], out=scores, where=n[:, None] > 0)
+            scores[n == 0] = 0
+        elif metric == "l2":
+            assert q_sq is not None
+            scores = (x * x).sum(axis=1)[:, None] - 2 * scores + q_sq[None, :]
+            np.sqrt(np.maximum(scores, 0, out=scores), out=scores)
+        kept = np.setdiff1d(np.arange(hi - lo), excluded[(excluded >= lo) & (excluded < hi)] - lo)
+        best.add(scores[kept], kept + lo)
+    scores, rows = best.scores, best.rows
+    if exclude_rows is not None:  # drop each query's own row (or, if it is not among them, the last)
+        keep = rows != exclude_rows[:, None]
+        keep[keep.all(axis=1), -1] = False
+        width = max(0, rows.shape[1] - 1)
+        scores, rows = scores[keep].reshape(-1, width), rows[keep].reshape(-1, width)
+        scores, rows = scores[:, :k], rows[:, :k]
+    keys = np.empty(rows.shape, object)
+    keys.flat[:] = ds.keys_at(rows.reshape(-1).astype(np.uint64)) if rows.size else []
+    if single:
+        return scores[0], keys[0]
+    return scores, keys
+
+
+def search_keys(
+    ds: Dataset, keys: Sequence[str], k: int = 10, metric: str = "cosine", exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search with the stored vectors of ``keys`` as the queries; each key's own record left out (by row, not
+    by distance: an identical vector under another key is still found)."""
+    rows = ds.rows(list(keys))
+    return search(ds, ds.take(rows), k, metric, exclude_rows=rows if exclude_self else None)
+
+
+def _rows_of(ds: Dataset, keys: Iterable[str]) -> np.ndarray:
+    if isinstance(keys, str):
+        raise TypeError("exclude takes an iterable of keys, not a single key")
+    rows = ds.find_rows(list(keys))
+    return np.unique(rows[rows >= 0])
+
+
+def _norms(ds: Dataset, lo: int, hi: int, x: np.ndarray) -> np.ndarray:
+    """The norms of rows ``[lo, hi)`` (``x`` holds them): computed once per handle, then kept."""
+    if ds._norms is None:
+        ds._norms = (np.zeros(len(ds), x.dtype), np.zeros(len(ds), bool))
+    values, known = ds._norms
+    if not known[lo:hi].all():
+        values[lo:hi] = np.linalg.norm(x, axis=1)
+        known[lo:hi] = True
+    return values[lo:hi]
+
+
+class _Best:
+    """The running best ``k`` (score, row) of each of ``q`` queries; NaN scores rank last, ties by row."""
+
+    def __init__(self, q: int, k: int, smaller_first: bool) -> None:
+        # keys: sign * score with NaN as +inf, so that smaller is better throughout
+        self.k, self.sign = k, 1.0 if smaller_first else -1.0
+        self.keys = np.full((q, 0), np.inf)
+        self.scores = np.full((q, 0), np.nan)
+        self.rows = np.zeros((q, 0), np.int64)
+
+    def add(self, scores: np.ndarray, rows_of: np.ndarray) -> None:
+        """Merge ``scores`` ``(rows, Q)`` of the dataset rows ``rows_of``."""
+        block = scores.T  # (Q, rows)
+        key = self.sign * block
+        key = np.where(np.isnan(key), np.inf, key)
+        rows = np.broadcast_to(rows_of, block.shape)
+        if block.shape[1] > self.k:  # this block's best k (with ties at the cut kept by row: take a margin)
+            cut = np.partition(key, self.k - 1, axis=1)[:, self.k - 1 : self.k]
+            keep = key <= cut
+            width = int(keep.sum(axis=1).max())
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+            key, block, rows = (np.take_along_axis(a, order, axis=1) for a in (key, block, rows))
+        key = np.concatenate([self.keys, key], axis=1)
+        score = np.concatenate([self.scores, block], axis=1)
+        row = np.concatenate([self.rows, rows], axis=1)
+        order = np.lexsort((row, key), axis=1)[:, : self.k]
+        self.keys, self.scores, self.rows = (np.take_along_axis(a, order, axis=1) for a in (key, score, row))

@@ -1,0 +1,125 @@
+"""Exact nearest-neighbour search against a numpy oracle: every metric and dtype, k past n, empty files, NaN,
+zero vectors, ties, exclusion, sharded datasets, search by stored key, and the command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import embfile
+from embfile import search as search_module
+
+
+def oracle(matrix, queries, k, metric, skip=()):
+    """Scores and rows by brute force in float64: best first, equal scores in row order, NaN last."""
+    x = matrix.astype(np.float64)
+    q = np.atleast_2d(queries).astype(np.float64)
+    if metric == "ip":
+        s = q @ x.T
+    elif metric == "cosine":
+        xn, qn = np.linalg.norm(x, axis=1), np.linalg.norm(q, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = (q @ x.T) / qn[:, None] / xn[None, :]
+        s[:, xn == 0] = 0
+    else:
+        s = np.sqrt(((q[:, None, :] - x[None, :, :]) ** 2).sum(axis=2))
+    sign = 1 if metric == "l2" else -1
+    out_s, out_r = [], []
+    for row in s:
+        key = np.where(np.isnan(row), np.inf, sign * row)
+        order = [r for r in np.lexsort((np.arange(len(row)), key)) if r not in skip][:k]
+        out_s.append(row[order])
+        out_r.append(order)
+    return np.array(out_s), np.array(out_r)
+
+
+def check(db, matrix, keys, queries, k, metric, exclude=()):
+    scores, got = db.search(queries, k=k, metric=metric, exclude=[keys[r] for r in exclude])
+    want_scores, want_rows = oracle(matrix, queries, k, metric, skip=set(exclude))
+    scores, got = np.atleast_2d(scores), np.atleast_2d(got)
+    tol = 1e-2 if matrix.dtype == np.float16 else 1e-4
+    np.testing.assert_allclose(scores, want_scores, rtol=tol, atol=tol)
+    for qi in range(len(got)):  # keys: the oracle's, except where scores tie within rounding
+        for j, key in enumerate(got[qi]):
+            want = keys[want_rows[qi][j]]
+            if key != want:
+                assert (
+                    abs(scores[qi][j] - want_scores[qi][j]) <= tol
+                    and np.isclose(want_scores[qi], scores[qi][j], rtol=tol, atol=tol).sum() > 1
+                ), (metric, qi, j, key, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int8", "uint16"])
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_every_metric_and_dtype_against_numpy(tmp_path, dtype, metric, monkeypatch):
+    monkeypatch.setattr(search_module, "BLOCK_BYTES", 4096)  # many blocks: the running top-k is merged often
+    rng = np.random.default_rng(len(dtype) + len(metric))
+    n, dim = 700, 12
+    if np.dtype(dtype).kind == "f":
+        matrix = rng.standard_normal((n, dim)).astype(dtype)
+    else:
+        matrix = rng.integers(0, 50, (n, dim)).astype(dtype)
+    keys = [f"p{i}" for i in range(n)]
+    embfile.write(tmp_path / "db.emb", (keys, matrix))
+    queries = rng.standard_normal((5, dim)).astype(np.float32)
+    with embfile.open(tmp_path / "db.emb") as db:
+        check(db, matrix, keys, queries, 10, metric)
+        check(db, matrix, keys, queries[0], 3, metric)  # one query: (k,) results
+        check(db, matrix, keys, queries, 10, metric, exclude=[5, 17, 699])
+        scores, got = db.search(queries[0], k=3, metric=metric)
+        assert scores.shape == (3,) and got.shape == (3,)
+
+
+def test_k_past_n_empty_files_nan_zero_vectors_and_ties(tmp_path):
+    matrix = np.array([[1, 0], [0, 0], [np.nan, 1], [1, 0], [2, 0]], np.float32)  # rows 0 and 3 tie
+    keys = ["a", "zero", "nan", "a-again", "b"]
+    embfile.write(tmp_path / "db.emb", (keys, matrix))
+    with embfile.open(tmp_path / "db.emb") as db:
+        scores, got = db.search([1, 0], k=10, metric="cosine")
+        assert got.tolist() == ["a", "a-again", "b", "zero", "nan"]  # ties by row; zero scores 0; NaN last
+        assert scores[:4].tolist() == [1, 1, 1, 0] and np.isnan(scores[4])
+        scores, got = db.search([1, 0], k=2, metric="l2")
+        assert got.tolist() == ["a", "a-again"] and scores.tolist() == [0, 0]
+        _, got = db.search_keys(["a"], k=1, metric="l2")
+        assert got.tolist() == [["a-again"]]  # itself left out by identity, its twin found
+        _, got = db.search_keys(["a"], k=2, metric="l2", exclude_self=False)
+        assert got.tolist() == [["a", "a-again"]]
+        with pytest.raises(ValueError, match="metric must be one of"):
+            db.search([1, 0], metric="dot")
+        with pytest.raises(ValueError, match=r"queries must be numbers of shape \(2,\) or \(Q, 2\)"):
+            db.search([1, 0, 0])
+    embfile.write(tmp_path / "empty.emb", ([], np.zeros((0, 2), np.float32)))
+    with embfile.open(tmp_path / "empty.emb") as db:
+        scores, got = db.search([[1, 0], [0, 1]], k=5)
+        assert scores.shape == (2, 0) and got.shape == (2, 0)
+
+
+def test_sharded_and_versioned_datasets(tmp_path):
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((500, 8)).astype(np.float32)
+    keys = [f"s{i}" for i in range(500)]
+    embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=60 * 32)
+    embfile.remove(tmp_path / "ds", keys[:100])
+    with embfile.open(tmp_path / "ds") as db:
+        assert len(db.files) > 5
+        check(db, matrix[100:], keys[100:], rng.standard_normal((4, 8)), 7, "cosine")
+        check(db, matrix[100:], keys[100:], rng.standard_normal((4, 8)), 7, "l2")
+
+
+def test_search_from_the_command_line(tmp_path):
+    matrix = np.eye(4, dtype=np.float32)
+    embfile.write(tmp_path / "db.emb", (["w", "x", "y", "z"], matrix))
+    np.save(tmp_path / "q.npy", matrix[[2]])
+    run = [sys.executable, "-m", "embfile", "search", tmp_path / "db.emb"]
+    out = subprocess.run([*run, "--key", "x", "-k", "2", "--format", "json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert [hit["key"] for hit in got["x"]] == ["w", "y"]  # itself left out; the other three tie, by row
+    out = subprocess.run(
+        [*run, "--queries", tmp_path / "q.npy", "-k", "1", "--metric", "l2"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["0", "y", "0"]
+    out = subprocess.run([*run, "--key", "nope"], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "'nope'" in out.stderr
