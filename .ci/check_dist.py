@@ -25,6 +25,7 @@ SDIST_NEEDS = [
     "src_c/internal.h",
     "src_c/index.c",
     "src_c/records.c",
+    "src_c/search.c",
     "src_c/shuffle.c",
     "setup.py",
     "pyproject.toml",

@@ -19,6 +19,8 @@ cdef extern from "embfile.h" nogil:
     void emb_copy(uint8_t *dst, const uint8_t *src, size_t n)
     int emb_gather(const uint8_t *const *bases, const uint64_t *starts, size_t n_shards,
                    uint64_t record_bytes, const uint64_t *rows, size_t k, uint8_t *dst)
+    int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16, const float *q, uint32_t nq,
+                float *out, int threads)
     uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream)
     void emb_shuffle(uint64_t *items, uint64_t n, uint64_t seed)
     uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len)

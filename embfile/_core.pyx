@@ -493,6 +493,26 @@ def gather(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t reco
     _check(rc, f"gathering records of {starts[n_shards]}")
 
 
+def dot(cnp.ndarray block, queries, int threads=2):
+    """``block @ queries.T`` as a new float32 ``(n, q)`` array, for a C-contiguous float32 or float16
+    ``(n, dim)`` block (a view of the mapping: nothing is copied) and ``(q, dim)`` queries; the GIL released,
+    the rows split over ``threads`` threads."""
+    if block.ndim != 2 or not block.flags.c_contiguous or block.dtype not in (np.float32, np.float16):
+        raise ValueError("dot() takes a C-contiguous 2-d float32 or float16 block")
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != block.shape[1]:
+        raise ValueError(f"dot() takes queries of shape (q, {block.shape[1]}), not {q.shape}")
+    cdef uint64_t n = block.shape[0]
+    cdef uint32_t dim = block.shape[1], nq = q.shape[0]
+    cdef int f16 = block.dtype == np.float16
+    out = np.empty((n, nq), dtype=np.float32)
+    cdef cnp.ndarray qa = q, oa = out
+    with nogil:
+        emb_dot(<const uint8_t *>cnp.PyArray_DATA(block), n, dim, f16, <const float *>cnp.PyArray_DATA(qa), nq,
+                <float *>cnp.PyArray_DATA(oa), threads)
+    return out
+
+
 def copy_all(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t record_bytes,
              cnp.ndarray out):
     """Copy every record of a layout (as for :func:`gather`) into ``out``, in row order:

@@ -1,9 +1,12 @@
 """Exact nearest-neighbour search over a dataset: a streaming scan of the mapping with a running top-k.
 
-The records are read a block at a time straight from the mapping, converted to float32 (float64 for float64
-files), scored against every query with one matrix product (numpy's BLAS), and each block's best ``k`` are
-merged into the running best ``k`` of each query.  Memory stays flat in the number of records; nothing is
-copied but the block in hand.  Cosine needs each record's norm: computed once per handle and kept.
+The records are read a block at a time straight from the mapping and scored against every query, and each
+block's best ``k`` are merged into the running best ``k`` of each query.  A few queries (up to
+``KERNEL_QUERIES``) over float32 or float16 records go to the core's ``dot``: one pass over the mapping, float16
+widened in registers, the rows split over the cores, nothing copied; the scan then runs at the speed memory
+delivers the rows.  Many queries, or other types, are one matrix product per block (numpy's BLAS) on the block
+converted to float32 (float64 for float64 files): compute-bound, where BLAS is at its best.  Memory stays flat
+in the number of records.  Cosine and l2 need each record's norm: computed once per handle and kept.
 
 Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
 row order.  A record holding NaN scores NaN and ranks after every other; a zero vector has cosine similarity
@@ -12,10 +15,13 @@ row order.  A record holding NaN scores NaN and ranks after every other; a zero 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+
+from embfile import _core
 
 
 class Dataset(Protocol):
@@ -35,6 +41,8 @@ class Dataset(Protocol):
 
 METRICS = ("cosine", "ip", "l2")
 BLOCK_BYTES = 16 << 20  # records scored at a time (converted to float32: a bounded copy)
+KERNEL_QUERIES = 8  # up to this many queries, the core's memory-speed kernel; more, BLAS
+THREADS = min(os.cpu_count() or 1, 8)
 
 
 def search(
@@ -68,16 +76,17 @@ def search(
     best = _Best(len(q), min(k + extra, len(ds)), smaller_first=metric == "l2")
     step = max(1, BLOCK_BYTES // (ds.dim * max(ds.dtype.itemsize, np.dtype(work).itemsize)))
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
+    kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
     for lo, hi, block in ds.chunks(step):
-        x: np.ndarray = block.astype(work)
-        scores = x @ q.T  # (rows, Q)
+        scores = _core.dot(block, q, THREADS) if kernel else block.astype(work, copy=False) @ q.T  # (rows, Q)
         if metric == "cosine":
-            n = _norms(ds, lo, hi, x)
+            n = _norms(ds, lo, hi, block, work)
             np.divide(scores, n[:, None], out=scores, where=n[:, None] > 0)
             scores[n == 0] = 0
         elif metric == "l2":
             assert q_sq is not None
-            scores = (x * x).sum(axis=1)[:, None] - 2 * scores + q_sq[None, :]
+            n = _norms(ds, lo, hi, block, work)
+            scores = (n * n)[:, None] - 2 * scores + q_sq[None, :]
             np.sqrt(np.maximum(scores, 0, out=scores), out=scores)
         kept = np.setdiff1d(np.arange(hi - lo), excluded[(excluded >= lo) & (excluded < hi)] - lo)
         best.add(scores[kept], kept + lo)
@@ -111,13 +120,14 @@ def _rows_of(ds: Dataset, keys: Iterable[str]) -> np.ndarray:
     return np.unique(rows[rows >= 0])
 
 
-def _norms(ds: Dataset, lo: int, hi: int, x: np.ndarray) -> np.ndarray:
-    """The norms of rows ``[lo, hi)`` (``x`` holds them): computed once per handle, then kept."""
+def _norms(ds: Dataset, lo: int, hi: int, block: np.ndarray, work: Any) -> np.ndarray:
+    """The norms of rows ``[lo, hi)`` (``block`` holds them, as stored): computed once per handle, then kept."""
     if ds._norms is None:
-        ds._norms = (np.zeros(len(ds), x.dtype), np.zeros(len(ds), bool))
+        ds._norms = (np.zeros(len(ds), work), np.zeros(len(ds), bool))
     values, known = ds._norms
     if not known[lo:hi].all():
-        values[lo:hi] = np.linalg.norm(x, axis=1)
+        x = block.astype(work, copy=False)
+        values[lo:hi] = np.sqrt(np.einsum("ij,ij->i", x, x))
         known[lo:hi] = True
     return values[lo:hi]
 

@@ -76,6 +76,13 @@ int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
                size_t n_shards, uint64_t record_bytes, const uint64_t *rows,
                size_t k, uint8_t *dst);
 
+/* Search (search.c): out[r * nq + j] = the dot product of row r of x (n rows
+ * of dim float32, or float16 if f16, back to back) with query j of q (nq rows
+ * of dim float32), accumulated in float32; the rows split over `threads`
+ * threads.  Returns EMB_OK. */
+int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
+            const float *q, uint32_t nq, float *out, int threads);
+
 /* Shuffling (shuffle.c): a seed for stream `stream` of epoch `epoch` of a run
  * seeded `seed`, and an in-place uniform shuffle of items[0..n) driven by it. */
 uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream);

@@ -2,6 +2,7 @@
 zero vectors, ties, exclusion, sharded datasets, search by stored key, and the command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -123,3 +124,41 @@ def test_search_from_the_command_line(tmp_path):
     assert out.returncode == 0 and out.stdout.split() == ["0", "y", "0"]
     out = subprocess.run([*run, "--key", "nope"], capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "'nope'" in out.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_many_queries_take_the_blas_path_and_agree(tmp_path, dtype):
+    rng = np.random.default_rng(9)
+    matrix = rng.standard_normal((400, 20)).astype(dtype)
+    keys = [f"m{i}" for i in range(400)]
+    embfile.write(tmp_path / "db.emb", (keys, matrix))
+    queries = rng.standard_normal((search_module.KERNEL_QUERIES + 4, 20))
+    with embfile.open(tmp_path / "db.emb") as db:
+        for metric in ("cosine", "ip", "l2"):
+            check(db, matrix, keys, queries, 6, metric)
+            few, _ = db.search(queries[:2], k=6, metric=metric)  # the kernel, on the same data
+            many, _ = db.search(queries, k=6, metric=metric)
+            np.testing.assert_allclose(few, many[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
+    """EMBFILE_PORTABLE=1 makes the core use the plain loops other CPUs run (dims not multiples of 8 included)."""
+    script = (
+        "import numpy as np, embfile._core as c\n"
+        "rng = np.random.default_rng(2)\n"
+        "for dim in (1, 7, 8, 17, 1280):\n"
+        "    x = rng.standard_normal((33, dim)).astype(np.float32)\n"
+        "    q = rng.standard_normal((3, dim)).astype(np.float32)\n"
+        "    for block in (x, x.astype(np.float16)):\n"
+        "        want = block.astype(np.float64) @ q.T.astype(np.float64)\n"
+        "        assert np.allclose(c.dot(block, q, 3), want, rtol=1e-4, atol=1e-3), dim\n"
+        "halves = np.arange(65536, dtype=np.uint16).view(np.float16)  # every float16, subnormals and NaN too\n"
+        "one = c.dot(halves.reshape(-1, 1), np.ones((1, 1), np.float32))[:, 0]\n"
+        "assert np.array_equal(one, halves.astype(np.float32), equal_nan=True)\n"
+        "finite = halves[np.isfinite(halves)][:61440].reshape(-1, 8)\n"
+        "assert np.array_equal(c.dot(finite, np.eye(8, dtype=np.float32)), finite.astype(np.float32))\n"
+        "print('ok')\n"
+    )
+    for env in ({}, {"EMBFILE_PORTABLE": "1"}):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, **env})
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

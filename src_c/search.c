@@ -1,0 +1,176 @@
+/*
+ * search.c -- dot products of stored rows with a few query vectors, at the
+ * speed memory delivers the rows (embfile.h: emb_dot).
+ *
+ * One pass over the rows: each row is loaded once and multiplied with every
+ * query while it sits in L1.  float16 rows are widened in registers (F16C), so
+ * they cost half the memory traffic of float32 ones.  The AVX2 + FMA versions
+ * are chosen at run time; the portable loops give the same results up to
+ * rounding.  Rows are split between threads.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "embfile.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define EMB_X86 1
+#endif
+
+typedef void (*dot_fn)(const uint8_t *x, uint64_t n, uint32_t dim,
+                       const float *q, uint32_t nq, float *out);
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu,
+             man = h & 0x3ffu, bits;
+    if (exp == 0x1f) { /* inf, NaN */
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp) { /* normal */
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalise */
+        exp = 113u;
+        while (!(man & 0x400u)) {
+            man <<= 1;
+            exp--;
+        }
+        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void dot_f32(const uint8_t *x, uint64_t n, uint32_t dim, const float *q,
+                    uint32_t nq, float *out) {
+    for (uint64_t r = 0; r < n; r++) {
+        const float *row = (const float *)(const void *)(x + r * dim * 4u);
+        for (uint32_t j = 0; j < nq; j++) {
+            float s = 0;
+            for (uint32_t d = 0; d < dim; d++) s += row[d] * q[(uint64_t)j * dim + d];
+            out[r * nq + j] = s;
+        }
+    }
+}
+
+static void dot_f16(const uint8_t *x, uint64_t n, uint32_t dim, const float *q,
+                    uint32_t nq, float *out) {
+    for (uint64_t r = 0; r < n; r++) {
+        const uint8_t *row = x + r * dim * 2u;
+        for (uint32_t j = 0; j < nq; j++) {
+            float s = 0;
+            for (uint32_t d = 0; d < dim; d++) {
+                uint16_t h;
+                memcpy(&h, row + 2u * d, 2);
+                s += half_to_float(h) * q[(uint64_t)j * dim + d];
+            }
+            out[r * nq + j] = s;
+        }
+    }
+}
+
+#ifdef EMB_X86
+__attribute__((target("avx2,fma"))) static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* `load(row, d)` gives 8 floats of the row from element d; the rest of the
+ * row (dim % 8 elements) is added one by one. */
+#define EMB_DOT_AVX2(NAME, WIDTH, LOAD, SCALAR)                                   \
+    __attribute__((target("avx2,fma,f16c"))) static void NAME(                 \
+        const uint8_t *x, uint64_t n, uint32_t dim, const float *q, uint32_t nq, \
+        float *out) {                                                            \
+        uint32_t body = dim & ~7u;                                               \
+        for (uint64_t r = 0; r < n; r++) {                                       \
+            const uint8_t *row = x + r * dim * (WIDTH);                          \
+            for (uint32_t j = 0; j < nq; j++) {                                  \
+                const float *qj = q + (uint64_t)j * dim;                         \
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();       \
+                uint32_t d = 0;                                                  \
+                for (; d + 16 <= body; d += 16) {                                \
+                    a0 = _mm256_fmadd_ps(LOAD(row, d), _mm256_loadu_ps(qj + d), a0); \
+                    a1 = _mm256_fmadd_ps(LOAD(row, d + 8), _mm256_loadu_ps(qj + d + 8), a1); \
+                }                                                                \
+                for (; d < body; d += 8)                                         \
+                    a0 = _mm256_fmadd_ps(LOAD(row, d), _mm256_loadu_ps(qj + d), a0); \
+                float s = hsum(_mm256_add_ps(a0, a1));                           \
+                for (; d < dim; d++) s += SCALAR(row, d) * qj[d];                \
+                out[r * nq + j] = s;                                             \
+            }                                                                    \
+        }                                                                        \
+    }
+
+#define LOAD_F32(row, d) _mm256_loadu_ps((const float *)(const void *)(row) + (d))
+#define SCALAR_F32(row, d) (((const float *)(const void *)(row))[d])
+#define LOAD_F16(row, d) \
+    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)((row) + 2u * (d))))
+static inline float scalar_f16(const uint8_t *row, uint32_t d) {
+    uint16_t h;
+    memcpy(&h, row + 2u * d, 2);
+    return half_to_float(h);
+}
+#define SCALAR_F16(row, d) scalar_f16((row), (d))
+
+EMB_DOT_AVX2(dot_f32_avx2, 4u, LOAD_F32, SCALAR_F32)
+EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, SCALAR_F16)
+#endif
+
+static dot_fn choose(int f16) {
+#ifdef EMB_X86
+    if (getenv("EMBFILE_PORTABLE")) /* tests: the loops other CPUs run */
+        return f16 ? dot_f16 : dot_f32;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        return f16 ? dot_f16_avx2 : dot_f32_avx2;
+#endif
+    return f16 ? dot_f16 : dot_f32;
+}
+
+typedef struct {
+    dot_fn fn;
+    const uint8_t *x;
+    uint64_t n;
+    uint32_t dim, nq;
+    const float *q;
+    float *out;
+} dot_job;
+
+static void *run_job(void *arg) {
+    dot_job *j = arg;
+    j->fn(j->x, j->n, j->dim, j->q, j->nq, j->out);
+    return NULL;
+}
+
+int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
+            const float *q, uint32_t nq, float *out, int threads) {
+    enum { MAX_THREADS = 64 };
+    dot_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    uint64_t width = f16 ? 2u : 4u;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((uint64_t)threads > n) threads = n ? (int)n : 1;
+    dot_fn fn = choose(f16);
+    uint64_t per = n / (uint64_t)threads, lo = 0;
+    int started = 0;
+    for (int t = 0; t < threads; t++) {
+        uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
+        jobs[t] = (dot_job){fn, x + lo * dim * width, count, dim, nq, q, out + lo * nq};
+        lo += count;
+    }
+    for (int t = 1; t < threads; t++) { /* the caller's thread takes job 0 */
+        if (pthread_create(&ids[t], NULL, run_job, &jobs[t]) != 0) break;
+        started = t;
+    }
+    run_job(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* threads that did not start */
+    return EMB_OK;
+}
