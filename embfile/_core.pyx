@@ -513,6 +513,42 @@ def dot(cnp.ndarray block, queries, int threads=2):
     return out
 
 
+cdef class TopK:
+    """The best ``k`` (score, row) of each of ``q`` queries, merged block after block in the core (a heap per
+    query): larger scores first (smaller with ``smaller``), NaN last, equal scores by row."""
+    cdef readonly object scores, rows, count
+    cdef uint32_t k, q
+    cdef int smaller
+
+    def __init__(self, uint32_t q, uint32_t k, bint smaller):
+        self.q, self.k, self.smaller = q, k, smaller
+        self.scores = np.empty((q, k), np.float32)
+        self.rows = np.empty((q, k), np.int64)
+        self.count = np.zeros(q, np.uint32)
+
+    def add(self, scores, rows):
+        """Merge ``scores`` ``(n, q)`` of the dataset rows ``rows`` (ascending, past every row merged before)."""
+        s = np.ascontiguousarray(scores, dtype=np.float32)
+        r = np.ascontiguousarray(rows, dtype=np.int64)
+        if s.ndim != 2 or s.shape[1] != self.q or r.shape[0] != s.shape[0]:
+            raise ValueError(f"TopK.add() takes ({len(r)}, {self.q}) scores, not {s.shape}")
+        cdef cnp.ndarray sa = s, ra = r, hs = self.scores, hr = self.rows, c = self.count
+        cdef uint64_t n = s.shape[0]
+        with nogil:
+            emb_topk_merge(<const float *>cnp.PyArray_DATA(sa), n, self.q, <const int64_t *>cnp.PyArray_DATA(ra),
+                           self.k, self.smaller, <float *>cnp.PyArray_DATA(hs), <int64_t *>cnp.PyArray_DATA(hr),
+                           <uint32_t *>cnp.PyArray_DATA(c))
+
+    def result(self):
+        """``(scores, rows)`` ``(q, m)``, best first, ``m`` the number kept (at most ``k``)."""
+        m = int(self.count.min()) if self.q else 0
+        sign = -1.0 if self.smaller else 1.0
+        scores, rows = sign * self.scores[:, :m], self.rows[:, :m]
+        key = np.where(np.isnan(scores), np.inf, -sign * scores)
+        order = np.lexsort((rows, key), axis=1)
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
 def copy_all(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t record_bytes,
              cnp.ndarray out):
     """Copy every record of a layout (as for :func:`gather`) into ``out``, in row order:

@@ -145,12 +145,13 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
                 part.read_into(out[lo:hi])
         return out
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    def chunks(self, rows: int, release: bool = True) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(lo, hi, block)`` for consecutive row ranges of at most ``rows`` rows, ``block`` a read-only
         view of rows ``[lo, hi)``, for exports.
 
-        Each range's pages leave this process's memory once the next is asked for (they stay in the page
-        cache), so a pass over a dataset larger than RAM keeps a bounded resident size.
+        With ``release`` (the default) each range's pages leave this process's memory once the next is asked
+        for (they stay in the page cache), so a pass over a dataset larger than RAM keeps a bounded resident
+        size; without, they stay mapped, for passes repeated over data that fits (a search).
         """
         layout = self._layout()
         for part, first, last in zip(self.files, self._starts, self._starts[1:]):
@@ -158,7 +159,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             for lo in range(first, last, rows):
                 hi = min(lo + rows, last)
                 yield lo, hi, matrix[lo - first : hi - first]
-                layout.advise(lo, hi, mmap.MADV_DONTNEED)
+                if release:
+                    layout.advise(lo, hi, mmap.MADV_DONTNEED)
 
     def slices(self, rows: int) -> list[int]:
         """Row boundaries that cut the dataset into ranges of at most ``rows`` rows, none across two files:

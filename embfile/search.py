@@ -1,7 +1,8 @@
 """Exact nearest-neighbour search over a dataset: a streaming scan of the mapping with a running top-k.
 
 The records are read a block at a time straight from the mapping and scored against every query, and each
-block's best ``k`` are merged into the running best ``k`` of each query.  A few queries (up to
+block's scores are merged into a running best ``k`` per query (a heap in the core: most scores are rejected
+by one comparison).  A few queries (up to
 ``KERNEL_QUERIES``) over float32 or float16 records go to the core's ``dot``: one pass over the mapping, float16
 widened in registers, the rows split over the cores, nothing copied; the scan then runs at the speed memory
 delivers the rows.  Many queries, or other types, are one matrix product per block (numpy's BLAS) on the block
@@ -9,8 +10,8 @@ converted to float32 (float64 for float64 files): compute-bound, where BLAS is a
 in the number of records.  Cosine and l2 need each record's norm: computed once per handle and kept.
 
 Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
-row order.  A record holding NaN scores NaN and ranks after every other; a zero vector has cosine similarity
-0 with every query.
+row order.  Scores are float32.  A record holding NaN scores NaN and ranks after every other; a zero vector has
+cosine similarity 0 with every query.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Dataset(Protocol):
     _norms: tuple[np.ndarray, np.ndarray] | None
 
     def __len__(self) -> int: ...
-    def chunks(self, rows: int) -> Iterator[tuple[int, int, np.ndarray]]: ...
+    def chunks(self, rows: int, release: bool = True) -> Iterator[tuple[int, int, np.ndarray]]: ...
     def keys_at(self, rows: np.ndarray) -> list[str]: ...
     def find_rows(self, keys: Sequence[str]) -> np.ndarray: ...
     def rows(self, keys: Sequence[str]) -> np.ndarray: ...
@@ -40,7 +41,7 @@ class Dataset(Protocol):
 
 
 METRICS = ("cosine", "ip", "l2")
-BLOCK_BYTES = 16 << 20  # records scored at a time (converted to float32: a bounded copy)
+BLOCK_BYTES = 64 << 20  # records scored at a time (for BLAS, converted to float32: a bounded copy)
 KERNEL_QUERIES = 8  # up to this many queries, the core's memory-speed kernel; more, BLAS
 THREADS = min(os.cpu_count() or 1, 8)
 
@@ -73,11 +74,11 @@ def search(
         q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
     excluded = np.zeros(0, np.int64) if exclude is None else _rows_of(ds, exclude)
     extra = 0 if exclude_rows is None else 1  # one more, for the row each query leaves out
-    best = _Best(len(q), min(k + extra, len(ds)), smaller_first=metric == "l2")
+    best = _core.TopK(len(q), min(k + extra, len(ds)), metric == "l2")
     step = max(1, BLOCK_BYTES // (ds.dim * max(ds.dtype.itemsize, np.dtype(work).itemsize)))
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
     kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
-    for lo, hi, block in ds.chunks(step):
+    for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
         scores = _core.dot(block, q, THREADS) if kernel else block.astype(work, copy=False) @ q.T  # (rows, Q)
         if metric == "cosine":
             n = _norms(ds, lo, hi, block, work)
@@ -88,9 +89,13 @@ def search(
             n = _norms(ds, lo, hi, block, work)
             scores = (n * n)[:, None] - 2 * scores + q_sq[None, :]
             np.sqrt(np.maximum(scores, 0, out=scores), out=scores)
-        kept = np.setdiff1d(np.arange(hi - lo), excluded[(excluded >= lo) & (excluded < hi)] - lo)
-        best.add(scores[kept], kept + lo)
-    scores, rows = best.scores, best.rows
+        block_rows = np.arange(lo, hi)
+        gone = excluded[(excluded >= lo) & (excluded < hi)]
+        if gone.size:
+            block_rows = np.setdiff1d(block_rows, gone, assume_unique=True)
+            scores = scores[block_rows - lo]
+        best.add(scores, block_rows)
+    scores, rows = best.result()
     if exclude_rows is not None:  # drop each query's own row (or, if it is not among them, the last)
         keep = rows != exclude_rows[:, None]
         keep[keep.all(axis=1), -1] = False
@@ -130,32 +135,3 @@ def _norms(ds: Dataset, lo: int, hi: int, block: np.ndarray, work: Any) -> np.nd
         values[lo:hi] = np.sqrt(np.einsum("ij,ij->i", x, x))
         known[lo:hi] = True
     return values[lo:hi]
-
-
-class _Best:
-    """The running best ``k`` (score, row) of each of ``q`` queries; NaN scores rank last, ties by row."""
-
-    def __init__(self, q: int, k: int, smaller_first: bool) -> None:
-        # keys: sign * score with NaN as +inf, so that smaller is better throughout
-        self.k, self.sign = k, 1.0 if smaller_first else -1.0
-        self.keys = np.full((q, 0), np.inf)
-        self.scores = np.full((q, 0), np.nan)
-        self.rows = np.zeros((q, 0), np.int64)
-
-    def add(self, scores: np.ndarray, rows_of: np.ndarray) -> None:
-        """Merge ``scores`` ``(rows, Q)`` of the dataset rows ``rows_of``."""
-        block = scores.T  # (Q, rows)
-        key = self.sign * block
-        key = np.where(np.isnan(key), np.inf, key)
-        rows = np.broadcast_to(rows_of, block.shape)
-        if block.shape[1] > self.k:  # this block's best k (with ties at the cut kept by row: take a margin)
-            cut = np.partition(key, self.k - 1, axis=1)[:, self.k - 1 : self.k]
-            keep = key <= cut
-            width = int(keep.sum(axis=1).max())
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
-            key, block, rows = (np.take_along_axis(a, order, axis=1) for a in (key, block, rows))
-        key = np.concatenate([self.keys, key], axis=1)
-        score = np.concatenate([self.scores, block], axis=1)
-        row = np.concatenate([self.rows, rows], axis=1)
-        order = np.lexsort((row, key), axis=1)[:, : self.k]
-        self.keys, self.scores, self.rows = (np.take_along_axis(a, order, axis=1) for a in (key, score, row))

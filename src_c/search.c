@@ -174,3 +174,56 @@ int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
     for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* threads that did not start */
     return EMB_OK;
 }
+
+/* Top-k: is candidate (s, r) worse than (t, q)?  Larger scores are better
+ * (the caller negates for "smaller is better"); NaN is worse than any number;
+ * between equals, the later row is worse. */
+static int worse(float s, int64_t r, float t, int64_t q) {
+    int sn = s != s, tn = t != t;
+    if (sn != tn) return sn;
+    if (!sn && s != t) return s < t;
+    return r > q;
+}
+
+/* Sift the heap (worst at the root) of n entries down from i. */
+static void sift(float *hs, int64_t *hr, uint32_t n, uint32_t i) {
+    for (;;) {
+        uint32_t w = i, a = 2 * i + 1, b = a + 1;
+        if (a < n && worse(hs[a], hr[a], hs[w], hr[w])) w = a;
+        if (b < n && worse(hs[b], hr[b], hs[w], hr[w])) w = b;
+        if (w == i) return;
+        float ts = hs[i];
+        int64_t tr = hr[i];
+        hs[i] = hs[w], hr[i] = hr[w], hs[w] = ts, hr[w] = tr;
+        i = w;
+    }
+}
+
+void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq,
+                    const int64_t *rows, uint32_t k, int smaller,
+                    float *heap_scores, int64_t *heap_rows, uint32_t *count) {
+    float sign = smaller ? -1.0f : 1.0f;
+    for (uint32_t j = 0; j < nq; j++) {
+        float *hs = heap_scores + (uint64_t)j * k;
+        int64_t *hr = heap_rows + (uint64_t)j * k;
+        uint32_t c = count[j];
+        for (uint64_t r = 0; r < n; r++) {
+            float s = sign * scores[r * nq + j];
+            if (c < k) { /* not full: add, and restore the heap upwards */
+                uint32_t i = c++;
+                hs[i] = s, hr[i] = rows[r];
+                while (i && worse(hs[i], hr[i], hs[(i - 1) / 2], hr[(i - 1) / 2])) {
+                    uint32_t p = (i - 1) / 2;
+                    float ts = hs[i];
+                    int64_t tr = hr[i];
+                    hs[i] = hs[p], hr[i] = hr[p], hs[p] = ts, hr[p] = tr;
+                    i = p;
+                }
+            } else if (k && worse(hs[0], hr[0], s, rows[r])) { /* better than the worst kept */
+                hs[0] = s, hr[0] = rows[r];
+                sift(hs, hr, c, 0);
+            }
+        }
+        count[j] = c;
+    }
+}

@@ -1,0 +1,155 @@
+"""Exact nearest-neighbour search: embfile against numpy, faiss and usearch on the same data, warm, beside the
+machine's memory read bandwidth and sgemm rate measured in the same run.
+
+Data: ``--rows`` x ``--dim`` random vectors (default 500,000 x 1280, ProtT5/ESM-sized), stored as float32 and
+as float16 .emb files; queries are stored vectors plus noise.  For 1, 16 and 256 queries (k = 10, inner
+product), each tool runs ``--rounds`` times in turn and the median is kept:
+
+- embfile ``db.search`` over the mapped file (nothing loaded);
+- numpy: ``matrix @ q.T`` and ``argpartition`` over the matrix already in memory (loading it not counted);
+- faiss ``IndexFlatIP`` (its own float32 copy, built beforehand, not counted);
+- usearch ``search(..., exact=True)`` over the matrix in memory.
+
+Bounds: one query cannot beat reading the records once at the machine's read bandwidth (both cores); many
+queries cannot beat ``2 * rows * dim * queries`` flops at the sgemm rate.
+
+    python benchmarks/bench_search.py                   # a few minutes, 2.6 GB + 1.3 GB of files
+    python benchmarks/bench_search.py --rows 100000 --out -
+
+Targets (issue #29): one query at >= 80% of the read bandwidth and faster than faiss; 256 queries within 1.2x
+of the sgemm bound; float16 at least 1.5x faster than float32 for one query.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine
+
+import embfile
+
+K = 10
+
+
+def read_gbps(a, threads=os.cpu_count() or 1, repeats=5):
+    """Memory read bandwidth: ``threads`` threads summing their share of ``a`` (numpy releases the GIL)."""
+    parts = np.array_split(a.reshape(-1), threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def sgemm_gflops(n=3072, repeats=3):
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def timed(fn, rounds):
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), min(times), max(times)
+
+
+def numpy_search(matrix, q):
+    s = matrix @ q.T
+    top = np.argpartition(-s, K, axis=0)[:K]
+    return np.take_along_axis(s, top, axis=0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=500_000)
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--out", help="the result file (default benchmarks/results/search.md; - for none)")
+    args = ap.parse_args()
+    with machine.recorded("search", "Exact nearest-neighbour search: embfile against numpy, faiss, usearch", args.out):
+        run(args)
+
+
+def run(args):
+    import faiss
+    from usearch.index import search as usearch_search
+
+    folder = tempfile.mkdtemp(prefix="bench-search-", dir=args.dir)
+    try:
+        rng = np.random.default_rng(0)
+        matrix = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
+        keys = [f"UniRef50_{i:010d}" for i in range(args.rows)]
+        paths = {}
+        for dtype in ("float32", "float16"):
+            paths[dtype] = os.path.join(folder, f"{dtype}.emb")
+            embfile.write(paths[dtype], (keys, matrix), dtype=dtype)
+        bandwidth, gflops = read_gbps(matrix), sgemm_gflops()
+        threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+        print(
+            f"machine: read bandwidth {bandwidth:.1f} GB/s ({os.cpu_count()} threads), sgemm {gflops:.0f} GFLOP/s "
+            f"(numpy {np.__version__}, {threads} threads), memcpy {machine.memcpy_gbps():.1f} GB/s\n"
+        )
+        print(
+            f"data: {args.rows:,} x {args.dim} ({matrix.nbytes / 1e9:.2f} GB as float32, "
+            f"{matrix.nbytes / 2e9:.2f} GB as float16), warm; k = {K}, inner product; {args.rounds} rounds, "
+            f"median (range)\n"
+        )
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(matrix)
+        dbs = {dtype: embfile.open(path) for dtype, path in paths.items()}
+        for db in dbs.values():
+            db.search(matrix[0], k=K, metric="ip")  # warm: every page mapped
+        print("| queries | tool | time | records/s | vs bound | embfile float32 is |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for nq in (1, 16, 256):
+            q = matrix[rng.integers(0, args.rows, nq)] + 0.01 * rng.standard_normal((nq, args.dim), dtype=np.float32)
+            tools = {
+                "embfile float32": lambda: dbs["float32"].search(q, k=K, metric="ip"),
+                "embfile float16": lambda: dbs["float16"].search(q, k=K, metric="ip"),
+                "numpy (in memory)": lambda: numpy_search(matrix, q),
+                "faiss IndexFlatIP": lambda: index.search(q, K),
+                "usearch exact": lambda: usearch_search(matrix, q, K, metric="ip", exact=True),
+            }
+            times = {name: timed(fn, args.rounds) for name, fn in tools.items()}
+            # one query: reading every record once; many: the products at the sgemm rate
+            bound = matrix.nbytes / bandwidth / 1e9 if nq == 1 else 2 * args.rows * args.dim * nq / gflops / 1e9
+            for name, (median, lo, hi) in times.items():
+                stored = matrix.nbytes / 2 if name == "embfile float16" else matrix.nbytes
+                vs = stored / bandwidth / 1e9 if nq == 1 else bound
+                mine = times["embfile float32"][0]
+                print(
+                    f"| {nq} | {name} | {median * 1e3:,.1f} ms ({lo * 1e3:,.1f}-{hi * 1e3:,.1f}) | "
+                    f"{args.rows * nq / median:,.0f} | {vs / median:.0%} | {median / mine:.2f}x |"
+                )
+        print(
+            "\n'vs bound': the bound's time over the tool's (100% = at the bound; for float16, reading its half-size "
+            "records once). 'embfile float32 is': the tool's time over embfile float32's (above 1: embfile faster)."
+        )
+        for db in dbs.values():
+            db.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
