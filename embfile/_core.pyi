@@ -48,6 +48,7 @@ def gather(
 ) -> None: ...
 def dot(block: npt.NDArray[Any], queries: npt.ArrayLike, threads: int = 2) -> npt.NDArray[np.float32]: ...
 
+@disjoint_base
 class TopK:
     scores: npt.NDArray[np.float32]
     rows: npt.NDArray[np.int64]
