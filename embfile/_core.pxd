@@ -21,8 +21,9 @@ cdef extern from "embfile.h" nogil:
                    uint64_t record_bytes, const uint64_t *rows, size_t k, uint8_t *dst)
     int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16, const float *q, uint32_t nq,
                 float *out, int threads)
+    void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads)
     void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq, const int64_t *rows, uint32_t k,
-                        int smaller, float *heap_scores, int64_t *heap_rows, uint32_t *count)
+                        int smaller, float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads)
     uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream)
     void emb_shuffle(uint64_t *items, uint64_t n, uint64_t seed)
     uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len)

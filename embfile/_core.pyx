@@ -513,6 +513,18 @@ def dot(cnp.ndarray block, queries, int threads=2):
     return out
 
 
+def widen(cnp.ndarray block, int threads=2):
+    """A new float32 copy of a C-contiguous float16 array (F16C where the CPU has it), the GIL released."""
+    if block.dtype != np.float16 or not block.flags.c_contiguous:
+        raise ValueError("widen() takes a C-contiguous float16 array")
+    out = np.empty((<object>block).shape, dtype=np.float32)
+    cdef cnp.ndarray oa = out
+    cdef uint64_t n = block.size
+    with nogil:
+        emb_widen_f16(<const uint8_t *>cnp.PyArray_DATA(block), n, <float *>cnp.PyArray_DATA(oa), threads)
+    return out
+
+
 cdef class TopK:
     """The best ``k`` (score, row) of each of ``q`` queries, merged block after block in the core (a heap per
     query): larger scores first (smaller with ``smaller``), NaN last, equal scores by row."""
@@ -520,8 +532,10 @@ cdef class TopK:
     cdef uint32_t k, q
     cdef int smaller
 
-    def __init__(self, uint32_t q, uint32_t k, bint smaller):
-        self.q, self.k, self.smaller = q, k, smaller
+    cdef int threads
+
+    def __init__(self, uint32_t q, uint32_t k, bint smaller, int threads=2):
+        self.q, self.k, self.smaller, self.threads = q, k, smaller, threads
         self.scores = np.empty((q, k), np.float32)
         self.rows = np.empty((q, k), np.int64)
         self.count = np.zeros(q, np.uint32)
@@ -537,7 +551,7 @@ cdef class TopK:
         with nogil:
             emb_topk_merge(<const float *>cnp.PyArray_DATA(sa), n, self.q, <const int64_t *>cnp.PyArray_DATA(ra),
                            self.k, self.smaller, <float *>cnp.PyArray_DATA(hs), <int64_t *>cnp.PyArray_DATA(hr),
-                           <uint32_t *>cnp.PyArray_DATA(c))
+                           <uint32_t *>cnp.PyArray_DATA(c), self.threads)
 
     def result(self):
         """``(scores, rows)`` ``(q, m)``, best first, ``m`` the number kept (at most ``k``)."""

@@ -74,12 +74,16 @@ def search(
         q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
     excluded = np.zeros(0, np.int64) if exclude is None else _rows_of(ds, exclude)
     extra = 0 if exclude_rows is None else 1  # one more, for the row each query leaves out
-    best = _core.TopK(len(q), min(k + extra, len(ds)), metric == "l2")
+    best = _core.TopK(len(q), min(k + extra, len(ds)), metric == "l2", THREADS)
     step = max(1, BLOCK_BYTES // (ds.dim * max(ds.dtype.itemsize, np.dtype(work).itemsize)))
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
     kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
     for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
-        scores = _core.dot(block, q, THREADS) if kernel else block.astype(work, copy=False) @ q.T  # (rows, Q)
+        if kernel:
+            scores = _core.dot(block, q, THREADS)  # (rows, Q)
+        else:
+            x = _core.widen(block, THREADS) if block.dtype == np.float16 else block.astype(work, copy=False)
+            scores = x @ q.T
         if metric == "cosine":
             n = _norms(ds, lo, hi, block, work)
             np.divide(scores, n[:, None], out=scores, where=n[:, None] > 0)

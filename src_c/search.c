@@ -199,14 +199,28 @@ static void sift(float *hs, int64_t *hr, uint32_t n, uint32_t i) {
     }
 }
 
-void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq,
-                    const int64_t *rows, uint32_t k, int smaller,
-                    float *heap_scores, int64_t *heap_rows, uint32_t *count) {
-    float sign = smaller ? -1.0f : 1.0f;
-    for (uint32_t j = 0; j < nq; j++) {
-        float *hs = heap_scores + (uint64_t)j * k;
-        int64_t *hr = heap_rows + (uint64_t)j * k;
-        uint32_t c = count[j];
+typedef struct {
+    const float *scores;
+    uint64_t n;
+    uint32_t nq, first, last, k;
+    const int64_t *rows;
+    int smaller;
+    float *heap_scores;
+    int64_t *heap_rows;
+    uint32_t *count;
+} topk_job;
+
+static void *run_topk(void *arg) {
+    topk_job *t = arg;
+    float sign = t->smaller ? -1.0f : 1.0f;
+    const float *scores = t->scores;
+    const int64_t *rows = t->rows;
+    uint64_t n = t->n;
+    uint32_t nq = t->nq, k = t->k;
+    for (uint32_t j = t->first; j < t->last; j++) {
+        float *hs = t->heap_scores + (uint64_t)j * k;
+        int64_t *hr = t->heap_rows + (uint64_t)j * k;
+        uint32_t c = t->count[j];
         for (uint64_t r = 0; r < n; r++) {
             float s = sign * scores[r * nq + j];
             if (c < k) { /* not full: add, and restore the heap upwards */
@@ -224,6 +238,92 @@ void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq,
                 sift(hs, hr, c, 0);
             }
         }
-        count[j] = c;
+        t->count[j] = c;
     }
+    return NULL;
+}
+
+void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq,
+                    const int64_t *rows, uint32_t k, int smaller,
+                    float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads) {
+    enum { MAX_THREADS = 64 };
+    topk_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((uint32_t)threads > nq) threads = nq ? (int)nq : 1;
+    uint32_t lo = 0;
+    for (int t = 0; t < threads; t++) { /* the queries, split: each heap is one thread's */
+        uint32_t share = nq / (uint32_t)threads + ((uint32_t)t < nq % (uint32_t)threads);
+        jobs[t] = (topk_job){scores, n, nq, lo, lo + share, k, rows, smaller, heap_scores, heap_rows, count};
+        lo += share;
+    }
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&ids[t], NULL, run_topk, &jobs[t]) != 0) break;
+        started = t;
+    }
+    run_topk(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    for (int t = started + 1; t < threads; t++) run_topk(&jobs[t]);
+}
+
+/* float16 -> float32, n values (the BLAS path of a search of many queries). */
+static void widen_portable(const uint8_t *src, uint64_t n, float *dst) {
+    for (uint64_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2u * i, 2);
+        dst[i] = half_to_float(h);
+    }
+}
+
+#ifdef EMB_X86
+__attribute__((target("avx2,f16c"))) static void widen_f16c(const uint8_t *src, uint64_t n, float *dst) {
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(src + 2u * i))));
+    widen_portable(src + 2u * i, n - i, dst + i);
+}
+#endif
+
+typedef struct {
+    const uint8_t *src;
+    uint64_t n;
+    float *dst;
+    void (*fn)(const uint8_t *, uint64_t, float *);
+} widen_job;
+
+static void *run_widen(void *arg) {
+    widen_job *j = arg;
+    j->fn(j->src, j->n, j->dst);
+    return NULL;
+}
+
+void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads) {
+    void (*fn)(const uint8_t *, uint64_t, float *) = widen_portable;
+#ifdef EMB_X86
+    __builtin_cpu_init();
+    if (!getenv("EMBFILE_PORTABLE") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        fn = widen_f16c;
+#endif
+    enum { MAX_THREADS = 64 };
+    widen_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    uint64_t per = (n / (uint64_t)threads + 7) & ~(uint64_t)7, lo = 0;
+    int t = 0;
+    for (; t < threads && lo < n; t++) {
+        uint64_t count = n - lo < per ? n - lo : per;
+        jobs[t] = (widen_job){src + 2u * lo, count, dst + lo, fn};
+        lo += count;
+    }
+    int made = t, started = 0;
+    for (t = 1; t < made; t++) {
+        if (pthread_create(&ids[t], NULL, run_widen, &jobs[t]) != 0) break;
+        started = t;
+    }
+    if (made) run_widen(&jobs[0]);
+    for (t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    for (t = started + 1; t < made; t++) run_widen(&jobs[t]);
 }

@@ -155,6 +155,7 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
         "halves = np.arange(65536, dtype=np.uint16).view(np.float16)  # every float16, subnormals and NaN too\n"
         "one = c.dot(halves.reshape(-1, 1), np.ones((1, 1), np.float32))[:, 0]\n"
         "assert np.array_equal(one, halves.astype(np.float32), equal_nan=True)\n"
+        "assert np.array_equal(c.widen(halves), halves.astype(np.float32), equal_nan=True)\n"
         "finite = halves[np.isfinite(halves)][:61440].reshape(-1, 8)\n"
         "assert np.array_equal(c.dot(finite, np.eye(8, dtype=np.float32)), finite.astype(np.float32))\n"
         "print('ok')\n"
