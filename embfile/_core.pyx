@@ -493,10 +493,10 @@ def gather(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t reco
     _check(rc, f"gathering records of {starts[n_shards]}")
 
 
-def dot(cnp.ndarray block, queries, int threads=2):
-    """``block @ queries.T`` as a new float32 ``(n, q)`` array, for a C-contiguous float32 or float16
-    ``(n, dim)`` block (a view of the mapping: nothing is copied) and ``(q, dim)`` queries; the GIL released,
-    the rows split over ``threads`` threads."""
+def dot(cnp.ndarray block, queries, int threads=2, out=None):
+    """``block @ queries.T`` as a float32 ``(n, q)`` array (``out``, if given, C-contiguous), for a C-contiguous
+    float32 or float16 ``(n, dim)`` block (a view of the mapping: nothing is copied) and ``(q, dim)`` queries;
+    the GIL released, the rows split over ``threads`` threads."""
     if block.ndim != 2 or not block.flags.c_contiguous or block.dtype not in (np.float32, np.float16):
         raise ValueError("dot() takes a C-contiguous 2-d float32 or float16 block")
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -505,7 +505,10 @@ def dot(cnp.ndarray block, queries, int threads=2):
     cdef uint64_t n = block.shape[0]
     cdef uint32_t dim = block.shape[1], nq = q.shape[0]
     cdef int f16 = block.dtype == np.float16
-    out = np.empty((n, nq), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, nq), dtype=np.float32)
+    elif out.shape != (n, nq) or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"dot() output must be a writable C-contiguous float32 array of shape ({n}, {nq})")
     cdef cnp.ndarray qa = q, oa = out
     with nogil:
         emb_dot(<const uint8_t *>cnp.PyArray_DATA(block), n, dim, f16, <const float *>cnp.PyArray_DATA(qa), nq,
@@ -513,11 +516,15 @@ def dot(cnp.ndarray block, queries, int threads=2):
     return out
 
 
-def widen(cnp.ndarray block, int threads=2):
-    """A new float32 copy of a C-contiguous float16 array (F16C where the CPU has it), the GIL released."""
+def widen(cnp.ndarray block, int threads=2, out=None):
+    """A float32 copy (into ``out`` if given) of a C-contiguous float16 array (F16C where the CPU has it), the
+    GIL released."""
     if block.dtype != np.float16 or not block.flags.c_contiguous:
         raise ValueError("widen() takes a C-contiguous float16 array")
-    out = np.empty((<object>block).shape, dtype=np.float32)
+    if out is None:
+        out = np.empty((<object>block).shape, dtype=np.float32)
+    elif out.shape != (<object>block).shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("widen() output must be a C-contiguous float32 array of the block's shape")
     cdef cnp.ndarray oa = out
     cdef uint64_t n = block.size
     with nogil:

@@ -78,12 +78,16 @@ def search(
     step = max(1, BLOCK_BYTES // (ds.dim * max(ds.dtype.itemsize, np.dtype(work).itemsize)))
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
     kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
+    scores_buffer = np.empty((min(step, len(ds)), len(q)), work)  # reused: a fresh array per block costs its faults
+    widened = np.empty((min(step, len(ds)), ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
+    qt = q.T
     for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
+        scores = scores_buffer[: hi - lo]  # (rows, Q)
         if kernel:
-            scores = _core.dot(block, q, THREADS)  # (rows, Q)
+            _core.dot(block, q, THREADS, out=scores)
         else:
-            x = _core.widen(block, THREADS) if block.dtype == np.float16 else block.astype(work, copy=False)
-            scores = x @ q.T
+            x = block.astype(work, copy=False) if widened is None else _core.widen(block, THREADS, widened[: hi - lo])
+            np.matmul(x, qt, out=scores)
         if metric == "cosine":
             n = _norms(ds, lo, hi, block, work)
             np.divide(scores, n[:, None], out=scores, where=n[:, None] > 0)

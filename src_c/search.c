@@ -217,11 +217,11 @@ static void *run_topk(void *arg) {
     const int64_t *rows = t->rows;
     uint64_t n = t->n;
     uint32_t nq = t->nq, k = t->k;
-    for (uint32_t j = t->first; j < t->last; j++) {
-        float *hs = t->heap_scores + (uint64_t)j * k;
-        int64_t *hr = t->heap_rows + (uint64_t)j * k;
-        uint32_t c = t->count[j];
-        for (uint64_t r = 0; r < n; r++) {
+    for (uint64_t r = 0; r < n; r++) { /* row by row: the scores are read in memory order */
+        for (uint32_t j = t->first; j < t->last; j++) {
+            float *hs = t->heap_scores + (uint64_t)j * k;
+            int64_t *hr = t->heap_rows + (uint64_t)j * k;
+            uint32_t c = t->count[j];
             float s = sign * scores[r * nq + j];
             if (c < k) { /* not full: add, and restore the heap upwards */
                 uint32_t i = c++;
@@ -237,8 +237,8 @@ static void *run_topk(void *arg) {
                 hs[0] = s, hr[0] = rows[r];
                 sift(hs, hr, c, 0);
             }
+            t->count[j] = c;
         }
-        t->count[j] = c;
     }
     return NULL;
 }
