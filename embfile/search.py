@@ -75,9 +75,10 @@ def search(
     excluded = np.zeros(0, np.int64) if exclude is None else _rows_of(ds, exclude)
     extra = 0 if exclude_rows is None else 1  # one more, for the row each query leaves out
     best = _core.TopK(len(q), min(k + extra, len(ds)), metric == "l2", THREADS)
-    step = max(1, BLOCK_BYTES // (ds.dim * max(ds.dtype.itemsize, np.dtype(work).itemsize)))
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
     kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
+    width = ds.dtype.itemsize if kernel else max(ds.dtype.itemsize, np.dtype(work).itemsize)  # bytes per element held
+    step = max(1, BLOCK_BYTES // (ds.dim * width))
     scores_buffer = np.empty((min(step, len(ds)), len(q)), work)  # reused: a fresh array per block costs its faults
     widened = np.empty((min(step, len(ds)), ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
     qt = q.T
