@@ -25,6 +25,7 @@ from embfile._extras import require
 dask = require("dask", "dask")
 dd = require("dask.dataframe", "dask")
 da = require("dask.array", "dask")
+bag = require("dask.bag", "dask")
 pa = require("pyarrow", "dask")
 pd = require("pandas", "dask")
 
@@ -74,7 +75,7 @@ def _partitions(data: Any, key: Any, vector: Any) -> list[Any]:
     """One delayed ``(kind, partition, key, vector)`` per partition of ``data``."""
     if isinstance(data, dd.DataFrame):
         return [dask.delayed(tuple)(["frame", p, key, vector]) for p in data.to_delayed()]
-    if isinstance(data, dask.bag.Bag):
+    if isinstance(data, bag.Bag):
         return [dask.delayed(tuple)(["pairs", p, None, None]) for p in data.to_delayed()]
     if isinstance(data, da.Array):
         if data.ndim != 2:
