@@ -152,3 +152,18 @@ def test_a_task_raising_on_its_first_attempt_is_retried(dask_client, tmp_path):
         assert len(db) == 1000 and sorted(db) == sorted(keys)
         np.testing.assert_array_equal(db.get_batch(keys), matrix)
     assert stray_files(tmp_path / "ds") == set()
+
+
+def test_an_array_is_written_by_a_fresh_process_that_imported_nothing_else(tmp_path):
+    """embfile.dask imports what it uses itself (dask.bag was once used without its import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, dask.array as da, embfile, embfile.dask, sys\n"
+        "x = da.from_array(np.ones((10, 3), np.float32), chunks=5)\n"
+        "embfile.dask.to_embfile(x, sys.argv[1], key=[f'k{i}' for i in range(10)])\n"
+        "print(len(embfile.open(sys.argv[1])))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ds")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "10", out.stderr
