@@ -126,7 +126,7 @@ def read_embfile(path: PathLike, version: int | None = None, rows_per_partition:
     """The dataset at ``path`` (a file, or a folder's latest version or ``version``) as a Dask DataFrame of
     ``key`` (string) and ``vector`` (a ``fixed_size_list`` of the stored type) columns, Arrow-backed; one
     partition per shard, or slices of ``rows_per_partition`` rows (default: about 128 MiB of records)."""
-    with _open(path, version) as ds:
+    with open_dataset(path, version) as ds:
         version = ds.version
         meta = _frame(ds, 0, 0)
         step = rows_per_partition or chunk_rows(ds.dim * ds.dtype.itemsize) * 8
@@ -137,7 +137,7 @@ def read_embfile(path: PathLike, version: int | None = None, rows_per_partition:
 
 def _read_part(part: tuple[str, int | None, int, int]) -> Any:
     path, version, lo, hi = part
-    with _open(path, version) as ds:
+    with open_dataset(path, version) as ds:
         return _frame(ds, lo, hi)
 
 
@@ -147,7 +147,3 @@ def _frame(ds: Dataset, lo: int, hi: int) -> Any:
     value = pa.from_numpy_dtype(ds.dtype)
     schema = pa.schema([("key", pa.string()), ("vector", pa.list_(pa.field("item", value), ds.dim))])
     return ds.to_arrow().slice(lo, hi - lo).cast(schema).to_pandas(types_mapper=pd.ArrowDtype)
-
-
-def _open(path: PathLike, version: int | None) -> Dataset:
-    return open_dataset(path, version) if os.path.isdir(path) else open_dataset(path)

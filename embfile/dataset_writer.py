@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections.abc
 import errno
-import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,12 +19,16 @@ from embfile import errors
 from embfile import folder as layout
 from embfile._staging import Staging
 from embfile._stream import source_of
-from embfile.segments import KeyIndex, appended, entry, file_keys, write_segment
-from embfile.shards import in_two_shards
+from embfile.segments import KeyIndex, commit_shards, entry
 from embfile.writer import Writer, write_source
 
 PathLike = str | os.PathLike[str]
 MODES = ("error", "overwrite", "append")
+
+
+def operation_name(mode: str) -> str:
+    """What a manifest calls a write in ``mode``."""
+    return "write" if mode == "error" else mode
 
 
 class ShardWriter:
@@ -169,34 +172,21 @@ class ShardWriter:
     def _commit(self) -> layout.Manifest:
         """Commit the finished shards as a version: after the latest one (append), or alone."""
         names, self._finished = self._finished, []
-        shards = [entry(self._tx.folder, name) for name in names]
-        with in_two_shards([self._tx.path(n) for n in names], [s.count for s in shards]):
-            keys = itertools.chain.from_iterable(file_keys(self._tx.folder, n) for n in names)
-            segment = write_segment(self._tx, keys)
-        operation = {"name": self._operation(), "records": segment.count}
-
-        def plan(base: layout.Manifest | None) -> layout.Manifest:
-            if base is not None and self._mode == "append":
-                return appended(self._tx, base, shards, segment, self._replace, operation)
-            return layout.Manifest(
-                version=1 if base is None else base.version + 1,
-                parent=None if base is None else base.version,
-                dim=self.dim,
-                dtype=self.dtype.name,
-                count=segment.count,
-                shards=tuple(shards),
-                segments=layout.placed([segment] if segment.count else []),
-                operation=operation,
-                metadata=self._metadata,
-            )
-
-        manifest = self._tx.commit(plan)
-        assert manifest is not None
+        manifest = commit_shards(
+            self._tx,
+            [entry(self._tx.folder, name) for name in names],
+            append=self._mode == "append",
+            replace=self._replace,
+            dim=self.dim,
+            dtype=self.dtype.name,
+            metadata=self._metadata,
+            operation=self._operation(),
+        )
         self.version = manifest.version
         return manifest
 
     def _operation(self) -> str:
-        return {"error": "write", "overwrite": "overwrite", "append": "append"}[self._mode]
+        return operation_name(self._mode)
 
     def abort(self) -> None:
         """Discard what was written and not committed; ``folder`` is left as it was."""

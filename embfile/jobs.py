@@ -15,7 +15,6 @@ mount; object stores come with remote datasets).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import secrets
 import shutil
@@ -29,9 +28,8 @@ from embfile import folder as layout
 from embfile._format import disk_dtype
 from embfile._keys import EncodedKeys
 from embfile._stream import Chunk
-from embfile.dataset_writer import MODES
-from embfile.segments import appended, entry, file_keys, write_segment
-from embfile.shards import in_two_shards
+from embfile.dataset_writer import MODES, operation_name
+from embfile.segments import commit_shards, entry
 from embfile.writer import Writer
 
 PathLike = str | os.PathLike[str]
@@ -183,32 +181,20 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
         if dim is None:
             raise errors.WriterError(f"{job.folder}: no records to write, and no dim to make an empty dataset of")
         with layout.Transaction(job.folder) as tx:
-            with in_two_shards([tx.path(s.path) for s in shards], [s.count for s in shards]):
-                keys = itertools.chain.from_iterable(file_keys(job.folder, s.path) for s in shards)
-                segment = write_segment(tx, keys)
-            operation = {"name": f"{job.mode if job.mode != 'error' else 'write'}", "records": segment.count}
             if not shards:  # no records at all: one empty shard, as every version has
                 name = tx.new_name(layout.SHARDS)
                 Writer(tx.path(name), dim, job.dtype).close()
                 shards = [entry(job.folder, name)]
-
-            def plan(base: layout.Manifest | None) -> layout.Manifest:
-                if base is not None and job.mode == "append":
-                    return appended(tx, base, shards, segment, job.on_duplicate == "replace", operation)
-                return layout.Manifest(
-                    version=1 if base is None else base.version + 1,
-                    parent=None if base is None else base.version,
-                    dim=dim,
-                    dtype=job.dtype,
-                    count=segment.count,
-                    shards=tuple(shards),
-                    segments=layout.placed([segment] if segment.count else []),
-                    operation=operation,
-                    metadata=job.metadata,
-                )
-
-            manifest = tx.commit(plan)
-            assert manifest is not None
+            manifest = commit_shards(
+                tx,
+                shards,
+                append=job.mode == "append",
+                replace=job.on_duplicate == "replace",
+                dim=dim,
+                dtype=job.dtype,
+                metadata=job.metadata,
+                operation=operation_name(job.mode),
+            )
     except BaseException:
         abort_job(job)
         raise

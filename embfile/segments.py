@@ -24,7 +24,8 @@ import numpy as np
 from embfile import _core, errors
 from embfile._keys import EncodedKeys
 from embfile.file import MappedFile, attach
-from embfile.folder import INDEX, SHARDS, FileEntry, Manifest, Transaction
+from embfile.folder import INDEX, SHARDS, FileEntry, Manifest, Transaction, placed
+from embfile.shards import in_two_shards
 from embfile.writer import Writer
 
 KEY_CHUNK = 1 << 16  # keys read and written at a time
@@ -201,3 +202,41 @@ def appended(
         merge_tail(tx, [*old_segments, segment]),
         {**operation, "replaced": int(dead.size)} if replace else operation,
     )
+
+
+def commit_shards(
+    tx: Transaction,
+    shards: Sequence[FileEntry],
+    *,
+    append: bool,
+    replace: bool,
+    dim: int,
+    dtype: str,
+    metadata: dict[str, Any],
+    operation: str,
+) -> Manifest:
+    """Commit ``shards`` (files of ``tx``, in row order) as the next version, with one segment of their keys:
+    after the latest version's records (``append``; ``replace`` as in :func:`appended`), or alone (a new
+    dataset, an overwrite).  A key in two of the shards is a :class:`ShardError` naming both."""
+    with in_two_shards([tx.path(s.path) for s in shards], [s.count for s in shards]):
+        segment = write_segment(tx, itertools.chain.from_iterable(file_keys(tx.folder, s.path) for s in shards))
+    done = {"name": operation, "records": segment.count}
+
+    def plan(base: Manifest | None) -> Manifest:
+        if base is not None and append:
+            return appended(tx, base, shards, segment, replace, done)
+        return Manifest(
+            version=1 if base is None else base.version + 1,
+            parent=None if base is None else base.version,
+            dim=dim,
+            dtype=dtype,
+            count=segment.count,
+            shards=tuple(shards),
+            segments=placed([segment] if segment.count else []),
+            operation=done,
+            metadata=metadata,
+        )
+
+    manifest = tx.commit(plan)
+    assert manifest is not None
+    return manifest

@@ -25,7 +25,6 @@ installed, ``spark.read.format("embfile")`` works without :func:`register` too: 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,7 +91,7 @@ class EmbfileDataSource(DataSource):
         return str(path)
 
     def schema(self) -> str:
-        with _open(self._path(), self.options.get("version")) as ds:
+        with open_dataset(self._path(), _version(self.options.get("version"))) as ds:
             return f"key string, vector array<{_spark_type(ds)[0]}>"
 
     def reader(self, schema: StructType) -> DataSourceReader:
@@ -118,8 +117,8 @@ class _Reader(DataSourceReader):
         self.rows_per_partition = int(options.get("rows_per_partition", 0))
 
     def partitions(self) -> list[_Rows]:
-        with _open(self.path, self.version) as ds:
-            version = getattr(ds, "version", None)  # every task reads the version planned here
+        with open_dataset(self.path, self.version) as ds:
+            version = ds.version  # every task reads the version planned here
             step = self.rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
             bounds = ds.slices(step)  # a task reads from one file
             return [_Rows(self.path, version, lo, hi) for lo, hi in zip(bounds, bounds[1:])] or [
@@ -128,7 +127,7 @@ class _Reader(DataSourceReader):
 
     def read(self, partition: InputPartition) -> Iterator[Any]:
         assert isinstance(partition, _Rows)
-        with _open(partition.path, partition.version) as ds:
+        with open_dataset(partition.path, partition.version) as ds:
             _, value_type = _spark_type(ds)
             out_type = pa.list_(pa.field("element", value_type))
             table = ds.to_arrow()
@@ -192,13 +191,13 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
     """``df`` with a column ``out_col`` of the vectors of its ``key_col`` keys (null for a key not in the
     dataset), read from the latest version of the dataset at ``path`` without reading the rest of it: each task
     opens the dataset by path and gathers its keys."""
-    with _open(path, None) as ds:
+    with open_dataset(path, None) as ds:
         type_name, value_type = _spark_type(ds)
-        version = getattr(ds, "version", None)
+        version = ds.version
     schema = StructType([*df.schema.fields]).add(out_col, _parse_datatype_string(f"array<{type_name}>"))
 
     def gather(batches: Iterator[Any]) -> Iterator[Any]:
-        with _open(path, version) as ds:
+        with open_dataset(path, version) as ds:
             out_type = pa.list_(pa.field("element", value_type))
             for batch in batches:
                 keys = batch.column(key_col).to_pylist()
@@ -212,10 +211,6 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
                 yield pa.RecordBatch.from_arrays([*batch.columns, vectors], names=[*batch.schema.names, out_col])
 
     return df.mapInArrow(gather, schema)
-
-
-def _open(path: str, version: Any) -> Dataset:
-    return open_dataset(path, _version(version)) if os.path.isdir(path) else open_dataset(path)
 
 
 def _version(value: Any) -> int | None:
