@@ -13,6 +13,7 @@ from embfile.dataset import Dataset, EmbFile
 from embfile.dataset_writer import DatasetWriter, ShardWriter, write_shards
 from embfile.epochs import EpochOptions
 from embfile.errors import (
+    CacheError,
     ChecksumError,
     ClosedFileError,
     CommitConflictError,
@@ -24,6 +25,7 @@ from embfile.errors import (
     FormatError,
     KeyNotFoundError,
     NotAnEmbFileError,
+    RemoteError,
     ShardError,
     TruncatedFileError,
     UnsupportedVersionError,
@@ -42,6 +44,7 @@ from embfile.formats import (
     to_parquet,
 )
 from embfile.operations import append, compact, merge, remove, subset
+from embfile.remote import prefetch
 from embfile.shards import ShardedEmbFile, open, write_index
 from embfile.writer import Writer, write
 
@@ -87,5 +90,8 @@ __all__ = [
     "ClosedFileError",
     "CommitConflictError",
     "VersionNotFoundError",
+    "RemoteError",
+    "CacheError",
+    "prefetch",
     "__version__",
 ]

@@ -4,7 +4,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 
 cdef extern from "embfile.h" nogil:
-    int EMB_OK, EMB_NOT_FOUND, EMB_E_CORRUPT, EMB_E_DUPLICATE, EMB_E_NOMEM, EMB_E_LIMIT, EMB_E_RANGE
+    int EMB_OK, EMB_NOT_FOUND, EMB_NEED, EMB_E_CORRUPT, EMB_E_DUPLICATE, EMB_E_NOMEM, EMB_E_LIMIT, EMB_E_RANGE
     unsigned int EMB_MAX_KEY_BYTES
 
     ctypedef struct emb_index_t:
@@ -14,6 +14,15 @@ cdef extern from "embfile.h" nogil:
     int emb_index_open(emb_index_t *ix, const uint8_t *section, uint64_t len,
                        uint64_t lcp_len, uint64_t n_buckets, uint64_t n_records)
     int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen, uint64_t *row)
+
+    ctypedef struct emb_probe_t:
+        const uint8_t *base
+        const uint8_t *have
+        uint64_t n_pages
+        uint64_t need_first, need_last
+
+    int emb_lookup_probe(const emb_index_t *ix, emb_probe_t *pr, const uint8_t *key, size_t klen,
+                         uint64_t *row)
     int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
                         const size_t *lens, size_t k, uint64_t *rows, size_t *failed)
     void emb_copy(uint8_t *dst, const uint8_t *src, size_t n)

@@ -195,8 +195,8 @@ cdef class Table:
         cdef uint64_t total = 0, keys = 0
         cdef const uint8_t *base
         cdef segment_t *seg
-        if self._part_bufs != NULL:
-            raise ValueError("a Table is attached once")
+        if self._open:
+            raise ValueError("a Table is attached once at a time")
         for _, _, count in parts:
             total += <uint64_t>count
         for segment in segments:
@@ -244,20 +244,21 @@ cdef class Table:
             self._owners = None
 
     cdef void _release(self) noexcept:
+        """Release the buffers and free the arrays, so that the table can be attached again."""
         cdef size_t i
         for i in range(self._n_segs):
             PyBuffer_Release(&self._segs[i].buf)
         for i in range(self._n_parts):
             PyBuffer_Release(&self._part_bufs[i])
         self._n_segs = self._n_parts = 0
-
-    def __dealloc__(self):
-        if self._open:
-            self._release()
         PyMem_Free(self._segs)
         PyMem_Free(self._part_bufs)
         PyMem_Free(self._bases)
         PyMem_Free(self._starts)
+        self._segs, self._part_bufs, self._bases, self._starts = NULL, NULL, NULL, NULL
+
+    def __dealloc__(self):
+        self._release()
 
     @property
     def segments(self):
@@ -376,6 +377,63 @@ cdef class Table:
         if rc != EMB_NOT_FOUND:
             _check(rc, "looking up keys")
         return out
+
+    def probe(self, keys, haves):
+        """Look ``keys`` up in a table attached to partial copies of its segment files (remote files whose
+        pages are fetched as needed).  ``haves[s]`` is a uint8 array, nonzero for each 4096-byte page of
+        segment ``s``'s file that is present; nothing else is read.
+
+        Returns ``(rows, needs)``: ``rows`` int64, the row of each key found, -1 if absent, -2 if pages are
+        missing to tell; ``needs`` a ``(m, 3)`` uint64 array of ``(segment, first page, last page)`` to fetch
+        before probing again.  A key found, or absent with every page it needed present, is settled.
+        """
+        self._live()
+        seq, ptrs, lens = _encoded(keys, "probe")
+        if len(haves) != self._n_segs:
+            raise ValueError(f"probe() needs one page map per segment ({self._n_segs}), not {len(haves)}")
+        cdef size_t k = len(seq), i, s, m = 0, m_key
+        cdef size_t n_segs = self._n_segs
+        cdef emb_probe_t *prs = <emb_probe_t *>PyMem_Calloc(n_segs if n_segs else 1, sizeof(emb_probe_t))
+        if prs == NULL:
+            raise MemoryError("probe")
+        cdef const uint8_t[::1] hv
+        rows = np.full(k, -1, dtype=np.int64)
+        needs = np.empty((k * n_segs, 3), dtype=np.uint64)
+        cdef int64_t[::1] ov = rows
+        cdef uint64_t[:, ::1] nv = needs
+        cdef uintptr_t[::1] pv = ptrs
+        cdef size_t[::1] lv = lens
+        cdef uint64_t row
+        cdef int rc = EMB_OK
+        try:
+            for s in range(n_segs):
+                hv = haves[s]
+                prs[s].base = <const uint8_t *>self._segs[s].buf.buf
+                prs[s].have = &hv[0] if hv.shape[0] else NULL
+                prs[s].n_pages = hv.shape[0]
+            with nogil:
+                for i in range(k):
+                    s, m_key = n_segs, m
+                    while s:  # every segment, so that all the pages a key lacks are asked for at once
+                        s -= 1
+                        rc = emb_lookup_probe(&self._segs[s].ix, &prs[s], <const uint8_t *>pv[i], lv[i], &row)
+                        if rc == EMB_OK:
+                            ov[i] = <int64_t>(row + self._segs[s].first_row)
+                            m = m_key  # settled: what newer segments lacked is not needed
+                            break
+                        if rc == EMB_NEED:
+                            ov[i] = -2
+                            nv[m, 0], nv[m, 1], nv[m, 2] = s, prs[s].need_first, prs[s].need_last
+                            m += 1
+                        elif rc != EMB_NOT_FOUND:
+                            break
+                    if rc != EMB_OK and rc != EMB_NOT_FOUND and rc != EMB_NEED:
+                        break
+        finally:
+            PyMem_Free(prs)
+        if rc != EMB_OK and rc != EMB_NOT_FOUND and rc != EMB_NEED:
+            _check(rc, f"looking up {seq[i]!r}")
+        return rows, needs[:m]
 
     def get_batch(self, keys):
         """A new ``(len(keys), dim)`` array of the vectors of ``keys``, in that order."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 import embfile
-from embfile import errors, folder, formats
+from embfile import errors, folder, formats, remote
 
 _EXAMPLES = {
     "convert": """examples:
@@ -47,6 +47,8 @@ _EXAMPLES = {
     "subset": "example:\n  embfile subset uniref50/ test.emb --keys test_ids.txt",
     "search": "examples:\n  embfile search prott5.emb --key P69905 P68871 -k 5\n"
     "  embfile search esm2/ --queries new.npy -k 1 --metric l2 --format tsv > hits.tsv",
+    "cache": "examples:\n  embfile cache fetch s3://bucket/esm2/      # before training on a machine of its own\n"
+    "  embfile cache fetch https://example.org/prott5.emb --cache-dir /scratch/embfile\n  embfile cache clear",
     "index": "example:\n  cp more/*.emb uniref50/ && embfile index uniref50/",
 }
 
@@ -182,6 +184,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--keys", required=True, metavar="FILE", help="the keys, one a line ('-': standard input)")
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
+
+    c = command("cache", _cache, "download a remote dataset into the local cache ahead of use, or empty the cache")
+    c.add_argument("action", choices=["fetch", "clear"])
+    c.add_argument("url", nargs="?", help="fetch: the dataset's URL (s3://, gs://, https://, hdfs://)")
+    c.add_argument("--version", type=int, help="fetch: of a dataset folder, this version (default: the latest)")
+    c.add_argument("--cache-dir", help="default $EMBFILE_CACHE, else ~/.cache/embfile")
 
     c = command("search", _search, "the stored vectors nearest some keys' vectors or some query vectors, exactly")
     c.add_argument("file", help="an .emb file or a dataset folder")
@@ -377,6 +385,18 @@ def _compact(args: argparse.Namespace) -> None:
 def _vacuum(args: argparse.Namespace) -> None:
     gone = embfile.vacuum(args.folder, keep=args.keep, grace=args.grace)
     print(f"{args.folder}: removed {len(gone)} versions", file=sys.stderr)
+
+
+def _cache(args: argparse.Namespace) -> None:
+    if args.action == "clear":
+        cache = remote.Cache(args.cache_dir)
+        cache.clear()
+        print(f"{cache.root}: emptied", file=sys.stderr)
+        return
+    if not args.url:
+        raise ValueError("embfile cache fetch needs the URL of a dataset")
+    root = embfile.prefetch(args.url, args.version, cache_dir=args.cache_dir)
+    print(f"{args.url}: cached in {root}", file=sys.stderr)
 
 
 def _merge(args: argparse.Namespace) -> None:

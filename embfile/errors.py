@@ -89,3 +89,13 @@ class CommitConflictError(EmbFileError):
 
 class VersionNotFoundError(EmbFileError, LookupError):
     """A dataset has no version of that number (never committed, or removed by vacuum)."""
+
+
+class RemoteError(EmbFileError, OSError):
+    """A remote dataset could not be read: the server kept failing, answered with other bytes than asked for
+    (a Range ignored, a response cut short), or the object changed since it was opened.  Names the URL."""
+
+
+class CacheError(EmbFileError, OSError):
+    """The local cache of remote datasets cannot hold what is asked of it (its disk is full, or a download
+    does not match its checksums)."""

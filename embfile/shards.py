@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from embfile import errors
+from embfile import errors, remote
 from embfile import folder as layout
 from embfile.dataset import Dataset, EmbFile
 from embfile.file import MappedFile
@@ -234,19 +234,40 @@ class ShardedEmbFile(Dataset):
         return (ShardedEmbFile, (self._source, self.version))  # a worker reads the same version
 
 
-def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], version: int | None = None) -> Dataset:
+def open(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    version: int | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_limit: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Dataset:
     """Open an .emb file, or a sharded dataset (a folder or a list of .emb files), for reading.
 
     Opening reads the header (and a folder's manifest) and maps the files: constant time, whatever the
     number of keys.
 
+    A URL (``s3://``, ``gs://``, ``https://``, ``hdfs://``; a file or a dataset folder) opens through fsspec as
+    a :class:`~embfile.remote.RemoteDataset`, with the same methods: lookups fetch only the index pages and
+    records they need (a cold key takes at most three requests, a key read before none), bulk reads
+    (iteration, epochs, ``to_numpy``) download whole files into a local cache first.  Needs
+    ``pip install "embfile[remote]"``.
+
     Parameters
     ----------
     path : str, os.PathLike or list
-        An .emb file, a dataset folder, or a list of shard files.
+        An .emb file, a dataset folder, a list of shard files, or a URL of a file or a folder.
     version : int, optional
         Of a versioned dataset folder, the version to open (default: the latest); ``ds.version`` says which
         one a handle reads.
+    cache_dir : str or os.PathLike, optional
+        For a URL: the cache folder (default ``$EMBFILE_CACHE``, else ``~/.cache/embfile``), shared safely by
+        any number of processes.
+    cache_limit : int, optional
+        For a URL: bytes the cache keeps between uses, least recently used files removed first (default: no
+        limit).
+    storage_options : dict, optional
+        For a URL: passed to fsspec (credentials, ``endpoint_url``, ``client_kwargs``...).
 
     Returns
     -------
@@ -269,6 +290,10 @@ def open(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], versio
     >>> with embfile.open("db.emb") as db:          # doctest: +SKIP
     ...     v = db["sp|P69905|HBA_HUMAN"]
     """
+    if remote.is_url(path):
+        return remote.RemoteDataset(path, version, cache_dir, cache_limit, storage_options)  # type: ignore[arg-type]
+    if (cache_dir, cache_limit, storage_options) != (None, None, None):
+        raise ValueError("cache_dir=, cache_limit= and storage_options= apply to a URL, not to a local path")
     if isinstance(path, (list, tuple)) or os.path.isdir(os.fspath(path)):  # type: ignore[arg-type]
         return ShardedEmbFile(path, version)
     if version is not None:

@@ -18,6 +18,7 @@
 
 #define EMB_OK 0
 #define EMB_NOT_FOUND 1
+#define EMB_NEED 2 /* a probing lookup needs pages it does not have */
 #define EMB_E_CORRUPT (-1)   /* a section's inner structure is inconsistent */
 #define EMB_E_DUPLICATE (-2) /* two keys are equal (writer) */
 #define EMB_E_NOMEM (-3)     /* malloc failed (writer, verify) */
@@ -52,6 +53,23 @@ int emb_index_open(emb_index_t *ix, const uint8_t *section, uint64_t len,
  * returns EMB_NOT_FOUND, or EMB_E_CORRUPT if a bucket it reads is malformed. */
 int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
                uint64_t *row);
+
+/* A partial copy of a file: have[p] != 0 for each 4096-byte page p (of the
+ * file starting at base) that is present.  emb_lookup_probe sets need_first
+ * and need_last to the pages of the region it was about to read. */
+typedef struct {
+    const uint8_t *base;
+    const uint8_t *have;
+    uint64_t n_pages;
+    uint64_t need_first, need_last;
+} emb_probe_t;
+
+/* emb_lookup over a partial copy: reads only pages that are present, and
+ * returns EMB_NEED (pages in pr->need_*) where it would read one that is not.
+ * Once those pages are present, the same call goes on a step further; with
+ * every page present it returns what emb_lookup does. */
+int emb_lookup_probe(const emb_index_t *ix, emb_probe_t *pr,
+                     const uint8_t *key, size_t klen, uint64_t *row);
 
 /* Looks up k keys; on the first key that is missing or hits corruption,
  * stores its position in *failed and returns that status. */

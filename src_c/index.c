@@ -25,6 +25,31 @@ typedef struct {
     uint64_t keys_len;
 } bucket_t;
 
+/* A lookup over a partial copy of a file (a remote file's pages fetched so
+ * far): before reading a region, have() checks that its pages are present and
+ * otherwise records them in pr->need and makes the lookup return EMB_NEED.
+ * With pr == NULL (a local file) it costs one predictable branch. */
+static int have(emb_probe_t *pr, const uint8_t *p, uint64_t len) {
+    uint64_t first, last, pg;
+    if (pr == NULL || len == 0)
+        return 1;
+    first = (uint64_t)(p - pr->base) / EMB_PAGE;
+    last = (uint64_t)(p - pr->base + len - 1) / EMB_PAGE;
+    for (pg = first; pg <= last; pg++)
+        if (pg >= pr->n_pages || !pr->have[pg]) {
+            pr->need_first = pg;
+            pr->need_last = last;
+            return 0;
+        }
+    return 1;
+}
+
+#define HAVE(pr, p, len)          \
+    do {                          \
+        if (!have(pr, p, len))    \
+            return EMB_NEED;      \
+    } while (0)
+
 /* Starts fetching the cache lines of p[0..len) together, not one by one. */
 static inline void prefetch(const uint8_t *p, uint64_t len) {
     uint64_t j;
@@ -79,15 +104,18 @@ int emb_index_open(emb_index_t *ix, const uint8_t *section, uint64_t len,
 }
 
 /* Bounds-checks bucket b against its fence neighbours and the area. */
-static int bucket_at(const emb_index_t *ix, uint64_t b, bucket_t *bk) {
-    uint64_t off = fence_offset(ix, b);
-    uint64_t end = b + 1 < ix->n_buckets ? fence_offset(ix, b + 1) : ix->area_len;
+static int bucket_at(const emb_index_t *ix, uint64_t b, bucket_t *bk,
+                     emb_probe_t *pr) {
+    uint64_t off, end, m, at;
     const uint8_t *p;
-    uint64_t m, at;
 
+    HAVE(pr, ix->fence + EMB_FENCE_ENTRY * b, EMB_FENCE_ENTRY * (b + 1 < ix->n_buckets ? 2 : 1));
+    off = fence_offset(ix, b);
+    end = b + 1 < ix->n_buckets ? fence_offset(ix, b + 1) : ix->area_len;
     if (off > end || end > ix->area_len || end - off < BUCKET_HEAD)
         return EMB_E_CORRUPT;
     p = ix->area + off;
+    HAVE(pr, p, end - off);
     m = emb_load_u32(p);
     if (m == 0 || m > (end - off) / BUCKET_ENTRY)
         return EMB_E_CORRUPT;
@@ -116,11 +144,12 @@ static inline int bucket_key(const bucket_t *bk, uint32_t i, const uint8_t **k,
 }
 
 static int search_bucket(const emb_index_t *ix, uint64_t b, const uint8_t *key,
-                         size_t klen, uint64_t tp, uint64_t *row) {
+                         size_t klen, uint64_t tp, uint64_t *row,
+                         emb_probe_t *pr) {
     bucket_t bk;
     uint32_t i;
     uint64_t prev = 0;
-    int rc = bucket_at(ix, b, &bk);
+    int rc = bucket_at(ix, b, &bk, pr);
 
     if (rc != EMB_OK)
         return rc;
@@ -152,29 +181,33 @@ static int search_bucket(const emb_index_t *ix, uint64_t b, const uint8_t *key,
 
 /* Compares key with the first key of bucket b: <0, 0, >0, or EMB cmp error via *rc. */
 static int cmp_first(const emb_index_t *ix, uint64_t b, const uint8_t *key,
-                     size_t klen, int *rc) {
+                     size_t klen, int *rc, emb_probe_t *pr) {
     bucket_t bk;
     const uint8_t *k;
     size_t len;
 
-    if ((*rc = bucket_at(ix, b, &bk)) != EMB_OK ||
+    if ((*rc = bucket_at(ix, b, &bk, pr)) != EMB_OK ||
         (*rc = bucket_key(&bk, 0, &k, &len)) != EMB_OK)
         return 0;
     return emb_key_cmp(key, klen, k, len);
 }
 
-int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
-               uint64_t *row) {
+static int lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
+                  uint64_t *row, emb_probe_t *pr) {
     uint64_t nb = ix->n_buckets, base = 0, len = nb, tp, lo, hi;
     int rc = EMB_OK;
 
-    if (nb == 0 || klen < ix->lcp_len || memcmp(key, ix->lcp, ix->lcp_len))
+    if (nb == 0)
+        return EMB_NOT_FOUND;
+    HAVE(pr, ix->lcp, ix->lcp_len);
+    if (klen < ix->lcp_len || memcmp(key, ix->lcp, ix->lcp_len))
         return EMB_NOT_FOUND;
     tp = emb_prefix(key + ix->lcp_len, klen - ix->lcp_len);
 
     /* Last bucket whose first prefix <= tp: branch-free halving over the
      * top level, then over one fence group (its lines fetched together). */
     len = (nb + EMB_FENCE_GROUP - 1) / EMB_FENCE_GROUP;
+    HAVE(pr, ix->top, 8 * len);
     while (len > 1) {
         uint64_t half = len / 2;
         base = top_prefix(ix, base + half) <= tp ? base + half : base;
@@ -182,6 +215,8 @@ int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
     }
     base *= EMB_FENCE_GROUP;
     len = nb - base < EMB_FENCE_GROUP ? nb - base : EMB_FENCE_GROUP;
+    /* the group and the entry after it, which ends the last bucket's extent */
+    HAVE(pr, ix->fence + EMB_FENCE_ENTRY * base, EMB_FENCE_ENTRY * (len + (base + len < nb)));
     prefetch(ix->fence + EMB_FENCE_ENTRY * base, EMB_FENCE_ENTRY * len);
     while (len > 1) {
         uint64_t half = len / 2;
@@ -193,9 +228,24 @@ int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
     if (fence_prefix(ix, base) == tp) {
         /* A run of buckets starts with this prefix (long shared prefixes):
          * settle among them, and the bucket before, on whole keys. */
-        lo = 0, hi = base;
+        /* The first bucket of the run: gallop back from base (the run is
+         * usually base alone, and its neighbours share base's pages), then
+         * halve what is left. */
+        uint64_t step = 1;
+        lo = hi = base;
+        while (lo > 0) {
+            uint64_t at = lo > step ? lo - step : 0;
+            HAVE(pr, ix->fence + EMB_FENCE_ENTRY * at, 8);
+            if (fence_prefix(ix, at) < tp) {
+                lo = at + 1;
+                break;
+            }
+            hi = lo = at;
+            step *= 2;
+        }
         while (lo < hi) {
             uint64_t mid = lo + (hi - lo) / 2;
+            HAVE(pr, ix->fence + EMB_FENCE_ENTRY * mid, 8);
             if (fence_prefix(ix, mid) < tp)
                 lo = mid + 1;
             else
@@ -204,7 +254,7 @@ int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
         hi = base + 1; /* search [lo, hi) for the last first-key <= key */
         while (lo < hi) {
             uint64_t mid = lo + (hi - lo) / 2;
-            int c = cmp_first(ix, mid, key, klen, &rc);
+            int c = cmp_first(ix, mid, key, klen, &rc, pr);
             if (rc != EMB_OK)
                 return rc;
             if (c >= 0)
@@ -221,7 +271,17 @@ int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
         if (off < ix->area_len)
             prefetch(ix->area + off, ix->area_len - off < 512 ? ix->area_len - off : 512);
     }
-    return search_bucket(ix, base, key, klen, tp, row);
+    return search_bucket(ix, base, key, klen, tp, row, pr);
+}
+
+int emb_lookup(const emb_index_t *ix, const uint8_t *key, size_t klen,
+               uint64_t *row) {
+    return lookup(ix, key, klen, row, NULL);
+}
+
+int emb_lookup_probe(const emb_index_t *ix, emb_probe_t *pr,
+                     const uint8_t *key, size_t klen, uint64_t *row) {
+    return lookup(ix, key, klen, row, pr);
 }
 
 int emb_lookup_many(const emb_index_t *ix, const uint8_t *const *keys,
@@ -396,7 +456,7 @@ int emb_index_check(const emb_index_t *ix, const uint8_t *key_offsets,
         uint64_t off = fence_offset(ix, b);
 
         *where = pos;
-        if ((b > 0 && off <= last_off) || bucket_at(ix, b, &bk) != EMB_OK)
+        if ((b > 0 && off <= last_off) || bucket_at(ix, b, &bk, NULL) != EMB_OK)
             return EMB_E_CORRUPT;
         last_off = off;
         for (i = 0; i < bk.m; i++, pos++) {

@@ -1,0 +1,441 @@
+"""A dataset at a URL: lookups by range reads over a partial local copy, everything else from whole local copies.
+
+A :class:`RemoteDataset` is a :class:`~embfile.Dataset` whose native lookup table is attached to partial
+copies of its files (:class:`~embfile.remote.cache.PartialCopy`).  A lookup first *probes* the table
+(:meth:`embfile._core.Table.probe`): the native search runs over the pages already present and stops where it
+would read one that is not, naming it.  Those pages are fetched (nearby ones merged, several requests in
+flight) and the probe goes on, until every key is settled; then the records' pages are fetched and the
+ordinary lookup runs, reading only pages that are there.  The search is the local one, step for step: no
+second implementation of the index to drift from the first.
+
+Everything that reads in bulk (iteration, epochs, ``to_numpy``, exports, search, ``verify``) first downloads
+every file whole into the cache, checks it, and re-attaches the table to the whole copies; from then on the
+dataset is a local one and asks nothing of the server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from embfile import errors
+from embfile import folder as layout
+from embfile._format import HEADER_SIZE, PAGE, Header
+from embfile._pages import Layout
+from embfile.dataset import Dataset
+from embfile.file import MappedFile
+from embfile.remote.cache import Cache, PartialCopy, entry_name
+from embfile.remote.store import IN_FLIGHT, Identity, Remote
+
+MERGE_GAP = 4  # pages: two runs of missing pages this close are fetched as one range
+OPEN_GAP = 64 << 10  # bytes: what opening fetches is one request where its parts are this close
+MAX_ROUNDS = 64  # probes of one lookup (a cold key takes two; long shared prefixes a binary search more)
+DOWNLOADS_IN_FLIGHT = 4
+
+
+class RemoteFile:
+    """One remote .emb file: whole in the cache, or a partial copy filled as lookups need its pages.
+
+    ``expect`` is ``(count, keys_crc)`` when a manifest names the file; ``identity`` is the object's size and
+    ETag when a single file is opened (a manifest's files never change, so their names say enough).
+    """
+
+    def __init__(
+        self, remote: Remote, cache: Cache, identity: Identity | None, expect: tuple[int, int] | None = None
+    ) -> None:
+        self.remote, self.cache, self.identity, self.expect = remote, cache, identity, expect
+        token = identity.token() if identity else f"{expect[0]}:{expect[1]:#x}" if expect else ""
+        self.name = entry_name(remote.url, token)
+        self.partial: PartialCopy | None = None
+        whole = cache.whole(self.name)
+        if whole is not None:
+            self.mapped = self._checked(MappedFile(whole))
+            return
+        head = remote.read_range(0, PAGE, identity)
+        size = identity.size if identity else Header.unpack(head).file_size if len(head) >= HEADER_SIZE else 0
+        h = Header.read(head, size, remote.url)
+        self.partial = cache.partial(self.name, size)
+        if not self.partial.have[0]:
+            self.partial.write(0, head)
+        n_top = -(-h.n_buckets // 32)
+        top_end = min(h.index_size, -(-h.lcp_len // 8) * 8 + 8 * n_top)
+        self.fetch(
+            [  # fetched together where they are near (in a small file, the whole tail is one request)
+                (h.index_offset, h.index_offset + top_end),  # the common prefix and the top of the index
+                (h.keys_offset, h.keys_offset + 8),  # the keys offsets' first and last (checked at open)
+                (h.keys_offset + 8 * h.count, h.keys_offset + 8 * h.count + 8),
+                (h.sums_offset + h.sums_size - 12, h.sums_offset + h.sums_size),  # index, keys, meta CRCs
+            ]
+        )
+        self.mapped = self._checked(MappedFile(self.partial.path))
+
+    @property
+    def whole(self) -> bool:
+        return self.partial is None
+
+    def _checked(self, f: MappedFile) -> MappedFile:
+        if self.expect is not None and (f.count, f.stored_crc("keys")) != self.expect:
+            found = (f.count, f.stored_crc("keys"))
+            f.close()
+            raise errors.ShardError(
+                f"{self.remote.url} is not the file the manifest names ({found[0]} records, keys CRC "
+                f"{found[1]:#x}; the manifest says {self.expect[0]} and {self.expect[1]:#x}): it was replaced"
+            )
+        return f
+
+    def needs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Byte ranges to fetch so that bytes ``[start, end)`` are here: missing pages, near runs merged."""
+        if self.partial is None:
+            return []
+        runs = self.partial.missing(start, end)
+        merged: list[list[int]] = []
+        for a, b in runs:
+            if merged and a - merged[-1][1] <= MERGE_GAP:
+                merged[-1][1] = b
+            else:
+                merged.append([a, b])
+        size = self.partial.size
+        return [(a * PAGE, min(b * PAGE, size)) for a, b in merged]
+
+    def fetch(self, ranges: Iterable[tuple[int, int]], gap: int = OPEN_GAP) -> None:
+        fetch_all(_merged([(self, a, b) for start, end in ranges for a, b in self.needs(start, end)], gap))
+
+    def store(self, start: int, data: bytes) -> None:
+        assert self.partial is not None
+        self.partial.write(start // PAGE, data)
+
+    def download(self) -> MappedFile:
+        """The whole file, from the cache or downloaded into it (checked against its checksums)."""
+        if self.partial is None:
+            return self.mapped
+        size = self.partial.size
+
+        def check(path: str) -> None:
+            f = MappedFile(path)
+            try:
+                problems = f.problems()
+                if problems:
+                    raise errors.RemoteError(
+                        f"{self.remote.url}: the downloaded copy does not match its checksums: {'; '.join(problems)}"
+                    )
+                self._checked(f)
+            finally:
+                f.close()
+
+        path = self.cache.download(self.name, lambda a, b: self.remote.read_range(a, b, self.identity), size, check)
+        return self._checked(MappedFile(path))
+
+    def close(self) -> None:
+        self.mapped.close()
+        if self.partial is not None:
+            self.partial.close()
+
+
+def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
+    """Fetch byte ranges of several files into their partial copies, up to IN_FLIGHT requests at once."""
+
+    def one(request: tuple[RemoteFile, int, int]) -> None:
+        f, a, b = request
+        f.store(a, f.remote.read_range(a, b, f.identity))
+
+    if len(requests) == 1:
+        one(requests[0])
+    elif requests:
+        with ThreadPoolExecutor(min(IN_FLIGHT, len(requests))) as pool:
+            list(pool.map(one, requests))
+
+
+class RemoteDataset(Dataset):
+    """A dataset (one .emb file or a dataset folder) at an ``s3://``, ``gs://``, ``https://`` or ``hdfs://``
+    URL; see :func:`embfile.open`.  The same methods as a local dataset.
+
+    Attributes
+    ----------
+    url : str
+        What was opened.
+    cache : embfile.remote.cache.Cache
+        Where its files are kept.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        version: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._options = (cache_dir, cache_limit, storage_options)
+        self.cache = Cache(cache_dir, cache_limit)
+        self.remote = Remote(self.url, storage_options)
+        self._remote_files: list[RemoteFile] = []
+        self._remote_segments: list[RemoteFile] = []
+        self._whole = False
+        try:
+            manifest = self._manifest(version)
+            if manifest is None:
+                single = RemoteFile(self.remote, self.cache, self.remote.identity())
+                self._remote_files = self._remote_segments = [single]
+            else:
+                self._remote_files = self._open_all([(e, False) for e in manifest.shards])
+                self._remote_segments = self._open_all([(e, True) for e in manifest.segments])
+                self.version, self.manifest = manifest.version, manifest
+            self._attach_files()
+        except BaseException:
+            self._close_remote()
+            raise
+
+    def _manifest(self, version: int | None) -> layout.Manifest | None:
+        """The manifest of ``version`` (default: the latest) if the URL is a dataset folder, else None."""
+        if self.url.endswith(".emb"):
+            if version is not None:
+                raise ValueError("version= applies to a dataset folder, not to one .emb file")
+            return None
+        try:
+            hint = int(self.remote.child(layout.LATEST).read_all().strip() or b"0")
+        except FileNotFoundError:
+            if version is None and not self.remote.child(layout.version_path("", 1).lstrip("/")).exists():
+                return None
+            hint = 0
+        except ValueError:
+            hint = 0
+        if version is None:
+            version = max(hint, 1)
+            while self.remote.child(_version_name(version + 1)).exists():
+                version += 1
+        try:
+            data = self.remote.child(_version_name(version)).read_all()
+        except FileNotFoundError:
+            raise errors.VersionNotFoundError(f"{self.url}: no version {version}") from None
+        manifest = layout.Manifest.from_json(data, f"{self.url}/{_version_name(version)}")
+        if manifest.version != version:
+            raise errors.CorruptFileError(f"{self.url}: manifest {version} says it is version {manifest.version}")
+        return manifest
+
+    def _open_all(self, entries: Sequence[tuple[layout.FileEntry, bool]]) -> list[RemoteFile]:
+        """Open the files a manifest names, their headers read concurrently."""
+
+        def one(entry: tuple[layout.FileEntry, bool]) -> RemoteFile:
+            e, segment = entry
+            f = RemoteFile(self.remote.child(e.path), self.cache, None, (e.count, e.keys_crc))
+            if segment and (f.mapped.dim, f.mapped.dtype) != (1, np.dtype("<u8")):
+                f.close()
+                raise errors.CorruptFileError(f"{f.remote.url}: a key-index segment holds one uint64 per key")
+            return f
+
+        opened: list[RemoteFile] = []
+        with ThreadPoolExecutor(min(IN_FLIGHT, max(len(entries), 1))) as pool:
+            futures = [pool.submit(one, e) for e in entries]
+            failure: BaseException | None = None
+            for fut in futures:
+                try:
+                    opened.append(fut.result())
+                except BaseException as e:
+                    failure = failure or e
+        if failure is not None:
+            for f in opened:
+                f.close()
+            raise failure
+        return opened
+
+    def _attach_files(self) -> None:
+        files = [f.mapped for f in self._remote_files]
+        first = files[0]
+        for f in files[1:]:
+            if (f.dim, f.dtype) != (first.dim, first.dtype):
+                raise errors.ShardError(f"{f.path} has dim {f.dim}, {first.path} dim {first.dim}")
+        self._open_files([f.mapped for f in self._remote_segments], files, self.url)
+        self._whole = all(f.whole for f in self._remote_files + self._remote_segments)
+
+    # -- lookups: fetch the pages a lookup needs, then look up locally --------------------------------------
+
+    def _fetch_for(self, keys: Sequence[str]) -> None:
+        """Fetch every page the lookups of ``keys`` and their records need."""
+        if self._whole:
+            return
+        self._require_attached()
+        haves = [
+            f.partial.have if f.partial else np.ones(f.mapped.header.file_size // PAGE + 1, np.uint8)
+            for f in self._remote_segments
+        ]
+        for _ in range(MAX_ROUNDS):
+            rows, needs = self.probe(keys, haves)
+            if not len(needs):
+                break
+            requests = []
+            for s, first, last in np.unique(needs, axis=0).tolist():
+                f = self._remote_segments[s]
+                requests += [(f, a, b) for a, b in f.needs(first * PAGE, (last + 1) * PAGE)]
+            fetch_all(_merged(requests))
+        else:
+            raise errors.CorruptFileError(f"{self.url}: a lookup did not settle in {MAX_ROUNDS} rounds of reads")
+        self._fetch_rows(rows[rows >= 0])
+
+    def _fetch_rows(self, rows: np.ndarray) -> None:
+        """Fetch the pages of the records at ``rows``."""
+        if self._whole or not rows.size:
+            return
+        starts = np.asarray(self._starts, np.int64)
+        part = np.searchsorted(starts, rows, side="right") - 1
+        requests = []
+        for p in np.unique(part).tolist():
+            f = self._remote_files[p]
+            h, rb = f.mapped.header, self.dim * self.dtype.itemsize
+            local = np.unique(rows[part == p] - starts[p])
+            for r in local.tolist():
+                at = h.records_offset + r * rb
+                requests += [(f, a, b) for a, b in f.needs(at, at + rb)]
+        fetch_all(_merged(requests))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        self._fetch_for([key])
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self._fetch_for([key])
+        return super().__contains__(key)
+
+    def row(self, key: str) -> int:
+        self._fetch_for([key])
+        return super().row(key)
+
+    def rows(self, keys: Any) -> np.ndarray:
+        keys = _listed(keys)
+        self._fetch_for(keys)
+        return super().rows(keys)
+
+    def find_rows(self, keys: Any) -> np.ndarray:
+        keys = _listed(keys)
+        self._fetch_for(keys)
+        return super().find_rows(keys)
+
+    def get_batch(self, keys: Any) -> np.ndarray:
+        keys = _listed(keys)
+        self._fetch_for(keys)
+        return super().get_batch(keys)
+
+    def record(self, row: int) -> np.ndarray:
+        self._require_attached()
+        if not self._whole:
+            r = int(row) + (len(self) if int(row) < 0 else 0)
+            if 0 <= r < len(self):
+                self._fetch_rows(np.array([r]))
+        return super().record(row)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        if self._whole:
+            return super().take(rows)
+        self._require_attached()
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or not (rows.dtype.kind in "iu" or rows.size == 0):
+            raise TypeError(f"take() needs a 1-d sequence of row numbers, not {rows.dtype} {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows must be from 0 to {len(self) - 1}")
+        self._fetch_rows(rows.astype(np.int64))
+        out = np.empty((len(rows), self.dim), self.dtype)
+        matrices = [f.mapped.matrix for f in self._remote_files]
+        bases = np.array([m.ctypes.data for m in matrices], np.uintp)
+        Layout(bases, np.array(self._starts, np.uint64), self.dim * self.dtype.itemsize, matrices).gather(
+            rows.astype(np.uint64), out
+        )
+        return out
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        self._require_attached()
+        first = self._remote_files[0]
+        h = first.mapped.header
+        first.fetch([(h.meta_offset, h.meta_offset + h.meta_size)])
+        return first.mapped.metadata
+
+    # -- everything else reads whole local copies -----------------------------------------------------------
+
+    def download(self) -> None:
+        """Download every file of the dataset into the cache (those not there yet), check each against its
+        checksums, and read from the whole copies from now on: no more requests."""
+        self._require_attached()
+        if self._whole:
+            return
+        files = list(dict.fromkeys(self._remote_files + self._remote_segments))
+        with ThreadPoolExecutor(DOWNLOADS_IN_FLIGHT) as pool:
+            wholes = dict(zip(files, pool.map(RemoteFile.download, files)))
+        self._detach()
+        for f in files:
+            if f.partial is not None:
+                f.close()
+                f.partial, f.mapped = None, wholes[f]
+        self._attach_files()
+
+    def _require_open(self) -> None:
+        """Bulk reads (every Python-level method that calls this) need the whole files."""
+        self.download()
+
+    def _require_attached(self) -> None:
+        super()._require_open()
+
+    def key(self, row: int) -> str:
+        self.download()
+        return super().key(row)
+
+    def keys_between(self, start: int, stop: int) -> list[str]:
+        self.download()
+        return super().keys_between(start, stop)
+
+    def keys_at(self, rows: Any) -> list[str]:
+        self.download()
+        return super().keys_at(rows)
+
+    def _check_index(self) -> tuple[bool, int]:
+        self.download()
+        return super()._check_index()
+
+    @property
+    def requests(self) -> int:
+        """How many requests this handle has sent (a benchmark's and a test's measure)."""
+        return self.remote.requests + sum(
+            f.remote.requests for f in {*self._remote_files, *self._remote_segments} if f.remote is not self.remote
+        )
+
+    def close(self) -> None:
+        super().close()
+        self._close_remote()
+
+    def _close_remote(self) -> None:
+        for f in {*self._remote_files, *self._remote_segments}:
+            f.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reopen, (self.url, self.version, *self._options))
+
+
+def _reopen(url: str, version: int | None, *options: Any) -> RemoteDataset:
+    return RemoteDataset(url, version, *options)
+
+
+def _version_name(version: int) -> str:
+    return f"{layout.VERSIONS}/{version:020d}.json"
+
+
+def _listed(keys: Any) -> list[str]:
+    if isinstance(keys, (str, bytes)):
+        raise TypeError("a sequence of keys, not a single key")
+    return keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+
+
+def _merged(
+    requests: list[tuple[RemoteFile, int, int]], gap: int = MERGE_GAP * PAGE
+) -> list[tuple[RemoteFile, int, int]]:
+    """Requests of the same file whose ranges overlap or are at most ``gap`` bytes apart, as one."""
+    out: list[tuple[RemoteFile, int, int]] = []
+    for f, a, b in sorted(set(requests), key=lambda r: (id(r[0]), r[1])):
+        if out and out[-1][0] is f and a - out[-1][2] <= gap:
+            out[-1] = (f, out[-1][1], max(b, out[-1][2]))
+        else:
+            out.append((f, a, b))
+    return out

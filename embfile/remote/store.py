@@ -1,0 +1,221 @@
+"""One remote object read by byte ranges through fsspec: retries, and checks that what came back is what was asked.
+
+fsspec gives every protocol one interface (s3fs for ``s3://``, gcsfs for ``gs://``, aiohttp for ``https://``,
+pyarrow for ``hdfs://``); what it leaves to the caller is deciding which failures are worth another try, and
+noticing a server that answered a range request with something else: the whole object (Range ignored), fewer
+bytes (a cut connection), or a newer object under the same name.  Each of those here is a
+:class:`~embfile.RemoteError` naming the URL, never bytes handed on as if they were the ones asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from embfile import errors
+from embfile._extras import require
+
+T = TypeVar("T")
+
+RETRIES = 5  # attempts after the first, with exponential backoff
+BACKOFF = 0.1  # seconds before the first retry; doubled each time, jittered, capped at BACKOFF_CAP
+BACKOFF_CAP = 4.0
+IN_FLIGHT = 8  # ranges requested at once
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What tells one version of an object from the next: size, and the ETag or version the server reports."""
+
+    size: int
+    etag: str | None = None
+    version: str | None = None
+
+    def token(self) -> str:
+        return f"{self.size}:{self.etag or ''}:{self.version or ''}"
+
+
+class Remote:
+    """The object at ``url``, opened through fsspec with ``storage_options``.
+
+    The filesystem client is created lazily in each process (a forked or spawned worker makes its own: an
+    fsspec client holds an event loop and sockets that must not cross a fork).  ``requests`` and
+    ``bytes_read`` count what this object asked of the server.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.protocol = url.split("://", 1)[0] if "://" in url else "file"
+        self._fs: Any = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.bytes_read = 0
+
+    # -- the client ---------------------------------------------------------------------------------
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None or self._pid != os.getpid():
+            fsspec = require("fsspec", "remote")
+            try:
+                self._fs, self._path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            except ImportError as e:
+                raise ImportError(f"{self.url}: {e} (pip install 'embfile[remote]')") from None
+            self._pid = os.getpid()
+        return self._fs
+
+    @property
+    def path(self) -> str:
+        self.fs  # noqa: B018  (sets _path)
+        return str(self._path)
+
+    def child(self, relative: str) -> Remote:
+        """The object at ``relative`` (``/``-separated) under this URL, with the same options."""
+        return Remote(f"{self.url.rstrip('/')}/{relative}", self.storage_options)
+
+    # -- what is there --------------------------------------------------------------------------------
+
+    def identity(self) -> Identity:
+        """Size and ETag / version of the object now (one request); FileNotFoundError if there is none."""
+        info = self._retrying("reading the size of", lambda: self.fs.info(self.path))
+        if info.get("type") == "directory":
+            raise IsADirectoryError(f"{self.url} is a folder")
+        size = info.get("size")
+        if size is None:
+            raise errors.RemoteError(f"{self.url}: the server does not report the object's size")
+        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        version = info.get("VersionId") or info.get("generation")
+        return Identity(int(size), str(etag).strip('"') if etag else None, str(version) if version else None)
+
+    def read_all(self) -> bytes:
+        """The whole (small) object: a manifest, ``LATEST``.  FileNotFoundError if there is none."""
+        return self._retrying("reading", lambda: self._count(bytes(self.fs.cat_file(self.path))))
+
+    def exists(self) -> bool:
+        return bool(self._retrying("looking for", lambda: self.fs.exists(self.path)))
+
+    # -- ranges ---------------------------------------------------------------------------------------
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]], identity: Identity | None) -> list[bytes]:
+        """The bytes ``[start, end)`` of each range, several requests in flight, each retried on its own.
+
+        With ``identity``, a server that can tell (an HTTP ETag, S3's ETag or version id) refuses to answer
+        from any other version of the object: a replaced object is a :class:`~embfile.RemoteError`, never a
+        mix of two versions.
+        """
+        if len(ranges) <= 1:
+            return [self.read_range(a, b, identity) for a, b in ranges]
+        with ThreadPoolExecutor(min(IN_FLIGHT, len(ranges))) as pool:
+            return list(pool.map(lambda r: self.read_range(r[0], r[1], identity), ranges))
+
+    def read_range(self, start: int, end: int, identity: Identity | None) -> bytes:
+        def attempt() -> bytes:
+            data = self._count(bytes(self._get(start, end, identity)))
+            if len(data) != end - start:
+                if identity is not None and len(data) == identity.size and (start, end) != (0, identity.size):
+                    raise _RangeIgnored(
+                        f"{self.url}: the server ignored the Range request for bytes {start}-{end} and sent the "
+                        f"whole object ({len(data)} bytes): it cannot serve lookups by range"
+                    )
+                raise _Truncated(f"{self.url}: asked for bytes {start}-{end}, received {len(data)} bytes")
+            return data
+
+        return self._retrying(f"reading bytes {start}-{end} of", attempt)
+
+    def _get(self, start: int, end: int, identity: Identity | None) -> Any:
+        fs, path = self.fs, self.path
+        if identity is not None and self.protocol in ("http", "https") and identity.etag:
+            return fs.cat_file(path, start=start, end=end, headers={"If-Match": f'"{identity.etag}"'})
+        if identity is not None and self.protocol in ("s3", "s3a") and (identity.version or identity.etag):
+            if identity.version:
+                return fs.cat_file(path, version_id=identity.version, start=start, end=end)
+            return _s3_get_if_match(fs, path, start, end, identity.etag)
+        return fs.cat_file(path, start=start, end=end)
+
+    def _count(self, data: bytes) -> bytes:
+        with self._lock:
+            self.requests += 1
+            self.bytes_read += len(data)
+        return data
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, again after a transient failure (timeouts, resets, 5xx, truncation), then a RemoteError."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return call()
+            except (FileNotFoundError, IsADirectoryError, PermissionError, errors.RemoteError):
+                raise
+            except Exception as e:
+                status = _status(e)
+                if status == 412:
+                    raise errors.RemoteError(
+                        f"{self.url} changed on the server since it was opened (it no longer matches "
+                        f"the version read so far): open it again"
+                    ) from None
+                if status is not None and 400 <= status < 500 and status not in (408, 429):
+                    raise errors.RemoteError(f"{what} {self.url}: the server answered {status}") from None
+                if attempt == RETRIES:
+                    raise errors.RemoteError(
+                        f"{what} {self.url} failed {RETRIES + 1} times, last with {type(e).__name__}: {e}".rstrip(": ")
+                    ) from None
+                delay = min(BACKOFF * 2**attempt, BACKOFF_CAP)
+                time.sleep(delay * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+
+
+class _RangeIgnored(errors.RemoteError):
+    pass
+
+
+class _Truncated(Exception):
+    """A response shorter than asked for: retried, as a cut connection is."""
+
+
+def _status(e: BaseException) -> int | None:
+    """The HTTP status of the response an fsspec backend's exception reports, if any (aiohttp's
+    ClientResponseError, botocore's ClientError under s3fs's OSError); None for failures below HTTP (a cut
+    or unparsable response carries a ``code`` of 400 that no server sent)."""
+    for source in (e, e.__cause__, e.__context__):
+        if source is None:
+            continue
+        status = getattr(source, "status", None)
+        if isinstance(status, int) and hasattr(source, "request_info"):
+            return status
+        response = getattr(source, "response", None)
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+    return None
+
+
+def _s3_get_if_match(fs: Any, path: str, start: int, end: int, etag: str | None) -> Any:
+    """A ranged S3 GetObject that fails (412) unless the object still has ``etag`` (s3fs has no such option)."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> Any:
+        resp = await fs._call_s3(
+            "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"'
+        )
+        try:
+            return await resp["Body"].read()
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)

@@ -1,0 +1,387 @@
+"""Remote datasets against real servers on 127.0.0.1: moto's S3 server and an HTTP server with Range support and
+fault injection.  Request counts are the servers' own."""
+
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import embfile
+from embfile.remote import cache as remote_cache
+from embfile.remote import store
+
+sys.path.insert(0, os.path.dirname(__file__))
+from servers import RangeServer, S3Server
+
+pytest.importorskip("s3fs")
+pytest.importorskip("aiohttp")
+
+N, DIM = 3000, 1024  # float32: each record its own 4096-byte page
+
+
+def data(n=N, dim=DIM, seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"prot|{i:06d}|HUMAN" for i in range(n)], rng.standard_normal((n, dim)).astype(np.float32)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A single file and a grown dataset folder, served over HTTP; yields (server, keys, matrix, root)."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    keys, x = data()
+    embfile.write(root / "one.emb", (keys, x), metadata={"model": "esm2"})
+    folder = root / "ds"
+    embfile.write_shards(folder, (keys[:1000], x[:1000]), shard_bytes=1 << 20)
+    embfile.append(folder, (keys[1000:2000], x[1000:2000]))
+    embfile.append(folder, (keys[2000:], x[2000:]))
+    server = RangeServer(str(root))
+    yield server, keys, x, root
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    server.bucket("embs")
+    yield server
+    server.stop()
+
+
+def open_http(server, name, cache, **kw):
+    return embfile.open(f"{server.url}/{name}", cache_dir=cache, **kw)
+
+
+def test_http_file_reads_like_the_local_file(served, tmp_path):
+    server, keys, x, root = served
+    with open_http(server, "one.emb", tmp_path / "c") as db, embfile.open(root / "one.emb") as local:
+        assert isinstance(db, embfile.Dataset) and (len(db), db.dim, db.dtype) == (N, DIM, np.float32)
+        assert db.metadata["model"] == "esm2"
+        np.testing.assert_array_equal(db[keys[7]], x[7])
+        assert keys[8] in db and "absent" not in db and db.get("absent") is None
+        with pytest.raises(KeyError):
+            db["absent"]
+        assert db.row(keys[9]) == 9
+        order = np.random.default_rng(1).permutation(N)[:300]
+        np.testing.assert_array_equal(db.get_batch([keys[i] for i in order]), x[order])
+        np.testing.assert_array_equal(db.find_rows([keys[5], "nope"]), [5, -1])
+        np.testing.assert_array_equal(db.take([3, 2999, 3]), x[[3, 2999, 3]])
+        np.testing.assert_array_equal(db.record(-1), x[-1])
+        before = len(server.gets())
+        assert list(db) == keys  # bulk: downloads the file once, then reads it locally
+        np.testing.assert_array_equal(db.to_numpy(), local.to_numpy())
+        assert sum(len(k) for k, _ in db.iter_batches(128, seed=3)) == N
+        downloads = len(server.gets()) - before
+        assert downloads == 1 and db.key(5) == keys[5]
+        assert len(server.gets()) - before == downloads
+        db.verify()
+
+
+def test_lookup_request_budget(served, tmp_path):
+    """Cold key: at most 3 requests; a key whose index pages are cached: 1 (its record); a key read: 0."""
+    server, keys, x, _ = served
+    cache = tmp_path / "c"
+    with open_http(server, "one.emb", cache) as db:
+        for i in (1234, 17, 2999):
+            n = len(server.gets())
+            np.testing.assert_array_equal(db[keys[i]], x[i])
+            assert len(server.gets()) - n <= 3
+            n = len(server.gets())
+            np.testing.assert_array_equal(db[keys[i + 1 if i < 2999 else i - 1]], x[i + 1 if i < 2999 else i - 1])
+            assert len(server.gets()) - n == 1  # its neighbour: same bucket, another record page
+            n = len(server.gets())
+            db[keys[i]], keys[i] in db, db.get_batch([keys[i]] * 5)
+            assert len(server.gets()) == n
+    # a new handle, other process or later: the index pages come from the cache on disk
+    with open_http(server, "one.emb", cache) as db:
+        n = len(server.gets())
+        np.testing.assert_array_equal(db[keys[1235]], x[1235])
+        assert len(server.gets()) - n == 0  # its record was fetched above
+        np.testing.assert_array_equal(db[keys[16]], x[16])
+        assert len(server.gets()) - n == 1
+
+
+def test_batch_merges_ranges(served, tmp_path):
+    server, keys, x, _ = served
+    with open_http(server, "one.emb", tmp_path / "c") as db:
+        n = len(server.gets())
+        np.testing.assert_array_equal(db.get_batch(keys[500:628]), x[500:628])
+        assert len(server.gets()) - n <= 8  # 128 keys: a few index ranges, one records range
+
+
+def test_s3_file_and_folder(served, s3, tmp_path):
+    server, keys, x, root = served
+    fs = s3.filesystem()
+    fs.put(str(root / "one.emb"), "embs/one.emb")
+    fs.put(str(root / "ds"), "embs/ds", recursive=True)
+    opts = s3.storage_options()
+    with embfile.open("s3://embs/one.emb", cache_dir=tmp_path / "c", storage_options=opts) as db:
+        n = len(s3.gets())
+        np.testing.assert_array_equal(db[keys[42]], x[42])
+        assert len(s3.gets()) - n <= 3
+        np.testing.assert_array_equal(db.get_batch(keys[::7]), x[::7])
+    with embfile.open("s3://embs/ds", cache_dir=tmp_path / "c", storage_options=opts) as db:
+        assert db.version == 3 and db.segments == 2 and len(db) == N
+        np.testing.assert_array_equal(db.get_batch(keys[::-11]), x[::-11])
+        assert "nope" not in db
+        np.testing.assert_array_equal(db.to_numpy(), x)
+    with embfile.open("s3://embs/ds", version=1, cache_dir=tmp_path / "c", storage_options=opts) as db:
+        assert len(db) == 1000 and keys[1500] not in db
+
+
+def test_http_folder_lookups_and_epochs(served, tmp_path):
+    server, keys, x, _ = served
+    with open_http(server, "ds", tmp_path / "c") as db:
+        assert db.version == 3 and len(db.files) > 3
+        for i in (3, 1500, 2999):
+            n = len(server.gets())
+            np.testing.assert_array_equal(db[keys[i]], x[i])
+            assert len(server.gets()) - n <= 3  # the segments are probed in the same rounds
+        seen = [k for ks, _ in db.iter_batches(100, seed=0) for k in ks]
+        assert sorted(seen) == sorted(keys)
+
+
+def test_second_epoch_with_the_server_stopped(served, tmp_path):
+    server, keys, x, _ = served
+    db = open_http(server, "ds", tmp_path / "c")
+    first = [k for ks, _ in db.iter_batches(256, seed=0, epoch=0) for k in ks]
+    server.stop()
+    second = {k: v.copy() for ks, vs in db.iter_batches(256, seed=0, epoch=1) for k, v in zip(ks, vs)}
+    assert sorted(first) == sorted(second) == sorted(keys)
+    np.testing.assert_array_equal(second[keys[77]], x[77])
+    np.testing.assert_array_equal(db[keys[78]], x[78])
+    db.close()
+
+
+def _replace(path, seed):
+    keys, x = data(seed=seed)
+    tmp = str(path) + ".new"
+    embfile.write(tmp, (keys, x))
+    os.replace(tmp, path)
+    return x
+
+
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_a_replaced_object_is_never_mixed_with_the_old(served, s3, tmp_path, where):
+    server, keys, x, root = served
+    if where == "http":
+        url, opts, put = f"{server.url}/one.emb", None, lambda: None
+    else:
+        fs = s3.filesystem()
+        fs.put(str(root / "one.emb"), "embs/r.emb")
+        url, opts = "s3://embs/r.emb", s3.storage_options()
+
+        def put():
+            fs.put(str(root / "one.emb"), "embs/r.emb")
+
+    cache = tmp_path / "c"
+    db = embfile.open(url, cache_dir=cache, storage_options=opts)
+    np.testing.assert_array_equal(db[keys[10]], x[10])
+    new = _replace(root / "one.emb", seed=1)
+    put()
+    np.testing.assert_array_equal(db[keys[10]], x[10])  # already here: the old version, whole
+    with pytest.raises(embfile.RemoteError, match="changed on the server"):
+        db[keys[2000]]  # needs pages of the old version, which the server no longer has
+    db.close()
+    with embfile.open(url, cache_dir=cache, storage_options=opts) as db:  # a new handle sees the new object
+        np.testing.assert_array_equal(db[keys[10]], new[10])
+        np.testing.assert_array_equal(db[keys[2000]], new[2000])
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(store, "BACKOFF", 0.01)
+
+
+@pytest.mark.parametrize("kind", ["500", "reset", "truncate"])
+def test_transient_faults_are_retried(served, tmp_path, quick_retries, kind):
+    server, keys, x, _ = served
+    with open_http(server, "one.emb", tmp_path / "c") as db:
+        server.faults = store_faults(kind, 2)
+        np.testing.assert_array_equal(db[keys[100]], x[100])
+        server.faults = store_faults(kind, 2)
+        np.testing.assert_array_equal(db.to_numpy(), x)
+
+
+def store_faults(kind, count, slow=0.0):
+    from servers import Faults
+
+    return Faults(kind, count, slow)
+
+
+def test_persistent_faults_raise_one_clear_error(served, tmp_path, quick_retries):
+    server, keys, _, _ = served
+    with open_http(server, "one.emb", tmp_path / "c") as db:
+        server.faults = store_faults("500", -1)
+        with pytest.raises(embfile.RemoteError) as e:
+            db[keys[100]]
+        assert isinstance(e.value, OSError) and isinstance(e.value, embfile.EmbFileError)
+        assert "one.emb" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_server_ignoring_range_is_refused(served, tmp_path):
+    server, keys, _, _ = served
+    server.faults = store_faults("ignore-range", -1)
+    with pytest.raises(embfile.RemoteError, match="ignored the Range"):
+        open_http(server, "one.emb", tmp_path / "c")
+
+
+def test_slow_responses_time_out(served, tmp_path, quick_retries, monkeypatch):
+    aiohttp = pytest.importorskip("aiohttp")
+    monkeypatch.setattr(store, "RETRIES", 1)
+    server, keys, x, _ = served
+    opts = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=0.5)}}
+    with open_http(server, "one.emb", tmp_path / "c", storage_options=opts) as db:
+        server.faults = store_faults("slow", 1, slow=2.0)  # once: the retry gets through
+        np.testing.assert_array_equal(db[keys[5]], x[5])
+        server.faults = store_faults("slow", -1, slow=2.0)
+        with pytest.raises(embfile.RemoteError, match="failed 2 times"):
+            db[keys[2500]]
+
+
+def test_missing_objects(served, tmp_path):
+    server, *_ = served
+    with pytest.raises(FileNotFoundError):
+        open_http(server, "nothing.emb", tmp_path / "c")
+    (served[3] / "junk.emb").write_bytes(b"x" * 10000)
+    with pytest.raises(embfile.NotAnEmbFileError):
+        open_http(server, "junk.emb", tmp_path / "c")
+
+
+def _download(url, cache, out):
+    with embfile.open(url, cache_dir=cache) as db:
+        np.save(out, db.to_numpy())
+
+
+def test_eight_processes_download_one_shard_once(served, tmp_path):
+    server, keys, x, _ = served
+    url, cache = f"{server.url}/one.emb", str(tmp_path / "c")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_download, args=(url, cache, str(tmp_path / f"{i}.npy"))) for i in range(8)]
+    before = len(server.gets())
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    for i in range(8):
+        np.testing.assert_array_equal(np.load(tmp_path / f"{i}.npy"), x)
+    size = os.path.getsize(served[3] / "one.emb")
+    whole = [g for g in server.gets()[before:] if g[2] == f"bytes=0-{size - 1}"]
+    assert len(whole) == 1, f"{len(whole)} downloads of the file"
+    assert os.listdir(os.path.join(cache, "tmp")) == []
+
+
+def test_a_killed_download_leaves_nothing_half_written(served, tmp_path, monkeypatch):
+    server, keys, x, _ = served
+    url, cache = f"{server.url}/one.emb", str(tmp_path / "c")
+    server.delay = 0.3
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import embfile; embfile.prefetch({url!r}, cache_dir={cache!r})"],
+    )
+    tmp = os.path.join(cache, "tmp")
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.isdir(tmp) and os.listdir(tmp)):
+        time.sleep(0.05)
+    assert os.listdir(tmp), "the download never started"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    server.delay = 0.0
+    assert os.listdir(os.path.join(cache, "files")) == []  # nothing at the final name
+    monkeypatch.setattr(remote_cache, "ABANDONED_AFTER", 0.0)
+    with embfile.open(url, cache_dir=cache) as db:
+        np.testing.assert_array_equal(db.to_numpy(), x)
+    assert os.listdir(os.path.join(cache, "tmp")) == []  # the dead download was removed
+    assert len(os.listdir(os.path.join(cache, "files"))) == 1
+
+
+def _lookups(db, keys):
+    return db.get_batch(keys)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_processes_make_their_own_clients(served, tmp_path, method):
+    server, keys, x, _ = served
+    db = open_http(server, "ds", tmp_path / "c")
+    db[keys[0]]  # the parent's client exists before the fork
+    with multiprocessing.get_context(method).Pool(2) as pool:
+        got = pool.starmap(_lookups, [(db, keys[i : i + 50]) for i in (0, 1000, 2500)])
+    for got_i, i in zip(got, (0, 1000, 2500)):
+        np.testing.assert_array_equal(got_i, x[i : i + 50])
+    assert pickle.loads(pickle.dumps(db)).version == db.version
+    db.close()
+
+
+def test_cache_limit_evicts_least_recently_used(served, tmp_path):
+    server, keys, x, root = served
+    shutil.copy(root / "one.emb", root / "two.emb")
+    size = os.path.getsize(root / "one.emb")
+    cache = tmp_path / "c"
+    a = open_http(server, "one.emb", cache, cache_limit=int(size * 1.5))
+    a.download()
+    with open_http(server, "two.emb", cache, cache_limit=int(size * 1.5)) as b:
+        b.download()
+    names = os.listdir(cache / "files")
+    assert len(names) == 1 and names[0].startswith("two-")
+    np.testing.assert_array_equal(a.to_numpy(), x)  # evicted while mapped: still readable
+    a.close()
+
+
+def test_prefetch_and_cli(served, tmp_path):
+    server, keys, x, _ = served
+    cache = str(tmp_path / "c")
+    out = subprocess.run(
+        [sys.executable, "-m", "embfile", "cache", "fetch", f"{server.url}/ds", "--cache-dir", cache],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    files = os.listdir(os.path.join(cache, "files"))
+    with open_http(server, "ds", cache) as db:
+        assert len(files) == len(db.files) + db.segments
+        n = len(server.gets())
+        np.testing.assert_array_equal(db.to_numpy(), x)
+        np.testing.assert_array_equal(db.get_batch(keys[::13]), x[::13])
+        assert len(server.gets()) == n  # read from the cache alone
+
+
+def test_torch_datasets_over_a_url(served, tmp_path):
+    torch = pytest.importorskip("torch")
+    import embfile.torch as et
+
+    server, keys, x, _ = served
+    db = open_http(server, "ds", tmp_path / "c")
+    by_key = et.Dataset(db, keys=keys[::-1])
+    loader = torch.utils.data.DataLoader(by_key, batch_size=64, num_workers=2)
+    got = torch.cat(list(loader)).numpy()
+    np.testing.assert_array_equal(got, x[::-1])  # lookups by range reads, in the workers
+    epoch = et.IterableDataset(db, batch_size=100, seed=0)
+    loader = torch.utils.data.DataLoader(epoch, batch_size=None, num_workers=2)
+    rows = sum(len(b[1]) if isinstance(b, (tuple, list)) else len(b) for b in loader)
+    assert rows == N  # the whole shards, downloaded once into the shared cache
+    db.close()
+
+
+def test_a_full_cache_disk_is_a_clear_error(served, tmp_path):
+    server, keys, x, root = served
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        with open_http(server, "one.emb", small) as db:
+            np.testing.assert_array_equal(db[keys[3]], x[3])  # pages fit
+            with pytest.raises(embfile.CacheError, match="disk is full") as e:
+                db.to_numpy()  # the 12 MB file does not
+            assert isinstance(e.value, OSError)
+            assert os.listdir(small / "files") == [] and os.listdir(small / "tmp") == []
+            np.testing.assert_array_equal(db[keys[4]], x[4])  # lookups go on
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
