@@ -117,9 +117,25 @@ class RangeServer:
 
 
 class S3Server:
-    """moto's S3 API on 127.0.0.1 (its werkzeug app), counting requests and adding ``delay`` to each."""
+    """moto's S3 API on 127.0.0.1 (its werkzeug app), counting requests and adding ``delay`` to each.
 
-    def __init__(self, delay: float = 0.0) -> None:
+    In this process (the tests, which read its request log), or in a process of its own (``separate``: the
+    benchmark, whose timings must not share a GIL with the server; then :meth:`gets` is not available and the
+    delay is fixed at start).
+    """
+
+    def __init__(self, delay: float = 0.0, separate: bool = False) -> None:
+        self._process = None
+        if separate:
+            import subprocess
+            import sys
+
+            self._process = subprocess.Popen(
+                [sys.executable, __file__, "s3", str(delay)], stdout=subprocess.PIPE, text=True
+            )
+            assert self._process.stdout is not None
+            self.url = self._process.stdout.readline().strip()
+            return
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -173,5 +189,17 @@ class S3Server:
             return [r for r in self.log if r[0] == "GET"]
 
     def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+            return
         self._server.shutdown()
         self._server.server_close()
+
+
+if __name__ == "__main__":  # python servers.py s3 DELAY: serve until terminated, the URL on the first line
+    import sys
+
+    server = S3Server(float(sys.argv[2]))
+    print(server.url, flush=True)
+    server._thread.join()

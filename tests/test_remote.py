@@ -385,3 +385,60 @@ def test_a_full_cache_disk_is_a_clear_error(served, tmp_path):
             np.testing.assert_array_equal(db[keys[4]], x[4])  # lookups go on
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_damaged_remote_files_give_errors_never_wrong_rows(tmp_path):
+    """Bytes of the index or the header flipped on the server: every lookup returns the right vector, says the
+    key is absent, or raises an EmbFileError (a damaged bucket may hide a key; it never yields another's).
+    Records are data: as for a local file, ``verify`` (or a bulk read, which checks each download) finds them."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    keys, x = data(n=2000, dim=8)
+    embfile.write(root / "good.emb", (keys, x))
+    raw = (root / "good.emb").read_bytes()
+    h = embfile.open(root / "good.emb").header
+    server = RangeServer(str(root))
+    rng = np.random.default_rng(0)
+    try:
+        for trial in range(40):
+            damaged = bytearray(raw)
+            lo, hi = (h.index_offset, h.index_offset + h.index_size) if trial % 4 else (0, 256)
+            for at in rng.integers(lo, hi, size=int(rng.integers(1, 20))).tolist():
+                damaged[at] ^= 1 << int(rng.integers(8))
+            (root / f"bad{trial}.emb").write_bytes(bytes(damaged))
+            try:
+                db = open_http(server, f"bad{trial}.emb", tmp_path / "c")
+            except embfile.EmbFileError:
+                continue
+            with db:
+                for i in rng.choice(len(keys), 10, replace=False).tolist():
+                    try:
+                        v = db.get(keys[i])
+                    except embfile.EmbFileError:
+                        continue
+                    assert v is None or np.array_equal(v, x[i]), (trial, i)
+    finally:
+        server.stop()
+
+
+def test_a_remote_file_shorter_than_its_header_says(served, tmp_path):
+    server, keys, x, root = served
+    (root / "short.emb").write_bytes((root / "one.emb").read_bytes()[:-5000])
+    with pytest.raises(embfile.TruncatedFileError):
+        open_http(server, "short.emb", tmp_path / "c")
+
+
+def test_a_folder_file_replaced_under_an_open_handle(served, tmp_path):
+    server, keys, x, root = served
+    db = open_http(server, "ds", tmp_path / "c")
+    np.testing.assert_array_equal(db[keys[10]], x[10])
+    shard = root / "ds" / db.manifest.shards[-1].path
+    damaged = bytearray(shard.read_bytes())
+    damaged[-100] ^= 1
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(embfile.RemoteError, match="changed on the server"):
+        db.get_batch(keys[-5:])
+    db.close()
+    with pytest.raises(embfile.EmbFileError):  # a new handle reads the new bytes, and they are checked
+        with open_http(server, "ds", tmp_path / "c") as db:
+            db.to_numpy()

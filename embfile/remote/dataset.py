@@ -15,6 +15,7 @@ dataset is a local one and asks nothing of the server.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +25,16 @@ import numpy as np
 
 from embfile import errors
 from embfile import folder as layout
-from embfile._format import HEADER_SIZE, PAGE, Header
+from embfile._format import PAGE, Header
 from embfile._pages import Layout
 from embfile.dataset import Dataset
 from embfile.file import MappedFile
 from embfile.remote.cache import Cache, PartialCopy, entry_name
 from embfile.remote.store import IN_FLIGHT, Identity, Remote
 
-MERGE_GAP = 4  # pages: two runs of missing pages this close are fetched as one range
-OPEN_GAP = 64 << 10  # bytes: what opening fetches is one request where its parts are this close
+MERGE_GAP = 16  # pages: runs of missing pages this close are one range (64 KiB cost less than a round trip)
+OPEN_GAP = 1 << 20  # bytes: what opening fetches is one request where its parts are this close (a round trip
+# costs more than a megabyte at the bandwidth of an object store)
 MAX_ROUNDS = 64  # probes of one lookup (a cold key takes two; long shared prefixes a binary search more)
 DOWNLOADS_IN_FLIGHT = 4
 
@@ -40,25 +42,29 @@ DOWNLOADS_IN_FLIGHT = 4
 class RemoteFile:
     """One remote .emb file: whole in the cache, or a partial copy filled as lookups need its pages.
 
-    ``expect`` is ``(count, keys_crc)`` when a manifest names the file; ``identity`` is the object's size and
-    ETag when a single file is opened (a manifest's files never change, so their names say enough).
+    ``expect`` is ``(count, keys_crc)`` when a manifest names the file: its whole copy in the cache is found
+    by them alone (checked again when opened), without a request.  Otherwise the object's size and ETag are
+    read first: they name its partial copy, bound the header's sizes, and go with every range request, so
+    that a replaced object is refused rather than mixed with what was read of the old one.
     """
 
-    def __init__(
-        self, remote: Remote, cache: Cache, identity: Identity | None, expect: tuple[int, int] | None = None
-    ) -> None:
-        self.remote, self.cache, self.identity, self.expect = remote, cache, identity, expect
-        token = identity.token() if identity else f"{expect[0]}:{expect[1]:#x}" if expect else ""
-        self.name = entry_name(remote.url, token)
+    def __init__(self, remote: Remote, cache: Cache, expect: tuple[int, int] | None = None) -> None:
+        self.remote, self.cache, self.expect = remote, cache, expect
+        named = f"{expect[0]}:{expect[1]:#x}" if expect else ""
+        self.whole_name = entry_name(remote.url, named)  # the name of the whole copy in the cache
         self.partial: PartialCopy | None = None
-        whole = cache.whole(self.name)
-        if whole is not None:
-            self.mapped = self._checked(MappedFile(whole))
+        self.identity: Identity | None = None
+        if expect and self._open_whole():
             return
-        head = remote.read_range(0, PAGE, identity)
-        size = identity.size if identity else Header.unpack(head).file_size if len(head) >= HEADER_SIZE else 0
-        h = Header.read(head, size, remote.url)
-        self.partial = cache.partial(self.name, size)
+        self.identity = identity = remote.identity()
+        partial_name = entry_name(remote.url, f"{named}:{identity.token()}")
+        if not expect:
+            self.whole_name = partial_name
+            if self._open_whole():
+                return
+        head = remote.read_range(0, min(PAGE, identity.size), identity)
+        h = Header.read(head, identity.size, remote.url)
+        self.partial = cache.partial(partial_name, identity.size)
         if not self.partial.have[0]:
             self.partial.write(0, head)
         n_top = -(-h.n_buckets // 32)
@@ -72,6 +78,12 @@ class RemoteFile:
             ]
         )
         self.mapped = self._checked(MappedFile(self.partial.path))
+
+    def _open_whole(self) -> bool:
+        path = self.cache.whole(self.whole_name)
+        if path is not None:
+            self.mapped = self._checked(MappedFile(path))
+        return path is not None
 
     @property
     def whole(self) -> bool:
@@ -126,7 +138,8 @@ class RemoteFile:
             finally:
                 f.close()
 
-        path = self.cache.download(self.name, lambda a, b: self.remote.read_range(a, b, self.identity), size, check)
+        fetch = functools.partial(self.remote.read_range, identity=self.identity)
+        path = self.cache.download(self.whole_name, fetch, size, check)
         return self._checked(MappedFile(path))
 
     def close(self) -> None:
@@ -179,7 +192,7 @@ class RemoteDataset(Dataset):
         try:
             manifest = self._manifest(version)
             if manifest is None:
-                single = RemoteFile(self.remote, self.cache, self.remote.identity())
+                single = RemoteFile(self.remote, self.cache)
                 self._remote_files = self._remote_segments = [single]
             else:
                 self._remote_files = self._open_all([(e, False) for e in manifest.shards])
@@ -222,7 +235,7 @@ class RemoteDataset(Dataset):
 
         def one(entry: tuple[layout.FileEntry, bool]) -> RemoteFile:
             e, segment = entry
-            f = RemoteFile(self.remote.child(e.path), self.cache, None, (e.count, e.keys_crc))
+            f = RemoteFile(self.remote.child(e.path), self.cache, (e.count, e.keys_crc))
             if segment and (f.mapped.dim, f.mapped.dtype) != (1, np.dtype("<u8")):
                 f.close()
                 raise errors.CorruptFileError(f"{f.remote.url}: a key-index segment holds one uint64 per key")
@@ -397,10 +410,13 @@ class RemoteDataset(Dataset):
 
     @property
     def requests(self) -> int:
-        """How many requests this handle has sent (a benchmark's and a test's measure)."""
-        return self.remote.requests + sum(
-            f.remote.requests for f in {*self._remote_files, *self._remote_segments} if f.remote is not self.remote
-        )
+        """How many requests this handle has sent (what a benchmark and the tests count)."""
+        return self.remote.counts.requests
+
+    @property
+    def bytes_read(self) -> int:
+        """How many bytes this handle has received."""
+        return self.remote.counts.bytes_read
 
     def close(self) -> None:
         super().close()

@@ -26,7 +26,7 @@ T = TypeVar("T")
 RETRIES = 5  # attempts after the first, with exponential backoff
 BACKOFF = 0.1  # seconds before the first retry; doubled each time, jittered, capped at BACKOFF_CAP
 BACKOFF_CAP = 4.0
-IN_FLIGHT = 8  # ranges requested at once
+IN_FLIGHT = 32  # ranges requested at once: an object store serves many at once, and latency is the cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,23 +41,30 @@ class Identity:
         return f"{self.size}:{self.etag or ''}:{self.version or ''}"
 
 
+class Counts:
+    """Requests sent and bytes received, shared by an object and the objects under it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.bytes_read = 0
+
+
 class Remote:
     """The object at ``url``, opened through fsspec with ``storage_options``.
 
     The filesystem client is created lazily in each process (a forked or spawned worker makes its own: an
-    fsspec client holds an event loop and sockets that must not cross a fork).  ``requests`` and
-    ``bytes_read`` count what this object asked of the server.
+    fsspec client holds an event loop and sockets that must not cross a fork).  ``counts`` adds up what this
+    object and those :meth:`child` made from it asked of the server.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, counts: Counts | None = None) -> None:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.protocol = url.split("://", 1)[0] if "://" in url else "file"
         self._fs: Any = None
         self._pid = -1
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.bytes_read = 0
+        self.counts = counts or Counts()
 
     # -- the client ---------------------------------------------------------------------------------
 
@@ -65,8 +72,11 @@ class Remote:
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
             fsspec = require("fsspec", "remote")
+            options = dict(self.storage_options)
+            if self.protocol in ("s3", "s3a"):  # botocore keeps 10 connections unless told: too few to keep IN_FLIGHT
+                options["config_kwargs"] = {"max_pool_connections": IN_FLIGHT, **options.get("config_kwargs", {})}
             try:
-                self._fs, self._path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+                self._fs, self._path = fsspec.core.url_to_fs(self.url, **options)
             except ImportError as e:
                 raise ImportError(f"{self.url}: {e} (pip install 'embfile[remote]')") from None
             self._pid = os.getpid()
@@ -79,13 +89,13 @@ class Remote:
 
     def child(self, relative: str) -> Remote:
         """The object at ``relative`` (``/``-separated) under this URL, with the same options."""
-        return Remote(f"{self.url.rstrip('/')}/{relative}", self.storage_options)
+        return Remote(f"{self.url.rstrip('/')}/{relative}", self.storage_options, self.counts)
 
     # -- what is there --------------------------------------------------------------------------------
 
     def identity(self) -> Identity:
         """Size and ETag / version of the object now (one request); FileNotFoundError if there is none."""
-        info = self._retrying("reading the size of", lambda: self.fs.info(self.path))
+        info = self._retrying("reading the size of", lambda: self._count(self.fs.info(self.path)))
         if info.get("type") == "directory":
             raise IsADirectoryError(f"{self.url} is a folder")
         size = info.get("size")
@@ -100,7 +110,7 @@ class Remote:
         return self._retrying("reading", lambda: self._count(bytes(self.fs.cat_file(self.path))))
 
     def exists(self) -> bool:
-        return bool(self._retrying("looking for", lambda: self.fs.exists(self.path)))
+        return bool(self._retrying("looking for", lambda: self._count(self.fs.exists(self.path))))
 
     # -- ranges ---------------------------------------------------------------------------------------
 
@@ -140,11 +150,12 @@ class Remote:
             return _s3_get_if_match(fs, path, start, end, identity.etag)
         return fs.cat_file(path, start=start, end=end)
 
-    def _count(self, data: bytes) -> bytes:
-        with self._lock:
-            self.requests += 1
-            self.bytes_read += len(data)
-        return data
+    def _count(self, answer: T) -> T:
+        """``answer``, counted as one request (and its bytes, if it is data)."""
+        with self.counts.lock:
+            self.counts.requests += 1
+            self.counts.bytes_read += len(answer) if isinstance(answer, bytes) else 0
+        return answer
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """``call()``, again after a transient failure (timeouts, resets, 5xx, truncation), then a RemoteError."""

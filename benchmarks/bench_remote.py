@@ -1,0 +1,254 @@
+"""Remote datasets: lookups by range reads and epochs from the cache, against an S3 server with latency.
+
+An S3 API server (moto's server mode) runs on 127.0.0.1 in this process, every request delayed by
+``--latency`` (default 20 ms, a same-region object store).  The same data is uploaded as one .emb file and as a
+dataset folder of shards.  Each figure is measured against the same data on local disk, and against the peer:
+``fsspec``'s ``simplecache::`` (a whole download on first open, then local reads), which is what Petastorm,
+Mosaic Streaming and LitData amount to for a lookup.
+
+1. **Lookups** (``--lookups`` random keys, each round on a fresh cache): requests and bytes per cold key, per
+   key whose index pages are cached (a neighbour's was read), per key read before; the time of each; a cold
+   ``get_batch`` of 256 keys.  The peer's first lookup is its download.
+2. **Epochs** over the folder: time to the first batch, epoch 1 (download + read) and epoch 2 (from the cache),
+   against the local folder (page cache cold) and the peer (simplecache of every shard, then a local epoch).
+
+    python benchmarks/bench_remote.py                       # a few minutes
+    python benchmarks/bench_remote.py --keys 20000 --latency 0.05 --out -
+
+Targets (issue #26): a cold lookup at most 3 requests, a key with cached index pages 1, a key read before 0;
+epoch 2 from the cache at local speed.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import machine
+from servers import S3Server
+
+import embfile
+
+# moto's server reads a whole object to answer a range of it, so each request costs it time in proportion to the
+# object: small shards keep the server's cost below the added latency (the lookups run against the folder).
+SHARD_BYTES = 8 << 20
+
+
+def spread(values, fmt="{:.1f}"):
+    v = np.asarray(values, dtype=float)
+    return f"{fmt.format(np.median(v))} ({fmt.format(v.min())}-{fmt.format(v.max())})"
+
+
+def build(folder, n, dim):
+    keys = [f"UniRef50_A{i:09d}" for i in range(n)]
+    x = np.random.default_rng(0).standard_normal((n, dim), dtype=np.float32).astype(np.float16)
+    embfile.write(os.path.join(folder, "one.emb"), (keys, x))
+    embfile.write_shards(os.path.join(folder, "ds"), (keys, x), shard_bytes=SHARD_BYTES)
+    return keys
+
+
+def server_rate(s3, count=256):
+    """Requests per second the S3 server answers with no added latency, 32 at once: its own limit (moto's
+    server spends milliseconds of CPU on each request, one at a time under its GIL)."""
+    from embfile.remote.store import Remote
+
+    remote = Remote("s3://embs/ds/" + s3.filesystem().find("embs/ds/shards")[0].split("/", 2)[2], s3.storage_options())
+    remote.read_range(0, 4096, None)
+    t0 = time.perf_counter()
+    remote.read_ranges([(4096 * i, 4096 * (i + 1)) for i in range(count)], None)
+    return count / (time.perf_counter() - t0)
+
+
+def lookups(s3, keys, count, scratch, rng):
+    """One round on a fresh cache: per-key requests, bytes and ms of cold, index-cached and repeated keys."""
+    cache = tempfile.mkdtemp(dir=scratch)
+    out = {}
+    with embfile.open("s3://embs/ds", cache_dir=cache, storage_options=s3.storage_options()) as db:
+        out["open"] = db.requests
+        picks = rng.choice(len(keys) - 1, count, replace=False)
+        for kind, chosen in (("cold", picks), ("index cached", picks + 1), ("read before", picks)):
+            reqs, nbytes, ms = [], [], []
+            for i in chosen.tolist():
+                r, b, t0 = db.requests, db.bytes_read, time.perf_counter()
+                db[keys[i]]
+                ms.append((time.perf_counter() - t0) * 1e3)
+                reqs.append(db.requests - r)
+                nbytes.append(db.bytes_read - b)
+            out[kind] = (reqs, nbytes, ms)
+        batch = [keys[i] for i in rng.choice(len(keys), 256, replace=False).tolist()]
+        r, t0 = db.requests, time.perf_counter()
+        db.get_batch(batch)
+        out["batch"] = (db.requests - r, (time.perf_counter() - t0) * 1e3)
+    shutil.rmtree(cache)
+    return out
+
+
+def peer_first_lookup(s3, keys, scratch):
+    """fsspec simplecache: the whole file downloaded on first open, then a local lookup."""
+    import fsspec
+
+    cache = tempfile.mkdtemp(dir=scratch)
+    t0 = time.perf_counter()
+    local = fsspec.open_local(
+        "simplecache::s3://embs/one.emb", s3=s3.storage_options(), simplecache={"cache_storage": cache}
+    )
+    with embfile.open(local) as db:
+        db[keys[12345 % len(keys)]]
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(cache)
+    return seconds
+
+
+def epochs(s3, local_folder, scratch, batch):
+    """Time to first batch, epoch 1 and epoch 2 of embfile over the URL; the local folder; the peer."""
+    import fsspec
+
+    res = {}
+    cache = tempfile.mkdtemp(dir=scratch)
+    t0 = time.perf_counter()
+    with embfile.open("s3://embs/ds", cache_dir=cache, storage_options=s3.storage_options()) as db:
+        first = None
+        for _ in db.iter_batches(batch, seed=0, epoch=0):
+            first = first or time.perf_counter() - t0
+        res["embfile"] = (first, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        for _ in db.iter_batches(batch, seed=0, epoch=1):
+            pass
+        res["embfile epoch 2"] = time.perf_counter() - t1
+    shutil.rmtree(cache)
+
+    with embfile.open(local_folder) as db:
+        for f in db.files:
+            machine.evict(f.path)
+    t0 = time.perf_counter()
+    with embfile.open(local_folder) as db:
+        first = None
+        for _ in db.iter_batches(batch, seed=0, epoch=0):
+            first = first or time.perf_counter() - t0
+        res["local"] = (first, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        for _ in db.iter_batches(batch, seed=0, epoch=1):
+            pass
+        res["local epoch 2"] = time.perf_counter() - t1
+
+    cache = tempfile.mkdtemp(dir=scratch)
+    mirror = os.path.join(scratch, "peer-mirror")
+    t0 = time.perf_counter()
+    fs = fsspec.filesystem(
+        "simplecache", target_protocol="s3", target_options=s3.storage_options(), cache_storage=cache
+    )
+    for path in fs.find("embs/ds"):  # the peer copies every object, then reads the local copy
+        dst = os.path.join(mirror, os.path.relpath(path, "embs/ds"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.symlink(_cached(fs, path), dst)
+    with embfile.open(mirror) as db:
+        first = None
+        for _ in db.iter_batches(batch, seed=0, epoch=0):
+            first = first or time.perf_counter() - t0
+    res["peer"] = (first, time.perf_counter() - t0)
+    shutil.rmtree(cache)
+    shutil.rmtree(mirror)
+    return res
+
+
+def _cached(fs, path):
+    with fs.open(path, "rb") as f:
+        return f.name  # simplecache's local copy
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--keys", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=1024, help="float16 elements per vector (ProtT5: 1024)")
+    ap.add_argument("--latency", type=float, default=0.02, help="seconds added to every request")
+    ap.add_argument("--lookups", type=int, default=40, help="keys looked up per kind and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
+    ap.add_argument("--out", help="the result file (default benchmarks/results/remote.md; - for none)")
+    args = ap.parse_args()
+    with machine.recorded("remote", "Remote datasets: range-read lookups and cached epochs", args.out):
+        run(args)
+
+
+def run(args):
+    scratch = tempfile.mkdtemp(prefix="bench-remote-", dir=args.dir)
+    s3 = S3Server(args.latency, separate=True)  # its own process: the server does not share this one's GIL
+    try:
+        limits = machine.measure(scratch, nbytes=256 << 20)
+        print("machine:", machine.describe(limits))
+        keys = build(scratch, args.keys, args.dim)
+        s3.bucket("embs")
+        fs = s3.filesystem()
+        fs.put(os.path.join(scratch, "one.emb"), "embs/one.emb")
+        fs.put(os.path.join(scratch, "ds"), "embs/ds", recursive=True)
+        size = os.path.getsize(os.path.join(scratch, "one.emb"))
+        print(
+            f"\n{args.keys:,} keys x {args.dim} float16 ({size / 2**20:.0f} MiB as one .emb; the folder in "
+            f"{SHARD_BYTES >> 20} MiB shards), an S3 server on 127.0.0.1 with {args.latency * 1e3:.0f} ms added to "
+            "every request\n"
+        )
+        print(
+            f"S3 server's own limit: {server_rate(s3):.0f} requests/s with {args.latency * 1e3:.0f} ms each, 32 at "
+            "once (a request-bound figure below is the server's, not the client's)\n"
+        )
+        rng = np.random.default_rng(1)
+        rounds = [lookups(s3, keys, args.lookups, scratch, rng) for _ in range(args.rounds)]
+        peers = [peer_first_lookup(s3, keys, scratch) for _ in range(args.rounds)]
+        print(f"## Lookups ({args.rounds} rounds on a fresh cache, {args.lookups} keys per kind; median (range))\n")
+        print(
+            f"Opening the folder ({len(embfile.open(os.path.join(scratch, 'ds')).files)} shards, one key-index "
+            f"segment): {rounds[0]['open']} requests (the manifest, then each file's header, 32 at once).\n"
+        )
+        print("| key | requests | KiB received | ms |")
+        print("|---|---:|---:|---:|")
+        for kind in ("cold", "index cached", "read before"):
+            reqs = np.concatenate([r[kind][0] for r in rounds])
+            kib = np.concatenate([r[kind][1] for r in rounds]) / 1024
+            ms = [np.median(r[kind][2]) for r in rounds]
+            print(
+                f"| {kind} | {np.median(reqs):.0f} (max {reqs.max()}) | {np.median(kib):.0f} | {spread(ms, '{:.2f}')} |"
+            )
+        b_reqs = [r["batch"][0] for r in rounds]
+        b_ms = [r["batch"][1] for r in rounds]
+        print(f"| get_batch of 256 cold keys | {spread(b_reqs, '{:.0f}')} | | {spread(b_ms)} |")
+        cold_ms = np.median([np.median(r["cold"][2]) for r in rounds])
+        peer_s = peers
+        print(
+            "\nThe peer (fsspec simplecache, whole download then a local lookup): first lookup "
+            f"{spread(peer_s, '{:.2f}')} s "
+            f"({size / 2**20:.0f} MiB downloaded): embfile's cold lookup is "
+            f"{np.median(peer_s) * 1e3 / cold_ms:.0f}x sooner.\n"
+        )
+        print(f"## Epochs over the folder ({args.rounds} rounds, batches of {args.batch}; seconds, median (range))\n")
+        res = [epochs(s3, os.path.join(scratch, "ds"), scratch, args.batch) for _ in range(args.rounds)]
+        local_epoch = np.median([r["local"][1] for r in res])
+        print("| | first batch, s | epoch, s | epoch / local disk (cold) |")
+        print("|---|---:|---:|---:|")
+        for label, key in (
+            ("embfile over s3://, epoch 1 (downloads)", "embfile"),
+            ("peer: simplecache, then local", "peer"),
+            ("local disk, page cache cold", "local"),
+        ):
+            first = [r[key][0] for r in res]
+            total = [r[key][1] for r in res]
+            ratio = np.median(total) / local_epoch
+            print(f"| {label} | {spread(first, '{:.2f}')} | {spread(total, '{:.2f}')} | {ratio:.2f}x |")
+        e2, l2 = [r["embfile epoch 2"] for r in res], [r["local epoch 2"] for r in res]
+        print(
+            f"\nEpoch 2: embfile over s3:// from the cache {spread(e2, '{:.3f}')} s, the local folder "
+            f"{spread(l2, '{:.3f}')} s (both in the page cache): {np.median(e2) / np.median(l2):.2f}x."
+        )
+    finally:
+        s3.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
