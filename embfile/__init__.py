@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from embfile._version import __version__
 from embfile.dataset import Dataset, EmbFile
-from embfile.dataset_writer import DatasetWriter, ShardWriter, write_shards
+from embfile.dataset_writer import DatasetWriter, ShardWriter
 from embfile.epochs import EpochOptions
 from embfile.errors import (
     CacheError,
@@ -34,7 +34,6 @@ from embfile.errors import (
 )
 from embfile.folder import vacuum
 from embfile.formats import (
-    convert,
     from_esm,
     from_hdf5,
     from_npy,
@@ -43,10 +42,11 @@ from embfile.formats import (
     to_hdf5,
     to_parquet,
 )
-from embfile.operations import append, compact, merge, remove, subset
+from embfile.operations import merge, subset
 from embfile.remote import prefetch
+from embfile.remote.upload import append, compact, convert, remove, write, write_shards  # a URL or a path
 from embfile.shards import ShardedEmbFile, open, write_index
-from embfile.writer import Writer, write
+from embfile.writer import Writer
 
 __all__ = [
     "open",

@@ -442,3 +442,88 @@ def test_a_folder_file_replaced_under_an_open_handle(served, tmp_path):
     with pytest.raises(embfile.EmbFileError):  # a new handle reads the new bytes, and they are checked
         with open_http(server, "ds", tmp_path / "c") as db:
             db.to_numpy()
+
+
+# -- writing to a URL ------------------------------------------------------------------------------------------
+
+
+def test_write_and_convert_to_s3(s3, tmp_path):
+    keys, x = data(n=500, dim=16)
+    opts = s3.storage_options()
+    embfile.write("s3://embs/w/one.emb", (keys, x), metadata={"m": 1}, storage_options=opts)
+    with embfile.open("s3://embs/w/one.emb", cache_dir=tmp_path / "c", storage_options=opts) as db:
+        np.testing.assert_array_equal(db.get_batch(keys), x)
+        assert db.metadata["m"] == 1
+    embfile.write(tmp_path / "local.emb", (keys, x))
+    embfile.convert(tmp_path / "local.emb", "s3://embs/w/two.parquet", storage_options=opts)
+    assert s3.filesystem().size("embs/w/two.parquet") > 500 * 16 * 4
+    with pytest.raises(embfile.RemoteError, match="read-only"):
+        embfile.write("https://127.0.0.1:1/x.emb", (keys, x))
+
+
+def test_a_dataset_grown_at_an_s3_url(s3, tmp_path):
+    keys, x = data(n=3000, dim=16)
+    opts, cache, url = s3.storage_options(), tmp_path / "c", "s3://embs/grown"
+    embfile.write_shards(url, (keys[:1000], x[:1000]), shard_bytes=20_000, cache_dir=cache, storage_options=opts)
+    with pytest.raises(embfile.WriterError, match=f"{url} exists and is a dataset"):  # mode="error"
+        embfile.write_shards(url, (keys, x), cache_dir=cache, storage_options=opts)
+    assert embfile.append(url, (keys[1000:2000], x[1000:2000]), cache_dir=cache, storage_options=opts) == 2
+    embfile.write(tmp_path / "more.emb", (keys[2000:], x[2000:]))
+    assert embfile.append(url, str(tmp_path / "more.emb"), cache_dir=cache, storage_options=opts) == 3
+    with pytest.raises(embfile.DuplicateKeyError):
+        embfile.append(url, (keys[:1], x[:1]), cache_dir=cache, storage_options=opts)
+    assert embfile.remove(url, keys[:10], cache_dir=cache, storage_options=opts) == 4
+    with embfile.open(url, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+        assert db.version == 4 and len(db) == 2990 and keys[5] not in db
+        np.testing.assert_array_equal(db.get_batch(keys[10:]), x[10:])
+    with embfile.open(url, version=2, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+        assert len(db) == 2000
+    assert s3.filesystem().cat_file("embs/grown/_embfile/LATEST").strip() == b"4"
+
+
+def test_two_writers_at_one_url_one_wins(s3, tmp_path):
+    from embfile.remote import upload
+
+    keys, x = data(n=200, dim=4)
+    opts, url = s3.storage_options(), "s3://embs/race"
+    embfile.write_shards(url, (keys[:100], x[:100]), storage_options=opts, cache_dir=tmp_path / "c")
+    first, second = upload.staged_folder(url, tmp_path / "c1", opts), upload.staged_folder(url, tmp_path / "c2", opts)
+    embfile.append(first.__enter__(), (keys[100:150], x[100:150]))
+    embfile.append(second.__enter__(), (keys[150:], x[150:]))  # on the same version 1
+    first.__exit__(None, None, None)  # publishes version 2
+    with pytest.raises(embfile.CommitConflictError, match="version 2"):
+        second.__exit__(None, None, None)
+    with embfile.open(url, cache_dir=tmp_path / "c3", storage_options=opts) as db:
+        assert db.version == 2 and len(db) == 150 and keys[120] in db and keys[170] not in db
+
+
+def _append_slowly(url, opts, cache, keys, x):
+    embfile.append(url, (keys, x), cache_dir=cache, storage_options=opts, shard_bytes=4096)
+
+
+def test_a_killed_upload_leaves_the_previous_version(tmp_path):
+    keys, x = data(n=2000, dim=64)
+    server = S3Server(delay=0.2, separate=True)
+    try:
+        server.bucket("embs")
+        opts, url = server.storage_options(), "s3://embs/killed"
+        embfile.write_shards(url, (keys[:1000], x[:1000]), cache_dir=tmp_path / "c", storage_options=opts)
+        child = multiprocessing.get_context("spawn").Process(
+            target=_append_slowly, args=(url, opts, str(tmp_path / "c"), keys[1000:], x[1000:])
+        )
+        child.start()
+        fs = server.filesystem()
+        deadline = time.time() + 60
+        while time.time() < deadline and len(fs.find("embs/killed/shards", refresh=True)) <= 1:
+            time.sleep(0.1)  # the child has begun uploading its many small shards
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert len(fs.find("embs/killed/shards", refresh=True)) > 1
+        with embfile.open(url, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+            assert db.version == 1 and len(db) == 1000
+            np.testing.assert_array_equal(db.get_batch(keys[:1000]), x[:1000])
+        assert embfile.append(url, (keys[1000:], x[1000:]), cache_dir=tmp_path / "c", storage_options=opts) == 2
+        with embfile.open(url, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+            np.testing.assert_array_equal(db.get_batch(keys), x)
+    finally:
+        server.stop()

@@ -13,11 +13,7 @@ from typing import Any
 
 from embfile.remote.cache import Cache
 from embfile.remote.dataset import RemoteDataset
-
-
-def is_url(path: object) -> bool:
-    """Whether ``path`` names a remote object (``PROTOCOL://...``, except ``file://``)."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+from embfile.remote.store import is_url
 
 
 def prefetch(

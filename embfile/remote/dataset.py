@@ -89,6 +89,13 @@ class RemoteFile:
     def whole(self) -> bool:
         return self.partial is None
 
+    @functools.cached_property
+    def have(self) -> np.ndarray:
+        """The page map a probe reads: the partial copy's, or every page of a whole copy."""
+        if self.partial is not None:
+            return self.partial.have
+        return np.ones(-(-self.mapped.header.file_size // PAGE), np.uint8)
+
     def _checked(self, f: MappedFile) -> MappedFile:
         if self.expect is not None and (f.count, f.stored_crc("keys")) != self.expect:
             found = (f.count, f.stored_crc("keys"))
@@ -219,13 +226,13 @@ class RemoteDataset(Dataset):
             hint = 0
         if version is None:
             version = max(hint, 1)
-            while self.remote.child(_version_name(version + 1)).exists():
+            while self.remote.child(version_name(version + 1)).exists():
                 version += 1
         try:
-            data = self.remote.child(_version_name(version)).read_all()
+            data = self.remote.child(version_name(version)).read_all()
         except FileNotFoundError:
             raise errors.VersionNotFoundError(f"{self.url}: no version {version}") from None
-        manifest = layout.Manifest.from_json(data, f"{self.url}/{_version_name(version)}")
+        manifest = layout.Manifest.from_json(data, f"{self.url}/{version_name(version)}")
         if manifest.version != version:
             raise errors.CorruptFileError(f"{self.url}: manifest {version} says it is version {manifest.version}")
         return manifest
@@ -272,10 +279,7 @@ class RemoteDataset(Dataset):
         if self._whole:
             return
         self._require_attached()
-        haves = [
-            f.partial.have if f.partial else np.ones(f.mapped.header.file_size // PAGE + 1, np.uint8)
-            for f in self._remote_segments
-        ]
+        haves = [f.have for f in self._remote_segments]
         for _ in range(MAX_ROUNDS):
             rows, needs = self.probe(keys, haves)
             if not len(needs):
@@ -371,7 +375,8 @@ class RemoteDataset(Dataset):
 
     def download(self) -> None:
         """Download every file of the dataset into the cache (those not there yet), check each against its
-        checksums, and read from the whole copies from now on: no more requests."""
+        checksums, and read from the whole copies from now on: no more requests.  The first bulk read does
+        this; it re-attaches the lookup table, so no other thread may use the handle meanwhile."""
         self._require_attached()
         if self._whole:
             return
@@ -383,6 +388,7 @@ class RemoteDataset(Dataset):
             if f.partial is not None:
                 f.close()
                 f.partial, f.mapped = None, wholes[f]
+                f.__dict__.pop("have", None)
         self._attach_files()
 
     def _require_open(self) -> None:
@@ -434,7 +440,7 @@ def _reopen(url: str, version: int | None, *options: Any) -> RemoteDataset:
     return RemoteDataset(url, version, *options)
 
 
-def _version_name(version: int) -> str:
+def version_name(version: int) -> str:
     return f"{layout.VERSIONS}/{version:020d}.json"
 
 

@@ -29,6 +29,11 @@ BACKOFF_CAP = 4.0
 IN_FLIGHT = 32  # ranges requested at once: an object store serves many at once, and latency is the cost
 
 
+def is_url(path: object) -> bool:
+    """Whether ``path`` names a remote object (``PROTOCOL://...``, except ``file://``)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
 @dataclasses.dataclass(frozen=True)
 class Identity:
     """What tells one version of an object from the next: size, and the ETag or version the server reports."""
@@ -140,6 +145,31 @@ class Remote:
 
         return self._retrying(f"reading bytes {start}-{end} of", attempt)
 
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def upload(self, local: str, if_absent: bool = False) -> bool:
+        """Put the file at ``local`` here.  With ``if_absent`` (a small file: a manifest), only if no object is
+        here yet: False if one is."""
+        if if_absent:
+            with open(local, "rb") as f:
+                return self.upload_bytes(f.read(), if_absent=True)
+        self._retrying("uploading to", lambda: self.fs.put_file(local, self.path))
+        return True
+
+    def upload_bytes(self, data: bytes, if_absent: bool = False) -> bool:
+        """Put ``data`` here (see :meth:`upload`).  S3 creates it only if absent in one request
+        (``If-None-Match: *``); elsewhere the object is looked for first."""
+        fs, path = self.fs, self.path
+        if not if_absent:
+            self._retrying("writing", lambda: fs.pipe_file(path, data))
+            return True
+        if self.protocol in ("s3", "s3a"):
+            created = self._retrying("writing", lambda: _s3_put_if_absent(fs, path, data))
+        else:
+            created = not self.exists() and bool(self._retrying("writing", lambda: fs.pipe_file(path, data) or True))
+        # a retried create whose first attempt went through finds its own bytes: that is a success
+        return created or self.read_all() == data
+
     def _get(self, start: int, end: int, identity: Identity | None) -> Any:
         fs, path = self.fs, self.path
         if identity is not None and self.protocol in ("http", "https") and identity.etag:
@@ -212,6 +242,24 @@ def _status(e: BaseException) -> int | None:
             if isinstance(code, int):
                 return code
     return None
+
+
+def _s3_put_if_absent(fs: Any, path: str, data: bytes) -> bool:
+    """An S3 PutObject that creates the object only if there is none (False if there is one)."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+
+    async def put() -> bool:
+        try:
+            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as e:
+            if _status(e) in (409, 412):
+                return False
+            raise
+        return True
+
+    return bool(sync(fs.loop, put))
 
 
 def _s3_get_if_match(fs: Any, path: str, start: int, end: int, etag: str | None) -> Any:

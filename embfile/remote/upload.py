@@ -1,0 +1,231 @@
+"""Writing to a URL: every write is made on local disk, then uploaded, a dataset's manifest last.
+
+The local writers and operations know paths only; the functions here put a URL in front of them.  A single
+file (``write``, ``convert``) is written to a temporary folder and uploaded as one object (S3 makes an object
+visible whole or not at all).  A dataset folder (``write_shards``, ``append``, ``remove``, ``compact``) is
+*staged*: a local folder holding the latest version's manifest and its files (whole copies from the cache,
+hard-linked, so an operation that reads them reads local files), on which the local operation runs and commits.
+Then each version it committed is uploaded: its new files first, its manifest last, created only if absent
+(S3's ``If-None-Match: *``; elsewhere looked for first), then ``LATEST``.  A killed upload leaves files that no
+manifest names: the dataset stays at the version before, whole.  Another writer's version committed meanwhile
+is a :class:`~embfile.CommitConflictError`, with nothing of this one visible.
+
+This costs a download of the dataset (once: the cache keeps it) for operations that read it, which an append
+needs for its key index.  HTTP(S) URLs are read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from embfile import dataset_writer, errors, formats, operations, writer
+from embfile import folder as layout
+from embfile.remote.cache import Cache
+from embfile.remote.dataset import RemoteDataset, version_name
+from embfile.remote.store import Remote, is_url
+
+UPLOADS_IN_FLIGHT = 4
+
+
+def _remote(url: str, storage_options: dict[str, Any] | None) -> Remote:
+    remote = Remote(url, storage_options)
+    if remote.protocol in ("http", "https"):
+        raise errors.RemoteError(f"{url}: http(s) URLs are read-only; write to the store behind it (s3://, gs://)")
+    return remote
+
+
+@contextlib.contextmanager
+def staged_file(url: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
+    """A local path to write the file at ``url`` to; uploaded once the block ends without an exception."""
+    remote = _remote(url, storage_options)
+    tmp = tempfile.mkdtemp(prefix="embfile-upload-")
+    try:
+        local = os.path.join(tmp, url.rstrip("/").rsplit("/", 1)[-1])
+        yield local
+        remote.upload(local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(url: str, cache_dir: Any, storage_options: dict[str, Any] | None) -> Iterator[str]:
+    """A local copy of the dataset folder at ``url`` to run an operation on; the versions it commits are then
+    uploaded (see the module)."""
+    remote = _remote(url.rstrip("/"), storage_options)
+    cache = Cache(cache_dir)
+    os.makedirs(os.path.join(cache.root, "staging"), exist_ok=True)  # beside the whole copies: hard links
+    staging = tempfile.mkdtemp(dir=os.path.join(cache.root, "staging"))
+    try:
+        base = _mirror(remote, cache_dir, storage_options, staging)
+        try:
+            yield staging
+        except Exception as e:  # its message names the dataset by its URL, not by the staging folder
+            e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
+            raise
+        _publish(remote, staging, base)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mirror(remote: Remote, cache_dir: Any, storage_options: dict[str, Any] | None, staging: str) -> int:
+    """Fill ``staging`` with the latest version of the dataset at ``remote`` (its number), or 0 if none."""
+    try:
+        db = RemoteDataset(remote.url, None, cache_dir, None, storage_options)
+    except FileNotFoundError:
+        return 0
+    with db:
+        if db.version is None or db.manifest is None:
+            raise errors.ShardError(f"{remote.url} is a single .emb file, not a dataset folder")
+        db.download()
+        manifest = db.manifest
+        entries = [*manifest.shards, *manifest.segments]
+        for entry, f in zip(entries, [*db.files, *db._segments]):
+            local = os.path.join(staging, entry.path)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            try:
+                os.link(f.path, local)
+            except OSError:
+                shutil.copyfile(f.path, local)
+        layout.make_layout(staging)
+        with open(layout.version_path(staging, manifest.version), "wb") as out:
+            out.write(manifest.to_json())
+        layout.write_latest(staging, manifest.version)
+        return manifest.version
+
+
+def _publish(remote: Remote, staging: str, base: int) -> None:
+    """Upload the versions committed in ``staging`` after ``base``: files, then manifest, then LATEST."""
+    known = layout.read_manifest(staging, base).files() if base else set()
+    for version in [v for v in layout.versions(staging) if v > base]:
+        manifest = layout.read_manifest(staging, version)
+        new = sorted(manifest.files() - known)
+        with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
+            list(pool.map(lambda p: remote.child(p).upload(os.path.join(staging, p)), new))
+        known |= set(new)
+        if not remote.child(version_name(version)).upload(layout.version_path(staging, version), if_absent=True):
+            raise errors.CommitConflictError(
+                f"{remote.url}: another writer committed version {version} first; this operation's files are "
+                "uploaded but no version names them (it left the dataset as that writer made it): run it again"
+            )
+        remote.child(layout.LATEST).upload_bytes(f"{version}\n".encode())
+
+
+def _data(data: Any, storage_options: dict[str, Any] | None) -> Any:
+    """A URL given as data is the dataset there."""
+    return RemoteDataset(data, storage_options=storage_options) if is_url(data) else data
+
+
+def write(
+    path: Any,
+    data: Any,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> None:
+    if not is_url(path):
+        return writer.write(path, _data(data, storage_options), dtype, metadata, **options)
+    with staged_file(path, storage_options) as local:
+        writer.write(local, _data(data, storage_options), dtype, metadata, **options)
+    return None
+
+
+def convert(src: Any, dst: Any, *, storage_options: dict[str, Any] | None = None, **options: Any) -> str:
+    if not is_url(dst):
+        return formats.convert(src, dst, **options)
+    with staged_file(dst, storage_options) as local:
+        formats.convert(src, local, **options)
+    return str(dst)
+
+
+def write_shards(
+    folder: Any,
+    data: Any,
+    shard_bytes: int = 1 << 30,
+    dtype: object = None,
+    metadata: dict[str, Any] | None = None,
+    *,
+    mode: str = "error",
+    on_duplicate: str = "error",
+    cache_dir: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> None:
+    data = _data(data, storage_options)
+    with _folder(folder, cache_dir, storage_options) as local:
+        dataset_writer.write_shards(
+            local, data, shard_bytes, dtype, metadata, mode=mode, on_duplicate=on_duplicate, **options
+        )
+
+
+def append(
+    folder: Any,
+    data: Any,
+    on_duplicate: str = "error",
+    *,
+    shard_bytes: int = 1 << 30,
+    cache_dir: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> int:
+    data = _data(data, storage_options)
+    with _folder(folder, cache_dir, storage_options) as local:
+        return operations.append(local, data, on_duplicate, shard_bytes=shard_bytes, **options)
+
+
+def remove(
+    folder: Any,
+    keys: Any,
+    missing: str = "error",
+    *,
+    cache_dir: Any = None,
+    storage_options: dict[str, Any] | None = None,
+) -> int:
+    with _folder(folder, cache_dir, storage_options) as local:
+        return operations.remove(local, keys, missing)
+
+
+def compact(
+    folder: Any, shard_bytes: int = 1 << 30, *, cache_dir: Any = None, storage_options: dict[str, Any] | None = None
+) -> int:
+    with _folder(folder, cache_dir, storage_options) as local:
+        return operations.compact(local, shard_bytes)
+
+
+def _folder(
+    folder: Any, cache_dir: Any, storage_options: dict[str, Any] | None
+) -> contextlib.AbstractContextManager[Any]:
+    """The folder itself if local, else a staged copy of the dataset at the URL."""
+    if is_url(folder):
+        return staged_folder(folder, cache_dir, storage_options)
+    if (cache_dir, storage_options) != (None, None):
+        raise ValueError("cache_dir= and storage_options= apply to a URL, not to a local folder")
+    return contextlib.nullcontext(folder)
+
+
+def _documented(local: Any, wrapper: Any, where: str) -> None:
+    """Give ``wrapper`` the local function's documentation, and say what a URL does."""
+    wrapper.__doc__ = (local.__doc__ or "").rstrip() + (
+        f"\n\n    A URL (``s3://``, ``gs://``, ``hdfs://``) as {where} is written locally first, then uploaded"
+        " (see :doc:`/guide/remote`); ``storage_options`` go to fsspec"
+        + (", ``cache_dir`` names the cache holding the dataset's files." if where == "the folder" else ".")
+        + "\n"
+    )
+
+
+for _local, _wrapper, _where in (
+    (writer.write, write, "the path"),
+    (formats.convert, convert, "``dst``"),
+    (dataset_writer.write_shards, write_shards, "the folder"),
+    (operations.append, append, "the folder"),
+    (operations.remove, remove, "the folder"),
+    (operations.compact, compact, "the folder"),
+):
+    _documented(_local, _wrapper, _where)
