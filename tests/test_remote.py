@@ -454,7 +454,9 @@ def test_write_and_convert_to_s3(s3, tmp_path):
     with embfile.open("s3://embs/w/one.emb", cache_dir=tmp_path / "c", storage_options=opts) as db:
         np.testing.assert_array_equal(db.get_batch(keys), x)
         assert db.metadata["m"] == 1
-    embfile.write(tmp_path / "local.emb", (keys, x))
+    embfile.write(tmp_path / "local.emb", "s3://embs/w/one.emb", storage_options=opts)  # a URL as the data
+    with embfile.open(tmp_path / "local.emb") as db:
+        np.testing.assert_array_equal(db.to_numpy(), x)
     embfile.convert(tmp_path / "local.emb", "s3://embs/w/two.parquet", storage_options=opts)
     assert s3.filesystem().size("embs/w/two.parquet") > 500 * 16 * 4
     with pytest.raises(embfile.RemoteError, match="read-only"):

@@ -202,8 +202,10 @@ class RemoteDataset(Dataset):
                 single = RemoteFile(self.remote, self.cache)
                 self._remote_files = self._remote_segments = [single]
             else:
-                self._remote_files = self._open_all([(e, False) for e in manifest.shards])
-                self._remote_segments = self._open_all([(e, True) for e in manifest.segments])
+                files = self._open_all(
+                    [*((e, False) for e in manifest.shards), *((e, True) for e in manifest.segments)]
+                )
+                self._remote_files, self._remote_segments = files[: len(manifest.shards)], files[len(manifest.shards) :]
                 self.version, self.manifest = manifest.version, manifest
             self._attach_files()
         except BaseException:
@@ -219,7 +221,7 @@ class RemoteDataset(Dataset):
         try:
             hint = int(self.remote.child(layout.LATEST).read_all().strip() or b"0")
         except FileNotFoundError:
-            if version is None and not self.remote.child(layout.version_path("", 1).lstrip("/")).exists():
+            if version is None and not self.remote.child(version_name(1)).exists():
                 return None
             hint = 0
         except ValueError:

@@ -116,9 +116,14 @@ def _publish(remote: Remote, staging: str, base: int) -> None:
         remote.child(layout.LATEST).upload_bytes(f"{version}\n".encode())
 
 
-def _data(data: Any, storage_options: dict[str, Any] | None) -> Any:
-    """A URL given as data is the dataset there."""
-    return RemoteDataset(data, storage_options=storage_options) if is_url(data) else data
+@contextlib.contextmanager
+def _data(data: Any, storage_options: dict[str, Any] | None) -> Iterator[Any]:
+    """A URL given as data is the dataset there (open for the block)."""
+    if not is_url(data):
+        yield data
+        return
+    with RemoteDataset(data, storage_options=storage_options) as db:
+        yield db
 
 
 def write(
@@ -130,10 +135,11 @@ def write(
     storage_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> None:
-    if not is_url(path):
-        return writer.write(path, _data(data, storage_options), dtype, metadata, **options)
-    with staged_file(path, storage_options) as local:
-        writer.write(local, _data(data, storage_options), dtype, metadata, **options)
+    with _data(data, storage_options) as data:
+        if not is_url(path):
+            return writer.write(path, data, dtype, metadata, **options)
+        with staged_file(path, storage_options) as local:
+            writer.write(local, data, dtype, metadata, **options)
     return None
 
 
@@ -158,8 +164,7 @@ def write_shards(
     storage_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> None:
-    data = _data(data, storage_options)
-    with _folder(folder, cache_dir, storage_options) as local:
+    with _data(data, storage_options) as data, _folder(folder, cache_dir, storage_options) as local:
         dataset_writer.write_shards(
             local, data, shard_bytes, dtype, metadata, mode=mode, on_duplicate=on_duplicate, **options
         )
@@ -175,8 +180,7 @@ def append(
     storage_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> int:
-    data = _data(data, storage_options)
-    with _folder(folder, cache_dir, storage_options) as local:
+    with _data(data, storage_options) as data, _folder(folder, cache_dir, storage_options) as local:
         return operations.append(local, data, on_duplicate, shard_bytes=shard_bytes, **options)
 
 
