@@ -22,6 +22,8 @@ from servers import RangeServer, S3Server
 
 pytest.importorskip("s3fs")
 pytest.importorskip("aiohttp")
+# gcsfs would otherwise ask a gRPC control API, which the emulator does not serve, what kind each bucket is
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 N, DIM = 3000, 1024  # float32: each record its own 4096-byte page
 
@@ -134,6 +136,32 @@ def test_s3_file_and_folder(served, s3, tmp_path):
         np.testing.assert_array_equal(db.to_numpy(), x)
     with embfile.open("s3://embs/ds", version=1, cache_dir=tmp_path / "c", storage_options=opts) as db:
         assert len(db) == 1000 and keys[1500] not in db
+
+
+def test_gcs_file_and_folder(tmp_path):
+    """gs:// through gcsfs, against gcp-storage-emulator on 127.0.0.1: reads, then writes of a dataset."""
+    pytest.importorskip("gcsfs")
+    server_module = pytest.importorskip("gcp_storage_emulator.server")
+    server = server_module.create_server("127.0.0.1", 0, in_memory=True, default_bucket="embs")
+    server.start()
+    try:
+        opts = {"endpoint_url": f"http://127.0.0.1:{server._api._httpd.server_address[1]}", "token": "anon"}
+        keys, x = data(n=1000, dim=256)
+        embfile.write("gs://embs/one.emb", (keys, x), storage_options=opts)
+        with embfile.open("gs://embs/one.emb", cache_dir=tmp_path / "c", storage_options=opts) as db:
+            n = db.requests
+            np.testing.assert_array_equal(db[keys[777]], x[777])
+            assert db.requests - n <= 3
+            np.testing.assert_array_equal(db.get_batch(keys[::-3]), x[::-3])
+            np.testing.assert_array_equal(db.to_numpy(), x)
+        url = "gs://embs/ds"
+        embfile.write_shards(url, (keys[:500], x[:500]), cache_dir=tmp_path / "c", storage_options=opts)
+        assert embfile.append(url, (keys[500:], x[500:]), cache_dir=tmp_path / "c", storage_options=opts) == 2
+        with embfile.open(url, cache_dir=tmp_path / "c2", storage_options=opts) as db:
+            assert db.version == 2
+            np.testing.assert_array_equal(db.get_batch(keys), x)
+    finally:
+        server.stop()
 
 
 def test_http_folder_lookups_and_epochs(served, tmp_path):
