@@ -113,14 +113,8 @@ def epochs(s3, local_folder, scratch, batch):
     cache = tempfile.mkdtemp(dir=scratch)
     t0 = time.perf_counter()
     with embfile.open("s3://embs/ds", cache_dir=cache, storage_options=s3.storage_options()) as db:
-        first = None
-        for _ in db.iter_batches(batch, seed=0, epoch=0):
-            first = first or time.perf_counter() - t0
-        res["embfile"] = (first, time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        for _ in db.iter_batches(batch, seed=0, epoch=1):
-            pass
-        res["embfile epoch 2"] = time.perf_counter() - t1
+        res["embfile"] = timed_epoch(db, batch, 0, t0)
+        res["embfile epoch 2"] = timed_epoch(db, batch, 1)[1]
     shutil.rmtree(cache)
 
     with embfile.open(local_folder) as db:
@@ -128,14 +122,8 @@ def epochs(s3, local_folder, scratch, batch):
             machine.evict(f.path)
     t0 = time.perf_counter()
     with embfile.open(local_folder) as db:
-        first = None
-        for _ in db.iter_batches(batch, seed=0, epoch=0):
-            first = first or time.perf_counter() - t0
-        res["local"] = (first, time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        for _ in db.iter_batches(batch, seed=0, epoch=1):
-            pass
-        res["local epoch 2"] = time.perf_counter() - t1
+        res["local"] = timed_epoch(db, batch, 0, t0)
+        res["local epoch 2"] = timed_epoch(db, batch, 1)[1]
 
     cache = tempfile.mkdtemp(dir=scratch)
     mirror = os.path.join(scratch, "peer-mirror")
@@ -148,13 +136,19 @@ def epochs(s3, local_folder, scratch, batch):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.symlink(_cached(fs, path), dst)
     with embfile.open(mirror) as db:
-        first = None
-        for _ in db.iter_batches(batch, seed=0, epoch=0):
-            first = first or time.perf_counter() - t0
-    res["peer"] = (first, time.perf_counter() - t0)
+        res["peer"] = timed_epoch(db, batch, 0, t0)
     shutil.rmtree(cache)
     shutil.rmtree(mirror)
     return res
+
+
+def timed_epoch(db, batch, epoch, t0=None):
+    """Seconds from ``t0`` (default: now) to the first batch of one epoch, and to its end."""
+    t0 = time.perf_counter() if t0 is None else t0
+    first = None
+    for _ in db.iter_batches(batch, seed=0, epoch=epoch):
+        first = first or time.perf_counter() - t0
+    return first, time.perf_counter() - t0
 
 
 def _cached(fs, path):

@@ -121,14 +121,19 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """A new ``(len(rows), dim)`` array of the records at ``rows`` (ints), in that order."""
         self._require_open()
+        rows = self._row_numbers(rows)
+        out = np.empty((len(rows), self.dim), self.dtype)
+        self._layout().gather(rows, out)
+        return out
+
+    def _row_numbers(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``rows`` as uint64 row numbers, or the TypeError / IndexError that says what is wrong with them."""
         rows = np.asarray(rows)
         if rows.ndim != 1 or not (rows.dtype.kind in "iu" or rows.size == 0):
             raise TypeError(f"take() needs a 1-d sequence of row numbers, not {rows.dtype} {rows.shape}")
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows must be from 0 to {len(self) - 1}")
-        out = np.empty((len(rows), self.dim), self.dtype)
-        self._layout().gather(rows.astype(np.uint64), out)
-        return out
+        return rows.astype(np.uint64)
 
     def to_numpy(self) -> np.ndarray:
         """All vectors as a new in-memory ``(n, dim)`` array, in row order.

@@ -351,18 +351,12 @@ class RemoteDataset(Dataset):
         if self._whole:
             return super().take(rows)
         self._require_attached()
-        rows = np.asarray(rows)
-        if rows.ndim != 1 or not (rows.dtype.kind in "iu" or rows.size == 0):
-            raise TypeError(f"take() needs a 1-d sequence of row numbers, not {rows.dtype} {rows.shape}")
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-            raise IndexError(f"rows must be from 0 to {len(self) - 1}")
+        rows = self._row_numbers(rows)
         self._fetch_rows(rows.astype(np.int64))
         out = np.empty((len(rows), self.dim), self.dtype)
-        matrices = [f.mapped.matrix for f in self._remote_files]
+        matrices = [f.mapped.matrix for f in self._remote_files]  # the partial copies: not Dataset._layout()
         bases = np.array([m.ctypes.data for m in matrices], np.uintp)
-        Layout(bases, np.array(self._starts, np.uint64), self.dim * self.dtype.itemsize, matrices).gather(
-            rows.astype(np.uint64), out
-        )
+        Layout(bases, np.array(self._starts, np.uint64), self.dim * self.dtype.itemsize, matrices).gather(rows, out)
         return out
 
     @property
