@@ -179,6 +179,9 @@ cdef class Table:
     cdef Py_buffer *_part_bufs
     cdef const uint8_t **_bases
     cdef uint64_t *_starts
+    cdef const uint8_t **_ranges  # ragged parts: each record's first row, count + 1 u64 (else NULL)
+    cdef uint64_t *_part_rows
+    cdef bint _ragged
     cdef size_t _n_parts
     cdef list _owners
     cdef object _descr
@@ -189,7 +192,9 @@ cdef class Table:
 
         ``segments`` lists, in row order, ``(mapping, n, keys_offset, keys_size, index_offset, index_size,
         lcp_len, n_buckets)`` of the files holding the key index; ``parts`` lists ``(mapping,
-        records_offset, count)`` in row order.  The segments' ``n`` and the parts' counts add up alike.
+        records_offset, count, ranges_offset, rows)`` in row order (``ranges_offset`` 0 for fixed-width
+        records, one row each; else every part is ragged).  The segments' ``n`` and the parts' counts add up
+        alike.
         """
         cdef size_t i, k = len(parts), m = len(segments)
         cdef uint64_t total = 0, keys = 0
@@ -197,7 +202,7 @@ cdef class Table:
         cdef segment_t *seg
         if self._open:
             raise ValueError("a Table is attached once at a time")
-        for _, _, count in parts:
+        for _, _, count, _, _ in parts:
             total += <uint64_t>count
         for segment in segments:
             keys += <uint64_t>segment[1]
@@ -206,18 +211,27 @@ cdef class Table:
         self._part_bufs = <Py_buffer *>PyMem_Calloc(k if k else 1, sizeof(Py_buffer))
         self._bases = <const uint8_t **>PyMem_Calloc(k if k else 1, sizeof(uint8_t *))
         self._starts = <uint64_t *>PyMem_Calloc(k + 1, sizeof(uint64_t))
+        self._ranges = <const uint8_t **>PyMem_Calloc(k if k else 1, sizeof(uint8_t *))
+        self._part_rows = <uint64_t *>PyMem_Calloc(k if k else 1, sizeof(uint64_t))
         self._segs = <segment_t *>PyMem_Calloc(m if m else 1, sizeof(segment_t))
-        if self._part_bufs == NULL or self._bases == NULL or self._starts == NULL or self._segs == NULL:
+        if (self._part_bufs == NULL or self._bases == NULL or self._starts == NULL or self._segs == NULL
+                or self._ranges == NULL or self._part_rows == NULL):
             raise MemoryError("attaching a table")
         self._open = True
         self._owners = []
+        self._ragged = k > 0 and parts[0][3] != 0
         for i in range(k):
-            mapping, records_offset, count = parts[i]
+            mapping, records_offset, count, ranges_offset, rows = parts[i]
+            if (ranges_offset != 0) != self._ragged:
+                raise errors.ShardError("ragged and fixed-width records in one dataset")
             PyObject_GetBuffer(mapping, &self._part_bufs[i], PyBUF_SIMPLE)
             self._n_parts = i + 1
             self._owners.append(mapping)
             self._bases[i] = <const uint8_t *>self._part_bufs[i].buf + <uint64_t>records_offset
             self._starts[i + 1] = self._starts[i] + <uint64_t>count
+            if self._ragged:
+                self._ranges[i] = <const uint8_t *>self._part_bufs[i].buf + <uint64_t>ranges_offset
+                self._part_rows[i] = rows
         self._descr = np.dtype(dtype)
         self._n, self._dim = total, dim
         self._record_bytes = dim * self._descr.itemsize
@@ -255,7 +269,10 @@ cdef class Table:
         PyMem_Free(self._part_bufs)
         PyMem_Free(self._bases)
         PyMem_Free(self._starts)
+        PyMem_Free(<void *>self._ranges)
+        PyMem_Free(self._part_rows)
         self._segs, self._part_bufs, self._bases, self._starts = NULL, NULL, NULL, NULL
+        self._ranges, self._part_rows = NULL, NULL
 
     def __dealloc__(self):
         self._release()
@@ -272,7 +289,8 @@ cdef class Table:
         return 0
 
     cdef object _view(self, uint64_t row):
-        """A read-only ``(dim,)`` array over record ``row`` (below ``_n``), owned by its part's mapping."""
+        """A read-only array over record ``row`` (below ``_n``), owned by its part's mapping: ``(dim,)``, or
+        ``(length, dim)`` of a ragged record."""
         cdef size_t lo = 0, hi = self._n_parts, mid
         while hi - lo > 1:  # the part with starts[lo] <= row < starts[lo + 1]
             mid = lo + (hi - lo) // 2
@@ -280,11 +298,16 @@ cdef class Table:
                 lo = mid
             else:
                 hi = mid
-        cdef cnp.npy_intp dims[1]
-        dims[0] = <cnp.npy_intp>self._dim
+        cdef cnp.npy_intp dims[2]
+        cdef uint64_t first = row - self._starts[lo], length = 1
+        if self._ragged:
+            _check(emb_extents(self._ranges, self._starts, self._part_rows, self._n_parts, &row, 1, &first,
+                               &length), f"ranges of record {row}")
+        dims[0], dims[1] = <cnp.npy_intp>length, <cnp.npy_intp>self._dim
         Py_INCREF(self._descr)  # NewFromDescr steals it
-        arr = PyArray_NewFromDescr(&PyArray_Type, <cnp.PyArray_Descr *>self._descr, 1, dims, NULL,
-                                   <void *>(self._bases[lo] + (row - self._starts[lo]) * self._record_bytes),
+        arr = PyArray_NewFromDescr(&PyArray_Type, <cnp.PyArray_Descr *>self._descr, 2 if self._ragged else 1,
+                                   dims + (0 if self._ragged else 1), NULL,
+                                   <void *>(self._bases[lo] + first * self._record_bytes),
                                    NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED, NULL)
         owner = self._owners[lo]
         Py_INCREF(owner)  # SetBaseObject steals it
@@ -435,9 +458,22 @@ cdef class Table:
             _check(rc, f"looking up {seq[i]!r}")
         return rows, needs[:m]
 
-    def get_batch(self, keys):
-        """A new ``(len(keys), dim)`` array of the vectors of ``keys``, in that order."""
+    @property
+    def ragged(self):
+        """Whether each record is a ``(length, dim)`` matrix of its own length (per-residue embeddings)."""
+        self._live()
+        return bool(self._ragged)
+
+    def get_batch(self, keys, pad=True):
+        """A new array of the records of ``keys``, in that order: ``(len(keys), dim)``.
+
+        Of a ragged dataset, with ``pad`` a ``(len(keys), longest, dim)`` array, zero past each record's
+        length, and a boolean ``(len(keys), longest)`` mask of the real rows; without, the rows packed one
+        record after another and ``len(keys) + 1`` offsets (record ``i`` is ``rows[offsets[i]:offsets[i+1]]``).
+        """
         rows = self.rows(keys)
+        if self._ragged:
+            return self._gather_ragged(rows.view(np.uint64), pad)
         out = np.empty((len(rows), self._dim), dtype=self._descr)
         cdef int64_t[::1] rv = rows
         cdef cnp.ndarray o = out
@@ -449,6 +485,47 @@ cdef class Table:
                                 <const uint64_t *>&rv[0], k, <uint8_t *>cnp.PyArray_DATA(o))
         _check(rc, "gathering records")
         return out
+
+    def _extents(self, records):
+        """Each of ``records``' (a uint64 array) first row in its part and its length, both uint64."""
+        self._live()
+        cdef const uint64_t[::1] iv = records
+        first = np.empty(len(records), np.uint64)
+        length = np.empty(len(records), np.uint64)
+        cdef uint64_t[::1] fv = first, lv = length
+        cdef size_t k = len(records)
+        cdef int rc = EMB_OK
+        if not self._ragged:
+            raise TypeError("extents of a fixed-width dataset")
+        if k:
+            with nogil:
+                rc = emb_extents(self._ranges, self._starts, self._part_rows, self._n_parts, &iv[0], k,
+                                 &fv[0], &lv[0])
+        _check(rc, "ranges section")
+        return first, length
+
+    def _gather_ragged(self, records, pad):
+        """The records at ``records`` (a uint64 array): padded with a mask, or packed with offsets."""
+        first, length = self._extents(records)
+        cdef size_t k = len(records)
+        cdef uint64_t longest = length.max() if k else 0
+        offsets = np.zeros(k + 1, np.int64)
+        np.cumsum(length, out=offsets[1:])
+        if pad:
+            out = np.zeros((k, longest, self._dim), dtype=self._descr)
+        else:
+            out = np.empty((offsets[k], self._dim), dtype=self._descr)
+        cdef const uint64_t[::1] iv = records
+        cdef const uint64_t[::1] fv = first, lv = length
+        cdef cnp.ndarray o = out
+        cdef uint64_t stride = longest if pad else 0
+        if k:
+            with nogil:
+                emb_gather_ragged(self._bases, self._starts, self._n_parts, self._record_bytes, &iv[0], &fv[0],
+                                  &lv[0], k, stride, <uint8_t *>cnp.PyArray_DATA(o))
+        if pad:
+            return out, np.arange(longest, dtype=np.uint64) < length[:, None]
+        return out, offsets
 
     cdef object _key_of(self, uint64_t row):
         """The key at dataset ``row`` (below ``_n``), checked against its segment's keys section."""

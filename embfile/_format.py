@@ -16,7 +16,8 @@ import numpy as np
 from embfile import _core, errors
 
 MAGIC = b"\x89EMB\r\n\x1a\n"  # "Header": PNG-style, catches text-mode mangling
-VERSION = (1, 0)  # "Versioning": a reader refuses a newer major version
+VERSION = (1, 1)  # "Versioning": a reader refuses a newer major version
+FIXED_VERSION = (1, 0)  # files without ragged records are written as 1.0, readable by every 1.x reader
 PAGE = 4096  # "Alignment": records and index start on a page
 
 # "Header": little-endian, 256 bytes, CRC-32C of bytes [0, 252) in the last 4.
@@ -25,11 +26,14 @@ _STRUCT = struct.Struct(
     "QQQ"  # file size, count, dim
     "II"  # dtype code, flags
     "QQQQQQQQQQ"  # (offset, size) of records, index, keys, metadata, checksums
-    "QQI"  # checksum block bytes, index buckets, common-prefix length
-    "104x"  # reserved, zero
+    "QQI4x"  # checksum block bytes, index buckets, common-prefix length
+    "QQQ"  # 1.1, ragged files: rows, (offset, size) of ranges; zero otherwise
+    "76x"  # reserved, zero
 )
 HEADER_SIZE = _STRUCT.size + 4
-SECTIONS = ("records", "index", "keys", "meta", "sums")
+SECTIONS = ("records", "index", "keys", "ranges", "meta", "sums")
+RAGGED = 1  # "Flags": records of their own length (1.1)
+KNOWN_FLAGS = RAGGED
 
 # "Records": element types by code, stored little-endian.
 DTYPES = {
@@ -97,6 +101,9 @@ class Header(NamedTuple):
     block_bytes: int
     n_buckets: int
     lcp_len: int
+    rows: int = 0
+    ranges_offset: int = 0
+    ranges_size: int = 0
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
@@ -148,20 +155,33 @@ class Header(NamedTuple):
             )
         if size > self.file_size:
             raise bad(f"{size - self.file_size} unexpected bytes after the end ({self.file_size} bytes)")
-        if self.header_size != HEADER_SIZE or self.flags != 0:
-            raise bad(f"unknown header size {self.header_size} or flags {self.flags:#x}")
+        if self.header_size != HEADER_SIZE:
+            raise bad(f"unknown header size {self.header_size}")
+        if self.flags & ~KNOWN_FLAGS:
+            raise errors.UnsupportedVersionError(
+                f"{path}: uses features this embfile does not know (flags {self.flags & ~KNOWN_FLAGS:#x}); "
+                "a newer embfile reads it"
+            )
         if self.dtype_code not in DTYPES:
             raise bad(f"unknown dtype code {self.dtype_code}")
         if not 1 <= self.dim <= MAX_DIM:
             raise bad(f"dim {self.dim} is outside 1 to {MAX_DIM}")
-        if self.records_size != self.count * self.dim * self.dtype.itemsize:
+        if self.ragged:
+            if self.ranges_size != 8 * (self.count + 1) or self.rows < self.count:
+                raise bad(
+                    f"ranges section ({self.ranges_size} bytes) does not fit {self.count} records, {self.rows} rows"
+                )
+        elif (self.rows, self.ranges_offset, self.ranges_size) != (0, 0, 0):
+            raise bad("ranges fields set in a file without ragged records")
+        if self.records_size != self.n_rows * self.dim * self.dtype.itemsize:
             raise bad(
-                f"records section size {self.records_size} does not hold {self.count} x {self.dim} {self.dtype.name}"
+                f"records section size {self.records_size} does not hold {self.n_rows} x {self.dim} {self.dtype.name}"
             )
         for name, offset, align in (
             ("records", self.records_offset, PAGE),
             ("index", self.index_offset, PAGE),
             ("keys", self.keys_offset, 8),
+            ("ranges", self.ranges_offset, 8),
             ("sums", self.sums_offset, 4),
         ):
             if offset % align:
@@ -173,7 +193,7 @@ class Header(NamedTuple):
             end = off + n
         if not valid_block_bytes(self.block_bytes):
             raise bad(f"checksum block size {self.block_bytes} is not a power of two in range")
-        if self.sums_size != 4 * (self.n_blocks + 3):
+        if self.sums_size != 4 * (self.n_blocks + len(self.checked_sections)):
             raise bad(f"checksums section size {self.sums_size} does not match the records")
         if self.keys_size < 8 * (self.count + 1):
             raise bad(f"keys section ({self.keys_size} bytes) too small for {self.count} keys")
@@ -184,6 +204,21 @@ class Header(NamedTuple):
     def dtype(self) -> np.dtype:
         """The stored element type (little-endian); only for a known ``dtype_code``."""
         return disk_dtype(DTYPES[self.dtype_code])
+
+    @property
+    def ragged(self) -> bool:
+        """Whether each record owns a range of rows ("Ragged records")."""
+        return bool(self.flags & RAGGED)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the records section: one per record, or of a ragged file, ``rows``."""
+        return self.rows if self.ragged else self.count
+
+    @property
+    def checked_sections(self) -> tuple[str, ...]:
+        """The sections after the records whose CRC-32C the sums section holds, in its order ("Checksums")."""
+        return ("index", "keys", "meta", "ranges") if self.ragged else ("index", "keys", "meta")
 
     @property
     def version(self) -> str:
@@ -202,13 +237,7 @@ class Header(NamedTuple):
 
     def sections_in_file_order(self) -> list[tuple[str, int, int]]:
         """``(name, offset, size)`` of every section, by offset."""
-        sections = [
-            ("records", self.records_offset, self.records_size),
-            ("index", self.index_offset, self.index_size),
-            ("keys", self.keys_offset, self.keys_size),
-            ("meta", self.meta_offset, self.meta_size),
-            ("sums", self.sums_offset, self.sums_size),
-        ]
+        sections = [(name, self.offset(name), self.size(name)) for name in SECTIONS if name != "ranges" or self.ragged]
         sections.sort(key=lambda t: t[1])
         return sections
 
@@ -222,8 +251,7 @@ class Header(NamedTuple):
 
     def where(self, at: int) -> str:
         """Where byte ``at`` falls, in words: which section (and records block), or which gap."""
-        for name in SECTIONS:
-            lo = self.offset(name)
+        for name, lo, _ in self.sections_in_file_order():
             if lo <= at < lo + self.size(name):
                 if name == "records" and MIN_BLOCK_BYTES <= self.block_bytes:
                     return f"the file ends inside the records section (block {(at - lo) // self.block_bytes})"
@@ -235,6 +263,6 @@ FIELDS = Header._fields
 # The largest value each field can hold (what a fuzzer may set it to).
 FIELD_MAX = {
     name: (1 << 8 * struct.calcsize(code)) - 1
-    for name, code in zip(FIELDS, re.findall(r"\d*[a-zA-Z]", _STRUCT.format.lstrip("<")))
+    for name, code in zip(FIELDS, re.findall(r"\d*[a-wyzA-Z]", _STRUCT.format.lstrip("<")))  # not padding: x
     if name != "magic"
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import itertools
 import os
 import queue
 import threading
@@ -18,13 +19,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from embfile import errors
+from embfile import _core, errors
 from embfile._keys import EncodedKeys
-from embfile.dataset import Dataset
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
 
-Chunk = tuple[list[str] | EncodedKeys, np.ndarray]
+Chunk = tuple[list[str] | EncodedKeys, np.ndarray]  # keys, and their records: one row each
+RaggedChunk = tuple[list[str] | EncodedKeys, np.ndarray, np.ndarray]  # keys, their rows, each key's row count
 
 
 @dataclasses.dataclass
@@ -32,7 +33,8 @@ class Source:
     """An input opened for streaming: what it holds, and its records in chunks.
 
     ``chunks`` yields ``(keys, matrix)`` pairs: a list of str and a ``(b, dim)`` array that stays valid
-    after the next chunk is read (chunks may be read ahead).  ``count`` is the number of records if known
+    after the next chunk is read (chunks may be read ahead); of a ``ragged`` source ``(keys, rows, lengths)``,
+    the records' rows one after another and each key's number of rows.  ``count`` is the number of records if known
     in advance (for the progress bar); ``description`` says where the records came from (a converter
     puts it into the output's metadata under ``"source"``); ``metadata`` is user metadata the input
     carries (an .emb file's, or what an earlier embfile export left in a Parquet or HDF5 file).
@@ -41,9 +43,10 @@ class Source:
     dim: int
     dtype: np.dtype
     count: int | None
-    chunks: Iterator[Chunk]
+    chunks: Iterator[Any]  # Chunk, or RaggedChunk
     description: dict[str, Any]
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ragged: bool = False
 
 
 def chunk_rows(record_bytes: int, multiple: int = 1) -> int:
@@ -59,14 +62,46 @@ def as_vector(key: object, vector: object, dim: int | None) -> np.ndarray:
         raise TypeError(f"key {key!r}: expected a vector of numbers, not {type(vector).__name__}")
     if v.ndim != 1 or (dim is not None and v.shape != (dim,)):
         expected = f"({dim},)" if dim is not None else "1-d"
-        raise errors.WriterError(f"key {key!r}: vector has shape {v.shape}, expected {expected}")
+        hint = "; per-residue (length, dim) records are written with ragged=True" if v.ndim == 2 else ""
+        raise errors.WriterError(f"key {key!r}: vector has shape {v.shape}, expected {expected}{hint}")
     return v
 
 
-def source_of(data: Any, caller: str = "write()") -> Source:
+def as_matrix(key: object, matrix: object, dim: int | None) -> np.ndarray:
+    """``matrix`` as a ragged record: a 2-d numeric array of at least one row of ``dim`` elements (any if
+    None), or the error naming ``key``."""
+    m = np.asarray(matrix)
+    if m.dtype.kind not in "biufc" and not isinstance(matrix, np.ndarray):
+        raise TypeError(f"key {key!r}: expected a matrix of numbers, not {type(matrix).__name__}")
+    if m.ndim != 2 or (dim is not None and m.shape[1] != dim):
+        width = dim if dim is not None else "dim"
+        hint = " (a vector: this dataset is ragged)" if m.ndim == 1 else ""
+        raise errors.WriterError(f"key {key!r}: record has shape {m.shape}, expected (length, {width}){hint}")
+    if len(m) == 0:
+        raise errors.WriterError(f"key {key!r}: record has no rows; a ragged record has at least one")
+    return m
+
+
+def source_of(data: Any, caller: str = "write()", ragged: bool | None = None) -> Source:
     """``data`` as a Source: an open dataset (streamed from its mapping), a ``(keys, matrix)`` pair or a
-    mapping ``{key: vector}``."""
-    if isinstance(data, Dataset):
+    mapping ``{key: vector}``; with ``ragged``, a mapping ``{key: (length, dim) matrix}`` (a dataset is
+    ragged or not of itself).  Datasets are known by the native table they all extend (the writer, which reads
+    them through here, is what ``Dataset.pool`` writes with)."""
+    if isinstance(data, _core.Table) and ragged is not None and ragged != data.ragged:
+        what = "ragged" if data.ragged else "not ragged"
+        raise errors.WriterError(f"{data.path or 'the dataset'} is {what}; ragged={ragged} does not fit it")
+    if isinstance(data, _core.Table) and data.ragged:
+        meta = {k: v for k, v in data.metadata.items() if k != "embfile"}
+        return Source(
+            data.dim,
+            data.dtype.newbyteorder("="),
+            len(data),
+            _ragged_dataset_chunks(data, CHUNK_BYTES // (data.dim * data.dtype.itemsize) + 1),
+            {"format": "emb", "path": os.path.abspath(data.path) if data.path else None},
+            meta,
+            ragged=True,
+        )
+    if isinstance(data, _core.Table):
         step = chunk_rows(data.dim * data.dtype.itemsize)
         meta = {k: v for k, v in data.metadata.items() if k != "embfile"}
         return Source(
@@ -96,13 +131,42 @@ def source_of(data: Any, caller: str = "write()") -> Source:
     first = next(items, None)
     if first is None:
         raise errors.WriterError("cannot infer dim from an empty mapping; use a Writer with dim instead")
+    if ragged:
+        m0 = as_matrix(first[0], first[1], None)
+        chunks = _ragged_mapping_chunks(first, items, m0.shape[1], m0.dtype)
+        return Source(m0.shape[1], m0.dtype, len(data), chunks, {"format": "mapping"}, ragged=True)
     v0 = as_vector(first[0], first[1], None)
     return Source(v0.shape[0], v0.dtype, len(data), _mapping_chunks(first, items, v0), {"format": "mapping"})
 
 
-def _dataset_chunks(data: Dataset, step: int) -> Iterator[Chunk]:
+def _dataset_chunks(data: Any, step: int) -> Iterator[Chunk]:
     for lo, hi, block in data.chunks(step):
         yield data.keys_between(lo, hi), block
+
+
+def _ragged_dataset_chunks(data: Any, rows: int) -> Iterator[RaggedChunk]:
+    for lo, hi, block, offsets in data.ragged_chunks(rows):
+        yield data.keys_between(lo, hi), block, np.diff(offsets)
+
+
+def _ragged_mapping_chunks(
+    first: tuple[Any, Any], items: Iterator[tuple[Any, Any]], dim: int, dtype: np.dtype
+) -> Iterator[RaggedChunk]:
+    step = chunk_rows(dim * dtype.itemsize)
+    batch, rows = [], 0
+    for key, value in itertools.chain([first], items):
+        m = as_matrix(key, value, dim)
+        batch.append((key, m))
+        rows += len(m)
+        if rows >= step:
+            yield _packed(batch)
+            batch, rows = [], 0
+    if batch:
+        yield _packed(batch)
+
+
+def _packed(batch: list[tuple[Any, np.ndarray]]) -> RaggedChunk:
+    return [k for k, _ in batch], np.concatenate([m for _, m in batch]), np.array([len(m) for _, m in batch])
 
 
 def _mapping_chunks(first: tuple[Any, Any], items: Iterator[tuple[Any, Any]], v0: np.ndarray) -> Iterator[Chunk]:

@@ -29,10 +29,12 @@ from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
 from embfile.epochs import Batches, EpochOptions
 from embfile.file import MappedFile, attach
+from embfile.writer import Writer
 
 KEY_CHUNK = 4096  # keys decoded at a time by an iteration: fast, and bounded in memory
 KEYS_AHEAD = 1 << 16  # keys asked of the disk ahead of an iteration
 ARROW_METADATA_KEY = b"embfile.metadata"  # schema metadata where Arrow and Parquet exports keep the metadata
+POOLINGS = ("mean", "max", "first", "last")
 
 
 class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
@@ -79,7 +81,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         self.dim, self.dtype = parts[0].dim, parts[0].dtype
         self._layout_cache: Layout | None = None
         attach(self, segments, parts)
-        self._starts = [0, *itertools.accumulate(p.count for p in parts)]
+        self._starts = [0, *itertools.accumulate(p.count for p in parts)]  # each part's first record
+        self._row_starts = [0, *itertools.accumulate(p.rows for p in parts)]  # and first row (ragged: differ)
 
     # -- iteration: keys in row order, values and items read by row ----------------------------------
 
@@ -114,17 +117,78 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             matrices = [p.matrix for p in self.files]
             bases = np.array([m.ctypes.data for m in matrices], np.uintp)
             self._layout_cache = Layout(
-                bases, np.array(self._starts, np.uint64), self.dim * self.dtype.itemsize, matrices
+                bases, np.array(self._row_starts, np.uint64), self.dim * self.dtype.itemsize, matrices
             )
         return self._layout_cache
 
-    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """A new ``(len(rows), dim)`` array of the records at ``rows`` (ints), in that order."""
+    def take(self, rows: Sequence[int] | np.ndarray, pad: bool = True) -> Any:
+        """A new ``(len(rows), dim)`` array of the records at ``rows`` (ints), in that order.
+
+        Of a ragged dataset, padded or packed as :meth:`get_batch` says for ``pad``.
+        """
         self._require_open()
         rows = self._row_numbers(rows)
+        if self.ragged:
+            return self._gather_ragged(rows, pad)
         out = np.empty((len(rows), self.dim), self.dtype)
         self._layout().gather(rows, out)
         return out
+
+    # -- ragged records (per-residue embeddings) ----------------------------------------------------
+
+    def lengths(self, keys: Sequence[str] | None = None) -> np.ndarray:
+        """Rows of each record (of ``keys``, else of every record in row order), as int64: of a ragged
+        dataset the records' own lengths, else ones."""
+        self._require_open()
+        if keys is not None:
+            rows = self.rows(keys).view(np.uint64)
+            return self._extents(rows)[1].view(np.int64) if self.ragged else np.ones(len(rows), np.int64)
+        if not self.ragged:
+            return np.ones(len(self), np.int64)
+        return np.concatenate([np.diff(p.ranges().astype(np.int64)) for p in self.files])
+
+    def ragged_chunks(self, rows: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """``(lo, hi, block, offsets)`` for consecutive records ``[lo, hi)`` of about ``rows`` rows in all (a
+        longer record alone), none across two files: ``block`` a read-only view of their rows, record ``lo + i``
+        being ``block[offsets[i]:offsets[i + 1]]``.  For passes over every row (pooling, exports)."""
+        self._require_open()
+        for part, first in zip(self.files, self._starts):
+            ranges = part.ranges().astype(np.int64) if part.ragged else np.arange(part.count + 1)
+            matrix, lo = part.matrix, 0
+            while lo < part.count:
+                hi = max(lo + 1, int(np.searchsorted(ranges, ranges[lo] + rows, "right")) - 1)
+                hi = min(hi, part.count)
+                offsets = ranges[lo : hi + 1] - ranges[lo]
+                if offsets[-1] > len(matrix) - ranges[lo] or (np.diff(offsets) <= 0).any():
+                    raise errors.CorruptFileError(f"{part.path}: ranges of records {lo}-{hi} are out of order")
+                yield first + lo, first + hi, matrix[ranges[lo] : ranges[hi]], offsets
+                lo = hi
+
+    def pool(
+        self, how: str = "mean", out: str | os.PathLike[str] | None = None, dtype: object = None, **options: Any
+    ) -> Any:
+        """One vector per record, pooled over its rows: ``"mean"``, ``"max"``, ``"first"`` or ``"last"``.
+
+        With ``out``, written there as a per-protein .emb file (its metadata the user's and ``"pooling"``),
+        else returned as a new ``(n, dim)`` array in row order.  ``dtype`` defaults to the stored one (a mean
+        of integers to float32); a mean is summed in float64 or, for float16 and float32, in float32 at least.
+        ``options`` go to :class:`~embfile.Writer`.
+        """
+        self._require_open()
+        if how not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
+        out_dtype = np.dtype(dtype or (np.float32 if how == "mean" and self.dtype.kind in "iu" else self.dtype))
+        step = max(1, (64 << 20) // (self.dim * self.dtype.itemsize))
+        if out is None:
+            result = np.empty((len(self), self.dim), out_dtype)
+            for lo, hi, block, offsets in self.ragged_chunks(step):
+                result[lo:hi] = _pooled(block, offsets, how)
+            return result
+        meta = {k: v for k, v in self.metadata.items() if k != "embfile"}
+        with Writer(out, self.dim, out_dtype, {**meta, "pooling": how}, **options) as w:
+            for lo, hi, block, offsets in self.ragged_chunks(step):
+                w.add_batch(self.keys_between(lo, hi), _pooled(block, offsets, how))
+        return None
 
     def _row_numbers(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """``rows`` as uint64 row numbers, or the TypeError / IndexError that says what is wrong with them."""
@@ -136,7 +200,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         return rows.astype(np.uint64)
 
     def to_numpy(self) -> np.ndarray:
-        """All vectors as a new in-memory ``(n, dim)`` array, in row order.
+        """All vectors as a new in-memory ``(n, dim)`` array, in row order (of a ragged dataset, all rows
+        packed and ``n + 1`` offsets, as ``get_batch(keys, pad=False)``).
 
         Read with large ``pread`` calls, at the disk's sequential speed on a cold file (copying
         ``db.matrix`` faults its pages in a little at a time).  When the records are mostly in the page
@@ -144,10 +209,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         array's data starts on a page boundary.
         """
         self._require_open()
-        out = aligned_empty((len(self), self.dim), self.dtype)
+        out = aligned_empty((self._row_starts[-1], self.dim), self.dtype)
         with faulted_in_ahead(out) if self._layout().first_part_cached() else contextlib.nullcontext():
-            for part, lo, hi in zip(self.files, self._starts, self._starts[1:]):
+            for part, lo, hi in zip(self.files, self._row_starts, self._row_starts[1:]):
                 part.read_into(out[lo:hi])
+        if self.ragged:
+            return out, np.concatenate([[0], np.cumsum(self.lengths())])
         return out
 
     def chunks(self, rows: int, release: bool = True) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -158,6 +225,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         for (they stay in the page cache), so a pass over a dataset larger than RAM keeps a bounded resident
         size; without, they stay mapped, for passes repeated over data that fits (a search).
         """
+        if self.ragged:
+            raise TypeError(f"{self.path}: ragged records; ragged_chunks() reads them in chunks")
         layout = self._layout()
         for part, first, last in zip(self.files, self._starts, self._starts[1:]):
             matrix = part.matrix
@@ -416,3 +485,18 @@ class _ItemsByRow(collections.abc.ItemsView[str, np.ndarray]):
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for row, key in enumerate(self._mapping):
             yield key, self._mapping.record(row)
+
+
+def _pooled(block: np.ndarray, offsets: np.ndarray, how: str) -> np.ndarray:
+    """One row per record of ``block`` (record ``i`` its rows ``offsets[i]`` to ``offsets[i + 1]``, at least
+    one each), pooled ``how``."""
+    starts = offsets[:-1]
+    if how == "first":
+        return block[starts]
+    if how == "last":
+        return block[offsets[1:] - 1]
+    if how == "max":
+        return np.maximum.reduceat(block, starts)
+    wide = np.result_type(block.dtype, np.float32)
+    sums = np.add.reduceat(block, starts, dtype=wide)
+    return sums / np.diff(offsets).astype(wide)[:, None]

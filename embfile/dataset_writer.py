@@ -361,13 +361,21 @@ def write_shards(
     ``data`` is an open dataset (streamed; its user metadata is kept unless ``metadata`` is given), another
     mapping ``{key: vector}`` or a ``(keys, matrix)`` pair.
     """
-    source = source_of(data, "write_shards()")
+    source = source_of(data, "write_shards()", options.pop("ragged", None))
     meta = source.metadata if metadata is None and mode != "append" else metadata  # appended: the dataset's
 
-    def open_sink(dim: int, dt: object) -> ShardWriter:
+    def open_sink(dim: int, dt: object, ragged: bool) -> ShardWriter:
         dt = dtype if mode == "append" else dt  # appended: the dataset's, unless given
         return ShardWriter(
-            folder, dim, dt, meta or None, shard_bytes=shard_bytes, mode=mode, on_duplicate=on_duplicate, **options
+            folder,
+            dim,
+            dt,
+            meta or None,
+            shard_bytes=shard_bytes,
+            mode=mode,
+            on_duplicate=on_duplicate,
+            ragged=ragged,
+            **options,
         )
 
     write_source(source, open_sink, dtype)

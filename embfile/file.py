@@ -53,6 +53,9 @@ class MappedFile:
         if first != 0 or last != h.keys_size - 8 * (h.count + 1):
             self.close()
             raise errors.CorruptFileError(f"{self.path}: keys section offsets do not span it")
+        if h.ragged and tuple(self.ranges()[[0, -1]]) != (0, h.rows):
+            self.close()
+            raise errors.CorruptFileError(f"{self.path}: ranges section does not span the {h.rows} rows")
 
     @property
     def count(self) -> int:
@@ -80,11 +83,26 @@ class MappedFile:
         return self.lookup_map, self.bulk_map
 
     @property
+    def ragged(self) -> bool:
+        return self.header.ragged
+
+    @property
+    def rows(self) -> int:
+        """Rows of the records section: :attr:`count`, or of a ragged file the rows of all its records."""
+        return self.header.n_rows
+
+    @property
     def matrix(self) -> np.ndarray:
-        """All records as a read-only ``(count, dim)`` view of the bulk mapping, in row order."""
+        """All rows as a read-only ``(rows, dim)`` view of the bulk mapping, in row order."""
         h = self.header
-        flat = np.frombuffer(self.mappings()[1], self.dtype, count=h.count * h.dim, offset=h.records_offset)
-        return flat.reshape(h.count, h.dim)
+        flat = np.frombuffer(self.mappings()[1], self.dtype, count=h.n_rows * h.dim, offset=h.records_offset)
+        return flat.reshape(h.n_rows, h.dim)
+
+    def ranges(self) -> np.ndarray:
+        """Of a ragged file, the ``count + 1`` row offsets: record i is rows ``[r[i], r[i+1])`` (unchecked:
+        :meth:`problems` checks them all, a lookup those it reads)."""
+        h = self.header
+        return np.frombuffer(self.mappings()[0], "<u8", count=h.count + 1, offset=h.ranges_offset)
 
     def table(self) -> _core.Table:
         """The native lookup table of this file alone (its own index, keys and records)."""
@@ -110,7 +128,8 @@ class MappedFile:
 
     def records_part(self) -> tuple[Any, ...]:
         """What the native table needs of this file's records section (one part)."""
-        return (self.mappings()[0], self.header.records_offset, self.count)
+        h = self.header
+        return (self.mappings()[0], h.records_offset, h.count, h.ranges_offset, h.rows)
 
     def key_offsets(self) -> np.ndarray:
         """The keys section's ``count + 1`` byte offsets (key i is bytes [o[i], o[i+1]) after them)."""
@@ -212,11 +231,13 @@ class MappedFile:
         mapping would read around it as far as the disk's read-ahead goes (8 MiB on some virtual disks).
         """
         h = self.header
-        return np.frombuffer(self.mappings()[0], "<u4", count=h.n_blocks + 3, offset=h.sums_offset)
+        return np.frombuffer(
+            self.mappings()[0], "<u4", count=h.n_blocks + len(h.checked_sections), offset=h.sums_offset
+        )
 
     def stored_crc(self, section: str) -> int:
-        """The stored CRC-32C of the ``index``, ``keys`` or ``meta`` section."""
-        return int(self.sums()[-3:][("index", "keys", "meta").index(section)])
+        """The stored CRC-32C of the ``index``, ``keys``, ``meta`` or (ragged) ``ranges`` section."""
+        return int(self.sums()[self.header.n_blocks + self.header.checked_sections.index(section)])
 
     def problems(self) -> list[str]:
         """Everything wrong in the file, found by reading all of it: checksums, padding, the index walk."""
@@ -229,15 +250,22 @@ class MappedFile:
             for b in bad.tolist():
                 lo = b * h.block_bytes
                 hi = min(lo + h.block_bytes, h.records_size)
+                rows = f"rows {lo // record_bytes}-{(hi - 1) // record_bytes}"
+                if h.ragged:  # the records owning those rows
+                    owners = np.searchsorted(self.ranges(), [lo // record_bytes, (hi - 1) // record_bytes], "right") - 1
+                    rows = f"{rows} of records {owners[0]}-{owners[1]}"
                 problems.append(
                     f"records block {b} (bytes {h.records_offset + lo}-{h.records_offset + hi}, "
-                    f"rows {lo // record_bytes}-{(hi - 1) // record_bytes}) does not match its checksum"
+                    f"{rows}) does not match its checksum"
                 )
-            for i, name in enumerate(("index", "keys", "meta")):
+            for i, name in enumerate(h.checked_sections):
                 off, size = h.offset(name), h.size(name)
                 if _core.crc32c(whole[off : off + size]) != sums[h.n_blocks + i]:
                     problems.append(f"{name} section does not match its checksum")
             del records
+        if h.ragged and (np.diff(self.ranges().astype(np.int64)) <= 0).any():
+            first = int(np.flatnonzero(np.diff(self.ranges().astype(np.int64)) <= 0)[0])
+            problems.append(f"ranges section: record {first} does not own at least one row")
         for lo, hi in h.gaps():
             if np.frombuffer(self.mappings()[1], np.uint8, hi - lo, lo).any():
                 problems.append(f"padding bytes {lo}-{hi} are not zero")

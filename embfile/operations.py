@@ -41,8 +41,10 @@ def append(
     """
     writers: list[ShardWriter] = []
 
-    def open_sink(dim: int, dtype: object) -> ShardWriter:
-        writers.append(ShardWriter(folder, dim, shard_bytes=shard_bytes, mode="append", on_duplicate=on_duplicate))
+    def open_sink(dim: int, dtype: object, ragged: bool) -> ShardWriter:
+        writers.append(
+            ShardWriter(folder, dim, shard_bytes=shard_bytes, mode="append", on_duplicate=on_duplicate, ragged=ragged)
+        )
         return writers[-1]
 
     write_source(_source(data, "append()", options), open_sink)
@@ -150,10 +152,10 @@ def _source(data: Any, caller: str, options: dict[str, Any]) -> Source:
 def _write_new(source: Source, dst: PathLike, shard_bytes: int) -> None:
     meta = {k: v for k, v in source.metadata.items() if k != "embfile"} or None
 
-    def open_sink(dim: int, dtype: object) -> Sink:
+    def open_sink(dim: int, dtype: object, ragged: bool) -> Sink:
         if os.fspath(dst).endswith(".emb"):
-            return Writer(dst, dim, dtype, meta)
-        return ShardWriter(dst, dim, dtype, meta, shard_bytes=shard_bytes)
+            return Writer(dst, dim, dtype, meta, ragged=ragged)
+        return ShardWriter(dst, dim, dtype, meta, shard_bytes=shard_bytes, ragged=ragged)
 
     write_source(source, open_sink)
 

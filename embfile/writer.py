@@ -23,7 +23,7 @@ from embfile import _core, errors
 from embfile import _format as F
 from embfile._keys import EncodedKeys
 from embfile._staging import DISK_FULL, Flusher, Staging, disk_full
-from embfile._stream import Source, as_vector, prefetched, progress_bar, source_of
+from embfile._stream import Source, as_matrix, as_vector, prefetched, progress_bar, source_of
 from embfile._version import __version__
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
@@ -50,12 +50,17 @@ class Writer:
         error naming the key, never a silent ``inf``.
     metadata : dict, optional
         JSON-serialisable user metadata (model name, layer, pooling, source, ...).
+    ragged : bool
+        Each record a ``(length, dim)`` matrix of its own length, at least one row (per-residue embeddings,
+        FORMAT.md "Ragged records"), instead of one ``(dim,)`` vector.
 
     Examples
     --------
     >>> with embfile.Writer("db.emb", dim=1024, dtype="float16") as w:   # doctest: +SKIP
     ...     for seqid, vec in embeddings:
     ...         w.add(seqid, vec)
+    >>> with embfile.Writer("residues.emb", dim=1024, dtype="float16", ragged=True) as w:   # doctest: +SKIP
+    ...     w.add("P69905", per_residue)  # (142, 1024)
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class Writer:
         *,
         block_bytes: int = F.DEFAULT_BLOCK_BYTES,
         bucket_keys: int = F.DEFAULT_BUCKET_KEYS,
+        ragged: bool = False,
     ) -> None:
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool):
             raise TypeError(f"dim must be an int, not {type(dim).__name__}")
@@ -91,7 +97,10 @@ class Writer:
         self._bucket_keys = bucket_keys
         self._heap = bytearray()
         self._offsets = array.array("Q", [0])
+        self.ragged = bool(ragged)
+        self._ranges = array.array("Q", [0])  # of a ragged file: each record's first row, then the rows
         self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
         self._flusher: Flusher | None = None  # started once the file is worth flushing as it grows
@@ -104,21 +113,27 @@ class Writer:
         return len(self._offsets) - 1
 
     def add(self, key: str, vector: Any) -> None:
-        """Append one record.  On an error nothing is added and the writer stays usable."""
-        v = as_vector(key, vector, self.dim)
+        """Append one record: a ``(dim,)`` vector, or to a ragged writer a ``(length, dim)`` matrix.  On an
+        error nothing is added and the writer stays usable."""
+        v = as_matrix(key, vector, self.dim) if self.ragged else as_vector(key, vector, self.dim)
         _check_kind(v.dtype, self.dtype, key)
         encoded = _encode_key(key)
-        v = _convert(v[None], self.dtype, [key])[0]  # overflow is found here, naming this key
+        v = _convert(v if self.ragged else v[None], self.dtype, lambda i: key)  # overflow named by key here
         self._heap += encoded
         self._offsets.append(len(self._heap))
         self._pending.append(v)
-        if len(self._pending) * self._record_bytes >= _CHUNK_BYTES:
+        self._pending_rows += len(v)
+        if self.ragged:
+            self._ranges.append(self._ranges[-1] + len(v))
+        if self._pending_rows * self._record_bytes >= _CHUNK_BYTES:
             with _disk_errors(self):
                 self._flush()
 
-    def add_batch(self, keys: Sequence[str] | np.ndarray | EncodedKeys, matrix: Any) -> None:
+    def add_batch(self, keys: Sequence[str] | np.ndarray | EncodedKeys, matrix: Any, lengths: Any = None) -> None:
         """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none.
 
+        To a ragged writer, ``matrix`` holds the records' rows one record after another and ``lengths`` how
+        many rows each record has (key ``i`` owns the ``lengths[i]`` rows after those of the keys before).
         ``keys`` may be :class:`~embfile._keys.EncodedKeys` (UTF-8 bytes as an Arrow array or a keys section
         holds them): then no Python ``str`` is made of any key.
         """
@@ -127,19 +142,36 @@ class Writer:
             raise TypeError(f"add_batch() takes a matrix of numbers, not {type(matrix).__name__}")
         if not isinstance(keys, EncodedKeys):
             keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        if m.ndim != 2 or m.shape != (len(keys), self.dim):
-            raise errors.WriterError(
-                f"matrix has shape {m.shape}, expected ({len(keys)}, {self.dim}) for {len(keys)} keys"
-            )
+        ranges = self._batch_ranges(keys, lengths, len(m) if m.ndim == 2 else -1)
+        rows = len(keys) if ranges is None else int(ranges[-1])
+        if m.ndim != 2 or m.shape != (rows, self.dim):
+            what = f"{len(keys)} keys" if ranges is None else f"{len(keys)} keys of {rows} rows in all"
+            raise errors.WriterError(f"matrix has shape {m.shape}, expected ({rows}, {self.dim}) for {what}")
         _check_kind(m.dtype, self.dtype, keys[0] if len(keys) else None)
         encoded = _encoded(keys)
         self._flush()
-        mark = (len(self._offsets), len(self._heap), len(self._block_crcs), self._crc, self._crc_fill, self._written)
+        mark = (
+            len(self._offsets),
+            len(self._heap),
+            len(self._ranges),
+            len(self._block_crcs),
+            self._crc,
+            self._crc_fill,
+            self._written,
+        )
+
+        def key_of(lo: int) -> Callable[[int], object]:  # the key of row lo + i
+            if ranges is None:
+                return lambda i: keys[lo + i]
+            return lambda i: keys[int(np.searchsorted(ranges, lo + i, "right")) - 1]
+
         try:
             step = max(1, _CHUNK_BYTES // self._record_bytes)
             with _disk_errors(self):
-                for lo in range(0, len(keys), step):
-                    self._write_records(_convert(m[lo : lo + step], self.dtype, keys[lo : lo + step]))
+                for lo in range(0, rows, step):
+                    self._write_records(_convert(m[lo : lo + step], self.dtype, key_of(lo)))
+            if ranges is not None:
+                self._ranges.frombytes((ranges[1:] + self._ranges[-1]).astype(np.uint64).tobytes())
         except BaseException:
             self._rollback(*mark)
             raise
@@ -153,11 +185,35 @@ class Writer:
             self._heap += b
             self._offsets.append(len(self._heap))
 
-    def _rollback(self, n_offsets: int, n_heap: int, n_crcs: int, crc: int, crc_fill: int, written: int) -> None:
+    def _batch_ranges(self, keys: Sequence[object] | EncodedKeys, lengths: Any, rows: int) -> np.ndarray | None:
+        """The row offsets of a ragged batch (``len(keys) + 1``, from 0) given its ``lengths``; None for a
+        fixed-width writer.  A WriterError names the first key whose length is wrong."""
+        if not self.ragged:
+            if lengths is not None:
+                raise errors.WriterError("lengths= given to a fixed-width writer; Writer(..., ragged=True) stores them")
+            return None
+        if lengths is None:
+            raise errors.WriterError("a ragged writer's add_batch() needs lengths= (rows of each key)")
+        n = np.asarray(lengths)
+        if n.shape != (len(keys),) or not (n.dtype.kind in "iu" or n.size == 0):
+            raise errors.WriterError(f"lengths must be {len(keys)} integers, one per key, not {n.dtype} {n.shape}")
+        bad = np.flatnonzero((n < 1) | (n >= 1 << 40))
+        if bad.size:
+            i = int(bad[0])
+            raise errors.WriterError(f"key {keys[i]!r}: length {n[i]}; a ragged record has from 1 to 2**40 rows")
+        ranges = np.zeros(len(keys) + 1, np.int64)
+        np.cumsum(n, out=ranges[1:])
+        if rows >= 0 and ranges[-1] != rows:
+            raise errors.WriterError(f"lengths add up to {ranges[-1]} rows, the matrix has {rows}")
+        return ranges
+
+    def _rollback(
+        self, n_offsets: int, n_heap: int, n_ranges: int, n_crcs: int, crc: int, crc_fill: int, written: int
+    ) -> None:
         """Undo a partly written batch: keys, checksum state, carry and file back to the mark."""
         if self._file is None:  # aborted (the disk is full)
             return
-        del self._offsets[n_offsets:], self._heap[n_heap:], self._block_crcs[n_crcs:]
+        del self._offsets[n_offsets:], self._heap[n_heap:], self._ranges[n_ranges:], self._block_crcs[n_crcs:]
         in_file = min(written, self._written - len(self._carry))
         self._carry = self._carry[: written - in_file]  # a copy: a failed write's traceback may pin the old one
         self._crc, self._crc_fill, self._written = crc, crc_fill, written
@@ -167,7 +223,8 @@ class Writer:
 
     def _flush(self) -> None:
         if self._pending:  # already converted and checked by add()
-            block, self._pending = np.stack(self._pending), []
+            block = np.concatenate(self._pending) if self.ragged else np.stack(self._pending)
+            self._pending, self._pending_rows = [], 0
             self._write_records(block)
 
     def _write_records(self, block: np.ndarray) -> None:
@@ -225,13 +282,15 @@ class Writer:
         index, n_buckets, lcp_len = _core.build_index(heap, offsets, perm, self._bucket_keys)
         keys = offsets.astype("<u8").tobytes() + self._heap
         meta = json.dumps({**self._meta, "embfile": self._writer_record(n)}, ensure_ascii=False).encode()
-        sums = np.array(
-            [*self._block_crcs, _core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta)], dtype="<u4"
-        ).tobytes()
+        rows = self._ranges[-1] if self.ragged else n
+        ranges = [("ranges", np.frombuffer(self._ranges, np.uint64).astype("<u8").tobytes(), 8)] if self.ragged else []
+        crcs = [_core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta), *(_core.crc32c(r[1]) for r in ranges)]
+        sums = np.array([*self._block_crcs, *crcs], dtype="<u4").tobytes()
         parts: list[Any] = [self._carry]  # the carry, then the sections after the records
         pos = self._written
-        where = {"records": (F.PAGE, n * self._record_bytes)}
-        for name, data, align in (("index", index, F.PAGE), ("keys", keys, 8), ("meta", meta, 1), ("sums", sums, 4)):
+        where = {"records": (F.PAGE, rows * self._record_bytes)}
+        sections = (("index", index, F.PAGE), ("keys", keys, 8), *ranges, ("meta", meta, 1), ("sums", sums, 4))
+        for name, data, align in sections:
             parts.append(bytes(-pos % align))
             pos += len(parts[-1])
             where[name] = (pos, len(data))
@@ -240,14 +299,14 @@ class Writer:
         self._write_all(*parts)
         header = F.Header(
             magic=F.MAGIC,
-            major=F.VERSION[0],
-            minor=F.VERSION[1],
+            major=self._version[0],
+            minor=self._version[1],
             header_size=F.HEADER_SIZE,
             file_size=pos,
             count=n,
             dim=self.dim,
             dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")],
-            flags=0,
+            flags=F.RAGGED if self.ragged else 0,
             **{
                 f"{name}_{part}": value
                 for name, (off, size) in where.items()
@@ -256,6 +315,7 @@ class Writer:
             block_bytes=self._block_bytes,
             n_buckets=n_buckets,
             lcp_len=lcp_len,
+            rows=rows if self.ragged else 0,
         )
         self._file.seek(0)
         self._write_all(header.pack())
@@ -283,14 +343,20 @@ class Writer:
         reproducible-builds convention, fixes the creation time."""
         epoch, utc = os.environ.get("SOURCE_DATE_EPOCH"), datetime.UTC
         when = datetime.datetime.fromtimestamp(int(epoch), utc) if epoch else datetime.datetime.now(utc)
-        return {
-            "format_version": "{}.{}".format(*F.VERSION),
+        record = {
+            "format_version": "{}.{}".format(*self._version),
             "dtype": self.dtype.name,
             "dim": self.dim,
             "count": n,
             "created": when.isoformat(),
             "embfile_version": __version__,
         }
+        return {**record, "ragged": True, "rows": self._ranges[-1]} if self.ragged else record
+
+    @property
+    def _version(self) -> tuple[int, int]:
+        """The format version the file needs: 1.1 for ragged records, else 1.0 (every 1.x reader reads it)."""
+        return F.VERSION if self.ragged else F.FIXED_VERSION
 
     def _stop_flusher(self) -> None:
         if self._flusher is not None:
@@ -332,20 +398,20 @@ class Sink(Protocol):
     dim: int
     dtype: np.dtype
 
-    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any) -> None: ...
+    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any, lengths: Any = None) -> None: ...
     def __enter__(self) -> Any: ...
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None: ...
 
 
 def write_source(
     source: Source,
-    open_sink: Callable[[int, Any], Sink],
+    open_sink: Callable[[int, Any, bool], Sink],
     dtype: object = None,
     *,
     progress: bool | str | os.PathLike[str] = False,
     prefetch: bool = False,
 ) -> None:
-    """Write every chunk of ``source`` into the sink ``open_sink(dim, dtype)`` returns, and close it.
+    """Write every chunk of ``source`` into the sink ``open_sink(dim, dtype, ragged)`` returns, and close it.
 
     ``dtype=None`` keeps the source's.  ``prefetch`` reads the next chunks on a thread while one is
     written (for inputs read from disk).  ``progress`` shows a bar (a path names it).  On any error the
@@ -353,9 +419,10 @@ def write_source(
     """
     chunks: Iterator[Any] = prefetched(source.chunks) if prefetch else source.chunks
     name = progress if isinstance(progress, (str, os.PathLike)) else None
-    with progress_bar(source.count, bool(progress), name) as bar, open_sink(source.dim, dtype or source.dtype) as w:
-        for keys, matrix in chunks:
-            w.add_batch(keys, matrix)
+    sink = open_sink(source.dim, dtype or source.dtype, source.ragged)
+    with progress_bar(source.count, bool(progress), name) as bar, sink as w:
+        for keys, *records in chunks:
+            w.add_batch(keys, *records)
             bar.update(len(keys))
         bar.set_postfix_str("sorting keys, writing the index")
 
@@ -369,14 +436,18 @@ def write(
 ) -> None:
     """Write a whole mapping ``{key: vector}``, a ``(keys, matrix)`` pair or an open dataset to ``path``.
 
-    ``dtype=None`` keeps the dtype of the data.  Other options (``block_bytes``, ``bucket_keys``) go to
-    :class:`Writer`.  Atomic: on any error nothing appears at ``path`` (and a file there is untouched).
+    ``dtype=None`` keeps the dtype of the data.  ``ragged=True`` writes a mapping ``{key: (length, dim)
+    matrix}`` (per-residue embeddings; a ragged dataset stays ragged).  Other options (``block_bytes``,
+    ``bucket_keys``) go to :class:`Writer`.  Atomic: on any error nothing appears at ``path`` (and a file there
+    is untouched).
 
     Examples
     --------
     >>> embfile.write("db.emb", {"P69905": v1, "P68871": v2}, metadata={"model": "esm2"})  # doctest: +SKIP
+    >>> embfile.write("residues.emb", {"P69905": m1, "P68871": m2}, ragged=True)  # (L, D) each  # doctest: +SKIP
     """
-    write_source(source_of(data, "write()"), lambda dim, dt: Writer(path, dim, dt, metadata, **options), dtype)
+    source = source_of(data, "write()", options.pop("ragged", None))
+    write_source(source, lambda dim, dt, ragged: Writer(path, dim, dt, metadata, ragged=ragged, **options), dtype)
 
 
 def _encode_key(key: object) -> bytes:
@@ -409,8 +480,9 @@ def _check_kind(src: np.dtype, dst: np.dtype, key: object) -> None:
         raise errors.WriterError(f"key {key!r}: cannot store {src} vectors as {dst}")
 
 
-def _convert(block: np.ndarray, dtype: np.dtype, keys: Sequence[object] | EncodedKeys) -> np.ndarray:
-    """``block`` as ``dtype``, or a WriterError naming the first key whose values do not fit."""
+def _convert(block: np.ndarray, dtype: np.dtype, key_of: Callable[[int], object]) -> np.ndarray:
+    """``block`` as ``dtype``, or a WriterError naming the key (``key_of(row)``) of the first row whose values
+    do not fit."""
     if block.dtype == dtype or np.can_cast(block.dtype, dtype, "safe"):
         return block.astype(dtype, copy=False)
     if dtype.kind == "f":
@@ -425,7 +497,7 @@ def _convert(block: np.ndarray, dtype: np.dtype, keys: Sequence[object] | Encode
     if bad.size:
         i = int(bad[0])
         value = block[i][lost[i]][0]
-        raise errors.WriterError(f"key {keys[i]!r}: value {value} does not fit in {dtype.name}")
+        raise errors.WriterError(f"key {key_of(i)!r}: value {value} does not fit in {dtype.name}")
     return out
 
 

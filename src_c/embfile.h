@@ -94,6 +94,27 @@ int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
                size_t n_shards, uint64_t record_bytes, const uint64_t *rows,
                size_t k, uint8_t *dst);
 
+/* Ragged records (FORMAT.md "Ragged records"): record i of part s owns rows
+ * ranges[s][i - starts[s]] to the next one of that part, the ranges an array
+ * of (count + 1) little-endian u64 starting at 0, each record at least one
+ * row and part s holding part_rows[s] rows.  emb_extents writes the first row
+ * (part-local) and the length of each of records items[0..k) and returns
+ * EMB_E_RANGE for a record past starts[n_parts], EMB_E_CORRUPT for ranges
+ * out of order or past the part's rows (checked for every record asked). */
+int emb_extents(const uint8_t *const *ranges, const uint64_t *starts,
+                const uint64_t *part_rows, size_t n_parts,
+                const uint64_t *items, size_t k, uint64_t *first,
+                uint64_t *length);
+
+/* Copies the rows of records items[0..k) (extents from emb_extents) into
+ * dst: record i at row i * stride of dst, or with stride 0 right after the
+ * record before it (packed). */
+void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
+                       size_t n_parts, uint64_t record_bytes,
+                       const uint64_t *items, const uint64_t *first,
+                       const uint64_t *length, size_t k, uint64_t stride,
+                       uint8_t *dst);
+
 /* Search (search.c): out[r * nq + j] = the dot product of row r of x (n rows
  * of dim float32, or float16 if f16, back to back) with query j of q (nq rows
  * of dim float32), accumulated in float32; the rows split over `threads`

@@ -93,6 +93,59 @@ int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
     return EMB_OK;
 }
 
+/* The part holding global record `item` (below starts[n_parts]). */
+static inline size_t part_of(const uint64_t *starts, size_t n_parts,
+                             uint64_t item) {
+    size_t lo = 0, hi = n_parts;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (starts[mid] <= item)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+int emb_extents(const uint8_t *const *ranges, const uint64_t *starts,
+                const uint64_t *part_rows, size_t n_parts,
+                const uint64_t *items, size_t k, uint64_t *first,
+                uint64_t *length) {
+    size_t i;
+    for (i = 0; i < k; i++) {
+        size_t s;
+        uint64_t local, a, b;
+        if (items[i] >= starts[n_parts])
+            return EMB_E_RANGE;
+        s = part_of(starts, n_parts, items[i]);
+        local = items[i] - starts[s];
+        a = emb_load_u64(ranges[s] + 8 * local);
+        b = emb_load_u64(ranges[s] + 8 * (local + 1));
+        if (a >= b || b > part_rows[s])
+            return EMB_E_CORRUPT;
+        first[i] = a;
+        length[i] = b - a;
+    }
+    return EMB_OK;
+}
+
+void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
+                       size_t n_parts, uint64_t record_bytes,
+                       const uint64_t *items, const uint64_t *first,
+                       const uint64_t *length, size_t k, uint64_t stride,
+                       uint8_t *dst) {
+    size_t i;
+    uint64_t at = 0;
+    for (i = 0; i < k; i++) {
+        size_t s = part_of(starts, n_parts, items[i]);
+        if (stride)
+            at = (uint64_t)i * stride;
+        emb_copy(dst + at * record_bytes, bases[s] + first[i] * record_bytes,
+                 length[i] * record_bytes);
+        at += length[i];
+    }
+}
+
 /* CRC-32C: the SSE4.2 instruction where the CPU has it, else slicing-by-8. */
 static uint32_t table[8][256];
 static int table_ready;

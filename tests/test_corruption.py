@@ -129,7 +129,10 @@ def test_header_damage_is_caught_by_its_checksum(good):
         (dict(dim=2**40), "outside 1 to"),
         (dict(dim=0, records_size=0), "outside 1 to"),
         (dict(dtype_code=99), "unknown dtype"),
-        (dict(flags=1), "flags"),
+        (dict(flags=2), "does not know \\(flags 0x2\\)"),
+        (dict(flags=1), "ranges section"),  # ragged, without its section
+        (dict(rows=5), "ranges fields set"),
+        (dict(flags=1, rows=10**6, ranges_offset=8, ranges_size=8 * 3001), "does not hold"),
         (dict(index_offset=2**63), "runs past the end"),
         (dict(keys_size=2**60), "runs past the end"),
         (dict(keys_offset=F.PAGE), "overlaps"),

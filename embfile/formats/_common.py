@@ -28,7 +28,13 @@ def write_emb(
     meta = {k: v for k, v in source.metadata.items() if k != "embfile"}
     meta.update(metadata or {})
     meta["source"] = source.description
-    write_source(source, lambda dim, dt: Writer(dst, dim, dt, meta), dtype, progress=progress and dst, prefetch=True)
+    write_source(
+        source,
+        lambda dim, dt, ragged: Writer(dst, dim, dt, meta, ragged=ragged),
+        dtype,
+        progress=progress and dst,
+        prefetch=True,
+    )
     return os.fspath(dst)
 
 
