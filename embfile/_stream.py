@@ -87,31 +87,8 @@ def source_of(data: Any, caller: str = "write()", ragged: bool | None = None) ->
     mapping ``{key: vector}``; with ``ragged``, a mapping ``{key: (length, dim) matrix}`` (a dataset is
     ragged or not of itself).  Datasets are known by the native table they all extend (the writer, which reads
     them through here, is what ``Dataset.pool`` writes with)."""
-    if isinstance(data, _core.Table) and ragged is not None and ragged != data.ragged:
-        what = "ragged" if data.ragged else "not ragged"
-        raise errors.WriterError(f"{data.path or 'the dataset'} is {what}; ragged={ragged} does not fit it")
-    if isinstance(data, _core.Table) and data.ragged:
-        meta = {k: v for k, v in data.metadata.items() if k != "embfile"}
-        return Source(
-            data.dim,
-            data.dtype.newbyteorder("="),
-            len(data),
-            _ragged_dataset_chunks(data, CHUNK_BYTES // (data.dim * data.dtype.itemsize) + 1),
-            {"format": "emb", "path": os.path.abspath(data.path) if data.path else None},
-            meta,
-            ragged=True,
-        )
     if isinstance(data, _core.Table):
-        step = chunk_rows(data.dim * data.dtype.itemsize)
-        meta = {k: v for k, v in data.metadata.items() if k != "embfile"}
-        return Source(
-            data.dim,
-            data.dtype.newbyteorder("="),
-            len(data),
-            _dataset_chunks(data, step),
-            {"format": "emb", "path": os.path.abspath(data.path) if data.path else None},
-            meta,
-        )
+        return _dataset_source(data, ragged)
     if isinstance(data, tuple) and len(data) == 2:
         keys, matrix = data
         matrix = np.asarray(matrix)
@@ -133,10 +110,32 @@ def source_of(data: Any, caller: str = "write()", ragged: bool | None = None) ->
         raise errors.WriterError("cannot infer dim from an empty mapping; use a Writer with dim instead")
     if ragged:
         m0 = as_matrix(first[0], first[1], None)
-        chunks = _ragged_mapping_chunks(first, items, m0.shape[1], m0.dtype)
-        return Source(m0.shape[1], m0.dtype, len(data), chunks, {"format": "mapping"}, ragged=True)
+        by_rows = _ragged_mapping_chunks(first, items, m0.shape[1], m0.dtype)
+        return Source(m0.shape[1], m0.dtype, len(data), by_rows, {"format": "mapping"}, ragged=True)
     v0 = as_vector(first[0], first[1], None)
     return Source(v0.shape[0], v0.dtype, len(data), _mapping_chunks(first, items, v0), {"format": "mapping"})
+
+
+def _dataset_source(data: Any, ragged: bool | None) -> Source:
+    """An open dataset's records, streamed from its mapping (a ragged one's as such)."""
+    if ragged is not None and ragged != data.ragged:
+        what = "ragged" if data.ragged else "not ragged"
+        raise errors.WriterError(f"{data.path or 'the dataset'} is {what}; ragged={ragged} does not fit it")
+    record_bytes = data.dim * data.dtype.itemsize
+    chunks: Iterator[Any] = (
+        _ragged_dataset_chunks(data, chunk_rows(record_bytes))
+        if data.ragged
+        else _dataset_chunks(data, chunk_rows(record_bytes))
+    )
+    return Source(
+        data.dim,
+        data.dtype.newbyteorder("="),
+        len(data),
+        chunks,
+        {"format": "emb", "path": os.path.abspath(data.path) if data.path else None},
+        {k: v for k, v in data.metadata.items() if k != "embfile"},
+        ragged=data.ragged,
+    )
 
 
 def _dataset_chunks(data: Any, step: int) -> Iterator[Chunk]:

@@ -276,6 +276,7 @@ def _info(args: argparse.Namespace) -> None:
             "count": len(db),
             "dim": db.dim,
             "dtype": db.dtype.name,
+            **({"ragged": True, "rows": int(db.lengths().sum())} if db.ragged else {}),
             "size": sum(f.header.file_size for f in files),
             "key_bytes": [int(lengths.min()), int(lengths.max())] if len(db) else None,
             "metadata": db.metadata,
@@ -303,6 +304,9 @@ def _info(args: argparse.Namespace) -> None:
 
 def _get(args: argparse.Namespace) -> None:
     with embfile.open(args.file) as db:
+        if db.ragged:
+            _get_ragged(args, [np.array(db[k]) for k in args.keys])
+            return
         batch = db.get_batch(args.keys)
     if args.format == "npy":
         if sys.stdout.isatty():
@@ -313,6 +317,18 @@ def _get(args: argparse.Namespace) -> None:
     else:
         for k, v in zip(args.keys, batch):
             print(k, " ".join(map(str, v)), sep="\t")
+
+
+def _get_ragged(args: argparse.Namespace, records: list[np.ndarray]) -> None:
+    """Per-residue records: JSON of each key's rows, or a TSV line per row (key, row number, values)."""
+    if args.format == "npy":
+        raise ValueError("per-residue records differ in length: --format json or tsv writes them")
+    if args.format == "json":
+        print(json.dumps({k: m.tolist() for k, m in zip(args.keys, records)}, ensure_ascii=False))
+        return
+    for k, m in zip(args.keys, records):
+        for i, row in enumerate(m):
+            print(k, i, " ".join(map(str, row)), sep="\t")
 
 
 def _keys(args: argparse.Namespace) -> None:

@@ -177,7 +177,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         self._require_open()
         if how not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
-        out_dtype = np.dtype(dtype or (np.float32 if how == "mean" and self.dtype.kind in "iu" else self.dtype))
+        mean_of_ints = how == "mean" and self.dtype.kind in "iu"
+        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32) if mean_of_ints else self.dtype  # type: ignore[call-overload]
         step = max(1, (64 << 20) // (self.dim * self.dtype.itemsize))
         if out is None:
             result = np.empty((len(self), self.dim), out_dtype)
@@ -199,7 +200,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             raise IndexError(f"rows must be from 0 to {len(self) - 1}")
         return rows.astype(np.uint64)
 
-    def to_numpy(self) -> np.ndarray:
+    def to_numpy(self) -> Any:
         """All vectors as a new in-memory ``(n, dim)`` array, in row order (of a ragged dataset, all rows
         packed and ``n + 1`` offsets, as ``get_batch(keys, pad=False)``).
 
@@ -225,8 +226,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         for (they stay in the page cache), so a pass over a dataset larger than RAM keeps a bounded resident
         size; without, they stay mapped, for passes repeated over data that fits (a search).
         """
-        if self.ragged:
-            raise TypeError(f"{self.path}: ragged records; ragged_chunks() reads them in chunks")
+        self._refuse_ragged("chunks() reads one row per record", "ragged_chunks() reads their rows")
         layout = self._layout()
         for part, first, last in zip(self.files, self._starts, self._starts[1:]):
             matrix = part.matrix
@@ -239,6 +239,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     def slices(self, rows: int) -> list[int]:
         """Row boundaries that cut the dataset into ranges of at most ``rows`` rows, none across two files:
         the partitions of a Spark or Dask read."""
+        self._refuse_ragged("Spark and Dask read one vector per key", "db.pool('mean', out=...) makes them")
         bounds = [0]
         for first, last in zip(self._starts, self._starts[1:]):
             bounds += [*range(first + rows, last, rows), last]
@@ -279,6 +280,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         has cosine similarity 0.  A streaming scan of the mapping: memory stays flat.
         """
         self._require_open()
+        self._refuse_ragged("search() compares one vector per key", "db.pool('mean', out=...) makes them")
         return search.search(self, queries, k, metric, exclude)
 
     def search_keys(
@@ -287,6 +289,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """:meth:`search` with the stored vectors of ``keys`` as queries, each key's own record left out
         (by identity: an equal vector under another key is still found)."""
         self._require_open()
+        self._refuse_ragged("search_keys() compares one vector per key", "db.pool('mean', out=...) makes them")
         return search.search_keys(self, keys, k, metric, exclude_self)
 
     def iter_batches(
@@ -326,20 +329,23 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         return Batches(self, EpochOptions(batch_size, **options), transform=transform)
 
     def to_arrow(self, key_column: str = "key", vector_column: str = "vector") -> Any:
-        """A ``pyarrow.Table`` of ``(key: large_string, vector: fixed_size_list<dtype>[dim])``, not null.
+        """A ``pyarrow.Table`` of ``(key: large_string, vector: fixed_size_list<dtype>[dim])``, not null; of
+        ragged records ``vector: large_list<fixed_size_list<dtype>[dim]>``.
 
-        It shares memory with the mapped files (the keys section has Arrow's ``large_string`` layout and
-        the records its ``fixed_size_list`` layout): nothing is copied, and the table stays valid after
-        :meth:`close`.  One record batch per file.  Needs pyarrow (``pip install "embfile[parquet]"``).
+        It shares memory with the mapped files (the keys section has Arrow's ``large_string`` layout, the
+        records its ``fixed_size_list`` layout and the ranges ``large_list`` offsets): nothing is copied, and
+        the table stays valid after :meth:`close`.  One record batch per file.  Needs pyarrow
+        (``pip install "embfile[parquet]"``).
         """
         pa = require("pyarrow", "parquet")
         self._require_open()
         value_type = pa.from_numpy_dtype(self.dtype)
         list_type = pa.list_(pa.field("item", value_type, nullable=False), self.dim)
+        column_type = pa.large_list(pa.field("item", list_type, nullable=False)) if self.ragged else list_type
         schema = pa.schema(
             [
                 pa.field(key_column, pa.large_string(), nullable=False),
-                pa.field(vector_column, list_type, nullable=False),
+                pa.field(vector_column, column_type, nullable=False),
             ],
             metadata={ARROW_METADATA_KEY: json.dumps(self.metadata, ensure_ascii=False)},
         )
@@ -350,9 +356,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             offsets = mapped.slice(h.keys_offset, 8 * (n + 1))
             keys = pa.LargeStringArray.from_buffers(n, offsets, mapped.slice(h.keys_offset + 8 * (n + 1)))
             values = pa.Array.from_buffers(
-                value_type, n * self.dim, [None, mapped.slice(h.records_offset, h.records_size)]
+                value_type, h.n_rows * self.dim, [None, mapped.slice(h.records_offset, h.records_size)]
             )
             vectors = pa.FixedSizeListArray.from_arrays(values, type=list_type)
+            if h.ragged:  # u64 row offsets, read as Arrow's int64 ones (below 2**63: the file's rows fit)
+                ranges = mapped.slice(h.ranges_offset, h.ranges_size)
+                vectors = pa.Array.from_buffers(column_type, n, [None, ranges], children=[vectors])
             batches.append(pa.RecordBatch.from_arrays([keys, vectors], schema=schema))
         return pa.Table.from_batches(batches, schema=schema)
 
@@ -389,6 +398,10 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         for f in [*self.files, *self._segments]:
             f.close()
         self._layout_cache = None
+
+    def _refuse_ragged(self, what: str, instead: str) -> None:
+        if self.ragged:
+            raise TypeError(f"{self.path or 'this dataset'} holds per-residue (ragged) records; {what}: {instead}")
 
     def _require_open(self) -> None:
         if not self.files or self.files[0].closed:
@@ -465,7 +478,8 @@ class _RowsView:
 
     def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
         lo, hi, _ = index[0].indices(self.shape[0])
-        return self.dataset.take(np.arange(lo, hi))[:, index[1]]
+        rows: np.ndarray = self.dataset.take(np.arange(lo, hi))
+        return rows[:, index[1]]
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
         return self.dataset.__dask_tokenize__()
@@ -487,7 +501,7 @@ class _ItemsByRow(collections.abc.ItemsView[str, np.ndarray]):
             yield key, self._mapping.record(row)
 
 
-def _pooled(block: np.ndarray, offsets: np.ndarray, how: str) -> np.ndarray:
+def _pooled(block: np.ndarray, offsets: np.ndarray, how: str) -> Any:
     """One row per record of ``block`` (record ``i`` its rows ``offsets[i]`` to ``offsets[i + 1]``, at least
     one each), pooled ``how``."""
     starts = offsets[:-1]

@@ -79,6 +79,7 @@ class ShardWriter:
             raise errors.WriterError(f"{self.folder} exists and is {what}")
         if mode == "append" and not into:
             raise errors.WriterError(f"{self.folder}: no dataset to append to (write_shards creates one)")
+        self.ragged = bool(options.get("ragged", False))
         self._staging: Staging | None = None
         self._writer: Writer | None = None
         self._finished: list[str] = []  # shards written and not yet committed
@@ -96,7 +97,7 @@ class ShardWriter:
             record_bytes = int(dim) * np.dtype(dtype).itemsize  # type: ignore[call-overload]
             if shard_bytes < record_bytes:
                 raise ValueError(f"shard_bytes {shard_bytes} is less than one record ({record_bytes} bytes)")
-            self._per_shard = int(shard_bytes) // record_bytes
+            self._per_shard = int(shard_bytes) // record_bytes  # rows: of a ragged dataset, a record has several
             self._args = (dim, dtype, metadata)
             self._metadata = dict(metadata or {})
             self._options = options
@@ -108,6 +109,9 @@ class ShardWriter:
 
     def _fit(self, base: layout.Manifest, dim: int, dtype: object, metadata: Any) -> tuple[int, Any, Any]:
         """The dim, dtype and metadata of records appended to ``base``: its own."""
+        if self.ragged != base.ragged:
+            what = "ragged records" if base.ragged else "one row per record"
+            raise errors.WriterError(f"{self.folder} holds {what}; ragged={self.ragged} does not fit it")
         if dim != base.dim:
             raise errors.WriterError(f"{self.folder} holds vectors of dim {base.dim}, not {dim}")
         if dtype is not None and np.dtype(dtype) != np.dtype(base.dtype):  # type: ignore[call-overload]
@@ -124,11 +128,11 @@ class ShardWriter:
         return self._writer
 
     def _room(self) -> int:
-        """Records the current shard still takes, after finishing it and starting a new one if it is full."""
-        if len(self._current()) >= self._per_shard:
+        """Rows the current shard still takes, after finishing it and starting a new one if it is full."""
+        if self._current().rows >= self._per_shard:
             self._finish_shard()
             self._writer = self._next_writer()
-        return int(self._per_shard - len(self._current()))
+        return int(self._per_shard - self._current().rows)
 
     def _finish_shard(self) -> None:
         writer = self._current()
@@ -142,13 +146,25 @@ class ShardWriter:
         self._current().add(key, vector)
         self._added([key])
 
-    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any) -> None:
-        """Append one record per row of ``matrix`` (see :meth:`Writer.add_batch`)."""
+    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any, lengths: Any = None) -> None:
+        """Append one record per row of ``matrix``, or of a ragged dataset ``lengths[i]`` rows per key (see
+        :meth:`Writer.add_batch`)."""
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        if lengths is None:  # one row per key (a ragged writer says what is missing)
+            ends = np.arange(1, len(keys) + 1)
+        else:
+            ends = np.cumsum(np.asarray(lengths)) if len(keys) else np.zeros(0, np.int64)
+            if len(ends) != len(keys) or not self.ragged:
+                self._current().add_batch(keys, matrix, lengths)  # the writer's error
         lo = 0
         while lo < len(keys):
-            hi = lo + self._room()
-            self._current().add_batch(keys[lo:hi], matrix[lo:hi])
+            first = int(ends[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(ends, first + self._room(), "right")))  # a long record alone
+            last = int(ends[hi - 1])
+            if lengths is None:
+                self._current().add_batch(keys[lo:hi], matrix[lo:hi])
+            else:
+                self._current().add_batch(keys[lo:hi], matrix[first:last], lengths[lo:hi])
             self._added(keys[lo:hi])
             lo = hi
 
@@ -181,6 +197,7 @@ class ShardWriter:
             dtype=self.dtype.name,
             metadata=self._metadata,
             operation=self._operation(),
+            ragged=self.ragged,
         )
         self.version = manifest.version
         return manifest
@@ -257,11 +274,12 @@ class DatasetWriter(ShardWriter):
         self._refuse_present([key])
         super().add(key, vector)
 
-    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any) -> None:
-        """Append one record per row of ``matrix``; a key already there is a :class:`DuplicateKeyError`."""
+    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any, lengths: Any = None) -> None:
+        """Append one record per row of ``matrix`` (ragged: per ``lengths``); a key already there is a
+        :class:`DuplicateKeyError`."""
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         self._refuse_present(keys)
-        super().add_batch(keys, matrix)
+        super().add_batch(keys, matrix, lengths)
 
     def _refuse_present(self, keys: list[str]) -> None:
         index = self._current_index()

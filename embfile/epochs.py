@@ -12,6 +12,12 @@ disk; reading whole blocks in file order gives correlated batches.  The order he
    ``[r*n//W, (r+1)*n//W)`` of it (or ``n//W`` each, cut to whole batches, with ``drop_last``) and
    cuts them into batches.
 
+Ragged records (per-residue embeddings) are read by record, each batch padded to its longest record with a
+mask, or by row (``unit="row"``: every residue once, for per-residue heads).  With a ``token_budget`` the
+records of the rank's part of each window are sorted by length and cut into batches of at most that many
+padded rows, and those batches are shuffled: little padding, the same block-shuffled epoch, every record
+once.
+
 Every shuffle is the core's Fisher-Yates driven by ``(seed, epoch, window)`` (``_core.stream_seed``),
 so the order depends on nothing else: not on numpy's generators, the number of loader workers or the
 machine.  A window's blocks are sequential reads; the next window is asked of the operating system
@@ -35,6 +41,8 @@ from embfile._pages import Layout, ReadAhead
 BLOCK_BYTES = 1 << 20  # default block: about 1 MiB of records, one sequential read
 BUFFER_BLOCKS = 64  # default window: 64 blocks mixed together
 _BLOCK_ORDER_STREAM = (1 << 64) - 1  # the random stream of the block order (windows use 0, 1, ...)
+_BUDGET_STREAM = 1 << 63  # the order of window w's budgeted batches: stream 2**63 + w
+UNITS = ("record", "row")
 
 
 def count(value: object, name: str, low: int = 0) -> int:
@@ -78,6 +86,15 @@ class EpochOptions:
         Give every rank the same number of whole batches (what DDP needs so that no rank waits).
     keys : bool
         Yield ``(keys, matrix)`` pairs; ``False`` yields matrices alone.
+    unit : str
+        Of a ragged dataset, ``"record"`` (a batch of records, padded) or ``"row"`` (a batch of rows, every
+        row of every record once; the keys say whose).
+    token_budget : int or None
+        Of a ragged dataset read by record: batches of records of similar length, each at most this many
+        padded rows (a longer record alone), instead of ``batch_size`` records.
+    pad : bool
+        Of a ragged dataset read by record: batches padded, with a mask; ``False`` packs their rows with
+        offsets.
     """
 
     batch_size: int = 100
@@ -90,9 +107,18 @@ class EpochOptions:
     world_size: int = 1
     drop_last: bool = False
     keys: bool = True
+    unit: str = "record"
+    token_budget: int | None = None
+    pad: bool = True
 
     def __post_init__(self) -> None:
         checked: dict[str, object] = {"batch_size": count(self.batch_size, "batch_size", 1)}
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(map(repr, UNITS))}, not {self.unit!r}")
+        if self.token_budget is not None:
+            checked["token_budget"] = count(self.token_budget, "token_budget", 1)
+            if self.unit == "row":
+                raise ValueError('token_budget= batches records; unit="row" batches rows')
         for name in ("seed", "epoch"):
             if count(getattr(self, name), name) >= 1 << 64:
                 raise ValueError("seed and epoch must fit in 64 bits")
@@ -102,7 +128,7 @@ class EpochOptions:
         checked["world_size"] = world_size = count(self.world_size, "world_size", 1)
         if not count(self.rank, "rank") < world_size:
             raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
-        checked.update((name, bool(getattr(self, name))) for name in ("shuffle", "drop_last", "keys"))
+        checked.update((name, bool(getattr(self, name))) for name in ("shuffle", "drop_last", "keys", "pad"))
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # frozen: the checked values replace the given ones
 
@@ -208,19 +234,82 @@ class Rows(Protocol):
     dim: int
     dtype: np.dtype
 
+    @property
+    def ragged(self) -> bool: ...
     def __len__(self) -> int: ...
     def keys_at(self, rows: np.ndarray) -> list[str]: ...
+    def lengths(self) -> np.ndarray: ...
+    def _gather_ragged(self, records: np.ndarray, pad: bool) -> tuple[np.ndarray, np.ndarray]: ...
     def _layout(self) -> Layout: ...
     def _require_open(self) -> None: ...
+
+
+def budget_cuts(lengths: np.ndarray, budget: int) -> np.ndarray:
+    """Where to cut records of ascending ``lengths`` into batches of at most ``budget`` padded rows (each
+    batch as long as its last record), greedily: the indices that start a new batch."""
+    cuts, start = [], 0
+    for i, length in enumerate(lengths.tolist()):
+        if i > start and (i - start + 1) * length > budget:
+            cuts.append(i)
+            start = i
+    return np.array(cuts, np.int64)
+
+
+class BudgetBatches:
+    """The batches of positions ``[lo, hi)`` of an epoch under a token budget (see the module): the part of
+    each window in turn, its records sorted by length, cut by :func:`budget_cuts`, the batches shuffled.
+
+    A window's batches are made when asked for (the last window's are kept); the count of batches before a
+    window is known once every window before it was made.
+    """
+
+    def __init__(self, plan: EpochPlan, lengths: np.ndarray, lo: int, hi: int, budget: int) -> None:
+        self.plan, self.lengths, self.lo, self.hi, self.budget = plan, lengths, lo, hi, budget
+        self.windows = range(plan.window_of(lo), plan.window_of(hi - 1) + 1) if lo < hi else range(0)
+        self._firsts = [0]  # the number of batches before each window made so far
+        self._cached: tuple[int, list[np.ndarray]] = (-1, [])
+
+    def window(self, i: int) -> list[np.ndarray]:
+        """The batches of the ``i``-th window of the share, in the order they are read (rows, uint64)."""
+        if self._cached[0] == i:
+            return self._cached[1]
+        w, starts = self.windows[i], self.plan.window_starts
+        rows = self.plan.rows(max(self.lo, starts[w]), min(self.hi, starts[w + 1]))
+        rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+        batches = np.split(rows, budget_cuts(self.lengths[rows], self.budget))
+        order = np.arange(len(batches), dtype=np.uint64)
+        if self.plan.shuffle:
+            _core.shuffle(order, _core.stream_seed(self.plan.seed, self.plan.epoch, _BUDGET_STREAM + w))
+        self._cached = (i, [batches[k] for k in order.tolist()])
+        return self._cached[1]
+
+    def _counted(self, i: int) -> None:
+        while len(self._firsts) <= i + 1 and len(self._firsts) <= len(self.windows):
+            self._firsts.append(self._firsts[-1] + len(self.window(len(self._firsts) - 1)))
+
+    def batch(self, j: int) -> tuple[int, np.ndarray] | None:
+        """The window of batch ``j`` and its rows, or None past the last."""
+        i = bisect.bisect_right(self._firsts, j) - 1
+        while i < len(self.windows):
+            self._counted(i)
+            if j < self._firsts[i + 1]:
+                return self.windows[i], self.window(i)[j - self._firsts[i]]
+            i += 1
+        return None
+
+    def __len__(self) -> int:
+        self._counted(len(self.windows) - 1)
+        return self._firsts[-1]
 
 
 class Batches:
     """An iterator over the batches of one epoch for one rank (see :meth:`embfile.Dataset.iter_batches`).
 
     Yields ``(keys, matrix)`` (or ``matrix`` with ``keys=False``), ``matrix`` a new ``(b, dim)`` array,
-    each passed through ``transform`` if one is given.  ``worker`` and ``num_workers`` let several copies
+    each passed through ``transform`` if one is given; of ragged records ``(keys, padded, mask)`` (or
+    ``(keys, rows, offsets)`` without ``pad``).  ``worker`` and ``num_workers`` let several copies
     of the iterator (loader workers) each take every ``num_workers``-th batch of the same sequence;
-    ``start`` skips that many records of the rank's share (a resume point).
+    ``start`` skips that many records of the rank's share (a resume point; under a token budget, batches).
 
     ``state_dict()`` gives the position reached; ``load_state_dict(state)`` on an iterator made with the
     same options continues from it, with exactly the records not yet yielded.
@@ -248,18 +337,36 @@ class Batches:
         self.batch_size = options.batch_size
         self._source = source
         self._layout = source._layout()
-        block_size = options.block_size or max(1, BLOCK_BYTES // self._layout.record_bytes)
+        ragged = source.ragged
+        if not ragged and options.token_budget is not None:
+            raise ValueError("token_budget= batches ragged records; this dataset has one row per record")
+        self._by_row = ragged and options.unit == "row"
+        lengths = source.lengths() if ragged else None
+        self._row_of = np.concatenate([[0], np.cumsum(lengths)]) if lengths is not None else None  # record: row
+        n = int(self._row_of[-1]) if self._row_of is not None and self._by_row else len(source)
+        mean_rows = 1 if self._by_row or lengths is None else max(1, int(lengths.mean())) if len(lengths) else 1
+        block_size = options.block_size or max(1, BLOCK_BYTES // (self._layout.record_bytes * mean_rows))
         self.plan = EpochPlan(
-            len(source),
+            n,
             block_size=block_size,
             buffer_blocks=options.buffer_blocks,
             seed=options.seed,
             epoch=options.epoch,
             shuffle=options.shuffle,
         )
+        budget = options.token_budget
         self._lo, self._hi = rank_share(
-            self.plan.n, options.rank, options.world_size, self.batch_size, options.drop_last
+            self.plan.n, options.rank, options.world_size, self.batch_size, options.drop_last and budget is None
         )
+        self._budget: BudgetBatches | None = None
+        if budget is not None and lengths is not None:
+            self._budget = BudgetBatches(self.plan, lengths, self._lo, self._hi, budget)
+            shares = [rank_share(n, r, options.world_size, 1, False) for r in range(options.world_size)]
+            self._n_batches = (  # with drop_last, as many batches as the rank with the fewest
+                min(len(BudgetBatches(self.plan, lengths, a, b, budget)) for a, b in shares)
+                if options.drop_last
+                else None
+            )
         self._transform = transform
         self._worker, self._num_workers = worker, num_workers
         self._read_ahead = count(read_ahead, "read_ahead")
@@ -276,15 +383,35 @@ class Batches:
     def __iter__(self) -> Batches:
         return self
 
+    @property
+    def n_batches(self) -> int:
+        """Under a token budget, the batches of this rank's epoch."""
+        assert self._budget is not None
+        if self._n_batches is None:
+            self._n_batches = len(self._budget)
+        return self._n_batches
+
     def __len__(self) -> int:
         """Batches this iterator still yields."""
+        if self._budget is not None:
+            first = self._pos + self._worker
+            return -(-(self.n_batches - first) // self._num_workers) if first < self.n_batches else 0
         first = self._lo + self._pos + self._worker * self.batch_size
         left = -(-(self._hi - first) // self.batch_size) if first < self._hi else 0
         return -(-left // self._num_workers)
 
     def __next__(self) -> Any:
-        start = self._lo + self._pos + self._worker * self.batch_size
-        if start >= self._hi:
+        if self._budget is not None:
+            j = self._pos + self._worker
+            found = self._budget.batch(j) if j < self.n_batches else None
+            window, rows = found if found is not None else (-1, None)
+            step = self._num_workers
+        else:
+            start = self._lo + self._pos + self._worker * self.batch_size
+            stop = min(start + self.batch_size, self._hi)
+            window, rows = (self.plan.window_of(start), None) if start < self._hi else (-1, None)
+            step = self._num_workers * self.batch_size
+        if window < 0:
             self.close()
             raise StopIteration
         try:
@@ -292,14 +419,28 @@ class Batches:
         except errors.ClosedFileError:
             self.close()
             raise
-        stop = min(start + self.batch_size, self._hi)
-        self._enter(self.plan.window_of(start))
-        rows = self.plan.rows(start, stop)
-        matrix = np.empty((stop - start, self._source.dim), self._source.dtype)
-        self._layout.gather(rows, matrix)
-        self._pos += self._num_workers * self.batch_size
-        batch = (self._source.keys_at(rows), matrix) if self.options.keys else matrix
+        self._enter(window)
+        if rows is None:
+            rows = self.plan.rows(start, stop)
+        self._pos += step
+        batch = self._read(rows)
         return self._transform(batch) if self._transform is not None else batch
+
+    def _read(self, rows: np.ndarray) -> Any:
+        """The batch of ``rows`` (epoch items: records, or of ``unit="row"`` rows), with their keys."""
+        keys = self._source.keys_at(rows) if self.options.keys and not self._by_row else None
+        if self._row_of is not None and not self._by_row:  # ragged records
+            data: tuple[np.ndarray, ...] = self._source._gather_ragged(rows, self.options.pad)
+        else:
+            matrix = np.empty((len(rows), self._source.dim), self._source.dtype)
+            self._layout.gather(rows, matrix)
+            data = (matrix,)
+        if self.options.keys and self._by_row:  # the key of each row's record
+            assert self._row_of is not None
+            keys = self._source.keys_at((np.searchsorted(self._row_of, rows, "right") - 1).astype(np.uint64))
+        if keys is not None:
+            return (keys, *data)
+        return data if len(data) > 1 else data[0]
 
     def _enter(self, w: int) -> None:
         """Start on window ``w``: release the one before; have the reader ask the kernel for the windows
@@ -329,7 +470,10 @@ class Batches:
         if not len(blocks):
             return []
         runs = np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)
-        return [(int(r[0]) * size, min(n, (int(r[-1]) + 1) * size)) for r in runs]
+        ranges = [(int(r[0]) * size, min(n, (int(r[-1]) + 1) * size)) for r in runs]
+        if self._row_of is not None and not self._by_row:  # ragged records: their rows
+            return [(int(self._row_of[lo]), int(self._row_of[hi])) for lo, hi in ranges]
+        return ranges
 
     def close(self, wait: bool = True) -> None:
         """Stop the read-ahead thread and release the pages this iterator mapped.
@@ -359,7 +503,9 @@ class Batches:
             if state.get(name) != value:
                 raise ValueError(f"state was saved with {name}={state.get(name)!r}, this iterator has {name}={value!r}")
         position = count(state["position"], "position")
-        if position > self.share:
+        if self._budget is not None and position > self.n_batches:
+            raise ValueError(f"position {position} is past this rank's {self.n_batches} batches")
+        if self._budget is None and position > self.share:
             raise ValueError(f"position {position} is past this rank's {self.share} records")
         self._pos = position
 
@@ -375,6 +521,8 @@ class Batches:
             "rank": o.rank,
             "world_size": o.world_size,
             "drop_last": o.drop_last,
+            **({"unit": o.unit} if self._by_row else {}),
+            **({"token_budget": o.token_budget} if self._budget is not None else {}),
         }
 
 

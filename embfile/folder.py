@@ -29,7 +29,8 @@ from embfile import errors
 from embfile._staging import Staging, fsync_path, lock
 
 FORMAT = "embfile-dataset"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)  # 1.1: "ragged"
+FIXED_FORMAT_VERSION = (1, 0)  # a dataset without ragged records: what every 1.x reader reads
 META = "_embfile"
 SHARDS = "shards"
 INDEX = f"{META}/index"
@@ -81,6 +82,7 @@ class Manifest:
     created: str = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     )
+    ragged: bool = False  # records of their own length (FORMAT.md "Ragged records"); manifest 1.1
 
     def successor(
         self, shards: Iterable[FileEntry], segments: Iterable[FileEntry], operation: dict[str, Any]
@@ -99,6 +101,7 @@ class Manifest:
             segments=placed(segments),
             operation=operation,
             metadata=self.metadata,
+            ragged=self.ragged,
         )
 
     def files(self) -> set[str]:
@@ -108,7 +111,7 @@ class Manifest:
     def to_json(self) -> bytes:
         body = {
             "format": FORMAT,
-            "format_version": "{}.{}".format(*FORMAT_VERSION),
+            "format_version": "{}.{}".format(*(FORMAT_VERSION if self.ragged else FIXED_FORMAT_VERSION)),
             "version": self.version,
             "parent": self.parent,
             "created": self.created,
@@ -116,6 +119,7 @@ class Manifest:
             "dim": self.dim,
             "dtype": self.dtype,
             "count": self.count,
+            **({"ragged": True} if self.ragged else {}),
             "metadata": self.metadata,
             "shards": [s.to_json() for s in self.shards],
             "segments": [s.to_json() for s in self.segments],
@@ -149,6 +153,7 @@ class Manifest:
                 dim=_int(body["dim"], 1),
                 dtype=str(body["dtype"]),
                 count=_int(body["count"], 0),
+                ragged=_bool(body.get("ragged", False)),
                 metadata=dict(body["metadata"]),
                 shards=tuple(_entry(e) for e in body["shards"]),
                 segments=tuple(_entry(e, segment=True) for e in body["segments"]),
@@ -176,6 +181,12 @@ def placed(segments: Iterable[FileEntry]) -> tuple[FileEntry, ...]:
 def _int(value: object, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{value!r} is not an integer >= {low}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
     return value
 
 

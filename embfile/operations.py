@@ -20,6 +20,7 @@ from embfile import folder as layout
 from embfile._stream import Source, chunk_rows, source_of
 from embfile.dataset import Dataset
 from embfile.dataset_writer import ShardWriter
+from embfile.file import MappedFile
 from embfile.segments import KeyIndex, copied, merged, without_rows
 from embfile.shards import open as open_dataset
 from embfile.writer import Sink, Writer, write_source
@@ -47,7 +48,8 @@ def append(
         )
         return writers[-1]
 
-    write_source(_source(data, "append()", options), open_sink)
+    ragged = layout.read_manifest(folder).ragged if layout.is_versioned(folder) else None  # a mapping: as stored
+    write_source(_source(data, "append()", options, ragged), open_sink)
     version = writers[0].version
     assert version is not None
     return version
@@ -86,15 +88,16 @@ def compact(folder: PathLike, shard_bytes: int = 1 << 30) -> int:
 
         def plan(base: layout.Manifest | None) -> layout.Manifest | None:
             assert base is not None
-            per_shard = max(1, shard_bytes // (base.dim * np.dtype(base.dtype).itemsize))
-            runs: list[list[layout.FileEntry]] = []
+            per_shard = max(1, shard_bytes // (base.dim * np.dtype(base.dtype).itemsize))  # rows
+            runs: list[list[tuple[layout.FileEntry, int]]] = []
             for shard in base.shards:
-                if not runs or sum(s.count for s in runs[-1]) + shard.count > per_shard:
+                rows = _rows_of(tx.path(shard.path)) if base.ragged else shard.count
+                if not runs or sum(r for _, r in runs[-1]) + rows > per_shard:
                     runs.append([])
-                runs[-1].append(shard)
+                runs[-1].append((shard, rows))
             if len(runs) == len(base.shards) and len(base.segments) <= 1:
                 return None
-            shards = [run[0] if len(run) == 1 else copied(tx, run) for run in runs]
+            shards = [run[0][0] if len(run) == 1 else copied(tx, [s for s, _ in run]) for run in runs]
             segments = [merged(tx, base.segments)] if len(base.segments) > 1 else base.segments
             return base.successor(shards, segments, {"name": "compact", "records": base.count})
 
@@ -134,19 +137,21 @@ def subset(
         rows = np.unique(found[found >= 0]).astype(np.uint64)
         source = source_of(ds, "subset()")
         step = chunk_rows(ds.dim * ds.dtype.itemsize)
-        chunks = ((ds.keys_at(rows[lo : lo + step]), ds.take(rows[lo : lo + step])) for lo in range(0, len(rows), step))
+        if ds.ragged:  # records of a mean length per step of rows
+            step = max(1, step * len(ds) // max(1, int(ds.lengths().sum())))
+        chunks = (_subset_chunk(ds, rows[lo : lo + step]) for lo in range(0, len(rows), step))
         _write_new(dataclasses.replace(source, chunks=chunks, count=len(rows)), dst, shard_bytes)
     finally:
         if ds is not src:
             ds.close()
 
 
-def _source(data: Any, caller: str, options: dict[str, Any]) -> Source:
+def _source(data: Any, caller: str, options: dict[str, Any], ragged: bool | None = None) -> Source:
     if isinstance(data, (str, os.PathLike)):
         return formats.read(data, **options)
     if options:
         raise TypeError(f"{caller}: options {sorted(options)} apply to reading a file or folder only")
-    return source_of(data, caller)
+    return source_of(data, caller, ragged)
 
 
 def _write_new(source: Source, dst: PathLike, shard_bytes: int) -> None:
@@ -158,6 +163,21 @@ def _write_new(source: Source, dst: PathLike, shard_bytes: int) -> None:
         return ShardWriter(dst, dim, dtype, meta, shard_bytes=shard_bytes, ragged=ragged)
 
     write_source(source, open_sink)
+
+
+def _subset_chunk(ds: Dataset, rows: np.ndarray) -> tuple[Any, ...]:
+    if ds.ragged:
+        block, offsets = ds.take(rows, pad=False)
+        return ds.keys_at(rows), block, np.diff(offsets)
+    return ds.keys_at(rows), ds.take(rows)
+
+
+def _rows_of(path: str) -> int:
+    f = MappedFile(path)
+    try:
+        return f.rows
+    finally:
+        f.close()
 
 
 def _key_list(keys: Iterable[str], caller: str) -> list[str]:

@@ -82,7 +82,7 @@ def without_rows(tx: Transaction, base: Manifest, rows: np.ndarray) -> tuple[lis
     segments = _rewritten(tx, base.segments, rows, lambda tx, f, live: write_segment(tx, _keys_at(f, live)))
     if not shards:  # every record removed: a version names at least one shard
         name = tx.new_name(SHARDS)
-        Writer(tx.path(name), base.dim, base.dtype).close()
+        Writer(tx.path(name), base.dim, base.dtype, ragged=base.ragged).close()
         shards = [entry(tx.folder, name)]
     return shards, segments
 
@@ -131,12 +131,18 @@ def _new_shard(tx: Transaction, like: MappedFile, parts: Sequence[tuple[MappedFi
     """A new shard of the records at ``rows`` of each ``(file, rows)``, with the user metadata of ``like``."""
     name = tx.new_name(SHARDS)
     meta = {k: v for k, v in like.metadata.items() if k != "embfile"}
-    step = max(1, ROW_CHUNK_BYTES // (like.dim * like.dtype.itemsize))
-    with Writer(tx.path(name), like.dim, like.dtype, meta) as w:
+    step = max(1, ROW_CHUNK_BYTES // (like.dim * like.dtype.itemsize))  # ragged: records, not rows (bounded below)
+    if like.ragged:
+        step = max(1, step * like.count // max(like.rows, 1))
+    with Writer(tx.path(name), like.dim, like.dtype, meta, ragged=like.ragged) as w:
         for f, rows in parts:
             for lo in range(0, len(rows), step):
                 chunk = rows[lo : lo + step]
-                w.add_batch(f.table().keys_at(chunk), f.matrix[chunk])
+                if f.ragged:
+                    block, offsets = f.table()._gather_ragged(chunk, False)
+                    w.add_batch(f.table().keys_at(chunk), block, np.diff(offsets))
+                else:
+                    w.add_batch(f.table().keys_at(chunk), f.matrix[chunk])
     return entry(tx.folder, name)
 
 
@@ -214,6 +220,7 @@ def commit_shards(
     dtype: str,
     metadata: dict[str, Any],
     operation: str,
+    ragged: bool = False,
 ) -> Manifest:
     """Commit ``shards`` (files of ``tx``, in row order) as the next version, with one segment of their keys:
     after the latest version's records (``append``; ``replace`` as in :func:`appended`), or alone (a new
@@ -235,6 +242,7 @@ def commit_shards(
             segments=placed([segment] if segment.count else []),
             operation=done,
             metadata=metadata,
+            ragged=ragged,
         )
 
     manifest = tx.commit(plan)

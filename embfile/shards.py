@@ -97,6 +97,9 @@ def _check_shards(shards: Sequence[MappedFile], where: str) -> None:
                 f"{s.path} has dim {s.dim} and dtype {s.dtype.name}, "
                 f"{first.path} dim {first.dim} and dtype {first.dtype.name}"
             )
+        if s.ragged != first.ragged:
+            ragged, fixed = (s, first) if s.ragged else (first, s)
+            raise errors.ShardError(f"{ragged.path} holds ragged records, {fixed.path} one row per record")
 
 
 def _open_named(folder: str, entry: layout.FileEntry) -> MappedFile:
@@ -175,8 +178,8 @@ class ShardedEmbFile(Dataset):
             for entry in manifest.shards:
                 files.append(_open_named(folder, entry))
             _check_shards(files, folder)
-            if (files[0].dim, files[0].dtype.name) != (manifest.dim, manifest.dtype):
-                raise errors.ShardError(f"{files[0].path} is not of the manifest's dim and dtype")
+            if (files[0].dim, files[0].dtype.name, files[0].ragged) != (manifest.dim, manifest.dtype, manifest.ragged):
+                raise errors.ShardError(f"{files[0].path} is not of the manifest's dim, dtype and layout")
             shards = len(files)
             for entry in manifest.segments:
                 files.append(_open_named(folder, entry))

@@ -112,6 +112,11 @@ class Writer:
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
+    @property
+    def rows(self) -> int:
+        """Rows added so far: one per record, or of a ragged file each record's own."""
+        return self._ranges[-1] if self.ragged else len(self)
+
     def add(self, key: str, vector: Any) -> None:
         """Append one record: a ``(dim,)`` vector, or to a ragged writer a ``(length, dim)`` matrix.  On an
         error nothing is added and the writer stays usable."""

@@ -45,7 +45,7 @@ def steps(path, probes=()):
 
     def epoch():
         seen = 0
-        for keys, m in db.iter_batches(7, seed=1, block_size=5, buffer_blocks=3):
+        for keys, m, *_mask in db.iter_batches(7, seed=1, block_size=5, buffer_blocks=3):  # ragged: a mask
             seen += len(keys)
             m.sum()
         assert seen == len(db), f"an epoch gave {seen} of {len(db)} records"

@@ -86,7 +86,7 @@ def _reseal(data):
     if sections_fit and F.valid_block_bytes(h.block_bytes):
         rec = bytes(data[h.records_offset : h.records_offset + h.records_size])
         sums = [*_core.crc32c_blocks(rec, h.block_bytes).tolist()]
-        sums += [_core.crc32c(bytes(data[h.offset(s) : h.offset(s) + h.size(s)])) for s in ("index", "keys", "meta")]
+        sums += [_core.crc32c(bytes(data[h.offset(s) : h.offset(s) + h.size(s)])) for s in h.checked_sections]
         packed = np.array(sums, "<u4").tobytes()[: h.sums_size]
         data[h.sums_offset : h.sums_offset + len(packed)] = packed
     data[: F.HEADER_SIZE] = h.pack()
@@ -176,4 +176,10 @@ def write_seeds(folder):
         matrix = (rng.standard_normal((len(keys), dim)) * 50).astype(dtype)
         embfile.write(path, (keys, matrix), metadata={"seed": name}, **options)
         seeds[name] = (path, keys)
+    # per-residue records: a ranges section, 4 KiB checksum blocks across records
+    keys = [f"P{i:05d}" for i in range(60)]
+    path = os.path.join(folder, "ragged.emb")
+    records = {k: rng.standard_normal((int(rng.integers(1, 40)), 16)).astype("float16") for k in keys}
+    embfile.write(path, records, ragged=True, metadata={"seed": "ragged"}, block_bytes=4096, bucket_keys=4)
+    seeds["ragged"] = (path, keys)
     return seeds

@@ -74,7 +74,15 @@ class RemoteFile:
                 (h.index_offset, h.index_offset + top_end),  # the common prefix and the top of the index
                 (h.keys_offset, h.keys_offset + 8),  # the keys offsets' first and last (checked at open)
                 (h.keys_offset + 8 * h.count, h.keys_offset + 8 * h.count + 8),
-                (h.sums_offset + h.sums_size - 12, h.sums_offset + h.sums_size),  # index, keys, meta CRCs
+                (h.sums_offset + h.sums_size - 16, h.sums_offset + h.sums_size),  # index, keys, meta (ranges) CRCs
+                *(  # ragged: the ranges' first and last (checked at open)
+                    [
+                        (h.ranges_offset, h.ranges_offset + 8),
+                        (h.ranges_offset + 8 * h.count, h.ranges_offset + 8 * h.count + 8),
+                    ]
+                    if h.ragged
+                    else []
+                ),
             ]
         )
         self.mapped = self._checked(MappedFile(self.partial.path))
@@ -296,19 +304,22 @@ class RemoteDataset(Dataset):
         self._fetch_rows(rows[rows >= 0])
 
     def _fetch_rows(self, rows: np.ndarray) -> None:
-        """Fetch the pages of the records at ``rows``."""
+        """Fetch the pages of the records at ``rows`` (of ragged records, their ranges first)."""
         if self._whole or not rows.size:
             return
         starts = np.asarray(self._starts, np.int64)
         part = np.searchsorted(starts, rows, side="right") - 1
+        parts = [(self._remote_files[p], np.unique(rows[part == p] - starts[p])) for p in np.unique(part).tolist()]
+        if self.ragged:
+            ranges = [(f, f.mapped.header.ranges_offset + 8 * r) for f, local in parts for r in local.tolist()]
+            fetch_all(_merged([(f, a, b) for f, at in ranges for a, b in f.needs(at, at + 16)]))
         requests = []
-        for p in np.unique(part).tolist():
-            f = self._remote_files[p]
+        for f, local in parts:
             h, rb = f.mapped.header, self.dim * self.dtype.itemsize
-            local = np.unique(rows[part == p] - starts[p])
             for r in local.tolist():
-                at = h.records_offset + r * rb
-                requests += [(f, a, b) for a, b in f.needs(at, at + rb)]
+                lo, hi = (int(x) for x in f.mapped.ranges()[r : r + 2]) if h.ragged else (r, r + 1)
+                lo, hi = min(lo, h.n_rows), min(max(lo, hi), h.n_rows)  # damaged ranges: the table says so
+                requests += [(f, a, b) for a, b in f.needs(h.records_offset + lo * rb, h.records_offset + hi * rb)]
         fetch_all(_merged(requests))
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -334,10 +345,10 @@ class RemoteDataset(Dataset):
         self._fetch_for(keys)
         return super().find_rows(keys)
 
-    def get_batch(self, keys: Any) -> np.ndarray:
+    def get_batch(self, keys: Any, pad: bool = True) -> Any:
         keys = _listed(keys)
         self._fetch_for(keys)
-        return super().get_batch(keys)
+        return super().get_batch(keys, pad)
 
     def record(self, row: int) -> np.ndarray:
         self._require_attached()
@@ -347,12 +358,14 @@ class RemoteDataset(Dataset):
                 self._fetch_rows(np.array([r]))
         return super().record(row)
 
-    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    def take(self, rows: Sequence[int] | np.ndarray, pad: bool = True) -> Any:
         if self._whole:
-            return super().take(rows)
+            return super().take(rows, pad)
         self._require_attached()
         rows = self._row_numbers(rows)
         self._fetch_rows(rows.astype(np.int64))
+        if self.ragged:
+            return self._gather_ragged(rows, pad)
         out = np.empty((len(rows), self.dim), self.dtype)
         matrices = [f.mapped.matrix for f in self._remote_files]  # the partial copies: not Dataset._layout()
         bases = np.array([m.ctypes.data for m in matrices], np.uintp)
