@@ -1,5 +1,5 @@
-"""PyTorch adapters (``pip install "embfile[torch]"``): a map-style ``Dataset`` and an ``IterableDataset``
-of block-shuffled batches.
+"""PyTorch adapters (``pip install "embfile[torch]"``): a map-style ``Dataset``, an ``IterableDataset``
+of block-shuffled batches, and :func:`collate`, which pads per-residue records into a batch with a mask.
 
 Both take a path (a file or a sharded folder) or an open dataset.  Datasets pickle by path, so these work
 in DataLoader workers under ``fork`` and ``spawn`` alike.
@@ -26,8 +26,23 @@ def _dataset(source: Source) -> embfile.Dataset:
     return source if isinstance(source, embfile.Dataset) else embfile.open(source)
 
 
+def collate(items: Sequence[torch.Tensor]) -> Any:
+    """A DataLoader batch of items: stacked, or of per-residue ``(length, dim)`` items a zero-padded
+    ``(batch, longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows."""
+    if not items or items[0].dim() == 1:
+        return torch.stack(list(items))
+    longest = max(len(t) for t in items)
+    out = items[0].new_zeros((len(items), longest, items[0].shape[1]))
+    mask = torch.zeros((len(items), longest), dtype=torch.bool)
+    for i, t in enumerate(items):
+        out[i, : len(t)] = t
+        mask[i, : len(t)] = True
+    return out, mask
+
+
 class Dataset(torch.utils.data.Dataset):
-    """Item ``i`` is the vector at row ``i``, or of ``keys[i]`` when ``keys`` is given, as a tensor.
+    """Item ``i`` is the vector at row ``i``, or of ``keys[i]`` when ``keys`` is given, as a tensor (of a
+    ragged dataset, the record's ``(length, dim)`` rows: batch them with ``collate_fn=embfile.torch.collate``).
 
     A DataLoader's batch is fetched with one native gather (``__getitems__``).  Single items are copied
     out of the read-only mapping (a tensor over it could not be written safely); batches come from a
@@ -49,9 +64,12 @@ class Dataset(torch.utils.data.Dataset):
         return self.store.rows([self.keys[i] for i in indices])
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(self.store.take(self._rows([index]))[0])
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        if self.store.ragged:
+            rows, offsets = self.store.take(self._rows(indices), pad=False)
+            return list(torch.from_numpy(rows).split(np.diff(offsets).tolist()))
         return list(torch.from_numpy(self.store.take(self._rows(indices))))
 
 
@@ -62,8 +80,8 @@ class IterableDataset(torch.utils.data.IterableDataset):
     rank's sequence, so the loader yields the same batches in the same order for any ``k``.  ``rank`` and
     ``world_size`` default to ``torch.distributed``'s when it is initialised; the other options are those
     of :class:`~embfile.epochs.EpochOptions` (``keys`` defaults to False here).  Yields tensors sharing
-    memory with the new batch arrays (``(keys, tensor)`` with ``keys=True``), passed through ``transform``
-    if given.
+    memory with the new batch arrays (``(keys, tensor)`` with ``keys=True``; of ragged records
+    ``(padded, mask)`` or, under ``pad=False``, ``(rows, offsets)``), passed through ``transform`` if given.
 
     Call :meth:`set_epoch` before each epoch.  To resume, save ``ds.state_dict(batches_seen)`` and call
     ``ds.load_state_dict(state)`` on a dataset made the same way before iterating again.
@@ -105,8 +123,9 @@ class IterableDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for batch in self._batches(worker, num_workers):
-            if self.options.keys:
-                batch = (batch[0], torch.from_numpy(batch[1]))
+            if isinstance(batch, tuple):  # keys, then one array or two (ragged)
+                first = 1 if self.options.keys else 0
+                batch = (*batch[:first], *(torch.from_numpy(a) for a in batch[first:]))
             else:
                 batch = torch.from_numpy(batch)
             yield self.transform(batch) if self.transform is not None else batch
@@ -114,6 +133,9 @@ class IterableDataset(torch.utils.data.IterableDataset):
     def state_dict(self, batches_seen: int) -> dict[str, Any]:
         """The resume point after the loader yielded ``batches_seen`` batches of this pass."""
         it = self._batches()
+        if self.options.token_budget is not None:  # positions count batches
+            position = min(self._start + count(batches_seen, "batches_seen"), it.n_batches)
+            return {**it.state_dict(), "position": position}
         position = min(self._start + count(batches_seen, "batches_seen") * it.batch_size, it.share)
         return {**it.state_dict(), "position": position}
 

@@ -115,3 +115,45 @@ def test_transform_gets_tensors(store):
     ds = IterableDataset(folder / "db.emb", 300, shuffle=False, transform=lambda x: x.sum(1))
     got = torch.cat(list(DataLoader(ds, batch_size=None)))
     np.testing.assert_allclose(got.numpy(), matrix.sum(1), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def residues(tmp_path_factory):
+    """Per-residue records: 300 keys of 5 to 400 rows."""
+    rng = np.random.default_rng(4)
+    records = {f"P{i:04d}": rng.random((int(n), 4)).astype(np.float32) for i, n in enumerate(rng.integers(5, 400, 300))}
+    path = tmp_path_factory.mktemp("residues") / "r.emb"
+    embfile.write(path, records, ragged=True)
+    return path, records
+
+
+def test_map_style_per_residue_items_collate_with_a_mask(residues):
+    from embfile.torch import collate
+
+    path, records = residues
+    keys = list(records)[::-1]
+    loader = DataLoader(Dataset(path, keys=keys), batch_size=16, num_workers=2, collate_fn=collate)
+    seen = 0
+    for x, mask in loader:
+        batch = keys[seen : seen + len(x)]
+        for i, k in enumerate(batch):
+            assert mask[i].sum() == len(records[k]) and not mask[i, len(records[k]) :].any()
+            np.testing.assert_array_equal(x[i, : len(records[k])].numpy(), records[k])
+            assert (x[i, len(records[k]) :] == 0).all()
+        seen += len(x)
+    assert seen == len(keys)
+    assert Dataset(path)[3].shape == records[keys[-4]].shape
+
+
+def test_token_budget_epochs_through_loader_workers_give_every_record_once(residues):
+    path, records = residues
+    ds = IterableDataset(path, token_budget=4000, keys=True, seed=2)
+    one = [(tuple(k), x.shape) for k, x, mask in DataLoader(ds, batch_size=None)]
+    two = [(tuple(k), x.shape) for k, x, mask in DataLoader(ds, batch_size=None, num_workers=2)]
+    assert one == two  # the same batches in the same order for any number of workers
+    assert sorted(k for keys, _ in one for k in keys) == sorted(records)
+    assert all(shape[0] * shape[1] <= 4000 or shape[0] == 1 for _, shape in one)
+    state = ds.state_dict(5)
+    resumed = IterableDataset(path, token_budget=4000, keys=True, seed=2)
+    resumed.load_state_dict(state)
+    assert [(tuple(k), x.shape) for k, x, _ in DataLoader(resumed, batch_size=None)] == one[5:]
