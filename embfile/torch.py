@@ -69,7 +69,7 @@ class Dataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         if self.store.ragged:
             rows, offsets = self.store.take(self._rows(indices), pad=False)
-            return list(torch.from_numpy(rows).split(np.diff(offsets).tolist()))
+            return [torch.from_numpy(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
         return list(torch.from_numpy(self.store.take(self._rows(indices))))
 
 
