@@ -1,4 +1,4 @@
-"""The .emb format, version 1.0: its constants and the one codec of its header.
+"""The .emb format, version 1.1: its constants and the one codec of its header.
 
 Sections in comments refer to FORMAT.md.  :class:`Header` packs, unpacks and validates the 256-byte
 header; the reader, the writer, ``verify``, the fuzzers and the tests all go through it.

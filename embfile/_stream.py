@@ -23,6 +23,7 @@ from embfile import _core, errors
 from embfile._keys import EncodedKeys
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
+POOLINGS = ("mean", "max", "first", "last")  # what makes one vector of a ragged record's rows
 
 Chunk = tuple[list[str] | EncodedKeys, np.ndarray]  # keys, and their records: one row each
 RaggedChunk = tuple[list[str] | EncodedKeys, np.ndarray, np.ndarray]  # keys, their rows, each key's row count
@@ -183,6 +184,45 @@ def _mapping_chunks(first: tuple[Any, Any], items: Iterator[tuple[Any, Any]], v0
 def _stacked(batch: list[tuple[Any, Any]], dim: int) -> Chunk:
     vectors = [as_vector(k, v, dim) for k, v in batch]
     return [k for k, _ in batch], np.stack(vectors)
+
+
+def pool_rows(block: np.ndarray, offsets: np.ndarray, how: str) -> Any:
+    """One row per record of ``block`` (record ``i`` its rows ``offsets[i]`` to ``offsets[i + 1]``, at least
+    one each), pooled ``how``: a mean is summed in float64, of float16 (and 8-bit) rows in float32."""
+    starts = offsets[:-1]
+    if how == "first":
+        return block[starts]
+    if how == "last":
+        return block[offsets[1:] - 1]
+    if how == "max":
+        return np.maximum.reduceat(block, starts)
+    wide = np.dtype(np.float32 if block.dtype.itemsize < 4 else np.float64)
+    sums = np.add.reduceat(block, starts, dtype=wide)
+    return sums / np.diff(offsets).astype(wide)[:, None]
+
+
+def pooled(source: Source, how: str | None) -> Source:
+    """A ragged ``source`` pooled ``how`` into one vector per key (``None``: as it is).  The mean of float16
+    records stays float16, of integers becomes float32."""
+    if how is None:
+        return source
+    if how not in POOLINGS:
+        raise ValueError(f"pool must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
+    if not source.ragged:
+        raise errors.ConversionError(
+            f"{source.description.get('path', 'the input')}: one vector per key already; pool= applies to "
+            "per-residue (L, D) input"
+        )
+    dtype = np.dtype(np.float32) if how == "mean" and source.dtype.kind in "iu" else source.dtype
+
+    def chunks() -> Iterator[Chunk]:
+        for keys, rows, lengths in source.chunks:
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            yield keys, pool_rows(rows, offsets, how).astype(dtype, copy=False)
+
+    return dataclasses.replace(
+        source, dtype=dtype, chunks=chunks(), description={**source.description, "pool": how}, ragged=False
+    )
 
 
 def prefetched(chunks: Iterable[Chunk], depth: int = 2) -> Iterator[Chunk]:

@@ -18,13 +18,16 @@ import numpy as np
 
 import embfile
 from embfile import errors, folder, formats, remote
+from embfile._stream import POOLINGS
 
 _EXAMPLES = {
     "convert": """examples:
   embfile convert prott5.h5 prott5.emb --dtype float16        # ProtTrans per-protein HDF5
+  embfile convert residues.h5 residues.emb                    # per-residue (L, D) -> ragged records
   embfile convert residues.h5 proteins.emb --pool mean        # per-residue (L, D) -> mean vectors
   embfile convert reduced.h5 db.emb --key-attr original_id    # bio_embeddings: ids in an attribute
   embfile convert esm_out/ esm2.emb --layer 33                # fair-esm extract.py folder of .pt files
+  embfile convert esm_out/ residues.emb --per-residue --layer 33   # their per-residue representations
   embfile convert table.parquet db.emb --vector-column embedding
   embfile convert db.emb db.parquet --row-group-size 50000
   embfile convert db.emb db.h5 --compression gzip
@@ -100,11 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", help="stored element type, e.g. float16 (default: the input's)")
     c.add_argument("--metadata", type=json.loads, help="JSON object to add to the metadata")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    c.add_argument(
+        "--pool",
+        choices=POOLINGS,
+        help="pool per-residue (L, D) input into one vector per key (default: keep every row, a ragged file)",
+    )
     g = c.add_argument_group("HDF5")
     g.add_argument("--group", help="read under this group (default /)")
-    g.add_argument("--layout", choices=["bulk", "per-key"], help="input: detected; output: bulk (default)")
+    g.add_argument(
+        "--layout",
+        choices=["bulk", "per-key", "skbio"],
+        help="input: detected (skbio: scikit-bio's embed format); output: bulk, per-key for per-residue records",
+    )
     g.add_argument("--key-attr", help="take each key from this dataset attribute (e.g. original_id)")
-    g.add_argument("--pool", choices=["mean"], help="pool per-residue (L, D) embeddings into one vector")
     g.add_argument("--ids", help="bulk layout: the ids dataset (default: detected; output: keys)")
     g.add_argument("--vectors", help="bulk layout: the matrix dataset (default: detected; output: vectors)")
     g.add_argument("--compression", help="HDF5 output: gzip or lzf; Parquet output: codec of the keys")
@@ -115,7 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--wide-columns", type=lambda s: s.split(","), help="... or these, comma-separated")
     g.add_argument("--row-group-size", type=int, help="rows per row group (default: about 64 MiB)")
     g = c.add_argument_group("others")
-    g.add_argument("--layer", type=int, help="ESM: the layer of mean_representations to take")
+    g.add_argument("--layer", type=int, help="ESM: the layer of the representations to take")
+    g.add_argument(
+        "--per-residue", action="store_true", help="ESM: the per-residue representations, not mean_representations"
+    )
     g.add_argument("--keys", help="npy: the text file of keys, one a line (default: NAME.txt)")
     g.add_argument("--trust-pickle", action="store_true", help="pickle: load it (this runs its code)")
 
@@ -245,6 +259,8 @@ def _convert(args: argparse.Namespace) -> None:
     options = {k: getattr(args, k) for k in _CONVERT_OPTIONS if getattr(args, k) is not None}
     if args.trust_pickle:
         options["trust_pickle"] = True
+    if args.per_residue:
+        options["per_residue"] = True
     if args.metadata is not None and not isinstance(args.metadata, dict):
         raise ValueError("--metadata must be a JSON object")
     t = time.perf_counter()

@@ -27,6 +27,7 @@ from embfile import _core, errors, search
 from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
+from embfile._stream import POOLINGS, pool_rows
 from embfile.epochs import Batches, EpochOptions
 from embfile.file import MappedFile, attach
 from embfile.writer import Writer
@@ -34,7 +35,6 @@ from embfile.writer import Writer
 KEY_CHUNK = 4096  # keys decoded at a time by an iteration: fast, and bounded in memory
 KEYS_AHEAD = 1 << 16  # keys asked of the disk ahead of an iteration
 ARROW_METADATA_KEY = b"embfile.metadata"  # schema metadata where Arrow and Parquet exports keep the metadata
-POOLINGS = ("mean", "max", "first", "last")
 
 
 class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
@@ -171,24 +171,24 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
 
         With ``out``, written there as a per-protein .emb file (its metadata the user's and ``"pooling"``),
         else returned as a new ``(n, dim)`` array in row order.  ``dtype`` defaults to the stored one (a mean
-        of integers to float32); a mean is summed in float64 or, for float16 and float32, in float32 at least.
+        of integers to float32); a mean is summed in float64 (float16 in float32).
         ``options`` go to :class:`~embfile.Writer`.
         """
         self._require_open()
         if how not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
+            raise ValueError(f"pool must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
         mean_of_ints = how == "mean" and self.dtype.kind in "iu"
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32) if mean_of_ints else self.dtype  # type: ignore[call-overload]
         step = max(1, (64 << 20) // (self.dim * self.dtype.itemsize))
         if out is None:
             result = np.empty((len(self), self.dim), out_dtype)
             for lo, hi, block, offsets in self.ragged_chunks(step):
-                result[lo:hi] = _pooled(block, offsets, how)
+                result[lo:hi] = pool_rows(block, offsets, how)
             return result
         meta = {k: v for k, v in self.metadata.items() if k != "embfile"}
         with Writer(out, self.dim, out_dtype, {**meta, "pooling": how}, **options) as w:
             for lo, hi, block, offsets in self.ragged_chunks(step):
-                w.add_batch(self.keys_between(lo, hi), _pooled(block, offsets, how))
+                w.add_batch(self.keys_between(lo, hi), pool_rows(block, offsets, how))
         return None
 
     def _row_numbers(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -499,18 +499,3 @@ class _ItemsByRow(collections.abc.ItemsView[str, np.ndarray]):
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for row, key in enumerate(self._mapping):
             yield key, self._mapping.record(row)
-
-
-def _pooled(block: np.ndarray, offsets: np.ndarray, how: str) -> Any:
-    """One row per record of ``block`` (record ``i`` its rows ``offsets[i]`` to ``offsets[i + 1]``, at least
-    one each), pooled ``how``."""
-    starts = offsets[:-1]
-    if how == "first":
-        return block[starts]
-    if how == "last":
-        return block[offsets[1:] - 1]
-    if how == "max":
-        return np.maximum.reduceat(block, starts)
-    wide = np.result_type(block.dtype, np.float32)
-    sums = np.add.reduceat(block, starts, dtype=wide)
-    return sums / np.diff(offsets).astype(wide)[:, None]

@@ -143,7 +143,10 @@ def test_user_errors_are_one_line(tmp_path, study):
     )
     with h5py.File(tmp_path / "res.h5", "w") as f:
         f.create_dataset("P1", data=np.zeros((7, 4), np.float16))
-    assert_user_error(cli("convert", tmp_path / "res.h5", tmp_path / "o.emb", check=False), "--pool mean")
+        f.create_dataset("P2", data=np.zeros((7, 5), np.float16))
+    assert_user_error(
+        cli("convert", tmp_path / "res.h5", tmp_path / "o.emb", check=False), "'P2' has shape (7, 5), expected (L, 4)"
+    )
     (tmp_path / "d.pkl").write_bytes(b"\x80\x04N.")
     assert_user_error(cli("convert", tmp_path / "d.pkl", tmp_path / "o.emb", check=False), "--trust-pickle")
     assert_user_error(cli("convert", path, tmp_path / "o.emb", "--layer", "3", check=False), "'layer'")

@@ -39,16 +39,44 @@ def test_prott5_per_protein(tmp_path, proteins):
     assert meta["source"]["format"] == "hdf5" and meta["source"]["layout"] == "per-key"
 
 
-def test_per_residue_needs_pool(tmp_path):
+def test_per_residue_becomes_ragged_or_pooled(tmp_path):
     rng = np.random.default_rng(2)
     residues = {f"P{i}": rng.standard_normal((10 + i, 64)).astype(np.float16) for i in range(20)}
+    residues["P_one"] = rng.standard_normal(64).astype(np.float16)  # ProtTrans squeezes a 1-residue peptide
     write_prott5(tmp_path / "res.h5", residues)
-    with pytest.raises(embfile.ConversionError, match=r"per-residue.*pool='mean' \(--pool mean\)"):
-        embfile.convert(tmp_path / "res.h5", tmp_path / "r.emb")
-    assert not os.path.exists(tmp_path / "r.emb")
-    embfile.convert(tmp_path / "res.h5", tmp_path / "r.emb", pool="mean")
-    expected = {k: v.astype(np.float32).mean(0).astype(np.float16) for k, v in residues.items()}
-    assert_store(tmp_path / "r.emb", expected)
+    embfile.convert(tmp_path / "res.h5", tmp_path / "r.emb")
+    with embfile.open(tmp_path / "r.emb") as db:
+        assert db.ragged and db.dtype == np.float16 and sorted(db) == sorted(residues)
+        for k, m in residues.items():
+            np.testing.assert_array_equal(db[k], m.reshape(-1, 64))
+    for how, reduce in [("mean", lambda m: m.astype(np.float32).mean(0)), ("max", lambda m: m.max(0))]:
+        embfile.convert(tmp_path / "res.h5", tmp_path / f"{how}.emb", pool=how)
+        expected = {k: reduce(v.reshape(-1, 64)).astype(np.float16) for k, v in residues.items()}
+        assert_store(tmp_path / f"{how}.emb", expected)
+        assert embfile.open(tmp_path / f"{how}.emb").metadata["source"]["pool"] == how
+    # and back out, one (L, D) dataset per key, as ProtTrans wrote them
+    embfile.convert(tmp_path / "r.emb", tmp_path / "back.h5")
+    with h5py.File(tmp_path / "back.h5") as f:
+        for k, m in residues.items():
+            np.testing.assert_array_equal(f[k][()], m.reshape(-1, 64))
+    with pytest.raises(embfile.ConversionError, match="layout='per-key'"):
+        embfile.convert(tmp_path / "r.emb", tmp_path / "bulk.h5", layout="bulk")
+
+
+def test_scikit_bio_embed_files(tmp_path):
+    skbio = pytest.importorskip("skbio")
+    from skbio.embedding import ProteinEmbedding
+
+    rng = np.random.default_rng(9)
+    seqs = ["MKVLAAGIVG", "ACDEFGHIKLMNPQ", "WY", "MSTNPKPQRKTKRNTNRRPQDVKFPGG"]
+    objs = [ProteinEmbedding(rng.standard_normal((len(s), 8)).astype(np.float32), s) for s in seqs]
+    skbio.io.write((o for o in objs), format="embed", into=str(tmp_path / "sk.h5"))
+    embfile.convert(tmp_path / "sk.h5", tmp_path / "sk.emb")
+    with embfile.open(tmp_path / "sk.emb") as db:
+        assert db.ragged and list(db) == seqs  # scikit-bio keys a record by its sequence
+        for s, o in zip(seqs, objs):
+            np.testing.assert_array_equal(db[s], o.embedding)  # the last one too, which its writer half drops
+    assert embfile.open(tmp_path / "sk.emb").metadata["source"]["layout"] == "skbio"
 
 
 def test_bio_embeddings_original_id(tmp_path):
@@ -96,7 +124,7 @@ def test_bulk_names_and_ambiguity(tmp_path):
     assert_store(tmp_path / "b.emb", {"x": np.ones(4), "y": np.ones(4), "z": np.ones(4)})
     with pytest.raises(embfile.ConversionError, match="no dataset 'c'"):
         embfile.convert(tmp_path / "two.h5", tmp_path / "c.emb", ids="names", vectors="c")
-    with pytest.raises(embfile.ConversionError, match="shape"):  # two matrices: taken as per-key
+    with pytest.raises(embfile.ConversionError, match="'names' holds object"):  # two matrices: per-key, per-residue
         embfile.convert(tmp_path / "two.h5", tmp_path / "c.emb")
 
 

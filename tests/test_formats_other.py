@@ -46,13 +46,18 @@ def test_esm_folder(tmp_path):
 
 def test_esm_layers_and_pooling(tmp_path):
     reps = write_esm_extract(tmp_path / "esm", ["a", "b"], dim=16, layers=(6, 12), per_tok=True, mean=False)
-    with pytest.raises(embfile.ConversionError, match=r"pass pool='mean' \(--pool mean\)"):
+    with pytest.raises(embfile.ConversionError, match=r"per_residue=True \(--per-residue\) keeps them"):
         embfile.convert(tmp_path / "esm", tmp_path / "e.emb")
     with pytest.raises(embfile.ConversionError, match=r"layers \[6, 12\].*--layer"):
         embfile.convert(tmp_path / "esm", tmp_path / "e.emb", pool="mean")
     embfile.convert(tmp_path / "esm", tmp_path / "e.emb", pool="mean", layer=12)
     want = {k: r[12].double().mean(0).float().numpy() for k, r in reps.items()}
     assert_store(tmp_path / "e.emb", want)
+    embfile.convert(tmp_path / "esm", tmp_path / "r.emb", per_residue=True, layer=6)
+    with embfile.open(tmp_path / "r.emb") as db:
+        assert db.ragged and db.metadata["source"]["representation"] == "representations"
+        for k, r in reps.items():
+            np.testing.assert_array_equal(db[k], r[6].numpy())
 
 
 def test_esm_refuses_code(tmp_path):

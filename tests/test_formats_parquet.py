@@ -196,3 +196,77 @@ def test_to_arrow_shares_memory(tmp_path, data):
     assert values.tobytes() == np.stack(list(data.values())).tobytes()
     db.close()
     assert t["key"][3].as_py() == list(data)[3]  # still valid after close, like any view
+
+
+@pytest.fixture
+def residues():
+    """Per-residue matrices of 1 to 60 rows of 16 values."""
+    rng = np.random.default_rng(11)
+    return {
+        f"P{i:04d}": rng.standard_normal((int(n), 16)).astype(np.float32)
+        for i, n in enumerate(rng.integers(1, 60, 300))
+    }
+
+
+def assert_ragged(path, residues, dtype=np.float32):
+    with embfile.open(path) as db:
+        assert db.ragged and list(db) == list(residues) and db.dtype == dtype
+        for k, m in residues.items():
+            np.testing.assert_array_equal(db[k], m.astype(dtype))
+        db.verify()
+
+
+def test_list_of_lists_from_pandas_and_pyarrow(tmp_path, residues):
+    pd.DataFrame({"id": list(residues), "emb": [m.tolist() for m in residues.values()]}).to_parquet(
+        tmp_path / "pandas.parquet", row_group_size=70
+    )
+    assert pq.read_schema(tmp_path / "pandas.parquet").field("emb").type == pa.list_(pa.list_(pa.float64()))
+    embfile.convert(tmp_path / "pandas.parquet", tmp_path / "p.emb", dtype="float32")
+    assert_ragged(tmp_path / "p.emb", residues)
+    embfile.convert(tmp_path / "pandas.parquet", tmp_path / "mean.emb", pool="mean", dtype="float32")
+    assert_store(
+        tmp_path / "mean.emb", {k: m.astype(np.float64).mean(0).astype(np.float32) for k, m in residues.items()}
+    )
+
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(list(residues.values())).ravel()), 16)
+    offsets = pa.array(np.concatenate([[0], np.cumsum([len(m) for m in residues.values()])]).astype(np.int32))
+    table = pa.table({"id": list(residues), "emb": pa.ListArray.from_arrays(offsets, rows)})
+    pq.write_table(table, tmp_path / "fixed.parquet", row_group_size=100)
+    embfile.convert(tmp_path / "fixed.parquet", tmp_path / "f.emb")
+    assert_ragged(tmp_path / "f.emb", residues)
+
+
+def test_hugging_face_nested_sequences(tmp_path, residues):
+    datasets = pytest.importorskip("datasets")
+    some = dict(list(residues.items())[:40])
+    ds = datasets.Dataset.from_dict({"id": list(some), "embedding": [m.tolist() for m in some.values()]})
+    ds = ds.cast_column("embedding", datasets.Sequence(datasets.Sequence(datasets.Value("float32"))))
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    embfile.convert(tmp_path / "hf.parquet", tmp_path / "hf.emb")
+    assert_ragged(tmp_path / "hf.emb", some)
+
+
+def test_ragged_out_and_back(tmp_path, residues):
+    embfile.write(tmp_path / "r.emb", residues, ragged=True, dtype="float16")
+    embfile.convert(tmp_path / "r.emb", tmp_path / "r.parquet", row_group_size=1000)
+    t = pq.read_table(tmp_path / "r.parquet")
+    assert t.schema.field("vector").type.value_type == pa.list_(pa.field("item", pa.float16(), nullable=False), 16)
+    assert pq.ParquetFile(tmp_path / "r.parquet").num_row_groups > 1
+    embfile.convert(tmp_path / "r.parquet", tmp_path / "back.emb")
+    assert_ragged(tmp_path / "back.emb", residues, np.float16)
+
+
+def test_bad_matrices_name_the_key(tmp_path):
+    def convert(emb):
+        pq.write_table(pa.table({"id": ["a", "b", "c"], "emb": emb}), tmp_path / "bad.parquet")
+        embfile.convert(tmp_path / "bad.parquet", tmp_path / "o.emb")
+
+    with pytest.raises(embfile.ConversionError, match=r"row 1 \(key 'b'\) has a residue of 3 values, not 2"):
+        convert([[[1.0, 2.0]], [[1.0, 2.0], [1.0, 2.0, 3.0]], [[0.0, 0.0]]])
+    with pytest.raises(embfile.ConversionError, match=r"row 2 \(key 'c'\) has a matrix of no rows"):
+        convert([[[1.0, 2.0]], [[1.0, 2.0]], []])
+    with pytest.raises(embfile.ConversionError, match=r"row 0 \(key 'a'\) has a null matrix"):
+        convert([None, [[1.0, 2.0]], [[1.0, 2.0]]])
+    with pytest.raises(embfile.ConversionError, match=r"row 1 \(key 'b'\) has a null residue"):
+        convert([[[1.0, 2.0]], [None], [[1.0, 2.0]]])
+    assert not os.path.exists(tmp_path / "o.emb")

@@ -60,8 +60,9 @@ def from_hdf5(
     **options: Any,
 ) -> str:
     """HDF5 -> .emb.  Options: ``group``, ``layout`` ("bulk" or "per-key", detected),
-    ``key_attr`` (take keys from this dataset attribute, e.g. "original_id"),
-    ``pool="mean"`` (per-residue ``(L, D)`` datasets), ``ids`` and ``vectors`` (bulk dataset names)."""
+    ``key_attr`` (take keys from this dataset attribute, e.g. "original_id"), ``ids`` and ``vectors`` (bulk
+    dataset names).  Per-residue ``(L, D)`` datasets (and scikit-bio's ``embed`` files, ``layout="skbio"``)
+    become a ragged file, or with ``pool="mean"`` (``"max"``, ``"first"``, ``"last"``) one vector per key."""
     return write_emb(read_hdf5(src, **options), dst, dtype, metadata, progress)
 
 
@@ -75,7 +76,9 @@ def from_parquet(
     **options: Any,
 ) -> str:
     """Parquet file or folder -> .emb.  Options: ``key_column``, ``vector_column`` (detected when
-    only one fits), or ``wide_prefix`` / ``wide_columns`` for one column per dimension."""
+    only one fits), or ``wide_prefix`` / ``wide_columns`` for one column per dimension.  A column of
+    per-residue matrices (``list<list<float>>``, ``list<fixed_size_list>``) becomes a ragged file, or with
+    ``pool`` one vector per key."""
     return write_emb(read_parquet(src, **options), dst, dtype, metadata, progress)
 
 
@@ -89,7 +92,8 @@ def from_esm(
     **options: Any,
 ) -> str:
     """Folder of fair-esm ``extract.py`` ``.pt`` files -> .emb (needs torch).  Options: ``layer``,
-    ``pool="mean"`` (pool per-residue ``representations`` instead of ``mean_representations``)."""
+    ``per_residue=True`` (the per-residue ``representations`` as a ragged file, not ``mean_representations``),
+    ``pool="mean"`` (those representations pooled)."""
     return write_emb(read_esm(src, **options), dst, dtype, metadata, progress)
 
 

@@ -1,8 +1,11 @@
 """HDF5 in and out, in the layouts our users' tools write.
 
 * per-key: one dataset per key, as ProtTrans' ``prott5_embedder.py`` writes it (shape ``(D,)``,
-  or ``(L, D)`` per residue, pooled on request), or bio_embeddings (the id in an attribute);
-* bulk: a 1-d ids dataset (strings or integers) beside an ``(n, D)`` matrix.
+  or ``(L, D)`` per residue: ragged records, or pooled on request), or bio_embeddings (the id in an
+  attribute);
+* bulk: a 1-d ids dataset (strings or integers) beside an ``(n, D)`` matrix;
+* scikit-bio's ``embed`` format: per-residue rows of every sequence in one ``embedding`` matrix, the
+  sequences' bytes in ``id``, and where each ends in ``idptr`` (and ``embedding_ptr``).
 
 Per-key input is read through h5py's low-level API straight into the chunk buffer
 (the high-level ``f[key][()]`` costs several times as much per dataset).
@@ -19,11 +22,12 @@ import numpy as np
 
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Chunk, Source, chunk_rows, progress_bar
+from embfile._stream import Chunk, RaggedChunk, Source, chunk_rows, pooled, progress_bar
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
 META_ATTR = "embfile_metadata"  # where exports keep the .emb metadata (JSON), and imports find it
+LAYOUTS = ("bulk", "per-key", "skbio")
 _MAX_BULK_MEMBERS = 8  # a group with more members than this is taken as per-key
 
 
@@ -39,10 +43,8 @@ def read_hdf5(
 ) -> Source:
     """Open an HDF5 file of embeddings for streaming (see :func:`embfile.formats.from_hdf5`)."""
     h5py = require("h5py", "hdf5")
-    if layout not in (None, "bulk", "per-key"):
-        raise ValueError(f"layout must be 'bulk' or 'per-key', not {layout!r}")
-    if pool not in (None, "mean"):
-        raise ValueError(f"pool must be 'mean' or None, not {pool!r}")
+    if layout not in (None, *LAYOUTS):
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, not {layout!r}")
     path = os.fspath(path)
     with h5py.File(path, "r") as f:
         if group not in f or not isinstance(f[group], h5py.Group):
@@ -50,14 +52,16 @@ def read_hdf5(
         g = f[group]
         meta = _stored_metadata(f)
         if layout is None:
-            layout = "bulk" if ids or vectors or _bulk_pair(g) else "per-key"
+            layout = "bulk" if ids or vectors else "skbio" if _is_skbio(g) else "bulk" if _bulk_pair(g) else "per-key"
         if layout == "bulk":
             if key_attr or pool:
-                raise errors.ConversionError(f"{path}: key_attr and pool apply to the per-key layout only")
+                raise errors.ConversionError(f"{path}: key_attr and pool apply to per-residue layouts only")
             return _read_bulk(h5py, path, g, ids, vectors, meta)
         if ids or vectors:
             raise errors.ConversionError(f"{path}: ids and vectors name the datasets of the bulk layout")
-        return _read_per_key(h5py, path, g, key_attr, pool, meta)
+        if layout == "skbio":
+            return pooled(_read_skbio(path, g, meta), pool)
+        return pooled(_read_per_key(h5py, path, g, key_attr, meta), pool)
 
 
 def _stored_metadata(f: Any) -> dict[str, Any]:
@@ -162,31 +166,111 @@ def _dataset_names(h5py: Any, g: Any) -> list[bytes]:
     return names
 
 
-def _read_per_key(h5py: Any, path: str, g: Any, key_attr: str | None, pool: str | None, meta: dict[str, Any]) -> Source:
+def _read_per_key(h5py: Any, path: str, g: Any, key_attr: str | None, meta: dict[str, Any]) -> Source:
+    """One dataset per key: ``(D,)`` vectors, or per-residue ``(L, D)`` matrices read as ragged records (a
+    ``(D,)`` among them is one row: ProtTrans squeezes a one-residue peptide)."""
     names = _dataset_names(h5py, g)
     if not names:
         raise errors.ConversionError(f"{path}: no datasets under {g.name!r}: nothing to convert")
     first = g[names[0].decode()]
     if first.dtype.kind not in "iuf":
         raise errors.ConversionError(f"{path}: dataset {first.name!r} holds {first.dtype}, not numbers")
-    if first.ndim == 2 and pool is None:
-        raise errors.ConversionError(
-            f"{path}: dataset {first.name!r} has shape {first.shape}: per-residue embeddings, one vector per "
-            "residue; pass pool='mean' (--pool mean) to store each key's mean vector"
-        )
     if first.ndim not in (1, 2):
-        raise errors.ConversionError(f"{path}: dataset {first.name!r} has shape {first.shape}, not (dim,)")
+        raise errors.ConversionError(f"{path}: dataset {first.name!r} has shape {first.shape}, not (dim,) or (L, dim)")
     dim = first.shape[-1]
     dtype = first.dtype.newbyteorder("=")
-    if pool and dtype.kind != "f":
-        raise errors.ConversionError(f"{path}: mean pooling needs float vectors, not {dtype}")
     desc = {"format": "hdf5", "path": os.path.abspath(path), "layout": "per-key", "group": g.name}
     if key_attr:
         desc["key_attr"] = key_attr
-    if pool:
-        desc["pool"] = pool
-    chunks = _per_key_chunks(h5py, path, g.name, names, dim, dtype, key_attr, pool)
-    return Source(dim, dtype, len(names), chunks, desc, meta)
+    if first.ndim == 2:
+        rows = _per_residue_chunks(h5py, path, g.name, names, dim, dtype, key_attr)
+        return Source(dim, dtype, len(names), rows, desc, meta, ragged=True)
+    vectors = _per_key_chunks(h5py, path, g.name, names, dim, dtype, key_attr)
+    return Source(dim, dtype, len(names), vectors, desc, meta)
+
+
+def _per_residue_chunks(
+    h5py: Any, path: str, group: str, names: list[bytes], dim: int, dtype: np.dtype, key_attr: str | None
+) -> Iterator[RaggedChunk]:
+    step = chunk_rows(dim * dtype.itemsize)
+    with h5py.File(path, "r") as f:
+        gid = f[group].id
+        want = h5py.h5d.open(gid, names[0]).get_type()
+        keys: list[str] = []
+        blocks: list[np.ndarray] = []
+        rows = 0
+        for name in names:
+            ds = h5py.h5d.open(gid, name)
+            where = f"{path}: dataset {name.decode()!r}"
+            if ds.get_type() != want:
+                raise errors.ConversionError(f"{where} holds {h5py.Dataset(ds).dtype}, the first dataset {dtype}")
+            shape = ds.shape
+            if shape == (dim,):
+                shape = (1, dim)
+            if len(shape) != 2 or shape[1] != dim or shape[0] == 0:
+                raise errors.ConversionError(f"{where} has shape {ds.shape}, expected (L, {dim}) with L > 0")
+            block = np.empty(shape, dtype)
+            ds.read(h5py.h5s.ALL, h5py.h5s.ALL, block)
+            keys.append(_attr_key(h5py, ds, key_attr, where) if key_attr else name.decode())
+            blocks.append(block)
+            rows += shape[0]
+            if rows >= step:
+                yield keys, np.concatenate(blocks), np.array([len(b) for b in blocks])
+                keys, blocks, rows = [], [], 0
+        if keys:
+            yield keys, np.concatenate(blocks), np.array([len(b) for b in blocks])
+
+
+def _is_skbio(g: Any) -> bool:
+    return all(_is_dataset(g.get(name)) for name in ("embedding", "id", "idptr"))
+
+
+def _read_skbio(path: str, g: Any, meta: dict[str, Any]) -> Source:
+    """scikit-bio's ``embed`` HDF5: each sequence's rows of ``embedding``, keyed by the sequence itself."""
+    emb, ids = g["embedding"], g["id"]
+    if emb.ndim != 2 or emb.dtype.kind not in "iuf" or ids.ndim != 1:
+        raise errors.ConversionError(f"{path}: not scikit-bio's embed layout (embedding {emb.shape} {emb.dtype})")
+    id_ends = _ends(g["idptr"][()], len(ids), path, "idptr")
+    row_ends = _ends(g["embedding_ptr"][()], len(emb), path, "embedding_ptr") if "embedding_ptr" in g else id_ends
+    if len(row_ends) != len(id_ends):
+        raise errors.ConversionError(f"{path}: idptr and embedding_ptr name {len(id_ends)} and {len(row_ends)} records")
+    dim, dtype = emb.shape[1], emb.dtype.newbyteorder("=")
+    desc = {"format": "hdf5", "path": os.path.abspath(path), "layout": "skbio", "group": g.name}
+    chunks = _skbio_chunks(path, g.file.filename, g.name, id_ends, row_ends, dim, dtype)
+    return Source(dim, dtype, len(id_ends), chunks, desc, meta, ragged=True)
+
+
+def _ends(pointers: np.ndarray, total: int, path: str, name: str) -> np.ndarray:
+    """Where each record ends, from scikit-bio's cumulative ``pointers``: its writer leaves out the last one,
+    which ends where the data does (and its reader then skips that record: here it is kept)."""
+    ends = np.asarray(pointers, np.int64).reshape(-1)
+    if not len(ends) or ends[-1] < total:
+        ends = np.append(ends, total)
+    starts = np.concatenate([[0], ends[:-1]])
+    if (ends <= starts).any() or ends[-1] != total:
+        raise errors.ConversionError(f"{path}: {name} is not increasing up to {total}")
+    return ends
+
+
+def _skbio_chunks(
+    path: str, filename: str, group: str, id_ends: np.ndarray, row_ends: np.ndarray, dim: int, dtype: np.dtype
+) -> Iterator[RaggedChunk]:
+    import h5py
+
+    step = chunk_rows(dim * dtype.itemsize)
+    with h5py.File(filename, "r") as f:
+        emb, ids = f[group]["embedding"], f[group]["id"]
+        lo = 0
+        while lo < len(row_ends):
+            first_row = int(row_ends[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(row_ends, first_row + step, "right")))
+            rows = emb[first_row : int(row_ends[hi - 1])].astype(dtype, copy=False)
+            first_id = int(id_ends[lo - 1]) if lo else 0
+            raw = ids[first_id : int(id_ends[hi - 1])].tobytes()
+            cuts = (id_ends[lo:hi] - first_id).tolist()
+            keys = [raw[a:b].decode("utf-8", "replace") for a, b in zip([0, *cuts[:-1]], cuts)]
+            yield keys, rows, np.diff(np.concatenate([[first_row], row_ends[lo:hi]]))
+            lo = hi
 
 
 def _per_key_chunks(
@@ -197,7 +281,6 @@ def _per_key_chunks(
     dim: int,
     dtype: np.dtype,
     key_attr: str | None,
-    pool: str | None,
 ) -> Iterator[Chunk]:
     record = dim * dtype.itemsize
     step = chunk_rows(record)
@@ -208,7 +291,7 @@ def _per_key_chunks(
         # Contiguous, unfiltered datasets are read with a plain pread at the offset HDF5
         # gives: a third of the cost of H5Dread per dataset.  Not with a user block
         # (offsets would need shifting) or non-native byte order.
-        direct_ok = f.userblock_size == 0 and first.dtype.isnative and pool is None
+        direct_ok = f.userblock_size == 0 and first.dtype.isnative
         for lo in range(0, len(names), step):
             batch = names[lo : lo + step]
             buf = np.empty((len(batch), dim), dtype)
@@ -221,19 +304,14 @@ def _per_key_chunks(
                         f"{where} holds {h5py.Dataset(ds).dtype}, the first dataset {dtype}: mixed types"
                     )
                 shape = ds.shape
-                if shape == (dim,) and pool is None:
+                if shape == (dim,):
                     offset = ds.get_offset() if direct_ok else None
                     if offset is not None and ds.get_storage_size() == record:
                         direct.append((offset, i))
                     else:
                         ds.read(h5py.h5s.ALL, h5py.h5s.ALL, buf[i])
-                elif len(shape) == 2 and shape[1] == dim and pool == "mean" and shape[0] > 0:
-                    per_residue = np.empty(shape, dtype)
-                    ds.read(h5py.h5s.ALL, h5py.h5s.ALL, per_residue)
-                    buf[i] = per_residue.mean(axis=0, dtype=np.float64 if dtype.itemsize > 4 else np.float32)
                 else:
-                    expect = f"(L, {dim}) with L > 0" if pool else f"({dim},)"
-                    raise errors.ConversionError(f"{where} has shape {shape}, expected {expect}")
+                    raise errors.ConversionError(f"{where} has shape {shape}, expected ({dim},) as the first dataset")
                 keys.append(_attr_key(h5py, ds, key_attr, where) if key_attr else name.decode())
             rows = buf.view(np.uint8).reshape(len(batch), record)
             for offset, i in sorted(direct):  # in file order: sequential reads for read-ahead
@@ -257,7 +335,7 @@ def to_hdf5(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    layout: str = "bulk",
+    layout: str | None = None,
     ids: str = "keys",
     vectors: str = "vectors",
     compression: str | None = None,
@@ -265,17 +343,20 @@ def to_hdf5(
 ) -> str:
     """Write the .emb file ``src`` to HDF5 at ``dst`` (atomic).
 
-    ``layout="bulk"`` writes a variable-length UTF-8 ``ids`` dataset and an ``(n, dim)``
-    ``vectors`` dataset, chunked about 1 MiB per chunk, optionally compressed
-    (``compression="gzip"`` or ``"lzf"``).  ``layout="per-key"`` writes one dataset per
-    key at the root, as ProtTrans does (a ``/`` in a key makes groups, which
-    :func:`~embfile.from_hdf5` reads back as the same key).  The .emb metadata goes into the
-    root attribute ``embfile_metadata`` as JSON.
+    ``layout="bulk"`` (the default for one vector per key) writes a variable-length UTF-8 ``ids`` dataset
+    and an ``(n, dim)`` ``vectors`` dataset, chunked about 1 MiB per chunk, optionally compressed
+    (``compression="gzip"`` or ``"lzf"``).  ``layout="per-key"`` (the default, and the only layout, for
+    per-residue records) writes one dataset per key at the root, as ProtTrans does: ``(dim,)``, or
+    ``(length, dim)`` (a ``/`` in a key makes groups, which :func:`~embfile.from_hdf5` reads back as the same
+    key).  The .emb metadata goes into the root attribute ``embfile_metadata`` as JSON.
     """
     h5py = require("h5py", "hdf5")
-    if layout not in ("bulk", "per-key"):
+    if layout not in (None, "bulk", "per-key"):
         raise ValueError(f"layout must be 'bulk' or 'per-key', not {layout!r}")
     with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
+        layout = layout or ("per-key" if db.ragged else "bulk")
+        if db.ragged and layout != "per-key":
+            raise errors.ConversionError(f"{src}: per-residue records are written per key: layout='per-key'")
         meta = json.dumps(db.metadata, ensure_ascii=False)
         size = db.header.keys_size + (0 if compression else db.matrix.nbytes)
         with atomic_output(dst, size) as tmp, h5py.File(tmp, "w") as f:
@@ -303,8 +384,10 @@ def _write_bulk(h5py: Any, db: EmbFile, f: Any, ids: str, vectors: str, compress
 
 
 def _write_per_key(h5py: Any, db: EmbFile, f: Any, ids: str, vectors: str, compression: str | None) -> Iterator[int]:
-    for lo, hi, block in db.chunks(chunk_rows(db.dim * db.dtype.itemsize)):
-        for key, vector in zip(db.keys_between(lo, hi), block):
+    step = chunk_rows(db.dim * db.dtype.itemsize)
+    for lo, hi, block, offsets in db.ragged_chunks(step):
+        records = (block[a:b] for a, b in zip(offsets[:-1], offsets[1:])) if db.ragged else block
+        for key, vector in zip(db.keys_between(lo, hi), records):
             parts = key.split("/")
             if not key or any(p in ("", ".") for p in parts):
                 raise errors.ConversionError(

@@ -3,14 +3,16 @@
 Input: a file or a folder of files with one string key column and the vectors as
 ``fixed_size_list``, ``list`` or ``large_list`` of numbers (what pyarrow, pandas,
 Hugging Face datasets and polars write), or one numeric column per dimension
-("wide", selected by a prefix or a list).  Read a batch at a time, never whole.
+("wide", selected by a prefix or a list); or per-residue matrices as a list of such lists
+(``list<list<float>>``, ``list<fixed_size_list>``), read as ragged records.  Read a batch at a
+time, never whole.
 A null float value is read as NaN (pandas writes NaN as null); a null vector, a
 null integer or a vector of the wrong length is an error naming its row and key.
 
-Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column, both
-declared not null (an .emb file has no null key, vector or value, and pyarrow encodes
-required columns faster), written row group by row group from the mapped
-records themselves (:meth:`~embfile.Dataset.to_arrow` wraps the mapping; nothing is copied before
+Output: a ``key`` column and a ``fixed_size_list<dtype>[dim]`` ``vector`` column (per-residue
+records: ``large_list<fixed_size_list<dtype>[dim]>``), both declared not null (an .emb file has no
+null key, vector or value, and pyarrow encodes required columns faster), written row group by row
+group from the mapped records themselves (:meth:`~embfile.Dataset.to_arrow` wraps the mapping; nothing is copied before
 Parquet encodes it).
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Chunk, Source, chunk_rows, progress_bar
+from embfile._stream import Chunk, RaggedChunk, Source, chunk_rows, pooled, progress_bar
 from embfile.dataset import ARROW_METADATA_KEY, EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
@@ -66,7 +68,7 @@ def to_parquet(
                 use_dictionary=[key_column],
                 write_statistics=[key_column],
             ) as w:
-                for lo, hi, _ in db.chunks(rows):
+                for lo, hi, *_ in db.ragged_chunks(rows):
                     part = table.slice(lo, hi - lo)
                     w.write_table(
                         part.set_column(0, key_field, part[key_column].cast(pa.string())), row_group_size=hi - lo
@@ -85,8 +87,10 @@ def read_parquet(
     vector_column: str | None = None,
     wide_prefix: str | None = None,
     wide_columns: list[str] | None = None,
+    pool: str | None = None,
 ) -> Source:
-    """Open a Parquet file or folder for streaming (see :func:`embfile.formats.from_parquet`)."""
+    """Open a Parquet file or folder for streaming (see :func:`embfile.formats.from_parquet`); a column of
+    per-residue matrices is read as ragged records, pooled with ``pool``."""
     pa = require("pyarrow", "parquet")
     pq = require("pyarrow.parquet", "parquet")
     path = os.fspath(path)
@@ -125,8 +129,8 @@ def read_parquet(
         if vector_column is None:
             vector_column = _only(
                 schema,
-                _is_vector,
-                "vector column (a list of numbers)",
+                lambda t: _is_vector(t) or _is_matrix(t),
+                "vector column (a list of numbers, or of lists of numbers)",
                 path,
                 "vector_column",
                 "--vector-column",
@@ -135,6 +139,8 @@ def read_parquet(
         if vector_column not in schema.names:
             raise errors.ConversionError(f"{path}: no column {vector_column!r}; columns are {schema.names}")
         vtype = schema.field(vector_column).type
+        if _is_matrix(vtype):
+            return pooled(_read_matrices(pq, path, files, schema, key_column, vector_column), pool)
         if not _is_vector(vtype):
             raise errors.ConversionError(f"{path}: column {vector_column!r} is {vtype}, not a list of numbers")
         columns = [vector_column]
@@ -149,7 +155,73 @@ def read_parquet(
     }
     meta = _stored_metadata(schema)
     chunks = _chunks(pq, files, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns))
-    return Source(dim, dtype, count, chunks, desc, meta)
+    return pooled(Source(dim, dtype, count, chunks, desc, meta), pool)
+
+
+def _read_matrices(pq: Any, path: str, files: list[str], schema: Any, key_column: str, column: str) -> Source:
+    """A column of per-residue matrices (a list of rows, each a list of numbers) as ragged records."""
+    import pyarrow as pa
+
+    row_type = schema.field(column).type.value_type
+    dtype = _numpy_dtype(row_type.value_type)
+    dim = row_type.list_size if pa.types.is_fixed_size_list(row_type) else _first_row_length(pq, files, column)
+    desc = {"format": "parquet", "path": os.path.abspath(path), "key_column": key_column, "vector_column": column}
+    count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    rows = _matrix_chunks(pq, files, key_column, column, dim, dtype)
+    return Source(dim, dtype, count, rows, desc, _stored_metadata(schema), ragged=True)
+
+
+def _first_row_length(pq: Any, files: list[str], column: str) -> int:
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=[column]):
+            rows = batch.column(0).drop_null().flatten().drop_null()
+            if len(rows):
+                return len(rows[0])
+    raise errors.ConversionError(f"{files[0]}: column {column!r} holds no rows, so it has no dimension")
+
+
+def _matrix_chunks(
+    pq: Any, files: list[str], key_column: str, column: str, dim: int, dtype: np.dtype
+) -> Iterator[RaggedChunk]:
+    import pyarrow as pa
+
+    step = max(1, chunk_rows(dim * dtype.itemsize) // (4 * 256))  # records of some hundred rows each
+    row = 0
+    for f in files:
+        reader = pq.ParquetFile(f, buffer_size=8 << 20, pre_buffer=False)
+        for batch in reader.iter_batches(batch_size=step, columns=[key_column, column]):
+            keys = batch.column(key_column)
+            if keys.null_count:
+                raise errors.ConversionError(f"{f}: row {row + _first_null(keys)} has a null key")
+            keys = (keys.cast("string") if _is_int(keys.type) else keys).to_pylist()
+            matrices = batch.column(column)
+            if matrices.null_count:
+                i = _first_null(matrices)
+                raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null matrix")
+            lengths = np.diff(_values(matrices.offsets))
+            if (lengths == 0).any():
+                i = int(np.flatnonzero(lengths == 0)[0])
+                raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a matrix of no rows")
+            rows = matrices.flatten()
+            owner = np.repeat(np.arange(len(keys)), lengths)
+            if rows.null_count:
+                i = int(owner[_first_null(rows)])
+                raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null residue")
+            widths = (
+                np.full(len(rows), dim) if pa.types.is_fixed_size_list(rows.type) else np.diff(_values(rows.offsets))
+            )
+            bad = np.flatnonzero(widths != dim)
+            if bad.size:
+                i = int(owner[bad[0]])
+                raise errors.ConversionError(
+                    f"{f}: row {row + i} (key {keys[i]!r}) has a residue of {widths[bad[0]]} values, not {dim}"
+                )
+            values = rows.flatten()
+            if values.null_count and dtype.kind != "f":
+                i = int(owner[_first_null(values) // dim])
+                raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null value")
+            yield keys, _values(values).reshape(-1, dim), lengths
+            row += batch.num_rows
 
 
 def _parquet_files(path: str) -> list[str]:
@@ -215,6 +287,13 @@ def _stored_metadata(schema: Any) -> dict[str, Any]:
     except ValueError:
         return {}
     return meta if isinstance(meta, dict) else {}
+
+
+def _is_matrix(t: Any) -> bool:
+    """A list of vectors (per-residue rows)."""
+    import pyarrow as pa
+
+    return bool((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_vector(t.value_type))
 
 
 def _first_length(pq: Any, files: list[str], column: str) -> int:
