@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 from conftest import LONG
-from workers import content
+from workers import content, ragged_content
 
 import embfile
 from embfile import folder as layout
@@ -105,6 +105,33 @@ def is_generation(generation, n=N, dim=DIM):
         return True
 
     return check
+
+
+def is_ragged_generation(generation, n=N, dim=DIM):
+    def check(dst):
+        with embfile.open(dst) as db:
+            db.verify()
+            keys, rows, lengths = ragged_content(n, dim, generation)
+            assert db.ragged and db.metadata["generation"] == generation and len(db) == n
+            ends = np.concatenate([[0], np.cumsum(lengths)])
+            for i in range(0, n, 997):
+                np.testing.assert_array_equal(db[keys[i]], rows[ends[i] : ends[i + 1]])
+        return True
+
+    return check
+
+
+@pytest.mark.parametrize("mode,name", [("ragged", "db.emb"), ("ragged-shards", "dataset")])
+def test_killed_ragged_writer(tmp_path, seed, mode, name):
+    """Per-residue records keep the guarantee: after a kill, nothing or the whole file (or dataset)."""
+    dst = str(tmp_path / name)
+    argv = [sys.executable, HERE / "workers.py", mode, dst, str(N // 4), str(DIM), "3"]
+
+    def reset():
+        shutil.rmtree(dst, ignore_errors=True) if mode.endswith("shards") else pathlib.Path(dst).unlink(missing_ok=True)
+
+    for at, _ in kill_points(argv, seed + 7, POINTS // 2, reset):
+        check_destination(dst, None, is_ragged_generation(3, N // 4), f"seed {seed}: {mode} killed at {at:.3f} s")
 
 
 def rewrite_clears_leftovers(dst, mode="write"):

@@ -8,7 +8,9 @@ record (creation time, embfile version) is the golden file's, so that comparison
 
 ``python tests/test_golden.py`` wrote the files once, with embfile 0.1.0; ``folder_legacy/`` is a sharded
 folder in 0.1's layout (``part-*.emb`` and ``_index.emb``), written by ``write_shards`` of that layout and only
-read.  A new format version gets a new folder beside this one, and these files stay as they are.
+read.  A new format version gets a new folder beside this one, and these files stay as they are:
+``tests/golden/v1.1/`` holds format 1.1's ragged (per-residue) files, written once by ``python
+tests/test_golden.py --ragged`` (embfile 0.2.0.dev0).
 """
 
 import json
@@ -22,6 +24,8 @@ import pytest
 import embfile
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "v1.0"
+RAGGED = pathlib.Path(__file__).parent / "golden" / "v1.1"
+RAGGED_SPECS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in RAGGED.glob("*.json")}
 SPECS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in GOLDEN.glob("*.json")}
 FILES = sorted(name for name, spec in SPECS.items() if spec.get("layout") != "folder")
 FOLDERS = sorted(name for name, spec in SPECS.items() if spec.get("layout") == "folder")
@@ -109,7 +113,47 @@ def write_case(path, spec, keys, matrix, record=None, monkeypatch=None):
         w.add_batch(keys, matrix)
 
 
-# ---- how the files were made (once, with embfile 0.1.0) --------------------------------------------
+def load_ragged(name):
+    """The expected contents of ``v1.1/NAME.emb``: (spec, {key: (length, dim) matrix})."""
+    spec = RAGGED_SPECS[name]
+    rows = np.array(spec["rows"], dtype=np.float64).reshape(-1, spec["dim"]).astype(spec["dtype"])
+    ends = np.cumsum(spec["lengths"])
+    return spec, {k: rows[e - n : e] for k, n, e in zip(spec["keys"], spec["lengths"], ends)}
+
+
+def test_the_ragged_golden_set_is_there():
+    assert sorted(RAGGED_SPECS) == ["ragged_float16", "ragged_float32"]
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED_SPECS))
+def test_ragged_golden_file_reads_as_written(name):
+    spec, records = load_ragged(name)
+    with embfile.open(RAGGED / f"{name}.emb") as db:
+        assert db.ragged and db.header.version == "1.1" and db.metadata == spec["metadata"]
+        assert list(db) == spec["keys"] and db.lengths().tolist() == spec["lengths"]
+        for k, m in records.items():
+            assert same_bits(np.array(db[k]), m)
+        rows, offsets = db.get_batch(spec["keys"][::-1], pad=False)
+        assert same_bits(rows, np.concatenate([records[k] for k in spec["keys"][::-1]]))
+        db.verify()
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED_SPECS))
+def test_writing_the_same_ragged_input_gives_the_same_bytes(name, tmp_path, monkeypatch):
+    spec, records = load_ragged(name)
+    from embfile import writer
+
+    original = writer.Writer._writer_record
+    record = spec["metadata"]["embfile"]
+    monkeypatch.setattr(writer.Writer, "_writer_record", lambda self, n: {**original(self, n), **record})
+    user = {k: v for k, v in spec["metadata"].items() if k != "embfile"}
+    with embfile.Writer(tmp_path / "again.emb", spec["dim"], spec["dtype"], user or None, ragged=True) as w:
+        for k, m in records.items():
+            w.add(k, m)
+    assert (tmp_path / "again.emb").read_bytes() == (RAGGED / f"{name}.emb").read_bytes()
+
+
+# ---- how the files were made (once, with embfile 0.1.0; the ragged ones with 0.2.0.dev0) -----------
 
 
 def _values(dtype, n, dim):
@@ -194,7 +238,27 @@ def make_golden():
         (GOLDEN / f"{name}.json").write_text("{\n" + "\n".join(lines) + "\n}\n", encoding="utf-8")
 
 
+def make_golden_ragged():
+    RAGGED.mkdir(parents=True, exist_ok=True)
+    lengths = [3, 1, 7, 2, 12, 1, 5]
+    keys = ["sp|P69905|HBA_HUMAN", "peptide-1", "protéine α-7", "", "UniRef50_A0A000001", "🧬", "x" * 80]
+    for dtype in ("float16", "float32"):
+        name = f"ragged_{dtype}"
+        rows = _values(dtype, sum(lengths), 4)
+        with embfile.Writer(
+            RAGGED / f"{name}.emb", 4, dtype, {"model": "prott5", "per_residue": True}, ragged=True
+        ) as w:
+            w.add_batch(keys, rows, lengths)
+        with embfile.open(RAGGED / f"{name}.emb") as db:
+            metadata = db.metadata
+        spec = {"dtype": dtype, "dim": 4, "metadata": metadata, "keys": keys, "lengths": lengths}
+        lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in spec.items()]
+        lines.append(' "rows": [' + ",\n  ".join(json.dumps([v.item() for v in row]) for row in rows) + "]")
+        (RAGGED / f"{name}.json").write_text("{\n" + "\n".join(lines) + "\n}\n", encoding="utf-8")
+
+
 if __name__ == "__main__":
-    if any(GOLDEN.glob("*.emb")) and "--force" not in sys.argv:
-        sys.exit(f"{GOLDEN} holds golden files already: they are never regenerated")
-    make_golden()
+    folder = RAGGED if "--ragged" in sys.argv else GOLDEN
+    if any(folder.glob("*.emb")) and "--force" not in sys.argv:
+        sys.exit(f"{folder} holds golden files already: they are never regenerated")
+    make_golden_ragged() if folder == RAGGED else make_golden()

@@ -6,7 +6,8 @@ kills it): MODE ``write`` streams records through ``embfile.Writer``,
 next version of a dataset; ``append`` adds the generation to a dataset, ``remove``
 removes every other key of the generation from it, ``compact`` compacts it, and
 ``job`` writes the generation with a resumed ``embfile.DatasetWriter``, skipping
-the keys it holds.  :func:`stress_reader` runs in the
+the keys it holds; ``ragged`` and ``ragged-shards`` write per-residue records (1 to 8
+rows of DIM each) through a ragged ``Writer`` and ``ShardWriter``.  :func:`stress_reader` runs in the
 processes of tests/test_stress.py.  Content is a function of (N, DIM,
 GENERATION), so a reader can check every byte without being sent the data.
 """
@@ -26,7 +27,27 @@ def content(n, dim, generation):
     return keys, np.random.default_rng(generation).random((n, dim), dtype=np.float32)
 
 
+def ragged_content(n, dim, generation):
+    """Keys, their rows one record after another, and each record's row count."""
+    keys, _ = content(n, dim, generation)
+    lengths = 1 + np.arange(n) % 8
+    return keys, np.random.default_rng(generation).random((int(lengths.sum()), dim), dtype=np.float32), lengths
+
+
 def main(mode, dst, n, dim, generation):
+    if mode.startswith("ragged"):
+        keys, rows, lengths = ragged_content(n, dim, generation)
+        meta, step = {"generation": generation}, 2000
+        if mode == "ragged":
+            w = embfile.Writer(dst, dim, "float32", meta, ragged=True)
+        else:
+            w = embfile.ShardWriter(dst, dim, "float32", meta, shard_bytes=len(rows) * dim, ragged=True)
+        ends = np.concatenate([[0], np.cumsum(lengths)])
+        with w:
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
+                w.add_batch(keys[lo:hi], rows[ends[lo] : ends[hi]], lengths[lo:hi])
+        return None
     keys, matrix = content(n, dim, generation)
     meta = {"generation": generation}
     if mode == "append":
