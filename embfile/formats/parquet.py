@@ -185,7 +185,7 @@ def _matrix_chunks(
 ) -> Iterator[RaggedChunk]:
     import pyarrow as pa
 
-    step = max(1, chunk_rows(dim * dtype.itemsize) // (4 * 256))  # records of some hundred rows each
+    step = max(64, chunk_rows(dim * dtype.itemsize) // 256)  # records of some hundred rows each
     row = 0
     for f in files:
         reader = pq.ParquetFile(f, buffer_size=8 << 20, pre_buffer=False)

@@ -1,0 +1,294 @@
+"""Per-residue embeddings: embfile's ragged records against the layouts our users keep them in, on the same data in
+the same run, beside the machine's limits measured in that run.
+
+The data: proteins of log-normal lengths (median about 245 residues, 30 to 2,000, as UniProt's spread) of
+1024 float16 values a residue, as ProtT5 gives them, written three ways:
+
+- ProtTrans HDF5: one ``(L, 1024)`` float16 dataset per protein, as ``prott5_embedder.py`` writes it;
+- Parquet: an id column and a ``list<fixed_size_list<float16>[1024]>`` column, 64 MiB row groups (pyarrow's
+  other defaults);
+- embfile: a ragged .emb file, converted from the HDF5 file (the conversion is timed).
+
+Figures: one protein looked up warm and cold (the file evicted, opened, one random key read into memory); a padded
+batch of 32 random proteins against a plain copy of its useful bytes; the padding of ``token_budget`` batches
+against random batches of as many proteins; a cold epoch over every residue against the cold sequential read
+of the file (interleaved rounds, median and range); conversion throughput.
+
+    python benchmarks/bench_ragged.py                   # 2,000 proteins, about 1 GB a layout: a few minutes
+    python benchmarks/bench_ragged.py --proteins 10000
+
+Targets: a padded batch of 32 within 1.2x of copying its useful bytes; token-budget padding under 5%.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine
+
+import embfile
+
+MB = 1 << 20
+DIM = 1024
+
+
+def lengths_of(n, seed=0):
+    return np.clip(np.random.default_rng(seed).lognormal(5.5, 0.6, n), 30, 2000).astype(np.int64)
+
+
+def make_inputs(folder, lengths):
+    """The ProtTrans HDF5 file and the Parquet file of the same records; {name: path}."""
+    import h5py
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    keys = [f"sp|Q{i:06d}|PROT_HUMAN" for i in range(len(lengths))]
+    paths = {"h5": os.path.join(folder, "prott5.h5"), "parquet": os.path.join(folder, "residues.parquet")}
+    row_type = pa.list_(pa.float16(), DIM)
+    schema = pa.schema([("id", pa.string()), ("embedding", pa.large_list(row_type))])
+    per_group = max(1, (64 * MB) // (int(lengths.mean()) * DIM * 2))
+    with h5py.File(paths["h5"], "w") as f, pq.ParquetWriter(paths["parquet"], schema) as w:
+        for lo in range(0, len(keys), per_group):
+            part = keys[lo : lo + per_group]
+            mats = [
+                rng.standard_normal((int(n), DIM), dtype=np.float32).astype(np.float16)
+                for n in lengths[lo : lo + per_group]
+            ]
+            for k, m in zip(part, mats):
+                f.create_dataset(k, data=m)
+            rows = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(mats).ravel()), DIM)
+            offsets = pa.array(np.concatenate([[0], np.cumsum([len(m) for m in mats])]))
+            w.write_table(
+                pa.table({"id": part, "embedding": pa.LargeListArray.from_arrays(offsets, rows)}, schema=schema)
+            )
+    for p in paths.values():
+        machine.fsync_path(p)
+    return keys, paths
+
+
+def median_us(fn, args_list):
+    times = []
+    for args in args_list:
+        t = time.perf_counter_ns()
+        fn(*args)
+        times.append(time.perf_counter_ns() - t)
+    return statistics.median(times) / 1e3
+
+
+def lookups(paths, emb, keys, rounds):
+    """Median time to get one protein's (L, D) array into memory: warm (files open and cached) and cold (the file
+    evicted; open, find, read)."""
+    import h5py
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(2)
+    probe = [(keys[i],) for i in rng.integers(0, len(keys), 200)]
+    cold_probe = [(keys[i],) for i in rng.integers(0, len(keys), rounds)]
+
+    def parquet_get(path, key):
+        t = pq.read_table(path, filters=[("id", "==", key)], columns=["embedding"])
+        return np.asarray(t.column(0).chunk(0).values.flatten().to_numpy()).reshape(-1, DIM)
+
+    with embfile.open(emb) as db, h5py.File(paths["h5"], "r") as f:
+        for k, _ in zip(keys, range(64)):  # warm up
+            np.array(db[k]), f[k][()]
+        warm = {
+            "embfile db[key] (a view)": median_us(lambda k: db[k], probe),
+            "embfile np.array(db[key])": median_us(lambda k: np.array(db[k]), probe),
+            "h5py f[key][()]": median_us(lambda k: f[k][()], probe),
+            "pyarrow read_table(filters=id == key)": median_us(lambda k: parquet_get(paths["parquet"], k), probe[:20]),
+        }
+
+    def cold(path, get):
+        def run(key):
+            machine.evict(path)
+            t = time.perf_counter_ns()
+            get(key)
+            return time.perf_counter_ns() - t
+
+        return statistics.median(run(k) for (k,) in cold_probe) / 1e3
+
+    def emb_get(key):
+        with embfile.open(emb) as db:
+            np.array(db[key])
+
+    def h5_get(key):
+        with h5py.File(paths["h5"], "r") as f:
+            f[key][()]
+
+    cold_us = {
+        "embfile open + np.array(db[key])": cold(emb, emb_get),
+        "h5py File + f[key][()]": cold(paths["h5"], h5_get),
+        "pyarrow read_table(filters=id == key)": cold(paths["parquet"], lambda k: parquet_get(paths["parquet"], k)),
+    }
+    return warm, cold_us
+
+
+def padded_batches(emb, keys, rounds=50):
+    """A padded batch of 32 random proteins (warm) against copying its useful bytes out of the same mapping."""
+    rng = np.random.default_rng(3)
+    with embfile.open(emb) as db:
+        matrix = db.matrix
+        batches = [[keys[i] for i in rng.choice(len(keys), 32, replace=False)] for _ in range(rounds)]
+        for b in batches[:5]:
+            db.get_batch(b)
+        rows = [int(db.lengths(b).sum()) for b in batches]
+        starts = [int(rng.integers(0, len(matrix) - r)) for r in rows]
+        padded = median_us(lambda b: db.get_batch(b), [(b,) for b in batches])
+        packed = median_us(lambda b: db.get_batch(b, pad=False), [(b,) for b in batches])
+        plain = median_us(lambda s, r: matrix[s : s + r].copy(), list(zip(starts, rows)))
+        longest = statistics.median(int(db.lengths(b).max()) for b in batches)
+    return {
+        "padded": padded,
+        "packed": packed,
+        "plain": plain,
+        "useful_mb": statistics.median(rows) * DIM * 2 / 1e6,
+        "padded_mb": longest * 32 * DIM * 2 / 1e6,
+    }
+
+
+def padding(emb, budget):
+    """The padding share of an epoch of ``token_budget`` batches, and of random batches as large on average."""
+    with embfile.open(emb) as db:
+        pad = total = batches = 0
+        for _, mask in db.iter_batches(token_budget=budget, seed=4, keys=False):
+            pad, total, batches = pad + (~mask).sum(), total + mask.size, batches + 1
+        size = max(1, round(len(db) / batches))
+        rpad = rtotal = 0
+        for _, mask in db.iter_batches(size, seed=4, keys=False):
+            rpad, rtotal = rpad + (~mask).sum(), rtotal + mask.size
+    return {"budget": pad / total, "random": rpad / rtotal, "batches": batches, "size": size}
+
+
+def cold_epochs(emb, rounds):
+    """Interleaved rounds: a cold epoch over every residue (``unit="row"``), then a cold sequential read of the file."""
+    rows_s, read_s = [], []
+    size = os.path.getsize(emb)
+    for _ in range(rounds):
+        machine.evict(emb)
+        t = time.perf_counter()
+        with embfile.open(emb) as db:
+            for _ in db.iter_batches(4096, unit="row", seed=5, keys=False):
+                pass
+        rows_s.append(time.perf_counter() - t)
+        read_s.append(size / machine.cold_read_gbps(emb) / 1e9)
+    return rows_s, read_s, size
+
+
+def conversions(folder, paths, emb):
+    out = {}
+    for name, src in (("ProtTrans HDF5 -> emb", paths["h5"]), ("Parquet -> emb", paths["parquet"])):
+        dst = os.path.join(folder, "converted.emb")
+        machine.evict(src)
+        t = time.perf_counter()
+        embfile.convert(src, dst)
+        out[name] = time.perf_counter() - t
+        if name.startswith("ProtTrans"):
+            os.replace(dst, emb)  # the file the rest reads
+        else:
+            os.unlink(dst)
+    import h5py
+    import pyarrow.parquet as pq
+
+    machine.evict(paths["parquet"])  # what reading the inputs alone costs, writing nothing
+    t = time.perf_counter()
+    pq.read_table(paths["parquet"])
+    out["pyarrow read_table alone (reference)"] = time.perf_counter() - t
+    machine.evict(paths["h5"])
+    t = time.perf_counter()
+    with h5py.File(paths["h5"], "r") as f:
+        {k: f[k][()] for k in f}
+    out["h5py {k: f[k][()] for k in f} alone (reference)"] = time.perf_counter() - t
+    dst = os.path.join(folder, "out.parquet")
+    machine.evict(emb)
+    t = time.perf_counter()
+    embfile.convert(emb, dst)
+    out["emb -> Parquet"] = time.perf_counter() - t
+    os.unlink(dst)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--proteins", type=int, default=2000, help="proteins in the data (default 2,000: about 1 GB)")
+    ap.add_argument("--budget", type=int, default=16384, help="token_budget: padded residues a batch")
+    ap.add_argument("--rounds", type=int, default=5, help="cold rounds (lookups, interleaved epochs)")
+    ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
+    ap.add_argument("--out", help="the result file (default benchmarks/results/ragged.md; - for none)")
+    args = ap.parse_args()
+    with machine.recorded("ragged", "Per-residue (ragged) records", args.out):
+        measure(args)
+
+
+def measure(args):
+    folder = tempfile.mkdtemp(prefix="bench-ragged-", dir=args.dir)
+    try:
+        limits = machine.measure(folder)
+        print("machine:", machine.describe(limits))
+        lengths = lengths_of(args.proteins)
+        t = time.perf_counter()
+        keys, paths = make_inputs(folder, lengths)
+        nbytes = int(lengths.sum()) * DIM * 2
+        print(
+            f"data: {len(keys):,} proteins, {lengths.sum():,} residues (median {int(np.median(lengths))}, "
+            f"{lengths.min()} to {lengths.max()}) x {DIM} float16 = {nbytes / 1e6:,.0f} MB; inputs written in "
+            f"{time.perf_counter() - t:.0f} s\n"
+        )
+        emb = os.path.join(folder, "residues.emb")
+        times = conversions(folder, paths, emb)
+        print("| conversion (cold input, durable output) | s | MB/s of residues | / cold read |\n|---|---|---|---|")
+        for name, s in times.items():
+            print(f"| {name} | {s:.2f} | {nbytes / s / 1e6:,.0f} | {nbytes / s / 1e9 / limits['cold_read_gbps']:.0%} |")
+
+        warm, cold = lookups(paths, emb, keys, args.rounds)
+        print("\n| one protein, warm | us (median of 200) |\n|---|---|")
+        for name, us in warm.items():
+            print(f"| {name} | {us:,.1f} |")
+        print(f"\n| one protein, cold (file evicted; median of {args.rounds}) | us | / embfile |\n|---|---|---|")
+        base = cold["embfile open + np.array(db[key])"]
+        for name, us in cold.items():
+            print(f"| {name} | {us:,.0f} | {us / base:.1f}x |")
+
+        b = padded_batches(emb, keys)
+        print(
+            f"\n| batch of 32 random proteins, warm (median of 50) | us | / plain copy |\n|---|---|---|\n"
+            f"| plain copy of its useful bytes ({b['useful_mb']:.1f} MB) | {b['plain']:,.0f} | 1.00x |\n"
+            f"| db.get_batch(keys, pad=False): packed rows + offsets | {b['packed']:,.0f} | "
+            f"{b['packed'] / b['plain']:.2f}x |\n"
+            f"| db.get_batch(keys): padded to the longest ({b['padded_mb']:.1f} MB) + mask | {b['padded']:,.0f} | "
+            f"{b['padded'] / b['plain']:.2f}x |"
+        )
+
+        p = padding(emb, args.budget)
+        print(
+            f"\n| padding share of one epoch | padded residues / batch residues |\n|---|---|\n"
+            f"| token_budget={args.budget:,} ({p['batches']} batches) | {p['budget']:.1%} |\n"
+            f"| random batches of {p['size']} proteins | {p['random']:.1%} |"
+        )
+
+        rows_s, read_s, size = cold_epochs(emb, args.rounds)
+        ratio = [r / e for r, e in zip(read_s, rows_s)]
+        print(
+            f"\n| cold pass over every residue ({args.rounds} interleaved rounds) | s, median (range) | GB/s |\n"
+            f"|---|---|---|\n"
+            f"| cold sequential read of the file | {statistics.median(read_s):.2f} ({min(read_s):.2f}-"
+            f"{max(read_s):.2f}) | {size / statistics.median(read_s) / 1e9:.2f} |\n"
+            f'| iter_batches(4096, unit="row") | {statistics.median(rows_s):.2f} ({min(rows_s):.2f}-'
+            f"{max(rows_s):.2f}) | {size / statistics.median(rows_s) / 1e9:.2f} |\n\n"
+            f"epoch / sequential read, per round: median {statistics.median(ratio):.0%} "
+            f"(range {min(ratio):.0%}-{max(ratio):.0%})"
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
