@@ -16,7 +16,8 @@ Ragged records (per-residue embeddings) are read by record, each batch padded to
 mask, or by row (``unit="row"``: every residue once, for per-residue heads).  With a ``token_budget`` the
 records of the rank's part of each window are sorted by length and cut into batches of at most that many
 padded rows, and those batches are shuffled: little padding, the same block-shuffled epoch, every record
-once.
+once.  A window then holds at least ``WINDOW_BUDGETS`` budgets of rows (more blocks than ``buffer_blocks`` if
+need be), so that records of about the same length meet in it.
 
 Every shuffle is the core's Fisher-Yates driven by ``(seed, epoch, window)`` (``_core.stream_seed``),
 so the order depends on nothing else: not on numpy's generators, the number of loader workers or the
@@ -42,6 +43,8 @@ BLOCK_BYTES = 1 << 20  # default block: about 1 MiB of records, one sequential r
 BUFFER_BLOCKS = 64  # default window: 64 blocks mixed together
 _BLOCK_ORDER_STREAM = (1 << 64) - 1  # the random stream of the block order (windows use 0, 1, ...)
 _BUDGET_STREAM = 1 << 63  # the order of window w's budgeted batches: stream 2**63 + w
+WINDOW_BUDGETS = 64  # under a token budget, a window holds at least this many budgets of rows
+PADDING_TOLERANCE = 0.04  # and a batch stops short rather than pad more than this share of its rows
 UNITS = ("record", "row")
 
 
@@ -244,14 +247,18 @@ class Rows(Protocol):
     def _require_open(self) -> None: ...
 
 
-def budget_cuts(lengths: np.ndarray, budget: int) -> np.ndarray:
-    """Where to cut records of ascending ``lengths`` into batches of at most ``budget`` padded rows (each
-    batch as long as its last record), greedily: the indices that start a new batch."""
-    cuts, start = [], 0
+def budget_cuts(lengths: np.ndarray, budget: int, tolerance: float = PADDING_TOLERANCE) -> np.ndarray:
+    """Where to cut records of ascending ``lengths`` into batches (each as long as its last record): the indices
+    that start a new batch.  Greedily, a batch takes the next record unless its padded rows would then pass
+    ``budget`` or its padding ``tolerance`` of the budget; so where lengths are dense batches fill the budget,
+    and where they are sparse (the long tail) a batch stops a little short rather than pad."""
+    cuts, start, useful = [], 0, 0
     for i, length in enumerate(lengths.tolist()):
-        if i > start and (i - start + 1) * length > budget:
+        padded = (i - start + 1) * length
+        if i > start and (padded > budget or padded - useful - length > tolerance * budget):
             cuts.append(i)
-            start = i
+            start, useful, padded = i, 0, length
+        useful += length
     return np.array(cuts, np.int64)
 
 
@@ -346,15 +353,18 @@ class Batches:
         n = int(self._row_of[-1]) if self._row_of is not None and self._by_row else len(source)
         mean_rows = 1 if self._by_row or lengths is None else max(1, int(lengths.mean())) if len(lengths) else 1
         block_size = options.block_size or max(1, BLOCK_BYTES // (self._layout.record_bytes * mean_rows))
+        budget = options.token_budget
+        buffer_blocks = options.buffer_blocks
+        if budget is not None:  # records sorted by length within a window pad little only if it holds many batches
+            buffer_blocks = max(buffer_blocks, -(-WINDOW_BUDGETS * budget // (block_size * mean_rows)))
         self.plan = EpochPlan(
             n,
             block_size=block_size,
-            buffer_blocks=options.buffer_blocks,
+            buffer_blocks=buffer_blocks,
             seed=options.seed,
             epoch=options.epoch,
             shuffle=options.shuffle,
         )
-        budget = options.token_budget
         self._lo, self._hi = rank_share(
             self.plan.n, options.rank, options.world_size, self.batch_size, options.drop_last and budget is None
         )

@@ -557,3 +557,40 @@ def test_a_killed_upload_leaves_the_previous_version(tmp_path):
             np.testing.assert_array_equal(db.get_batch(keys), x)
     finally:
         server.stop()
+
+
+def test_ragged_records_by_range_reads(tmp_path):
+    """Per-residue records over HTTP: a cold key costs its index pages, its ranges entry and its rows."""
+    rng = np.random.default_rng(12)
+    records = {
+        f"P{i:05d}": rng.standard_normal((int(n), 256)).astype(np.float16)
+        for i, n in enumerate(rng.integers(1, 300, 2000))
+    }
+    root = tmp_path / "srv"
+    root.mkdir()
+    embfile.write(root / "res.emb", records, ragged=True)
+    embfile.write_shards(root / "ds", records, shard_bytes=4 << 20, ragged=True)
+    server = RangeServer(str(root))
+    try:
+        keys = list(records)
+        with open_http(server, "res.emb", tmp_path / "c") as db:
+            assert db.ragged
+            for k in (keys[1500], keys[3], keys[-1]):
+                n = len(server.gets())
+                np.testing.assert_array_equal(db[k], records[k])
+                assert len(server.gets()) - n <= 4
+            some = keys[100:140]
+            x, mask = db.get_batch(some)
+            for i, k in enumerate(some):
+                np.testing.assert_array_equal(x[i, : len(records[k])], records[k])
+            np.testing.assert_array_equal(mask.sum(1), [len(records[k]) for k in some])
+            np.testing.assert_array_equal(db.lengths(keys[:5]), [len(records[k]) for k in keys[:5]])
+            rows, offsets = db.take([7, 3], pad=False)
+            np.testing.assert_array_equal(rows, np.concatenate([records[keys[7]], records[keys[3]]]))
+            db.verify()
+        with open_http(server, "ds", tmp_path / "c2") as ds:
+            assert ds.ragged and len(ds) == len(keys)
+            np.testing.assert_array_equal(ds[keys[1234]], records[keys[1234]])
+            assert sum(len(k) for k, *_ in ds.iter_batches(token_budget=8192, seed=1)) == len(keys)
+    finally:
+        server.stop()
