@@ -85,7 +85,7 @@ def median_us(fn, args_list):
 
 def lookups(paths, emb, keys, rounds):
     """Median time to get one protein's (L, D) array into memory: warm (files open and cached) and cold (the file
-    evicted; open, find, read)."""
+    evicted; open, find, read), the readers taking turns on each key."""
     import h5py
     import pyarrow.parquet as pq
 
@@ -107,15 +107,6 @@ def lookups(paths, emb, keys, rounds):
             "pyarrow read_table(filters=id == key)": median_us(lambda k: parquet_get(paths["parquet"], k), probe[:20]),
         }
 
-    def cold(path, get):
-        def run(key):
-            machine.evict(path)
-            t = time.perf_counter_ns()
-            get(key)
-            return time.perf_counter_ns() - t
-
-        return statistics.median(run(k) for (k,) in cold_probe) / 1e3
-
     def emb_get(key):
         with embfile.open(emb) as db:
             np.array(db[key])
@@ -124,11 +115,19 @@ def lookups(paths, emb, keys, rounds):
         with h5py.File(paths["h5"], "r") as f:
             f[key][()]
 
-    cold_us = {
-        "embfile open + np.array(db[key])": cold(emb, emb_get),
-        "h5py File + f[key][()]": cold(paths["h5"], h5_get),
-        "pyarrow read_table(filters=id == key)": cold(paths["parquet"], lambda k: parquet_get(paths["parquet"], k)),
+    readers = {
+        "embfile open + np.array(db[key])": (emb, emb_get),
+        "h5py File + f[key][()]": (paths["h5"], h5_get),
+        "pyarrow read_table(filters=id == key)": (paths["parquet"], lambda k: parquet_get(paths["parquet"], k)),
     }
+    times: dict[str, list[int]] = {name: [] for name in readers}
+    for (key,) in cold_probe:  # interleaved: each reader in turn, on the same key
+        for name, (path, get) in readers.items():
+            machine.evict(path)
+            t = time.perf_counter_ns()
+            get(key)
+            times[name].append(time.perf_counter_ns() - t)
+    cold_us = {name: statistics.median(t) / 1e3 for name, t in times.items()}
     return warm, cold_us
 
 
@@ -235,7 +234,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--proteins", type=int, default=2000, help="proteins in the data (default 2,000: about 1 GB)")
     ap.add_argument("--budget", type=int, default=16384, help="token_budget: padded residues a batch")
-    ap.add_argument("--rounds", type=int, default=5, help="cold rounds (lookups, interleaved epochs)")
+    ap.add_argument("--rounds", type=int, default=7, help="cold rounds (lookups, interleaved epochs)")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--out", help="the result file (default benchmarks/results/ragged.md; - for none)")
     args = ap.parse_args()

@@ -86,8 +86,8 @@ def as_matrix(key: object, matrix: object, dim: int | None) -> np.ndarray:
 def source_of(data: Any, caller: str = "write()", ragged: bool | None = None) -> Source:
     """``data`` as a Source: an open dataset (streamed from its mapping), a ``(keys, matrix)`` pair or a
     mapping ``{key: vector}``; with ``ragged``, a mapping ``{key: (length, dim) matrix}`` (a dataset is
-    ragged or not of itself).  Datasets are known by the native table they all extend (the writer, which reads
-    them through here, is what ``Dataset.pool`` writes with)."""
+    ragged or not of itself).  A dataset is recognised by the native table every dataset extends: this module
+    cannot import dataset.py, which imports the writer (``Dataset.pool`` writes), which imports this module."""
     if isinstance(data, _core.Table):
         return _dataset_source(data, ragged)
     if isinstance(data, tuple) and len(data) == 2:

@@ -177,8 +177,9 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         self._require_open()
         if how not in POOLINGS:
             raise ValueError(f"pool must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
-        mean_of_ints = how == "mean" and self.dtype.kind in "iu"
-        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32) if mean_of_ints else self.dtype  # type: ignore[call-overload]
+        out_dtype = np.dtype(np.float32) if how == "mean" and self.dtype.kind in "iu" else self.dtype
+        if dtype is not None:
+            out_dtype = np.dtype(dtype)  # type: ignore[call-overload]
         step = max(1, (64 << 20) // (self.dim * self.dtype.itemsize))
         if out is None:
             result = np.empty((len(self), self.dim), out_dtype)

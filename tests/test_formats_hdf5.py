@@ -63,6 +63,19 @@ def test_per_residue_becomes_ragged_or_pooled(tmp_path):
         embfile.convert(tmp_path / "r.emb", tmp_path / "bulk.h5", layout="bulk")
 
 
+def test_bio_embeddings_per_residue_keys_from_an_attribute(tmp_path):
+    rng = np.random.default_rng(10)
+    residues = {k: rng.random((3 + len(k) % 9, 32)).astype(np.float32) for k in AWKWARD_KEYS}
+    with h5py.File(tmp_path / "embeddings_file.h5", "w") as f:  # bio_embeddings: md5 names, the id an attribute
+        for k, m in residues.items():
+            f.create_dataset(hashlib.md5(k.encode()).hexdigest(), data=m).attrs["original_id"] = k
+    embfile.convert(tmp_path / "embeddings_file.h5", tmp_path / "r.emb", key_attr="original_id")
+    with embfile.open(tmp_path / "r.emb") as db:
+        assert db.ragged and sorted(db) == sorted(residues)
+        for k, m in residues.items():
+            np.testing.assert_array_equal(db[k], m)
+
+
 def test_scikit_bio_embed_files(tmp_path):
     skbio = pytest.importorskip("skbio")
     from skbio.embedding import ProteinEmbedding
