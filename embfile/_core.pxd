@@ -32,7 +32,7 @@ cdef extern from "embfile.h" nogil:
                     size_t n_parts, const uint64_t *items, size_t k, uint64_t *first, uint64_t *length)
     void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts, size_t n_parts,
                            uint64_t record_bytes, const uint64_t *items, const uint64_t *first,
-                           const uint64_t *length, size_t k, uint64_t stride, uint8_t *dst)
+                           const uint64_t *length, size_t k, uint64_t stride, int zero_pad, uint8_t *dst)
     int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16, const float *q, uint32_t nq,
                 float *out, int threads)
     void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads)

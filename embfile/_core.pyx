@@ -529,8 +529,11 @@ cdef class Table:
         cdef uint64_t longest = length.max() if k else 0
         offsets = np.zeros(k + 1, np.int64)
         np.cumsum(length, out=offsets[1:])
+        # Padding: where it is most of the batch, new memory the kernel zeroes lazily (np.zeros); else an
+        # empty array whose padding alone is zeroed here (calloc would zero the whole batch first).
+        cdef int zero_pad = pad and 2 * offsets[k] >= k * longest
         if pad:
-            out = np.zeros((k, longest, self._dim), dtype=self._descr)
+            out = (np.empty if zero_pad else np.zeros)((k, longest, self._dim), dtype=self._descr)
         else:
             out = np.empty((offsets[k], self._dim), dtype=self._descr)
         cdef const uint64_t[::1] iv = records
@@ -544,7 +547,7 @@ cdef class Table:
                     part = _part_of(self._starts, self._n_parts, iv[i])
                     _will_need(self._bases[part] + fv[i] * self._record_bytes, lv[i] * self._record_bytes)
                 emb_gather_ragged(self._bases, self._starts, self._n_parts, self._record_bytes, &iv[0], &fv[0],
-                                  &lv[0], k, stride, <uint8_t *>cnp.PyArray_DATA(o))
+                                  &lv[0], k, stride, zero_pad, <uint8_t *>cnp.PyArray_DATA(o))
         if pad:
             return out, np.arange(longest, dtype=np.uint64) < length[:, None]
         return out, offsets

@@ -107,13 +107,14 @@ int emb_extents(const uint8_t *const *ranges, const uint64_t *starts,
                 uint64_t *length);
 
 /* Copies the rows of records items[0..k) (extents from emb_extents) into
- * dst: record i at row i * stride of dst, or with stride 0 right after the
- * record before it (packed). */
+ * dst: record i at row i * stride of dst (and with zero_pad, zeros in the
+ * rest of its stride rows), or with stride 0 right after the record before
+ * it (packed). */
 void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
                        size_t n_parts, uint64_t record_bytes,
                        const uint64_t *items, const uint64_t *first,
                        const uint64_t *length, size_t k, uint64_t stride,
-                       uint8_t *dst);
+                       int zero_pad, uint8_t *dst);
 
 /* Search (search.c): out[r * nq + j] = the dot product of row r of x (n rows
  * of dim float32, or float16 if f16, back to back) with query j of q (nq rows

@@ -133,7 +133,7 @@ void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
                        size_t n_parts, uint64_t record_bytes,
                        const uint64_t *items, const uint64_t *first,
                        const uint64_t *length, size_t k, uint64_t stride,
-                       uint8_t *dst) {
+                       int zero_pad, uint8_t *dst) {
     size_t i;
     uint64_t at = 0;
     for (i = 0; i < k; i++) {
@@ -143,6 +143,8 @@ void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
         emb_copy(dst + at * record_bytes, bases[s] + first[i] * record_bytes,
                  length[i] * record_bytes);
         at += length[i];
+        if (stride && zero_pad)
+            memset(dst + at * record_bytes, 0, (stride - length[i]) * record_bytes);
     }
 }
 
