@@ -32,12 +32,20 @@ class Staging:
     folder itself (its contents become ``dst``).
     """
 
+    _lock: int | None = None  # until locked (a failed __init__ leaves nothing to discard)
+
     def __init__(self, dst: str | os.PathLike[str], folder: bool = False) -> None:
         self.dst = os.path.abspath(os.fspath(dst))
         self.parent, name = os.path.split(self.dst)
+        if not os.path.isdir(self.parent):
+            what = "is not a folder" if os.path.exists(self.parent) else "does not exist"
+            raise FileNotFoundError(f"{os.fspath(dst)}: {self.parent} {what}")
         remove_stale(self.parent, name)
         while True:
-            root = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.parent)
+            try:
+                root = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.parent)
+            except OSError as e:  # named by the user's path, not the hidden one
+                raise type(e)(f"{os.fspath(dst)}: cannot write in {self.parent} ({e.strerror})") from None
             fd = lock(root)
             # A cleaner may have taken the new, not yet locked, folder for a dead one's: then start over.
             if fd is not None and os.path.exists(root) and os.path.samestat(os.stat(root), os.fstat(fd)):
@@ -45,7 +53,9 @@ class Staging:
             if fd is not None:
                 os.close(fd)
         self._root = root
-        self._lock: int | None = fd
+        self._lock = fd
+        if folder:  # mkdtemp makes it rwx------; a folder it becomes is made as any other, under the umask
+            os.chmod(root, 0o777 & ~umask())
         self.path = root if folder else os.path.join(root, name)
 
     def commit(self) -> None:
@@ -144,6 +154,17 @@ def require_space(dst: str | os.PathLike[str], nbytes: int) -> None:
     st = os.statvfs(os.path.dirname(os.path.abspath(dst)))
     if st.f_bavail * st.f_frsize < nbytes:
         raise disk_full(dst, errno.ENOSPC, f": {nbytes} bytes needed, {st.f_bavail * st.f_frsize} free")
+
+
+def umask() -> int:
+    """This process's umask (read from /proc where it can be, without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # elsewhere: read by setting it, and set it back at once
+        os.umask(mask)
+        return mask
 
 
 def remove_stale(parent: str, name: str) -> None:

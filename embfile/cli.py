@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -56,9 +58,27 @@ _EXAMPLES = {
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, ``kill`` and SLURM send), raised where Ctrl-C would be: every writer cleans up."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     args = _parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         status: int | None = args.run(args)
         return status or 0
@@ -68,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise  # the reader went away (| head): run() ends quietly
     except (errors.EmbFileError, OSError, ImportError, ValueError, TypeError) as e:
         return _fail(str(e))
+    except _Terminated:
+        return _fail("terminated (SIGTERM); no output file was left behind", 143)
     except KeyboardInterrupt:
         return _fail("interrupted; no output file was left behind", 130)
 
@@ -93,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         c.set_defaults(run=run)
         return c
 
-    c = command("convert", _convert, "convert between .emb, HDF5, Parquet, ESM .pt folders, .npy and pickles")
+    c = command(
+        "convert", _convert, "convert between .emb, HDF5, Parquet, ESM folders, .npy, .npz, torch, safetensors, pickles"
+    )
     c.add_argument("src", help="input file or folder")
     c.add_argument("dst", help="output file (.emb, .h5 or .parquet)")
     c.add_argument("--from", dest="src_format", choices=sorted(formats.READERS), help="input format (detected)")
@@ -116,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
         help="input: detected (skbio: scikit-bio's embed format); output: bulk, per-key for per-residue records",
     )
     g.add_argument("--key-attr", help="take each key from this dataset attribute (e.g. original_id)")
-    g.add_argument("--ids", help="bulk layout: the ids dataset (default: detected; output: keys)")
-    g.add_argument("--vectors", help="bulk layout: the matrix dataset (default: detected; output: vectors)")
+    g.add_argument("--ids", help="the ids' dataset or array (HDF5 bulk, npz, torch, safetensors; default: detected)")
+    g.add_argument("--vectors", help="the matrix's dataset or array (default: detected; HDF5 output: vectors)")
     g.add_argument("--compression", help="HDF5 output: gzip or lzf; Parquet output: codec of the keys")
     g = c.add_argument_group("Parquet")
     g.add_argument("--key-column", help="default: the only string column (output: key)")

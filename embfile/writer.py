@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -391,6 +392,12 @@ class Writer:
 
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
+            warnings.warn(
+                f"embfile.Writer({self.path!r}) was never closed: nothing was written (close() or a with block "
+                "writes the file)",
+                ResourceWarning,
+                stacklevel=2,
+            )
             try:
                 self.abort()  # never leave a partial file behind
             except Exception:
@@ -510,8 +517,7 @@ def _metadata_json(metadata: object) -> dict[str, Any]:
     meta = {} if metadata is None else metadata
     if not isinstance(meta, dict):
         raise TypeError(f"metadata must be a dict, not {type(meta).__name__}")
-    if "embfile" in meta:
-        raise errors.WriterError('metadata key "embfile" is reserved for what the writer records')
+    meta = {k: v for k, v in meta.items() if k != "embfile"}  # the writer's own record: this writer writes its own
     try:
         text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:

@@ -249,3 +249,71 @@ def test_grow_a_dataset_from_the_shell(tmp_path, study):
     with embfile.open(tmp_path / "some.emb") as db:
         assert list(db) == [keys[7], "new2"] and db["new2"].tolist() == [2.0] * 32
     assert_user_error(cli("append", tmp_path / "nothing", path, check=False), "no dataset to append to")
+
+
+def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
+    """Mistakes as users make them, through the real command: exit 1, one line naming the user's path, no
+    traceback, nothing left at the destination."""
+    import gzip
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    np.savez(tmp_path / "pair.npz", ids=np.array(["a", "b"]), emb=np.ones((2, 4), np.float32))
+    (tmp_path / "pair.npy").write_bytes((tmp_path / "pair.npz").read_bytes())  # an .npz named .npy
+    torch.save({"a": torch.ones(4)}, tmp_path / "d.pt")
+    (tmp_path / "d.pkl").write_bytes((tmp_path / "d.pt").read_bytes())  # a torch file named .pkl
+    with gzip.open(tmp_path / "g.pkl", "wb") as f:
+        pickle.dump({"a": [1.0, 2.0]}, f)
+    (tmp_path / "junk.pkl").write_bytes(b"\x80\x04\x95junk")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"a": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "bf16.pt")
+    cases = [
+        (["pair.npy", "o.emb", "--from", "npy"], "an .npz archive, not an .npy matrix: --from npz"),
+        (["d.pkl", "o.emb", "--from", "pickle", "--trust-pickle"], "--from torch reads it"),
+        (["junk.pkl", "o.emb", "--trust-pickle"], "not a pickle this Python can load"),
+        (["pair.npz", "nodir/o.emb"], "nodir does not exist"),
+        (["pair.npz", "afile/o.emb"], "afile is not a folder"),
+        (["bad.npz", "o.emb"], "a damaged zip file"),
+        (["objects.npz", "o.emb"], "objects.npz"),
+        (["list.pt", "o.emb"], "holds a list, not a dict of tensors"),
+        (["bf16.pt", "o.emb"], "bfloat16"),
+        (["pair.npz", "o.emb", "--ids", "nope"], "no array 'nope'"),
+        (["pair.npz", "o.xyz"], "cannot tell the output format"),
+    ]
+    for args, needle in cases:
+        p = cli(
+            "convert",
+            *[a if a.startswith("-") or a in ("npy", "pickle", "nope") else tmp_path / a for a in args],
+            check=False,
+        )
+        assert_user_error(p, needle)
+        assert ".tmp" not in p.stderr  # never a hidden staging path
+        assert not os.path.exists(tmp_path / "o.emb")
+    p = cli("convert", tmp_path / "g.pkl", tmp_path / "g.emb", "--trust-pickle")  # a gzipped pickle just works
+    assert p.returncode == 0
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """What `timeout` and SLURM send: the conversion stops, nothing is left at the destination or beside it."""
+    import signal
+    import time
+
+    with embfile.Writer(tmp_path / "big.emb", 256, "float32") as w:
+        rng = np.random.default_rng(0)
+        for lo in range(0, 400_000, 50_000):
+            w.add_batch([f"k{i}" for i in range(lo, lo + 50_000)], rng.random((50_000, 256), np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["convert", tmp_path / "big.emb", out / "big.h5", "--compression", "gzip", "-q"]  # slow: seconds
+    proc = subprocess.Popen([sys.executable, "-m", "embfile", *argv], stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the conversion finished before the signal")
+    assert proc.returncode == 143, err
+    assert err.strip() == "embfile: error: terminated (SIGTERM); no output file was left behind"
+    assert os.listdir(out) == []

@@ -1,5 +1,7 @@
-"""ESM .pt folders, .npy + keys, pickles, format detection and conversions between other formats."""
+"""ESM .pt folders, .npy + keys, .npz, torch.save and safetensors files, pickles, format detection and
+conversions between other formats."""
 
+import json
 import os
 import pickle
 
@@ -186,3 +188,56 @@ def test_conversion_memory_is_bounded(tmp_path):
     for src in ("bulk.h5", "t.parquet"):
         a, b = peak(small, src), peak(large, src)
         assert b - a < 32 and b < 200, f"{src}: {a:.0f} MiB for 64 MiB of input, {b:.0f} MiB for 256 MiB"
+
+
+@pytest.fixture
+def vectors():
+    rng = np.random.default_rng(21)
+    keys = [k for k in AWKWARD_KEYS if k] + [f"UniRef50_{i:06d}" for i in range(500)]
+    return {k: rng.standard_normal(24).astype(np.float32) for k in keys}
+
+
+def test_npz_archives_as_numpy_writes_them(tmp_path, vectors):
+    keys, m = list(vectors), np.stack(list(vectors.values()))
+    np.savez(tmp_path / "pair.npz", ids=np.array(keys), embeddings=m)
+    np.savez_compressed(tmp_path / "ints.npz", ids=np.arange(len(keys)), embeddings=m)
+    per_key = {k: v for k, v in vectors.items() if "/" not in k}  # np.savez names members by key
+    np.savez(tmp_path / "per_key.npz", **per_key)
+    residues = {k: np.tile(v, (1 + i % 4, 1)).astype(np.float16) for i, (k, v) in enumerate(per_key.items())}
+    np.savez_compressed(tmp_path / "residues.npz", **residues)
+    assert detect_format(tmp_path / "pair.npz") == "npz"
+    embfile.convert(tmp_path / "pair.npz", tmp_path / "a.emb")
+    assert_store(tmp_path / "a.emb", vectors)
+    embfile.convert(tmp_path / "ints.npz", tmp_path / "b.emb")
+    assert_store(tmp_path / "b.emb", {str(i): v for i, v in enumerate(vectors.values())})
+    embfile.convert(tmp_path / "per_key.npz", tmp_path / "c.emb")
+    assert_store(tmp_path / "c.emb", per_key)
+    embfile.convert(tmp_path / "residues.npz", tmp_path / "r.emb")
+    with embfile.open(tmp_path / "r.emb") as db:
+        assert db.ragged and all(np.array_equal(db[k], m) for k, m in residues.items())
+
+
+def test_torch_save_files_load_without_running_code(tmp_path, vectors):
+    keys, m = list(vectors), torch.from_numpy(np.stack(list(vectors.values())))
+    torch.save({k: torch.from_numpy(v) for k, v in vectors.items()}, tmp_path / "dict.pt")
+    torch.save((keys, m), tmp_path / "pair.pt")
+    torch.save({"ids": keys, "embeddings": m}, tmp_path / "named.pth")
+    for name in ("dict.pt", "pair.pt", "named.pth"):
+        assert detect_format(tmp_path / name) == "torch"
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb")
+        assert_store(tmp_path / f"{name}.emb", vectors)
+
+
+def test_safetensors_files(tmp_path, vectors):
+    st = pytest.importorskip("safetensors.numpy")
+    keys, m = list(vectors), np.stack(list(vectors.values()))
+    st.save_file(dict(vectors), tmp_path / "per_key.safetensors")
+    st.save_file({"embeddings": m}, tmp_path / "meta.safetensors", metadata={"ids": json.dumps(keys)})
+    st.save_file({"embeddings": m, "ids": np.arange(len(keys))}, tmp_path / "ints.safetensors")
+    assert detect_format(tmp_path / "meta.safetensors") == "safetensors"
+    embfile.convert(tmp_path / "per_key.safetensors", tmp_path / "a.emb")
+    assert_store(tmp_path / "a.emb", vectors)
+    embfile.convert(tmp_path / "meta.safetensors", tmp_path / "b.emb")
+    assert_store(tmp_path / "b.emb", vectors)
+    embfile.convert(tmp_path / "ints.safetensors", tmp_path / "c.emb")
+    assert_store(tmp_path / "c.emb", {str(i): v for i, v in enumerate(vectors.values())})

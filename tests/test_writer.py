@@ -3,6 +3,7 @@
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -264,8 +265,6 @@ def test_bad_writer_arguments(tmp_path):
         embfile.Writer(tmp_path / "x.emb", 4, "complex64")
     with pytest.raises(embfile.WriterError, match="JSON"):
         embfile.Writer(tmp_path / "x.emb", 4, metadata={"x": object()})
-    with pytest.raises(embfile.WriterError, match="reserved"):
-        embfile.Writer(tmp_path / "x.emb", 4, metadata={"embfile": 1})
     with pytest.raises(TypeError):
         embfile.write(tmp_path / "x.emb", [1, 2, 3])
     assert os.listdir(tmp_path) == []
@@ -384,3 +383,34 @@ def test_keys_given_as_utf8_bytes_write_the_same_file(tmp_path, monkeypatch):
         with pytest.raises(embfile.WriterError, match="is 70000 bytes; the limit is 65535"):
             w.add_batch(EncodedKeys.of_arrow(pa.array(["x" * 70000])), np.zeros((1, 3)))
         assert len(w) == 0
+
+
+def test_a_writer_dropped_without_close_warns_and_leaves_nothing(tmp_path):
+    import gc
+
+    w = embfile.Writer(tmp_path / "x.emb", 4)
+    w.add("a", np.ones(4))
+    with pytest.warns(ResourceWarning, match="never closed"):
+        del w
+        gc.collect()
+    assert os.listdir(tmp_path) == []
+
+
+def test_metadata_of_a_file_round_trips_into_a_new_one(tmp_path):
+    embfile.write(tmp_path / "a.emb", {"k": np.ones(3)}, metadata={"model": "esm2", "layer": 33})
+    with embfile.open(tmp_path / "a.emb") as db:
+        embfile.write(tmp_path / "b.emb", {"k": np.zeros(3)}, metadata=db.metadata)  # "embfile" is replaced
+        old = db.metadata["embfile"]
+    with embfile.open(tmp_path / "b.emb") as db:
+        assert db.metadata["model"] == "esm2" and db.metadata["layer"] == 33
+        assert db.metadata["embfile"]["created"] >= old["created"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_folders_made_by_writers_follow_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        embfile.write_shards(tmp_path / "ds", {"a": np.ones(4)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "ds").st_mode) == 0o777 & ~mask

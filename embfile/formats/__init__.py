@@ -1,4 +1,5 @@
-"""Converters between .emb and the files our users have: HDF5, Parquet, ESM ``.pt`` folders, ``.npy``, pickles.
+"""Converters between .emb and the files our users have: HDF5, Parquet, ESM ``.pt`` folders, ``.npy``, ``.npz``,
+``torch.save`` and safetensors files, pickles.
 
 Every input is read as a :class:`~embfile.formats._common.Source` that streams
 ``(keys, matrix)`` chunks of about 16 MiB, so a conversion holds one chunk and
@@ -25,6 +26,7 @@ from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_parquet, to_parquet
+from embfile.formats.tensors import read_npz, read_safetensors, read_torch
 from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -34,6 +36,9 @@ READERS: dict[str, Callable[..., Source]] = {
     "esm": read_esm,
     "pickle": read_pickle,
     "npy": read_npy,
+    "npz": read_npz,
+    "torch": read_torch,
+    "safetensors": read_safetensors,
 }
 WRITERS: dict[str, Callable[..., str]] = {"hdf5": to_hdf5, "parquet": to_parquet}  # and "emb", through write_emb
 _MAGIC = {b"\x89EMB\r\n\x1a\n": "emb", b"\x89HDF\r\n\x1a\n": "hdf5", b"PAR1": "parquet", b"\x93NUMPY": "npy"}
@@ -47,6 +52,10 @@ _EXTENSIONS = {
     ".pkl": "pickle",
     ".pickle": "pickle",
     ".npy": "npy",
+    ".npz": "npz",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".safetensors": "safetensors",
 }
 
 
@@ -203,16 +212,35 @@ def detect_format(path: str | os.PathLike[str]) -> str:
                 return fmt
         raise errors.ConversionError(f"{path}: a folder with no .parquet or .pt files")
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     for magic, fmt in _MAGIC.items():
         if head.startswith(magic):
             return fmt
+    if head.startswith(b"PK\x03\x04"):  # a zip: np.savez's members are .npy files, torch.save's a data.pkl
+        return _zip_format(path)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"  # an 8-byte header length, then the JSON header
     ext = os.path.splitext(path)[1].lower()
     if ext in (".pkl", ".pickle") or head[:1] == b"\x80":
         return "pickle"
     if ext in _EXTENSIONS:  # e.g. HDF5 with a user block before its signature
         return _EXTENSIONS[ext]
     raise errors.ConversionError(f"{path}: cannot tell its format; name it with src_format= (--from)")
+
+
+def _zip_format(path: str) -> str:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile as e:
+        raise errors.ConversionError(f"{path}: a damaged zip file ({e})") from None
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "torch"
+    if names and all(n.endswith(".npy") for n in names):
+        return "npz"
+    raise errors.ConversionError(f"{path}: a zip file, but neither an .npz archive nor a torch.save file")
 
 
 def output_format(path: str | os.PathLike[str]) -> str:

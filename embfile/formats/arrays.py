@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import gzip
 import os
 import pickle
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ def read_npy(path: str | os.PathLike[str], *, keys: str | os.PathLike[str] | Non
         m = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise errors.ConversionError(f"{path}: not a numeric .npy matrix ({e})") from None
+    if not isinstance(m, np.ndarray):  # np.load opens an .npz archive whatever its name
+        m.close()
+        raise errors.ConversionError(f"{path}: an .npz archive, not an .npy matrix: --from npz reads it")
     if m.ndim != 2 or m.dtype.kind not in "iuf":
         raise errors.ConversionError(f"{path}: holds {m.shape} {m.dtype}, not an (n, dim) matrix of numbers")
     if not os.path.exists(keys):
@@ -74,8 +78,15 @@ def read_pickle(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
             f"{path}: loading a pickle runs code; if you trust where it came from, pass trust_pickle=True "
             "(--trust-pickle)"
         )
-    with open(path, "rb") as f:
-        data = pickle.load(f)
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:  # a .pkl.gz: read through gzip
+            data = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+        hint = "; a torch.save file? --from torch reads it" if "persistent" in str(e) else ""
+        why = " ".join(str(e).split())
+        raise errors.ConversionError(f"{path}: not a pickle this Python can load ({why}){hint}") from None
     if not isinstance(data, collections.abc.Mapping):
         raise errors.ConversionError(f"{path}: holds a {type(data).__name__}, not a dict of vectors")
     if not data:

@@ -1,0 +1,193 @@
+"""Tensor containers: ``.npz`` archives, ``torch.save`` files and safetensors files.
+
+Each holds either one array per key (``(D,)`` vectors, or ``(L, D)`` per-residue matrices, read as ragged
+records) or one ``(n, D)`` matrix beside its ids (an array of strings or integers, or for safetensors a JSON
+list in the file's metadata).  Nothing here runs code: ``.npz`` is read without pickle, ``torch.save`` files
+with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from embfile import errors
+from embfile._extras import require
+from embfile._stream import Source, source_of
+
+
+class _Lazy(collections.abc.Mapping[str, np.ndarray]):
+    """Named arrays loaded one at a time, when asked for (a conversion then holds one chunk of them)."""
+
+    def __init__(self, names: list[str], load: Callable[[str], np.ndarray]) -> None:
+        self.names, self.load = names, load
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _source(
+    path: str,
+    fmt: str,
+    arrays: collections.abc.Mapping[str, Any],
+    ids: str | None,
+    vectors: str | None,
+    id_list: list[str] | None = None,
+) -> Source:
+    """The records of named ``arrays``: the matrix ``vectors`` with the ids ``ids`` (an array, or ``id_list``),
+    found by shape when not named; else one array per key."""
+    names = list(arrays)
+    if not names:
+        raise errors.ConversionError(f"{path}: holds no arrays: nothing to convert")
+    desc: dict[str, Any] = {"format": fmt, "path": os.path.abspath(path)}
+    pair = (ids, vectors) if ids or vectors else _pair(arrays, names, id_list)
+    if pair is not None:
+        ids, vectors = pair
+        if vectors is None:  # the ids named: the matrix is the one 2-d array
+            mats = [n for n in names if np.ndim(arrays[n]) == 2]
+            if len(mats) != 1:
+                raise errors.ConversionError(f"{path}: which array is the matrix? name it with vectors= (--vectors)")
+            vectors = mats[0]
+        if vectors not in names:
+            raise errors.ConversionError(f"{path}: no array {vectors!r}; arrays are {names[:8]}")
+        matrix = np.asarray(arrays[vectors])
+        keys = id_list if ids is None else _ids(path, arrays, ids, names)
+        if keys is None:
+            raise errors.ConversionError(f"{path}: which array holds the ids of {vectors!r}? name it with ids= (--ids)")
+        if matrix.ndim != 2 or len(keys) != len(matrix):
+            raise errors.ConversionError(
+                f"{path}: {vectors!r} has shape {matrix.shape}, not ({len(keys)}, dim) for {len(keys)} ids"
+            )
+        return _described(source_of((keys, matrix), f"{fmt} input"), {**desc, "ids": ids, "vectors": vectors})
+    first = np.asarray(arrays[names[0]])
+    if first.ndim not in (1, 2) or first.dtype.kind not in "iuf":
+        raise errors.ConversionError(
+            f"{path}: {names[0]!r} holds {first.shape} {first.dtype}: neither a vector nor an (L, dim) matrix of "
+            "numbers; name the ids and the matrix with ids= and vectors= (--ids, --vectors)"
+        )
+    return _described(source_of(arrays, f"{fmt} input", ragged=first.ndim == 2), desc)
+
+
+def _pair(
+    arrays: collections.abc.Mapping[str, Any], names: list[str], id_list: list[str] | None
+) -> tuple[Any, Any] | None:
+    """``(ids, vectors)`` names when the container is one matrix and its ids (a few arrays at most)."""
+    if len(names) > 4:
+        return None
+    shapes = {n: np.shape(arrays[n]) for n in names}
+    mats = [n for n, s in shapes.items() if len(s) == 2]
+    if len(mats) != 1:
+        return None
+    rows = shapes[mats[0]][0]
+    if id_list is not None and len(id_list) == rows:
+        return None, mats[0]
+    idss = [n for n, s in shapes.items() if s == (rows,) and np.asarray(arrays[n]).dtype.kind in "USiu"]
+    return (idss[0], mats[0]) if len(idss) == 1 else None
+
+
+def _ids(path: str, arrays: collections.abc.Mapping[str, Any], name: str, names: list[str]) -> list[str]:
+    if name not in names:
+        raise errors.ConversionError(f"{path}: no array {name!r}; arrays are {names[:8]}")
+    raw = np.asarray(arrays[name])
+    if raw.ndim != 1 or raw.dtype.kind not in "USiu":
+        raise errors.ConversionError(f"{path}: {name!r} holds {raw.shape} {raw.dtype}, not a list of ids")
+    if raw.dtype.kind == "S":
+        return [b.decode() for b in raw.tolist()]
+    return [str(k) for k in raw.tolist()]
+
+
+def _described(source: Source, description: dict[str, Any]) -> Source:
+    source.description = description
+    return source
+
+
+def read_npz(path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None) -> Source:
+    """An ``np.savez`` archive, read without pickle: ``ids`` and an ``(n, dim)`` matrix (found by shape, or
+    named), or one array per key."""
+    path = os.fspath(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise errors.ConversionError(f"{path}: not a readable .npz archive ({e})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise errors.ConversionError(f"{path}: an .npy matrix, not an .npz archive: --from npy reads it")
+    try:
+        return _source(path, "npz", _Lazy(list(archive.files), archive.__getitem__), ids, vectors)
+    except errors.EmbFileError:
+        raise
+    except ValueError as e:  # an object array needs pickle, which is never used
+        raise errors.ConversionError(f"{path}: {e}") from None
+
+
+def read_torch(path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None) -> Source:
+    """A ``torch.save`` file, loaded with ``weights_only=True`` (it cannot run code): a dict ``{id: tensor}``,
+    a pair ``(ids, tensor)``, or a dict holding the ids and the matrix (found by shape, or named)."""
+    torch = require("torch", "torch")
+    path = os.fspath(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a file it cannot read
+        raise errors.ConversionError(f"{path}: not a torch file it can load safely ({type(e).__name__}: {e})") from None
+
+    def array(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.bfloat16:
+                raise errors.ConversionError(f"{path}: bfloat16 tensors are not stored yet; save them as float32")
+            return value.detach().cpu().numpy()
+        return np.asarray(value) if isinstance(value, (list, tuple)) else value
+
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        keys, matrix = data
+        keys = [str(k) for k in (keys.tolist() if hasattr(keys, "tolist") else keys)]
+        return _source(path, "torch", {"vectors": array(matrix)}, None, "vectors", keys)
+    if not isinstance(data, dict):
+        raise errors.ConversionError(f"{path}: holds a {type(data).__name__}, not a dict of tensors or (ids, tensor)")
+    bad = next((k for k in data if not isinstance(k, str)), None)
+    if bad is not None:
+        raise errors.ConversionError(f"{path}: key {bad!r} is a {type(bad).__name__}; embfile keys are str")
+    return _source(path, "torch", _Lazy(list(data), lambda k: array(data[k])), ids, vectors)
+
+
+def read_safetensors(path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None) -> Source:
+    """A safetensors file: one tensor per key, or one ``(n, dim)`` matrix with its ids in a second tensor or,
+    as a JSON list, in the file's metadata under ``ids`` (default ``"ids"``)."""
+    safetensors = require("safetensors", "safetensors")
+    path = os.fspath(path)
+    try:
+        f = safetensors.safe_open(path, framework="np")
+    except Exception as e:  # its errors are of its own types
+        raise errors.ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+    names = list(f.keys())
+    meta = f.metadata() or {}
+    id_list = None
+    if (ids or "ids") in meta:
+        try:
+            id_list = [str(k) for k in json.loads(meta[ids or "ids"])]
+        except (ValueError, TypeError):
+            raise errors.ConversionError(f"{path}: metadata {ids or 'ids'!r} is not a JSON list of ids") from None
+        ids = None
+
+    def load(name: str) -> np.ndarray:
+        try:
+            return np.asarray(f.get_tensor(name))
+        except TypeError as e:  # numpy has no bfloat16
+            raise errors.ConversionError(f"{path}: tensor {name!r}: {e}; bfloat16 is not stored yet") from None
+
+    if id_list is not None:
+        if vectors is None and len(names) != 1:
+            raise errors.ConversionError(
+                f"{path}: ids in the metadata, and {len(names)} tensors: name one with vectors="
+            )
+        return _source(path, "safetensors", _Lazy(names, load), None, vectors or names[0], id_list)
+    return _source(path, "safetensors", _Lazy(names, load), ids, vectors)
