@@ -13,8 +13,9 @@ import dataclasses
 import itertools
 import os
 import queue
+import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -223,6 +224,52 @@ def pooled(source: Source, how: str | None) -> Source:
     return dataclasses.replace(
         source, dtype=dtype, chunks=chunks(), description={**source.description, "pool": how}, ragged=False
     )
+
+
+KeyRule = Callable[[str], str] | str  # a function of the source key, or a regular expression
+
+
+def rekeyed(source: Source, key: KeyRule | None) -> Source:
+    r"""``source`` with each key replaced by ``key(old)``, or by the first group (else the whole match) of the
+    regular expression ``key`` searched in it (``None``: as it is): ``r"\|([^|]+)\|"`` takes ``P69905`` of
+    ``sp|P69905|HBA_HUMAN``.  A key the pattern does not match, or two source keys that become one, is a
+    :class:`~embfile.ConversionError` naming them, raised as soon as it is read."""
+    if key is None:
+        return source
+    if isinstance(key, str):
+        try:
+            pattern = re.compile(key)
+        except re.error as e:
+            raise ValueError(f"key pattern {key!r}: {e}") from None
+
+        def matched(old: str) -> str:
+            m = pattern.search(old)
+            if m is None:
+                raise errors.ConversionError(f"key {old!r} does not match the key pattern {key!r}")
+            return m.group(1) if pattern.groups else m.group(0)
+
+        rule: Callable[[str], str] = matched
+    elif callable(key):
+        rule = key
+    else:
+        raise TypeError(f"key= takes a function or a regular expression, not {type(key).__name__}")
+    where = source.description.get("path") or source.description.get("format", "the input")
+
+    def chunks() -> Iterator[Any]:
+        seen: dict[str, str] = {}
+        for keys, *records in source.chunks:
+            new = []
+            for old in keys.tolist() if isinstance(keys, EncodedKeys) else keys:
+                k = rule(old)
+                if not isinstance(k, str) or not k:
+                    raise errors.ConversionError(f"{where}: key {old!r} became {k!r}, not a non-empty str")
+                first = seen.setdefault(k, old)
+                if first != old:
+                    raise errors.ConversionError(f"{where}: keys {first!r} and {old!r} both become {k!r}")
+                new.append(k)
+            yield (new, *records)
+
+    return dataclasses.replace(source, chunks=chunks(), description={**source.description, "key": str(key)})
 
 
 def prefetched(chunks: Iterable[Chunk], depth: int = 2) -> Iterator[Chunk]:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 import embfile
+from embfile import _format as F
 from embfile import errors, folder, formats, remote
 from embfile._stream import POOLINGS
 
@@ -124,13 +125,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--to", dest="dst_format", choices=["emb", *sorted(formats.WRITERS)], help="output format (from the name)"
     )
-    c.add_argument("--dtype", help="stored element type, e.g. float16 (default: the input's)")
-    c.add_argument("--metadata", type=json.loads, help="JSON object to add to the metadata")
+    c.add_argument(
+        "--dtype",
+        choices=sorted(set(F.DTYPES.values())),
+        metavar="DTYPE",
+        help=f"stored element type, one of {', '.join(F.DTYPES.values())} (default: the input's)",
+    )
+    c.add_argument(
+        "--metadata",
+        type=_metadata,
+        action="append",
+        metavar="KEY=VALUE",
+        help="add to the metadata: KEY=VALUE (VALUE read as JSON if it is, else as text), or a JSON object; repeatable",
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     c.add_argument(
         "--pool",
         choices=POOLINGS,
         help="pool per-residue (L, D) input into one vector per key (default: keep every row, a ragged file)",
+    )
+    c.add_argument(
+        "--key-regex",
+        metavar="PATTERN",
+        help="derive each key from the source's: the first group (else the whole match) of PATTERN, "
+        r"e.g. '\|([^|]+)\|' takes P69905 of sp|P69905|HBA_HUMAN",
     )
     g = c.add_argument_group("HDF5")
     g.add_argument("--group", help="read under this group (default /)")
@@ -181,7 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     c = command("shard", _shard, "split an .emb file into a folder of shards with an index")
     c.add_argument("src", help="input .emb file")
     c.add_argument("dst", help="output folder (must not exist, or be empty)")
-    c.add_argument("--shard-size", type=_size, default="1GiB", help="records per shard, in bytes (default 1GiB)")
+    c.add_argument(
+        "--shard-size", type=_size, default="1GiB", help="bytes of records per shard, e.g. 2GB or 512MiB (default 1GiB)"
+    )
 
     c.add_argument("--overwrite", action="store_true", help="DST is a dataset: write its next version")
 
@@ -193,7 +213,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("folder")
     c.add_argument("sources", nargs="+", metavar="SRC", help="anything convert reads, or an embfile dataset")
     c.add_argument("--replace", action="store_true", help="a key already there gets the new vector (default: error)")
-    c.add_argument("--shard-size", type=_size, default="1GiB", help="records per new shard, in bytes (default 1GiB)")
+    c.add_argument(
+        "--shard-size",
+        type=_size,
+        default="1GiB",
+        help="bytes of records per new shard, e.g. 2GB or 512MiB (default 1GiB)",
+    )
 
     c = command("remove", _remove, "remove keys from a dataset folder, as its next version")
     c.add_argument("folder")
@@ -202,7 +227,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("compact", _compact, "join small shards and merge the key index, as the next version")
     c.add_argument("folder")
-    c.add_argument("--shard-size", type=_size, default="1GiB", help="records per shard, in bytes (default 1GiB)")
+    c.add_argument(
+        "--shard-size", type=_size, default="1GiB", help="bytes of records per shard, e.g. 2GB or 512MiB (default 1GiB)"
+    )
 
     c = command("vacuum", _vacuum, "remove old versions of a dataset folder and the files only they use")
     c.add_argument("folder")
@@ -279,14 +306,32 @@ _CONVERT_OPTIONS = (
 )
 
 
+def _metadata(text: str) -> dict[str, object]:
+    """One ``--metadata``: a JSON object, or ``KEY=VALUE`` (VALUE as JSON if it parses, else as text)."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("not a JSON object")
+        return value
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE or a JSON object")
+    try:
+        return {key: json.loads(raw)}
+    except ValueError:
+        return {key: raw}
+
+
 def _convert(args: argparse.Namespace) -> None:
     options = {k: getattr(args, k) for k in _CONVERT_OPTIONS if getattr(args, k) is not None}
     if args.trust_pickle:
         options["trust_pickle"] = True
     if args.per_residue:
         options["per_residue"] = True
-    if args.metadata is not None and not isinstance(args.metadata, dict):
-        raise ValueError("--metadata must be a JSON object")
+    metadata = {k: v for item in args.metadata or [] for k, v in item.items()} or None
     t = time.perf_counter()
     formats.convert(
         args.src,
@@ -294,7 +339,8 @@ def _convert(args: argparse.Namespace) -> None:
         src_format=args.src_format,
         dst_format=args.dst_format,
         dtype=args.dtype,
-        metadata=args.metadata,
+        metadata=metadata,
+        key=args.key_regex,
         progress=not args.quiet and sys.stderr.isatty(),
         **options,
     )
@@ -486,6 +532,8 @@ def _search(args: argparse.Namespace) -> None:
 
 def _index(args: argparse.Namespace) -> None:
     embfile.write_index(args.folder)
+    with embfile.open(args.folder) as ds:
+        print(f"wrote {os.path.join(args.folder, '_index.emb')}: {len(ds):,} keys in {len(ds.files)} shards")
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -317,3 +317,31 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip() == "embfile: error: terminated (SIGTERM); no output file was left behind"
     assert os.listdir(out) == []
+
+
+def test_metadata_as_key_value_pairs_and_the_history_of_sources(tmp_path):
+    embfile.write(tmp_path / "a.emb", {"k": np.ones(4, np.float32)})
+    cli("convert", tmp_path / "a.emb", tmp_path / "b.parquet", "-q")
+    cli(
+        "convert",
+        tmp_path / "b.parquet",
+        tmp_path / "c.emb",
+        "--metadata",
+        "model=prot_t5",
+        "--metadata",
+        "layer=24",
+        "--metadata",
+        '{"pooling": "mean"}',
+        "-q",
+    )
+    with embfile.open(tmp_path / "c.emb") as db:
+        meta = db.metadata
+    assert (meta["model"], meta["layer"], meta["pooling"]) == ("prot_t5", 24, "mean")
+    assert meta["source"]["format"] == "parquet"
+    assert [s["format"] for s in meta["sources"]] == ["parquet"]  # a.emb came from a mapping: no source of its own
+    cli("convert", tmp_path / "c.emb", tmp_path / "d.emb", "-q")
+    with embfile.open(tmp_path / "d.emb") as db:
+        assert [s["format"] for s in db.metadata["sources"]] == ["parquet", "emb"]
+    assert_user_error(cli("info", tmp_path / "nope.emb", check=False), "nope.emb")
+    p = cli("convert", tmp_path / "c.emb", tmp_path / "e.emb", "--dtype", "float8", check=False)
+    assert p.returncode == 2 and "float16" in p.stderr  # usage error: the valid dtypes listed

@@ -241,3 +241,19 @@ def test_safetensors_files(tmp_path, vectors):
     assert_store(tmp_path / "b.emb", vectors)
     embfile.convert(tmp_path / "ints.safetensors", tmp_path / "c.emb")
     assert_store(tmp_path / "c.emb", {str(i): v for i, v in enumerate(vectors.values())})
+
+
+def test_keys_derived_from_fasta_headers(tmp_path):
+    headers = ["sp|P69905|HBA_HUMAN Hemoglobin subunit alpha", "sp|P68871|HBB_HUMAN Hemoglobin subunit beta"]
+    vectors = {h: np.full(4, i, np.float32) for i, h in enumerate(headers)}
+    embfile.write(tmp_path / "h.emb", vectors)
+    embfile.convert(tmp_path / "h.emb", tmp_path / "k.emb", key=r"\|([^|]+)\|")
+    assert list(embfile.open(tmp_path / "k.emb")) == ["P69905", "P68871"]
+    embfile.convert(tmp_path / "h.emb", tmp_path / "f.emb", key=lambda h: h.split()[0])
+    assert list(embfile.open(tmp_path / "f.emb")) == ["sp|P69905|HBA_HUMAN", "sp|P68871|HBB_HUMAN"]
+    embfile.write(tmp_path / "two.emb", {"sp|P69905|A": np.ones(4), "tr|P69905|B": np.zeros(4)})
+    with pytest.raises(embfile.ConversionError, match=r"keys 'sp\|P69905\|A' and 'tr\|P69905\|B' both become 'P69905'"):
+        embfile.convert(tmp_path / "two.emb", tmp_path / "x.emb", key=r"\|([^|]+)\|")
+    with pytest.raises(embfile.ConversionError, match="does not match the key pattern"):
+        embfile.convert(tmp_path / "two.emb", tmp_path / "x.emb", key=r"^UniRef")
+    assert not os.path.exists(tmp_path / "x.emb")

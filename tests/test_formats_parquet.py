@@ -270,3 +270,15 @@ def test_bad_matrices_name_the_key(tmp_path):
     with pytest.raises(embfile.ConversionError, match=r"row 1 \(key 'b'\) has a null residue"):
         convert([[[1.0, 2.0]], [None], [[1.0, 2.0]]])
     assert not os.path.exists(tmp_path / "o.emb")
+
+
+def test_a_folder_of_two_splits_is_refused_not_merged(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"id": [f"{split}-a"], "v": [[1.0, 2.0]]}), folder / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(embfile.ConversionError, match="holds the splits test, train of a dataset"):
+        embfile.convert(folder, tmp_path / "o.emb")
+    (folder / "test-00000-of-00001.parquet").unlink()
+    embfile.convert(folder, tmp_path / "o.emb")  # one split in parts is one dataset
+    assert list(embfile.open(tmp_path / "o.emb")) == ["train-a"]

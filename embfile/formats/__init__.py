@@ -19,7 +19,7 @@ from typing import Any
 
 from embfile import errors
 from embfile._staging import Staging
-from embfile._stream import Source
+from embfile._stream import KeyRule, Source, rekeyed
 from embfile.folder import is_versioned
 from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
@@ -141,16 +141,19 @@ def convert(
     dtype: object = None,
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
+    key: KeyRule | None = None,
     **options: Any,
 ) -> str:
-    """Convert ``src`` to ``dst``, in the formats their contents and names say.
+    r"""Convert ``src`` to ``dst``, in the formats their contents and names say.
 
     Formats: ``emb``, ``hdf5``, ``parquet``, ``esm`` (input only), ``pickle`` (input only),
     ``npy`` (input only).  ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
     :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`,
-    :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.
+    :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
+    from the source's: a function, or a regular expression whose first group (else whole match) is the key
+    (``r"\|([^|]+)\|"``: ``sp|P69905|HBA_HUMAN`` -> ``P69905``); two source keys that become one are an error.
     Between two formats other than .emb the data passes through a temporary .emb
     beside ``dst``.
     """
@@ -162,29 +165,30 @@ def convert(
         raise ValueError(f"unknown output format {df!r}; one of {sorted({'emb', *WRITERS})}")
     reader_opts, writer_opts = _split_options(options, READERS[sf], WRITERS.get(df), sf, df)
     if df == "emb":
-        return write_emb(READERS[sf](src, **reader_opts), dst, dtype, metadata, progress)
-    if sf == "emb" and dtype is None and metadata is None:
+        return write_emb(rekeyed(READERS[sf](src, **reader_opts), key), dst, dtype, metadata, progress)
+    if sf == "emb" and dtype is None and metadata is None and key is None:
         return WRITERS[df](src, dst, progress=progress, **writer_opts)
     staging = Staging(dst, folder=True)
     try:
-        middle = write_emb(
-            READERS[sf](src, **reader_opts), os.path.join(staging.path, "middle.emb"), dtype, metadata, progress
-        )
+        source = rekeyed(READERS[sf](src, **reader_opts), key)
+        middle = write_emb(source, os.path.join(staging.path, "middle.emb"), dtype, metadata, progress)
         return WRITERS[df](middle, dst, progress=progress, **writer_opts)
     finally:
         staging.discard()
 
 
-def read(src: str | os.PathLike[str], *, src_format: str | None = None, **options: Any) -> Source:
+def read(
+    src: str | os.PathLike[str], *, src_format: str | None = None, key: KeyRule | None = None, **options: Any
+) -> Source:
     """Open any input :func:`~embfile.convert` takes (or an embfile dataset folder) as a stream of records.
 
-    ``options`` go to the reader of its format (see :func:`~embfile.convert`).
+    ``key`` derives the keys as for :func:`~embfile.convert`; ``options`` go to the reader of its format.
     """
     sf = src_format or detect_format(src)
     if sf not in READERS:
         raise ValueError(f"unknown input format {sf!r}; one of {sorted(READERS)}")
     reader_opts, _ = _split_options(options, READERS[sf], None, sf, "emb")
-    return READERS[sf](src, **reader_opts)
+    return rekeyed(READERS[sf](src, **reader_opts), key)
 
 
 def _split_options(

@@ -23,11 +23,14 @@ def write_emb(
     """Stream ``source`` into the .emb file ``dst`` (atomic: on any error, no file appears).
 
     The output's metadata is the source's user metadata, then ``metadata``, then ``"source"``: where
-    the records came from.
+    the records came from, and ``"sources"``: every conversion's, oldest first (an input converted before
+    carries its own).
     """
     meta = {k: v for k, v in source.metadata.items() if k != "embfile"}
+    earlier = meta.get("sources") or ([meta["source"]] if "source" in meta else [])
     meta.update(metadata or {})
     meta["source"] = source.description
+    meta["sources"] = [*earlier, source.description]
     write_source(
         source,
         lambda dim, dt, ragged: Writer(dst, dim, dt, meta, ragged=ragged),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,8 @@ from embfile.dataset import ARROW_METADATA_KEY, EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
 ROW_GROUP_BYTES = 64 << 20  # default row group: about this many bytes of vectors
+# A file named for a dataset split (train.parquet, test-00000-of-00002.parquet as Hugging Face writes them)
+_SPLIT = re.compile(r"(train|test|validation|valid|val|dev)(?=[-_.\d])", re.IGNORECASE)
 
 
 def to_parquet(
@@ -234,6 +237,12 @@ def _parquet_files(path: str) -> list[str]:
         )
         if not files:
             raise errors.ConversionError(f"{path}: no .parquet files in this folder")
+        splits = sorted({m.group(1).lower() for f in files if (m := _SPLIT.match(os.path.basename(f)))})
+        if len(splits) > 1:
+            raise errors.ConversionError(
+                f"{path}: holds the splits {', '.join(splits)} of a dataset, not one dataset in parts: convert "
+                "each split's files (a file, or a folder of one split) on its own"
+            )
         return files
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
