@@ -282,3 +282,35 @@ def test_a_folder_of_two_splits_is_refused_not_merged(tmp_path):
     (folder / "test-00000-of-00001.parquet").unlink()
     embfile.convert(folder, tmp_path / "o.emb")  # one split in parts is one dataset
     assert list(embfile.open(tmp_path / "o.emb")) == ["train-a"]
+
+
+def test_arrow_ipc_feather_and_hugging_face_save_to_disk(tmp_path, data):
+    import pyarrow.feather as feather
+
+    datasets = pytest.importorskip("datasets")
+    values = pa.array(np.concatenate(list(data.values())))
+    table = pa.table({"id": list(data), "emb": pa.FixedSizeListArray.from_arrays(values, 48)})
+    feather.write_feather(table, tmp_path / "t.feather", chunksize=300)
+    with pa.OSFile(str(tmp_path / "t.arrows"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=700)
+    embfile.convert(tmp_path / "t.feather", tmp_path / "f.emb")
+    assert_store(tmp_path / "f.emb", data)
+    embfile.convert(tmp_path / "t.arrows", tmp_path / "s.emb", src_format="arrow")
+    assert_store(tmp_path / "s.emb", data)
+
+    ds = datasets.Dataset.from_dict(
+        {"text_id": list(data), "embeddings": [v.tolist() for v in data.values()]},
+        features=datasets.Features(
+            {"text_id": datasets.Value("string"), "embeddings": datasets.Sequence(datasets.Value("float32"))}
+        ),
+    )
+    ds.save_to_disk(str(tmp_path / "hf"), max_shard_size="100KB")  # several .arrow files, named in state.json
+    assert len([n for n in os.listdir(tmp_path / "hf") if n.endswith(".arrow")]) > 1
+    embfile.convert(tmp_path / "hf", tmp_path / "hf.emb")
+    assert_store(tmp_path / "hf.emb", data)
+    assert list(embfile.open(tmp_path / "hf.emb")) == list(data)
+    embfile.convert(ds, tmp_path / "obj.emb")  # the Dataset object itself
+    assert_store(tmp_path / "obj.emb", data)
+    shuffled = ds.shuffle(seed=1)
+    embfile.convert(shuffled, tmp_path / "shuffled.emb")
+    assert list(embfile.open(tmp_path / "shuffled.emb")) == shuffled["text_id"]

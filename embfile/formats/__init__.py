@@ -25,7 +25,7 @@ from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
-from embfile.formats.parquet import read_parquet, to_parquet
+from embfile.formats.parquet import read_arrow, read_parquet, read_table, to_parquet
 from embfile.formats.tensors import read_npz, read_safetensors, read_torch
 from embfile.shards import shard_paths
 
@@ -33,6 +33,7 @@ READERS: dict[str, Callable[..., Source]] = {
     "emb": read_emb,
     "hdf5": read_hdf5,
     "parquet": read_parquet,
+    "arrow": read_arrow,
     "esm": read_esm,
     "pickle": read_pickle,
     "npy": read_npy,
@@ -41,7 +42,13 @@ READERS: dict[str, Callable[..., Source]] = {
     "safetensors": read_safetensors,
 }
 WRITERS: dict[str, Callable[..., str]] = {"hdf5": to_hdf5, "parquet": to_parquet}  # and "emb", through write_emb
-_MAGIC = {b"\x89EMB\r\n\x1a\n": "emb", b"\x89HDF\r\n\x1a\n": "hdf5", b"PAR1": "parquet", b"\x93NUMPY": "npy"}
+_MAGIC = {
+    b"\x89EMB\r\n\x1a\n": "emb",
+    b"\x89HDF\r\n\x1a\n": "hdf5",
+    b"PAR1": "parquet",
+    b"\x93NUMPY": "npy",
+    b"ARROW1": "arrow",  # the IPC file format (Feather v2)
+}
 _EXTENSIONS = {
     ".emb": "emb",
     ".h5": "hdf5",
@@ -49,6 +56,9 @@ _EXTENSIONS = {
     ".hdf": "hdf5",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
     ".pkl": "pickle",
     ".pickle": "pickle",
     ".npy": "npy",
@@ -133,7 +143,7 @@ def from_pickle(
 
 
 def convert(
-    src: str | os.PathLike[str],
+    src: Any,
     dst: str | os.PathLike[str],
     *,
     src_format: str | None = None,
@@ -146,8 +156,10 @@ def convert(
 ) -> str:
     r"""Convert ``src`` to ``dst``, in the formats their contents and names say.
 
-    Formats: ``emb``, ``hdf5``, ``parquet``, ``esm`` (input only), ``pickle`` (input only),
-    ``npy`` (input only).  ``src_format`` / ``dst_format`` override the detection.
+    ``src`` is a path, or an in-memory ``pyarrow.Table`` or ``datasets.Dataset`` (to an .emb file).
+    Formats: ``emb``, ``hdf5``, ``parquet``; as inputs only ``arrow`` (IPC files and streams, Feather, Hugging
+    Face ``save_to_disk`` folders), ``esm``, ``npy``, ``npz``, ``torch``, ``safetensors``, ``pickle``.
+    ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
     :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`,
@@ -157,6 +169,10 @@ def convert(
     Between two formats other than .emb the data passes through a temporary .emb
     beside ``dst``.
     """
+    if not isinstance(src, (str, os.PathLike)):  # a pyarrow.Table or a datasets.Dataset in memory
+        if dst_format not in (None, "emb") or output_format(dst) != "emb":
+            raise ValueError("an in-memory table converts to .emb; convert that file further")
+        return write_emb(rekeyed(read_table(src, **options), key), dst, dtype, metadata, progress)
     sf = src_format or detect_format(src)
     df = dst_format or output_format(dst)
     if sf not in READERS:
@@ -211,7 +227,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if is_versioned(path) or shard_paths(path):
             return "emb"  # an embfile dataset
         names = [f for _, _, fs in os.walk(path) for f in fs]
-        for ext, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".pt", "esm")):
+        if os.path.exists(os.path.join(path, "state.json")):
+            return "arrow"  # datasets' save_to_disk
+        for ext, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".arrow", "arrow"), (".pt", "esm")):
             if any(n.endswith(ext) for n in names):
                 return fmt
         raise errors.ConversionError(f"{path}: a folder with no .parquet or .pt files")

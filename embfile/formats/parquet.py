@@ -83,6 +83,69 @@ def to_parquet(
     return os.fspath(dst)
 
 
+class Part:
+    """One file (or in-memory table) of a tabular input: its schema, rows, and record batches of some columns."""
+
+    def __init__(
+        self, name: str, schema: Any, num_rows: int, batches: Callable[[int, list[str]], Iterator[Any]]
+    ) -> None:
+        self.name, self.schema, self.num_rows, self._batches = name, schema, num_rows, batches
+
+    def iter_batches(self, batch_size: int, columns: list[str]) -> Iterator[Any]:
+        return self._batches(batch_size, columns)
+
+
+def parquet_part(path: str) -> Part:
+    """A Parquet file, read a column-chunk buffer at a time: a huge row group is never loaded whole."""
+    pq = require("pyarrow.parquet", "parquet")
+
+    def batches(size: int, columns: list[str]) -> Iterator[Any]:
+        return iter(pq.ParquetFile(path, buffer_size=8 << 20, pre_buffer=False).iter_batches(size, columns=columns))
+
+    return Part(path, pq.read_schema(path), pq.read_metadata(path).num_rows, batches)
+
+
+def arrow_part(path: str) -> Part:
+    """An Arrow IPC file (Feather v2) or stream (what Hugging Face ``save_to_disk`` writes), memory-mapped."""
+    pa = require("pyarrow", "parquet")
+
+    def reader() -> Any:
+        source = pa.memory_map(path)
+        try:
+            return pa.ipc.open_file(source)
+        except pa.ArrowInvalid:
+            try:
+                return pa.ipc.open_stream(source)
+            except pa.ArrowInvalid as e:
+                raise errors.ConversionError(f"{path}: not an Arrow IPC file or stream ({e})") from None
+
+    def record_batches() -> Iterator[Any]:
+        r = reader()
+        if hasattr(r, "num_record_batches"):
+            return (r.get_batch(i) for i in range(r.num_record_batches))
+        return iter(r)
+
+    first = reader()
+    return Part(path, first.schema, sum(b.num_rows for b in record_batches()), sliced(record_batches))
+
+
+def table_part(table: Any, name: str) -> Part:
+    """An in-memory Arrow table (of a ``datasets.Dataset``, say)."""
+    return Part(name, table.schema, table.num_rows, sliced(lambda: iter(table.to_batches())))
+
+
+def sliced(record_batches: Callable[[], Iterator[Any]]) -> Callable[[int, list[str]], Iterator[Any]]:
+    """Record batches of some columns, cut to at most ``size`` rows (views: nothing is copied)."""
+
+    def batches(size: int, columns: list[str]) -> Iterator[Any]:
+        for batch in record_batches():
+            batch = batch.select(columns)
+            for lo in range(0, batch.num_rows, size):
+                yield batch.slice(lo, size)
+
+    return batches
+
+
 def read_parquet(
     path: str | os.PathLike[str],
     *,
@@ -94,14 +157,29 @@ def read_parquet(
 ) -> Source:
     """Open a Parquet file or folder for streaming (see :func:`embfile.formats.from_parquet`); a column of
     per-residue matrices is read as ragged records, pooled with ``pool``."""
-    pa = require("pyarrow", "parquet")
-    pq = require("pyarrow.parquet", "parquet")
     path = os.fspath(path)
-    files = _parquet_files(path)
-    schema = pq.read_schema(files[0])
-    for other in files[1:]:
-        if not pq.read_schema(other).equals(schema, check_metadata=False):
-            raise errors.ConversionError(f"{other}: schema differs from {files[0]}'s")
+    parts = [parquet_part(f) for f in _parquet_files(path)]
+    return read_parts(path, "parquet", parts, key_column, vector_column, wide_prefix, wide_columns, pool)
+
+
+def read_parts(
+    path: str,
+    fmt: str,
+    parts: list[Part],
+    key_column: str | None = None,
+    vector_column: str | None = None,
+    wide_prefix: str | None = None,
+    wide_columns: list[str] | None = None,
+    pool: str | None = None,
+) -> Source:
+    """The records of tabular ``parts`` of one schema: a key column and a vector column (detected when only one
+    fits), or one column per dimension; a column of per-residue matrices as ragged records (pooled with
+    ``pool``)."""
+    pa = require("pyarrow", "parquet")
+    schema = parts[0].schema
+    for other in parts[1:]:
+        if not other.schema.equals(schema, check_metadata=False):
+            raise errors.ConversionError(f"{other.name}: schema differs from {parts[0].name}'s")
     if key_column is None:  # the only string column, else the only integer one
         strings = any(_is_string(f.type) for f in schema)
         key_column = _only(
@@ -143,56 +221,54 @@ def read_parquet(
             raise errors.ConversionError(f"{path}: no column {vector_column!r}; columns are {schema.names}")
         vtype = schema.field(vector_column).type
         if _is_matrix(vtype):
-            return pooled(_read_matrices(pq, path, files, schema, key_column, vector_column), pool)
+            return pooled(_read_matrices(path, fmt, parts, schema, key_column, vector_column), pool)
         if not _is_vector(vtype):
             raise errors.ConversionError(f"{path}: column {vector_column!r} is {vtype}, not a list of numbers")
         columns = [vector_column]
         dtype = _numpy_dtype(vtype.value_type)
-        dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else _first_length(pq, files, vector_column)
-    count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else _first_length(parts, vector_column)
+    count = sum(p.num_rows for p in parts)
     desc = {
-        "format": "parquet",
+        "format": fmt,
         "path": os.path.abspath(path),
         "key_column": key_column,
         **({"wide_columns": columns} if wide_prefix or wide_columns else {"vector_column": vector_column}),
     }
     meta = _stored_metadata(schema)
-    chunks = _chunks(pq, files, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns))
+    chunks = _chunks(parts, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns))
     return pooled(Source(dim, dtype, count, chunks, desc, meta), pool)
 
 
-def _read_matrices(pq: Any, path: str, files: list[str], schema: Any, key_column: str, column: str) -> Source:
+def _read_matrices(path: str, fmt: str, parts: list[Part], schema: Any, key_column: str, column: str) -> Source:
     """A column of per-residue matrices (a list of rows, each a list of numbers) as ragged records."""
     import pyarrow as pa
 
     row_type = schema.field(column).type.value_type
     dtype = _numpy_dtype(row_type.value_type)
-    dim = row_type.list_size if pa.types.is_fixed_size_list(row_type) else _first_row_length(pq, files, column)
-    desc = {"format": "parquet", "path": os.path.abspath(path), "key_column": key_column, "vector_column": column}
-    count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    rows = _matrix_chunks(pq, files, key_column, column, dim, dtype)
+    dim = row_type.list_size if pa.types.is_fixed_size_list(row_type) else _first_row_length(parts, column)
+    desc = {"format": fmt, "path": os.path.abspath(path), "key_column": key_column, "vector_column": column}
+    count = sum(p.num_rows for p in parts)
+    rows = _matrix_chunks(parts, key_column, column, dim, dtype)
     return Source(dim, dtype, count, rows, desc, _stored_metadata(schema), ragged=True)
 
 
-def _first_row_length(pq: Any, files: list[str], column: str) -> int:
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=[column]):
+def _first_row_length(parts: list[Part], column: str) -> int:
+    for part in parts:
+        for batch in part.iter_batches(64, [column]):
             rows = batch.column(0).drop_null().flatten().drop_null()
             if len(rows):
                 return len(rows[0])
-    raise errors.ConversionError(f"{files[0]}: column {column!r} holds no rows, so it has no dimension")
+    raise errors.ConversionError(f"{parts[0].name}: column {column!r} holds no rows, so it has no dimension")
 
 
-def _matrix_chunks(
-    pq: Any, files: list[str], key_column: str, column: str, dim: int, dtype: np.dtype
-) -> Iterator[RaggedChunk]:
+def _matrix_chunks(parts: list[Part], key_column: str, column: str, dim: int, dtype: np.dtype) -> Iterator[RaggedChunk]:
     import pyarrow as pa
 
     step = max(64, chunk_rows(dim * dtype.itemsize) // 256)  # records of some hundred rows each
     row = 0
-    for f in files:
-        reader = pq.ParquetFile(f, buffer_size=8 << 20, pre_buffer=False)
-        for batch in reader.iter_batches(batch_size=step, columns=[key_column, column]):
+    for part in parts:
+        f = part.name
+        for batch in part.iter_batches(step, [key_column, column]):
             keys = batch.column(key_column)
             if keys.null_count:
                 raise errors.ConversionError(f"{f}: row {row + _first_null(keys)} has a null key")
@@ -305,27 +381,26 @@ def _is_matrix(t: Any) -> bool:
     return bool((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_vector(t.value_type))
 
 
-def _first_length(pq: Any, files: list[str], column: str) -> int:
+def _first_length(parts: list[Part], column: str) -> int:
     """The length of the first non-null vector: the dim of a ``list`` column."""
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=[column]):
+    for part in parts:
+        for batch in part.iter_batches(1024, [column]):
             arr = batch.column(0).drop_null()
             if len(arr):
                 return len(arr[0])
-    raise errors.ConversionError(f"{files[0]}: column {column!r} holds no vectors, so it has no dimension")
+    raise errors.ConversionError(f"{parts[0].name}: column {column!r} holds no vectors, so it has no dimension")
 
 
 def _chunks(
-    pq: Any, files: list[str], key_column: str, columns: list[str], dim: int, dtype: np.dtype, wide: bool
+    parts: list[Part], key_column: str, columns: list[str], dim: int, dtype: np.dtype, wide: bool
 ) -> Iterator[Chunk]:
     import pyarrow as pa
 
     step = max(1, chunk_rows(dim * dtype.itemsize) // 4)  # arrow holds several times a batch while decoding
     row = 0
-    for f in files:
-        # Read column chunks a buffer at a time, so a huge row group is never loaded whole.
-        reader = pq.ParquetFile(f, buffer_size=8 << 20, pre_buffer=False)
-        for batch in reader.iter_batches(batch_size=step, columns=[key_column, *columns]):
+    for part in parts:
+        f = part.name
+        for batch in part.iter_batches(step, [key_column, *columns]):
             keys = batch.column(key_column)
             if keys.null_count:
                 raise errors.ConversionError(f"{f}: row {row + _first_null(keys)} has a null key")
@@ -383,3 +458,49 @@ def _numpy_dtype(t: Any) -> np.dtype:
 
 def _first_null(arr: Any) -> int:
     return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def read_arrow(
+    path: str | os.PathLike[str],
+    *,
+    key_column: str | None = None,
+    vector_column: str | None = None,
+    wide_prefix: str | None = None,
+    wide_columns: list[str] | None = None,
+    pool: str | None = None,
+) -> Source:
+    """Open an Arrow IPC file or stream (Feather v2), or a Hugging Face ``save_to_disk`` folder (its
+    ``state.json`` names the files, in order), for streaming; columns as for Parquet."""
+    path = os.fspath(path)
+    parts = [arrow_part(f) for f in _arrow_files(path)]
+    return read_parts(path, "arrow", parts, key_column, vector_column, wide_prefix, wide_columns, pool)
+
+
+def read_table(data: Any, **options: Any) -> Source:
+    """An in-memory ``pyarrow.Table`` or Hugging Face ``datasets.Dataset``, columns as for Parquet."""
+    pa = require("pyarrow", "parquet")
+    name = type(data).__name__
+    if not isinstance(data, pa.Table) and hasattr(data, "with_format") and hasattr(data, "column_names"):
+        data = data.with_format("arrow")[:]  # a datasets.Dataset: its rows (in its order) as an Arrow table
+    if not isinstance(data, pa.Table):
+        raise TypeError(f"expected a path, a pyarrow.Table or a datasets.Dataset, not {name}")
+    return read_parts(f"a {name}", "arrow", [table_part(data, f"a {name}")], **options)
+
+
+def _arrow_files(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        return [path]
+    state = os.path.join(path, "state.json")
+    if os.path.exists(state):  # datasets' save_to_disk
+        try:
+            with open(state, encoding="utf-8") as f:
+                names = [d["filename"] for d in json.load(f)["_data_files"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise errors.ConversionError(f"{state}: not a datasets state file ({e})") from None
+        return [os.path.join(path, n) for n in names]
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith((".arrow", ".feather", ".ipc")))
+    if not files:
+        raise errors.ConversionError(f"{path}: no .arrow files in this folder")
+    return files
