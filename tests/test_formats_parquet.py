@@ -314,3 +314,33 @@ def test_arrow_ipc_feather_and_hugging_face_save_to_disk(tmp_path, data):
     shuffled = ds.shuffle(seed=1)
     embfile.convert(shuffled, tmp_path / "shuffled.emb")
     assert list(embfile.open(tmp_path / "shuffled.emb")) == shuffled["text_id"]
+
+
+def test_one_row_group_of_list_vectors_converts_in_flat_memory(tmp_path):
+    """A list-typed Parquet file written as a single row group (pandas' default for small frames, and what
+    some tools write at any size) is read a buffer at a time: the converter's peak memory (VmHWM of its own
+    process) is the same for a file four times larger."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, embfile; embfile.convert(sys.argv[1], sys.argv[2]); "
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+    )
+    peaks = []
+    for n in (6000, 24000):  # 48 and 196 MB of float32 vectors, few keys: any growth would be the data's
+        rng = np.random.default_rng(n)
+        values = pa.array(rng.standard_normal(n * 2048).astype(np.float32))
+        offsets = pa.array(np.arange(0, (n + 1) * 2048, 2048, dtype=np.int32))
+        table = pa.table({"id": [f"k{i}" for i in range(n)], "v": pa.ListArray.from_arrays(offsets, values)})
+        pq.write_table(table, tmp_path / f"{n}.parquet", row_group_size=n)
+        assert pq.ParquetFile(tmp_path / f"{n}.parquet").num_row_groups == 1
+        del table, values
+        out = subprocess.run(
+            [sys.executable, "-c", script, tmp_path / f"{n}.parquet", tmp_path / f"{n}.emb"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        peaks.append(int(out.stdout.split()[-1]) / 1024)
+    assert peaks[1] < peaks[0] + 40, f"peak MB {peaks[0]:.0f} for 48 MB of vectors, {peaks[1]:.0f} for 196 MB"
