@@ -49,6 +49,26 @@ class Source:
     description: dict[str, Any]
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     ragged: bool = False
+    on_error: OnError | None = None  # the records its reader skipped, if it was asked to
+
+
+@dataclasses.dataclass
+class OnError:
+    """What a reader does with a bad record (a null vector, one of the wrong length or type): raise its error
+    (``"error"``, the default), or skip it and note where, which key and why (``"skip"``)."""
+
+    policy: str = "error"
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("error", "skip"):
+            raise ValueError(f"on_error must be 'error' or 'skip', not {self.policy!r}")
+
+    def __call__(self, error: errors.ConversionError, where: str, key: object) -> None:
+        """Raise ``error``, or note the record it is about and go on."""
+        if self.policy == "error":
+            raise error
+        self.skipped.append({"where": where, "key": key, "error": str(error)})
 
 
 def chunk_rows(record_bytes: int, multiple: int = 1) -> int:

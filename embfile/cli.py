@@ -145,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
         help="pool per-residue (L, D) input into one vector per key (default: keep every row, a ragged file)",
     )
     c.add_argument(
+        "--on-error",
+        choices=["error", "skip"],
+        help="Parquet and Arrow input: skip a record with a null key or vector or a vector of the wrong length, "
+        "and list it in --report (default: error)",
+    )
+    c.add_argument("--report", help="with --on-error skip: where to list what was skipped (default DST.skipped.jsonl)")
+    c.add_argument(
         "--key-regex",
         metavar="PATTERN",
         help="derive each key from the source's: the first group (else the whole match) of PATTERN, "
@@ -289,6 +296,7 @@ def _size(text: str) -> int:
 
 
 _CONVERT_OPTIONS = (
+    "on_error",
     "group",
     "layout",
     "key_attr",
@@ -304,6 +312,14 @@ _CONVERT_OPTIONS = (
     "layer",
     "keys",
 )
+
+
+def _skipped(args: argparse.Namespace) -> str:
+    if args.on_error != "skip":
+        return ""
+    report = args.report or f"{args.dst}.skipped.jsonl"
+    with open(report, encoding="utf-8") as f:
+        return f"; skipped {sum(1 for _ in f)} records, listed in {report}"
 
 
 def _metadata(text: str) -> dict[str, object]:
@@ -341,13 +357,15 @@ def _convert(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         metadata=metadata,
         key=args.key_regex,
+        report=args.report,
         progress=not args.quiet and sys.stderr.isatty(),
         **options,
     )
     if not args.quiet:
         seconds, size = time.perf_counter() - t, os.path.getsize(args.dst)
         print(
-            f"wrote {args.dst}: {size / 1e6:,.1f} MB in {seconds:.2f} s ({size / 1e6 / seconds:,.0f} MB/s)",
+            f"wrote {args.dst}: {size / 1e6:,.1f} MB in {seconds:.2f} s ({size / 1e6 / seconds:,.0f} MB/s)"
+            + _skipped(args),
             file=sys.stderr,
         )
 

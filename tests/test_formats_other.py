@@ -257,3 +257,15 @@ def test_keys_derived_from_fasta_headers(tmp_path):
     with pytest.raises(embfile.ConversionError, match="does not match the key pattern"):
         embfile.convert(tmp_path / "two.emb", tmp_path / "x.emb", key=r"^UniRef")
     assert not os.path.exists(tmp_path / "x.emb")
+
+
+def test_esm_files_of_float16_among_float32_are_cast(tmp_path):
+    folder = tmp_path / "esm"
+    folder.mkdir()
+    for i, dt in enumerate([torch.float32, torch.float16, torch.float32]):
+        torch.save(
+            {"label": f"s{i}", "mean_representations": {33: torch.full((4,), i + 0.5, dtype=dt)}}, folder / f"s{i}.pt"
+        )
+    embfile.convert(folder, tmp_path / "e.emb")
+    with embfile.open(tmp_path / "e.emb") as db:
+        assert db.dtype == np.float32 and db["s1"][0] == 1.5

@@ -1,5 +1,6 @@
 """Parquet <-> .emb with tables written by pyarrow, pandas and Hugging Face datasets; EmbFile.to_arrow."""
 
+import json
 import os
 
 import numpy as np
@@ -344,3 +345,34 @@ def test_one_row_group_of_list_vectors_converts_in_flat_memory(tmp_path):
         )
         peaks.append(int(out.stdout.split()[-1]) / 1024)
     assert peaks[1] < peaks[0] + 40, f"peak MB {peaks[0]:.0f} for 48 MB of vectors, {peaks[1]:.0f} for 196 MB"
+
+
+def test_on_error_skip_skips_bad_rows_and_reports_them(tmp_path):
+    table = pa.table(
+        {
+            "id": ["a", "b", None, "d", "e", "f"],
+            "v": [[1.0, 2.0], None, [3.0, 4.0], [5.0], [6.0, 7.0], [8.0, None]],  # a null float reads as NaN
+        }
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    with pytest.raises(embfile.ConversionError, match=r"row 1 \(key 'b'\) has a null vector"):
+        embfile.convert(tmp_path / "t.parquet", tmp_path / "o.emb")
+    assert not os.path.exists(tmp_path / "o.emb")
+    embfile.convert(tmp_path / "t.parquet", tmp_path / "o.emb", on_error="skip")
+    with embfile.open(tmp_path / "o.emb") as db:
+        assert list(db) == ["a", "e", "f"] and np.isnan(db["f"][1])
+    with open(tmp_path / "o.emb.skipped.jsonl") as f:
+        skipped = [json.loads(line) for line in f]
+    assert [(s["key"], s["where"].split(": ")[-1]) for s in skipped] == [
+        ("b", "row 1"),
+        (None, "row 2"),
+        ("d", "row 3"),
+    ]
+    assert "has a vector of 1 values, not 2" in skipped[2]["error"]
+    from test_cli import cli
+
+    p = cli(
+        "convert", tmp_path / "t.parquet", tmp_path / "c.emb", "--on-error", "skip", "--report", tmp_path / "r.jsonl"
+    )
+    assert "skipped 3 records, listed in" in p.stderr
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3

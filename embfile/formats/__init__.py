@@ -13,6 +13,7 @@ destination and renamed into place only when complete.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -152,6 +153,7 @@ def convert(
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
     key: KeyRule | None = None,
+    report: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> str:
     r"""Convert ``src`` to ``dst``, in the formats their contents and names say.
@@ -166,6 +168,8 @@ def convert(
     :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
     from the source's: a function, or a regular expression whose first group (else whole match) is the key
     (``r"\|([^|]+)\|"``: ``sp|P69905|HBA_HUMAN`` -> ``P69905``); two source keys that become one are an error.
+    ``on_error="skip"`` (Parquet and Arrow inputs) skips a bad record instead of failing, and lists each one
+    skipped, where and why, as JSON lines in ``report`` (default ``DST.skipped.jsonl``).
     Between two formats other than .emb the data passes through a temporary .emb
     beside ``dst``.
     """
@@ -180,17 +184,28 @@ def convert(
     if df not in {"emb", *WRITERS}:
         raise ValueError(f"unknown output format {df!r}; one of {sorted({'emb', *WRITERS})}")
     reader_opts, writer_opts = _split_options(options, READERS[sf], WRITERS.get(df), sf, df)
-    if df == "emb":
-        return write_emb(rekeyed(READERS[sf](src, **reader_opts), key), dst, dtype, metadata, progress)
-    if sf == "emb" and dtype is None and metadata is None and key is None:
+    if sf == "emb" and df != "emb" and dtype is None and metadata is None and key is None:
         return WRITERS[df](src, dst, progress=progress, **writer_opts)
-    staging = Staging(dst, folder=True)
-    try:
-        source = rekeyed(READERS[sf](src, **reader_opts), key)
-        middle = write_emb(source, os.path.join(staging.path, "middle.emb"), dtype, metadata, progress)
-        return WRITERS[df](middle, dst, progress=progress, **writer_opts)
-    finally:
-        staging.discard()
+    source = rekeyed(READERS[sf](src, **reader_opts), key)
+    if df == "emb":
+        write_emb(source, dst, dtype, metadata, progress)
+    else:
+        staging = Staging(dst, folder=True)
+        try:
+            middle = write_emb(source, os.path.join(staging.path, "middle.emb"), dtype, metadata, progress)
+            WRITERS[df](middle, dst, progress=progress, **writer_opts)
+        finally:
+            staging.discard()
+    _report(source, dst, report)
+    return os.fspath(dst)
+
+
+def _report(source: Source, dst: str | os.PathLike[str], report: str | os.PathLike[str] | None) -> None:
+    """Under ``on_error="skip"``, write the records the reader skipped to ``report``, one JSON object a line
+    (none: an empty file, so that a report always says what the last conversion skipped)."""
+    if source.on_error is not None and source.on_error.policy == "skip":
+        with open(report or f"{os.fspath(dst)}.skipped.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in source.on_error.skipped)
 
 
 def read(

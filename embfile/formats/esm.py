@@ -92,6 +92,8 @@ def _ragged_chunks(
     for file in files:
         data = _load(torch, file)
         m = _tensor(file, data, field, layer, 2)
+        if m.dtype != dtype and np.can_cast(m.dtype, dtype, "safe"):
+            m = m.astype(dtype)
         if m.shape[1] != dim or m.dtype != dtype:
             raise errors.ConversionError(
                 f"{file}: representation of shape {m.shape} {m.dtype}, expected (L, {dim}) {dtype} like the first file"
@@ -112,6 +114,8 @@ def _chunks(torch: ModuleType, files: list[str], field: str, layer: int, dim: in
         for i, file in enumerate(batch):
             data = _load(torch, file)
             v = _tensor(file, data, field, layer, 1)
+            if v.dtype != dtype and np.can_cast(v.dtype, dtype, "safe"):  # float16 files among float32 ones
+                v = v.astype(dtype)
             if v.shape != (dim,) or v.dtype != dtype:
                 raise errors.ConversionError(
                     f"{file}: vector of shape {v.shape} {v.dtype}, expected ({dim},) {dtype} like the first file"

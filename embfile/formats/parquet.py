@@ -28,7 +28,7 @@ import numpy as np
 
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Chunk, RaggedChunk, Source, chunk_rows, pooled, progress_bar
+from embfile._stream import Chunk, OnError, RaggedChunk, Source, chunk_rows, pooled, progress_bar
 from embfile.dataset import ARROW_METADATA_KEY, EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
@@ -154,12 +154,14 @@ def read_parquet(
     wide_prefix: str | None = None,
     wide_columns: list[str] | None = None,
     pool: str | None = None,
+    on_error: str = "error",
 ) -> Source:
     """Open a Parquet file or folder for streaming (see :func:`embfile.formats.from_parquet`); a column of
-    per-residue matrices is read as ragged records, pooled with ``pool``."""
+    per-residue matrices is read as ragged records, pooled with ``pool``.  ``on_error="skip"`` skips a row with
+    a null key or vector, or a vector of the wrong length, and notes it (``Source.on_error``)."""
     path = os.fspath(path)
     parts = [parquet_part(f) for f in _parquet_files(path)]
-    return read_parts(path, "parquet", parts, key_column, vector_column, wide_prefix, wide_columns, pool)
+    return read_parts(path, "parquet", parts, key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
 def read_parts(
@@ -171,6 +173,7 @@ def read_parts(
     wide_prefix: str | None = None,
     wide_columns: list[str] | None = None,
     pool: str | None = None,
+    on_error: str = "error",
 ) -> Source:
     """The records of tabular ``parts`` of one schema: a key column and a vector column (detected when only one
     fits), or one column per dimension; a column of per-residue matrices as ragged records (pooled with
@@ -235,8 +238,9 @@ def read_parts(
         **({"wide_columns": columns} if wide_prefix or wide_columns else {"vector_column": vector_column}),
     }
     meta = _stored_metadata(schema)
-    chunks = _chunks(parts, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns))
-    return pooled(Source(dim, dtype, count, chunks, desc, meta), pool)
+    bad = OnError(on_error)
+    chunks = _chunks(parts, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns), bad)
+    return pooled(Source(dim, dtype, count, chunks, desc, meta, on_error=bad), pool)
 
 
 def _read_matrices(path: str, fmt: str, parts: list[Part], schema: Any, key_column: str, column: str) -> Source:
@@ -392,18 +396,20 @@ def _first_length(parts: list[Part], column: str) -> int:
 
 
 def _chunks(
-    parts: list[Part], key_column: str, columns: list[str], dim: int, dtype: np.dtype, wide: bool
+    parts: list[Part], key_column: str, columns: list[str], dim: int, dtype: np.dtype, wide: bool, bad: OnError
 ) -> Iterator[Chunk]:
-    import pyarrow as pa
 
     step = max(1, chunk_rows(dim * dtype.itemsize) // 4)  # arrow holds several times a batch while decoding
     row = 0
     for part in parts:
         f = part.name
         for batch in part.iter_batches(step, [key_column, *columns]):
+            first_row, row = row, row + batch.num_rows
+            if not wide:
+                batch = _without_bad_rows(batch, f, first_row, key_column, columns[0], dim, bad)
             keys = batch.column(key_column)
             if keys.null_count:
-                raise errors.ConversionError(f"{f}: row {row + _first_null(keys)} has a null key")
+                raise errors.ConversionError(f"{f}: row {first_row + _first_null(keys)} has a null key")
             keys = (keys.cast("string") if _is_int(keys.type) else keys).to_pylist()
             if wide:
                 matrix = np.empty((batch.num_rows, dim), dtype)
@@ -411,28 +417,45 @@ def _chunks(
                     col = batch.column(c)
                     if col.null_count and dtype.kind != "f":
                         i = _first_null(col)
-                        raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) is null in {c!r}")
+                        raise errors.ConversionError(f"{f}: row {first_row + i} (key {keys[i]!r}) is null in {c!r}")
                     matrix[:, j] = _values(col)
             else:
-                vectors = batch.column(columns[0])
-                if vectors.null_count:
-                    i = _first_null(vectors)
-                    raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null vector")
-                fixed = pa.types.is_fixed_size_list(vectors.type)
-                lengths = np.full(len(vectors), dim) if fixed else np.diff(_values(vectors.offsets))
-                bad = np.flatnonzero(lengths != dim)
-                if bad.size:
-                    i = int(bad[0])
-                    raise errors.ConversionError(
-                        f"{f}: row {row + i} (key {keys[i]!r}) has a vector of {lengths[i]} values, not {dim}"
-                    )
-                values = vectors.flatten()
-                if values.null_count and dtype.kind != "f":  # null floats become NaN, as pandas wrote them
-                    i = _first_null(values) // dim
-                    raise errors.ConversionError(f"{f}: row {row + i} (key {keys[i]!r}) has a null value")
+                values = batch.column(columns[0]).flatten()
                 matrix = _values(values).reshape(batch.num_rows, dim)
             yield keys, matrix
-            row += batch.num_rows
+
+
+def _without_bad_rows(batch: Any, f: str, first_row: int, key_column: str, column: str, dim: int, bad: OnError) -> Any:
+    """``batch`` without its rows of a null key, a null vector, a vector of other than ``dim`` values, or (of
+    integers) a null value: each raised, or skipped and noted, as ``bad`` says."""
+    import pyarrow as pa
+
+    keys, vectors = batch.column(key_column), batch.column(column)
+    fixed = pa.types.is_fixed_size_list(vectors.type)
+    lengths = np.full(len(vectors), dim) if fixed else np.diff(_values(vectors.offsets))
+    null_key = keys.is_null().to_numpy(zero_copy_only=False)
+    null_vector = vectors.is_null().to_numpy(zero_copy_only=False)
+    null_value = np.zeros(len(vectors), bool)
+    integers = not pa.types.is_floating(vectors.type.value_type)
+    if integers and vectors.flatten().null_count:  # null floats become NaN, as pandas wrote them
+        owner = np.repeat(np.arange(len(vectors)), np.where(null_vector, 0, lengths))
+        null_value[owner[vectors.flatten().is_null().to_numpy(zero_copy_only=False)]] = True
+    wrong = null_key | null_vector | (lengths != dim) | null_value
+    if not wrong.any():
+        return batch
+    for i in np.flatnonzero(wrong).tolist():
+        key = keys[i].as_py()
+        what = (
+            "has a null key"
+            if null_key[i]
+            else f"(key {key!r}) has a null vector"
+            if null_vector[i]
+            else f"(key {key!r}) has a vector of {lengths[i]} values, not {dim}"
+            if lengths[i] != dim
+            else f"(key {key!r}) has a null value"
+        )
+        bad(errors.ConversionError(f"{f}: row {first_row + i} {what}"), f"{f}: row {first_row + i}", key)
+    return batch.filter(pa.array(~wrong))
 
 
 def _values(arr: Any) -> np.ndarray:
@@ -468,12 +491,13 @@ def read_arrow(
     wide_prefix: str | None = None,
     wide_columns: list[str] | None = None,
     pool: str | None = None,
+    on_error: str = "error",
 ) -> Source:
     """Open an Arrow IPC file or stream (Feather v2), or a Hugging Face ``save_to_disk`` folder (its
     ``state.json`` names the files, in order), for streaming; columns as for Parquet."""
     path = os.fspath(path)
     parts = [arrow_part(f) for f in _arrow_files(path)]
-    return read_parts(path, "arrow", parts, key_column, vector_column, wide_prefix, wide_columns, pool)
+    return read_parts(path, "arrow", parts, key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
 def read_table(data: Any, **options: Any) -> Source:
