@@ -269,3 +269,26 @@ def test_esm_files_of_float16_among_float32_are_cast(tmp_path):
     embfile.convert(folder, tmp_path / "e.emb")
     with embfile.open(tmp_path / "e.emb") as db:
         assert db.dtype == np.float32 and db["s1"][0] == 1.5
+
+
+def test_out_to_arrow_and_safetensors_and_back(tmp_path, vectors):
+    embfile.write(tmp_path / "a.emb", vectors, metadata={"model": "esm2"})
+    embfile.convert(tmp_path / "a.emb", tmp_path / "a.arrow")
+    import pyarrow as pa
+
+    with pa.memory_map(str(tmp_path / "a.arrow")) as source:
+        table = pa.ipc.open_file(source).read_all()
+    assert table.column("key").to_pylist() == list(vectors)
+    embfile.convert(tmp_path / "a.arrow", tmp_path / "b.emb")
+    assert_store(tmp_path / "b.emb", vectors)
+    assert embfile.open(tmp_path / "b.emb").metadata["model"] == "esm2"
+    pytest.importorskip("safetensors")
+    embfile.convert(tmp_path / "a.emb", tmp_path / "a.safetensors")
+    embfile.convert(tmp_path / "a.safetensors", tmp_path / "c.emb")
+    assert_store(tmp_path / "c.emb", vectors)
+    embfile.write(tmp_path / "r.emb", {"k": np.ones((2, 3))}, ragged=True)
+    with pytest.raises(embfile.ConversionError, match="safetensors has no ragged tensor"):
+        embfile.convert(tmp_path / "r.emb", tmp_path / "r.safetensors")
+    embfile.convert(tmp_path / "r.emb", tmp_path / "r.arrow")  # Arrow has: a list of fixed-size lists
+    embfile.convert(tmp_path / "r.arrow", tmp_path / "r2.emb")
+    assert embfile.open(tmp_path / "r2.emb")["k"].shape == (2, 3)

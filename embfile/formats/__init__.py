@@ -26,8 +26,8 @@ from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
-from embfile.formats.parquet import read_arrow, read_parquet, read_table, to_parquet
-from embfile.formats.tensors import read_npz, read_safetensors, read_torch
+from embfile.formats.parquet import read_arrow, read_parquet, read_table, to_arrow, to_parquet
+from embfile.formats.tensors import read_npz, read_safetensors, read_torch, to_safetensors
 from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -42,7 +42,12 @@ READERS: dict[str, Callable[..., Source]] = {
     "torch": read_torch,
     "safetensors": read_safetensors,
 }
-WRITERS: dict[str, Callable[..., str]] = {"hdf5": to_hdf5, "parquet": to_parquet}  # and "emb", through write_emb
+WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
+    "hdf5": to_hdf5,
+    "parquet": to_parquet,
+    "arrow": to_arrow,
+    "safetensors": to_safetensors,
+}
 _MAGIC = {
     b"\x89EMB\r\n\x1a\n": "emb",
     b"\x89HDF\r\n\x1a\n": "hdf5",
@@ -159,8 +164,8 @@ def convert(
     r"""Convert ``src`` to ``dst``, in the formats their contents and names say.
 
     ``src`` is a path, or an in-memory ``pyarrow.Table`` or ``datasets.Dataset`` (to an .emb file).
-    Formats: ``emb``, ``hdf5``, ``parquet``; as inputs only ``arrow`` (IPC files and streams, Feather, Hugging
-    Face ``save_to_disk`` folders), ``esm``, ``npy``, ``npz``, ``torch``, ``safetensors``, ``pickle``.
+    Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
+    ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``, ``torch``, ``pickle``.
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
@@ -285,7 +290,8 @@ def output_format(path: str | os.PathLike[str]) -> str:
     fmt = _EXTENSIONS.get(os.path.splitext(os.fspath(path))[1].lower())
     if fmt is None or fmt not in ("emb", *WRITERS):
         raise errors.ConversionError(
-            f"{path}: cannot tell the output format from its name; use .emb, .h5 or .parquet, or dst_format= (--to)"
+            f"{path}: cannot tell the output format from its name; use .emb, .h5, .parquet, .arrow or "
+            ".safetensors, or dst_format= (--to)"
         )
     return fmt
 

@@ -528,3 +528,24 @@ def _arrow_files(path: str) -> list[str]:
     if not files:
         raise errors.ConversionError(f"{path}: no .arrow files in this folder")
     return files
+
+
+def to_arrow(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    key_column: str = "key",
+    vector_column: str = "vector",
+    progress: bool = False,
+) -> str:
+    """Write the .emb file ``src`` as an Arrow IPC file (Feather v2) at ``dst`` (atomic): the table of
+    :meth:`~embfile.Dataset.to_arrow`, in record batches of about 64 MiB, uncompressed, so a reader can map it."""
+    pa = require("pyarrow", "parquet")
+    with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
+        table = db.to_arrow(key_column, vector_column)
+        with atomic_output(dst, db.header.keys_size + db.matrix.nbytes) as tmp:
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                for lo, hi, *_ in db.ragged_chunks(max(1, ROW_GROUP_BYTES // (db.dim * db.dtype.itemsize))):
+                    w.write_table(table.slice(lo, hi - lo))
+                    bar.update(hi - lo)
+    return os.fspath(dst)

@@ -19,6 +19,8 @@ import numpy as np
 from embfile import errors
 from embfile._extras import require
 from embfile._stream import Source, source_of
+from embfile.dataset import EmbFile
+from embfile.formats._common import atomic_output
 
 
 class _Lazy(collections.abc.Mapping[str, np.ndarray]):
@@ -191,3 +193,20 @@ def read_safetensors(path: str | os.PathLike[str], *, ids: str | None = None, ve
             )
         return _source(path, "safetensors", _Lazy(names, load), None, vectors or names[0], id_list)
     return _source(path, "safetensors", _Lazy(names, load), ids, vectors)
+
+
+def to_safetensors(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, vectors: str = "embeddings", progress: bool = False
+) -> str:
+    """Write the .emb file ``src`` as safetensors at ``dst`` (atomic): one ``(n, dim)`` tensor ``vectors`` with
+    the keys, in row order, as a JSON list under ``"ids"`` in the file's metadata (and the .emb metadata under
+    ``"embfile.metadata"``), as :func:`read_safetensors` reads it back.  Per-residue records are refused:
+    safetensors has no ragged tensor (convert to HDF5 or Parquet, or pool first)."""
+    safetensors_numpy = require("safetensors.numpy", "safetensors")
+    with EmbFile(src) as db:
+        if db.ragged:
+            raise errors.ConversionError(f"{src}: per-residue records: safetensors has no ragged tensor; pool first")
+        metadata = {"ids": json.dumps(list(db), ensure_ascii=False), "embfile.metadata": json.dumps(db.metadata)}
+        with atomic_output(dst, 2 * db.matrix.nbytes) as tmp:
+            safetensors_numpy.save_file({vectors: np.ascontiguousarray(db.matrix)}, tmp, metadata=metadata)
+    return os.fspath(dst)
