@@ -9,6 +9,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -110,8 +111,7 @@ def _ids(path: str, arrays: collections.abc.Mapping[str, Any], name: str, names:
 
 
 def _described(source: Source, description: dict[str, Any]) -> Source:
-    source.description = description
-    return source
+    return dataclasses.replace(source, description=description)
 
 
 def read_npz(path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None) -> Source:
