@@ -53,21 +53,29 @@ void emb_copy(uint8_t *dst, const uint8_t *src, size_t n) {
     }
 }
 
-/* The address of global row `row`, or NULL past the last shard. */
-static inline const uint8_t *locate(const uint8_t *const *bases,
-                                    const uint64_t *starts, size_t n_shards,
-                                    uint64_t record_bytes, uint64_t row) {
-    size_t lo = 0, hi = n_shards; /* the shard with starts[lo] <= row < starts[lo+1] */
-    if (row >= starts[n_shards])
-        return NULL;
+/* The part holding global record `item` (below starts[n_parts]). */
+static inline size_t part_of(const uint64_t *starts, size_t n_parts,
+                             uint64_t item) {
+    size_t lo = 0, hi = n_parts;
     while (hi - lo > 1) {
         size_t mid = lo + (hi - lo) / 2;
-        if (starts[mid] <= row)
+        if (starts[mid] <= item)
             lo = mid;
         else
             hi = mid;
     }
-    return bases[lo] + (row - starts[lo]) * record_bytes;
+    return lo;
+}
+
+/* The address of global row `row`, or NULL past the last shard. */
+static inline const uint8_t *locate(const uint8_t *const *bases,
+                                    const uint64_t *starts, size_t n_shards,
+                                    uint64_t record_bytes, uint64_t row) {
+    size_t s;
+    if (row >= starts[n_shards])
+        return NULL;
+    s = part_of(starts, n_shards, row);
+    return bases[s] + (row - starts[s]) * record_bytes;
 }
 
 int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
@@ -91,20 +99,6 @@ int emb_gather(const uint8_t *const *bases, const uint64_t *starts,
         emb_copy(dst + i * record_bytes, src, record_bytes);
     }
     return EMB_OK;
-}
-
-/* The part holding global record `item` (below starts[n_parts]). */
-static inline size_t part_of(const uint64_t *starts, size_t n_parts,
-                             uint64_t item) {
-    size_t lo = 0, hi = n_parts;
-    while (hi - lo > 1) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (starts[mid] <= item)
-            lo = mid;
-        else
-            hi = mid;
-    }
-    return lo;
 }
 
 int emb_extents(const uint8_t *const *ranges, const uint64_t *starts,

@@ -138,8 +138,13 @@ def test_s3_file_and_folder(served, s3, tmp_path):
         assert len(db) == 1000 and keys[1500] not in db
 
 
-def test_gcs_file_and_folder(tmp_path):
-    """gs:// through gcsfs, against gcp-storage-emulator on 127.0.0.1: reads, then writes of a dataset."""
+def test_gcs_file_and_folder(tmp_path, monkeypatch):
+    """gs:// through gcsfs, against gcp-storage-emulator on 127.0.0.1: reads, then writes of a dataset.
+
+    The emulator drops the last byte of an object uploaded in one request when that byte is ``\\r`` (its
+    multipart parser strips it; embfile then refuses the file as truncated): with a fixed creation time every
+    file written here has the same bytes from run to run, none ending so."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     pytest.importorskip("gcsfs")
     server_module = pytest.importorskip("gcp_storage_emulator.server")
     server = server_module.create_server("127.0.0.1", 0, in_memory=True, default_bucket="embs")
