@@ -263,9 +263,9 @@ class MappedFile:
                 if _core.crc32c(whole[off : off + size]) != sums[h.n_blocks + i]:
                     problems.append(f"{name} section does not match its checksum")
             del records
-        if h.ragged and (np.diff(self.ranges().astype(np.int64)) <= 0).any():
-            first = int(np.flatnonzero(np.diff(self.ranges().astype(np.int64)) <= 0)[0])
-            problems.append(f"ranges section: record {first} does not own at least one row")
+        empty = np.flatnonzero(np.diff(self.ranges().astype(np.int64)) <= 0) if h.ragged else np.empty(0, np.int64)
+        if len(empty):
+            problems.append(f"ranges section: record {int(empty[0])} does not own at least one row")
         for lo, hi in h.gaps():
             if np.frombuffer(self.mappings()[1], np.uint8, hi - lo, lo).any():
                 problems.append(f"padding bytes {lo}-{hi} are not zero")
