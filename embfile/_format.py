@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from embfile import _core, errors
+from embfile._extras import require
 
 MAGIC = b"\x89EMB\r\n\x1a\n"  # "Header": PNG-style, catches text-mode mangling
 VERSION = (1, 1)  # "Versioning": a reader refuses a newer major version
@@ -38,6 +39,7 @@ KNOWN_FLAGS = RAGGED
 # "Records": element types by code, stored little-endian.
 DTYPES = {
     1: "float16",
+    4: "bfloat16",  # numpy's through ml_dtypes (the extra "bfloat16")
     2: "float32",
     3: "float64",
     10: "int8",
@@ -49,7 +51,8 @@ DTYPES = {
     16: "int64",
     17: "uint64",
 }
-DTYPE_CODES = {np.dtype(name): code for code, name in DTYPES.items()}
+DTYPE_CODES = {name: code for code, name in DTYPES.items()}
+NEW_DTYPES = {"bfloat16"}  # since 1.1
 
 # "Limits"
 MAX_KEY_BYTES = 65535
@@ -61,9 +64,17 @@ DEFAULT_BUCKET_KEYS = 16  # "Index": keys per bucket, a few cache lines
 
 
 def disk_dtype(dtype: object) -> np.dtype:
-    """The little-endian dtype records of ``dtype`` are stored as."""
+    """The little-endian dtype records of ``dtype`` are stored as; ``"bfloat16"`` imports ml_dtypes, which
+    gives numpy that type (or says which extra installs it)."""
+    if dtype == "bfloat16":
+        require("ml_dtypes", "bfloat16")
     little: np.dtype = np.dtype(dtype).newbyteorder("<")  # type: ignore[call-overload]
     return little
+
+
+def kind(dtype: np.dtype) -> str:
+    """numpy's kind letter of ``dtype``, with bfloat16 (``"V"`` to numpy) counted as the float it is."""
+    return "f" if dtype.name == "bfloat16" else dtype.kind
 
 
 def valid_block_bytes(block: int) -> bool:
@@ -162,8 +173,10 @@ class Header(NamedTuple):
                 f"{path}: uses features this embfile does not know (flags {self.flags & ~KNOWN_FLAGS:#x}); "
                 "a newer embfile reads it"
             )
-        if self.dtype_code not in DTYPES:
-            raise bad(f"unknown dtype code {self.dtype_code}")
+        if self.dtype_code not in DTYPES:  # the header's checksum matched: a newer writer's type
+            raise errors.UnsupportedVersionError(
+                f"{path}: element type code {self.dtype_code} is unknown to this embfile; a newer embfile reads it"
+            )
         if not 1 <= self.dim <= MAX_DIM:
             raise bad(f"dim {self.dim} is outside 1 to {MAX_DIM}")
         if self.ragged:

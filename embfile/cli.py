@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         help="derive each key from the source's: the first group (else the whole match) of PATTERN, "
         r"e.g. '\|([^|]+)\|' takes P69905 of sp|P69905|HBA_HUMAN",
     )
-    g = c.add_argument_group("HDF5")
+    g = c.add_argument_group("HDF5 and Zarr")
     g.add_argument("--group", help="read under this group (default /)")
     g.add_argument(
         "--layout",
@@ -165,10 +165,12 @@ def _parser() -> argparse.ArgumentParser:
         help="input: detected (skbio: scikit-bio's embed format); output: bulk, per-key for per-residue records",
     )
     g.add_argument("--key-attr", help="take each key from this dataset attribute (e.g. original_id)")
-    g.add_argument("--ids", help="the ids' dataset or array (HDF5 bulk, npz, torch, safetensors; default: detected)")
+    g.add_argument(
+        "--ids", help="the ids' dataset or array (HDF5 bulk, npz, torch, safetensors, Zarr; default: detected)"
+    )
     g.add_argument("--vectors", help="the matrix's dataset or array (default: detected; HDF5 output: vectors)")
     g.add_argument("--compression", help="HDF5 output: gzip or lzf; Parquet output: codec of the keys")
-    g = c.add_argument_group("Parquet")
+    g = c.add_argument_group("Parquet, Arrow and Lance")
     g.add_argument("--key-column", help="default: the only string column (output: key)")
     g.add_argument("--vector-column", help="default: the only list column (output: vector)")
     g.add_argument("--wide-prefix", help="one numeric column per dimension: the columns starting with this")

@@ -24,6 +24,7 @@ from typing import Any, Self
 import numpy as np
 
 from embfile import _core, errors, search
+from embfile import _format as F
 from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
@@ -179,7 +180,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             raise ValueError(f"pool must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
         out_dtype = np.dtype(np.float32) if how == "mean" and self.dtype.kind in "iu" else self.dtype
         if dtype is not None:
-            out_dtype = np.dtype(dtype)  # type: ignore[call-overload]
+            out_dtype = F.disk_dtype(dtype)
         step = max(1, (64 << 20) // (self.dim * self.dtype.itemsize))
         if out is None:
             result = np.empty((len(self), self.dim), out_dtype)
@@ -340,6 +341,10 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """
         pa = require("pyarrow", "parquet")
         self._require_open()
+        if self.dtype.name == "bfloat16":
+            raise errors.ConversionError(
+                f"{self.path}: Arrow has no bfloat16 type; export a float32 copy (convert with dtype='float32')"
+            )
         value_type = pa.from_numpy_dtype(self.dtype)
         list_type = pa.list_(pa.field("item", value_type, nullable=False), self.dim)
         column_type = pa.large_list(pa.field("item", list_type, nullable=False)) if self.ragged else list_type

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from embfile import _format as F
 from embfile import errors
 from embfile import folder as layout
 from embfile._staging import Staging
@@ -94,7 +95,7 @@ class ShardWriter:
             if mode == "append":
                 dim, dtype, metadata = self._fit(layout.read_manifest(root), dim, dtype, metadata)
             dtype = "float32" if dtype is None else dtype
-            record_bytes = int(dim) * np.dtype(dtype).itemsize  # type: ignore[call-overload]
+            record_bytes = int(dim) * F.disk_dtype(dtype).itemsize
             if shard_bytes < record_bytes:
                 raise ValueError(f"shard_bytes {shard_bytes} is less than one record ({record_bytes} bytes)")
             self._per_shard = int(shard_bytes) // record_bytes  # rows: of a ragged dataset, a record has several
@@ -114,8 +115,8 @@ class ShardWriter:
             raise errors.WriterError(f"{self.folder} holds {what}; ragged={self.ragged} does not fit it")
         if dim != base.dim:
             raise errors.WriterError(f"{self.folder} holds vectors of dim {base.dim}, not {dim}")
-        if dtype is not None and np.dtype(dtype) != np.dtype(base.dtype):  # type: ignore[call-overload]
-            raise errors.WriterError(f"{self.folder} holds {base.dtype} vectors, not {np.dtype(dtype).name}")  # type: ignore[call-overload]
+        if dtype is not None and F.disk_dtype(dtype) != F.disk_dtype(base.dtype):
+            raise errors.WriterError(f"{self.folder} holds {base.dtype} vectors, not {F.disk_dtype(dtype).name}")
         return base.dim, base.dtype, base.metadata if metadata is None else metadata
 
     def _next_writer(self) -> Writer:

@@ -26,11 +26,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from embfile import errors
+from embfile._format import NEW_DTYPES
 from embfile._staging import Staging, fsync_path, lock
 
 FORMAT = "embfile-dataset"
-FORMAT_VERSION = (1, 1)  # 1.1: "ragged"
-FIXED_FORMAT_VERSION = (1, 0)  # a dataset without ragged records: what every 1.x reader reads
+FORMAT_VERSION = (1, 1)  # 1.1: "ragged", and dtype "bfloat16"
+FIXED_FORMAT_VERSION = (1, 0)  # a dataset without either: what every 1.x reader reads
 META = "_embfile"
 SHARDS = "shards"
 INDEX = f"{META}/index"
@@ -111,7 +112,9 @@ class Manifest:
     def to_json(self) -> bytes:
         body = {
             "format": FORMAT,
-            "format_version": "{}.{}".format(*(FORMAT_VERSION if self.ragged else FIXED_FORMAT_VERSION)),
+            "format_version": "{}.{}".format(
+                *(FORMAT_VERSION if self.ragged or self.dtype in NEW_DTYPES else FIXED_FORMAT_VERSION)
+            ),
             "version": self.version,
             "parent": self.parent,
             "created": self.created,

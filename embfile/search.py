@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embfile import _core
+from embfile import _format as F
 
 
 class Dataset(Protocol):
@@ -65,7 +66,7 @@ def search(
     q = np.asarray(queries)
     single = q.ndim == 1
     q = np.atleast_2d(q)
-    if q.ndim != 2 or q.shape[1] != ds.dim or q.dtype.kind not in "biuf":
+    if q.ndim != 2 or q.shape[1] != ds.dim or F.kind(q.dtype) not in "biuf":
         raise ValueError(f"queries must be numbers of shape ({ds.dim},) or (Q, {ds.dim}), not {q.dtype} {q.shape}")
     work = np.float64 if ds.dtype == np.float64 else np.float32
     q = q.astype(work)

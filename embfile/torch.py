@@ -26,6 +26,14 @@ def _dataset(source: Source) -> embfile.Dataset:
     return source if isinstance(source, embfile.Dataset) else embfile.open(source)
 
 
+def tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(array)``, sharing memory; a bfloat16 array, which torch cannot take from numpy, by
+    its bits."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def collate(items: Sequence[torch.Tensor]) -> Any:
     """A DataLoader batch of items: stacked, or of per-residue ``(length, dim)`` items a zero-padded
     ``(batch, longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows."""
@@ -69,8 +77,8 @@ class Dataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         if self.store.ragged:
             rows, offsets = self.store.take(self._rows(indices), pad=False)
-            return [torch.from_numpy(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-        return list(torch.from_numpy(self.store.take(self._rows(indices))))
+            return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+        return list(tensor(self.store.take(self._rows(indices))))
 
 
 class IterableDataset(torch.utils.data.IterableDataset):
@@ -125,9 +133,9 @@ class IterableDataset(torch.utils.data.IterableDataset):
         for batch in self._batches(worker, num_workers):
             if isinstance(batch, tuple):  # keys, then one array or two (ragged)
                 first = 1 if self.options.keys else 0
-                batch = (*batch[:first], *(torch.from_numpy(a) for a in batch[first:]))
+                batch = (*batch[:first], *(tensor(a) for a in batch[first:]))
             else:
-                batch = torch.from_numpy(batch)
+                batch = tensor(batch)
             yield self.transform(batch) if self.transform is not None else batch
 
     def state_dict(self, batches_seen: int) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class Writer:
             self.dtype = F.disk_dtype(dtype)
         except TypeError:
             raise TypeError(f"dtype {dtype!r} is not a numpy dtype") from None
-        if self.dtype.newbyteorder("=") not in F.DTYPE_CODES:
+        if self.dtype.name not in F.DTYPE_CODES:
             names = ", ".join(sorted(F.DTYPES.values()))
             raise TypeError(f"dtype {self.dtype.name} is not supported; use one of {names}")
         if not F.valid_block_bytes(block_bytes):
@@ -311,7 +311,7 @@ class Writer:
             file_size=pos,
             count=n,
             dim=self.dim,
-            dtype_code=F.DTYPE_CODES[self.dtype.newbyteorder("=")],
+            dtype_code=F.DTYPE_CODES[self.dtype.name],
             flags=F.RAGGED if self.ragged else 0,
             **{
                 f"{name}_{part}": value
@@ -361,8 +361,9 @@ class Writer:
 
     @property
     def _version(self) -> tuple[int, int]:
-        """The format version the file needs: 1.1 for ragged records, else 1.0 (every 1.x reader reads it)."""
-        return F.VERSION if self.ragged else F.FIXED_VERSION
+        """The format version the file needs: 1.1 for ragged records or bfloat16, else 1.0 (every 1.x reader
+        reads it)."""
+        return F.VERSION if self.ragged or self.dtype.name in F.NEW_DTYPES else F.FIXED_VERSION
 
     def _stop_flusher(self) -> None:
         if self._flusher is not None:
@@ -488,7 +489,7 @@ def _encoded(keys: list[str] | EncodedKeys) -> list[bytes] | EncodedKeys:
 
 def _check_kind(src: np.dtype, dst: np.dtype, key: object) -> None:
     """Refuse conversions that change what the numbers mean (float to int, complex, text)."""
-    if src.kind not in "iuf" or (src.kind == "f" and dst.kind in "iu"):
+    if F.kind(src) not in "iuf" or (F.kind(src) == "f" and dst.kind in "iu"):
         raise errors.WriterError(f"key {key!r}: cannot store {src} vectors as {dst}")
 
 
@@ -497,7 +498,7 @@ def _convert(block: np.ndarray, dtype: np.dtype, key_of: Callable[[int], object]
     do not fit."""
     if block.dtype == dtype or np.can_cast(block.dtype, dtype, "safe"):
         return block.astype(dtype, copy=False)
-    if dtype.kind == "f":
+    if F.kind(dtype) == "f":
         with np.errstate(over="ignore", invalid="ignore"):
             out = block.astype(dtype)
         lost = ~np.isfinite(out) & np.isfinite(block)

@@ -269,7 +269,7 @@ def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04" + b"\0" * 40)
     np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    torch.save({"a": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "bf16.pt")
+    (tmp_path / "folder").mkdir()
     cases = [
         (["pair.npy", "o.emb", "--from", "npy"], "an .npz archive, not an .npy matrix: --from npz"),
         (["d.pkl", "o.emb", "--from", "pickle", "--trust-pickle"], "--from torch reads it"),
@@ -279,14 +279,15 @@ def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
         (["bad.npz", "o.emb"], "a damaged zip file"),
         (["objects.npz", "o.emb"], "objects.npz"),
         (["list.pt", "o.emb"], "holds a list, not a dict of tensors"),
-        (["bf16.pt", "o.emb"], "bfloat16"),
+        (["folder", "o.emb", "--from", "zarr"], "not a readable Zarr group"),
+        (["folder", "o.emb", "--from", "lance"], "not a Lance dataset (it has no _versions folder)"),
         (["pair.npz", "o.emb", "--ids", "nope"], "no array 'nope'"),
         (["pair.npz", "o.xyz"], "cannot tell the output format"),
     ]
     for args, needle in cases:
         p = cli(
             "convert",
-            *[a if a.startswith("-") or a in ("npy", "pickle", "nope") else tmp_path / a for a in args],
+            *[a if a.startswith("-") or a in ("npy", "pickle", "nope", "zarr", "lance") else tmp_path / a for a in args],
             check=False,
         )
         assert_user_error(p, needle)

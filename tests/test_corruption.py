@@ -128,7 +128,7 @@ def test_header_damage_is_caught_by_its_checksum(good):
         (dict(count=2**62), "does not hold"),
         (dict(dim=2**40), "outside 1 to"),
         (dict(dim=0, records_size=0), "outside 1 to"),
-        (dict(dtype_code=99), "unknown dtype"),
+        (dict(dtype_code=99), "element type code 99 is unknown to this embfile; a newer embfile reads it"),
         (dict(flags=2), "does not know \\(flags 0x2\\)"),
         (dict(flags=1), "ranges section"),  # ragged, without its section
         (dict(rows=5), "ranges fields set"),

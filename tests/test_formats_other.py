@@ -292,3 +292,46 @@ def test_out_to_arrow_and_safetensors_and_back(tmp_path, vectors):
     embfile.convert(tmp_path / "r.emb", tmp_path / "r.arrow")  # Arrow has: a list of fixed-size lists
     embfile.convert(tmp_path / "r.arrow", tmp_path / "r2.emb")
     assert embfile.open(tmp_path / "r2.emb")["k"].shape == (2, 3)
+
+
+def test_lance_datasets(tmp_path, vectors):
+    lance = pytest.importorskip("lance")
+    import pyarrow as pa
+
+    keys, m = list(vectors), np.stack(list(vectors.values()))
+    column = pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
+    half = len(keys) // 2
+    path = str(tmp_path / "emb.lance")
+    lance.write_dataset(pa.table({"id": keys[:half], "vector": column[:half]}), path)
+    lance.write_dataset(pa.table({"id": keys[half:], "vector": column[half:]}), path, mode="append")  # 2 fragments
+    lance.dataset(path).delete("id = 'UniRef50_000007'")  # deleted rows are not read
+    assert detect_format(path) == "lance"
+    embfile.convert(path, tmp_path / "a.emb")
+    assert_store(tmp_path / "a.emb", {k: v for k, v in vectors.items() if k != "UniRef50_000007"})
+    with embfile.open(tmp_path / "a.emb") as db:
+        assert db.metadata["source"]["format"] == "lance"
+
+
+def test_zarr_groups(tmp_path, vectors):
+    zarr = pytest.importorskip("zarr")
+    keys, m = list(vectors), np.stack(list(vectors.values()))
+    for fmt in (2, 3):  # zarr 2's layout (.zgroup, what anndata and older tools write) and zarr 3's
+        g = zarr.open_group(tmp_path / f"v{fmt}.zarr", mode="w", zarr_format=fmt)
+        g.create_array("ids", shape=(len(keys),), dtype=str)[:] = np.array(keys, dtype=object)
+        g.create_array("embeddings", shape=m.shape, dtype=m.dtype, chunks=(64, m.shape[1]))[:] = m
+        assert detect_format(tmp_path / f"v{fmt}.zarr") == "zarr"
+        embfile.convert(tmp_path / f"v{fmt}.zarr", tmp_path / f"v{fmt}.emb")
+        assert_store(tmp_path / f"v{fmt}.emb", vectors)
+    g = zarr.open_group(tmp_path / "nested.zarr", mode="w")
+    inner = g.create_group("esm2")
+    inner.create_array("seq_ids", data=np.arange(len(keys)))
+    inner.create_array("mean", data=m.astype(np.float16))
+    inner.create_array("other", data=m[:3])
+    embfile.convert(tmp_path / "nested.zarr", tmp_path / "n.emb", group="esm2", ids="seq_ids", vectors="mean")
+    assert_store(tmp_path / "n.emb", {str(i): v.astype(np.float16) for i, v in enumerate(m)})
+    g = zarr.open_group(tmp_path / "per_key.zarr", mode="w")
+    per_key = {k: v for k, v in vectors.items() if k.startswith("UniRef50_00004")}  # names a folder may have
+    for k, v in per_key.items():
+        g.create_array(k, data=v)
+    embfile.convert(tmp_path / "per_key.zarr", tmp_path / "p.emb")
+    assert_store(tmp_path / "p.emb", per_key)

@@ -9,8 +9,8 @@ record (creation time, embfile version) is the golden file's, so that comparison
 ``python tests/test_golden.py`` wrote the files once, with embfile 0.1.0; ``folder_legacy/`` is a sharded
 folder in 0.1's layout (``part-*.emb`` and ``_index.emb``), written by ``write_shards`` of that layout and only
 read.  A new format version gets a new folder beside this one, and these files stay as they are:
-``tests/golden/v1.1/`` holds format 1.1's ragged (per-residue) files, written once by ``python
-tests/test_golden.py --ragged`` (embfile 0.2.0.dev0).
+``tests/golden/v1.1/`` holds format 1.1's ragged (per-residue) files and a bfloat16 file, written once by
+``python tests/test_golden.py --v1.1`` (embfile 0.2.0.dev0).
 """
 
 import json
@@ -18,15 +18,19 @@ import math
 import pathlib
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import embfile
+from embfile._format import disk_dtype, kind
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "v1.0"
-RAGGED = pathlib.Path(__file__).parent / "golden" / "v1.1"
-RAGGED_SPECS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in RAGGED.glob("*.json")}
-SPECS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in GOLDEN.glob("*.json")}
+V11 = pathlib.Path(__file__).parent / "golden" / "v1.1"
+HOME = {p.stem: folder for folder in (GOLDEN, V11) for p in folder.glob("*.json")}  # name -> its folder
+ALL_SPECS = {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name, folder in HOME.items()}
+RAGGED_SPECS = {name: spec for name, spec in ALL_SPECS.items() if "lengths" in spec}
+SPECS = {name: spec for name, spec in ALL_SPECS.items() if "lengths" not in spec}
 FILES = sorted(name for name, spec in SPECS.items() if spec.get("layout") != "folder")
 FOLDERS = sorted(name for name, spec in SPECS.items() if spec.get("layout") == "folder")
 
@@ -34,8 +38,9 @@ FOLDERS = sorted(name for name, spec in SPECS.items() if spec.get("layout") == "
 def load_case(name):
     """The expected contents of ``NAME.emb`` (or the folder ``NAME``): (spec, keys, matrix)."""
     spec = SPECS[name]
-    matrix = np.array(spec["vectors"], dtype=np.float64 if spec["dtype"].startswith("float") else object)
-    matrix = matrix.reshape(len(spec["keys"]), spec["dim"]).astype(spec["dtype"])
+    dtype = disk_dtype(spec["dtype"])
+    matrix = np.array(spec["vectors"], dtype=np.float64 if kind(dtype) == "f" else object)
+    matrix = matrix.reshape(len(spec["keys"]), spec["dim"]).astype(dtype)
     return spec, spec["keys"], matrix
 
 
@@ -48,6 +53,7 @@ def test_the_golden_set_is_complete():
     dtypes = {SPECS[n]["dtype"] for n in FILES}
     assert dtypes == {
         "float16",
+        "bfloat16",
         "float32",
         "float64",
         "int8",
@@ -60,7 +66,7 @@ def test_the_golden_set_is_complete():
         "uint64",
     }
     assert {"empty", "one_record", "awkward_keys", "metadata", "many_buckets"} <= set(FILES)
-    assert all((GOLDEN / f"{n}.emb").exists() for n in FILES)
+    assert all((HOME[n] / f"{n}.emb").exists() for n in FILES)
     assert FOLDERS == ["folder_legacy"]  # 0.1's sharded layout: part-*.emb and _index.emb
 
 
@@ -68,8 +74,9 @@ def test_the_golden_set_is_complete():
 def test_golden_file_reads_as_written(name):
     spec, keys, want = load_case(name)
     folder = spec.get("layout") == "folder"
-    with embfile.open(GOLDEN / (name if folder else f"{name}.emb")) as db:
-        assert (len(db), db.dim, db.dtype) == (len(keys), spec["dim"], np.dtype(spec["dtype"]))
+    with embfile.open(HOME[name] / (name if folder else f"{name}.emb")) as db:
+        assert (len(db), db.dim, db.dtype) == (len(keys), spec["dim"], disk_dtype(spec["dtype"]))
+        assert {f.header.version for f in db.files} == {"1.1" if HOME[name] == V11 else "1.0"}
         assert list(db) == keys
         if folder:
             assert {k: v for k, v in db.metadata.items() if k != "embfile"} == spec["metadata"]
@@ -98,7 +105,7 @@ def test_writing_the_same_input_gives_the_same_bytes(name, tmp_path, monkeypatch
     record = spec["metadata"]["embfile"]
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # the record is replaced below; keep the clock out anyway
     write_case(tmp_path / "again.emb", spec, keys, matrix, record, monkeypatch)
-    assert (tmp_path / "again.emb").read_bytes() == (GOLDEN / f"{name}.emb").read_bytes()
+    assert (tmp_path / "again.emb").read_bytes() == (HOME[name] / f"{name}.emb").read_bytes()
 
 
 def write_case(path, spec, keys, matrix, record=None, monkeypatch=None):
@@ -128,7 +135,7 @@ def test_the_ragged_golden_set_is_there():
 @pytest.mark.parametrize("name", sorted(RAGGED_SPECS))
 def test_ragged_golden_file_reads_as_written(name):
     spec, records = load_ragged(name)
-    with embfile.open(RAGGED / f"{name}.emb") as db:
+    with embfile.open(V11 / f"{name}.emb") as db:
         assert db.ragged and db.header.version == "1.1" and db.metadata == spec["metadata"]
         assert list(db) == spec["keys"] and db.lengths().tolist() == spec["lengths"]
         for k, m in records.items():
@@ -150,7 +157,7 @@ def test_writing_the_same_ragged_input_gives_the_same_bytes(name, tmp_path, monk
     with embfile.Writer(tmp_path / "again.emb", spec["dim"], spec["dtype"], user or None, ragged=True) as w:
         for k, m in records.items():
             w.add(k, m)
-    assert (tmp_path / "again.emb").read_bytes() == (RAGGED / f"{name}.emb").read_bytes()
+    assert (tmp_path / "again.emb").read_bytes() == (V11 / f"{name}.emb").read_bytes()
 
 
 # ---- how the files were made (once, with embfile 0.1.0; the ragged ones with 0.2.0.dev0) -----------
@@ -158,9 +165,9 @@ def test_writing_the_same_ragged_input_gives_the_same_bytes(name, tmp_path, monk
 
 def _values(dtype, n, dim):
     """Values that exercise ``dtype``: its extremes, zero, and (floats) -0.0, NaN, infinities, subnormals."""
-    dt = np.dtype(dtype)
-    if dt.kind == "f":
-        fi = np.finfo(dt)
+    dt = disk_dtype(dtype)
+    if kind(dt) == "f":
+        fi = ml_dtypes.finfo(dt)
         special = [
             0.0,
             -0.0,
@@ -221,11 +228,11 @@ def _cases():
     yield "many_buckets", keys, _values("float32", 120, 16), {}, {"bucket_keys": 4, "block_bytes": 4096}
 
 
-def make_golden():
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    for name, keys, matrix, _, extra in _cases():
+def make_golden(folder=GOLDEN, cases=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, keys, matrix, _, extra in cases or _cases():
         options = {k: v for k, v in extra.items() if k != "metadata"}
-        path = GOLDEN / f"{name}.emb"
+        path = folder / f"{name}.emb"
         with embfile.Writer(path, matrix.shape[1], matrix.dtype, extra.get("metadata"), **options) as w:
             w.add_batch(keys, matrix)
         with embfile.open(path) as db:
@@ -233,32 +240,30 @@ def make_golden():
         spec = {"dtype": matrix.dtype.name, "dim": matrix.shape[1], "options": options, "metadata": metadata}
         lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in spec.items()]
         lines.append(f' "keys": {json.dumps(keys, ensure_ascii=False)},')
-        rows = [json.dumps([v.item() for v in row]) for row in matrix]
+        rows = [json.dumps([float(v) if kind(matrix.dtype) == "f" else v.item() for v in row]) for row in matrix]
         lines.append(' "vectors": [' + ",\n  ".join(rows) + "]")
-        (GOLDEN / f"{name}.json").write_text("{\n" + "\n".join(lines) + "\n}\n", encoding="utf-8")
+        (folder / f"{name}.json").write_text("{\n" + "\n".join(lines) + "\n}\n", encoding="utf-8")
 
 
-def make_golden_ragged():
-    RAGGED.mkdir(parents=True, exist_ok=True)
+def make_golden_v11():
+    make_golden(V11, [("dtype_bfloat16", [f"bfloat16-{i}" for i in range(6)], _values("bfloat16", 6, 5), {}, {})])
     lengths = [3, 1, 7, 2, 12, 1, 5]
     keys = ["sp|P69905|HBA_HUMAN", "peptide-1", "protéine α-7", "", "UniRef50_A0A000001", "🧬", "x" * 80]
     for dtype in ("float16", "float32"):
         name = f"ragged_{dtype}"
         rows = _values(dtype, sum(lengths), 4)
-        with embfile.Writer(
-            RAGGED / f"{name}.emb", 4, dtype, {"model": "prott5", "per_residue": True}, ragged=True
-        ) as w:
+        with embfile.Writer(V11 / f"{name}.emb", 4, dtype, {"model": "prott5", "per_residue": True}, ragged=True) as w:
             w.add_batch(keys, rows, lengths)
-        with embfile.open(RAGGED / f"{name}.emb") as db:
+        with embfile.open(V11 / f"{name}.emb") as db:
             metadata = db.metadata
         spec = {"dtype": dtype, "dim": 4, "metadata": metadata, "keys": keys, "lengths": lengths}
         lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in spec.items()]
         lines.append(' "rows": [' + ",\n  ".join(json.dumps([v.item() for v in row]) for row in rows) + "]")
-        (RAGGED / f"{name}.json").write_text("{\n" + "\n".join(lines) + "\n}\n", encoding="utf-8")
+        (V11 / f"{name}.json").write_text("{\n" + "\n".join(lines) + "\n}\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
-    folder = RAGGED if "--ragged" in sys.argv else GOLDEN
+    folder = V11 if "--v1.1" in sys.argv else GOLDEN
     if any(folder.glob("*.emb")) and "--force" not in sys.argv:
         sys.exit(f"{folder} holds golden files already: they are never regenerated")
-    make_golden_ragged() if folder == RAGGED else make_golden()
+    make_golden_v11() if folder == V11 else make_golden()

@@ -8,8 +8,9 @@ from hypothesis.extra import numpy as hnp
 
 import embfile
 from embfile import _core
+from embfile._format import disk_dtype
 
-DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+DTYPES = ["float16", "bfloat16", "float32", "float64"] + [f"{s}int{b}" for s in ("", "u") for b in (8, 16, 32, 64)]
 
 # Unicode keys, short enough to collide on prefixes, plus their own prefixes and extensions.
 base_keys = st.text(st.characters(codec="utf-8"), max_size=12)
@@ -27,10 +28,13 @@ def key_sets(draw):
 @st.composite
 def files(draw):
     keys = draw(key_sets())
-    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    dtype = disk_dtype(draw(st.sampled_from(DTYPES)))
     dim = draw(st.integers(1, 9))
-    elements = hnp.from_dtype(dtype, allow_nan=True, allow_infinity=True) if dtype.kind == "f" else None
-    matrix = draw(hnp.arrays(dtype, (len(keys), dim), elements=elements))
+    if dtype.name == "bfloat16":  # any bit pattern: hypothesis has no bfloat16 of its own
+        matrix = draw(hnp.arrays(np.uint16, (len(keys), dim))).view(dtype)
+    else:
+        elements = hnp.from_dtype(dtype, allow_nan=True, allow_infinity=True) if dtype.kind == "f" else None
+        matrix = draw(hnp.arrays(dtype, (len(keys), dim), elements=elements))
     bucket_keys = draw(st.sampled_from([1, 2, 16, 100]))
     return keys, matrix, bucket_keys
 

@@ -1,5 +1,5 @@
 """Converters between .emb and the files our users have: HDF5, Parquet, ESM ``.pt`` folders, ``.npy``, ``.npz``,
-``torch.save`` and safetensors files, pickles.
+``torch.save`` and safetensors files, Lance datasets, Zarr groups, pickles.
 
 Every input is read as a :class:`~embfile.formats._common.Source` that streams
 ``(keys, matrix)`` chunks of about 16 MiB, so a conversion holds one chunk and
@@ -26,8 +26,8 @@ from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
-from embfile.formats.parquet import read_arrow, read_parquet, read_table, to_arrow, to_parquet
-from embfile.formats.tensors import read_npz, read_safetensors, read_torch, to_safetensors
+from embfile.formats.parquet import read_arrow, read_lance, read_parquet, read_table, to_arrow, to_parquet
+from embfile.formats.tensors import read_npz, read_safetensors, read_torch, read_zarr, to_safetensors
 from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -41,6 +41,8 @@ READERS: dict[str, Callable[..., Source]] = {
     "npz": read_npz,
     "torch": read_torch,
     "safetensors": read_safetensors,
+    "lance": read_lance,
+    "zarr": read_zarr,
 }
 WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
     "hdf5": to_hdf5,
@@ -72,6 +74,8 @@ _EXTENSIONS = {
     ".pt": "torch",
     ".pth": "torch",
     ".safetensors": "safetensors",
+    ".lance": "lance",
+    ".zarr": "zarr",
 }
 
 
@@ -165,7 +169,8 @@ def convert(
 
     ``src`` is a path, or an in-memory ``pyarrow.Table`` or ``datasets.Dataset`` (to an .emb file).
     Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
-    ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``, ``torch``, ``pickle``.
+    ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``,
+    ``torch``, ``lance``, ``zarr``, ``pickle``.
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
@@ -246,6 +251,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if os.path.isdir(path):
         if is_versioned(path) or shard_paths(path):
             return "emb"  # an embfile dataset
+        if os.path.exists(os.path.join(path, "zarr.json")) or os.path.exists(os.path.join(path, ".zgroup")):
+            return "zarr"  # a group of format 3 or 2
+        if os.path.isdir(os.path.join(path, "_versions")) and os.path.isdir(os.path.join(path, "data")):
+            return "lance"
         names = [f for _, _, fs in os.walk(path) for f in fs]
         if os.path.exists(os.path.join(path, "state.json")):
             return "arrow"  # datasets' save_to_disk

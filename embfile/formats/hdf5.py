@@ -357,6 +357,8 @@ def to_hdf5(
         layout = layout or ("per-key" if db.ragged else "bulk")
         if db.ragged and layout != "per-key":
             raise errors.ConversionError(f"{src}: per-residue records are written per key: layout='per-key'")
+        if db.dtype.name == "bfloat16":
+            raise errors.ConversionError(f"{src}: HDF5 has no bfloat16 type; export a float32 copy (dtype='float32')")
         meta = json.dumps(db.metadata, ensure_ascii=False)
         size = db.header.keys_size + (0 if compression else db.matrix.nbytes)
         with atomic_output(dst, size) as tmp, h5py.File(tmp, "w") as f:

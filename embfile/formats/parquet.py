@@ -1,4 +1,4 @@
-"""Parquet (and Arrow) in and out.
+"""Parquet (and Arrow) in and out; Lance datasets in.
 
 Input: a file or a folder of files with one string key column and the vectors as
 ``fixed_size_list``, ``list`` or ``large_list`` of numbers (what pyarrow, pandas,
@@ -498,6 +498,37 @@ def read_arrow(
     path = os.fspath(path)
     parts = [arrow_part(f) for f in _arrow_files(path)]
     return read_parts(path, "arrow", parts, key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
+
+
+def read_lance(
+    path: str | os.PathLike[str],
+    *,
+    key_column: str | None = None,
+    vector_column: str | None = None,
+    wide_prefix: str | None = None,
+    wide_columns: list[str] | None = None,
+    pool: str | None = None,
+    on_error: str = "error",
+) -> Source:
+    """Open a Lance dataset (its latest version; deleted rows are not read) for streaming, in its row order;
+    columns as for Parquet."""
+    lance = require("lance", "lance")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if not os.path.isdir(os.path.join(path, "_versions")):
+        raise errors.ConversionError(f"{path}: not a Lance dataset (it has no _versions folder)")
+    try:
+        dataset = lance.dataset(path)
+    except (ValueError, OSError) as e:  # what lance could not read, without the Rust source lines it appends
+        why = re.sub(r",? /\S+\.rs:\d+:\d+", "", str(e).splitlines()[0])
+        raise errors.ConversionError(f"{path}: not a readable Lance dataset ({why})") from None
+
+    def batches(size: int, columns: list[str]) -> Iterator[Any]:
+        return iter(dataset.to_batches(columns=columns, batch_size=size))
+
+    part = Part(path, dataset.schema, dataset.count_rows(), batches)
+    return read_parts(path, "lance", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
 def read_table(data: Any, **options: Any) -> Source:

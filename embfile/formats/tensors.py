@@ -1,4 +1,4 @@
-"""Tensor containers: ``.npz`` archives, ``torch.save`` files and safetensors files.
+"""Tensor containers: ``.npz`` archives, ``torch.save`` files, safetensors files and Zarr groups.
 
 Each holds either one array per key (``(D,)`` vectors, or ``(L, D)`` per-residue matrices, read as ragged
 records) or one ``(n, D)`` matrix beside its ids (an array of strings or integers, or for safetensors a JSON
@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Source, source_of
+from embfile._stream import Source, chunk_rows, source_of
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output
 
@@ -64,22 +65,31 @@ def _source(
             vectors = mats[0]
         if vectors not in names:
             raise errors.ConversionError(f"{path}: no array {vectors!r}; arrays are {names[:8]}")
-        matrix = np.asarray(arrays[vectors])
+        matrix = arrays[vectors]
         keys = id_list if ids is None else _ids(path, arrays, ids, names)
         if keys is None:
             raise errors.ConversionError(f"{path}: which array holds the ids of {vectors!r}? name it with ids= (--ids)")
-        if matrix.ndim != 2 or len(keys) != len(matrix):
+        if len(np.shape(matrix)) != 2 or len(keys) != np.shape(matrix)[0]:
             raise errors.ConversionError(
-                f"{path}: {vectors!r} has shape {matrix.shape}, not ({len(keys)}, dim) for {len(keys)} ids"
+                f"{path}: {vectors!r} has shape {np.shape(matrix)}, not ({len(keys)}, dim) for {len(keys)} ids"
             )
-        return _described(source_of((keys, matrix), f"{fmt} input"), {**desc, "ids": ids, "vectors": vectors})
+        return _described(_matrix_source(keys, matrix), {**desc, "ids": ids, "vectors": vectors})
     first = np.asarray(arrays[names[0]])
-    if first.ndim not in (1, 2) or first.dtype.kind not in "iuf":
+    if first.ndim not in (1, 2) or F.kind(first.dtype) not in "iuf":
         raise errors.ConversionError(
             f"{path}: {names[0]!r} holds {first.shape} {first.dtype}: neither a vector nor an (L, dim) matrix of "
             "numbers; name the ids and the matrix with ids= and vectors= (--ids, --vectors)"
         )
     return _described(source_of(arrays, f"{fmt} input", ragged=first.ndim == 2), desc)
+
+
+def _matrix_source(keys: list[str], matrix: Any) -> Source:
+    """``keys`` beside an ``(n, dim)`` array, read some rows at a time (whole chunks of a Zarr array)."""
+    n, dim = np.shape(matrix)
+    dtype = np.dtype(matrix.dtype)
+    step = chunk_rows(dim * dtype.itemsize, getattr(matrix, "chunks", (1,))[0])
+    chunks = ((keys[lo : lo + step], np.asarray(matrix[lo : lo + step])) for lo in range(0, max(n, 1), step))
+    return Source(dim, dtype, n, chunks, {})
 
 
 def _pair(
@@ -95,7 +105,7 @@ def _pair(
     rows = shapes[mats[0]][0]
     if id_list is not None and len(id_list) == rows:
         return None, mats[0]
-    idss = [n for n, s in shapes.items() if s == (rows,) and np.asarray(arrays[n]).dtype.kind in "USiu"]
+    idss = [n for n, s in shapes.items() if s == (rows,) and np.asarray(arrays[n]).dtype.kind in "USTOiu"]
     return (idss[0], mats[0]) if len(idss) == 1 else None
 
 
@@ -103,7 +113,7 @@ def _ids(path: str, arrays: collections.abc.Mapping[str, Any], name: str, names:
     if name not in names:
         raise errors.ConversionError(f"{path}: no array {name!r}; arrays are {names[:8]}")
     raw = np.asarray(arrays[name])
-    if raw.ndim != 1 or raw.dtype.kind not in "USiu":
+    if raw.ndim != 1 or raw.dtype.kind not in "USTOiu":
         raise errors.ConversionError(f"{path}: {name!r} holds {raw.shape} {raw.dtype}, not a list of ids")
     if raw.dtype.kind == "S":
         return [b.decode() for b in raw.tolist()]
@@ -144,9 +154,10 @@ def read_torch(path: str | os.PathLike[str], *, ids: str | None = None, vectors:
 
     def array(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            if value.dtype == torch.bfloat16:
-                raise errors.ConversionError(f"{path}: bfloat16 tensors are not stored yet; save them as float32")
-            return value.detach().cpu().numpy()
+            value = value.detach().cpu()
+            if value.dtype == torch.bfloat16:  # numpy's through ml_dtypes, bit for bit
+                return value.view(torch.int16).numpy().view(F.disk_dtype("bfloat16"))
+            return value.numpy()
         return np.asarray(value) if isinstance(value, (list, tuple)) else value
 
     if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -181,10 +192,9 @@ def read_safetensors(path: str | os.PathLike[str], *, ids: str | None = None, ve
         ids = None
 
     def load(name: str) -> np.ndarray:
-        try:
-            return np.asarray(f.get_tensor(name))
-        except TypeError as e:  # numpy has no bfloat16
-            raise errors.ConversionError(f"{path}: tensor {name!r}: {e}; bfloat16 is not stored yet") from None
+        if f.get_slice(name).get_dtype() == "BF16":
+            F.disk_dtype("bfloat16")  # safetensors reads it as numpy's bfloat16 once ml_dtypes is imported
+        return np.asarray(f.get_tensor(name))
 
     if id_list is not None:
         if vectors is None and len(names) != 1:
@@ -193,6 +203,23 @@ def read_safetensors(path: str | os.PathLike[str], *, ids: str | None = None, ve
             )
         return _source(path, "safetensors", _Lazy(names, load), None, vectors or names[0], id_list)
     return _source(path, "safetensors", _Lazy(names, load), ids, vectors)
+
+
+def read_zarr(
+    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, group: str | None = None
+) -> Source:
+    """A Zarr group (format 2 or 3; ``group``, a path inside the store): an ids array (strings or integers)
+    beside an ``(n, dim)`` matrix (found by shape, or named), read a chunk at a time; or one array per key."""
+    zarr = require("zarr", "zarr")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    try:
+        root = zarr.open_group(path, mode="r", path=group or "")
+        arrays = dict(root.arrays())
+    except (ValueError, OSError) as e:  # zarr's errors are ValueErrors and FileNotFoundErrors
+        raise errors.ConversionError(f"{path}: not a readable Zarr group ({e})") from None
+    return _source(path, "zarr", arrays, ids, vectors)
 
 
 def to_safetensors(
