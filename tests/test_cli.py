@@ -287,7 +287,10 @@ def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
     for args, needle in cases:
         p = cli(
             "convert",
-            *[a if a.startswith("-") or a in ("npy", "pickle", "nope", "zarr", "lance") else tmp_path / a for a in args],
+            *[
+                a if a.startswith("-") or a in ("npy", "pickle", "nope", "zarr", "lance") else tmp_path / a
+                for a in args
+            ],
             check=False,
         )
         assert_user_error(p, needle)
