@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embfile import _core, errors
+from embfile import _format as F
 from embfile._keys import EncodedKeys
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
@@ -71,6 +72,25 @@ class OnError:
         self.skipped.append({"where": where, "key": key, "error": str(error)})
 
 
+def require_unique(keys: list[str], where: str) -> None:
+    """Raise the :class:`~embfile.DuplicateKeyError` naming the first key ``keys`` holds twice and both its
+    rows, so an input whose keys come first fails before a vector is read (the writer's own native sort)."""
+    encoded = [k.encode("utf-8", "surrogatepass") for k in keys]
+    require_unique_encoded(np.frombuffer(b"".join(encoded), np.uint8), [len(e) for e in encoded], where)
+
+
+def require_unique_encoded(heap: np.ndarray, lengths: Any, where: str, rows: np.ndarray | None = None) -> None:
+    """:func:`require_unique` of keys encoded one after another in ``heap``; ``rows`` maps their positions
+    to the input's rows (when some rows are left out)."""
+    offsets = np.zeros(len(lengths) + 1, np.uint64)
+    np.cumsum(lengths, out=offsets[1:])
+    try:
+        _core.sort_keys(heap, offsets)
+    except errors.DuplicateKeyError as e:
+        a, b = sorted(int(r) for r in (e.rows if rows is None else rows[list(e.rows)]))
+        raise errors.DuplicateKeyError(f"{where}: duplicate key {e.key!r} (rows {a} and {b})", e.key, (a, b)) from None
+
+
 def chunk_rows(record_bytes: int, multiple: int = 1) -> int:
     """Rows per chunk: about CHUNK_BYTES, a multiple of ``multiple`` (an input's own chunking)."""
     rows = max(1, CHUNK_BYTES // max(1, record_bytes))
@@ -80,7 +100,9 @@ def chunk_rows(record_bytes: int, multiple: int = 1) -> int:
 def as_vector(key: object, vector: object, dim: int | None) -> np.ndarray:
     """``vector`` as a 1-d numeric array of ``dim`` elements (any length if None), or the error naming ``key``."""
     v = np.asarray(vector)
-    if v.dtype.kind not in "biufc" and not isinstance(vector, np.ndarray):
+    if F.kind(v.dtype) not in "biufc":
+        if isinstance(vector, np.ndarray):
+            raise errors.WriterError(f"key {key!r}: cannot store {v.dtype} values; expected numbers")
         raise TypeError(f"key {key!r}: expected a vector of numbers, not {type(vector).__name__}")
     if v.ndim != 1 or (dim is not None and v.shape != (dim,)):
         expected = f"({dim},)" if dim is not None else "1-d"
@@ -93,7 +115,9 @@ def as_matrix(key: object, matrix: object, dim: int | None) -> np.ndarray:
     """``matrix`` as a ragged record: a 2-d numeric array of at least one row of ``dim`` elements (any if
     None), or the error naming ``key``."""
     m = np.asarray(matrix)
-    if m.dtype.kind not in "biufc" and not isinstance(matrix, np.ndarray):
+    if F.kind(m.dtype) not in "biufc":
+        if isinstance(matrix, np.ndarray):
+            raise errors.WriterError(f"key {key!r}: cannot store {m.dtype} values; expected numbers")
         raise TypeError(f"key {key!r}: expected a matrix of numbers, not {type(matrix).__name__}")
     if m.ndim != 2 or (dim is not None and m.shape[1] != dim):
         width = dim if dim is not None else "dim"
@@ -104,11 +128,14 @@ def as_matrix(key: object, matrix: object, dim: int | None) -> np.ndarray:
     return m
 
 
-def source_of(data: Any, caller: str = "write()", ragged: bool | None = None) -> Source:
+def source_of(
+    data: Any, caller: str = "write()", ragged: bool | None = None, on_error: OnError | None = None
+) -> Source:
     """``data`` as a Source: an open dataset (streamed from its mapping), a ``(keys, matrix)`` pair or a
     mapping ``{key: vector}``; with ``ragged``, a mapping ``{key: (length, dim) matrix}`` (a dataset is
-    ragged or not of itself).  A dataset is recognised by the native table every dataset extends: this module
-    cannot import dataset.py, which imports the writer (``Dataset.pool`` writes), which imports this module."""
+    ragged or not of itself).  ``on_error`` skips (and notes) a mapping's bad values instead of raising.
+    A dataset is recognised by the native table every dataset extends: this module cannot import
+    dataset.py, which imports the writer (``Dataset.pool`` writes), which imports this module."""
     if isinstance(data, _core.Table):
         return _dataset_source(data, ragged)
     if isinstance(data, tuple) and len(data) == 2:
@@ -127,15 +154,36 @@ def source_of(data: Any, caller: str = "write()", ragged: bool | None = None) ->
     if not isinstance(data, collections.abc.Mapping):
         raise TypeError(f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
     items = iter(data.items())
-    first = next(items, None)
+    check = as_matrix if ragged else as_vector
+    bad = on_error or OnError()
+    first = next(_good(items, check, None, bad, caller), None)
     if first is None:
+        if bad.skipped:
+            raise errors.ConversionError(f"{caller}: no good record: {bad.skipped[0]['error']}")
         raise errors.WriterError("cannot infer dim from an empty mapping; use a Writer with dim instead")
-    if ragged:
-        m0 = as_matrix(first[0], first[1], None)
-        by_rows = _ragged_mapping_chunks(first, items, m0.shape[1], m0.dtype)
-        return Source(m0.shape[1], m0.dtype, len(data), by_rows, {"format": "mapping"}, ragged=True)
-    v0 = as_vector(first[0], first[1], None)
-    return Source(v0.shape[0], v0.dtype, len(data), _mapping_chunks(first, items, v0), {"format": "mapping"})
+    dim, dtype = first[1].shape[-1], first[1].dtype
+    rest = _good(items, check, dim, bad, caller)
+    records: Iterator[Any] = (
+        _ragged_mapping_chunks(first, rest, dim, dtype) if ragged else _mapping_chunks(first, rest, first[1])
+    )
+    return Source(dim, dtype, len(data), records, {"format": "mapping"}, ragged=bool(ragged), on_error=on_error)
+
+
+def _good(
+    items: Iterator[tuple[Any, Any]],
+    check: Callable[[Any, Any, int | None], np.ndarray],
+    dim: int | None,
+    bad: OnError,
+    where: str,
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(key, array)`` of the items whose value ``check`` takes; the others raise, or are skipped by ``bad``."""
+    for key, value in items:
+        try:
+            yield key, check(key, value, dim)
+        except (errors.WriterError, TypeError) as e:
+            if bad.policy == "error":
+                raise
+            bad(errors.ConversionError(str(e)), where, key)
 
 
 def _dataset_source(data: Any, ragged: bool | None) -> Source:
@@ -175,8 +223,7 @@ def _ragged_mapping_chunks(
 ) -> Iterator[RaggedChunk]:
     step = chunk_rows(dim * dtype.itemsize)
     batch, rows = [], 0
-    for key, value in itertools.chain([first], items):
-        m = as_matrix(key, value, dim)
+    for key, m in itertools.chain([first], items):
         batch.append((key, m))
         rows += len(m)
         if rows >= step:
@@ -191,20 +238,19 @@ def _packed(batch: list[tuple[Any, np.ndarray]]) -> RaggedChunk:
 
 
 def _mapping_chunks(first: tuple[Any, Any], items: Iterator[tuple[Any, Any]], v0: np.ndarray) -> Iterator[Chunk]:
-    dim, step = v0.shape[0], chunk_rows(v0.nbytes)
+    step = chunk_rows(v0.nbytes)
     batch = [first]
     for item in items:
         batch.append(item)
         if len(batch) >= step:
-            yield _stacked(batch, dim)
+            yield _stacked(batch)
             batch = []
     if batch:
-        yield _stacked(batch, dim)
+        yield _stacked(batch)
 
 
-def _stacked(batch: list[tuple[Any, Any]], dim: int) -> Chunk:
-    vectors = [as_vector(k, v, dim) for k, v in batch]
-    return [k for k, _ in batch], np.stack(vectors)
+def _stacked(batch: list[tuple[Any, np.ndarray]]) -> Chunk:
+    return [k for k, _ in batch], np.stack([v for _, v in batch])
 
 
 def pool_rows(block: np.ndarray, offsets: np.ndarray, how: str) -> Any:

@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--on-error",
         choices=["error", "skip"],
-        help="Parquet and Arrow input: skip a record with a null key or vector or a vector of the wrong length, "
+        help="skip a bad record (a null key or vector, a vector of another length or type than the first) "
         "and list it in --report (default: error)",
     )
     c.add_argument("--report", help="with --on-error skip: where to list what was skipped (default DST.skipped.jsonl)")

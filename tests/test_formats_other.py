@@ -4,6 +4,8 @@ conversions between other formats."""
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -335,3 +337,88 @@ def test_zarr_groups(tmp_path, vectors):
         g.create_array(k, data=v)
     embfile.convert(tmp_path / "per_key.zarr", tmp_path / "p.emb")
     assert_store(tmp_path / "p.emb", per_key)
+
+
+def test_on_error_skip_for_per_key_inputs(tmp_path):
+    """A bad record of any per-key input is skipped and reported under on_error="skip", and is a one-line
+    error by default; a vector of a type that casts exactly to the first's is read cast."""
+    good = {f"P{i}": np.full(4, i, np.float32) for i in range(6)}
+    wrong = {"short": np.ones(3, np.float32), "text": np.array(["a", "b", "c", "d"])}
+    with h5py.File(tmp_path / "pk.h5", "w") as f:
+        for k, v in good.items():
+            f[k] = v
+        f["short"] = wrong["short"]
+        f["wide"] = np.ones(4, np.float64)  # float32 cannot hold it exactly
+        f["half"] = np.full(4, 0.5, np.float16)  # float32 can: read cast
+        f["matrix"] = np.ones((2, 4), np.float32)
+    np.savez(tmp_path / "pk.npz", **good, **wrong)
+    torch.save({**{k: torch.from_numpy(v) for k, v in good.items()}, "short": torch.ones(3)}, tmp_path / "pk.pt")
+    with open(tmp_path / "pk.pkl", "wb") as f:
+        pickle.dump({**good, "short": [1.0, 2.0], 7: np.ones(4, np.float32), "half": np.ones(4, np.float16)}, f)
+    zarr = pytest.importorskip("zarr")
+    g = zarr.open_group(tmp_path / "pk.zarr", mode="w")
+    for k, v in {**good, "short": wrong["short"]}.items():
+        g.create_array(k, data=v)
+    cases = {
+        "pk.h5": ({"short", "wide", "matrix"}, {"half"}),
+        "pk.npz": ({"short", "text"}, set()),
+        "pk.pt": ({"short"}, set()),
+        "pk.pkl": ({"short", 7}, {"half"}),
+        "pk.zarr": ({"short"}, set()),
+    }
+    for name, (skipped, cast) in cases.items():
+        src, out = tmp_path / name, tmp_path / f"{name}.emb"
+        extra = {"trust_pickle": True} if name.endswith(".pkl") else {}
+        with pytest.raises(embfile.EmbFileError):
+            embfile.convert(src, out, **extra)
+        assert not out.exists()
+        embfile.convert(src, out, on_error="skip", **extra)
+        with embfile.open(out) as db:
+            assert set(db) == set(good) | cast, name
+            assert all(np.array_equal(db[k], v) for k, v in good.items())
+        with open(f"{out}.skipped.jsonl", encoding="utf-8") as f:
+            report = [json.loads(line) for line in f]
+        assert {r["key"] for r in report} == skipped, name
+        assert all(r["error"] and r["where"] for r in report)
+    r = subprocess.run(
+        [sys.executable, "-m", "embfile", "convert", tmp_path / "pk.npz", tmp_path / "cli.emb", "--on-error", "skip"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "skipped 2 records" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "lance", "npz", "zarr", "safetensors", "torch", "h5", "npy"])
+def test_a_repeated_key_fails_before_any_vector_is_read(tmp_path, fmt):
+    import pyarrow as pa
+
+    keys = [f"k{i}" for i in range(1000)] + ["k7"]  # the repeat is the last row
+    m = np.ones((len(keys), 4), np.float32)
+    src = tmp_path / f"dup.{fmt}"
+    table = pa.table({"id": keys, "v": pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), 4)})
+    if fmt == "parquet":
+        pq.write_table(table, src)
+    elif fmt == "arrow":
+        with pa.ipc.new_file(str(src), table.schema) as w:
+            w.write_table(table)
+    elif fmt == "lance":
+        pytest.importorskip("lance").write_dataset(table, str(src))
+    elif fmt == "npz":
+        np.savez(src, ids=np.array(keys), emb=m)
+    elif fmt == "zarr":
+        g = pytest.importorskip("zarr").open_group(src, mode="w")
+        g.create_array("ids", shape=(len(keys),), dtype=str)[:] = np.array(keys, dtype=object)
+        g.create_array("emb", data=m)
+    elif fmt == "safetensors":
+        pytest.importorskip("safetensors.numpy").save_file({"emb": m}, src, metadata={"ids": json.dumps(keys)})
+    elif fmt == "torch":
+        torch.save((keys, torch.from_numpy(m)), src)
+    elif fmt == "h5":
+        with h5py.File(src, "w") as f:
+            f["ids"], f["emb"] = np.array(keys, dtype=object).astype(h5py.string_dtype()), m
+    else:
+        np.save(src, m)
+        (tmp_path / "dup.txt").write_text("\n".join(keys) + "\n")
+    with pytest.raises(embfile.DuplicateKeyError, match=r"duplicate key 'k7' \(rows 7 and 1000\)") as e:
+        embfile.formats.read(src)  # opening the input, before a single chunk of vectors is read
+    assert e.value.key == "k7" and e.value.rows == (7, 1000)

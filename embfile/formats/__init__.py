@@ -178,8 +178,10 @@ def convert(
     :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
     from the source's: a function, or a regular expression whose first group (else whole match) is the key
     (``r"\|([^|]+)\|"``: ``sp|P69905|HBA_HUMAN`` -> ``P69905``); two source keys that become one are an error.
-    ``on_error="skip"`` (Parquet and Arrow inputs) skips a bad record instead of failing, and lists each one
-    skipped, where and why, as JSON lines in ``report`` (default ``DST.skipped.jsonl``).
+    ``on_error="skip"`` (every input with records that can be bad: all but ``emb``, ``npy``, ``esm``) skips a
+    bad record instead of failing, and lists each one skipped, where and why, as JSON lines in ``report``
+    (default ``DST.skipped.jsonl``).  A repeated key is an error, raised before any vector is read wherever
+    the keys come apart from the vectors (an ids array, a key column).
     Between two formats other than .emb the data passes through a temporary .emb
     beside ``dst``.
     """

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from embfile import errors
-from embfile._stream import Chunk, Source, chunk_rows, source_of
+from embfile._stream import Chunk, OnError, Source, chunk_rows, require_unique, source_of
 from embfile.dataset import Dataset, EmbFile
 from embfile.shards import ShardedEmbFile
 
@@ -49,28 +49,25 @@ def read_npy(path: str | os.PathLike[str], *, keys: str | os.PathLike[str] | Non
     if not os.path.exists(keys):
         raise errors.ConversionError(f"{path}: no keys file {keys}; name it with keys= (--keys)")
     desc = {"format": "npy", "path": os.path.abspath(path), "keys": os.path.abspath(keys)}
-    return Source(m.shape[1], m.dtype.newbyteorder("="), m.shape[0], _npy_chunks(m, keys), desc)
+    with open(keys, encoding="utf-8", newline="") as lines:  # all first: a wrong count or a repeat fails at once
+        names = [line.removesuffix("\n").removesuffix("\r") for line in lines]
+    if len(names) != m.shape[0]:
+        raise errors.ConversionError(f"{keys}: {len(names)} keys for {m.shape[0]} rows of {path}")
+    require_unique(names, keys)
+    return Source(m.shape[1], m.dtype.newbyteorder("="), m.shape[0], _npy_chunks(m, names), desc)
 
 
-def _npy_chunks(m: np.ndarray, keys_path: str) -> Iterator[Chunk]:
-    n = m.shape[0]
+def _npy_chunks(m: np.ndarray, keys: list[str]) -> Iterator[Chunk]:
     step = chunk_rows(m.shape[1] * m.dtype.itemsize)
-    with open(keys_path, encoding="utf-8", newline="") as lines:
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            keys = [line.removesuffix("\n").removesuffix("\r") for _, line in zip(range(hi - lo), lines)]
-            if len(keys) != hi - lo:
-                raise errors.ConversionError(f"{keys_path}: {lo + len(keys)} keys for {n} rows")
-            yield keys, np.asarray(m[lo:hi])
-        extra = sum(1 for _ in lines)
-        if extra:
-            raise errors.ConversionError(f"{keys_path}: {n + extra} keys for {n} rows")
+    for lo in range(0, len(keys), step):
+        yield keys[lo : lo + step], np.asarray(m[lo : lo + step])
 
 
-def read_pickle(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Source:
+def read_pickle(path: str | os.PathLike[str], *, trust_pickle: bool = False, on_error: str = "error") -> Source:
     """A pickled ``dict {key: vector}``.  Loading a pickle runs code: only with ``trust_pickle=True``.
 
-    The whole dict is loaded (pickle cannot be read in parts).
+    The whole dict is loaded (pickle cannot be read in parts).  A vector of a type that casts exactly to the
+    first's is cast; ``on_error="skip"`` skips (and notes) one of another shape or type, or a key not a str.
     """
     path = os.fspath(path)
     if not trust_pickle:
@@ -95,22 +92,25 @@ def read_pickle(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
     if v0.ndim != 1 or v0.dtype.kind not in "iuf":
         raise errors.ConversionError(f"{path}: the first vector has shape {v0.shape} of {v0.dtype}, not (dim,)")
     desc = {"format": "pickle", "path": os.path.abspath(path)}
-    return Source(v0.shape[0], v0.dtype.newbyteorder("="), len(data), _dict_chunks(data, v0), desc)
+    bad = OnError(on_error)
+    chunks = _dict_chunks(data, v0, path, bad)
+    return Source(v0.shape[0], v0.dtype.newbyteorder("="), len(data), chunks, desc, on_error=bad)
 
 
-def _dict_chunks(data: collections.abc.Mapping[Any, Any], v0: np.ndarray) -> Iterator[Chunk]:
+def _dict_chunks(data: collections.abc.Mapping[Any, Any], v0: np.ndarray, path: str, bad: OnError) -> Iterator[Chunk]:
     step = chunk_rows(v0.nbytes)
     items = iter(data.items())
     while batch := [kv for _, kv in zip(range(step), items)]:
         matrix = np.empty((len(batch), v0.shape[0]), v0.dtype)
-        for i, (key, v) in enumerate(batch):
+        keys: list[str] = []
+        for key, v in batch:
             v = np.asarray(v)
             if not isinstance(key, str):
-                raise errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str")
-            if v.shape != v0.shape or v.dtype != v0.dtype:
-                raise errors.ConversionError(
-                    f"key {key!r}: vector has shape {v.shape} of {v.dtype}, "
-                    f"expected {v0.shape} of {v0.dtype} like the first"
-                )
-            matrix[i] = v
-        yield [k for k, _ in batch], matrix
+                bad(errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str"), path, key)
+            elif v.shape != v0.shape or not np.can_cast(v.dtype, v0.dtype, "safe"):
+                error = f"key {key!r}: vector has shape {v.shape} of {v.dtype}, expected {v0.shape} of {v0.dtype}"
+                bad(errors.ConversionError(f"{error} like the first"), path, key)
+            else:
+                matrix[len(keys)] = v
+                keys.append(key)
+        yield keys, matrix[: len(keys)]

@@ -22,7 +22,7 @@ import numpy as np
 
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Chunk, RaggedChunk, Source, chunk_rows, pooled, progress_bar
+from embfile._stream import Chunk, OnError, RaggedChunk, Source, chunk_rows, pooled, progress_bar, require_unique
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
@@ -40,8 +40,12 @@ def read_hdf5(
     pool: str | None = None,
     ids: str | None = None,
     vectors: str | None = None,
+    on_error: str = "error",
 ) -> Source:
-    """Open an HDF5 file of embeddings for streaming (see :func:`embfile.formats.from_hdf5`)."""
+    """Open an HDF5 file of embeddings for streaming (see :func:`embfile.formats.from_hdf5`).
+    ``on_error="skip"`` skips a per-key dataset of another shape, of a type the first's cannot hold exactly,
+    or without its ``key_attr``, and notes it (a type that casts exactly is read converted)."""
+    bad = OnError(on_error)
     h5py = require("h5py", "hdf5")
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, not {layout!r}")
@@ -61,7 +65,7 @@ def read_hdf5(
             raise errors.ConversionError(f"{path}: ids and vectors name the datasets of the bulk layout")
         if layout == "skbio":
             return pooled(_read_skbio(path, g, meta), pool)
-        return pooled(_read_per_key(h5py, path, g, key_attr, meta), pool)
+        return pooled(_read_per_key(h5py, path, g, key_attr, meta, bad), pool)
 
 
 def _stored_metadata(f: Any) -> dict[str, Any]:
@@ -124,22 +128,24 @@ def _read_bulk(h5py: Any, path: str, g: Any, ids: str | None, vectors: str | Non
     dtype = vd.dtype.newbyteorder("=")
     step = chunk_rows(dim * dtype.itemsize, vd.chunks[0] if vd.chunks else 1)
     desc = {"format": "hdf5", "path": os.path.abspath(path), "layout": "bulk", "ids": idd.name, "vectors": vd.name}
-    return Source(dim, dtype, n, _bulk_chunks(h5py, path, idd.name, vd.name, n, dim, dtype, step), desc, meta)
+    keys: list[str] = []  # every id first: a repeated one is an error before any vector is read
+    for lo in range(0, n, 1 << 16):
+        raw = idd[lo : lo + (1 << 16)]
+        keys += raw.astype(str).tolist() if _ids_kind(idd) == "int" else _decode(raw, path, ids, lo)
+    require_unique(keys, path)
+    return Source(dim, dtype, n, _bulk_chunks(path, vd.name, keys, dim, dtype, step), desc, meta)
 
 
-def _bulk_chunks(
-    h5py: Any, path: str, ids: str, vectors: str, n: int, dim: int, dtype: np.dtype, step: int
-) -> Iterator[Chunk]:
+def _bulk_chunks(path: str, vectors: str, keys: list[str], dim: int, dtype: np.dtype, step: int) -> Iterator[Chunk]:
+    import h5py
+
     with h5py.File(path, "r") as f:
-        vd, idd = f[vectors], f[ids]
-        kind = _ids_kind(idd)
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
+        vd = f[vectors]
+        for lo in range(0, len(keys), step):
+            hi = min(lo + step, len(keys))
             out = np.empty((hi - lo, dim), dtype)
-            if hi > lo:
-                vd.read_direct(out, np.s_[lo:hi], np.s_[0 : hi - lo])
-            raw = idd[lo:hi]
-            yield (raw.astype(str).tolist() if kind == "int" else _decode(raw, path, ids, lo)), out
+            vd.read_direct(out, np.s_[lo:hi], np.s_[0 : hi - lo])
+            yield keys[lo:hi], out
 
 
 def _decode(raw: np.ndarray, path: str, name: str, lo: int) -> list[str]:
@@ -166,7 +172,7 @@ def _dataset_names(h5py: Any, g: Any) -> list[bytes]:
     return names
 
 
-def _read_per_key(h5py: Any, path: str, g: Any, key_attr: str | None, meta: dict[str, Any]) -> Source:
+def _read_per_key(h5py: Any, path: str, g: Any, key_attr: str | None, meta: dict[str, Any], bad: OnError) -> Source:
     """One dataset per key: ``(D,)`` vectors, or per-residue ``(L, D)`` matrices read as ragged records (a
     ``(D,)`` among them is one row: ProtTrans squeezes a one-residue peptide)."""
     names = _dataset_names(h5py, g)
@@ -183,14 +189,21 @@ def _read_per_key(h5py: Any, path: str, g: Any, key_attr: str | None, meta: dict
     if key_attr:
         desc["key_attr"] = key_attr
     if first.ndim == 2:
-        rows = _per_residue_chunks(h5py, path, g.name, names, dim, dtype, key_attr)
-        return Source(dim, dtype, len(names), rows, desc, meta, ragged=True)
-    vectors = _per_key_chunks(h5py, path, g.name, names, dim, dtype, key_attr)
-    return Source(dim, dtype, len(names), vectors, desc, meta)
+        rows = _per_residue_chunks(h5py, path, g.name, names, dim, dtype, key_attr, bad)
+        return Source(dim, dtype, len(names), rows, desc, meta, ragged=True, on_error=bad)
+    vectors = _per_key_chunks(h5py, path, g.name, names, dim, dtype, key_attr, bad)
+    return Source(dim, dtype, len(names), vectors, desc, meta, on_error=bad)
 
 
 def _per_residue_chunks(
-    h5py: Any, path: str, group: str, names: list[bytes], dim: int, dtype: np.dtype, key_attr: str | None
+    h5py: Any,
+    path: str,
+    group: str,
+    names: list[bytes],
+    dim: int,
+    dtype: np.dtype,
+    key_attr: str | None,
+    bad: OnError,
 ) -> Iterator[RaggedChunk]:
     step = chunk_rows(dim * dtype.itemsize)
     with h5py.File(path, "r") as f:
@@ -202,16 +215,18 @@ def _per_residue_chunks(
         for name in names:
             ds = h5py.h5d.open(gid, name)
             where = f"{path}: dataset {name.decode()!r}"
-            if ds.get_type() != want:
-                raise errors.ConversionError(f"{where} holds {h5py.Dataset(ds).dtype}, the first dataset {dtype}")
-            shape = ds.shape
-            if shape == (dim,):
-                shape = (1, dim)
-            if len(shape) != 2 or shape[1] != dim or shape[0] == 0:
-                raise errors.ConversionError(f"{where} has shape {ds.shape}, expected (L, {dim}) with L > 0")
+            shape = (1, dim) if ds.shape == (dim,) else ds.shape
+            try:
+                _same_type(h5py, ds, want, dtype, where)
+                if len(shape) != 2 or shape[1] != dim or shape[0] == 0:
+                    raise errors.ConversionError(f"{where} has shape {ds.shape}, expected (L, {dim}) with L > 0")
+                key = _attr_key(h5py, ds, key_attr, where) if key_attr else name.decode()
+            except errors.ConversionError as e:
+                bad(e, path, name.decode())
+                continue
             block = np.empty(shape, dtype)
-            ds.read(h5py.h5s.ALL, h5py.h5s.ALL, block)
-            keys.append(_attr_key(h5py, ds, key_attr, where) if key_attr else name.decode())
+            ds.read(h5py.h5s.ALL, h5py.h5s.ALL, block)  # HDF5 converts a type that casts exactly
+            keys.append(key)
             blocks.append(block)
             rows += shape[0]
             if rows >= step:
@@ -281,6 +296,7 @@ def _per_key_chunks(
     dim: int,
     dtype: np.dtype,
     key_attr: str | None,
+    bad: OnError,
 ) -> Iterator[Chunk]:
     record = dim * dtype.itemsize
     step = chunk_rows(record)
@@ -295,29 +311,43 @@ def _per_key_chunks(
         for lo in range(0, len(names), step):
             batch = names[lo : lo + step]
             buf = np.empty((len(batch), dim), dtype)
-            keys, direct = [], []
+            keys, direct, good = [], [], []
             for i, name in enumerate(batch):
                 ds = h5py.h5d.open(gid, name)
                 where = f"{path}: dataset {name.decode()!r}"
-                if ds.get_type() != want:
-                    raise errors.ConversionError(
-                        f"{where} holds {h5py.Dataset(ds).dtype}, the first dataset {dtype}: mixed types"
-                    )
-                shape = ds.shape
-                if shape == (dim,):
-                    offset = ds.get_offset() if direct_ok else None
-                    if offset is not None and ds.get_storage_size() == record:
-                        direct.append((offset, i))
-                    else:
-                        ds.read(h5py.h5s.ALL, h5py.h5s.ALL, buf[i])
+                try:
+                    same = _same_type(h5py, ds, want, dtype, where)
+                    if ds.shape != (dim,):
+                        raise errors.ConversionError(
+                            f"{where} has shape {ds.shape}, expected ({dim},) as the first dataset"
+                        )
+                    key = _attr_key(h5py, ds, key_attr, where) if key_attr else name.decode()
+                except errors.ConversionError as e:
+                    bad(e, path, name.decode())
+                    continue
+                offset = ds.get_offset() if direct_ok and same else None
+                if offset is not None and ds.get_storage_size() == record:
+                    direct.append((offset, i))
                 else:
-                    raise errors.ConversionError(f"{where} has shape {shape}, expected ({dim},) as the first dataset")
-                keys.append(_attr_key(h5py, ds, key_attr, where) if key_attr else name.decode())
+                    ds.read(h5py.h5s.ALL, h5py.h5s.ALL, buf[i])  # HDF5 converts a type that casts exactly
+                keys.append(key)
+                good.append(i)
             rows = buf.view(np.uint8).reshape(len(batch), record)
             for offset, i in sorted(direct):  # in file order: sequential reads for read-ahead
                 if os.preadv(raw.fileno(), [rows[i]], offset) != record:
                     raise errors.ConversionError(f"{path}: truncated inside dataset {batch[i].decode()!r}")
-            yield keys, buf
+            yield keys, buf if len(good) == len(batch) else buf[good]
+
+
+def _same_type(h5py: Any, ds: Any, want: Any, dtype: np.dtype, where: str) -> bool:
+    """Whether dataset ``ds`` holds the first dataset's type ``want``; one that casts to it exactly (float16
+    among float32) is read converted, any other is an error."""
+    if ds.get_type() == want:
+        return True
+    theirs = h5py.Dataset(ds).dtype
+    if theirs.kind in "iuf" and np.can_cast(theirs, dtype, "safe"):
+        return False
+    raise errors.ConversionError(f"{where} holds {theirs}, the first dataset {dtype}: mixed types")
 
 
 def _attr_key(h5py: Any, ds: Any, key_attr: str, where: str) -> str:

@@ -28,7 +28,16 @@ import numpy as np
 
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Chunk, OnError, RaggedChunk, Source, chunk_rows, pooled, progress_bar
+from embfile._stream import (
+    Chunk,
+    OnError,
+    RaggedChunk,
+    Source,
+    chunk_rows,
+    pooled,
+    progress_bar,
+    require_unique_encoded,
+)
 from embfile.dataset import ARROW_METADATA_KEY, EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
@@ -199,6 +208,7 @@ def read_parts(
         raise errors.ConversionError(
             f"{path}: key column {key_column!r} is {schema.field(key_column).type}, not strings or integers"
         )
+    _require_unique_keys(parts, key_column, path)
     if wide_prefix or wide_columns:
         if vector_column:
             raise errors.ConversionError("give vector_column or wide_prefix/wide_columns, not both")
@@ -241,6 +251,31 @@ def read_parts(
     bad = OnError(on_error)
     chunks = _chunks(parts, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns), bad)
     return pooled(Source(dim, dtype, count, chunks, desc, meta, on_error=bad), pool)
+
+
+def _require_unique_keys(parts: list[Part], key_column: str, path: str) -> None:
+    """Read the key column alone first (little beside the vectors), so that a repeated key is an error naming
+    both rows (counted over the files in order; null keys left out) before any vector is read."""
+    pa = require("pyarrow", "parquet")
+    heaps, lengths, rows = [], [], []
+    start = 0
+    for part in parts:
+        for batch in part.iter_batches(1 << 16, [key_column]):
+            keys = batch.column(0).cast(pa.large_string())  # integers as their decimal text, as they are stored
+            where = np.arange(start, start + len(keys))
+            if keys.null_count:
+                where = where[np.asarray(keys.is_valid())]
+                keys = keys.drop_null()
+            offsets = np.frombuffer(keys.buffers()[1], np.int64)[keys.offset : keys.offset + len(keys) + 1]
+            data = keys.buffers()[2]
+            if data is not None and len(keys):
+                heaps.append(np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]])
+            lengths.append(np.diff(offsets))
+            rows.append(where)
+            start += batch.num_rows
+    if rows:
+        heap = np.concatenate(heaps) if heaps else np.zeros(0, np.uint8)
+        require_unique_encoded(heap, np.concatenate(lengths), path, np.concatenate(rows))
 
 
 def _read_matrices(path: str, fmt: str, parts: list[Part], schema: Any, key_column: str, column: str) -> Source:

@@ -20,7 +20,7 @@ import numpy as np
 from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Source, chunk_rows, source_of
+from embfile._stream import OnError, Source, chunk_rows, require_unique, source_of
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output
 
@@ -48,9 +48,12 @@ def _source(
     ids: str | None,
     vectors: str | None,
     id_list: list[str] | None = None,
+    on_error: str = "error",
 ) -> Source:
     """The records of named ``arrays``: the matrix ``vectors`` with the ids ``ids`` (an array, or ``id_list``),
-    found by shape when not named; else one array per key."""
+    found by shape when not named (a repeated id is an error before any vector is read); else one array per
+    key (``on_error="skip"``: one that is not a vector, or not of the first's shape, is skipped)."""
+    bad = OnError(on_error)
     names = list(arrays)
     if not names:
         raise errors.ConversionError(f"{path}: holds no arrays: nothing to convert")
@@ -73,14 +76,17 @@ def _source(
             raise errors.ConversionError(
                 f"{path}: {vectors!r} has shape {np.shape(matrix)}, not ({len(keys)}, dim) for {len(keys)} ids"
             )
-        return _described(_matrix_source(keys, matrix), {**desc, "ids": ids, "vectors": vectors})
+        require_unique(keys, path)
+        return dataclasses.replace(
+            _matrix_source(keys, matrix), description={**desc, "ids": ids, "vectors": vectors}, on_error=bad
+        )
     first = np.asarray(arrays[names[0]])
     if first.ndim not in (1, 2) or F.kind(first.dtype) not in "iuf":
         raise errors.ConversionError(
             f"{path}: {names[0]!r} holds {first.shape} {first.dtype}: neither a vector nor an (L, dim) matrix of "
             "numbers; name the ids and the matrix with ids= and vectors= (--ids, --vectors)"
         )
-    return _described(source_of(arrays, f"{fmt} input", ragged=first.ndim == 2), desc)
+    return dataclasses.replace(source_of(arrays, path, ragged=first.ndim == 2, on_error=bad), description=desc)
 
 
 def _matrix_source(keys: list[str], matrix: Any) -> Source:
@@ -120,11 +126,9 @@ def _ids(path: str, arrays: collections.abc.Mapping[str, Any], name: str, names:
     return [str(k) for k in raw.tolist()]
 
 
-def _described(source: Source, description: dict[str, Any]) -> Source:
-    return dataclasses.replace(source, description=description)
-
-
-def read_npz(path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None) -> Source:
+def read_npz(
+    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, on_error: str = "error"
+) -> Source:
     """An ``np.savez`` archive, read without pickle: ``ids`` and an ``(n, dim)`` matrix (found by shape, or
     named), or one array per key."""
     path = os.fspath(path)
@@ -135,14 +139,16 @@ def read_npz(path: str | os.PathLike[str], *, ids: str | None = None, vectors: s
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise errors.ConversionError(f"{path}: an .npy matrix, not an .npz archive: --from npy reads it")
     try:
-        return _source(path, "npz", _Lazy(list(archive.files), archive.__getitem__), ids, vectors)
+        return _source(path, "npz", _Lazy(list(archive.files), archive.__getitem__), ids, vectors, None, on_error)
     except errors.EmbFileError:
         raise
     except ValueError as e:  # an object array needs pickle, which is never used
         raise errors.ConversionError(f"{path}: {e}") from None
 
 
-def read_torch(path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None) -> Source:
+def read_torch(
+    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, on_error: str = "error"
+) -> Source:
     """A ``torch.save`` file, loaded with ``weights_only=True`` (it cannot run code): a dict ``{id: tensor}``,
     a pair ``(ids, tensor)``, or a dict holding the ids and the matrix (found by shape, or named)."""
     torch = require("torch", "torch")
@@ -169,10 +175,12 @@ def read_torch(path: str | os.PathLike[str], *, ids: str | None = None, vectors:
     bad = next((k for k in data if not isinstance(k, str)), None)
     if bad is not None:
         raise errors.ConversionError(f"{path}: key {bad!r} is a {type(bad).__name__}; embfile keys are str")
-    return _source(path, "torch", _Lazy(list(data), lambda k: array(data[k])), ids, vectors)
+    return _source(path, "torch", _Lazy(list(data), lambda k: array(data[k])), ids, vectors, None, on_error)
 
 
-def read_safetensors(path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None) -> Source:
+def read_safetensors(
+    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, on_error: str = "error"
+) -> Source:
     """A safetensors file: one tensor per key, or one ``(n, dim)`` matrix with its ids in a second tensor or,
     as a JSON list, in the file's metadata under ``ids`` (default ``"ids"``)."""
     safetensors = require("safetensors", "safetensors")
@@ -202,11 +210,16 @@ def read_safetensors(path: str | os.PathLike[str], *, ids: str | None = None, ve
                 f"{path}: ids in the metadata, and {len(names)} tensors: name one with vectors="
             )
         return _source(path, "safetensors", _Lazy(names, load), None, vectors or names[0], id_list)
-    return _source(path, "safetensors", _Lazy(names, load), ids, vectors)
+    return _source(path, "safetensors", _Lazy(names, load), ids, vectors, None, on_error)
 
 
 def read_zarr(
-    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, group: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    ids: str | None = None,
+    vectors: str | None = None,
+    group: str | None = None,
+    on_error: str = "error",
 ) -> Source:
     """A Zarr group (format 2 or 3; ``group``, a path inside the store): an ids array (strings or integers)
     beside an ``(n, dim)`` matrix (found by shape, or named), read a chunk at a time; or one array per key."""
@@ -216,10 +229,10 @@ def read_zarr(
         raise FileNotFoundError(f"{path}: no such file or folder")
     try:
         root = zarr.open_group(path, mode="r", path=group or "")
-        arrays = dict(root.arrays())
+        arrays = dict(sorted(root.arrays()))  # zarr lists members in no fixed order
     except (ValueError, OSError) as e:  # zarr's errors are ValueErrors and FileNotFoundErrors
         raise errors.ConversionError(f"{path}: not a readable Zarr group ({e})") from None
-    return _source(path, "zarr", arrays, ids, vectors)
+    return _source(path, "zarr", arrays, ids, vectors, None, on_error)
 
 
 def to_safetensors(
