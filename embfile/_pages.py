@@ -66,6 +66,18 @@ class Layout:
         for address, length in self.page_ranges(lo, hi):
             _core.advise(address, length, advice)
 
+    def cached(self, samples: int = 16, sample_bytes: int = 1 << 20) -> bool:
+        """Whether the records look to be in the page cache: at least 90% of ``samples`` ranges spread over
+        them (``mincore``)."""
+        total = int(self.starts[-1]) if len(self.bases) else 0
+        if total == 0:
+            return True
+        step = max(1, total // samples)
+        rows = max(1, sample_bytes // self.record_bytes)
+        ranges = [r for lo in range(0, total, step) for r in self.page_ranges(lo, min(total, lo + rows))]
+        held = sum(_core.resident_fraction(a, n) * n for a, n in ranges)
+        return held >= 0.9 * sum(n for _, n in ranges)
+
     def first_part_cached(self, limit: int = 64 << 20) -> bool:
         """Whether most of the first ``limit`` bytes of records are in the page cache."""
         length = min(int(self.starts[1] - self.starts[0]) * self.record_bytes, limit) if len(self.bases) else 0

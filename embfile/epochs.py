@@ -317,6 +317,9 @@ class Batches:
     ``(keys, rows, offsets)`` without ``pad``).  ``worker`` and ``num_workers`` let several copies
     of the iterator (loader workers) each take every ``num_workers``-th batch of the same sequence;
     ``start`` skips that many records of the rank's share (a resume point; under a token budget, batches).
+    ``read_ahead`` windows are read ahead on a thread (0: none, the gather faults pages in itself).
+    ``out(rows)``, if given, returns the ``(rows, dim)`` array a fixed-width batch is gathered into (None:
+    a new one), for a loader that hands batches over in buffers of its own.
 
     ``state_dict()`` gives the position reached; ``load_state_dict(state)`` on an iterator made with the
     same options continues from it, with exactly the records not yet yielded.
@@ -334,6 +337,7 @@ class Batches:
         num_workers: int = 1,
         start: int = 0,
         read_ahead: int = 1,
+        out: Callable[[int], np.ndarray | None] | None = None,
     ) -> None:
         num_workers = count(num_workers, "num_workers", 1)
         if not count(worker, "worker") < num_workers:
@@ -378,6 +382,7 @@ class Batches:
                 else None
             )
         self._transform = transform
+        self._out = out
         self._worker, self._num_workers = worker, num_workers
         self._read_ahead = count(read_ahead, "read_ahead")
         self._window = -1  # the window being read
@@ -442,7 +447,8 @@ class Batches:
         if self._row_of is not None and not self._by_row:  # ragged records
             data: tuple[np.ndarray, ...] = self._source._gather_ragged(rows, self.options.pad)
         else:
-            matrix = np.empty((len(rows), self._source.dim), self._source.dtype)
+            given = self._out(len(rows)) if self._out is not None else None
+            matrix = np.empty((len(rows), self._source.dim), self._source.dtype) if given is None else given
             self._layout.gather(rows, matrix)
             data = (matrix,)
         if self.options.keys and self._by_row:  # the key of each row's record
@@ -455,8 +461,10 @@ class Batches:
     def _enter(self, w: int) -> None:
         """Start on window ``w``: release the one before; have the reader ask the kernel for the windows
         up to ``read_ahead + 1`` ahead and map in those up to ``read_ahead`` ahead (so the disk always
-        has the next window queued while one is being mapped)."""
-        if w == self._window:
+        has the next window queued while one is being mapped).  ``read_ahead=0``: none of this (a file in
+        the page cache, read by several loader workers, each of which would map and unmap every window)."""
+        if w == self._window or self._read_ahead == 0:
+            self._window = w
             return
         if self._reader is None:
             self._reader = ReadAhead(self._layout)

@@ -7,8 +7,11 @@ in DataLoader workers under ``fork`` and ``spawn`` alike.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,6 +20,7 @@ import torch
 import torch.utils.data
 
 import embfile
+from embfile._handover import Buffers, worker_buffers
 from embfile.epochs import Batches, EpochOptions, count
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | embfile.Dataset
@@ -35,17 +39,36 @@ def tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def collate(items: Sequence[torch.Tensor]) -> Any:
-    """A DataLoader batch of items: stacked, or of per-residue ``(length, dim)`` items a zero-padded
-    ``(batch, longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows."""
+    """A DataLoader batch of items: stacked (items that are the rows of one batch, as :class:`Dataset` gives
+    them, as that batch, not copied), or of per-residue ``(length, dim)`` items a zero-padded ``(batch,
+    longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows.  In a DataLoader worker,
+    the batch goes to the main process through the worker's reused shared-memory buffers."""
     if not items or items[0].dim() == 1:
-        return torch.stack(list(items))
-    longest = max(len(t) for t in items)
-    out = items[0].new_zeros((len(items), longest, items[0].shape[1]))
-    mask = torch.zeros((len(items), longest), dtype=torch.bool)
-    for i, t in enumerate(items):
-        out[i, : len(t)] = t
-        mask[i, : len(t)] = True
-    return out, mask
+        batch: Any = _rows_of_one(items)
+        if batch is None:
+            batch = torch.stack(list(items))
+    else:
+        longest = max(len(t) for t in items)
+        out = items[0].new_zeros((len(items), longest, items[0].shape[1]))
+        mask = torch.zeros((len(items), longest), dtype=torch.bool)
+        for i, t in enumerate(items):
+            out[i, : len(t)] = t
+            mask[i, : len(t)] = True
+        batch = out, mask
+    buffers = worker_buffers()
+    return buffers.hand_over(batch) if buffers is not None else batch
+
+
+def _rows_of_one(items: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The 2-d tensor whose rows ``items`` are, in order, if they are."""
+    base = items[0]._base if items else None
+    if base is None or base.dim() != 2 or len(base) != len(items) or base.dtype != items[0].dtype:
+        return None
+    stride = base.stride(0) * base.element_size()
+    first = base.data_ptr()
+    if all(t._base is base and t.data_ptr() == first + i * stride for i, t in enumerate(items)):
+        return base
+    return None
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -115,8 +138,21 @@ class IterableDataset(torch.utils.data.IterableDataset):
         self._start = 0
         self._batches()  # check the options here, not in a worker
 
-    def _batches(self, worker: int = 0, num_workers: int = 1) -> Batches:
-        return Batches(self.store, self.options, worker=worker, num_workers=num_workers, start=self._start)
+    def _batches(self, worker: int = 0, num_workers: int = 1, buffers: Buffers | None = None) -> Batches:
+        out, read_ahead = None, 1
+        if buffers is not None:  # in a worker: gather each batch straight into a buffer for the main process
+            shape, dtype = (self.store.dim,), self.store.dtype
+            out = lambda rows: buffers.array((rows, *shape), dtype)
+            read_ahead = 0 if self.store._layout().cached() else 1  # warm: every worker would map each window
+        return Batches(
+            self.store,
+            self.options,
+            worker=worker,
+            num_workers=num_workers,
+            start=self._start,
+            out=out,
+            read_ahead=read_ahead,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Read epoch ``epoch`` next, from its start."""
@@ -130,13 +166,18 @@ class IterableDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for batch in self._batches(worker, num_workers):
-            if isinstance(batch, tuple):  # keys, then one array or two (ragged)
-                first = 1 if self.options.keys else 0
-                batch = (*batch[:first], *(tensor(a) for a in batch[first:]))
-            else:
-                batch = tensor(batch)
-            yield self.transform(batch) if self.transform is not None else batch
+        buffers = worker_buffers()
+        for batch in self._batches(worker, num_workers, buffers):
+            batch = self._tensors(batch)
+            if self.transform is not None:
+                batch = self.transform(batch)
+            yield buffers.hand_over(batch) if buffers is not None else batch
+
+    def _tensors(self, batch: Any) -> Any:
+        if isinstance(batch, tuple):  # keys, then one array or two (ragged)
+            first = 1 if self.options.keys else 0
+            return (*batch[:first], *(tensor(a) for a in batch[first:]))
+        return tensor(batch)
 
     def state_dict(self, batches_seen: int) -> dict[str, Any]:
         """The resume point after the loader yielded ``batches_seen`` batches of this pass."""
@@ -153,3 +194,97 @@ class IterableDataset(torch.utils.data.IterableDataset):
         self._start = 0
         self._batches().load_state_dict(state)  # checks that the state fits these options
         self._start = state["position"]
+
+
+class Loader:
+    """The batches of :class:`IterableDataset` as a loader of their own, for training without DataLoader
+    worker processes: what workers are otherwise there for is done here.  The batches are gathered on this
+    thread (without the GIL, with windows read ahead on another); ``transform`` runs on ``threads`` threads,
+    several batches at once and yielded in order (numpy and torch release the GIL); with ``pin_memory``
+    each batch is copied to pinned memory on those threads too, and with ``device`` handed to it without
+    waiting (``non_blocking``).  The other options are those of :class:`~embfile.epochs.EpochOptions`.
+
+    Exactly once, determinism, DDP ranks and resume are the dataset's: :meth:`state_dict` takes no count,
+    since the loader knows how many batches it yielded.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int = 256,
+        *,
+        transform: Callable[[Any], Any] | None = None,
+        threads: int = 2,
+        pin_memory: bool = False,
+        device: str | torch.device | None = None,
+        **options: Any,
+    ) -> None:
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, not {type(transform).__name__}")
+        self.dataset = IterableDataset(source, batch_size, **options)
+        self.transform, self.threads = transform, count(threads, "threads")
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn(
+                "pin_memory=True needs a CUDA device; none is available, so memory is not pinned", stacklevel=2
+            )
+            pin_memory = False
+        self.pin_memory = pin_memory
+        self.device = None if device is None else torch.device(device)
+        self._seen = 0
+
+    def __len__(self) -> int:
+        """Batches the next pass yields (for this rank)."""
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` next, from its start."""
+        self.dataset.set_epoch(epoch)
+        self._seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume point after the batches this pass has yielded so far."""
+        return self.dataset.state_dict(self._seen)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state`` (from :meth:`state_dict`) on the next pass."""
+        self.dataset.load_state_dict(state)
+        self._seen = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self._seen = 0
+        batches = map(self.dataset._tensors, self.dataset._batches())
+        prepared = self._prepared(batches) if self.threads else map(self._prepare, batches)
+        for batch in prepared:
+            if self.device is not None:
+                batch = _apply(batch, lambda t: t.to(self.device, non_blocking=self.pin_memory))
+            self._seen += 1
+            yield batch
+
+    def _prepare(self, batch: Any) -> Any:
+        if self.transform is not None:
+            batch = self.transform(batch)
+        return _apply(batch, torch.Tensor.pin_memory) if self.pin_memory else batch
+
+    def _prepared(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``_prepare`` of each batch on the pool, ``threads + 1`` at a time, in order."""
+        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="embfile-loader") as pool:
+            pending: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+            try:
+                for batch in batches:
+                    pending.append(pool.submit(self._prepare, batch))
+                    if len(pending) > self.threads:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
+
+
+def _apply(batch: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``f`` of each tensor of ``batch`` (a tensor, or a tuple or list holding some)."""
+    if isinstance(batch, torch.Tensor):
+        return f(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_apply(b, f) for b in batch)
+    return batch

@@ -1,5 +1,7 @@
 """embfile.torch with a real DataLoader: workers under fork and spawn, exactly once, determinism, resume."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,97 @@ def test_token_budget_epochs_through_loader_workers_give_every_record_once(resid
     resumed = IterableDataset(path, token_budget=4000, keys=True, seed=2)
     resumed.load_state_dict(state)
     assert [(tuple(k), x.shape) for k, x, _ in DataLoader(resumed, batch_size=None)] == one[5:]
+
+
+def shm_files():
+    return {n for n in os.listdir("/dev/shm") if n.startswith("embfile-")} if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_hand_batches_over_in_reused_buffers(store, context):
+    """Batches come back whole through a few buffers per worker, reused once the main process drops them;
+    views kept of earlier batches stay right; nothing is left in /dev/shm."""
+    from embfile import _handover
+
+    folder, keys, matrix = store
+    before = shm_files()
+    ds = IterableDataset(folder / "db.emb", 20, seed=3, keys=True)
+    want = epoch(ds, 0)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=context, persistent_workers=True)
+    kept = []
+    for (ks, x), (want_keys, want_x) in zip(loader, want, strict=True):
+        assert list(ks) == want_keys and torch.equal(x, want_x)
+        kept.append(x[:, :2])  # a view outlives its batch: its buffer must not be reused under it
+    assert all(torch.equal(v, w[:, :2]) for v, (_, w) in zip(kept, want))
+    paths = [p for p in _handover._OPEN if not p.endswith("-flags")]
+    assert len(paths) >= 60  # every batch held (by its view): none reused
+    kept.clear()
+    for _ in loader:  # nothing held: a handful of buffers serve all 60 batches
+        pass
+    assert len([p for p in _handover._OPEN if not p.endswith("-flags")]) - len(paths) <= 2 * 8
+    del loader
+    assert shm_files() == before
+
+
+def test_workers_past_the_buffer_limit_hand_over_the_usual_way(store, monkeypatch):
+    from embfile import _handover
+
+    monkeypatch.setattr(_handover, "MAX_BUFFERS", 3)  # the fork-started workers inherit it
+    folder, _, matrix = store
+    ds = IterableDataset(folder / "db.emb", 50, shuffle=False)
+    held = list(DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork"))
+    np.testing.assert_array_equal(torch.cat(held).numpy(), matrix)
+
+
+def test_map_style_batches_through_collate_in_workers(store):
+    from embfile.torch import collate
+
+    folder, keys, matrix = store
+    ds = Dataset(folder / "db.emb")
+    assert torch.equal(collate([ds[i] for i in range(3)]), torch.from_numpy(matrix[:3]))  # rows of no one batch
+    g = torch.Generator()
+    sampler = torch.utils.data.RandomSampler(ds, generator=g)
+    g.manual_seed(1)
+    want = [matrix[b] for b in torch.utils.data.BatchSampler(sampler, 64, False)]
+    for workers, context in ((0, None), (2, "fork"), (2, "spawn")):
+        g.manual_seed(1)
+        loader = DataLoader(
+            ds, 64, sampler=sampler, collate_fn=collate, num_workers=workers, multiprocessing_context=context
+        )
+        got = list(loader)
+        assert len(got) == len(want) and all(np.array_equal(x.numpy(), w) for x, w in zip(got, want))
+
+
+def test_loader_without_workers(store):
+    """embfile.torch.Loader: the dataset's batches, transformed on threads and still in order, resumable."""
+    import random
+    import time
+
+    from embfile.torch import Loader
+
+    folder, _, matrix = store
+
+    def slow_sum(batch):
+        keys, x = batch
+        time.sleep(random.random() / 500)  # finish out of order
+        return keys, x.sum(1)
+
+    want = [(k, x.sum(1)) for k, x in epoch(IterableDataset(folder / "db.emb", 50, seed=9, epoch=4, keys=True), 0)]
+    loader = Loader(folder / "db.emb", 50, seed=9, epoch=4, keys=True, transform=slow_sum, threads=3, device="cpu")
+    got = list(loader)
+    assert len(loader) == len(want) == len(got) == 24
+    assert [list(k) for k, _ in got] == [k for k, _ in want] and all(
+        torch.equal(a, b) for (_, a), (_, b) in zip(got, want)
+    )
+    seen = []
+    for i, (k, _) in enumerate(loader):
+        seen.append(list(k))
+        if i == 8:
+            break
+    state = loader.state_dict()
+    fresh = Loader(folder / "db.emb", 50, seed=9, keys=True, transform=slow_sum)
+    fresh.load_state_dict(state)
+    assert seen + [list(k) for k, _ in fresh] == [k for k, _ in want]
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="pin_memory=True needs a CUDA device"):
+            Loader(folder / "db.emb", 50, pin_memory=True)

@@ -1,0 +1,189 @@
+"""Batches handed from DataLoader worker processes to the main process through buffers each worker keeps.
+
+PyTorch moves every tensor a worker returns into a new shared-memory segment and passes its file descriptor
+to the main process through a socket, which for a batch of a megabyte costs several times the gather that
+made it.  Here a worker copies its outputs into a small set of files in ``/dev/shm`` that it creates once
+and reuses, and sends only their names; the main process maps each file the first time it sees it (and then
+unlinks it, so nothing is left behind whichever process ends first) and wraps the bytes in a tensor.
+
+A buffer goes back to its worker only when the main process has dropped every tensor and view on it: a
+finalizer on the tensor's storage clears the buffer's flag in a table the two processes share.  A batch the
+user keeps is never overwritten; the worker then takes another buffer, up to :data:`MAX_BUFFERS`, and past
+that hands the batch over PyTorch's own way.  Where ``/dev/shm`` is missing, everything goes that way.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing.util
+import os
+import secrets
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+SHM = "/dev/shm"
+MAX_BUFFERS = 32  # per worker: batches the main process may hold at once before the worker stops reusing
+
+
+def _mapped(path: str, size: int, create: bool) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Buffers:
+    """A worker's side: its buffers and the table of which ones the main process still holds."""
+
+    def __init__(self) -> None:
+        self.prefix = os.path.join(SHM, f"embfile-{os.getpid()}-{secrets.token_hex(4)}")
+        self.flags_path = f"{self.prefix}-flags"
+        self.flags = np.frombuffer(_mapped(self.flags_path, 4 * MAX_BUFFERS, create=True), np.int32)
+        self.slots: list[tuple[str, torch.Tensor]] = []  # (path, the file's bytes)
+        self.reserved: list[int] = []  # slots lent out for a batch to be made in (array()), not yet leased
+        self.created = 0
+        multiprocessing.util.Finalize(self, self.close, exitpriority=10)  # runs as a DataLoader worker exits
+
+    @staticmethod
+    def available() -> bool:
+        return os.path.isdir(SHM) and os.access(SHM, os.W_OK)
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """A new array in a free buffer, for a batch to be made in and then handed over without a copy
+        (None if every buffer is held)."""
+        slot = self._slot(int(np.prod(shape)) * dtype.itemsize)
+        if slot is None:
+            return None
+        self.reserved.append(slot)
+        return self.slots[slot][1].numpy().view(dtype)[: int(np.prod(shape))].reshape(shape)
+
+    def hand_over(self, batch: Any) -> Any:
+        """``batch`` (a tensor, or a tuple or list holding some) with each CPU tensor in a buffer: in place if
+        it is one made in :meth:`array`, else copied."""
+        out = self._hand_over(batch)
+        for slot in self.reserved:  # lent, but what came back was made elsewhere
+            self.flags[slot] = 0
+        self.reserved.clear()
+        return out
+
+    def _hand_over(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return self._lease(batch)
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._hand_over(b) for b in batch)
+        return batch
+
+    def _lease(self, t: torch.Tensor) -> Any:
+        nbytes = t.numel() * t.element_size()
+        if t.device.type != "cpu" or nbytes == 0:
+            return t
+        slot = next((s for s in self.reserved if self.slots[s][1].data_ptr() == t.data_ptr()), None)
+        if slot is not None and t.is_contiguous():
+            self.reserved.remove(slot)
+        else:
+            slot = self._slot(nbytes)
+            if slot is None:
+                return t  # the main process holds every buffer: PyTorch's own way
+            self.slots[slot][1][:nbytes].view(t.dtype).view(t.shape).copy_(t)
+        path, data = self.slots[slot]
+        return Lease(path, len(data), self.flags_path, slot, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+    def _slot(self, nbytes: int) -> int | None:
+        """A free buffer of at least ``nbytes``, marked held; None if the main process holds them all."""
+        free = np.flatnonzero(self.flags[: len(self.slots)] == 0)
+        if len(free):
+            slot = int(free[0])
+        elif len(self.slots) < MAX_BUFFERS:
+            slot = len(self.slots)
+            self.slots.append(("", torch.empty(0, dtype=torch.uint8)))
+        else:
+            return None
+        path, data = self.slots[slot]
+        if len(data) < nbytes:  # a new file, a little larger than needed (the last batch may be smaller)
+            _unlink(path)
+            path = f"{self.prefix}-{self.created}"
+            self.created += 1
+            size = -(-nbytes * 5 // 4 // mmap.PAGESIZE) * mmap.PAGESIZE
+            self.slots[slot] = (path, torch.frombuffer(_mapped(path, size, create=True), dtype=torch.uint8))
+        self.flags[slot] = 1
+        return slot
+
+    def close(self) -> None:
+        for path, _ in self.slots:
+            _unlink(path)
+        _unlink(self.flags_path)
+
+
+class Lease:
+    """A buffer's name and what it holds; unpickled in the main process as the tensor itself."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _receive, self.args
+
+
+_OPEN: dict[str, mmap.mmap] = {}  # the main process's mappings of workers' files (and flag tables), by name
+
+
+def _open(path: str, size: int) -> mmap.mmap:
+    m = _OPEN.get(path)
+    if m is None:
+        for seen in [p for p in _OPEN if not _alive(_owner(p))]:  # an ended worker's: a tensor keeps its own
+            del _OPEN[seen]
+        m = _OPEN[path] = _mapped(path, size, create=False)
+        _unlink(path)
+    return m
+
+
+def _owner(path: str) -> int:
+    return int(os.path.basename(path).split("-")[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _receive(path: str, size: int, flags_path: str, slot: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    dt = getattr(torch, dtype)
+    count = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
+    data = torch.frombuffer(_open(path, size), dtype=torch.uint8, count=count)
+    flags = np.frombuffer(_open(flags_path, 4 * MAX_BUFFERS), np.int32)
+    weakref.finalize(data.untyped_storage(), flags.__setitem__, slot, 0)
+    return data.view(dt).view(shape)
+
+
+_BUFFERS: dict[int, Buffers] = {}
+
+
+def worker_buffers() -> Buffers | None:
+    """This DataLoader worker's buffers (made on first use), or None outside a worker or without /dev/shm."""
+    if torch.utils.data.get_worker_info() is None or not Buffers.available():
+        return None
+    pid = os.getpid()
+    if pid not in _BUFFERS:
+        _BUFFERS.clear()  # a forked worker inherits its parent's table: not its own
+        _BUFFERS[pid] = Buffers()
+    return _BUFFERS[pid]
