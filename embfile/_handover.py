@@ -63,7 +63,9 @@ class Buffers:
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """A new array in a free buffer, for a batch to be made in and then handed over without a copy
-        (None if every buffer is held)."""
+        (None if every buffer is held).  One lent before and not handed over since is free again: its batch
+        went another way (a collate that stacked it anew)."""
+        self._release_reserved()
         slot = self._slot(int(np.prod(shape)) * dtype.itemsize)
         if slot is None:
             return None
@@ -74,10 +76,13 @@ class Buffers:
         """``batch`` (a tensor, or a tuple or list holding some) with each CPU tensor in a buffer: in place if
         it is one made in :meth:`array`, else copied."""
         out = self._hand_over(batch)
-        for slot in self.reserved:  # lent, but what came back was made elsewhere
+        self._release_reserved()  # lent, but what came back was made elsewhere
+        return out
+
+    def _release_reserved(self) -> None:
+        for slot in self.reserved:
             self.flags[slot] = 0
         self.reserved.clear()
-        return out
 
     def _hand_over(self, batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):

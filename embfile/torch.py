@@ -43,8 +43,10 @@ def collate(items: Sequence[torch.Tensor]) -> Any:
     them, as that batch, not copied), or of per-residue ``(length, dim)`` items a zero-padded ``(batch,
     longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows.  In a DataLoader worker,
     the batch goes to the main process through the worker's reused shared-memory buffers."""
-    if not items or items[0].dim() == 1:
-        batch: Any = _rows_of_one(items)
+    if isinstance(items, _Rows):
+        batch: Any = items.batch
+    elif not items or items[0].dim() == 1:
+        batch = _rows_of_one(items)
         if batch is None:
             batch = torch.stack(list(items))
     else:
@@ -101,7 +103,21 @@ class Dataset(torch.utils.data.Dataset):
         if self.store.ragged:
             rows, offsets = self.store.take(self._rows(indices), pad=False)
             return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-        return list(tensor(self.store.take(self._rows(indices))))
+        rows = self._rows(indices)
+        buffers = worker_buffers()
+        out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
+        if out is None:
+            return _Rows(tensor(self.store.take(rows)))
+        self.store._layout().gather(self.store._row_numbers(rows), out)  # straight into a buffer for the main process
+        return _Rows(tensor(out))
+
+
+class _Rows(list[torch.Tensor]):
+    """The rows of one gathered batch, which :func:`collate` takes back whole (any collate can stack them)."""
+
+    def __init__(self, batch: torch.Tensor) -> None:
+        super().__init__(batch.unbind(0))
+        self.batch = batch
 
 
 class IterableDataset(torch.utils.data.IterableDataset):
@@ -253,7 +269,8 @@ class Loader:
     def __iter__(self) -> Iterator[Any]:
         self._seen = 0
         batches = map(self.dataset._tensors, self.dataset._batches())
-        prepared = self._prepared(batches) if self.threads else map(self._prepare, batches)
+        pooled = self.threads and (self.transform is not None or self.pin_memory)
+        prepared = self._prepared(batches) if pooled else map(self._prepare, batches)
         for batch in prepared:
             if self.device is not None:
                 batch = _apply(batch, lambda t: t.to(self.device, non_blocking=self.pin_memory))

@@ -1,0 +1,245 @@
+"""Feeding PyTorch: a real DataLoader over the same file for each of embfile's paths and the loaders users
+have, at 0, 2 and 4 worker processes, warm and cold, against embfile's in-process ``iter_batches`` and the
+machine's limits measured in the same run.
+
+Loaders (batches of 256 records, one shuffled epoch each):
+
+- embfile ``IterableDataset`` (block shuffle) through ``DataLoader(batch_size=None, num_workers=k)``;
+- embfile ``Loader`` (no workers: the gather on this thread, read-ahead on another);
+- embfile map-style ``Dataset`` with ``shuffle=True`` and ``collate_fn=embfile.torch.collate``;
+- a numpy memmap map-style dataset (``__getitem__`` per row, the default collate), ``shuffle=True``;
+- Hugging Face datasets (Arrow, memory-mapped, ``with_format("torch")``), ``shuffle=True``;
+- LitData (``optimize`` then ``StreamingDataset(shuffle=True)`` + ``StreamingDataLoader``), where it installs.
+  Mosaic Streaming is not run: its releases pin numpy < 2.2.
+
+Warm: the files cached, workers persistent, one untimed epoch first; the figure is records per second of the
+next epoch.  Cold: the files evicted before the epoch, workers started for it (their start is in the figure).
+Every configuration runs ``--rounds`` times, interleaved with the others (A, B, ..., A, B, ...): the median
+and the range are printed.
+
+    python benchmarks/bench_loaders.py                   # 100,000 x 1280 float32 (500 MiB): a few minutes
+    python benchmarks/bench_loaders.py --records 400000 --rounds 5
+
+Targets: every embfile path >= 70% of in-process ``iter_batches`` warm, for every ``num_workers``; cold >= 85%
+of the cold sequential read of the file.
+"""
+
+import argparse
+import functools
+import gc
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine
+import torch
+from torch.utils.data import DataLoader
+
+import embfile
+from embfile.torch import Dataset, IterableDataset, Loader, collate
+
+BATCH = 256
+WORKERS = (0, 2, 4)
+warnings.filterwarnings("ignore", message="This DataLoader will create")
+
+
+class MemmapRows(torch.utils.data.Dataset):
+    """What users write around a .npy file: one row per ``__getitem__``."""
+
+    def __init__(self, path):
+        self.path, self.m = path, None
+
+    def __len__(self):
+        return np.load(self.path, mmap_mode="r").shape[0]
+
+    def __getitem__(self, i):
+        if self.m is None:
+            self.m = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(np.array(self.m[i]))
+
+
+def make_files(folder, n, dim):
+    rng = np.random.default_rng(0)
+    keys = [f"seq{i:09d}" for i in range(n)]
+    paths = {"emb": os.path.join(folder, "db.emb"), "npy": os.path.join(folder, "db.npy")}
+    npy = np.lib.format.open_memmap(paths["npy"], "w+", np.float32, (n, dim))
+    step = 16 * machine.MB // (dim * 4)
+    with embfile.Writer(paths["emb"], dim, "float32") as w:
+        for lo in range(0, n, step):
+            block = rng.standard_normal((min(step, n - lo), dim), np.float32)
+            w.add_batch(keys[lo : lo + len(block)], block)
+            npy[lo : lo + len(block)] = block
+    npy.flush()
+    del npy
+    import datasets
+    import pyarrow as pa
+
+    table = pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(np.load(paths["npy"]).reshape(-1)), dim)})
+    paths["hf"] = os.path.join(folder, "hf")
+    datasets.Dataset(table).save_to_disk(paths["hf"])
+    try:
+        import litdata
+
+        paths["litdata"] = os.path.join(folder, "litdata")
+        item = functools.partial(_litdata_items, npy=paths["npy"])
+        method = multiprocessing.get_start_method()
+        litdata.optimize(item, list(range(0, n, 1024)), paths["litdata"], chunk_bytes="64MB", num_workers=2)
+        multiprocessing.set_start_method(method, force=True)  # optimize() sets its own, for everyone after
+    except ImportError:
+        pass
+    return paths
+
+
+def _litdata_items(lo, npy):
+    m = np.load(npy, mmap_mode="r")
+    for i in range(lo, min(lo + 1024, len(m))):
+        yield {"vector": np.array(m[i])}
+
+
+def loaders(paths):
+    """name -> (make(num_workers, cold) -> an iterable of batches, the files it reads, worker counts)."""
+    import datasets
+
+    def dl(ds, k, cold, **kw):
+        return DataLoader(ds, num_workers=k, persistent_workers=k > 0 and not cold, **kw)
+
+    made = {
+        "embfile IterableDataset": (
+            lambda k, cold: dl(IterableDataset(paths["emb"], BATCH, seed=1), k, cold, batch_size=None),
+            [paths["emb"]],
+            WORKERS,
+        ),
+        "embfile Loader (no workers)": (lambda k, cold: Loader(paths["emb"], BATCH, seed=1), [paths["emb"]], (0,)),
+        "embfile map-style, shuffle": (
+            lambda k, cold: dl(Dataset(paths["emb"]), k, cold, batch_size=BATCH, shuffle=True, collate_fn=collate),
+            [paths["emb"]],
+            WORKERS,
+        ),
+        "numpy memmap map-style, shuffle": (
+            lambda k, cold: dl(MemmapRows(paths["npy"]), k, cold, batch_size=BATCH, shuffle=True),
+            [paths["npy"]],
+            WORKERS,
+        ),
+        "HF datasets (Arrow), shuffle": (
+            lambda k, cold: dl(
+                datasets.load_from_disk(paths["hf"]).with_format("torch"), k, cold, batch_size=BATCH, shuffle=True
+            ),
+            [os.path.join(paths["hf"], f) for f in os.listdir(paths["hf"]) if f.endswith(".arrow")],
+            WORKERS,
+        ),
+    }
+    if "litdata" in paths:
+        import litdata
+
+        def lit(k, cold):
+            ds = litdata.StreamingDataset(paths["litdata"], shuffle=True)
+            return litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=k)
+
+        files = [os.path.join(paths["litdata"], f) for f in os.listdir(paths["litdata"]) if f.endswith(".bin")]
+        made["LitData StreamingDataset"] = (lit, files, WORKERS)
+    return made
+
+
+def records(batch):
+    if isinstance(batch, dict):
+        batch = batch["vector"]
+    return len(batch)
+
+
+def epoch_rate(loader, files, cold):
+    """Records per second of one epoch of ``loader`` (cold: its files evicted first)."""
+    if cold:
+        gc.collect()
+        for f in files:
+            machine.evict(f)
+    t0 = time.perf_counter()
+    n = sum(records(b) for b in loader)
+    return n / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs of each configuration (median, range)")
+    ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
+    ap.add_argument("--out", help="the result file (default benchmarks/results/loaders.md; - for none)")
+    args = ap.parse_args()
+    with machine.recorded("loaders", "Feeding PyTorch: DataLoader paths against the loaders users have", args.out):
+        run(args)
+
+
+def run(args):
+    folder = tempfile.mkdtemp(prefix="bench-loaders-", dir=args.dir)
+    try:
+        paths = make_files(folder, args.records, args.dim)
+        record_bytes = args.dim * 4
+        memcpy = machine.memcpy_gbps()
+        cold_read = float(np.median([machine.cold_read_gbps(paths["emb"]) for _ in range(3)]))
+        print(
+            f"{args.records:,} records of {args.dim} float32 ({args.records * record_bytes / machine.MB:.0f} MiB), "
+            f"batches of {BATCH}; torch {torch.__version__}, {os.cpu_count()} cores"
+        )
+        print(
+            f"machine: memcpy {memcpy:.1f} GB/s = {memcpy * 1e9 / record_bytes:,.0f} records/s; cold sequential "
+            f"read of db.emb {cold_read:.2f} GB/s = {cold_read * 1e9 / record_bytes:,.0f} records/s (median of 3)\n"
+        )
+        made = loaders(paths)
+        reference = {"warm": [], "cold": []}
+        results = {}
+        configs = [(name, k) for name, (_, _, ks) in made.items() for k in ks]
+        for _ in range(args.rounds):
+            for temp in ("warm", "cold"):
+                cold = temp == "cold"
+                with embfile.open(paths["emb"]) as db:  # the reference
+                    reference[temp].append(epoch_rate(db.iter_batches(BATCH, keys=False, seed=1), [paths["emb"]], cold))
+                for name, k in configs:
+                    make, files, _ = made[name]
+                    loader = make(k, cold)
+                    if not cold:
+                        epoch_rate(loader, files, False)  # start the workers, warm the files
+                    results.setdefault((name, k, temp), []).append(epoch_rate(loader, files, cold))
+                    del loader  # its workers end, and every mapping of the files with them: eviction works
+                    gc.collect()
+                    print(".", end="", flush=True, file=sys.stderr)
+        print(file=sys.stderr)
+        ref = {t: float(np.median(v)) for t, v in reference.items()}
+        print(
+            f"embfile in-process iter_batches: warm {ref['warm']:,.0f} records/s ({fmt_range(reference['warm'])}), "
+            f"cold {ref['cold']:,.0f} ({fmt_range(reference['cold'])})\n"
+        )
+        cold_limit = cold_read * 1e9 / record_bytes
+        for temp in ("warm", "cold"):
+            against = "in-process iter_batches warm" if temp == "warm" else "the cold sequential read"
+            print(f"## {temp}: records/s, median (range) of {args.rounds}; x = share of {against}\n")
+            print("| loader | " + " | ".join(f"num_workers={k}" for k in WORKERS) + " |")
+            print("|---|" + "---|" * len(WORKERS))
+            for name in made:
+                cells = []
+                for k in WORKERS:
+                    runs = results.get((name, k, temp))
+                    if runs is None:
+                        cells.append("")
+                        continue
+                    share = np.median(runs) / (ref["warm"] if temp == "warm" else cold_limit)
+                    cells.append(f"{np.median(runs):,.0f} ({fmt_range(runs)}) x{share:.2f}")
+                print(f"| {name} | " + " | ".join(cells) + " |")
+            print()
+        print("targets: every embfile path >= 0.70 of in-process iter_batches warm; cold >= 0.85 of the cold read")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fmt_range(runs):
+    return f"{min(runs):,.0f}-{max(runs):,.0f}"
+
+
+if __name__ == "__main__":
+    main()
