@@ -42,6 +42,14 @@ class Layout:
         """Copy ``rows`` (uint64) into ``out``, a C-contiguous array of ``len(rows)`` records."""
         _core.gather(self.bases, self.starts, self.record_bytes, rows, out)
 
+    def gather_random(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """:meth:`gather` of rows from anywhere: if they look uncached (a sample of them), the kernel is first
+        asked for all their pages at once, so the copy waits on many reads in flight, not on one page fault at
+        a time."""
+        if len(rows) > 1:
+            _core.prefetch(self.bases, self.starts, self.record_bytes, np.sort(rows))
+        self.gather(rows, out)
+
     def copy_all(self, out: np.ndarray) -> None:
         """Copy every row, in order, into ``out``: one pass in address order over each part."""
         _core.copy_all(self.bases, self.starts, self.record_bytes, out)

@@ -132,7 +132,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         if self.ragged:
             return self._gather_ragged(rows, pad)
         out = np.empty((len(rows), self.dim), self.dtype)
-        self._layout().gather(rows, out)
+        self._layout().gather_random(rows, out)
         return out
 
     # -- ragged records (per-residue embeddings) ----------------------------------------------------

@@ -108,7 +108,7 @@ class Dataset(torch.utils.data.Dataset):
         out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
         if out is None:
             return _Rows(tensor(self.store.take(rows)))
-        self.store._layout().gather(self.store._row_numbers(rows), out)  # straight into a buffer for the main process
+        self.store._layout().gather_random(self.store._row_numbers(rows), out)  # into a buffer for the main process
         return _Rows(tensor(out))
 
 

@@ -360,3 +360,30 @@ def test_open_racing_a_rename_gets_one_file_or_the_other(tmp_path):
         (tmp_path / "stop").touch()
         replacer.wait(timeout=60)
     assert seen == {1, 2}
+
+
+def test_random_gathers_ask_for_uncached_pages_at_once(tmp_path):
+    """A gather of rows from anywhere asks the kernel for all their pages together when a sample of them is not
+    in the page cache (and not when it is), and gives the same records either way."""
+    from embfile import _core
+    from embfile._pages import Layout  # noqa: F401 - the layout is what take() gathers through
+
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((3000, 1000)).astype(np.float32)
+    embfile.write(tmp_path / "db.emb", ([f"k{i}" for i in range(3000)], m))
+    os.sync()
+    fd = os.open(tmp_path / "db.emb", os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    with embfile.open(tmp_path / "db.emb") as db:
+        layout = db._layout()
+        rows = np.sort(rng.choice(3000, 200, replace=False)).astype(np.uint64)
+        if _core.resident_fraction(int(layout.bases[0]), 3000 * 4000 // 4096 * 4096) < 0.5:  # evicted
+            assert 0 < _core.prefetch(layout.bases, layout.starts, layout.record_bytes, rows) <= 200
+        db.take(rows)
+        assert _core.prefetch(layout.bases, layout.starts, layout.record_bytes, rows) == 0  # cached now
+        adjacent = np.arange(100, 140, dtype=np.uint64)  # pages that touch: one range
+        assert _core.prefetch(layout.bases, layout.starts, layout.record_bytes, adjacent, sample=0) == 1
+        np.testing.assert_array_equal(db.take(rows[::-1].astype(np.int64)), m[rows[::-1].astype(np.int64)])
+        keys = [f"k{i}" for i in rows[::-1]]
+        np.testing.assert_array_equal(db.get_batch(keys), m[rows[::-1].astype(np.int64)])
