@@ -20,6 +20,17 @@ from embfile import errors
 
 cnp.import_array()
 
+# A cold random gather reads each record's pages alone (sparse lookups read nothing else), until an eighth of the
+# records have been gathered at random: then a random epoch is likely, and it reads the aligned 64 KiB pieces
+# holding its records, whose neighbours later batches find cached (bench_gathers, bench_loaders).
+cdef enum:
+    PREFETCH_EPOCH_CHUNK = 65536
+
+
+cpdef size_t prefetch_chunk(uint64_t gathered, uint64_t n):
+    """The piece a cold random gather reads around each record, after ``gathered`` of ``n`` records."""
+    return PREFETCH_EPOCH_CHUNK if gathered * 8 >= n else sysconf(_SC_PAGESIZE)
+
 cdef extern from "<sys/mman.h>" nogil:
     int madvise(void *addr, size_t length, int advice)
     int MADV_WILLNEED
@@ -208,6 +219,7 @@ cdef class Table:
     cdef list _owners
     cdef object _descr
     cdef uint64_t _n, _dim, _record_bytes
+    cdef uint64_t _random_rows  # gathered by get_batch so far: past an eighth of the records, an epoch is likely
 
     def _attach(self, segments, parts, uint64_t dim, dtype):
         """Bind the mappings; the caller has checked every section against its file's size.
@@ -498,11 +510,13 @@ cdef class Table:
         cdef size_t k = len(rows)
         cdef int rc = EMB_OK
         cdef const uint64_t[::1] order
+        cdef size_t chunk = prefetch_chunk(self._random_rows, self._n)
+        self._random_rows += k
         if k > 1:  # records not in the page cache: read together, not one page fault at a time
             order = np.sort(rows.view(np.uint64))
             with nogil:
                 if not _resident(self._bases, self._starts, self._n_parts, self._record_bytes, &order[0], k, 8):
-                    _prefetch(self._bases, self._starts, self._n_parts, self._record_bytes, &order[0], k)
+                    _prefetch(self._bases, self._starts, self._n_parts, self._record_bytes, &order[0], k, chunk)
         if k:
             with nogil:
                 rc = emb_gather(self._bases, self._starts, self._n_parts, self._record_bytes,
@@ -679,17 +693,22 @@ cdef bint _resident(const uint8_t *const *bases, const uint64_t *starts, size_t 
 
 
 cdef size_t _prefetch(const uint8_t *const *bases, const uint64_t *starts, size_t n_parts, uint64_t record_bytes,
-                      const uint64_t *rows, size_t k) noexcept nogil:
-    """``madvise(WILLNEED)`` the pages of ``rows`` (ascending), one call per run of records whose pages touch:
-    the kernel queues all their reads at once.  Returns the calls made (a failed hint changes nothing)."""
-    cdef size_t page = sysconf(_SC_PAGESIZE), i, p = 0, run_part = 0, calls = 0
-    cdef uintptr_t lo, hi, run_lo = 0, run_hi = 0
+                      const uint64_t *rows, size_t k, size_t chunk) noexcept nogil:
+    """``madvise(WILLNEED)`` the ``chunk``-aligned pieces (a multiple of the page size) of the records section
+    holding ``rows`` (ascending), one call per run of pieces that touch: the kernel queues all their reads at
+    once.  Returns the calls made (a failed hint changes nothing)."""
+    cdef size_t i, p = 0, run_part = 0, calls = 0
+    cdef uintptr_t lo, hi, base, end, run_lo = 0, run_hi = 0
     for i in range(k):
         while p + 1 < n_parts and rows[i] >= starts[p + 1]:
             p += 1
-        lo = <uintptr_t>bases[p] + (rows[i] - starts[p]) * record_bytes
+        base = <uintptr_t>bases[p]
+        end = base + (starts[p + 1] - starts[p]) * record_bytes
+        lo = base + (rows[i] - starts[p]) * record_bytes
         hi = lo + record_bytes
-        lo -= lo % page
+        lo -= (lo - base) % chunk  # the records section starts on a page: so does every piece
+        hi = hi + (chunk - (hi - base) % chunk) % chunk
+        hi = end if hi > end else hi
         if run_hi and p == run_part and lo <= run_hi:
             run_hi = hi if hi > run_hi else run_hi
             continue
@@ -704,17 +723,19 @@ cdef size_t _prefetch(const uint8_t *const *bases, const uint64_t *starts, size_
 
 
 def prefetch(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t record_bytes,
-             const uint64_t[::1] rows, size_t sample=8):
+             const uint64_t[::1] rows, size_t sample=8, size_t chunk=4096):
     """Before a gather of ``rows`` (ascending) from mapped parts: unless a sample of them is in the page cache
     already, ask the kernel for all their pages at once, so the gather waits for many reads in flight instead
     of one page fault at a time.  Returns the ``madvise`` calls made (0: they looked cached)."""
     cdef size_t k = rows.shape[0], n = bases.shape[0], calls = 0
     if starts.shape[0] != n + 1 or n == 0:
         raise ValueError("prefetch needs one more start than parts")
+    if chunk == 0 or chunk % sysconf(_SC_PAGESIZE):
+        raise ValueError("prefetch chunk must be a multiple of the page size")
     if k:
         with nogil:
             if not _resident(<const uint8_t *const *>&bases[0], &starts[0], n, record_bytes, &rows[0], k, sample):
-                calls = _prefetch(<const uint8_t *const *>&bases[0], &starts[0], n, record_bytes, &rows[0], k)
+                calls = _prefetch(<const uint8_t *const *>&bases[0], &starts[0], n, record_bytes, &rows[0], k, chunk)
     return calls
 
 
