@@ -14,6 +14,7 @@ that hands the batch over PyTorch's own way.  Where ``/dev/shm`` is missing, eve
 
 from __future__ import annotations
 
+import glob
 import mmap
 import multiprocessing.util
 import os
@@ -49,7 +50,8 @@ class Buffers:
     """A worker's side: its buffers and the table of which ones the main process still holds."""
 
     def __init__(self) -> None:
-        self.prefix = os.path.join(SHM, f"embfile-{os.getpid()}-{secrets.token_hex(4)}")
+        # named after the process that started this worker, which removes what a killed worker leaves
+        self.prefix = os.path.join(SHM, f"embfile-{os.getppid()}-{os.getpid()}-{secrets.token_hex(4)}")
         self.flags_path = f"{self.prefix}-flags"
         self.flags = np.frombuffer(_mapped(self.flags_path, 4 * MAX_BUFFERS, create=True), np.int32)
         self.slots: list[tuple[str, torch.Tensor]] = []  # (path, the file's bytes)
@@ -150,25 +152,37 @@ _OPEN: dict[str, mmap.mmap] = {}  # the main process's mappings of workers' file
 def _open(path: str, size: int) -> mmap.mmap:
     m = _OPEN.get(path)
     if m is None:
-        for seen in [p for p in _OPEN if not _alive(_owner(p))]:  # an ended worker's: a tensor keeps its own
-            del _OPEN[seen]
+        _sweep()
         m = _OPEN[path] = _mapped(path, size, create=False)
         _unlink(path)
     return m
 
 
-def _owner(path: str) -> int:
-    return int(os.path.basename(path).split("-")[1])
+def _sweep(everything: bool = False) -> None:
+    """Forget the mappings of this process's workers that have ended (a tensor keeps its own), and remove the
+    files such a worker left (a killed one's, made and not yet sent); at exit, every one of its workers'."""
+    for path in [p for p in _OPEN if not _alive(_worker(p))]:
+        del _OPEN[path]
+    for left in glob.glob(os.path.join(SHM, f"embfile-{os.getpid()}-*")):
+        if everything or not _alive(_worker(left)):
+            _unlink(left)
+
+
+# At exit, after multiprocessing has ended the (daemonic) workers (a priority below 0): whatever they left.
+multiprocessing.util.Finalize(None, _sweep, kwargs={"everything": True}, exitpriority=-1)
+
+
+def _worker(path: str) -> int:
+    return int(os.path.basename(path).split("-")[2])
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (an exited child not yet waited for counts as ended)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _receive(path: str, size: int, flags_path: str, slot: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:

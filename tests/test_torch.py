@@ -253,3 +253,57 @@ def test_loader_without_workers(store):
     if not torch.cuda.is_available():
         with pytest.warns(UserWarning, match="pin_memory=True needs a CUDA device"):
             Loader(folder / "db.emb", 50, pin_memory=True)
+
+
+KILLED = """
+import os, signal, sys, torch
+from torch.utils.data import DataLoader
+from embfile.torch import IterableDataset
+
+def die_in_worker_1(batch):
+    info = torch.utils.data.get_worker_info()
+    if info.id == 1 and len(os.listdir("/proc/self/fd")) and os.environ.get("KILL") == "worker":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return batch
+
+if __name__ == "__main__":
+    ds = IterableDataset(sys.argv[1], 20, seed=1, transform=die_in_worker_1)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    try:
+        for epoch in range(1000):
+            for i, x in enumerate(loader):
+                if i == 5:
+                    print("running", flush=True)
+    except RuntimeError as e:
+        print("worker killed:", e, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill", ["main", "worker"])
+def test_sigkill_leaves_no_shared_buffers(store, tmp_path, kill):
+    """SIGKILL the training process (its workers end and remove their buffers) or a worker (the main process
+    removes what the killed one left): nothing stays in /dev/shm."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, _, _ = store
+    before = shm_files()
+    script = tmp_path / "train.py"
+    script.write_text(KILLED)
+    env = {**os.environ, "KILL": kill}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(folder / "db.emb")], stdout=subprocess.PIPE, text=True, env=env
+    )
+    if kill == "main":
+        assert proc.stdout.readline().strip() == "running"
+        proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    if kill == "worker":
+        assert "worker killed" in out and proc.returncode == 0
+    for _ in range(100):  # workers notice their parent is gone within a few seconds
+        if shm_files() == before:
+            break
+        time.sleep(0.1)
+    assert shm_files() == before
