@@ -6,7 +6,8 @@ Loaders (batches of 256 records, one shuffled epoch each):
 
 - embfile ``IterableDataset`` (block shuffle) through ``DataLoader(batch_size=None, num_workers=k)``;
 - embfile ``Loader`` (no workers: the gather on this thread, read-ahead on another);
-- embfile map-style ``Dataset`` with ``shuffle=True`` and ``collate_fn=embfile.torch.collate``;
+- embfile map-style ``Dataset`` with ``shuffle=True`` and ``collate_fn=embfile.torch.collate``, and with a
+  ``BatchSampler`` as the sampler (``batch_size=None``: each item is a batch);
 - a numpy memmap map-style dataset (``__getitem__`` per row, the default collate), ``shuffle=True``;
 - Hugging Face datasets (Arrow, memory-mapped, ``with_format("torch")``), ``shuffle=True``;
 - LitData (``optimize`` then ``StreamingDataset(shuffle=True)`` + ``StreamingDataLoader``), where it installs.
@@ -40,7 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 import embfile
 from embfile.torch import Dataset, IterableDataset, Loader, collate
@@ -122,6 +123,17 @@ def loaders(paths):
             [paths["emb"]],
             WORKERS,
         ),
+        "embfile map-style, BatchSampler": (
+            lambda k, cold: dl(
+                Dataset(paths["emb"]),
+                k,
+                cold,
+                batch_size=None,
+                sampler=BatchSampler(RandomSampler(range(n_records(paths))), BATCH, False),
+            ),
+            [paths["emb"]],
+            WORKERS,
+        ),
         "numpy memmap map-style, shuffle": (
             lambda k, cold: dl(MemmapRows(paths["npy"]), k, cold, batch_size=BATCH, shuffle=True),
             [paths["npy"]],
@@ -145,6 +157,10 @@ def loaders(paths):
         files = [os.path.join(paths["litdata"], f) for f in os.listdir(paths["litdata"]) if f.endswith(".bin")]
         made["LitData StreamingDataset"] = (lit, files, WORKERS)
     return made
+
+
+def n_records(paths):
+    return np.load(paths["npy"], mmap_mode="r").shape[0]
 
 
 def records(batch):

@@ -77,9 +77,11 @@ class Dataset(torch.utils.data.Dataset):
     """Item ``i`` is the vector at row ``i``, or of ``keys[i]`` when ``keys`` is given, as a tensor (of a
     ragged dataset, the record's ``(length, dim)`` rows: batch them with ``collate_fn=embfile.torch.collate``).
 
-    A DataLoader's batch is fetched with one native gather (``__getitems__``).  Single items are copied
-    out of the read-only mapping (a tensor over it could not be written safely); batches come from a
-    new array.
+    A DataLoader's batch is fetched with one native gather (``__getitems__``; pass
+    ``collate_fn=embfile.torch.collate`` to use it as it is).  Given a list of indices, as a DataLoader does
+    with ``batch_size=None, sampler=BatchSampler(...)``, the item is that batch itself, with no per-row step at
+    all.  Single items are copied out of the read-only mapping (a tensor over it could not be written safely);
+    batches come from a new array, or in a DataLoader worker from one of its shared buffers.
     """
 
     def __init__(self, source: Source, keys: Sequence[str] | None = None) -> None:
@@ -96,20 +98,30 @@ class Dataset(torch.utils.data.Dataset):
             return np.asarray(indices, dtype=np.int64)
         return self.store.rows([self.keys[i] for i in indices])
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__([index])[0]
+    def __getitem__(self, index: int | Sequence[int]) -> Any:
+        if isinstance(index, (int, np.integer)):
+            return self.__getitems__([index])[0]
+        if self.store.ragged:
+            return collate(self.__getitems__(index))
+        batch = self._gather(index)
+        buffers = worker_buffers()
+        return buffers.hand_over(batch) if buffers is not None else batch
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         if self.store.ragged:
             rows, offsets = self.store.take(self._rows(indices), pad=False)
             return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+        return _Rows(self._gather(indices))
+
+    def _gather(self, indices: Sequence[int]) -> torch.Tensor:
+        """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer."""
         rows = self._rows(indices)
         buffers = worker_buffers()
         out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
         if out is None:
-            return _Rows(tensor(self.store.take(rows)))
-        self.store._layout().gather_random(self.store._row_numbers(rows), out)  # into a buffer for the main process
-        return _Rows(tensor(out))
+            return tensor(self.store.take(rows))
+        self.store._layout().gather_random(self.store._row_numbers(rows), out)
+        return tensor(out)
 
 
 class _Rows(list[torch.Tensor]):

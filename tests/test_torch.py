@@ -218,6 +218,11 @@ def test_map_style_batches_through_collate_in_workers(store):
         )
         got = list(loader)
         assert len(got) == len(want) and all(np.array_equal(x.numpy(), w) for x, w in zip(got, want))
+        g.manual_seed(1)  # a batch sampler as the sampler: each item is a whole batch
+        batches = torch.utils.data.BatchSampler(sampler, 64, False)
+        loader = DataLoader(ds, None, sampler=batches, num_workers=workers, multiprocessing_context=context)
+        got = list(loader)
+        assert len(got) == len(want) and all(np.array_equal(x.numpy(), w) for x, w in zip(got, want))
 
 
 def test_loader_without_workers(store):
