@@ -2,9 +2,11 @@
 
 PyTorch moves every tensor a worker returns into a new shared-memory segment and passes its file descriptor
 to the main process through a socket, which for a batch of a megabyte costs several times the gather that
-made it.  Here a worker copies its outputs into a small set of files in ``/dev/shm`` that it creates once
-and reuses, and sends only their names; the main process maps each file the first time it sees it (and then
-unlinks it, so nothing is left behind whichever process ends first) and wraps the bytes in a tensor.
+made it.  Here a worker makes its batches in (or copies its outputs into) a small set of files in
+``/dev/shm`` that it creates once and reuses, and sends only their names; the main process maps each file the
+first time it sees it (and then unlinks it) and wraps the bytes in a tensor.  The files are named after the
+process that started the worker, which removes what a killed worker leaves; a worker removes its own as it
+exits.
 
 A buffer goes back to its worker only when the main process has dropped every tensor and view on it: a
 finalizer on the tensor's storage clears the buffer's flag in a table the two processes share.  A batch the
