@@ -122,6 +122,13 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             )
         return self._layout_cache
 
+    def _direct_parts(self) -> list[tuple[str, int, int, int]]:
+        """Each file's ``(path, records offset, first row, rows)``, for reads around the mapping."""
+        return [
+            (p.path, p.header.records_offset, int(first), int(last - first))
+            for p, first, last in zip(self.files, self._row_starts, self._row_starts[1:])
+        ]
+
     def take(self, rows: Sequence[int] | np.ndarray, pad: bool = True) -> Any:
         """A new ``(len(rows), dim)`` array of the records at ``rows`` (ints), in that order.
 

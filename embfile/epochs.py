@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embfile import _core, errors
+from embfile._direct import DirectWindows
 from embfile._pages import Layout, ReadAhead
 
 BLOCK_BYTES = 1 << 20  # default block: about 1 MiB of records, one sequential read
@@ -45,6 +46,7 @@ _BLOCK_ORDER_STREAM = (1 << 64) - 1  # the random stream of the block order (win
 _BUDGET_STREAM = 1 << 63  # the order of window w's budgeted batches: stream 2**63 + w
 WINDOW_BUDGETS = 64  # under a token budget, a window holds at least this many budgets of rows
 PADDING_TOLERANCE = 0.04  # and a batch stops short rather than pad more than this share of its rows
+READS = ("auto", "mapped", "direct")
 UNITS = ("record", "row")
 
 
@@ -98,6 +100,11 @@ class EpochOptions:
     pad : bool
         Of a ragged dataset read by record: batches padded, with a mask; ``False`` packs their rows with
         offsets.
+    read : str
+        How windows are read: ``"mapped"`` through the mapping (read ahead on a thread), ``"direct"`` with
+        ``O_DIRECT`` reads into buffers of the epoch's own (records of one row; the mapping where the file
+        system refuses it), ``"auto"`` (default) direct when the records are not in the page cache and one
+        reader reads the windows (not loader workers, which share the page cache).  The batches are the same.
     """
 
     batch_size: int = 100
@@ -113,9 +120,12 @@ class EpochOptions:
     unit: str = "record"
     token_budget: int | None = None
     pad: bool = True
+    read: str = "auto"
 
     def __post_init__(self) -> None:
         checked: dict[str, object] = {"batch_size": count(self.batch_size, "batch_size", 1)}
+        if self.read not in READS:
+            raise ValueError(f"read must be one of {', '.join(map(repr, READS))}, not {self.read!r}")
         if self.unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(map(repr, UNITS))}, not {self.unit!r}")
         if self.token_budget is not None:
@@ -244,6 +254,7 @@ class Rows(Protocol):
     def lengths(self) -> np.ndarray: ...
     def _gather_ragged(self, records: np.ndarray, pad: bool) -> tuple[np.ndarray, np.ndarray]: ...
     def _layout(self) -> Layout: ...
+    def _direct_parts(self) -> list[tuple[str, int, int, int]]: ...
     def _require_open(self) -> None: ...
 
 
@@ -326,6 +337,7 @@ class Batches:
     """
 
     _reader: ReadAhead | None = None  # the read-ahead thread, started by the first batch
+    _direct: DirectWindows | None = None  # or the O_DIRECT reader of a cold epoch
 
     def __init__(
         self,
@@ -385,6 +397,17 @@ class Batches:
         self._out = out
         self._worker, self._num_workers = worker, num_workers
         self._read_ahead = count(read_ahead, "read_ahead")
+        self._window_layout: Layout | None = None  # of the direct path: the window being read
+        one_reader = num_workers == 1 and self._read_ahead > 0
+        if options.read == "direct" or (
+            options.read == "auto" and one_reader and not ragged and not self._layout.cached()
+        ):
+            if ragged and not self._by_row:
+                raise ValueError('read="direct" reads records of one row (or unit="row")')
+            try:
+                self._direct = DirectWindows(source._direct_parts(), self._layout.record_bytes)
+            except OSError:
+                pass  # O_DIRECT refused here: the mapped path
         self._window = -1  # the window being read
         self._hinted = self._asked = -1  # windows up to these have been asked for / mapped in
         self._pos = 0  # records of this rank's share yielded (by all workers, up to this one's next)
@@ -435,6 +458,11 @@ class Batches:
             self.close()
             raise
         self._enter(window)
+        if self._direct is not None:  # the rows of the batch's windows (it may run into the next ones)
+            last = window if rows is not None else self.plan.window_of(stop - 1)
+            for w in range(window, last + 1):
+                self._direct.start(w, self._ranges(w))
+            self._window_layout = self._direct.layout(range(window, last + 1))
         if rows is None:
             rows = self.plan.rows(start, stop)
         self._pos += step
@@ -449,7 +477,7 @@ class Batches:
         else:
             given = self._out(len(rows)) if self._out is not None else None
             matrix = np.empty((len(rows), self._source.dim), self._source.dtype) if given is None else given
-            self._layout.gather(rows, matrix)
+            (self._window_layout or self._layout).gather(rows, matrix)
             data = (matrix,)
         if self.options.keys and self._by_row:  # the key of each row's record
             assert self._row_of is not None
@@ -465,6 +493,13 @@ class Batches:
         the page cache, read by several loader workers, each of which would map and unmap every window)."""
         if w == self._window or self._read_ahead == 0:
             self._window = w
+            return
+        if self._direct is not None:
+            for done in [d for d in self._direct.windows if d < w]:
+                self._direct.release(done)
+            self._window = w
+            for ahead in range(w, min(w + self._read_ahead, self.plan.n_windows - 1) + 1):
+                self._direct.start(ahead, self._ranges(ahead))
             return
         if self._reader is None:
             self._reader = ReadAhead(self._layout)
@@ -496,6 +531,9 @@ class Batches:
     def close(self, wait: bool = True) -> None:
         """Stop the read-ahead thread and release the pages this iterator mapped.
         (Runs by itself at the end of the epoch and when the iterator is collected.)"""
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
         reader, self._reader = self._reader, None
         if reader is not None:
             for w in range(max(self._window, 0), self._asked + 1):  # the current and mapped-ahead windows

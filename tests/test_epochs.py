@@ -259,3 +259,52 @@ def test_shuffle_quality_is_close_to_a_full_permutation():
     assert ours["neighbour_rate"] < 0.03
     assert blocks_only["gap_entropy"] < 0.5 * full["gap_entropy"] and blocks_only["neighbour_rate"] > 0.9
     assert in_order["gap_entropy"] == 0 and in_order["rank_correlation"] == 1
+
+
+@pytest.mark.parametrize("source", ["file", "shards"])
+def test_direct_reads_give_the_mapped_paths_batches(store, tmp_path, source):
+    """read="direct" (O_DIRECT into the epoch's own buffers) yields the very batches of the mapped path: for
+    ranks, batches running across windows and files, and a resumed epoch."""
+    path, keys, matrix = store
+    if source == "shards":
+        embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=24 * 137)  # parts of 137 records
+        path = tmp_path / "ds"
+    with embfile.open(path) as db:
+        for options in (
+            dict(seed=3, block_size=10, buffer_blocks=4),
+            dict(seed=5, rank=1, world_size=3, drop_last=True, block_size=7, buffer_blocks=3),
+            dict(shuffle=False, block_size=50, buffer_blocks=2),
+        ):
+            mapped = list(db.iter_batches(64, read="mapped", **options))
+            it = db.iter_batches(64, read="direct", **options)
+            assert it._direct is not None  # the disk takes O_DIRECT: this is the direct path
+            direct = list(it)
+            assert [k for k, _ in direct] == [k for k, _ in mapped]
+            assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(direct, mapped))
+        whole = rows_of(db.iter_batches(64, seed=2, block_size=10, buffer_blocks=4, read="direct"))
+        it = db.iter_batches(64, seed=2, block_size=10, buffer_blocks=4, read="direct")
+        first = rows_of([next(it) for _ in range(5)])
+        again = db.iter_batches(64, seed=2, block_size=10, buffer_blocks=4, read="mapped")
+        again.load_state_dict(it.state_dict())  # a state resumes on either path
+        assert first + rows_of(again) == whole and sorted(whole) == list(range(1000))
+
+
+def test_direct_reads_fall_back_to_the_mapping_where_refused(store, monkeypatch):
+    import errno
+    import os
+
+    from embfile import _direct
+
+    def refuse(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT refused", path)
+        return os.open(path, flags, *args)
+
+    monkeypatch.setattr(_direct.os, "open", refuse)  # as tmpfs and some network file systems answer
+    path, _, _ = store
+    with embfile.open(path) as db:
+        it = db.iter_batches(64, seed=3, read="direct")
+        assert it._direct is None
+        assert sorted(rows_of(it)) == list(range(1000))
+    with pytest.raises(ValueError, match="read must be one of 'auto', 'mapped', 'direct'"):
+        embfile.EpochOptions(read="fast")
