@@ -296,7 +296,7 @@ def test_direct_reads_hold_about_two_windows(tmp_path):
     with embfile.open(tmp_path / "db.emb") as db:
         it = db.iter_batches(500, seed=1, block_size=1000, buffer_blocks=4, read="direct")
         held, seen = 0, 0
-        for keys, batch in it:
+        for keys, _ in it:
             seen += len(keys)
             if it._direct is not None:
                 buffers = [*it._direct.spare, *(w[0] for w in it._direct.windows.values())]
