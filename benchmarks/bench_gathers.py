@@ -7,7 +7,7 @@ batches of 100.  The disk's limit: random reads of one record's size at random o
 at a time and 32 in flight (threads with ``pread``).  Rounds interleave the tools; medians and ranges printed.
 
     python benchmarks/bench_gathers.py                      # 100,000 records of 1280 float64 (1 GB)
-    python benchmarks/bench_gathers.py --records 1000000 --dtype float16
+    python benchmarks/bench_gathers.py --records 1000000 --rounds 3 --out benchmarks/results/gathers-1m.md
 
 Target: both at >= 60% of the 32-in-flight random-read rate, and at least as fast as the memmap.
 """
