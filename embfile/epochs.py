@@ -102,9 +102,9 @@ class EpochOptions:
         offsets.
     read : str
         How windows are read: ``"mapped"`` through the mapping (read ahead on a thread), ``"direct"`` with
-        ``O_DIRECT`` reads into buffers of the epoch's own (records of one row; the mapping where the file
-        system refuses it), ``"auto"`` (default) direct when the records are not in the page cache and one
-        reader reads the windows (not loader workers, which share the page cache).  The batches are the same.
+        ``O_DIRECT`` reads into buffers of the epoch's own (the mapping where the file system refuses it),
+        ``"auto"`` (default) direct when the records are not in the page cache and one reader reads the windows
+        (not loader workers, which share the page cache).  The batches are the same.
     """
 
     batch_size: int = 100
@@ -399,11 +399,7 @@ class Batches:
         self._read_ahead = count(read_ahead, "read_ahead")
         self._window_layout: Layout | None = None  # of the direct path: the window being read
         one_reader = num_workers == 1 and self._read_ahead > 0
-        if options.read == "direct" or (
-            options.read == "auto" and one_reader and not ragged and not self._layout.cached()
-        ):
-            if ragged and not self._by_row:
-                raise ValueError('read="direct" reads records of one row (or unit="row")')
+        if options.read == "direct" or (options.read == "auto" and one_reader and not self._layout.cached()):
             try:
                 self._direct = DirectWindows(source._direct_parts(), self._layout.record_bytes)
             except OSError:
@@ -473,7 +469,11 @@ class Batches:
         """The batch of ``rows`` (epoch items: records, or of ``unit="row"`` rows), with their keys."""
         keys = self._source.keys_at(rows) if self.options.keys and not self._by_row else None
         if self._row_of is not None and not self._by_row:  # ragged records
-            data: tuple[np.ndarray, ...] = self._source._gather_ragged(rows, self.options.pad)
+            data: tuple[np.ndarray, ...] = (
+                self._source._gather_ragged(rows, self.options.pad)
+                if self._window_layout is None
+                else self._gather_ragged_window(rows)
+            )
         else:
             given = self._out(len(rows)) if self._out is not None else None
             matrix = np.empty((len(rows), self._source.dim), self._source.dtype) if given is None else given
@@ -485,6 +485,25 @@ class Batches:
         if keys is not None:
             return (keys, *data)
         return data if len(data) > 1 else data[0]
+
+    def _gather_ragged_window(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ragged records from the direct path's window buffers, as the dataset's own ragged gather gives them:
+        padded with zeros and a mask, or packed with int64 offsets."""
+        assert self._row_of is not None and self._window_layout is not None
+        first = self._row_of[records]
+        length = self._row_of[records + 1] - first
+        offsets = np.zeros(len(records) + 1, np.int64)
+        np.cumsum(length, out=offsets[1:])
+        rows = (np.repeat(first - offsets[:-1], length) + np.arange(offsets[-1])).astype(np.uint64)
+        packed = np.empty((offsets[-1], self._source.dim), self._source.dtype)
+        self._window_layout.gather(rows, packed)
+        if not self.options.pad:
+            return packed, offsets
+        longest = int(length.max()) if len(records) else 0
+        mask = np.arange(longest, dtype=np.uint64) < length.astype(np.uint64)[:, None]
+        out = np.zeros((len(records), longest, self._source.dim), self._source.dtype)
+        out[mask] = packed
+        return out, mask
 
     def _enter(self, w: int) -> None:
         """Start on window ``w``: release the one before; have the reader ask the kernel for the windows

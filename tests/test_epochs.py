@@ -324,3 +324,21 @@ def test_direct_reads_fall_back_to_the_mapping_where_refused(store, monkeypatch)
         assert sorted(rows_of(it)) == list(range(1000))
     with pytest.raises(ValueError, match="read must be one of 'auto', 'mapped', 'direct'"):
         embfile.EpochOptions(read="fast")
+
+
+@pytest.mark.parametrize("options", [dict(pad=True), dict(pad=False), dict(token_budget=60), dict(unit="row")])
+def test_direct_reads_of_ragged_records_give_the_mapped_paths_batches(tmp_path, options):
+    rng = np.random.default_rng(5)
+    records = {f"P{i:04d}": rng.random((int(rng.integers(1, 30)), 8)).astype(np.float32) for i in range(400)}
+    embfile.write_shards(tmp_path / "ds", records, ragged=True, shard_bytes=32 * 1500)
+    with embfile.open(tmp_path / "ds") as db:
+        common = dict(seed=4, block_size=16, buffer_blocks=3, batch_size=32, **options)
+        mapped = list(db.iter_batches(read="mapped", **common))
+        it = db.iter_batches(read="direct", **common)
+        assert it._direct is not None
+        direct = list(it)
+        assert len(direct) == len(mapped)
+        for a, b in zip(direct, mapped):
+            assert list(a[0]) == list(b[0])
+            for x, y in zip(a[1:], b[1:]):
+                assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
