@@ -22,6 +22,7 @@ import multiprocessing.util
 import os
 import secrets
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,15 @@ import torch
 
 SHM = "/dev/shm"
 MAX_BUFFERS = 32  # per worker: batches the main process may hold at once before the worker stops reusing
+
+
+def each_tensor(batch: Any, f: Callable[[torch.Tensor], Any]) -> Any:
+    """``f`` of each tensor of ``batch`` (a tensor, or a tuple or list holding some), the rest as it is."""
+    if isinstance(batch, torch.Tensor):
+        return f(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(each_tensor(b, f) for b in batch)
+    return batch
 
 
 def _mapped(path: str, size: int, create: bool) -> mmap.mmap:
@@ -79,7 +89,7 @@ class Buffers:
     def hand_over(self, batch: Any) -> Any:
         """``batch`` (a tensor, or a tuple or list holding some) with each CPU tensor in a buffer: in place if
         it is one made in :meth:`array`, else copied."""
-        out = self._hand_over(batch)
+        out = each_tensor(batch, self._lease)
         self._release_reserved()  # lent, but what came back was made elsewhere
         return out
 
@@ -87,13 +97,6 @@ class Buffers:
         for slot in self.reserved:
             self.flags[slot] = 0
         self.reserved.clear()
-
-    def _hand_over(self, batch: Any) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return self._lease(batch)
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(self._hand_over(b) for b in batch)
-        return batch
 
     def _lease(self, t: torch.Tensor) -> Any:
         nbytes = t.numel() * t.element_size()

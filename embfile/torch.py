@@ -20,7 +20,7 @@ import torch
 import torch.utils.data
 
 import embfile
-from embfile._handover import Buffers, worker_buffers
+from embfile._handover import Buffers, each_tensor, worker_buffers
 from embfile.epochs import Batches, EpochOptions, count
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | embfile.Dataset
@@ -285,14 +285,14 @@ class Loader:
         prepared = self._prepared(batches) if pooled else map(self._prepare, batches)
         for batch in prepared:
             if self.device is not None:
-                batch = _apply(batch, lambda t: t.to(self.device, non_blocking=self.pin_memory))
+                batch = each_tensor(batch, lambda t: t.to(self.device, non_blocking=self.pin_memory))
             self._seen += 1
             yield batch
 
     def _prepare(self, batch: Any) -> Any:
         if self.transform is not None:
             batch = self.transform(batch)
-        return _apply(batch, torch.Tensor.pin_memory) if self.pin_memory else batch
+        return each_tensor(batch, torch.Tensor.pin_memory) if self.pin_memory else batch
 
     def _prepared(self, batches: Iterator[Any]) -> Iterator[Any]:
         """``_prepare`` of each batch on the pool, ``threads + 1`` at a time, in order."""
@@ -308,12 +308,3 @@ class Loader:
             finally:
                 for f in pending:
                     f.cancel()
-
-
-def _apply(batch: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``f`` of each tensor of ``batch`` (a tensor, or a tuple or list holding some)."""
-    if isinstance(batch, torch.Tensor):
-        return f(batch)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_apply(b, f) for b in batch)
-    return batch
