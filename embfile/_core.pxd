@@ -34,9 +34,9 @@ cdef extern from "embfile.h" nogil:
                            uint64_t record_bytes, const uint64_t *items, const uint64_t *first,
                            const uint64_t *length, size_t k, uint64_t stride, int zero_pad, uint8_t *dst)
     int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16, const float *q, uint32_t nq,
-                float *out, int threads)
+                float *out, uint64_t ld, int threads)
     void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads)
-    void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq, const int64_t *rows, uint32_t k,
+    void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq, const int64_t *rows, uint32_t k,
                         int smaller, float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads)
     uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream)
     void emb_shuffle(uint64_t *items, uint64_t n, uint64_t seed)

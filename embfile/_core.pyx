@@ -740,9 +740,10 @@ def prefetch(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t re
 
 
 def dot(cnp.ndarray block, queries, int threads=2, out=None):
-    """``block @ queries.T`` as a float32 ``(n, q)`` array (``out``, if given, C-contiguous), for a C-contiguous
-    float32 or float16 ``(n, dim)`` block (a view of the mapping: nothing is copied) and ``(q, dim)`` queries;
-    the GIL released, the rows split over ``threads`` threads."""
+    """``queries @ block.T`` as a float32 ``(q, n)`` array (into ``out`` if given: its rows may be longer than
+    ``n``, as a view of a bigger buffer, but each must be contiguous), for a C-contiguous float32 or float16
+    ``(n, dim)`` block (a view of the mapping: nothing is copied) and ``(q, dim)`` queries; the GIL released,
+    the rows split over ``threads`` threads."""
     if block.ndim != 2 or not block.flags.c_contiguous or block.dtype not in (np.float32, np.float16):
         raise ValueError("dot() takes a C-contiguous 2-d float32 or float16 block")
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -752,14 +753,21 @@ def dot(cnp.ndarray block, queries, int threads=2, out=None):
     cdef uint32_t dim = block.shape[1], nq = q.shape[0]
     cdef int f16 = block.dtype == np.float16
     if out is None:
-        out = np.empty((n, nq), dtype=np.float32)
-    elif out.shape != (n, nq) or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError(f"dot() output must be a writable C-contiguous float32 array of shape ({n}, {nq})")
+        out = np.empty((nq, n), dtype=np.float32)
+    elif out.shape != (nq, n) or out.dtype != np.float32 or not _rows_contiguous(out) or not out.flags.writeable:
+        raise ValueError(f"dot() output must be a writable float32 array of shape ({nq}, {n}) with contiguous rows")
     cdef cnp.ndarray qa = q, oa = out
+    cdef uint64_t ld = out.strides[0] // 4
     with nogil:
         emb_dot(<const uint8_t *>cnp.PyArray_DATA(block), n, dim, f16, <const float *>cnp.PyArray_DATA(qa), nq,
-                <float *>cnp.PyArray_DATA(oa), threads)
+                <float *>cnp.PyArray_DATA(oa), ld, threads)
     return out
+
+
+def _rows_contiguous(a):
+    """Whether a 2-d array's rows are each contiguous, at a stride of whole items (a view of a wider buffer)."""
+    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and a.strides[0] % a.itemsize == 0 \
+        and a.strides[0] >= a.shape[1] * a.itemsize
 
 
 def widen(cnp.ndarray block, int threads=2, out=None):
@@ -794,15 +802,15 @@ cdef class TopK:
         self.count = np.zeros(q, np.uint32)
 
     def add(self, scores, rows):
-        """Merge ``scores`` ``(n, q)`` of the dataset rows ``rows`` (ascending, past every row merged before)."""
-        s = np.ascontiguousarray(scores, dtype=np.float32)
+        """Merge ``scores`` ``(q, n)`` of the dataset rows ``rows`` (ascending, past every row merged before)."""
+        s = scores if scores.dtype == np.float32 and _rows_contiguous(scores) else np.ascontiguousarray(scores, np.float32)
         r = np.ascontiguousarray(rows, dtype=np.int64)
-        if s.ndim != 2 or s.shape[1] != self.q or r.shape[0] != s.shape[0]:
-            raise ValueError(f"TopK.add() takes ({len(r)}, {self.q}) scores, not {s.shape}")
+        if s.ndim != 2 or s.shape[0] != self.q or r.shape[0] != s.shape[1]:
+            raise ValueError(f"TopK.add() takes ({self.q}, {len(r)}) scores, not {s.shape}")
         cdef cnp.ndarray sa = s, ra = r, hs = self.scores, hr = self.rows, c = self.count
-        cdef uint64_t n = s.shape[0]
+        cdef uint64_t n = s.shape[1], ld = max(s.strides[0] // 4, 1)
         with nogil:
-            emb_topk_merge(<const float *>cnp.PyArray_DATA(sa), n, self.q, <const int64_t *>cnp.PyArray_DATA(ra),
+            emb_topk_merge(<const float *>cnp.PyArray_DATA(sa), ld, n, self.q, <const int64_t *>cnp.PyArray_DATA(ra),
                            self.k, self.smaller, <float *>cnp.PyArray_DATA(hs), <int64_t *>cnp.PyArray_DATA(hr),
                            <uint32_t *>cnp.PyArray_DATA(c), self.threads)
 

@@ -80,30 +80,29 @@ def search(
     kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
     width = ds.dtype.itemsize if kernel else max(ds.dtype.itemsize, np.dtype(work).itemsize)  # bytes per element held
     step = max(1, BLOCK_BYTES // (ds.dim * width))
-    scores_buffer = np.empty((min(step, len(ds)), len(q)), work)  # reused: a fresh array per block costs its faults
+    scores_buffer = np.empty((len(q), min(step, len(ds))), work)  # reused: a fresh array per block costs its faults
     widened = np.empty((min(step, len(ds)), ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
-    qt = q.T
     for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
-        scores = scores_buffer[: hi - lo]  # (rows, Q)
+        scores = scores_buffer[:, : hi - lo]  # (Q, rows): each query's scores contiguous, for the top-k
         if kernel:
             _core.dot(block, q, THREADS, out=scores)
         else:
             x = block.astype(work, copy=False) if widened is None else _core.widen(block, THREADS, widened[: hi - lo])
-            np.matmul(x, qt, out=scores)
+            np.matmul(q, x.T, out=scores)
         if metric == "cosine":
             n = _norms(ds, lo, hi, block, work)
-            np.divide(scores, n[:, None], out=scores, where=n[:, None] > 0)
-            scores[n == 0] = 0
+            np.divide(scores, n, out=scores, where=n > 0)
+            scores[:, n == 0] = 0
         elif metric == "l2":
             assert q_sq is not None
             n = _norms(ds, lo, hi, block, work)
-            scores = (n * n)[:, None] - 2 * scores + q_sq[None, :]
+            scores = (n * n)[None, :] - 2 * scores + q_sq[:, None]
             np.sqrt(np.maximum(scores, 0, out=scores), out=scores)
         block_rows = np.arange(lo, hi)
         gone = excluded[(excluded >= lo) & (excluded < hi)]
         if gone.size:
             block_rows = np.setdiff1d(block_rows, gone, assume_unique=True)
-            scores = scores[block_rows - lo]
+            scores = scores[:, block_rows - lo]
         best.add(scores, block_rows)
     scores, rows = best.result()
     if exclude_rows is not None:  # drop each query's own row (or, if it is not among them, the last)

@@ -116,25 +116,25 @@ void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
                        const uint64_t *length, size_t k, uint64_t stride,
                        int zero_pad, uint8_t *dst);
 
-/* Search (search.c): out[r * nq + j] = the dot product of row r of x (n rows
+/* Search (search.c): out[j * ld + r] = the dot product of row r of x (n rows
  * of dim float32, or float16 if f16, back to back) with query j of q (nq rows
  * of dim float32), accumulated in float32; the rows split over `threads`
  * threads.  Returns EMB_OK. */
 int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
-            const float *q, uint32_t nq, float *out, int threads);
+            const float *q, uint32_t nq, float *out, uint64_t ld, int threads);
 
 /* Search (search.c): float16 values src[0..n) as float32 in dst, over
  * `threads` threads. */
 void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads);
 
 /* Search (search.c): merges a block of scores into a running top-k per query.
- * Query j's score of row i (dataset row rows[i]) is scores[i * nq + j]; its
+ * Query j's score of row i (dataset row rows[i]) is scores[j * ld + i]; its
  * heap of count[j] <= k entries is heap_scores/heap_rows[j * k ...], the worst
  * kept at the root.  Larger scores are better (smaller if `smaller`; the heap
  * then holds negated scores); NaN is worse than any number; between equal
  * scores the lower row is better, so rows must arrive in ascending order.
  * The queries are split over `threads` threads. */
-void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq,
+void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq,
                     const int64_t *rows, uint32_t k, int smaller,
                     float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads);
 

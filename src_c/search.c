@@ -20,7 +20,7 @@
 #endif
 
 typedef void (*dot_fn)(const uint8_t *x, uint64_t n, uint32_t dim,
-                       const float *q, uint32_t nq, float *out);
+                       const float *q, uint32_t nq, float *out, uint64_t ld);
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu,
@@ -45,19 +45,19 @@ static float half_to_float(uint16_t h) {
 }
 
 static void dot_f32(const uint8_t *x, uint64_t n, uint32_t dim, const float *q,
-                    uint32_t nq, float *out) {
+                    uint32_t nq, float *out, uint64_t ld) {
     for (uint64_t r = 0; r < n; r++) {
         const float *row = (const float *)(const void *)(x + r * dim * 4u);
         for (uint32_t j = 0; j < nq; j++) {
             float s = 0;
             for (uint32_t d = 0; d < dim; d++) s += row[d] * q[(uint64_t)j * dim + d];
-            out[r * nq + j] = s;
+            out[j * ld + r] = s;
         }
     }
 }
 
 static void dot_f16(const uint8_t *x, uint64_t n, uint32_t dim, const float *q,
-                    uint32_t nq, float *out) {
+                    uint32_t nq, float *out, uint64_t ld) {
     for (uint64_t r = 0; r < n; r++) {
         const uint8_t *row = x + r * dim * 2u;
         for (uint32_t j = 0; j < nq; j++) {
@@ -67,7 +67,7 @@ static void dot_f16(const uint8_t *x, uint64_t n, uint32_t dim, const float *q,
                 memcpy(&h, row + 2u * d, 2);
                 s += half_to_float(h) * q[(uint64_t)j * dim + d];
             }
-            out[r * nq + j] = s;
+            out[j * ld + r] = s;
         }
     }
 }
@@ -85,7 +85,7 @@ __attribute__((target("avx2,fma"))) static float hsum(__m256 v) {
 #define EMB_DOT_AVX2(NAME, WIDTH, LOAD, SCALAR)                                   \
     __attribute__((target("avx2,fma,f16c"))) static void NAME(                 \
         const uint8_t *x, uint64_t n, uint32_t dim, const float *q, uint32_t nq, \
-        float *out) {                                                            \
+        float *out, uint64_t ld) {                                               \
         uint32_t body = dim & ~7u;                                               \
         for (uint64_t r = 0; r < n; r++) {                                       \
             const uint8_t *row = x + r * dim * (WIDTH);                          \
@@ -101,7 +101,7 @@ __attribute__((target("avx2,fma"))) static float hsum(__m256 v) {
                     a0 = _mm256_fmadd_ps(LOAD(row, d), _mm256_loadu_ps(qj + d), a0); \
                 float s = hsum(_mm256_add_ps(a0, a1));                           \
                 for (; d < dim; d++) s += SCALAR(row, d) * qj[d];                \
-                out[r * nq + j] = s;                                             \
+                out[j * ld + r] = s;                                             \
             }                                                                    \
         }                                                                        \
     }
@@ -119,6 +119,33 @@ static inline float scalar_f16(const uint8_t *row, uint32_t d) {
 
 EMB_DOT_AVX2(dot_f32_avx2, 4u, LOAD_F32, SCALAR_F32)
 EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, SCALAR_F16)
+
+/* float16 rows with AVX-512: sixteen values widened per instruction, half the
+ * instructions of AVX2 per byte; the rest of the row (dim % 16) as in AVX2. */
+__attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
+    const uint8_t *x, uint64_t n, uint32_t dim, const float *q, uint32_t nq, float *out, uint64_t ld) {
+    uint32_t body = dim & ~15u;
+    for (uint64_t r = 0; r < n; r++) {
+        const uint8_t *row = x + r * dim * 2u;
+        for (uint32_t j = 0; j < nq; j++) {
+            const float *qj = q + (uint64_t)j * dim;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            uint32_t d = 0;
+            for (; d + 32 <= body; d += 32) {
+                a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2u * d))),
+                                     _mm512_loadu_ps(qj + d), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2u * d + 32u))),
+                                     _mm512_loadu_ps(qj + d + 16), a1);
+            }
+            for (; d < body; d += 16)
+                a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2u * d))),
+                                     _mm512_loadu_ps(qj + d), a0);
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+            for (; d < dim; d++) s += scalar_f16(row, d) * qj[d];
+            out[j * ld + r] = s;
+        }
+    }
+}
 #endif
 
 static dot_fn choose(int f16) {
@@ -127,8 +154,10 @@ static dot_fn choose(int f16) {
         return f16 ? dot_f16 : dot_f32;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+        __builtin_cpu_supports("f16c")) {
+        if (f16 && __builtin_cpu_supports("avx512f") && !getenv("EMBFILE_AVX2")) return dot_f16_avx512;
         return f16 ? dot_f16_avx2 : dot_f32_avx2;
+    }
 #endif
     return f16 ? dot_f16 : dot_f32;
 }
@@ -140,16 +169,17 @@ typedef struct {
     uint32_t dim, nq;
     const float *q;
     float *out;
+    uint64_t ld;
 } dot_job;
 
 static void *run_job(void *arg) {
     dot_job *j = arg;
-    j->fn(j->x, j->n, j->dim, j->q, j->nq, j->out);
+    j->fn(j->x, j->n, j->dim, j->q, j->nq, j->out, j->ld);
     return NULL;
 }
 
 int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
-            const float *q, uint32_t nq, float *out, int threads) {
+            const float *q, uint32_t nq, float *out, uint64_t ld, int threads) {
     enum { MAX_THREADS = 64 };
     dot_job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
@@ -162,7 +192,7 @@ int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
     int started = 0;
     for (int t = 0; t < threads; t++) {
         uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
-        jobs[t] = (dot_job){fn, x + lo * dim * width, count, dim, nq, q, out + lo * nq};
+        jobs[t] = (dot_job){fn, x + lo * dim * width, count, dim, nq, q, out + lo, ld};
         lo += count;
     }
     for (int t = 1; t < threads; t++) { /* the caller's thread takes job 0 */
@@ -201,8 +231,8 @@ static void sift(float *hs, int64_t *hr, uint32_t n, uint32_t i) {
 
 typedef struct {
     const float *scores;
-    uint64_t n;
-    uint32_t nq, first, last, k;
+    uint64_t ld, n;
+    uint32_t first, last, k;
     const int64_t *rows;
     int smaller;
     float *heap_scores;
@@ -210,40 +240,84 @@ typedef struct {
     uint32_t *count;
 } topk_job;
 
+/* The score a candidate must beat to enter heap j: the worst kept, or NaN
+ * while the heap is not full or keeps a NaN.  `!(s <= bar)` then rejects
+ * most candidates with one comparison and lets through every one that needs
+ * the full test (NaN on either side compares false). */
+static float bar_of(const float *hs, uint32_t c, uint32_t k) {
+    return c == k && k && hs[0] == hs[0] ? hs[0] : __builtin_nanf("");
+}
+
+/* Offer (s, r) to heap j, whose bar it passed; returns the heap's new bar. */
+static float admit(const topk_job *t, uint32_t j, float s, int64_t r) {
+    uint32_t k = t->k, c = t->count[j];
+    float *hs = t->heap_scores + (uint64_t)j * k;
+    int64_t *hr = t->heap_rows + (uint64_t)j * k;
+    if (c < k) { /* not full: add, and restore the heap upwards */
+        uint32_t i = c++;
+        hs[i] = s, hr[i] = r;
+        while (i && worse(hs[i], hr[i], hs[(i - 1) / 2], hr[(i - 1) / 2])) {
+            uint32_t p = (i - 1) / 2;
+            float ts = hs[i];
+            int64_t tr = hr[i];
+            hs[i] = hs[p], hr[i] = hr[p], hs[p] = ts, hr[p] = tr;
+            i = p;
+        }
+        t->count[j] = c;
+    } else if (k && worse(hs[0], hr[0], s, r)) { /* better than the worst kept */
+        hs[0] = s, hr[0] = r;
+        sift(hs, hr, c, 0);
+    }
+    return bar_of(hs, c, k);
+}
+
+/* Query j's scores of rows [from, n), in memory order. */
+typedef void (*offer_fn)(const topk_job *t, uint32_t j, const float *scores, uint64_t from, float sign);
+
+static void offer(const topk_job *t, uint32_t j, const float *scores, uint64_t from, float sign) {
+    float bar = bar_of(t->heap_scores + (uint64_t)j * t->k, t->count[j], t->k);
+    for (uint64_t r = from; r < t->n; r++) {
+        float s = sign * scores[r];
+        if (!(s <= bar)) bar = admit(t, j, s, t->rows[r]);
+    }
+}
+
+#ifdef EMB_X86
+/* Eight rows at a time: one comparison finds which of them enter the heap, most often none. */
+__attribute__((target("avx2"))) static void offer_avx2(const topk_job *t, uint32_t j, const float *scores,
+                                                       uint64_t from, float sign) {
+    __m256 signs = _mm256_set1_ps(sign);
+    __m256 bar = _mm256_set1_ps(bar_of(t->heap_scores + (uint64_t)j * t->k, t->count[j], t->k));
+    uint64_t r = from;
+    for (; r + 8 <= t->n; r += 8) {
+        __m256 s = _mm256_mul_ps(_mm256_loadu_ps(scores + r), signs);
+        unsigned pass = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(s, bar, _CMP_NLE_UQ));
+        if (!pass) continue;
+        float b = _mm256_cvtss_f32(bar);
+        for (; pass; pass &= pass - 1) { /* in row order: ties go to the earlier row */
+            uint64_t i = r + (uint64_t)__builtin_ctz(pass);
+            float si = sign * scores[i];
+            if (!(si <= b)) b = admit(t, j, si, t->rows[i]);
+        }
+        bar = _mm256_set1_ps(b);
+    }
+    offer(t, j, scores, r, sign);
+}
+#endif
+
 static void *run_topk(void *arg) {
     topk_job *t = arg;
     float sign = t->smaller ? -1.0f : 1.0f;
-    const float *scores = t->scores;
-    const int64_t *rows = t->rows;
-    uint64_t n = t->n;
-    uint32_t nq = t->nq, k = t->k;
-    for (uint64_t r = 0; r < n; r++) { /* row by row: the scores are read in memory order */
-        for (uint32_t j = t->first; j < t->last; j++) {
-            float *hs = t->heap_scores + (uint64_t)j * k;
-            int64_t *hr = t->heap_rows + (uint64_t)j * k;
-            uint32_t c = t->count[j];
-            float s = sign * scores[r * nq + j];
-            if (c < k) { /* not full: add, and restore the heap upwards */
-                uint32_t i = c++;
-                hs[i] = s, hr[i] = rows[r];
-                while (i && worse(hs[i], hr[i], hs[(i - 1) / 2], hr[(i - 1) / 2])) {
-                    uint32_t p = (i - 1) / 2;
-                    float ts = hs[i];
-                    int64_t tr = hr[i];
-                    hs[i] = hs[p], hr[i] = hr[p], hs[p] = ts, hr[p] = tr;
-                    i = p;
-                }
-            } else if (k && worse(hs[0], hr[0], s, rows[r])) { /* better than the worst kept */
-                hs[0] = s, hr[0] = rows[r];
-                sift(hs, hr, c, 0);
-            }
-            t->count[j] = c;
-        }
-    }
+    offer_fn fn = offer;
+#ifdef EMB_X86
+    __builtin_cpu_init();
+    if (!getenv("EMBFILE_PORTABLE") && __builtin_cpu_supports("avx2")) fn = offer_avx2;
+#endif
+    for (uint32_t j = t->first; j < t->last; j++) fn(t, j, t->scores + j * t->ld, 0, sign);
     return NULL;
 }
 
-void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq,
+void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq,
                     const int64_t *rows, uint32_t k, int smaller,
                     float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads) {
     enum { MAX_THREADS = 64 };
@@ -255,7 +329,7 @@ void emb_topk_merge(const float *scores, uint64_t n, uint32_t nq,
     uint32_t lo = 0;
     for (int t = 0; t < threads; t++) { /* the queries, split: each heap is one thread's */
         uint32_t share = nq / (uint32_t)threads + ((uint32_t)t < nq % (uint32_t)threads);
-        jobs[t] = (topk_job){scores, n, nq, lo, lo + share, k, rows, smaller, heap_scores, heap_rows, count};
+        jobs[t] = (topk_job){scores, ld, n, lo, lo + share, k, rows, smaller, heap_scores, heap_rows, count};
         lo += share;
     }
     int started = 0;

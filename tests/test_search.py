@@ -142,7 +142,8 @@ def test_many_queries_take_the_blas_path_and_agree(tmp_path, dtype):
 
 
 def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
-    """EMBFILE_PORTABLE=1 makes the core use the plain loops other CPUs run (dims not multiples of 8 included)."""
+    """EMBFILE_PORTABLE=1 makes the core use the plain loops other CPUs run (dims not multiples of 8 included),
+    for the dot products and the top-k (ties, NaN, blocks that are views of wider scores)."""
     script = (
         "import numpy as np, embfile._core as c\n"
         "rng = np.random.default_rng(2)\n"
@@ -150,14 +151,23 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
         "    x = rng.standard_normal((33, dim)).astype(np.float32)\n"
         "    q = rng.standard_normal((3, dim)).astype(np.float32)\n"
         "    for block in (x, x.astype(np.float16)):\n"
-        "        want = block.astype(np.float64) @ q.T.astype(np.float64)\n"
+        "        want = q.astype(np.float64) @ block.T.astype(np.float64)\n"
         "        assert np.allclose(c.dot(block, q, 3), want, rtol=1e-4, atol=1e-3), dim\n"
         "halves = np.arange(65536, dtype=np.uint16).view(np.float16)  # every float16, subnormals and NaN too\n"
-        "one = c.dot(halves.reshape(-1, 1), np.ones((1, 1), np.float32))[:, 0]\n"
+        "one = c.dot(halves.reshape(-1, 1), np.ones((1, 1), np.float32))[0]\n"
         "assert np.array_equal(one, halves.astype(np.float32), equal_nan=True)\n"
         "assert np.array_equal(c.widen(halves), halves.astype(np.float32), equal_nan=True)\n"
         "finite = halves[np.isfinite(halves)][:61440].reshape(-1, 8)\n"
-        "assert np.array_equal(c.dot(finite, np.eye(8, dtype=np.float32)), finite.astype(np.float32))\n"
+        "assert np.array_equal(c.dot(finite, np.eye(8, dtype=np.float32)), finite.T.astype(np.float32))\n"
+        "scores = rng.integers(0, 4, (5, 1000)).astype(np.float32)  # ties everywhere, and NaN\n"
+        "scores[:, ::97] = np.nan\n"
+        "for smaller in (False, True):\n"
+        "    best = c.TopK(5, 7, smaller, 2)\n"
+        "    for lo in range(0, 1000, 300):\n"
+        "        best.add(scores[:, lo : lo + 300], np.arange(lo, min(lo + 300, 1000)))\n"
+        "    key = np.where(np.isnan(scores), np.inf, scores if smaller else -scores)\n"
+        "    want = np.lexsort((np.broadcast_to(np.arange(1000), key.shape), key), axis=1)[:, :7]\n"
+        "    assert np.array_equal(best.result()[1], want), smaller\n"
         "print('ok')\n"
     )
     for env in ({}, {"EMBFILE_PORTABLE": "1"}):
