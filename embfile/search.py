@@ -43,6 +43,7 @@ class Dataset(Protocol):
 
 METRICS = ("cosine", "ip", "l2")
 BLOCK_BYTES = 64 << 20  # records scored at a time (for BLAS, converted to float32: a bounded copy)
+KERNEL_BLOCK_BYTES = 256 << 20  # for the kernel, which copies nothing: fewer waits for both threads to end
 KERNEL_QUERIES = 8  # up to this many queries, the core's memory-speed kernel; more, BLAS
 THREADS = min(os.cpu_count() or 1, 8)
 
@@ -79,7 +80,7 @@ def search(
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
     kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
     width = ds.dtype.itemsize if kernel else max(ds.dtype.itemsize, np.dtype(work).itemsize)  # bytes per element held
-    step = max(1, BLOCK_BYTES // (ds.dim * width))
+    step = max(1, (KERNEL_BLOCK_BYTES if kernel else BLOCK_BYTES) // (ds.dim * width))
     scores_buffer = np.empty((len(q), min(step, len(ds))), work)  # reused: a fresh array per block costs its faults
     widened = np.empty((min(step, len(ds)), ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
     for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
