@@ -107,13 +107,28 @@ cdef inline const uint8_t *_utf8(object key, size_t *n) except NULL:
     return <const uint8_t *>p
 
 
+cdef enum:
+    HINT_STEP = 128 * 1024  # as embfile._pages.HINT_STEP: WILLNEED reads at most the read-ahead size per call
+
+
+cdef inline size_t _hint(uintptr_t lo, uintptr_t hi) noexcept nogil:
+    """``madvise(WILLNEED)`` the page-aligned ``[lo, hi)`` in steps the kernel reads whole (it drops what lies
+    past its read-ahead size); returns the calls made.  A hint: its failure changes nothing."""
+    cdef size_t calls = 0
+    while lo < hi:
+        madvise(<void *>lo, HINT_STEP if hi - lo > HINT_STEP else hi - lo, MADV_WILLNEED)
+        lo += HINT_STEP
+        calls += 1
+    return calls
+
+
 cdef inline void _will_need(const uint8_t *p, uint64_t n) noexcept nogil:
     """Ask the kernel to read ``[p, p + n)`` ahead, in large requests: a ragged record spans many pages of the
     lookup mapping, where read-ahead is off, and faulting them in one by one costs a disk round trip each."""
     cdef uintptr_t start
     if n > 2 * 4096:
         start = <uintptr_t>p & ~(<uintptr_t>4095)
-        madvise(<void *>start, <uintptr_t>p + n - start, MADV_WILLNEED)  # a hint: its failure changes nothing
+        _hint(start, <uintptr_t>p + n)
 
 
 cdef inline size_t _part_of(const uint64_t *starts, size_t n_parts, uint64_t row) noexcept nogil:
@@ -713,12 +728,10 @@ cdef size_t _prefetch(const uint8_t *const *bases, const uint64_t *starts, size_
             run_hi = hi if hi > run_hi else run_hi
             continue
         if run_hi:
-            madvise(<void *>run_lo, run_hi - run_lo, MADV_WILLNEED)
-            calls += 1
+            calls += _hint(run_lo, run_hi)
         run_lo, run_hi, run_part = lo, hi, p
     if run_hi:
-        madvise(<void *>run_lo, run_hi - run_lo, MADV_WILLNEED)
-        calls += 1
+        calls += _hint(run_lo, run_hi)
     return calls
 
 

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -362,6 +363,44 @@ def test_open_racing_a_rename_gets_one_file_or_the_other(tmp_path):
     assert seen == {1, 2}
 
 
+def _evicted(path):
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def _all_resident(address, length, seconds=20.0):
+    """Whether every page of the range is in the page cache within ``seconds`` (hinted reads are async)."""
+    deadline = time.monotonic() + seconds
+    while _core.resident_fraction(address, length) < 1.0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_long_hint_reads_every_page(tmp_path):
+    """WILLNEED reads at most the device's read-ahead size per call and silently drops the rest: the hints of
+    the epochs' read-ahead and of random gathers are asked in steps, so a range of any length is read whole."""
+    import mmap
+
+    m = np.ones((6000, 1000), np.float32)  # 24 MB: more than any default read-ahead size
+    embfile.write(tmp_path / "db.emb", ([f"k{i}" for i in range(6000)], m))
+    with embfile.open(tmp_path / "db.emb") as db:
+        layout = db._layout()
+        ((address, length),) = layout.page_ranges(0, 6000)
+        _evicted(tmp_path / "db.emb")
+        if _core.resident_fraction(address, length) < 0.5:  # evicted (a file system may not drop its pages)
+            layout.advise(0, 6000, mmap.MADV_WILLNEED)
+            assert _all_resident(address, length)
+        _evicted(tmp_path / "db.emb")
+        if _core.resident_fraction(address, length) < 0.5:
+            every = np.arange(6000, dtype=np.uint64)  # one run of touching pieces
+            assert _core.prefetch(layout.bases, layout.starts, layout.record_bytes, every, sample=0) > 1
+            assert _all_resident(address, length)
+
+
 def test_random_gathers_ask_for_uncached_pages_at_once(tmp_path):
     """A gather of rows from anywhere asks the kernel for all their pages together when a sample of them is not
     in the page cache (and not when it is), and gives the same records either way."""
@@ -382,7 +421,7 @@ def test_random_gathers_ask_for_uncached_pages_at_once(tmp_path):
             assert 0 < _core.prefetch(layout.bases, layout.starts, layout.record_bytes, rows) <= 200
         db.take(rows)
         assert _core.prefetch(layout.bases, layout.starts, layout.record_bytes, rows) == 0  # cached now
-        adjacent = np.arange(100, 140, dtype=np.uint64)  # pages that touch: one range
+        adjacent = np.arange(100, 130, dtype=np.uint64)  # pages that touch: one range (of less than a step)
         assert _core.prefetch(layout.bases, layout.starts, layout.record_bytes, adjacent, sample=0) == 1
         np.testing.assert_array_equal(db.take(rows[::-1].astype(np.int64)), m[rows[::-1].astype(np.int64)])
         keys = [f"k{i}" for i in rows[::-1]]
