@@ -1,12 +1,16 @@
 /*
  * search.c -- dot products of stored rows with a few query vectors, at the
- * speed memory delivers the rows (embfile.h: emb_dot).
+ * speed memory delivers the rows (embfile.h: emb_dot), and the running top-k
+ * of every query (emb_topk_merge).
  *
  * One pass over the rows: each row is loaded once and multiplied with every
  * query while it sits in L1.  float16 rows are widened in registers (F16C), so
  * they cost half the memory traffic of float32 ones.  The AVX2 + FMA versions
- * are chosen at run time; the portable loops give the same results up to
- * rounding.  Rows are split between threads.
+ * (AVX-512 for float16) are chosen at run time; the portable loops give the
+ * same results up to rounding.  Rows are split between threads.
+ *
+ * Scores are laid out query by query, so each query's top-k reads its scores
+ * in memory order and rejects most of them eight at a time.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -126,6 +130,8 @@ EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, SCALAR_F16)
 
 /* float16 rows with AVX-512: sixteen values widened per instruction, half the
  * instructions of AVX2 per byte; the rest of the row (dim % 16) as in AVX2. */
+#define LOAD16_F16(row, d) \
+    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)((row) + 2u * (d))))
 __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
     const uint8_t *x, uint64_t n, uint32_t dim, const float *q, uint32_t nq, float *out, uint64_t ld) {
     uint32_t body = dim & ~15u;
@@ -137,14 +143,10 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
             uint32_t d = 0;
             for (; d + 32 <= body; d += 32) {
                 if (!j) _mm_prefetch((const char *)(row + 2u * (d + AHEAD)), _MM_HINT_T0);
-                a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2u * d))),
-                                     _mm512_loadu_ps(qj + d), a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2u * d + 32u))),
-                                     _mm512_loadu_ps(qj + d + 16), a1);
+                a0 = _mm512_fmadd_ps(LOAD16_F16(row, d), _mm512_loadu_ps(qj + d), a0);
+                a1 = _mm512_fmadd_ps(LOAD16_F16(row, d + 16), _mm512_loadu_ps(qj + d + 16), a1);
             }
-            for (; d < body; d += 16)
-                a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2u * d))),
-                                     _mm512_loadu_ps(qj + d), a0);
+            for (; d < body; d += 16) a0 = _mm512_fmadd_ps(LOAD16_F16(row, d), _mm512_loadu_ps(qj + d), a0);
             float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
             for (; d < dim; d++) s += scalar_f16(row, d) * qj[d];
             out[j * ld + r] = s;
@@ -157,10 +159,11 @@ static dot_fn choose(int f16) {
 #ifdef EMB_X86
     if (getenv("EMBFILE_PORTABLE")) /* tests: the loops other CPUs run */
         return f16 ? dot_f16 : dot_f32;
+    int avx512 = !getenv("EMBFILE_AVX2"); /* tests: the AVX2 loops of CPUs without AVX-512 */
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
-        if (f16 && __builtin_cpu_supports("avx512f") && !getenv("EMBFILE_AVX2")) return dot_f16_avx512;
+        if (f16 && avx512 && __builtin_cpu_supports("avx512f")) return dot_f16_avx512;
         return f16 ? dot_f16_avx2 : dot_f32_avx2;
     }
 #endif

@@ -142,12 +142,13 @@ def test_many_queries_take_the_blas_path_and_agree(tmp_path, dtype):
 
 
 def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
-    """EMBFILE_PORTABLE=1 makes the core use the plain loops other CPUs run (dims not multiples of 8 included),
-    for the dot products and the top-k (ties, NaN, blocks that are views of wider scores)."""
+    """EMBFILE_PORTABLE=1 makes the core use the plain loops other CPUs run, EMBFILE_AVX2=1 the AVX2 ones of CPUs
+    without AVX-512 (dims not multiples of 8 or 16 included), for the dot products and the top-k (ties, NaN,
+    blocks that are views of wider scores)."""
     script = (
         "import numpy as np, embfile._core as c\n"
         "rng = np.random.default_rng(2)\n"
-        "for dim in (1, 7, 8, 17, 1280):\n"
+        "for dim in (1, 7, 8, 17, 33, 48, 1280):\n"
         "    x = rng.standard_normal((33, dim)).astype(np.float32)\n"
         "    q = rng.standard_normal((3, dim)).astype(np.float32)\n"
         "    for block in (x, x.astype(np.float16)):\n"
@@ -170,6 +171,6 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
         "    assert np.array_equal(best.result()[1], want), smaller\n"
         "print('ok')\n"
     )
-    for env in ({}, {"EMBFILE_PORTABLE": "1"}):
+    for env in ({}, {"EMBFILE_AVX2": "1"}, {"EMBFILE_PORTABLE": "1"}):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, **env})
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
