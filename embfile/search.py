@@ -2,11 +2,12 @@
 
 The records are read a block at a time straight from the mapping and scored against every query, and each
 block's scores are merged into a running best ``k`` per query (a heap in the core: most scores are rejected
-by one comparison).  A few queries (up to
-``KERNEL_QUERIES``) over float32 or float16 records go to the core's ``dot``: one pass over the mapping, float16
-widened in registers, the rows split over the cores, nothing copied; the scan then runs at the speed memory
-delivers the rows.  Many queries, or other types, are one matrix product per block (numpy's BLAS) on the block
-converted to float32 (float64 for float64 files): compute-bound, where BLAS is at its best.  Memory stays flat
+by one comparison).  A few queries (up to ``KERNEL_QUERIES`` of the stored type) over float32 or float16
+records go to the core's ``dot``: one pass over the mapping, float16 widened in registers, the rows split over
+the cores, nothing copied; the scan then runs at the speed memory delivers the rows.  Many queries, or other
+types, are one matrix product per block (numpy's BLAS) on the block converted to float32 (float64 for float64
+files): compute-bound, where BLAS is at its best.  float16 stays longer with the kernel, as BLAS would first
+need the block widened into a copy.  Memory stays flat
 in the number of records.  Cosine and l2 need each record's norm: computed once per handle and kept.
 
 Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
@@ -44,7 +45,7 @@ class Dataset(Protocol):
 METRICS = ("cosine", "ip", "l2")
 BLOCK_BYTES = 64 << 20  # records scored at a time (for BLAS, converted to float32: a bounded copy)
 KERNEL_BLOCK_BYTES = 256 << 20  # for the kernel, which copies nothing: fewer waits for both threads to end
-KERNEL_QUERIES = 8  # up to this many queries, the core's memory-speed kernel; more, BLAS
+KERNEL_QUERIES = {"float32": 12, "float16": 16}  # up to this many queries, the core's kernel; more, BLAS
 THREADS = min(os.cpu_count() or 1, 8)
 
 
@@ -78,7 +79,7 @@ def search(
     extra = 0 if exclude_rows is None else 1  # one more, for the row each query leaves out
     best = _core.TopK(len(q), min(k + extra, len(ds)), metric == "l2", THREADS)
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
-    kernel = ds.dtype in (np.float32, np.float16) and len(q) <= KERNEL_QUERIES
+    kernel = len(q) <= KERNEL_QUERIES.get(ds.dtype.name, 0)
     width = ds.dtype.itemsize if kernel else max(ds.dtype.itemsize, np.dtype(work).itemsize)  # bytes per element held
     step = max(1, (KERNEL_BLOCK_BYTES if kernel else BLOCK_BYTES) // (ds.dim * width))
     scores_buffer = np.empty((len(q), min(step, len(ds))), work)  # reused: a fresh array per block costs its faults

@@ -85,10 +85,17 @@ __attribute__((target("avx2,fma"))) static float hsum(__m256 v) {
 }
 
 /* `load(row, d)` gives 8 floats of the row from element d; the rest of the
- * row (dim % 8 elements) is added one by one.  The first query's pass asks for
- * the values AHEAD of it: the hardware's own prefetch stops at each 4 KiB page
- * of a file's mapping. */
+ * row (dim % 8 elements) is added one by one.  Queries go four at a time, each
+ * load of the row feeding four independent sums (two per query, so eight FMA
+ * chains hide their latency); the last nq % 4 one by one.  The first pass over
+ * a row asks for the values AHEAD of it: the hardware's own prefetch stops at
+ * each 4 KiB page of a file's mapping. */
 enum { AHEAD = 512 }; /* values */
+#define EMB_FMA4(V, D, A, B, C, E)                                               \
+    A = _mm256_fmadd_ps(V, _mm256_loadu_ps(q0 + (D)), A);                       \
+    B = _mm256_fmadd_ps(V, _mm256_loadu_ps(q1 + (D)), B);                       \
+    C = _mm256_fmadd_ps(V, _mm256_loadu_ps(q2 + (D)), C);                       \
+    E = _mm256_fmadd_ps(V, _mm256_loadu_ps(q3 + (D)), E);
 #define EMB_DOT_AVX2(NAME, WIDTH, LOAD, SCALAR)                                   \
     __attribute__((target("avx2,fma,f16c"))) static void NAME(                 \
         const uint8_t *x, uint64_t n, uint32_t dim, const float *q, uint32_t nq, \
@@ -96,7 +103,33 @@ enum { AHEAD = 512 }; /* values */
         uint32_t body = dim & ~7u;                                               \
         for (uint64_t r = 0; r < n; r++) {                                       \
             const uint8_t *row = x + r * dim * (WIDTH);                          \
-            for (uint32_t j = 0; j < nq; j++) {                                  \
+            uint32_t j = 0;                                                      \
+            for (; j + 4 <= nq; j += 4) {                                        \
+                const float *q0 = q + (uint64_t)j * dim, *q1 = q0 + dim;         \
+                const float *q2 = q1 + dim, *q3 = q2 + dim;                      \
+                __m256 a0 = _mm256_setzero_ps(), b0 = a0, c0 = a0, e0 = a0;     \
+                __m256 a1 = a0, b1 = a0, c1 = a0, e1 = a0;                       \
+                uint32_t d = 0;                                                  \
+                for (; d + 16 <= body; d += 16) {                                \
+                    if (!j) _mm_prefetch((const char *)(row + (WIDTH) * (d + AHEAD)), _MM_HINT_T0); \
+                    __m256 v0 = LOAD(row, d), v1 = LOAD(row, d + 8);             \
+                    EMB_FMA4(v0, d, a0, b0, c0, e0)                              \
+                    EMB_FMA4(v1, d + 8, a1, b1, c1, e1)                          \
+                }                                                                \
+                for (; d < body; d += 8) {                                       \
+                    __m256 v0 = LOAD(row, d);                                    \
+                    EMB_FMA4(v0, d, a0, b0, c0, e0)                              \
+                }                                                                \
+                float s0 = hsum(_mm256_add_ps(a0, a1)), s1 = hsum(_mm256_add_ps(b0, b1)); \
+                float s2 = hsum(_mm256_add_ps(c0, c1)), s3 = hsum(_mm256_add_ps(e0, e1)); \
+                for (; d < dim; d++) {                                           \
+                    float v = SCALAR(row, d);                                    \
+                    s0 += v * q0[d], s1 += v * q1[d], s2 += v * q2[d], s3 += v * q3[d]; \
+                }                                                                \
+                out[j * ld + r] = s0, out[(j + 1) * ld + r] = s1;                \
+                out[(j + 2) * ld + r] = s2, out[(j + 3) * ld + r] = s3;          \
+            }                                                                    \
+            for (; j < nq; j++) {                                                \
                 const float *qj = q + (uint64_t)j * dim;                         \
                 __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();       \
                 uint32_t d = 0;                                                  \
@@ -129,7 +162,8 @@ EMB_DOT_AVX2(dot_f32_avx2, 4u, LOAD_F32, SCALAR_F32)
 EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, SCALAR_F16)
 
 /* float16 rows with AVX-512: sixteen values widened per instruction, half the
- * instructions of AVX2 per byte; the rest of the row (dim % 16) as in AVX2. */
+ * instructions of AVX2 per byte; queries four at a time as there, the rest of
+ * the row (dim % 16) as in AVX2. */
 #define LOAD16_F16(row, d) \
     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)((row) + 2u * (d))))
 __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
@@ -137,7 +171,29 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
     uint32_t body = dim & ~15u;
     for (uint64_t r = 0; r < n; r++) {
         const uint8_t *row = x + r * dim * 2u;
-        for (uint32_t j = 0; j < nq; j++) {
+        uint32_t j = 0;
+        for (; j + 4 <= nq; j += 4) {
+            const float *q0 = q + (uint64_t)j * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
+            __m512 a = _mm512_setzero_ps(), b = a, c = a, e = a;
+            uint32_t d = 0;
+            for (; d < body; d += 16) {
+                if (!j && !(d & 31)) _mm_prefetch((const char *)(row + 2u * (d + AHEAD)), _MM_HINT_T0);
+                __m512 v = LOAD16_F16(row, d);
+                a = _mm512_fmadd_ps(v, _mm512_loadu_ps(q0 + d), a);
+                b = _mm512_fmadd_ps(v, _mm512_loadu_ps(q1 + d), b);
+                c = _mm512_fmadd_ps(v, _mm512_loadu_ps(q2 + d), c);
+                e = _mm512_fmadd_ps(v, _mm512_loadu_ps(q3 + d), e);
+            }
+            float s0 = _mm512_reduce_add_ps(a), s1 = _mm512_reduce_add_ps(b);
+            float s2 = _mm512_reduce_add_ps(c), s3 = _mm512_reduce_add_ps(e);
+            for (; d < dim; d++) {
+                float v = scalar_f16(row, d);
+                s0 += v * q0[d], s1 += v * q1[d], s2 += v * q2[d], s3 += v * q3[d];
+            }
+            out[j * ld + r] = s0, out[(j + 1) * ld + r] = s1;
+            out[(j + 2) * ld + r] = s2, out[(j + 3) * ld + r] = s3;
+        }
+        for (; j < nq; j++) {
             const float *qj = q + (uint64_t)j * dim;
             __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
             uint32_t d = 0;

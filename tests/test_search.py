@@ -132,7 +132,7 @@ def test_many_queries_take_the_blas_path_and_agree(tmp_path, dtype):
     matrix = rng.standard_normal((400, 20)).astype(dtype)
     keys = [f"m{i}" for i in range(400)]
     embfile.write(tmp_path / "db.emb", (keys, matrix))
-    queries = rng.standard_normal((search_module.KERNEL_QUERIES + 4, 20))
+    queries = rng.standard_normal((search_module.KERNEL_QUERIES[np.dtype(dtype).name] + 4, 20))
     with embfile.open(tmp_path / "db.emb") as db:
         for metric in ("cosine", "ip", "l2"):
             check(db, matrix, keys, queries, 6, metric)
@@ -150,10 +150,11 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
         "rng = np.random.default_rng(2)\n"
         "for dim in (1, 7, 8, 17, 33, 48, 1280):\n"
         "    x = rng.standard_normal((33, dim)).astype(np.float32)\n"
-        "    q = rng.standard_normal((3, dim)).astype(np.float32)\n"
-        "    for block in (x, x.astype(np.float16)):\n"
-        "        want = q.astype(np.float64) @ block.T.astype(np.float64)\n"
-        "        assert np.allclose(c.dot(block, q, 3), want, rtol=1e-4, atol=1e-3), dim\n"
+        "    for queries in (1, 3, 4, 9):  # one at a time, and in fours\n"
+        "        q = rng.standard_normal((queries, dim)).astype(np.float32)\n"
+        "        for block in (x, x.astype(np.float16)):\n"
+        "            want = q.astype(np.float64) @ block.T.astype(np.float64)\n"
+        "            assert np.allclose(c.dot(block, q, 3), want, rtol=1e-4, atol=1e-3), (dim, queries)\n"
         "halves = np.arange(65536, dtype=np.uint16).view(np.float16)  # every float16, subnormals and NaN too\n"
         "one = c.dot(halves.reshape(-1, 1), np.ones((1, 1), np.float32))[0]\n"
         "assert np.array_equal(one, halves.astype(np.float32), equal_nan=True)\n"
