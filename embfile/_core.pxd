@@ -33,7 +33,9 @@ cdef extern from "embfile.h" nogil:
     void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts, size_t n_parts,
                            uint64_t record_bytes, const uint64_t *items, const uint64_t *first,
                            const uint64_t *length, size_t k, uint64_t stride, int zero_pad, uint8_t *dst)
-    int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16, const float *q, uint32_t nq,
+    enum:
+        EMB_DOT_F32, EMB_DOT_F16, EMB_DOT_BF16, EMB_DOT_I8, EMB_DOT_U8
+    int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind, const float *q, uint32_t nq,
                 float *out, uint64_t ld, int threads)
     void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads)
     void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq, const int64_t *rows, uint32_t k,

@@ -55,6 +55,9 @@ def gather(
     rows: npt.NDArray[np.uint64],
     out: npt.NDArray[Any],
 ) -> None: ...
+
+DOT_KINDS: dict[str, int]
+
 def dot(
     block: npt.NDArray[Any], queries: npt.ArrayLike, threads: int = 2, out: npt.NDArray[np.float32] | None = None
 ) -> npt.NDArray[np.float32]: ...

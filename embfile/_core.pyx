@@ -752,19 +752,24 @@ def prefetch(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t re
     return calls
 
 
+DOT_KINDS = {"float32": EMB_DOT_F32, "float16": EMB_DOT_F16, "bfloat16": EMB_DOT_BF16, "int8": EMB_DOT_I8,
+             "uint8": EMB_DOT_U8}  # the element types dot() reads as they are stored
+
+
 def dot(cnp.ndarray block, queries, int threads=2, out=None):
     """``queries @ block.T`` as a float32 ``(q, n)`` array (into ``out`` if given: its rows may be longer than
-    ``n``, as a view of a bigger buffer, but each must be contiguous), for a C-contiguous float32 or float16
-    ``(n, dim)`` block (a view of the mapping: nothing is copied) and ``(q, dim)`` queries; the GIL released,
-    the rows split over ``threads`` threads."""
-    if block.ndim != 2 or not block.flags.c_contiguous or block.dtype not in (np.float32, np.float16):
-        raise ValueError("dot() takes a C-contiguous 2-d float32 or float16 block")
+    ``n``, as a view of a bigger buffer, but each must be contiguous), for a C-contiguous ``(n, dim)`` block of
+    one of :data:`DOT_KINDS` (a view of the mapping: nothing is copied; values widened in registers) and
+    ``(q, dim)`` queries; the GIL released, the rows split over ``threads`` threads."""
+    kind = DOT_KINDS.get(block.dtype.name, -1) if block.dtype.isnative else -1
+    if block.ndim != 2 or not block.flags.c_contiguous or kind < 0:
+        raise ValueError(f"dot() takes a C-contiguous 2-d block of {', '.join(DOT_KINDS)}")
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != block.shape[1]:
         raise ValueError(f"dot() takes queries of shape (q, {block.shape[1]}), not {q.shape}")
     cdef uint64_t n = block.shape[0]
     cdef uint32_t dim = block.shape[1], nq = q.shape[0]
-    cdef int f16 = block.dtype == np.float16
+    cdef int k = kind
     if out is None:
         out = np.empty((nq, n), dtype=np.float32)
     elif out.shape != (nq, n) or out.dtype != np.float32 or not _rows_contiguous(out) or not out.flags.writeable:
@@ -772,7 +777,7 @@ def dot(cnp.ndarray block, queries, int threads=2, out=None):
     cdef cnp.ndarray qa = q, oa = out
     cdef uint64_t ld = out.strides[0] // 4
     with nogil:
-        emb_dot(<const uint8_t *>cnp.PyArray_DATA(block), n, dim, f16, <const float *>cnp.PyArray_DATA(qa), nq,
+        emb_dot(<const uint8_t *>cnp.PyArray_DATA(block), n, dim, k, <const float *>cnp.PyArray_DATA(qa), nq,
                 <float *>cnp.PyArray_DATA(oa), ld, threads)
     return out
 

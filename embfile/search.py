@@ -2,12 +2,12 @@
 
 The records are read a block at a time straight from the mapping and scored against every query, and each
 block's scores are merged into a running best ``k`` per query (a heap in the core: most scores are rejected
-by one comparison).  A few queries (up to ``KERNEL_QUERIES`` of the stored type) over float32 or float16
-records go to the core's ``dot``: one pass over the mapping, float16 widened in registers, the rows split over
-the cores, nothing copied; the scan then runs at the speed memory delivers the rows.  Many queries, or other
-types, are one matrix product per block (numpy's BLAS) on the block converted to float32 (float64 for float64
-files): compute-bound, where BLAS is at its best.  float16 stays longer with the kernel, as BLAS would first
-need the block widened into a copy.  Memory stays flat
+by one comparison).  A few queries (up to ``KERNEL_QUERIES`` of the stored type) over float32, float16,
+bfloat16, int8 or uint8 records go to the core's ``dot``: one pass over the mapping, narrow values widened in
+registers, the rows split over the cores, nothing copied; the scan then runs at the speed memory delivers the
+rows.  Many queries, or other types, are one matrix product per block (numpy's BLAS) on the block
+converted to float32 (float64 for float64 files): compute-bound, where BLAS is at its best.  Narrow types stay
+longer with the kernel, as BLAS would first need the block widened into a copy.  Memory stays flat
 in the number of records.  Cosine and l2 need each record's norm: computed once per handle and kept.
 
 Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
@@ -45,7 +45,8 @@ class Dataset(Protocol):
 METRICS = ("cosine", "ip", "l2")
 BLOCK_BYTES = 64 << 20  # records scored at a time (for BLAS, converted to float32: a bounded copy)
 KERNEL_BLOCK_BYTES = 256 << 20  # for the kernel, which copies nothing: fewer waits for both threads to end
-KERNEL_QUERIES = {"float32": 12, "float16": 16}  # up to this many queries, the core's kernel; more, BLAS
+# up to this many queries, the core's kernel (values widened in registers); more, BLAS on a float32 copy
+KERNEL_QUERIES = {"float32": 12, "float16": 16, "bfloat16": 16, "int8": 16, "uint8": 16}
 THREADS = min(os.cpu_count() or 1, 8)
 
 

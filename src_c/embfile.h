@@ -117,10 +117,11 @@ void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
                        int zero_pad, uint8_t *dst);
 
 /* Search (search.c): out[j * ld + r] = the dot product of row r of x (n rows
- * of dim float32, or float16 if f16, back to back) with query j of q (nq rows
- * of dim float32), accumulated in float32; the rows split over `threads`
- * threads.  Returns EMB_OK. */
-int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
+ * of dim elements of type `kind`, back to back) with query j of q (nq rows of
+ * dim float32), accumulated in float32; the rows split over `threads`
+ * threads.  Returns EMB_OK, or EMB_E_RANGE for a kind it does not know. */
+enum { EMB_DOT_F32, EMB_DOT_F16, EMB_DOT_BF16, EMB_DOT_I8, EMB_DOT_U8 };
+int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
             const float *q, uint32_t nq, float *out, uint64_t ld, int threads);
 
 /* Search (search.c): float16 values src[0..n) as float32 in dst, over

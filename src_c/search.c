@@ -48,33 +48,46 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-static void dot_f32(const uint8_t *x, uint64_t n, uint32_t dim, const float *q,
-                    uint32_t nq, float *out, uint64_t ld) {
-    for (uint64_t r = 0; r < n; r++) {
-        const float *row = (const float *)(const void *)(x + r * dim * 4u);
-        for (uint32_t j = 0; j < nq; j++) {
-            float s = 0;
-            for (uint32_t d = 0; d < dim; d++) s += row[d] * q[(uint64_t)j * dim + d];
-            out[j * ld + r] = s;
-        }
-    }
+/* The element types the kernel reads (embfile.h: EMB_DOT_*), one value at a
+ * time: the loops other CPUs run, and the tails of the vectorised ones. */
+static inline float scalar_f32(const uint8_t *row, uint32_t d) {
+    float v;
+    memcpy(&v, row + 4u * d, 4);
+    return v;
 }
+static inline float scalar_f16(const uint8_t *row, uint32_t d) {
+    uint16_t h;
+    memcpy(&h, row + 2u * d, 2);
+    return half_to_float(h);
+}
+static inline float scalar_bf16(const uint8_t *row, uint32_t d) {
+    uint16_t h;
+    memcpy(&h, row + 2u * d, 2);
+    uint32_t bits = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+static inline float scalar_i8(const uint8_t *row, uint32_t d) { return (float)(int8_t)row[d]; }
+static inline float scalar_u8(const uint8_t *row, uint32_t d) { return (float)row[d]; }
 
-static void dot_f16(const uint8_t *x, uint64_t n, uint32_t dim, const float *q,
-                    uint32_t nq, float *out, uint64_t ld) {
-    for (uint64_t r = 0; r < n; r++) {
-        const uint8_t *row = x + r * dim * 2u;
-        for (uint32_t j = 0; j < nq; j++) {
-            float s = 0;
-            for (uint32_t d = 0; d < dim; d++) {
-                uint16_t h;
-                memcpy(&h, row + 2u * d, 2);
-                s += half_to_float(h) * q[(uint64_t)j * dim + d];
-            }
-            out[j * ld + r] = s;
-        }
+#define EMB_DOT_PORTABLE(NAME, WIDTH, SCALAR)                                    \
+    static void NAME(const uint8_t *x, uint64_t n, uint32_t dim, const float *q, \
+                     uint32_t nq, float *out, uint64_t ld) {                     \
+        for (uint64_t r = 0; r < n; r++) {                                       \
+            const uint8_t *row = x + r * dim * (WIDTH);                          \
+            for (uint32_t j = 0; j < nq; j++) {                                  \
+                float s = 0;                                                     \
+                for (uint32_t d = 0; d < dim; d++) s += SCALAR(row, d) * q[(uint64_t)j * dim + d]; \
+                out[j * ld + r] = s;                                             \
+            }                                                                    \
+        }                                                                        \
     }
-}
+EMB_DOT_PORTABLE(dot_f32, 4u, scalar_f32)
+EMB_DOT_PORTABLE(dot_f16, 2u, scalar_f16)
+EMB_DOT_PORTABLE(dot_bf16, 2u, scalar_bf16)
+EMB_DOT_PORTABLE(dot_i8, 1u, scalar_i8)
+EMB_DOT_PORTABLE(dot_u8, 1u, scalar_u8)
 
 #ifdef EMB_X86
 __attribute__((target("avx2,fma"))) static float hsum(__m256 v) {
@@ -148,18 +161,21 @@ enum { AHEAD = 512 }; /* values */
     }
 
 #define LOAD_F32(row, d) _mm256_loadu_ps((const float *)(const void *)(row) + (d))
-#define SCALAR_F32(row, d) (((const float *)(const void *)(row))[d])
 #define LOAD_F16(row, d) \
     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)((row) + 2u * (d))))
-static inline float scalar_f16(const uint8_t *row, uint32_t d) {
-    uint16_t h;
-    memcpy(&h, row + 2u * d, 2);
-    return half_to_float(h);
-}
-#define SCALAR_F16(row, d) scalar_f16((row), (d))
+#define LOAD_BF16(row, d) /* the upper halves of float32s */                   \
+    _mm256_castsi256_ps(_mm256_slli_epi32(                                       \
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)((row) + 2u * (d)))), 16))
+#define LOAD_I8(row, d) \
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)((row) + (d)))))
+#define LOAD_U8(row, d) \
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)((row) + (d)))))
 
-EMB_DOT_AVX2(dot_f32_avx2, 4u, LOAD_F32, SCALAR_F32)
-EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, SCALAR_F16)
+EMB_DOT_AVX2(dot_f32_avx2, 4u, LOAD_F32, scalar_f32)
+EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, scalar_f16)
+EMB_DOT_AVX2(dot_bf16_avx2, 2u, LOAD_BF16, scalar_bf16)
+EMB_DOT_AVX2(dot_i8_avx2, 1u, LOAD_I8, scalar_i8)
+EMB_DOT_AVX2(dot_u8_avx2, 1u, LOAD_U8, scalar_u8)
 
 /* float16 rows with AVX-512: sixteen values widened per instruction, half the
  * instructions of AVX2 per byte; queries four at a time as there, the rest of
@@ -211,19 +227,21 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
 }
 #endif
 
-static dot_fn choose(int f16) {
+static dot_fn choose(int kind) {
+    static const dot_fn portable[] = {dot_f32, dot_f16, dot_bf16, dot_i8, dot_u8};
 #ifdef EMB_X86
+    static const dot_fn avx2[] = {dot_f32_avx2, dot_f16_avx2, dot_bf16_avx2, dot_i8_avx2, dot_u8_avx2};
     if (getenv("EMBFILE_PORTABLE")) /* tests: the loops other CPUs run */
-        return f16 ? dot_f16 : dot_f32;
+        return portable[kind];
     int avx512 = !getenv("EMBFILE_AVX2"); /* tests: the AVX2 loops of CPUs without AVX-512 */
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
-        if (f16 && avx512 && __builtin_cpu_supports("avx512f")) return dot_f16_avx512;
-        return f16 ? dot_f16_avx2 : dot_f32_avx2;
+        if (kind == EMB_DOT_F16 && avx512 && __builtin_cpu_supports("avx512f")) return dot_f16_avx512;
+        return avx2[kind];
     }
 #endif
-    return f16 ? dot_f16 : dot_f32;
+    return portable[kind];
 }
 
 typedef struct {
@@ -242,16 +260,18 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
-int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int f16,
+int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
             const float *q, uint32_t nq, float *out, uint64_t ld, int threads) {
     enum { MAX_THREADS = 64 };
     dot_job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
-    uint64_t width = f16 ? 2u : 4u;
+    static const uint64_t widths[] = {4u, 2u, 2u, 1u, 1u};
+    if (kind < EMB_DOT_F32 || kind > EMB_DOT_U8) return EMB_E_RANGE;
+    uint64_t width = widths[kind];
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if ((uint64_t)threads > n) threads = n ? (int)n : 1;
-    dot_fn fn = choose(f16);
+    dot_fn fn = choose(kind);
     uint64_t per = n / (uint64_t)threads, lo = 0;
     int started = 0;
     for (int t = 0; t < threads; t++) {

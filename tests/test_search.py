@@ -52,10 +52,11 @@ def check(db, matrix, keys, queries, k, metric, exclude=()):
                 ), (metric, qi, j, key, want)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int8", "uint16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int8", "uint8", "uint16"])
 @pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
 def test_every_metric_and_dtype_against_numpy(tmp_path, dtype, metric, monkeypatch):
-    monkeypatch.setattr(search_module, "BLOCK_BYTES", 4096)  # many blocks: the running top-k is merged often
+    for blocks in ("BLOCK_BYTES", "KERNEL_BLOCK_BYTES"):  # many blocks: the running top-k is merged often
+        monkeypatch.setattr(search_module, blocks, 4096)
     rng = np.random.default_rng(len(dtype) + len(metric))
     n, dim = 700, 12
     if np.dtype(dtype).kind == "f":
@@ -126,7 +127,7 @@ def test_search_from_the_command_line(tmp_path):
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "'nope'" in out.stderr
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_many_queries_take_the_blas_path_and_agree(tmp_path, dtype):
     rng = np.random.default_rng(9)
     matrix = rng.standard_normal((400, 20)).astype(dtype)
@@ -146,13 +147,14 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
     without AVX-512 (dims not multiples of 8 or 16 included), for the dot products and the top-k (ties, NaN,
     blocks that are views of wider scores)."""
     script = (
-        "import numpy as np, embfile._core as c\n"
+        "import numpy as np, ml_dtypes, embfile._core as c\n"
         "rng = np.random.default_rng(2)\n"
         "for dim in (1, 7, 8, 17, 33, 48, 1280):\n"
         "    x = rng.standard_normal((33, dim)).astype(np.float32)\n"
         "    for queries in (1, 3, 4, 9):  # one at a time, and in fours\n"
         "        q = rng.standard_normal((queries, dim)).astype(np.float32)\n"
-        "        for block in (x, x.astype(np.float16)):\n"
+        "        narrow = (x.astype(np.float16), x.astype(ml_dtypes.bfloat16), (x * 40).astype(np.int8))\n"
+        "        for block in (x, *narrow, (x * 40 + 128).clip(0, 255).astype(np.uint8)):\n"
         "            want = q.astype(np.float64) @ block.T.astype(np.float64)\n"
         "            assert np.allclose(c.dot(block, q, 3), want, rtol=1e-4, atol=1e-3), (dim, queries)\n"
         "halves = np.arange(65536, dtype=np.uint16).view(np.float16)  # every float16, subnormals and NaN too\n"
