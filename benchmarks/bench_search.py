@@ -1,10 +1,10 @@
 """Exact nearest-neighbour search: embfile against numpy, faiss and usearch on the same data, warm, beside the
 machine's memory read bandwidth and sgemm rate measured in the same run.
 
-Data: ``--rows`` x ``--dim`` random vectors (default 500,000 x 1280, ProtT5/ESM-sized), stored as float32 and
-as float16 .emb files; queries are stored vectors plus noise.  For 1, 16 and 256 queries (k = 10, inner
-product), the tools run in turn, ``--rounds`` times over (interleaved, beside a fresh measurement of the bound),
-and the median of each figure is kept:
+Data: ``--rows`` x ``--dim`` random vectors (default 500,000 x 1280, ProtT5/ESM-sized), stored as float32,
+float16, bfloat16 and (scaled, rounded) int8 .emb files; queries are stored vectors plus noise.  For 1, 16 and
+256 queries (k = 10, inner product; the narrow types up to 16), the tools run in turn, ``--rounds`` times over
+(interleaved, each after a fresh measurement of the bound), and the median of each figure is kept:
 
 - embfile ``db.search`` over the mapped file (nothing loaded);
 - numpy: ``matrix @ q.T`` and ``argpartition`` over the matrix already in memory (loading it not counted);
@@ -106,9 +106,11 @@ def run(args):
         matrix = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
         keys = [f"UniRef50_{i:010d}" for i in range(args.rows)]
         paths = {}
-        for dtype in ("float32", "float16"):
+        for dtype in ("float32", "float16", "bfloat16"):
             paths[dtype] = os.path.join(folder, f"{dtype}.emb")
             embfile.write(paths[dtype], (keys, matrix), dtype=dtype)
+        paths["int8"] = os.path.join(folder, "int8.emb")  # quantised as users do: scaled, rounded, clipped
+        embfile.write(paths["int8"], (keys, np.clip(np.rint(matrix * 32), -127, 127).astype(np.int8)))
         threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
         print(
             f"machine: read bandwidth {read_gbps(matrix):.1f} GB/s ({os.cpu_count()} threads), sgemm "
@@ -133,6 +135,12 @@ def run(args):
             tools = {
                 "embfile float32": lambda q=q: dbs["float32"].search(q, k=K, metric="ip"),
                 "embfile float16": lambda q=q: dbs["float16"].search(q, k=K, metric="ip"),
+                # narrower types, through the kernel (many queries would go through BLAS on a widened copy)
+                **(
+                    {f"embfile {t}": lambda q=q, t=t: dbs[t].search(q, k=K, metric="ip") for t in ("bfloat16", "int8")}
+                    if nq <= 16
+                    else {}
+                ),
                 "numpy (in memory)": lambda q=q: numpy_search(matrix, q),
                 "faiss IndexFlatIP": lambda q=q: index.search(q, K),
                 "usearch exact": lambda q=q: usearch_search(matrix, q, K, metric="ip", exact=True),
@@ -157,7 +165,8 @@ def run(args):
             mine = np.array(times["embfile float32"])
             for name, taken in times.items():
                 t = np.array(taken)
-                share = 0.5 if name == "embfile float16" and nq == 1 else 1.0  # half the bytes to read
+                stored = {"embfile float16": 0.5, "embfile bfloat16": 0.5, "embfile int8": 0.25}.get(name, 1.0)
+                share = stored if nq == 1 else 1.0  # one query: reading the stored bytes once
                 vs, ratio = np.array(bounds[name]) * share / t, t / mine  # per round, then the median
                 print(
                     f"| {nq} | {name} | {np.median(t) * 1e3:,.1f} ms ({t.min() * 1e3:,.1f}-{t.max() * 1e3:,.1f}) | "
@@ -166,8 +175,9 @@ def run(args):
                 )
         print(
             "\n'vs bound': the bound's time over the tool's, the bound measured just before the tool (100% = at the "
-            "bound; for float16 and one query, reading its half-size records once). 'embfile float32 is': the tool's "
-            "time over embfile float32's in the same round (above 1: embfile faster). Median of the rounds (range)."
+            "bound; for a narrower type and one query, reading its smaller records once). 'embfile float32 is': the "
+            "tool's time over embfile float32's in the same round (above 1: embfile faster). Median of the rounds "
+            "(range)."
         )
         for db in dbs.values():
             db.close()
