@@ -4,10 +4,11 @@
  * of every query (emb_topk_merge).
  *
  * One pass over the rows: each row is loaded once and multiplied with every
- * query while it sits in L1.  float16 rows are widened in registers (F16C), so
- * they cost half the memory traffic of float32 ones.  The AVX2 + FMA versions
- * (AVX-512 for float16) are chosen at run time; the portable loops give the
- * same results up to rounding.  Rows are split between threads.
+ * query while it sits in L1.  float16, bfloat16 and (u)int8 rows are widened
+ * in registers, so they cost a half or a quarter of the memory traffic of
+ * float32 ones.  The AVX2 + FMA versions (AVX-512 for float16) are chosen at
+ * run time; the portable loops give the same results up to rounding.  Rows are
+ * split between threads.
  *
  * Scores are laid out query by query, so each query's top-k reads its scores
  * in memory order and rejects most of them eight at a time.
