@@ -108,7 +108,10 @@ cdef inline const uint8_t *_utf8(object key, size_t *n) except NULL:
 
 
 cdef enum:
-    HINT_STEP = 128 * 1024  # as embfile._pages.HINT_STEP: WILLNEED reads at most the read-ahead size per call
+    # WILLNEED reads at most the device's read-ahead size per call (read_ahead_kb, or max_sectors_kb if larger)
+    # and ignores the rest of the range: asked in steps no larger than the smallest default, every page is read,
+    # the reads queued together (the cost of a call is in its pages, not in the number of calls)
+    HINT_STEP = 128 * 1024
 
 
 cdef inline size_t _hint(uintptr_t lo, uintptr_t hi) noexcept nogil:
@@ -857,6 +860,15 @@ def copy_all(const uintptr_t[::1] bases, const uint64_t[::1] starts, uint64_t re
         for s in range(n_shards):
             emb_copy(dst + starts[s] * record_bytes, <const uint8_t *>bases[s],
                      (starts[s + 1] - starts[s]) * record_bytes)
+
+
+def hint(uintptr_t addr, size_t length):
+    """Ask the kernel to read a page-aligned range of a mapping the caller keeps alive, every page of it
+    (``WILLNEED`` in steps it reads whole), without the GIL; returns the calls made."""
+    cdef size_t calls
+    with nogil:
+        calls = _hint(addr, addr + length)
+    return calls
 
 
 def advise(uintptr_t addr, size_t length, int advice):

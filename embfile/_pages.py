@@ -24,10 +24,6 @@ from embfile import _core
 POPULATE_READ: int = getattr(mmap, "MADV_POPULATE_READ", 22)
 MADV_POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
 POPULATE_STEP = 8 << 20  # pages faulted in per madvise call of the helper thread
-# WILLNEED reads at most the device's read-ahead size per call (read_ahead_kb, or max_sectors_kb if larger) and
-# ignores the rest of the range: asked for in steps no larger than the smallest default, every page is read,
-# the reads queued together (the cost of a call is in its pages, not in the number of calls)
-HINT_STEP = 128 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +74,12 @@ class Layout:
         return out
 
     def advise(self, lo: int, hi: int, advice: int) -> None:
-        """``madvise`` the pages of rows ``[lo, hi)`` (``WILLNEED`` in steps the kernel reads whole)."""
-        step = HINT_STEP if advice == mmap.MADV_WILLNEED else None
+        """``madvise`` the pages of rows ``[lo, hi)`` (``WILLNEED`` through ``_core.hint``: every page read)."""
         for address, length in self.page_ranges(lo, hi):
-            for at in range(address, address + length, step or length):
-                _core.advise(at, min(step or length, address + length - at), advice)
+            if advice == mmap.MADV_WILLNEED:
+                _core.hint(address, length)
+            else:
+                _core.advise(address, length, advice)
 
     def cached(self, samples: int = 16, sample_bytes: int = 1 << 20) -> bool:
         """Whether the records look to be in the page cache: at least 90% of ``samples`` ranges spread over
