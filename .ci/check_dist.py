@@ -41,7 +41,8 @@ WHEEL_NEEDS = [
     "embfile/_core.pyi",
     "embfile/py.typed",
     "embfile/formats/hdf5.py",
-    "embfile/spark.py",
+    "embfile/spark/__init__.py",
+    "embfile/spark/EmbfileReader.java",  # compiled against the Spark that runs it, at its first read
     "pyspark_embfile.py",  # at the top level of site-packages, where Spark's automatic registration looks
 ]
 WHEEL_REFUSES = [".pyx", ".pxd", ".c", ".h"]

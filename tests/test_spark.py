@@ -157,3 +157,91 @@ def test_a_failed_job_commits_nothing(spark, tmp_path):
     with pytest.raises(Exception, match="partition 1 has vectors of dim 1, partition 0 of dim 2"):
         save(bad.repartition(2, "id").sortWithinPartitions("id"), ds)
     assert not ds.exists()
+
+
+SPARK_DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64"]
+
+
+def both_reads(spark, path, **options):
+    """The rows of ``embfile.spark.read`` (the JVM reader) and of ``format("embfile")`` (Python workers)."""
+    jvm = embfile.spark.read(spark, str(path), **options)
+    python = spark.read.format("embfile")
+    for k, v in options.items():
+        python = python.option(k, v)
+    python = python.load(str(path))
+    assert jvm.schema == python.schema
+    assert "EmbfileReader" in jvm._jdf.queryExecution().toString()  # the JVM reader, not the fallback
+    return jvm.collect(), python.collect(), jvm.rdd.getNumPartitions()
+
+
+@pytest.mark.parametrize("dtype", SPARK_DTYPES)
+def test_the_jvm_reader_reads_every_type_as_the_python_source_does(spark, tmp_path, dtype):
+    rng = np.random.default_rng(len(dtype))
+    if dtype.startswith("float"):
+        matrix = rng.standard_normal((500, 9)).astype(dtype)
+        matrix[0, :6] = [np.inf, -np.inf, 0.0, -0.0, np.finfo(dtype).tiny, np.finfo(dtype).smallest_subnormal]
+        matrix[1, 0] = np.nan
+    else:
+        info = np.iinfo(dtype)
+        matrix = rng.integers(info.min, info.max, (500, 9), endpoint=True, dtype=dtype)
+        matrix[0, :2] = info.min, info.max
+    keys = [f"clé-{i}" for i in range(500)]
+    embfile.write(tmp_path / "one.emb", (keys, matrix))
+    jvm, python, partitions = both_reads(spark, tmp_path / "one.emb", rows_per_partition=120)
+    assert partitions == 5 and [r.key for r in jvm] == [r.key for r in python] == keys
+    got = np.array([r.vector for r in jvm])
+    np.testing.assert_array_equal(got, np.array([r.vector for r in python]))  # NaN equal to NaN
+    np.testing.assert_array_equal(got, matrix.astype(got.dtype))
+
+
+def test_the_jvm_reader_reads_versions_of_sharded_datasets(spark, tmp_path):
+    keys, matrix = expected(1000)
+    ds = tmp_path / "ds"
+    embfile.write_shards(ds, (keys[:600], matrix[:600]), shard_bytes=170 * 8 * 4)
+    save(frame(spark, 400, lo=600), ds)  # version 2 appends shards written by Spark
+    jvm, python, partitions = both_reads(spark, ds, rows_per_partition=100)
+    assert partitions >= 10 and sorted(jvm) == sorted(python)
+    got = {r.key: r.vector for r in jvm}
+    assert len(jvm) == 1000 and np.array_equal(np.array([got[k] for k in keys]), matrix)
+    assert len(embfile.spark.read(spark, str(ds), version=1).collect()) == 600
+    embfile.write_shards(tmp_path / "empty", ([], np.empty((0, 8), np.float32)))
+    assert embfile.spark.read(spark, str(tmp_path / "empty")).collect() == []
+
+
+def test_the_jvm_reader_refuses_a_file_changed_since_planning_or_damaged(spark, tmp_path):
+    keys, matrix = expected(300)
+    path = tmp_path / "one.emb"
+    embfile.write(path, (keys, matrix))
+    planned = embfile.spark.read(spark, str(path))
+    embfile.write(tmp_path / "other.emb", (keys[:299], matrix[:299]))
+    os.replace(tmp_path / "other.emb", path)
+    with pytest.raises(Exception, match="one.emb: changed since the read was planned"):
+        planned.collect()
+    damaged = tmp_path / "damaged.emb"
+    embfile.write(damaged, (keys, matrix))
+    with embfile.open(damaged) as db:
+        offsets_at = db.files[0].header.keys_offset
+    with open(damaged, "r+b") as f:  # key 100 ends before it starts: opening does not read so far
+        f.seek(offsets_at + 8 * 101)
+        f.write((3).to_bytes(8, "little"))
+    with pytest.raises(Exception, match="damaged.emb: the offsets of key 100 are out of order"):
+        embfile.spark.read(spark, str(damaged)).collect()
+
+
+def test_without_a_jdk_read_warns_once_and_reads_through_python(spark, tmp_path, monkeypatch):
+    from embfile.spark import _jvm
+
+    keys, matrix = expected(200)
+    embfile.write(tmp_path / "one.emb", (keys, matrix))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no jar compiled yet
+    monkeypatch.setenv("PATH", str(tmp_path))  # and no javac to compile one
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    _jvm.jar.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no JDK .javac. to compile the JVM reader; reading through the Python"):
+            df = embfile.spark.read(spark, str(tmp_path / "one.emb"))
+    finally:
+        _jvm.jar.cache_clear()
+    assert "EmbfileReader" not in df._jdf.queryExecution().toString()
+    got = {r.key: r.vector for r in df.collect()}
+    np.testing.assert_array_equal(np.array([got[k] for k in keys]), matrix)

@@ -3,7 +3,7 @@
 
 >>> embfile.spark.register(spark)                                              # doctest: +SKIP
 >>> df.write.format("embfile").mode("append").option("key", "id").save("esm2/") # doctest: +SKIP
->>> spark.read.format("embfile").load("esm2/")                                 # doctest: +SKIP
+>>> embfile.spark.read(spark, "esm2/")                                         # doctest: +SKIP
 >>> embfile.spark.lookup(ids, "esm2/", key_col="id")                           # doctest: +SKIP
 
 Writing: each task writes its partition's shards, and the driver commits them as one new version of the
@@ -14,7 +14,8 @@ is none.  Options: ``key`` and ``vector`` (the columns, default ``key`` and ``ve
 the vector column's element type), ``shard_bytes`` (default 1 GiB).
 
 Reading: a DataFrame ``key string, vector array<T>``, one input partition per shard or slice of a shard (option
-``rows_per_partition``), read as Arrow batches from the mapping.  ``T`` is the stored type, except float16
+``rows_per_partition``): :func:`read` reads it on the JVM (:mod:`embfile.spark._jvm`), ``spark.read.format(
+"embfile")`` by Python workers, as Arrow batches from the mapping.  ``T`` is the stored type, except float16
 (read as float: Spark has no half type); uint64 has no Spark type.  Option ``version`` reads an earlier one.
 
 The folder must be on a file system every executor and the driver see (a shared mount).  With pyspark
@@ -25,6 +26,8 @@ installed, ``spark.read.format("embfile")`` works without :func:`register` too: 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +53,7 @@ from embfile import folder as layout  # noqa: E402
 from embfile._stream import Chunk  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
+from embfile.spark import _jvm  # noqa: E402
 
 ROWS_PER_BATCH = 8192  # rows per Arrow batch a read task hands to Spark
 PARTITION_BYTES = 128 << 20  # records per read task, by default
@@ -119,8 +123,7 @@ class _Reader(DataSourceReader):
     def partitions(self) -> list[_Rows]:
         with open_dataset(self.path, self.version) as ds:
             version = ds.version  # every task reads the version planned here
-            step = self.rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
-            bounds = ds.slices(step)  # a task reads from one file
+            bounds = _bounds(ds, self.rows_per_partition)
             return [_Rows(self.path, version, lo, hi) for lo, hi in zip(bounds, bounds[1:])] or [
                 _Rows(self.path, version, 0, 0)
             ]
@@ -213,6 +216,39 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
     return df.mapInArrow(gather, schema)
 
 
+def read(spark: SparkSession, path: str, version: int | None = None, rows_per_partition: int = 0) -> DataFrame:
+    """``spark.read.format("embfile").load(path)``, read by a JVM reader instead of Python workers.
+
+    The same DataFrame (``key string, vector array<T>``, one partition per file or slice of a file), read
+    several times faster: no row crosses from Python to the JVM.  The reader is compiled against the running
+    Spark at the first read on a machine (a second or two, then cached; it needs a JDK's ``javac``); where it
+    cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
+    the read, so its files are checked as :func:`embfile.open` checks them.
+    """
+    with open_dataset(path, version) as ds:
+        _spark_type(ds)
+        planned = ds.version
+        dtype, parts = ds.dtype.name, _jvm.partitions(ds, _bounds(ds, rows_per_partition))
+    try:
+        _jvm.load(spark)
+    except _jvm.Unavailable as e:
+        _warn_once(f"embfile.spark.read: {e}; reading through the Python data source")
+        reader = spark.read.format("embfile").option("rows_per_partition", rows_per_partition)
+        return reader.option("version", "" if planned is None else planned).load(str(path))
+    return spark.read.format(_jvm.CLASS).option("dtype", dtype).option("partitions", parts).load()
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _bounds(ds: Dataset, rows_per_partition: int) -> list[int]:
+    """The rows where read partitions start: about 128 MiB of records each, unless ``rows_per_partition``."""
+    step = rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
+    return ds.slices(step)  # a task reads from one file
+
+
 def _version(value: Any) -> int | None:
     return None if value in (None, "") else int(value)
 
@@ -231,4 +267,4 @@ def _chunk(batch: Any, key: str, vector: str, dim: int | None) -> Chunk:
         raise errors.WriterError(f"embfile: {e}") from None
 
 
-__all__ = ["register", "lookup", "EmbfileDataSource"]
+__all__ = ["register", "read", "lookup", "EmbfileDataSource"]
