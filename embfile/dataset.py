@@ -343,7 +343,9 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
 
         It shares memory with the mapped files (the keys section has Arrow's ``large_string`` layout, the
         records its ``fixed_size_list`` layout and the ranges ``large_list`` offsets): nothing is copied, and
-        the table stays valid after :meth:`close`.  One record batch per file.  Needs pyarrow
+        the table stays valid after :meth:`close`.  Arrow trusts the offsets and the UTF-8 of what it is
+        given, so they are checked first, Arrow's full validation reading every offset and key once (a
+        damaged file: :class:`CorruptFileError`).  One record batch per file.  Needs pyarrow
         (``pip install "embfile[parquet]"``).
         """
         pa = require("pyarrow", "parquet")
@@ -375,7 +377,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             if h.ragged:  # u64 row offsets, read as Arrow's int64 ones (below 2**63: the file's rows fit)
                 ranges = mapped.slice(h.ranges_offset, h.ranges_size)
                 vectors = pa.Array.from_buffers(column_type, n, [None, ranges], children=[vectors])
-            batches.append(pa.RecordBatch.from_arrays([keys, vectors], schema=schema))
+            batch = pa.RecordBatch.from_arrays([keys, vectors], schema=schema)
+            try:
+                batch.validate(full=True)
+            except pa.ArrowInvalid as e:
+                raise errors.CorruptFileError(f"{part.path}: keys or ranges section damaged: {e}") from None
+            batches.append(batch)
         return pa.Table.from_batches(batches, schema=schema)
 
     # -- the files ----------------------------------------------------------------------------------

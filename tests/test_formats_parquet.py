@@ -199,6 +199,32 @@ def test_to_arrow_shares_memory(tmp_path, data):
     assert t["key"][3].as_py() == list(data)[3]  # still valid after close, like any view
 
 
+@pytest.mark.parametrize("damage", ["key offsets", "ranges", "utf-8"])
+def test_to_arrow_refuses_a_damaged_keys_or_ranges_section(tmp_path, damage):
+    """Arrow trusts the offsets and strings it is given: an offset going backwards inside its section
+    (opening checks only the ends) would make it read outside them."""
+    keys, ragged = [f"k{i}" for i in range(300)], damage == "ranges"
+    records = [np.ones((2, 4), np.float32)] * 300 if ragged else np.ones((300, 4))
+    path = tmp_path / "a.emb"
+    embfile.write(path, dict(zip(keys, records)), **({"ragged": True} if ragged else {}))
+    with embfile.open(path) as db:
+        h = db.files[0].header
+    at, value = {
+        "key offsets": (h.keys_offset + 8 * 101, (3).to_bytes(8, "little")),
+        "ranges": (h.ranges_offset + 8 * 101, (3).to_bytes(8, "little")),
+        "utf-8": (h.keys_offset + 8 * 301, b"\xff"),
+    }[damage]
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(value)
+    why = "Invalid UTF8 sequence at string index 0" if damage == "utf-8" else "non-monotonic offset at slot 101"
+    with (
+        embfile.open(path) as db,
+        pytest.raises(embfile.CorruptFileError, match=f"a.emb: keys or ranges section damaged: .*{why}"),
+    ):
+        db.to_arrow()
+
+
 @pytest.fixture
 def residues():
     """Per-residue matrices of 1 to 60 rows of 16 values."""
