@@ -2,9 +2,13 @@
 versions, lookups, and tasks that fail and are retried with every key still committed exactly once."""
 
 import os
+import pathlib
 
+import mutate
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import embfile
 from embfile import folder as layout
@@ -226,6 +230,31 @@ def test_the_jvm_reader_refuses_a_file_changed_since_planning_or_damaged(spark, 
         f.write((3).to_bytes(8, "little"))
     with pytest.raises(Exception, match="damaged.emb: the offsets of key 100 are out of order"):
         embfile.spark.read(spark, str(damaged)).collect()
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    return {name: pathlib.Path(p) for name, (p, _) in mutate.write_seeds(tmp_path_factory.mktemp("seeds")).items()}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_jvm_reader_on_hostile_files_reads_or_names_the_damage(spark, seeds, tmp_path_factory, data):
+    """Damaged files (fuzz/mutate.py) either fail planning with embfile's error, fail the read with the
+    reader's own message naming the file, or read: never another JVM exception."""
+    original = seeds[data.draw(st.sampled_from(sorted(seeds)))].read_bytes()
+    ops, reseal = data.draw(mutate.mutations(original))
+    case = tmp_path_factory.mktemp("case") / "case.emb"
+    case.write_bytes(mutate.apply(original, ops, reseal))
+    try:
+        df = embfile.spark.read(spark, str(case))
+    except (embfile.EmbFileError, TypeError):  # TypeError: ragged records, which Spark reads pooled
+        return
+    try:
+        df.collect()
+    except Exception as e:
+        assert f"embfile: {case}: " in str(e), (ops, reseal, str(e)[:2000])
+        event(str(e).split(f"{case}: ")[1][:40])
 
 
 def test_without_a_jdk_read_warns_once_and_reads_through_python(spark, tmp_path, monkeypatch):
