@@ -221,7 +221,7 @@ def read(spark: SparkSession, path: str, version: int | None = None, rows_per_pa
 
     The same DataFrame (``key string, vector array<T>``, one partition per file or slice of a file), read
     several times faster: no row crosses from Python to the JVM.  The reader is compiled against the running
-    Spark at the first read on a machine (a second or two, then cached; it needs a JDK's ``javac``); where it
+    Spark at the first read on a machine (seconds, then cached; it needs a JDK's ``javac``); where it
     cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
     the read, so its files are checked as :func:`embfile.open` checks them.
     """
