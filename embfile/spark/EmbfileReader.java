@@ -159,13 +159,17 @@ public final class EmbfileReader implements TableProvider {
             this.row = this.chunkLo = this.chunkHi = part.lo;
             try {
                 this.file = FileChannel.open(Paths.get(part.path), StandardOpenOption.READ);
-                ByteBuffer header = read(0, 256);
-                long crc = header.getInt(252) & 0xffffffffL;
+            } catch (IOException e) {
+                throw new UncheckedIOException("embfile: " + part.path + ": " + e.getMessage(), e);
+            }
+            try {
+                long crc = read(0, 256).getInt(252) & 0xffffffffL;
                 if (file.size() != part.size || crc != part.headerCrc) {
                     throw problem("changed since the read was planned (size or header differ)");
                 }
-            } catch (IOException e) {
-                throw new UncheckedIOException("embfile: " + part.path + ": " + e.getMessage(), e);
+            } catch (IOException | RuntimeException e) {
+                try { file.close(); } catch (IOException ignored) { }  // Spark closes only the readers it got
+                throw e instanceof IOException ? new UncheckedIOException("embfile: " + part.path + ": " + e.getMessage(), (IOException) e) : (RuntimeException) e;
             }
         }
 
