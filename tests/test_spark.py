@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from servers import RangeServer
 
 import embfile
 from embfile import folder as layout
@@ -255,6 +256,21 @@ def test_the_jvm_reader_on_hostile_files_reads_or_names_the_damage(spark, seeds,
     except Exception as e:
         assert f"embfile: {case}: " in str(e), (ops, reseal, str(e)[:2000])
         event(str(e).split(f"{case}: ")[1][:40])
+
+
+def test_a_url_is_read_through_the_python_data_source(spark, tmp_path):
+    """The JVM reader reads files every executor sees; a URL's tasks fetch their part themselves."""
+    keys, matrix = expected(700)
+    (tmp_path / "srv").mkdir()
+    embfile.write_shards(tmp_path / "srv" / "ds", (keys, matrix), shard_bytes=200 * 8 * 4)
+    server = RangeServer(str(tmp_path / "srv"))
+    try:
+        df = embfile.spark.read(spark, f"{server.url}/ds", rows_per_partition=150)
+        assert "EmbfileReader" not in df._jdf.queryExecution().toString()
+        got = {r.key: r.vector for r in df.collect()}
+    finally:
+        server.stop()
+    np.testing.assert_array_equal(np.array([got[k] for k in keys]), matrix)
 
 
 def test_without_a_jdk_read_warns_once_and_reads_through_python(spark, tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ from pyspark.sql.datasource import (  # noqa: E402
 )
 from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # noqa: E402
 
-from embfile import errors, jobs  # noqa: E402
+from embfile import errors, jobs, remote  # noqa: E402
 from embfile import folder as layout  # noqa: E402
 from embfile._stream import Chunk  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
@@ -223,8 +223,12 @@ def read(spark: SparkSession, path: str, version: int | None = None, rows_per_pa
     several times faster: no row crosses from Python to the JVM.  The reader is compiled against the running
     Spark at the first read on a machine (seconds, then cached; it needs a JDK's ``javac``); where it
     cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
-    the read, so its files are checked as :func:`embfile.open` checks them.
+    the read, so its files are checked as :func:`embfile.open` checks them.  A URL (``s3://``, ``https://``...)
+    is read through the Python data source too: the JVM reader reads files every executor sees, and there each
+    task fetches what it reads.
     """
+    if remote.is_url(path):
+        return _python_read(spark, path, version, rows_per_partition)
     with open_dataset(path, version) as ds:
         _spark_type(ds)
         planned = ds.version
@@ -233,9 +237,13 @@ def read(spark: SparkSession, path: str, version: int | None = None, rows_per_pa
         _jvm.load(spark)
     except _jvm.Unavailable as e:
         _warn_once(f"embfile.spark.read: {e}; reading through the Python data source")
-        reader = spark.read.format("embfile").option("rows_per_partition", rows_per_partition)
-        return reader.option("version", "" if planned is None else planned).load(str(path))
+        return _python_read(spark, path, planned, rows_per_partition)
     return spark.read.format(_jvm.CLASS).option("dtype", dtype).option("partitions", parts).load()
+
+
+def _python_read(spark: SparkSession, path: str, version: int | None, rows_per_partition: int) -> DataFrame:
+    reader = spark.read.format("embfile").option("rows_per_partition", rows_per_partition)
+    return reader.option("version", "" if version is None else version).load(str(path))
 
 
 @functools.cache
