@@ -7,7 +7,8 @@ Loaders (batches of 256 records, one shuffled epoch each):
 - embfile ``IterableDataset`` (block shuffle) through ``DataLoader(batch_size=None, num_workers=k)``;
 - embfile ``Loader`` (no workers: the gather on this thread, read-ahead on another);
 - embfile map-style ``Dataset`` with ``shuffle=True`` and ``collate_fn=embfile.torch.collate``, and with a
-  ``BatchSampler`` as the sampler (``batch_size=None``: each item is a batch);
+  batch sampler as the sampler (``batch_size=None``: each item is a batch): PyTorch's ``BatchSampler`` over a
+  ``RandomSampler``, and embfile's ``BatchSampler`` (the block-shuffled epoch, index arrays);
 - a numpy memmap map-style dataset (``__getitem__`` per row, the default collate), ``shuffle=True``;
 - Hugging Face datasets (Arrow, memory-mapped, ``with_format("torch")``), ``shuffle=True``;
 - LitData (``optimize`` then ``StreamingDataset(shuffle=True)`` + ``StreamingDataLoader``), where it installs.
@@ -47,6 +48,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 import embfile
+from embfile.torch import BatchSampler as Sampler
 from embfile.torch import Dataset, IterableDataset, Loader, collate
 
 BATCH = 256
@@ -127,13 +129,20 @@ def loaders(paths):
             [paths["emb"]],
             WORKERS,
         ),
-        "embfile map-style, BatchSampler": (
+        "embfile map-style, torch BatchSampler": (
             lambda k, cold: dl(
                 Dataset(paths["emb"]),
                 k,
                 cold,
                 batch_size=None,
                 sampler=BatchSampler(RandomSampler(range(n_records(paths))), BATCH, False),
+            ),
+            [paths["emb"]],
+            WORKERS,
+        ),
+        "embfile map-style, embfile BatchSampler": (
+            lambda k, cold: dl(
+                by_row := Dataset(paths["emb"]), k, cold, batch_size=None, sampler=Sampler(by_row, BATCH, seed=1)
             ),
             [paths["emb"]],
             WORKERS,

@@ -21,7 +21,7 @@ import torch.utils.data
 
 import embfile
 from embfile._handover import Buffers, each_tensor, worker_buffers
-from embfile.epochs import Batches, EpochOptions, count
+from embfile.epochs import BLOCK_BYTES, Batches, EpochOptions, EpochPlan, count, rank_share
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | embfile.Dataset
 
@@ -124,6 +124,94 @@ class Dataset(torch.utils.data.Dataset):
         return tensor(out)
 
 
+class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
+    """Batches of item numbers of a map-style :class:`Dataset`, in the block-shuffled order of
+    :meth:`embfile.Dataset.iter_batches` (the same epoch for the same options), as numpy arrays.
+
+    In the place of ``torch.utils.data.BatchSampler(RandomSampler(ds), ...)``::
+
+        DataLoader(ds, batch_size=None, sampler=embfile.torch.BatchSampler(ds, 256, seed=0), num_workers=k)
+
+    A batch is one gather of rows from one window of the file instead of rows from anywhere: a cold file is
+    read in runs, and an index array crosses to a worker in one piece, not as 256 Python ints.  Options are
+    those of :class:`~embfile.epochs.EpochOptions` that order an epoch (``seed``, ``epoch``, ``shuffle``, ``drop_last``,
+    ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``: ``torch.distributed``'s by default).  Over a
+    Dataset made with ``keys``, blocks are runs of those keys, in their order.  Call :meth:`set_epoch` before
+    each epoch; to resume, save ``sampler.state_dict(batches_seen)``, then ``load_state_dict(state)``.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, **options: Any) -> None:
+        ordering = {"seed", "epoch", "shuffle", "drop_last", "block_size", "buffer_blocks", "rank", "world_size"}
+        unknown = set(options) - ordering
+        if unknown:
+            raise TypeError(f"BatchSampler() got unexpected options {sorted(unknown)}")
+        self.options = EpochOptions(batch_size, **_distributed(options))
+        self._n, self._record_bytes = len(dataset), dataset.store.dim * dataset.store.dtype.itemsize
+        self._start = 0
+        self._plan()  # check the options here
+
+    def _plan(self) -> tuple[EpochPlan, int, int]:
+        o = self.options
+        block_size = o.block_size or max(1, BLOCK_BYTES // self._record_bytes)
+        plan = EpochPlan(
+            self._n, block_size=block_size, buffer_blocks=o.buffer_blocks, seed=o.seed, epoch=o.epoch, shuffle=o.shuffle
+        )
+        return plan, *rank_share(self._n, o.rank, o.world_size, o.batch_size, o.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Order epoch ``epoch`` next, from its start."""
+        self.options = dataclasses.replace(self.options, epoch=count(epoch, "epoch"))
+        self._start = 0
+
+    def __len__(self) -> int:
+        _, lo, hi = self._plan()
+        return -(-max(0, hi - lo - self._start) // self.options.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        plan, lo, hi = self._plan()
+        for first in range(lo + self._start, hi, self.options.batch_size):
+            yield plan.rows(first, min(first + self.options.batch_size, hi)).astype(np.int64)
+
+    def state_dict(self, batches_seen: int) -> dict[str, Any]:
+        """The resume point after the loader yielded ``batches_seen`` batches of this pass."""
+        _, lo, hi = self._plan()
+        position = min(self._start + count(batches_seen, "batches_seen") * self.options.batch_size, hi - lo)
+        return {**self._config(), "position": position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state`` (from :meth:`state_dict` of a sampler made the same way) on the next pass."""
+        self.options = dataclasses.replace(self.options, epoch=count(state["epoch"], "epoch"))
+        for name, value in self._config().items():
+            if state.get(name) != value:
+                raise ValueError(f"state was saved with {name}={state.get(name)!r}, this sampler has {name}={value!r}")
+        self._start = count(state["position"], "position")
+
+    def _config(self) -> dict[str, Any]:
+        plan, o = self._plan()[0], self.options
+        return {
+            "records": plan.n,
+            "seed": plan.seed,
+            "epoch": plan.epoch,
+            "shuffle": plan.shuffle,
+            "block_size": plan.block_size,
+            "buffer_blocks": plan.buffer_blocks,
+            "batch_size": o.batch_size,
+            "rank": o.rank,
+            "world_size": o.world_size,
+            "drop_last": o.drop_last,
+        }
+
+
+def _distributed(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``rank`` and ``world_size`` taken from ``torch.distributed`` where not given."""
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if options.get("rank") is None:
+        options = {**options, "rank": torch.distributed.get_rank() if ddp else 0}
+    if options.get("world_size") is None:
+        options = {**options, "world_size": torch.distributed.get_world_size() if ddp else 1}
+    return options
+
+
 class _Rows(list[torch.Tensor]):
     """The rows of one gathered batch, which :func:`collate` takes back whole (any collate can stack them)."""
 
@@ -155,13 +243,7 @@ class IterableDataset(torch.utils.data.IterableDataset):
         **options: Any,
     ) -> None:
         self.store = _dataset(source)
-        if options.get("rank") is None or options.get("world_size") is None:
-            ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
-            if options.get("rank") is None:
-                options["rank"] = torch.distributed.get_rank() if ddp else 0
-            if options.get("world_size") is None:
-                options["world_size"] = torch.distributed.get_world_size() if ddp else 1
-        self.options = EpochOptions(batch_size, **{"keys": False, **options})
+        self.options = EpochOptions(batch_size, **{"keys": False, **_distributed(options)})
         self.transform = transform
         self._start = 0
         self._batches()  # check the options here, not in a worker

@@ -225,6 +225,62 @@ def test_map_style_batches_through_collate_in_workers(store):
         assert len(got) == len(want) and all(np.array_equal(x.numpy(), w) for x, w in zip(got, want))
 
 
+def sampled(ds, sampler, workers=0, context=None):
+    loader = DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers, multiprocessing_context=context)
+    return [x.numpy() for x in loader]
+
+
+def test_batch_sampler_reads_the_iterable_epoch_through_workers(store):
+    """The map-style path through embfile's BatchSampler: the epoch of iter_batches with the same options,
+    every row once, the same batches with and without workers (fork, spawn), epochs that differ."""
+    from embfile.torch import BatchSampler
+
+    folder, _, matrix = store
+    ds = Dataset(folder / "ds", keys=None)
+    sampler = BatchSampler(ds, 100, seed=11, epoch=2, block_size=40)
+    want = [x.numpy() for x in IterableDataset(folder / "ds", 100, seed=11, epoch=2, block_size=40)]
+    assert len(sampler) == 12 and all(b.dtype == np.int64 for b in sampler)
+    for workers, context in ((0, None), (2, "fork"), (3, "spawn")):
+        got = sampled(ds, sampler, workers, context)
+        assert len(got) == 12 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    rows = np.concatenate(list(sampler))
+    assert sorted(rows.tolist()) == list(range(1200))
+    sampler.set_epoch(3)
+    assert not np.array_equal(np.concatenate(list(sampler)), rows)
+    np.testing.assert_array_equal(np.sort(np.concatenate(sampled(ds, sampler, 2, "fork")), 0), np.sort(matrix, 0))
+    with pytest.raises(TypeError, match=r"unexpected options \['keys'\]"):
+        BatchSampler(ds, 100, keys=True)
+
+
+def test_batch_sampler_ranks_and_resume(store):
+    from embfile.torch import BatchSampler
+
+    folder, keys, _ = store
+    ds = Dataset(folder / "db.emb")
+    shares = [list(BatchSampler(ds, 64, seed=5, rank=r, world_size=3, drop_last=True)) for r in range(3)]
+    assert [len(s) for s in shares] == [6, 6, 6]
+    flat = np.concatenate([b for s in shares for b in s])
+    assert len(flat) == len(set(flat.tolist())) == 3 * 6 * 64
+    loose = [BatchSampler(ds, 64, seed=5, rank=r, world_size=3) for r in range(3)]
+    assert sorted(np.concatenate([b for s in loose for b in s]).tolist()) == list(range(len(keys)))
+
+    sampler = BatchSampler(ds, 50, seed=9, epoch=4)
+    whole = sampled(ds, sampler)
+    seen = []
+    for i, x in enumerate(DataLoader(ds, batch_size=None, sampler=sampler, num_workers=2)):
+        seen.append(x.numpy())
+        if i == 6:
+            break  # the job dies here
+    state = sampler.state_dict(batches_seen=len(seen))
+    fresh = BatchSampler(ds, 50, seed=9)
+    fresh.load_state_dict(state)
+    assert len(fresh) == len(whole) - 7
+    rest = sampled(ds, fresh, 2, "spawn")
+    assert all(np.array_equal(a, b) for a, b in zip(seen + rest, whole)) and len(seen + rest) == len(whole)
+    with pytest.raises(ValueError, match="state was saved with seed=9"):
+        BatchSampler(ds, 50, seed=10).load_state_dict(state)
+
+
 def test_loader_without_workers(store):
     """embfile.torch.Loader: the dataset's batches, transformed on threads and still in order, resumable."""
     import random
