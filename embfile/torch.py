@@ -1,5 +1,6 @@
-"""PyTorch adapters (``pip install "embfile[torch]"``): a map-style ``Dataset``, an ``IterableDataset``
-of block-shuffled batches, and :func:`collate`, which pads per-residue records into a batch with a mask.
+"""PyTorch adapters (``pip install "embfile[torch]"``): a map-style ``Dataset`` and its ``BatchSampler``, an
+``IterableDataset`` of block-shuffled batches, and :func:`collate`, which pads per-residue records into a
+batch with a mask.
 
 Both take a path (a file or a sharded folder) or an open dataset.  Datasets pickle by path, so these work
 in DataLoader workers under ``fork`` and ``spawn`` alike.
@@ -134,10 +135,11 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
 
     A batch is one gather of rows from one window of the file instead of rows from anywhere: a cold file is
     read in runs, and an index array crosses to a worker in one piece, not as 256 Python ints.  Options are
-    those of :class:`~embfile.epochs.EpochOptions` that order an epoch (``seed``, ``epoch``, ``shuffle``, ``drop_last``,
-    ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``: ``torch.distributed``'s by default).  Over a
-    Dataset made with ``keys``, blocks are runs of those keys, in their order.  Call :meth:`set_epoch` before
-    each epoch; to resume, save ``sampler.state_dict(batches_seen)``, then ``load_state_dict(state)``.
+    those of :class:`~embfile.epochs.EpochOptions` that order an epoch (``seed``, ``epoch``, ``shuffle``,
+    ``drop_last``, ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``: ``torch.distributed``'s by
+    default).  Over a Dataset made with ``keys``, blocks are runs of those keys, in their order.  Call
+    :meth:`set_epoch` before each epoch; to resume, save ``sampler.state_dict(batches_seen)``, then
+    ``load_state_dict(state)``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, **options: Any) -> None:

@@ -6,8 +6,8 @@
  * dataset, so every file was checked as embfile.open checks it, and passes each partition's file, its
  * identity and the header fields this reader needs in the option "partitions".  A task reads only inside the
  * sections the driver checked, checks the file is still the one planned (size and header checksum), and checks
- * each key's offsets before it reads the key: a file replaced or damaged since planning is an error naming
- * it, never wrong rows.
+ * each key's offsets before it reads the key: a file replaced since planning, or whose key offsets are out of
+ * order, is an error naming it (as elsewhere, only `embfile verify` reads the records' checksums).
  *
  * Compiled against the Spark that runs it, at first use (embfile/spark/_jvm.py).
  */
