@@ -273,17 +273,30 @@ def test_a_url_is_read_through_the_python_data_source(spark, tmp_path):
     np.testing.assert_array_equal(np.array([got[k] for k in keys]), matrix)
 
 
-def test_without_a_jdk_read_warns_once_and_reads_through_python(spark, tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing", ["jdk", "spark jars", "writable cache"])
+def test_where_the_reader_cannot_be_built_read_warns_and_reads_through_python(spark, tmp_path, monkeypatch, missing):
     from embfile.spark import _jvm
 
     keys, matrix = expected(200)
     embfile.write(tmp_path / "one.emb", (keys, matrix))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no jar compiled yet
-    monkeypatch.setenv("PATH", str(tmp_path))  # and no javac to compile one
-    monkeypatch.delenv("JAVA_HOME", raising=False)
+    why = {
+        "jdk": "no JDK .javac. to compile the JVM reader",
+        "spark jars": "the JVM reader does not compile against Spark .*error: package org.apache.spark",
+        "writable cache": "cannot build the JVM reader in .*cache/embfile/spark",
+    }[missing]
+    if missing == "jdk":
+        monkeypatch.setenv("PATH", str(tmp_path))
+        monkeypatch.delenv("JAVA_HOME", raising=False)
+    elif missing == "spark jars":
+        (tmp_path / "spark" / "jars").mkdir(parents=True)
+        monkeypatch.setenv("SPARK_HOME", str(tmp_path / "spark"))
+    else:
+        (tmp_path / "cache").write_text("a file where the cache folder would be")
     _jvm.jar.cache_clear()
+    embfile.spark._warn_once.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="no JDK .javac. to compile the JVM reader; reading through the Python"):
+        with pytest.warns(UserWarning, match=f"embfile.spark.read: {why}.*; reading through the Python data source"):
             df = embfile.spark.read(spark, str(tmp_path / "one.emb"))
     finally:
         _jvm.jar.cache_clear()

@@ -57,22 +57,25 @@ def jar(spark_version: str) -> str:
     javac = shutil.which("javac") or shutil.which(os.path.join(os.environ.get("JAVA_HOME", ""), "bin", "javac"))
     if not javac:
         raise Unavailable("no JDK (javac) to compile the JVM reader")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        classes = Path(tmp, "classes")
-        run = subprocess.run(
-            [javac, "--release", "17", "-nowarn", "-cp", f"{spark_jars()}/*", "-d", str(classes), str(SOURCE)],
-            capture_output=True,
-            text=True,
-        )
-        if run.returncode != 0:
-            first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip())
-            raise Unavailable(f"the JVM reader does not compile against Spark {spark_version}: {first}")
-        built = Path(tmp, path.name)
-        with zipfile.ZipFile(built, "w") as z:
-            for f in sorted(classes.rglob("*.class")):
-                z.write(f, f.relative_to(classes).as_posix())
-        os.replace(built, path)  # whole, or not there: processes compiling at once each put a whole jar
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            classes = Path(tmp, "classes")
+            run = subprocess.run(
+                [javac, "--release", "17", "-nowarn", "-cp", f"{spark_jars()}/*", "-d", str(classes), str(SOURCE)],
+                capture_output=True,
+                text=True,
+            )
+            if run.returncode != 0:
+                first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip())
+                raise Unavailable(f"the JVM reader does not compile against Spark {spark_version}: {first}")
+            built = Path(tmp, path.name)
+            with zipfile.ZipFile(built, "w") as z:
+                for f in sorted(classes.rglob("*.class")):
+                    z.write(f, f.relative_to(classes).as_posix())
+            os.replace(built, path)  # whole, or not there: processes compiling at once each put a whole jar
+    except OSError as e:
+        raise Unavailable(f"cannot build the JVM reader in {path.parent}: {e}") from None
     return str(path)
 
 
