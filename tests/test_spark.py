@@ -164,9 +164,6 @@ def test_a_failed_job_commits_nothing(spark, tmp_path):
     assert not ds.exists()
 
 
-SPARK_DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64"]
-
-
 def both_reads(spark, path, **options):
     """The rows of ``embfile.spark.read`` (the JVM reader) and of ``format("embfile")`` (Python workers)."""
     jvm = embfile.spark.read(spark, str(path), **options)
@@ -179,7 +176,7 @@ def both_reads(spark, path, **options):
     return jvm.collect(), python.collect(), jvm.rdd.getNumPartitions()
 
 
-@pytest.mark.parametrize("dtype", SPARK_DTYPES)
+@pytest.mark.parametrize("dtype", sorted(embfile.spark.SPARK_TYPES))
 def test_the_jvm_reader_reads_every_type_as_the_python_source_does(spark, tmp_path, dtype):
     rng = np.random.default_rng(len(dtype))
     if dtype.startswith("float"):
