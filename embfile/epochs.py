@@ -573,10 +573,7 @@ class Batches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (from :meth:`state_dict` of an iterator made the same way)."""
-        want = self._config()
-        for name, value in want.items():
-            if state.get(name) != value:
-                raise ValueError(f"state was saved with {name}={state.get(name)!r}, this iterator has {name}={value!r}")
+        check_state(state, self._config(), "iterator")
         position = count(state["position"], "position")
         if self._budget is not None and position > self.n_batches:
             raise ValueError(f"position {position} is past this rank's {self.n_batches} batches")
@@ -585,20 +582,35 @@ class Batches:
         self._pos = position
 
     def _config(self) -> dict[str, Any]:
-        p, o = self.plan, self.options
+        o = self.options
         return {
-            "records": p.n,
-            "seed": p.seed,
-            "epoch": p.epoch,
-            "shuffle": p.shuffle,
-            "block_size": p.block_size,
-            "buffer_blocks": p.buffer_blocks,
-            "rank": o.rank,
-            "world_size": o.world_size,
-            "drop_last": o.drop_last,
+            **order_config(self.plan, o),
             **({"unit": o.unit} if self._by_row else {}),
             **({"token_budget": o.token_budget} if self._budget is not None else {}),
         }
+
+
+def order_config(plan: EpochPlan, options: EpochOptions) -> dict[str, Any]:
+    """What fixes an epoch's order and a rank's share of it: a saved position means the same records only
+    where all of these are the same."""
+    return {
+        "records": plan.n,
+        "seed": plan.seed,
+        "epoch": plan.epoch,
+        "shuffle": plan.shuffle,
+        "block_size": plan.block_size,
+        "buffer_blocks": plan.buffer_blocks,
+        "rank": options.rank,
+        "world_size": options.world_size,
+        "drop_last": options.drop_last,
+    }
+
+
+def check_state(state: dict[str, Any], want: dict[str, Any], holder: str) -> None:
+    """ValueError naming the first setting ``state`` was saved with that the ``holder`` resuming it lacks."""
+    for name, value in want.items():
+        if state.get(name) != value:
+            raise ValueError(f"state was saved with {name}={state.get(name)!r}, this {holder} has {name}={value!r}")
 
 
 def shuffle_quality(order: np.ndarray, block_size: int | None = None) -> dict[str, float]:

@@ -22,7 +22,16 @@ import torch.utils.data
 
 import embfile
 from embfile._handover import Buffers, each_tensor, worker_buffers
-from embfile.epochs import BLOCK_BYTES, Batches, EpochOptions, EpochPlan, count, rank_share
+from embfile.epochs import (
+    BLOCK_BYTES,
+    Batches,
+    EpochOptions,
+    EpochPlan,
+    check_state,
+    count,
+    order_config,
+    rank_share,
+)
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | embfile.Dataset
 
@@ -183,25 +192,11 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state`` (from :meth:`state_dict` of a sampler made the same way) on the next pass."""
         self.options = dataclasses.replace(self.options, epoch=count(state["epoch"], "epoch"))
-        for name, value in self._config().items():
-            if state.get(name) != value:
-                raise ValueError(f"state was saved with {name}={state.get(name)!r}, this sampler has {name}={value!r}")
+        check_state(state, self._config(), "sampler")
         self._start = count(state["position"], "position")
 
     def _config(self) -> dict[str, Any]:
-        plan, o = self._plan()[0], self.options
-        return {
-            "records": plan.n,
-            "seed": plan.seed,
-            "epoch": plan.epoch,
-            "shuffle": plan.shuffle,
-            "block_size": plan.block_size,
-            "buffer_blocks": plan.buffer_blocks,
-            "batch_size": o.batch_size,
-            "rank": o.rank,
-            "world_size": o.world_size,
-            "drop_last": o.drop_last,
-        }
+        return {**order_config(self._plan()[0], self.options), "batch_size": self.options.batch_size}
 
 
 def _distributed(options: dict[str, Any]) -> dict[str, Any]:
