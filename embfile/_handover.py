@@ -16,7 +16,9 @@ that hands the batch over PyTorch's own way.  Where ``/dev/shm`` is missing, eve
 
 from __future__ import annotations
 
+import functools
 import glob
+import math
 import mmap
 import multiprocessing.util
 import os
@@ -30,6 +32,7 @@ import torch
 
 SHM = "/dev/shm"
 MAX_BUFFERS = 32  # per worker: batches the main process may hold at once before the worker stops reusing
+FLAGS_BYTES = 4 * MAX_BUFFERS
 
 
 def each_tensor(batch: Any, f: Callable[[torch.Tensor], Any]) -> Any:
@@ -65,7 +68,7 @@ class Buffers:
         # named after the process that started this worker, which removes what a killed worker leaves
         self.prefix = os.path.join(SHM, f"embfile-{os.getppid()}-{os.getpid()}-{secrets.token_hex(4)}")
         self.flags_path = f"{self.prefix}-flags"
-        self.flags = np.frombuffer(_mapped(self.flags_path, 4 * MAX_BUFFERS, create=True), np.int32)
+        self.flags = np.frombuffer(_mapped(self.flags_path, FLAGS_BYTES, create=True), np.int32)
         self.slots: list[tuple[str, torch.Tensor]] = []  # (path, the file's bytes)
         self.reserved: list[int] = []  # slots lent out for a batch to be made in (array()), not yet leased
         self.created = 0
@@ -80,11 +83,12 @@ class Buffers:
         (None if every buffer is held).  One lent before and not handed over since is free again: its batch
         went another way (a collate that stacked it anew)."""
         self._release_reserved()
-        slot = self._slot(int(np.prod(shape)) * dtype.itemsize)
+        nbytes = math.prod(shape) * dtype.itemsize
+        slot = self._slot(nbytes)
         if slot is None:
             return None
         self.reserved.append(slot)
-        return self.slots[slot][1].numpy().view(dtype)[: int(np.prod(shape))].reshape(shape)
+        return self.slots[slot][1].numpy()[:nbytes].view(dtype).reshape(shape)
 
     def hand_over(self, batch: Any) -> Any:
         """``batch`` (a tensor, or a tuple or list holding some) with each CPU tensor in a buffer: in place if
@@ -115,9 +119,9 @@ class Buffers:
 
     def _slot(self, nbytes: int) -> int | None:
         """A free buffer of at least ``nbytes``, marked held; None if the main process holds them all."""
-        free = np.flatnonzero(self.flags[: len(self.slots)] == 0)
-        if len(free):
-            slot = int(free[0])
+        held: list[int] = self.flags[: len(self.slots)].tolist()
+        if 0 in held:
+            slot = held.index(0)
         elif len(self.slots) < MAX_BUFFERS:
             slot = len(self.slots)
             self.slots.append(("", torch.empty(0, dtype=torch.uint8)))
@@ -151,14 +155,14 @@ class Lease:
         return _receive, self.args
 
 
-_OPEN: dict[str, mmap.mmap] = {}  # the main process's mappings of workers' files (and flag tables), by name
+_OPEN: dict[str, np.ndarray] = {}  # the main process's mappings of workers' files (and flag tables), by name
 
 
-def _open(path: str, size: int) -> mmap.mmap:
+def _open(path: str, size: int) -> np.ndarray:
     m = _OPEN.get(path)
     if m is None:
         _sweep()
-        m = _OPEN[path] = _mapped(path, size, create=False)
+        m = _OPEN[path] = np.frombuffer(_mapped(path, size, create=False), np.uint8)
         _unlink(path)
     return m
 
@@ -191,12 +195,24 @@ def _alive(pid: int) -> bool:
 
 
 def _receive(path: str, size: int, flags_path: str, slot: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    dt = getattr(torch, dtype)
-    count = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
-    data = torch.frombuffer(_open(path, size), dtype=torch.uint8, count=count)
-    flags = np.frombuffer(_open(flags_path, 4 * MAX_BUFFERS), np.int32)
-    weakref.finalize(data.untyped_storage(), flags.__setitem__, slot, 0)
-    return data.view(dt).view(shape)
+    """The tensor over a buffer, as a numpy array (one torch call: this runs once a batch in the busiest process),
+    whose finalizer gives the buffer back once no tensor or view holds the array."""
+    as_numpy, as_torch = _dtypes(dtype)
+    array = _open(path, size)[: math.prod(shape) * as_numpy.itemsize].view(as_numpy).reshape(shape)
+    weakref.finalize(array, _open(flags_path, FLAGS_BYTES).view(np.int32).__setitem__, slot, 0)
+    out = torch.from_numpy(array)
+    return out if as_torch is None else out.view(as_torch)
+
+
+@functools.cache
+def _dtypes(name: str) -> tuple[np.dtype, torch.dtype | None]:
+    """The numpy dtype a torch dtype's bytes are read as, and the torch dtype to view them as where numpy
+    has no such type (bfloat16, float8, ...: their bytes as unsigned integers of their width)."""
+    dtype = getattr(torch, name)
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype, None
+    except TypeError:
+        return np.dtype(f"u{torch.empty(0, dtype=dtype).element_size()}"), dtype
 
 
 _BUFFERS: dict[int, Buffers] = {}
@@ -204,10 +220,9 @@ _BUFFERS: dict[int, Buffers] = {}
 
 def worker_buffers() -> Buffers | None:
     """This DataLoader worker's buffers (made on first use), or None outside a worker or without /dev/shm."""
-    if torch.utils.data.get_worker_info() is None or not Buffers.available():
-        return None
     pid = os.getpid()
-    if pid not in _BUFFERS:
+    buffers = _BUFFERS.get(pid)
+    if buffers is None and torch.utils.data.get_worker_info() is not None and Buffers.available():
         _BUFFERS.clear()  # a forked worker inherits its parent's table: not its own
-        _BUFFERS[pid] = Buffers()
-    return _BUFFERS[pid]
+        buffers = _BUFFERS[pid] = Buffers()
+    return buffers

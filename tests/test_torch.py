@@ -191,6 +191,24 @@ def test_workers_hand_batches_over_in_reused_buffers(store, context):
     assert shm_files() == before
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8", "uint32"])
+def test_workers_hand_over_every_stored_dtype(tmp_path, dtype):
+    """Batches of types numpy lacks (bfloat16) or torch lacks elsewhere come through the buffers as stored."""
+    matrix = (np.random.default_rng(0).random((300, 6)) * 100).astype(np.float32)
+    if dtype.startswith(("int", "uint")):
+        matrix = matrix.astype(dtype)
+    embfile.write(tmp_path / "db.emb", ([f"k{i}" for i in range(300)], matrix), dtype=dtype)
+    ds = IterableDataset(tmp_path / "db.emb", 32, seed=2)
+    alone = epoch_tensors(ds, 0)
+    assert alone[0].dtype == getattr(torch, dtype)
+    got = epoch_tensors(ds, 2, "fork")
+    assert len(got) == len(alone) and all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, alone))
+
+
+def epoch_tensors(ds, workers, context=None):
+    return list(DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context=context))
+
+
 def test_workers_past_the_buffer_limit_hand_over_the_usual_way(store, monkeypatch):
     from embfile import _handover
 
