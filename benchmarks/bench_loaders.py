@@ -14,6 +14,10 @@ Loaders (batches of 256 records, one shuffled epoch each):
 - LitData (``optimize`` then ``StreamingDataset(shuffle=True)`` + ``StreamingDataLoader``), where it installs.
   Mosaic Streaming is not run: its releases pin numpy < 2.2.
 
+The machine's limits: memcpy, a cold sequential read of the file, and the DataLoader alone (an
+``IterableDataset`` whose workers hand over a count and no data: what the loader's machinery allows on this
+machine, whatever the dataset).
+
 Warm: the files cached, workers persistent, one untimed epoch first; the figure is records per second of the
 next epoch.  Cold: the files evicted before the epoch, workers started for it; the rate counts from the first
 batch on, and the first batch's time (the workers' start, the first reads) is printed apart.
@@ -53,6 +57,7 @@ from embfile.torch import Dataset, IterableDataset, Loader, collate
 
 BATCH = 256
 WORKERS = (0, 2, 4)
+DATALOADER_ALONE = "machine: DataLoader alone (no data)"
 warnings.filterwarnings("ignore", message="This DataLoader will create")
 
 
@@ -69,6 +74,20 @@ class MemmapRows(torch.utils.data.Dataset):
         if self.m is None:
             self.m = np.load(self.path, mmap_mode="r")
         return torch.from_numpy(np.array(self.m[i]))
+
+
+class Nothing(torch.utils.data.IterableDataset):
+    """The DataLoader's own cost: each worker hands over a batch count and no data (the machine's limit for a
+    loader with workers, whatever the dataset)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for start in range(worker * BATCH, self.n, workers * BATCH):
+            yield min(BATCH, self.n - start)
 
 
 def make_files(folder, n, dim):
@@ -118,6 +137,11 @@ def loaders(paths):
         return DataLoader(ds, num_workers=k, persistent_workers=k > 0 and not cold, **kw)
 
     made = {
+        DATALOADER_ALONE: (
+            lambda k, cold: dl(Nothing(n_records(paths)), k, cold, batch_size=None),
+            None,  # no data: warm only
+            WORKERS,
+        ),
         "embfile IterableDataset": (
             lambda k, cold: dl(IterableDataset(paths["emb"], BATCH, seed=1), k, cold, batch_size=None),
             [paths["emb"]],
@@ -177,6 +201,8 @@ def n_records(paths):
 
 
 def records(batch):
+    if isinstance(batch, int):
+        return batch
     if isinstance(batch, dict):
         batch = batch["vector"]
     return len(batch)
@@ -238,6 +264,8 @@ def run(args):
                 firsts.setdefault(reference, []).append(first)
                 for name, k in configs:
                     make, files, _ = made[name]
+                    if files is None and cold:
+                        continue
                     loader = make(k, cold)
                     if not cold:
                         epoch_rate(loader, files, False)  # start the workers, warm the files
@@ -263,6 +291,8 @@ def run(args):
             print("| loader | " + " | ".join(f"num_workers={k}" for k in WORKERS) + " |")
             print("|---|" + "---|" * len(WORKERS))
             for name in ["embfile in-process iter_batches", *made]:
+                if not any((name, k, temp) in results for k in WORKERS):
+                    continue
                 cells = []
                 for k in WORKERS:
                     runs = results.get((name, k, temp))
@@ -283,6 +313,8 @@ def run(args):
                 print("|---|" + "---|" * len(WORKERS))
                 for name in ["embfile in-process iter_batches", *made]:
                     ms = [firsts.get((name, k, temp)) for k in WORKERS]
+                    if not any(ms):
+                        continue
                     print(
                         f"| {name} | "
                         + " | ".join("" if m is None else f"{np.median(m) * 1e3:,.0f}" for m in ms)
