@@ -19,8 +19,9 @@ The machine's limits: memcpy, a cold sequential read of the file, and the DataLo
 machine, whatever the dataset).
 
 Warm: the files cached, workers persistent, one untimed epoch first; the figure is records per second of the
-next epoch.  Cold: the files evicted before the epoch, workers started for it; the rate counts from the first
-batch on, and the first batch's time (the workers' start, the first reads) is printed apart.
+next epoch, against an in-process epoch run just before it.  Cold: the files evicted before the epoch, workers
+started for it; the rate counts from the first batch on, and the first batch's time (the workers' start, the
+first reads) is printed apart.
 Every configuration runs ``--rounds`` times, interleaved with the others (A, B, ..., A, B, ...): the median
 and the range are printed.
 
@@ -258,10 +259,11 @@ def run(args):
                 reference = ("embfile in-process iter_batches", 0, temp)
                 if cold:
                     limits.setdefault(reference, []).append(cold_read(paths["emb"], record_bytes))
-                with embfile.open(paths["emb"]) as db:
-                    in_process, first = epoch_rate(db.iter_batches(BATCH, keys=False, seed=1), [paths["emb"]], cold)
-                results.setdefault(reference, []).append(in_process)
-                firsts.setdefault(reference, []).append(first)
+                if cold:
+                    with embfile.open(paths["emb"]) as db:
+                        rate, first = epoch_rate(db.iter_batches(BATCH, keys=False, seed=1), [paths["emb"]], True)
+                    results.setdefault(reference, []).append(rate)
+                    firsts.setdefault(reference, []).append(first)
                 for name, k in configs:
                     make, files, _ = made[name]
                     if files is None and cold:
@@ -269,9 +271,11 @@ def run(args):
                     loader = make(k, cold)
                     if not cold:
                         epoch_rate(loader, files, False)  # start the workers, warm the files
-                    # warm: against this round's in-process epoch; cold: against a cold read of the file just
-                    # before (the disk's speed drifts by 2-3x from minute to minute)
-                    limit = cold_read(paths["emb"], record_bytes) if cold else in_process
+                    # against the in-process epoch (warm) or a cold read of the file (cold) just before: the
+                    # machine's speed drifts by 2-3x from minute to minute
+                    limit = cold_read(paths["emb"], record_bytes) if cold else in_process_rate(paths["emb"])
+                    if not cold:
+                        results.setdefault(reference, []).append(limit)
                     rate, first = epoch_rate(loader, files, cold)
                     results.setdefault((name, k, temp), []).append(rate)
                     firsts.setdefault((name, k, temp), []).append(first)
@@ -282,7 +286,7 @@ def run(args):
         print(file=sys.stderr)
         for temp in ("warm", "cold"):
             against = (
-                "in-process iter_batches in the same round"
+                "an in-process iter_batches epoch just before"
                 if temp == "warm"
                 else "a cold sequential read of db.emb (8 MiB reads) just before"
             )
@@ -324,6 +328,12 @@ def run(args):
         print("targets: every embfile path >= 0.70 of in-process iter_batches warm; cold >= 0.85 of the cold read")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def in_process_rate(path):
+    """Records per second of one warm epoch of ``iter_batches`` (the reference of the warm figures)."""
+    with embfile.open(path) as db:
+        return epoch_rate(db.iter_batches(BATCH, keys=False, seed=1), [path], False)[0]
 
 
 def cold_read(path, record_bytes):
