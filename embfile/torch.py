@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import mmap
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -124,14 +125,28 @@ class Dataset(torch.utils.data.Dataset):
         return _Rows(self._gather(indices))
 
     def _gather(self, indices: Sequence[int]) -> torch.Tensor:
-        """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer."""
-        rows = self._rows(indices)
+        """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
+        A batch of :class:`BatchSampler`'s comes from a few blocks of the file: where they are not cached, they
+        are read whole, since the batches after it want the rest of them."""
+        chunk = _block_chunk(self.store) if isinstance(indices, _BlockRows) and self.keys is None else 0
+        rows = self.store._row_numbers(self._rows(indices))
         buffers = worker_buffers()
         out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
         if out is None:
-            return tensor(self.store.take(rows))
-        self.store._layout().gather_random(self.store._row_numbers(rows), out)
+            out = np.empty((len(rows), self.store.dim), self.store.dtype)
+        self.store._layout().gather_random(rows, out, chunk)
         return tensor(out)
+
+
+def _block_chunk(store: embfile.Dataset) -> int:
+    """The bytes of a default block of ``store``'s records, rounded up to whole pages."""
+    record_bytes = store.dim * store.dtype.itemsize
+    return -(-max(1, BLOCK_BYTES // record_bytes) * record_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+class _BlockRows(np.ndarray):
+    """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file (what the type says to
+    :class:`Dataset`, in a worker too: it pickles with the array)."""
 
 
 class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
@@ -181,7 +196,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
     def __iter__(self) -> Iterator[np.ndarray]:
         plan, lo, hi = self._plan()
         for first in range(lo + self._start, hi, self.options.batch_size):
-            yield plan.rows(first, min(first + self.options.batch_size, hi)).astype(np.int64)
+            yield plan.rows(first, min(first + self.options.batch_size, hi)).astype(np.int64).view(_BlockRows)
 
     def state_dict(self, batches_seen: int) -> dict[str, Any]:
         """The resume point after the loader yielded ``batches_seen`` batches of this pass."""

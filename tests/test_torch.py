@@ -1,6 +1,7 @@
 """embfile.torch with a real DataLoader: workers under fork and spawn, exactly once, determinism, resume."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -386,3 +387,28 @@ def test_sigkill_leaves_no_shared_buffers(store, tmp_path, kill):
             break
         time.sleep(0.1)
     assert shm_files() == before
+
+
+def test_a_batch_of_the_sampler_reads_its_blocks_whole_where_uncached(tmp_path):
+    """A batch of BatchSampler's comes from a few blocks of the file, and the batches after it want the rest
+    of them: on an evicted file, its gather reads those blocks whole, not only its rows' pages."""
+    from embfile import _core
+
+    m = np.ones((4096, 1024), np.float32)  # 4 KiB records: a default block is 256 of them, 1 MiB
+    embfile.write(tmp_path / "db.emb", ([f"k{i}" for i in range(4096)], m))
+    ds = Dataset(tmp_path / "db.emb")
+    batch = next(iter(embfile.torch.BatchSampler(ds, 64, seed=0, buffer_blocks=4)))
+    layout = ds.store._layout()
+    blocks = [layout.page_ranges(b * 256, b * 256 + 256)[0] for b in np.unique(batch // 256)]
+    assert len(blocks) == 4
+    os.sync()
+    fd = os.open(tmp_path / "db.emb", os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if max(_core.resident_fraction(a, n) for a, n in blocks) > 0.5:
+        pytest.skip("the file system keeps the file's pages in memory")
+    np.testing.assert_array_equal(ds[batch].numpy(), m[batch])
+    deadline = time.monotonic() + 20  # hinted reads finish in the background
+    while min(_core.resident_fraction(a, n) for a, n in blocks) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert min(_core.resident_fraction(a, n) for a, n in blocks) == 1.0
