@@ -104,12 +104,12 @@ class Dataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.keys) if self.keys is not None else len(self.store)
 
-    def _rows(self, indices: Sequence[int]) -> np.ndarray:
+    def _rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         if self.keys is None:
             return np.asarray(indices, dtype=np.int64)
         return self.store.rows([self.keys[i] for i in indices])
 
-    def __getitem__(self, index: int | Sequence[int]) -> Any:
+    def __getitem__(self, index: int | Sequence[int] | np.ndarray) -> Any:
         if isinstance(index, (int, np.integer)):
             return self.__getitems__([index])[0]
         if self.store.ragged:
@@ -118,13 +118,13 @@ class Dataset(torch.utils.data.Dataset):
         buffers = worker_buffers()
         return buffers.hand_over(batch) if buffers is not None else batch
 
-    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
         if self.store.ragged:
             rows, offsets = self.store.take(self._rows(indices), pad=False)
             return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
         return _Rows(self._gather(indices))
 
-    def _gather(self, indices: Sequence[int]) -> torch.Tensor:
+    def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
         A batch of :class:`BatchSampler`'s comes from a few blocks of the file: where they are not cached, they
         are read whole, since the batches after it want the rest of them."""
