@@ -50,6 +50,11 @@ READS = ("auto", "mapped", "direct")
 UNITS = ("record", "row")
 
 
+def default_block_size(record_bytes: int) -> int:
+    """Records in a default block: as many as fill :data:`BLOCK_BYTES`, at least one."""
+    return max(1, BLOCK_BYTES // record_bytes)
+
+
 def count(value: object, name: str, low: int = 0) -> int:
     """``value`` as an int >= ``low``: TypeError for non-integers (bool included), ValueError below ``low``."""
     if isinstance(value, bool):
@@ -368,7 +373,7 @@ class Batches:
         self._row_of = np.concatenate([[0], np.cumsum(lengths)]) if lengths is not None else None  # record: row
         n = int(self._row_of[-1]) if self._row_of is not None and self._by_row else len(source)
         mean_rows = 1 if self._by_row or lengths is None else max(1, int(lengths.mean())) if len(lengths) else 1
-        block_size = options.block_size or max(1, BLOCK_BYTES // (self._layout.record_bytes * mean_rows))
+        block_size = options.block_size or default_block_size(self._layout.record_bytes * mean_rows)
         budget = options.token_budget
         buffer_blocks = options.buffer_blocks
         if budget is not None:  # records sorted by length within a window pad little only if it holds many batches

@@ -24,12 +24,12 @@ import torch.utils.data
 import embfile
 from embfile._handover import Buffers, each_tensor, worker_buffers
 from embfile.epochs import (
-    BLOCK_BYTES,
     Batches,
     EpochOptions,
     EpochPlan,
     check_state,
     count,
+    default_block_size,
     order_config,
     rank_share,
 )
@@ -141,7 +141,7 @@ class Dataset(torch.utils.data.Dataset):
 def _block_chunk(store: embfile.Dataset) -> int:
     """The bytes of a default block of ``store``'s records, rounded up to whole pages."""
     record_bytes = store.dim * store.dtype.itemsize
-    return -(-max(1, BLOCK_BYTES // record_bytes) * record_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    return -(-default_block_size(record_bytes) * record_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 class _BlockRows(np.ndarray):
@@ -178,7 +178,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
 
     def _plan(self) -> tuple[EpochPlan, int, int]:
         o = self.options
-        block_size = o.block_size or max(1, BLOCK_BYTES // self._record_bytes)
+        block_size = o.block_size or default_block_size(self._record_bytes)
         plan = EpochPlan(
             self._n, block_size=block_size, buffer_blocks=o.buffer_blocks, seed=o.seed, epoch=o.epoch, shuffle=o.shuffle
         )
