@@ -82,6 +82,12 @@ class Layout:
             else:
                 _core.advise(address, length, advice)
 
+    def sampled_cached(self, ranges: Sequence[tuple[int, int]], samples: int = 8) -> bool:
+        """Whether one page each of up to ``samples`` of the row ranges ``ranges`` (spread over them) is in the
+        page cache: a look at a window costing a few system calls."""
+        picks = ranges[:: max(1, -(-len(ranges) // samples))]
+        return all(_core.resident_fraction(self.page_ranges(lo, lo + 1)[0][0], mmap.PAGESIZE) == 1.0 for lo, _ in picks)
+
     def cached(self, samples: int = 16, sample_bytes: int = 1 << 20) -> bool:
         """Whether the records look to be in the page cache: at least 90% of ``samples`` ranges spread over
         them (``mincore``)."""

@@ -211,6 +211,17 @@ class EpochPlan:
         self._cached = (w, rows)
         return rows
 
+    def window_ranges(self, w: int) -> list[tuple[int, int]]:
+        """Row ranges ``(lo, hi)`` of window ``w``'s blocks in file order, adjacent ones merged (what a
+        reader of the window asks the disk for)."""
+        blocks = np.sort(self.window_blocks(w)).astype(np.int64)
+        if not len(blocks):
+            return []
+        ends = np.flatnonzero(np.diff(blocks) != 1)  # the last block of each run but the last run
+        firsts = np.concatenate([blocks[:1], blocks[ends + 1]]) * self.block_size
+        stops = np.minimum((np.concatenate([blocks[ends], blocks[-1:]]) + 1) * self.block_size, self.n)
+        return list(zip(firsts.tolist(), stops.tolist()))
+
     def window_of(self, position: int) -> int:
         """The window holding epoch position ``position`` (< n)."""
         w = self._cached[0]
@@ -542,12 +553,7 @@ class Batches:
 
     def _ranges(self, w: int) -> list[tuple[int, int]]:
         """Row ranges ``(lo, hi)`` of window ``w``'s blocks in file order, adjacent ones merged."""
-        size, n = self.plan.block_size, self.plan.n
-        blocks = np.sort(self.plan.window_blocks(w)).astype(np.int64)
-        if not len(blocks):
-            return []
-        runs = np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)
-        ranges = [(int(r[0]) * size, min(n, (int(r[-1]) + 1) * size)) for r in runs]
+        ranges = self.plan.window_ranges(w)
         if self._row_of is not None and not self._by_row:  # ragged records: their rows
             return [(int(self._row_of[lo]), int(self._row_of[hi])) for lo, hi in ranges]
         return ranges

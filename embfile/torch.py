@@ -14,6 +14,7 @@ import dataclasses
 import mmap
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch.utils.data
 
 import embfile
 from embfile._handover import Buffers, each_tensor, worker_buffers
+from embfile._pages import ReadAhead
 from embfile.epochs import (
     Batches,
     EpochOptions,
@@ -95,6 +97,8 @@ class Dataset(torch.utils.data.Dataset):
     batches come from a new array, or in a DataLoader worker from one of its shared buffers.
     """
 
+    _reading: tuple[int, ReadAhead] | None = None  # this process's read-ahead thread and its pid
+
     def __init__(self, source: Source, keys: Sequence[str] | None = None) -> None:
         self.store = _dataset(source)
         self.keys = None if keys is None else list(keys)
@@ -103,6 +107,9 @@ class Dataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.keys) if self.keys is not None else len(self.store)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reading": None}  # a thread stays in its process
 
     def _rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         if self.keys is None:
@@ -127,8 +134,13 @@ class Dataset(torch.utils.data.Dataset):
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
         A batch of :class:`BatchSampler`'s comes from a few blocks of the file: where they are not cached, they
-        are read whole, since the batches after it want the rest of them."""
-        chunk = _block_chunk(self.store) if isinstance(indices, _BlockRows) and self.keys is None else 0
+        are read whole, since the batches after it want the rest of them; the first of a window also has the
+        next window read ahead, on a thread of this process."""
+        chunk = 0
+        if isinstance(indices, _BlockRows) and self.keys is None:
+            chunk = _block_chunk(self.store)
+            if indices.ahead and not self.store._layout().sampled_cached(indices.ahead):
+                self._reader().hint(list(indices.ahead))
         rows = self.store._row_numbers(self._rows(indices))
         buffers = worker_buffers()
         out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
@@ -136,6 +148,16 @@ class Dataset(torch.utils.data.Dataset):
             out = np.empty((len(rows), self.store.dim), self.store.dtype)
         self.store._layout().gather_random(rows, out, chunk)
         return tensor(out)
+
+    def _reader(self) -> ReadAhead:
+        """This process's read-ahead thread, started on first use (a forked worker has its parent's object, not
+        its thread), stopped when the dataset goes."""
+        pid, reader = self._reading or (-1, None)
+        if reader is None or pid != os.getpid():
+            reader = ReadAhead(self.store._layout())
+            weakref.finalize(self, reader.stop, False)
+            self._reading = os.getpid(), reader
+        return reader
 
 
 def _block_chunk(store: embfile.Dataset) -> int:
@@ -145,8 +167,22 @@ def _block_chunk(store: embfile.Dataset) -> int:
 
 
 class _BlockRows(np.ndarray):
-    """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file (what the type says to
-    :class:`Dataset`, in a worker too: it pickles with the array)."""
+    """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file, and with the first batch
+    of a window, the item ranges of the window after it, to read ahead (what the type says to
+    :class:`Dataset`, in a worker too: both pickle with the array)."""
+
+    ahead: tuple[tuple[int, int], ...] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # as bytes, which pickle in a third of an array's time
+        return _block_rows, (bytearray(np.ascontiguousarray(self, np.int64)), self.ahead)
+
+
+def _block_rows(rows: bytearray, ahead: tuple[tuple[int, int], ...] = ()) -> _BlockRows:
+    out = np.frombuffer(rows, np.int64).view(_BlockRows)
+    if ahead:
+        out.ahead = ahead
+    return out
 
 
 class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
@@ -195,8 +231,16 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
 
     def __iter__(self) -> Iterator[np.ndarray]:
         plan, lo, hi = self._plan()
+        asked, due = -1, lo + self._start  # windows up to ``asked`` are read ahead; a batch reaching ``due`` asks
         for first in range(lo + self._start, hi, self.options.batch_size):
-            yield plan.rows(first, min(first + self.options.batch_size, hi)).astype(np.int64).view(_BlockRows)
+            stop = min(first + self.options.batch_size, hi)
+            rows = plan.rows(first, stop).astype(np.int64).view(_BlockRows)
+            if stop > due:  # the batch enters a window: the one after it is read ahead (first, this one too)
+                ahead = range(max(asked + 1, plan.window_of(first)), min(plan.window_of(stop - 1) + 2, plan.n_windows))
+                rows.ahead = tuple(r for w in ahead for r in plan.window_ranges(w))
+                asked = max(asked, ahead.stop - 1)
+                due = plan.window_starts[asked] if asked < plan.n_windows - 1 else hi
+            yield rows
 
     def state_dict(self, batches_seen: int) -> dict[str, Any]:
         """The resume point after the loader yielded ``batches_seen`` batches of this pass."""

@@ -412,3 +412,44 @@ def test_a_batch_of_the_sampler_reads_its_blocks_whole_where_uncached(tmp_path):
     while min(_core.resident_fraction(a, n) for a, n in blocks) < 1.0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert min(_core.resident_fraction(a, n) for a, n in blocks) == 1.0
+
+
+def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
+    """The first batch of BatchSampler's in each window carries the item ranges of the window after it (the very
+    first, of its own too), each window once and in order, over a rank's share and from a resume point, through
+    pickling to a worker; the dataset reads them on a thread: on an evicted file, the next window comes into the
+    page cache before any batch asks for it."""
+    import pickle
+
+    from embfile import _core
+    from embfile.torch import BatchSampler
+
+    m = np.ones((4096, 1024), np.float32)  # 4 KiB records: a default block is 256, 1 MiB; windows of 4 blocks
+    embfile.write(tmp_path / "db.emb", ([f"k{i}" for i in range(4096)], m))
+    ds = Dataset(tmp_path / "db.emb")
+
+    def asked(sampler):
+        return [list(b.ahead) for b in sampler if b.ahead]
+
+    sampler = BatchSampler(ds, 100, seed=0, buffer_blocks=4)
+    window = sampler._plan()[0].window_ranges
+    assert asked(sampler) == [window(0) + window(1), window(2), window(3)]
+    assert asked(BatchSampler(ds, 100, seed=0, buffer_blocks=4, rank=1, world_size=2)) == [window(2) + window(3)]
+    sampler.load_state_dict(sampler.state_dict(batches_seen=15))  # resumes at position 1500, in window 1
+    assert asked(sampler) == [window(1) + window(2), window(3)]
+    first = pickle.loads(pickle.dumps(next(iter(BatchSampler(ds, 100, seed=0, buffer_blocks=4)))))
+    assert type(first).__name__ == "_BlockRows" and list(first.ahead) == window(0) + window(1)
+
+    layout = ds.store._layout()
+    ahead = [p for lo, hi in window(1) for p in layout.page_ranges(lo, hi)]
+    os.sync()
+    fd = os.open(tmp_path / "db.emb", os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if max(_core.resident_fraction(a, n) for a, n in ahead) > 0.5:
+        pytest.skip("the file system keeps the file's pages in memory")
+    np.testing.assert_array_equal(ds[first].numpy(), m[first])
+    deadline = time.monotonic() + 20
+    while min(_core.resident_fraction(a, n) for a, n in ahead) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert min(_core.resident_fraction(a, n) for a, n in ahead) == 1.0
