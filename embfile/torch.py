@@ -102,8 +102,9 @@ class Dataset(torch.utils.data.Dataset):
     def __init__(self, source: Source, keys: Sequence[str] | None = None) -> None:
         self.store = _dataset(source)
         self.keys = None if keys is None else list(keys)
-        if self.keys is not None:
-            self.store.rows(self.keys)  # a missing key fails here, naming it, not in a worker
+        # the keys' rows, looked up once (a missing key fails here, naming it, not in a worker)
+        self._key_rows = None if self.keys is None else self.store.rows(self.keys)
+        self._runs_of_file = self._key_rows is None or _runs_of_file(self._key_rows)
 
     def __len__(self) -> int:
         return len(self.keys) if self.keys is not None else len(self.store)
@@ -112,9 +113,8 @@ class Dataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_reading": None}  # a thread stays in its process
 
     def _rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        if self.keys is None:
-            return np.asarray(indices, dtype=np.int64)
-        return self.store.rows([self.keys[i] for i in indices])
+        indices = np.asarray(indices, dtype=np.int64)
+        return indices if self._key_rows is None else self._key_rows[indices]
 
     def __getitem__(self, index: int | Sequence[int] | np.ndarray) -> Any:
         if isinstance(index, (int, np.integer)):
@@ -133,14 +133,16 @@ class Dataset(torch.utils.data.Dataset):
 
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
-        A batch of :class:`BatchSampler`'s comes from a few blocks of the file: where they are not cached, they
-        are read whole, since the batches after it want the rest of them; the first of a window also has the
-        next window read ahead, on a thread of this process."""
+        A batch of :class:`BatchSampler`'s comes from a few blocks of the file (of a dataset of keys, if they
+        run through the file in its order): where they are not cached, they are read whole, since the batches
+        after it want the rest of them; the first of a window also has the next window read ahead, on a thread
+        of this process."""
         chunk = 0
-        if isinstance(indices, _BlockRows) and self.keys is None:
+        if isinstance(indices, _BlockRows) and self._runs_of_file:
             chunk = _block_chunk(self.store)
-            if indices.ahead and not self.store._layout().sampled_cached(indices.ahead):
-                self._reader().hint(list(indices.ahead))
+            ahead = self._row_ranges(indices.ahead)
+            if ahead and not self.store._layout().sampled_cached(ahead):
+                self._reader().hint(ahead)
         rows = self.store._row_numbers(self._rows(indices))
         buffers = worker_buffers()
         out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
@@ -148,6 +150,12 @@ class Dataset(torch.utils.data.Dataset):
             out = np.empty((len(rows), self.store.dim), self.store.dtype)
         self.store._layout().gather_random(rows, out, chunk)
         return tensor(out)
+
+    def _row_ranges(self, items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The rows spanned by each range of items."""
+        if self._key_rows is None:
+            return list(items)
+        return [(int(self._key_rows[lo]), int(self._key_rows[hi - 1]) + 1) for lo, hi in items]
 
     def _reader(self) -> ReadAhead:
         """This process's read-ahead thread, started on first use (a forked worker has its parent's object, not
@@ -158,6 +166,12 @@ class Dataset(torch.utils.data.Dataset):
             weakref.finalize(self, reader.stop, False)
             self._reading = os.getpid(), reader
         return reader
+
+
+def _runs_of_file(rows: np.ndarray) -> bool:
+    """Whether items with these rows, in order, run through the file in its order, at least every second row
+    (so a run of items, a block of the sampler's, is a stretch of the file worth reading whole)."""
+    return len(rows) < 2 or (bool(np.all(np.diff(rows) > 0)) and 2 * len(rows) >= int(rows[-1] - rows[0]) + 1)
 
 
 def _block_chunk(store: embfile.Dataset) -> int:

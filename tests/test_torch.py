@@ -421,7 +421,6 @@ def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     page cache before any batch asks for it."""
     import pickle
 
-    from embfile import _core
     from embfile.torch import BatchSampler
 
     m = np.ones((4096, 1024), np.float32)  # 4 KiB records: a default block is 256, 1 MiB; windows of 4 blocks
@@ -440,16 +439,41 @@ def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     first = pickle.loads(pickle.dumps(next(iter(BatchSampler(ds, 100, seed=0, buffer_blocks=4)))))
     assert type(first).__name__ == "_BlockRows" and list(first.ahead) == window(0) + window(1)
 
+    assert_read_ahead(ds, first, window(1), m[first])
+
+
+def test_a_dataset_of_keys_in_file_order_reads_ahead_too(tmp_path):
+    """Over a Dataset of keys that run through the file in its order (here every second key), a block of the
+    sampler's is a stretch of the file: the next window's rows are read ahead as well.  Keys in another order
+    give no such stretches, and nothing is read ahead for them."""
+    from embfile.torch import BatchSampler
+
+    keys = [f"k{i}" for i in range(4096)]
+    m = np.arange(4096, dtype=np.float32)[:, None] * np.ones(1024, np.float32)
+    embfile.write(tmp_path / "db.emb", (keys, m))
+    ds = Dataset(tmp_path / "db.emb", keys=keys[::2])  # 2048 items, blocks of 256 over 512 rows, windows of 2
+    first = next(iter(BatchSampler(ds, 100, seed=0, buffer_blocks=2)))
+    window = BatchSampler(ds, 100, seed=0, buffer_blocks=2)._plan()[0].window_ranges
+    assert list(first.ahead) == window(0) + window(1)
+    assert_read_ahead(ds, first, [(2 * lo, 2 * (hi - 1) + 1) for lo, hi in window(1)], m[2 * first])
+    assert not Dataset(tmp_path / "db.emb", keys=keys[::-2])._runs_of_file
+
+
+def assert_read_ahead(ds, batch, rows, want):
+    """On the dataset's file evicted, ``ds[batch]`` gives ``want`` and brings ``rows`` (ranges) into the page
+    cache within seconds: read ahead in the background."""
+    from embfile import _core
+
     layout = ds.store._layout()
-    ahead = [p for lo, hi in window(1) for p in layout.page_ranges(lo, hi)]
+    pages = [p for lo, hi in rows for p in layout.page_ranges(lo, hi)]
     os.sync()
-    fd = os.open(tmp_path / "db.emb", os.O_RDONLY)
+    fd = os.open(ds.store.path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
-    if max(_core.resident_fraction(a, n) for a, n in ahead) > 0.5:
+    if max(_core.resident_fraction(a, n) for a, n in pages) > 0.5:
         pytest.skip("the file system keeps the file's pages in memory")
-    np.testing.assert_array_equal(ds[first].numpy(), m[first])
+    np.testing.assert_array_equal(ds[batch].numpy(), want)
     deadline = time.monotonic() + 20
-    while min(_core.resident_fraction(a, n) for a, n in ahead) < 1.0 and time.monotonic() < deadline:
+    while min(_core.resident_fraction(a, n) for a, n in pages) < 1.0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert min(_core.resident_fraction(a, n) for a, n in ahead) == 1.0
+    assert min(_core.resident_fraction(a, n) for a, n in pages) == 1.0
