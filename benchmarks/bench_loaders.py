@@ -8,7 +8,8 @@ Loaders (batches of 256 records, one shuffled epoch each):
 - embfile ``Loader`` (no workers: the gather on this thread, read-ahead on another);
 - embfile map-style ``Dataset`` with ``shuffle=True`` and ``collate_fn=embfile.torch.collate``, and with a
   batch sampler as the sampler (``batch_size=None``: each item is a batch): PyTorch's ``BatchSampler`` over a
-  ``RandomSampler``, and embfile's ``BatchSampler`` (the block-shuffled epoch, index arrays);
+  ``RandomSampler``, and embfile's ``BatchSampler`` (the block-shuffled epoch, index arrays), also over a
+  dataset of keys (a training split: 80% of the keys, in file order);
 - a numpy memmap map-style dataset (``__getitem__`` per row, the default collate), ``shuffle=True``;
 - Hugging Face datasets (Arrow, memory-mapped, ``with_format("torch")``), ``shuffle=True``;
 - LitData (``optimize`` then ``StreamingDataset(shuffle=True)`` + ``StreamingDataLoader``), where it installs.
@@ -172,6 +173,17 @@ def loaders(paths):
             [paths["emb"]],
             WORKERS,
         ),
+        "embfile map-style of keys (80%, file order), embfile BatchSampler": (
+            lambda k, cold: dl(
+                by_key := Dataset(paths["emb"], keys=split_keys(paths)),
+                k,
+                cold,
+                batch_size=None,
+                sampler=Sampler(by_key, BATCH, seed=1),
+            ),
+            [paths["emb"]],
+            WORKERS,
+        ),
         "numpy memmap map-style, shuffle": (
             lambda k, cold: dl(MemmapRows(paths["npy"]), k, cold, batch_size=BATCH, shuffle=True),
             [paths["npy"]],
@@ -195,6 +207,13 @@ def loaders(paths):
         files = [os.path.join(paths["litdata"], f) for f in os.listdir(paths["litdata"]) if f.endswith(".bin")]
         made["LitData StreamingDataset"] = (lit, files, WORKERS)
     return made
+
+
+def split_keys(paths):
+    """A training split: 80% of the keys, drawn at random, in the file's order (as filtering ``list(db)`` gives)."""
+    with embfile.open(paths["emb"]) as db:
+        keys = list(db)
+    return [keys[i] for i in np.sort(np.random.default_rng(0).choice(len(keys), len(keys) * 4 // 5, replace=False))]
 
 
 def n_records(paths):
