@@ -122,7 +122,7 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk]) -> PartResult:
             if not len(keys):
                 continue
             dim = dim or matrix.shape[1]
-            per_shard = max(1, job.shard_bytes // (dim * np.dtype(job.dtype).itemsize))
+            per_shard = max(1, job.shard_bytes // (dim * disk_dtype(job.dtype).itemsize))
             lo = 0
             while lo < len(keys):
                 if writer is None or len(writer) >= per_shard:

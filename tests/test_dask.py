@@ -55,6 +55,10 @@ def test_bag_and_array_and_wide_columns(dask_client, tmp_path):
     with embfile.open(tmp_path / "bag") as db:
         assert db.dtype == np.float16
         np.testing.assert_array_equal(db.get_batch(keys), matrix.astype(np.float16))
+    embfile.dask.to_embfile(bag, tmp_path / "bf16", dtype="bfloat16")  # a name the workers resolve themselves
+    with embfile.open(tmp_path / "bf16") as db:
+        assert db.dtype.name == "bfloat16"
+        np.testing.assert_array_equal(db.get_batch(keys), matrix.astype(db.dtype))
     x = da.from_array(matrix, chunks=(120, 6))
     embfile.dask.to_embfile(x, tmp_path / "arr", key=keys)
     embfile.dask.to_embfile(

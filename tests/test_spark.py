@@ -4,6 +4,7 @@ versions, lookups, and tasks that fail and are retried with every key still comm
 import os
 import pathlib
 
+import ml_dtypes  # numpy's bfloat16 and its finfo
 import mutate
 import numpy as np
 import pytest
@@ -66,6 +67,7 @@ def test_spark_to_embfile_to_spark(spark, tmp_path):
     [
         ("double", None, np.float64, "double"),
         ("float", "float16", np.float16, "float"),
+        ("float", "bfloat16", ml_dtypes.bfloat16, "float"),
         ("int", None, np.int32, "int"),
     ],
 )
@@ -179,9 +181,10 @@ def both_reads(spark, path, **options):
 @pytest.mark.parametrize("dtype", sorted(embfile.spark.SPARK_TYPES))
 def test_the_jvm_reader_reads_every_type_as_the_python_source_does(spark, tmp_path, dtype):
     rng = np.random.default_rng(len(dtype))
-    if dtype.startswith("float"):
+    if dtype.startswith(("float", "bfloat")):
         matrix = rng.standard_normal((500, 9)).astype(dtype)
-        matrix[0, :6] = [np.inf, -np.inf, 0.0, -0.0, np.finfo(dtype).tiny, np.finfo(dtype).smallest_subnormal]
+        info = ml_dtypes.finfo(dtype)
+        matrix[0, :6] = [np.inf, -np.inf, 0.0, -0.0, info.tiny, info.smallest_subnormal]
         matrix[1, 0] = np.nan
     else:
         info = np.iinfo(dtype)

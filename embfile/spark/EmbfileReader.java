@@ -70,7 +70,7 @@ public final class EmbfileReader implements TableProvider {
     /** Spark's type of a vector's elements stored as dtype (as embfile.spark.SPARK_TYPES says). */
     static DataType elementType(String dtype) {
         switch (dtype) {
-            case "float16": case "float32": return DataTypes.FloatType;
+            case "float16": case "bfloat16": case "float32": return DataTypes.FloatType;
             case "float64": return DataTypes.DoubleType;
             case "int8": return DataTypes.ByteType;
             case "int16": case "uint8": return DataTypes.ShortType;
@@ -176,7 +176,7 @@ public final class EmbfileReader implements TableProvider {
         static int itemSize(String dtype) {
             switch (dtype) {
                 case "int8": case "uint8": return 1;
-                case "float16": case "int16": case "uint16": return 2;
+                case "float16": case "bfloat16": case "int16": case "uint16": return 2;
                 case "float32": case "int32": case "uint32": return 4;
                 default: return 8;
             }
@@ -234,6 +234,7 @@ public final class EmbfileReader implements TableProvider {
             ByteBuffer r = ByteBuffer.wrap(records, at, recordBytes).order(ByteOrder.LITTLE_ENDIAN);
             switch (part.dtype) {
                 case "float16": { float[] v = new float[d]; for (int j = 0; j < d; j++) v[j] = halfToFloat(r.getShort()); return UnsafeArrayData.fromPrimitiveArray(v); }
+                case "bfloat16": { float[] v = new float[d]; for (int j = 0; j < d; j++) v[j] = Float.intBitsToFloat((r.getShort() & 0xffff) << 16); return UnsafeArrayData.fromPrimitiveArray(v); }
                 case "float32": { float[] v = new float[d]; r.asFloatBuffer().get(v); return UnsafeArrayData.fromPrimitiveArray(v); }
                 case "float64": { double[] v = new double[d]; r.asDoubleBuffer().get(v); return UnsafeArrayData.fromPrimitiveArray(v); }
                 case "int8": { byte[] v = new byte[d]; r.get(v); return UnsafeArrayData.fromPrimitiveArray(v); }

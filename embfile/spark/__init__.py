@@ -16,7 +16,8 @@ the vector column's element type), ``shard_bytes`` (default 1 GiB).
 Reading: a DataFrame ``key string, vector array<T>``, one input partition per shard or slice of a shard (option
 ``rows_per_partition``): :func:`read` reads it on the JVM (:mod:`embfile.spark._jvm`), ``spark.read.format(
 "embfile")`` by Python workers, as Arrow batches from the mapping.  ``T`` is the stored type, except float16
-(read as float: Spark has no half type); uint64 has no Spark type.  Option ``version`` reads an earlier one.
+and bfloat16 (read as float: Spark has no half types); uint64 has no Spark type.  Option ``version`` reads an
+earlier one.
 
 The folder must be on a file system every executor and the driver see (a shared mount).  With pyspark
 installed, ``spark.read.format("embfile")`` works without :func:`register` too: Spark finds the
@@ -61,6 +62,7 @@ PARTITION_BYTES = 128 << 20  # records per read task, by default
 # numpy dtype -> (Spark SQL type, Arrow type of the values Spark gets)
 SPARK_TYPES = {
     "float16": ("float", pa.float32()),
+    "bfloat16": ("float", pa.float32()),
     "float32": ("float", pa.float32()),
     "float64": ("double", pa.float64()),
     "int8": ("byte", pa.int8()),
@@ -133,14 +135,18 @@ class _Reader(DataSourceReader):
         with open_dataset(partition.path, partition.version) as ds:
             _, value_type = _spark_type(ds)
             out_type = pa.list_(pa.field("element", value_type))
-            table = ds.to_arrow()
+            table = ds.to_arrow() if ds.dtype.name != "bfloat16" else None  # Arrow has no bfloat16
             for lo in range(partition.lo, partition.hi, ROWS_PER_BATCH):
-                part = table.slice(lo, min(ROWS_PER_BATCH, partition.hi - lo)).combine_chunks()
-                vectors = part.column(1).chunk(0)
-                values = vectors.flatten().cast(value_type)
-                offsets = pa.array(np.arange(0, len(part) * ds.dim + 1, ds.dim, dtype=np.int32))
+                hi = min(partition.hi, lo + ROWS_PER_BATCH)
+                if table is not None:
+                    part = table.slice(lo, hi - lo).combine_chunks()
+                    keys, values = part.column(0).chunk(0), part.column(1).chunk(0).flatten()
+                else:  # the keys and the values widened, from the mapping
+                    rows = np.arange(lo, hi, dtype=np.uint64)
+                    keys, values = pa.array(ds.keys_at(rows)), _values(ds.take(rows))
+                offsets = pa.array(np.arange(0, (hi - lo) * ds.dim + 1, ds.dim, dtype=np.int32))
                 yield pa.RecordBatch.from_arrays(
-                    [part.column(0).chunk(0).cast(pa.string()), pa.ListArray.from_arrays(offsets, values, out_type)],
+                    [keys.cast(pa.string()), pa.ListArray.from_arrays(offsets, values.cast(value_type), out_type)],
                     names=["key", "vector"],
                 )
 
@@ -208,7 +214,7 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
                 found = rows >= 0
                 matrix = np.zeros((len(keys), ds.dim), ds.dtype)
                 matrix[found] = ds.take(rows[found])
-                values = pa.array(matrix.reshape(-1)).cast(value_type)
+                values = _values(matrix).cast(value_type)
                 offsets = pa.array(np.arange(0, len(keys) * ds.dim + 1, ds.dim, dtype=np.int32))
                 vectors = pa.ListArray.from_arrays(offsets, values, out_type, mask=pa.array(~found))
                 yield pa.RecordBatch.from_arrays([*batch.columns, vectors], names=[*batch.schema.names, out_col])
@@ -265,6 +271,11 @@ def _spark_type(ds: Dataset) -> tuple[str, Any]:
     if ds.dtype.name not in SPARK_TYPES:
         raise errors.EmbFileError(f"{ds.path}: {ds.dtype.name} vectors have no Spark type")
     return SPARK_TYPES[ds.dtype.name]
+
+
+def _values(matrix: np.ndarray) -> Any:
+    """The values of ``matrix`` as an Arrow array (bfloat16, which Arrow lacks, widened to float32: exactly)."""
+    return pa.array((matrix.astype(np.float32) if matrix.dtype.name == "bfloat16" else matrix).reshape(-1))
 
 
 def _chunk(batch: Any, key: str, vector: str, dim: int | None) -> Chunk:
