@@ -115,6 +115,10 @@ def test_lookup_attaches_vectors_without_reading_the_dataset(spark, tmp_path):
     got = {r.n: r.v for r in out.collect()}
     assert got[1] is None
     np.testing.assert_array_equal(np.array([got[0], got[2], got[3]]), matrix[[3, 999, 3]])
+    embfile.write(tmp_path / "bf16.emb", (keys, matrix), dtype="bfloat16")  # widened to float, exactly
+    got = {r.n: r.v for r in embfile.spark.lookup(ids, str(tmp_path / "bf16.emb"), key_col="id", out_col="v").collect()}
+    want = matrix[[3, 999]].astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert got[1] is None and np.array_equal(np.array([got[0], got[2]]), want)
 
 
 def _failing_first(kind):
