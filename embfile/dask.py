@@ -144,7 +144,7 @@ def _read_part(part: tuple[str, int | None, int, int]) -> Any:
 def _frame(ds: Dataset, lo: int, hi: int) -> Any:
     """Rows ``[lo, hi)`` as a pandas DataFrame, of the same column types in every partition (nullable ones:
     Dask's transport makes every column nullable, and pandas cannot concatenate two types that differ)."""
-    table = ds.to_arrow()
+    table = ds._arrow_rows(lo, hi)  # from the file holding them alone
     value = table.schema.field("vector").type.value_type
     schema = pa.schema([("key", pa.string()), ("vector", pa.list_(pa.field("item", value), ds.dim))])
-    return table.slice(lo, hi - lo).cast(schema).to_pandas(types_mapper=pd.ArrowDtype)
+    return table.cast(schema).to_pandas(types_mapper=pd.ArrowDtype)

@@ -12,6 +12,7 @@ Python frame, which would otherwise be a large part of its cost.
 
 from __future__ import annotations
 
+import bisect
 import collections.abc
 import contextlib
 import itertools
@@ -348,6 +349,17 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         damaged file: :class:`CorruptFileError`).  One record batch per file.  Needs pyarrow
         (``pip install "embfile[parquet]"``).
         """
+        return self._arrow(self.files, key_column, vector_column)
+
+    def _arrow_rows(self, lo: int, hi: int) -> Any:
+        """Rows ``[lo, hi)`` as :meth:`to_arrow` gives them, made of (and checking) only the files that hold
+        them: a read task of an engine, whose partition is a slice of one file, costs that file alone."""
+        first = bisect.bisect_right(self._starts, lo) - 1
+        last = max(first + 1, bisect.bisect_left(self._starts, hi))
+        return self._arrow(self.files[first:last]).slice(lo - self._starts[first], hi - lo)
+
+    def _arrow(self, files: Sequence[MappedFile], key_column: str = "key", vector_column: str = "vector") -> Any:
+        """:meth:`to_arrow` of ``files`` (of this dataset's), one record batch each."""
         pa = require("pyarrow", "parquet")
         self._require_open()
         if self.dtype.name == "bfloat16":
@@ -365,7 +377,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             metadata={ARROW_METADATA_KEY: json.dumps(self.metadata, ensure_ascii=False)},
         )
         batches = []
-        for part in self.files:
+        for part in files:
             h, n = part.header, part.count
             mapped = pa.py_buffer(part.mappings()[1])
             offsets = mapped.slice(h.keys_offset, 8 * (n + 1))

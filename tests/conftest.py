@@ -145,3 +145,18 @@ def dask_client():
         distributed.Client(cluster) as client,
     ):
         yield client
+
+
+@pytest.fixture
+def damaged_second_shard(tmp_path):
+    """A dataset of 4 shards of 300, 300, 300 and 100 keys whose second shard has a key offset out of order:
+    ``(path, that shard's file name, keys, matrix)``."""
+    keys = [f"k{i}" for i in range(1000)]
+    matrix = np.arange(6000, dtype=np.float32).reshape(1000, 6)
+    embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=300 * 6 * 4)
+    with embfile.open(tmp_path / "ds") as ds:
+        shard, h = ds.files[1].path, ds.files[1].header
+    with open(shard, "r+b") as f:
+        f.seek(h.keys_offset + 8 * 101)
+        f.write((3).to_bytes(8, "little"))
+    return tmp_path / "ds", os.path.basename(shard), keys, matrix

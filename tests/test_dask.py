@@ -171,3 +171,17 @@ def test_an_array_is_written_by_a_fresh_process_that_imported_nothing_else(tmp_p
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ds")], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "10", out.stderr
+
+
+def test_a_read_task_builds_arrow_from_its_own_file_alone(damaged_second_shard):
+    """A partition's task makes Arrow of the file holding its rows, not of the whole dataset (each file's keys
+    are checked as Arrow is made of them: a task per file checking every file cost the number of files squared):
+    a damaged shard fails the task reading it, naming it, and no other."""
+    path, damaged, keys, matrix = damaged_second_shard
+    df = embfile.dask.read_embfile(path)
+    assert df.npartitions == 4
+    first, *_ = dask.compute(df.partitions[0], scheduler="sync")
+    assert list(first["key"]) == keys[:300]
+    np.testing.assert_array_equal(np.stack(first["vector"].to_numpy()), matrix[:300])
+    with pytest.raises(embfile.CorruptFileError, match=f"{damaged}: keys or ranges section damaged"):
+        dask.compute(df.partitions[1], scheduler="sync")

@@ -16,6 +16,8 @@ import embfile
 from embfile import folder as layout
 
 pytest.importorskip("pyspark")
+import pyarrow as pa
+
 import embfile.spark
 
 
@@ -307,3 +309,19 @@ def test_where_the_reader_cannot_be_built_read_warns_and_reads_through_python(sp
     assert "EmbfileReader" not in df._jdf.queryExecution().toString()
     got = {r.key: r.vector for r in df.collect()}
     np.testing.assert_array_equal(np.array([got[k] for k in keys]), matrix)
+
+
+def test_a_python_read_task_builds_arrow_from_its_own_file_alone(damaged_second_shard):
+    """A task of the Python data source makes Arrow of the file holding its rows, not of the whole dataset (a
+    task per file checking every file's keys cost the number of files squared): a damaged shard fails the task
+    reading it, naming it, and no other."""
+    from embfile.spark import EmbfileDataSource
+
+    path, damaged, keys, matrix = damaged_second_shard
+    reader = EmbfileDataSource({"path": str(path)}).reader(None)
+    first, second = reader.partitions()[:2]
+    batch = pa.Table.from_batches(list(reader.read(first)))
+    assert batch.column("key").to_pylist() == keys[:300]
+    np.testing.assert_array_equal(np.array(batch.column("vector").to_pylist()), matrix[:300])
+    with pytest.raises(embfile.CorruptFileError, match=f"{damaged}: keys or ranges section damaged"):
+        list(reader.read(second))

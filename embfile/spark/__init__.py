@@ -135,13 +135,14 @@ class _Reader(DataSourceReader):
         with open_dataset(partition.path, partition.version) as ds:
             _, value_type = _spark_type(ds)
             out_type = pa.list_(pa.field("element", value_type))
-            table = ds.to_arrow() if ds.dtype.name != "bfloat16" else None  # Arrow has no bfloat16
+            # this task's rows, from its file alone (Arrow has no bfloat16: those come from the mapping)
+            table = ds._arrow_rows(partition.lo, partition.hi) if ds.dtype.name != "bfloat16" else None
             for lo in range(partition.lo, partition.hi, ROWS_PER_BATCH):
                 hi = min(partition.hi, lo + ROWS_PER_BATCH)
                 if table is not None:
-                    part = table.slice(lo, hi - lo).combine_chunks()
+                    part = table.slice(lo - partition.lo, hi - lo).combine_chunks()
                     keys, values = part.column(0).chunk(0), part.column(1).chunk(0).flatten()
-                else:  # the keys and the values widened, from the mapping
+                else:
                     rows = np.arange(lo, hi, dtype=np.uint64)
                     keys, values = pa.array(ds.keys_at(rows)), _values(ds.take(rows))
                 offsets = pa.array(np.arange(0, (hi - lo) * ds.dim + 1, ds.dim, dtype=np.int32))
