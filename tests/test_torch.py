@@ -401,12 +401,7 @@ def test_a_batch_of_the_sampler_reads_its_blocks_whole_where_uncached(tmp_path):
     layout = ds.store._layout()
     blocks = [layout.page_ranges(b * 256, b * 256 + 256)[0] for b in np.unique(batch // 256)]
     assert len(blocks) == 4
-    os.sync()
-    fd = os.open(tmp_path / "db.emb", os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    if max(_core.resident_fraction(a, n) for a, n in blocks) > 0.5:
-        pytest.skip("the file system keeps the file's pages in memory")
+    evict(ds, blocks)
     np.testing.assert_array_equal(ds[batch].numpy(), m[batch])
     deadline = time.monotonic() + 20  # hinted reads finish in the background
     while min(_core.resident_fraction(a, n) for a, n in blocks) < 1.0 and time.monotonic() < deadline:
@@ -466,14 +461,22 @@ def assert_read_ahead(ds, batch, rows, want):
 
     layout = ds.store._layout()
     pages = [p for lo, hi in rows for p in layout.page_ranges(lo, hi)]
+    evict(ds, pages)
+    np.testing.assert_array_equal(ds[batch].numpy(), want)
+    deadline = time.monotonic() + 20
+    while min(_core.resident_fraction(a, n) for a, n in pages) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert min(_core.resident_fraction(a, n) for a, n in pages) == 1.0
+
+
+def evict(ds, pages):
+    """Drop the dataset's file from the page cache (skip the test where the file system keeps ``pages``, mapped
+    ``(address, length)`` ranges of it, in memory anyway)."""
+    from embfile import _core
+
     os.sync()
     fd = os.open(ds.store.path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     if max(_core.resident_fraction(a, n) for a, n in pages) > 0.5:
         pytest.skip("the file system keeps the file's pages in memory")
-    np.testing.assert_array_equal(ds[batch].numpy(), want)
-    deadline = time.monotonic() + 20
-    while min(_core.resident_fraction(a, n) for a, n in pages) < 1.0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert min(_core.resident_fraction(a, n) for a, n in pages) == 1.0
