@@ -33,7 +33,14 @@ def core_extension():
         link += ["--coverage"]
     return Extension(
         "embfile._core",
-        sources=["embfile/_core.pyx", "src_c/index.c", "src_c/records.c", "src_c/search.c", "src_c/shuffle.c"],
+        sources=[
+            "embfile/_core.pyx",
+            "src_c/index.c",
+            "src_c/pool.c",
+            "src_c/records.c",
+            "src_c/search.c",
+            "src_c/shuffle.c",
+        ],
         include_dirs=["src_c", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         extra_compile_args=args,

@@ -24,6 +24,7 @@ SDIST_NEEDS = [
     "src_c/embfile.h",
     "src_c/internal.h",
     "src_c/index.c",
+    "src_c/pool.c",
     "src_c/records.c",
     "src_c/search.c",
     "src_c/shuffle.c",

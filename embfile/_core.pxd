@@ -38,6 +38,10 @@ cdef extern from "embfile.h" nogil:
     int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind, const float *q, uint32_t nq,
                 float *out, uint64_t ld, int threads)
     void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads)
+    enum:
+        EMB_POOL_MEAN, EMB_POOL_MAX
+    int emb_pool(const uint8_t *x, uint32_t dim, int kind, const int64_t *offsets, uint64_t n, int how, float *out,
+                 int threads)
     void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq, const int64_t *rows, uint32_t k,
                         int smaller, float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads)
     uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream)

@@ -64,6 +64,7 @@ def dot(
 def widen(
     block: npt.NDArray[np.float16], threads: int = 2, out: npt.NDArray[np.float32] | None = None
 ) -> npt.NDArray[np.float32]: ...
+def pool(block: npt.NDArray[Any], offsets: npt.ArrayLike, how: str, threads: int = 2) -> npt.NDArray[np.float32]: ...
 
 @disjoint_base
 class TopK:

@@ -807,6 +807,31 @@ def widen(cnp.ndarray block, int threads=2, out=None):
     return out
 
 
+def pool(cnp.ndarray block, offsets, str how, int threads=2):
+    """One float32 vector per record of a C-contiguous ``(rows, dim)`` block of one of :data:`DOT_KINDS`, record
+    ``i`` being rows ``offsets[i]`` to ``offsets[i + 1]`` (at least one): their ``"mean"`` (summed in float64)
+    or ``"max"`` (NaN where a row holds NaN); the GIL released, the records split over ``threads`` threads."""
+    kind = DOT_KINDS.get(block.dtype.name, -1) if block.dtype.isnative else -1
+    if block.ndim != 2 or not block.flags.c_contiguous or kind < 0:
+        raise ValueError(f"pool() takes a C-contiguous 2-d block of {', '.join(DOT_KINDS)}")
+    if how not in ("mean", "max"):
+        raise ValueError(f"pool() pools by 'mean' or 'max', not {how!r}")
+    o = np.ascontiguousarray(offsets, dtype=np.int64)
+    if o.ndim != 1 or len(o) < 1 or o[0] < 0 or o[-1] > block.shape[0] or (len(o) > 1 and (np.diff(o) <= 0).any()):
+        raise ValueError(f"pool() takes offsets rising strictly from 0 to at most {block.shape[0]}")
+    cdef uint64_t n = len(o) - 1
+    cdef uint32_t dim = block.shape[1]
+    cdef int k = kind, h = EMB_POOL_MEAN if how == "mean" else EMB_POOL_MAX, status
+    out = np.empty((n, dim), dtype=np.float32)
+    cdef cnp.ndarray oa = out, offs = o
+    with nogil:
+        status = emb_pool(<const uint8_t *>cnp.PyArray_DATA(block), dim, k, <const int64_t *>cnp.PyArray_DATA(offs),
+                          n, h, <float *>cnp.PyArray_DATA(oa), threads)
+    if status == EMB_E_NOMEM:
+        raise MemoryError("pool(): out of memory")
+    return out
+
+
 cdef class TopK:
     """The best ``k`` (score, row) of each of ``q`` queries, merged block after block in the core (a heap per
     query): larger scores first (smaller with ``smaller``), NaN last, equal scores by row."""

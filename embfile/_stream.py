@@ -26,6 +26,7 @@ from embfile._keys import EncodedKeys
 
 CHUNK_BYTES = 8 << 20  # records read and written per step: with read-ahead, the memory bound of a conversion
 POOLINGS = ("mean", "max", "first", "last")  # what makes one vector of a ragged record's rows
+POOL_THREADS = min(os.cpu_count() or 1, 8)
 
 Chunk = tuple[list[str] | EncodedKeys, np.ndarray]  # keys, and their records: one row each
 RaggedChunk = tuple[list[str] | EncodedKeys, np.ndarray, np.ndarray]  # keys, their rows, each key's row count
@@ -255,17 +256,20 @@ def _stacked(batch: list[tuple[Any, np.ndarray]]) -> Chunk:
 
 def pool_rows(block: np.ndarray, offsets: np.ndarray, how: str) -> Any:
     """One row per record of ``block`` (record ``i`` its rows ``offsets[i]`` to ``offsets[i + 1]``, at least
-    one each), pooled ``how``: a mean is summed in float64, of float16 (and 8-bit) rows in float32."""
+    one each), pooled ``how``: a mean summed in float64, as float32 (float64 for other types than the core's);
+    a maximum of the rows' type.  The types the core reads are pooled there, on every core; others by numpy."""
     starts = offsets[:-1]
     if how == "first":
         return block[starts]
     if how == "last":
         return block[offsets[1:] - 1]
+    if block.dtype.name in _core.DOT_KINDS and block.dtype.isnative and block.flags.c_contiguous:
+        out = _core.pool(block, offsets, how, POOL_THREADS)
+        return out if how == "mean" else out.astype(block.dtype)  # float32 holds each of these types exactly
     if how == "max":
         return np.maximum.reduceat(block, starts)
-    wide = np.dtype(np.float32 if block.dtype.itemsize < 4 else np.float64)
-    sums = np.add.reduceat(block, starts, dtype=wide)
-    return sums / np.diff(offsets).astype(wide)[:, None]
+    sums = np.add.reduceat(block, starts, dtype=np.float64)
+    return sums / np.diff(offsets)[:, None]
 
 
 def pooled(source: Source, how: str | None) -> Source:

@@ -52,7 +52,8 @@ _EXAMPLES = {
     "merge": "examples:\n  embfile merge part1.emb part2.emb all.emb\n  embfile merge human/ mouse/ both/",
     "subset": "example:\n  embfile subset uniref50/ test.emb --keys test_ids.txt",
     "search": "examples:\n  embfile search prott5.emb --key P69905 P68871 -k 5\n"
-    "  embfile search esm2/ --queries new.npy -k 1 --metric l2 --format tsv > hits.tsv",
+    "  embfile search esm2/ --queries new.npy -k 1 --metric l2 --format tsv > hits.tsv\n"
+    "  embfile search residues.emb --key P69905 --pool mean",
     "cache": "examples:\n  embfile cache fetch s3://bucket/esm2/      # before training on a machine of its own\n"
     "  embfile cache fetch https://example.org/prott5.emb --cache-dir /scratch/embfile\n  embfile cache clear",
     "index": "example:\n  cp more/*.emb uniref50/ && embfile index uniref50/",
@@ -274,6 +275,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--queries", metavar="NPY", help="query with the rows of this (Q, dim) or (dim,) .npy array")
     c.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     c.add_argument("--metric", choices=["cosine", "ip", "l2"], default="cosine", help="default cosine")
+    c.add_argument(
+        "--pool",
+        choices=POOLINGS,
+        help="of a per-residue (ragged) file, required: compare each record's rows pooled so",
+    )
     c.add_argument(
         "--format",
         choices=["text", "tsv", "json"],
@@ -533,10 +539,10 @@ def _search(args: argparse.Namespace) -> None:
     with embfile.open(args.file) as db:
         if args.key:
             names = list(args.key)
-            scores, keys = db.search_keys(names, k=args.k, metric=args.metric)
+            scores, keys = db.search_keys(names, k=args.k, metric=args.metric, pool=args.pool)
         else:
             queries = np.load(args.queries, allow_pickle=False)
-            scores, keys = db.search(np.atleast_2d(queries), k=args.k, metric=args.metric)
+            scores, keys = db.search(np.atleast_2d(queries), k=args.k, metric=args.metric, pool=args.pool)
             names = [str(i) for i in range(len(scores))]
     if args.format == "json":
         hits = {n: [{"key": k, "score": float(s)} for k, s in zip(ks, ss)] for n, ks, ss in zip(names, keys, scores)}

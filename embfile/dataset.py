@@ -180,7 +180,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
 
         With ``out``, written there as a per-protein .emb file (its metadata the user's and ``"pooling"``),
         else returned as a new ``(n, dim)`` array in row order.  ``dtype`` defaults to the stored one (a mean
-        of integers to float32); a mean is summed in float64 (float16 in float32).
+        of integers to float32); a mean is summed in float64.
         ``options`` go to :class:`~embfile.Writer`.
         """
         self._require_open()
@@ -279,7 +279,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         )
 
     def search(
-        self, queries: Any, k: int = 10, metric: str = "cosine", exclude: Iterable[str] | None = None
+        self,
+        queries: Any,
+        k: int = 10,
+        metric: str = "cosine",
+        exclude: Iterable[str] | None = None,
+        pool: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` stored vectors nearest each query, exactly: ``(scores, keys)``, best first.
 
@@ -288,19 +293,40 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         (smallest first); equal scores come in row order.  ``exclude``: keys never returned.  Fewer than ``k``
         results if the dataset holds fewer.  A record holding NaN scores NaN and ranks last; a zero vector
         has cosine similarity 0.  A streaming scan of the mapping: memory stays flat.
+
+        ``pool``, for a ragged dataset (and only there): how a record's rows make the one vector compared,
+        ``"mean"``, ``"max"``, ``"first"`` or ``"last"``, in float32, pooled as the scan reaches the records:
+        every search reads every row, so for many searches write the pooled file once with :meth:`pool`.
         """
         self._require_open()
-        self._refuse_ragged("search() compares one vector per key", "db.pool('mean', out=...) makes them")
-        return search.search(self, queries, k, metric, exclude)
+        return search.search(self._searched(pool, "search()"), queries, k, metric, exclude)
 
     def search_keys(
-        self, keys: Sequence[str], k: int = 10, metric: str = "cosine", exclude_self: bool = True
+        self,
+        keys: Sequence[str],
+        k: int = 10,
+        metric: str = "cosine",
+        exclude_self: bool = True,
+        pool: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` with the stored vectors of ``keys`` as queries, each key's own record left out
-        (by identity: an equal vector under another key is still found)."""
+        (by identity: an equal vector under another key is still found); ``pool`` as there."""
         self._require_open()
-        self._refuse_ragged("search_keys() compares one vector per key", "db.pool('mean', out=...) makes them")
-        return search.search_keys(self, keys, k, metric, exclude_self)
+        return search.search_keys(self._searched(pool, "search_keys()"), keys, k, metric, exclude_self)
+
+    def _searched(self, pool: str | None, what: str) -> Any:
+        """What a search reads: the dataset, or for a ragged one its records pooled ``pool``."""
+        if not self.ragged:
+            if pool is not None:
+                raise ValueError(
+                    f"{self.path or 'this dataset'} has one vector per key; pool= is for per-residue (ragged) records"
+                )
+            return self
+        if pool is None:
+            raise self._ragged_error(
+                f"{what} compares one vector per record", "pass pool='mean' (or 'max', 'first', 'last')"
+            )
+        return search.Pooled(self, pool)
 
     def iter_batches(
         self, batch_size: int = 100, *, transform: Callable[[Any], Any] | None = None, **options: Any
@@ -433,7 +459,10 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
 
     def _refuse_ragged(self, what: str, instead: str) -> None:
         if self.ragged:
-            raise TypeError(f"{self.path or 'this dataset'} holds per-residue (ragged) records; {what}: {instead}")
+            raise self._ragged_error(what, instead)
+
+    def _ragged_error(self, what: str, instead: str) -> TypeError:
+        return TypeError(f"{self.path or 'this dataset'} holds per-residue (ragged) records; {what}: {instead}")
 
     def _require_open(self) -> None:
         if not self.files or self.files[0].closed:

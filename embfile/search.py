@@ -10,6 +10,9 @@ converted to float32 (float64 for float64 files): compute-bound, where BLAS is a
 longer with the kernel, as BLAS would first need the block widened into a copy.  Memory stays flat
 in the number of records.  Cosine and l2 need each record's norm: computed once per handle and kept.
 
+A ragged dataset (per-residue records) is searched through :class:`Pooled`: each record's rows pooled into one
+vector as the scan reaches them.
+
 Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
 row order.  Scores are float32.  A record holding NaN scores NaN and ranks after every other; a zero vector has
 cosine similarity 0 with every query.
@@ -25,6 +28,7 @@ import numpy as np
 
 from embfile import _core
 from embfile import _format as F
+from embfile._stream import POOLINGS, pool_rows
 
 
 class Dataset(Protocol):
@@ -128,6 +132,36 @@ def search_keys(
     by distance: an identical vector under another key is still found)."""
     rows = ds.rows(list(keys))
     return search(ds, ds.take(rows), k, metric, exclude_rows=rows if exclude_self else None)
+
+
+class Pooled:
+    """A ragged dataset as one vector per record, its rows pooled ``how`` (``"mean"``, ``"max"``, ``"first"``,
+    ``"last"``) as a search's scan reaches them: float32 (float64 for float64 files), a mean summed as
+    :meth:`embfile.Dataset.pool` sums it.  Nothing is written or kept between searches, so every search reads
+    every row; a per-protein file made once (``db.pool(how, out=...)``) is the faster choice for many."""
+
+    def __init__(self, ds: Any, how: str) -> None:
+        if how not in POOLINGS:
+            raise ValueError(f"pool must be one of {', '.join(map(repr, POOLINGS))}, not {how!r}")
+        self._ds, self._how = ds, how
+        self.dim = ds.dim
+        self.dtype = np.dtype(np.float64 if ds.dtype == np.float64 else np.float32)
+        self._norms: tuple[np.ndarray, np.ndarray] | None = None
+        self.keys_at, self.find_rows, self.rows = ds.keys_at, ds.find_rows, ds.rows
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def chunks(self, rows: int, release: bool = True) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Pooled vectors of consecutive records, of about ``rows`` stored rows at a time (so at most ``rows``
+        records)."""
+        for lo, hi, block, offsets in self._ds.ragged_chunks(rows):
+            yield lo, hi, np.ascontiguousarray(pool_rows(block, offsets, self._how), self.dtype)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        packed, offsets = self._ds.take(rows, pad=False)
+        pooled: np.ndarray = pool_rows(packed, offsets, self._how).astype(self.dtype)
+        return pooled
 
 
 def _rows_of(ds: Dataset, keys: Iterable[str]) -> np.ndarray:

@@ -128,6 +128,17 @@ int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
  * `threads` threads. */
 void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads);
 
+/* Pooling (pool.c): out[r * dim ...] = the mean (EMB_POOL_MEAN, summed in
+ * float64) or the maximum (EMB_POOL_MAX; NaN if any row holds NaN there) of
+ * rows offsets[r] to offsets[r + 1] of x (rows of dim elements of type `kind`,
+ * EMB_DOT_*, back to back), for records r < n; the caller checks that the
+ * offsets rise strictly and stay inside x.  The records are split over
+ * `threads` threads.  Returns EMB_OK, EMB_E_RANGE for a kind or `how` it does
+ * not know, or EMB_E_NOMEM. */
+enum { EMB_POOL_MEAN, EMB_POOL_MAX };
+int emb_pool(const uint8_t *x, uint32_t dim, int kind, const int64_t *offsets, uint64_t n, int how,
+             float *out, int threads);
+
 /* Search (search.c): merges a block of scores into a running top-k per query.
  * Query j's score of row i (dataset row rows[i]) is scores[j * ld + i]; its
  * heap of count[j] <= k entries is heap_scores/heap_rows[j * k ...], the worst

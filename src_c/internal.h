@@ -58,4 +58,50 @@ static inline int emb_key_cmp(const uint8_t *a, size_t la, const uint8_t *b,
     return (la > lb) - (la < lb);
 }
 
+/* IEEE half precision to float, exactly (subnormals, infinities and NaN too). */
+static inline float emb_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu,
+             man = h & 0x3ffu, bits;
+    if (exp == 0x1f) { /* inf, NaN */
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp) { /* normal */
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalise */
+        exp = 113u;
+        while (!(man & 0x400u)) {
+            man <<= 1;
+            exp--;
+        }
+        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* The element types the kernels read (embfile.h: EMB_DOT_*), one value at a
+ * time: the loops other CPUs run, and the tails of the vectorised ones. */
+static inline float emb_value_f32(const uint8_t *row, uint32_t d) {
+    float v;
+    memcpy(&v, row + 4u * d, 4);
+    return v;
+}
+static inline float emb_value_f16(const uint8_t *row, uint32_t d) {
+    uint16_t h;
+    memcpy(&h, row + 2u * d, 2);
+    return emb_half_to_float(h);
+}
+static inline float emb_value_bf16(const uint8_t *row, uint32_t d) {
+    uint16_t h;
+    memcpy(&h, row + 2u * d, 2);
+    uint32_t bits = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+static inline float emb_value_i8(const uint8_t *row, uint32_t d) { return (float)(int8_t)row[d]; }
+static inline float emb_value_u8(const uint8_t *row, uint32_t d) { return (float)row[d]; }
+
 #endif

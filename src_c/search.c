@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "embfile.h"
+#include "internal.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -26,51 +27,6 @@
 
 typedef void (*dot_fn)(const uint8_t *x, uint64_t n, uint32_t dim,
                        const float *q, uint32_t nq, float *out, uint64_t ld);
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu,
-             man = h & 0x3ffu, bits;
-    if (exp == 0x1f) { /* inf, NaN */
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp) { /* normal */
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    } else if (man) { /* subnormal: normalise */
-        exp = 113u;
-        while (!(man & 0x400u)) {
-            man <<= 1;
-            exp--;
-        }
-        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-/* The element types the kernel reads (embfile.h: EMB_DOT_*), one value at a
- * time: the loops other CPUs run, and the tails of the vectorised ones. */
-static inline float scalar_f32(const uint8_t *row, uint32_t d) {
-    float v;
-    memcpy(&v, row + 4u * d, 4);
-    return v;
-}
-static inline float scalar_f16(const uint8_t *row, uint32_t d) {
-    uint16_t h;
-    memcpy(&h, row + 2u * d, 2);
-    return half_to_float(h);
-}
-static inline float scalar_bf16(const uint8_t *row, uint32_t d) {
-    uint16_t h;
-    memcpy(&h, row + 2u * d, 2);
-    uint32_t bits = (uint32_t)h << 16;
-    float v;
-    memcpy(&v, &bits, 4);
-    return v;
-}
-static inline float scalar_i8(const uint8_t *row, uint32_t d) { return (float)(int8_t)row[d]; }
-static inline float scalar_u8(const uint8_t *row, uint32_t d) { return (float)row[d]; }
 
 #define EMB_DOT_PORTABLE(NAME, WIDTH, SCALAR)                                    \
     static void NAME(const uint8_t *x, uint64_t n, uint32_t dim, const float *q, \
@@ -84,11 +40,11 @@ static inline float scalar_u8(const uint8_t *row, uint32_t d) { return (float)ro
             }                                                                    \
         }                                                                        \
     }
-EMB_DOT_PORTABLE(dot_f32, 4u, scalar_f32)
-EMB_DOT_PORTABLE(dot_f16, 2u, scalar_f16)
-EMB_DOT_PORTABLE(dot_bf16, 2u, scalar_bf16)
-EMB_DOT_PORTABLE(dot_i8, 1u, scalar_i8)
-EMB_DOT_PORTABLE(dot_u8, 1u, scalar_u8)
+EMB_DOT_PORTABLE(dot_f32, 4u, emb_value_f32)
+EMB_DOT_PORTABLE(dot_f16, 2u, emb_value_f16)
+EMB_DOT_PORTABLE(dot_bf16, 2u, emb_value_bf16)
+EMB_DOT_PORTABLE(dot_i8, 1u, emb_value_i8)
+EMB_DOT_PORTABLE(dot_u8, 1u, emb_value_u8)
 
 #ifdef EMB_X86
 __attribute__((target("avx2,fma"))) static float hsum(__m256 v) {
@@ -172,11 +128,11 @@ enum { AHEAD = 512 }; /* values */
 #define LOAD_U8(row, d) \
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)((row) + (d)))))
 
-EMB_DOT_AVX2(dot_f32_avx2, 4u, LOAD_F32, scalar_f32)
-EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, scalar_f16)
-EMB_DOT_AVX2(dot_bf16_avx2, 2u, LOAD_BF16, scalar_bf16)
-EMB_DOT_AVX2(dot_i8_avx2, 1u, LOAD_I8, scalar_i8)
-EMB_DOT_AVX2(dot_u8_avx2, 1u, LOAD_U8, scalar_u8)
+EMB_DOT_AVX2(dot_f32_avx2, 4u, LOAD_F32, emb_value_f32)
+EMB_DOT_AVX2(dot_f16_avx2, 2u, LOAD_F16, emb_value_f16)
+EMB_DOT_AVX2(dot_bf16_avx2, 2u, LOAD_BF16, emb_value_bf16)
+EMB_DOT_AVX2(dot_i8_avx2, 1u, LOAD_I8, emb_value_i8)
+EMB_DOT_AVX2(dot_u8_avx2, 1u, LOAD_U8, emb_value_u8)
 
 /* float16 rows with AVX-512: sixteen values widened per instruction, half the
  * instructions of AVX2 per byte; queries four at a time as there, the rest of
@@ -204,7 +160,7 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
             float s0 = _mm512_reduce_add_ps(a), s1 = _mm512_reduce_add_ps(b);
             float s2 = _mm512_reduce_add_ps(c), s3 = _mm512_reduce_add_ps(e);
             for (; d < dim; d++) {
-                float v = scalar_f16(row, d);
+                float v = emb_value_f16(row, d);
                 s0 += v * q0[d], s1 += v * q1[d], s2 += v * q2[d], s3 += v * q3[d];
             }
             out[j * ld + r] = s0, out[(j + 1) * ld + r] = s1;
@@ -221,7 +177,7 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
             }
             for (; d < body; d += 16) a0 = _mm512_fmadd_ps(LOAD16_F16(row, d), _mm512_loadu_ps(qj + d), a0);
             float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-            for (; d < dim; d++) s += scalar_f16(row, d) * qj[d];
+            for (; d < dim; d++) s += emb_value_f16(row, d) * qj[d];
             out[j * ld + r] = s;
         }
     }
@@ -432,7 +388,7 @@ static void widen_portable(const uint8_t *src, uint64_t n, float *dst) {
     for (uint64_t i = 0; i < n; i++) {
         uint16_t h;
         memcpy(&h, src + 2u * i, 2);
-        dst[i] = half_to_float(h);
+        dst[i] = emb_half_to_float(h);
     }
 }
 

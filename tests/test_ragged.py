@@ -7,6 +7,9 @@ refused at write (a record has at least one row: pooling and attention masks nee
 
 import collections
 import mmap
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,6 +136,45 @@ def test_pool_against_numpy(tmp_path, how):
         assert not pooled.ragged and list(pooled) == list(records) and pooled.dtype == np.float16
         assert pooled.metadata["pooling"] == how and pooled.metadata["model"] == "prott5"
         np.testing.assert_allclose(pooled.matrix.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_the_core_pools_every_type_as_numpy_does_on_both_paths():
+    """The core's mean and maximum against float64 numpy: every type it reads, dims off the vector width,
+    records of one row and long ones, the threads' cuts anywhere, NaN kept by the maximum; EMBFILE_PORTABLE=1
+    runs the plain loops other CPUs run.  Bad offsets are refused before the core reads a byte."""
+    script = (
+        "import numpy as np, ml_dtypes, embfile._core as c\n"
+        "rng = np.random.default_rng(4)\n"
+        "for dim in (1, 7, 8, 17, 1024):\n"
+        "    lengths = rng.integers(1, 40, 61)\n"
+        "    lengths[::9] = 1\n"
+        "    offsets = np.concatenate([[0], np.cumsum(lengths)])\n"
+        "    x = rng.standard_normal((offsets[-1], dim)).astype(np.float32) * 3\n"
+        "    x[5, 0] = np.nan\n"
+        "    whole = np.nan_to_num(x * 40)\n"
+        "    narrow = (x.astype(np.float16), x.astype(ml_dtypes.bfloat16), whole.astype(np.int8))\n"
+        "    for block in (x, *narrow, (whole + 128).clip(0, 255).astype(np.uint8)):\n"
+        "        wide = block.astype(np.float64)\n"
+        "        for threads in (1, 2, 5, 64):\n"
+        "            for how in ('mean', 'max'):\n"
+        "                want = np.stack([getattr(np, how)(wide[a:b], axis=0) for a, b in zip(offsets, offsets[1:])])\n"
+        "                got = c.pool(block, offsets, how, threads)\n"
+        "                assert got.dtype == np.float32\n"
+        "                assert np.allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True), (dim, block.dtype)\n"
+        "x = np.ones((4, 3), np.float16)\n"
+        "for bad in ([0, 2, 2, 4], [0, 5], [-1, 2], [[0, 4]]):\n"
+        "    try:\n"
+        "        c.pool(x, bad, 'mean')\n"
+        "    except ValueError as e:\n"
+        "        assert 'offsets rising strictly' in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError(bad)\n"
+        "assert c.pool(x, [0], 'max').shape == (0, 3)\n"
+        "print('ok')\n"
+    )
+    for env in ({}, {"EMBFILE_PORTABLE": "1"}):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, **env})
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_arrow_export_is_a_list_of_fixed_size_lists_without_a_copy(tmp_path):

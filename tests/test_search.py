@@ -110,6 +110,48 @@ def test_sharded_and_versioned_datasets(tmp_path):
         check(db, matrix[100:], keys[100:], rng.standard_normal((4, 8)), 7, "l2")
 
 
+POOLED = {
+    "mean": lambda r: r.astype(np.float64).mean(axis=0),
+    "max": lambda r: r.max(axis=0),
+    "first": lambda r: r[0],
+    "last": lambda r: r[-1],
+}
+
+
+@pytest.mark.parametrize("how", list(POOLED))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_ragged_records_are_searched_by_their_pooled_vectors(tmp_path, how, dtype, monkeypatch):
+    for blocks in ("BLOCK_BYTES", "KERNEL_BLOCK_BYTES"):  # pooled a few records at a time
+        monkeypatch.setattr(search_module, blocks, 4096)
+    rng = np.random.default_rng(len(how))
+    keys = [f"P{i:04d}" for i in range(300)]
+    records = {k: rng.standard_normal((int(rng.integers(1, 40)), 12)).astype(dtype) for k in keys}
+    embfile.write_shards(tmp_path / "ds", records, ragged=True, shard_bytes=100 * 12 * 4)  # sharded and versioned
+    embfile.remove(tmp_path / "ds", keys[:10])
+    keys = keys[10:]
+    pooled = np.array([POOLED[how](records[k]) for k in keys]).astype(np.float32)
+    queries = rng.standard_normal((20, 12)).astype(np.float32)
+    with embfile.open(tmp_path / "ds") as db:
+        assert db.ragged and len(db.files) > 3
+        for metric in ("cosine", "ip", "l2"):
+            for q in (queries[:3], queries[0], queries):  # the kernel, one query, BLAS
+                scores, got = db.search(q, k=7, metric=metric, pool=how, exclude=[keys[4]])
+                want_scores, want_rows = oracle(pooled, q, 7, metric, skip={4})
+                np.testing.assert_allclose(np.atleast_2d(scores), want_scores, rtol=1e-4, atol=1e-4)
+                assert (np.atleast_2d(got) == np.array(keys)[want_rows]).all()
+        scores, got = db.search_keys(keys[:2], k=3, metric="l2", pool=how)  # queries: their own pooled vectors
+        want_scores, want_rows = oracle(pooled, pooled[:2], 4, "l2")
+        assert (got == np.array(keys)[want_rows[:, 1:]]).all()
+        np.testing.assert_allclose(scores, want_scores[:, 1:], rtol=1e-4, atol=1e-4)
+        with pytest.raises(TypeError, match=r"search\(\) compares one vector per record: pass pool='mean'"):
+            db.search(queries[0])
+        with pytest.raises(ValueError, match="pool must be one of"):
+            db.search(queries[0], pool="median")
+    embfile.write(tmp_path / "fixed.emb", (keys, pooled))
+    with embfile.open(tmp_path / "fixed.emb") as db, pytest.raises(ValueError, match="one vector per key; pool="):
+        db.search(queries[0], pool=how)
+
+
 def test_search_from_the_command_line(tmp_path):
     matrix = np.eye(4, dtype=np.float32)
     embfile.write(tmp_path / "db.emb", (["w", "x", "y", "z"], matrix))
@@ -125,6 +167,13 @@ def test_search_from_the_command_line(tmp_path):
     assert out.returncode == 0 and out.stdout.split() == ["0", "y", "0"]
     out = subprocess.run([*run, "--key", "nope"], capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "'nope'" in out.stderr
+    residues = {"w": np.eye(4)[[0, 0, 1]], "x": np.eye(4)[[1, 1, 1]], "y": np.eye(4)[[0, 1, 1]]}
+    embfile.write(tmp_path / "r.emb", residues, ragged=True)
+    run[-1] = tmp_path / "r.emb"
+    out = subprocess.run([*run, "--key", "x", "-k", "1", "--pool", "mean"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split()[:2] == ["x", "y"], out.stderr
+    out = subprocess.run([*run, "--key", "x"], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "pool='mean'" in out.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
