@@ -12,7 +12,8 @@ The data: proteins of log-normal lengths (median about 245 residues, 30 to 2,000
 Figures: one protein looked up warm and cold (the file evicted, opened, one random key read into memory); a padded
 batch of 32 random proteins against a plain copy of its useful bytes; the padding of ``token_budget`` batches
 against random batches of as many proteins; a cold epoch over every residue against the cold sequential read
-of the file (interleaved rounds, median and range); conversion throughput.
+of the file (interleaved rounds, median and range); pooling every protein (mean) and an exact search of the pooled
+vectors, warm, against reading the residues' memory once and the ways users pool today; conversion throughput.
 
     python benchmarks/bench_ragged.py                   # 2,000 proteins, about 1 GB a layout: a few minutes
     python benchmarks/bench_ragged.py --proteins 10000
@@ -26,6 +27,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -205,6 +207,51 @@ def cold_epochs(emb, rounds):
     return rows_s, read_s, size
 
 
+def read_residues(matrix):
+    """Reading every residue's bytes once from memory, one thread per core (numpy's integer sum, GIL released):
+    the bound of any pass over them."""
+    words = matrix.reshape(-1).view(np.uint64)
+    threads = [threading.Thread(target=np.add.reduce, args=(p,)) for p in np.array_split(words, os.cpu_count() or 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def pooling_and_search(emb, h5, rounds):
+    """Warm, interleaved rounds: the mean of every protein and a one-query search of those means (k=10,
+    cosine), by embfile and the ways users have; seconds per round of each, best of two."""
+    import h5py
+
+    query = np.random.default_rng(3).standard_normal(DIM).astype(np.float32)
+    pooled_path = emb + ".pooled.emb"
+    with embfile.open(emb) as db:
+        db.pool("mean", out=pooled_path)
+    with embfile.open(emb) as db, embfile.open(pooled_path) as pooled, h5py.File(h5) as f:
+        offsets = np.concatenate([[0], np.cumsum(db.lengths())])
+        tools = {
+            "reading the residues from memory once (bound)": lambda: read_residues(db.matrix),
+            'embfile db.pool("mean")': lambda: db.pool("mean"),
+            "numpy add.reduceat over the residues (float32 sums)": lambda: np.add.reduceat(
+                db.matrix, offsets[:-1], dtype=np.float32
+            ),
+            "h5py f[k][()].mean(0) for each protein": lambda: [f[k][()].mean(0, dtype=np.float32) for k in f],
+            'embfile db.search(q, pool="mean"): pooled as it scans': lambda: db.search(query, pool="mean"),
+            "embfile search of the pooled file (written once)": lambda: pooled.search(query),
+        }
+        times = {name: [] for name in tools}
+        for _ in range(rounds):
+            for name, fn in tools.items():
+                best = float("inf")
+                for _ in range(2):
+                    t = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - t)
+                times[name].append(best)
+    os.remove(pooled_path)
+    return times
+
+
 def conversions(folder, paths, emb):
     out = {}
     for name, src in (("ProtTrans HDF5 -> emb", paths["h5"]), ("Parquet -> emb", paths["parquet"])):
@@ -314,6 +361,21 @@ def measure(args):
             f"(range {min(ratio):.0%}-{max(ratio):.0%}); the epoch's median against the machine's cold sequential "
             f"read measured at the start: {size / statistics.median(rows_s) / 1e9 / limits['cold_read_gbps']:.0%}"
         )
+
+        rounds = min(args.rounds, 3)
+        times = pooling_and_search(emb, paths["h5"], rounds)
+        bound = times["reading the residues from memory once (bound)"]
+        print(
+            f"\n| pooling every protein and searching the pooled vectors; warm ({rounds} interleaved rounds, each "
+            f"the best of 2) | ms, median (range) | GB/s of residues | / bound |\n|---|---|---|---|"
+        )
+        for name, t in times.items():
+            share = statistics.median(b / x for b, x in zip(bound, t))
+            per_residue = "pooled file" not in name  # that one reads a vector per protein, not the residues
+            print(
+                f"| {name} | {statistics.median(t) * 1e3:,.1f} ({min(t) * 1e3:,.1f}-{max(t) * 1e3:,.1f}) | "
+                + (f"{nbytes / statistics.median(t) / 1e9:.2f} | {share:.0%} |" if per_residue else " | |")
+            )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
