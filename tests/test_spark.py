@@ -1,8 +1,11 @@
 """Spark reads and writes embfile datasets, on a real Spark in local mode (tests/conftest.py): round trips,
 versions, lookups, and tasks that fail and are retried with every key still committed exactly once."""
 
+import functools
 import os
 import pathlib
+import subprocess
+import sys
 
 import ml_dtypes  # numpy's bfloat16 and its finfo
 import mutate
@@ -279,7 +282,7 @@ def test_a_url_is_read_through_the_python_data_source(spark, tmp_path):
     np.testing.assert_array_equal(np.array([got[k] for k in keys]), matrix)
 
 
-@pytest.mark.parametrize("missing", ["jdk", "spark jars", "writable cache"])
+@pytest.mark.parametrize("missing", ["jdk", "spark jars", "writable cache", "jar the driver sees"])
 def test_where_the_reader_cannot_be_built_read_warns_and_reads_through_python(spark, tmp_path, monkeypatch, missing):
     from embfile.spark import _jvm
 
@@ -290,6 +293,7 @@ def test_where_the_reader_cannot_be_built_read_warns_and_reads_through_python(sp
         "jdk": "no JDK .javac. to compile the JVM reader",
         "spark jars": "the JVM reader does not compile against Spark .*error: package org.apache.spark",
         "writable cache": "cannot build the JVM reader in .*cache/embfile/spark",
+        "jar the driver sees": "the session's driver could not add the JVM reader's jar .*gone.jar",
     }[missing]
     if missing == "jdk":
         monkeypatch.setenv("PATH", str(tmp_path))
@@ -297,8 +301,10 @@ def test_where_the_reader_cannot_be_built_read_warns_and_reads_through_python(sp
     elif missing == "spark jars":
         (tmp_path / "spark" / "jars").mkdir(parents=True)
         monkeypatch.setenv("SPARK_HOME", str(tmp_path / "spark"))
-    else:
+    elif missing == "writable cache":
         (tmp_path / "cache").write_text("a file where the cache folder would be")
+    else:  # as a Spark Connect server on another machine is given a path on the client's
+        monkeypatch.setattr(_jvm, "jar", functools.cache(lambda version: str(tmp_path / "gone.jar")))
     _jvm.jar.cache_clear()
     embfile.spark._warn_once.cache_clear()
     try:
@@ -325,3 +331,46 @@ def test_a_python_read_task_builds_arrow_from_its_own_file_alone(damaged_second_
     np.testing.assert_array_equal(np.array(batch.column("vector").to_pylist()), matrix[:300])
     with pytest.raises(embfile.CorruptFileError, match=f"{damaged}: keys or ranges section damaged"):
         list(reader.read(second))
+
+
+CONNECT_SESSION = """
+import sys, warnings
+import numpy as np
+import embfile, embfile.spark
+from pyspark.sql import SparkSession
+
+path = sys.argv[1]
+spark = SparkSession.builder.remote("local[2]").config("spark.connect.grpc.binding.address", "127.0.0.1")
+spark = spark.config("spark.ui.enabled", "false").getOrCreate()
+assert type(spark).__module__.startswith("pyspark.sql.connect"), type(spark)
+embfile.spark.register(spark)
+df = spark.range(0, 1000, numPartitions=4).selectExpr(
+    "concat('k', cast(id as string)) as id", "array(cast(id as float), cast(id / 2 as float)) as emb"
+)
+df.write.format("embfile").mode("append").option("key", "id").option("vector", "emb").save(path)
+with embfile.open(path) as db:
+    assert len(db) == 1000 and db["k7"].tolist() == [7, 3.5], db["k7"]
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the JVM reader: read() warns where it falls back to Python
+    jvm = embfile.spark.read(spark, path)
+for frame in (jvm, spark.read.format("embfile").load(path)):
+    rows = {r.key: r.vector for r in frame.collect()}
+    assert len(rows) == 1000 and rows["k999"] == [999.0, 499.5], rows["k999"]
+keys = spark.createDataFrame([("k3",), ("nope",)], ["key"])
+got = {r.key: r.vector for r in embfile.spark.lookup(keys, path).collect()}
+assert got == {"k3": [3.0, 1.5], "nope": None}, got
+spark.stop()
+print("ok")
+"""
+
+
+def test_a_spark_connect_session_writes_reads_and_looks_up(tmp_path):
+    """Through Spark Connect (a local Connect server, the client in a process of its own as a user's is): the
+    data source writes and reads, the JVM reader's jar is added by the client, lookup joins."""
+    pytest.importorskip("pyspark.sql.connect.session")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": root}  # as the session fixture's workers
+    run = [sys.executable, "-c", CONNECT_SESSION, str(tmp_path / "ds")]
+    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert not stray_files(tmp_path / "ds")

@@ -80,10 +80,19 @@ def jar(spark_version: str) -> str:
 
 
 def load(spark: Any) -> None:
-    """Give ``spark``'s session (and so its executors) the reader's jar, once."""
+    """Give ``spark``'s session (and so its executors) the reader's jar, once.
+
+    The session's driver reads the jar by its path: a Spark Connect server elsewhere does not see this
+    machine's file, and Spark then only logs the failure, so the jar's place in ``LIST JAR`` is checked."""
     path = jar(spark.version)
-    if not any(row[0].endswith(os.path.basename(path)) for row in spark.sql("LIST JAR").collect()):
+
+    def added() -> bool:
+        return any(row[0].endswith(os.path.basename(path)) for row in spark.sql("LIST JAR").collect())
+
+    if not added():
         spark.sql(f"ADD JAR '{path}'")
+        if not added():
+            raise Unavailable(f"the session's driver could not add the JVM reader's jar {path} (not a file it sees?)")
 
 
 def partitions(ds: Dataset, bounds: list[int]) -> str:
