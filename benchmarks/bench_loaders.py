@@ -9,7 +9,7 @@ Loaders (batches of 256 records, one shuffled epoch each):
 - embfile map-style ``Dataset`` with ``shuffle=True`` and ``collate_fn=embfile.torch.collate``, and with a
   batch sampler as the sampler (``batch_size=None``: each item is a batch): PyTorch's ``BatchSampler`` over a
   ``RandomSampler``, and embfile's ``BatchSampler`` (the block-shuffled epoch, index arrays), also over a
-  dataset of keys (a training split: 80% of the keys, in file order);
+  dataset of keys (a training split: 80% of the keys, in random order, as a split file lists them);
 - a numpy memmap map-style dataset (``__getitem__`` per row, the default collate), ``shuffle=True``;
 - Hugging Face datasets (Arrow, memory-mapped, ``with_format("torch")``), ``shuffle=True``;
 - LitData (``optimize`` then ``StreamingDataset(shuffle=True)`` + ``StreamingDataLoader``), where it installs.
@@ -173,7 +173,7 @@ def loaders(paths):
             [paths["emb"]],
             WORKERS,
         ),
-        "embfile map-style of keys (80%, file order), embfile BatchSampler": (
+        "embfile map-style of keys (80%, random order), embfile BatchSampler": (
             lambda k, cold: dl(
                 by_key := Dataset(paths["emb"], keys=split_keys(paths)),
                 k,
@@ -210,10 +210,10 @@ def loaders(paths):
 
 
 def split_keys(paths):
-    """A training split: 80% of the keys, drawn at random, in the file's order (as filtering ``list(db)`` gives)."""
+    """A training split: 80% of the keys, drawn at random and kept in that order (as a split file lists them)."""
     with embfile.open(paths["emb"]) as db:
         keys = list(db)
-    return [keys[i] for i in np.sort(np.random.default_rng(0).choice(len(keys), len(keys) * 4 // 5, replace=False))]
+    return [keys[i] for i in np.random.default_rng(0).choice(len(keys), len(keys) * 4 // 5, replace=False)]
 
 
 def n_records(paths):

@@ -104,7 +104,13 @@ class Dataset(torch.utils.data.Dataset):
         self.keys = None if keys is None else list(keys)
         # the keys' rows, looked up once (a missing key fails here, naming it, not in a worker)
         self._key_rows = None if self.keys is None else self.store.rows(self.keys)
-        self._runs_of_file = self._key_rows is None or _runs_of_file(self._key_rows)
+        # the items in the file's order (None: they are in it), for BatchSampler's blocks, and their rows
+        self._file_order: np.ndarray | None = None
+        self._rows_in_file_order = self._key_rows
+        if self._key_rows is not None and not bool(np.all(np.diff(self._key_rows) > 0)):
+            self._file_order = np.argsort(self._key_rows, kind="stable")
+            self._rows_in_file_order = self._key_rows[self._file_order]
+        self._runs_of_file = self._rows_in_file_order is None or _runs_of_file(self._rows_in_file_order)
 
     def __len__(self) -> int:
         return len(self.keys) if self.keys is not None else len(self.store)
@@ -134,7 +140,7 @@ class Dataset(torch.utils.data.Dataset):
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
         A batch of :class:`BatchSampler`'s comes from a few blocks of the file (of a dataset of keys, if they
-        run through the file in its order): where they are not cached, they are read whole, since the batches
+        cover at least every second row): where they are not cached, they are read whole, since the batches
         after it want the rest of them; the first of a window also has the next window read ahead, on a thread
         of this process."""
         chunk = 0
@@ -151,11 +157,12 @@ class Dataset(torch.utils.data.Dataset):
         self.store._layout().gather_random(rows, out, chunk)
         return tensor(out)
 
-    def _row_ranges(self, items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The rows spanned by each range of items."""
-        if self._key_rows is None:
-            return list(items)
-        return [(int(self._key_rows[lo]), int(self._key_rows[hi - 1]) + 1) for lo, hi in items]
+    def _row_ranges(self, positions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The rows spanned by each range of positions in the items' file order."""
+        rows = self._rows_in_file_order
+        if rows is None:
+            return list(positions)
+        return [(int(rows[lo]), int(rows[hi - 1]) + 1) for lo, hi in positions]
 
     def _reader(self) -> ReadAhead:
         """This process's read-ahead thread, started on first use (a forked worker has its parent's object, not
@@ -169,8 +176,8 @@ class Dataset(torch.utils.data.Dataset):
 
 
 def _runs_of_file(rows: np.ndarray) -> bool:
-    """Whether items with these rows, in order, run through the file in its order, at least every second row
-    (so a run of items, a block of the sampler's, is a stretch of the file worth reading whole)."""
+    """Whether these rows (of the items in file order) run through the file, at least every second row (so a
+    block of the sampler's is a stretch of the file worth reading whole)."""
     return len(rows) < 2 or (bool(np.all(np.diff(rows) > 0)) and 2 * len(rows) >= int(rows[-1] - rows[0]) + 1)
 
 
@@ -182,8 +189,8 @@ def _block_chunk(store: embfile.Dataset) -> int:
 
 class _BlockRows(np.ndarray):
     """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file, and with the first batch
-    of a window, the item ranges of the window after it, to read ahead (what the type says to
-    :class:`Dataset`, in a worker too: both pickle with the array)."""
+    of a window, the ranges of the window after it (positions in the items' file order), to read ahead (what
+    the type says to :class:`Dataset`, in a worker too: both pickle with the array)."""
 
     ahead: tuple[tuple[int, int], ...] = ()
 
@@ -193,6 +200,7 @@ class _BlockRows(np.ndarray):
 
 
 def _block_rows(rows: bytearray, ahead: tuple[tuple[int, int], ...] = ()) -> _BlockRows:
+    """A :class:`_BlockRows` back from its pickle (in the process that gathers it)."""
     out = np.frombuffer(rows, np.int64).view(_BlockRows)
     if ahead:
         out.ahead = ahead
@@ -211,7 +219,8 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
     read in runs, and an index array crosses to a worker in one piece, not as 256 Python ints.  Options are
     those of :class:`~embfile.epochs.EpochOptions` that order an epoch (``seed``, ``epoch``, ``shuffle``,
     ``drop_last``, ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``: ``torch.distributed``'s by
-    default).  Over a Dataset made with ``keys``, blocks are runs of those keys, in their order.  Call
+    default).  Over a Dataset made with ``keys``, blocks are runs of those keys in the file's order, whatever
+    order they were given in.  Call
     :meth:`set_epoch` before each epoch; to resume, save ``sampler.state_dict(batches_seen)``, then
     ``load_state_dict(state)``.
     """
@@ -223,6 +232,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
             raise TypeError(f"BatchSampler() got unexpected options {sorted(unknown)}")
         self.options = EpochOptions(batch_size, **_distributed(options))
         self._n, self._record_bytes = len(dataset), dataset.store.dim * dataset.store.dtype.itemsize
+        self._file_order = dataset._file_order  # blocks are runs of the file, whatever order keys were given in
         self._start = 0
         self._plan()  # check the options here
 
@@ -248,7 +258,9 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         asked, due = -1, lo + self._start  # windows up to ``asked`` are read ahead; a batch reaching ``due`` asks
         for first in range(lo + self._start, hi, self.options.batch_size):
             stop = min(first + self.options.batch_size, hi)
-            rows = plan.rows(first, stop).astype(np.int64).view(_BlockRows)
+            positions = plan.rows(first, stop)
+            items = positions if self._file_order is None else self._file_order[positions]
+            rows = items.astype(np.int64).view(_BlockRows)
             if stop > due:  # the batch enters a window: the one after it is read ahead (first, this one too)
                 ahead = range(max(asked + 1, plan.window_of(first)), min(plan.window_of(stop - 1) + 2, plan.n_windows))
                 rows.ahead = tuple(r for w in ahead for r in plan.window_ranges(w))

@@ -437,21 +437,28 @@ def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     assert_read_ahead(ds, first, window(1), m[first])
 
 
-def test_a_dataset_of_keys_in_file_order_reads_ahead_too(tmp_path):
-    """Over a Dataset of keys that run through the file in its order (here every second key), a block of the
-    sampler's is a stretch of the file: the next window's rows are read ahead as well.  Keys in another order
-    give no such stretches, and nothing is read ahead for them."""
+def test_a_dataset_of_keys_in_any_order_reads_the_file_in_runs(tmp_path):
+    """Over a Dataset of keys (here every second key, shuffled), the sampler's blocks are runs of those keys in
+    the file's order: every item once an epoch, a batch from the stretches of one or two windows' blocks, the next
+    window's rows read ahead.  Keys sparser than every second row give no stretches worth reading whole."""
     from embfile.torch import BatchSampler
 
     keys = [f"k{i}" for i in range(4096)]
     m = np.arange(4096, dtype=np.float32)[:, None] * np.ones(1024, np.float32)
     embfile.write(tmp_path / "db.emb", (keys, m))
-    ds = Dataset(tmp_path / "db.emb", keys=keys[::2])  # 2048 items, blocks of 256 over 512 rows, windows of 2
-    first = next(iter(BatchSampler(ds, 100, seed=0, buffer_blocks=2)))
-    window = BatchSampler(ds, 100, seed=0, buffer_blocks=2)._plan()[0].window_ranges
-    assert list(first.ahead) == window(0) + window(1)
-    assert_read_ahead(ds, first, [(2 * lo, 2 * (hi - 1) + 1) for lo, hi in window(1)], m[2 * first])
-    assert not Dataset(tmp_path / "db.emb", keys=keys[::-2])._runs_of_file
+    chosen = [keys[i] for i in np.random.default_rng(0).permutation(4096)[::2]]
+    ds = Dataset(tmp_path / "db.emb", keys=chosen)  # 2048 items, blocks of 256 over 512 rows, windows of 2
+    sampler = BatchSampler(ds, 100, seed=0, buffer_blocks=2)
+    batches = list(sampler)
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(2048))
+    in_file_order = np.argsort(np.argsort(ds._key_rows))  # each item's place among the items in file order
+    assert all(len(np.unique(in_file_order[b] // 256)) <= 4 for b in batches)  # the blocks of two windows at most
+    window = sampler._plan()[0].window_ranges
+    assert list(batches[0].ahead) == window(0) + window(1)
+    rows = np.sort(ds._key_rows)
+    ahead = [(int(rows[lo]), int(rows[hi - 1]) + 1) for lo, hi in window(1)]
+    assert_read_ahead(ds, batches[0], ahead, m[ds._rows(batches[0])])
+    assert not Dataset(tmp_path / "db.emb", keys=keys[::3])._runs_of_file
 
 
 def assert_read_ahead(ds, batch, rows, want):
