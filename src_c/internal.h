@@ -2,6 +2,8 @@
 #ifndef EMBFILE_INTERNAL_H
 #define EMBFILE_INTERNAL_H
 
+#include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -103,5 +105,21 @@ static inline float emb_value_bf16(const uint8_t *row, uint32_t d) {
 }
 static inline float emb_value_i8(const uint8_t *row, uint32_t d) { return (float)(int8_t)row[d]; }
 static inline float emb_value_u8(const uint8_t *row, uint32_t d) { return (float)row[d]; }
+
+/* Runs fn on each of the n jobs at jobs (each `size` bytes): jobs 1 to n - 1
+ * on threads of their own, job 0 on the caller's, which also runs any job
+ * whose thread could not be started.  At most EMB_MAX_THREADS jobs. */
+enum { EMB_MAX_THREADS = 64 };
+static inline void emb_run_jobs(void *(*fn)(void *), void *jobs, size_t size, int n) {
+    pthread_t ids[EMB_MAX_THREADS];
+    int started = 0;
+    for (int t = 1; t < n; t++) {
+        if (pthread_create(&ids[t], NULL, fn, (char *)jobs + (size_t)t * size) != 0) break;
+        started = t;
+    }
+    if (n > 0) fn(jobs);
+    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    for (int t = started + 1; t < n; t++) fn((char *)jobs + (size_t)t * size);
+}
 
 #endif

@@ -9,7 +9,6 @@
  * (numpy's reduceat over a float16 block is scalar, twenty times slower).
  * Records are split between threads by their rows.
  */
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -115,18 +114,16 @@ static void *run_pool(void *arg) {
 
 int emb_pool(const uint8_t *x, uint32_t dim, int kind, const int64_t *offsets, uint64_t n, int how,
              float *out, int threads) {
-    enum { MAX_THREADS = 64 };
     static const uint64_t widths[] = {4u, 2u, 2u, 1u, 1u};
     static const widen_fn rows[] = {row_f32, row_f16, row_bf16, row_i8, row_u8};
-    pool_job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
+    pool_job jobs[EMB_MAX_THREADS];
     if (kind < EMB_DOT_F32 || kind > EMB_DOT_U8 || (how != EMB_POOL_MEAN && how != EMB_POOL_MAX)) return EMB_E_RANGE;
     widen_fn widen = rows[kind];
 #ifdef EMB_X86
     if (kind == EMB_DOT_F16 && vectorised()) widen = row_f16c;
 #endif
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
     if ((uint64_t)threads > n) threads = n ? (int)n : 1;
     /* thread t takes the records from the one holding row (total * t / threads) of the block */
     uint64_t lo = 0, total = n ? (uint64_t)(offsets[n] - offsets[0]) : 0;
@@ -144,14 +141,7 @@ int emb_pool(const uint8_t *x, uint32_t dim, int kind, const int64_t *offsets, u
         jobs[t] = (pool_job){widen, x, dim * widths[kind], dim, offsets, lo, hi, how, out, EMB_OK};
         lo = hi;
     }
-    int started = 0;
-    for (int t = 1; t < threads; t++) { /* the caller's thread takes job 0 */
-        if (pthread_create(&ids[t], NULL, run_pool, &jobs[t]) != 0) break;
-        started = t;
-    }
-    run_pool(&jobs[0]);
-    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
-    for (int t = started + 1; t < threads; t++) run_pool(&jobs[t]); /* threads that did not start */
+    emb_run_jobs(run_pool, jobs, sizeof jobs[0], threads);
     for (int t = 0; t < threads; t++)
         if (jobs[t].status != EMB_OK) return jobs[t].status;
     return EMB_OK;

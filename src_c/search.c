@@ -13,7 +13,6 @@
  * Scores are laid out query by query, so each query's top-k reads its scores
  * in memory order and rejects most of them eight at a time.
  */
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -219,30 +218,21 @@ static void *run_job(void *arg) {
 
 int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
             const float *q, uint32_t nq, float *out, uint64_t ld, int threads) {
-    enum { MAX_THREADS = 64 };
-    dot_job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
+    dot_job jobs[EMB_MAX_THREADS];
     static const uint64_t widths[] = {4u, 2u, 2u, 1u, 1u};
     if (kind < EMB_DOT_F32 || kind > EMB_DOT_U8) return EMB_E_RANGE;
     uint64_t width = widths[kind];
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
     if ((uint64_t)threads > n) threads = n ? (int)n : 1;
     dot_fn fn = choose(kind);
     uint64_t per = n / (uint64_t)threads, lo = 0;
-    int started = 0;
     for (int t = 0; t < threads; t++) {
         uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
         jobs[t] = (dot_job){fn, x + lo * dim * width, count, dim, nq, q, out + lo, ld};
         lo += count;
     }
-    for (int t = 1; t < threads; t++) { /* the caller's thread takes job 0 */
-        if (pthread_create(&ids[t], NULL, run_job, &jobs[t]) != 0) break;
-        started = t;
-    }
-    run_job(&jobs[0]);
-    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
-    for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* threads that did not start */
+    emb_run_jobs(run_job, jobs, sizeof jobs[0], threads);
     return EMB_OK;
 }
 
@@ -361,11 +351,9 @@ static void *run_topk(void *arg) {
 void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq,
                     const int64_t *rows, uint32_t k, int smaller,
                     float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads) {
-    enum { MAX_THREADS = 64 };
-    topk_job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
+    topk_job jobs[EMB_MAX_THREADS];
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
     if ((uint32_t)threads > nq) threads = nq ? (int)nq : 1;
     uint32_t lo = 0;
     for (int t = 0; t < threads; t++) { /* the queries, split: each heap is one thread's */
@@ -373,14 +361,7 @@ void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq,
         jobs[t] = (topk_job){scores, ld, n, lo, lo + share, k, rows, smaller, heap_scores, heap_rows, count};
         lo += share;
     }
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&ids[t], NULL, run_topk, &jobs[t]) != 0) break;
-        started = t;
-    }
-    run_topk(&jobs[0]);
-    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
-    for (int t = started + 1; t < threads; t++) run_topk(&jobs[t]);
+    emb_run_jobs(run_topk, jobs, sizeof jobs[0], threads);
 }
 
 /* float16 -> float32, n values (the BLAS path of a search of many queries). */
@@ -421,11 +402,9 @@ void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads) {
     if (!getenv("EMBFILE_PORTABLE") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
         fn = widen_f16c;
 #endif
-    enum { MAX_THREADS = 64 };
-    widen_job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
+    widen_job jobs[EMB_MAX_THREADS];
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
     uint64_t per = (n / (uint64_t)threads + 7) & ~(uint64_t)7, lo = 0;
     int t = 0;
     for (; t < threads && lo < n; t++) {
@@ -433,12 +412,5 @@ void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads) {
         jobs[t] = (widen_job){src + 2u * lo, count, dst + lo, fn};
         lo += count;
     }
-    int made = t, started = 0;
-    for (t = 1; t < made; t++) {
-        if (pthread_create(&ids[t], NULL, run_widen, &jobs[t]) != 0) break;
-        started = t;
-    }
-    if (made) run_widen(&jobs[0]);
-    for (t = 1; t <= started; t++) pthread_join(ids[t], NULL);
-    for (t = started + 1; t < made; t++) run_widen(&jobs[t]);
+    emb_run_jobs(run_widen, jobs, sizeof jobs[0], t);
 }
