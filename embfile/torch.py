@@ -220,9 +220,8 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
     those of :class:`~embfile.epochs.EpochOptions` that order an epoch (``seed``, ``epoch``, ``shuffle``,
     ``drop_last``, ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``: ``torch.distributed``'s by
     default).  Over a Dataset made with ``keys``, blocks are runs of those keys in the file's order, whatever
-    order they were given in.  Call
-    :meth:`set_epoch` before each epoch; to resume, save ``sampler.state_dict(batches_seen)``, then
-    ``load_state_dict(state)``.
+    order they were given in.  Call :meth:`set_epoch` before each epoch; to resume, save
+    ``sampler.state_dict(batches_seen)``, then ``load_state_dict(state)``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, **options: Any) -> None:
