@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -38,21 +37,6 @@ import machine
 import embfile
 
 K = 10
-
-
-def read_gbps(a, repeats=5):
-    """Memory read bandwidth: one thread per core summing its share of ``a`` (numpy releases the GIL)."""
-    parts = np.array_split(a.reshape(-1), os.cpu_count() or 1)
-    best = 0.0
-    for _ in range(repeats):
-        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def sgemm_gflops(n=3072, repeats=3):
@@ -118,7 +102,7 @@ def run(args):
         embfile.write(paths["int8"], (keys, np.clip(np.rint(matrix * 32), -127, 127).astype(np.int8)))
         threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
         print(
-            f"machine: read bandwidth {read_gbps(matrix):.1f} GB/s ({os.cpu_count()} threads), sgemm "
+            f"machine: read bandwidth {machine.read_gbps(matrix):.1f} GB/s ({os.cpu_count()} threads), sgemm "
             f"{sgemm_gflops():.0f} GFLOP/s (numpy {np.__version__}, {threads} threads), memcpy "
             f"{machine.memcpy_gbps():.1f} GB/s; the bound is measured again just before each tool in every round\n"
         )
@@ -151,14 +135,14 @@ def run(args):
                 "usearch exact": lambda q=q: usearch_search(matrix, q, K, metric="ip", exact=True),
             }
             if nq == 1:  # what reading the float32 file's mapping costs (4 KiB pages), computing nothing
-                tools["read of the mapped file (numpy sum)"] = lambda: read_gbps(mapped, repeats=1)
+                tools["read of the mapped file (numpy sum)"] = lambda: machine.read_gbps(mapped, repeats=1)
             else:  # what the BLAS path costs before its top-k: the same products, block by block
                 tools["products alone (no top-k)"] = lambda q=q: products(matrix, q)
 
             # one query cannot beat reading every record once; many, the products at the sgemm rate
             def measure_bound(nq=nq):
                 if nq == 1:
-                    return matrix.nbytes / read_gbps(matrix, repeats=2) / 1e9
+                    return matrix.nbytes / machine.read_gbps(matrix, repeats=2) / 1e9
                 return 2 * args.rows * args.dim * nq / sgemm_gflops(repeats=2) / 1e9
 
             times = {name: [] for name in tools}

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -88,6 +89,21 @@ def cold_pread_us(path, count=400, size=4096, seed=0):
     finally:
         os.close(fd)
     return np.median(times) / 1e3, np.percentile(times, 99) / 1e3
+
+
+def read_gbps(a, repeats=5):
+    """Memory read bandwidth: one thread per core summing its share of ``a`` (numpy releases the GIL)."""
+    parts = np.array_split(a.reshape(-1), os.cpu_count() or 1)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def measure(folder, nbytes=1024 * MB, repeats=3):
