@@ -13,9 +13,11 @@ import concurrent.futures
 import dataclasses
 import mmap
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -135,7 +137,7 @@ class Dataset(torch.utils.data.Dataset):
         if self.store.ragged:
             rows, offsets = self.store.take(self._rows(indices), pad=False)
             return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-        return _Rows(self._gather(indices))
+        return _Rows(self._gather(indices), rows=not _collated_whole(sys._getframe(1)))
 
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
@@ -294,11 +296,21 @@ def _distributed(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Rows(list[torch.Tensor]):
-    """The rows of one gathered batch, which :func:`collate` takes back whole (any collate can stack them)."""
+    """The rows of one gathered batch, which :func:`collate` takes back whole (any collate can stack them).
+    Made without its rows (an empty list) only for :func:`collate`, which never reads them."""
 
-    def __init__(self, batch: torch.Tensor) -> None:
-        super().__init__(batch.unbind(0))
+    def __init__(self, batch: torch.Tensor, rows: bool = True) -> None:
+        super().__init__(batch.unbind(0) if rows else ())
         self.batch = batch
+
+
+def _collated_whole(caller: FrameType) -> bool:
+    """Whether ``caller``, the frame that asked :meth:`Dataset.__getitems__` for a batch, is a DataLoader's
+    fetcher that passes it straight to :func:`collate`.  A tensor per row is as costly to make as the gather of
+    the whole batch, and :func:`collate` throws them away; any other collate, or a caller not recognised, gets
+    them."""
+    fetcher = caller.f_locals.get("self")
+    return getattr(fetcher, "collate_fn", None) is collate
 
 
 class IterableDataset(torch.utils.data.IterableDataset):

@@ -244,6 +244,29 @@ def test_map_style_batches_through_collate_in_workers(store):
         assert len(got) == len(want) and all(np.array_equal(x.numpy(), w) for x, w in zip(got, want))
 
 
+def test_a_batch_for_embfile_collate_is_not_split_into_rows(store, monkeypatch):
+    """:func:`collate` takes a gathered batch back whole, so no tensor per row is made for it; any other
+    collate (the default, ``torch.stack``, a user's own) gets the rows."""
+    from embfile import torch as adapter
+
+    folder, keys, matrix = store
+    made = []  # for each batch: whether its rows were made
+    init = adapter._Rows.__init__
+    monkeypatch.setattr(
+        adapter._Rows, "__init__", lambda self, batch, rows=True: made.append(rows) or init(self, batch, rows)
+    )
+    ds = Dataset(folder / "db.emb")
+    for collate_fn, rows in (
+        (adapter.collate, False),
+        (None, True),
+        (torch.stack, True),
+        (lambda b: adapter.collate(b), True),
+    ):
+        made.clear()
+        batch = next(iter(DataLoader(ds, 64, collate_fn=collate_fn)))
+        assert torch.equal(batch, torch.from_numpy(matrix[:64])) and made == [rows]
+
+
 def sampled(ds, sampler, workers=0, context=None):
     loader = DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers, multiprocessing_context=context)
     return [x.numpy() for x in loader]
