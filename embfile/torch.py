@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -58,7 +58,7 @@ def collate(items: Sequence[torch.Tensor]) -> Any:
     them, as that batch, not copied), or of per-residue ``(length, dim)`` items a zero-padded ``(batch,
     longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows.  In a DataLoader worker,
     the batch goes to the main process through the worker's reused shared-memory buffers."""
-    if isinstance(items, _Rows):
+    if isinstance(items, _Batch):
         batch: Any = items.batch
     elif not items or items[0].dim() == 1:
         batch = _rows_of_one(items)
@@ -134,10 +134,15 @@ class Dataset(torch.utils.data.Dataset):
         return buffers.hand_over(batch) if buffers is not None else batch
 
     def __getitems__(self, indices: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
+        whole = _collated_whole(sys._getframe(1))
         if self.store.ragged:
+            if whole:  # padded in one native gather, as collate would pad the records
+                padded, mask = self.store.take(self._rows(indices), pad=True)
+                return _Batch((tensor(padded), torch.from_numpy(mask)))
             rows, offsets = self.store.take(self._rows(indices), pad=False)
             return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-        return _Rows(self._gather(indices), rows=not _collated_whole(sys._getframe(1)))
+        batch = self._gather(indices)
+        return _Batch(batch, () if whole else batch.unbind(0))
 
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
@@ -295,20 +300,20 @@ def _distributed(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-class _Rows(list[torch.Tensor]):
-    """The rows of one gathered batch, which :func:`collate` takes back whole (any collate can stack them).
-    Made without its rows (an empty list) only for :func:`collate`, which never reads them."""
+class _Batch(list[torch.Tensor]):
+    """A batch gathered whole, which :func:`collate` takes back as it is, with its items (rows any collate can
+    stack), or none when it goes to :func:`collate`."""
 
-    def __init__(self, batch: torch.Tensor, rows: bool = True) -> None:
-        super().__init__(batch.unbind(0) if rows else ())
+    def __init__(self, batch: Any, items: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__(items)
         self.batch = batch
 
 
 def _collated_whole(caller: FrameType) -> bool:
     """Whether ``caller``, the frame that asked :meth:`Dataset.__getitems__` for a batch, is a DataLoader's
     fetcher that passes it straight to :func:`collate`.  A tensor per row is as costly to make as the gather of
-    the whole batch, and :func:`collate` throws them away; any other collate, or a caller not recognised, gets
-    them."""
+    the whole batch, and :func:`collate` would throw them away (of per-residue records, pad them in Python);
+    any other collate, or a caller not recognised, gets them."""
     fetcher = caller.f_locals.get("self")
     return getattr(fetcher, "collate_fn", None) is collate
 

@@ -244,27 +244,37 @@ def test_map_style_batches_through_collate_in_workers(store):
         assert len(got) == len(want) and all(np.array_equal(x.numpy(), w) for x, w in zip(got, want))
 
 
-def test_a_batch_for_embfile_collate_is_not_split_into_rows(store, monkeypatch):
-    """:func:`collate` takes a gathered batch back whole, so no tensor per row is made for it; any other
-    collate (the default, ``torch.stack``, a user's own) gets the rows."""
+def test_a_batch_for_embfile_collate_is_not_split_into_rows(store, residues, monkeypatch):
+    """:func:`collate` takes a gathered batch back whole, so no tensor per row is made for it (per-residue
+    records come padded from the core); any other collate (the default, ``torch.stack``, a user's own) gets
+    the rows."""
     from embfile import torch as adapter
 
     folder, keys, matrix = store
-    made = []  # for each batch: whether its rows were made
-    init = adapter._Rows.__init__
-    monkeypatch.setattr(
-        adapter._Rows, "__init__", lambda self, batch, rows=True: made.append(rows) or init(self, batch, rows)
-    )
+    made = []  # for each batch gathered whole: how many items it came with
+    original = adapter._Batch.__init__
+
+    def init(self, batch, items=()):
+        items = list(items)
+        made.append(len(items))
+        original(self, batch, items)
+
+    monkeypatch.setattr(adapter._Batch, "__init__", init)
     ds = Dataset(folder / "db.emb")
-    for collate_fn, rows in (
-        (adapter.collate, False),
-        (None, True),
-        (torch.stack, True),
-        (lambda b: adapter.collate(b), True),
-    ):
+    for collate_fn, items in ((adapter.collate, 0), (None, 64), (torch.stack, 64), (lambda b: adapter.collate(b), 64)):
         made.clear()
         batch = next(iter(DataLoader(ds, 64, collate_fn=collate_fn)))
-        assert torch.equal(batch, torch.from_numpy(matrix[:64])) and made == [rows]
+        assert torch.equal(batch, torch.from_numpy(matrix[:64])) and made == [items]
+    path, records = residues
+    for collate_fn, whole in ((adapter.collate, [0]), (lambda b: adapter.collate(b), [])):
+        made.clear()
+        padded, mask = next(iter(DataLoader(Dataset(path), 16, collate_fn=collate_fn)))
+        assert made == whole and mask.dtype == torch.bool and padded.dtype == torch.float32
+        longest = max(len(v) for v in list(records.values())[:16])
+        assert padded.shape == (16, longest, 4) and mask.shape == (16, longest)
+        for i, v in enumerate(list(records.values())[:16]):
+            assert torch.equal(padded[i, : len(v)], torch.from_numpy(v)) and not padded[i, len(v) :].any()
+            assert mask[i, : len(v)].all() and not mask[i, len(v) :].any()
 
 
 def sampled(ds, sampler, workers=0, context=None):
