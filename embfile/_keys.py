@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -47,3 +48,14 @@ class EncodedKeys:
     def tolist(self) -> list[str]:
         """The keys as ``str``."""
         return [self[i] for i in range(len(self))]
+
+
+def key_list(keys: Iterable[str], what: str) -> list[str]:
+    """``keys`` as a list; one ``str`` refused (its characters would pass for keys), ``what`` naming the
+    argument in the message."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(f"{what} takes an iterable of keys, not a single key")
+    try:
+        return list(keys)
+    except TypeError:
+        raise TypeError(f"{what} takes an iterable of keys, not {type(keys).__name__}") from None

@@ -17,6 +17,7 @@ import numpy as np
 
 from embfile import errors, formats
 from embfile import folder as layout
+from embfile._keys import key_list
 from embfile._stream import Source, chunk_rows, source_of
 from embfile.dataset import Dataset
 from embfile.dataset_writer import ShardWriter
@@ -64,7 +65,7 @@ def remove(folder: PathLike, keys: Iterable[str], missing: str = "error") -> int
     """
     if missing not in ("error", "ignore"):
         raise ValueError(f"missing must be 'error' or 'ignore', not {missing!r}")
-    keys = _key_list(keys, "remove()")
+    keys = key_list(keys, "remove()")
     with layout.Transaction(folder) as tx:
 
         def plan(base: layout.Manifest | None) -> layout.Manifest | None:
@@ -129,7 +130,7 @@ def subset(
     :class:`KeyNotFoundError`, or with ``missing="ignore"`` is skipped."""
     if missing not in ("error", "ignore"):
         raise ValueError(f"missing must be 'error' or 'ignore', not {missing!r}")
-    keys = _key_list(keys, "subset()")
+    keys = key_list(keys, "subset()")
     ds = src if isinstance(src, Dataset) else open_dataset(src)
     try:
         found = ds.find_rows(keys)
@@ -178,12 +179,6 @@ def _rows_of(path: str) -> int:
         return f.rows
     finally:
         f.close()
-
-
-def _key_list(keys: Iterable[str], caller: str) -> list[str]:
-    if isinstance(keys, (str, bytes)):
-        raise TypeError(f"{caller} takes an iterable of keys, not a single key")
-    return list(keys)
 
 
 def _rows_in(folder: str, base: layout.Manifest, keys: list[str], missing: str) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 
 from embfile import _core
 from embfile import _format as F
+from embfile._keys import key_list
 from embfile._stream import POOLINGS, pool_rows
 
 
@@ -77,6 +78,9 @@ def search(
         raise ValueError(f"queries must be numbers of shape ({ds.dim},) or (Q, {ds.dim}), not {q.dtype} {q.shape}")
     work = np.float64 if ds.dtype == np.float64 else np.float32
     q = q.astype(work)
+    if not len(q):
+        shape = (0, min(k, len(ds)))
+        return np.empty(shape, work), np.empty(shape, object)
     if metric == "cosine":
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
@@ -130,7 +134,7 @@ def search_keys(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search with the stored vectors of ``keys`` as the queries; each key's own record left out (by row, not
     by distance: an identical vector under another key is still found)."""
-    rows = ds.rows(list(keys))
+    rows = ds.rows(key_list(keys, "search_keys()"))
     return search(ds, ds.take(rows), k, metric, exclude_rows=rows if exclude_self else None)
 
 
@@ -165,9 +169,7 @@ class Pooled:
 
 
 def _rows_of(ds: Dataset, keys: Iterable[str]) -> np.ndarray:
-    if isinstance(keys, str):
-        raise TypeError("exclude takes an iterable of keys, not a single key")
-    rows = ds.find_rows(list(keys))
+    rows = ds.find_rows(key_list(keys, "exclude"))
     return np.unique(rows[rows >= 0])
 
 

@@ -26,6 +26,7 @@ import torch.utils.data
 
 import embfile
 from embfile._handover import Buffers, each_tensor, worker_buffers
+from embfile._keys import key_list
 from embfile._pages import ReadAhead
 from embfile.epochs import (
     Batches,
@@ -103,7 +104,7 @@ class Dataset(torch.utils.data.Dataset):
 
     def __init__(self, source: Source, keys: Sequence[str] | None = None) -> None:
         self.store = _dataset(source)
-        self.keys = None if keys is None else list(keys)
+        self.keys = None if keys is None else key_list(keys, "Dataset(keys=)")
         # the keys' rows, looked up once (a missing key fails here, naming it, not in a worker)
         self._key_rows = None if self.keys is None else self.store.rows(self.keys)
         # the items in the file's order (None: they are in it), for BatchSampler's blocks, and their rows

@@ -102,6 +102,9 @@ WRONG_TYPES = [
     (lambda db: db.iter_batches("10"), "batch_size must be an int, not str"),
     (lambda db: db.iter_batches(4, seed="x"), "seed must be an int, not str"),
     (lambda db: db.iter_batches(4, epoch=1.5), "epoch must be an int, not float"),
+    (lambda db: db.search_keys("k1"), r"search_keys\(\) takes an iterable of keys, not a single key"),
+    (lambda db: db.search(db["k1"], exclude="k1"), "exclude takes an iterable of keys, not a single key"),
+    (lambda db: db.search(db["k1"], exclude=5), "exclude takes an iterable of keys, not int"),
 ]
 
 

@@ -92,6 +92,8 @@ def test_k_past_n_empty_files_nan_zero_vectors_and_ties(tmp_path):
             db.search([1, 0], metric="dot")
         with pytest.raises(ValueError, match=r"queries must be numbers of shape \(2,\) or \(Q, 2\)"):
             db.search([1, 0, 0])
+        for scores, got in (db.search(np.zeros((0, 2)), k=3), db.search_keys([], k=3)):  # no queries
+            assert scores.shape == got.shape == (0, 3) and scores.dtype == np.float32
     embfile.write(tmp_path / "empty.emb", ([], np.zeros((0, 2), np.float32)))
     with embfile.open(tmp_path / "empty.emb") as db:
         scores, got = db.search([[1, 0], [0, 1]], k=5)

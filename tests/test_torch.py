@@ -111,6 +111,8 @@ def test_map_style_dataset_by_row_and_by_key(store):
     np.testing.assert_array_equal(batch.numpy(), matrix[::-1][:5])
     with pytest.raises(KeyError, match="missing"):
         Dataset(folder / "db.emb", keys=["P00001", "missing"])
+    with pytest.raises(TypeError, match="not a single key"):
+        Dataset(folder / "db.emb", keys="P00001")
 
 
 def test_transform_gets_tensors(store):
