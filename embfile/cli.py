@@ -537,11 +537,15 @@ def _subset(args: argparse.Namespace) -> None:
 
 def _search(args: argparse.Namespace) -> None:
     with embfile.open(args.file) as db:
+        if db.ragged and args.pool is None:
+            raise ValueError(f"{args.file} holds per-residue (ragged) records: pass --pool mean (or max, first, last)")
+        if args.pool and not db.ragged:
+            raise ValueError(f"{args.file} has one vector per key: --pool is for per-residue (ragged) records")
         if args.key:
             names = list(args.key)
             scores, keys = db.search_keys(names, k=args.k, metric=args.metric, pool=args.pool)
         else:
-            queries = np.load(args.queries, allow_pickle=False)
+            queries = _npy(args.queries)
             scores, keys = db.search(np.atleast_2d(queries), k=args.k, metric=args.metric, pool=args.pool)
             names = [str(i) for i in range(len(scores))]
     if args.format == "json":
@@ -554,6 +558,20 @@ def _search(args: argparse.Namespace) -> None:
     for name, ks, ss in zip(names, keys, scores):
         for key, score in zip(ks, ss):
             print(f"{name}{sep}{key}{sep}{score:.6g}")
+
+
+def _npy(path: str) -> np.ndarray:
+    """The array saved at ``path`` by ``numpy.save`` (anything else, named as such: numpy would call it pickled
+    data, or open a .npz archive)."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{path} is not a .npy array (save the queries with numpy.save)")
+        f.seek(0)
+        try:
+            array: np.ndarray = np.lib.format.read_array(f, allow_pickle=False)
+        except ValueError as e:  # object arrays, a damaged header
+            raise ValueError(f"{path}: {e}") from None
+    return array
 
 
 def _index(args: argparse.Namespace) -> None:

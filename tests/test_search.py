@@ -167,15 +167,23 @@ def test_search_from_the_command_line(tmp_path):
         [*run, "--queries", tmp_path / "q.npy", "-k", "1", "--metric", "l2"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.split() == ["0", "y", "0"]
-    out = subprocess.run([*run, "--key", "nope"], capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "'nope'" in out.stderr
+    (tmp_path / "q.txt").write_text("0 0 1 0\n")
+    np.save(tmp_path / "o.npy", np.array([None] * 4), allow_pickle=True)
+    for wrong, says in (
+        (["--key", "nope"], "'nope'"),
+        (["--queries", tmp_path / "q.txt"], "q.txt is not a .npy array"),
+        (["--queries", tmp_path / "o.npy"], "o.npy: Object arrays"),
+        (["--key", "x", "--pool", "mean"], "--pool is for per-residue"),
+    ):
+        out = subprocess.run([*run, *wrong], capture_output=True, text=True)
+        assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and says in out.stderr, out.stderr
     residues = {"w": np.eye(4)[[0, 0, 1]], "x": np.eye(4)[[1, 1, 1]], "y": np.eye(4)[[0, 1, 1]]}
     embfile.write(tmp_path / "r.emb", residues, ragged=True)
     run[-1] = tmp_path / "r.emb"
     out = subprocess.run([*run, "--key", "x", "-k", "1", "--pool", "mean"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split()[:2] == ["x", "y"], out.stderr
     out = subprocess.run([*run, "--key", "x"], capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "pool='mean'" in out.stderr
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "pass --pool mean" in out.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
