@@ -29,8 +29,8 @@ bag = require("dask.bag", "dask")
 pa = require("pyarrow", "dask")
 pd = require("pandas", "dask")
 
-from embfile import jobs  # noqa: E402
-from embfile._stream import Chunk, chunk_rows  # noqa: E402
+from embfile import errors, jobs  # noqa: E402
+from embfile._stream import Chunk, RaggedChunk, as_matrix, chunk_rows  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
 
@@ -49,21 +49,26 @@ def to_embfile(
     shard_bytes: int = 1 << 30,
     on_duplicate: str = "error",
     retries: int = 0,
+    ragged: bool = False,
 ) -> int:
     """Write ``data`` to the dataset folder ``path`` as one new version, and return its number.
 
     ``data`` is a Dask DataFrame (``key`` names its key column; ``vector`` a column of vectors, or a list of
     columns, one per dimension), a Dask Bag of ``(key, vector)`` pairs, or a 2-d Dask Array (``key`` then
-    holds its keys: a sequence, or a Dask Array of strings chunked as its rows).  ``mode``: ``"error"`` (a new
-    dataset), ``"append"`` or ``"overwrite"`` (either creates it if absent); ``dtype`` defaults to the array's,
-    float32 otherwise.  A task that raises is tried again ``retries`` times (a task whose worker dies is
-    always tried again, as Dask does); the files of every failed attempt are removed.
+    holds its keys: a sequence, or a Dask Array of strings chunked as its rows).  ``ragged=True``: per-residue
+    records, each a ``(length, dim)`` matrix (a DataFrame column of 2-d arrays or of lists of vectors, or a
+    Bag of ``(key, matrix)`` pairs).  ``mode``: ``"error"`` (a new dataset), ``"append"`` or ``"overwrite"``
+    (either creates it if absent); ``dtype`` defaults to the array's, float32 otherwise.  A task that raises
+    is tried again ``retries`` times (a task whose worker dies is always tried again, as Dask does); the files
+    of every failed attempt are removed.
     """
     if dtype is None:
         dtype = data.dtype if isinstance(data, da.Array) else "float32"
-    job = jobs.start_job(path, None, dtype, metadata, shard_bytes=shard_bytes, mode=mode, on_duplicate=on_duplicate)
+    job = jobs.start_job(
+        path, None, dtype, metadata, shard_bytes=shard_bytes, mode=mode, on_duplicate=on_duplicate, ragged=ragged
+    )
     try:
-        parts = [dask.delayed(_write_part)(job, i, p) for i, p in enumerate(_partitions(data, key, vector))]
+        parts = [dask.delayed(_write_part)(job, i, p) for i, p in enumerate(_partitions(data, key, vector, ragged))]
         manifest = dask.delayed(jobs.commit_job)(job, parts).compute(retries=retries)
     except BaseException:
         jobs.abort_job(job)
@@ -71,13 +76,17 @@ def to_embfile(
     return int(manifest.version)
 
 
-def _partitions(data: Any, key: Any, vector: Any) -> list[Any]:
+def _partitions(data: Any, key: Any, vector: Any, ragged: bool) -> list[Any]:
     """One delayed ``(kind, partition, key, vector)`` per partition of ``data``."""
     if isinstance(data, dd.DataFrame):
+        if ragged and not isinstance(vector, str):
+            raise ValueError("ragged records come in one column (of 2-d arrays or of lists of vectors)")
         return [dask.delayed(tuple)(["frame", p, key, vector]) for p in data.to_delayed()]
     if isinstance(data, bag.Bag):
         return [dask.delayed(tuple)(["pairs", p, None, None]) for p in data.to_delayed()]
     if isinstance(data, da.Array):
+        if ragged:
+            raise ValueError("an array holds one vector per row; ragged records come in a DataFrame or a Bag")
         if data.ndim != 2:
             raise ValueError(f"to_embfile() takes a 2-d array, not one of shape {data.shape}")
         rows = data.rechunk({1: -1}).to_delayed()[:, 0]
@@ -93,11 +102,11 @@ def _partitions(data: Any, key: Any, vector: Any) -> list[Any]:
 
 
 def _write_part(job: jobs.Job, part: int, partition: tuple[str, Any, Any, Any]) -> jobs.PartResult:
-    return jobs.write_part(job, part, _chunks(*partition))
+    return jobs.write_part(job, part, _chunks(*partition, job.ragged))
 
 
-def _chunks(kind: str, data: Any, key: Any, vector: Any) -> Iterator[Chunk]:
-    """A partition as ``(keys, matrix)`` chunks."""
+def _chunks(kind: str, data: Any, key: Any, vector: Any, ragged: bool) -> Iterator[Chunk | RaggedChunk]:
+    """A partition as ``(keys, matrix)`` chunks, or ragged ``(keys, rows, lengths)``."""
     if kind == "array":
         keys = np.asarray(key).tolist()
         yield keys, np.asarray(data)
@@ -105,7 +114,10 @@ def _chunks(kind: str, data: Any, key: Any, vector: Any) -> Iterator[Chunk]:
         if isinstance(vector, str):  # a column of lists (Arrow-backed, as from Parquet) or of arrays
             column = data[vector]
             if isinstance(column.dtype, pd.ArrowDtype):
-                yield jobs.arrow_chunk(_arrow(data[key]), _arrow(column), None)
+                arrow = jobs.arrow_records if ragged else jobs.arrow_chunk
+                yield arrow(_arrow(data[key]), _arrow(column), None)
+            elif ragged:
+                yield _records(data[key].tolist(), column.to_numpy())
             else:
                 yield data[key].tolist(), np.stack(column.to_numpy()) if len(column) else np.empty((0, 0))
         else:
@@ -113,7 +125,24 @@ def _chunks(kind: str, data: Any, key: Any, vector: Any) -> Iterator[Chunk]:
     else:  # pairs, read a chunk at a time: a partition may be a generator
         items = iter(data)
         while batch := list(itertools.islice(items, 4096)):
-            yield [k for k, _ in batch], np.stack([np.asarray(v) for _, v in batch])
+            keys, values = [k for k, _ in batch], [v for _, v in batch]
+            yield _records(keys, values) if ragged else (keys, np.stack([np.asarray(v) for v in values]))
+
+
+def _records(keys: list[Any], records: Any) -> RaggedChunk:
+    """Per-residue records as one ragged chunk, each a ``(length, dim)`` matrix of the first one's ``dim``
+    (else a WriterError naming its key)."""
+    matrices: list[np.ndarray] = []
+    for key, record in zip(keys, records):
+        try:
+            m = np.asarray(record)
+            if m.dtype == object:  # vectors held one by one (a list column read without Arrow)
+                m = np.stack(list(m))
+        except ValueError:
+            raise errors.WriterError(f"key {key!r}: the record's vectors differ in length") from None
+        matrices.append(as_matrix(key, m, matrices[0].shape[1] if matrices else None))
+    lengths = np.array([len(m) for m in matrices], np.int64)
+    return keys, np.concatenate(matrices) if matrices else np.empty((0, 0)), lengths
 
 
 def _arrow(series: Any) -> Any:
@@ -124,8 +153,9 @@ def _arrow(series: Any) -> Any:
 
 def read_embfile(path: PathLike, version: int | None = None, rows_per_partition: int | None = None) -> Any:
     """The dataset at ``path`` (a file, or a folder's latest version or ``version``) as a Dask DataFrame of
-    ``key`` (string) and ``vector`` (a ``fixed_size_list`` of the stored type) columns, Arrow-backed; one
-    partition per shard, or slices of ``rows_per_partition`` rows (default: about 128 MiB of records)."""
+    ``key`` (string) and ``vector`` (a ``fixed_size_list`` of the stored type; of per-residue records a
+    ``large_list`` of them) columns, Arrow-backed; one partition per shard, or slices of about
+    ``rows_per_partition`` rows (default: about 128 MiB of records)."""
     with open_dataset(path, version) as ds:
         version = ds.version
         meta = _frame(ds, 0, 0)
@@ -145,6 +175,8 @@ def _frame(ds: Dataset, lo: int, hi: int) -> Any:
     """Rows ``[lo, hi)`` as a pandas DataFrame, of the same column types in every partition (nullable ones:
     Dask's transport makes every column nullable, and pandas cannot concatenate two types that differ)."""
     table = ds._arrow_rows(lo, hi)  # from the file holding them alone
-    value = table.schema.field("vector").type.value_type
-    schema = pa.schema([("key", pa.string()), ("vector", pa.list_(pa.field("item", value), ds.dim))])
+    vector = pa.list_(pa.field("item", pa.from_numpy_dtype(ds.dtype)), ds.dim)
+    if ds.ragged:
+        vector = pa.large_list(pa.field("item", vector))
+    schema = pa.schema([("key", pa.string()), ("vector", vector)])
     return table.cast(schema).to_pandas(types_mapper=pd.ArrowDtype)

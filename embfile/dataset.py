@@ -247,12 +247,16 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
                     layout.advise(lo, hi, mmap.MADV_DONTNEED)
 
     def slices(self, rows: int) -> list[int]:
-        """Row boundaries that cut the dataset into ranges of at most ``rows`` rows, none across two files:
-        the partitions of a Spark or Dask read."""
-        self._refuse_ragged("Spark and Dask read one vector per key", "db.pool('mean', out=...) makes them")
+        """Record boundaries that cut the dataset into ranges of at most ``rows`` rows (of ragged records, at
+        least one record), none across two files: the partitions of a Spark or Dask read."""
+        lengths = self.lengths() if self.ragged else None
         bounds = [0]
         for first, last in zip(self._starts, self._starts[1:]):
-            bounds += [*range(first + rows, last, rows), last]
+            if lengths is None or last == first:
+                bounds += [*range(first + rows, last, rows), last]
+            else:  # after the last record that ends within each multiple of rows
+                ends = np.cumsum(lengths[first:last])
+                bounds += [*(first + np.searchsorted(ends, np.arange(rows, ends[-1], rows), "right")).tolist(), last]
         return sorted(set(bounds))
 
     def to_dask_array(self) -> Any:
@@ -263,6 +267,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """
         da = require("dask.array", "dask")
         self._require_open()
+        self._refuse_ragged("an array holds one vector per key", "db.pool('mean', out=...) makes them")
         bounds = self.slices(max(1, (128 << 20) // (self.dim * self.dtype.itemsize)))
         chunks = (tuple(np.diff(bounds).tolist()) or (0,), (self.dim,))
         return da.from_array(

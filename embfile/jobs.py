@@ -18,7 +18,7 @@ import dataclasses
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from embfile import errors
 from embfile import folder as layout
 from embfile._format import disk_dtype
 from embfile._keys import EncodedKeys
-from embfile._stream import Chunk
+from embfile._stream import Chunk, RaggedChunk
 from embfile.dataset_writer import MODES, operation_name
 from embfile.segments import commit_shards, entry
 from embfile.writer import Writer
@@ -48,6 +48,7 @@ class Job:
     mode: str
     on_duplicate: str
     created: bool  # the job made the folder: an abort removes it
+    ragged: bool = False  # records of their own length: chunks are (keys, rows, lengths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +69,14 @@ def start_job(
     shard_bytes: int = 1 << 30,
     mode: str = "error",
     on_duplicate: str = "error",
+    ragged: bool = False,
 ) -> Job:
     """Prepare ``folder`` for a write by many tasks (on the driver, before any task runs).
 
     ``mode`` is as for :class:`~embfile.ShardWriter`: ``"error"`` (a new dataset), ``"overwrite"`` or
     ``"append"``; ``"overwrite"`` and ``"append"`` also create a dataset that does not exist yet.  ``dim=None``
-    takes the data's (an append: the dataset's).
+    takes the data's (an append: the dataset's).  ``ragged``: per-residue records, each task's chunks
+    ``(keys, rows, lengths)`` (an append: as the dataset is).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
@@ -91,6 +94,9 @@ def start_job(
         base = layout.read_manifest(path)
         if dim not in (None, base.dim):
             raise errors.WriterError(f"{path} holds vectors of dim {base.dim}, not {dim}")
+        if base.ragged != ragged:
+            what = "ragged records" if base.ragged else "one row per record"
+            raise errors.WriterError(f"{path} holds {what}; ragged={ragged} does not fit it")
         dim, dtype, meta = base.dim, base.dtype, base.metadata if metadata is None else meta
     if not exists:
         layout.make_layout(path)
@@ -104,11 +110,13 @@ def start_job(
         mode=mode,
         on_duplicate=on_duplicate,
         created=not exists,
+        ragged=bool(ragged),
     )
 
 
-def write_part(job: Job, part: int, chunks: Iterable[Chunk]) -> PartResult:
-    """Write one partition's ``(keys, matrix)`` chunks as shards of the job (on a worker).
+def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> PartResult:
+    """Write one partition's ``(keys, matrix)`` chunks (of a ragged job ``(keys, rows, lengths)``) as shards
+    of the job (on a worker), each of about ``shard_bytes`` of rows, a record never split.
 
     A new attempt id per call: a retried or speculative attempt writes files of its own, and only the files
     of the result the driver commits survive.  On an error the files of this attempt are removed.
@@ -118,20 +126,29 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk]) -> PartResult:
     names: list[str] = []
     writer: Writer | None = None
     try:
-        for keys, matrix in chunks:
+        for keys, matrix, *ragged in chunks:  # ragged: [lengths]
             if not len(keys):
                 continue
             dim = dim or matrix.shape[1]
-            per_shard = max(1, job.shard_bytes // (dim * disk_dtype(job.dtype).itemsize))
+            per_shard = max(1, job.shard_bytes // (dim * disk_dtype(job.dtype).itemsize))  # rows
+            ends = np.cumsum(ragged[0]) if ragged else np.arange(1, len(keys) + 1)  # each record's last row + 1
             lo = 0
             while lo < len(keys):
-                if writer is None or len(writer) >= per_shard:
+                first = int(ends[lo - 1]) if lo else 0
+                room = per_shard - writer.rows if writer is not None else 0
+                hi = int(np.searchsorted(ends, first + room, "right"))  # the records that fit
+                if hi == lo:  # none: a new shard (of one record alone, if it is longer than a shard)
                     if writer is not None:
                         writer.close()
                     names.append(f"{prefix}{len(names):05d}.emb")
-                    writer = Writer(os.path.join(job.folder, names[-1]), dim, job.dtype, job.metadata or None)
-                hi = lo + per_shard - len(writer)
-                writer.add_batch(keys[lo:hi], matrix[lo:hi])
+                    path = os.path.join(job.folder, names[-1])
+                    writer = Writer(path, dim, job.dtype, job.metadata or None, ragged=job.ragged)
+                    hi = max(lo + 1, int(np.searchsorted(ends, first + per_shard, "right")))
+                assert writer is not None
+                if ragged:
+                    writer.add_batch(keys[lo:hi], matrix[first : ends[hi - 1]], ragged[0][lo:hi])
+                else:
+                    writer.add_batch(keys[lo:hi], matrix[lo:hi])
                 lo = hi
         if writer is not None:
             writer.close()
@@ -149,6 +166,29 @@ def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
     vector of another length than ``dim`` (default: the first one's), is a WriterError naming the key."""
     if keys.null_count or vectors.null_count:
         raise errors.WriterError(f"a null {'key' if keys.null_count else 'vector'} among {len(keys)} records")
+    return EncodedKeys.of_arrow(keys), _matrix(vectors, dim, lambda i: keys[i].as_py())
+
+
+def arrow_records(keys: Any, records: Any, dim: int | None) -> RaggedChunk:
+    """Arrow arrays of keys and of per-residue records (lists of list vectors: an engine's batch) as ``(keys,
+    rows, lengths)``.  A null, a record of no rows, or a vector of another length than ``dim`` (default: the
+    first one's), is a WriterError naming the key."""
+    if keys.null_count or records.null_count:
+        raise errors.WriterError(f"a null {'key' if keys.null_count else 'record'} among {len(keys)} records")
+    lengths = np.diff(np.asarray(records.offsets))
+    if (lengths == 0).any():
+        i = int(np.flatnonzero(lengths == 0)[0])
+        raise errors.WriterError(f"key {keys[i].as_py()!r}: record has no rows; a ragged record has at least one")
+    owner = np.repeat(np.arange(len(keys)), lengths)  # the record of each row, to name it
+    rows = records.flatten()
+    if rows.null_count:
+        raise errors.WriterError(f"key {keys[int(owner[rows.is_null().index(True).as_py()])].as_py()!r}: a null row")
+    return EncodedKeys.of_arrow(keys), _matrix(rows, dim, lambda i: keys[int(owner[i])].as_py()), lengths
+
+
+def _matrix(vectors: Any, dim: int | None, key_of: Callable[[int], Any]) -> np.ndarray:
+    """Arrow list vectors, none null, as an ``(n, dim)`` matrix: a vector of another length than ``dim``
+    (default: the first one's) is a WriterError naming its key (``key_of(i)``: vector ``i``'s)."""
     if hasattr(vectors.type, "list_size"):  # fixed_size_list
         lengths = np.full(len(vectors), vectors.type.list_size)
     else:
@@ -156,11 +196,12 @@ def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
     dim = dim or (int(lengths[0]) if len(lengths) else 0)
     if (lengths != dim).any():
         i = int(np.flatnonzero(lengths != dim)[0])
-        raise errors.WriterError(f"key {keys[i].as_py()!r}: vector of {lengths[i]} elements, not {dim}")
+        raise errors.WriterError(f"key {key_of(i)!r}: vector of {lengths[i]} elements, not {dim}")
     values = vectors.flatten()
     if values.null_count:
         raise errors.WriterError("a null element in a vector")
-    return EncodedKeys.of_arrow(keys), values.to_numpy(zero_copy_only=False).reshape(len(keys), dim)
+    matrix: np.ndarray = values.to_numpy(zero_copy_only=False).reshape(len(vectors), dim)
+    return matrix
 
 
 def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifest:
@@ -183,7 +224,7 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
         with layout.Transaction(job.folder) as tx:
             if not shards:  # no records at all: one empty shard, as every version has
                 name = tx.new_name(layout.SHARDS)
-                Writer(tx.path(name), dim, job.dtype).close()
+                Writer(tx.path(name), dim, job.dtype, ragged=job.ragged).close()
                 shards = [entry(job.folder, name)]
             manifest = commit_shards(
                 tx,
@@ -194,6 +235,7 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
                 dtype=job.dtype,
                 metadata=job.metadata,
                 operation=operation_name(job.mode),
+                ragged=job.ragged,
             )
     except BaseException:
         abort_job(job)

@@ -185,3 +185,63 @@ def test_a_read_task_builds_arrow_from_its_own_file_alone(damaged_second_shard):
     np.testing.assert_array_equal(np.stack(first["vector"].to_numpy()), matrix[:300])
     with pytest.raises(embfile.CorruptFileError, match=f"{damaged}: keys or ranges section damaged"):
         dask.compute(df.partitions[1], scheduler="sync")
+
+
+def residues(n, lo=0, dim=4, seed=0):
+    """Per-residue records: key i holds 1 to 40 rows."""
+    rng = np.random.default_rng(seed)
+    return {f"r{i}": rng.random((int(rng.integers(1, 41)), dim)).astype(np.float32) for i in range(lo, lo + n)}
+
+
+def test_per_residue_records_round_trip_and_survive_a_killed_worker(dask_client, tmp_path):
+    records = residues(600)
+    keys = list(records)
+    rows = pd.Series(  # as read from Parquet: list<list<float>>
+        [[list(map(float, v)) for v in r] for r in records.values()],
+        dtype=pd.ArrowDtype(pa.list_(pa.list_(pa.float32()))),
+    )
+    frame = dd.from_pandas(pd.DataFrame({"id": keys, "res": rows}), npartitions=3)
+    embfile.dask.to_embfile(frame, tmp_path / "ds", key="id", vector="res", ragged=True, shard_bytes=300 * 4 * 4)
+    with embfile.open(tmp_path / "ds") as db:
+        assert db.ragged and len(db) == 600 and len(db.files) > 6
+        for shard in db.files:  # at most 300 rows, or one longer record: never a record split
+            lengths = np.diff(shard.ranges().astype(np.int64))
+            assert 0 < lengths.sum() <= 300 or len(lengths) == 1
+        assert all(np.array_equal(db[k], records[k]) for k in keys)
+    back = embfile.dask.read_embfile(tmp_path / "ds", rows_per_partition=500)
+    assert back.npartitions >= 20
+    out = back.compute()
+    assert out["key"].tolist() == keys
+    assert all(np.array_equal(np.stack(v), records[k]) for k, v in zip(keys, out["vector"]))
+
+    more = residues(3000, lo=600, seed=1)  # a Bag of (key, matrix) pairs, a worker killed mid-write
+    bag = dbag.from_sequence(list(more.items()), npartitions=2)
+    killing = bag.map_partitions(_killed_on_first_attempt(str(tmp_path / "killed")))
+    embfile.dask.to_embfile(killing, tmp_path / "ds", mode="append", ragged=True, shard_bytes=4000 * 4 * 4)
+    assert (tmp_path / "killed").exists()
+    with embfile.open(tmp_path / "ds") as db:
+        assert len(db) == 3600 and sorted(db) == sorted([*keys, *more])
+        assert all(np.array_equal(db[k], more[k]) for k in more)
+    assert stray_files(tmp_path / "ds") == set()
+
+    objects = pd.DataFrame({"key": ["a", "b"], "vector": [np.ones((2, 4)), [[0.0] * 4] * 3]})  # arrays, lists
+    with dask.config.set({"dataframe.convert-string": False}):  # else Dask makes strings of them
+        embfile.dask.to_embfile(dd.from_pandas(objects, npartitions=1), tmp_path / "obj", ragged=True)
+    with embfile.open(tmp_path / "obj") as db:
+        assert db["a"].shape == (2, 4) and db["b"].shape == (3, 4) and db.dtype == np.float32
+
+
+def test_per_residue_mistakes_are_one_line_and_write_nothing(dask_client, tmp_path):
+    fixed_keys, matrix = data(10, dim=4)
+    embfile.write_shards(tmp_path / "fixed", (fixed_keys, matrix))
+    pairs = dbag.from_sequence(list(residues(20).items()), npartitions=2)
+    with pytest.raises(embfile.WriterError, match="holds one row per record; ragged=True does not fit it"):
+        embfile.dask.to_embfile(pairs, tmp_path / "fixed", mode="append", ragged=True)
+    wrong = [("a", np.ones((2, 4))), ("b", np.ones((2, 5)))]
+    empty = [("a", np.ones((2, 4))), ("b", np.ones((0, 4)))]
+    for bad, says in ((wrong, r"key 'b': record has shape \(2, 5\)"), (empty, "key 'b': record has no rows")):
+        with pytest.raises(embfile.WriterError, match=says):
+            embfile.dask.to_embfile(dbag.from_sequence(bad, npartitions=1), tmp_path / "new", ragged=True)
+        assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="an array holds one vector per row"):
+        embfile.dask.to_embfile(da.ones((4, 4)), tmp_path / "new", key=list("abcd"), ragged=True)

@@ -269,6 +269,7 @@ def _version(value: Any) -> int | None:
 
 
 def _spark_type(ds: Dataset) -> tuple[str, Any]:
+    ds._refuse_ragged("Spark reads one vector per key", "db.pool('mean', out=...) makes them")
     if ds.dtype.name not in SPARK_TYPES:
         raise errors.EmbFileError(f"{ds.path}: {ds.dtype.name} vectors have no Spark type")
     return SPARK_TYPES[ds.dtype.name]
