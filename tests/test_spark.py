@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import ml_dtypes  # numpy's bfloat16 and its finfo
 import mutate
@@ -124,6 +125,42 @@ def test_lookup_attaches_vectors_without_reading_the_dataset(spark, tmp_path):
     got = {r.n: r.v for r in embfile.spark.lookup(ids, str(tmp_path / "bf16.emb"), key_col="id", out_col="v").collect()}
     want = matrix[[3, 999]].astype(ml_dtypes.bfloat16).astype(np.float32)
     assert got[1] is None and np.array_equal(np.array([got[0], got[2]]), want)
+
+
+def test_per_residue_records_are_written_read_and_looked_up(spark, tmp_path):
+    """A column of arrays of vectors is written as per-residue (ragged) records, shards cut by rows between
+    records; both readers and lookup give ``array<array<T>>`` (null for a key not there)."""
+    rng = np.random.default_rng(5)
+    records = {f"p{i}": rng.random((int(rng.integers(1, 30)), 4)).astype(np.float32) for i in range(300)}
+    df = spark.createDataFrame([(k, v.tolist()) for k, v in records.items()], "id string, emb array<array<float>>")
+    save(df.repartition(3), tmp_path / "ds", shard_bytes=200 * 4 * 4)
+    with embfile.open(tmp_path / "ds") as db:
+        assert db.ragged and len(db) == 300 and len(db.files) > 6
+        assert all(np.array_equal(db[k], v) for k, v in records.items())
+    path = str(tmp_path / "ds")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the JVM reader reads one vector per key: no fallback to warn of
+        readers = [
+            spark.read.format("embfile").option("rows_per_partition", 500).load(path),
+            embfile.spark.read(spark, path),
+        ]
+    assert readers[0].rdd.getNumPartitions() >= 8
+    for read in readers:
+        assert read.schema.simpleString() == "struct<key:string,vector:array<array<float>>>"
+        got = {r.key: np.array(r.vector, np.float32) for r in read.collect()}
+        assert got.keys() == records.keys() and all(np.array_equal(got[k], v) for k, v in records.items())
+    ids = spark.createDataFrame([("p7",), ("absent",), ("p0",)], "id string")
+    out = {r.id: r.vector for r in embfile.spark.lookup(ids, path, key_col="id").collect()}
+    assert out["absent"] is None and all(np.array_equal(np.array(out[k], np.float32), records[k]) for k in ("p7", "p0"))
+    with pytest.raises(Exception, match="holds ragged records; ragged=False does not fit it"):
+        save(frame(spark, 10, dim=4), tmp_path / "ds")
+    wrong = spark.createDataFrame(
+        [("a", [[1.0, 2.0]]), ("b", [[1.0, 2.0], [3.0]])], "id string, emb array<array<float>>"
+    )
+    with pytest.raises(Exception, match="key 'b': vector of 1 elements, not 2"):
+        save(wrong, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert stray_files(tmp_path / "ds") == set()
 
 
 def _failing_first(kind):
@@ -251,19 +288,22 @@ def seeds(tmp_path_factory):
 @given(data=st.data())
 def test_the_jvm_reader_on_hostile_files_reads_or_names_the_damage(spark, seeds, tmp_path_factory, data):
     """Damaged files (fuzz/mutate.py) either fail planning with embfile's error, fail the read with the
-    reader's own message naming the file, or read: never another JVM exception."""
+    reader's own message naming the file (per-residue records: the Python data source's), or read: never
+    another JVM exception."""
     original = seeds[data.draw(st.sampled_from(sorted(seeds)))].read_bytes()
     ops, reseal = data.draw(mutate.mutations(original))
     case = tmp_path_factory.mktemp("case") / "case.emb"
     case.write_bytes(mutate.apply(original, ops, reseal))
     try:
         df = embfile.spark.read(spark, str(case))
-    except (embfile.EmbFileError, TypeError):  # TypeError: ragged records, which Spark reads pooled
+        with embfile.open(case) as db:
+            names = f"{case}: " if db.ragged else f"embfile: {case}: "
+    except embfile.EmbFileError:
         return
     try:
         df.collect()
     except Exception as e:
-        assert f"embfile: {case}: " in str(e), (ops, reseal, str(e)[:2000])
+        assert names in str(e), (ops, reseal, str(e)[:2000])
         event(str(e).split(f"{case}: ")[1][:40])
 
 

@@ -11,11 +11,13 @@ folder (:mod:`embfile.jobs`: every key exactly once, whatever tasks failed or ra
 nothing).  ``mode("append")`` adds to a dataset (a key it holds is an error, or with ``option("on_duplicate",
 "replace")`` replaces it), ``mode("overwrite")`` writes its next version; either creates the dataset if there
 is none.  Options: ``key`` and ``vector`` (the columns, default ``key`` and ``vector``), ``dtype`` (default:
-the vector column's element type), ``shard_bytes`` (default 1 GiB).
+the vector column's element type), ``shard_bytes`` (default 1 GiB).  A vector column of ``array<array<T>>``
+is written as per-residue (ragged) records.
 
 Reading: a DataFrame ``key string, vector array<T>``, one input partition per shard or slice of a shard (option
 ``rows_per_partition``): :func:`read` reads it on the JVM (:mod:`embfile.spark._jvm`), ``spark.read.format(
-"embfile")`` by Python workers, as Arrow batches from the mapping.  ``T`` is the stored type, except float16
+"embfile")`` by Python workers, as Arrow batches from the mapping.  Per-residue records read as ``vector
+array<array<T>>``, through Python workers.  ``T`` is the stored type, except float16
 and bfloat16 (read as float: Spark has no half types); uint64 has no Spark type.  Option ``version`` reads an
 earlier one.
 
@@ -51,7 +53,7 @@ from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # n
 
 from embfile import errors, jobs, remote  # noqa: E402
 from embfile import folder as layout  # noqa: E402
-from embfile._stream import Chunk  # noqa: E402
+from embfile._stream import Chunk, RaggedChunk  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
 from embfile.spark import _jvm  # noqa: E402
@@ -98,7 +100,7 @@ class EmbfileDataSource(DataSource):
 
     def schema(self) -> str:
         with open_dataset(self._path(), _version(self.options.get("version"))) as ds:
-            return f"key string, vector array<{_spark_type(ds)[0]}>"
+            return f"key string, vector {_spark_column(ds)}"
 
     def reader(self, schema: StructType) -> DataSourceReader:
         return _Reader(self._path(), self.options)
@@ -134,6 +136,9 @@ class _Reader(DataSourceReader):
         assert isinstance(partition, _Rows)
         with open_dataset(partition.path, partition.version) as ds:
             _, value_type = _spark_type(ds)
+            if ds.ragged:
+                yield from _record_batches(ds, partition.lo, partition.hi, value_type)
+                return
             out_type = pa.list_(pa.field("element", value_type))
             # this task's rows, from its file alone (Arrow has no bfloat16: those come from the mapping)
             table = ds._arrow_rows(partition.lo, partition.hi) if ds.dtype.name != "bfloat16" else None
@@ -166,10 +171,14 @@ class _Writer(DataSourceArrowWriter):
                 raise errors.WriterError(
                     f"embfile: no column {column!r} (option key / vector); columns: {list(fields)}"
                 )
-        element = fields[self.vector]
+        column = fields[self.vector]
+        inner = column.elementType if isinstance(column, ArrayType) else None
+        self.ragged = isinstance(inner, ArrayType)  # per-residue records: an array of vectors each
+        element = inner if self.ragged else column
         if not isinstance(element, ArrayType) or element.elementType.simpleString() not in STORED:
             raise errors.WriterError(
-                f"embfile: column {self.vector!r} is {element.simpleString()}, not an array of numbers"
+                f"embfile: column {self.vector!r} is {column.simpleString()}, not an array of numbers "
+                "(or, per residue, of arrays of numbers)"
             )
         dtype = options.get("dtype") or STORED[element.elementType.simpleString()]
         mode = "overwrite" if overwrite else ("append" if layout.is_versioned(path) else "error")
@@ -180,6 +189,7 @@ class _Writer(DataSourceArrowWriter):
             shard_bytes=int(options.get("shard_bytes", 1 << 30)),
             mode=mode,
             on_duplicate=options.get("on_duplicate", "error"),
+            ragged=self.ragged,
         )
 
     def write(self, iterator: Iterator[Any]) -> _Written:
@@ -187,7 +197,7 @@ class _Writer(DataSourceArrowWriter):
 
         context = TaskContext.get()
         part = context.partitionId() if context is not None else 0
-        chunks = (_chunk(batch, self.key, self.vector, self.job.dim) for batch in iterator)
+        chunks = (_chunk(batch, self.key, self.vector, self.job) for batch in iterator)
         return _Written(jobs.write_part(self.job, part, chunks))
 
     def commit(self, messages: list[WriterCommitMessage | None]) -> None:
@@ -202,9 +212,9 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
     dataset), read from the latest version of the dataset at ``path`` without reading the rest of it: each task
     opens the dataset by path and gathers its keys."""
     with open_dataset(path, None) as ds:
-        type_name, value_type = _spark_type(ds)
-        version = ds.version
-    schema = StructType([*df.schema.fields]).add(out_col, _parse_datatype_string(f"array<{type_name}>"))
+        _, value_type = _spark_type(ds)
+        column, version = _spark_column(ds), ds.version
+    schema = StructType([*df.schema.fields]).add(out_col, _parse_datatype_string(column))
 
     def gather(batches: Iterator[Any]) -> Iterator[Any]:
         with open_dataset(path, version) as ds:
@@ -213,6 +223,10 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
                 keys = batch.column(key_col).to_pylist()
                 rows = ds.find_rows(["" if k is None else k for k in keys])
                 found = rows >= 0
+                if ds.ragged:
+                    records = _nested(ds, rows[found], value_type, found)
+                    yield pa.RecordBatch.from_arrays([*batch.columns, records], names=[*batch.schema.names, out_col])
+                    continue
                 matrix = np.zeros((len(keys), ds.dim), ds.dtype)
                 matrix[found] = ds.take(rows[found])
                 values = _values(matrix).cast(value_type)
@@ -232,14 +246,17 @@ def read(spark: SparkSession, path: str, version: int | None = None, rows_per_pa
     cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
     the read, so its files are checked as :func:`embfile.open` checks them.  A URL (``s3://``, ``https://``...)
     is read through the Python data source too: the JVM reader reads files every executor sees, and there each
-    task fetches what it reads.
+    task fetches what it reads; so is a dataset of per-residue records (``vector array<array<T>>``).
     """
     if remote.is_url(path):
         return _python_read(spark, path, version, rows_per_partition)
     with open_dataset(path, version) as ds:
         _spark_type(ds)
-        planned = ds.version
-        dtype, parts = ds.dtype.name, _jvm.partitions(ds, _bounds(ds, rows_per_partition))
+        planned, ragged = ds.version, ds.ragged
+        if not ragged:
+            dtype, parts = ds.dtype.name, _jvm.partitions(ds, _bounds(ds, rows_per_partition))
+    if ragged:  # the JVM reader reads one vector per key
+        return _python_read(spark, path, planned, rows_per_partition)
     try:
         _jvm.load(spark)
     except _jvm.Unavailable as e:
@@ -259,7 +276,7 @@ def _warn_once(message: str) -> None:
 
 
 def _bounds(ds: Dataset, rows_per_partition: int) -> list[int]:
-    """The rows where read partitions start: about 128 MiB of records each, unless ``rows_per_partition``."""
+    """The records where read partitions start: about 128 MiB of rows each, unless ``rows_per_partition``."""
     step = rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
     return ds.slices(step)  # a task reads from one file
 
@@ -269,10 +286,55 @@ def _version(value: Any) -> int | None:
 
 
 def _spark_type(ds: Dataset) -> tuple[str, Any]:
-    ds._refuse_ragged("Spark reads one vector per key", "db.pool('mean', out=...) makes them")
+    """The Spark type of ``ds``'s elements and the Arrow type Spark takes them in."""
     if ds.dtype.name not in SPARK_TYPES:
         raise errors.EmbFileError(f"{ds.path}: {ds.dtype.name} vectors have no Spark type")
     return SPARK_TYPES[ds.dtype.name]
+
+
+def _spark_column(ds: Dataset) -> str:
+    """The Spark type of ``ds``'s records: ``array<T>``, or of per-residue records ``array<array<T>>``."""
+    vector = f"array<{_spark_type(ds)[0]}>"
+    return f"array<{vector}>" if ds.ragged else vector
+
+
+def _record_batches(ds: Dataset, lo: int, hi: int, value_type: Any) -> Iterator[Any]:
+    """Per-residue records ``[lo, hi)`` as Arrow batches of ``key`` and ``vector`` (a list of lists), about
+    ROWS_PER_BATCH rows each (Spark's lists count their values in 32 bits)."""
+    # of the file holding them alone, checked as to_arrow checks (Arrow has no bfloat16: those from the mapping)
+    table = ds._arrow_rows(lo, hi) if ds.dtype.name != "bfloat16" else None
+    ends = np.cumsum(ds.lengths()[lo:hi])
+    cuts = [0, *np.searchsorted(ends, np.arange(ROWS_PER_BATCH, ends[-1] if hi > lo else 0, ROWS_PER_BATCH), "right")]
+    out_type = pa.list_(pa.field("element", pa.list_(pa.field("element", value_type))))
+    for a, b in zip(cuts, [*cuts[1:], hi - lo]):
+        if b <= a:
+            continue
+        if table is not None:
+            part = table.slice(a, b - a).combine_chunks()
+            keys, records = part.column(0).chunk(0), part.column(1).chunk(0).cast(out_type)
+        else:
+            rows = np.arange(lo + a, lo + b, dtype=np.uint64)
+            keys, records = pa.array(ds.keys_at(rows)), _nested(ds, rows, value_type)
+        yield pa.RecordBatch.from_arrays([keys.cast(pa.string()), records], names=["key", "vector"])
+
+
+def _nested(ds: Dataset, rows: np.ndarray, value_type: Any, found: np.ndarray | None = None) -> Any:
+    """The per-residue records at ``rows`` as an Arrow list of lists of ``value_type`` (null where ``found`` is
+    False: ``rows`` holds only the found ones)."""
+    packed, offsets = ds.take(rows, pad=False) if len(rows) else (np.empty((0, ds.dim), ds.dtype), np.zeros(1))
+    inner = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, len(packed) * ds.dim + 1, ds.dim, dtype=np.int32)),
+        _values(packed).cast(value_type),
+        pa.list_(pa.field("element", value_type)),
+    )
+    lengths = np.diff(offsets).astype(np.int32)
+    if found is not None:  # no rows for a key not found
+        lengths, found_lengths = np.zeros(len(found), np.int32), lengths
+        lengths[found] = found_lengths
+    outer = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=outer[1:])
+    out_type = pa.list_(pa.field("element", inner.type))
+    return pa.ListArray.from_arrays(pa.array(outer), inner, out_type, mask=None if found is None else pa.array(~found))
 
 
 def _values(matrix: np.ndarray) -> Any:
@@ -280,10 +342,11 @@ def _values(matrix: np.ndarray) -> Any:
     return pa.array((matrix.astype(np.float32) if matrix.dtype.name == "bfloat16" else matrix).reshape(-1))
 
 
-def _chunk(batch: Any, key: str, vector: str, dim: int | None) -> Chunk:
-    """An Arrow batch of Spark rows as ``(keys, matrix)``."""
+def _chunk(batch: Any, key: str, vector: str, job: jobs.Job) -> Chunk | RaggedChunk:
+    """An Arrow batch of Spark rows as ``(keys, matrix)``, or ragged ``(keys, rows, lengths)``."""
     try:
-        return jobs.arrow_chunk(batch.column(key), batch.column(vector), dim)
+        arrow = jobs.arrow_records if job.ragged else jobs.arrow_chunk
+        return arrow(batch.column(key), batch.column(vector), job.dim)
     except errors.WriterError as e:
         raise errors.WriterError(f"embfile: {e}") from None
 
