@@ -12,7 +12,12 @@ worker processes, each round (``--rounds``, interleaved: embfile, Parquet, embfi
 
 Prints rows/s, the bytes written, and the ratios embfile/Parquet (above 1: embfile faster).
 
+With ``--ragged N``, each key holds per-residue records of 1 to 2N - 1 rows (N on average) of ``--dim``
+values, ``vector array<array<float>>`` (Parquet ``list<list<float>>``), written as ragged records; figures
+are records/s, into ``benchmarks/results/engines-ragged.md``.
+
     python benchmarks/bench_engines.py                     # 400,000 x 256 float32 (400 MB): a few minutes
+    python benchmarks/bench_engines.py --rows 8000 --ragged 50  # 400,000 residues x 256 float32
     python benchmarks/bench_engines.py --rows 1000000 --out -
 
 Targets (issue #25): writing embfile at least as fast as Parquet through the same engine; reading at least
@@ -34,8 +39,9 @@ import machine
 import embfile
 
 
-def make_input(folder, rows, dim, files=8):
-    """The shared input: Parquet files of ``key`` and ``vector`` (a list of float32), written by pyarrow."""
+def make_input(folder, rows, dim, ragged=0, files=8):
+    """The shared input: Parquet files of ``key`` and ``vector`` (a list of float32; with ``ragged``, a list of
+    1 to ``2 * ragged - 1`` of them), written by pyarrow."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -44,8 +50,13 @@ def make_input(folder, rows, dim, files=8):
     rng = np.random.default_rng(0)
     for f, lo in enumerate(range(0, rows, -(-rows // files))):
         hi = min(rows, lo + -(-rows // files))
-        values = pa.array(rng.standard_normal((hi - lo) * dim, dtype=np.float32))
-        vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, (hi - lo) * dim + 1, dim, dtype=np.int32)), values)
+        lengths = rng.integers(1, 2 * ragged, hi - lo) if ragged else np.ones(hi - lo, np.int64)
+        n = int(lengths.sum())
+        values = pa.array(rng.standard_normal(n * dim, dtype=np.float32))
+        vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), values)
+        if ragged:
+            records = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            vectors = pa.ListArray.from_arrays(pa.array(records), vectors)
         keys = pa.array([f"UniRef50_{i:010d}" for i in range(lo, hi)])
         pq.write_table(pa.table({"key": keys, "vector": vectors}), os.path.join(path, f"part-{f:03d}.parquet"))
     return path
@@ -55,7 +66,7 @@ def size_of(path):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def spark_runs(src, folder, cores, rounds):
+def spark_runs(src, folder, cores, rounds, ragged):
     """{(tool, op): [seconds]} and bytes, with Spark in local mode on ``cores`` cores."""
     from pyspark.sql import SparkSession
 
@@ -81,6 +92,8 @@ def spark_runs(src, folder, cores, rounds):
         },
         "parquet": {"read": spark.read.parquet},
     }
+    if ragged:  # read() reads per-residue records through the Python source itself
+        del reads["embfile"]["read, Python source"]
     times, sizes = {}, {}
     try:
         for r in range(rounds):
@@ -103,7 +116,7 @@ def spark_runs(src, folder, cores, rounds):
     return times, sizes
 
 
-def dask_runs(src, folder, workers, rounds):
+def dask_runs(src, folder, workers, rounds, ragged):
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
@@ -122,7 +135,7 @@ def dask_runs(src, folder, workers, rounds):
                 out = os.path.join(folder, f"dask-{tool}-{r}")
                 t0 = time.perf_counter()
                 if tool == "embfile":
-                    embfile.dask.to_embfile(df, out)
+                    embfile.dask.to_embfile(df, out, ragged=bool(ragged))
                 else:
                     df.to_parquet(out)
                 times.setdefault((tool, "write"), []).append(time.perf_counter() - t0)
@@ -140,9 +153,10 @@ def dask_runs(src, folder, workers, rounds):
     return times, sizes
 
 
-def report(engine, unit, runs, rows):
+def report(engine, unit, runs, rows, ragged):
     print(f"\n## {engine}\n")
-    print(f"| {unit} | op | embfile rows/s | Parquet rows/s | embfile / Parquet | bytes: embfile, Parquet |")
+    what = "records" if ragged else "rows"
+    print(f"| {unit} | op | embfile {what}/s | Parquet {what}/s | embfile / Parquet | bytes: embfile, Parquet |")
     print("|---:|---|---:|---:|---:|---|")
     for n, (times, sizes) in runs.items():
         for tool, op in times:
@@ -160,27 +174,33 @@ def main():
     ap.add_argument("--rows", type=int, default=400_000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ragged", type=int, default=0, help="per-residue records of this many rows on average")
     ap.add_argument("--engines", default="spark,dask")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--out", help="the result file (default benchmarks/results/engines.md; - for none)")
     args = ap.parse_args()
-    with machine.recorded("engines", "Spark and Dask: embfile against Parquet through the same engine", args.out):
+    name, title = "engines", "Spark and Dask: embfile against Parquet through the same engine"
+    if args.ragged:
+        name, title = "engines-ragged", "Spark and Dask, per-residue records: embfile against Parquet"
+    with machine.recorded(name, title, args.out):
         folder = tempfile.mkdtemp(prefix="bench-engines-", dir=args.dir)
         try:
             limits = machine.measure(folder, nbytes=256 << 20)
             print("machine:", machine.describe(limits))
-            src = make_input(folder, args.rows, args.dim)
+            src = make_input(folder, args.rows, args.dim, args.ragged)
+            what = f"records of 1 to {2 * args.ragged - 1} rows (key + rows of" if args.ragged else "rows of key +"
             print(
-                f"\ninput: {args.rows:,} rows of key + {args.dim} float32 ({size_of(src) / 1e6:,.0f} MB of Parquet); "
-                f"{args.rounds} interleaved rounds, median time (range); embfile {embfile.__version__}"
+                f"\ninput: {args.rows:,} {what} {args.dim} float32{')' if args.ragged else ''} "
+                f"({size_of(src) / 1e6:,.0f} MB of Parquet); {args.rounds} interleaved rounds, median time (range); "
+                f"embfile {embfile.__version__}"
             )
             engines = args.engines.split(",")
             if "spark" in engines:
-                runs = {c: spark_runs(src, folder, c, args.rounds) for c in (1, 2)}
-                report("Spark (local mode)", "cores", runs, args.rows)
+                runs = {c: spark_runs(src, folder, c, args.rounds, args.ragged) for c in (1, 2)}
+                report("Spark (local mode)", "cores", runs, args.rows, args.ragged)
             if "dask" in engines:
-                runs = {w: dask_runs(src, folder, w, args.rounds) for w in (1, 2)}
-                report("Dask (LocalCluster, one thread per worker process)", "workers", runs, args.rows)
+                runs = {w: dask_runs(src, folder, w, args.rounds, args.ragged) for w in (1, 2)}
+                report("Dask (LocalCluster, one thread per worker process)", "workers", runs, args.rows, args.ragged)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
