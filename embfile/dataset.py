@@ -247,8 +247,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
                     layout.advise(lo, hi, mmap.MADV_DONTNEED)
 
     def slices(self, rows: int) -> list[int]:
-        """Record boundaries that cut the dataset into ranges of at most ``rows`` rows (of ragged records, at
-        least one record), none across two files: the partitions of a Spark or Dask read."""
+        """Record boundaries that cut the dataset into ranges of at most ``rows`` rows (of ragged records,
+        about that many, cut between records), none across two files: the partitions of a Spark or Dask read."""
         lengths = self.lengths() if self.ragged else None
         bounds = [0]
         for first, last in zip(self._starts, self._starts[1:]):

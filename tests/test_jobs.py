@@ -83,3 +83,33 @@ def test_two_jobs_appending_at_once_both_commit(tmp_path):
     with embfile.open(tmp_path / "ds") as db:
         assert db.version == 11 and len(db) == 10 + 2 * 5 * 60
         db.verify()
+
+
+def test_a_ragged_job_cuts_shards_between_records_and_names_what_is_wrong(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 12, 200)
+    rows = rng.random((int(lengths.sum()), 4)).astype(np.float32)
+    keys = [f"r{i}" for i in range(200)]
+    job = jobs.start_job(tmp_path / "ds", None, "float32", shard_bytes=20 * 16, ragged=True)  # 20 rows a shard
+    halves = [
+        (keys[:90], rows[: lengths[:90].sum()], lengths[:90]),
+        (keys[90:], rows[lengths[:90].sum() :], lengths[90:]),
+    ]
+    jobs.commit_job(job, [jobs.write_part(job, 0, halves), None])
+    with embfile.open(tmp_path / "ds") as db:
+        ends = np.cumsum(lengths)
+        assert db.ragged and all(np.array_equal(db[k], rows[e - n : e]) for k, e, n in zip(keys, ends, lengths))
+        for shard in db.files:  # at most 20 rows, or one longer record
+            assert np.diff(shard.ranges().astype(np.int64)).sum() <= 20 or len(shard) == 1
+    nested = pa.list_(pa.list_(pa.float32()))
+    for records, says in (
+        ([[[1.0, 2.0]], [[1.0, 2.0], None]], "key 'b': a null row"),
+        ([[[1.0, 2.0]], []], "key 'b': record has no rows"),
+        ([[[1.0, 2.0]], [[1.0, 2.0], [3.0]]], "key 'b': vector of 1 elements, not 2"),
+        ([[[1.0, 2.0]], None], "a null record"),
+    ):
+        with pytest.raises(embfile.WriterError, match=says):
+            jobs.arrow_records(pa.array(["a", "b"]), pa.array(records, nested), None)
+    with pytest.raises(embfile.WriterError, match="holds ragged records; ragged=False does not fit it"):
+        jobs.start_job(tmp_path / "ds", None, mode="append")

@@ -149,9 +149,12 @@ def test_per_residue_records_are_written_read_and_looked_up(spark, tmp_path):
         assert read.schema.simpleString() == "struct<key:string,vector:array<array<float>>>"
         got = {r.key: np.array(r.vector, np.float32) for r in read.collect()}
         assert got.keys() == records.keys() and all(np.array_equal(got[k], v) for k, v in records.items())
-    ids = spark.createDataFrame([("p7",), ("absent",), ("p0",)], "id string")
-    out = {r.id: r.vector for r in embfile.spark.lookup(ids, path, key_col="id").collect()}
-    assert out["absent"] is None and all(np.array_equal(np.array(out[k], np.float32), records[k]) for k in ("p7", "p0"))
+    asked = [*records, "absent"] * 3  # in one batch of more rows than a run: Arrow lists count in 32 bits
+    ids = spark.createDataFrame([(k, i) for i, k in enumerate(asked)], "id string, n int").coalesce(1)
+    out = {r.n: r.vector for r in embfile.spark.lookup(ids, path, key_col="id").collect()}
+    assert len(out) == len(asked) and sum(len(records[k]) for k in asked if k in records) > embfile.spark.ROWS_PER_BATCH
+    for i, k in enumerate(asked):
+        assert out[i] is None if k == "absent" else np.array_equal(np.array(out[i], np.float32), records[k])
     with pytest.raises(Exception, match="holds ragged records; ragged=False does not fit it"):
         save(frame(spark, 10, dim=4), tmp_path / "ds")
     wrong = spark.createDataFrame(

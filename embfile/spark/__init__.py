@@ -223,9 +223,13 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
                 keys = batch.column(key_col).to_pylist()
                 rows = ds.find_rows(["" if k is None else k for k in keys])
                 found = rows >= 0
-                if ds.ragged:
-                    records = _nested(ds, rows[found], value_type, found)
-                    yield pa.RecordBatch.from_arrays([*batch.columns, records], names=[*batch.schema.names, out_col])
+                if ds.ragged:  # in runs of about ROWS_PER_BATCH rows: Spark's lists count values in 32 bits
+                    lengths = np.zeros(len(keys), np.int64)
+                    lengths[found] = ds._extents(rows[found].astype(np.uint64))[1]
+                    for a, b in _runs(lengths):
+                        records = _nested(ds, rows[a:b][found[a:b]], value_type, found[a:b])
+                        part = batch.slice(a, b - a)
+                        yield pa.RecordBatch.from_arrays([*part.columns, records], names=[*part.schema.names, out_col])
                     continue
                 matrix = np.zeros((len(keys), ds.dim), ds.dtype)
                 matrix[found] = ds.take(rows[found])
@@ -303,12 +307,8 @@ def _record_batches(ds: Dataset, lo: int, hi: int, value_type: Any) -> Iterator[
     ROWS_PER_BATCH rows each (Spark's lists count their values in 32 bits)."""
     # of the file holding them alone, checked as to_arrow checks (Arrow has no bfloat16: those from the mapping)
     table = ds._arrow_rows(lo, hi) if ds.dtype.name != "bfloat16" else None
-    ends = np.cumsum(ds.lengths()[lo:hi])
-    cuts = [0, *np.searchsorted(ends, np.arange(ROWS_PER_BATCH, ends[-1] if hi > lo else 0, ROWS_PER_BATCH), "right")]
     out_type = pa.list_(pa.field("element", pa.list_(pa.field("element", value_type))))
-    for a, b in zip(cuts, [*cuts[1:], hi - lo]):
-        if b <= a:
-            continue
+    for a, b in _runs(ds.lengths()[lo:hi]):
         if table is not None:
             part = table.slice(a, b - a).combine_chunks()
             keys, records = part.column(0).chunk(0), part.column(1).chunk(0).cast(out_type)
@@ -316,6 +316,15 @@ def _record_batches(ds: Dataset, lo: int, hi: int, value_type: Any) -> Iterator[
             rows = np.arange(lo + a, lo + b, dtype=np.uint64)
             keys, records = pa.array(ds.keys_at(rows)), _nested(ds, rows, value_type)
         yield pa.RecordBatch.from_arrays([keys.cast(pa.string()), records], names=["key", "vector"])
+
+
+def _runs(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive ranges of the records of these ``lengths`` (rows each), about ROWS_PER_BATCH rows each, cut
+    between records."""
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    cuts = sorted({0, *np.searchsorted(ends, np.arange(ROWS_PER_BATCH, total, ROWS_PER_BATCH), "right").tolist()})
+    return [(a, b) for a, b in zip(cuts, [*cuts[1:], len(lengths)]) if b > a]
 
 
 def _nested(ds: Dataset, rows: np.ndarray, value_type: Any, found: np.ndarray | None = None) -> Any:
