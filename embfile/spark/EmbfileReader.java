@@ -7,7 +7,8 @@
  * identity and the header fields this reader needs in the option "partitions".  A task reads only inside the
  * sections the driver checked, checks the file is still the one planned (size and header checksum), and checks
  * each key's offsets before it reads the key: a file replaced since planning, or whose key offsets are out of
- * order, is an error naming it (as elsewhere, only `embfile verify` reads the records' checksums).
+ * order, is an error naming it (as elsewhere, only `embfile verify` reads the records' checksums).  Of ragged
+ * records (per residue), each record's row range is checked the same way before its rows are read.
  *
  * Compiled against the Spark that runs it, at first use (embfile/spark/_jvm.py).
  */
@@ -31,6 +32,8 @@ import java.util.Set;
 import org.apache.spark.sql.catalyst.InternalRow;
 import org.apache.spark.sql.catalyst.expressions.GenericInternalRow;
 import org.apache.spark.sql.catalyst.expressions.UnsafeArrayData;
+import org.apache.spark.sql.catalyst.util.ArrayData;
+import org.apache.spark.sql.catalyst.util.GenericArrayData;
 import org.apache.spark.sql.connector.catalog.SupportsRead;
 import org.apache.spark.sql.connector.catalog.Table;
 import org.apache.spark.sql.connector.catalog.TableCapability;
@@ -59,12 +62,12 @@ public final class EmbfileReader implements TableProvider {
 
     @Override
     public StructType inferSchema(CaseInsensitiveStringMap options) {
-        return schema(options.get("dtype"));
+        return schema(options.get("dtype"), options.getBoolean("ragged", false));
     }
 
     @Override
     public Table getTable(StructType schema, Transform[] partitioning, Map<String, String> properties) {
-        return new RecordsTable(properties.get("dtype"), properties.get("partitions"));
+        return new RecordsTable(properties.get("dtype"), "true".equals(properties.get("ragged")), properties.get("partitions"));
     }
 
     /** Spark's type of a vector's elements stored as dtype (as embfile.spark.SPARK_TYPES says). */
@@ -80,23 +83,27 @@ public final class EmbfileReader implements TableProvider {
         }
     }
 
-    static StructType schema(String dtype) {
+    /** key, and vector: an array of the element type, or of ragged records an array of those. */
+    static StructType schema(String dtype, boolean ragged) {
+        DataType vector = DataTypes.createArrayType(elementType(dtype));
         return new StructType()
             .add("key", DataTypes.StringType)  // nullable, as the Python data source's: the same DataFrame
-            .add("vector", DataTypes.createArrayType(elementType(dtype)));
+            .add("vector", ragged ? DataTypes.createArrayType(vector) : vector);
     }
 
     static final class RecordsTable implements Table, SupportsRead, Scan, ScanBuilder, Batch {
         private final String dtype;
+        private final boolean ragged;
         private final String partitions;
 
-        RecordsTable(String dtype, String partitions) {
+        RecordsTable(String dtype, boolean ragged, String partitions) {
             this.dtype = dtype;
+            this.ragged = ragged;
             this.partitions = partitions;
         }
 
         @Override public String name() { return "embfile"; }
-        @Override public StructType schema() { return EmbfileReader.schema(dtype); }
+        @Override public StructType schema() { return EmbfileReader.schema(dtype, ragged); }
         @Override public StructType readSchema() { return schema(); }
         @Override public Set<TableCapability> capabilities() { return Set.of(TableCapability.BATCH_READ); }
         @Override public ScanBuilder newScanBuilder(CaseInsensitiveStringMap options) { return this; }
@@ -118,10 +125,11 @@ public final class EmbfileReader implements TableProvider {
         }
     }
 
-    /** Rows [lo, hi) of one file, with what the driver read of its checked header. */
+    /** Records [lo, hi) of one file, with what the driver read of its checked header. */
     static final class Rows implements InputPartition, Serializable {
         final String path, dtype;
         final long size, headerCrc, recordsOffset, keysOffset, keysSize, count, lo, hi;
+        final long rangesOffset, rows;  // ragged files: where the records' row offsets lie, and the rows; else 0
         final int dim;
 
         Rows(String line, String dtype) {
@@ -136,6 +144,8 @@ public final class EmbfileReader implements TableProvider {
             this.dim = Integer.parseInt(f[7]);
             this.lo = Long.parseLong(f[8]);
             this.hi = Long.parseLong(f[9]);
+            this.rangesOffset = Long.parseLong(f[10]);
+            this.rows = Long.parseLong(f[11]);
             this.dtype = dtype;
         }
     }
@@ -145,9 +155,9 @@ public final class EmbfileReader implements TableProvider {
         private final FileChannel file;
         private final int itemSize, recordBytes;
         private final long keyBytesStart, keyBytesEnd;  // where the keys' bytes lie in the file
-        private byte[] records, keys;  // of the rows read last, [chunkLo, chunkHi): keys from byte keysFirst
-        private ByteBuffer offsets;
-        private long row, chunkLo, chunkHi, keysFirst;
+        private byte[] records, keys;  // of the records read last, [chunkLo, chunkHi): keys from byte keysFirst
+        private ByteBuffer offsets, ranges;  // ranges: ragged files, each record's first row (rows from rowsFirst)
+        private long row, chunkLo, chunkHi, keysFirst, rowsFirst;
         private InternalRow current;
 
         RowReader(Rows part) {
@@ -204,17 +214,23 @@ public final class EmbfileReader implements TableProvider {
                 throw problem("the offsets of key " + row + " are out of order");
             }
             UTF8String key = UTF8String.fromBytes(keys, (int) (start - keysFirst), (int) (end - start));
-            current = new GenericInternalRow(new Object[] {key, vector(i)});
+            current = new GenericInternalRow(new Object[] {key, part.rangesOffset == 0 ? vector(i) : record(i)});
             row++;
             return true;
         }
 
-        /** The records, key offsets and key bytes of the rows from this one on. */
+        /** The records, key offsets and key bytes of the records from this one on. */
         private void readChunk() throws IOException {
             chunkLo = row;
-            chunkHi = Math.min(part.hi, row + Math.min(MAX_ROWS, Math.max(1, READ_BYTES / recordBytes)));
-            int rows = (int) (chunkHi - chunkLo);
-            records = read(part.recordsOffset + chunkLo * recordBytes, rows * recordBytes).array();
+            int budget = Math.min(MAX_ROWS, Math.max(1, READ_BYTES / recordBytes));  // rows
+            int rows;
+            if (part.rangesOffset == 0) {
+                chunkHi = Math.min(part.hi, row + budget);
+                rows = (int) (chunkHi - chunkLo);
+                records = read(part.recordsOffset + chunkLo * recordBytes, rows * recordBytes).array();
+            } else {
+                rows = readRanges(budget);
+            }
             offsets = read(part.keysOffset + 8 * chunkLo, 8 * (rows + 1));
             keysFirst = offsets.getLong(0);
             long last = offsets.getLong(8 * rows);
@@ -225,7 +241,40 @@ public final class EmbfileReader implements TableProvider {
             read(keyBytesStart + keysFirst, keys.length).get(keys);
         }
 
-        /** Record i of the chunk as Spark's array of the element type (elementType says which). */
+        /**
+         * Of a ragged file: the row offsets of the records from this one on, as many as come to about budget
+         * rows (at least one record), each range checked to rise within the file's rows; then their rows.
+         * Returns the number of records.
+         */
+        private int readRanges(int budget) throws IOException {
+            int n = (int) Math.min(part.hi - chunkLo, MAX_ROWS);
+            ranges = read(part.rangesOffset + 8 * chunkLo, 8 * (n + 1));
+            rowsFirst = ranges.getLong(0);
+            int k = 0;
+            for (long last = rowsFirst; k < n; k++) {
+                long end = ranges.getLong(8 * k + 8);
+                if (last < 0 || end <= last || end > part.rows) {
+                    throw problem("the rows of record " + (chunkLo + k) + " are out of order");
+                }
+                if (k > 0 && end - rowsFirst > budget) break;
+                last = end;
+            }
+            long rows = ranges.getLong(8 * k) - rowsFirst;
+            if (rows * recordBytes > Integer.MAX_VALUE) throw problem("record " + chunkLo + " is longer than a Spark array holds");
+            records = read(part.recordsOffset + rowsFirst * recordBytes, (int) (rows * recordBytes)).array();
+            chunkHi = chunkLo + k;
+            return k;
+        }
+
+        /** Ragged record i of the chunk: Spark's array of its rows, each an array of the element type. */
+        private ArrayData record(int i) {
+            int first = (int) (ranges.getLong(8 * i) - rowsFirst), end = (int) (ranges.getLong(8 * i + 8) - rowsFirst);
+            Object[] rows = new Object[end - first];
+            for (int j = 0; j < rows.length; j++) rows[j] = vector(first + j);
+            return new GenericArrayData(rows);
+        }
+
+        /** Row i of the chunk's records as Spark's array of the element type (elementType says which). */
         private UnsafeArrayData vector(int i) {
             int d = part.dim, at = i * recordBytes;
             if (SAME_BYTES && WIDTH_KEPT.contains(part.dtype)) {  // Spark's arrays hold native-order values

@@ -17,7 +17,7 @@ is written as per-residue (ragged) records.
 Reading: a DataFrame ``key string, vector array<T>``, one input partition per shard or slice of a shard (option
 ``rows_per_partition``): :func:`read` reads it on the JVM (:mod:`embfile.spark._jvm`), ``spark.read.format(
 "embfile")`` by Python workers, as Arrow batches from the mapping.  Per-residue records read as ``vector
-array<array<T>>``, through Python workers.  ``T`` is the stored type, except float16
+array<array<T>>``.  ``T`` is the stored type, except float16
 and bfloat16 (read as float: Spark has no half types); uint64 has no Spark type.  Option ``version`` reads an
 earlier one.
 
@@ -250,23 +250,21 @@ def read(spark: SparkSession, path: str, version: int | None = None, rows_per_pa
     cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
     the read, so its files are checked as :func:`embfile.open` checks them.  A URL (``s3://``, ``https://``...)
     is read through the Python data source too: the JVM reader reads files every executor sees, and there each
-    task fetches what it reads; so is a dataset of per-residue records (``vector array<array<T>>``).
+    task fetches what it reads.
     """
     if remote.is_url(path):
         return _python_read(spark, path, version, rows_per_partition)
     with open_dataset(path, version) as ds:
         _spark_type(ds)
-        planned, ragged = ds.version, ds.ragged
-        if not ragged:
-            dtype, parts = ds.dtype.name, _jvm.partitions(ds, _bounds(ds, rows_per_partition))
-    if ragged:  # the JVM reader reads one vector per key
-        return _python_read(spark, path, planned, rows_per_partition)
+        planned, dtype, ragged = ds.version, ds.dtype.name, ds.ragged
+        parts = _jvm.partitions(ds, _bounds(ds, rows_per_partition))
     try:
         _jvm.load(spark)
     except _jvm.Unavailable as e:
         _warn_once(f"embfile.spark.read: {e}; reading through the Python data source")
         return _python_read(spark, path, planned, rows_per_partition)
-    return spark.read.format(_jvm.CLASS).option("dtype", dtype).option("partitions", parts).load()
+    reader = spark.read.format(_jvm.CLASS).option("dtype", dtype).option("ragged", str(ragged).lower())
+    return reader.option("partitions", parts).load()
 
 
 def _python_read(spark: SparkSession, path: str, version: int | None, rows_per_partition: int) -> DataFrame:

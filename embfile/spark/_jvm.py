@@ -96,9 +96,9 @@ def load(spark: Any) -> None:
 
 
 def partitions(ds: Dataset, bounds: list[int]) -> str:
-    """The option the reader plans its partitions from: a line per partition, rows ``[lo, hi)`` of one file
+    """The option the reader plans its partitions from: a line per partition, records ``[lo, hi)`` of one file
     (``bounds`` never cross a file), with that file's path, its identity (size, header checksum) and the
-    checked header fields the reader reads by."""
+    checked header fields the reader reads by (of ragged records, where their row offsets lie)."""
     lines, first = [], 0
     files = iter(ds.files)
     f = next(files, None)
@@ -111,5 +111,6 @@ def partitions(ds: Dataset, bounds: list[int]) -> str:
         crc = int.from_bytes(lookup[252:256], "little")
         path = base64.b64encode(os.path.abspath(f.path).encode()).decode()
         fields = (h.file_size, crc, h.records_offset, h.keys_offset, h.keys_size, h.count, h.dim)
-        lines.append(" ".join(map(str, (path, *fields, lo - first, hi - first))))
+        ragged = (h.ranges_offset, h.rows) if f.ragged else (0, 0)
+        lines.append(" ".join(map(str, (path, *fields, lo - first, hi - first, *ragged))))
     return "\n".join(lines)
