@@ -66,7 +66,7 @@ def size_of(path):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def spark_runs(src, folder, cores, rounds, ragged):
+def spark_runs(src, folder, cores, rounds):
     """{(tool, op): [seconds]} and bytes, with Spark in local mode on ``cores`` cores."""
     from pyspark.sql import SparkSession
 
@@ -92,8 +92,6 @@ def spark_runs(src, folder, cores, rounds, ragged):
         },
         "parquet": {"read": spark.read.parquet},
     }
-    if ragged:  # read() reads per-residue records through the Python source itself
-        del reads["embfile"]["read, Python source"]
     times, sizes = {}, {}
     try:
         for r in range(rounds):
@@ -196,7 +194,7 @@ def main():
             )
             engines = args.engines.split(",")
             if "spark" in engines:
-                runs = {c: spark_runs(src, folder, c, args.rounds, args.ragged) for c in (1, 2)}
+                runs = {c: spark_runs(src, folder, c, args.rounds) for c in (1, 2)}
                 report("Spark (local mode)", "cores", runs, args.rows, args.ragged)
             if "dask" in engines:
                 runs = {w: dask_runs(src, folder, w, args.rounds, args.ragged) for w in (1, 2)}
