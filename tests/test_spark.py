@@ -286,6 +286,15 @@ def test_the_jvm_reader_refuses_a_file_changed_since_planning_or_damaged(spark, 
         f.write((3).to_bytes(8, "little"))
     with pytest.raises(Exception, match="damaged.emb: the offsets of key 100 are out of order"):
         embfile.spark.read(spark, str(damaged)).collect()
+    ragged = tmp_path / "ragged.emb"
+    embfile.write(ragged, {k: np.ones((3, 8), np.float32) for k in keys}, ragged=True)
+    with embfile.open(ragged) as db:
+        ranges_at = db.files[0].header.ranges_offset
+    with open(ragged, "r+b") as f:  # record 200 ends before it starts
+        f.seek(ranges_at + 8 * 201)
+        f.write((5).to_bytes(8, "little"))
+    with pytest.raises(Exception, match="ragged.emb: the rows of record 200 are out of order"):
+        embfile.spark.read(spark, str(ragged)).collect()
 
 
 @pytest.fixture(scope="module")
