@@ -560,8 +560,10 @@ cdef class Table:
         _check(rc, "ranges section")
         return first, length
 
-    def _gather_ragged(self, records, pad):
-        """The records at ``records`` (a uint64 array): padded with a mask, or packed with offsets."""
+    def _gather_ragged(self, records, pad, out=None):
+        """The records at ``records`` (a uint64 array): padded with a mask, or packed with offsets; padded into
+        ``out`` if given (a writable C-contiguous ``(k, longest, dim)`` array of the stored type, its padding
+        zeroed here: memory reused, as a DataLoader worker's shared buffers are)."""
         first, length = self._extents(records)
         cdef size_t k = len(records)
         cdef uint64_t longest = length.max() if k else 0
@@ -570,7 +572,14 @@ cdef class Table:
         # Padding: where it is most of the batch, new memory the kernel zeroes lazily (np.zeros); else an
         # empty array whose padding alone is zeroed here (calloc would zero the whole batch first).
         cdef int zero_pad = pad and 2 * offsets[k] >= k * longest
-        if pad:
+        if out is not None:
+            shape = (k, longest, self._dim)
+            if not (pad and isinstance(out, np.ndarray) and out.shape == shape and out.dtype == self._descr
+                    and out.flags.c_contiguous and out.flags.writeable):
+                raise ValueError(f"_gather_ragged() output must be a writable C-contiguous {self._descr} array "
+                                 f"of shape {shape}")
+            zero_pad = 1
+        elif pad:
             out = (np.empty if zero_pad else np.zeros)((k, longest, self._dim), dtype=self._descr)
         else:
             out = np.empty((offsets[k], self._dim), dtype=self._descr)

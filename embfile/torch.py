@@ -138,8 +138,7 @@ class Dataset(torch.utils.data.Dataset):
         whole = _collated_whole(sys._getframe(1))
         if self.store.ragged:
             if whole:  # padded in one native gather, as collate would pad the records
-                padded, mask = self.store.take(self._rows(indices), pad=True)
-                return _Batch((tensor(padded), torch.from_numpy(mask)))
+                return _Batch(self._padded(indices))
             rows, offsets = self.store.take(self._rows(indices), pad=False)
             return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
         batch = self._gather(indices)
@@ -164,6 +163,18 @@ class Dataset(torch.utils.data.Dataset):
             out = np.empty((len(rows), self.store.dim), self.store.dtype)
         self.store._layout().gather_random(rows, out, chunk)
         return tensor(out)
+
+    def _padded(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-residue records of ``indices``, zero-padded, and the mask of their rows: gathered in a
+        DataLoader worker straight into one of its shared buffers."""
+        rows = self.store._row_numbers(self._rows(indices))
+        buffers = worker_buffers()
+        out = None
+        if buffers is not None and len(rows):
+            longest = int(self.store._extents(rows)[1].max())
+            out = buffers.array((len(rows), longest, self.store.dim), self.store.dtype)
+        padded, mask = self.store._gather_ragged(rows, True, out)
+        return tensor(padded), torch.from_numpy(mask)
 
     def _row_ranges(self, positions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         """The rows spanned by each range of positions in the items' file order."""

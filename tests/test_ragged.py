@@ -94,6 +94,29 @@ def test_a_view_is_the_mapping_not_a_copy(tmp_path):
     np.testing.assert_array_equal(view, records["P00007"])  # outlives close
 
 
+def test_a_padded_gather_into_reused_memory_zeroes_its_padding(tmp_path):
+    """What a DataLoader worker does with its shared buffers: the batch gathered into memory holding an earlier
+    batch's values, every padding row zeroed; memory of the wrong shape, type or layout refused."""
+    rng = np.random.default_rng(9)
+    records = {f"p{i}": rng.random((int(n), 5)).astype(np.float16) for i, n in enumerate([3, 1, 7, 2])}
+    embfile.write(tmp_path / "r.emb", records, ragged=True)
+    with embfile.open(tmp_path / "r.emb") as db:
+        rows = db._row_numbers(np.array([2, 0, 3]))
+        want, want_mask = db.get_batch(["p2", "p0", "p3"])
+        out = np.full((3, 7, 5), 9, np.float16)  # an earlier batch's values
+        padded, mask = db._gather_ragged(rows, True, out)
+        assert padded is out and np.array_equal(out, want) and np.array_equal(mask, want_mask)
+        for wrong in (
+            np.empty((3, 6, 5), np.float16),
+            np.empty((3, 7, 5), np.float32),
+            np.empty((5, 7, 3), np.float16).T,
+        ):
+            with pytest.raises(
+                ValueError, match=r"output must be a writable C-contiguous float16 array of shape \(3, 7, 5\)"
+            ):
+                db._gather_ragged(rows, True, wrong)
+
+
 def test_writer_add_and_add_batch_write_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
     records = records_of(np.random.default_rng(1), 200, dim=4, longest=300)
