@@ -12,8 +12,10 @@ The data: proteins of log-normal lengths (median about 245 residues, 30 to 2,000
 Figures: one protein looked up warm and cold (the file evicted, opened, one random key read into memory); a padded
 batch of 32 random proteins against a plain copy of its useful bytes; the padding of ``token_budget`` batches
 against random batches of as many proteins; a cold epoch over every residue against the cold sequential read
-of the file (interleaved rounds, median and range); pooling every protein (mean) and an exact search of the pooled
-vectors, warm, against reading the residues' memory once and the ways users pool today; conversion throughput.
+of the file (interleaved rounds, median and range); warm DataLoader epochs of embfile's map-style dataset (with
+its collate) and its token-budget iterable dataset against an h5py dataset per protein with ``pad_sequence``,
+at 0 and 2 workers; pooling every protein (mean) and an exact search of the pooled vectors, warm, against reading
+the residues' memory once and the ways users pool today; conversion throughput.
 
     python benchmarks/bench_ragged.py                   # 2,000 proteins, about 1 GB a layout: a few minutes
     python benchmarks/bench_ragged.py --proteins 10000
@@ -242,6 +244,68 @@ def pooling_and_search(emb, h5, rounds):
     return times
 
 
+class _H5Proteins:
+    """What users write for a DataLoader over a ProtTrans HDF5 file: item i is protein i's ``(L, D)`` tensor,
+    the file opened in each process on first use (h5py files opened before a fork misbehave in workers)."""
+
+    def __init__(self, path, keys):
+        self.path, self.keys, self.file = path, keys, None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        import h5py
+        import torch
+
+        if self.file is None:
+            self.file = h5py.File(self.path, "r")
+        return torch.from_numpy(self.file[self.keys[i]][()])
+
+
+def _pad(items):
+    """``pad_sequence`` and a mask: the usual collate for per-residue tensors."""
+    import torch
+
+    lengths = torch.tensor([len(t) for t in items])
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    return torch.nn.utils.rnn.pad_sequence(items, batch_first=True), mask
+
+
+def loaders(emb, h5, keys, budget, rounds):
+    """{(loader, num_workers): [residues/s]} of warm DataLoader epochs (persistent workers, the first epoch not
+    counted), the loaders in interleaved rounds."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    import embfile.torch as et
+
+    def make(name, workers):
+        persistent = {"num_workers": workers, "persistent_workers": workers > 0}
+        if name == "embfile map-style, shuffle, collate":
+            return DataLoader(et.Dataset(emb), 32, shuffle=True, collate_fn=et.collate, **persistent)
+        if name == f"embfile IterableDataset, token_budget={budget:,}":
+            return DataLoader(et.IterableDataset(emb, token_budget=budget, seed=0), batch_size=None, **persistent)
+        return DataLoader(_H5Proteins(h5, keys), 32, shuffle=True, collate_fn=_pad, **persistent)
+
+    names = (
+        "embfile map-style, shuffle, collate",
+        f"embfile IterableDataset, token_budget={budget:,}",
+        "h5py per protein, shuffle, pad_sequence",
+    )
+    loaders = {(n, w): make(n, w) for n in names for w in (0, 2)}
+    rates = {k: [] for k in loaders}
+    torch.manual_seed(0)
+    for r in range(rounds + 1):
+        for k, loader in loaders.items():
+            t, residues = time.perf_counter(), 0
+            for _, mask in loader:
+                residues += int(mask.sum())
+            if r:  # the first epoch starts the workers and fills the caches
+                rates[k].append(residues / (time.perf_counter() - t))
+    return rates
+
+
 def conversions(folder, paths, emb):
     out = {}
     for name, src in (("ProtTrans HDF5 -> emb", paths["h5"]), ("Parquet -> emb", paths["parquet"])):
@@ -351,6 +415,18 @@ def measure(args):
             f"(range {min(ratio):.0%}-{max(ratio):.0%}); the epoch's median against the machine's cold sequential "
             f"read measured at the start: {size / statistics.median(rows_s) / 1e9 / limits['cold_read_gbps']:.0%}"
         )
+
+        rates = loaders(emb, paths["h5"], keys, args.budget, min(args.rounds, 3))
+        print(
+            f"\n| feeding PyTorch, warm (DataLoader epochs; {min(args.rounds, 3)} interleaved rounds) | num_workers | "
+            f"residues/s, median (range) | / h5py at the same num_workers |\n|---|---|---|---|"
+        )
+        for (name, workers), r in rates.items():
+            theirs = statistics.median(rates[("h5py per protein, shuffle, pad_sequence", workers)])
+            print(
+                f"| {name} | {workers} | {statistics.median(r):,.0f} ({min(r):,.0f}-{max(r):,.0f}) | "
+                f"{statistics.median(r) / theirs:.2f}x |"
+            )
 
         rounds = min(args.rounds, 3)
         times = pooling_and_search(emb, paths["h5"], rounds)
