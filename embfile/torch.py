@@ -129,7 +129,7 @@ class Dataset(torch.utils.data.Dataset):
         if isinstance(index, (int, np.integer)):
             return self.__getitems__([index])[0]
         if self.store.ragged:
-            return collate(self.__getitems__(index))
+            return collate(_Batch(self._padded(index)))
         batch = self._gather(index)
         buffers = worker_buffers()
         return buffers.hand_over(batch) if buffers is not None else batch

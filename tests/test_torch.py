@@ -148,6 +148,12 @@ def test_map_style_per_residue_items_collate_with_a_mask(residues):
         seen += len(x)
     assert seen == len(keys)
     assert Dataset(path)[3].shape == records[keys[-4]].shape
+    batches = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(keys), 16, False)
+    loader = DataLoader(Dataset(path, keys=keys), batch_size=None, sampler=batches, num_workers=2)
+    with embfile.open(path) as db:
+        for (x, mask), rows in zip(loader, batches, strict=True):  # each item a whole batch, padded natively
+            want, want_mask = db.get_batch([keys[i] for i in rows])
+            assert torch.equal(x, torch.from_numpy(want)) and torch.equal(mask, torch.from_numpy(want_mask))
 
 
 def test_token_budget_epochs_through_loader_workers_give_every_record_once(residues):
