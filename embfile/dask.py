@@ -81,6 +81,11 @@ def _partitions(data: Any, key: Any, vector: Any, ragged: bool) -> list[Any]:
     if isinstance(data, dd.DataFrame):
         if ragged and not isinstance(vector, str):
             raise ValueError("ragged records come in one column (of 2-d arrays or of lists of vectors)")
+        if isinstance(vector, str) and vector in data.columns and _is_text(data[vector].dtype):
+            raise ValueError(
+                f"column {vector!r} holds text, not vectors: Dask makes strings of a column of arrays (option "
+                "'dataframe.convert-string'); give it Arrow lists (as read from Parquet), or set that option to False"
+            )
         return [dask.delayed(tuple)(["frame", p, key, vector]) for p in data.to_delayed()]
     if isinstance(data, bag.Bag):
         return [dask.delayed(tuple)(["pairs", p, None, None]) for p in data.to_delayed()]
@@ -143,6 +148,12 @@ def _records(keys: list[Any], records: Any) -> RaggedChunk:
         matrices.append(as_matrix(key, m, matrices[0].shape[1] if matrices else None))
     lengths = np.array([len(m) for m in matrices], np.int64)
     return keys, np.concatenate(matrices) if matrices else np.empty((0, 0)), lengths
+
+
+def _is_text(dtype: Any) -> bool:
+    return isinstance(dtype, pd.StringDtype) or (
+        isinstance(dtype, pd.ArrowDtype) and pa.types.is_string(dtype.pyarrow_dtype)
+    )
 
 
 def _arrow(series: Any) -> Any:

@@ -245,3 +245,8 @@ def test_per_residue_mistakes_are_one_line_and_write_nothing(dask_client, tmp_pa
         assert not (tmp_path / "new").exists()
     with pytest.raises(ValueError, match="an array holds one vector per row"):
         embfile.dask.to_embfile(da.ones((4, 4)), tmp_path / "new", key=list("abcd"), ragged=True)
+    arrays = pd.DataFrame({"key": ["a", "b"], "vector": [np.ones(4), np.zeros(4)]})  # Dask makes text of them
+    for ragged in (False, True):
+        with pytest.raises(ValueError, match="column 'vector' holds text, not vectors.*convert-string"):
+            embfile.dask.to_embfile(dd.from_pandas(arrays, npartitions=1), tmp_path / "new", ragged=ragged)
+    assert not (tmp_path / "new").exists()
