@@ -254,6 +254,15 @@ def _stacked(batch: list[tuple[Any, np.ndarray]]) -> Chunk:
     return [k for k, _ in batch], np.stack([v for _, v in batch])
 
 
+def record_cuts(lengths: np.ndarray, rows: int) -> list[int]:
+    """Where records of these ``lengths`` (rows each) are cut into runs of about ``rows`` rows: 0, after the last
+    record ending within each multiple of ``rows``, and ``len(lengths)`` (sorted, once each: a record longer
+    than ``rows`` runs alone)."""
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    return sorted({0, len(lengths), *np.searchsorted(ends, np.arange(rows, total, rows), "right").tolist()})
+
+
 def pool_rows(block: np.ndarray, offsets: np.ndarray, how: str) -> Any:
     """One row per record of ``block`` (record ``i`` its rows ``offsets[i]`` to ``offsets[i + 1]``, at least
     one each), pooled ``how``: a mean summed in float64, as float32 (float64 for other types than the core's);

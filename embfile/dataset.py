@@ -29,7 +29,7 @@ from embfile import _format as F
 from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
-from embfile._stream import POOLINGS, pool_rows
+from embfile._stream import POOLINGS, pool_rows, record_cuts
 from embfile.epochs import Batches, EpochOptions
 from embfile.file import MappedFile, attach
 from embfile.writer import Writer
@@ -252,11 +252,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         lengths = self.lengths() if self.ragged else None
         bounds = [0]
         for first, last in zip(self._starts, self._starts[1:]):
-            if lengths is None or last == first:
-                bounds += [*range(first + rows, last, rows), last]
-            else:  # after the last record that ends within each multiple of rows
-                ends = np.cumsum(lengths[first:last])
-                bounds += [*(first + np.searchsorted(ends, np.arange(rows, ends[-1], rows), "right")).tolist(), last]
+            cuts = range(0, last - first, rows) if lengths is None else record_cuts(lengths[first:last], rows)
+            bounds += [*(first + c for c in cuts), last]
         return sorted(set(bounds))
 
     def to_dask_array(self) -> Any:

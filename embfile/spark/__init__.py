@@ -53,7 +53,7 @@ from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # n
 
 from embfile import errors, jobs, remote  # noqa: E402
 from embfile import folder as layout  # noqa: E402
-from embfile._stream import Chunk, RaggedChunk  # noqa: E402
+from embfile._stream import Chunk, RaggedChunk, record_cuts  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
 from embfile.spark import _jvm  # noqa: E402
@@ -306,7 +306,7 @@ def _record_batches(ds: Dataset, lo: int, hi: int, value_type: Any) -> Iterator[
     # of the file holding them alone, checked as to_arrow checks (Arrow has no bfloat16: those from the mapping)
     table = ds._arrow_rows(lo, hi) if ds.dtype.name != "bfloat16" else None
     out_type = pa.list_(pa.field("element", pa.list_(pa.field("element", value_type))))
-    for a, b in _runs(ds.lengths()[lo:hi]):
+    for a, b in _runs(ds._extents(np.arange(lo, hi, dtype=np.uint64))[1]):  # this task's records' lengths
         if table is not None:
             part = table.slice(a, b - a).combine_chunks()
             keys, records = part.column(0).chunk(0), part.column(1).chunk(0).cast(out_type)
@@ -319,10 +319,8 @@ def _record_batches(ds: Dataset, lo: int, hi: int, value_type: Any) -> Iterator[
 def _runs(lengths: np.ndarray) -> list[tuple[int, int]]:
     """Consecutive ranges of the records of these ``lengths`` (rows each), about ROWS_PER_BATCH rows each, cut
     between records."""
-    ends = np.cumsum(lengths)
-    total = int(ends[-1]) if len(ends) else 0
-    cuts = sorted({0, *np.searchsorted(ends, np.arange(ROWS_PER_BATCH, total, ROWS_PER_BATCH), "right").tolist()})
-    return [(a, b) for a, b in zip(cuts, [*cuts[1:], len(lengths)]) if b > a]
+    cuts = record_cuts(lengths, ROWS_PER_BATCH)
+    return list(zip(cuts, cuts[1:]))
 
 
 def _nested(ds: Dataset, rows: np.ndarray, value_type: Any, found: np.ndarray | None = None) -> Any:
