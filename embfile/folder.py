@@ -324,8 +324,9 @@ class Transaction:
     files of an operation that committed nothing.
     """
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], fetch: Callable[[str], None] | None = None) -> None:
         self.folder = os.fspath(folder)
+        self._fetch = fetch
         if not is_versioned(self.folder):
             what = (
                 "a folder in 0.1's layout (embfile shard writes it anew)" if os.path.isdir(folder) else "not a folder"
@@ -348,6 +349,14 @@ class Transaction:
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
+
+    def committed(self, name: str) -> str:
+        """The path to read the committed file ``name`` at.  A transaction on a stand-in for a remote dataset
+        (``fetch``) brings the file there first: the stand-in holds only what its operation reads."""
+        path = self.path(name)
+        if self._fetch is not None and not os.path.exists(path):
+            self._fetch(name)
+        return path
 
     def commit(self, plan: Callable[[Manifest | None], Manifest | None]) -> Manifest | None:
         """Commit ``plan(latest)`` (``latest`` None in a folder with no version yet); if another writer commits

@@ -8,16 +8,22 @@ to :func:`commit_job`, which builds the key index of their shards and commits on
 killed task's half-written one) is removed, so each record is in the committed version exactly once, from
 exactly one attempt, and a job that fails commits nothing.
 
-The dataset folder must be on a file system every task can write and the driver can read (a shared POSIX
-mount; object stores come with remote datasets).
+The dataset is a folder on a file system every task can write and the driver can read (a shared POSIX
+mount), or a URL (``s3://``, ``gs://``, ``hdfs://``): then each task writes its shards on local disk and
+uploads each one as it is done; the driver reads only the keys sections of those it commits (range reads),
+and of the dataset only what the commit reads (its key index for an append, a shard a replaced record is
+removed from), then uploads the new version's other files and its manifest as :mod:`embfile.remote.upload`
+does.  Nothing of the job is visible until the manifest is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,10 +35,14 @@ from embfile._format import disk_dtype
 from embfile._keys import EncodedKeys
 from embfile._stream import Chunk, RaggedChunk
 from embfile.dataset_writer import MODES, operation_name
+from embfile.remote.dataset import read_manifest
+from embfile.remote.store import Remote, is_url
+from embfile.remote.upload import staged_commit
 from embfile.segments import commit_shards, entry
 from embfile.writer import Writer
 
 PathLike = str | os.PathLike[str]
+COMMIT_ATTEMPTS = 5  # at a URL, when other writers keep publishing the version this commit was to be
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +59,13 @@ class Job:
     on_duplicate: str
     created: bool  # the job made the folder: an abort removes it
     ragged: bool = False  # records of their own length: chunks are (keys, rows, lengths)
+    storage_options: dict[str, Any] | None = None  # a URL's, for fsspec (on every task)
+    cache_dir: str | None = None  # a URL's: where the driver's commit keeps what it reads of the dataset
+
+    @property
+    def remote(self) -> Remote | None:
+        """The dataset's URL, opened; None for a folder."""
+        return Remote(self.folder, self.storage_options) if is_url(self.folder) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,35 +87,44 @@ def start_job(
     mode: str = "error",
     on_duplicate: str = "error",
     ragged: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: PathLike | None = None,
 ) -> Job:
     """Prepare ``folder`` for a write by many tasks (on the driver, before any task runs).
 
     ``mode`` is as for :class:`~embfile.ShardWriter`: ``"error"`` (a new dataset), ``"overwrite"`` or
     ``"append"``; ``"overwrite"`` and ``"append"`` also create a dataset that does not exist yet.  ``dim=None``
     takes the data's (an append: the dataset's).  ``ragged``: per-residue records, each task's chunks
-    ``(keys, rows, lengths)`` (an append: as the dataset is).
+    ``(keys, rows, lengths)`` (an append: as the dataset is).  A URL as ``folder`` (see the module) takes
+    ``storage_options`` (fsspec's) and ``cache_dir`` (the cache the driver's commit uses).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
     if on_duplicate not in ("error", "replace"):
         raise ValueError(f"on_duplicate must be 'error' or 'replace', not {on_duplicate!r}")
-    path = os.fspath(folder).rstrip(os.sep) or os.sep
-    exists = os.path.isdir(path) and bool(os.listdir(path))
-    if exists and (mode == "error" or not layout.is_versioned(path)):
+    if is_url(folder):
+        path = str(folder).rstrip("/")
+        base, exists = _remote_dataset(Remote(path, storage_options))
+    else:
+        if (storage_options, cache_dir) != (None, None):
+            raise ValueError("storage_options= and cache_dir= apply to a URL, not to a local folder")
+        path = os.fspath(folder).rstrip(os.sep) or os.sep
+        exists = os.path.isdir(path) and bool(os.listdir(path))
+        base = layout.read_manifest(path) if exists and layout.is_versioned(path) else None
+    if exists and (mode == "error" or base is None):
         raise errors.WriterError(
             f"{path} exists and is "
-            + ("a dataset: use mode 'append' or 'overwrite'" if layout.is_versioned(path) else "not a dataset")
+            + ("a dataset: use mode 'append' or 'overwrite'" if base is not None else "not a dataset")
         )
     meta = dict(metadata or {})
-    if exists and mode == "append":
-        base = layout.read_manifest(path)
+    if base is not None and mode == "append":
         if dim not in (None, base.dim):
             raise errors.WriterError(f"{path} holds vectors of dim {base.dim}, not {dim}")
         if base.ragged != ragged:
             what = "ragged records" if base.ragged else "one row per record"
             raise errors.WriterError(f"{path} holds {what}; ragged={ragged} does not fit it")
         dim, dtype, meta = base.dim, base.dtype, base.metadata if metadata is None else meta
-    if not exists:
+    if not exists and not is_url(path):
         layout.make_layout(path)
     return Job(
         folder=path,
@@ -111,7 +137,17 @@ def start_job(
         on_duplicate=on_duplicate,
         created=not exists,
         ragged=bool(ragged),
+        storage_options=storage_options,
+        cache_dir=None if cache_dir is None else os.fspath(cache_dir),
     )
+
+
+def _remote_dataset(remote: Remote) -> tuple[layout.Manifest | None, bool]:
+    """The latest manifest of the dataset at ``remote`` (None if there is none), and whether anything is there."""
+    if remote.url.endswith(".emb"):
+        raise errors.WriterError(f"{remote.url}: a job writes a dataset folder, not one .emb file")
+    base = read_manifest(remote)
+    return base, base is not None or bool(remote.names())
 
 
 def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> PartResult:
@@ -122,9 +158,24 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
     of the result the driver commits survive.  On an error the files of this attempt are removed.
     """
     prefix = f"{layout.SHARDS}/{job.token}-{part:06d}-{secrets.token_hex(4)}-"
+    remote = job.remote
+    local = job.folder
+    if remote:  # a URL's shards are written here first
+        local = tempfile.mkdtemp(prefix="embfile-part-")
+        os.makedirs(os.path.join(local, layout.SHARDS))
     dim = job.dim
     names: list[str] = []
+    entries: list[layout.FileEntry] = []
     writer: Writer | None = None
+
+    def close() -> None:  # the shard being written is done
+        assert writer is not None
+        writer.close()
+        entries.append(entry(local, names[-1]))
+        if remote:
+            remote.child(names[-1]).upload(os.path.join(local, names[-1]))
+            _unlink(os.path.join(local, names[-1]))
+
     try:
         for keys, matrix, *ragged in chunks:  # ragged: [lengths]
             if not len(keys):
@@ -139,9 +190,9 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
                 hi = int(np.searchsorted(ends, first + room, "right"))  # the records that fit
                 if hi == lo:  # none: a new shard (of one record alone, if it is longer than a shard)
                     if writer is not None:
-                        writer.close()
+                        close()
                     names.append(f"{prefix}{len(names):05d}.emb")
-                    path = os.path.join(job.folder, names[-1])
+                    path = os.path.join(local, names[-1])
                     writer = Writer(path, dim, job.dtype, job.metadata or None, ragged=job.ragged)
                     hi = max(lo + 1, int(np.searchsorted(ends, first + per_shard, "right")))
                 assert writer is not None
@@ -151,14 +202,19 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
                     writer.add_batch(keys[lo:hi], matrix[lo:hi])
                 lo = hi
         if writer is not None:
-            writer.close()
+            close()
     except BaseException:
         if writer is not None:
             writer.abort()
         for name in names:
-            _unlink(os.path.join(job.folder, name))
+            _unlink(os.path.join(local, name))
+            if remote:
+                remote.child(name).remove()
         raise
-    return PartResult(part, dim, tuple(entry(job.folder, name) for name in names))
+    finally:
+        if remote:
+            shutil.rmtree(local, ignore_errors=True)
+    return PartResult(part, dim, tuple(entries))
 
 
 def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
@@ -221,22 +277,13 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
         dim = job.dim or next(iter(dims.values()), None)
         if dim is None:
             raise errors.WriterError(f"{job.folder}: no records to write, and no dim to make an empty dataset of")
-        with layout.Transaction(job.folder) as tx:
-            if not shards:  # no records at all: one empty shard, as every version has
-                name = tx.new_name(layout.SHARDS)
-                Writer(tx.path(name), dim, job.dtype, ragged=job.ragged).close()
-                shards = [entry(job.folder, name)]
-            manifest = commit_shards(
-                tx,
-                shards,
-                append=job.mode == "append",
-                replace=job.on_duplicate == "replace",
-                dim=dim,
-                dtype=job.dtype,
-                metadata=job.metadata,
-                operation=operation_name(job.mode),
-                ragged=job.ragged,
-            )
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                manifest = _commit(job, shards, dim)
+                break
+            except errors.CommitConflictError:  # at a URL: another writer published this version first
+                if attempt == COMMIT_ATTEMPTS - 1:
+                    raise
     except BaseException:
         abort_job(job)
         raise
@@ -244,21 +291,54 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
     return manifest
 
 
+def _commit(job: Job, shards: list[layout.FileEntry], dim: int) -> layout.Manifest:
+    """Commit ``shards`` as the next version of the dataset: its latest version's successor (an append: plus
+    them; else them alone)."""
+    transaction: contextlib.AbstractContextManager[layout.Transaction] = (
+        staged_commit(job.folder, shards, job.mode == "append", job.cache_dir, job.storage_options)
+        if job.remote
+        else layout.Transaction(job.folder)  # its commit plans again on a newer version itself
+    )
+    with transaction as tx:
+        if not shards:  # no records at all: one empty shard, as every version has
+            name = tx.new_name(layout.SHARDS)
+            Writer(tx.path(name), dim, job.dtype, ragged=job.ragged).close()
+            shards = [entry(tx.folder, name)]
+        return commit_shards(
+            tx,
+            shards,
+            append=job.mode == "append",
+            replace=job.on_duplicate == "replace",
+            dim=dim,
+            dtype=job.dtype,
+            metadata=job.metadata,
+            operation=operation_name(job.mode),
+            ragged=job.ragged,
+        )
+
+
 def abort_job(job: Job) -> None:
     """Remove every file of the job (and the folder, if the job made it and nothing was committed)."""
     _sweep(job, set())
-    if job.created and os.path.isdir(job.folder) and not layout.versions(job.folder):
+    if job.created and not job.remote and os.path.isdir(job.folder) and not layout.versions(job.folder):
         shutil.rmtree(job.folder, ignore_errors=True)
 
 
 def _sweep(job: Job, keep: set[str]) -> None:
     """Remove the job's files not in ``keep``, and what a killed task's writer staged."""
-    shards = os.path.join(job.folder, layout.SHARDS)
-    if not os.path.isdir(shards):  # swept already (an engine may abort a job whose commit failed)
+    remote = job.remote
+    if remote is not None:
+        shards = remote.child(layout.SHARDS)
+        for name in shards.names():
+            if name.startswith(job.token) and f"{layout.SHARDS}/{name}" not in keep:
+                shards.child(name).remove()
         return
-    for name in os.listdir(shards):
+    shards_dir = os.path.join(job.folder, layout.SHARDS)
+    if not os.path.isdir(shards_dir):  # swept already (an engine may abort a job whose commit failed)
+        return
+    for name in os.listdir(shards_dir):
         if name.lstrip(".").startswith(job.token) and f"{layout.SHARDS}/{name}" not in keep:
-            path = os.path.join(shards, name)
+            path = os.path.join(shards_dir, name)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
 
 

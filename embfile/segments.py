@@ -99,7 +99,7 @@ def _rewritten(tx: Transaction, entries: Sequence[FileEntry], rows: np.ndarray, 
         if not dead.size:
             out.append(e)
         elif dead.size < e.count:
-            f = MappedFile(tx.path(e.path))
+            f = MappedFile(tx.committed(e.path))
             try:
                 out.append(rewrite(tx, f, np.setdiff1d(np.arange(e.count, dtype=np.uint64), dead)))
             finally:
@@ -119,7 +119,7 @@ def _copy_shard(tx: Transaction, f: MappedFile, live: np.ndarray) -> FileEntry:
 
 def copied(tx: Transaction, shards: Sequence[FileEntry]) -> FileEntry:
     """One new shard of the records of ``shards``, in order."""
-    files = [MappedFile(tx.path(s.path)) for s in shards]
+    files = [MappedFile(tx.committed(s.path)) for s in shards]
     try:
         return _new_shard(tx, files[0], [(f, np.arange(f.count, dtype=np.uint64)) for f in files])
     finally:

@@ -599,3 +599,79 @@ def test_ragged_records_by_range_reads(tmp_path):
             assert sum(len(k) for k, *_ in ds.iter_batches(token_budget=8192, seed=1)) == len(keys)
     finally:
         server.stop()
+
+
+def listed(fs, folder="embs/job"):
+    """The names of the shard objects in a dataset folder on the S3 server, as a manifest names them."""
+    return {f"shards/{p.rsplit('/', 1)[-1]}" for p in fs.ls(f"{folder}/shards", refresh=True)}
+
+
+def test_a_job_of_many_tasks_commits_at_an_s3_url_reading_keys_only(s3, tmp_path, monkeypatch):
+    """The protocol Spark and Dask write with, at a URL: tasks upload their shards, the driver commits reading
+    their keys sections alone, a retried or failed attempt leaves no object behind, and an append reads the
+    key index and only the shard a replaced record is in."""
+    from embfile import jobs
+    from embfile.remote import upload
+    from embfile.remote.dataset import read_manifest
+
+    keys, x = data(n=4000, dim=256)
+    opts, url, cache = s3.storage_options(), "s3://embs/job", tmp_path / "c"
+    fs = s3.filesystem()
+
+    def start(**kw):
+        return jobs.start_job(
+            url, None, "float32", shard_bytes=256 * 4 * 300, storage_options=opts, cache_dir=cache, **kw
+        )
+
+    def broken():
+        yield keys[2000:2700], x[2000:2700]  # two shards uploaded, then the task fails
+        raise RuntimeError("the task died")
+
+    def shard_gets(since):
+        return [(path, rng) for method, path, rng in s3.gets()[since:] if "/job/shards/" in path]
+
+    job = start()
+    first = jobs.write_part(job, 0, [(keys[:1000], x[:1000])])
+    speculative = jobs.write_part(job, 0, [(keys[:1000], x[:1000])])  # the same partition, run twice
+    with pytest.raises(RuntimeError, match="died"):
+        jobs.write_part(job, 1, broken())
+    second = jobs.write_part(job, 1, [(keys[1000:3000], x[1000:3000])])
+    since = len(s3.gets())
+    manifest = jobs.commit_job(job, [first, speculative, second, None])
+    assert (manifest.version, manifest.count) == (1, 3000)
+    read = sum(int(b) - int(a) + 1 for _, rng in shard_gets(since) for a, b in [rng[len("bytes=") :].split("-")])
+    shard_bytes = sum(fs.size(f"embs/job/{s.path}") for s in manifest.shards)
+    assert all(rng for _, rng in shard_gets(since)) and read < shard_bytes / 10  # keys, never the vectors
+    assert listed(fs) == {s.path for s in manifest.shards}
+    with embfile.open(url, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+        np.testing.assert_array_equal(db.get_batch(keys[:3000]), x[:3000])
+
+    with pytest.raises(embfile.WriterError, match=f"{url} exists and is a dataset"):
+        start()
+    duplicate = start(mode="append")
+    with pytest.raises(embfile.DuplicateKeyError, match=repr(keys[5])):
+        jobs.commit_job(duplicate, [jobs.write_part(duplicate, 0, [(keys[5:6], x[5:6])])])
+    job, racing, new = start(mode="append", on_duplicate="replace"), start(mode="append"), x[:10] + 1
+    result = jobs.write_part(job, 0, [([*keys[:10], *keys[3000:3500]], np.concatenate([new, x[3000:3500]]))])
+    jobs.commit_job(racing, [jobs.write_part(racing, 0, [(keys[3500:3900], x[3500:3900])])])  # version 2
+    since = len(s3.gets())
+    manifest = jobs.commit_job(job, [result])  # started on version 1, added to version 2
+    assert (manifest.version, manifest.count, manifest.operation["replaced"]) == (3, 3900, 10)
+    whole = {path for path, rng in shard_gets(since) if not path.rsplit("/", 1)[-1].startswith(job.token)}
+    assert len(whole) == 1  # the one shard the replaced records were in, downloaded to be rewritten
+
+    # another writer publishes the version this commit makes, between its reading the latest and publishing:
+    # what it uploaded is removed, and it commits again on the newer one
+    job, stale = start(mode="append"), read_manifest(store.Remote(url, opts), 2)
+    reads = iter([stale])
+    monkeypatch.setattr(upload, "read_manifest", lambda remote: next(reads, None) or read_manifest(remote))
+    manifest = jobs.commit_job(job, [jobs.write_part(job, 0, [(keys[3900:], x[3900:])])])
+    assert (manifest.version, manifest.count) == (4, 4000)
+    versions = [read_manifest(store.Remote(url, opts), v) for v in (1, 2, 3, 4)]
+    assert listed(fs) == {s.path for m in versions for s in m.shards}  # nothing of the failed jobs is left
+    index = {f"_embfile/index/{p.rsplit('/', 1)[-1]}" for p in fs.ls("embs/job/_embfile/index", refresh=True)}
+    assert index == {s.path for m in versions for s in m.segments}
+    with embfile.open(url, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+        assert (db.version, len(db)) == (4, 4000)
+        np.testing.assert_array_equal(db.get_batch(keys[:10]), new)
+        np.testing.assert_array_equal(db.get_batch(keys[10:]), x[10:])

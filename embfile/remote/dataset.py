@@ -226,26 +226,7 @@ class RemoteDataset(Dataset):
             if version is not None:
                 raise ValueError("version= applies to a dataset folder, not to one .emb file")
             return None
-        try:
-            hint = int(self.remote.child(layout.LATEST).read_all().strip() or b"0")
-        except FileNotFoundError:
-            if version is None and not self.remote.child(version_name(1)).exists():
-                return None
-            hint = 0
-        except ValueError:
-            hint = 0
-        if version is None:
-            version = max(hint, 1)
-            while self.remote.child(version_name(version + 1)).exists():
-                version += 1
-        try:
-            data = self.remote.child(version_name(version)).read_all()
-        except FileNotFoundError:
-            raise errors.VersionNotFoundError(f"{self.url}: no version {version}") from None
-        manifest = layout.Manifest.from_json(data, f"{self.url}/{version_name(version)}")
-        if manifest.version != version:
-            raise errors.CorruptFileError(f"{self.url}: manifest {version} says it is version {manifest.version}")
-        return manifest
+        return read_manifest(self.remote, version)
 
     def _open_all(self, entries: Sequence[tuple[layout.FileEntry, bool]]) -> list[RemoteFile]:
         """Open the files a manifest names, their headers read concurrently."""
@@ -447,6 +428,31 @@ class RemoteDataset(Dataset):
 
 def _reopen(url: str, version: int | None, *options: Any) -> RemoteDataset:
     return RemoteDataset(url, version, *options)
+
+
+def read_manifest(remote: Remote, version: int | None = None) -> layout.Manifest | None:
+    """The manifest of ``version`` (default: the latest) of the dataset folder at ``remote``; None if there is
+    no version there at all (a single file, or nothing)."""
+    try:
+        hint = int(remote.child(layout.LATEST).read_all().strip() or b"0")
+    except FileNotFoundError:
+        if version is None and not remote.child(version_name(1)).exists():
+            return None
+        hint = 0
+    except ValueError:
+        hint = 0
+    if version is None:
+        version = max(hint, 1)
+        while remote.child(version_name(version + 1)).exists():
+            version += 1
+    try:
+        data = remote.child(version_name(version)).read_all()
+    except FileNotFoundError:
+        raise errors.VersionNotFoundError(f"{remote.url}: no version {version}") from None
+    manifest = layout.Manifest.from_json(data, f"{remote.url}/{version_name(version)}")
+    if manifest.version != version:
+        raise errors.CorruptFileError(f"{remote.url}: manifest {version} says it is version {manifest.version}")
+    return manifest
 
 
 def version_name(version: int) -> str:

@@ -170,6 +170,23 @@ class Remote:
         # a retried create whose first attempt went through finds its own bytes: that is a success
         return created or self.read_all() == data
 
+    def remove(self) -> None:
+        """Delete the object (if there is one)."""
+        try:
+            self._retrying("removing", lambda: self.fs.rm_file(self.path))
+        except FileNotFoundError:
+            pass
+
+    def names(self) -> list[str]:
+        """The names of the objects right under this URL (a folder), as the server lists them now."""
+        fs, path = self.fs, self.path
+        fs.invalidate_cache(path)  # fsspec clients keep listings: tasks elsewhere have added objects since
+        try:
+            listed = self._retrying("listing", lambda: self._count(fs.ls(path, detail=False)))
+        except FileNotFoundError:
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
+
     def _get(self, start: int, end: int, identity: Identity | None) -> Any:
         fs, path = self.fs, self.path
         if identity is not None and self.protocol in ("http", "https") and identity.etag:

@@ -11,7 +11,10 @@ manifest names: the dataset stays at the version before, whole.  Another writer'
 is a :class:`~embfile.CommitConflictError`, with nothing of this one visible.
 
 This costs a download of the dataset (once: the cache keeps it) for operations that read it, which an append
-needs for its key index.  HTTP(S) URLs are read-only.
+needs for its key index.  A job's commit (:mod:`embfile.jobs`, for Spark and Dask) reads less:
+:func:`staged_commit` stands in for the dataset with its manifest, its key index if the commit reads it, and
+the keys of the shards the job's tasks uploaded; a shard the commit rewrites is downloaded when it is read.
+HTTP(S) URLs are read-only.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from embfile import dataset_writer, errors, formats, operations, writer
 from embfile import folder as layout
 from embfile.remote.cache import Cache
-from embfile.remote.dataset import RemoteDataset, version_name
+from embfile.remote.dataset import RemoteDataset, RemoteFile, read_manifest, version_name
 from embfile.remote.store import Remote, is_url
 
 UPLOADS_IN_FLIGHT = 4
@@ -86,12 +89,7 @@ def _mirror(remote: Remote, cache_dir: Any, storage_options: dict[str, Any] | No
         manifest = db.manifest
         entries = [*manifest.shards, *manifest.segments]
         for entry, f in zip(entries, [*db.files, *db._segments]):
-            local = os.path.join(staging, entry.path)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            try:
-                os.link(f.path, local)
-            except OSError:
-                shutil.copyfile(f.path, local)
+            _link(f.path, os.path.join(staging, entry.path))
         layout.make_layout(staging)
         with open(layout.version_path(staging, manifest.version), "wb") as out:
             out.write(manifest.to_json())
@@ -99,21 +97,94 @@ def _mirror(remote: Remote, cache_dir: Any, storage_options: dict[str, Any] | No
         return manifest.version
 
 
-def _publish(remote: Remote, staging: str, base: int) -> None:
-    """Upload the versions committed in ``staging`` after ``base``: files, then manifest, then LATEST."""
-    known = layout.read_manifest(staging, base).files() if base else set()
+def _publish(remote: Remote, staging: str, base: int, uploaded: frozenset[str] = frozenset()) -> None:
+    """Upload the versions committed in ``staging`` after ``base``: files (but those ``uploaded`` already),
+    then manifest, then LATEST."""
+    known = (layout.read_manifest(staging, base).files() if base else set()) | uploaded
     for version in [v for v in layout.versions(staging) if v > base]:
         manifest = layout.read_manifest(staging, version)
         new = sorted(manifest.files() - known)
         with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
             list(pool.map(lambda p: remote.child(p).upload(os.path.join(staging, p)), new))
-        known |= set(new)
         if not remote.child(version_name(version)).upload(layout.version_path(staging, version), if_absent=True):
+            with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:  # named by no version: this operation's own
+                list(pool.map(lambda p: remote.child(p).remove(), new))
             raise errors.CommitConflictError(
-                f"{remote.url}: another writer committed version {version} first; this operation's files are "
-                "uploaded but no version names them (it left the dataset as that writer made it): run it again"
+                f"{remote.url}: another writer committed version {version} first; this operation left the "
+                "dataset as that writer made it: run it again"
             )
+        known |= set(new)
         remote.child(layout.LATEST).upload_bytes(f"{version}\n".encode())
+
+
+@contextlib.contextmanager
+def staged_commit(
+    url: str,
+    uploaded: Sequence[layout.FileEntry],
+    read_index: bool,
+    cache_dir: Any,
+    storage_options: dict[str, Any] | None,
+) -> Iterator[layout.Transaction]:
+    """A transaction on a stand-in for the dataset at ``url``, published when the block ends without an
+    exception: the latest manifest, its key index segments if ``read_index``, and the files ``uploaded``
+    there already as partial copies holding their keys sections only (all a commit reads of new shards).
+    A shard of the dataset the commit rewrites (a replaced record's) is downloaded when it is read."""
+    remote = _remote(url.rstrip("/"), storage_options)
+    cache = Cache(cache_dir)
+    os.makedirs(os.path.join(cache.root, "staging"), exist_ok=True)  # beside the whole copies: hard links
+    staging = tempfile.mkdtemp(dir=os.path.join(cache.root, "staging"))
+    opened: list[RemoteFile] = []
+    try:
+        layout.make_layout(staging)
+        base = read_manifest(remote)
+        committed = {e.path: e for e in [*base.shards, *base.segments]} if base else {}
+
+        def fetch(name: str) -> None:  # a file of the dataset, whole
+            e = committed[name]
+            f = RemoteFile(remote.child(name), cache, (e.count, e.keys_crc))
+            try:
+                _link(f.download().path, os.path.join(staging, name))
+            finally:
+                f.close()
+
+        if base is not None:
+            with open(layout.version_path(staging, base.version), "wb") as out:
+                out.write(base.to_json())
+            layout.write_latest(staging, base.version)
+            if read_index:
+                with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
+                    list(pool.map(fetch, [e.path for e in base.segments]))
+
+        def keys_of(e: layout.FileEntry) -> RemoteFile:
+            f = RemoteFile(remote.child(e.path), cache, (e.count, e.keys_crc))
+            opened.append(f)
+            if f.partial is not None:
+                h = f.mapped.header
+                f.fetch([(h.keys_offset, h.keys_offset + h.keys_size)])
+            _link(f.partial.path if f.partial is not None else f.mapped.path, os.path.join(staging, e.path))
+            return f
+
+        with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
+            list(pool.map(keys_of, uploaded))
+        with layout.Transaction(staging, fetch) as tx:
+            try:
+                yield tx
+            except Exception as e:  # its message names the dataset by its URL, not by the staging folder
+                e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
+                raise
+        _publish(remote, staging, base.version if base else 0, frozenset(e.path for e in uploaded))
+    finally:
+        for f in opened:
+            f.close()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link(source: str, target: str) -> None:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 @contextlib.contextmanager
