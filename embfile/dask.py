@@ -8,7 +8,8 @@ Writing is one task per partition and one commit at the end, as ``to_parquet`` d
 every key exactly once, whatever tasks were retried or whose worker died; a failed job commits nothing).
 Reading gives a DataFrame of ``key`` and ``vector`` columns backed by Arrow (``vector`` a
 ``fixed_size_list`` of the stored type), one partition per shard or slice of one; graphs hold paths, never
-data.  The folder must be on a file system every worker sees.
+data.  The folder is on a file system every worker sees, or at a URL (``s3://``, ``gs://``, ``hdfs://``;
+``storage_options`` go to fsspec): tasks then upload what they write, and the commit reads only their keys.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def to_embfile(
     on_duplicate: str = "error",
     retries: int = 0,
     ragged: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> int:
     """Write ``data`` to the dataset folder ``path`` as one new version, and return its number.
 
@@ -60,12 +62,21 @@ def to_embfile(
     Bag of ``(key, matrix)`` pairs).  ``mode``: ``"error"`` (a new dataset), ``"append"`` or ``"overwrite"``
     (either creates it if absent); ``dtype`` defaults to the array's, float32 otherwise.  A task that raises
     is tried again ``retries`` times (a task whose worker dies is always tried again, as Dask does); the files
-    of every failed attempt are removed.
+    of every failed attempt are removed.  ``path`` may be a URL (see the module; ``storage_options`` go to
+    fsspec, on every worker).
     """
     if dtype is None:
         dtype = data.dtype if isinstance(data, da.Array) else "float32"
     job = jobs.start_job(
-        path, None, dtype, metadata, shard_bytes=shard_bytes, mode=mode, on_duplicate=on_duplicate, ragged=ragged
+        path,
+        None,
+        dtype,
+        metadata,
+        shard_bytes=shard_bytes,
+        mode=mode,
+        on_duplicate=on_duplicate,
+        ragged=ragged,
+        storage_options=storage_options,
     )
     try:
         parts = [dask.delayed(_write_part)(job, i, p) for i, p in enumerate(_partitions(data, key, vector, ragged))]
@@ -162,23 +173,30 @@ def _arrow(series: Any) -> Any:
     return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
-def read_embfile(path: PathLike, version: int | None = None, rows_per_partition: int | None = None) -> Any:
+def read_embfile(
+    path: PathLike,
+    version: int | None = None,
+    rows_per_partition: int | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
     """The dataset at ``path`` (a file, or a folder's latest version or ``version``) as a Dask DataFrame of
     ``key`` (string) and ``vector`` (a ``fixed_size_list`` of the stored type; of per-residue records a
     ``large_list`` of them) columns, Arrow-backed; one partition per shard, or slices of about
-    ``rows_per_partition`` rows (default: about 128 MiB of records)."""
-    with open_dataset(path, version) as ds:
+    ``rows_per_partition`` rows (default: about 128 MiB of records).  At a URL, each task downloads the file
+    its slice is in (into the worker's cache), not the dataset."""
+    with open_dataset(path, version, storage_options=storage_options) as ds:
         version = ds.version
         meta = _frame(ds, 0, 0)
         step = rows_per_partition or chunk_rows(ds.dim * ds.dtype.itemsize) * 8
         bounds = ds.slices(step)
-    parts = [(os.fspath(path), version, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    parts = [(os.fspath(path), version, storage_options, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
     return dd.from_map(_read_part, parts, meta=meta, divisions=None, enforce_metadata=False)
 
 
-def _read_part(part: tuple[str, int | None, int, int]) -> Any:
-    path, version, lo, hi = part
-    with open_dataset(path, version) as ds:
+def _read_part(part: tuple[str, int | None, dict[str, Any] | None, int, int]) -> Any:
+    path, version, storage_options, lo, hi = part
+    with open_dataset(path, version, storage_options=storage_options) as ds:
         return _frame(ds, lo, hi)
 
 

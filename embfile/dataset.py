@@ -377,19 +377,26 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         damaged file: :class:`CorruptFileError`).  One record batch per file.  Needs pyarrow
         (``pip install "embfile[parquet]"``).
         """
+        self._require_open()
         return self._arrow(self.files, key_column, vector_column)
 
     def _arrow_rows(self, lo: int, hi: int) -> Any:
         """Rows ``[lo, hi)`` as :meth:`to_arrow` gives them, made of (and checking) only the files that hold
         them: a read task of an engine, whose partition is a slice of one file, costs that file alone."""
-        first = bisect.bisect_right(self._starts, lo) - 1
-        last = max(first + 1, bisect.bisect_left(self._starts, hi))
+        if hi <= lo:  # a schema: no file need be read
+            return self._arrow([])
+        self._require_open()
+        first, last = self._files_holding(lo, hi)
         return self._arrow(self.files[first:last]).slice(lo - self._starts[first], hi - lo)
 
+    def _files_holding(self, lo: int, hi: int) -> tuple[int, int]:
+        """The files (``files[first:last]``) holding records ``[lo, hi)``, at least one."""
+        first = bisect.bisect_right(self._starts, lo) - 1
+        return first, max(first + 1, bisect.bisect_left(self._starts, hi))
+
     def _arrow(self, files: Sequence[MappedFile], key_column: str = "key", vector_column: str = "vector") -> Any:
-        """:meth:`to_arrow` of ``files`` (of this dataset's), one record batch each."""
+        """:meth:`to_arrow` of ``files`` (of this dataset's, open), one record batch each."""
         pa = require("pyarrow", "parquet")
-        self._require_open()
         if self.dtype.name == "bfloat16":
             raise errors.ConversionError(
                 f"{self.path}: Arrow has no bfloat16 type; export a float32 copy (convert with dtype='float32')"

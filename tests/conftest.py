@@ -135,16 +135,37 @@ def spark():
 
 
 @pytest.fixture(scope="session")
-def dask_client():
-    """One Dask LocalCluster for the whole run: 2 worker processes of one thread each, on 127.0.0.1."""
+def dask_client(tmp_path_factory):
+    """One Dask LocalCluster for the whole run: 2 worker processes of one thread each, on 127.0.0.1 (the cache
+    of remote files they read in a folder of the run's)."""
     distributed = pytest.importorskip("distributed")
+    cache = str(tmp_path_factory.mktemp("worker-cache"))
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            env={"EMBFILE_CACHE": cache},
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
         yield client
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 API server on 127.0.0.1 (tests/servers.py) with a bucket ``embs``; each test its own prefix."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from servers import S3Server
+
+    server = S3Server()
+    server.bucket("embs")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

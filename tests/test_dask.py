@@ -1,6 +1,7 @@
 """Dask reads and writes embfile datasets, on a real LocalCluster of 2 worker processes (tests/conftest.py):
 round trips from DataFrames, Bags and Arrays, graphs that hold paths, and a worker killed mid-write."""
 
+import collections
 import os
 import pickle
 import signal
@@ -250,3 +251,60 @@ def test_per_residue_mistakes_are_one_line_and_write_nothing(dask_client, tmp_pa
         with pytest.raises(ValueError, match="column 'vector' holds text, not vectors.*convert-string"):
             embfile.dask.to_embfile(dd.from_pandas(arrays, npartitions=1), tmp_path / "new", ragged=ragged)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_dataset_at_an_s3_url_written_and_read_by_the_workers(dask_client, s3, tmp_path, monkeypatch):
+    """Tasks upload their shards and a killed worker's leave no object; a read task downloads its own shard,
+    and the driver plans a per-residue read from the files' ranges sections alone."""
+    from embfile.remote.dataset import read_manifest
+
+    monkeypatch.setenv("EMBFILE_CACHE", str(tmp_path / "driver-cache"))
+    opts, url, fs = s3.storage_options(), "s3://embs/dask", s3.filesystem()
+    keys, matrix = data(6000, dim=256)
+    x = da.from_array(matrix, chunks=(2000, 256))
+    version = embfile.dask.to_embfile(x[:2000], url, key=keys[:2000], shard_bytes=400 << 10, storage_options=opts)
+    bag = dbag.from_sequence(list(zip(keys[2000:], matrix[2000:])), npartitions=2)
+    killing = bag.map_partitions(_killed_on_first_attempt(str(tmp_path / "killed")))
+    appended = embfile.dask.to_embfile(killing, url, mode="append", shard_bytes=400 << 10, storage_options=opts)
+    assert (version, appended) == (1, 2) and (tmp_path / "killed").exists()  # a worker did die mid-write
+    with embfile.open(url, storage_options=opts) as db:
+        remote = embfile.remote.store.Remote(url, opts)
+        manifests = [read_manifest(remote, v) for v in (1, 2)]
+        assert len(db) == 6000 and sorted(db) == sorted(keys)
+        np.testing.assert_array_equal(db.get_batch(keys), matrix)
+    shards = {f"shards/{p.rsplit('/', 1)[-1]}" for p in fs.ls("embs/dask/shards", refresh=True)}
+    assert shards == {s.path for m in manifests for s in m.shards}  # nothing of the killed attempt is left
+
+    with embfile.open(url, storage_options=opts) as db:
+        expected_keys, expected, one_shard = db.keys_between(0, 6000), db.to_numpy(), db.manifest.shards[4].path
+    back = embfile.dask.read_embfile(url, rows_per_partition=1000, storage_options=opts)
+    since = len(s3.gets())
+    one = back.partitions[4].compute()  # one task: its shard, not the dataset
+    assert one["key"].tolist() == expected_keys[len(one) * 4 : len(one) * 5]
+    read = fetched(s3, since, "/embs/dask/shards/")
+    assert [p for p in shards if read.get(f"/embs/dask/{p}", 0) >= fs.size(f"embs/dask/{p}")] == [one_shard]
+    out = back.compute()
+    assert out["key"].tolist() == expected_keys
+    np.testing.assert_array_equal(np.stack(out["vector"].to_numpy()), expected)
+
+    records = residues(400, dim=64)
+    pairs = dbag.from_sequence(list(records.items()), npartitions=2)
+    embfile.dask.to_embfile(pairs, "s3://embs/dask-ragged", ragged=True, shard_bytes=800 * 64 * 4, storage_options=opts)
+    since = len(s3.gets())
+    back = embfile.dask.read_embfile("s3://embs/dask-ragged", rows_per_partition=500, storage_options=opts)
+    stored = sum(fs.size(p) for p in fs.ls("embs/dask-ragged/shards", refresh=True))
+    assert back.npartitions >= 8 and fetched(s3, since, "/embs/dask-ragged/shards/").total() < stored / 4
+    out = back.compute()
+    assert sorted(out["key"]) == sorted(records)
+    assert all(np.array_equal(np.stack(v), records[k]) for k, v in zip(out["key"], out["vector"]))
+
+
+def fetched(s3, since, prefix):
+    """Bytes the S3 server has sent of each object under ``prefix`` since request ``since``."""
+    sizes = collections.Counter()
+    for _, path, rng in s3.gets()[since:]:
+        if path.startswith(prefix):
+            assert rng, f"{path} was read whole, without a range"
+            a, b = rng[len("bytes=") :].split("-")
+            sizes[path] += int(b) - int(a) + 1
+    return sizes

@@ -49,14 +49,6 @@ def served(tmp_path):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    server.bucket("embs")
-    yield server
-    server.stop()
-
-
 def open_http(server, name, cache, **kw):
     return embfile.open(f"{server.url}/{name}", cache_dir=cache, **kw)
 

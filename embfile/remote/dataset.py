@@ -381,6 +381,38 @@ class RemoteDataset(Dataset):
                 f.__dict__.pop("have", None)
         self._attach_files()
 
+    def lengths(self, keys: Any = None) -> np.ndarray:
+        """As :meth:`Dataset.lengths`; of ragged records from the files' ranges sections (8 bytes a record,
+        fetched whole), not from whole copies of the files: what an engine's driver reads to cut its tasks."""
+        if self._whole:
+            return super().lengths(keys)
+        self._require_attached()
+        rows = None if keys is None else self.rows(keys).view(np.uint64)
+        if not self.ragged:
+            return np.ones(len(self) if rows is None else len(rows), np.int64)
+        for f in self._remote_files:
+            h = f.mapped.header
+            f.fetch([(h.ranges_offset, h.ranges_offset + h.ranges_size)])
+        if rows is None:
+            return np.concatenate([np.diff(f.mapped.ranges().astype(np.int64)) for f in self._remote_files])
+        return self._extents(rows)[1].view(np.int64)
+
+    def _arrow_rows(self, lo: int, hi: int) -> Any:
+        """Rows ``[lo, hi)`` from whole copies of the files holding them alone (downloaded into the cache and
+        checked if they are not there): an engine's read task of a slice costs its file, not the dataset."""
+        if self._whole or hi <= lo:
+            return super()._arrow_rows(lo, hi)
+        self._require_attached()
+        first, last = self._files_holding(lo, hi)
+        remote = self._remote_files[first:last]
+        files = [f.download() for f in remote]
+        try:
+            return self._arrow(files).slice(lo - self._starts[first], hi - lo)
+        finally:
+            for f, whole in zip(remote, files):
+                if whole is not f.mapped:  # a copy opened for this read (the table keeps its own)
+                    whole.close()
+
     def _require_open(self) -> None:
         """Bulk reads (every Python-level method that calls this) need the whole files."""
         self.download()

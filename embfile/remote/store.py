@@ -180,11 +180,13 @@ class Remote:
     def names(self) -> list[str]:
         """The names of the objects right under this URL (a folder), as the server lists them now."""
         fs, path = self.fs, self.path
-        fs.invalidate_cache(path)  # fsspec clients keep listings: tasks elsewhere have added objects since
+        fs.invalidate_cache()  # fsspec clients keep listings: tasks elsewhere have added objects since
         try:
             listed = self._retrying("listing", lambda: self._count(fs.ls(path, detail=False)))
         except FileNotFoundError:
             return []
+        finally:  # and answer later questions from them (a listing of a parent lacks what is added after it)
+            fs.invalidate_cache()
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
 
     def _get(self, start: int, end: int, identity: Identity | None) -> Any:
