@@ -2,6 +2,7 @@
 versions, lookups, and tasks that fail and are retried with every key still committed exactly once."""
 
 import functools
+import json
 import os
 import pathlib
 import subprocess
@@ -55,7 +56,7 @@ def test_spark_to_embfile_to_spark(spark, tmp_path):
     save(frame(spark, 3000, partitions=5), ds, shard_bytes=400 * 8 * 4)  # several shards per task
     keys, matrix = expected(3000)
     with embfile.open(ds) as db:  # written by Spark, read by embfile
-        assert (db.version, len(db), db.dtype, db.manifest.operation["name"]) == (1, 3000, np.float32, "write")
+        assert (db.version, len(db), db.dtype, db.manifest.operation["name"]) == (1, 3000, np.float32, "append")
         assert len(db.files) > 5
         np.testing.assert_array_equal(db.get_batch(keys), matrix)
         db.verify()
@@ -429,3 +430,47 @@ def test_a_spark_connect_session_writes_reads_and_looks_up(tmp_path):
     out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     assert not stray_files(tmp_path / "ds")
+
+
+def test_a_dataset_at_an_s3_url_written_read_and_looked_up(spark, s3, tmp_path, monkeypatch):
+    """Tasks upload their shards (a killed attempt's leave no object), the driver commits reading their keys;
+    both the Python source and ``lookup`` read it back; per-residue records too."""
+    from embfile.remote.dataset import read_manifest
+
+    monkeypatch.setenv("EMBFILE_CACHE", str(tmp_path / "driver-cache"))
+    opts, url, fs = s3.storage_options(), "s3://embs/spark", s3.filesystem()
+    storage = json.dumps(opts)
+    df = frame(spark, 4000, partitions=4).repartition(4)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "100")
+    try:
+        failing = df.mapInArrow(_failing_first("exit"), df.schema)
+        save(failing, url, shard_bytes=150 * 8 * 4, storage_options=storage)  # partition 1 uploads, then dies
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    save(frame(spark, 1000, lo=4000), url, storage_options=storage)
+    with pytest.raises(Exception, match="already in the dataset"):
+        save(frame(spark, 10), url, storage_options=storage)
+    keys, matrix = expected(5000)
+    with embfile.open(url, storage_options=opts) as db:
+        assert (db.version, len(db)) == (2, 5000) and sorted(db) == sorted(keys)
+        np.testing.assert_array_equal(db.get_batch(keys), matrix)
+        manifests = [read_manifest(db.remote, v) for v in (1, 2)]
+    shards = {f"shards/{p.rsplit('/', 1)[-1]}" for p in fs.ls("embs/spark/shards", refresh=True)}
+    assert shards == {s.path for m in manifests for s in m.shards}  # nothing of the failed attempts is left
+
+    got = {r.key: r.vector for r in embfile.spark.read(spark, url, storage_options=opts).collect()}
+    np.testing.assert_array_equal(np.array([got[k] for k in keys]), matrix)
+    wanted = spark.createDataFrame([(k,) for k in ["k7", "nope", "k4999"]], "key string")
+    found = {r.key: r.vector for r in embfile.spark.lookup(wanted, url, storage_options=opts).collect()}
+    assert found["nope"] is None and np.allclose(found["k4999"], matrix[4999])
+
+    records = {f"r{i}": np.full((i % 7 + 1, 3), i, np.float32) for i in range(300)}
+    rows = [(k, v.tolist()) for k, v in records.items()]
+    ragged = spark.createDataFrame(rows, "key string, vector array<array<float>>").repartition(3)
+    ragged.write.format("embfile").mode("append").option("storage_options", storage).save("s3://embs/spark-ragged")
+    back = embfile.spark.read(spark, "s3://embs/spark-ragged", storage_options=opts, rows_per_partition=200)
+    assert back.rdd.getNumPartitions() >= 3
+    assert {r.key: np.array(r.vector) for r in back.collect()}.keys() == records.keys()
+    assert all(np.array_equal(np.array(r.vector), records[r.key]) for r in back.collect())
+    with pytest.raises(Exception, match="storage_options is not JSON"):
+        spark.read.format("embfile").option("storage_options", "{endpoint").load(url).collect()

@@ -21,15 +21,19 @@ array<array<T>>``.  ``T`` is the stored type, except float16
 and bfloat16 (read as float: Spark has no half types); uint64 has no Spark type.  Option ``version`` reads an
 earlier one.
 
-The folder must be on a file system every executor and the driver see (a shared mount).  With pyspark
-installed, ``spark.read.format("embfile")`` works without :func:`register` too: Spark finds the
-``pyspark_embfile`` module embfile installs.
+The folder is on a file system every executor and the driver see (a shared mount), or at a URL (``s3://``,
+``gs://``, ``hdfs://``): tasks upload the shards they write, the commit reads only their keys, and a read
+task downloads the file it reads.  Option ``storage_options`` (a JSON object) goes to fsspec on every task;
+credentials are better left to the environment each executor has (``AWS_*`` variables, an instance role),
+as an option's value shows in Spark's plans.  With pyspark installed, ``spark.read.format("embfile")``
+works without :func:`register` too: Spark finds the ``pyspark_embfile`` module embfile installs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -52,7 +56,6 @@ from pyspark.sql.datasource import (  # noqa: E402
 from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # noqa: E402
 
 from embfile import errors, jobs, remote  # noqa: E402
-from embfile import folder as layout  # noqa: E402
 from embfile._stream import Chunk, RaggedChunk, record_cuts  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
@@ -99,7 +102,9 @@ class EmbfileDataSource(DataSource):
         return str(path)
 
     def schema(self) -> str:
-        with open_dataset(self._path(), _version(self.options.get("version"))) as ds:
+        with open_dataset(
+            self._path(), _version(self.options.get("version")), storage_options=_storage(self.options)
+        ) as ds:
             return f"key string, vector {_spark_column(ds)}"
 
     def reader(self, schema: StructType) -> DataSourceReader:
@@ -123,9 +128,10 @@ class _Reader(DataSourceReader):
     def __init__(self, path: str, options: Any) -> None:
         self.path, self.version = path, _version(options.get("version"))
         self.rows_per_partition = int(options.get("rows_per_partition", 0))
+        self.storage_options = _storage(options)
 
     def partitions(self) -> list[_Rows]:
-        with open_dataset(self.path, self.version) as ds:
+        with open_dataset(self.path, self.version, storage_options=self.storage_options) as ds:
             version = ds.version  # every task reads the version planned here
             bounds = _bounds(ds, self.rows_per_partition)
             return [_Rows(self.path, version, lo, hi) for lo, hi in zip(bounds, bounds[1:])] or [
@@ -134,7 +140,7 @@ class _Reader(DataSourceReader):
 
     def read(self, partition: InputPartition) -> Iterator[Any]:
         assert isinstance(partition, _Rows)
-        with open_dataset(partition.path, partition.version) as ds:
+        with open_dataset(partition.path, partition.version, storage_options=self.storage_options) as ds:
             _, value_type = _spark_type(ds)
             if ds.ragged:
                 yield from _record_batches(ds, partition.lo, partition.hi, value_type)
@@ -181,15 +187,15 @@ class _Writer(DataSourceArrowWriter):
                 "(or, per residue, of arrays of numbers)"
             )
         dtype = options.get("dtype") or STORED[element.elementType.simpleString()]
-        mode = "overwrite" if overwrite else ("append" if layout.is_versioned(path) else "error")
         self.job = jobs.start_job(
             path,
             None,
             dtype,
             shard_bytes=int(options.get("shard_bytes", 1 << 30)),
-            mode=mode,
+            mode="overwrite" if overwrite else "append",  # either makes a dataset where there is none
             on_duplicate=options.get("on_duplicate", "error"),
             ragged=self.ragged,
+            storage_options=_storage(options),
         )
 
     def write(self, iterator: Iterator[Any]) -> _Written:
@@ -207,17 +213,23 @@ class _Writer(DataSourceArrowWriter):
         jobs.abort_job(self.job)
 
 
-def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vector") -> DataFrame:
+def lookup(
+    df: DataFrame,
+    path: str,
+    key_col: str = "key",
+    out_col: str = "vector",
+    storage_options: dict[str, Any] | None = None,
+) -> DataFrame:
     """``df`` with a column ``out_col`` of the vectors of its ``key_col`` keys (null for a key not in the
     dataset), read from the latest version of the dataset at ``path`` without reading the rest of it: each task
-    opens the dataset by path and gathers its keys."""
-    with open_dataset(path, None) as ds:
+    opens the dataset by path and gathers its keys (at a URL, by range reads)."""
+    with open_dataset(path, None, storage_options=storage_options) as ds:
         _, value_type = _spark_type(ds)
         column, version = _spark_column(ds), ds.version
     schema = StructType([*df.schema.fields]).add(out_col, _parse_datatype_string(column))
 
     def gather(batches: Iterator[Any]) -> Iterator[Any]:
-        with open_dataset(path, version) as ds:
+        with open_dataset(path, version, storage_options=storage_options) as ds:
             out_type = pa.list_(pa.field("element", value_type))
             for batch in batches:
                 keys = batch.column(key_col).to_pylist()
@@ -241,7 +253,13 @@ def lookup(df: DataFrame, path: str, key_col: str = "key", out_col: str = "vecto
     return df.mapInArrow(gather, schema)
 
 
-def read(spark: SparkSession, path: str, version: int | None = None, rows_per_partition: int = 0) -> DataFrame:
+def read(
+    spark: SparkSession,
+    path: str,
+    version: int | None = None,
+    rows_per_partition: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> DataFrame:
     """``spark.read.format("embfile").load(path)``, read by a JVM reader instead of Python workers.
 
     The same DataFrame (``key string, vector array<T>``, one partition per file or slice of a file), read
@@ -249,11 +267,11 @@ def read(spark: SparkSession, path: str, version: int | None = None, rows_per_pa
     Spark at the first read on a machine (seconds, then cached; it needs a JDK's ``javac``); where it
     cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
     the read, so its files are checked as :func:`embfile.open` checks them.  A URL (``s3://``, ``https://``...)
-    is read through the Python data source too: the JVM reader reads files every executor sees, and there each
-    task fetches what it reads.
+    is read through the Python data source too (``storage_options`` go to fsspec): the JVM reader reads files
+    every executor sees, and there each task downloads the file it reads.
     """
     if remote.is_url(path):
-        return _python_read(spark, path, version, rows_per_partition)
+        return _python_read(spark, path, version, rows_per_partition, storage_options)
     with open_dataset(path, version) as ds:
         _spark_type(ds)
         planned, dtype, ragged = ds.version, ds.dtype.name, ds.ragged
@@ -267,9 +285,31 @@ def read(spark: SparkSession, path: str, version: int | None = None, rows_per_pa
     return reader.option("partitions", parts).load()
 
 
-def _python_read(spark: SparkSession, path: str, version: int | None, rows_per_partition: int) -> DataFrame:
+def _python_read(
+    spark: SparkSession,
+    path: str,
+    version: int | None,
+    rows_per_partition: int,
+    storage_options: dict[str, Any] | None = None,
+) -> DataFrame:
     reader = spark.read.format("embfile").option("rows_per_partition", rows_per_partition)
+    if storage_options:
+        reader = reader.option("storage_options", json.dumps(storage_options))
     return reader.option("version", "" if version is None else version).load(str(path))
+
+
+def _storage(options: Any) -> dict[str, Any] | None:
+    """The ``storage_options`` option (a JSON object, for fsspec), or None."""
+    text = options.get("storage_options")
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise errors.EmbFileError(f"embfile: option storage_options is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise errors.EmbFileError("embfile: option storage_options must be a JSON object")
+    return value
 
 
 @functools.cache
@@ -306,7 +346,11 @@ def _record_batches(ds: Dataset, lo: int, hi: int, value_type: Any) -> Iterator[
     # of the file holding them alone, checked as to_arrow checks (Arrow has no bfloat16: those from the mapping)
     table = ds._arrow_rows(lo, hi) if ds.dtype.name != "bfloat16" else None
     out_type = pa.list_(pa.field("element", pa.list_(pa.field("element", value_type))))
-    for a, b in _runs(ds._extents(np.arange(lo, hi, dtype=np.uint64))[1]):  # this task's records' lengths
+    if table is not None:  # this task's records' lengths
+        lengths = np.diff(np.asarray(table.column(1).combine_chunks().offsets))
+    else:
+        lengths = ds._extents(np.arange(lo, hi, dtype=np.uint64))[1]
+    for a, b in _runs(lengths):
         if table is not None:
             part = table.slice(a, b - a).combine_chunks()
             keys, records = part.column(0).chunk(0), part.column(1).chunk(0).cast(out_type)
