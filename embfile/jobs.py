@@ -12,7 +12,7 @@ The dataset is a folder on a file system every task can write and the driver can
 mount), or a URL (``s3://``, ``gs://``, ``hdfs://``): then each task writes its shards on local disk and
 uploads each one as it is done; the driver reads only the keys sections of those it commits (range reads),
 and of the dataset only what the commit reads (its key index for an append, a shard a replaced record is
-removed from), then uploads the new version's other files and its manifest as :mod:`embfile.remote.upload`
+removed from), then uploads the new version's other files and its manifest as ``embfile.remote.upload``
 does.  Nothing of the job is visible until the manifest is.
 """
 
@@ -61,11 +61,6 @@ class Job:
     ragged: bool = False  # records of their own length: chunks are (keys, rows, lengths)
     storage_options: dict[str, Any] | None = None  # a URL's, for fsspec (on every task)
     cache_dir: str | None = None  # a URL's: where the driver's commit keeps what it reads of the dataset
-
-    @property
-    def remote(self) -> Remote | None:
-        """The dataset's URL, opened; None for a folder."""
-        return Remote(self.folder, self.storage_options) if is_url(self.folder) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +153,7 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
     of the result the driver commits survive.  On an error the files of this attempt are removed.
     """
     prefix = f"{layout.SHARDS}/{job.token}-{part:06d}-{secrets.token_hex(4)}-"
-    remote = job.remote
+    remote = _store(job)
     local = job.folder
     if remote:  # a URL's shards are written here first
         local = tempfile.mkdtemp(prefix="embfile-part-")
@@ -296,7 +291,7 @@ def _commit(job: Job, shards: list[layout.FileEntry], dim: int) -> layout.Manife
     them; else them alone)."""
     transaction: contextlib.AbstractContextManager[layout.Transaction] = (
         staged_commit(job.folder, shards, job.mode == "append", job.cache_dir, job.storage_options)
-        if job.remote
+        if is_url(job.folder)
         else layout.Transaction(job.folder)  # its commit plans again on a newer version itself
     )
     with transaction as tx:
@@ -320,13 +315,13 @@ def _commit(job: Job, shards: list[layout.FileEntry], dim: int) -> layout.Manife
 def abort_job(job: Job) -> None:
     """Remove every file of the job (and the folder, if the job made it and nothing was committed)."""
     _sweep(job, set())
-    if job.created and not job.remote and os.path.isdir(job.folder) and not layout.versions(job.folder):
+    if job.created and not is_url(job.folder) and os.path.isdir(job.folder) and not layout.versions(job.folder):
         shutil.rmtree(job.folder, ignore_errors=True)
 
 
 def _sweep(job: Job, keep: set[str]) -> None:
     """Remove the job's files not in ``keep``, and what a killed task's writer staged."""
-    remote = job.remote
+    remote = _store(job)
     if remote is not None:
         shards = remote.child(layout.SHARDS)
         for name in shards.names():
@@ -340,6 +335,11 @@ def _sweep(job: Job, keep: set[str]) -> None:
         if name.lstrip(".").startswith(job.token) and f"{layout.SHARDS}/{name}" not in keep:
             path = os.path.join(shards_dir, name)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+
+
+def _store(job: Job) -> Remote | None:
+    """The job's dataset at its URL; None for a folder."""
+    return Remote(job.folder, job.storage_options) if is_url(job.folder) else None
 
 
 def _unlink(path: str) -> None:
