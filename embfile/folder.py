@@ -22,7 +22,7 @@ import posixpath
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from embfile import errors
@@ -314,6 +314,21 @@ def history(folder: str | os.PathLike[str]) -> Sequence[Manifest]:
     return [read_manifest(folder, v) for v in versions(folder)]
 
 
+_STAND_INS: dict[str, Callable[[str], None]] = {}  # folder -> how to fetch a committed file it lacks
+
+
+@contextlib.contextmanager
+def stand_in(folder: str, fetch: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, ``folder`` stands in for a dataset elsewhere (at a URL): it holds the latest manifest
+    and some of its files, and ``fetch(name)`` brings the others there (whole) when a :class:`Transaction`
+    on it reads them.  Operations run on it unchanged, and fetch only the files they read."""
+    _STAND_INS[folder] = fetch
+    try:
+        yield
+    finally:
+        del _STAND_INS[folder]
+
+
 class Transaction:
     """One operation on a dataset folder: a token for the files it writes, and the commit that publishes them.
 
@@ -324,9 +339,9 @@ class Transaction:
     files of an operation that committed nothing.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], fetch: Callable[[str], None] | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = os.fspath(folder)
-        self._fetch = fetch
+        self._fetch = _STAND_INS.get(self.folder)
         if not is_versioned(self.folder):
             what = (
                 "a folder in 0.1's layout (embfile shard writes it anew)" if os.path.isdir(folder) else "not a folder"
@@ -351,8 +366,8 @@ class Transaction:
         return os.path.join(self.folder, name)
 
     def committed(self, name: str) -> str:
-        """The path to read the committed file ``name`` at.  A transaction on a stand-in for a remote dataset
-        (``fetch``) brings the file there first: the stand-in holds only what its operation reads."""
+        """The path to read the committed file ``name`` at.  In a folder standing in for a remote dataset
+        (:func:`stand_in`), the file is fetched first: the stand-in holds only what its operation reads."""
         path = self.path(name)
         if self._fetch is not None and not os.path.exists(path):
             self._fetch(name)

@@ -37,7 +37,7 @@ from embfile._stream import Chunk, RaggedChunk
 from embfile.dataset_writer import MODES, operation_name
 from embfile.remote.dataset import read_manifest
 from embfile.remote.store import Remote, is_url
-from embfile.remote.upload import staged_commit
+from embfile.remote.upload import staged_commit, writable
 from embfile.segments import commit_shards, entry
 from embfile.writer import Writer
 
@@ -99,7 +99,7 @@ def start_job(
         raise ValueError(f"on_duplicate must be 'error' or 'replace', not {on_duplicate!r}")
     if is_url(folder):
         path = str(folder).rstrip("/")
-        base, exists = _remote_dataset(Remote(path, storage_options))
+        base, exists = _remote_dataset(writable(path, storage_options))
     else:
         if (storage_options, cache_dir) != (None, None):
             raise ValueError("storage_options= and cache_dir= apply to a URL, not to a local folder")

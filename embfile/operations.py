@@ -92,7 +92,7 @@ def compact(folder: PathLike, shard_bytes: int = 1 << 30) -> int:
             per_shard = max(1, shard_bytes // (base.dim * np.dtype(base.dtype).itemsize))  # rows
             runs: list[list[tuple[layout.FileEntry, int]]] = []
             for shard in base.shards:
-                rows = _rows_of(tx.path(shard.path)) if base.ragged else shard.count
+                rows = _rows_of(tx.committed(shard.path)) if base.ragged else shard.count
                 if not runs or sum(r for _, r in runs[-1]) + rows > per_shard:
                     runs.append([])
                 runs[-1].append((shard, rows))

@@ -508,6 +508,33 @@ def test_a_dataset_grown_at_an_s3_url(s3, tmp_path):
     assert s3.filesystem().cat_file("embs/grown/_embfile/LATEST").strip() == b"4"
 
 
+def test_an_operation_at_a_url_downloads_only_what_it_reads(s3, tmp_path):
+    """An append reads the key index, not the shards; a removal the shard it rewrites."""
+    keys, x = data(n=3000, dim=256)
+    opts, url = s3.storage_options(), "s3://embs/lazy"
+    embfile.write_shards(
+        url, (keys[:2000], x[:2000]), shard_bytes=500 << 10, cache_dir=tmp_path / "w", storage_options=opts
+    )
+
+    def shards_read(since):
+        return {path for _, path, _ in s3.gets()[since:] if path.startswith("/embs/lazy/shards/")}
+
+    since = len(s3.gets())
+    assert embfile.append(url, (keys[2000:], x[2000:]), cache_dir=tmp_path / "a", storage_options=opts) == 2
+    assert shards_read(since) == set()
+    since = len(s3.gets())
+    assert embfile.remove(url, keys[:10], cache_dir=tmp_path / "r", storage_options=opts) == 3
+    read = shards_read(since)
+    with embfile.open(url, version=2, cache_dir=tmp_path / "v", storage_options=opts) as db:
+        assert len(db.files) > 2 and read == {f"/embs/lazy/{db.manifest.shards[0].path}"}
+    with embfile.open(url, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+        assert (db.version, len(db)) == (3, 2990) and keys[5] not in db
+        np.testing.assert_array_equal(db.get_batch(keys[10:]), x[10:])
+    embfile.write("s3://embs/lazy-one.emb", (keys[:10], x[:10]), storage_options=opts)
+    with pytest.raises(embfile.ShardError, match="lazy-one.emb is a single .emb file, not a dataset folder"):
+        embfile.append("s3://embs/lazy-one.emb", (keys[10:20], x[10:20]), storage_options=opts, cache_dir=tmp_path)
+
+
 def test_two_writers_at_one_url_one_wins(s3, tmp_path):
     from embfile.remote import upload
 
@@ -640,6 +667,13 @@ def test_a_job_of_many_tasks_commits_at_an_s3_url_reading_keys_only(s3, tmp_path
 
     with pytest.raises(embfile.WriterError, match=f"{url} exists and is a dataset"):
         start()
+    with pytest.raises(embfile.RemoteError, match="http.s. URLs are read-only"):
+        jobs.start_job("https://127.0.0.1:1/ds", 4)
+    with pytest.raises(embfile.WriterError, match="not one .emb file"):
+        jobs.start_job("s3://embs/job/one.emb", 4, storage_options=opts)
+    fs.pipe_file("embs/notes/readme.txt", b"not a dataset")
+    with pytest.raises(embfile.WriterError, match="s3://embs/notes exists and is not a dataset"):
+        jobs.start_job("s3://embs/notes", 4, mode="append", storage_options=opts)
     duplicate = start(mode="append")
     with pytest.raises(embfile.DuplicateKeyError, match=repr(keys[5])):
         jobs.commit_job(duplicate, [jobs.write_part(duplicate, 0, [(keys[5:6], x[5:6])])])

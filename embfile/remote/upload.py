@@ -3,18 +3,18 @@
 The local writers and operations know paths only; the functions here put a URL in front of them.  A single
 file (``write``, ``convert``) is written to a temporary folder and uploaded as one object (S3 makes an object
 visible whole or not at all).  A dataset folder (``write_shards``, ``append``, ``remove``, ``compact``) is
-*staged*: a local folder holding the latest version's manifest and its files (whole copies from the cache,
-hard-linked, so an operation that reads them reads local files), on which the local operation runs and commits.
+*staged*: a local folder standing in for it, holding the latest version's manifest and the files the operation
+reads (whole copies from the cache, hard-linked), on which the local operation runs and commits.
 Then each version it committed is uploaded: its new files first, its manifest last, created only if absent
 (S3's ``If-None-Match: *``; elsewhere looked for first), then ``LATEST``.  A killed upload leaves files that no
 manifest names: the dataset stays at the version before, whole.  Another writer's version committed meanwhile
 is a :class:`~embfile.CommitConflictError`, with nothing of this one visible.
 
-This costs a download of the dataset (once: the cache keeps it) for operations that read it, which an append
-needs for its key index.  A job's commit (:mod:`embfile.jobs`, for Spark and Dask) reads less:
-:func:`staged_commit` stands in for the dataset with its manifest, its key index if the commit reads it, and
-the keys of the shards the job's tasks uploaded; a shard the commit rewrites is downloaded when it is read.
-HTTP(S) URLs are read-only.
+The folder holds what the operation reads, downloaded into the cache (once: the cache keeps it): the key
+index (an append checks its keys against it), and the shards an operation rewrites (a removal's, a
+compaction's) when it reads them; never the whole dataset for an append.  A job's commit (:mod:`embfile.jobs`,
+for Spark and Dask) stands in the same way (:func:`staged_commit`), with the keys sections of the shards its
+tasks uploaded.  HTTP(S) URLs are read-only.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from embfile.remote.store import Remote, is_url
 UPLOADS_IN_FLIGHT = 4
 
 
-def _remote(url: str, storage_options: dict[str, Any] | None) -> Remote:
+def writable(url: str, storage_options: dict[str, Any] | None) -> Remote:
+    """The object store at ``url``, to write to (an HTTP(S) URL is a RemoteError: read-only)."""
     remote = Remote(url, storage_options)
     if remote.protocol in ("http", "https"):
         raise errors.RemoteError(f"{url}: http(s) URLs are read-only; write to the store behind it (s3://, gs://)")
@@ -46,7 +47,7 @@ def _remote(url: str, storage_options: dict[str, Any] | None) -> Remote:
 @contextlib.contextmanager
 def staged_file(url: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
     """A local path to write the file at ``url`` to; uploaded once the block ends without an exception."""
-    remote = _remote(url, storage_options)
+    remote = writable(url, storage_options)
     tmp = tempfile.mkdtemp(prefix="embfile-upload-")
     try:
         local = os.path.join(tmp, url.rstrip("/").rsplit("/", 1)[-1])
@@ -58,43 +59,55 @@ def staged_file(url: str, storage_options: dict[str, Any] | None) -> Iterator[st
 
 @contextlib.contextmanager
 def staged_folder(url: str, cache_dir: Any, storage_options: dict[str, Any] | None) -> Iterator[str]:
-    """A local copy of the dataset folder at ``url`` to run an operation on; the versions it commits are then
-    uploaded (see the module)."""
-    remote = _remote(url.rstrip("/"), storage_options)
-    cache = Cache(cache_dir)
-    os.makedirs(os.path.join(cache.root, "staging"), exist_ok=True)  # beside the whole copies: hard links
-    staging = tempfile.mkdtemp(dir=os.path.join(cache.root, "staging"))
-    try:
-        base = _mirror(remote, cache_dir, storage_options, staging)
+    """A stand-in for the dataset folder at ``url`` to run an operation on (:func:`_stand_in`); the versions
+    it commits are then uploaded (see the module)."""
+    remote = writable(url.rstrip("/"), storage_options)
+    with _stand_in(remote, Cache(cache_dir), read_index=True) as (staging, base):
         try:
             yield staging
         except Exception as e:  # its message names the dataset by its URL, not by the staging folder
             e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
             raise
-        _publish(remote, staging, base)
+        _publish(remote, staging, base.version if base else 0)
+
+
+@contextlib.contextmanager
+def _stand_in(remote: Remote, cache: Cache, read_index: bool) -> Iterator[tuple[str, layout.Manifest | None]]:
+    """A local folder standing in for the dataset at ``remote``, and its latest manifest (None: no dataset
+    yet, and the folder is empty): that manifest, its key index segments (``read_index``: whole copies,
+    checked, hard-linked from the cache), and any other file of it an operation reads, downloaded when it is
+    read (:meth:`~embfile.folder.Transaction.committed`).  An append costs the key index, not the dataset."""
+    os.makedirs(os.path.join(cache.root, "staging"), exist_ok=True)  # beside the whole copies: hard links
+    staging = tempfile.mkdtemp(dir=os.path.join(cache.root, "staging"))
+    try:
+        base = read_manifest(remote)
+        if base is None and _is_object(remote):
+            raise errors.ShardError(f"{remote.url} is a single .emb file, not a dataset folder")
+        committed = {e.path: e for e in [*base.shards, *base.segments]} if base else {}
+
+        def fetch(name: str) -> None:  # a file of the dataset, whole
+            e = committed[name]
+            f = RemoteFile(remote.child(name), cache, (e.count, e.keys_crc))
+            try:
+                whole = f.download()
+                _link(whole.path, os.path.join(staging, name))
+                if whole is not f.mapped:
+                    whole.close()
+            finally:
+                f.close()
+
+        if base is not None:
+            layout.make_layout(staging)
+            with open(layout.version_path(staging, base.version), "wb") as out:
+                out.write(base.to_json())
+            layout.write_latest(staging, base.version)
+            if read_index:
+                with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
+                    list(pool.map(fetch, [e.path for e in base.segments]))
+        with layout.stand_in(staging, fetch):
+            yield staging, base
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _mirror(remote: Remote, cache_dir: Any, storage_options: dict[str, Any] | None, staging: str) -> int:
-    """Fill ``staging`` with the latest version of the dataset at ``remote`` (its number), or 0 if none."""
-    try:
-        db = RemoteDataset(remote.url, None, cache_dir, None, storage_options)
-    except FileNotFoundError:
-        return 0
-    with db:
-        if db.version is None or db.manifest is None:
-            raise errors.ShardError(f"{remote.url} is a single .emb file, not a dataset folder")
-        db.download()
-        manifest = db.manifest
-        entries = [*manifest.shards, *manifest.segments]
-        for entry, f in zip(entries, [*db.files, *db._segments]):
-            _link(f.path, os.path.join(staging, entry.path))
-        layout.make_layout(staging)
-        with open(layout.version_path(staging, manifest.version), "wb") as out:
-            out.write(manifest.to_json())
-        layout.write_latest(staging, manifest.version)
-        return manifest.version
 
 
 def _publish(remote: Remote, staging: str, base: int, uploaded: frozenset[str] = frozenset()) -> None:
@@ -125,58 +138,46 @@ def staged_commit(
     cache_dir: Any,
     storage_options: dict[str, Any] | None,
 ) -> Iterator[layout.Transaction]:
-    """A transaction on a stand-in for the dataset at ``url``, published when the block ends without an
-    exception: the latest manifest, its key index segments if ``read_index``, and the files ``uploaded``
-    there already as partial copies holding their keys sections only (all a commit reads of new shards).
-    A shard of the dataset the commit rewrites (a replaced record's) is downloaded when it is read."""
-    remote = _remote(url.rstrip("/"), storage_options)
+    """A transaction on a stand-in for the dataset at ``url`` (:func:`_stand_in`, with its key index if
+    ``read_index``), published when the block ends without an exception.  The files ``uploaded`` there
+    already are partial copies holding their keys sections only: all a commit reads of new shards."""
+    remote = writable(url.rstrip("/"), storage_options)
     cache = Cache(cache_dir)
-    os.makedirs(os.path.join(cache.root, "staging"), exist_ok=True)  # beside the whole copies: hard links
-    staging = tempfile.mkdtemp(dir=os.path.join(cache.root, "staging"))
     opened: list[RemoteFile] = []
+
+    def keys_of(e: layout.FileEntry) -> None:
+        f = RemoteFile(remote.child(e.path), cache, (e.count, e.keys_crc))
+        opened.append(f)
+        if f.partial is not None:
+            h = f.mapped.header
+            f.fetch([(h.keys_offset, h.keys_offset + h.keys_size)])
+        _link(f.partial.path if f.partial is not None else f.mapped.path, os.path.join(staging, e.path))
+
     try:
-        layout.make_layout(staging)
-        base = read_manifest(remote)
-        committed = {e.path: e for e in [*base.shards, *base.segments]} if base else {}
-
-        def fetch(name: str) -> None:  # a file of the dataset, whole
-            e = committed[name]
-            f = RemoteFile(remote.child(name), cache, (e.count, e.keys_crc))
-            try:
-                _link(f.download().path, os.path.join(staging, name))
-            finally:
-                f.close()
-
-        if base is not None:
-            with open(layout.version_path(staging, base.version), "wb") as out:
-                out.write(base.to_json())
-            layout.write_latest(staging, base.version)
-            if read_index:
-                with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
-                    list(pool.map(fetch, [e.path for e in base.segments]))
-
-        def keys_of(e: layout.FileEntry) -> RemoteFile:
-            f = RemoteFile(remote.child(e.path), cache, (e.count, e.keys_crc))
-            opened.append(f)
-            if f.partial is not None:
-                h = f.mapped.header
-                f.fetch([(h.keys_offset, h.keys_offset + h.keys_size)])
-            _link(f.partial.path if f.partial is not None else f.mapped.path, os.path.join(staging, e.path))
-            return f
-
-        with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
-            list(pool.map(keys_of, uploaded))
-        with layout.Transaction(staging, fetch) as tx:
-            try:
-                yield tx
-            except Exception as e:  # its message names the dataset by its URL, not by the staging folder
-                e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
-                raise
-        _publish(remote, staging, base.version if base else 0, frozenset(e.path for e in uploaded))
+        with _stand_in(remote, cache, read_index) as (staging, base):
+            if base is None:  # a new dataset: the job's commit makes its first version
+                layout.make_layout(staging)
+            with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
+                list(pool.map(keys_of, uploaded))
+            with layout.Transaction(staging) as tx:
+                try:
+                    yield tx
+                except Exception as e:  # its message names the dataset by its URL, not by the staging folder
+                    e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
+                    raise
+            _publish(remote, staging, base.version if base else 0, frozenset(e.path for e in uploaded))
     finally:
         for f in opened:
             f.close()
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_object(remote: Remote) -> bool:
+    """Whether ``remote`` is one object (not a folder, nor nothing)."""
+    try:
+        remote.identity()
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    return True
 
 
 def _link(source: str, target: str) -> None:
