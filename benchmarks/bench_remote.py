@@ -11,6 +11,10 @@ Mosaic Streaming and LitData amount to for a lookup.
    ``get_batch`` of 256 keys.  The peer's first lookup is its download.
 2. **Epochs** over the folder: time to the first batch, epoch 1 (download + read) and epoch 2 (from the cache),
    against the local folder (page cache cold) and the peer (simplecache of every shard, then a local epoch).
+3. **Growing** a copy of the folder at its URL, each round on a fresh cache: an append of 1% new keys, a
+   removal of 10 keys, and a job's commit (Spark's and Dask's protocol, two tasks of 1% each): seconds, and
+   what each kept in the cache (what it received), against the dataset's size (what a download, edit and
+   upload of the whole costs, the only way to grow an HDF5 file in an object store).
 
     python benchmarks/bench_remote.py                       # a few minutes
     python benchmarks/bench_remote.py --keys 20000 --latency 0.05 --out -
@@ -142,6 +146,47 @@ def epochs(s3, local_folder, scratch, batch):
     return res
 
 
+def growing(s3, local_folder, keys, dim, scratch, round_):
+    """Seconds and MiB received of an append, a removal and a job's commit on a copy of the folder."""
+    from embfile import jobs
+
+    url, opts = f"s3://embs/grow{round_}", s3.storage_options()
+    s3.filesystem().put(local_folder, url[len("s3://") :], recursive=True)
+    rng = np.random.default_rng(round_)
+    new = max(1, len(keys) // 100)
+    out = {}
+
+    def extra(tag):
+        return [f"{tag}{round_}_{i:09d}" for i in range(new)], rng.standard_normal((new, dim)).astype(np.float16)
+
+    for kind, operation in (
+        ("append 1% new keys", lambda cache: embfile.append(url, extra("A"), cache_dir=cache, storage_options=opts)),
+        (
+            "remove 10 keys",
+            lambda cache: embfile.remove(url, keys[:: len(keys) // 10][:10], cache_dir=cache, storage_options=opts),
+        ),
+        ("a job's commit of 2 x 1%", lambda cache: _commit(jobs, url, opts, cache, [extra("J"), extra("K")])),
+    ):
+        cache = tempfile.mkdtemp(dir=scratch)
+        t0 = time.perf_counter()
+        operation(cache)
+        out[kind] = (time.perf_counter() - t0, _kept(cache) / 2**20)
+        shutil.rmtree(cache)
+    return out
+
+
+def _commit(jobs, url, opts, cache, parts):
+    """Tasks write and upload their parts (not timed apart: in an engine they run on the workers), the driver
+    commits."""
+    job = jobs.start_job(url, mode="append", storage_options=opts, cache_dir=cache)
+    jobs.commit_job(job, [jobs.write_part(job, i, [part]) for i, part in enumerate(parts)])
+
+
+def _kept(folder):
+    """Bytes on disk under ``folder`` (a partial copy counts only the pages it holds)."""
+    return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(folder) for f in files)
+
+
 def timed_epoch(db, batch, epoch, t0=None):
     """Seconds from ``t0`` (default: now) to the first batch of one epoch, and to its end."""
     t0 = time.perf_counter() if t0 is None else t0
@@ -247,6 +292,21 @@ def run(args):
         print(
             f"\nEpoch 2: embfile over s3:// from the cache {spread(e2, '{:.3f}')} s, the local folder "
             f"{spread(l2, '{:.3f}')} s (both in the page cache): {np.median(e2) / np.median(l2):.2f}x."
+        )
+        dataset = _kept(os.path.join(scratch, "ds")) / 2**20
+        print(
+            f"\n## Growing at the URL ({args.rounds} rounds, each on a copy of the folder and a fresh cache; "
+            "median (range))\n"
+        )
+        grown = [growing(s3, os.path.join(scratch, "ds"), keys, args.dim, scratch, r) for r in range(args.rounds)]
+        print("| operation | s | MiB received | / the dataset |\n|---|---:|---:|---:|")
+        for kind in grown[0]:
+            seconds, mib = [g[kind][0] for g in grown], [g[kind][1] for g in grown]
+            print(f"| {kind} | {spread(seconds, '{:.2f}')} | {spread(mib)} | {np.median(mib) / dataset:.1%} |")
+        print(
+            f"\nThe dataset is {dataset:.0f} MiB: what a download, edit and upload of the whole receives (and what "
+            "an append at a URL downloaded before 0.2's stand-in). The job's tasks write and upload their shards "
+            "in this process here (on an engine's workers); its commit reads their keys sections."
         )
     finally:
         s3.stop()

@@ -32,7 +32,6 @@ from embfile.errors import (
     VersionNotFoundError,
     WriterError,
 )
-from embfile.folder import vacuum
 from embfile.formats import (
     from_esm,
     from_hdf5,
@@ -44,7 +43,7 @@ from embfile.formats import (
 )
 from embfile.operations import merge, subset
 from embfile.remote import prefetch
-from embfile.remote.upload import append, compact, convert, remove, write, write_shards  # a URL or a path
+from embfile.remote.upload import append, compact, convert, remove, vacuum, write, write_shards  # a URL or a path
 from embfile.shards import ShardedEmbFile, open, write_index
 from embfile.writer import Writer
 

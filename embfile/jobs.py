@@ -204,7 +204,8 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
         for name in names:
             _unlink(os.path.join(local, name))
             if remote:
-                remote.child(name).remove()
+                with contextlib.suppress(Exception):  # else the commit's (or abort's) sweep removes it
+                    remote.child(name).remove()
         raise
     finally:
         if remote:

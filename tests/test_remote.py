@@ -535,6 +535,35 @@ def test_an_operation_at_a_url_downloads_only_what_it_reads(s3, tmp_path):
         embfile.append("s3://embs/lazy-one.emb", (keys[10:20], x[10:20]), storage_options=opts, cache_dir=tmp_path)
 
 
+def test_vacuum_at_a_url(s3, tmp_path):
+    """Old versions and the objects only they name go, and a killed upload's; a young unnamed object (a writer's
+    in flight) stays until it is older than the grace period."""
+    keys, x = data(n=300, dim=8)
+    opts, url, fs = s3.storage_options(), "s3://embs/vac", s3.filesystem()
+    embfile.write_shards(url, (keys[:100], x[:100]), storage_options=opts, cache_dir=tmp_path)
+    embfile.append(url, (keys[100:200], x[100:200]), storage_options=opts, cache_dir=tmp_path)
+    embfile.remove(url, keys[:50], storage_options=opts, cache_dir=tmp_path)  # version 3 rewrites the first shard
+    fs.pipe_file("embs/vac/shards/killed-000001.emb", b"half an upload")
+    assert embfile.vacuum(url, keep=1, storage_options=opts) == []  # within the default grace of a day
+    assert embfile.vacuum(url, keep=2, grace=0, storage_options=opts) == [1]
+    with pytest.raises(embfile.VersionNotFoundError):
+        embfile.open(url, version=1, cache_dir=tmp_path / "c", storage_options=opts)
+    assert not fs.exists("embs/vac/shards/killed-000001.emb")
+    with embfile.open(url, version=2, cache_dir=tmp_path / "c", storage_options=opts) as db:
+        np.testing.assert_array_equal(db.get_batch(keys[:200]), x[:200])  # its files are all there
+    fs.pipe_file("embs/vac/shards/inflight-000001.emb", b"a writer's, just uploaded")
+    assert embfile.vacuum(url, keep=1, grace=60, storage_options=opts) == []  # version 3 is younger than that
+    assert fs.exists("embs/vac/shards/inflight-000001.emb")
+    assert embfile.vacuum(url, keep=1, grace=0, storage_options=opts) == [2]
+    with embfile.open(url, cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+        shards = {f"shards/{n}" for n in store.Remote(url, opts).child("shards").names()}
+        assert shards == {s.path for s in db.manifest.shards}  # the in-flight object too, once older than grace
+        assert (db.version, len(db)) == (3, 150)
+        np.testing.assert_array_equal(db.get_batch(keys[50:200]), x[50:200])
+    with pytest.raises(embfile.ShardError, match="not a dataset folder"):
+        embfile.vacuum("s3://embs/nothing-here", storage_options=opts)
+
+
 def test_two_writers_at_one_url_one_wins(s3, tmp_path):
     from embfile.remote import upload
 

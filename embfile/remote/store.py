@@ -10,6 +10,7 @@ bytes (a cut connection), or a newer object under the same name.  Each of those 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import random
 import threading
@@ -177,17 +178,26 @@ class Remote:
         except FileNotFoundError:
             pass
 
-    def names(self) -> list[str]:
-        """The names of the objects right under this URL (a folder), as the server lists them now."""
+    def listing(self) -> dict[str, float | None]:
+        """The objects right under this URL (a folder), by name, each with when it was written (a POSIX time;
+        None where the store does not say), as the server lists them now."""
         fs, path = self.fs, self.path
         fs.invalidate_cache()  # fsspec clients keep listings: tasks elsewhere have added objects since
         try:
-            listed = self._retrying("listing", lambda: self._count(fs.ls(path, detail=False)))
+            listed = self._retrying("listing", lambda: self._count(fs.ls(path, detail=True)))
         except FileNotFoundError:
-            return []
+            return {}
         finally:  # and answer later questions from them (a listing of a parent lacks what is added after it)
             fs.invalidate_cache()
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
+        return {
+            info["name"].rstrip("/").rsplit("/", 1)[-1]: _written(info)
+            for info in listed
+            if info.get("type") != "directory"
+        }
+
+    def names(self) -> list[str]:
+        """The names of the objects right under this URL (a folder), as the server lists them now."""
+        return list(self.listing())
 
     def _get(self, start: int, end: int, identity: Identity | None) -> Any:
         fs, path = self.fs, self.path
@@ -235,6 +245,20 @@ class Remote:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+
+
+def _written(info: dict[str, Any]) -> float | None:
+    """When a listed object was written, from what its store reports (S3 ``LastModified``, GCS ``updated``,
+    a file system's ``mtime``)."""
+    value = info.get("LastModified") or info.get("updated") or info.get("mtime") or info.get("last_modified")
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 class _RangeIgnored(errors.RemoteError):

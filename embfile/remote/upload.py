@@ -20,9 +20,11 @@ tasks uploaded.  HTTP(S) URLs are read-only.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -275,6 +277,37 @@ def compact(
         return operations.compact(local, shard_bytes)
 
 
+def vacuum(
+    folder: Any, keep: int = 1, grace: float = 86400.0, *, storage_options: dict[str, Any] | None = None
+) -> list[int]:
+    if not is_url(folder):
+        if storage_options is not None:
+            raise ValueError("storage_options= applies to a URL, not to a local folder")
+        return layout.vacuum(folder, keep, grace)
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    remote = writable(str(folder).rstrip("/"), storage_options)
+    numbers = sorted(int(n.split(".")[0]) for n in remote.child(layout.VERSIONS).names() if n.endswith(".json"))
+    present = [m for m in (read_manifest(remote, v) for v in numbers) if m is not None]
+    if not present:
+        raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
+    now = time.time()
+    gone = []
+    for old, newer in zip(present[:-keep], present[1:]):
+        if now - datetime.datetime.fromisoformat(newer.created).timestamp() < grace:
+            break
+        gone.append(old.version)
+    for version in gone:  # oldest first: what remains is always a run of whole versions
+        remote.child(version_name(version)).remove()
+    # Listed before the versions are read again: a file committed meanwhile is named by a version read after.
+    files = {f"{sub}/{n}": t for sub in (layout.SHARDS, layout.INDEX) for n, t in remote.child(sub).listing().items()}
+    named = set().union(*(m.files() for m in (read_manifest(remote, v) for v in numbers[len(gone) :]) if m))
+    for path, written in files.items():
+        if path not in named and written is not None and now - written >= grace:  # young: a writer's, in flight
+            remote.child(path).remove()
+    return gone
+
+
 def _folder(
     folder: Any, cache_dir: Any, storage_options: dict[str, Any] | None
 ) -> contextlib.AbstractContextManager[Any]:
@@ -305,3 +338,8 @@ for _local, _wrapper, _where in (
     (operations.compact, compact, "the folder"),
 ):
     _documented(_local, _wrapper, _where)
+vacuum.__doc__ = (layout.vacuum.__doc__ or "").rstrip() + (
+    "\n\n    At a URL (``s3://``, ``gs://``, ``hdfs://``; ``storage_options`` go to fsspec) the versions and files go"
+    "\n    from the store.  No lock there tells of a writer in flight: ``grace`` alone keeps its files (an object"
+    "\n    no version names, a killed upload's among them, is removed once it is older than ``grace``).\n"
+)
