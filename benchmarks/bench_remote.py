@@ -304,9 +304,10 @@ def run(args):
             seconds, mib = [g[kind][0] for g in grown], [g[kind][1] for g in grown]
             print(f"| {kind} | {spread(seconds, '{:.2f}')} | {spread(mib)} | {np.median(mib) / dataset:.1%} |")
         print(
-            f"\nThe dataset is {dataset:.0f} MiB: what a download, edit and upload of the whole receives (and what "
-            "an append at a URL downloaded before 0.2's stand-in). The job's tasks write and upload their shards "
-            "in this process here (on an engine's workers); its commit reads their keys sections."
+            f"\nThe dataset is {dataset:.0f} MiB: what a download, edit and upload of the whole receives. An append "
+            "receives the key index; a removal also each shard holding a removed key (10 keys spread over the "
+            "dataset: 10 shards); the job's commit the key index and its shards' keys sections (its tasks write and "
+            "upload their shards in this process here, on an engine's workers)."
         )
     finally:
         s3.stop()
