@@ -473,17 +473,10 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
     are never touched, nor files no version names that are younger than ``grace`` (those of a Spark or Dask
     job still writing).  Returns the versions removed.
     """
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, not {keep}")
     folder = os.fspath(folder)
     clean_leftovers(folder)
-    present = history(folder)
     now = time.time()
-    gone = []
-    for old, newer in zip(present[:-keep], present[1:]):
-        if now - datetime.datetime.fromisoformat(newer.created).timestamp() < grace:
-            break
-        gone.append(old.version)
+    gone = superseded(history(folder), keep, grace, now)
     for version in gone:  # oldest first: what remains is always a run of whole versions
         os.unlink(version_path(folder, version))
     fsync_path(os.path.join(folder, VERSIONS))
@@ -498,6 +491,19 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
             with contextlib.suppress(FileNotFoundError):  # another vacuum got there first
                 if now - os.stat(os.path.join(folder, path)).st_mtime >= grace:
                     os.unlink(os.path.join(folder, path))
+    return gone
+
+
+def superseded(present: Sequence[Manifest], keep: int, grace: float, now: float) -> list[int]:
+    """The versions a vacuum removes of ``present`` (oldest first): the oldest ones beyond the ``keep``
+    newest, each superseded for ``grace`` seconds."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    gone = []
+    for old, newer in zip(present[:-keep], present[1:]):
+        if now - datetime.datetime.fromisoformat(newer.created).timestamp() < grace:
+            break
+        gone.append(old.version)
     return gone
 
 

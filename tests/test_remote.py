@@ -157,6 +157,21 @@ def test_gcs_file_and_folder(tmp_path, monkeypatch):
         with embfile.open(url, cache_dir=tmp_path / "c2", storage_options=opts) as db:
             assert db.version == 2
             np.testing.assert_array_equal(db.get_batch(keys), x)
+        from embfile import jobs  # Spark's and Dask's writes, and a vacuum, on the same store
+
+        more, y = data(n=200, dim=256, seed=1)
+        more = [f"more{k}" for k in more]
+        job = jobs.start_job(url, mode="append", storage_options=opts, cache_dir=tmp_path / "c")
+        parts = [jobs.write_part(job, p, [(more[p * 100 : p * 100 + 100], y[p * 100 : p * 100 + 100])]) for p in (0, 1)]
+        assert jobs.commit_job(job, parts).version == 3
+        store.Remote(url, opts).child("shards/killed-000001.emb").upload_bytes(b"half an upload")
+        assert embfile.vacuum(url, keep=1, grace=0, storage_options=opts) == [1, 2]
+        with embfile.open(url, cache_dir=tmp_path / "c3", storage_options=opts) as db:
+            listed = {f"shards/{n}" for n in store.Remote(url, opts).child("shards").names()}
+            assert listed == {s.path for s in db.manifest.shards}  # the killed upload's gone: gcsfs's dates read
+            assert (db.version, len(db)) == (3, 1200)
+            np.testing.assert_array_equal(db.get_batch(more), y)
+            np.testing.assert_array_equal(db.get_batch(keys), x)
     finally:
         server.stop()
 
@@ -562,6 +577,10 @@ def test_vacuum_at_a_url(s3, tmp_path):
         np.testing.assert_array_equal(db.get_batch(keys[50:200]), x[50:200])
     with pytest.raises(embfile.ShardError, match="not a dataset folder"):
         embfile.vacuum("s3://embs/nothing-here", storage_options=opts)
+    embfile.write_shards(tmp_path / "local", (keys[:10], x[:10]))
+    for where, options in ((url, opts), (tmp_path / "local", None)):
+        with pytest.raises(ValueError, match="keep must be at least 1, not 0"):
+            embfile.vacuum(where, keep=0, storage_options=options)
 
 
 def test_two_writers_at_one_url_one_wins(s3, tmp_path):

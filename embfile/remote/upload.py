@@ -20,7 +20,6 @@ tasks uploaded.  HTTP(S) URLs are read-only.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import shutil
 import tempfile
@@ -65,11 +64,7 @@ def staged_folder(url: str, cache_dir: Any, storage_options: dict[str, Any] | No
     it commits are then uploaded (see the module)."""
     remote = writable(url.rstrip("/"), storage_options)
     with _stand_in(remote, Cache(cache_dir), read_index=True) as (staging, base):
-        try:
-            yield staging
-        except Exception as e:  # its message names the dataset by its URL, not by the staging folder
-            e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
-            raise
+        yield staging
         _publish(remote, staging, base.version if base else 0)
 
 
@@ -107,7 +102,11 @@ def _stand_in(remote: Remote, cache: Cache, read_index: bool) -> Iterator[tuple[
                 with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
                     list(pool.map(fetch, [e.path for e in base.segments]))
         with layout.stand_in(staging, fetch):
-            yield staging, base
+            try:
+                yield staging, base
+            except Exception as e:  # its message names the dataset by its URL, not by the staging folder
+                e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -162,11 +161,7 @@ def staged_commit(
             with ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
                 list(pool.map(keys_of, uploaded))
             with layout.Transaction(staging) as tx:
-                try:
-                    yield tx
-                except Exception as e:  # its message names the dataset by its URL, not by the staging folder
-                    e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
-                    raise
+                yield tx
             _publish(remote, staging, base.version if base else 0, frozenset(e.path for e in uploaded))
     finally:
         for f in opened:
@@ -284,19 +279,13 @@ def vacuum(
         if storage_options is not None:
             raise ValueError("storage_options= applies to a URL, not to a local folder")
         return layout.vacuum(folder, keep, grace)
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, not {keep}")
     remote = writable(str(folder).rstrip("/"), storage_options)
     numbers = sorted(int(n.split(".")[0]) for n in remote.child(layout.VERSIONS).names() if n.endswith(".json"))
     present = [m for m in (read_manifest(remote, v) for v in numbers) if m is not None]
     if not present:
         raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
     now = time.time()
-    gone = []
-    for old, newer in zip(present[:-keep], present[1:]):
-        if now - datetime.datetime.fromisoformat(newer.created).timestamp() < grace:
-            break
-        gone.append(old.version)
+    gone = layout.superseded(present, keep, grace, now)
     for version in gone:  # oldest first: what remains is always a run of whole versions
         remote.child(version_name(version)).remove()
     # Listed before the versions are read again: a file committed meanwhile is named by a version read after.

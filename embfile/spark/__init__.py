@@ -272,7 +272,7 @@ def read(
     """
     if remote.is_url(path):
         return _python_read(spark, path, version, rows_per_partition, storage_options)
-    with open_dataset(path, version) as ds:
+    with open_dataset(path, version, storage_options=storage_options) as ds:  # (a local path takes none)
         _spark_type(ds)
         planned, dtype, ragged = ds.version, ds.dtype.name, ds.ragged
         parts = _jvm.partitions(ds, _bounds(ds, rows_per_partition))
