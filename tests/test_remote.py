@@ -176,6 +176,15 @@ def test_gcs_file_and_folder(tmp_path, monkeypatch):
         server.stop()
 
 
+def test_to_arrow_of_a_dataset_just_opened(served, tmp_path):
+    """A bulk read downloads first and reads the whole copies (it read the partial copies it had just closed)."""
+    server, keys, x, _ = served
+    with open_http(server, "ds", tmp_path / "c") as db:
+        table = db.to_arrow()
+    assert table.column("key").to_pylist() == keys
+    np.testing.assert_array_equal(np.stack(table.column("vector").to_numpy(zero_copy_only=False)), x)
+
+
 def test_http_folder_lookups_and_epochs(served, tmp_path):
     server, keys, x, _ = served
     with open_http(server, "ds", tmp_path / "c") as db:
