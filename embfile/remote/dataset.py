@@ -386,16 +386,16 @@ class RemoteDataset(Dataset):
         fetched whole), not from whole copies of the files: what an engine's driver reads to cut its tasks."""
         if self._whole:
             return super().lengths(keys)
+        if keys is not None:  # their lookups fetch each record's ranges entry
+            rows = self.rows(keys).view(np.uint64)
+            return self._extents(rows)[1].view(np.int64) if self.ragged else np.ones(len(rows), np.int64)
         self._require_attached()
-        rows = None if keys is None else self.rows(keys).view(np.uint64)
         if not self.ragged:
-            return np.ones(len(self) if rows is None else len(rows), np.int64)
+            return np.ones(len(self), np.int64)
         for f in self._remote_files:
             h = f.mapped.header
             f.fetch([(h.ranges_offset, h.ranges_offset + h.ranges_size)])
-        if rows is None:
-            return np.concatenate([np.diff(f.mapped.ranges().astype(np.int64)) for f in self._remote_files])
-        return self._extents(rows)[1].view(np.int64)
+        return np.concatenate([np.diff(f.mapped.ranges().astype(np.int64)) for f in self._remote_files])
 
     def _arrow_rows(self, lo: int, hi: int) -> Any:
         """Rows ``[lo, hi)`` from whole copies of the files holding them alone (downloaded into the cache and
