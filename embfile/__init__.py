@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from embfile._version import __version__
+from embfile.changes import Changes, changes
 from embfile.dataset import Dataset, EmbFile
 from embfile.dataset_writer import DatasetWriter, ShardWriter
 from embfile.epochs import EpochOptions
@@ -63,6 +64,8 @@ __all__ = [
     "subset",
     "compact",
     "vacuum",
+    "changes",
+    "Changes",
     "write_index",
     "EpochOptions",
     "convert",

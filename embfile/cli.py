@@ -1,5 +1,5 @@
 """The ``embfile`` command: convert, info, get, keys, verify, shard, search; the versions of a dataset folder
-(append, remove, compact, versions, vacuum); merge, subset; index (0.1's layout).
+(append, remove, compact, versions, changes, vacuum); merge, subset; index (0.1's layout).
 
 ``main(argv) -> int`` runs one command; user errors are one line on stderr and
 exit status 1 (2 for bad usage), never a traceback.
@@ -8,6 +8,7 @@ exit status 1 (2 for bad usage), never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -43,6 +44,8 @@ _EXAMPLES = {
     "shard": "examples:\n  embfile shard uniref50.emb uniref50/ --shard-size 2GB    # then embfile.open('uniref50/')\n"
     "  embfile shard uniref50-2027.emb uniref50/ --overwrite     # its next version; the earlier ones stay",
     "versions": "example:\n  embfile versions uniref50/ --json",
+    "changes": "examples:\n  embfile changes esm2/ --since 3          # 'added KEY' lines, then replaced, removed\n"
+    "  embfile changes esm2/ --since 3 --json | jq -r '.added[]' > to_annotate.txt",
     "append": "examples:\n  embfile append esm2/ week49.emb week50.h5\n"
     "  embfile append esm2/ fixed.parquet --replace                # new vectors replace the old ones",
     "remove": "example:\n  embfile remove esm2/ --keys retracted.txt --missing ignore",
@@ -218,6 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     c = command("versions", _versions, "the versions of a dataset folder: number, time, operation, records")
     c.add_argument("folder")
     c.add_argument("--json", action="store_true", help="print one JSON list")
+
+    c = command("changes", _changes, "the keys added, replaced and removed between two versions of a dataset folder")
+    c.add_argument("folder", help="a dataset folder, or its URL")
+    c.add_argument("--since", type=int, required=True, metavar="N", help="the earlier version")
+    c.add_argument("--version", type=int, metavar="M", help="the later version (default: the latest)")
+    c.add_argument("--json", action="store_true", help="print one JSON object of key lists")
+    c.add_argument("--cache-dir", help="for a URL: default $EMBFILE_CACHE, else ~/.cache/embfile")
 
     c = command("append", _append, "add the records of files or datasets to a dataset folder, as its next version")
     c.add_argument("folder")
@@ -485,6 +495,21 @@ def _versions(args: argparse.Namespace) -> None:
             f"{r['version']:>7}  {r['created']:<25}  {r['operation']:<11}  {changed:>11}  {r['records']:>11,}  "
             f"{r['shards']:>6}  {r['segments']:>8}"
         )
+
+
+def _changes(args: argparse.Namespace) -> None:
+    cache = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    c = embfile.changes(args.folder, args.since, args.version, **cache)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(c), ensure_ascii=False))
+    else:
+        kinds = ("added", "replaced", "removed")
+        sys.stdout.writelines(f"{kind}\t{key}\n" for kind in kinds for key in getattr(c, kind))
+    print(
+        f"{args.folder}: version {c.since} -> {c.version}: {len(c.added):,} added, {len(c.replaced):,} replaced, "
+        f"{len(c.removed):,} removed",
+        file=sys.stderr,
+    )
 
 
 def _append(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ import json
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from embfile._stream import POOLINGS, pool_rows, record_cuts
 from embfile.epochs import Batches, EpochOptions
 from embfile.file import MappedFile, attach
 from embfile.writer import Writer
+
+if TYPE_CHECKING:
+    from embfile.folder import Manifest
 
 KEY_CHUNK = 4096  # keys decoded at a time by an iteration: fast, and bounded in memory
 KEYS_AHEAD = 1 << 16  # keys asked of the disk ahead of an iteration
@@ -63,6 +66,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     version : int or None
         Of a versioned dataset folder, the version this handle reads (it keeps reading it while later
         versions are committed); None for a single file, a list of files or a folder in 0.1's layout.
+    manifest : Manifest or None
+        Of a versioned dataset folder, that version's manifest (its files and how it came to be); else None.
     """
 
     path: str | None = None
@@ -71,6 +76,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     files: tuple[MappedFile, ...] = ()  # empty until opened (and so after a failed open)
     _segments: tuple[MappedFile, ...] = ()
     version: int | None = None
+    manifest: Manifest | None = None
     _norms: tuple[np.ndarray, np.ndarray] | None = None  # cosine search: each row's norm, and which are known
 
     def _open_files(

@@ -197,6 +197,40 @@ def test_http_folder_lookups_and_epochs(served, tmp_path):
         assert sorted(seen) == sorted(keys)
 
 
+def _received(server, root, since):
+    """Bytes the server sent for its GETs from the ``since``-th on (a whole file for a GET with no range)."""
+    sent = 0
+    for _, path, byte_range in server.gets()[since:]:
+        if byte_range:
+            lo, hi = byte_range.removeprefix("bytes=").split("-")
+            sent += int(hi) - int(lo) + 1
+        elif (root / path.lstrip("/")).is_file():  # not a probe for a later version
+            sent += (root / path.lstrip("/")).stat().st_size
+    return sent
+
+
+def test_changes_and_keys_by_row_at_a_url_read_keys_sections_not_records(served, tmp_path):
+    server, keys, x, root = served
+    folder_bytes = sum(p.stat().st_size for p in (root / "ds").rglob("*") if p.is_file())
+    n = len(server.gets())
+    c = embfile.changes(f"{server.url}/ds", since=1, cache_dir=tmp_path / "c1")
+    assert (c.since, c.version, c.added, c.replaced, c.removed) == (1, 3, keys[1000:], [], [])
+    assert _received(server, root, n) < folder_bytes / 20  # keys sections and index pages, no record
+    assert embfile.changes(f"{server.url}/ds", since=3, version=2, cache_dir=tmp_path / "c1").removed == keys[2000:]
+    with open_http(server, "one.emb", tmp_path / "c2") as db:
+        n = len(server.gets())
+        assert db.key(7) == keys[7] and db.keys_between(2990, 3005) == keys[2990:]
+        assert db.keys_at(np.array([4, 2], np.uint64)) == [keys[4], keys[2]]
+        assert _received(server, root, n) < (root / "one.emb").stat().st_size / 20
+    raw = bytearray((root / "one.emb").read_bytes())
+    h = embfile.open(root / "one.emb").header
+    raw[h.keys_offset + h.keys_size - 3] ^= 1  # a byte of the last key
+    (root / "bad.emb").write_bytes(bytes(raw))
+    with open_http(server, "bad.emb", tmp_path / "c3") as db:
+        with pytest.raises(embfile.ChecksumError, match="bad.emb: the keys section does not match its checksum"):
+            db.key(0)
+
+
 def test_second_epoch_with_the_server_stopped(served, tmp_path):
     server, keys, x, _ = served
     db = open_http(server, "ds", tmp_path / "c")

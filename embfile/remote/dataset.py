@@ -11,6 +11,9 @@ second implementation of the index to drift from the first.
 Everything that reads in bulk (iteration, epochs, ``to_numpy``, exports, search, ``verify``) first downloads
 every file whole into the cache, checks it, and re-attaches the table to the whole copies; from then on the
 dataset is a local one and asks nothing of the server.
+
+Keys read by row (``key``, ``keys_between``, ``keys_at``: what :func:`embfile.changes` reads) need only the key
+index's keys sections: those are fetched whole and checked, not the records.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from embfile import errors
+from embfile import _core, errors
 from embfile import folder as layout
 from embfile._format import PAGE, Header
 from embfile._pages import Layout
@@ -204,6 +207,7 @@ class RemoteDataset(Dataset):
         self._remote_files: list[RemoteFile] = []
         self._remote_segments: list[RemoteFile] = []
         self._whole = False
+        self._keys_checked: set[RemoteFile] = set()  # segments whose keys sections are here and checked
         try:
             manifest = self._manifest(version)
             if manifest is None:
@@ -420,17 +424,38 @@ class RemoteDataset(Dataset):
     def _require_attached(self) -> None:
         super()._require_open()
 
+    # -- keys by row: from the key index's keys sections alone ----------------------------------------------
+
     def key(self, row: int) -> str:
-        self.download()
+        self._fetch_keys(np.array([row], np.int64))
         return super().key(row)
 
     def keys_between(self, start: int, stop: int) -> list[str]:
-        self.download()
+        self._fetch_keys(np.arange(max(start, 0), min(stop, len(self))))
         return super().keys_between(start, stop)
 
     def keys_at(self, rows: Any) -> list[str]:
-        self.download()
+        self._fetch_keys(np.asarray(rows, np.int64))
         return super().keys_at(rows)
+
+    def _fetch_keys(self, rows: np.ndarray) -> None:
+        """Fetch the keys sections of the key-index segments holding ``rows``, whole, each checked against its
+        stored checksum once: keys read by row are names the caller trusts (a lookup, by contrast, compares the
+        key it was given), and a keys section costs a few percent of the records it names."""
+        self._require_attached()
+        if self._whole or not rows.size:
+            return
+        starts = np.cumsum([0, *(f.mapped.count for f in self._remote_segments)])
+        rows = rows[(rows >= 0) & (rows < starts[-1])]
+        wanted = [self._remote_segments[s] for s in np.unique(np.searchsorted(starts, rows, "right") - 1).tolist()]
+        todo = [f for f in wanted if f not in self._keys_checked]
+        fetch_all(_merged([(f, a, b) for f in todo for a, b in f.needs(*_keys_section(f.mapped))]))
+        for f in todo:
+            lo, hi = _keys_section(f.mapped)
+            with memoryview(f.mapped.mappings()[1]) as whole:
+                if _core.crc32c(whole[lo:hi]) != f.mapped.stored_crc("keys"):
+                    raise errors.ChecksumError(f"{f.remote.url}: the keys section does not match its checksum")
+            self._keys_checked.add(f)
 
     def _check_index(self) -> tuple[bool, int]:
         self.download()
@@ -485,6 +510,11 @@ def read_manifest(remote: Remote, version: int | None = None) -> layout.Manifest
     if manifest.version != version:
         raise errors.CorruptFileError(f"{remote.url}: manifest {version} says it is version {manifest.version}")
     return manifest
+
+
+def _keys_section(f: MappedFile) -> tuple[int, int]:
+    h = f.header
+    return h.keys_offset, h.keys_offset + h.keys_size
 
 
 def version_name(version: int) -> str:
