@@ -9,12 +9,16 @@
    for the key index: every append a segment of the same size), against one .emb of the same keys, in
    interleaved rounds: warm ``db[key]`` of present keys and of absent ones, ``get_batch`` of 1,000 keys, and
    cold ``db[key]`` (every file evicted from the page cache, then a fresh handle).
+3. **What changed since a version.**  A dataset (``--changes-keys`` keys in 64 MiB shards) grown by an append
+   of 1% new keys, a removal of 100 keys spread over it, and a compaction: ``embfile.changes`` between each
+   version and the one before, against what a user does without it (both versions read whole, each key of
+   one looked up in the other and its record compared), in interleaved rounds, warm.
 
     python benchmarks/bench_grow.py                          # a few minutes
     python benchmarks/bench_grow.py --sizes 100000,1000000 --lookup-keys 200000 --out -
 
 Targets (issue #24): the append's cost flat in N; warm ``db[key]`` after 100 appends within 3x of one file,
-and a miss that reads no shard.
+and a miss that reads no shard.  ``changes`` has none: it should cost in proportion to what changed.
 """
 
 import argparse
@@ -156,6 +160,45 @@ def lookup_race(folder, n, dim, rounds, seed=0):
     return shape, results
 
 
+def full_diff(path, since, version):
+    """The changes from ``since`` to ``version`` as a user finds them without :func:`embfile.changes`: both
+    versions read whole, each key of one looked up in the other, the records compared."""
+    with embfile.open(path, version=version) as new, embfile.open(path, version=since) as old:
+        keys, old_keys = np.array(list(new), dtype=object), list(old)
+        before = old.find_rows(keys.tolist())
+        found = before >= 0
+        differ = np.zeros(len(keys), bool)
+        differ[found] = (new.to_numpy()[found] != old.take(before[found])).any(axis=1)
+        removed = [k for k, r in zip(old_keys, new.find_rows(old_keys)) if r < 0]
+    return keys[~found].tolist(), keys[differ].tolist(), removed
+
+
+def changes_race(folder, n, dim, rounds):
+    """``embfile.changes`` and :func:`full_diff` between each version and the one before, in interleaved
+    rounds; also checks that they agree."""
+    ds = os.path.join(folder, "changing")
+    embfile.write_shards(ds, data(0, n, dim), shard_bytes=64 << 20)
+    embfile.append(ds, data(n, n + n // 100, dim))
+    embfile.remove(ds, keys_of(0, n)[:: n // 100])
+    embfile.compact(ds, shard_bytes=64 << 20)
+    steps = {"append 1% new keys": 2, "remove 100 keys": 3, "compact": 4}
+    times = {(name, tool): [] for name in steps for tool in ("changes", "full")}
+    counts = {}
+    for _ in range(rounds):
+        for name, version in steps.items():
+            t = time.perf_counter()
+            c = embfile.changes(ds, version - 1, version)
+            times[name, "changes"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            full = full_diff(ds, version - 1, version)
+            times[name, "full"].append(time.perf_counter() - t)
+            assert (c.added, sorted(c.replaced), c.removed) == (full[0], sorted(full[1]), full[2]), name
+            counts[name] = (len(c.added), len(c.replaced), len(c.removed))
+    with embfile.open(ds) as db:
+        size = sum(os.path.getsize(f.path) for f in db.files)
+    return size, counts, times
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="100000,1000000,10000000", help="dataset sizes for the append cost")
@@ -163,6 +206,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lookup-keys", type=int, default=500_000, help="keys of the 100-append dataset")
     ap.add_argument("--lookup-dim", type=int, default=256, help="its elements per vector (1 KiB records)")
+    ap.add_argument("--changes-keys", type=int, default=500_000, help="keys of the dataset whose changes are read")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--out", help="the result file (default benchmarks/results/grow.md; - for none)")
     args = ap.parse_args()
@@ -212,6 +256,24 @@ def run(args):
             b = [r[op] * scale for r in res["100 appends"]]
             fmt = "{:.0f}" if op in ("hit", "miss", "open") else "{:.1f}"
             print(f"| {label} | {spread(a, fmt=fmt)} | {spread(b, fmt=fmt)} | {np.median(b) / np.median(a):.2f}x |")
+        size, counts, times = changes_race(folder, args.changes_keys, args.lookup_dim, args.rounds)
+        print(
+            f"\n## What changed since a version: {args.changes_keys:,} keys of {args.lookup_dim} float32 "
+            f"({size / 2**20:,.0f} MiB in 64 MiB shards), warm\n"
+        )
+        print(f"{args.rounds} interleaved rounds, seconds, median (range):\n")
+        print("| from the version before, by | added, replaced, removed | embfile.changes | full comparison | ratio |")
+        print("|---|---:|---:|---:|---:|")
+        for name, (added, replaced, removed) in counts.items():
+            a, b = times[name, "changes"], times[name, "full"]
+            print(
+                f"| {name} | {added:,}, {replaced:,}, {removed:,} | {spread(a)} | {spread(b)} | "
+                f"{np.median(b) / np.median(a):.1f}x faster |"
+            )
+        print(
+            "\n'full comparison': both versions read whole, each key of one looked up in the other and its "
+            "record compared (what a user does without embfile.changes); both give the same keys."
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

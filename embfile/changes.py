@@ -58,34 +58,70 @@ def changes(
     >>> c = embfile.changes("esm2/", since=3)                       # doctest: +SKIP
     >>> index.add(c.added + c.replaced, db.get_batch(c.added + c.replaced))   # doctest: +SKIP
     """
-    if isinstance(since, bool) or not isinstance(since, (int, np.integer)):
-        raise TypeError(f"since must be a version number, not {type(since).__name__}")
+    since = _version_number(since)
     with open_dataset(path, version, cache_dir=cache_dir, storage_options=storage_options) as new:
-        if new.manifest is None:
-            raise ValueError(f"{os.fspath(path)}: changes() compares versions of a dataset folder, and this is not one")
-        with open_dataset(path, int(since), cache_dir=cache_dir, storage_options=storage_options) as old:
-            assert old.manifest is not None  # a version of the same folder
+        _versioned(new)
+        with open_dataset(path, since, cache_dir=cache_dir, storage_options=storage_options) as old:
             added: list[str] = []
             replaced: list[str] = []
-            for keys, rows, before in _looked_up(new, new.manifest, old, old.manifest):
-                found = before >= 0
-                added += keys[~found].tolist()
-                replaced += keys[found][_differ(new, rows[found], old, before[found])].tolist()
+            for keys, _, new_keys in _changed(new, old):
+                added += keys[new_keys].tolist()
+                replaced += keys[~new_keys].tolist()
             removed: list[str] = []
-            for keys, _, after in _looked_up(old, old.manifest, new, new.manifest):
+            for keys, _, after in _looked_up(old, new):
                 removed += keys[after < 0].tolist()
-            return Changes(int(since), new.manifest.version, added, replaced, removed)
+            return Changes(since, _versioned(new).version, added, replaced, removed)
 
 
-def _looked_up(
-    ds: Dataset, manifest: Manifest, other: Dataset, others: Manifest
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(keys, rows, rows in other)`` for the records of the shards of ``ds`` (of version ``manifest``) that
-    ``other`` (of ``others``) does not name, a chunk at a time (a row in ``other`` is -1 where it lacks the key)."""
-    theirs = {e.path for e in others.shards}
+def changed_runs(ds: Dataset, since: int, storage_options: dict[str, Any] | None = None) -> list[tuple[int, int]]:
+    """The runs ``[lo, hi)`` of records of ``ds`` (a version of a dataset folder) that version ``since`` lacks
+    or holds differently, in row order: what an engine's incremental read reads."""
+    since = _version_number(since)
+    _versioned(ds)
+    assert ds.path is not None  # a folder's
+    runs: list[tuple[int, int]] = []
+    with open_dataset(ds.path, since, storage_options=storage_options) as old:
+        for _, rows, _ in _changed(ds, old):
+            if not len(rows):
+                continue
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            for lo, hi in zip(rows[np.r_[0, breaks]].tolist(), (rows[np.r_[breaks - 1, len(rows) - 1]] + 1).tolist()):
+                if runs and runs[-1][1] == lo:  # a run going on into the next chunk
+                    runs[-1] = (runs[-1][0], hi)
+                else:
+                    runs.append((lo, hi))
+    return runs
+
+
+def _version_number(since: Any) -> int:
+    if isinstance(since, bool) or not isinstance(since, (int, np.integer)):
+        raise TypeError(f"since must be a version number, not {type(since).__name__}")
+    return int(since)
+
+
+def _versioned(ds: Dataset) -> Manifest:
+    if ds.manifest is None:
+        raise ValueError(f"{ds.path}: changes are between versions of a dataset folder, and this is not one")
+    return ds.manifest
+
+
+def _changed(new: Dataset, old: Dataset) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(keys, rows, added)`` of the records of ``new`` that ``old`` lacks (``added``) or holds differently, a
+    chunk at a time, in row order."""
+    for keys, rows, before in _looked_up(new, old):
+        found = before >= 0
+        changed = ~found
+        changed[found] = _differ(new, rows[found], old, before[found])
+        yield keys[changed], rows[changed], ~found[changed]
+
+
+def _looked_up(ds: Dataset, other: Dataset) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(keys, rows, rows in other)`` for the records of the shards of ``ds`` that ``other`` (another version
+    of its folder) does not name, a chunk at a time (a row in ``other`` is -1 where it lacks the key)."""
+    theirs = {e.path for e in _versioned(other).shards}
     record_bytes = ds.dim * ds.dtype.itemsize
     step = max(1, min(KEY_CHUNK, ROW_CHUNK_BYTES // record_bytes))
-    for entry, lo, hi in zip(manifest.shards, ds._starts, ds._starts[1:]):
+    for entry, lo, hi in zip(_versioned(ds).shards, ds._starts, ds._starts[1:]):
         if entry.path in theirs:
             continue
         for a in range(lo, hi, step):

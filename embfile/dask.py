@@ -32,6 +32,7 @@ pd = require("pandas", "dask")
 
 from embfile import errors, jobs  # noqa: E402
 from embfile._stream import Chunk, RaggedChunk, as_matrix, chunk_rows  # noqa: E402
+from embfile.changes import changed_runs  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
 
@@ -178,19 +179,21 @@ def read_embfile(
     version: int | None = None,
     rows_per_partition: int | None = None,
     *,
+    since: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """The dataset at ``path`` (a file, or a folder's latest version or ``version``) as a Dask DataFrame of
     ``key`` (string) and ``vector`` (a ``fixed_size_list`` of the stored type; of per-residue records a
     ``large_list`` of them) columns, Arrow-backed; one partition per shard, or slices of about
-    ``rows_per_partition`` rows (default: about 128 MiB of records).  At a URL, each task downloads the file
-    its slice is in (into the worker's cache), not the dataset."""
+    ``rows_per_partition`` rows (default: about 128 MiB of records).  With ``since``, only the records added or
+    replaced since that version (:func:`embfile.changes`): an incremental read.  At a URL, each task downloads
+    the file its slice is in (into the worker's cache), not the dataset."""
     with open_dataset(path, version, storage_options=storage_options) as ds:
         version = ds.version
         meta = _frame(ds, 0, 0)
         step = rows_per_partition or chunk_rows(ds.dim * ds.dtype.itemsize) * 8
-        bounds = ds.slices(step)
-    parts = [(os.fspath(path), version, storage_options, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        slices = ds.slices(step, None if since is None else changed_runs(ds, since, storage_options))
+    parts = [(os.fspath(path), version, storage_options, lo, hi) for lo, hi in slices or [(0, 0)]]
     return dd.from_map(_read_part, parts, meta=meta, divisions=None, enforce_metadata=False)
 
 

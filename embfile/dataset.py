@@ -252,15 +252,22 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
                 if release:
                     layout.advise(lo, hi, mmap.MADV_DONTNEED)
 
-    def slices(self, rows: int) -> list[int]:
-        """Record boundaries that cut the dataset into ranges of at most ``rows`` rows (of ragged records,
-        about that many, cut between records), none across two files: the partitions of a Spark or Dask read."""
+    def slices(self, rows: int, runs: Iterable[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+        """Ranges ``[lo, hi)`` of records, of at most ``rows`` rows each (of ragged records, about that many, cut
+        between records) and none across two files, that cover the dataset, or the ``runs`` of records given:
+        the partitions of a Spark or Dask read."""
         lengths = self.lengths() if self.ragged else None
-        bounds = [0]
-        for first, last in zip(self._starts, self._starts[1:]):
-            cuts = range(0, last - first, rows) if lengths is None else record_cuts(lengths[first:last], rows)
-            bounds += [*(first + c for c in cuts), last]
-        return sorted(set(bounds))
+        files = list(zip(self._starts, self._starts[1:]))
+        out = []
+        for lo, hi in files if runs is None else runs:
+            for first, last in files[bisect.bisect_right(self._starts, lo) - 1 :]:  # the run cut at files' ends
+                a, b = max(lo, first), min(hi, last)
+                if a >= hi:
+                    break
+                cuts = range(0, b - a, rows) if lengths is None else record_cuts(lengths[a:b], rows)
+                edges = [*(a + c for c in cuts), b]
+                out += [(x, y) for x, y in zip(edges, edges[1:]) if x < y]
+        return out
 
     def to_dask_array(self) -> Any:
         """The vectors as an ``(n, dim)`` Dask Array chunked along the files (and slices of about 128 MiB).
@@ -271,8 +278,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         da = require("dask.array", "dask")
         self._require_open()
         self._refuse_ragged("an array holds one vector per key", "db.pool('mean', out=...) makes them")
-        bounds = self.slices(max(1, (128 << 20) // (self.dim * self.dtype.itemsize)))
-        chunks = (tuple(np.diff(bounds).tolist()) or (0,), (self.dim,))
+        slices = self.slices(max(1, (128 << 20) // (self.dim * self.dtype.itemsize)))
+        chunks = (tuple(hi - lo for lo, hi in slices) or (0,), (self.dim,))
         return da.from_array(
             _RowsView(self), chunks=chunks, asarray=False, fancy=False, meta=np.empty((0, self.dim), self.dtype)
         )

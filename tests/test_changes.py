@@ -81,7 +81,7 @@ def test_changes_of_the_latest_version_by_default(tmp_path):
 
 def test_what_changes_does_not_compare_is_one_clear_error(tmp_path):
     embfile.write(tmp_path / "one.emb", {"a": np.zeros(2, np.float32)})
-    with pytest.raises(ValueError, match="compares versions of a dataset folder"):
+    with pytest.raises(ValueError, match="changes are between versions of a dataset folder, and this is not one"):
         embfile.changes(tmp_path / "one.emb", 1)
     embfile.write_shards(tmp_path / "ds", {"a": np.zeros(2, np.float32)})
     with pytest.raises(embfile.VersionNotFoundError, match="no version 4"):

@@ -96,6 +96,20 @@ def test_append_replace_and_a_failed_job(dask_client, tmp_path):
     assert not (tmp_path / "new").exists()  # nothing committed, nothing left
 
 
+def test_an_incremental_read_gives_the_records_changed_since_a_version(dask_client, tmp_path):
+    keys, matrix = data(300)
+    embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=50 * 6 * 4)  # version 1
+    embfile.append(tmp_path / "ds", data(100, lo=300), shard_bytes=50 * 6 * 4)  # 2
+    embfile.append(tmp_path / "ds", (keys[10:20], matrix[10:20] + 1), on_duplicate="replace")  # 3
+    embfile.compact(tmp_path / "ds")  # 4: the same records, in new shards
+    frame = embfile.dask.read_embfile(tmp_path / "ds", since=1, rows_per_partition=30).compute()
+    assert sorted(frame["key"]) == sorted(keys[10:20] + data(100, lo=300)[0])
+    vectors = {k: np.asarray(v) for k, v in zip(frame["key"], frame["vector"])}
+    assert vectors["k15"][0] == 16 and vectors["k350"][0] == 350
+    assert len(embfile.dask.read_embfile(tmp_path / "ds", since=3).compute()) == 0  # compaction changes nothing
+    assert embfile.dask.read_embfile(tmp_path / "ds", version=2, since=1, rows_per_partition=30).npartitions == 4
+
+
 def _killed_on_first_attempt(marker):
     """A partition function that writes some records, then kills its own worker, the first time it runs."""
 

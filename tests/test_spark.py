@@ -269,6 +269,24 @@ def test_the_jvm_reader_reads_versions_of_sharded_datasets(spark, tmp_path):
     assert embfile.spark.read(spark, str(tmp_path / "empty")).collect() == []
 
 
+def test_an_incremental_read_gives_the_records_changed_since_a_version(spark, tmp_path):
+    keys, matrix = expected(1000)
+    ds = tmp_path / "ds"
+    embfile.write_shards(ds, (keys[:600], matrix[:600]), shard_bytes=170 * 8 * 4)  # version 1
+    save(frame(spark, 400, lo=600), ds)  # 2: 400 new
+    save(frame(spark, 20, lo=590).selectExpr("id", "transform(emb, x -> x + 1000) as emb"), ds, on_duplicate="replace")
+    embfile.remove(ds, ["k3"])  # 4: no record added
+    jvm, python, partitions = both_reads(spark, ds, since=1, rows_per_partition=100)
+    assert sorted(jvm) == sorted(python) and partitions >= 4
+    assert sorted(r.key for r in jvm) == sorted(keys[590:])  # k590-k609 replaced in 3, k600-k999 new in 2
+    got = {r.key: r.vector for r in jvm}
+    assert (got["k595"][0], got["k600"][0], got["k700"][0]) == (1595, 1600, 700)
+    assert sorted(r.key for r in embfile.spark.read(spark, str(ds), version=3, since=2).collect()) == keys[590:610]
+    assert embfile.spark.read(spark, str(ds), since=3).collect() == []
+    with pytest.raises(Exception, match="no version 9"):
+        spark.read.format("embfile").option("since", 9).load(str(ds)).collect()
+
+
 def test_the_jvm_reader_refuses_a_file_changed_since_planning_or_damaged(spark, tmp_path):
     keys, matrix = expected(300)
     path = tmp_path / "one.emb"

@@ -19,7 +19,7 @@ Reading: a DataFrame ``key string, vector array<T>``, one input partition per sh
 "embfile")`` by Python workers, as Arrow batches from the mapping.  Per-residue records read as ``vector
 array<array<T>>``.  ``T`` is the stored type, except float16
 and bfloat16 (read as float: Spark has no half types); uint64 has no Spark type.  Option ``version`` reads an
-earlier one.
+earlier one; option ``since`` only the records added or replaced since that version (:func:`embfile.changes`).
 
 The folder is on a file system every executor and the driver see (a shared mount), or at a URL (``s3://``,
 ``gs://``, ``hdfs://``): tasks upload the shards they write, the commit reads only their keys, and a read
@@ -57,6 +57,7 @@ from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # n
 
 from embfile import errors, jobs, remote  # noqa: E402
 from embfile._stream import Chunk, RaggedChunk, record_cuts  # noqa: E402
+from embfile.changes import changed_runs  # noqa: E402
 from embfile.dataset import Dataset  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
 from embfile.spark import _jvm  # noqa: E402
@@ -126,17 +127,15 @@ class _Rows(InputPartition):
 
 class _Reader(DataSourceReader):
     def __init__(self, path: str, options: Any) -> None:
-        self.path, self.version = path, _version(options.get("version"))
+        self.path, self.version, self.since = path, _version(options.get("version")), _version(options.get("since"))
         self.rows_per_partition = int(options.get("rows_per_partition", 0))
         self.storage_options = _storage(options)
 
     def partitions(self) -> list[_Rows]:
         with open_dataset(self.path, self.version, storage_options=self.storage_options) as ds:
             version = ds.version  # every task reads the version planned here
-            bounds = _bounds(ds, self.rows_per_partition)
-            return [_Rows(self.path, version, lo, hi) for lo, hi in zip(bounds, bounds[1:])] or [
-                _Rows(self.path, version, 0, 0)
-            ]
+            slices = _slices(ds, self.rows_per_partition, self.since, self.storage_options)
+            return [_Rows(self.path, version, lo, hi) for lo, hi in slices] or [_Rows(self.path, version, 0, 0)]
 
     def read(self, partition: InputPartition) -> Iterator[Any]:
         assert isinstance(partition, _Rows)
@@ -259,6 +258,7 @@ def read(
     version: int | None = None,
     rows_per_partition: int = 0,
     storage_options: dict[str, Any] | None = None,
+    since: int | None = None,
 ) -> DataFrame:
     """``spark.read.format("embfile").load(path)``, read by a JVM reader instead of Python workers.
 
@@ -268,19 +268,20 @@ def read(
     cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
     the read, so its files are checked as :func:`embfile.open` checks them.  A URL (``s3://``, ``https://``...)
     is read through the Python data source too (``storage_options`` go to fsspec): the JVM reader reads files
-    every executor sees, and there each task downloads the file it reads.
+    every executor sees, and there each task downloads the file it reads.  With ``since`` (option ``since``),
+    only the records added or replaced since that version (:func:`embfile.changes`): an incremental read.
     """
     if remote.is_url(path):
-        return _python_read(spark, path, version, rows_per_partition, storage_options)
+        return _python_read(spark, path, version, rows_per_partition, storage_options, since)
     with open_dataset(path, version, storage_options=storage_options) as ds:  # (a local path takes none)
         _spark_type(ds)
         planned, dtype, ragged = ds.version, ds.dtype.name, ds.ragged
-        parts = _jvm.partitions(ds, _bounds(ds, rows_per_partition))
+        parts = _jvm.partitions(ds, _slices(ds, rows_per_partition, since))
     try:
         _jvm.load(spark)
     except _jvm.Unavailable as e:
         _warn_once(f"embfile.spark.read: {e}; reading through the Python data source")
-        return _python_read(spark, path, planned, rows_per_partition)
+        return _python_read(spark, path, planned, rows_per_partition, since=since)
     reader = spark.read.format(_jvm.CLASS).option("dtype", dtype).option("ragged", str(ragged).lower())
     return reader.option("partitions", parts).load()
 
@@ -291,10 +292,13 @@ def _python_read(
     version: int | None,
     rows_per_partition: int,
     storage_options: dict[str, Any] | None = None,
+    since: int | None = None,
 ) -> DataFrame:
     reader = spark.read.format("embfile").option("rows_per_partition", rows_per_partition)
     if storage_options:
         reader = reader.option("storage_options", json.dumps(storage_options))
+    if since is not None:
+        reader = reader.option("since", since)
     return reader.option("version", "" if version is None else version).load(str(path))
 
 
@@ -317,10 +321,13 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _bounds(ds: Dataset, rows_per_partition: int) -> list[int]:
-    """The records where read partitions start: about 128 MiB of rows each, unless ``rows_per_partition``."""
+def _slices(
+    ds: Dataset, rows_per_partition: int, since: int | None, storage_options: dict[str, Any] | None = None
+) -> list[tuple[int, int]]:
+    """The records each read partition reads (of those changed ``since`` a version, if given): about 128 MiB
+    of rows, unless ``rows_per_partition``, from one file."""
     step = rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
-    return ds.slices(step)  # a task reads from one file
+    return ds.slices(step, None if since is None else changed_runs(ds, since, storage_options))
 
 
 def _version(value: Any) -> int | None:

@@ -95,14 +95,14 @@ def load(spark: Any) -> None:
             raise Unavailable(f"the session's driver could not add the JVM reader's jar {path} (not a file it sees?)")
 
 
-def partitions(ds: Dataset, bounds: list[int]) -> str:
+def partitions(ds: Dataset, slices: list[tuple[int, int]]) -> str:
     """The option the reader plans its partitions from: a line per partition, records ``[lo, hi)`` of one file
-    (``bounds`` never cross a file), with that file's path, its identity (size, header checksum) and the
+    (``slices`` never cross a file), with that file's path, its identity (size, header checksum) and the
     checked header fields the reader reads by (of ragged records, where their row offsets lie)."""
     lines, first = [], 0
     files = iter(ds.files)
     f = next(files, None)
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in slices:
         while f is not None and lo >= first + f.count:
             first += f.count
             f = next(files, None)
