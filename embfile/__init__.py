@@ -44,7 +44,19 @@ from embfile.formats import (
 )
 from embfile.operations import merge, subset
 from embfile.remote import prefetch
-from embfile.remote.upload import append, compact, convert, remove, vacuum, write, write_shards  # a URL or a path
+from embfile.remote.upload import (  # a URL or a path
+    append,
+    compact,
+    convert,
+    history,
+    remove,
+    tag,
+    tags,
+    untag,
+    vacuum,
+    write,
+    write_shards,
+)
 from embfile.shards import ShardedEmbFile, open, write_index
 from embfile.writer import Writer
 
@@ -64,6 +76,10 @@ __all__ = [
     "subset",
     "compact",
     "vacuum",
+    "history",
+    "tag",
+    "untag",
+    "tags",
     "changes",
     "Changes",
     "write_index",

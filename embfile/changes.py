@@ -41,15 +41,15 @@ class Changes:
 
 def changes(
     path: str | os.PathLike[str],
-    since: int,
-    version: int | None = None,
+    since: int | str,
+    version: int | str | None = None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Changes:
     """The keys added, replaced and removed from version ``since`` to ``version`` (default: the latest) of the
     dataset folder at ``path`` (a local path or a URL; ``cache_dir`` and ``storage_options`` as in
-    :func:`embfile.open`).
+    :func:`embfile.open`).  Versions go by number or by a tag's name (:func:`embfile.tag`).
 
     Reads only the shards that one of the two versions has and the other has not (see the module).  A key
     replaced by an identical record is not a change.  ``since`` may be later than ``version``: the changes
@@ -70,10 +70,10 @@ def changes(
             removed: list[str] = []
             for keys, _, after in _looked_up(old, new):
                 removed += keys[after < 0].tolist()
-            return Changes(since, _versioned(new).version, added, replaced, removed)
+            return Changes(_versioned(old).version, _versioned(new).version, added, replaced, removed)
 
 
-def changed_runs(ds: Dataset, since: int, storage_options: dict[str, Any] | None = None) -> list[tuple[int, int]]:
+def changed_runs(ds: Dataset, since: int | str, storage_options: dict[str, Any] | None = None) -> list[tuple[int, int]]:
     """The runs ``[lo, hi)`` of records of ``ds`` (a version of a dataset folder) that version ``since`` lacks
     or holds differently, in row order: what an engine's incremental read reads."""
     since = _version_number(since)
@@ -93,9 +93,11 @@ def changed_runs(ds: Dataset, since: int, storage_options: dict[str, Any] | None
     return runs
 
 
-def _version_number(since: Any) -> int:
+def _version_number(since: Any) -> int | str:
+    if isinstance(since, str):
+        return since  # a tag's name
     if isinstance(since, bool) or not isinstance(since, (int, np.integer)):
-        raise TypeError(f"since must be a version number, not {type(since).__name__}")
+        raise TypeError(f"since must be a version's number or a tag's name, not {type(since).__name__}")
     return int(since)
 
 

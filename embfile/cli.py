@@ -1,5 +1,5 @@
 """The ``embfile`` command: convert, info, get, keys, verify, shard, search; the versions of a dataset folder
-(append, remove, compact, versions, changes, vacuum); merge, subset; index (0.1's layout).
+(append, remove, compact, versions, changes, tag, vacuum); merge, subset; index (0.1's layout).
 
 ``main(argv) -> int`` runs one command; user errors are one line on stderr and
 exit status 1 (2 for bad usage), never a traceback.
@@ -21,7 +21,7 @@ import numpy as np
 
 import embfile
 from embfile import _format as F
-from embfile import errors, folder, formats, remote
+from embfile import errors, formats, remote
 from embfile._stream import POOLINGS
 
 _EXAMPLES = {
@@ -46,6 +46,8 @@ _EXAMPLES = {
     "versions": "example:\n  embfile versions uniref50/ --json",
     "changes": "examples:\n  embfile changes esm2/ --since 3          # 'added KEY' lines, then replaced, removed\n"
     "  embfile changes esm2/ --since 3 --json | jq -r '.added[]' > to_annotate.txt",
+    "tag": "examples:\n  embfile tag esm2/ uniprot-2026_04              # the latest version, kept by every vacuum\n"
+    "  embfile tag esm2/ paper-v1 --version 7\n  embfile tag esm2/ paper-v1 --delete",
     "append": "examples:\n  embfile append esm2/ week49.emb week50.h5\n"
     "  embfile append esm2/ fixed.parquet --replace                # new vectors replace the old ones",
     "remove": "example:\n  embfile remove esm2/ --keys retracted.txt --missing ignore",
@@ -218,16 +220,23 @@ def _parser() -> argparse.ArgumentParser:
 
     c.add_argument("--overwrite", action="store_true", help="DST is a dataset: write its next version")
 
-    c = command("versions", _versions, "the versions of a dataset folder: number, time, operation, records")
-    c.add_argument("folder")
+    c = command("versions", _versions, "the versions of a dataset folder: number, time, operation, records, tags")
+    c.add_argument("folder", help="a dataset folder, or its URL")
     c.add_argument("--json", action="store_true", help="print one JSON list")
 
     c = command("changes", _changes, "the keys added, replaced and removed between two versions of a dataset folder")
     c.add_argument("folder", help="a dataset folder, or its URL")
-    c.add_argument("--since", type=int, required=True, metavar="N", help="the earlier version")
-    c.add_argument("--version", type=int, metavar="M", help="the later version (default: the latest)")
+    c.add_argument("--since", type=_version, required=True, metavar="N", help="the earlier version (or tag)")
+    c.add_argument("--version", type=_version, metavar="M", help="the later version or tag (default: the latest)")
     c.add_argument("--json", action="store_true", help="print one JSON object of key lists")
     c.add_argument("--cache-dir", help="for a URL: default $EMBFILE_CACHE, else ~/.cache/embfile")
+
+    c = command("tag", _tag, "name a version of a dataset folder: no vacuum removes it while the tag is there")
+    c.add_argument("folder", help="a dataset folder, or its URL")
+    c.add_argument("name", help="letters, digits, '.', '_' and '-'; not all digits")
+    c.add_argument("--version", type=_version, help="the version (or the tag of one) to name (default: the latest)")
+    c.add_argument("--replace", action="store_true", help="move the tag if it names another version")
+    c.add_argument("--delete", action="store_true", help="remove the tag (its version stays until a vacuum)")
 
     c = command("append", _append, "add the records of files or datasets to a dataset folder, as its next version")
     c.add_argument("folder")
@@ -273,7 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     c = command("cache", _cache, "download a remote dataset into the local cache ahead of use, or empty the cache")
     c.add_argument("action", choices=["fetch", "clear"])
     c.add_argument("url", nargs="?", help="fetch: the dataset's URL (s3://, gs://, https://, hdfs://)")
-    c.add_argument("--version", type=int, help="fetch: of a dataset folder, this version (default: the latest)")
+    c.add_argument(
+        "--version", type=_version, help="fetch: of a dataset folder, this version or tag (default: the latest)"
+    )
     c.add_argument("--cache-dir", help="default $EMBFILE_CACHE, else ~/.cache/embfile")
 
     c = command("search", _search, "the stored vectors nearest some keys' vectors or some query vectors, exactly")
@@ -300,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
     c = command("index", _index, "(re)write the index of a folder of .emb shards in 0.1's layout")
     c.add_argument("folder")
     return p
+
+
+def _version(text: str) -> int | str:
+    """A version's number, or a tag's name."""
+    return int(text) if text.isdigit() else text
 
 
 def _size(text: str) -> int:
@@ -472,6 +488,9 @@ def _shard(args: argparse.Namespace) -> None:
 
 
 def _versions(args: argparse.Namespace) -> None:
+    named: dict[int, list[str]] = {}
+    for name, number in embfile.tags(args.folder).items():
+        named.setdefault(number, []).append(name)
     rows = [
         {
             "version": m.version,
@@ -482,18 +501,20 @@ def _versions(args: argparse.Namespace) -> None:
             "records": m.count,
             "shards": len(m.shards),
             "segments": len(m.segments),
+            "tags": named.get(m.version, []),
         }
-        for m in folder.history(args.folder)
+        for m in embfile.history(args.folder)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'version':>7}  {'created':<25}  {'operation':<11}  {'changed':>11}  {'records':>11}  shards  segments")
+    head = f"{'version':>7}  {'created':<25}  {'operation':<11}  {'changed':>11}  {'records':>11}  shards  segments"
+    print(head + "  tags")
     for r in rows:
         changed = "" if r["changed"] is None else f"{r['changed']:,}"
         print(
             f"{r['version']:>7}  {r['created']:<25}  {r['operation']:<11}  {changed:>11}  {r['records']:>11,}  "
-            f"{r['shards']:>6}  {r['segments']:>8}"
+            f"{r['shards']:>6}  {r['segments']:>8}  {' '.join(r['tags'])}".rstrip()
         )
 
 
@@ -510,6 +531,17 @@ def _changes(args: argparse.Namespace) -> None:
         f"{len(c.removed):,} removed",
         file=sys.stderr,
     )
+
+
+def _tag(args: argparse.Namespace) -> None:
+    if args.delete:
+        if args.version is not None or args.replace:
+            raise ValueError("--delete takes no --version or --replace")
+        embfile.untag(args.folder, args.name)
+        print(f"{args.folder}: removed tag {args.name}", file=sys.stderr)
+        return
+    version = embfile.tag(args.folder, args.name, args.version, replace=args.replace)
+    print(f"{args.folder}: tag {args.name} names version {version}", file=sys.stderr)
 
 
 def _append(args: argparse.Namespace) -> None:

@@ -176,10 +176,10 @@ def _arrow(series: Any) -> Any:
 
 def read_embfile(
     path: PathLike,
-    version: int | None = None,
+    version: int | str | None = None,
     rows_per_partition: int | None = None,
     *,
-    since: int | None = None,
+    since: int | str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """The dataset at ``path`` (a file, or a folder's latest version or ``version``) as a Dask DataFrame of

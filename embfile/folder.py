@@ -1,6 +1,7 @@
 """The versioned dataset folder: manifests, the commit that publishes one, and finding the latest.
 
-A dataset is a folder of immutable .emb files plus one manifest per version (FORMAT.md "Versioned datasets").
+A dataset is a folder of immutable .emb files plus one manifest per version (FORMAT.md "Versioned datasets"),
+and tags that name versions.
 A commit creates the manifest of the next version with a hard link, which fails if the name exists: of two
 committers exactly one wins, on any POSIX file system, without locks.  Readers never list the folder; files
 that no manifest names are invisible.
@@ -19,10 +20,11 @@ import datetime
 import json
 import os
 import posixpath
+import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from embfile import errors
@@ -38,6 +40,8 @@ INDEX = f"{META}/index"
 VERSIONS = f"{META}/versions"
 LATEST = f"{META}/LATEST"
 STAGING = f"{META}/staging"
+TAGS = f"{META}/tags"
+TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # not all digits: a version's number is that
 
 
 def is_versioned(folder: str | os.PathLike[str]) -> bool:
@@ -238,9 +242,11 @@ def _latest(folder: str | os.PathLike[str]) -> int:
     return version
 
 
-def read_manifest(folder: str | os.PathLike[str], version: int | None = None) -> Manifest:
-    """The manifest of ``version`` (default: the latest)."""
-    if version is None:
+def read_manifest(folder: str | os.PathLike[str], version: int | str | None = None) -> Manifest:
+    """The manifest of ``version`` (a number, or a tag's name; default: the latest)."""
+    if isinstance(version, str):
+        version = tagged_version(folder, version)
+    elif version is None:
         version = latest_version(folder)
     path = version_path(folder, version)
     try:
@@ -249,12 +255,129 @@ def read_manifest(folder: str | os.PathLike[str], version: int | None = None) ->
     except FileNotFoundError:
         present = versions(folder)
         raise errors.VersionNotFoundError(
-            f"{os.fspath(folder)}: no version {version}; its versions are {present[0]} to {present[-1]}"
+            f"{os.fspath(folder)}: no version {version}; its versions are {_spans(present)}"
         ) from None
     manifest = Manifest.from_json(data, path)
     if manifest.version != version:
         raise errors.CorruptFileError(f"{path}: it says it is version {manifest.version}")
     return manifest
+
+
+def _spans(numbers: Sequence[int]) -> str:
+    """``1 to 3, 7``: runs of consecutive numbers (a vacuum keeps the newest versions and the tagged ones)."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a} to {b}" if a != b else f"{a}" for a, b in runs) or "none"
+
+
+# -- tags: names of versions, kept by every vacuum ---------------------------------------------------------
+
+
+def tag_name(name: object) -> str:
+    """``name`` if it may name a tag (letters, digits, ``.``, ``_``, ``-``; not all digits), else a ValueError."""
+    if not isinstance(name, str) or not TAG_NAME.fullmatch(name) or name.isdigit():
+        raise ValueError(
+            f"{name!r} cannot name a tag: up to 128 letters, digits, '.', '_' and '-', starting with a letter or a "
+            "digit, and not all digits"
+        )
+    return name
+
+
+def tag_of(file: str) -> str | None:
+    """The tag a file of ``_embfile/tags/`` is, by its name (None: not a tag's file)."""
+    stem, ext = os.path.splitext(file)
+    return stem if ext == ".json" and TAG_NAME.fullmatch(stem) and not stem.isdigit() else None
+
+
+def tag_path(folder: str | os.PathLike[str], name: str) -> str:
+    return os.path.join(folder, TAGS, f"{tag_name(name)}.json")
+
+
+def tag_json(version: int) -> bytes:
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return (json.dumps({"version": version, "created": created}) + "\n").encode()
+
+
+def tag_version(data: bytes, where: str) -> int:
+    """The version a tag file names; anything else in it is a :class:`CorruptFileError`."""
+    try:
+        raw = json.loads(data)
+        return _int(raw["version"], 1)
+    except (ValueError, TypeError, KeyError, errors.CorruptFileError):
+        raise errors.CorruptFileError(f"{where}: not a tag (a JSON object naming a version)") from None
+
+
+def tags(folder: str | os.PathLike[str]) -> dict[str, int]:
+    """Every tag of the folder and the version it names, by name."""
+    if not os.path.isdir(os.path.join(folder, VERSIONS)):
+        raise errors.ShardError(f"{os.fspath(folder)}: not a dataset folder (no version in it)")
+    try:
+        names = sorted(os.listdir(os.path.join(folder, TAGS)))
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for file in names:
+        name = tag_of(file)
+        if name is not None:
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                with open(os.path.join(folder, TAGS, file), "rb") as f:
+                    found[name] = tag_version(f.read(), os.path.join(folder, TAGS, file))
+    return found
+
+
+def tagged_version(folder: str | os.PathLike[str], name: str) -> int:
+    """The version the tag ``name`` names."""
+    path = tag_path(folder, name)
+    try:
+        with open(path, "rb") as f:
+            return tag_version(f.read(), path)
+    except FileNotFoundError:
+        known = ", ".join(sorted(tags(folder))) or "none"
+        raise errors.VersionNotFoundError(f"{os.fspath(folder)}: no tag {name!r}; its tags are {known}") from None
+
+
+def tag(folder: str | os.PathLike[str], name: str, version: int | str | None = None, replace: bool = False) -> int:
+    """Name ``version`` (default: the latest; a tag's name: the version it names) ``name``; returns its number.
+    A tag naming another version is an error unless ``replace``."""
+    path = tag_path(folder, name)
+    number = read_manifest(folder, version).version  # the version is there
+    os.makedirs(os.path.join(folder, TAGS), exist_ok=True)
+    tmp = os.path.join(folder, TAGS, f".{unique_name()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(tag_json(number))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # create-if-absent, as a commit
+            except FileExistsError:
+                held = tagged_version(folder, name)
+                if held != number:
+                    raise ValueError(
+                        f"{os.fspath(folder)}: tag {name!r} names version {held}; replace=True moves it"
+                    ) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_path(os.path.join(folder, TAGS))
+    return number
+
+
+def untag(folder: str | os.PathLike[str], name: str) -> None:
+    """Remove the tag ``name`` (its version stays, until a vacuum removes it)."""
+    try:
+        os.unlink(tag_path(folder, name))
+    except FileNotFoundError:
+        tagged_version(folder, name)  # says there is no such tag
+        raise
+    fsync_path(os.path.join(folder, TAGS))
 
 
 def commit(folder: str | os.PathLike[str], manifest: Manifest) -> None:
@@ -464,7 +587,8 @@ def clean_leftovers(folder: str | os.PathLike[str]) -> None:
 
 
 def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0) -> list[int]:
-    """Remove versions older than the ``keep`` newest, and the files no remaining version names.
+    """Remove versions older than the ``keep`` newest but the tagged ones, and the files no remaining version
+    names.
 
     A version goes only once it has been superseded for ``grace`` seconds.  On a local file system a handle
     that is open keeps reading its files after they are removed (they stay mapped); the grace period is for
@@ -476,8 +600,8 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
     folder = os.fspath(folder)
     clean_leftovers(folder)
     now = time.time()
-    gone = superseded(history(folder), keep, grace, now)
-    for version in gone:  # oldest first: what remains is always a run of whole versions
+    gone = superseded(history(folder), keep, grace, now, set(tags(folder).values()))
+    for version in gone:  # oldest first: what remains is always whole versions
         os.unlink(version_path(folder, version))
     fsync_path(os.path.join(folder, VERSIONS))
     # In this order, a file an operation is writing is either not listed yet or its token is still locked,
@@ -494,16 +618,19 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
     return gone
 
 
-def superseded(present: Sequence[Manifest], keep: int, grace: float, now: float) -> list[int]:
+def superseded(
+    present: Sequence[Manifest], keep: int, grace: float, now: float, tagged: Collection[int] = ()
+) -> list[int]:
     """The versions a vacuum removes of ``present`` (oldest first): the oldest ones beyond the ``keep``
-    newest, each superseded for ``grace`` seconds."""
+    newest, each superseded for ``grace`` seconds, but the ``tagged`` ones."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, not {keep}")
     gone = []
     for old, newer in zip(present[:-keep], present[1:]):
         if now - datetime.datetime.fromisoformat(newer.created).timestamp() < grace:
             break
-        gone.append(old.version)
+        if old.version not in tagged:
+            gone.append(old.version)
     return gone
 
 

@@ -128,9 +128,9 @@ class ShardedEmbFile(Dataset):
     ----------
     source : str, os.PathLike or list
         A dataset folder (versioned, or in 0.1's layout), or a list of shard files.
-    version : int, optional
-        Of a versioned folder, the version to open (default: the latest).  The handle keeps reading it while
-        later versions are committed.
+    version : int or str, optional
+        Of a versioned folder, the version to open, by number or by a tag's name (default: the latest).  The
+        handle keeps reading it while later versions are committed.
 
     Raises
     ------
@@ -141,7 +141,7 @@ class ShardedEmbFile(Dataset):
         If the folder has no such version.
     """
 
-    def __init__(self, source: PathLike | Sequence[PathLike], version: int | None = None) -> None:
+    def __init__(self, source: PathLike | Sequence[PathLike], version: int | str | None = None) -> None:
         self._source = source
         if isinstance(source, (str, os.PathLike)) and layout.is_versioned(source):
             self._open_version(os.fspath(source), version)
@@ -171,7 +171,7 @@ class ShardedEmbFile(Dataset):
                 f.close()
             raise
 
-    def _open_version(self, folder: str, version: int | None) -> None:
+    def _open_version(self, folder: str, version: int | str | None) -> None:
         manifest = layout.read_manifest(folder, version)
         files: list[MappedFile] = []
         try:
@@ -239,7 +239,7 @@ class ShardedEmbFile(Dataset):
 
 def open(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    version: int | None = None,
+    version: int | str | None = None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     cache_limit: int | None = None,
@@ -260,9 +260,9 @@ def open(
     ----------
     path : str, os.PathLike or list
         An .emb file, a dataset folder, a list of shard files, or a URL of a file or a folder.
-    version : int, optional
-        Of a versioned dataset folder, the version to open (default: the latest); ``ds.version`` says which
-        one a handle reads.
+    version : int or str, optional
+        Of a versioned dataset folder, the version to open, by number or by a tag's name (default: the
+        latest); ``ds.version`` says which one a handle reads.
     cache_dir : str or os.PathLike, optional
         For a URL: the cache folder (default ``$EMBFILE_CACHE``, else ``~/.cache/embfile``), shared safely by
         any number of processes.
@@ -284,7 +284,7 @@ def open(
     ShardError
         If the files of a sharded dataset do not fit together.
     VersionNotFoundError
-        If a dataset folder has no such version.
+        If a dataset folder has no such version, or no such tag.
     OSError
         If a file cannot be opened.
 

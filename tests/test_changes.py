@@ -86,7 +86,9 @@ def test_what_changes_does_not_compare_is_one_clear_error(tmp_path):
     embfile.write_shards(tmp_path / "ds", {"a": np.zeros(2, np.float32)})
     with pytest.raises(embfile.VersionNotFoundError, match="no version 4"):
         embfile.changes(tmp_path / "ds", 4)
-    with pytest.raises(TypeError, match="version number"):
+    with pytest.raises(TypeError, match="since must be a version's number or a tag's name, not float"):
+        embfile.changes(tmp_path / "ds", 1.0)
+    with pytest.raises(ValueError, match="'1' cannot name a tag"):
         embfile.changes(tmp_path / "ds", "1")
 
 

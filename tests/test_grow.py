@@ -232,6 +232,64 @@ def test_vacuum_keeps_what_kept_versions_and_open_handles_use(ds):
         assert len(db) == 1000 and "a" in db and "p0001" not in db
 
 
+def _read_tagged(path, name):
+    with embfile.open(path, version=name) as db:
+        return db.version, len(db)
+
+
+def test_a_tag_names_a_version_that_every_vacuum_keeps(ds, capsys):
+    keys = [f"p{i:04d}" for i in range(1000)]
+    assert embfile.tag(ds, "release-1") == 1 and embfile.tag(ds, "release-1", version=1) == 1  # again: a no-op
+    embfile.append(ds, (["a"], np.ones((1, DIM))))
+    embfile.remove(ds, ["p0001"])  # version 3 rewrites the shard holding it
+    embfile.append(ds, (["b"], np.ones((1, DIM))))
+    assert embfile.tag(ds, "weekly", version="release-1") == 1
+    assert embfile.tag(ds, "weekly", version=3, replace=True) == 3
+    assert embfile.tags(ds) == {"release-1": 1, "weekly": 3}
+    assert embfile.vacuum(ds, keep=1, grace=0) == [2]
+    assert layout.versions(ds) == [1, 3, 4]
+    with embfile.open(ds, version="release-1") as db:  # every file of a tagged version is kept
+        assert db.version == 1 and len(db) == 1000
+        np.testing.assert_array_equal(db.get_batch(keys), vectors(keys, 1))
+        worker = multiprocessing.get_context("spawn").Pool(1)
+        with worker:
+            embfile.tag(ds, "release-1", version=4, replace=True)  # a moved tag: a handle keeps its version
+            assert worker.apply(len, (db,)) == 1000
+    assert _read_tagged(ds, "release-1") == (4, 1001)
+    assert embfile.changes(ds, since="weekly", version="release-1") == embfile.Changes(3, 4, ["b"], [], [])
+    with pytest.raises(embfile.VersionNotFoundError, match="no version 2; its versions are 1, 3 to 4"):
+        embfile.open(ds, version=2)
+    with pytest.raises(ValueError, match="tag 'weekly' names version 3; replace=True moves it"):
+        embfile.tag(ds, "weekly", version=4)
+    for bad in ("2026", "", "a/b", ".hidden", "x" * 129, 7):
+        with pytest.raises(ValueError, match="cannot name a tag"):
+            embfile.tag(ds, bad)
+    with pytest.raises(embfile.VersionNotFoundError, match="no version 2"):
+        embfile.tag(ds, "gone", version=2)
+    embfile.untag(ds, "weekly")
+    with pytest.raises(embfile.VersionNotFoundError, match="no tag 'weekly'; its tags are release-1"):
+        embfile.open(ds, version="weekly")
+    with pytest.raises(embfile.VersionNotFoundError, match="no tag 'weekly'"):
+        embfile.untag(ds, "weekly")
+    assert embfile.vacuum(ds, keep=1, grace=0) == [1, 3]
+    no_leftovers(ds)
+    (ds / layout.TAGS / "broken.json").write_text("{not json")
+    with pytest.raises(embfile.CorruptFileError, match="broken.json: not a tag"):
+        embfile.open(ds, version="broken")
+    with pytest.raises(embfile.CorruptFileError, match="broken.json: not a tag"):
+        embfile.vacuum(ds, keep=1)  # never a vacuum that cannot tell which versions are tagged
+    (ds / layout.TAGS / "broken.json").unlink()
+    from embfile import cli
+
+    assert cli.main(["tag", str(ds), "v4-final"]) == 0
+    assert capsys.readouterr().err.strip() == f"{ds}: tag v4-final names version 4"
+    assert cli.main(["versions", str(ds)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("release-1 v4-final")
+    assert cli.main(["tag", str(ds), "v4-final", "--delete"]) == 0
+    assert cli.main(["tag", str(ds), "v4-final", "--delete", "--replace"]) == 1
+    assert capsys.readouterr().err.strip().endswith("embfile: error: --delete takes no --version or --replace")
+
+
 def test_vacuum_leaves_the_files_of_a_running_operation(ds):
     with layout.Transaction(ds) as tx:
         name = tx.new_name(layout.SHARDS)

@@ -626,6 +626,36 @@ def test_vacuum_at_a_url(s3, tmp_path):
             embfile.vacuum(where, keep=0, storage_options=options)
 
 
+def test_tags_at_a_url(s3, served, tmp_path):
+    keys, x = data(n=300, dim=8)
+    opts, url, where = s3.storage_options(), "s3://embs/tagged", {"cache_dir": tmp_path / "c"}
+    embfile.write_shards(url, (keys[:100], x[:100]), storage_options=opts, **where)
+    assert embfile.tag(url, "first", storage_options=opts) == 1
+    embfile.append(url, (keys[100:200], x[100:200]), storage_options=opts, **where)
+    embfile.remove(url, keys[:50], storage_options=opts, **where)  # version 3 rewrites the first shard
+    with pytest.raises(ValueError, match="tag 'first' names version 1; replace=True moves it"):
+        embfile.tag(url, "first", version=2, storage_options=opts)
+    assert embfile.tag(url, "second", version="first", storage_options=opts) == 1
+    assert embfile.tag(url, "second", version=2, replace=True, storage_options=opts) == 2
+    assert embfile.tags(url, storage_options=opts) == {"first": 1, "second": 2}
+    embfile.untag(url, "second", storage_options=opts)
+    with pytest.raises(embfile.VersionNotFoundError, match="no tag 'second'"):
+        embfile.open(url, version="second", storage_options=opts, **where)
+    assert embfile.vacuum(url, keep=1, grace=0, storage_options=opts) == [2]
+    with embfile.open(url, version="first", cache_dir=tmp_path / "fresh", storage_options=opts) as db:
+        assert db.version == 1
+        np.testing.assert_array_equal(db.get_batch(keys[:100]), x[:100])  # its files were all kept
+    assert embfile.changes(url, since="first", storage_options=opts, **where).removed == keys[:50]
+    assert [(m.version, m.operation["name"]) for m in embfile.history(url, storage_options=opts)] == [
+        (1, "write"),
+        (3, "remove"),
+    ]
+    server, *_, root = served  # read-only HTTP: a tag opens as well
+    embfile.tag(root / "ds", "v2", version=2)
+    with open_http(server, "ds", tmp_path / "h", version="v2") as db:
+        assert (db.version, len(db)) == (2, 2000)
+
+
 def test_two_writers_at_one_url_one_wins(s3, tmp_path):
     from embfile.remote import upload
 

@@ -281,7 +281,12 @@ def test_an_incremental_read_gives_the_records_changed_since_a_version(spark, tm
     assert sorted(r.key for r in jvm) == sorted(keys[590:])  # k590-k609 replaced in 3, k600-k999 new in 2
     got = {r.key: r.vector for r in jvm}
     assert (got["k595"][0], got["k600"][0], got["k700"][0]) == (1595, 1600, 700)
-    assert sorted(r.key for r in embfile.spark.read(spark, str(ds), version=3, since=2).collect()) == keys[590:610]
+    embfile.tag(ds, "weekly", version=2)  # versions by a tag's name too
+    assert (
+        sorted(r.key for r in embfile.spark.read(spark, str(ds), version=3, since="weekly").collect()) == keys[590:610]
+    )
+    tagged = spark.read.format("embfile").option("version", 3).option("since", "weekly").load(str(ds))
+    assert sorted(r.key for r in tagged.collect()) == keys[590:610]
     assert embfile.spark.read(spark, str(ds), since=3).collect() == []
     with pytest.raises(Exception, match="no version 9"):
         spark.read.format("embfile").option("since", 9).load(str(ds)).collect()

@@ -18,6 +18,7 @@ index's keys sections: those are fetched whole and checked, not the records.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterable, Sequence
@@ -195,7 +196,7 @@ class RemoteDataset(Dataset):
     def __init__(
         self,
         url: str,
-        version: int | None = None,
+        version: int | str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         cache_limit: int | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -224,7 +225,7 @@ class RemoteDataset(Dataset):
             self._close_remote()
             raise
 
-    def _manifest(self, version: int | None) -> layout.Manifest | None:
+    def _manifest(self, version: int | str | None) -> layout.Manifest | None:
         """The manifest of ``version`` (default: the latest) if the URL is a dataset folder, else None."""
         if self.url.endswith(".emb"):
             if version is not None:
@@ -487,9 +488,11 @@ def _reopen(url: str, version: int | None, *options: Any) -> RemoteDataset:
     return RemoteDataset(url, version, *options)
 
 
-def read_manifest(remote: Remote, version: int | None = None) -> layout.Manifest | None:
-    """The manifest of ``version`` (default: the latest) of the dataset folder at ``remote``; None if there is
-    no version there at all (a single file, or nothing)."""
+def read_manifest(remote: Remote, version: int | str | None = None) -> layout.Manifest | None:
+    """The manifest of ``version`` (a number or a tag's name; default: the latest) of the dataset folder at
+    ``remote``; None if there is no version there at all (a single file, or nothing)."""
+    if isinstance(version, str):
+        version = tagged_version(remote, version)
     try:
         hint = int(remote.child(layout.LATEST).read_all().strip() or b"0")
     except FileNotFoundError:
@@ -510,6 +513,27 @@ def read_manifest(remote: Remote, version: int | None = None) -> layout.Manifest
     if manifest.version != version:
         raise errors.CorruptFileError(f"{remote.url}: manifest {version} says it is version {manifest.version}")
     return manifest
+
+
+def tagged_version(remote: Remote, name: str) -> int:
+    """The version the tag ``name`` of the dataset folder at ``remote`` names."""
+    where = remote.child(f"{layout.TAGS}/{layout.tag_name(name)}.json")
+    try:
+        return layout.tag_version(where.read_all(), where.url)
+    except FileNotFoundError:
+        raise errors.VersionNotFoundError(f"{remote.url}: no tag {name!r}") from None
+
+
+def remote_tags(remote: Remote) -> dict[str, int]:
+    """Every tag of the dataset folder at ``remote`` and the version it names."""
+    found = {}
+    for file in remote.child(layout.TAGS).names():
+        name = layout.tag_of(file)
+        if name is not None:
+            where = remote.child(f"{layout.TAGS}/{file}")
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                found[name] = layout.tag_version(where.read_all(), where.url)
+    return found
 
 
 def _keys_section(f: MappedFile) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from typing import Any
 from embfile import dataset_writer, errors, formats, operations, writer
 from embfile import folder as layout
 from embfile.remote.cache import Cache
-from embfile.remote.dataset import RemoteDataset, RemoteFile, read_manifest, version_name
+from embfile.remote.dataset import RemoteDataset, RemoteFile, read_manifest, remote_tags, tagged_version, version_name
 from embfile.remote.store import Remote, is_url
 
 UPLOADS_IN_FLIGHT = 4
@@ -276,25 +276,93 @@ def vacuum(
     folder: Any, keep: int = 1, grace: float = 86400.0, *, storage_options: dict[str, Any] | None = None
 ) -> list[int]:
     if not is_url(folder):
-        if storage_options is not None:
-            raise ValueError("storage_options= applies to a URL, not to a local folder")
+        _local_only(storage_options)
         return layout.vacuum(folder, keep, grace)
     remote = writable(str(folder).rstrip("/"), storage_options)
-    numbers = sorted(int(n.split(".")[0]) for n in remote.child(layout.VERSIONS).names() if n.endswith(".json"))
-    present = [m for m in (read_manifest(remote, v) for v in numbers) if m is not None]
-    if not present:
-        raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
+    present = _history(remote)
+    numbers = [m.version for m in present]
     now = time.time()
-    gone = layout.superseded(present, keep, grace, now)
-    for version in gone:  # oldest first: what remains is always a run of whole versions
+    gone = layout.superseded(present, keep, grace, now, set(remote_tags(remote).values()))
+    for version in gone:  # oldest first: what remains is always whole versions
         remote.child(version_name(version)).remove()
     # Listed before the versions are read again: a file committed meanwhile is named by a version read after.
     files = {f"{sub}/{n}": t for sub in (layout.SHARDS, layout.INDEX) for n, t in remote.child(sub).listing().items()}
-    named = set().union(*(m.files() for m in (read_manifest(remote, v) for v in numbers[len(gone) :]) if m))
+    kept = [read_manifest(remote, v) for v in numbers if v not in gone]
+    named = set().union(*(m.files() for m in kept if m))
     for path, written in files.items():
         if path not in named and written is not None and now - written >= grace:  # young: a writer's, in flight
             remote.child(path).remove()
     return gone
+
+
+def history(folder: Any, *, storage_options: dict[str, Any] | None = None) -> list[layout.Manifest]:
+    """Every version still in the dataset folder ``folder`` (a path or a URL), oldest first: what made it, when,
+    and the files it is made of."""
+    if not is_url(folder):
+        _local_only(storage_options)
+        return list(layout.history(folder))
+    return _history(Remote(str(folder).rstrip("/"), storage_options))
+
+
+def _history(remote: Remote) -> list[layout.Manifest]:
+    numbers = sorted(int(n.split(".")[0]) for n in remote.child(layout.VERSIONS).names() if n.endswith(".json"))
+    present = [m for m in (read_manifest(remote, v) for v in numbers) if m is not None]
+    if not present:
+        raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
+    return present
+
+
+def tag(
+    folder: Any,
+    name: str,
+    version: int | str | None = None,
+    *,
+    replace: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> int:
+    """Name ``version`` (default: the latest; a tag's name: the version it names) of the dataset folder
+    ``folder`` (a path or a URL) ``name``, for good: open it as ``embfile.open(folder, version=name)``, and no
+    vacuum removes it while the tag is there.  Returns the version's number.  A tag naming another version is
+    a ValueError unless ``replace``.  Names are up to 128 letters, digits, ``.``, ``_`` and ``-``, not all
+    digits."""
+    if not is_url(folder):
+        _local_only(storage_options)
+        return layout.tag(folder, name, version, replace)
+    remote = writable(str(folder).rstrip("/"), storage_options)
+    where = remote.child(f"{layout.TAGS}/{layout.tag_name(name)}.json")
+    manifest = read_manifest(remote, version)
+    if manifest is None:
+        raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
+    if not where.upload_bytes(layout.tag_json(manifest.version), if_absent=not replace):
+        held = tagged_version(remote, name)
+        if held != manifest.version:
+            raise ValueError(f"{remote.url}: tag {name!r} names version {held}; replace=True moves it")
+    return manifest.version
+
+
+def untag(folder: Any, name: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove the tag ``name`` of the dataset folder ``folder`` (a path or a URL); its version stays until a
+    vacuum removes it."""
+    if not is_url(folder):
+        _local_only(storage_options)
+        return layout.untag(folder, name)
+    remote = writable(str(folder).rstrip("/"), storage_options)
+    tagged_version(remote, name)  # there is such a tag
+    remote.child(f"{layout.TAGS}/{name}.json").remove()
+    return None
+
+
+def tags(folder: Any, *, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """The tags of the dataset folder ``folder`` (a path or a URL) and the versions they name, by name."""
+    if not is_url(folder):
+        _local_only(storage_options)
+        return layout.tags(folder)
+    return remote_tags(Remote(str(folder).rstrip("/"), storage_options))
+
+
+def _local_only(storage_options: dict[str, Any] | None) -> None:
+    if storage_options is not None:
+        raise ValueError("storage_options= applies to a URL, not to a local folder")
 
 
 def _folder(

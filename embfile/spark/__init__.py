@@ -255,10 +255,10 @@ def lookup(
 def read(
     spark: SparkSession,
     path: str,
-    version: int | None = None,
+    version: int | str | None = None,
     rows_per_partition: int = 0,
     storage_options: dict[str, Any] | None = None,
-    since: int | None = None,
+    since: int | str | None = None,
 ) -> DataFrame:
     """``spark.read.format("embfile").load(path)``, read by a JVM reader instead of Python workers.
 
@@ -289,10 +289,10 @@ def read(
 def _python_read(
     spark: SparkSession,
     path: str,
-    version: int | None,
+    version: int | str | None,
     rows_per_partition: int,
     storage_options: dict[str, Any] | None = None,
-    since: int | None = None,
+    since: int | str | None = None,
 ) -> DataFrame:
     reader = spark.read.format("embfile").option("rows_per_partition", rows_per_partition)
     if storage_options:
@@ -322,7 +322,7 @@ def _warn_once(message: str) -> None:
 
 
 def _slices(
-    ds: Dataset, rows_per_partition: int, since: int | None, storage_options: dict[str, Any] | None = None
+    ds: Dataset, rows_per_partition: int, since: int | str | None, storage_options: dict[str, Any] | None = None
 ) -> list[tuple[int, int]]:
     """The records each read partition reads (of those changed ``since`` a version, if given): about 128 MiB
     of rows, unless ``rows_per_partition``, from one file."""
@@ -330,8 +330,12 @@ def _slices(
     return ds.slices(step, None if since is None else changed_runs(ds, since, storage_options))
 
 
-def _version(value: Any) -> int | None:
-    return None if value in (None, "") else int(value)
+def _version(value: Any) -> int | str | None:
+    """An option naming a version: by number, or by a tag's name."""
+    if value in (None, ""):
+        return None
+    text = str(value)
+    return int(text) if text.isdigit() else text
 
 
 def _spark_type(ds: Dataset) -> tuple[str, Any]:
