@@ -15,6 +15,9 @@ Mosaic Streaming and LitData amount to for a lookup.
    removal of 10 keys, and a job's commit (Spark's and Dask's protocol, two tasks of 1% each): seconds, and
    what each kept in the cache (what it received), against the dataset's size (what a download, edit and
    upload of the whole costs, the only way to grow an HDF5 file in an object store).
+4. **An engine's read task** (Spark's or Dask's) of a slice of one shard, and of the whole shard, each round on
+   a fresh cache: seconds and MiB received by range reads of the checksum blocks holding its rows (what a task
+   does), against a download of its shard (what a task did before).
 
     python benchmarks/bench_remote.py                       # a few minutes
     python benchmarks/bench_remote.py --keys 20000 --latency 0.05 --out -
@@ -175,6 +178,27 @@ def growing(s3, local_folder, keys, dim, scratch, round_):
     return out
 
 
+def read_task(s3, scratch, share):
+    """Seconds and MiB received by an engine's read task of the first ``1 / share`` of the folder's first shard,
+    on a fresh cache: opening the dataset, then its rows by range reads, or by a download of the shard."""
+    out = {}
+    for kind in ("range reads of its blocks", "download of its shard"):
+        cache = tempfile.mkdtemp(dir=scratch)
+        t0 = time.perf_counter()
+        with embfile.open("s3://embs/ds", cache_dir=cache, storage_options=s3.storage_options()) as db:
+            hi = db._starts[1] // share
+            if kind.startswith("range"):
+                table = db._arrow_rows(0, hi)
+            else:
+                whole = db._remote_files[0].download()
+                table = db._arrow([whole]).slice(0, hi)
+                whole.close()
+            assert table.num_rows == hi
+        out[kind] = (time.perf_counter() - t0, _kept(cache) / 2**20)
+        shutil.rmtree(cache)
+    return out
+
+
 def _commit(jobs, url, opts, cache, parts):
     """Tasks write and upload their parts (not timed apart: in an engine they run on the workers), the driver
     commits."""
@@ -308,6 +332,22 @@ def run(args):
             "receives the key index; a removal also each shard holding a removed key (10 keys spread over the "
             "dataset: 10 shards); the job's commit the key index and its shards' keys sections (its tasks write and "
             "upload their shards in this process here, on an engine's workers)."
+        )
+        print(f"\n## An engine's read task at the URL ({args.rounds} rounds on a fresh cache; median (range))\n")
+        print("| its rows | by range reads: s | MiB received | by a download of its shard: s | MiB received |")
+        print("|---|---:|---:|---:|---:|")
+        for share, label in ((8, "an eighth of a shard"), (1, "a whole shard")):
+            tasks = [read_task(s3, scratch, share) for _ in range(args.rounds)]
+            cells = []
+            for kind in tasks[0]:
+                seconds, mib = [t[kind][0] for t in tasks], [t[kind][1] for t in tasks]
+                cells += [spread(seconds, "{:.2f}"), spread(mib)]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        print(
+            "\nEach task opens the dataset first (the manifest and every file's header and index top), in both "
+            "columns. By range reads a task receives the 1 MiB checksum blocks holding its rows and its shard's keys "
+            "section, each checked; before, it downloaded its whole shard (into the worker's cache, where a later "
+            "task on the same worker found it; on a cluster, a shard's slices run on many workers)."
         )
     finally:
         s3.stop()

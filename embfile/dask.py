@@ -186,8 +186,8 @@ def read_embfile(
     ``key`` (string) and ``vector`` (a ``fixed_size_list`` of the stored type; of per-residue records a
     ``large_list`` of them) columns, Arrow-backed; one partition per shard, or slices of about
     ``rows_per_partition`` rows (default: about 128 MiB of records).  With ``since``, only the records added or
-    replaced since that version (:func:`embfile.changes`): an incremental read.  At a URL, each task downloads
-    the file its slice is in (into the worker's cache), not the dataset."""
+    replaced since that version (:func:`embfile.changes`): an incremental read.  At a URL, each task fetches
+    its rows by range requests (the checksum blocks holding them, checked, and its file's keys), not its file."""
     with open_dataset(path, version, storage_options=storage_options) as ds:
         version = ds.version
         meta = _frame(ds, 0, 0)

@@ -268,8 +268,8 @@ def test_per_residue_mistakes_are_one_line_and_write_nothing(dask_client, tmp_pa
 
 
 def test_a_dataset_at_an_s3_url_written_and_read_by_the_workers(dask_client, s3, tmp_path, monkeypatch):
-    """Tasks upload their shards and a killed worker's leave no object; a read task downloads its own shard,
-    and the driver plans a per-residue read from the files' ranges sections alone."""
+    """Tasks upload their shards and a killed worker's leave no object; a read task fetches its rows of its
+    shard, and the driver plans a per-residue read from the files' ranges sections alone."""
     from embfile.remote.dataset import read_manifest
 
     monkeypatch.setenv("EMBFILE_CACHE", str(tmp_path / "driver-cache"))
@@ -290,13 +290,20 @@ def test_a_dataset_at_an_s3_url_written_and_read_by_the_workers(dask_client, s3,
     assert shards == {s.path for m in manifests for s in m.shards}  # nothing of the killed attempt is left
 
     with embfile.open(url, storage_options=opts) as db:
-        expected_keys, expected, one_shard = db.keys_between(0, 6000), db.to_numpy(), db.manifest.shards[4].path
-    back = embfile.dask.read_embfile(url, rows_per_partition=1000, storage_options=opts)
+        expected_keys, expected = db.keys_between(0, 6000), db.to_numpy()
+    big = "s3://embs/dask-big"  # shards of 4 MiB, partitions of 500 KiB: a task reads a quarter of a shard
+    embfile.write_shards(big, (expected_keys, expected), shard_bytes=4 << 20, storage_options=opts)
     since = len(s3.gets())
-    one = back.partitions[4].compute()  # one task: its shard, not the dataset
-    assert one["key"].tolist() == expected_keys[len(one) * 4 : len(one) * 5]
-    read = fetched(s3, since, "/embs/dask/shards/")
-    assert [p for p in shards if read.get(f"/embs/dask/{p}", 0) >= fs.size(f"embs/dask/{p}")] == [one_shard]
+    one = embfile.dask.read_embfile(big, rows_per_partition=500, storage_options=opts).partitions[1].compute()
+    assert one["key"].tolist() == expected_keys[500:1000]
+    np.testing.assert_array_equal(np.stack(one["vector"].to_numpy()), expected[500:1000])
+    read = fetched(s3, since, "/embs/dask-big/shards/")
+    with embfile.open(big, storage_options=opts) as db:
+        first = f"/embs/dask-big/{db.manifest.shards[0].path}"
+    mine = read.pop(first)
+    assert 500 * 1024 < mine < fs.size(first.lstrip("/")) / 2  # the checksum block of its rows, and its keys
+    assert all(n < fs.size(p.lstrip("/")) / 4 for p, n in read.items())  # of the others, what opening reads
+    back = embfile.dask.read_embfile(url, rows_per_partition=1000, storage_options=opts)
     out = back.compute()
     assert out["key"].tolist() == expected_keys
     np.testing.assert_array_equal(np.stack(out["vector"].to_numpy()), expected)
@@ -311,6 +318,24 @@ def test_a_dataset_at_an_s3_url_written_and_read_by_the_workers(dask_client, s3,
     out = back.compute()
     assert sorted(out["key"]) == sorted(records)
     assert all(np.array_equal(np.stack(v), records[k]) for k, v in zip(out["key"], out["vector"]))
+
+
+def test_a_read_task_at_a_url_checks_what_it_fetches(s3, tmp_path, monkeypatch):
+    """A task reads its rows by range requests: the checksum blocks holding them, each checked."""
+    monkeypatch.setenv("EMBFILE_CACHE", str(tmp_path / "cache"))
+    opts, fs, url = s3.storage_options(), s3.filesystem(), "s3://embs/dask-damaged"
+    keys, matrix = data(3000, dim=256)  # 1 KiB records: 1,024 to a checksum block
+    embfile.write_shards(url, (keys, matrix), shard_bytes=4 << 20, storage_options=opts)
+    with embfile.open(url, storage_options=opts) as db:
+        path, records_offset = f"embs/dask-damaged/{db.manifest.shards[0].path}", db.files[0].header.records_offset
+    raw = bytearray(fs.cat_file(path))
+    raw[records_offset + 1500 * 1024 + 7] ^= 1  # row 1500, in block 1
+    fs.pipe_file(path, bytes(raw))
+    frame = embfile.dask.read_embfile(url, rows_per_partition=500, storage_options=opts)
+    with dask.config.set(scheduler="synchronous"):
+        np.testing.assert_array_equal(np.stack(frame.partitions[0].compute()["vector"].to_numpy()), matrix[:500])
+        with pytest.raises(embfile.ChecksumError, match=r"dask-damaged/shards/.*: records block 1 does not match"):
+            frame.partitions[3].compute()  # rows 1500-1999
 
 
 def fetched(s3, since, prefix):

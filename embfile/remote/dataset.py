@@ -13,7 +13,9 @@ every file whole into the cache, checks it, and re-attaches the table to the who
 dataset is a local one and asks nothing of the server.
 
 Keys read by row (``key``, ``keys_between``, ``keys_at``: what :func:`embfile.changes` reads) need only the key
-index's keys sections: those are fetched whole and checked, not the records.
+index's keys sections: those are fetched whole and checked, not the records.  An engine's read task of a slice
+of a file (``_arrow_rows``) fetches the checksum blocks holding its rows and the file's keys section, each
+checked, not the file.
 """
 
 from __future__ import annotations
@@ -403,20 +405,43 @@ class RemoteDataset(Dataset):
         return np.concatenate([np.diff(f.mapped.ranges().astype(np.int64)) for f in self._remote_files])
 
     def _arrow_rows(self, lo: int, hi: int) -> Any:
-        """Rows ``[lo, hi)`` from whole copies of the files holding them alone (downloaded into the cache and
-        checked if they are not there): an engine's read task of a slice costs its file, not the dataset."""
+        """Rows ``[lo, hi)`` from the files holding them alone, fetched by range reads: each file's keys (and
+        ranges) section whole and the records blocks holding the rows, each checked against its stored checksum
+        (:meth:`_fetch_checked`).  An engine's read task of a slice of a file costs that slice, not the file,
+        whichever worker runs it."""
         if self._whole or hi <= lo:
             return super()._arrow_rows(lo, hi)
         self._require_attached()
         first, last = self._files_holding(lo, hi)
-        remote = self._remote_files[first:last]
-        files = [f.download() for f in remote]
-        try:
-            return self._arrow(files).slice(lo - self._starts[first], hi - lo)
-        finally:
-            for f, whole in zip(remote, files):
-                if whole is not f.mapped:  # a copy opened for this read (the table keeps its own)
-                    whole.close()
+        for i in range(first, last):
+            start = self._starts[i]
+            self._fetch_checked(self._remote_files[i], max(lo, start) - start, min(hi, self._starts[i + 1]) - start)
+        return self._arrow([f.mapped for f in self._remote_files[first:last]]).slice(lo - self._starts[first], hi - lo)
+
+    def _fetch_checked(self, f: RemoteFile, lo: int, hi: int) -> None:
+        """Fetch into ``f``'s copy what a table of its records ``[lo, hi)`` reads, and check it: the keys section
+        (and the ranges section of ragged records) whole, and the records blocks holding their rows."""
+        h = f.mapped.header
+        sections = ["keys", *(["ranges"] if h.ragged else [])]
+        f.fetch(
+            [(h.sums_offset, h.sums_offset + h.sums_size), *((h.offset(s), h.offset(s) + h.size(s)) for s in sections)]
+        )
+        sums = f.mapped.sums()
+        with memoryview(f.mapped.mappings()[1]) as whole:
+            for s in sections:
+                if _core.crc32c(whole[h.offset(s) : h.offset(s) + h.size(s)]) != f.mapped.stored_crc(s):
+                    raise errors.ChecksumError(f"{f.remote.url}: the {s} section does not match its checksum")
+        rows = (int(f.mapped.ranges()[lo]), int(f.mapped.ranges()[hi])) if h.ragged else (lo, hi)
+        rows = (min(rows[0], h.n_rows), min(max(rows), h.n_rows))  # damaged ranges: Arrow's validation says so
+        record_bytes = self.dim * self.dtype.itemsize
+        b0 = rows[0] * record_bytes // h.block_bytes
+        b1 = -(-rows[1] * record_bytes // h.block_bytes)
+        start, end = h.records_offset + b0 * h.block_bytes, h.records_offset + min(b1 * h.block_bytes, h.records_size)
+        f.fetch([(start, end)])
+        with memoryview(f.mapped.mappings()[1]) as whole:
+            bad = np.flatnonzero(_core.crc32c_blocks(whole[start:end], h.block_bytes) != sums[b0:b1])
+        if len(bad):
+            raise errors.ChecksumError(f"{f.remote.url}: records block {b0 + int(bad[0])} does not match its checksum")
 
     def _require_open(self) -> None:
         """Bulk reads (every Python-level method that calls this) need the whole files."""

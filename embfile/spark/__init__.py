@@ -23,9 +23,10 @@ earlier one; option ``since`` only the records added or replaced since that vers
 
 The folder is on a file system every executor and the driver see (a shared mount), or at a URL (``s3://``,
 ``gs://``, ``hdfs://``): tasks upload the shards they write, the commit reads only their keys, and a read
-task downloads the file it reads.  Option ``storage_options`` (a JSON object) goes to fsspec on every task;
-credentials are better left to the environment each executor has (``AWS_*`` variables, an instance role),
-as an option's value shows in Spark's plans.  With pyspark installed, ``spark.read.format("embfile")``
+task fetches its rows (the checksum blocks holding them, checked) and its file's keys.  Option
+``storage_options`` (a JSON object) goes to fsspec on every task; credentials are better left to the
+environment each executor has (``AWS_*`` variables, an instance role), as an option's value shows in Spark's
+plans.  With pyspark installed, ``spark.read.format("embfile")``
 works without :func:`register` too: Spark finds the ``pyspark_embfile`` module embfile installs.
 """
 
@@ -268,7 +269,7 @@ def read(
     cannot be, this warns once and reads through the Python data source.  The driver opens the dataset to plan
     the read, so its files are checked as :func:`embfile.open` checks them.  A URL (``s3://``, ``https://``...)
     is read through the Python data source too (``storage_options`` go to fsspec): the JVM reader reads files
-    every executor sees, and there each task downloads the file it reads.  With ``since`` (option ``since``),
+    every executor sees, and there each task fetches its rows by range requests.  With ``since`` (option ``since``),
     only the records added or replaced since that version (:func:`embfile.changes`): an incremental read.
     """
     if remote.is_url(path):
