@@ -33,8 +33,9 @@ pd = require("pandas", "dask")
 from embfile import errors, jobs  # noqa: E402
 from embfile._stream import Chunk, RaggedChunk, as_matrix, chunk_rows  # noqa: E402
 from embfile.changes import changed_runs  # noqa: E402
-from embfile.dataset import Dataset  # noqa: E402
+from embfile.dataset import Dataset, ReadPart  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
+from embfile.shards import open_part  # noqa: E402
 
 PathLike = str | os.PathLike[str]
 
@@ -192,15 +193,15 @@ def read_embfile(
         version = ds.version
         meta = _frame(ds, 0, 0)
         step = rows_per_partition or chunk_rows(ds.dim * ds.dtype.itemsize) * 8
-        slices = ds.slices(step, None if since is None else changed_runs(ds, since, storage_options))
-    parts = [(os.fspath(path), version, storage_options, lo, hi) for lo, hi in slices or [(0, 0)]]
-    return dd.from_map(_read_part, parts, meta=meta, divisions=None, enforce_metadata=False)
+        parts = ds.read_parts(step, None if since is None else changed_runs(ds, since, storage_options))
+    tasks = [(part, storage_options) for part in parts]
+    return dd.from_map(_read_part, tasks, meta=meta, divisions=None, enforce_metadata=False)
 
 
-def _read_part(part: tuple[str, int | None, dict[str, Any] | None, int, int]) -> Any:
-    path, version, storage_options, lo, hi = part
-    with open_dataset(path, version, storage_options=storage_options) as ds:
-        return _frame(ds, lo, hi)
+def _read_part(task: tuple[ReadPart, dict[str, Any] | None]) -> Any:
+    part, storage_options = task
+    with open_part(part, storage_options) as ds:  # its file alone
+        return _frame(ds, part.lo, part.hi)
 
 
 def _frame(ds: Dataset, lo: int, hi: int) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import collections.abc
 import contextlib
+import dataclasses
 import itertools
 import json
 import mmap
@@ -40,6 +41,19 @@ if TYPE_CHECKING:
 KEY_CHUNK = 4096  # keys decoded at a time by an iteration: fast, and bounded in memory
 KEYS_AHEAD = 1 << 16  # keys asked of the disk ahead of an iteration
 ARROW_METADATA_KEY = b"embfile.metadata"  # schema metadata where Arrow and Parquet exports keep the metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadPart:
+    """What one task of an engine's read reads: records ``[lo, hi)`` of the one file at ``path`` (a path or a
+    URL), which the planning driver found holding ``count`` records of keys CRC ``keys_crc``.  The task opens
+    that file alone (:func:`embfile.shards.open_part`), so its cost does not grow with the dataset's files."""
+
+    path: str
+    lo: int
+    hi: int
+    count: int
+    keys_crc: int
 
 
 class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
@@ -268,6 +282,20 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
                 edges = [*(a + c for c in cuts), b]
                 out += [(x, y) for x, y in zip(edges, edges[1:]) if x < y]
         return out
+
+    def read_parts(self, rows: int, runs: Iterable[tuple[int, int]] | None = None) -> list[ReadPart]:
+        """:meth:`slices` as the tasks of an engine's read, each of the one file holding it; at least one (of no
+        records, an empty one)."""
+        parts = []
+        for lo, hi in self.slices(rows, runs) or [(0, 0)]:
+            i = bisect.bisect_right(self._starts, lo) - 1 if hi > lo else 0
+            f, first = self.files[i], self._starts[i]
+            parts.append(ReadPart(self._file_location(i), lo - first, hi - first, f.count, f.stored_crc("keys")))
+        return parts
+
+    def _file_location(self, i: int) -> str:
+        """Where ``files[i]`` is, for another process to open it."""
+        return os.path.abspath(self.files[i].path)
 
     def to_dask_array(self) -> Any:
         """The vectors as an ``(n, dim)`` Dask Array chunked along the files (and slices of about 128 MiB).

@@ -443,6 +443,9 @@ class RemoteDataset(Dataset):
         if len(bad):
             raise errors.ChecksumError(f"{f.remote.url}: records block {b0 + int(bad[0])} does not match its checksum")
 
+    def _file_location(self, i: int) -> str:
+        return self._remote_files[i].remote.url
+
     def _require_open(self) -> None:
         """Bulk reads (every Python-level method that calls this) need the whole files."""
         self.download()

@@ -59,8 +59,9 @@ from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # n
 from embfile import errors, jobs, remote  # noqa: E402
 from embfile._stream import Chunk, RaggedChunk, record_cuts  # noqa: E402
 from embfile.changes import changed_runs  # noqa: E402
-from embfile.dataset import Dataset  # noqa: E402
+from embfile.dataset import Dataset, ReadPart  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
+from embfile.shards import open_part  # noqa: E402
 from embfile.spark import _jvm  # noqa: E402
 
 ROWS_PER_BATCH = 8192  # rows per Arrow batch a read task hands to Spark
@@ -118,12 +119,9 @@ class EmbfileDataSource(DataSource):
 
 @dataclasses.dataclass
 class _Rows(InputPartition):
-    """Rows ``[lo, hi)`` of one version of a dataset."""
+    """A task's records, of one file (:meth:`embfile.Dataset.read_parts`)."""
 
-    path: str
-    version: int | None
-    lo: int
-    hi: int
+    part: ReadPart
 
 
 class _Reader(DataSourceReader):
@@ -134,24 +132,25 @@ class _Reader(DataSourceReader):
 
     def partitions(self) -> list[_Rows]:
         with open_dataset(self.path, self.version, storage_options=self.storage_options) as ds:
-            version = ds.version  # every task reads the version planned here
-            slices = _slices(ds, self.rows_per_partition, self.since, self.storage_options)
-            return [_Rows(self.path, version, lo, hi) for lo, hi in slices] or [_Rows(self.path, version, 0, 0)]
+            # every task reads a file of the version planned here
+            runs = _runs_since(ds, self.since, self.storage_options)
+            return [_Rows(part) for part in ds.read_parts(_step(ds, self.rows_per_partition), runs)]
 
     def read(self, partition: InputPartition) -> Iterator[Any]:
         assert isinstance(partition, _Rows)
-        with open_dataset(partition.path, partition.version, storage_options=self.storage_options) as ds:
+        first, last = partition.part.lo, partition.part.hi
+        with open_part(partition.part, self.storage_options) as ds:  # its file alone
             _, value_type = _spark_type(ds)
             if ds.ragged:
-                yield from _record_batches(ds, partition.lo, partition.hi, value_type)
+                yield from _record_batches(ds, first, last, value_type)
                 return
             out_type = pa.list_(pa.field("element", value_type))
-            # this task's rows, from its file alone (Arrow has no bfloat16: those come from the mapping)
-            table = ds._arrow_rows(partition.lo, partition.hi) if ds.dtype.name != "bfloat16" else None
-            for lo in range(partition.lo, partition.hi, ROWS_PER_BATCH):
-                hi = min(partition.hi, lo + ROWS_PER_BATCH)
+            # this task's rows (Arrow has no bfloat16: those come from the mapping)
+            table = ds._arrow_rows(first, last) if ds.dtype.name != "bfloat16" else None
+            for lo in range(first, last, ROWS_PER_BATCH):
+                hi = min(last, lo + ROWS_PER_BATCH)
                 if table is not None:
-                    part = table.slice(lo - partition.lo, hi - lo).combine_chunks()
+                    part = table.slice(lo - first, hi - lo).combine_chunks()
                     keys, values = part.column(0).chunk(0), part.column(1).chunk(0).flatten()
                 else:
                     rows = np.arange(lo, hi, dtype=np.uint64)
@@ -277,7 +276,7 @@ def read(
     with open_dataset(path, version, storage_options=storage_options) as ds:  # (a local path takes none)
         _spark_type(ds)
         planned, dtype, ragged = ds.version, ds.dtype.name, ds.ragged
-        parts = _jvm.partitions(ds, _slices(ds, rows_per_partition, since))
+        parts = _jvm.partitions(ds, ds.slices(_step(ds, rows_per_partition), _runs_since(ds, since, None)))
     try:
         _jvm.load(spark)
     except _jvm.Unavailable as e:
@@ -322,13 +321,14 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _slices(
-    ds: Dataset, rows_per_partition: int, since: int | str | None, storage_options: dict[str, Any] | None = None
-) -> list[tuple[int, int]]:
-    """The records each read partition reads (of those changed ``since`` a version, if given): about 128 MiB
-    of rows, unless ``rows_per_partition``, from one file."""
-    step = rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
-    return ds.slices(step, None if since is None else changed_runs(ds, since, storage_options))
+def _step(ds: Dataset, rows_per_partition: int) -> int:
+    """Rows a read partition reads: about 128 MiB of them, unless ``rows_per_partition``."""
+    return rows_per_partition or max(1, PARTITION_BYTES // (ds.dim * ds.dtype.itemsize))
+
+
+def _runs_since(ds: Dataset, since: int | str | None, storage_options: dict[str, Any] | None) -> Any:
+    """The runs of records changed ``since`` a version, if given (else None: every record)."""
+    return None if since is None else changed_runs(ds, since, storage_options)
 
 
 def _version(value: Any) -> int | str | None:
