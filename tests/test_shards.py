@@ -95,6 +95,28 @@ def test_a_list_of_files_without_an_index(folder, data):
         assert db.key(0) == keys[1800]  # the list's order, not the names'
 
 
+def test_an_engine_read_plans_parts_of_one_file_each_and_opens_them_alone(folder, data, tmp_path):
+    from embfile.shards import open_part
+
+    keys, matrix = data
+    with embfile.open(folder) as db:
+        parts = db.read_parts(100, runs=[(250, 420), (1990, 2000)])
+        order = db.keys_between(0, 2000)
+    assert [(p.lo, p.hi) for p in parts] == [(250, 300), (0, 100), (100, 120), (190, 200)]  # files of 300 records
+    for p, (lo, hi) in zip(parts, [(250, 300), (300, 400), (400, 420), (1990, 2000)]):
+        with open_part(p) as one:
+            assert len(one.files) == 1 and one.keys_between(p.lo, p.hi) == order[lo:hi]
+            np.testing.assert_array_equal(
+                one.take(np.arange(p.lo, p.hi)), matrix[[keys.index(k) for k in order[lo:hi]]]
+            )
+    with embfile.open(folder) as db:
+        assert [(p.lo, p.hi) for p in db.read_parts(100, runs=[])] == [(0, 0)]  # no records: one empty task
+    os.replace(parts[1].path, tmp_path / "moved.emb")
+    embfile.write(parts[1].path, (["other"], matrix[:1]))  # a file replaced under its name
+    with pytest.raises(embfile.ShardError, match=r"is not the file the read was planned with \(1 records"):
+        open_part(parts[1])
+
+
 def test_a_key_in_two_shards_is_refused_naming_both(tmp_path):
     embfile.write(tmp_path / "a.emb", (["x", "dup"], np.zeros((2, 3))))
     embfile.write(tmp_path / "b.emb", (["y", "z", "dup"], np.ones((3, 3))))
