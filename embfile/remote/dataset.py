@@ -60,6 +60,7 @@ class RemoteFile:
         self.whole_name = entry_name(remote.url, named)  # the name of the whole copy in the cache
         self.partial: PartialCopy | None = None
         self.identity: Identity | None = None
+        self.checked: set[str] = set()  # sections fetched whole and checked (fetch_section)
         if expect and self._open_whole():
             return
         self.identity = identity = remote.identity()
@@ -137,6 +138,17 @@ class RemoteFile:
     def fetch(self, ranges: Iterable[tuple[int, int]], gap: int = OPEN_GAP) -> None:
         fetch_all(_merged([(self, a, b) for start, end in ranges for a, b in self.needs(start, end)], gap))
 
+    def fetch_sections(self, names: Sequence[str]) -> None:
+        """Fetch the sections ``names`` (``keys``, ``ranges``...) whole, then check each against its stored
+        checksum, once: what is read of them by position, not by comparing a key, must be what was written."""
+        h, todo = self.mapped.header, [n for n in names if n not in self.checked]
+        self.fetch([(h.offset(n), h.offset(n) + h.size(n)) for n in todo])
+        with memoryview(self.mapped.mappings()[1]) as whole:
+            for n in todo:
+                if _core.crc32c(whole[h.offset(n) : h.offset(n) + h.size(n)]) != self.mapped.stored_crc(n):
+                    raise errors.ChecksumError(f"{self.remote.url}: the {n} section does not match its checksum")
+                self.checked.add(n)
+
     def store(self, start: int, data: bytes) -> None:
         assert self.partial is not None
         self.partial.write(start // PAGE, data)
@@ -210,7 +222,6 @@ class RemoteDataset(Dataset):
         self._remote_files: list[RemoteFile] = []
         self._remote_segments: list[RemoteFile] = []
         self._whole = False
-        self._keys_checked: set[RemoteFile] = set()  # segments whose keys sections are here and checked
         try:
             manifest = self._manifest(version)
             if manifest is None:
@@ -422,15 +433,9 @@ class RemoteDataset(Dataset):
         """Fetch into ``f``'s copy what a table of its records ``[lo, hi)`` reads, and check it: the keys section
         (and the ranges section of ragged records) whole, and the records blocks holding their rows."""
         h = f.mapped.header
-        sections = ["keys", *(["ranges"] if h.ragged else [])]
-        f.fetch(
-            [(h.sums_offset, h.sums_offset + h.sums_size), *((h.offset(s), h.offset(s) + h.size(s)) for s in sections)]
-        )
+        f.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
+        f.fetch_sections(["keys", *(["ranges"] if h.ragged else [])])
         sums = f.mapped.sums()
-        with memoryview(f.mapped.mappings()[1]) as whole:
-            for s in sections:
-                if _core.crc32c(whole[h.offset(s) : h.offset(s) + h.size(s)]) != f.mapped.stored_crc(s):
-                    raise errors.ChecksumError(f"{f.remote.url}: the {s} section does not match its checksum")
         rows = (int(f.mapped.ranges()[lo]), int(f.mapped.ranges()[hi])) if h.ragged else (lo, hi)
         rows = (min(rows[0], h.n_rows), min(max(rows), h.n_rows))  # damaged ranges: Arrow's validation says so
         record_bytes = self.dim * self.dtype.itemsize
@@ -468,23 +473,16 @@ class RemoteDataset(Dataset):
         return super().keys_at(rows)
 
     def _fetch_keys(self, rows: np.ndarray) -> None:
-        """Fetch the keys sections of the key-index segments holding ``rows``, whole, each checked against its
-        stored checksum once: keys read by row are names the caller trusts (a lookup, by contrast, compares the
-        key it was given), and a keys section costs a few percent of the records it names."""
+        """Fetch the keys sections of the key-index segments holding ``rows``, whole and checked: keys read by
+        row are names the caller trusts (a lookup, by contrast, compares the key it was given), and a keys
+        section costs a few percent of the records it names."""
         self._require_attached()
         if self._whole or not rows.size:
             return
         starts = np.cumsum([0, *(f.mapped.count for f in self._remote_segments)])
         rows = rows[(rows >= 0) & (rows < starts[-1])]
-        wanted = [self._remote_segments[s] for s in np.unique(np.searchsorted(starts, rows, "right") - 1).tolist()]
-        todo = [f for f in wanted if f not in self._keys_checked]
-        fetch_all(_merged([(f, a, b) for f in todo for a, b in f.needs(*_keys_section(f.mapped))]))
-        for f in todo:
-            lo, hi = _keys_section(f.mapped)
-            with memoryview(f.mapped.mappings()[1]) as whole:
-                if _core.crc32c(whole[lo:hi]) != f.mapped.stored_crc("keys"):
-                    raise errors.ChecksumError(f"{f.remote.url}: the keys section does not match its checksum")
-            self._keys_checked.add(f)
+        for s in np.unique(np.searchsorted(starts, rows, "right") - 1).tolist():
+            self._remote_segments[s].fetch_sections(["keys"])
 
     def _check_index(self) -> tuple[bool, int]:
         self.download()
@@ -562,11 +560,6 @@ def remote_tags(remote: Remote) -> dict[str, int]:
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
                 found[name] = layout.tag_version(where.read_all(), where.url)
     return found
-
-
-def _keys_section(f: MappedFile) -> tuple[int, int]:
-    h = f.header
-    return h.keys_offset, h.keys_offset + h.keys_size
 
 
 def version_name(version: int) -> str:
