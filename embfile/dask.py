@@ -189,8 +189,7 @@ def read_embfile(
     ``rows_per_partition`` rows (default: about 128 MiB of records).  With ``since``, only the records added or
     replaced since that version (:func:`embfile.changes`): an incremental read.  At a URL, each task fetches
     its rows by range requests (the checksum blocks holding them, checked, and its file's keys), not its file."""
-    with open_dataset(path, version, storage_options=storage_options) as ds:
-        version = ds.version
+    with open_dataset(path, version, storage_options=storage_options) as ds:  # tasks read files of this version
         meta = _frame(ds, 0, 0)
         step = rows_per_partition or chunk_rows(ds.dim * ds.dtype.itemsize) * 8
         parts = ds.read_parts(step, None if since is None else changed_runs(ds, since, storage_options))

@@ -430,6 +430,9 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         first, last = self._files_holding(lo, hi)
         return self._arrow(self.files[first:last]).slice(lo - self._starts[first], hi - lo)
 
+    def fetch_records(self, lo: int, hi: int) -> None:
+        """Have records ``[lo, hi)`` at hand: nothing to do for local files (a dataset at a URL fetches them)."""
+
     def _files_holding(self, lo: int, hi: int) -> tuple[int, int]:
         """The files (``files[first:last]``) holding records ``[lo, hi)``, at least one."""
         first = bisect.bisect_right(self._starts, lo) - 1

@@ -305,8 +305,8 @@ def open(
 
 
 def open_part(part: ReadPart, storage_options: dict[str, Any] | None = None) -> Dataset:
-    """The file of an engine read task's ``part`` (:meth:`embfile.Dataset.read_parts`), opened alone, and checked to be
-    the file the read was planned with."""
+    """The file of an engine read task's ``part`` (:meth:`embfile.Dataset.read_parts`), opened alone, and
+    checked to be the file the read was planned with."""
     ds = open(part.path, storage_options=storage_options)
     try:
         f = ds.files[0]

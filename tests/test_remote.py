@@ -231,6 +231,26 @@ def test_changes_and_keys_by_row_at_a_url_read_keys_sections_not_records(served,
             db.key(0)
 
 
+def test_fetched_records_are_checked_and_then_read_without_requests(served, tmp_path):
+    """What an engine's task does: its records' checksum blocks by range reads, each checked, then reads."""
+    server, keys, x, root = served
+    with open_http(server, "one.emb", tmp_path / "c") as db:
+        n = len(server.gets())
+        db.fetch_records(1000, 1300)  # 4 KiB records: rows 1000-1299 are in checksum blocks 3 to 5
+        assert 1 << 20 < _received(server, root, n) < (root / "one.emb").stat().st_size / 2
+        n = len(server.gets())
+        np.testing.assert_array_equal(db.take(np.arange(1000, 1300)), x[1000:1300])
+        assert db.keys_at(np.arange(1000, 1300, dtype=np.uint64)) == keys[1000:1300]
+        assert len(server.gets()) == n
+    raw = bytearray((root / "one.emb").read_bytes())
+    raw[embfile.open(root / "one.emb").header.records_offset + 1200 * 4096] ^= 1  # row 1200, block 4
+    (root / "flipped.emb").write_bytes(bytes(raw))
+    with open_http(server, "flipped.emb", tmp_path / "c") as db:
+        db.fetch_records(0, 500)
+        with pytest.raises(embfile.ChecksumError, match="flipped.emb: records block 4 does not match its checksum"):
+            db.fetch_records(1000, 1300)
+
+
 def test_second_epoch_with_the_server_stopped(served, tmp_path):
     server, keys, x, _ = served
     db = open_http(server, "ds", tmp_path / "c")

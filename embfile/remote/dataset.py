@@ -416,18 +416,25 @@ class RemoteDataset(Dataset):
         return np.concatenate([np.diff(f.mapped.ranges().astype(np.int64)) for f in self._remote_files])
 
     def _arrow_rows(self, lo: int, hi: int) -> Any:
-        """Rows ``[lo, hi)`` from the files holding them alone, fetched by range reads: each file's keys (and
-        ranges) section whole and the records blocks holding the rows, each checked against its stored checksum
-        (:meth:`_fetch_checked`).  An engine's read task of a slice of a file costs that slice, not the file,
-        whichever worker runs it."""
+        """Rows ``[lo, hi)`` from the files holding them alone, fetched by range reads (:meth:`fetch_records`):
+        an engine's read task of a slice of a file costs that slice, not the file, whichever worker runs it."""
         if self._whole or hi <= lo:
             return super()._arrow_rows(lo, hi)
+        self.fetch_records(lo, hi)
+        first, last = self._files_holding(lo, hi)
+        return self._arrow([f.mapped for f in self._remote_files[first:last]]).slice(lo - self._starts[first], hi - lo)
+
+    def fetch_records(self, lo: int, hi: int) -> None:
+        """Fetch records ``[lo, hi)`` by range reads, checked: of each file holding them, its keys (and ranges)
+        section whole and the checksum blocks holding their rows, each against its stored checksum.  Reads of
+        those records (``take``, ``keys_at``, an engine's task) then ask nothing more of the server."""
+        if self._whole or hi <= lo:
+            return
         self._require_attached()
         first, last = self._files_holding(lo, hi)
         for i in range(first, last):
             start = self._starts[i]
             self._fetch_checked(self._remote_files[i], max(lo, start) - start, min(hi, self._starts[i + 1]) - start)
-        return self._arrow([f.mapped for f in self._remote_files[first:last]]).slice(lo - self._starts[first], hi - lo)
 
     def _fetch_checked(self, f: RemoteFile, lo: int, hi: int) -> None:
         """Fetch into ``f``'s copy what a table of its records ``[lo, hi)`` reads, and check it: the keys section

@@ -140,6 +140,7 @@ class _Reader(DataSourceReader):
         assert isinstance(partition, _Rows)
         first, last = partition.part.lo, partition.part.hi
         with open_part(partition.part, self.storage_options) as ds:  # its file alone
+            ds.fetch_records(first, last)  # at a URL: its rows' checksum blocks, checked
             _, value_type = _spark_type(ds)
             if ds.ragged:
                 yield from _record_batches(ds, first, last, value_type)
