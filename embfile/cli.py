@@ -519,8 +519,7 @@ def _versions(args: argparse.Namespace) -> None:
 
 
 def _changes(args: argparse.Namespace) -> None:
-    cache = {"cache_dir": args.cache_dir} if args.cache_dir else {}
-    c = embfile.changes(args.folder, args.since, args.version, **cache)
+    c = embfile.changes(args.folder, args.since, args.version, cache_dir=args.cache_dir)
     if args.json:
         print(json.dumps(dataclasses.asdict(c), ensure_ascii=False))
     else:
