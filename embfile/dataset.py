@@ -297,19 +297,33 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """Where ``files[i]`` is, for another process to open it."""
         return os.path.abspath(self.files[i].path)
 
+    @staticmethod
+    def _open_part(part: ReadPart, storage_options: dict[str, Any] | None) -> Dataset:
+        """The file of ``part`` opened alone, checked (:func:`checked_part`); a dataset at a URL has its own."""
+        return checked_part(EmbFile(part.path), part)
+
+    def _storage_options(self) -> dict[str, Any] | None:
+        """What a task needs to open this dataset's files (a URL's fsspec options)."""
+        return None
+
     def to_dask_array(self) -> Any:
         """The vectors as an ``(n, dim)`` Dask Array chunked along the files (and slices of about 128 MiB).
 
-        Its graph holds this dataset, which pickles by path (and version), never the data; each task reads its
-        rows from the mapping.  Needs dask (``pip install "embfile[dask]"``).
+        Its graph holds where each chunk's rows are (:meth:`read_parts`), never the data: a task opens the one
+        file its chunk is in and reads the rows (at a URL, the checksum blocks holding them, checked).  Needs
+        dask (``pip install "embfile[dask]"``).
         """
         da = require("dask.array", "dask")
-        self._require_open()
+        delayed = require("dask", "dask").delayed
         self._refuse_ragged("an array holds one vector per key", "db.pool('mean', out=...) makes them")
-        slices = self.slices(max(1, (128 << 20) // (self.dim * self.dtype.itemsize)))
-        chunks = (tuple(hi - lo for lo, hi in slices) or (0,), (self.dim,))
-        return da.from_array(
-            _RowsView(self), chunks=chunks, asarray=False, fancy=False, meta=np.empty((0, self.dim), self.dtype)
+        parts = self.read_parts(max(1, (128 << 20) // (self.dim * self.dtype.itemsize)))
+        read = delayed(_part_rows, pure=True)
+        options = self._storage_options()
+        return da.concatenate(
+            [
+                da.from_delayed(read(self._open_part, part, options), (part.hi - part.lo, self.dim), self.dtype)
+                for part in parts
+            ]
         )
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
@@ -581,22 +595,29 @@ class EmbFile(Dataset):
         return (EmbFile, (self.path,))
 
 
-class _RowsView:
-    """A dataset's rows as ``dask.array.from_array`` takes them: shape, dtype, slices of rows."""
+def checked_part(ds: Dataset, part: ReadPart) -> Dataset:
+    """``ds``, the file of ``part`` opened alone, if it is the file the read was planned with (else closed)."""
+    try:
+        f = ds.files[0]
+        if (f.count, f.stored_crc("keys")) != (part.count, part.keys_crc):
+            raise errors.ShardError(
+                f"{part.path} is not the file the read was planned with ({f.count} records, keys CRC "
+                f"{f.stored_crc('keys'):#x}; planned {part.count} and {part.keys_crc:#x}): it was replaced"
+            )
+    except BaseException:
+        ds.close()
+        raise
+    return ds
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.shape = (len(dataset), dataset.dim)
-        self.dtype = dataset.dtype
-        self.ndim = 2
 
-    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
-        lo, hi, _ = index[0].indices(self.shape[0])
-        rows: np.ndarray = self.dataset.take(np.arange(lo, hi))
-        return rows[:, index[1]]
-
-    def __dask_tokenize__(self) -> tuple[Any, ...]:
-        return self.dataset.__dask_tokenize__()
+def _part_rows(
+    open_part: Callable[[ReadPart, dict[str, Any] | None], Dataset], part: ReadPart, options: dict[str, Any] | None
+) -> np.ndarray:
+    """A chunk of :meth:`Dataset.to_dask_array`: the records of ``part``, read from its file alone."""
+    with open_part(part, options) as ds:
+        ds.fetch_records(part.lo, part.hi)
+        rows: np.ndarray = ds.take(np.arange(part.lo, part.hi))
+        return rows
 
 
 class _ValuesByRow(collections.abc.ValuesView[np.ndarray]):

@@ -23,7 +23,7 @@ import numpy as np
 
 from embfile import errors, remote
 from embfile import folder as layout
-from embfile.dataset import Dataset, EmbFile, ReadPart
+from embfile.dataset import Dataset, EmbFile, ReadPart, checked_part
 from embfile.file import MappedFile
 from embfile.writer import Writer
 
@@ -307,15 +307,4 @@ def open(
 def open_part(part: ReadPart, storage_options: dict[str, Any] | None = None) -> Dataset:
     """The file of an engine read task's ``part`` (:meth:`embfile.Dataset.read_parts`), opened alone, and
     checked to be the file the read was planned with."""
-    ds = open(part.path, storage_options=storage_options)
-    try:
-        f = ds.files[0]
-        if (f.count, f.stored_crc("keys")) != (part.count, part.keys_crc):
-            raise errors.ShardError(
-                f"{part.path} is not the file the read was planned with ({f.count} records, keys CRC "
-                f"{f.stored_crc('keys'):#x}; planned {part.count} and {part.keys_crc:#x}): it was replaced"
-            )
-    except BaseException:
-        ds.close()
-        raise
-    return ds
+    return checked_part(open(part.path, storage_options=storage_options), part)

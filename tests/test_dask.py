@@ -303,6 +303,13 @@ def test_a_dataset_at_an_s3_url_written_and_read_by_the_workers(dask_client, s3,
         first = f"/embs/dask-big/{db.manifest.shards[0].path}"
     assert list(read) == [first]  # its own file alone: no other file's header or index
     assert 500 * 1024 < read[first] < fs.size(first.lstrip("/")) / 2  # the checksum block of its rows, its keys
+    with embfile.open(big, storage_options=opts) as db:
+        since = len(s3.gets())
+        x = db.to_dask_array()  # planned from what opening read: no record downloaded
+        assert len(x.chunks[0]) == 2 and fetched(s3, since, "/embs/dask-big/").total() == 0
+        np.testing.assert_array_equal(x[:1000].compute(), expected[:1000])  # its chunk's file alone
+        assert list(fetched(s3, since, "/embs/dask-big/")) == [first]
+        np.testing.assert_array_equal(x.compute(), expected)
     back = embfile.dask.read_embfile(url, rows_per_partition=1000, storage_options=opts)
     out = back.compute()
     assert out["key"].tolist() == expected_keys

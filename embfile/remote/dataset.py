@@ -33,7 +33,7 @@ from embfile import _core, errors
 from embfile import folder as layout
 from embfile._format import PAGE, Header
 from embfile._pages import Layout
-from embfile.dataset import Dataset
+from embfile.dataset import Dataset, ReadPart, checked_part
 from embfile.file import MappedFile
 from embfile.remote.cache import Cache, PartialCopy, entry_name
 from embfile.remote.store import IN_FLIGHT, Identity, Remote
@@ -457,6 +457,13 @@ class RemoteDataset(Dataset):
 
     def _file_location(self, i: int) -> str:
         return self._remote_files[i].remote.url
+
+    @staticmethod
+    def _open_part(part: ReadPart, storage_options: dict[str, Any] | None) -> Dataset:
+        return checked_part(RemoteDataset(part.path, storage_options=storage_options), part)
+
+    def _storage_options(self) -> dict[str, Any] | None:
+        return self._options[2]
 
     def _require_open(self) -> None:
         """Bulk reads (every Python-level method that calls this) need the whole files."""
