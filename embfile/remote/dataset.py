@@ -309,16 +309,25 @@ class RemoteDataset(Dataset):
         starts = np.asarray(self._starts, np.int64)
         part = np.searchsorted(starts, rows, side="right") - 1
         parts = [(self._remote_files[p], np.unique(rows[part == p] - starts[p])) for p in np.unique(part).tolist()]
-        if self.ragged:
-            ranges = [(f, f.mapped.header.ranges_offset + 8 * r) for f, local in parts for r in local.tolist()]
-            fetch_all(_merged([(f, a, b) for f, at in ranges for a, b in f.needs(at, at + 16)]))
+        if self.ragged:  # each record's two ranges entries
+            fetch_all(
+                _merged(
+                    [
+                        (f, f.mapped.header.ranges_offset + 8 * a, f.mapped.header.ranges_offset + 8 * b)
+                        for f, local in parts
+                        for a, b in _spans(local, local + 2)
+                    ]
+                )
+            )
         requests = []
+        rb = self.dim * self.dtype.itemsize
         for f, local in parts:
-            h, rb = f.mapped.header, self.dim * self.dtype.itemsize
-            for r in local.tolist():
-                lo, hi = (int(x) for x in f.mapped.ranges()[r : r + 2]) if h.ragged else (r, r + 1)
-                lo, hi = min(lo, h.n_rows), min(max(lo, hi), h.n_rows)  # damaged ranges: the table says so
-                requests += [(f, a, b) for a, b in f.needs(h.records_offset + lo * rb, h.records_offset + hi * rb)]
+            h = f.mapped.header
+            lo, hi = (local, local + 1) if not h.ragged else (f.mapped.ranges()[local], f.mapped.ranges()[local + 1])
+            lo = np.minimum(lo.astype(np.int64), h.n_rows)  # damaged ranges: the table says so
+            hi = np.minimum(np.maximum(lo, hi.astype(np.int64)), h.n_rows)
+            for a, b in _spans(lo, hi):  # runs of neighbouring records: one look at the page map each
+                requests += [(f, x, y) for x, y in f.needs(h.records_offset + a * rb, h.records_offset + b * rb)]
         fetch_all(_merged(requests))
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -574,6 +583,19 @@ def remote_tags(remote: Remote) -> dict[str, int]:
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
                 found[name] = layout.tag_version(where.read_all(), where.url)
     return found
+
+
+def _spans(lo: np.ndarray, hi: np.ndarray) -> list[tuple[int, int]]:
+    """The union of the ranges ``[lo[i], hi[i])`` as sorted, disjoint ranges (empty ones dropped)."""
+    keep = hi > lo
+    order = np.argsort(lo[keep], kind="stable")
+    lo, hi = lo[keep][order].astype(np.int64), hi[keep][order].astype(np.int64)
+    if not len(lo):
+        return []
+    reach = np.maximum.accumulate(hi)
+    starts = np.flatnonzero(np.r_[True, lo[1:] > reach[:-1]])
+    ends = np.r_[starts[1:] - 1, len(lo) - 1]
+    return list(zip(lo[starts].tolist(), reach[ends].tolist()))
 
 
 def version_name(version: int) -> str:
