@@ -9,8 +9,10 @@ Mosaic Streaming and LitData amount to for a lookup.
 1. **Lookups** (``--lookups`` random keys, each round on a fresh cache): requests and bytes per cold key, per
    key whose index pages are cached (a neighbour's was read), per key read before; the time of each; a cold
    ``get_batch`` of 256 keys.  The peer's first lookup is its download.
-2. **Epochs** over the folder: time to the first batch, epoch 1 (download + read) and epoch 2 (from the cache),
-   against the local folder (page cache cold) and the peer (simplecache of every shard, then a local epoch).
+2. **Epochs** over the folder: time to the first batch, epoch 1 and epoch 2 (from the cache), and MiB
+   received, streamed (each window's checksum blocks fetched as the epoch comes to it) and, as before, the whole
+   folder downloaded first; one rank of four streaming its share; against the local folder (page cache cold)
+   and the peer (simplecache of every shard, then a local epoch).
 3. **Growing** a copy of the folder at its URL, each round on a fresh cache: an append of 1% new keys, a
    removal of 10 keys, and a job's commit (Spark's and Dask's protocol, two tasks of 1% each): seconds, and
    what each kept in the cache (what it received), against the dataset's size (what a download, edit and
@@ -117,13 +119,19 @@ def epochs(s3, local_folder, scratch, batch):
     """Time to first batch, epoch 1 and epoch 2 of embfile over the URL; the local folder; the peer."""
     import fsspec
 
-    res = {}
-    cache = tempfile.mkdtemp(dir=scratch)
-    t0 = time.perf_counter()
-    with embfile.open("s3://embs/ds", cache_dir=cache, storage_options=s3.storage_options()) as db:
-        res["embfile"] = timed_epoch(db, batch, 0, t0)
-        res["embfile epoch 2"] = timed_epoch(db, batch, 1)[1]
-    shutil.rmtree(cache)
+    res, received = {}, {}
+    for kind, options in (("embfile", {}), ("rank", {"rank": 1, "world_size": 4}), ("download", {})):
+        cache = tempfile.mkdtemp(dir=scratch)
+        t0 = time.perf_counter()
+        with embfile.open("s3://embs/ds", cache_dir=cache, storage_options=s3.storage_options()) as db:
+            if kind == "download":
+                db.download()  # what an epoch did before it streamed
+            res[kind] = timed_epoch(db, batch, 0, t0, **options)
+            received[kind] = db.bytes_read / 2**20
+            if kind == "embfile":
+                res["embfile epoch 2"] = timed_epoch(db, batch, 1)[1]
+        shutil.rmtree(cache)
+    res["received"] = received
 
     with embfile.open(local_folder) as db:
         for f in db.files:
@@ -223,11 +231,11 @@ def _kept(folder):
     return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(folder) for f in files)
 
 
-def timed_epoch(db, batch, epoch, t0=None):
+def timed_epoch(db, batch, epoch, t0=None, **options):
     """Seconds from ``t0`` (default: now) to the first batch of one epoch, and to its end."""
     t0 = time.perf_counter() if t0 is None else t0
     first = None
-    for _ in db.iter_batches(batch, seed=0, epoch=epoch):
+    for _ in db.iter_batches(batch, seed=0, epoch=epoch, **options):
         first = first or time.perf_counter() - t0
     return first, time.perf_counter() - t0
 
@@ -313,17 +321,20 @@ def run(args):
         print(f"## Epochs over the folder ({args.rounds} rounds, batches of {args.batch}; seconds, median (range))\n")
         res = [epochs(s3, os.path.join(scratch, "ds"), scratch, args.batch) for _ in range(args.rounds)]
         local_epoch = np.median([r["local"][1] for r in res])
-        print("| | first batch, s | epoch, s | epoch / local disk (cold) |")
-        print("|---|---:|---:|---:|")
+        print("| | first batch, s | epoch, s | epoch / local disk (cold) | MiB received |")
+        print("|---|---:|---:|---:|---:|")
         for label, key in (
-            ("embfile over s3://, epoch 1 (downloads)", "embfile"),
+            ("embfile over s3://, epoch 1 (streamed)", "embfile"),
+            ("embfile over s3://, rank 1 of 4 (its share, streamed)", "rank"),
+            ("embfile over s3://, download first (before)", "download"),
             ("peer: simplecache, then local", "peer"),
             ("local disk, page cache cold", "local"),
         ):
             first = [r[key][0] for r in res]
             total = [r[key][1] for r in res]
             ratio = np.median(total) / local_epoch
-            print(f"| {label} | {spread(first, '{:.2f}')} | {spread(total, '{:.2f}')} | {ratio:.2f}x |")
+            mib = spread([r["received"][key] for r in res], "{:.0f}") if key in res[0]["received"] else ""
+            print(f"| {label} | {spread(first, '{:.2f}')} | {spread(total, '{:.2f}')} | {ratio:.2f}x | {mib} |")
         e2, l2 = [r["embfile epoch 2"] for r in res], [r["local epoch 2"] for r in res]
         print(
             f"\nEpoch 2: embfile over s3:// from the cache {spread(e2, '{:.3f}')} s, the local folder "

@@ -143,6 +143,11 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             )
         return self._layout_cache
 
+    def _epoch_reads(self) -> tuple[Layout, Callable[[Sequence[tuple[int, int]]], None] | None]:
+        """Where an epoch gathers its batches from, and what it must first call with the record ranges
+        ``(lo, hi)`` of each window: nothing here, every record is at hand (a dataset at a URL fetches them)."""
+        return self._layout(), None
+
     def _direct_parts(self) -> list[tuple[str, int, int, int]]:
         """Each file's ``(path, records offset, first row, rows)``, for reads around the mapping."""
         return [
@@ -418,7 +423,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         >>> for keys, x in db.iter_batches(256, seed=1, epoch=e):   # doctest: +SKIP
         ...     loss = model(torch.from_numpy(x))
         """
-        self._require_open()
+        self._require_attached()  # at a URL an epoch fetches its windows as it goes: no download
         return Batches(self, EpochOptions(batch_size, **options), transform=transform)
 
     def to_arrow(self, key_column: str = "key", vector_column: str = "vector") -> Any:
@@ -532,6 +537,10 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         return TypeError(f"{self.path or 'this dataset'} holds per-residue (ragged) records; {what}: {instead}")
 
     def _require_open(self) -> None:
+        """Before a read of every record (a dataset at a URL first downloads its files)."""
+        self._require_attached()
+
+    def _require_attached(self) -> None:
         if not self.files or self.files[0].closed:
             raise errors.ClosedFileError(f"{self.path or 'dataset'}: operation on a closed {type(self).__name__}")
 

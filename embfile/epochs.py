@@ -31,7 +31,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -269,9 +270,50 @@ class Rows(Protocol):
     def keys_at(self, rows: np.ndarray) -> list[str]: ...
     def lengths(self) -> np.ndarray: ...
     def _gather_ragged(self, records: np.ndarray, pad: bool) -> tuple[np.ndarray, np.ndarray]: ...
-    def _layout(self) -> Layout: ...
+    def _epoch_reads(self) -> tuple[Layout, Callable[[Sequence[tuple[int, int]]], None] | None]: ...
     def _direct_parts(self) -> list[tuple[str, int, int, int]]: ...
-    def _require_open(self) -> None: ...
+    def _require_attached(self) -> None: ...
+
+
+class Fetches:
+    """Windows fetched on a thread ahead of their reading, for a source whose records must be fetched before
+    they are read (a dataset at a URL: ``fetch`` takes a window's record ranges).  The window being read waits
+    for its own fetch; the next ``ahead`` are fetched meanwhile, one after another."""
+
+    def __init__(
+        self,
+        fetch: Callable[[Sequence[tuple[int, int]]], None],
+        ranges: Callable[[int], list[tuple[int, int]]],
+        n_windows: int,
+        ahead: int,
+    ) -> None:
+        self._fetch, self._ranges, self._n_windows, self._ahead = fetch, ranges, n_windows, ahead  # windows to fetch
+        self._pool: ThreadPoolExecutor | None = None  # started by the first wait
+        self._futures: dict[int, Future[None]] = {}
+        self.done = -1  # windows up to this one are fetched
+
+    def wait(self, first: int, last: int) -> None:
+        """Return once windows ``first`` to ``last`` are fetched (raising what their fetch raised), the next ones
+        under way; windows before ``first`` that were queued are dropped (other workers' batches)."""
+        if last <= self.done:
+            return
+        for w in [w for w in self._futures if w < first]:
+            self._futures.pop(w).cancel()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="embfile-fetch")
+        for w in range(max(first, self.done + 1), min(last + self._ahead, self._n_windows - 1) + 1):
+            if w not in self._futures:
+                self._futures[w] = self._pool.submit(self._fetch, self._ranges(w))
+        for w in range(max(first, self.done + 1), last + 1):
+            self._futures.pop(w).result()
+        self.done = last
+
+    def close(self) -> None:
+        """Stop fetching ahead (a fetch under way ends by itself); a later :meth:`wait` starts again."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._futures.clear()
 
 
 def budget_cuts(lengths: np.ndarray, budget: int, tolerance: float = PADDING_TOLERANCE) -> np.ndarray:
@@ -354,6 +396,7 @@ class Batches:
 
     _reader: ReadAhead | None = None  # the read-ahead thread, started by the first batch
     _direct: DirectWindows | None = None  # or the O_DIRECT reader of a cold epoch
+    _fetches: Fetches | None = None  # or, at a URL, the windows' records fetched ahead
 
     def __init__(
         self,
@@ -375,7 +418,7 @@ class Batches:
         self.options = options
         self.batch_size = options.batch_size
         self._source = source
-        self._layout = source._layout()
+        self._layout, fetch = source._epoch_reads()
         ragged = source.ragged
         if not ragged and options.token_budget is not None:
             raise ValueError("token_budget= batches ragged records; this dataset has one row per record")
@@ -415,7 +458,10 @@ class Batches:
         self._read_ahead = count(read_ahead, "read_ahead")
         self._window_layout: Layout | None = None  # of the direct path: the window being read
         one_reader = num_workers == 1 and self._read_ahead > 0
-        if options.read == "direct" or (options.read == "auto" and one_reader and not self._layout.cached()):
+        if fetch is not None:  # read through the mapping of the partial copies, once fetched
+            last = self.plan.window_of(self._hi - 1) if self._hi > self._lo else -1  # of this rank's share
+            self._fetches = Fetches(fetch, self._record_ranges, last + 1, max(self._read_ahead, 1))
+        elif options.read == "direct" or (options.read == "auto" and one_reader and not self._layout.cached()):
             try:
                 self._direct = DirectWindows(source._direct_parts(), self._layout.record_bytes)
             except OSError:
@@ -465,10 +511,12 @@ class Batches:
             self.close()
             raise StopIteration
         try:
-            self._source._require_open()
+            self._source._require_attached()
         except errors.ClosedFileError:
             self.close()
             raise
+        if self._fetches is not None:
+            self._fetched(window, window if rows is not None else self.plan.window_of(stop - 1))
         self._enter(window)
         if self._direct is not None:  # the rows of the batch's windows (it may run into the next ones)
             last = window if rows is not None else self.plan.window_of(stop - 1)
@@ -521,12 +569,35 @@ class Batches:
         out[mask] = packed
         return out, mask
 
+    def _fetched(self, first: int, last: int) -> None:
+        """Have windows ``first`` to ``last`` fetched (see :class:`Fetches`); if the source's files became whole
+        meanwhile (a download), read those instead from now on."""
+        assert self._fetches is not None
+        if last > self._fetches.done:
+            self._layout, fetch = self._source._epoch_reads()
+            if fetch is None:
+                self._fetches.close()
+                self._fetches = None
+                return
+            self._fetches.wait(first, last)
+
+    def _record_ranges(self, w: int) -> list[tuple[int, int]]:
+        """Record ranges ``(lo, hi)`` of window ``w`` (of ``unit="row"``, the records holding its rows)."""
+        ranges = self.plan.window_ranges(w)
+        if not self._by_row:
+            return ranges
+        assert self._row_of is not None
+        lo, hi = np.array(ranges, np.int64).reshape(-1, 2).T
+        first = np.searchsorted(self._row_of, lo, "right") - 1
+        end = np.searchsorted(self._row_of, hi, "left")
+        return list(zip(first.tolist(), end.tolist()))
+
     def _enter(self, w: int) -> None:
         """Start on window ``w``: release the one before; have the reader ask the kernel for the windows
         up to ``read_ahead + 1`` ahead and map in those up to ``read_ahead`` ahead (so the disk always
         has the next window queued while one is being mapped).  ``read_ahead=0``: none of this (a file in
         the page cache, read by several loader workers, each of which would map and unmap every window)."""
-        if w == self._window or self._read_ahead == 0:
+        if w == self._window or self._read_ahead == 0 or self._fetches is not None:
             self._window = w
             return
         if self._direct is not None:
@@ -564,6 +635,8 @@ class Batches:
         direct, self._direct = self._direct, None
         if direct is not None:
             direct.close()
+        if self._fetches is not None:
+            self._fetches.close()
         reader, self._reader = self._reader, None
         if reader is not None:
             for w in range(max(self._window, 0), self._asked + 1):  # the current and mapped-ahead windows

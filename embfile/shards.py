@@ -252,8 +252,9 @@ def open(
 
     A URL (``s3://``, ``gs://``, ``https://``, ``hdfs://``; a file or a dataset folder) opens through fsspec as
     a :class:`~embfile.remote.RemoteDataset`, with the same methods: lookups fetch only the index pages and
-    records they need (a cold key takes at most three requests, a key read before none), bulk reads
-    (iteration, epochs, ``to_numpy``) download whole files into a local cache first.  Needs
+    records they need (a cold key takes at most three requests, a key read before none), an epoch the
+    records of each window as it comes to it, other bulk reads (iteration, ``to_numpy``) download whole
+    files into a local cache first.  Needs
     ``pip install "embfile[remote]"``.
 
     Parameters

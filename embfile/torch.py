@@ -363,7 +363,7 @@ class IterableDataset(torch.utils.data.IterableDataset):
         if buffers is not None:  # in a worker: gather each batch straight into a buffer for the main process
             shape, dtype = (self.store.dim,), self.store.dtype
             out = lambda rows: buffers.array((rows, *shape), dtype)
-            read_ahead = 0 if self.store._layout().cached() else 1  # warm: every worker would map each window
+            read_ahead = 0 if self.store._epoch_reads()[0].cached() else 1  # warm: every worker would map each window
         return Batches(
             self.store,
             self.options,

@@ -242,13 +242,61 @@ def test_fetched_records_are_checked_and_then_read_without_requests(served, tmp_
         np.testing.assert_array_equal(db.take(np.arange(1000, 1300)), x[1000:1300])
         assert db.keys_at(np.arange(1000, 1300, dtype=np.uint64)) == keys[1000:1300]
         assert len(server.gets()) == n
-    raw = bytearray((root / "one.emb").read_bytes())
-    raw[embfile.open(root / "one.emb").header.records_offset + 1200 * 4096] ^= 1  # row 1200, block 4
-    (root / "flipped.emb").write_bytes(bytes(raw))
+    _flip_row(root, "flipped.emb", 1200)  # block 4
     with open_http(server, "flipped.emb", tmp_path / "c") as db:
         db.fetch_records(0, 500)
         with pytest.raises(embfile.ChecksumError, match="flipped.emb: records block 4 does not match its checksum"):
             db.fetch_records(1000, 1300)
+
+
+def _flip_row(root, name, row):
+    """``root/name``: one.emb with a bit of record ``row`` flipped (4 KiB records: checksum block row // 256)."""
+    raw = bytearray((root / "one.emb").read_bytes())
+    raw[embfile.open(root / "one.emb").header.records_offset + row * 4096] ^= 1
+    (root / name).write_bytes(bytes(raw))
+
+
+def test_an_epoch_at_a_url_streams_its_windows_checked(served, tmp_path):
+    """An epoch fetches each window's checksum blocks when it comes to it (the next window meanwhile), checks
+    them and reads the partial copy: the first batch waits for a window, not the file, a rank fetches the
+    windows of its share, and a resumed epoch the windows after its position."""
+    server, keys, x, root = served
+    size, where = (root / "one.emb").stat().st_size, {k: i for i, k in enumerate(keys)}
+
+    def right(batches):
+        for ks, v in batches:
+            np.testing.assert_array_equal(v, x[[where[k] for k in ks]])
+            yield from ks
+
+    with open_http(server, "one.emb", tmp_path / "c") as db:
+        n = len(server.gets())
+        epoch = db.iter_batches(100, seed=0, buffer_blocks=2)  # windows of 2 MiB, the file 12 MB
+        first = next(epoch)
+        assert _received(server, root, n) < size / 2
+        assert sorted(right([first, *epoch])) == sorted(keys)
+        assert all(byte_range for _, _, byte_range in server.gets()[n:]) and not db._whole  # nothing downloaded
+        assert _received(server, root, n) < 1.02 * size  # each page once
+        n = len(server.gets())
+        assert sum(len(b) for b in db.iter_batches(100, seed=0, epoch=1, keys=False)) == N
+        assert len(server.gets()) == n  # all here now
+    with open_http(server, "one.emb", tmp_path / "c2") as db:
+        n = len(server.gets())
+        share = list(right(db.iter_batches(100, seed=0, buffer_blocks=2, rank=1, world_size=3)))
+        assert len(share) == N // 3 and _received(server, root, n) < 0.6 * size
+    with open_http(server, "one.emb", tmp_path / "c3") as db:
+        epoch = db.iter_batches(100, seed=0, buffer_blocks=2)
+        seen = list(right(next(epoch) for _ in range(20)))
+        state = epoch.state_dict()
+    with open_http(server, "one.emb", tmp_path / "c4") as db:
+        n = len(server.gets())
+        epoch = db.iter_batches(100, seed=0, buffer_blocks=2)
+        epoch.load_state_dict(state)
+        assert sorted(seen + list(right(epoch))) == sorted(keys)
+        assert _received(server, root, n) < 0.5 * size  # the windows from two thirds on
+    _flip_row(root, "flipped.emb", 1200)
+    with open_http(server, "flipped.emb", tmp_path / "c5") as db:
+        with pytest.raises(embfile.ChecksumError, match="flipped.emb: records block 4 does not match its checksum"):
+            list(right(db.iter_batches(100, seed=0, buffer_blocks=2)))  # right until the window holding it
 
 
 def test_second_epoch_with_the_server_stopped(served, tmp_path):
@@ -459,16 +507,18 @@ def test_torch_datasets_over_a_url(served, tmp_path):
     torch = pytest.importorskip("torch")
     import embfile.torch as et
 
-    server, keys, x, _ = served
+    server, keys, x, root = served
     db = open_http(server, "ds", tmp_path / "c")
+    epoch = et.IterableDataset(db, batch_size=100, seed=0)
+    loader = torch.utils.data.DataLoader(epoch, batch_size=None, num_workers=2)
+    n = len(server.gets())
+    rows = sum(len(b[1]) if isinstance(b, (tuple, list)) else len(b) for b in loader)
+    assert rows == N  # the workers stream the same windows: each fetched by one of them, the other waiting
+    assert _received(server, root, n) < 1.1 * sum(p.stat().st_size for p in (root / "ds").rglob("*.emb"))
     by_key = et.Dataset(db, keys=keys[::-1])
     loader = torch.utils.data.DataLoader(by_key, batch_size=64, num_workers=2)
     got = torch.cat(list(loader)).numpy()
     np.testing.assert_array_equal(got, x[::-1])  # lookups by range reads, in the workers
-    epoch = et.IterableDataset(db, batch_size=100, seed=0)
-    loader = torch.utils.data.DataLoader(epoch, batch_size=None, num_workers=2)
-    rows = sum(len(b[1]) if isinstance(b, (tuple, list)) else len(b) for b in loader)
-    assert rows == N  # the whole shards, downloaded once into the shared cache
     db.close()
 
 
@@ -757,6 +807,11 @@ def test_ragged_records_by_range_reads(tmp_path):
             assert ds.ragged and len(ds) == len(keys)
             np.testing.assert_array_equal(ds[keys[1234]], records[keys[1234]])
             assert sum(len(k) for k, *_ in ds.iter_batches(token_budget=8192, seed=1)) == len(keys)
+        with open_http(server, "ds", tmp_path / "c3") as ds:  # residues streamed: each window's records fetched
+            epoch = ds.iter_batches(4096, seed=2, unit="row", buffer_blocks=2, rank=1, world_size=2)
+            ks, rows = next(epoch)  # a residue's record is fetched with the window holding the residue
+            assert all((records[k] == row).all(1).any() for k, row in zip(ks, rows))
+            assert len(rows) + sum(len(rows) for _, rows in epoch) == epoch.share and not ds._whole
     finally:
         server.stop()
 

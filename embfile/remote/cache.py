@@ -8,6 +8,7 @@
       pages/BOOT/NAME.have        one byte per page of the partial copy: nonzero once the page is written
       tmp/NAME.TOKEN.part         downloads in progress, each locked by its writer
       locks/NAME.lock             taken while downloading NAME, so that processes download it once
+      locks/fetch-K.lock          taken while fetching pages that other processes may ask for too (K < 64)
 
 ``NAME`` is derived from the URL and the object's identity (size and ETag, or a manifest's count and keys
 CRC): a changed object gets a new name, so its pages are never mixed with the old one's.  A whole file never
@@ -30,6 +31,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -41,6 +43,7 @@ from embfile.folder import unique_name
 PART_BYTES = 16 << 20  # a download's ranged requests
 DOWNLOAD_IN_FLIGHT = 4
 ABANDONED_AFTER = 10.0  # seconds: an unlocked download older than this is a dead writer's
+FETCH_LOCKS = 64  # fetches of pages are serialised by one of this many locks, chosen by what they fetch
 
 
 def default_root() -> str:
@@ -167,6 +170,13 @@ class Cache:
         for sub in ("files", "pages"):
             shutil.rmtree(os.path.join(self.root, sub), ignore_errors=True)
         self.__init__(self.root, self.limit)  # type: ignore[misc]
+
+    def fetching(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Held while fetching pages named by ``what``: processes asking for the same pages at once (the
+        workers of a DataLoader all read every window) then fetch them once, the others waiting, then finding
+        them there.  Unrelated fetches share a lock only by chance (one of :data:`FETCH_LOCKS`)."""
+        slot = zlib.crc32(what.encode()) % FETCH_LOCKS
+        return self._locked(os.path.join(self.root, "locks", f"fetch-{slot}.lock"))
 
     @contextlib.contextmanager
     def _locked(self, path: str) -> Iterator[None]:

@@ -8,9 +8,11 @@ flight) and the probe goes on, until every key is settled; then the records' pag
 ordinary lookup runs, reading only pages that are there.  The search is the local one, step for step: no
 second implementation of the index to drift from the first.
 
-Everything that reads in bulk (iteration, epochs, ``to_numpy``, exports, search, ``verify``) first downloads
-every file whole into the cache, checks it, and re-attaches the table to the whole copies; from then on the
-dataset is a local one and asks nothing of the server.
+An epoch streams (:meth:`RemoteDataset._fetch_ranges`): before it reads a window, the checksum blocks holding
+the window's records are fetched into the partial copies by range reads and checked, and the next window is
+fetched while this one is read.  Everything else that reads in bulk (iteration, ``to_numpy``, exports, search,
+``verify``) first downloads every file whole into the cache, checks it, and re-attaches the table to the whole
+copies; from then on the dataset is a local one and asks nothing of the server.
 
 Keys read by row (``key``, ``keys_between``, ``keys_at``: what :func:`embfile.changes` reads) need only the key
 index's keys sections: those are fetched whole and checked, not the records.  An engine's read task of a slice
@@ -23,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -61,6 +63,7 @@ class RemoteFile:
         self.partial: PartialCopy | None = None
         self.identity: Identity | None = None
         self.checked: set[str] = set()  # sections fetched whole and checked (fetch_section)
+        self.checked_blocks: np.ndarray | None = None  # records blocks fetched and checked (check_blocks)
         if expect and self._open_whole():
             return
         self.identity = identity = remote.identity()
@@ -148,6 +151,36 @@ class RemoteFile:
                 if _core.crc32c(whole[h.offset(n) : h.offset(n) + h.size(n)]) != self.mapped.stored_crc(n):
                     raise errors.ChecksumError(f"{self.remote.url}: the {n} section does not match its checksum")
                 self.checked.add(n)
+
+    def unchecked_blocks(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The runs ``(first, end)`` of checksum blocks holding this file's records ``[lo, hi)`` that this handle
+        has not checked (of ragged records, through the ranges section, which must be here)."""
+        h, m = self.mapped.header, self.mapped
+        rows = (int(m.ranges()[lo]), int(m.ranges()[hi])) if h.ragged else (lo, hi)
+        rows = (min(rows[0], h.n_rows), min(max(rows), h.n_rows))  # damaged ranges: the reader's checks say so
+        record_bytes = h.dim * m.dtype.itemsize
+        b0, b1 = rows[0] * record_bytes // h.block_bytes, -(-rows[1] * record_bytes // h.block_bytes)
+        if self.checked_blocks is None:
+            self.checked_blocks = np.zeros(-(-h.records_size // h.block_bytes), bool)
+        todo = np.flatnonzero(~self.checked_blocks[b0:b1]) + b0
+        return _spans(todo, todo + 1)
+
+    def block_bytes(self, b0: int, b1: int) -> tuple[int, int]:
+        """The byte range of checksum blocks ``[b0, b1)`` of the records section."""
+        h = self.mapped.header
+        return h.records_offset + b0 * h.block_bytes, h.records_offset + min(b1 * h.block_bytes, h.records_size)
+
+    def check_blocks(self, b0: int, b1: int) -> None:
+        """Check records blocks ``[b0, b1)``, which must be here, against their stored checksums (those of the
+        sums section, which must be here too)."""
+        assert self.checked_blocks is not None
+        start, end = self.block_bytes(b0, b1)
+        with memoryview(self.mapped.mappings()[1]) as whole:
+            sums = _core.crc32c_blocks(whole[start:end], self.mapped.header.block_bytes)
+        bad = np.flatnonzero(sums != self.mapped.sums()[b0:b1]) + b0
+        if len(bad):
+            raise errors.ChecksumError(f"{self.remote.url}: records block {bad[0]} does not match its checksum")
+        self.checked_blocks[b0:b1] = True
 
     def store(self, start: int, data: bytes) -> None:
         assert self.partial is not None
@@ -375,9 +408,7 @@ class RemoteDataset(Dataset):
         if self.ragged:
             return self._gather_ragged(rows, pad)
         out = np.empty((len(rows), self.dim), self.dtype)
-        matrices = [f.mapped.matrix for f in self._remote_files]  # the partial copies: not Dataset._layout()
-        bases = np.array([m.ctypes.data for m in matrices], np.uintp)
-        Layout(bases, np.array(self._starts, np.uint64), self.dim * self.dtype.itemsize, matrices).gather(rows, out)
+        self._partial_layout().gather(rows, out)
         return out
 
     @property
@@ -441,28 +472,53 @@ class RemoteDataset(Dataset):
             return
         self._require_attached()
         first, last = self._files_holding(lo, hi)
-        for i in range(first, last):
-            start = self._starts[i]
-            self._fetch_checked(self._remote_files[i], max(lo, start) - start, min(hi, self._starts[i + 1]) - start)
+        for f in self._remote_files[first:last]:
+            f.fetch_sections(["keys"])
+        self._fetch_ranges([(lo, hi)])
 
-    def _fetch_checked(self, f: RemoteFile, lo: int, hi: int) -> None:
-        """Fetch into ``f``'s copy what a table of its records ``[lo, hi)`` reads, and check it: the keys section
-        (and the ranges section of ragged records) whole, and the records blocks holding their rows."""
-        h = f.mapped.header
-        f.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
-        f.fetch_sections(["keys", *(["ranges"] if h.ragged else [])])
-        sums = f.mapped.sums()
-        rows = (int(f.mapped.ranges()[lo]), int(f.mapped.ranges()[hi])) if h.ragged else (lo, hi)
-        rows = (min(rows[0], h.n_rows), min(max(rows), h.n_rows))  # damaged ranges: Arrow's validation says so
-        record_bytes = self.dim * self.dtype.itemsize
-        b0 = rows[0] * record_bytes // h.block_bytes
-        b1 = -(-rows[1] * record_bytes // h.block_bytes)
-        start, end = h.records_offset + b0 * h.block_bytes, h.records_offset + min(b1 * h.block_bytes, h.records_size)
-        f.fetch([(start, end)])
-        with memoryview(f.mapped.mappings()[1]) as whole:
-            bad = np.flatnonzero(_core.crc32c_blocks(whole[start:end], h.block_bytes) != sums[b0:b1])
-        if len(bad):
-            raise errors.ChecksumError(f"{f.remote.url}: records block {b0 + int(bad[0])} does not match its checksum")
+    def _epoch_reads(self) -> tuple[Layout, Callable[[Sequence[tuple[int, int]]], None] | None]:
+        """An epoch streams from the partial copies, fetching each window's records before it reads them
+        (:meth:`_fetch_ranges`), unless the files are whole here already: its first batch waits for one window,
+        not for the dataset, and a rank fetches only the windows of its own share."""
+        self._require_attached()
+        if self._whole:
+            return super()._epoch_reads()
+        return self._partial_layout(), self._fetch_ranges
+
+    def _fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch the records of ``ranges`` (``(lo, hi)`` record numbers) by range reads, all in flight together,
+        and check them: the checksum blocks holding their rows, each against its stored checksum once per
+        handle (of ragged records, the ranges section first, whole and checked).  Processes sharing the cache
+        that ask for the same ranges (a DataLoader's workers, which all read every window) fetch them once:
+        the others wait, then find the pages there."""
+        self._require_attached()
+        if self._whole:
+            return
+        pieces: dict[int, list[tuple[int, int]]] = {}  # file: its records' ranges
+        for lo, hi in ranges:
+            first, last = self._files_holding(lo, hi)
+            for i in range(first, min(last, len(self._remote_files))):
+                start, end = self._starts[i], self._starts[i + 1]
+                if min(hi, end) > max(lo, start):
+                    pieces.setdefault(i, []).append((max(lo, start) - start, min(hi, end) - start))
+        blocks = []  # (file, first block, end block) not checked yet
+        for i, local in pieces.items():
+            f = self._remote_files[i]
+            h = f.mapped.header
+            f.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
+            if h.ragged:
+                f.fetch_sections(["ranges"])
+            blocks += [(f, b0, b1) for lo, hi in local for b0, b1 in f.unchecked_blocks(lo, hi)]
+        with self.cache.fetching(f"{self.url} {self.version} {list(ranges)}"):
+            fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.needs(*f.block_bytes(b0, b1))]))
+        for f, b0, b1 in blocks:
+            f.check_blocks(b0, b1)
+
+    def _partial_layout(self) -> Layout:
+        """Where the rows are in the partial copies (:meth:`Dataset._layout` would download the files)."""
+        matrices = [f.mapped.matrix for f in self._remote_files]
+        bases = np.array([m.ctypes.data for m in matrices], np.uintp)
+        return Layout(bases, np.array(self._row_starts, np.uint64), self.dim * self.dtype.itemsize, matrices)
 
     def _file_location(self, i: int) -> str:
         return self._remote_files[i].remote.url
@@ -477,9 +533,6 @@ class RemoteDataset(Dataset):
     def _require_open(self) -> None:
         """Bulk reads (every Python-level method that calls this) need the whole files."""
         self.download()
-
-    def _require_attached(self) -> None:
-        super()._require_open()
 
     # -- keys by row: from the key index's keys sections alone ----------------------------------------------
 
