@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from glob import glob
 
 import numpy as np
 import pytest
@@ -297,6 +298,35 @@ def test_an_epoch_at_a_url_streams_its_windows_checked(served, tmp_path):
     with open_http(server, "flipped.emb", tmp_path / "c5") as db:
         with pytest.raises(embfile.ChecksumError, match="flipped.emb: records block 4 does not match its checksum"):
             list(right(db.iter_batches(100, seed=0, buffer_blocks=2)))  # right until the window holding it
+
+
+def test_a_streamed_epoch_after_a_killed_one_and_with_a_damaged_cache(served, tmp_path):
+    """A process killed while it streams an epoch leaves pages the next one uses or fetches again (and its lock
+    to the kernel); a block of the cache's copy damaged on disk is fetched again, not yielded."""
+    server, keys, x, root = served
+    url, cache = f"{server.url}/one.emb", str(tmp_path / "c")
+    server.delay = 0.05
+    code = f"import embfile; [b for b in embfile.open({url!r}, cache_dir={cache!r}).iter_batches(50, buffer_blocks=1)]"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    pages = os.path.join(cache, "pages", remote_cache.boot_id())
+    deadline = time.time() + 60
+    while time.time() < deadline and sum(np.fromfile(p, np.uint8).sum() for p in glob(f"{pages}/*.have")) < 1000:
+        time.sleep(0.02)  # until a quarter of the file's pages are here
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    server.delay = 0.0
+    with open_http(server, "one.emb", cache) as db:
+        got = {k: v.copy() for ks, vs in db.iter_batches(100, seed=1) for k, v in zip(ks, vs)}
+    np.testing.assert_array_equal(np.stack([got[k] for k in keys]), x)
+    (copy,) = glob(f"{pages}/*.emb")
+    with open(copy, "r+b") as f:  # a byte of row 2000's record (block 7), as a disk might damage it
+        f.seek(embfile.open(root / "one.emb").header.records_offset + 2000 * 4096 + 7)
+        f.write(b"\xff")
+    with open_http(server, "one.emb", cache) as db:
+        n = len(server.gets())
+        got = {k: v.copy() for ks, vs in db.iter_batches(100, seed=2) for k, v in zip(ks, vs)}
+        assert _received(server, root, n) == 1 << 20  # that block again
+    np.testing.assert_array_equal(np.stack([got[k] for k in keys]), x)
 
 
 def test_second_epoch_with_the_server_stopped(served, tmp_path):

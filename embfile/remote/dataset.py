@@ -170,17 +170,20 @@ class RemoteFile:
         h = self.mapped.header
         return h.records_offset + b0 * h.block_bytes, h.records_offset + min(b1 * h.block_bytes, h.records_size)
 
-    def check_blocks(self, b0: int, b1: int) -> None:
+    def check_blocks(self, b0: int, b1: int) -> list[int]:
         """Check records blocks ``[b0, b1)``, which must be here, against their stored checksums (those of the
-        sums section, which must be here too)."""
+        sums section, which must be here too): the blocks that do not match (the others are marked checked)."""
         assert self.checked_blocks is not None
         start, end = self.block_bytes(b0, b1)
         with memoryview(self.mapped.mappings()[1]) as whole:
-            sums = _core.crc32c_blocks(whole[start:end], self.mapped.header.block_bytes)
-        bad = np.flatnonzero(sums != self.mapped.sums()[b0:b1]) + b0
-        if len(bad):
-            raise errors.ChecksumError(f"{self.remote.url}: records block {bad[0]} does not match its checksum")
-        self.checked_blocks[b0:b1] = True
+            good = _core.crc32c_blocks(whole[start:end], self.mapped.header.block_bytes) == self.mapped.sums()[b0:b1]
+        self.checked_blocks[b0:b1] = good
+        return (np.flatnonzero(~good) + b0).tolist()
+
+    def forget(self, start: int, end: int) -> None:
+        """Mark the pages of bytes ``[start, end)`` absent from the partial copy, to be fetched again."""
+        assert self.partial is not None
+        self.partial.have[start // PAGE : -(-end // PAGE)] = 0
 
     def store(self, start: int, data: bytes) -> None:
         assert self.partial is not None
@@ -511,8 +514,14 @@ class RemoteDataset(Dataset):
             blocks += [(f, b0, b1) for lo, hi in local for b0, b1 in f.unchecked_blocks(lo, hi)]
         with self.cache.fetching(f"{self.url} {self.version} {list(ranges)}"):
             fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.needs(*f.block_bytes(b0, b1))]))
-        for f, b0, b1 in blocks:
-            f.check_blocks(b0, b1)
+        bad = [(f, b) for f, b0, b1 in blocks for b in f.check_blocks(b0, b1)]
+        if bad:  # the cache's copy may be what is damaged (a disk's fault): fetch those blocks again, once
+            for f, b in bad:
+                f.forget(*f.block_bytes(b, b + 1))
+            fetch_all(_merged([(f, a, b) for f, b in bad for a, b in f.needs(*f.block_bytes(b, b + 1))]))
+            for f, b in bad:
+                if f.check_blocks(b, b + 1):
+                    raise errors.ChecksumError(f"{f.remote.url}: records block {b} does not match its checksum")
 
     def _partial_layout(self) -> Layout:
         """Where the rows are in the partial copies (:meth:`Dataset._layout` would download the files)."""
