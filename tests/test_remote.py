@@ -515,6 +515,18 @@ def test_cache_limit_evicts_least_recently_used(served, tmp_path):
     a.close()
 
 
+def test_a_streamed_epoch_keeps_the_cache_limit(served, tmp_path):
+    server, keys, x, root = served
+    shutil.copy(root / "one.emb", root / "two.emb")
+    size, cache = os.path.getsize(root / "one.emb"), tmp_path / "c"
+    with open_http(server, "two.emb", cache, cache_limit=int(size * 1.5)) as db:
+        assert sum(len(ks) for ks, _ in db.iter_batches(100, buffer_blocks=4)) == N
+    with open_http(server, "one.emb", cache, cache_limit=int(size * 1.5)) as db:
+        assert sum(len(ks) for ks, _ in db.iter_batches(100, buffer_blocks=4)) == N
+        copies = [n for n in os.listdir(cache / "pages" / remote_cache.boot_id()) if n.endswith(".emb")]
+        assert len(copies) == 1 and copies[0].startswith("one-")  # two's pages went to make room
+
+
 def test_prefetch_and_cli(served, tmp_path):
     server, keys, x, _ = served
     cache = str(tmp_path / "c")
@@ -600,6 +612,32 @@ def test_damaged_remote_files_give_errors_never_wrong_rows(tmp_path):
                     except embfile.EmbFileError:
                         continue
                     assert v is None or np.array_equal(v, x[i]), (trial, i)
+    finally:
+        server.stop()
+
+
+def test_damaged_remote_files_stream_right_rows_or_an_error(tmp_path):
+    """Bytes flipped anywhere in a file on the server: a streamed epoch yields right rows, then perhaps an
+    EmbFileError, never a wrong row (each window's blocks are checked before they are read)."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    keys, x = data(n=3000, dim=256)  # 1 KiB records: three checksum blocks
+    embfile.write(root / "good.emb", (keys, x))
+    raw, where = (root / "good.emb").read_bytes(), {k: i for i, k in enumerate(keys)}
+    server = RangeServer(str(root))
+    rng = np.random.default_rng(1)
+    try:
+        for trial in range(30):
+            damaged = bytearray(raw)
+            for at in rng.integers(0, len(raw), size=int(rng.integers(1, 4))).tolist():
+                damaged[at] ^= 1 << int(rng.integers(8))
+            (root / f"bad{trial}.emb").write_bytes(bytes(damaged))
+            try:
+                with open_http(server, f"bad{trial}.emb", tmp_path / "c") as db:
+                    for ks, v in db.iter_batches(500, seed=trial, buffer_blocks=1, block_size=256):
+                        np.testing.assert_array_equal(v, x[[where[k] for k in ks]], err_msg=f"trial {trial}")
+            except embfile.EmbFileError:
+                pass
     finally:
         server.stop()
 

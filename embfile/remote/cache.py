@@ -87,8 +87,8 @@ class Cache:
     """The cache folder at ``root`` (default ``$EMBFILE_CACHE``, else ``~/.cache/embfile``), keeping at most
     ``limit`` bytes.
 
-    ``limit`` bounds what stays on disk between uses: after each download the least recently used files
-    (whole or partial) are removed until the rest fit.  A removed file that a process still has mapped stays
+    ``limit`` bounds what stays on disk between uses: after each download (or window fetched) the least recently
+    used files (whole or partial) are removed until the rest fit.  A removed file that a process still has mapped stays
     readable to it (the kernel frees the space when the last mapping goes), so while datasets larger than the
     limit are open the disk may hold more than the limit.
     """

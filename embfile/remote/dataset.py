@@ -514,6 +514,7 @@ class RemoteDataset(Dataset):
             blocks += [(f, b0, b1) for lo, hi in local for b0, b1 in f.unchecked_blocks(lo, hi)]
         with self.cache.fetching(f"{self.url} {self.version} {list(ranges)}"):
             fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.needs(*f.block_bytes(b0, b1))]))
+        self.cache.evict()  # under a cache_limit, what was used least recently (files this handle maps stay readable)
         bad = [(f, b) for f, b0, b1 in blocks for b in f.check_blocks(b0, b1)]
         if bad:  # the cache's copy may be what is damaged (a disk's fault): fetch those blocks again, once
             for f, b in bad:
