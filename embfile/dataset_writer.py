@@ -20,6 +20,7 @@ from embfile import errors
 from embfile import folder as layout
 from embfile._staging import Staging
 from embfile._stream import source_of
+from embfile.remote.store import is_url
 from embfile.segments import KeyIndex, commit_shards, entry
 from embfile.writer import Writer, write_source
 
@@ -236,6 +237,11 @@ class DatasetWriter(ShardWriter):
     one written twice, is a :class:`DuplicateKeyError` when it is added (nothing is added then).  Leaving a
     ``with`` block by an exception commits every record added before it, then lets the exception go on.
 
+    ``folder`` may be a URL (``s3://``, ``gs://``; ``cache_dir=`` and ``storage_options=`` then apply): each
+    version is published there as it is committed, its shard first, its manifest last, so a job on a machine
+    that can vanish (a spot instance) loses at most the shard in progress, and resumes on another machine from
+    what the URL holds (see :doc:`/guide/remote`).
+
     Examples
     --------
     >>> with embfile.DatasetWriter("esm2/", dim=1280, resume=True) as w:   # doctest: +SKIP
@@ -244,6 +250,13 @@ class DatasetWriter(ShardWriter):
     ...         if seqid not in done:
     ...             w.add(seqid, embed(seq))
     """
+
+    _at_url: type[DatasetWriter] | None = None  # what writes one at a URL (embfile.remote.upload sets it)
+
+    def __new__(cls, folder: PathLike, *args: Any, **kwargs: Any) -> DatasetWriter:
+        if cls is DatasetWriter and is_url(folder) and cls._at_url is not None:
+            return super().__new__(cls._at_url)
+        return super().__new__(cls)
 
     def __init__(
         self,

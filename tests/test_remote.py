@@ -842,6 +842,73 @@ def test_a_killed_upload_leaves_the_previous_version(tmp_path):
         server.stop()
 
 
+def _write_for_long(url, opts, cache, keys, x):
+    with embfile.DatasetWriter(
+        url, dim=x.shape[1], shard_bytes=200 * x[0].nbytes, cache_dir=cache, storage_options=opts
+    ) as w:
+        for k, v in zip(keys, x):
+            w.add(k, v)
+
+
+def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path, monkeypatch):
+    """A job writing at a URL publishes each shard as it fills: killed, it loses the shard in progress alone,
+    and a writer elsewhere resumes from what the URL holds; the local disk holds the shard in progress."""
+    keys, x = data(n=2000, dim=64)
+    server = S3Server(delay=0.2, separate=True)
+    try:
+        server.bucket("embs")
+        opts, url, cache = server.storage_options(), "s3://embs/job", str(tmp_path / "c")
+        child = multiprocessing.get_context("spawn").Process(target=_write_for_long, args=(url, opts, cache, keys, x))
+        child.start()
+        fs, deadline = server.filesystem(), time.time() + 120
+        while time.time() < deadline and len(fs.find("embs/job/_embfile/versions", refresh=True)) < 3:
+            time.sleep(0.1)  # version 1 (empty) and two shards published
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        with embfile.open(url, cache_dir=tmp_path / "r", storage_options=opts) as db:
+            done = len(db)
+            assert done >= 400 and done % 200 == 0  # whole shards, in order
+            np.testing.assert_array_equal(db.get_batch(keys[:done]), x[:done])
+        assert len(os.listdir(os.path.join(cache, "staging"))) == 2  # the dead writer's stand-in and its lock
+        monkeypatch.setattr(remote_cache, "ABANDONED_AFTER", 0.0)
+        server.delay = 0.0
+        with embfile.DatasetWriter(
+            url, dim=64, resume=True, shard_bytes=200 * 256, cache_dir=cache, storage_options=opts
+        ) as w:
+            assert len(os.listdir(os.path.join(cache, "staging"))) == 2  # this one's alone
+            done_keys = w.done_keys()
+            assert len(done_keys) == done and keys[done - 1] in done_keys and keys[done] not in done_keys
+            with pytest.raises(embfile.DuplicateKeyError, match="already in the dataset"):
+                w.add(keys[0], x[0])
+            for i in range(done, 2000):
+                w.add(keys[i], x[i])
+                if i == done + 1000:
+                    assert len(os.listdir(os.path.join(w._tx.folder, "shards"))) <= 1  # the shard in progress
+        assert os.listdir(os.path.join(cache, "staging")) == []
+        with embfile.open(url, cache_dir=tmp_path / "r2", storage_options=opts) as db:
+            np.testing.assert_array_equal(db.get_batch(keys), x)
+            assert len(db) == 2000
+
+        xo = data(n=300, dim=64, seed=5)[1]
+        other = [f"other{i}" for i in range(300)]
+        w = embfile.DatasetWriter(
+            url, dim=64, resume=True, shard_bytes=200 * 256, cache_dir=cache, storage_options=opts
+        )
+        w.add(other[0], xo[0])
+        embfile.append(url, (other[250:], xo[250:]), cache_dir=tmp_path / "c2", storage_options=opts)
+        before = set(fs.find("embs/job/shards", refresh=True))
+        with pytest.raises(embfile.CommitConflictError, match="s3://embs/job: another writer committed version"):
+            for i in range(1, 250):
+                w.add(other[i], xo[i])
+        assert set(fs.find("embs/job/shards", refresh=True)) == before  # nothing of its shard is left
+        with pytest.raises(embfile.ClosedFileError):
+            w.add(other[249], xo[249])
+        with pytest.raises(embfile.RemoteError, match="read-only"):
+            embfile.DatasetWriter("https://127.0.0.1:9/job", dim=64)
+    finally:
+        server.stop()
+
+
 def test_ragged_records_by_range_reads(tmp_path):
     """Per-residue records over HTTP: a cold key costs its index pages, its ranges entry and its rows."""
     rng = np.random.default_rng(12)

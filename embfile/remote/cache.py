@@ -9,6 +9,7 @@
       tmp/NAME.TOKEN.part         downloads in progress, each locked by its writer
       locks/NAME.lock             taken while downloading NAME, so that processes download it once
       locks/fetch-K.lock          taken while fetching pages that other processes may ask for too (K < 64)
+      staging/TMP/, TMP.lock      stand-ins for datasets being written at a URL, each locked by its writer
 
 ``NAME`` is derived from the URL and the object's identity (size and ETag, or a manifest's count and keys
 CRC): a changed object gets a new name, so its pages are never mixed with the old one's.  A whole file never
@@ -30,6 +31,7 @@ import mmap
 import os
 import re
 import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -171,6 +173,28 @@ class Cache:
             shutil.rmtree(os.path.join(self.root, sub), ignore_errors=True)
         self.__init__(self.root, self.limit)  # type: ignore[misc]
 
+    @contextlib.contextmanager
+    def staging_folder(self) -> Iterator[str]:
+        """A new empty folder to stand in for a dataset written at a URL (here, where whole copies can be hard
+        linked into it), locked while in use and removed after.  The folders of writers that died (their
+        lock free; a writer killed in a long job leaves its shard in progress) are removed first."""
+        root = os.path.join(self.root, "staging")
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):
+            if name.endswith(".lock"):
+                self._remove_if_abandoned(os.path.join(root, name), os.path.join(root, name.removesuffix(".lock")))
+        path = tempfile.mkdtemp(dir=root)
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with contextlib.suppress(OSError):  # no locks here: a dead writer's folder stays
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + ".lock")
+            os.close(fd)
+
     def fetching(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Held while fetching pages named by ``what``: processes asking for the same pages at once (the
         workers of a DataLoader all read every window) then fetch them once, the others waiting, then finding
@@ -189,26 +213,32 @@ class Cache:
             os.close(fd)
 
     def _remove_abandoned(self) -> None:
-        """Remove downloads whose writer died: their lock is free, and they are older than a just-created one
-        that its writer has not locked yet."""
+        """Remove downloads whose writer died."""
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
-            path = os.path.join(tmp, name)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
+            self._remove_if_abandoned(os.path.join(tmp, name))
+
+    @staticmethod
+    def _remove_if_abandoned(lock: str, folder: str | None = None) -> None:
+        """Remove ``lock`` (and ``folder``) if its writer died: its lock is free, and it is older than a
+        just-created one that its writer has not locked yet."""
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
             if time.time() - os.fstat(fd).st_mtime < ABANDONED_AFTER:
-                os.close(fd)
-                continue
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
             except OSError:
-                pass  # a live download
-            finally:
-                os.close(fd)
+                return  # a live writer
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+        finally:
+            os.close(fd)
 
     def _forget_other_boots(self) -> None:
         pages = os.path.join(self.root, "pages")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -74,9 +75,7 @@ def _stand_in(remote: Remote, cache: Cache, read_index: bool) -> Iterator[tuple[
     yet, and the folder is empty): that manifest, its key index segments (``read_index``: whole copies,
     checked, hard-linked from the cache), and any other file of it an operation reads, downloaded when it is
     read (:meth:`~embfile.folder.Transaction.committed`).  An append costs the key index, not the dataset."""
-    os.makedirs(os.path.join(cache.root, "staging"), exist_ok=True)  # beside the whole copies: hard links
-    staging = tempfile.mkdtemp(dir=os.path.join(cache.root, "staging"))
-    try:
+    with cache.staging_folder() as staging:
         base = read_manifest(remote)
         if base is None and _is_object(remote):
             raise errors.ShardError(f"{remote.url} is a single .emb file, not a dataset folder")
@@ -107,8 +106,6 @@ def _stand_in(remote: Remote, cache: Cache, read_index: bool) -> Iterator[tuple[
             except Exception as e:  # its message names the dataset by its URL, not by the staging folder
                 e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish(remote: Remote, staging: str, base: int, uploaded: frozenset[str] = frozenset()) -> None:
@@ -166,6 +163,78 @@ def staged_commit(
     finally:
         for f in opened:
             f.close()
+
+
+class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
+    """A :class:`~embfile.DatasetWriter` of the dataset folder at a URL (what ``DatasetWriter(url)`` makes).
+
+    It writes on a stand-in (:func:`_stand_in`, the key index downloaded: ``done_keys`` and the checks for keys
+    already there are local), and publishes each version as it commits it (:func:`_publish`: the shard, then
+    the manifest if no writer made that version first, then ``LATEST``).  A published shard's local file is
+    removed: the local disk holds the key index and the shard in progress, not the dataset.  Another writer's
+    version published meanwhile is a :class:`~embfile.CommitConflictError` (nothing of the shard visible), and
+    the writer is closed: ``resume=True`` then continues from what the URL holds.
+    """
+
+    def __init__(
+        self,
+        folder: str,
+        dim: int,
+        dtype: object = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        cache_dir: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        self.url = folder.rstrip("/")
+        self._remote = writable(self.url, storage_options)
+        self._stand = contextlib.ExitStack()
+        try:
+            staging, base = self._stand.enter_context(_stand_in(self._remote, Cache(cache_dir), read_index=True))
+            self._published = base.version if base else 0
+            super().__init__(staging, dim, dtype, metadata, **options)
+            self.folder = self.url  # what messages name
+            self._publish()  # a new dataset's empty version 1
+        except BaseException:
+            if not self._stand.__exit__(*sys.exc_info()):
+                raise
+
+    def _commit(self) -> layout.Manifest:
+        manifest = super()._commit()
+        self._publish()
+        return manifest
+
+    def _publish(self) -> None:
+        """Publish the versions committed since the last one published, then remove their shards' files here."""
+        staging = self._tx.folder
+        latest = layout.latest_version(staging)
+        if latest <= self._published:
+            return
+        try:
+            _publish(self._remote, staging, self._published)
+        except errors.CommitConflictError:
+            self.abort()
+            raise
+        self._published = latest
+        for e in layout.read_manifest(staging, latest).shards:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(staging, e.path))
+
+    def abort(self) -> None:
+        """Discard the shard in progress; the versions published stay."""
+        try:
+            super().abort()
+        finally:
+            self._stand.close()
+
+    def close(self) -> None:
+        """Commit and publish the shard in progress (if it holds records), and let go of the stand-in."""
+        super().close()  # on an error, abort() lets go
+        self._stand.close()
+
+
+dataset_writer.DatasetWriter._at_url = DatasetWriterAtUrl
 
 
 def _is_object(remote: Remote) -> bool:
