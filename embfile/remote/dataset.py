@@ -154,7 +154,10 @@ class RemoteFile:
 
     def unchecked_blocks(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """The runs ``(first, end)`` of checksum blocks holding this file's records ``[lo, hi)`` that this handle
-        has not checked (of ragged records, through the ranges section, which must be here)."""
+        has not checked (of ragged records, through the ranges section, which must be here); none of a whole
+        copy, checked when it was downloaded."""
+        if self.partial is None:
+            return []
         h, m = self.mapped.header, self.mapped
         rows = (int(m.ranges()[lo]), int(m.ranges()[hi])) if h.ragged else (lo, hi)
         rows = (min(rows[0], h.n_rows), min(max(rows), h.n_rows))  # damaged ranges: the reader's checks say so
