@@ -22,6 +22,9 @@ Mosaic Streaming and LitData amount to for a lookup.
    a fresh cache: seconds and MiB received opening its file alone and reading the checksum blocks holding its
    rows by range requests (what a task does), against opening the dataset and downloading its shard (what a
    task did before).
+5. **A long job writing at the URL**: the folder's records written by a ``DatasetWriter`` at an ``s3://`` URL
+   (each shard published as it fills), against a ``DatasetWriter`` on local disk followed by an upload of the
+   folder: seconds and the local disk's peak.
 
     python benchmarks/bench_remote.py                       # a few minutes
     python benchmarks/bench_remote.py --keys 20000 --latency 0.05 --out -
@@ -227,6 +230,38 @@ def read_task(s3, scratch, share):
     return out
 
 
+def long_job(s3, local_folder, scratch, round_, batch=1024):
+    """Seconds and the local disk's peak of a job writing the folder's records at a URL with a DatasetWriter
+    (each shard published as it fills), and of the way without it: the job writes locally, then uploads."""
+    opts, out = s3.storage_options(), {}
+    with embfile.open(local_folder) as src:
+        dim, dtype, n = src.dim, src.dtype.name, len(src)
+
+        def job(writer, peak):
+            with writer as w:
+                for lo in range(0, n, batch):
+                    w.add_batch(src.keys_between(lo, min(lo + batch, n)), src.take(np.arange(lo, min(lo + batch, n))))
+                    peak[0] = max(peak[0], _kept(w._tx.folder))
+
+        for kind in ("DatasetWriter at the URL", "DatasetWriter locally, then upload"):
+            peak, cache = [0], tempfile.mkdtemp(dir=scratch)
+            url = f"s3://embs/job{round_}-{len(out)}"
+            t0 = time.perf_counter()
+            if kind.endswith("URL"):
+                w = embfile.DatasetWriter(
+                    url, dim, dtype, shard_bytes=SHARD_BYTES, cache_dir=cache, storage_options=opts
+                )
+                job(w, peak)
+            else:
+                local = os.path.join(scratch, f"job{round_}")
+                job(embfile.DatasetWriter(local, dim, dtype, shard_bytes=SHARD_BYTES), peak)
+                s3.filesystem().put(local, url[len("s3://") :], recursive=True)
+                shutil.rmtree(local)
+            out[kind] = (time.perf_counter() - t0, peak[0] / 2**20)
+            shutil.rmtree(cache)
+    return out
+
+
 def _commit(jobs, url, opts, cache, parts):
     """Tasks write and upload their parts (not timed apart: in an engine they run on the workers), the driver
     commits."""
@@ -394,6 +429,20 @@ def run(args):
             "dataset (every file's header and index top: a cost growing with the files, in every task) and "
             "downloaded its whole shard (into the worker's cache, where a later task on the same worker found it; "
             "on a cluster, a shard's slices run on many workers)."
+        )
+        print(
+            f"\n## A long job writing at the URL ({args.rounds} rounds, the folder's records in batches of 1024, "
+            f"{SHARD_BYTES >> 20} MiB shards; median (range))\n"
+        )
+        jobs_ = [long_job(s3, os.path.join(scratch, "ds"), scratch, r) for r in range(args.rounds)]
+        print("| | s | local disk at its peak, MiB | what a crash loses |\n|---|---:|---:|---|")
+        for kind, loses in zip(jobs_[0], ("the shard in progress", "everything not uploaded: all of it")):
+            seconds, mib = [j[kind][0] for j in jobs_], [j[kind][1] for j in jobs_]
+            print(f"| {kind} | {spread(seconds, '{:.2f}')} | {spread(mib, '{:.0f}')} | {loses} |")
+        print(
+            "\nA DatasetWriter at a URL publishes each shard as a version as it fills (the shard, then the manifest, "
+            "then LATEST) and removes its local file: the local disk holds the key index and the shard in progress, "
+            "and a machine that vanishes loses that shard alone; the job resumes elsewhere with resume=True."
         )
     finally:
         s3.stop()
