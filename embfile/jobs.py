@@ -23,7 +23,6 @@ import dataclasses
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ from embfile._format import disk_dtype
 from embfile._keys import EncodedKeys
 from embfile._stream import Chunk, RaggedChunk
 from embfile.dataset_writer import MODES, operation_name
+from embfile.remote.cache import Cache
 from embfile.remote.dataset import read_manifest
 from embfile.remote.store import Remote, is_url
 from embfile.remote.upload import staged_commit, writable
@@ -154,9 +154,9 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
     """
     prefix = f"{layout.SHARDS}/{job.token}-{part:06d}-{secrets.token_hex(4)}-"
     remote = _store(job)
-    local = job.folder
-    if remote:  # a URL's shards are written here first
-        local = tempfile.mkdtemp(prefix="embfile-part-")
+    local, staged = job.folder, contextlib.ExitStack()
+    if remote:  # a URL's shards are written here first (a killed task's are removed by a later one)
+        local = staged.enter_context(Cache().staging_folder())
         os.makedirs(os.path.join(local, layout.SHARDS))
     dim = job.dim
     names: list[str] = []
@@ -208,8 +208,7 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
                     remote.child(name).remove()
         raise
     finally:
-        if remote:
-            shutil.rmtree(local, ignore_errors=True)
+        staged.close()
     return PartResult(part, dim, tuple(entries))
 
 

@@ -882,8 +882,10 @@ def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path, monkeypatc
                 w.add(keys[0], x[0])
             for i in range(done, 2000):
                 w.add(keys[i], x[i])
-                if i == done + 1000:
-                    assert len(os.listdir(os.path.join(w._tx.folder, "shards"))) <= 1  # the shard in progress
+                if i == done + 1000:  # here: the shard in progress, and the key index of the version published
+                    assert len(os.listdir(os.path.join(w._tx.folder, "shards"))) <= 1
+                    named = [os.path.join(w._tx.folder, e.path) for e in embfile.history(w._tx.folder)[-1].segments]
+                    assert sorted(glob(os.path.join(os.path.dirname(named[0]), "*"))) == sorted(named)
         assert os.listdir(os.path.join(cache, "staging")) == []
         with embfile.open(url, cache_dir=tmp_path / "r2", storage_options=opts) as db:
             np.testing.assert_array_equal(db.get_batch(keys), x)

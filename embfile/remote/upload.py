@@ -171,9 +171,9 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
     It writes on a stand-in (:func:`_stand_in`, the key index downloaded: ``done_keys`` and the checks for keys
     already there are local), and publishes each version as it commits it (:func:`_publish`: the shard, then
     the manifest if no writer made that version first, then ``LATEST``).  A published shard's local file is
-    removed: the local disk holds the key index and the shard in progress, not the dataset.  Another writer's
-    version published meanwhile is a :class:`~embfile.CommitConflictError` (nothing of the shard visible), and
-    the writer is closed: ``resume=True`` then continues from what the URL holds.
+    removed, as are segments merged away: the local disk holds the key index and the shard in progress.
+    Another writer's version published meanwhile is a :class:`~embfile.CommitConflictError` (nothing of the
+    shard visible), and the writer is closed: ``resume=True`` then continues from what the URL holds.
     """
 
     def __init__(
@@ -206,20 +206,26 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
         return manifest
 
     def _publish(self) -> None:
-        """Publish the versions committed since the last one published, then remove their shards' files here."""
-        staging = self._tx.folder
+        """Publish the versions committed since the last one published, then remove here their shards and the
+        key-index segments merged away (the writer reads neither again)."""
+        staging, published = self._tx.folder, self._published
         latest = layout.latest_version(staging)
-        if latest <= self._published:
+        if latest <= published:
             return
         try:
-            _publish(self._remote, staging, self._published)
+            _publish(self._remote, staging, published)
         except errors.CommitConflictError:
             self.abort()
             raise
         self._published = latest
-        for e in layout.read_manifest(staging, latest).shards:
+        latest_manifest = layout.read_manifest(staging, latest)
+        keep = {e.path for e in latest_manifest.segments}
+        done = [e.path for e in latest_manifest.shards] + [
+            f"{layout.INDEX}/{name}" for name in os.listdir(os.path.join(staging, layout.INDEX))
+        ]
+        for path in set(done) - keep:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(staging, e.path))
+                os.unlink(os.path.join(staging, path))
 
     def abort(self) -> None:
         """Discard the shard in progress; the versions published stay."""
