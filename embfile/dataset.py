@@ -136,12 +136,14 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """Where the rows are in the bulk mappings (built once: it maps every part)."""
         if self._layout_cache is None:
             self._require_open()
-            matrices = [p.matrix for p in self.files]
-            bases = np.array([m.ctypes.data for m in matrices], np.uintp)
-            self._layout_cache = Layout(
-                bases, np.array(self._row_starts, np.uint64), self.dim * self.dtype.itemsize, matrices
-            )
+            self._layout_cache = self._layout_of(self.files)
         return self._layout_cache
+
+    def _layout_of(self, files: Sequence[MappedFile]) -> Layout:
+        """Where the rows are in the bulk mappings of ``files`` (this dataset's, in row order)."""
+        matrices = [p.matrix for p in files]
+        bases = np.array([m.ctypes.data for m in matrices], np.uintp)
+        return Layout(bases, np.array(self._row_starts, np.uint64), self.dim * self.dtype.itemsize, matrices)
 
     def _epoch_reads(self) -> tuple[Layout, Callable[[Sequence[tuple[int, int]]], None] | None]:
         """Where an epoch gathers its batches from, and what it must first call with the record ranges

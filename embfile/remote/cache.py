@@ -90,9 +90,9 @@ class Cache:
     ``limit`` bytes.
 
     ``limit`` bounds what stays on disk between uses: after each download (or window fetched) the least recently
-    used files (whole or partial) are removed until the rest fit.  A removed file that a process still has mapped stays
-    readable to it (the kernel frees the space when the last mapping goes), so while datasets larger than the
-    limit are open the disk may hold more than the limit.
+    used files (whole or partial) are removed until the rest fit.  A removed file that a process still has
+    mapped stays readable to it (the kernel frees the space when the last mapping goes), so while datasets
+    larger than the limit are open the disk may hold more than the limit.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, limit: int | None = None) -> None:

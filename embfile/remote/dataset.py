@@ -414,7 +414,7 @@ class RemoteDataset(Dataset):
         if self.ragged:
             return self._gather_ragged(rows, pad)
         out = np.empty((len(rows), self.dim), self.dtype)
-        self._partial_layout().gather(rows, out)
+        self._layout_of(self.files).gather(rows, out)  # the partial copies
         return out
 
     @property
@@ -489,7 +489,7 @@ class RemoteDataset(Dataset):
         self._require_attached()
         if self._whole:
             return super()._epoch_reads()
-        return self._partial_layout(), self._fetch_ranges
+        return self._layout_of(self.files), self._fetch_ranges  # the partial copies (Dataset._layout downloads)
 
     def _fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Fetch the records of ``ranges`` (``(lo, hi)`` record numbers) by range reads, all in flight together,
@@ -526,12 +526,6 @@ class RemoteDataset(Dataset):
             for f, b in bad:
                 if f.check_blocks(b, b + 1):
                     raise errors.ChecksumError(f"{f.remote.url}: records block {b} does not match its checksum")
-
-    def _partial_layout(self) -> Layout:
-        """Where the rows are in the partial copies (:meth:`Dataset._layout` would download the files)."""
-        matrices = [f.mapped.matrix for f in self._remote_files]
-        bases = np.array([m.ctypes.data for m in matrices], np.uintp)
-        return Layout(bases, np.array(self._row_starts, np.uint64), self.dim * self.dtype.itemsize, matrices)
 
     def _file_location(self, i: int) -> str:
         return self._remote_files[i].remote.url
