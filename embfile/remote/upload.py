@@ -218,9 +218,10 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
             self.abort()
             raise
         self._published = latest
+        before = layout.read_manifest(staging, published).files() if published else set()
         latest_manifest = layout.read_manifest(staging, latest)
         keep = {e.path for e in latest_manifest.segments}
-        done = [e.path for e in latest_manifest.shards] + [
+        done = [e.path for e in latest_manifest.shards if e.path not in before] + [  # this publish's shards
             f"{layout.INDEX}/{name}" for name in os.listdir(os.path.join(staging, layout.INDEX))
         ]
         for path in set(done) - keep:
