@@ -45,6 +45,7 @@ cdef extern from "<errno.h>":
 
 cdef extern from *:
     """
+    #include <errno.h>
     #include <fcntl.h>
     static int emb_start_writeback(int fd, long long offset, long long length) {
     #ifdef SYNC_FILE_RANGE_WRITE
@@ -54,8 +55,18 @@ cdef extern from *:
         return 0;
     #endif
     }
+    static int emb_punch_hole(int fd, long long offset, long long length) {
+    #ifdef FALLOC_FL_PUNCH_HOLE
+        return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+    #else
+        (void)fd, (void)offset, (void)length;
+        errno = EOPNOTSUPP;
+        return -1;
+    #endif
+    }
     """
     int emb_start_writeback(int fd, long long offset, long long length) nogil
+    int emb_punch_hole(int fd, long long offset, long long length) nogil
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
@@ -942,6 +953,16 @@ def start_writeback(int fd, long long offset, long long length):
         rc = emb_start_writeback(fd, offset, length)
     if rc:
         raise OSError(errno, "sync_file_range failed")
+
+
+def punch_hole(int fd, long long offset, long long length):
+    """Give a file range's disk space back, the file keeping its size: the range reads as zeros after
+    (Linux ``fallocate(PUNCH_HOLE)``; ``OSError`` where the system or the file system cannot)."""
+    cdef int rc
+    with nogil:
+        rc = emb_punch_hole(fd, offset, length)
+    if rc:
+        raise OSError(errno, "fallocate(PUNCH_HOLE) failed")
 
 
 def stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream):

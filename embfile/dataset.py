@@ -31,7 +31,7 @@ from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, aligned_empty, faulted_in_ahead
 from embfile._stream import POOLINGS, pool_rows, record_cuts
-from embfile.epochs import Batches, EpochOptions
+from embfile.epochs import Batches, EpochOptions, Fetch
 from embfile.file import MappedFile, attach
 from embfile.writer import Writer
 
@@ -145,7 +145,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         bases = np.array([m.ctypes.data for m in matrices], np.uintp)
         return Layout(bases, np.array(self._row_starts, np.uint64), self.dim * self.dtype.itemsize, matrices)
 
-    def _epoch_reads(self) -> tuple[Layout, Callable[[Sequence[tuple[int, int]]], None] | None]:
+    def _epoch_reads(self) -> tuple[Layout, Fetch | None]:
         """Where an epoch gathers its batches from, and what it must first call with the record ranges
         ``(lo, hi)`` of each window: nothing here, every record is at hand (a dataset at a URL fetches them)."""
         return self._layout(), None

@@ -270,50 +270,65 @@ class Rows(Protocol):
     def keys_at(self, rows: np.ndarray) -> list[str]: ...
     def lengths(self) -> np.ndarray: ...
     def _gather_ragged(self, records: np.ndarray, pad: bool) -> tuple[np.ndarray, np.ndarray]: ...
-    def _epoch_reads(self) -> tuple[Layout, Callable[[Sequence[tuple[int, int]]], None] | None]: ...
+    def _epoch_reads(self) -> tuple[Layout, Fetch | None]: ...
     def _direct_parts(self) -> list[tuple[str, int, int, int]]: ...
     def _require_attached(self) -> None: ...
 
 
+Fetch = Callable[[Sequence[tuple[int, int]]], Callable[[], None]]
+"""Fetches a window's record ranges ``(lo, hi)`` before they are read; returns what to call once they are read."""
+
+
 class Fetches:
     """Windows fetched on a thread ahead of their reading, for a source whose records must be fetched before
-    they are read (a dataset at a URL: ``fetch`` takes a window's record ranges).  The window being read waits
-    for its own fetch; the next ``ahead`` are fetched meanwhile, one after another."""
+    they are read (a dataset at a URL).  The window being read waits for its own fetch; the next ``ahead`` are
+    fetched meanwhile, one after another.  A window is read once the reader waits for a later one, or closes."""
 
     def __init__(
-        self,
-        fetch: Callable[[Sequence[tuple[int, int]]], None],
-        ranges: Callable[[int], list[tuple[int, int]]],
-        n_windows: int,
-        ahead: int,
+        self, fetch: Fetch, ranges: Callable[[int], list[tuple[int, int]]], n_windows: int, ahead: int
     ) -> None:
         self._fetch, self._ranges, self._n_windows, self._ahead = fetch, ranges, n_windows, ahead  # windows to fetch
         self._pool: ThreadPoolExecutor | None = None  # started by the first wait
-        self._futures: dict[int, Future[None]] = {}
+        self._futures: dict[int, Future[Callable[[], None]]] = {}
+        self._fetched: dict[int, Callable[[], None]] = {}  # windows fetched: each one's call once it is read
         self.done = -1  # windows up to this one are fetched
 
     def wait(self, first: int, last: int) -> None:
         """Return once windows ``first`` to ``last`` are fetched (raising what their fetch raised), the next ones
-        under way; windows before ``first`` that were queued are dropped (other workers' batches)."""
+        under way; windows before ``first`` are read, and those queued dropped (other workers' batches)."""
+        for w in [w for w in self._futures if w < first]:
+            _drop(self._futures.pop(w))
+        for w in [w for w in self._fetched if w < first]:
+            self._fetched.pop(w)()
         if last <= self.done:
             return
-        for w in [w for w in self._futures if w < first]:
-            self._futures.pop(w).cancel()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="embfile-fetch")
         for w in range(max(first, self.done + 1), min(last + self._ahead, self._n_windows - 1) + 1):
             if w not in self._futures:
                 self._futures[w] = self._pool.submit(self._fetch, self._ranges(w))
         for w in range(max(first, self.done + 1), last + 1):
-            self._futures.pop(w).result()
+            self._fetched[w] = self._futures.pop(w).result()
         self.done = last
 
     def close(self) -> None:
-        """Stop fetching ahead (a fetch under way ends by itself); a later :meth:`wait` starts again."""
+        """Stop fetching ahead (a fetch under way ends by itself), every window fetched counted read; a later
+        :meth:`wait` starts again."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        for future in self._futures.values():
+            _drop(future)
         self._futures.clear()
+        fetched, self._fetched = self._fetched, {}
+        for read in fetched.values():
+            read()
+
+
+def _drop(future: Future[Callable[[], None]]) -> None:
+    """Cancel a window's fetch, or, under way, count the window read once fetched."""
+    if not future.cancel():
+        future.add_done_callback(lambda f: f.exception() is None and f.result()())
 
 
 def budget_cuts(lengths: np.ndarray, budget: int, tolerance: float = PADDING_TOLERANCE) -> np.ndarray:

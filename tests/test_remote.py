@@ -509,10 +509,14 @@ def test_cache_limit_evicts_least_recently_used(served, tmp_path):
     a.download()
     with open_http(server, "two.emb", cache, cache_limit=int(size * 1.5)) as b:
         b.download()
-    names = os.listdir(cache / "files")
-    assert len(names) == 1 and names[0].startswith("two-")
-    np.testing.assert_array_equal(a.to_numpy(), x)  # evicted while mapped: still readable
+        assert len(os.listdir(cache / "files")) == 2  # one is in use: not evicted
+    np.testing.assert_array_equal(a.to_numpy(), x)
     a.close()
+    shutil.copy(root / "one.emb", root / "three.emb")
+    with open_http(server, "three.emb", cache, cache_limit=int(size * 1.5)) as c:
+        c.download()  # the eviction after it removes one and two, no longer used
+    names = os.listdir(cache / "files")
+    assert len(names) == 1 and names[0].startswith("three-")
 
 
 def test_a_streamed_epoch_keeps_the_cache_limit(served, tmp_path):
@@ -525,6 +529,96 @@ def test_a_streamed_epoch_keeps_the_cache_limit(served, tmp_path):
         assert sum(len(ks) for ks, _ in db.iter_batches(100, buffer_blocks=4)) == N
         copies = [n for n in os.listdir(cache / "pages" / remote_cache.boot_id()) if n.endswith(".emb")]
         assert len(copies) == 1 and copies[0].startswith("one-")  # two's pages went to make room
+
+
+def _on_disk(cache):
+    """Bytes the cache's copies take on disk (of a partial copy, the pages it holds)."""
+    return sum(os.stat(p).st_blocks * 512 for p in glob(f"{cache}/**/*.emb", recursive=True))
+
+
+def _small_blocks(root):
+    """``root/small.emb``: one.emb's records in 64 KiB checksum blocks, so that a test's windows are small."""
+    keys, x = data()
+    embfile.write(root / "small.emb", (keys, x), block_bytes=1 << 16)
+    return (root / "small.emb").stat().st_size
+
+
+WINDOWS = dict(block_size=16, buffer_blocks=4)  # of small.emb: windows of 256 KiB, each block one checksum block
+
+
+def test_an_epoch_larger_than_the_cache_limit_streams_through_it(served, tmp_path):
+    """Under a cache_limit smaller than the dataset, a streamed epoch gives back the space of each window it has
+    read: the disk holds the limit and a few windows, every record comes right, once, and the next epoch
+    fetches again what was given back.  A dataset larger than the cache's disk streams through it."""
+    server, keys, x, root = served
+    size, where = _small_blocks(root), {k: i for i, k in enumerate(keys)}
+    cache, limit = tmp_path / "c", size // 4
+    with open_http(server, "small.emb", cache, cache_limit=limit) as db:
+        for epoch in range(2):
+            n, peak, seen = len(server.gets()), 0, []
+            for ks, vs in db.iter_batches(100, seed=0, epoch=epoch, **WINDOWS):
+                np.testing.assert_array_equal(vs, x[[where[k] for k in ks]])
+                seen += ks
+                peak = max(peak, _on_disk(cache))
+            assert sorted(seen) == sorted(keys)
+            assert peak < limit + (1 << 20), (peak, limit)  # the limit, the window read and the next (256 KiB each)
+            assert _received(server, root, n) > (0.9 if epoch == 0 else 0.5) * size  # again, what was given back
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        with open_http(server, "small.emb", small, cache_limit=2 << 20) as db:  # 12 MB through a 4 MiB disk
+            assert sum(len(b) for b in db.iter_batches(100, seed=0, keys=False, **WINDOWS)) == N
+            assert _on_disk(small) < 3 << 20
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_workers_and_lookups_share_a_cache_an_epoch_streams_through(served, tmp_path):
+    """A DataLoader's two workers stream one epoch under a small cache_limit: a window is given back once both
+    have read it, so each is fetched about once.  Lookups in another process, and that process killed while
+    it gives windows back, never see a freed page: every vector is right."""
+    torch = pytest.importorskip("torch")
+    import embfile.torch as et
+
+    server, keys, x, root = served
+    size, where = _small_blocks(root), {k: i for i, k in enumerate(keys)}
+    cache, limit = tmp_path / "c", size // 4
+    db = open_http(server, "small.emb", cache, cache_limit=limit)
+    epoch = et.IterableDataset(db, batch_size=100, seed=0, keys=True, **WINDOWS)
+    n, peak, seen = len(server.gets()), 0, []
+    for ks, vs in torch.utils.data.DataLoader(epoch, batch_size=None, num_workers=2):
+        np.testing.assert_array_equal(vs.numpy(), x[[where[k] for k in ks]])
+        seen += ks
+        peak = max(peak, _on_disk(cache))
+    assert sorted(seen) == sorted(keys)
+    assert peak < limit + (2 << 20), (peak, limit)
+    assert _received(server, root, n) < 1.2 * size  # each window fetched once (it was 0.99-1.01 here)
+    db.close()
+
+    url = f"{server.url}/small.emb"
+    code = (
+        f"import embfile; db = embfile.open({url!r}, cache_dir={str(cache)!r}, cache_limit={limit})\n"
+        f"for e in range(1000): [b for b in db.iter_batches(100, seed=e, keys=False, block_size=16, buffer_blocks=4)]"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    rng = np.random.default_rng(0)
+    try:
+        with open_http(server, "small.emb", cache) as db:
+            deadline = time.time() + 4
+            while time.time() < deadline:
+                rows = rng.choice(N, 64, replace=False)
+                np.testing.assert_array_equal(db.get_batch([keys[i] for i in rows]), x[rows])
+                np.testing.assert_array_equal(db[keys[rows[0]]], x[rows[0]])
+            assert child.poll() is None  # still streaming
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    with open_http(server, "small.emb", cache, cache_limit=limit) as db:
+        got = {k: v.copy() for ks, vs in db.iter_batches(100, seed=3, **WINDOWS) for k, v in zip(ks, vs)}
+        np.testing.assert_array_equal(db.get_batch(keys[::7]), x[::7])
+    np.testing.assert_array_equal(np.stack([got[k] for k in keys]), x)
 
 
 def test_prefetch_and_cli(served, tmp_path):

@@ -4,7 +4,8 @@
 
     CACHE/
       files/NAME.emb              whole files: downloaded to tmp/, checked against their checksums, renamed here
-      pages/BOOT/NAME.emb         partial copies for lookups: a sparse file, each page written once fetched
+      pages/BOOT/NAME.emb         partial copies for lookups and streamed epochs: a sparse file, each page
+                                  written once fetched
       pages/BOOT/NAME.have        one byte per page of the partial copy: nonzero once the page is written
       tmp/NAME.TOKEN.part         downloads in progress, each locked by its writer
       locks/NAME.lock             taken while downloading NAME, so that processes download it once
@@ -19,6 +20,13 @@ live under the boot they were written in (``/proc/sys/kernel/random/boot_id``) b
 when a machine loses power may come back as zeros, and the next boot starts afresh.  The locks only avoid
 duplicate downloads: where they do not work (some NFS setups) two processes download the same file, each to its
 own temporary name, and the second rename replaces the first with the same bytes.
+
+Files in use are never evicted: each handle holds a shared ``flock`` on the whole copy it maps, or on the
+``.have`` file of its partial copy.  Within a partial copy, readers hold shared record locks (open file
+description locks, ``F_OFD_SETLK``) on the byte ranges they are reading; a streamed epoch over a dataset larger
+than ``limit`` gives back the space of a window it has read (:meth:`PartialCopy.free`, a hole punched) only
+where it takes an exclusive lock, that is, where no other reader holds those bytes, and clears the pages' bytes
+in ``.have`` before it punches, so what a reader finds marked present is there.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
 import zlib
@@ -38,7 +47,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from embfile import errors
+from embfile import _core, errors
 from embfile._format import PAGE
 from embfile.folder import unique_name
 
@@ -46,6 +55,7 @@ PART_BYTES = 16 << 20  # a download's ranged requests
 DOWNLOAD_IN_FLIGHT = 4
 ABANDONED_AFTER = 10.0  # seconds: an unlocked download older than this is a dead writer's
 FETCH_LOCKS = 64  # fetches of pages are serialised by one of this many locks, chosen by what they fetch
+RANGE_LOCKS = hasattr(fcntl, "F_OFD_SETLK")  # Linux: locks on byte ranges of a partial copy, per handle
 
 
 def default_root() -> str:
@@ -89,10 +99,11 @@ class Cache:
     """The cache folder at ``root`` (default ``$EMBFILE_CACHE``, else ``~/.cache/embfile``), keeping at most
     ``limit`` bytes.
 
-    ``limit`` bounds what stays on disk between uses: after each download (or window fetched) the least recently
-    used files (whole or partial) are removed until the rest fit.  A removed file that a process still has
-    mapped stays readable to it (the kernel frees the space when the last mapping goes), so while datasets
-    larger than the limit are open the disk may hold more than the limit.
+    ``limit`` bounds what the cache holds on disk: after each download, and after each window a streamed epoch
+    has read, the least recently used files (whole or partial) that no open handle uses are removed until the
+    rest fit.  Files in use stay; if they alone exceed the limit, a streamed epoch gives back the space of each
+    window once it has read it, so a dataset larger than the disk streams through ``limit`` bytes and a few
+    windows.  Lookups and other reads keep what they fetched until their handle closes.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, limit: int | None = None) -> None:
@@ -145,27 +156,34 @@ class Cache:
         self.evict(keep=final)
         return final
 
-    def evict(self, keep: str | None = None) -> None:
-        """Remove least recently used files until the cache holds at most ``limit`` bytes."""
+    def evict(self, keep: str | None = None) -> bool:
+        """Remove least recently used files that no handle uses until the cache holds at most ``limit`` bytes:
+        whether it still holds more (the files in use being larger)."""
         if self.limit is None:
-            return
-        entries = []
+            return False
+        entries = []  # (last used, bytes on disk, path, the file a handle using it locks)
         for sub in ("files", os.path.join("pages", self.boot)):
             with os.scandir(os.path.join(self.root, sub)) as it:
                 for e in it:
                     if e.is_file() and not e.name.endswith(".have"):
                         st = e.stat()
-                        entries.append((st.st_mtime, st.st_blocks * 512, e.path))
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries):
+                        marker = e.path if sub == "files" else e.path.removesuffix(".emb") + ".have"
+                        entries.append((st.st_mtime, st.st_blocks * 512, e.path, marker))
+        total = sum(entry[1] for entry in entries)
+        for _, size, path, marker in sorted(entries):
             if total <= self.limit:
                 break
-            if path == keep:
-                continue
-            for p in (path, path.removesuffix(".emb") + ".have"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
-            total -= size
+            if path != keep and _remove_unused(path, marker):
+                total -= size
+        return total > self.limit
+
+    @staticmethod
+    def in_use(path: str) -> int:
+        """Mark the whole copy at ``path`` as in use (not to be evicted) until the returned descriptor is closed."""
+        fd = os.open(path, os.O_RDONLY)
+        with contextlib.suppress(OSError):  # no locks here: evicted while mapped, still readable (space freed later)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
 
     def clear(self) -> None:
         """Remove everything cached (files mapped by open datasets stay readable to them)."""
@@ -247,6 +265,41 @@ class Cache:
                 shutil.rmtree(os.path.join(pages, name), ignore_errors=True)
 
 
+def _remove_unused(path: str, marker: str) -> bool:
+    """Remove the cache entry at ``path`` (a whole copy, or a partial copy and its page map) unless a handle
+    uses it, holding a shared lock on ``marker``: whether it was removed."""
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError:
+                pass  # no locks here: removed while mapped, still readable (its space freed at close)
+        for p in (path, path.removesuffix(".emb") + ".have"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _range_lock(fd: int, kind: int, start: int, end: int, wait: bool = False) -> bool:
+    """Set (``F_RDLCK``, ``F_WRLCK``) or clear (``F_UNLCK``) this descriptor's lock on bytes ``[start, end)``:
+    whether it was set (not, without ``wait``, if another descriptor holds a conflicting lock)."""
+    command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    try:
+        fcntl.fcntl(fd, command, struct.pack("hhqqi", kind, os.SEEK_SET, start, end - start, 0))
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
 def _fetch_into(fd: int, fetch: Callable[[int, int], bytes], size: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -265,23 +318,23 @@ def _fetch_into(fd: int, fetch: Callable[[int, int], bytes], size: int) -> None:
 class PartialCopy:
     """A sparse local copy of a remote file, filled page by page, shared by every process of this boot.
 
-    ``have`` is a uint8 view of the shared page map, one byte per 4096-byte page.
+    ``have`` is a uint8 view of the shared page map, one byte per 4096-byte page.  The handle uses the copy (it
+    is not evicted) until :meth:`close`.
     """
+
+    punch_holes = RANGE_LOCKS  # cleared where the file system cannot punch holes: nothing is freed there
 
     def __init__(self, base: str, size: int) -> None:
         self.path, self.size = base + ".emb", size
         self.n_pages = -(-size // PAGE)
         with disk_errors(base):
+            self._in_use = _opened_in_use(base + ".have")  # first: an eviction under way ends before this
+            if os.fstat(self._in_use).st_size < self.n_pages:
+                os.ftruncate(self._in_use, self.n_pages)
+            self._map = mmap.mmap(self._in_use, self.n_pages) if self.n_pages else None
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if os.fstat(self._fd).st_size != size:
                 os.ftruncate(self._fd, size)  # idempotent: every process sets the same size
-            fd = os.open(base + ".have", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size < self.n_pages:
-                    os.ftruncate(fd, self.n_pages)
-                self._map = mmap.mmap(fd, self.n_pages) if self.n_pages else None
-            finally:
-                os.close(fd)
         self.have = np.frombuffer(self._map, np.uint8) if self._map is not None else np.zeros(0, np.uint8)
         os.utime(self.path)
 
@@ -306,12 +359,66 @@ class PartialCopy:
                 view, at = view[n:], at + n
         self.have[page : page + -(-len(data) // PAGE)] = 1
 
-    def close(self) -> None:
+    def reopen(self) -> None:
+        """Lock through a descriptor of this process's own: a forked child shares its parent's, and with it
+        the parent's locks, which then do not keep either from freeing what the other reads."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR)
+            os.close(fd)
+
+    def hold(self, start: int, end: int) -> None:
+        """Keep bytes ``[start, end)`` from being freed by other handles until :meth:`let_go` (waits while one
+        frees them)."""
+        if RANGE_LOCKS and self._fd >= 0:
+            _range_lock(self._fd, fcntl.F_RDLCK, start, end, wait=True)
+
+    def let_go(self, start: int, end: int) -> None:
+        if RANGE_LOCKS and self._fd >= 0:  # closed: its locks went with it
+            _range_lock(self._fd, fcntl.F_UNLCK, start, end)
+
+    def free(self, start: int, end: int) -> bool:
+        """Give back the disk space of bytes ``[start, end)`` (whole pages), marked absent first, unless another
+        handle holds some of them: whether they were freed."""
+        if not self.punch_holes or self._fd < 0 or not _range_lock(self._fd, fcntl.F_WRLCK, start, end):
+            return False
+        try:
+            first, last = start // PAGE, -(-end // PAGE)
+            self.have[first:last] = 0
+            try:
+                _core.punch_hole(self._fd, first * PAGE, (last - first) * PAGE)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                PartialCopy.punch_holes = False
+                return False
+            return True
+        finally:
+            _range_lock(self._fd, fcntl.F_UNLCK, start, end)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._in_use):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._in_use = -1
         self.have = np.zeros(0, np.uint8)
         if self._map is not None:
             with contextlib.suppress(BufferError):
                 self._map.close()
             self._map = None
+
+
+def _opened_in_use(path: str) -> int:
+    """``path`` opened (created if absent) and marked in use by a shared ``flock``, so that :meth:`Cache.evict`
+    leaves it; if an eviction removed it meanwhile, the new file at ``path``."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits for an eviction of it under way
+        except OSError:
+            return fd  # no locks here
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)

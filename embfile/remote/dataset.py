@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +38,7 @@ from embfile import folder as layout
 from embfile._format import PAGE, Header
 from embfile._pages import Layout
 from embfile.dataset import Dataset, ReadPart, checked_part
+from embfile.epochs import Fetch
 from embfile.file import MappedFile
 from embfile.remote.cache import Cache, PartialCopy, entry_name
 from embfile.remote.store import IN_FLIGHT, Identity, Remote
@@ -64,6 +67,10 @@ class RemoteFile:
         self.identity: Identity | None = None
         self.checked: set[str] = set()  # sections fetched whole and checked (fetch_section)
         self.checked_blocks: np.ndarray | None = None  # records blocks fetched and checked (check_blocks)
+        self._held: np.ndarray | None = None  # records blocks: how many holds of this handle keep each (hold)
+        self._holding = threading.Lock()
+        _open_files.add(self)
+        self._in_use = -1  # of a whole copy: the descriptor marking it in use (Cache.in_use)
         if expect and self._open_whole():
             return
         self.identity = identity = remote.identity()
@@ -100,8 +107,16 @@ class RemoteFile:
     def _open_whole(self) -> bool:
         path = self.cache.whole(self.whole_name)
         if path is not None:
+            self._in_use = self.cache.in_use(path)
             self.mapped = self._checked(MappedFile(path))
         return path is not None
+
+    def use_whole(self, mapped: MappedFile) -> None:
+        """Read the whole copy ``mapped`` (:meth:`download`'s) from now on, the partial copy let go."""
+        self.close()
+        self._in_use = self.cache.in_use(mapped.path)
+        self.partial, self.mapped = None, mapped
+        self.__dict__.pop("have", None)
 
     @property
     def whole(self) -> bool:
@@ -152,41 +167,88 @@ class RemoteFile:
                     raise errors.ChecksumError(f"{self.remote.url}: the {n} section does not match its checksum")
                 self.checked.add(n)
 
-    def unchecked_blocks(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """The runs ``(first, end)`` of checksum blocks holding this file's records ``[lo, hi)`` that this handle
-        has not checked (of ragged records, through the ranges section, which must be here); none of a whole
-        copy, checked when it was downloaded."""
-        if self.partial is None:
-            return []
+    @property
+    def n_blocks(self) -> int:
+        """Checksum blocks of the records section."""
+        h = self.mapped.header
+        return -(-h.records_size // h.block_bytes)
+
+    def blocks(self, lo: int, hi: int) -> tuple[int, int]:
+        """The checksum blocks ``[first, end)`` holding this file's records ``[lo, hi)`` (of ragged records,
+        through the ranges section, which must be here)."""
         h, m = self.mapped.header, self.mapped
         rows = (int(m.ranges()[lo]), int(m.ranges()[hi])) if h.ragged else (lo, hi)
         rows = (min(rows[0], h.n_rows), min(max(rows), h.n_rows))  # damaged ranges: the reader's checks say so
         record_bytes = h.dim * m.dtype.itemsize
-        b0, b1 = rows[0] * record_bytes // h.block_bytes, -(-rows[1] * record_bytes // h.block_bytes)
-        if self.checked_blocks is None:
-            self.checked_blocks = np.zeros(-(-h.records_size // h.block_bytes), bool)
-        todo = np.flatnonzero(~self.checked_blocks[b0:b1]) + b0
-        return _spans(todo, todo + 1)
+        return rows[0] * record_bytes // h.block_bytes, -(-rows[1] * record_bytes // h.block_bytes)
 
     def block_bytes(self, b0: int, b1: int) -> tuple[int, int]:
         """The byte range of checksum blocks ``[b0, b1)`` of the records section."""
         h = self.mapped.header
         return h.records_offset + b0 * h.block_bytes, h.records_offset + min(b1 * h.block_bytes, h.records_size)
 
-    def check_blocks(self, b0: int, b1: int) -> list[int]:
-        """Check records blocks ``[b0, b1)``, which must be here, against their stored checksums (those of the
-        sums section, which must be here too): the blocks that do not match (the others are marked checked)."""
-        assert self.checked_blocks is not None
+    def block_needs(self, b0: int, b1: int) -> list[tuple[int, int]]:
+        """:meth:`needs` of checksum blocks ``[b0, b1)``; those with pages missing are marked unchecked (what
+        this handle checked of them was freed since), to be checked once fetched."""
+        if self.partial is None:
+            return []
+        if self.checked_blocks is None:
+            self.checked_blocks = np.zeros(self.n_blocks, bool)
         start, end = self.block_bytes(b0, b1)
-        with memoryview(self.mapped.mappings()[1]) as whole:
-            good = _core.crc32c_blocks(whole[start:end], self.mapped.header.block_bytes) == self.mapped.sums()[b0:b1]
-        self.checked_blocks[b0:b1] = good
-        return (np.flatnonzero(~good) + b0).tolist()
+        per_block = self.mapped.header.block_bytes // PAGE
+        have = self.partial.have[start // PAGE : -(-end // PAGE)]
+        have = np.pad(have, (0, -len(have) % per_block), constant_values=1)  # the last block may be short
+        self.checked_blocks[b0:b1] &= have.reshape(-1, per_block).all(axis=1)
+        return self.needs(start, end)
 
-    def forget(self, start: int, end: int) -> None:
-        """Mark the pages of bytes ``[start, end)`` absent from the partial copy, to be fetched again."""
+    def check_blocks(self, b0: int, b1: int) -> list[int]:
+        """Check the records blocks of ``[b0, b1)`` that this handle has not checked (which must be here, and
+        the sums section too) against their stored checksums: the blocks that do not match (the others are
+        marked checked).  None of a whole copy, checked when it was downloaded."""
+        if self.partial is None:
+            return []
+        assert self.checked_blocks is not None
+        bad, todo, sums = [], np.flatnonzero(~self.checked_blocks[b0:b1]) + b0, self.mapped.sums()
+        with memoryview(self.mapped.mappings()[1]) as whole:
+            for c0, c1 in _spans(todo, todo + 1):
+                start, end = self.block_bytes(c0, c1)
+                good = _core.crc32c_blocks(whole[start:end], self.mapped.header.block_bytes) == sums[c0:c1]
+                self.checked_blocks[c0:c1] = good
+                bad += (np.flatnonzero(~good) + c0).tolist()
+        return bad
+
+    def forget(self, b: int) -> None:
+        """Mark the pages of records block ``b`` absent from the partial copy, to be fetched again."""
         assert self.partial is not None
+        start, end = self.block_bytes(b, b + 1)
         self.partial.have[start // PAGE : -(-end // PAGE)] = 0
+
+    def hold(self, b0: int, b1: int) -> None:
+        """Keep records blocks ``[b0, b1)`` in the partial copy (no handle frees them) until :meth:`let_go`.
+        Holds are counted: windows of an epoch, and lookups, of this handle may hold the same blocks."""
+        if self.partial is None or b1 <= b0:
+            return
+        with self._holding:
+            if self._held is None:
+                self._held = np.zeros(self.n_blocks, np.int32)
+            new = np.flatnonzero(self._held[b0:b1] == 0) + b0
+            self._held[b0:b1] += 1
+            for a, b in _spans(new, new + 1):
+                self.partial.hold(*self.block_bytes(a, b))
+
+    def let_go(self, b0: int, b1: int, free: bool = False) -> None:
+        """End a :meth:`hold` of blocks ``[b0, b1)``; with ``free``, give back the space of those no handle
+        holds now (to be fetched again when read)."""
+        if self.partial is None or b1 <= b0 or self._held is None:
+            return
+        with self._holding:
+            self._held[b0:b1] -= 1
+            gone = np.flatnonzero(self._held[b0:b1] == 0) + b0
+            for a, b in _spans(gone, gone + 1):
+                self.partial.let_go(*self.block_bytes(a, b))
+            for b in gone.tolist() if free else []:
+                if self.partial.free(*self.block_bytes(b, b + 1)) and self.checked_blocks is not None:
+                    self.checked_blocks[b] = False
 
     def store(self, start: int, data: bytes) -> None:
         assert self.partial is not None
@@ -217,7 +279,25 @@ class RemoteFile:
     def close(self) -> None:
         self.mapped.close()
         if self.partial is not None:
-            self.partial.close()
+            self.partial.close()  # its holds end with it
+        if self._in_use >= 0:
+            os.close(self._in_use)
+            self._in_use = -1
+
+
+_open_files: weakref.WeakSet[RemoteFile] = weakref.WeakSet()
+
+
+def _forget_holds_after_fork() -> None:
+    """In a forked child (a DataLoader's worker), the parent's holds are not the child's: each file starts
+    with none, locking through a descriptor of its own."""
+    for f in list(_open_files):
+        f._held, f._holding = None, threading.Lock()
+        if f.partial is not None:
+            f.partial.reopen()
+
+
+os.register_at_fork(after_in_child=_forget_holds_after_fork)
 
 
 def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
@@ -232,6 +312,39 @@ def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
     elif requests:
         with ThreadPoolExecutor(min(IN_FLIGHT, len(requests))) as pool:
             list(pool.map(one, requests))
+
+
+class Held:
+    """Records blocks ``(file, first, end)`` held in their partial copies (:meth:`RemoteFile.hold`) from
+    creation until released: what a lookup or a window of an epoch is reading, which no other handle frees."""
+
+    def __init__(self, blocks: Sequence[tuple[RemoteFile, int, int]], cache: Cache) -> None:
+        self.blocks: list[tuple[RemoteFile, int, int]] = []
+        self._cache = cache
+        try:
+            for f, b0, b1 in blocks:
+                f.hold(b0, b1)
+                self.blocks.append((f, b0, b1))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self, free: bool = False) -> None:
+        """Let go of the blocks (once); with ``free``, give back the space of those no handle holds."""
+        blocks, self.blocks = self.blocks, []
+        for f, b0, b1 in blocks:
+            f.let_go(b0, b1, free)
+
+    def read(self) -> None:
+        """Let go of a window read: if the cache is over its limit once it evicted what no handle uses (the
+        files this epoch reads are larger), give back the window's space."""
+        self.release(free=bool(self.blocks) and self._cache.evict())
+
+    def __enter__(self) -> Held:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class RemoteDataset(Dataset):
@@ -322,10 +435,10 @@ class RemoteDataset(Dataset):
 
     # -- lookups: fetch the pages a lookup needs, then look up locally --------------------------------------
 
-    def _fetch_for(self, keys: Sequence[str]) -> None:
-        """Fetch every page the lookups of ``keys`` and their records need."""
+    def _fetch_for(self, keys: Sequence[str]) -> Held:
+        """Fetch every page the lookups of ``keys`` and their records need, the records held until released."""
         if self._whole:
-            return
+            return Held([], self.cache)
         self._require_attached()
         haves = [f.have for f in self._remote_segments]
         for _ in range(MAX_ROUNDS):
@@ -339,15 +452,17 @@ class RemoteDataset(Dataset):
             fetch_all(_merged(requests))
         else:
             raise errors.CorruptFileError(f"{self.url}: a lookup did not settle in {MAX_ROUNDS} rounds of reads")
-        self._fetch_rows(rows[rows >= 0])
+        return self._fetch_rows(rows[rows >= 0])
 
-    def _fetch_rows(self, rows: np.ndarray) -> None:
-        """Fetch the pages of the records at ``rows`` (of ragged records, their ranges first)."""
+    def _fetch_rows(self, rows: np.ndarray) -> Held:
+        """Fetch the pages of the records at ``rows`` (of ragged records, their ranges first), held until
+        released: the whole records section of each file holding them (one lock), for as long as a lookup."""
         if self._whole or not rows.size:
-            return
+            return Held([], self.cache)
         starts = np.asarray(self._starts, np.int64)
         part = np.searchsorted(starts, rows, side="right") - 1
         parts = [(self._remote_files[p], np.unique(rows[part == p] - starts[p])) for p in np.unique(part).tolist()]
+        held = Held([(f, 0, f.n_blocks) for f, _ in parts], self.cache)
         if self.ragged:  # each record's two ranges entries
             fetch_all(
                 _merged(
@@ -367,55 +482,61 @@ class RemoteDataset(Dataset):
             hi = np.minimum(np.maximum(lo, hi.astype(np.int64)), h.n_rows)
             for a, b in _spans(lo, hi):  # runs of neighbouring records: one look at the page map each
                 requests += [(f, x, y) for x, y in f.needs(h.records_offset + a * rb, h.records_offset + b * rb)]
-        fetch_all(_merged(requests))
+        with contextlib.ExitStack() as failed:
+            failed.callback(held.release)
+            fetch_all(_merged(requests))
+            failed.pop_all()
+        return held
+
+    # A record read from a partial copy is a copy, not a view: its pages may be freed once the lookup ends.
 
     def __getitem__(self, key: str) -> np.ndarray:
-        self._fetch_for([key])
-        return super().__getitem__(key)
+        with self._fetch_for([key]):
+            return super().__getitem__(key) if self._whole else super().__getitem__(key).copy()
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, str):
-            self._fetch_for([key])
+            self._fetch_for([key]).release()
         return super().__contains__(key)
 
     def row(self, key: str) -> int:
-        self._fetch_for([key])
+        self._fetch_for([key]).release()
         return super().row(key)
 
     def rows(self, keys: Any) -> np.ndarray:
         keys = _listed(keys)
-        self._fetch_for(keys)
+        self._fetch_for(keys).release()
         return super().rows(keys)
 
     def find_rows(self, keys: Any) -> np.ndarray:
         keys = _listed(keys)
-        self._fetch_for(keys)
+        self._fetch_for(keys).release()
         return super().find_rows(keys)
 
     def get_batch(self, keys: Any, pad: bool = True) -> Any:
         keys = _listed(keys)
-        self._fetch_for(keys)
-        return super().get_batch(keys, pad)
+        with self._fetch_for(keys):
+            return super().get_batch(keys, pad)
 
     def record(self, row: int) -> np.ndarray:
         self._require_attached()
-        if not self._whole:
-            r = int(row) + (len(self) if int(row) < 0 else 0)
-            if 0 <= r < len(self):
-                self._fetch_rows(np.array([r]))
-        return super().record(row)
+        if self._whole:
+            return super().record(row)
+        r = int(row) + (len(self) if int(row) < 0 else 0)
+        with self._fetch_rows(np.array([r]) if 0 <= r < len(self) else np.zeros(0, np.int64)):
+            return super().record(row).copy()
 
     def take(self, rows: Sequence[int] | np.ndarray, pad: bool = True) -> Any:
         if self._whole:
             return super().take(rows, pad)
         self._require_attached()
         rows = self._row_numbers(rows)
-        self._fetch_rows(rows.astype(np.int64))
-        if self.ragged:
-            return self._gather_ragged(rows, pad)
-        out = np.empty((len(rows), self.dim), self.dtype)
-        self._layout_of(self.files).gather(rows, out)  # the partial copies
-        return out
+        with self._fetch_rows(rows.astype(np.int64)):
+            if self.ragged:
+                return self._gather_ragged(rows, pad)
+            out = np.empty((len(rows), self.dim), self.dtype)
+            self._layout_of(self.files).gather(rows, out)  # the partial copies
+            return out
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -440,9 +561,7 @@ class RemoteDataset(Dataset):
         self._detach()
         for f in files:
             if f.partial is not None:
-                f.close()
-                f.partial, f.mapped = None, wholes[f]
-                f.__dict__.pop("have", None)
+                f.use_whole(wholes[f])
         self._attach_files()
 
     def lengths(self, keys: Any = None) -> np.ndarray:
@@ -473,16 +592,17 @@ class RemoteDataset(Dataset):
     def fetch_records(self, lo: int, hi: int) -> None:
         """Fetch records ``[lo, hi)`` by range reads, checked: of each file holding them, its keys (and ranges)
         section whole and the checksum blocks holding their rows, each against its stored checksum.  Reads of
-        those records (``take``, ``keys_at``, an engine's task) then ask nothing more of the server."""
+        those records (``take``, ``keys_at``, an engine's task, whose Arrow arrays are views of them) then ask
+        nothing more of the server; they are held until the handle closes."""
         if self._whole or hi <= lo:
             return
         self._require_attached()
         first, last = self._files_holding(lo, hi)
         for f in self._remote_files[first:last]:
             f.fetch_sections(["keys"])
-        self._fetch_ranges([(lo, hi)])
+        self._fetch_ranges([(lo, hi)])  # never released: the holds end with the handle
 
-    def _epoch_reads(self) -> tuple[Layout, Callable[[Sequence[tuple[int, int]]], None] | None]:
+    def _epoch_reads(self) -> tuple[Layout, Fetch | None]:
         """An epoch streams from the partial copies, fetching each window's records before it reads them
         (:meth:`_fetch_ranges`), unless the files are whole here already: its first batch waits for one window,
         not for the dataset, and a rank fetches only the windows of its own share."""
@@ -491,15 +611,16 @@ class RemoteDataset(Dataset):
             return super()._epoch_reads()
         return self._layout_of(self.files), self._fetch_ranges  # the partial copies (Dataset._layout downloads)
 
-    def _fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def _fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> Callable[[], None]:
         """Fetch the records of ``ranges`` (``(lo, hi)`` record numbers) by range reads, all in flight together,
         and check them: the checksum blocks holding their rows, each against its stored checksum once per
-        handle (of ragged records, the ranges section first, whole and checked).  Processes sharing the cache
-        that ask for the same ranges (a DataLoader's workers, which all read every window) fetch them once:
-        the others wait, then find the pages there."""
+        handle and fetch (of ragged records, the ranges section first, whole and checked).  Processes sharing
+        the cache that ask for the same ranges (a DataLoader's workers, which all read every window) fetch them
+        once: the others wait, then find the pages there.  The blocks are held until the function returned is
+        called, once they are read (:meth:`Held.read`: under a cache limit, their space is then given back)."""
         self._require_attached()
         if self._whole:
-            return
+            return lambda: None
         pieces: dict[int, list[tuple[int, int]]] = {}  # file: its records' ranges
         for lo, hi in ranges:
             first, last = self._files_holding(lo, hi)
@@ -507,25 +628,29 @@ class RemoteDataset(Dataset):
                 start, end = self._starts[i], self._starts[i + 1]
                 if min(hi, end) > max(lo, start):
                     pieces.setdefault(i, []).append((max(lo, start) - start, min(hi, end) - start))
-        blocks = []  # (file, first block, end block) not checked yet
+        blocks = []  # (file, first block, end block)
         for i, local in pieces.items():
             f = self._remote_files[i]
             h = f.mapped.header
             f.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
             if h.ragged:
                 f.fetch_sections(["ranges"])
-            blocks += [(f, b0, b1) for lo, hi in local for b0, b1 in f.unchecked_blocks(lo, hi)]
-        with self.cache.fetching(f"{self.url} {self.version} {list(ranges)}"):
-            fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.needs(*f.block_bytes(b0, b1))]))
-        self.cache.evict()  # under a cache_limit, what was used least recently (files this handle maps stay readable)
-        bad = [(f, b) for f, b0, b1 in blocks for b in f.check_blocks(b0, b1)]
-        if bad:  # the cache's copy may be what is damaged (a disk's fault): fetch those blocks again, once
-            for f, b in bad:
-                f.forget(*f.block_bytes(b, b + 1))
-            fetch_all(_merged([(f, a, b) for f, b in bad for a, b in f.needs(*f.block_bytes(b, b + 1))]))
-            for f, b in bad:
-                if f.check_blocks(b, b + 1):
-                    raise errors.ChecksumError(f"{f.remote.url}: records block {b} does not match its checksum")
+            blocks += [(f, *f.blocks(lo, hi)) for lo, hi in local]
+        held = Held(blocks, self.cache)
+        with contextlib.ExitStack() as failed:
+            failed.callback(held.release)
+            with self.cache.fetching(f"{self.url} {self.version} {list(ranges)}"):
+                fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.block_needs(b0, b1)]))
+            bad = [(f, b) for f, b0, b1 in blocks for b in f.check_blocks(b0, b1)]
+            if bad:  # the cache's copy may be what is damaged (a disk's fault): fetch those blocks again, once
+                for f, b in bad:
+                    f.forget(b)
+                fetch_all(_merged([(f, a, b) for f, b in bad for a, b in f.block_needs(b, b + 1)]))
+                for f, b in bad:
+                    if f.check_blocks(b, b + 1):
+                        raise errors.ChecksumError(f"{f.remote.url}: records block {b} does not match its checksum")
+            failed.pop_all()
+        return held.read
 
     def _file_location(self, i: int) -> str:
         return self._remote_files[i].remote.url
