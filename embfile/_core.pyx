@@ -55,6 +55,20 @@ cdef extern from *:
         return 0;
     #endif
     }
+    static int emb_range_lock(int fd, int kind, long long start, long long length, int wait) {
+    #ifdef F_OFD_SETLK
+        struct flock lk = {0};
+        lk.l_type = (short)kind;
+        lk.l_whence = SEEK_SET;
+        lk.l_start = start;
+        lk.l_len = length;
+        return fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &lk);
+    #else
+        (void)fd, (void)kind, (void)start, (void)length, (void)wait;
+        errno = EOPNOTSUPP;
+        return -1;
+    #endif
+    }
     static int emb_punch_hole(int fd, long long offset, long long length) {
     #ifdef FALLOC_FL_PUNCH_HOLE
         return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
@@ -67,6 +81,8 @@ cdef extern from *:
     """
     int emb_start_writeback(int fd, long long offset, long long length) nogil
     int emb_punch_hole(int fd, long long offset, long long length) nogil
+    int emb_range_lock(int fd, int kind, long long start, long long length, int wait) nogil
+    int EAGAIN, EACCES
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
@@ -953,6 +969,20 @@ def start_writeback(int fd, long long offset, long long length):
         rc = emb_start_writeback(fd, offset, length)
     if rc:
         raise OSError(errno, "sync_file_range failed")
+
+
+def range_lock(int fd, int kind, long long start, long long length, bint wait=False):
+    """Set (``F_RDLCK``, ``F_WRLCK``) or clear (``F_UNLCK``) the lock of this open file description on a byte
+    range (Linux ``F_OFD_SETLK``; ``wait``: ``F_OFD_SETLKW``): whether it was set, not if another description
+    holds a conflicting lock."""
+    cdef int rc
+    with nogil:
+        rc = emb_range_lock(fd, kind, start, length, wait)
+    if rc and (errno == EAGAIN or errno == EACCES):
+        return False
+    if rc:
+        raise OSError(errno, "fcntl(F_OFD_SETLK) failed")
+    return True
 
 
 def punch_hole(int fd, long long offset, long long length):

@@ -39,7 +39,6 @@ import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
 import time
 import zlib
@@ -292,12 +291,7 @@ def _remove_unused(path: str, marker: str) -> bool:
 def _range_lock(fd: int, kind: int, start: int, end: int, wait: bool = False) -> bool:
     """Set (``F_RDLCK``, ``F_WRLCK``) or clear (``F_UNLCK``) this descriptor's lock on bytes ``[start, end)``:
     whether it was set (not, without ``wait``, if another descriptor holds a conflicting lock)."""
-    command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
-    try:
-        fcntl.fcntl(fd, command, struct.pack("hhqqi", kind, os.SEEK_SET, start, end - start, 0))
-    except (BlockingIOError, PermissionError):
-        return False
-    return True
+    return _core.range_lock(fd, kind, start, end - start, wait)
 
 
 def _fetch_into(fd: int, fetch: Callable[[int, int], bytes], size: int) -> None:
