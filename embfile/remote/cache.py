@@ -288,12 +288,6 @@ def _remove_unused(path: str, marker: str) -> bool:
             os.close(fd)
 
 
-def _range_lock(fd: int, kind: int, start: int, end: int, wait: bool = False) -> bool:
-    """Set (``F_RDLCK``, ``F_WRLCK``) or clear (``F_UNLCK``) this descriptor's lock on bytes ``[start, end)``:
-    whether it was set (not, without ``wait``, if another descriptor holds a conflicting lock)."""
-    return _core.range_lock(fd, kind, start, end - start, wait)
-
-
 def _fetch_into(fd: int, fetch: Callable[[int, int], bytes], size: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -364,16 +358,16 @@ class PartialCopy:
         """Keep bytes ``[start, end)`` from being freed by other handles until :meth:`let_go` (waits while one
         frees them)."""
         if RANGE_LOCKS and self._fd >= 0:
-            _range_lock(self._fd, fcntl.F_RDLCK, start, end, wait=True)
+            _core.range_lock(self._fd, fcntl.F_RDLCK, start, end - start, wait=True)
 
     def let_go(self, start: int, end: int) -> None:
         if RANGE_LOCKS and self._fd >= 0:  # closed: its locks went with it
-            _range_lock(self._fd, fcntl.F_UNLCK, start, end)
+            _core.range_lock(self._fd, fcntl.F_UNLCK, start, end - start)
 
     def free(self, start: int, end: int) -> bool:
         """Give back the disk space of bytes ``[start, end)`` (whole pages), marked absent first, unless another
         handle holds some of them: whether they were freed."""
-        if not self.punch_holes or self._fd < 0 or not _range_lock(self._fd, fcntl.F_WRLCK, start, end):
+        if not self.punch_holes or self._fd < 0 or not _core.range_lock(self._fd, fcntl.F_WRLCK, start, end - start):
             return False
         try:
             first, last = start // PAGE, -(-end // PAGE)
@@ -387,7 +381,7 @@ class PartialCopy:
                 return False
             return True
         finally:
-            _range_lock(self._fd, fcntl.F_UNLCK, start, end)
+            _core.range_lock(self._fd, fcntl.F_UNLCK, start, end - start)
 
     def close(self) -> None:
         for fd in (self._fd, self._in_use):
