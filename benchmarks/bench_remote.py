@@ -25,6 +25,11 @@ Mosaic Streaming and LitData amount to for a lookup.
 5. **A long job writing at the URL**: the folder's records written by a ``DatasetWriter`` at an ``s3://`` URL
    (each shard published as it fills), against a ``DatasetWriter`` on local disk followed by an upload of the
    folder: seconds and the local disk's peak.
+6. **An epoch larger than the cache's limit**: two epochs over the folder at the HTTP server with ``cache_limit``
+   a quarter of the folder, with the default windows and with smaller ones, against no limit: seconds, MiB
+   received and the cache's disk at its peak (sampled every 10 ms).  And what the range locks that keep a
+   window from being freed under a reader cost a lookup: ``get_batch`` of 256 keys already in the cache, with and
+   without them.
 
     python benchmarks/bench_remote.py                       # a few minutes
     python benchmarks/bench_remote.py --keys 20000 --latency 0.05 --out -
@@ -262,6 +267,72 @@ def long_job(s3, local_folder, scratch, round_, batch=1024):
     return out
 
 
+def limited_epochs(http, scratch, batch, dataset_bytes):
+    """Seconds, MiB received and the cache's peak on disk of two streamed epochs, without a limit and under a
+    quarter of the dataset."""
+    url, out = f"{http.url}/ds", {}
+    for kind, limit, windows in (
+        ("no limit", None, {}),
+        ("limit 1/4, default windows", dataset_bytes // 4, {}),
+        ("limit 1/4, windows of 8 blocks", dataset_bytes // 4, {"buffer_blocks": 8}),
+    ):
+        cache = tempfile.mkdtemp(dir=scratch)
+        with embfile.open(url, cache_dir=cache, cache_limit=limit) as db, _PeakOnDisk(cache) as peak:
+            seconds = [timed_epoch(db, batch, epoch, **windows)[1] for epoch in (0, 1)]
+            out[kind] = (*seconds, db.bytes_read / 2**20, peak.bytes / 2**20)
+        shutil.rmtree(cache)
+    return out
+
+
+def lock_cost(http, scratch, keys, rounds=200):
+    """Microseconds of ``get_batch`` of 256 keys whose pages are all in the cache, with the range locks that keep
+    them from being freed during the call, without them (the module's switch, as on a system without them), and
+    from the local folder."""
+    from embfile.remote import cache as cache_module
+
+    rng = np.random.default_rng(2)
+    picks = [[keys[i] for i in rng.choice(len(keys), 256, replace=False).tolist()] for _ in range(rounds)]
+    out = {"with": [], "without": [], "local": []}
+    with (
+        embfile.open(f"{http.url}/ds", cache_dir=tempfile.mkdtemp(dir=scratch)) as db,
+        embfile.open(os.path.join(scratch, "ds")) as local,
+    ):
+        for batch in picks:
+            db.get_batch(batch)  # every page fetched
+        for _ in range(3):
+            for kind, handle in (("with", db), ("without", db), ("local", local)):
+                cache_module.RANGE_LOCKS = kind == "with"
+                t0 = time.perf_counter()
+                for batch in picks:
+                    handle.get_batch(batch)
+                out[kind].append((time.perf_counter() - t0) / rounds * 1e6)
+        cache_module.RANGE_LOCKS = hasattr(cache_module.fcntl, "F_OFD_SETLK")
+    return out
+
+
+class _PeakOnDisk:
+    """The most bytes on disk under a folder while in the ``with`` block, sampled every 10 ms."""
+
+    def __init__(self, folder):
+        import threading
+
+        self.folder, self.bytes, self._stop = folder, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self.bytes = max(self.bytes, _kept(self.folder))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self.bytes, _kept(self.folder))
+
+
 def _commit(jobs, url, opts, cache, parts):
     """Tasks write and upload their parts (not timed apart: in an engine they run on the workers), the driver
     commits."""
@@ -436,13 +507,42 @@ def run(args):
         )
         jobs_ = [long_job(s3, os.path.join(scratch, "ds"), scratch, r) for r in range(args.rounds)]
         print("| | s | local disk at its peak, MiB | what a crash loses |\n|---|---:|---:|---|")
-        for kind, loses in zip(jobs_[0], ("the shard in progress", "everything not uploaded: all of it")):
+        for kind, loses in zip(jobs_[0], ("two shards at most", "everything not uploaded: all of it")):
             seconds, mib = [j[kind][0] for j in jobs_], [j[kind][1] for j in jobs_]
             print(f"| {kind} | {spread(seconds, '{:.2f}')} | {spread(mib, '{:.0f}')} | {loses} |")
         print(
             "\nA DatasetWriter at a URL publishes each shard as a version as it fills (the shard, then the manifest, "
-            "then LATEST) and removes its local file: the local disk holds the key index and the shard in progress, "
-            "and a machine that vanishes loses that shard alone; the job resumes elsewhere with resume=True."
+            "then LATEST), on a thread while the next shard fills, and removes its local file: the local disk holds "
+            "the key index, the shard in progress and the one being published, and a machine that vanishes loses "
+            "those two; the job resumes elsewhere with resume=True."
+        )
+        print(
+            f"\n## An epoch larger than the cache's limit (the folder over http://, {args.rounds} rounds, a fresh "
+            "cache each; median (range))\n"
+        )
+        http = RangeServer(scratch, args.latency)
+        limited = [limited_epochs(http, scratch, args.batch, int(dataset * 2**20)) for _ in range(args.rounds)]
+        print("| | epoch 1, s | epoch 2, s | MiB received (2 epochs) | cache on disk at its peak, MiB |")
+        print("|---|---:|---:|---:|---:|")
+        for kind in limited[0]:
+            cells = [
+                spread([r[kind][i] for r in limited], f) for i, f in enumerate(("{:.2f}", "{:.2f}", "{:.0f}", "{:.0f}"))
+            ]
+            print(f"| {kind} | " + " | ".join(cells) + " |")
+        print(
+            f"\nThe folder is {dataset:.0f} MiB; the limit {dataset / 4:.0f} MiB. Under it, each window read is given "
+            "back (a hole punched in the partial copy) once no reader holds it, so the disk holds the limit's worth "
+            "plus the window being read and the one being fetched, and epoch 2 fetches again what was given back. "
+            "The default window is 64 blocks of 1 MiB; `buffer_blocks=8` makes it 8 MiB."
+        )
+        locks = lock_cost(http, scratch, keys)
+        http.stop()
+        on, off = np.median(locks["with"]), np.median(locks["without"])
+        print(
+            "\nWhat the range locks cost a lookup: get_batch of 256 keys in the cache "
+            f"{spread(locks['with'], '{:.0f}')} us with them, {spread(locks['without'], '{:.0f}')} us without "
+            f"({on / off:.2f}x), {spread(locks['local'], '{:.0f}')} us from the local folder (3 interleaved rounds "
+            "of 200 calls)."
         )
     finally:
         s3.stop()

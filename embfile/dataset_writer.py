@@ -238,9 +238,10 @@ class DatasetWriter(ShardWriter):
     ``with`` block by an exception commits every record added before it, then lets the exception go on.
 
     ``folder`` may be a URL (``s3://``, ``gs://``; ``cache_dir=`` and ``storage_options=`` then apply): each
-    version is published there as it is committed, its shard first, its manifest last, so a job on a machine
-    that can vanish (a spot instance) loses at most the shard in progress, and resumes on another machine from
-    what the URL holds (see :doc:`/guide/remote`).
+    version is published there as it is committed (on a thread, while the next shard fills), its shard first,
+    its manifest last, so a job on a machine that can vanish (a spot instance) loses at most the shard in
+    progress and the one being published, and resumes on another machine from what the URL holds (see
+    :doc:`/guide/remote`).
 
     Examples
     --------

@@ -145,6 +145,7 @@ class S3Server:
 
         app = DomainDispatcherApplication(create_backend_app)
         self.delay = delay
+        self.refusing = False  # answer writes with 403, as a store whose credentials expired
         self.log: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
 
@@ -153,6 +154,9 @@ class S3Server:
                 self.log.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("HTTP_RANGE", "")))
             if self.delay:
                 time.sleep(self.delay)
+            if self.refusing and environ["REQUEST_METHOD"] in ("PUT", "POST", "DELETE"):
+                start_response("403 Forbidden", [("Content-Type", "application/xml")])
+                return [b"<Error><Code>AccessDenied</Code><Message>writes refused</Message></Error>"]
             return app(environ, start_response)
 
         self._server = make_server("127.0.0.1", 0, counted, threaded=True, request_handler=Quiet)

@@ -94,6 +94,13 @@ def test_lookup_request_budget(served, tmp_path):
             n = len(server.gets())
             db[keys[i]], keys[i] in db, db.get_batch([keys[i]] * 5)
             assert len(server.gets()) == n
+        n = len(server.gets())  # finding a key's row needs its index pages, not its record
+        assert keys[2500] in db and db.row(keys[2500]) == 2500 and "nope" not in db
+        assert list(db.rows(keys[2500:2501])) == list(db.find_rows([keys[2500]])) == [2500]
+        assert len(server.gets()) - n <= 3
+        n = len(server.gets())
+        np.testing.assert_array_equal(db[keys[2500]], x[2500])
+        assert len(server.gets()) - n == 1
     # a new handle, other process or later: the index pages come from the cache on disk
     with open_http(server, "one.emb", cache) as db:
         n = len(server.gets())
@@ -976,7 +983,9 @@ def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path, monkeypatc
                 w.add(keys[0], x[0])
             for i in range(done, 2000):
                 w.add(keys[i], x[i])
-                if i == done + 1000:  # here: the shard in progress, and the key index of the version published
+                if i == done + 1000:  # here: the shard in progress, the one being published, the key index
+                    assert len(os.listdir(os.path.join(w._tx.folder, "shards"))) <= 2
+                    w._published_before()  # then the shard in progress and the latest version's key index
                     assert len(os.listdir(os.path.join(w._tx.folder, "shards"))) <= 1
                     named = [os.path.join(w._tx.folder, e.path) for e in embfile.history(w._tx.folder)[-1].segments]
                     assert sorted(glob(os.path.join(os.path.dirname(named[0]), "*"))) == sorted(named)
@@ -994,8 +1003,9 @@ def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path, monkeypatc
         embfile.append(url, (other[250:], xo[250:]), cache_dir=tmp_path / "c2", storage_options=opts)
         before = set(fs.find("embs/job/shards", refresh=True))
         with pytest.raises(embfile.CommitConflictError, match="s3://embs/job: another writer committed version"):
-            for i in range(1, 250):
+            for i in range(1, 249):  # a shard fills at 200: its publish fails meanwhile, or when closing
                 w.add(other[i], xo[i])
+            w.close()
         assert set(fs.find("embs/job/shards", refresh=True)) == before  # nothing of its shard is left
         with pytest.raises(embfile.ClosedFileError):
             w.add(other[249], xo[249])
@@ -1003,6 +1013,29 @@ def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path, monkeypatc
             embfile.DatasetWriter("https://127.0.0.1:9/job", dim=64)
     finally:
         server.stop()
+
+
+def test_a_dataset_writer_publishing_in_the_background_raises_a_failed_upload_and_loses_nothing(s3, tmp_path):
+    """A shard is published while the next fills; a publish the store refuses is raised by a later add (at the
+    latest when the next shard is full), with the shard in progress kept, and the next commit publishes both."""
+    keys, x = data(n=700, dim=4)
+    opts, url = s3.storage_options(), "s3://embs/background"
+    w = embfile.DatasetWriter(url, dim=4, shard_bytes=200 * 16, cache_dir=tmp_path / "c", storage_options=opts)
+    try:
+        w.add_batch(keys[:200], x[:200])
+        s3.refusing = True  # the first shard's publish starts with the next add, and is refused
+        added = 200
+        with pytest.raises(embfile.RemoteError, match="403"):
+            for added in range(200, 600):
+                w.add(keys[added], x[added])
+        assert 200 < added <= 400  # raised before the next shard was committed: key `added` was not taken
+    finally:
+        s3.refusing = False
+    w.add_batch(keys[added:], x[added:])
+    w.close()
+    with embfile.open(url, cache_dir=tmp_path / "r", storage_options=opts) as db:
+        assert db.version == 5 and len(db) == 700  # the empty version 1, then a version per shard
+        np.testing.assert_array_equal(db.get_batch(keys), x)
 
 
 def test_ragged_records_by_range_reads(tmp_path):

@@ -153,8 +153,20 @@ class RemoteFile:
         size = self.partial.size
         return [(a * PAGE, min(b * PAGE, size)) for a, b in merged]
 
+    def needs_of(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """:meth:`needs` of each byte range of ``spans``, with one look at the page map for all of them: a
+        lookup whose pages are here costs no Python per range."""
+        if self.partial is None or not spans:
+            return []
+        start, end = np.array(spans, np.int64).reshape(-1, 2).T
+        first, pages = start // PAGE, -(-end // PAGE) - start // PAGE
+        offsets = np.cumsum(pages) - pages
+        page = np.arange(int(pages.sum())) - np.repeat(offsets - first, pages)
+        lacking = np.unique(np.repeat(np.arange(len(spans)), pages)[self.partial.have[page] == 0])
+        return [r for i in lacking.tolist() for r in self.needs(*spans[i])]
+
     def fetch(self, ranges: Iterable[tuple[int, int]], gap: int = OPEN_GAP) -> None:
-        fetch_all(_merged([(self, a, b) for start, end in ranges for a, b in self.needs(start, end)], gap))
+        fetch_all(_merged([(self, a, b) for a, b in self.needs_of(list(ranges))], gap))
 
     def fetch_sections(self, names: Sequence[str]) -> None:
         """Fetch the sections ``names`` (``keys``, ``ranges``...) whole, then check each against its stored
@@ -439,37 +451,49 @@ class RemoteDataset(Dataset):
         """Fetch every page the lookups of ``keys`` and their records need, the records held until released."""
         if self._whole:
             return Held([], self.cache)
+        rows = self._fetch_index(keys)
+        return self._fetch_rows(rows[rows >= 0])
+
+    def _fetch_index(self, keys: Sequence[str]) -> np.ndarray:
+        """Fetch the pages of the key index that the lookups of ``keys`` need: the row of each, -1 if absent."""
         self._require_attached()
         haves = [f.have for f in self._remote_segments]
         for _ in range(MAX_ROUNDS):
             rows, needs = self.probe(keys, haves)
             if not len(needs):
-                break
+                return rows
             requests = []
             for s, first, last in np.unique(needs, axis=0).tolist():
                 f = self._remote_segments[s]
                 requests += [(f, a, b) for a, b in f.needs(first * PAGE, (last + 1) * PAGE)]
             fetch_all(_merged(requests))
-        else:
-            raise errors.CorruptFileError(f"{self.url}: a lookup did not settle in {MAX_ROUNDS} rounds of reads")
-        return self._fetch_rows(rows[rows >= 0])
+        raise errors.CorruptFileError(f"{self.url}: a lookup did not settle in {MAX_ROUNDS} rounds of reads")
 
     def _fetch_rows(self, rows: np.ndarray) -> Held:
         """Fetch the pages of the records at ``rows`` (of ragged records, their ranges first), held until
         released: the whole records section of each file holding them (one lock), for as long as a lookup."""
         if self._whole or not rows.size:
             return Held([], self.cache)
-        starts = np.asarray(self._starts, np.int64)
-        part = np.searchsorted(starts, rows, side="right") - 1
-        parts = [(self._remote_files[p], np.unique(rows[part == p] - starts[p])) for p in np.unique(part).tolist()]
+        rows = np.unique(rows)
+        part = np.searchsorted(np.asarray(self._starts, np.int64), rows, side="right") - 1
+        cuts = np.flatnonzero(np.diff(part)) + 1
+        parts = [
+            (self._remote_files[p], local - self._starts[p])
+            for p, local in zip(part[np.r_[0, cuts]].tolist(), np.split(rows, cuts))
+        ]
         held = Held([(f, 0, f.n_blocks) for f, _ in parts], self.cache)
         if self.ragged:  # each record's two ranges entries
             fetch_all(
                 _merged(
                     [
-                        (f, f.mapped.header.ranges_offset + 8 * a, f.mapped.header.ranges_offset + 8 * b)
+                        (f, *r)
                         for f, local in parts
-                        for a, b in _spans(local, local + 2)
+                        for r in f.needs_of(
+                            [
+                                (f.mapped.header.ranges_offset + 8 * a, f.mapped.header.ranges_offset + 8 * b)
+                                for a, b in _spans(local, local + 2)
+                            ]
+                        )
                     ]
                 )
             )
@@ -480,8 +504,10 @@ class RemoteDataset(Dataset):
             lo, hi = (local, local + 1) if not h.ragged else (f.mapped.ranges()[local], f.mapped.ranges()[local + 1])
             lo = np.minimum(lo.astype(np.int64), h.n_rows)  # damaged ranges: the table says so
             hi = np.minimum(np.maximum(lo, hi.astype(np.int64)), h.n_rows)
-            for a, b in _spans(lo, hi):  # runs of neighbouring records: one look at the page map each
-                requests += [(f, x, y) for x, y in f.needs(h.records_offset + a * rb, h.records_offset + b * rb)]
+            runs = _spans(lo, hi)  # runs of neighbouring records
+            requests += [
+                (f, *r) for r in f.needs_of([(h.records_offset + a * rb, h.records_offset + b * rb) for a, b in runs])
+            ]
         with contextlib.ExitStack() as failed:
             failed.callback(held.release)
             fetch_all(_merged(requests))
@@ -494,23 +520,28 @@ class RemoteDataset(Dataset):
         with self._fetch_for([key]):
             return super().__getitem__(key) if self._whole else super().__getitem__(key).copy()
 
+    # Finding rows needs the key index alone, not the records.
+
     def __contains__(self, key: object) -> bool:
-        if isinstance(key, str):
-            self._fetch_for([key]).release()
+        if isinstance(key, str) and not self._whole:
+            self._fetch_index([key])
         return super().__contains__(key)
 
     def row(self, key: str) -> int:
-        self._fetch_for([key]).release()
+        if not self._whole:
+            self._fetch_index([key])
         return super().row(key)
 
     def rows(self, keys: Any) -> np.ndarray:
         keys = _listed(keys)
-        self._fetch_for(keys).release()
+        if not self._whole:
+            self._fetch_index(keys)
         return super().rows(keys)
 
     def find_rows(self, keys: Any) -> np.ndarray:
         keys = _listed(keys)
-        self._fetch_for(keys).release()
+        if not self._whole:
+            self._fetch_index(keys)
         return super().find_rows(keys)
 
     def get_batch(self, keys: Any, pad: bool = True) -> Any:
@@ -772,14 +803,18 @@ def remote_tags(remote: Remote) -> dict[str, int]:
 
 def _spans(lo: np.ndarray, hi: np.ndarray) -> list[tuple[int, int]]:
     """The union of the ranges ``[lo[i], hi[i])`` as sorted, disjoint ranges (empty ones dropped)."""
+    lo, hi = lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
     keep = hi > lo
-    order = np.argsort(lo[keep], kind="stable")
-    lo, hi = lo[keep][order].astype(np.int64), hi[keep][order].astype(np.int64)
+    if not keep.all():
+        lo, hi = lo[keep], hi[keep]
     if not len(lo):
         return []
+    if (lo[1:] < lo[:-1]).any():
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
     reach = np.maximum.accumulate(hi)
-    starts = np.flatnonzero(np.r_[True, lo[1:] > reach[:-1]])
-    ends = np.r_[starts[1:] - 1, len(lo) - 1]
+    starts = np.flatnonzero(np.concatenate(([True], lo[1:] > reach[:-1])))
+    ends = np.append(starts[1:] - 1, len(lo) - 1)
     return list(zip(lo[starts].tolist(), reach[ends].tolist()))
 
 

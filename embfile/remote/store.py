@@ -221,8 +221,12 @@ class Remote:
         for attempt in range(RETRIES + 1):
             try:
                 return call()
-            except (FileNotFoundError, IsADirectoryError, PermissionError, errors.RemoteError):
+            except (FileNotFoundError, IsADirectoryError, errors.RemoteError):
                 raise
+            except PermissionError as e:  # fsspec's for a 403: its message names neither the object nor the call
+                raise errors.RemoteError(
+                    f"{what} {self.url}: the server answered 403 (permission denied: {e})"
+                ) from None
             except Exception as e:
                 status = _status(e)
                 if status == 412:

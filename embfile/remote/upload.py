@@ -19,6 +19,7 @@ tasks uploaded.  HTTP(S) URLs are read-only.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -26,8 +27,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import numpy as np
 
 from embfile import dataset_writer, errors, formats, operations, writer
 from embfile import folder as layout
@@ -170,10 +173,13 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
 
     It writes on a stand-in (:func:`_stand_in`, the key index downloaded: ``done_keys`` and the checks for keys
     already there are local), and publishes each version as it commits it (:func:`_publish`: the shard, then
-    the manifest if no writer made that version first, then ``LATEST``).  A published shard's local file is
-    removed, as are segments merged away: the local disk holds the key index and the shard in progress.
-    Another writer's version published meanwhile is a :class:`~embfile.CommitConflictError` (nothing of the
-    shard visible), and the writer is closed: ``resume=True`` then continues from what the URL holds.
+    the manifest if no writer made that version first, then ``LATEST``), on a thread of its own while the next
+    shard fills, so the job waits for an upload only when the next shard is full before it.  A published
+    shard's local file is removed, as are segments merged away: the local disk holds the key index, the shard
+    in progress and the one being published.  A failed publish is raised by the next ``add``, commit or
+    :meth:`close` (which publishes the last version before it returns); another writer's version published
+    meanwhile is a :class:`~embfile.CommitConflictError` (nothing of the shard visible), and the writer is
+    closed: ``resume=True`` then continues from what the URL holds.
     """
 
     def __init__(
@@ -190,20 +196,54 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
         self.url = folder.rstrip("/")
         self._remote = writable(self.url, storage_options)
         self._stand = contextlib.ExitStack()
+        self._publishing: Future[None] | None = None  # the version being published, on the thread below
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="embfile-publish")
+        self._stand.callback(self._publisher.shutdown)
+        self._in_background = True  # cleared by close: the last version is published before it returns
         try:
             staging, base = self._stand.enter_context(_stand_in(self._remote, Cache(cache_dir), read_index=True))
             self._published = base.version if base else 0
             super().__init__(staging, dim, dtype, metadata, **options)
             self.folder = self.url  # what messages name
-            self._publish()  # a new dataset's empty version 1
+            self._publishing = self._publisher.submit(self._publish)  # a new dataset's empty version 1
+            self._published_before()
         except BaseException:
             if not self._stand.__exit__(*sys.exc_info()):
                 raise
 
+    def add(self, key: str, vector: Any) -> None:
+        self._raise_failed_publish()
+        super().add(key, vector)
+
+    def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any, lengths: Any = None) -> None:
+        self._raise_failed_publish()
+        super().add_batch(keys, matrix, lengths)
+
+    def _raise_failed_publish(self) -> None:
+        if self._publishing is not None and self._publishing.done():
+            self._published_before()
+
+    def _finish_shard(self) -> None:
+        self._published_before()  # a failed publish raised here leaves the shard in progress as it was
+        super()._finish_shard()
+
     def _commit(self) -> layout.Manifest:
+        self._published_before()  # the stand-in changes no more while a version of it is uploaded
         manifest = super()._commit()
-        self._publish()
+        self._publishing = self._publisher.submit(self._publish)
+        if not self._in_background:
+            self._published_before()
         return manifest
+
+    def _published_before(self) -> None:
+        """Wait for the version being published; raise what stopped it (a conflict closes the writer)."""
+        publishing, self._publishing = self._publishing, None
+        try:
+            if publishing is not None:
+                publishing.result()
+        except errors.CommitConflictError:
+            self.abort()
+            raise
 
     def _publish(self) -> None:
         """Publish the versions committed since the last one published, then remove here their shards and the
@@ -212,11 +252,7 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
         latest = layout.latest_version(staging)
         if latest <= published:
             return
-        try:
-            _publish(self._remote, staging, published)
-        except errors.CommitConflictError:
-            self.abort()
-            raise
+        _publish(self._remote, staging, published)
         self._published = latest
         before = layout.read_manifest(staging, published).files() if published else set()
         latest_manifest = layout.read_manifest(staging, latest)
@@ -229,15 +265,20 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
                 os.unlink(os.path.join(staging, path))
 
     def abort(self) -> None:
-        """Discard the shard in progress; the versions published stay."""
+        """Discard the shard in progress; the versions published stay (one being published ends first)."""
+        publishing, self._publishing = self._publishing, None
         try:
+            if publishing is not None:
+                concurrent.futures.wait([publishing])
             super().abort()
         finally:
             self._stand.close()
 
     def close(self) -> None:
         """Commit and publish the shard in progress (if it holds records), and let go of the stand-in."""
+        self._in_background = False
         super().close()  # on an error, abort() lets go
+        self._published_before()  # nothing was left to commit: the version being published
         self._stand.close()
 
 
