@@ -22,9 +22,10 @@ Mosaic Streaming and LitData amount to for a lookup.
    a fresh cache: seconds and MiB received opening its file alone and reading the checksum blocks holding its
    rows by range requests (what a task does), against opening the dataset and downloading its shard (what a
    task did before).
-5. **A long job writing at the URL**: the folder's records written by a ``DatasetWriter`` at an ``s3://`` URL
-   (each shard published as it fills), against a ``DatasetWriter`` on local disk followed by an upload of the
-   folder: seconds and the local disk's peak.
+5. **A long job writing at the URL**: the folder's records, each batch of 1024 computed in ``--compute-ms``
+   (a sleep, as a GPU leaves the CPU free), written by a ``DatasetWriter`` at an ``s3://`` URL (each shard
+   published while the next fills, and as before, before it), against a ``DatasetWriter`` on local disk
+   followed by an upload of the folder: seconds and the local disk's peak.
 6. **An epoch larger than the cache's limit**: two epochs over the folder at the HTTP server with ``cache_limit``
    a quarter of the folder, with the default windows and with smaller ones, against no limit: seconds, MiB
    received and the cache's disk at its peak (sampled every 10 ms).  And what the range locks that keep a
@@ -235,9 +236,11 @@ def read_task(s3, scratch, share):
     return out
 
 
-def long_job(s3, local_folder, scratch, round_, batch=1024):
-    """Seconds and the local disk's peak of a job writing the folder's records at a URL with a DatasetWriter
-    (each shard published as it fills), and of the way without it: the job writes locally, then uploads."""
+def long_job(s3, local_folder, scratch, round_, compute, batch=1024):
+    """Seconds and the local disk's peak of a job computing the folder's records (``compute`` seconds a batch,
+    the GIL released, as a GPU's) and writing them at a URL with a DatasetWriter (each shard published as it
+    fills, while the next fills, or as before, before the next), and of the way without it: the job writes
+    locally, then uploads."""
     opts, out = s3.storage_options(), {}
     with embfile.open(local_folder) as src:
         dim, dtype, n = src.dim, src.dtype.name, len(src)
@@ -245,17 +248,23 @@ def long_job(s3, local_folder, scratch, round_, batch=1024):
         def job(writer, peak):
             with writer as w:
                 for lo in range(0, n, batch):
+                    time.sleep(compute)
                     w.add_batch(src.keys_between(lo, min(lo + batch, n)), src.take(np.arange(lo, min(lo + batch, n))))
                     peak[0] = max(peak[0], _kept(w._tx.folder))
 
-        for kind in ("DatasetWriter at the URL", "DatasetWriter locally, then upload"):
+        for kind in (
+            "DatasetWriter at the URL",
+            "DatasetWriter at the URL, each shard published before the next fills (before)",
+            "DatasetWriter locally, then upload",
+        ):
             peak, cache = [0], tempfile.mkdtemp(dir=scratch)
             url = f"s3://embs/job{round_}-{len(out)}"
             t0 = time.perf_counter()
-            if kind.endswith("URL"):
+            if "URL" in kind:
                 w = embfile.DatasetWriter(
                     url, dim, dtype, shard_bytes=SHARD_BYTES, cache_dir=cache, storage_options=opts
                 )
+                w._in_background = "before" not in kind
                 job(w, peak)
             else:
                 local = os.path.join(scratch, f"job{round_}")
@@ -367,6 +376,7 @@ def main():
     ap.add_argument("--lookups", type=int, default=40, help="keys looked up per kind and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--compute-ms", type=float, default=30.0, help="ms a long job computes each batch of 1024 records")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--out", help="the result file (default benchmarks/results/remote.md; - for none)")
     args = ap.parse_args()
@@ -503,18 +513,28 @@ def run(args):
         )
         print(
             f"\n## A long job writing at the URL ({args.rounds} rounds, the folder's records in batches of 1024, "
-            f"{SHARD_BYTES >> 20} MiB shards; median (range))\n"
+            f"each computed in {args.compute_ms:.0f} ms, {SHARD_BYTES >> 20} MiB shards; median (range))\n"
         )
-        jobs_ = [long_job(s3, os.path.join(scratch, "ds"), scratch, r) for r in range(args.rounds)]
-        print("| | s | local disk at its peak, MiB | what a crash loses |\n|---|---:|---:|---|")
-        for kind, loses in zip(jobs_[0], ("two shards at most", "everything not uploaded: all of it")):
+        jobs_ = [
+            long_job(s3, os.path.join(scratch, "ds"), scratch, r, args.compute_ms / 1e3) for r in range(args.rounds)
+        ]
+        computing = args.compute_ms / 1e3 * -(-args.keys // 1024)
+        print("| | s | / computing alone | local disk at its peak, MiB | what a crash loses |")
+        print("|---|---:|---:|---:|---|")
+        for kind, loses in zip(
+            jobs_[0], ("two shards at most", "the shard in progress", "everything not uploaded: all of it")
+        ):
             seconds, mib = [j[kind][0] for j in jobs_], [j[kind][1] for j in jobs_]
-            print(f"| {kind} | {spread(seconds, '{:.2f}')} | {spread(mib, '{:.0f}')} | {loses} |")
+            print(
+                f"| {kind} | {spread(seconds, '{:.2f}')} | {np.median(seconds) / computing:.2f}x | "
+                f"{spread(mib, '{:.0f}')} | {loses} |"
+            )
         print(
-            "\nA DatasetWriter at a URL publishes each shard as a version as it fills (the shard, then the manifest, "
-            "then LATEST), on a thread while the next shard fills, and removes its local file: the local disk holds "
-            "the key index, the shard in progress and the one being published, and a machine that vanishes loses "
-            "those two; the job resumes elsewhere with resume=True."
+            f"\nComputing the records alone takes {computing:.2f} s. A DatasetWriter at a URL publishes each shard as "
+            "a version as it fills (the shard, then the manifest, then LATEST), on a thread while the next shard "
+            "fills, and removes its local file: the local disk holds the key index, the shard in progress and the "
+            "one being published, and a machine that vanishes loses those two; the job resumes elsewhere with "
+            "resume=True. Before, the job stopped computing while each shard was published."
         )
         print(
             f"\n## An epoch larger than the cache's limit (the folder over http://, {args.rounds} rounds, a fresh "

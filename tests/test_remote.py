@@ -11,6 +11,8 @@ import sys
 import time
 from glob import glob
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
@@ -1161,3 +1163,20 @@ def test_a_job_of_many_tasks_commits_at_an_s3_url_reading_keys_only(s3, tmp_path
         assert (db.version, len(db)) == (4, 4000)
         np.testing.assert_array_equal(db.get_batch(keys[:10]), new)
         np.testing.assert_array_equal(db.get_batch(keys[10:]), x[10:])
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)), max_size=30))
+def test_spans_and_runs_are_the_union_of_their_ranges(ranges):
+    """The range arithmetic of lookups at a URL (what pages to check and fetch) against sets of integers."""
+    from embfile.remote.dataset import _runs, _spans
+
+    lo = np.array([a for a, _ in ranges], np.int64)
+    hi = lo + np.array([n for _, n in ranges], np.int64)
+    union = set().union(*(range(a, b) for a, b in zip(lo.tolist(), hi.tolist())))
+    starts, ends = _spans(lo, hi)
+    assert set().union(*(range(a, b) for a, b in zip(starts.tolist(), ends.tolist()))) == union
+    assert (starts[1:] > ends[:-1]).all() and (ends > starts).all()  # disjoint, apart, none empty
+    runs = _runs(np.array(sorted(union), np.int64))
+    assert set().union(*(range(a, b) for a, b in runs)) == union
+    assert all(b < c for (_, b), (c, _) in zip(runs, runs[1:]))

@@ -153,20 +153,20 @@ class RemoteFile:
         size = self.partial.size
         return [(a * PAGE, min(b * PAGE, size)) for a, b in merged]
 
-    def needs_of(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """:meth:`needs` of each byte range of ``spans``, with one look at the page map for all of them: a
-        lookup whose pages are here costs no Python per range."""
-        if self.partial is None or not spans:
+    def needs_of(self, start: np.ndarray, end: np.ndarray) -> list[tuple[int, int]]:
+        """:meth:`needs` of each byte range ``[start[i], end[i])``, with one look at the page map for all of
+        them: a lookup whose pages are here costs no Python per range."""
+        if self.partial is None or not len(start):
             return []
-        start, end = np.array(spans, np.int64).reshape(-1, 2).T
         first, pages = start // PAGE, -(-end // PAGE) - start // PAGE
         offsets = np.cumsum(pages) - pages
         page = np.arange(int(pages.sum())) - np.repeat(offsets - first, pages)
-        lacking = np.unique(np.repeat(np.arange(len(spans)), pages)[self.partial.have[page] == 0])
-        return [r for i in lacking.tolist() for r in self.needs(*spans[i])]
+        lacking = np.unique(np.repeat(np.arange(len(start)), pages)[self.partial.have[page] == 0])
+        return [r for i in lacking.tolist() for r in self.needs(int(start[i]), int(end[i]))]
 
     def fetch(self, ranges: Iterable[tuple[int, int]], gap: int = OPEN_GAP) -> None:
-        fetch_all(_merged([(self, a, b) for a, b in self.needs_of(list(ranges))], gap))
+        start, end = np.array(list(ranges), np.int64).reshape(-1, 2).T
+        fetch_all(_merged([(self, a, b) for a, b in self.needs_of(start, end)], gap))
 
     def fetch_sections(self, names: Sequence[str]) -> None:
         """Fetch the sections ``names`` (``keys``, ``ranges``...) whole, then check each against its stored
@@ -222,7 +222,7 @@ class RemoteFile:
         assert self.checked_blocks is not None
         bad, todo, sums = [], np.flatnonzero(~self.checked_blocks[b0:b1]) + b0, self.mapped.sums()
         with memoryview(self.mapped.mappings()[1]) as whole:
-            for c0, c1 in _spans(todo, todo + 1):
+            for c0, c1 in _runs(todo):
                 start, end = self.block_bytes(c0, c1)
                 good = _core.crc32c_blocks(whole[start:end], self.mapped.header.block_bytes) == sums[c0:c1]
                 self.checked_blocks[c0:c1] = good
@@ -245,7 +245,7 @@ class RemoteFile:
                 self._held = np.zeros(self.n_blocks, np.int32)
             new = np.flatnonzero(self._held[b0:b1] == 0) + b0
             self._held[b0:b1] += 1
-            for a, b in _spans(new, new + 1):
+            for a, b in _runs(new):
                 self.partial.hold(*self.block_bytes(a, b))
 
     def let_go(self, b0: int, b1: int, free: bool = False) -> None:
@@ -256,7 +256,7 @@ class RemoteFile:
         with self._holding:
             self._held[b0:b1] -= 1
             gone = np.flatnonzero(self._held[b0:b1] == 0) + b0
-            for a, b in _spans(gone, gone + 1):
+            for a, b in _runs(gone):
                 self.partial.let_go(*self.block_bytes(a, b))
             for b in gone.tolist() if free else []:
                 if self.partial.free(*self.block_bytes(b, b + 1)) and self.checked_blocks is not None:
@@ -488,12 +488,7 @@ class RemoteDataset(Dataset):
                     [
                         (f, *r)
                         for f, local in parts
-                        for r in f.needs_of(
-                            [
-                                (f.mapped.header.ranges_offset + 8 * a, f.mapped.header.ranges_offset + 8 * b)
-                                for a, b in _spans(local, local + 2)
-                            ]
-                        )
+                        for r in f.needs_of(*(f.mapped.header.ranges_offset + 8 * e for e in _spans(local, local + 2)))
                     ]
                 )
             )
@@ -505,9 +500,7 @@ class RemoteDataset(Dataset):
             lo = np.minimum(lo.astype(np.int64), h.n_rows)  # damaged ranges: the table says so
             hi = np.minimum(np.maximum(lo, hi.astype(np.int64)), h.n_rows)
             runs = _spans(lo, hi)  # runs of neighbouring records
-            requests += [
-                (f, *r) for r in f.needs_of([(h.records_offset + a * rb, h.records_offset + b * rb) for a, b in runs])
-            ]
+            requests += [(f, *r) for r in f.needs_of(*(h.records_offset + rb * e for e in runs))]
         with contextlib.ExitStack() as failed:
             failed.callback(held.release)
             fetch_all(_merged(requests))
@@ -801,21 +794,32 @@ def remote_tags(remote: Remote) -> dict[str, int]:
     return found
 
 
-def _spans(lo: np.ndarray, hi: np.ndarray) -> list[tuple[int, int]]:
-    """The union of the ranges ``[lo[i], hi[i])`` as sorted, disjoint ranges (empty ones dropped)."""
+def _spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The union of the ranges ``[lo[i], hi[i])`` as sorted, disjoint ranges (empty ones dropped): their
+    starts and ends, int64."""
     lo, hi = lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
     keep = hi > lo
     if not keep.all():
         lo, hi = lo[keep], hi[keep]
     if not len(lo):
-        return []
+        return lo, hi
     if (lo[1:] < lo[:-1]).any():
         order = np.argsort(lo, kind="stable")
         lo, hi = lo[order], hi[order]
     reach = np.maximum.accumulate(hi)
     starts = np.flatnonzero(np.concatenate(([True], lo[1:] > reach[:-1])))
-    ends = np.append(starts[1:] - 1, len(lo) - 1)
-    return list(zip(lo[starts].tolist(), reach[ends].tolist()))
+    return lo[starts], reach[np.append(starts[1:] - 1, len(lo) - 1)]
+
+
+def _runs(numbers: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted, distinct integers as runs of consecutive ones, ``(first, last + 1)``."""
+    if not len(numbers):
+        return []
+    first, last = int(numbers[0]), int(numbers[-1])
+    if last - first + 1 == len(numbers):
+        return [(first, last + 1)]
+    cut = np.flatnonzero(np.diff(numbers) != 1) + 1
+    return list(zip(numbers[np.r_[0, cut]].tolist(), (numbers[np.r_[cut - 1, len(numbers) - 1]] + 1).tolist()))
 
 
 def version_name(version: int) -> str:
