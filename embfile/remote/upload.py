@@ -198,10 +198,10 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
         self._stand = contextlib.ExitStack()
         self._publishing: Future[None] | None = None  # the version being published, on the thread below
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix="embfile-publish")
-        self._stand.callback(self._publisher.shutdown)
         self._in_background = True  # cleared by close: the last version is published before it returns
         try:
             staging, base = self._stand.enter_context(_stand_in(self._remote, Cache(cache_dir), read_index=True))
+            self._stand.callback(self._publisher.shutdown)  # before the stand-in goes
             self._published = base.version if base else 0
             super().__init__(staging, dim, dtype, metadata, **options)
             self.folder = self.url  # what messages name
@@ -277,9 +277,11 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
     def close(self) -> None:
         """Commit and publish the shard in progress (if it holds records), and let go of the stand-in."""
         self._in_background = False
-        super().close()  # on an error, abort() lets go
-        self._published_before()  # nothing was left to commit: the version being published
-        self._stand.close()
+        try:
+            super().close()  # publishes the last version (on an error, abort() lets go)
+            self._published_before()  # a version still being published, where close found nothing to commit
+        finally:
+            self._stand.close()
 
 
 dataset_writer.DatasetWriter._at_url = DatasetWriterAtUrl
