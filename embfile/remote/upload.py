@@ -277,11 +277,8 @@ class DatasetWriterAtUrl(dataset_writer.DatasetWriter):
     def close(self) -> None:
         """Commit and publish the shard in progress (if it holds records), and let go of the stand-in."""
         self._in_background = False
-        try:
-            super().close()  # publishes the last version (on an error, abort() lets go)
-            self._published_before()  # a version still being published, where close found nothing to commit
-        finally:
-            self._stand.close()
+        super().close()  # finishing the shard waits for the version being published (on an error, abort() lets go)
+        self._stand.close()
 
 
 dataset_writer.DatasetWriter._at_url = DatasetWriterAtUrl
