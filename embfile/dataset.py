@@ -29,7 +29,7 @@ from embfile import _core, errors, search
 from embfile import _format as F
 from embfile._extras import require
 from embfile._format import Header
-from embfile._pages import Layout, aligned_empty, faulted_in_ahead
+from embfile._pages import Layout, ReadAhead, WindowReader, aligned_empty, faulted_in_ahead
 from embfile._stream import POOLINGS, pool_rows, record_cuts
 from embfile.epochs import Batches, EpochOptions, Fetch
 from embfile.file import MappedFile, attach
@@ -149,6 +149,15 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """Where an epoch gathers its batches from, and what it must first call with the record ranges
         ``(lo, hi)`` of each window: nothing here, every record is at hand (a dataset at a URL fetches them)."""
         return self._layout(), None
+
+    def _reading(self, rows: np.ndarray, windows: Sequence[str] = ()) -> contextlib.AbstractContextManager[Layout]:
+        """Where to gather the records at ``rows`` from, while they are read: at hand here (a dataset at a URL
+        fetches them, as a batch of the map-style epoch's ``windows`` or as a lookup)."""
+        return contextlib.nullcontext(self._layout())
+
+    def _read_ahead(self) -> WindowReader:
+        """A reader of the windows a map-style epoch reads next, on a thread of this process."""
+        return ReadAhead(self._layout())
 
     def _direct_parts(self) -> list[tuple[str, int, int, int]]:
         """Each file's ``(path, records offset, first row, rows)``, for reads around the mapping."""

@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import FrameType
 from typing import Any
@@ -27,7 +28,7 @@ import torch.utils.data
 import embfile
 from embfile._handover import Buffers, each_tensor, worker_buffers
 from embfile._keys import key_list
-from embfile._pages import ReadAhead
+from embfile._pages import WindowReader
 from embfile.epochs import (
     Batches,
     EpochOptions,
@@ -100,7 +101,7 @@ class Dataset(torch.utils.data.Dataset):
     batches come from a new array, or in a DataLoader worker from one of its shared buffers.
     """
 
-    _reading: tuple[int, ReadAhead] | None = None  # this process's read-ahead thread and its pid
+    _ahead: tuple[int, WindowReader] | None = None  # this process's read-ahead thread and its pid
 
     def __init__(self, source: Source, keys: Sequence[str] | None = None) -> None:
         self.store = _dataset(source)
@@ -119,7 +120,7 @@ class Dataset(torch.utils.data.Dataset):
         return len(self.keys) if self.keys is not None else len(self.store)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_reading": None}  # a thread stays in its process
+        return {**self.__dict__, "_ahead": None}  # a thread stays in its process
 
     def _rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
@@ -145,36 +146,45 @@ class Dataset(torch.utils.data.Dataset):
         return _Batch(batch, () if whole else batch.unbind(0))
 
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer.
-        A batch of :class:`BatchSampler`'s comes from a few blocks of the file (of a dataset of keys, if they
-        cover at least every second row): where they are not cached, they are read whole, since the batches
-        after it want the rest of them; the first of a window also has the next window read ahead, on a thread
-        of this process."""
-        chunk = 0
-        if isinstance(indices, _BlockRows) and self._runs_of_file:
-            chunk = _block_chunk(self.store)
-            ahead = self._row_ranges(indices.ahead)
-            if ahead and not self.store._layout().sampled_cached(ahead):
-                self._reader().hint(ahead)
+        """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer."""
+        chunk, windows = self._windows(indices)
         rows = self.store._row_numbers(self._rows(indices))
         buffers = worker_buffers()
         out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
         if out is None:
             out = np.empty((len(rows), self.store.dim), self.store.dtype)
-        self.store._layout().gather_random(rows, out, chunk)
+        with self.store._reading(rows, windows) as layout:
+            layout.gather_random(rows, out, chunk)
         return tensor(out)
 
     def _padded(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-residue records of ``indices``, zero-padded, and the mask of their rows: gathered in a
         DataLoader worker straight into one of its shared buffers."""
+        _, windows = self._windows(indices)
         rows = self.store._row_numbers(self._rows(indices))
         buffers = worker_buffers()
         out = None
-        if buffers is not None and len(rows):
-            longest = int(self.store._extents(rows)[1].max())
-            out = buffers.array((len(rows), longest, self.store.dim), self.store.dtype)
-        padded, mask = self.store._gather_ragged(rows, True, out)
+        with self.store._reading(rows, windows):
+            if buffers is not None and len(rows):
+                longest = int(self.store._extents(rows)[1].max())
+                out = buffers.array((len(rows), longest, self.store.dim), self.store.dtype)
+            padded, mask = self.store._gather_ragged(rows, True, out)
         return tensor(padded), torch.from_numpy(mask)
+
+    def _windows(self, indices: Sequence[int] | np.ndarray) -> tuple[int, tuple[str, ...]]:
+        """Of a batch of :class:`BatchSampler`'s, which comes from a few blocks of the file (of a dataset of
+        keys, if they cover at least every second row): the bytes of a block, read whole where not cached since
+        the batches after it want the rest, and the names of its windows (at a URL, fetched as an epoch fetches
+        them).  The first batch of a window also has the next window read ahead on a thread of this process, and
+        at a URL under a cache limit the one two windows back given back.  Of any other batch: ``0, ()``."""
+        if not isinstance(indices, _BlockRows) or not self._runs_of_file:
+            return 0, ()
+        if indices.ahead or indices.done:
+            self._reader().windows(
+                [(name, self._row_ranges(positions)) for name, positions in indices.ahead],
+                self._row_ranges(indices.done),
+            )
+        return _block_chunk(self.store), indices.windows
 
     def _row_ranges(self, positions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         """The rows spanned by each range of positions in the items' file order."""
@@ -183,14 +193,14 @@ class Dataset(torch.utils.data.Dataset):
             return list(positions)
         return [(int(rows[lo]), int(rows[hi - 1]) + 1) for lo, hi in positions]
 
-    def _reader(self) -> ReadAhead:
+    def _reader(self) -> WindowReader:
         """This process's read-ahead thread, started on first use (a forked worker has its parent's object, not
         its thread), stopped when the dataset goes."""
-        pid, reader = self._reading or (-1, None)
+        pid, reader = self._ahead or (-1, None)
         if reader is None or pid != os.getpid():
-            reader = ReadAhead(self.store._layout())
+            reader = self.store._read_ahead()
             weakref.finalize(self, reader.stop, False)
-            self._reading = os.getpid(), reader
+            self._ahead = os.getpid(), reader
         return reader
 
 
@@ -207,22 +217,29 @@ def _block_chunk(store: embfile.Dataset) -> int:
 
 
 class _BlockRows(np.ndarray):
-    """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file, and with the first batch
-    of a window, the ranges of the window after it (positions in the items' file order), to read ahead (what
-    the type says to :class:`Dataset`, in a worker too: both pickle with the array)."""
+    """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file, the names of its windows,
+    and with the first batch of a window, the windows after it to read ahead (names, and ranges of positions
+    in the items' file order) and the positions of windows read before, to let go of (what the type says to
+    :class:`Dataset`, in a worker too: all pickle with the array)."""
 
-    ahead: tuple[tuple[int, int], ...] = ()
+    windows: tuple[str, ...] = ()
+    ahead: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    done: tuple[tuple[int, int], ...] = ()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # as bytes, which pickle in a third of an array's time
-        return _block_rows, (bytearray(np.ascontiguousarray(self, np.int64)), self.ahead)
+        return _block_rows, (bytearray(np.ascontiguousarray(self, np.int64)), self.windows, self.ahead, self.done)
 
 
-def _block_rows(rows: bytearray, ahead: tuple[tuple[int, int], ...] = ()) -> _BlockRows:
+def _block_rows(
+    rows: bytearray,
+    windows: tuple[str, ...] = (),
+    ahead: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (),
+    done: tuple[tuple[int, int], ...] = (),
+) -> _BlockRows:
     """A :class:`_BlockRows` back from its pickle (in the process that gathers it)."""
     out = np.frombuffer(rows, np.int64).view(_BlockRows)
-    if ahead:
-        out.ahead = ahead
+    out.windows, out.ahead, out.done = windows, ahead, done
     return out
 
 
@@ -273,17 +290,24 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
 
     def __iter__(self) -> Iterator[np.ndarray]:
         plan, lo, hi = self._plan()
+        epoch = f"{zlib.crc32(repr(self._config()).encode()):08x}"  # names this epoch's windows in any process
         asked, due = -1, lo + self._start  # windows up to ``asked`` are read ahead; a batch reaching ``due`` asks
+        done = plan.window_of(lo + self._start) if hi > lo else 0  # windows before ``done`` are let go of
         for first in range(lo + self._start, hi, self.options.batch_size):
             stop = min(first + self.options.batch_size, hi)
             positions = plan.rows(first, stop)
             items = positions if self._file_order is None else self._file_order[positions]
             rows = items.astype(np.int64).view(_BlockRows)
+            rows.windows = tuple(f"{epoch}:{w}" for w in range(plan.window_of(first), plan.window_of(stop - 1) + 1))
             if stop > due:  # the batch enters a window: the one after it is read ahead (first, this one too)
                 ahead = range(max(asked + 1, plan.window_of(first)), min(plan.window_of(stop - 1) + 2, plan.n_windows))
-                rows.ahead = tuple(r for w in ahead for r in plan.window_ranges(w))
+                rows.ahead = tuple((f"{epoch}:{w}", tuple(plan.window_ranges(w))) for w in ahead)
                 asked = max(asked, ahead.stop - 1)
                 due = plan.window_starts[asked] if asked < plan.n_windows - 1 else hi
+                # windows before the one before (and before this batch's): gathered, but for a few batches in flight
+                read = min(plan.window_of(first), plan.window_of(stop - 1) - 1)
+                rows.done = tuple(r for w in range(done, read) for r in plan.window_ranges(w))
+                done = max(done, read)
             yield rows
 
     def state_dict(self, batches_seen: int) -> dict[str, Any]:

@@ -509,6 +509,30 @@ def test_worker_processes_make_their_own_clients(served, tmp_path, method):
     db.close()
 
 
+def test_a_forked_child_leaves_its_parent_s_connections_working(served, tmp_path):
+    """A forked child (a DataLoader worker) makes its own client, and the parent's copy there is collected.
+    Closing it used to unregister the parent's sockets from the epoll set both processes share: the parent's
+    next request on that connection then hung for aiohttp's 5 minutes."""
+    server, keys, x, _ = served
+    code = f"""
+import gc, os, embfile, fsspec
+db = embfile.open({server.url + "/one.emb"!r}, cache_dir={str(tmp_path / "c")!r})
+db[{keys[0]!r}]  # a connection of the parent's, kept alive for its next request
+if os.fork() == 0:
+    for f in db._remote_files:
+        f.remote._fs = None
+    db.remote._fs = None
+    fsspec.filesystem("http")  # in a new process, fsspec forgets the instances it had
+    gc.collect()
+    os._exit(0)
+os.wait()
+print(db[{keys[7]!r}].tolist() == {x[7].tolist()!r})
+print(embfile.open({server.url + "/ds"!r}, cache_dir=os.getcwd()).version)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "3"], out.stderr
+
+
 def test_cache_limit_evicts_least_recently_used(served, tmp_path):
     server, keys, x, root = served
     shutil.copy(root / "one.emb", root / "two.emb")
@@ -628,6 +652,58 @@ def test_workers_and_lookups_share_a_cache_an_epoch_streams_through(served, tmp_
         got = {k: v.copy() for ks, vs in db.iter_batches(100, seed=3, **WINDOWS) for k, v in zip(ks, vs)}
         np.testing.assert_array_equal(db.get_batch(keys[::7]), x[::7])
     np.testing.assert_array_equal(np.stack([got[k] for k in keys]), x)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_map_style_epoch_at_a_url_streams_its_windows(served, tmp_path, workers):
+    """The map-style Dataset with embfile's BatchSampler streams an epoch at a URL as the IterableDataset does:
+    each window fetched once (by one worker, the other waiting on its lock, though batches run over into the
+    next window), checked, and given back under a cache limit two windows later; no file is downloaded whole.
+    Per-residue records too, padded by ``collate``; with another sampler they come from a whole copy."""
+    torch = pytest.importorskip("torch")
+    import embfile.torch as et
+
+    server, keys, x, root = served
+    size = _small_blocks(root)
+    cache, limit = tmp_path / f"c{workers}", size // 4
+    db = open_http(server, "small.emb", cache, cache_limit=limit)
+    ds = et.Dataset(db)
+    sampler = et.BatchSampler(ds, 100, seed=0, **WINDOWS)  # batches of 400 KiB, windows of 256 KiB
+    n, peak, got = len(server.gets()), 0, []
+    for batch in torch.utils.data.DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers):
+        got.append(batch.numpy())
+        peak = max(peak, _on_disk(cache))
+    order = np.concatenate(list(sampler))
+    assert sorted(order) == list(range(N))
+    np.testing.assert_array_equal(np.concatenate(got), x[order])
+    assert not db._whole and os.listdir(cache / "files") == []
+    assert peak < limit + (3 << 20), (peak, limit)  # and the windows of the batches in flight (up to 2.3 MiB)
+    assert 0.9 * size < _received(server, root, n) < 1.1 * size  # 1.5x before batches took their windows' locks
+    db.close()
+
+    rng = np.random.default_rng(3)
+    records = {
+        f"P{i:04d}": rng.standard_normal((int(n), 64)).astype(np.float16)
+        for i, n in enumerate(rng.integers(1, 60, 400))
+    }
+    embfile.write(root / "res.emb", records, ragged=True, block_bytes=1 << 16)
+    want = list(records.values())
+    for sampler_of in (lambda ds: et.BatchSampler(ds, 32, seed=1, block_size=16, buffer_blocks=2), None):
+        with open_http(server, "res.emb", tmp_path / f"r{workers}{sampler_of is None}") as db:
+            ds = et.Dataset(db)
+            if sampler_of is None:  # rows from anywhere (before: zeros, read from pages never fetched)
+                loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=et.collate, num_workers=workers)
+                order = np.arange(len(ds))
+            else:
+                sampler = sampler_of(ds)
+                loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers)
+                order = np.concatenate(list(sampler))
+            items = iter(order.tolist())
+            for padded, mask in loader:
+                for row, real in zip(padded.numpy(), mask.numpy()):
+                    np.testing.assert_array_equal(row[real], want[next(items)])
+            assert next(items, None) is None
+            assert db._whole == (sampler_of is None and workers == 0)
 
 
 def test_prefetch_and_cli(served, tmp_path):

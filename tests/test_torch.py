@@ -453,8 +453,9 @@ def test_a_batch_of_the_sampler_reads_its_blocks_whole_where_uncached(tmp_path):
 def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     """The first batch of BatchSampler's in each window carries the item ranges of the window after it (the very
     first, of its own too), each window once and in order, over a rank's share and from a resume point, through
-    pickling to a worker; the dataset reads them on a thread: on an evicted file, the next window comes into the
-    page cache before any batch asks for it."""
+    pickling to a worker, and those of the windows two back, to let go of; every batch names its windows, by
+    names the same in every process.  The dataset reads them on a thread: on an evicted file, the next window
+    comes into the page cache before any batch asks for it."""
     import pickle
 
     from embfile.torch import BatchSampler
@@ -464,7 +465,7 @@ def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     ds = Dataset(tmp_path / "db.emb")
 
     def asked(sampler):
-        return [list(b.ahead) for b in sampler if b.ahead]
+        return [[r for _, ranges in b.ahead for r in ranges] for b in sampler if b.ahead]
 
     sampler = BatchSampler(ds, 100, seed=0, buffer_blocks=4)
     window = sampler._plan()[0].window_ranges
@@ -473,7 +474,19 @@ def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     sampler.load_state_dict(sampler.state_dict(batches_seen=15))  # resumes at position 1500, in window 1
     assert asked(sampler) == [window(1) + window(2), window(3)]
     first = pickle.loads(pickle.dumps(next(iter(BatchSampler(ds, 100, seed=0, buffer_blocks=4)))))
-    assert type(first).__name__ == "_BlockRows" and list(first.ahead) == window(0) + window(1)
+    assert type(first).__name__ == "_BlockRows" and [list(r) for _, r in first.ahead] == [window(0), window(1)]
+    batches = list(BatchSampler(ds, 100, seed=0, buffer_blocks=4))
+    named = [(b.windows, [name for name, _ in b.ahead], list(b.done)) for b in batches if b.ahead]
+    plan = sampler._plan()[0]
+    w = [[plan.window_of(p) for p in range(i, min(i + 100, 4096))] for i in range(0, 4096, 100)]
+    assert [len(set(b.windows)) for b in batches] == [len(set(ws)) for ws in w]  # a batch names each of its windows
+    assert named[0][1] == [named[0][0][0], batches[12].windows[-1]]  # windows 0 and 1 (1024 items each)
+    assert [d for _, _, d in named] == [[], [], window(0)]  # given back on entering window 2
+    again = list(BatchSampler(ds, 100, seed=0, buffer_blocks=4))
+    assert [b.windows for b in again] == [b.windows for b in batches]  # another process names them alike
+    assert {n for b in list(BatchSampler(ds, 100, seed=1, buffer_blocks=4)) for n in b.windows}.isdisjoint(
+        {n for b in batches for n in b.windows}
+    )  # another epoch's windows are others
 
     assert_read_ahead(ds, first, window(1), m[first])
 
@@ -495,7 +508,7 @@ def test_a_dataset_of_keys_in_any_order_reads_the_file_in_runs(tmp_path):
     in_file_order = np.argsort(np.argsort(ds._key_rows))  # each item's place among the items in file order
     assert all(len(np.unique(in_file_order[b] // 256)) <= 4 for b in batches)  # the blocks of two windows at most
     window = sampler._plan()[0].window_ranges
-    assert list(batches[0].ahead) == window(0) + window(1)
+    assert [list(r) for _, r in batches[0].ahead] == [window(0), window(1)]
     rows = np.sort(ds._key_rows)
     ahead = [(int(rows[lo]), int(rows[hi - 1]) + 1) for lo, hi in window(1)]
     assert_read_ahead(ds, batches[0], ahead, m[ds._rows(batches[0])])

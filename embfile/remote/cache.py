@@ -212,12 +212,18 @@ class Cache:
                 os.unlink(path + ".lock")
             os.close(fd)
 
-    def fetching(self, what: str) -> contextlib.AbstractContextManager[None]:
-        """Held while fetching pages named by ``what``: processes asking for the same pages at once (the
+    @contextlib.contextmanager
+    def fetching(self, *what: str) -> Iterator[None]:
+        """Held while fetching pages named by each of ``what``: processes asking for the same pages at once (the
         workers of a DataLoader all read every window) then fetch them once, the others waiting, then finding
-        them there.  Unrelated fetches share a lock only by chance (one of :data:`FETCH_LOCKS`)."""
-        slot = zlib.crc32(what.encode()) % FETCH_LOCKS
-        return self._locked(os.path.join(self.root, "locks", f"fetch-{slot}.lock"))
+        them there.  Unrelated fetches share a lock only by chance (one of :data:`FETCH_LOCKS`); the locks of
+        several names are taken in one order, so that fetches naming some of the same never wait on each other
+        in a circle."""
+        slots = sorted({zlib.crc32(w.encode()) % FETCH_LOCKS for w in what})
+        with contextlib.ExitStack() as held:
+            for slot in slots:
+                held.enter_context(self._locked(os.path.join(self.root, "locks", f"fetch-{slot}.lock")))
+            yield
 
     @contextlib.contextmanager
     def _locked(self, path: str) -> Iterator[None]:

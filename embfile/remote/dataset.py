@@ -27,7 +27,7 @@ import functools
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,7 +36,7 @@ import numpy as np
 from embfile import _core, errors
 from embfile import folder as layout
 from embfile._format import PAGE, Header
-from embfile._pages import Layout
+from embfile._pages import Layout, WindowReader
 from embfile.dataset import Dataset, ReadPart, checked_part
 from embfile.epochs import Fetch
 from embfile.file import MappedFile
@@ -312,6 +312,37 @@ def _forget_holds_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_holds_after_fork)
 
 
+@contextlib.contextmanager
+def _releasing(held: Held, layout: Layout) -> Iterator[Layout]:
+    with held:
+        yield layout
+
+
+class WindowFetcher:
+    """Fetches the windows a map-style epoch reads next (:class:`embfile.torch.BatchSampler`'s, named so that
+    the processes reading them fetch each once) on a thread of this process, and gives back those it has read
+    under a cache limit: what :class:`~embfile._pages.ReadAhead` does for local files.  A fetch that fails here
+    is fetched again by the batch that needs it, which raises the error."""
+
+    def __init__(self, dataset: RemoteDataset) -> None:
+        self._dataset = dataset
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="embfile-fetch-ahead")
+
+    def windows(self, ahead: Sequence[tuple[str, list[tuple[int, int]]]], done: list[tuple[int, int]]) -> None:
+        """Fetch the windows ``ahead`` (name, record ranges); give back the records ``done``."""
+        for name, ranges in ahead:
+            self._thread.submit(self._fetch, name, ranges)
+        if done:
+            self._thread.submit(self._dataset._give_back, done)
+
+    def _fetch(self, name: str, ranges: list[tuple[int, int]]) -> None:
+        with contextlib.suppress(Exception):
+            self._dataset._fetch_blocks(self._dataset._blocks_of(ranges), name).release()
+
+    def stop(self, wait: bool = True) -> None:
+        self._thread.shutdown(wait=wait, cancel_futures=True)
+
+
 def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
     """Fetch byte ranges of several files into their partial copies, up to IN_FLIGHT requests at once."""
 
@@ -386,6 +417,7 @@ class RemoteDataset(Dataset):
         self._remote_files: list[RemoteFile] = []
         self._remote_segments: list[RemoteFile] = []
         self._whole = False
+        self._partial_layout_cache: Layout | None = None
         try:
             manifest = self._manifest(version)
             if manifest is None:
@@ -437,6 +469,7 @@ class RemoteDataset(Dataset):
         return opened
 
     def _attach_files(self) -> None:
+        self._partial_layout_cache = None
         files = [f.mapped for f in self._remote_files]
         first = files[0]
         for f in files[1:]:
@@ -633,18 +666,50 @@ class RemoteDataset(Dataset):
         self._require_attached()
         if self._whole:
             return super()._epoch_reads()
-        return self._layout_of(self.files), self._fetch_ranges  # the partial copies (Dataset._layout downloads)
+        return self._partial_layout(), self._fetch_ranges
+
+    def _partial_layout(self) -> Layout:
+        """Where the rows are in the partial copies (:meth:`Dataset._layout` downloads the files whole)."""
+        if self._partial_layout_cache is None:
+            self._partial_layout_cache = self._layout_of(self.files)
+        return self._partial_layout_cache
+
+    def _reading(self, rows: np.ndarray, windows: Sequence[str] = ()) -> contextlib.AbstractContextManager[Layout]:
+        """A batch of a map-style epoch in windows (``windows`` names those of
+        :class:`embfile.torch.BatchSampler`'s it comes from) fetches and checks the checksum blocks holding
+        its records, under those windows' locks, as an epoch does (the DataLoader workers reading a window
+        fetch it once), and holds them while they are read.  Rows from anywhere (a random sampler's) are
+        read from whole copies, downloaded first: an epoch of them would fetch every page, one request each."""
+        if self._whole or not windows:
+            return super()._reading(rows, windows)
+        self._require_attached()
+        held = self._fetch_blocks(self._blocks_of_rows(rows.astype(np.int64, copy=False)), *windows)
+        return _releasing(held, self._partial_layout())
+
+    def _read_ahead(self) -> WindowReader:
+        return super()._read_ahead() if self._whole else WindowFetcher(self)
+
+    def _give_back(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """If the cache is over its limit once it evicted what no handle uses, give back the space of the
+        checksum blocks holding the records of ``ranges`` that no handle holds: a window of a map-style epoch
+        it has read."""
+        if not self._whole and self.cache.limit is not None:
+            Held(self._blocks_of(ranges), self.cache).read()
 
     def _fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> Callable[[], None]:
         """Fetch the records of ``ranges`` (``(lo, hi)`` record numbers) by range reads, all in flight together,
-        and check them: the checksum blocks holding their rows, each against its stored checksum once per
-        handle and fetch (of ragged records, the ranges section first, whole and checked).  Processes sharing
-        the cache that ask for the same ranges (a DataLoader's workers, which all read every window) fetch them
-        once: the others wait, then find the pages there.  The blocks are held until the function returned is
-        called, once they are read (:meth:`Held.read`: under a cache limit, their space is then given back)."""
+        and check them (:meth:`_fetch_blocks`).  Processes sharing the cache that ask for the same ranges (a
+        DataLoader's workers, which all read every window) fetch them once: the others wait, then find the pages
+        there.  The blocks are held until the function returned is called, once they are read
+        (:meth:`Held.read`: under a cache limit, their space is then given back)."""
         self._require_attached()
         if self._whole:
             return lambda: None
+        return self._fetch_blocks(self._blocks_of(ranges), f"{list(ranges)}").read
+
+    def _blocks_of(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[RemoteFile, int, int]]:
+        """The checksum blocks ``(file, first, end)`` holding the records of ``ranges`` (``(lo, hi)`` record
+        numbers); of ragged records, through the ranges sections, fetched whole and checked first."""
         pieces: dict[int, list[tuple[int, int]]] = {}  # file: its records' ranges
         for lo, hi in ranges:
             first, last = self._files_holding(lo, hi)
@@ -652,19 +717,53 @@ class RemoteDataset(Dataset):
                 start, end = self._starts[i], self._starts[i + 1]
                 if min(hi, end) > max(lo, start):
                     pieces.setdefault(i, []).append((max(lo, start) - start, min(hi, end) - start))
-        blocks = []  # (file, first block, end block)
+        blocks = []
         for i, local in pieces.items():
             f = self._remote_files[i]
-            h = f.mapped.header
-            f.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
-            if h.ragged:
+            if f.mapped.header.ragged:
                 f.fetch_sections(["ranges"])
             blocks += [(f, *f.blocks(lo, hi)) for lo, hi in local]
+        return blocks
+
+    def _blocks_of_rows(self, rows: np.ndarray) -> list[tuple[RemoteFile, int, int]]:
+        """:meth:`_blocks_of` the records at ``rows``, in a few numpy steps per file: a batch of a map-style
+        epoch is hundreds of records from a few blocks."""
+        rows = np.unique(rows)
+        if not rows.size:
+            return []
+        part = np.searchsorted(np.asarray(self._starts, np.int64), rows, side="right") - 1
+        cuts = np.flatnonzero(np.diff(part)) + 1
+        blocks: list[tuple[RemoteFile, int, int]] = []
+        for p, local in zip(part[np.r_[0, cuts]].tolist(), np.split(rows - np.asarray(self._starts)[part], cuts)):
+            f = self._remote_files[p]
+            h = f.mapped.header
+            lo, hi = local, local + 1
+            if h.ragged:
+                f.fetch_sections(["ranges"])
+                lo, hi = f.mapped.ranges()[lo].astype(np.int64), f.mapped.ranges()[hi].astype(np.int64)
+            lo = np.minimum(lo, h.n_rows)  # damaged ranges: the reader's checks say so
+            hi = np.minimum(np.maximum(lo, hi), h.n_rows)
+            rb = h.dim * f.mapped.dtype.itemsize
+            first, end = _spans(lo * rb // h.block_bytes, -(-hi * rb // h.block_bytes))
+            blocks += [(f, b0, b1) for b0, b1 in zip(first.tolist(), end.tolist())]
+        return blocks
+
+    def _fetch_blocks(self, blocks: Sequence[tuple[RemoteFile, int, int]], *what: str) -> Held:
+        """Hold checksum ``blocks`` (``(file, first, end)``), fetch those not here by range reads, all in flight
+        together, and check each against its stored checksum once per handle and fetch.  The fetch holds the
+        cache's locks for the names ``what`` of what it fetches: processes naming the same at once fetch it
+        once, the others waiting, then finding the pages there."""
+        for f in dict.fromkeys(f for f, _, _ in blocks):
+            h = f.mapped.header
+            f.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
         held = Held(blocks, self.cache)
         with contextlib.ExitStack() as failed:
             failed.callback(held.release)
-            with self.cache.fetching(f"{self.url} {self.version} {list(ranges)}"):
-                fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.block_needs(b0, b1)]))
+            needs = _merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.block_needs(b0, b1)])
+            if needs:
+                with self.cache.fetching(*(f"{self.url} {self.version} {w}" for w in what)):
+                    # what another process fetched meanwhile is here now
+                    fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.block_needs(b0, b1)]))
             bad = [(f, b) for f, b0, b1 in blocks for b in f.check_blocks(b0, b1)]
             if bad:  # the cache's copy may be what is damaged (a disk's fault): fetch those blocks again, once
                 for f, b in bad:
@@ -674,7 +773,7 @@ class RemoteDataset(Dataset):
                     if f.check_blocks(b, b + 1):
                         raise errors.ChecksumError(f"{f.remote.url}: records block {b} does not match its checksum")
             failed.pop_all()
-        return held.read
+        return held
 
     def _file_location(self, i: int) -> str:
         return self._remote_files[i].remote.url
@@ -732,6 +831,7 @@ class RemoteDataset(Dataset):
 
     def close(self) -> None:
         super().close()
+        self._partial_layout_cache = None
         self._close_remote()
 
     def _close_remote(self) -> None:

@@ -15,6 +15,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -28,6 +29,22 @@ RETRIES = 5  # attempts after the first, with exponential backoff
 BACKOFF = 0.1  # seconds before the first retry; doubled each time, jittered, capped at BACKOFF_CAP
 BACKOFF_CAP = 4.0
 IN_FLIGHT = 32  # ranges requested at once: an object store serves many at once, and latency is the cost
+
+
+_clients: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # this process's fsspec clients
+_inherited: list[Any] = []  # a forked child's copies of its parent's clients, kept from closing
+
+
+def _keep_inherited_clients() -> None:
+    """In a forked child, keep the parent's clients alive until the child ends.  Closing one here (when it is
+    collected) would close its copies of the parent's sockets through the event loop they share, whose epoll
+    set is the parent's too: the parent would then never hear the answer on those connections, and its next
+    request on one would hang until it timed out (5 minutes)."""
+    _inherited.extend(_clients.values())
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_keep_inherited_clients)
 
 
 def is_url(path: object) -> bool:
@@ -85,6 +102,7 @@ class Remote:
                 self._fs, self._path = fsspec.core.url_to_fs(self.url, **options)
             except ImportError as e:
                 raise ImportError(f"{self.url}: {e} (pip install 'embfile[remote]')") from None
+            _clients[id(self._fs)] = self._fs  # by identity: fsspec's clients compare equal by their options
             self._pid = os.getpid()
         return self._fs
 
