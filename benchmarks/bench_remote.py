@@ -31,6 +31,10 @@ Mosaic Streaming and LitData amount to for a lookup.
    received and the cache's disk at its peak (sampled every 10 ms).  And what the range locks that keep a
    window from being freed under a reader cost a lookup: ``get_batch`` of 256 keys already in the cache, with and
    without them.
+7. **Feeding PyTorch at the URL**: one epoch through a real ``DataLoader`` over the folder at the HTTP server, the
+   map-style ``Dataset`` with embfile's ``BatchSampler`` (in process, with 2 workers, and with 2 workers under a
+   ``cache_limit`` of a quarter of the folder), against the same after a whole download (what it did before), and
+   the ``IterableDataset``: seconds to the first batch and to the end, MiB the server sent, the cache's peak.
 
     python benchmarks/bench_remote.py                       # a few minutes
     python benchmarks/bench_remote.py --keys 20000 --latency 0.05 --out -
@@ -319,6 +323,58 @@ def lock_cost(http, scratch, keys, rounds=200):
     return out
 
 
+def torch_epochs(http, scratch, batch, dataset_bytes):
+    """Seconds to the first batch and to the end, MiB the server sent and the cache's peak on disk, of one epoch
+    through a real DataLoader over the folder at the URL, each on a fresh cache."""
+    import torch
+
+    import embfile.torch as et
+
+    url, out = f"{http.url}/ds", {}
+    for kind, workers, limit, windows in (
+        ("map-style, BatchSampler", 0, None, {}),
+        ("map-style, BatchSampler, 2 workers", 2, None, {}),
+        (
+            "map-style, BatchSampler, 2 workers, limit 1/4, windows of 8 blocks",
+            2,
+            dataset_bytes // 4,
+            {"buffer_blocks": 8},
+        ),
+        ("map-style, whole download first (before)", 0, None, {}),
+        ("IterableDataset", 0, None, {}),
+        ("IterableDataset, 2 workers", 2, None, {}),
+    ):
+        cache = tempfile.mkdtemp(dir=scratch)
+        since, first = len(http.gets()), None
+        with embfile.open(url, cache_dir=cache, cache_limit=limit) as db, _PeakOnDisk(cache) as peak:
+            t0 = time.perf_counter()
+            if kind.startswith("IterableDataset"):
+                data, sampler = et.IterableDataset(db, batch, seed=0, keys=False, **windows), None
+            else:
+                if "before" in kind:
+                    db.download()
+                data = et.Dataset(db)
+                sampler = et.BatchSampler(data, batch, seed=0, **windows)
+            for _ in torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=workers):
+                first = first or time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+        out[kind] = (first, seconds, _sent(http, since, scratch) / 2**20, peak.bytes / 2**20)
+        shutil.rmtree(cache)
+    return out
+
+
+def _sent(http, since, root):
+    """Bytes the HTTP server sent for the GETs from the ``since``-th on (a whole file for one with no range)."""
+    sent = 0
+    for _, path, byte_range in http.gets()[since:]:
+        if byte_range:
+            lo, hi = byte_range.removeprefix("bytes=").split("-")
+            sent += int(hi) - int(lo) + 1
+        elif os.path.isfile(os.path.join(root, path.lstrip("/"))):
+            sent += os.path.getsize(os.path.join(root, path.lstrip("/")))
+    return sent
+
+
 class _PeakOnDisk:
     """The most bytes on disk under a folder while in the ``with`` block, sampled every 10 ms."""
 
@@ -556,7 +612,6 @@ def run(args):
             "The default window is 64 blocks of 1 MiB; `buffer_blocks=8` makes it 8 MiB."
         )
         locks = lock_cost(http, scratch, keys)
-        http.stop()
         on, off = np.median(locks["with"]), np.median(locks["without"])
         print(
             "\nWhat the range locks cost a lookup: get_batch of 256 keys in the cache "
@@ -564,6 +619,31 @@ def run(args):
             f"({on / off:.2f}x), {spread(locks['local'], '{:.0f}')} us from the local folder (3 interleaved rounds "
             "of 200 calls)."
         )
+        print(
+            f"\n## Feeding PyTorch at the URL (the folder over http://, one epoch through a DataLoader, batches of "
+            f"{args.batch}, {args.rounds} rounds, a fresh cache each; median (range))\n"
+        )
+        try:
+            fed = [torch_epochs(http, scratch, args.batch, int(dataset * 2**20)) for _ in range(args.rounds)]
+        except ImportError:
+            print("torch is not installed: skipped")
+            fed = []
+        if fed:
+            print("| | first batch, s | epoch, s | MiB sent by the server | cache on disk at its peak, MiB |")
+            print("|---|---:|---:|---:|---:|")
+            for kind in fed[0]:
+                cells = [
+                    spread([r[kind][i] for r in fed], f) for i, f in enumerate(("{:.2f}", "{:.2f}", "{:.0f}", "{:.0f}"))
+                ]
+                print(f"| {kind} | " + " | ".join(cells) + " |")
+            print(
+                "\nThe map-style Dataset with embfile's BatchSampler streams as the IterableDataset does: the next "
+                "window is fetched on a thread, a batch fetches what is not there yet, each under its windows' locks "
+                "(so two workers fetch each window once), every block checked; each process holds its windows until "
+                "its batches are two windows on, then lets go (under a limit, the last to let go gives it back). "
+                "Before, its first batch downloaded the folder whole."
+            )
+        http.stop()
     finally:
         s3.stop()
         shutil.rmtree(scratch, ignore_errors=True)

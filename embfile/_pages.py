@@ -156,10 +156,10 @@ def faulted_in_ahead(out: np.ndarray) -> Iterator[None]:
 
 
 class WindowReader(Protocol):
-    """Reads the windows a map-style epoch reads next, on a thread of its own, and lets go of finished ones."""
+    """Reads the windows a map-style epoch reads next, on a thread of its own."""
 
-    def windows(self, ahead: Sequence[tuple[str, list[tuple[int, int]]]], done: list[tuple[int, int]]) -> None:
-        """Read the windows ``ahead`` (each a name and its row ranges); let go of the rows ``done``."""
+    def windows(self, ahead: Sequence[tuple[str, list[tuple[int, int]]]]) -> None:
+        """Read the windows ``ahead``, each a name and its row ranges."""
 
     def stop(self, wait: bool = True) -> None:
         """End the thread."""
@@ -192,13 +192,11 @@ class ReadAhead:
     def release(self, ranges: list[tuple[int, int]]) -> None:
         self._put(ranges, mmap.MADV_DONTNEED)
 
-    def windows(self, ahead: Sequence[tuple[str, list[tuple[int, int]]]], done: list[tuple[int, int]]) -> None:
-        """Hint the windows ``ahead`` unless they look cached; release the rows ``done`` (:class:`WindowReader`)."""
+    def windows(self, ahead: Sequence[tuple[str, list[tuple[int, int]]]]) -> None:
+        """Hint the windows ``ahead`` unless they look cached (:class:`WindowReader`)."""
         ranges = [r for _, window in ahead for r in window]
         if ranges and not self._layout.sampled_cached(ranges):
             self.hint(ranges)
-        if done:
-            self.release(done)
 
     def _put(self, ranges: list[tuple[int, int]], advice: int) -> None:
         self._queued += 1

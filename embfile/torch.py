@@ -175,15 +175,12 @@ class Dataset(torch.utils.data.Dataset):
         """Of a batch of :class:`BatchSampler`'s, which comes from a few blocks of the file (of a dataset of
         keys, if they cover at least every second row): the bytes of a block, read whole where not cached since
         the batches after it want the rest, and the names of its windows (at a URL, fetched as an epoch fetches
-        them).  The first batch of a window also has the next window read ahead on a thread of this process, and
-        at a URL under a cache limit the one two windows back given back.  Of any other batch: ``0, ()``."""
+        them).  The first batch of a window also has the next window read ahead on a thread of this process (and
+        at a URL held there for the batches of this process).  Of any other batch: ``0, ()``."""
         if not isinstance(indices, _BlockRows) or not self._runs_of_file:
             return 0, ()
-        if indices.ahead or indices.done:
-            self._reader().windows(
-                [(name, self._row_ranges(positions)) for name, positions in indices.ahead],
-                self._row_ranges(indices.done),
-            )
+        if indices.ahead:
+            self._reader().windows([(name, self._row_ranges(positions)) for name, positions in indices.ahead])
         return _block_chunk(self.store), indices.windows
 
     def _row_ranges(self, positions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -217,29 +214,25 @@ def _block_chunk(store: embfile.Dataset) -> int:
 
 
 class _BlockRows(np.ndarray):
-    """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file, the names of its windows,
-    and with the first batch of a window, the windows after it to read ahead (names, and ranges of positions
-    in the items' file order) and the positions of windows read before, to let go of (what the type says to
-    :class:`Dataset`, in a worker too: all pickle with the array)."""
+    """A batch of :class:`BatchSampler`: item numbers from a few blocks of the file, the names of its windows
+    (``EPOCH:NUMBER``, alike in every process), and with the first batch of a window, the windows after it to
+    read ahead (names, and ranges of positions in the items' file order): what the type says to
+    :class:`Dataset`, in a worker too (all pickle with the array)."""
 
     windows: tuple[str, ...] = ()
     ahead: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
-    done: tuple[tuple[int, int], ...] = ()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # as bytes, which pickle in a third of an array's time
-        return _block_rows, (bytearray(np.ascontiguousarray(self, np.int64)), self.windows, self.ahead, self.done)
+        return _block_rows, (bytearray(np.ascontiguousarray(self, np.int64)), self.windows, self.ahead)
 
 
 def _block_rows(
-    rows: bytearray,
-    windows: tuple[str, ...] = (),
-    ahead: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (),
-    done: tuple[tuple[int, int], ...] = (),
+    rows: bytearray, windows: tuple[str, ...] = (), ahead: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
 ) -> _BlockRows:
     """A :class:`_BlockRows` back from its pickle (in the process that gathers it)."""
     out = np.frombuffer(rows, np.int64).view(_BlockRows)
-    out.windows, out.ahead, out.done = windows, ahead, done
+    out.windows, out.ahead = windows, ahead
     return out
 
 
@@ -292,7 +285,6 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         plan, lo, hi = self._plan()
         epoch = f"{zlib.crc32(repr(self._config()).encode()):08x}"  # names this epoch's windows in any process
         asked, due = -1, lo + self._start  # windows up to ``asked`` are read ahead; a batch reaching ``due`` asks
-        done = plan.window_of(lo + self._start) if hi > lo else 0  # windows before ``done`` are let go of
         for first in range(lo + self._start, hi, self.options.batch_size):
             stop = min(first + self.options.batch_size, hi)
             positions = plan.rows(first, stop)
@@ -304,10 +296,6 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
                 rows.ahead = tuple((f"{epoch}:{w}", tuple(plan.window_ranges(w))) for w in ahead)
                 asked = max(asked, ahead.stop - 1)
                 due = plan.window_starts[asked] if asked < plan.n_windows - 1 else hi
-                # windows before the one before (and before this batch's): gathered, but for a few batches in flight
-                read = min(plan.window_of(first), plan.window_of(stop - 1) - 1)
-                rows.done = tuple(r for w in range(done, read) for r in plan.window_ranges(w))
-                done = max(done, read)
             yield rows
 
     def state_dict(self, batches_seen: int) -> dict[str, Any]:

@@ -658,7 +658,8 @@ def test_workers_and_lookups_share_a_cache_an_epoch_streams_through(served, tmp_
 def test_a_map_style_epoch_at_a_url_streams_its_windows(served, tmp_path, workers):
     """The map-style Dataset with embfile's BatchSampler streams an epoch at a URL as the IterableDataset does:
     each window fetched once (by one worker, the other waiting on its lock, though batches run over into the
-    next window), checked, and given back under a cache limit two windows later; no file is downloaded whole.
+    next window), checked, held by each worker until its batches are two windows on, then given back under a
+    cache limit by the last to let go; no file is downloaded whole.
     Per-residue records too, padded by ``collate``; with another sampler they come from a whole copy."""
     torch = pytest.importorskip("torch")
     import embfile.torch as et

@@ -453,9 +453,8 @@ def test_a_batch_of_the_sampler_reads_its_blocks_whole_where_uncached(tmp_path):
 def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     """The first batch of BatchSampler's in each window carries the item ranges of the window after it (the very
     first, of its own too), each window once and in order, over a rank's share and from a resume point, through
-    pickling to a worker, and those of the windows two back, to let go of; every batch names its windows, by
-    names the same in every process.  The dataset reads them on a thread: on an evicted file, the next window
-    comes into the page cache before any batch asks for it."""
+    pickling to a worker; every batch names its windows, by names the same in every process.  The dataset reads
+    them on a thread: on an evicted file, the next window comes into the page cache before any batch asks for it."""
     import pickle
 
     from embfile.torch import BatchSampler
@@ -476,12 +475,11 @@ def test_the_sampler_has_each_window_read_ahead_once(tmp_path):
     first = pickle.loads(pickle.dumps(next(iter(BatchSampler(ds, 100, seed=0, buffer_blocks=4)))))
     assert type(first).__name__ == "_BlockRows" and [list(r) for _, r in first.ahead] == [window(0), window(1)]
     batches = list(BatchSampler(ds, 100, seed=0, buffer_blocks=4))
-    named = [(b.windows, [name for name, _ in b.ahead], list(b.done)) for b in batches if b.ahead]
+    named = [(b.windows, [name for name, _ in b.ahead]) for b in batches if b.ahead]
     plan = sampler._plan()[0]
     w = [[plan.window_of(p) for p in range(i, min(i + 100, 4096))] for i in range(0, 4096, 100)]
     assert [len(set(b.windows)) for b in batches] == [len(set(ws)) for ws in w]  # a batch names each of its windows
     assert named[0][1] == [named[0][0][0], batches[12].windows[-1]]  # windows 0 and 1 (1024 items each)
-    assert [d for _, _, d in named] == [[], [], window(0)]  # given back on entering window 2
     again = list(BatchSampler(ds, 100, seed=0, buffer_blocks=4))
     assert [b.windows for b in again] == [b.windows for b in batches]  # another process names them alike
     assert {n for b in list(BatchSampler(ds, 100, seed=1, buffer_blocks=4)) for n in b.windows}.isdisjoint(

@@ -22,6 +22,7 @@ checked, not the file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -68,6 +69,7 @@ class RemoteFile:
         self.checked: set[str] = set()  # sections fetched whole and checked (fetch_section)
         self.checked_blocks: np.ndarray | None = None  # records blocks fetched and checked (check_blocks)
         self._held: np.ndarray | None = None  # records blocks: how many holds of this handle keep each (hold)
+        self._sums_here = False  # the sums section fetched (fetch_sums)
         self._holding = threading.Lock()
         _open_files.add(self)
         self._in_use = -1  # of a whole copy: the descriptor marking it in use (Cache.in_use)
@@ -185,42 +187,61 @@ class RemoteFile:
         h = self.mapped.header
         return -(-h.records_size // h.block_bytes)
 
-    def blocks(self, lo: int, hi: int) -> tuple[int, int]:
-        """The checksum blocks ``[first, end)`` holding this file's records ``[lo, hi)`` (of ragged records,
-        through the ranges section, which must be here)."""
+    def blocks(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The checksum blocks (sorted numbers) holding this file's records ``[lo[i], hi[i])`` (of ragged
+        records, through the ranges section, which must be here)."""
         h, m = self.mapped.header, self.mapped
-        rows = (int(m.ranges()[lo]), int(m.ranges()[hi])) if h.ragged else (lo, hi)
-        rows = (min(rows[0], h.n_rows), min(max(rows), h.n_rows))  # damaged ranges: the reader's checks say so
+        lo, hi = lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
         record_bytes = h.dim * m.dtype.itemsize
-        return rows[0] * record_bytes // h.block_bytes, -(-rows[1] * record_bytes // h.block_bytes)
+        if not h.ragged and len(lo) and record_bytes <= h.block_bytes and (hi - lo == 1).all():
+            lo = lo[lo < h.n_rows]  # single records, each in one block or two (the batch of a map-style epoch)
+            return np.unique(np.concatenate((lo * record_bytes, (lo + 1) * record_bytes - 1)) // h.block_bytes)
+        if h.ragged:
+            lo, hi = m.ranges()[lo].astype(np.int64), m.ranges()[hi].astype(np.int64)
+        lo = np.minimum(lo, h.n_rows)  # damaged ranges: the reader's checks say so
+        hi = np.minimum(np.maximum(lo, hi), h.n_rows)
+        first, end = _spans(lo * record_bytes // h.block_bytes, -(-hi * record_bytes // h.block_bytes))
+        return np.repeat(end - np.cumsum(end - first), end - first) + np.arange(int((end - first).sum()))
 
     def block_bytes(self, b0: int, b1: int) -> tuple[int, int]:
         """The byte range of checksum blocks ``[b0, b1)`` of the records section."""
         h = self.mapped.header
         return h.records_offset + b0 * h.block_bytes, h.records_offset + min(b1 * h.block_bytes, h.records_size)
 
-    def block_needs(self, b0: int, b1: int) -> list[tuple[int, int]]:
-        """:meth:`needs` of checksum blocks ``[b0, b1)``; those with pages missing are marked unchecked (what
-        this handle checked of them was freed since), to be checked once fetched."""
-        if self.partial is None:
+    def fetch_sums(self) -> None:
+        """Fetch the sums section (the records blocks' checksums), once."""
+        if not self._sums_here:
+            h = self.mapped.header
+            self.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
+            self._sums_here = True
+
+    def block_needs(self, blocks: np.ndarray) -> list[tuple[int, int]]:
+        """:meth:`needs` of the checksum blocks ``blocks`` (sorted numbers); those with pages missing are marked
+        unchecked (what this handle checked of them was freed since), to be checked once fetched."""
+        if self.partial is None or not len(blocks):
             return []
         if self.checked_blocks is None:
             self.checked_blocks = np.zeros(self.n_blocks, bool)
-        start, end = self.block_bytes(b0, b1)
-        per_block = self.mapped.header.block_bytes // PAGE
-        have = self.partial.have[start // PAGE : -(-end // PAGE)]
-        have = np.pad(have, (0, -len(have) % per_block), constant_values=1)  # the last block may be short
-        self.checked_blocks[b0:b1] &= have.reshape(-1, per_block).all(axis=1)
-        return self.needs(start, end)
+        h, have = self.mapped.header, self.partial.have
+        per_block = h.block_bytes // PAGE
+        pages = (h.records_offset + blocks * h.block_bytes)[:, None] // PAGE + np.arange(per_block)
+        last = -(-(h.records_offset + h.records_size) // PAGE)  # the last block may be short
+        present = (have[np.minimum(pages, last - 1)].astype(bool) | (pages >= last)).all(axis=1)
+        self.checked_blocks[blocks] &= present
+        return [r for a, b in _runs(blocks[~present]) for r in self.needs(*self.block_bytes(a, b))]
 
-    def check_blocks(self, b0: int, b1: int) -> list[int]:
-        """Check the records blocks of ``[b0, b1)`` that this handle has not checked (which must be here, and
-        the sums section too) against their stored checksums: the blocks that do not match (the others are
-        marked checked).  None of a whole copy, checked when it was downloaded."""
-        if self.partial is None:
+    def check_blocks(self, blocks: np.ndarray) -> list[int]:
+        """Check the records blocks ``blocks`` that this handle has not checked (which must be here, and the sums
+        section too) against their stored checksums: the blocks that do not match (the others are marked
+        checked).  None of a whole copy, checked when it was downloaded."""
+        if self.partial is None or not len(blocks):
             return []
         assert self.checked_blocks is not None
-        bad, todo, sums = [], np.flatnonzero(~self.checked_blocks[b0:b1]) + b0, self.mapped.sums()
+        bad: list[int] = []
+        todo = blocks[~self.checked_blocks[blocks]]
+        if not len(todo):
+            return bad
+        sums = self.mapped.sums()
         with memoryview(self.mapped.mappings()[1]) as whole:
             for c0, c1 in _runs(todo):
                 start, end = self.block_bytes(c0, c1)
@@ -235,27 +256,28 @@ class RemoteFile:
         start, end = self.block_bytes(b, b + 1)
         self.partial.have[start // PAGE : -(-end // PAGE)] = 0
 
-    def hold(self, b0: int, b1: int) -> None:
-        """Keep records blocks ``[b0, b1)`` in the partial copy (no handle frees them) until :meth:`let_go`.
-        Holds are counted: windows of an epoch, and lookups, of this handle may hold the same blocks."""
-        if self.partial is None or b1 <= b0:
+    def hold(self, blocks: np.ndarray) -> None:
+        """Keep records blocks ``blocks`` (distinct numbers) in the partial copy (no handle frees them) until
+        :meth:`let_go`.  Holds are counted: windows of an epoch, and lookups, of this handle may hold the same
+        blocks."""
+        if self.partial is None or not len(blocks):
             return
         with self._holding:
             if self._held is None:
                 self._held = np.zeros(self.n_blocks, np.int32)
-            new = np.flatnonzero(self._held[b0:b1] == 0) + b0
-            self._held[b0:b1] += 1
+            new = blocks[self._held[blocks] == 0]
+            self._held[blocks] += 1
             for a, b in _runs(new):
                 self.partial.hold(*self.block_bytes(a, b))
 
-    def let_go(self, b0: int, b1: int, free: bool = False) -> None:
-        """End a :meth:`hold` of blocks ``[b0, b1)``; with ``free``, give back the space of those no handle
-        holds now (to be fetched again when read)."""
-        if self.partial is None or b1 <= b0 or self._held is None:
+    def let_go(self, blocks: np.ndarray, free: bool = False) -> None:
+        """End a :meth:`hold` of ``blocks``; with ``free``, give back the space of those no handle holds now (to
+        be fetched again when read)."""
+        if self.partial is None or not len(blocks) or self._held is None:
             return
         with self._holding:
-            self._held[b0:b1] -= 1
-            gone = np.flatnonzero(self._held[b0:b1] == 0) + b0
+            self._held[blocks] -= 1
+            gone = blocks[self._held[blocks] == 0]
             for a, b in _runs(gone):
                 self.partial.let_go(*self.block_bytes(a, b))
             for b in gone.tolist() if free else []:
@@ -312,35 +334,99 @@ def _forget_holds_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_holds_after_fork)
 
 
-@contextlib.contextmanager
-def _releasing(held: Held, layout: Layout) -> Iterator[Layout]:
-    with held:
-        yield layout
+class WindowHolds:
+    """The windows of a map-style epoch (:class:`embfile.torch.BatchSampler`'s) that this process reads, held:
+    fetched, checked, and kept from being freed by any handle, from the first batch that needs them (or their
+    fetch ahead) until this process's batches are two windows on.  Then they are let go of, and under a cache
+    limit given back by whichever process lets go of them last, as an epoch's windows are.  A batch whose blocks
+    are all held here is read with no further step: no Python per file, no lock per block.
+
+    Windows are named ``TAG:NUMBER`` (the epoch, and the window's number in it); a batch names the windows its
+    rows come from.  When a batch comes, the holds of another epoch's windows, and of windows before its first
+    but one, that no batch reads now, are let go of."""
+
+    def __init__(self, dataset: RemoteDataset) -> None:
+        self._dataset = dataset
+        self._lock = threading.Lock()
+        self._holds: dict[str, list[tuple[Held, np.ndarray]]] = {}  # window: its holds, and their blocks
+        self._count = np.zeros(int(dataset._block_base[-1]), np.int32)  # of each block: holds here keeping it
+        self._reading: collections.Counter[str] = collections.Counter()  # batches reading now, by window
+
+    @contextlib.contextmanager
+    def reading(self, rows: np.ndarray, windows: Sequence[str]) -> Iterator[None]:
+        """Held while the batch of ``rows`` from ``windows`` is read: its blocks held here (fetched first where
+        they are not)."""
+        ids = self._dataset._block_ids(rows)
+        with self._lock:
+            self._let_go_before(windows[0])
+            held = bool((self._count[ids] > 0).all())
+            self._reading[windows[0]] += 1
+        try:
+            if not held:  # held under its last window's name: its blocks are in its windows, the last the latest
+                self.add(windows[-1], self._dataset._fetch_blocks(self._dataset._per_file(ids), *windows))
+            yield
+        finally:
+            with self._lock:
+                self._reading[windows[0]] -= 1
+
+    def add(self, window: str, held: Held) -> None:
+        """Keep ``held`` (blocks of ``window``, fetched and checked) until the batches have moved on."""
+        ids = self._dataset._global_ids(held.blocks)
+        with self._lock:
+            self._holds.setdefault(window, []).append((held, ids))
+            self._count[ids] += 1  # distinct blocks
+
+    def _let_go_before(self, window: str) -> None:
+        """Let go of the holds of windows before ``window`` but one (of its epoch), and of other epochs, that no
+        batch reads now: a batch reads blocks held under its windows' names, or the next window's."""
+        firsts: dict[str, list[int]] = {}  # of each epoch, the first windows of the batches reading now
+        for name in [window, *(n for n, c in self._reading.items() if c)]:
+            tag, _, number = name.rpartition(":")
+            firsts.setdefault(tag, []).append(int(number))
+        for name in list(self._holds):
+            tag, _, number = name.rpartition(":")
+            if tag not in firsts or int(number) < min(firsts[tag]) - 1:
+                for held, ids in self._holds.pop(name):
+                    self._count[ids] -= 1
+                    held.read()
+
+    def let_go(self) -> None:
+        """Let go of every hold (the handle closes)."""
+        with self._lock:
+            for holds in self._holds.values():
+                for held, _ in holds:
+                    held.release()
+            self._holds.clear()
 
 
 class WindowFetcher:
     """Fetches the windows a map-style epoch reads next (:class:`embfile.torch.BatchSampler`'s, named so that
-    the processes reading them fetch each once) on a thread of this process, and gives back those it has read
-    under a cache limit: what :class:`~embfile._pages.ReadAhead` does for local files.  A fetch that fails here
-    is fetched again by the batch that needs it, which raises the error."""
+    the processes reading them fetch each once) on a thread of this process, and holds them for its batches
+    (:class:`WindowHolds`): what :class:`~embfile._pages.ReadAhead` does for local files.  A fetch that fails
+    here is fetched again by the batch that needs it, which raises the error."""
 
     def __init__(self, dataset: RemoteDataset) -> None:
         self._dataset = dataset
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="embfile-fetch-ahead")
 
-    def windows(self, ahead: Sequence[tuple[str, list[tuple[int, int]]]], done: list[tuple[int, int]]) -> None:
-        """Fetch the windows ``ahead`` (name, record ranges); give back the records ``done``."""
+    def windows(self, ahead: Sequence[tuple[str, list[tuple[int, int]]]]) -> None:
+        """Fetch the windows ``ahead`` (each a name and its record ranges)."""
         for name, ranges in ahead:
             self._thread.submit(self._fetch, name, ranges)
-        if done:
-            self._thread.submit(self._dataset._give_back, done)
 
     def _fetch(self, name: str, ranges: list[tuple[int, int]]) -> None:
+        d = self._dataset
         with contextlib.suppress(Exception):
-            self._dataset._fetch_blocks(self._dataset._blocks_of(ranges), name).release()
+            d._window_holds().add(name, d._fetch_blocks(d._blocks_of(ranges), name))
 
     def stop(self, wait: bool = True) -> None:
         self._thread.shutdown(wait=wait, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _reading_with(held: contextlib.AbstractContextManager[None], dataset: RemoteDataset) -> Iterator[Layout]:
+    with held:
+        yield dataset._partial_layout()
 
 
 def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
@@ -358,16 +444,16 @@ def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
 
 
 class Held:
-    """Records blocks ``(file, first, end)`` held in their partial copies (:meth:`RemoteFile.hold`) from
-    creation until released: what a lookup or a window of an epoch is reading, which no other handle frees."""
+    """Records blocks ``(file, numbers)`` held in their partial copies (:meth:`RemoteFile.hold`) from creation
+    until released: what a lookup or a window of an epoch is reading, which no other handle frees."""
 
-    def __init__(self, blocks: Sequence[tuple[RemoteFile, int, int]], cache: Cache) -> None:
-        self.blocks: list[tuple[RemoteFile, int, int]] = []
+    def __init__(self, blocks: Sequence[tuple[RemoteFile, np.ndarray]], cache: Cache) -> None:
+        self.blocks: list[tuple[RemoteFile, np.ndarray]] = []
         self._cache = cache
         try:
-            for f, b0, b1 in blocks:
-                f.hold(b0, b1)
-                self.blocks.append((f, b0, b1))
+            for f, numbers in blocks:
+                f.hold(numbers)
+                self.blocks.append((f, numbers))
         except BaseException:
             self.release()
             raise
@@ -375,8 +461,8 @@ class Held:
     def release(self, free: bool = False) -> None:
         """Let go of the blocks (once); with ``free``, give back the space of those no handle holds."""
         blocks, self.blocks = self.blocks, []
-        for f, b0, b1 in blocks:
-            f.let_go(b0, b1, free)
+        for f, numbers in blocks:
+            f.let_go(numbers, free)
 
     def read(self) -> None:
         """Let go of a window read: if the cache is over its limit once it evicted what no handle uses (the
@@ -418,6 +504,8 @@ class RemoteDataset(Dataset):
         self._remote_segments: list[RemoteFile] = []
         self._whole = False
         self._partial_layout_cache: Layout | None = None
+        self._holds_here: tuple[int, WindowHolds | None] = (-1, None)  # this process's, and its pid
+        self._holds_lock = threading.Lock()
         try:
             manifest = self._manifest(version)
             if manifest is None:
@@ -470,6 +558,9 @@ class RemoteDataset(Dataset):
 
     def _attach_files(self) -> None:
         self._partial_layout_cache = None
+        headers = [f.mapped.header for f in self._remote_files]
+        self._block_base = np.cumsum([0, *(-(-h.records_size // h.block_bytes) for h in headers)])
+        self._block_bytes = np.array([h.block_bytes for h in headers], np.int64)
         files = [f.mapped for f in self._remote_files]
         first = files[0]
         for f in files[1:]:
@@ -514,7 +605,7 @@ class RemoteDataset(Dataset):
             (self._remote_files[p], local - self._starts[p])
             for p, local in zip(part[np.r_[0, cuts]].tolist(), np.split(rows, cuts))
         ]
-        held = Held([(f, 0, f.n_blocks) for f, _ in parts], self.cache)
+        held = Held([(f, np.arange(f.n_blocks)) for f, _ in parts], self.cache)
         if self.ragged:  # each record's two ranges entries
             fetch_all(
                 _merged(
@@ -676,25 +767,28 @@ class RemoteDataset(Dataset):
 
     def _reading(self, rows: np.ndarray, windows: Sequence[str] = ()) -> contextlib.AbstractContextManager[Layout]:
         """A batch of a map-style epoch in windows (``windows`` names those of
-        :class:`embfile.torch.BatchSampler`'s it comes from) fetches and checks the checksum blocks holding
-        its records, under those windows' locks, as an epoch does (the DataLoader workers reading a window
-        fetch it once), and holds them while they are read.  Rows from anywhere (a random sampler's) are
+        :class:`embfile.torch.BatchSampler`'s its rows come from) reads blocks this process holds for its
+        windows (:class:`WindowHolds`), fetched and checked as an epoch's are (under those windows' locks, so
+        the DataLoader workers reading a window fetch it once).  Rows from anywhere (a random sampler's) are
         read from whole copies, downloaded first: an epoch of them would fetch every page, one request each."""
-        if self._whole or not windows:
+        if self._whole or not windows or not len(rows):
             return super()._reading(rows, windows)
         self._require_attached()
-        held = self._fetch_blocks(self._blocks_of_rows(rows.astype(np.int64, copy=False)), *windows)
-        return _releasing(held, self._partial_layout())
+        return _reading_with(self._window_holds().reading(rows.astype(np.int64, copy=False), windows), self)
+
+    def _window_holds(self) -> WindowHolds:
+        """This process's :class:`WindowHolds` (a forked child's parent held its own)."""
+        pid, holds = self._holds_here
+        if holds is None or pid != os.getpid():
+            with self._holds_lock:
+                pid, holds = self._holds_here
+                if holds is None or pid != os.getpid():
+                    holds = WindowHolds(self)
+                    self._holds_here = os.getpid(), holds
+        return holds
 
     def _read_ahead(self) -> WindowReader:
         return super()._read_ahead() if self._whole else WindowFetcher(self)
-
-    def _give_back(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """If the cache is over its limit once it evicted what no handle uses, give back the space of the
-        checksum blocks holding the records of ``ranges`` that no handle holds: a window of a map-style epoch
-        it has read."""
-        if not self._whole and self.cache.limit is not None:
-            Held(self._blocks_of(ranges), self.cache).read()
 
     def _fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> Callable[[], None]:
         """Fetch the records of ``ranges`` (``(lo, hi)`` record numbers) by range reads, all in flight together,
@@ -707,9 +801,9 @@ class RemoteDataset(Dataset):
             return lambda: None
         return self._fetch_blocks(self._blocks_of(ranges), f"{list(ranges)}").read
 
-    def _blocks_of(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[RemoteFile, int, int]]:
-        """The checksum blocks ``(file, first, end)`` holding the records of ``ranges`` (``(lo, hi)`` record
-        numbers); of ragged records, through the ranges sections, fetched whole and checked first."""
+    def _blocks_of(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[RemoteFile, np.ndarray]]:
+        """The checksum blocks of each file holding the records of ``ranges`` (``(lo, hi)`` record numbers); of
+        ragged records, through the ranges sections, fetched whole and checked first."""
         pieces: dict[int, list[tuple[int, int]]] = {}  # file: its records' ranges
         for lo, hi in ranges:
             first, last = self._files_holding(lo, hi)
@@ -717,60 +811,68 @@ class RemoteDataset(Dataset):
                 start, end = self._starts[i], self._starts[i + 1]
                 if min(hi, end) > max(lo, start):
                     pieces.setdefault(i, []).append((max(lo, start) - start, min(hi, end) - start))
-        blocks = []
-        for i, local in pieces.items():
-            f = self._remote_files[i]
-            if f.mapped.header.ragged:
-                f.fetch_sections(["ranges"])
-            blocks += [(f, *f.blocks(lo, hi)) for lo, hi in local]
-        return blocks
+        return [self._blocks_in(self._remote_files[i], *np.array(local, np.int64).T) for i, local in pieces.items()]
 
-    def _blocks_of_rows(self, rows: np.ndarray) -> list[tuple[RemoteFile, int, int]]:
-        """:meth:`_blocks_of` the records at ``rows``, in a few numpy steps per file: a batch of a map-style
-        epoch is hundreds of records from a few blocks."""
-        rows = np.unique(rows)
-        if not rows.size:
-            return []
-        part = np.searchsorted(np.asarray(self._starts, np.int64), rows, side="right") - 1
+    def _block_ids(self, rows: np.ndarray) -> np.ndarray:
+        """The checksum blocks holding the records at ``rows``, numbered across the files (sorted): a batch of
+        a map-style epoch is hundreds of records from the blocks of a window, found in a few numpy steps."""
+        starts = np.asarray(self._starts, np.int64)
+        part = np.searchsorted(starts, rows, side="right") - 1
+        local = rows - starts[part]
+        if self.ragged:
+            cuts = np.flatnonzero(np.diff(part)) + 1
+            firsts = part[np.concatenate(([0], cuts))].tolist()
+            return np.concatenate(
+                [
+                    self._blocks_in(self._remote_files[p], r, r + 1)[1] + self._block_base[p]
+                    for p, r in zip(firsts, np.split(local, cuts))
+                ]
+            )
+        record_bytes, block_bytes = self.dim * self.dtype.itemsize, self._block_bytes[part]
+        first, last = local * record_bytes // block_bytes, ((local + 1) * record_bytes - 1) // block_bytes
+        return np.unique(np.concatenate((first, last)) + np.tile(self._block_base[part], 2))
+
+    def _per_file(self, ids: np.ndarray) -> list[tuple[RemoteFile, np.ndarray]]:
+        """Blocks numbered across the files (sorted, distinct), as each file's."""
+        part = np.searchsorted(self._block_base, ids, side="right") - 1
         cuts = np.flatnonzero(np.diff(part)) + 1
-        blocks: list[tuple[RemoteFile, int, int]] = []
-        for p, local in zip(part[np.r_[0, cuts]].tolist(), np.split(rows - np.asarray(self._starts)[part], cuts)):
-            f = self._remote_files[p]
-            h = f.mapped.header
-            lo, hi = local, local + 1
-            if h.ragged:
-                f.fetch_sections(["ranges"])
-                lo, hi = f.mapped.ranges()[lo].astype(np.int64), f.mapped.ranges()[hi].astype(np.int64)
-            lo = np.minimum(lo, h.n_rows)  # damaged ranges: the reader's checks say so
-            hi = np.minimum(np.maximum(lo, hi), h.n_rows)
-            rb = h.dim * f.mapped.dtype.itemsize
-            first, end = _spans(lo * rb // h.block_bytes, -(-hi * rb // h.block_bytes))
-            blocks += [(f, b0, b1) for b0, b1 in zip(first.tolist(), end.tolist())]
-        return blocks
+        return [
+            (self._remote_files[p], numbers - self._block_base[p])
+            for p, numbers in zip(part[np.concatenate(([0], cuts))].tolist(), np.split(ids, cuts))
+        ]
 
-    def _fetch_blocks(self, blocks: Sequence[tuple[RemoteFile, int, int]], *what: str) -> Held:
-        """Hold checksum ``blocks`` (``(file, first, end)``), fetch those not here by range reads, all in flight
+    def _global_ids(self, blocks: Sequence[tuple[RemoteFile, np.ndarray]]) -> np.ndarray:
+        """Each file's blocks, numbered across the files."""
+        index = {id(f): i for i, f in enumerate(self._remote_files)}
+        return np.concatenate([np.zeros(0, np.int64), *(n + self._block_base[index[id(f)]] for f, n in blocks)])
+
+    @staticmethod
+    def _blocks_in(f: RemoteFile, lo: np.ndarray, hi: np.ndarray) -> tuple[RemoteFile, np.ndarray]:
+        if f.mapped.header.ragged:
+            f.fetch_sections(["ranges"])
+        return f, f.blocks(lo, hi)
+
+    def _fetch_blocks(self, blocks: Sequence[tuple[RemoteFile, np.ndarray]], *what: str) -> Held:
+        """Hold checksum ``blocks`` (each file's, by number), fetch those not here by range reads, all in flight
         together, and check each against its stored checksum once per handle and fetch.  The fetch holds the
         cache's locks for the names ``what`` of what it fetches: processes naming the same at once fetch it
         once, the others waiting, then finding the pages there."""
-        for f in dict.fromkeys(f for f, _, _ in blocks):
-            h = f.mapped.header
-            f.fetch([(h.sums_offset, h.sums_offset + h.sums_size)])
+        for f, _ in blocks:
+            f.fetch_sums()
         held = Held(blocks, self.cache)
         with contextlib.ExitStack() as failed:
             failed.callback(held.release)
-            needs = _merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.block_needs(b0, b1)])
-            if needs:
+            if any(f.block_needs(numbers) for f, numbers in blocks):
                 with self.cache.fetching(*(f"{self.url} {self.version} {w}" for w in what)):
                     # what another process fetched meanwhile is here now
-                    fetch_all(_merged([(f, a, b) for f, b0, b1 in blocks for a, b in f.block_needs(b0, b1)]))
-            bad = [(f, b) for f, b0, b1 in blocks for b in f.check_blocks(b0, b1)]
+                    fetch_all(_merged([(f, a, b) for f, numbers in blocks for a, b in f.block_needs(numbers)]))
+            bad = [(f, b) for f, numbers in blocks for b in f.check_blocks(numbers)]
             if bad:  # the cache's copy may be what is damaged (a disk's fault): fetch those blocks again, once
                 for f, b in bad:
                     f.forget(b)
-                fetch_all(_merged([(f, a, b) for f, b in bad for a, b in f.block_needs(b, b + 1)]))
+                fetch_all(_merged([(f, a, b) for f, b in bad for a, b in f.block_needs(np.array([b]))]))
                 for f, b in bad:
-                    if f.check_blocks(b, b + 1):
+                    if f.check_blocks(np.array([b])):
                         raise errors.ChecksumError(f"{f.remote.url}: records block {b} does not match its checksum")
             failed.pop_all()
         return held
@@ -830,6 +932,9 @@ class RemoteDataset(Dataset):
         return self.remote.counts.bytes_read
 
     def close(self) -> None:
+        pid, holds = self._holds_here
+        if holds is not None and pid == os.getpid():
+            holds.let_go()
         super().close()
         self._partial_layout_cache = None
         self._close_remote()
@@ -918,8 +1023,8 @@ def _runs(numbers: np.ndarray) -> list[tuple[int, int]]:
     first, last = int(numbers[0]), int(numbers[-1])
     if last - first + 1 == len(numbers):
         return [(first, last + 1)]
-    cut = np.flatnonzero(np.diff(numbers) != 1) + 1
-    return list(zip(numbers[np.r_[0, cut]].tolist(), (numbers[np.r_[cut - 1, len(numbers) - 1]] + 1).tolist()))
+    cut = np.flatnonzero(np.diff(numbers) != 1)
+    return list(zip(numbers[np.concatenate(([0], cut + 1))].tolist(), (numbers[np.append(cut, -1)] + 1).tolist()))
 
 
 def version_name(version: int) -> str:
