@@ -707,6 +707,35 @@ def test_a_map_style_epoch_at_a_url_streams_its_windows(served, tmp_path, worker
             assert db._whole == (sampler_of is None and workers == 0)
 
 
+def test_window_holds_are_let_go_two_windows_on_once_no_batch_reads_them(served, tmp_path):
+    """A process holds the blocks of the windows its map-style batches read: a batch of a later window lets go
+    of those two windows back, and of another epoch's, but not while another thread's batch reads them."""
+    server, keys, x, root = served
+    _small_blocks(root)  # 64 KiB checksum blocks: 16 records each
+    with open_http(server, "small.emb", tmp_path / "c", cache_limit=1 << 20) as db:
+        holds = db._window_holds()
+        window = {w: np.arange(64 * w, 64 * w + 64) for w in range(6)}  # windows of 4 blocks
+        reading = holds.reading(window[0], ("e:0",))
+        reading.__enter__()  # a batch of window 0, still being read
+        with db._reading(window[1], ("e:1",)) as rows_at:
+            out = np.empty((64, DIM), np.float32)
+            rows_at.gather_random(window[1].astype(np.uint64), out, 0)
+            np.testing.assert_array_equal(out, x[window[1]])
+        for w in (2, 3):
+            with holds.reading(window[w], (f"e:{w}",)):
+                pass
+        assert sorted(holds._holds) == ["e:0", "e:2", "e:3"]  # e:1 is two windows back from e:3; e:0 in use
+        reading.__exit__(None, None, None)
+        with holds.reading(window[4], ("e:4",)):
+            pass
+        assert sorted(holds._holds) == ["e:3", "e:4"]
+        assert (holds._count > 0).sum() == 8 and not holds._in_use.any()
+        with holds.reading(window[5], ("f:0",)):  # the next epoch
+            pass
+        assert sorted(holds._holds) == ["f:0"]
+        assert _on_disk(tmp_path / "c") < (1 << 20) + 5 * (64 << 10) + (256 << 10)  # given back: over the limit
+
+
 def test_prefetch_and_cli(served, tmp_path):
     server, keys, x, _ = served
     cache = str(tmp_path / "c")

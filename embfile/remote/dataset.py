@@ -22,7 +22,6 @@ checked, not the file.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import os
@@ -343,14 +342,15 @@ class WindowHolds:
 
     Windows are named ``TAG:NUMBER`` (the epoch, and the window's number in it); a batch names the windows its
     rows come from.  When a batch comes, the holds of another epoch's windows, and of windows before its first
-    but one, that no batch reads now, are let go of."""
+    but one, are let go of, unless a batch is reading some of their blocks now (then at a later batch)."""
 
     def __init__(self, dataset: RemoteDataset) -> None:
         self._dataset = dataset
         self._lock = threading.Lock()
         self._holds: dict[str, list[tuple[Held, np.ndarray]]] = {}  # window: its holds, and their blocks
-        self._count = np.zeros(int(dataset._block_base[-1]), np.int32)  # of each block: holds here keeping it
-        self._reading: collections.Counter[str] = collections.Counter()  # batches reading now, by window
+        blocks = int(dataset._block_base[-1])
+        self._count = np.zeros(blocks, np.int32)  # of each block (numbered across the files): holds keeping it
+        self._in_use = np.zeros(blocks, np.int32)  # and batches reading it now
 
     @contextlib.contextmanager
     def reading(self, rows: np.ndarray, windows: Sequence[str]) -> Iterator[None]:
@@ -360,14 +360,14 @@ class WindowHolds:
         with self._lock:
             self._let_go_before(windows[0])
             held = bool((self._count[ids] > 0).all())
-            self._reading[windows[0]] += 1
+            self._in_use[ids] += 1
         try:
             if not held:  # held under its last window's name: its blocks are in its windows, the last the latest
                 self.add(windows[-1], self._dataset._fetch_blocks(self._dataset._per_file(ids), *windows))
             yield
         finally:
             with self._lock:
-                self._reading[windows[0]] -= 1
+                self._in_use[ids] -= 1
 
     def add(self, window: str, held: Held) -> None:
         """Keep ``held`` (blocks of ``window``, fetched and checked) until the batches have moved on."""
@@ -377,18 +377,20 @@ class WindowHolds:
             self._count[ids] += 1  # distinct blocks
 
     def _let_go_before(self, window: str) -> None:
-        """Let go of the holds of windows before ``window`` but one (of its epoch), and of other epochs, that no
-        batch reads now: a batch reads blocks held under its windows' names, or the next window's."""
-        firsts: dict[str, list[int]] = {}  # of each epoch, the first windows of the batches reading now
-        for name in [window, *(n for n, c in self._reading.items() if c)]:
-            tag, _, number = name.rpartition(":")
-            firsts.setdefault(tag, []).append(int(number))
+        tag, _, first = window.rpartition(":")
         for name in list(self._holds):
-            tag, _, number = name.rpartition(":")
-            if tag not in firsts or int(number) < min(firsts[tag]) - 1:
-                for held, ids in self._holds.pop(name):
+            other, _, number = name.rpartition(":")
+            if other == tag and int(number) >= int(first) - 1:
+                continue
+            kept = []
+            for held, ids in self._holds.pop(name):
+                if self._in_use[ids].any():
+                    kept.append((held, ids))
+                else:
                     self._count[ids] -= 1
                     held.read()
+            if kept:
+                self._holds[name] = kept
 
     def let_go(self) -> None:
         """Let go of every hold (the handle closes)."""
@@ -816,6 +818,7 @@ class RemoteDataset(Dataset):
     def _block_ids(self, rows: np.ndarray) -> np.ndarray:
         """The checksum blocks holding the records at ``rows``, numbered across the files (sorted): a batch of
         a map-style epoch is hundreds of records from the blocks of a window, found in a few numpy steps."""
+        rows = np.unique(rows)
         starts = np.asarray(self._starts, np.int64)
         part = np.searchsorted(starts, rows, side="right") - 1
         local = rows - starts[part]
