@@ -69,6 +69,16 @@ def spread(values, fmt="{:.1f}"):
     return f"{fmt.format(np.median(v))} ({fmt.format(v.min())}-{fmt.format(v.max())})"
 
 
+def table(columns, rounds, formats=("{:.2f}", "{:.2f}", "{:.0f}", "{:.0f}")):
+    """A table of each kind's figures (``rounds``: one ``{kind: figures}`` per round): median (range) of each."""
+    print("| | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for kind in rounds[0]:
+        print(
+            f"| {kind} | " + " | ".join(spread([r[kind][i] for r in rounds], f) for i, f in enumerate(formats)) + " |"
+        )
+
+
 def build(folder, n, dim):
     keys = [f"UniRef50_A{i:09d}" for i in range(n)]
     x = np.random.default_rng(0).standard_normal((n, dim), dtype=np.float32).astype(np.float16)
@@ -358,21 +368,9 @@ def torch_epochs(http, scratch, batch, dataset_bytes):
             for _ in torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=workers):
                 first = first or time.perf_counter() - t0
             seconds = time.perf_counter() - t0
-        out[kind] = (first, seconds, _sent(http, since, scratch) / 2**20, peak.bytes / 2**20)
+        out[kind] = (first, seconds, http.sent(since) / 2**20, peak.bytes / 2**20)
         shutil.rmtree(cache)
     return out
-
-
-def _sent(http, since, root):
-    """Bytes the HTTP server sent for the GETs from the ``since``-th on (a whole file for one with no range)."""
-    sent = 0
-    for _, path, byte_range in http.gets()[since:]:
-        if byte_range:
-            lo, hi = byte_range.removeprefix("bytes=").split("-")
-            sent += int(hi) - int(lo) + 1
-        elif os.path.isfile(os.path.join(root, path.lstrip("/"))):
-            sent += os.path.getsize(os.path.join(root, path.lstrip("/")))
-    return sent
 
 
 class _PeakOnDisk:
@@ -598,13 +596,7 @@ def run(args):
         )
         http = RangeServer(scratch, args.latency)
         limited = [limited_epochs(http, scratch, args.batch, int(dataset * 2**20)) for _ in range(args.rounds)]
-        print("| | epoch 1, s | epoch 2, s | MiB received (2 epochs) | cache on disk at its peak, MiB |")
-        print("|---|---:|---:|---:|---:|")
-        for kind in limited[0]:
-            cells = [
-                spread([r[kind][i] for r in limited], f) for i, f in enumerate(("{:.2f}", "{:.2f}", "{:.0f}", "{:.0f}"))
-            ]
-            print(f"| {kind} | " + " | ".join(cells) + " |")
+        table(["epoch 1, s", "epoch 2, s", "MiB received (2 epochs)", "cache on disk at its peak, MiB"], limited)
         print(
             f"\nThe folder is {dataset:.0f} MiB; the limit {dataset / 4:.0f} MiB. Under it, each window read is given "
             "back (a hole punched in the partial copy) once no reader holds it, so the disk holds the limit's worth "
@@ -629,13 +621,7 @@ def run(args):
             print("torch is not installed: skipped")
             fed = []
         if fed:
-            print("| | first batch, s | epoch, s | MiB sent by the server | cache on disk at its peak, MiB |")
-            print("|---|---:|---:|---:|---:|")
-            for kind in fed[0]:
-                cells = [
-                    spread([r[kind][i] for r in fed], f) for i, f in enumerate(("{:.2f}", "{:.2f}", "{:.0f}", "{:.0f}"))
-                ]
-                print(f"| {kind} | " + " | ".join(cells) + " |")
+            table(["first batch, s", "epoch, s", "MiB sent by the server", "cache on disk at its peak, MiB"], fed)
             print(
                 "\nThe map-style Dataset with embfile's BatchSampler streams as the IterableDataset does: the next "
                 "window is fetched on a thread, a batch fetches what is not there yet, each under its windows' locks "

@@ -111,6 +111,17 @@ class RangeServer:
         with self._lock:
             return [r for r in self.log if r[0] == "GET"]
 
+    def sent(self, since: int = 0) -> int:
+        """Bytes sent for the GETs from the ``since``-th on (a whole file for a GET with no range)."""
+        sent = 0
+        for _, path, byte_range in self.gets()[since:]:
+            if byte_range:
+                lo, hi = byte_range.removeprefix("bytes=").split("-")
+                sent += int(hi) - int(lo) + 1
+            elif os.path.isfile(os.path.join(self.root, path.lstrip("/"))):  # not a probe for a later version
+                sent += os.path.getsize(os.path.join(self.root, path.lstrip("/")))
+        return sent
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()

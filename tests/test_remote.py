@@ -207,31 +207,19 @@ def test_http_folder_lookups_and_epochs(served, tmp_path):
         assert sorted(seen) == sorted(keys)
 
 
-def _received(server, root, since):
-    """Bytes the server sent for its GETs from the ``since``-th on (a whole file for a GET with no range)."""
-    sent = 0
-    for _, path, byte_range in server.gets()[since:]:
-        if byte_range:
-            lo, hi = byte_range.removeprefix("bytes=").split("-")
-            sent += int(hi) - int(lo) + 1
-        elif (root / path.lstrip("/")).is_file():  # not a probe for a later version
-            sent += (root / path.lstrip("/")).stat().st_size
-    return sent
-
-
 def test_changes_and_keys_by_row_at_a_url_read_keys_sections_not_records(served, tmp_path):
     server, keys, x, root = served
     folder_bytes = sum(p.stat().st_size for p in (root / "ds").rglob("*") if p.is_file())
     n = len(server.gets())
     c = embfile.changes(f"{server.url}/ds", since=1, cache_dir=tmp_path / "c1")
     assert (c.since, c.version, c.added, c.replaced, c.removed) == (1, 3, keys[1000:], [], [])
-    assert _received(server, root, n) < folder_bytes / 20  # keys sections and index pages, no record
+    assert server.sent(n) < folder_bytes / 20  # keys sections and index pages, no record
     assert embfile.changes(f"{server.url}/ds", since=3, version=2, cache_dir=tmp_path / "c1").removed == keys[2000:]
     with open_http(server, "one.emb", tmp_path / "c2") as db:
         n = len(server.gets())
         assert db.key(7) == keys[7] and db.keys_between(2990, 3005) == keys[2990:]
         assert db.keys_at(np.array([4, 2], np.uint64)) == [keys[4], keys[2]]
-        assert _received(server, root, n) < (root / "one.emb").stat().st_size / 20
+        assert server.sent(n) < (root / "one.emb").stat().st_size / 20
     raw = bytearray((root / "one.emb").read_bytes())
     h = embfile.open(root / "one.emb").header
     raw[h.keys_offset + h.keys_size - 3] ^= 1  # a byte of the last key
@@ -247,7 +235,7 @@ def test_fetched_records_are_checked_and_then_read_without_requests(served, tmp_
     with open_http(server, "one.emb", tmp_path / "c") as db:
         n = len(server.gets())
         db.fetch_records(1000, 1300)  # 4 KiB records: rows 1000-1299 are in checksum blocks 3 to 5
-        assert 1 << 20 < _received(server, root, n) < (root / "one.emb").stat().st_size / 2
+        assert 1 << 20 < server.sent(n) < (root / "one.emb").stat().st_size / 2
         n = len(server.gets())
         np.testing.assert_array_equal(db.take(np.arange(1000, 1300)), x[1000:1300])
         assert db.keys_at(np.arange(1000, 1300, dtype=np.uint64)) == keys[1000:1300]
@@ -282,17 +270,17 @@ def test_an_epoch_at_a_url_streams_its_windows_checked(served, tmp_path):
         n = len(server.gets())
         epoch = db.iter_batches(100, seed=0, buffer_blocks=2)  # windows of 2 MiB, the file 12 MB
         first = next(epoch)
-        assert _received(server, root, n) < size / 2
+        assert server.sent(n) < size / 2
         assert sorted(right([first, *epoch])) == sorted(keys)
         assert all(byte_range for _, _, byte_range in server.gets()[n:]) and not db._whole  # nothing downloaded
-        assert _received(server, root, n) < 1.02 * size  # each page once
+        assert server.sent(n) < 1.02 * size  # each page once
         n = len(server.gets())
         assert sum(len(b) for b in db.iter_batches(100, seed=0, epoch=1, keys=False)) == N
         assert len(server.gets()) == n  # all here now
     with open_http(server, "one.emb", tmp_path / "c2") as db:
         n = len(server.gets())
         share = list(right(db.iter_batches(100, seed=0, buffer_blocks=2, rank=1, world_size=3)))
-        assert len(share) == N // 3 and _received(server, root, n) < 0.6 * size
+        assert len(share) == N // 3 and server.sent(n) < 0.6 * size
     with open_http(server, "one.emb", tmp_path / "c3") as db:
         epoch = db.iter_batches(100, seed=0, buffer_blocks=2)
         seen = list(right(next(epoch) for _ in range(20)))
@@ -302,7 +290,7 @@ def test_an_epoch_at_a_url_streams_its_windows_checked(served, tmp_path):
         epoch = db.iter_batches(100, seed=0, buffer_blocks=2)
         epoch.load_state_dict(state)
         assert sorted(seen + list(right(epoch))) == sorted(keys)
-        assert _received(server, root, n) < 0.5 * size  # the windows from two thirds on
+        assert server.sent(n) < 0.5 * size  # the windows from two thirds on
     _flip_row(root, "flipped.emb", 1200)
     with open_http(server, "flipped.emb", tmp_path / "c5") as db:
         with pytest.raises(embfile.ChecksumError, match="flipped.emb: records block 4 does not match its checksum"):
@@ -334,7 +322,7 @@ def test_a_streamed_epoch_after_a_killed_one_and_with_a_damaged_cache(served, tm
     with open_http(server, "one.emb", cache) as db:
         n = len(server.gets())
         got = {k: v.copy() for ks, vs in db.iter_batches(100, seed=2) for k, v in zip(ks, vs)}
-        assert _received(server, root, n) == 1 << 20  # that block again
+        assert server.sent(n) == 1 << 20  # that block again
     np.testing.assert_array_equal(np.stack([got[k] for k in keys]), x)
 
 
@@ -595,7 +583,7 @@ def test_an_epoch_larger_than_the_cache_limit_streams_through_it(served, tmp_pat
                 peak = max(peak, _on_disk(cache))
             assert sorted(seen) == sorted(keys)
             assert peak < limit + (1 << 20), (peak, limit)  # the limit, the window read and the next (256 KiB each)
-            assert _received(server, root, n) > (0.9 if epoch == 0 else 0.5) * size  # again, what was given back
+            assert server.sent(n) > (0.9 if epoch == 0 else 0.5) * size  # again, what was given back
     small = tmp_path / "small"
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True).returncode:
@@ -627,7 +615,7 @@ def test_workers_and_lookups_share_a_cache_an_epoch_streams_through(served, tmp_
         peak = max(peak, _on_disk(cache))
     assert sorted(seen) == sorted(keys)
     assert peak < limit + (2 << 20), (peak, limit)
-    assert _received(server, root, n) < 1.2 * size  # each window fetched once (it was 0.99-1.01 here)
+    assert server.sent(n) < 1.2 * size  # each window fetched once (it was 0.99-1.01 here)
     db.close()
 
     url = f"{server.url}/small.emb"
@@ -679,7 +667,7 @@ def test_a_map_style_epoch_at_a_url_streams_its_windows(served, tmp_path, worker
     np.testing.assert_array_equal(np.concatenate(got), x[order])
     assert not db._whole and os.listdir(cache / "files") == []
     assert peak < limit + (3 << 20), (peak, limit)  # and the windows of the batches in flight (up to 2.3 MiB)
-    assert 0.9 * size < _received(server, root, n) < 1.1 * size  # 1.5x before batches took their windows' locks
+    assert 0.9 * size < server.sent(n) < 1.1 * size  # 1.5x before batches took their windows' locks
     db.close()
 
     rng = np.random.default_rng(3)
@@ -765,7 +753,7 @@ def test_torch_datasets_over_a_url(served, tmp_path):
     n = len(server.gets())
     rows = sum(len(b[1]) if isinstance(b, (tuple, list)) else len(b) for b in loader)
     assert rows == N  # the workers stream the same windows: each fetched by one of them, the other waiting
-    assert _received(server, root, n) < 1.1 * sum(p.stat().st_size for p in (root / "ds").rglob("*.emb"))
+    assert server.sent(n) < 1.1 * sum(p.stat().st_size for p in (root / "ds").rglob("*.emb"))
     by_key = et.Dataset(db, keys=keys[::-1])
     loader = torch.utils.data.DataLoader(by_key, batch_size=64, num_workers=2)
     got = torch.cat(list(loader)).numpy()
