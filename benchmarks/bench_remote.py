@@ -44,6 +44,7 @@ epoch 2 from the cache at local speed.
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -404,8 +405,14 @@ def _commit(jobs, url, opts, cache, parts):
 
 
 def _kept(folder):
-    """Bytes on disk under ``folder`` (a partial copy counts only the pages it holds)."""
-    return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(folder) for f in files)
+    """Bytes on disk under ``folder`` (a partial copy counts only the pages it holds; a download renamed or a
+    file removed while it is counted, nothing)."""
+    total = 0
+    for d, _, files in os.walk(folder):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(d, f)).st_blocks * 512
+    return total
 
 
 def timed_epoch(db, batch, epoch, t0=None, **options):

@@ -192,9 +192,6 @@ class RemoteFile:
         h, m = self.mapped.header, self.mapped
         lo, hi = lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
         record_bytes = h.dim * m.dtype.itemsize
-        if not h.ragged and len(lo) and record_bytes <= h.block_bytes and (hi - lo == 1).all():
-            lo = lo[lo < h.n_rows]  # single records, each in one block or two (the batch of a map-style epoch)
-            return np.unique(np.concatenate((lo * record_bytes, (lo + 1) * record_bytes - 1)) // h.block_bytes)
         if h.ragged:
             lo, hi = m.ranges()[lo].astype(np.int64), m.ranges()[hi].astype(np.int64)
         lo = np.minimum(lo, h.n_rows)  # damaged ranges: the reader's checks say so
@@ -353,9 +350,9 @@ class WindowHolds:
         self._in_use = np.zeros(blocks, np.int32)  # and batches reading it now
 
     @contextlib.contextmanager
-    def reading(self, rows: np.ndarray, windows: Sequence[str]) -> Iterator[None]:
-        """Held while the batch of ``rows`` from ``windows`` is read: its blocks held here (fetched first where
-        they are not)."""
+    def reading(self, rows: np.ndarray, windows: Sequence[str]) -> Iterator[Layout]:
+        """Where to read the batch of ``rows`` from ``windows``, while it is read: its blocks held here (fetched
+        first where they are not)."""
         ids = self._dataset._block_ids(rows)
         with self._lock:
             self._let_go_before(windows[0])
@@ -364,7 +361,7 @@ class WindowHolds:
         try:
             if not held:  # held under its last window's name: its blocks are in its windows, the last the latest
                 self.add(windows[-1], self._dataset._fetch_blocks(self._dataset._per_file(ids), *windows))
-            yield
+            yield self._dataset._partial_layout()
         finally:
             with self._lock:
                 self._in_use[ids] -= 1
@@ -423,12 +420,6 @@ class WindowFetcher:
 
     def stop(self, wait: bool = True) -> None:
         self._thread.shutdown(wait=wait, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def _reading_with(held: contextlib.AbstractContextManager[None], dataset: RemoteDataset) -> Iterator[Layout]:
-    with held:
-        yield dataset._partial_layout()
 
 
 def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
@@ -600,13 +591,7 @@ class RemoteDataset(Dataset):
         released: the whole records section of each file holding them (one lock), for as long as a lookup."""
         if self._whole or not rows.size:
             return Held([], self.cache)
-        rows = np.unique(rows)
-        part = np.searchsorted(np.asarray(self._starts, np.int64), rows, side="right") - 1
-        cuts = np.flatnonzero(np.diff(part)) + 1
-        parts = [
-            (self._remote_files[p], local - self._starts[p])
-            for p, local in zip(part[np.r_[0, cuts]].tolist(), np.split(rows, cuts))
-        ]
+        parts = [(self._remote_files[p], local) for p, local in _by_part(np.unique(rows), self._starts)]
         held = Held([(f, np.arange(f.n_blocks)) for f, _ in parts], self.cache)
         if self.ragged:  # each record's two ranges entries
             fetch_all(
@@ -776,7 +761,7 @@ class RemoteDataset(Dataset):
         if self._whole or not windows or not len(rows):
             return super()._reading(rows, windows)
         self._require_attached()
-        return _reading_with(self._window_holds().reading(rows.astype(np.int64, copy=False), windows), self)
+        return self._window_holds().reading(rows.astype(np.int64, copy=False), windows)
 
     def _window_holds(self) -> WindowHolds:
         """This process's :class:`WindowHolds` (a forked child's parent held its own)."""
@@ -819,30 +804,23 @@ class RemoteDataset(Dataset):
         """The checksum blocks holding the records at ``rows``, numbered across the files (sorted): a batch of
         a map-style epoch is hundreds of records from the blocks of a window, found in a few numpy steps."""
         rows = np.unique(rows)
-        starts = np.asarray(self._starts, np.int64)
-        part = np.searchsorted(starts, rows, side="right") - 1
-        local = rows - starts[part]
         if self.ragged:
-            cuts = np.flatnonzero(np.diff(part)) + 1
-            firsts = part[np.concatenate(([0], cuts))].tolist()
             return np.concatenate(
                 [
                     self._blocks_in(self._remote_files[p], r, r + 1)[1] + self._block_base[p]
-                    for p, r in zip(firsts, np.split(local, cuts))
+                    for p, r in _by_part(rows, self._starts)
                 ]
             )
+        starts = np.asarray(self._starts, np.int64)
+        part = np.searchsorted(starts, rows, side="right") - 1
+        local = rows - starts[part]
         record_bytes, block_bytes = self.dim * self.dtype.itemsize, self._block_bytes[part]
         first, last = local * record_bytes // block_bytes, ((local + 1) * record_bytes - 1) // block_bytes
         return np.unique(np.concatenate((first, last)) + np.tile(self._block_base[part], 2))
 
     def _per_file(self, ids: np.ndarray) -> list[tuple[RemoteFile, np.ndarray]]:
         """Blocks numbered across the files (sorted, distinct), as each file's."""
-        part = np.searchsorted(self._block_base, ids, side="right") - 1
-        cuts = np.flatnonzero(np.diff(part)) + 1
-        return [
-            (self._remote_files[p], numbers - self._block_base[p])
-            for p, numbers in zip(part[np.concatenate(([0], cuts))].tolist(), np.split(ids, cuts))
-        ]
+        return [(self._remote_files[p], numbers) for p, numbers in _by_part(ids, self._block_base)]
 
     def _global_ids(self, blocks: Sequence[tuple[RemoteFile, np.ndarray]]) -> np.ndarray:
         """Each file's blocks, numbered across the files."""
@@ -1000,6 +978,16 @@ def remote_tags(remote: Remote) -> dict[str, int]:
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
                 found[name] = layout.tag_version(where.read_all(), where.url)
     return found
+
+
+def _by_part(numbers: np.ndarray, starts: Sequence[int] | np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Sorted ``numbers`` (rows, blocks) of parts that start at ``starts``: each part holding some, and its
+    numbers, counted from its start."""
+    starts = np.asarray(starts, np.int64)
+    part = np.searchsorted(starts, numbers, side="right") - 1
+    cuts = np.flatnonzero(np.diff(part)) + 1
+    firsts = part[np.concatenate(([0], cuts))].tolist() if len(numbers) else []
+    return [(p, local - starts[p]) for p, local in zip(firsts, np.split(numbers, cuts))]
 
 
 def _spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
