@@ -58,11 +58,15 @@ def tensor(array: np.ndarray) -> torch.Tensor:
 def collate(items: Sequence[torch.Tensor]) -> Any:
     """A DataLoader batch of items: stacked (items that are the rows of one batch, as :class:`Dataset` gives
     them, as that batch, not copied), or of per-residue ``(length, dim)`` items a zero-padded ``(batch,
-    longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows.  In a DataLoader worker,
-    the batch goes to the main process through the worker's reused shared-memory buffers."""
+    longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows.  What is not a sequence of
+    items of one shape's rank, one or two, is a batch already (the item of a DataLoader without a
+    ``batch_size``, from a batch sampler or :class:`IterableDataset`), and is passed on as it is.  In a
+    DataLoader worker, the batch goes to the main process through the worker's reused shared-memory buffers."""
     if isinstance(items, _Batch):
         batch: Any = items.batch
-    elif not items or items[0].dim() == 1:
+    elif not _items(items):
+        batch = items
+    elif items[0].dim() == 1:
         batch = _rows_of_one(items)
         if batch is None:
             batch = torch.stack(list(items))
@@ -76,6 +80,14 @@ def collate(items: Sequence[torch.Tensor]) -> Any:
         batch = out, mask
     buffers = worker_buffers()
     return buffers.hand_over(batch) if buffers is not None else batch
+
+
+def _items(batch: Any) -> bool:
+    """Whether ``batch`` is items for :func:`collate` to batch: tensors of one or two dimensions, all alike."""
+    if not isinstance(batch, (list, tuple)):
+        return False
+    ranks = {t.dim() if isinstance(t, torch.Tensor) else -1 for t in batch}
+    return ranks == {1} or ranks == {2}
 
 
 def _rows_of_one(items: Sequence[torch.Tensor]) -> torch.Tensor | None:

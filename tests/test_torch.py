@@ -252,6 +252,32 @@ def test_map_style_batches_through_collate_in_workers(store):
         assert len(got) == len(want) and all(np.array_equal(x.numpy(), w) for x, w in zip(got, want))
 
 
+def test_collate_passes_on_what_is_a_batch_already(store, residues):
+    """Without a batch_size, a DataLoader hands each item, a whole batch, to its collate_fn: given
+    ``collate_fn=collate`` too, batches of a batch sampler or of the iterable dataset, per protein or per residue,
+    padded or packed, with keys or without, come as they would without it, in workers too."""
+    from embfile.torch import BatchSampler, collate
+
+    folder, _, _ = store
+    path, _ = residues
+    sources = ((folder / "db.emb", {}), (path, {}), (path, {"pad": False}), (folder / "ds", {"keys": True}))
+    for source, options in sources:
+        by_row = Dataset(source)
+        made = [
+            (by_row, {"sampler": BatchSampler(by_row, 50, seed=3)}),
+            (IterableDataset(source, 50, seed=3, **options), {}),
+        ]
+        for ds, sampler in made:
+            for workers in (0, 2):
+                want = list(DataLoader(ds, batch_size=None, num_workers=workers, **sampler))
+                got = list(DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=collate, **sampler))
+                assert len(got) == len(want) > 1
+                for a, b in zip(got, want):
+                    assert isinstance(a, torch.Tensor) == isinstance(b, torch.Tensor) and len(a) == len(b)
+                    for x, y in zip(a, b) if isinstance(a, (tuple, list)) else [(a, b)]:
+                        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
 def test_a_batch_for_embfile_collate_is_not_split_into_rows(store, residues, monkeypatch):
     """:func:`collate` takes a gathered batch back whole, so no tensor per row is made for it (per-residue
     records come padded from the core); any other collate (the default, ``torch.stack``, a user's own) gets
