@@ -488,8 +488,14 @@ def _shard(args: argparse.Namespace) -> None:
 
 
 def _versions(args: argparse.Namespace) -> None:
+    history = embfile.history(args.folder)
     named: dict[int, list[str]] = {}
-    for name, number in embfile.tags(args.folder).items():
+    try:
+        tagged = embfile.tags(args.folder)
+    except errors.RemoteError as e:  # a server that lists no folders: the versions, and why no tags
+        print(f"embfile: tags not shown: {e}", file=sys.stderr)
+        tagged = {}
+    for name, number in tagged.items():
         named.setdefault(number, []).append(name)
     rows = [
         {
@@ -503,7 +509,7 @@ def _versions(args: argparse.Namespace) -> None:
             "segments": len(m.segments),
             "tags": named.get(m.version, []),
         }
-        for m in embfile.history(args.folder)
+        for m in history
     ]
     if args.json:
         print(json.dumps(rows, indent=2))

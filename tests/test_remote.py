@@ -991,6 +991,27 @@ def test_tags_at_a_url(s3, served, tmp_path):
         assert (db.version, len(db)) == (2, 2000)
 
 
+def test_history_over_http_which_lists_no_folders(served, tmp_path, capsys):
+    """A plain HTTP server lists no folders: the history asks for every version number up to the latest (a
+    vacuum's gap skipped), the tags say they cannot be listed (one line; `embfile versions` still shows the
+    versions), and a URL with nothing there says so."""
+    from embfile import cli
+
+    server, *_, root = served
+    embfile.tag(root / "ds", "first", version=1)
+    assert embfile.vacuum(root / "ds", keep=1, grace=0) == [2]
+    url = f"{server.url}/ds"
+    assert [(m.version, m.operation["name"]) for m in embfile.history(url)] == [(1, "write"), (3, "append")]
+    with pytest.raises(embfile.RemoteError, match=r"/ds: the server lists no folders, so the tags cannot be listed"):
+        embfile.tags(url)
+    assert cli.main(["versions", url]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["1", "3"]
+    assert err.startswith("embfile: tags not shown: ") and len(err.splitlines()) == 1
+    with pytest.raises(FileNotFoundError, match="no .emb file or dataset folder there: '.*/nothing'"):
+        open_http(server, "nothing", tmp_path / "c")
+
+
 def test_two_writers_at_one_url_one_wins(s3, tmp_path):
     from embfile.remote import upload
 

@@ -23,6 +23,7 @@ checked, not the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import threading
@@ -502,7 +503,10 @@ class RemoteDataset(Dataset):
         try:
             manifest = self._manifest(version)
             if manifest is None:
-                single = RemoteFile(self.remote, self.cache)
+                try:
+                    single = RemoteFile(self.remote, self.cache)
+                except FileNotFoundError:
+                    raise FileNotFoundError(errno.ENOENT, "no .emb file or dataset folder there", self.url) from None
                 self._remote_files = self._remote_segments = [single]
             else:
                 files = self._open_all(
@@ -937,15 +941,15 @@ def read_manifest(remote: Remote, version: int | str | None = None) -> layout.Ma
     ``remote``; None if there is no version there at all (a single file, or nothing)."""
     if isinstance(version, str):
         version = tagged_version(remote, version)
-    try:
-        hint = int(remote.child(layout.LATEST).read_all().strip() or b"0")
-    except FileNotFoundError:
-        if version is None and not remote.child(version_name(1)).exists():
-            return None
-        hint = 0
-    except ValueError:
-        hint = 0
     if version is None:
+        try:
+            hint = int(remote.child(layout.LATEST).read_all().strip() or b"0")
+        except FileNotFoundError:
+            if not remote.child(version_name(1)).exists():
+                return None
+            hint = 0
+        except ValueError:
+            hint = 0
         version = max(hint, 1)
         while remote.child(version_name(version + 1)).exists():
             version += 1
@@ -969,9 +973,16 @@ def tagged_version(remote: Remote, name: str) -> int:
 
 
 def remote_tags(remote: Remote) -> dict[str, int]:
-    """Every tag of the dataset folder at ``remote`` and the version it names."""
+    """Every tag of the dataset folder at ``remote`` and the version it names.  A RemoteError where the server
+    lists no folders (a plain http(s) server): its tags cannot be known, only opened by name."""
     found = {}
-    for file in remote.child(layout.TAGS).names():
+    names = remote.child(layout.TAGS).names()
+    if not names and remote.protocol in ("http", "https") and not remote.child(layout.VERSIONS).names():
+        raise errors.RemoteError(
+            f"{remote.url}: the server lists no folders, so the tags cannot be listed (one opens by name, "
+            "version='NAME'); list them at the store behind it (s3://, gs://)"
+        )
+    for file in names:
         name = layout.tag_of(file)
         if name is not None:
             where = remote.child(f"{layout.TAGS}/{file}")

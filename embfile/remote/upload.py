@@ -39,6 +39,7 @@ from embfile.remote.dataset import RemoteDataset, RemoteFile, read_manifest, rem
 from embfile.remote.store import Remote, is_url
 
 UPLOADS_IN_FLIGHT = 4
+MANIFEST_READS = 16  # versions' manifests asked for at once where the server lists none
 
 
 def writable(url: str, storage_options: dict[str, Any] | None) -> Remote:
@@ -421,11 +422,26 @@ def history(folder: Any, *, storage_options: dict[str, Any] | None = None) -> li
 
 
 def _history(remote: Remote) -> list[layout.Manifest]:
-    numbers = sorted(int(n.split(".")[0]) for n in remote.child(layout.VERSIONS).names() if n.endswith(".json"))
-    present = [m for m in (read_manifest(remote, v) for v in numbers) if m is not None]
-    if not present:
+    """The versions the server lists or, where it lists none (a plain http(s) server), every number up to the
+    latest version asked for (versions are numbered from 1 on; a vacuum leaves gaps), read concurrently."""
+    numbers: Sequence[int] = sorted(
+        int(n.split(".")[0]) for n in remote.child(layout.VERSIONS).names() if n.endswith(".json")
+    )
+    if not numbers:
+        latest = read_manifest(remote)
+        numbers = range(1, latest.version + 1) if latest is not None else []
+
+    def present(version: int) -> layout.Manifest | None:
+        try:
+            return read_manifest(remote, version)
+        except errors.VersionNotFoundError:  # removed by a vacuum (since it was listed)
+            return None
+
+    with ThreadPoolExecutor(MANIFEST_READS) as pool:
+        found = [m for m in pool.map(present, numbers) if m is not None]
+    if not found:
         raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
-    return present
+    return found
 
 
 def tag(
