@@ -814,8 +814,11 @@ def test_damaged_remote_files_give_errors_never_wrong_rows(tmp_path):
 
 
 def test_damaged_remote_files_stream_right_rows_or_an_error(tmp_path):
-    """Bytes flipped anywhere in a file on the server: a streamed epoch yields right rows, then perhaps an
-    EmbFileError, never a wrong row (each window's blocks are checked before they are read)."""
+    """Bytes flipped anywhere in a file on the server: a streamed epoch, of the iterable kind and of the
+    map-style dataset with embfile's sampler, yields right rows, then perhaps an EmbFileError, never a wrong row
+    (each window's blocks are checked before they are read)."""
+    from embfile.torch import BatchSampler, Dataset
+
     root = tmp_path / "srv"
     root.mkdir()
     keys, x = data(n=3000, dim=256)  # 1 KiB records: three checksum blocks
@@ -833,6 +836,13 @@ def test_damaged_remote_files_stream_right_rows_or_an_error(tmp_path):
                 with open_http(server, f"bad{trial}.emb", tmp_path / "c") as db:
                     for ks, v in db.iter_batches(500, seed=trial, buffer_blocks=1, block_size=256):
                         np.testing.assert_array_equal(v, x[[where[k] for k in ks]], err_msg=f"trial {trial}")
+            except embfile.EmbFileError:
+                pass
+            try:
+                with open_http(server, f"bad{trial}.emb", tmp_path / f"m{trial}") as db:
+                    by_row = Dataset(db)
+                    for rows in BatchSampler(by_row, 500, seed=trial, buffer_blocks=1, block_size=256):
+                        np.testing.assert_array_equal(by_row[rows].numpy(), x[rows], err_msg=f"trial {trial}")
             except embfile.EmbFileError:
                 pass
     finally:
