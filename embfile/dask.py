@@ -31,7 +31,7 @@ pa = require("pyarrow", "dask")
 pd = require("pandas", "dask")
 
 from embfile import errors, jobs  # noqa: E402
-from embfile._stream import Chunk, RaggedChunk, as_matrix, chunk_rows  # noqa: E402
+from embfile._stream import Chunk, RaggedChunk, as_matrix, as_vector, chunk_rows  # noqa: E402
 from embfile.changes import changed_runs  # noqa: E402
 from embfile.dataset import Dataset, ReadPart  # noqa: E402
 from embfile.shards import open as open_dataset  # noqa: E402
@@ -94,6 +94,12 @@ def _partitions(data: Any, key: Any, vector: Any, ragged: bool) -> list[Any]:
     if isinstance(data, dd.DataFrame):
         if ragged and not isinstance(vector, str):
             raise ValueError("ragged records come in one column (of 2-d arrays or of lists of vectors)")
+        named = [key, *([vector] if isinstance(vector, str) else vector)]
+        missing = [c for c in named if c not in data.columns]
+        if missing:
+            raise ValueError(
+                f"no column {missing[0]!r} in the DataFrame; its columns: {', '.join(map(str, data.columns))}"
+            )
         if isinstance(vector, str) and vector in data.columns and _is_text(data[vector].dtype):
             raise ValueError(
                 f"column {vector!r} holds text, not vectors: Dask makes strings of a column of arrays (option "
@@ -137,14 +143,28 @@ def _chunks(kind: str, data: Any, key: Any, vector: Any, ragged: bool) -> Iterat
             elif ragged:
                 yield _records(data[key].tolist(), column.to_numpy())
             else:
-                yield data[key].tolist(), np.stack(column.to_numpy()) if len(column) else np.empty((0, 0))
+                keys = data[key].tolist()
+                yield keys, _stacked(keys, column.to_numpy())
         else:
             yield data[key].tolist(), data[list(vector)].to_numpy()
     else:  # pairs, read a chunk at a time: a partition may be a generator
         items = iter(data)
         while batch := list(itertools.islice(items, 4096)):
             keys, values = [k for k, _ in batch], [v for _, v in batch]
-            yield _records(keys, values) if ragged else (keys, np.stack([np.asarray(v) for v in values]))
+            yield _records(keys, values) if ragged else (keys, _stacked(keys, values))
+
+
+def _stacked(keys: list[Any], vectors: Sequence[Any]) -> np.ndarray:
+    """``vectors`` as a matrix, or the WriterError naming the first key whose vector is not like the first one."""
+    if not len(vectors):
+        return np.empty((0, 0))
+    try:
+        return np.stack([np.asarray(v) for v in vectors])
+    except ValueError:
+        dim = len(as_vector(keys[0], vectors[0], None))
+        for k, v in zip(keys, vectors):
+            as_vector(k, v, dim)
+        raise
 
 
 def _records(keys: list[Any], records: Any) -> RaggedChunk:

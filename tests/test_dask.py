@@ -267,6 +267,25 @@ def test_per_residue_mistakes_are_one_line_and_write_nothing(dask_client, tmp_pa
     assert not (tmp_path / "new").exists()
 
 
+def test_mistakes_of_one_vector_per_key_are_one_line_and_write_nothing(dask_client, tmp_path):
+    """A column not in the DataFrame is named with the columns there are; a vector of another length than the
+    first, in a column of arrays or a Bag of pairs, is a WriterError naming its key; nothing is left."""
+    keys, matrix = data(20, dim=4)
+    frame = pd.DataFrame({"id": keys, "emb": list(matrix)})
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frame, npartitions=2)
+        with pytest.raises(ValueError, match="no column 'idx' in the DataFrame; its columns: id, emb"):
+            embfile.dask.to_embfile(ddf, tmp_path / "new", key="idx", vector="emb")
+        frame.at[13, "emb"] = np.ones(5, np.float32)
+        short = dd.from_pandas(frame, npartitions=2)
+        with pytest.raises(embfile.WriterError, match=rf"key '{keys[13]}': vector has shape \(5,\), expected \(4,\)"):
+            embfile.dask.to_embfile(short, tmp_path / "new", key="id", vector="emb")
+    pairs = dbag.from_sequence([*zip(keys, matrix), ("odd", np.ones(3))], npartitions=1)
+    with pytest.raises(embfile.WriterError, match=r"key 'odd': vector has shape \(3,\), expected \(4,\)"):
+        embfile.dask.to_embfile(pairs, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_dataset_at_an_s3_url_written_and_read_by_the_workers(dask_client, s3, tmp_path, monkeypatch):
     """Tasks upload their shards and a killed worker's leave no object; a read task fetches its rows of its
     shard, and the driver plans a per-residue read from the files' ranges sections alone."""
