@@ -215,8 +215,7 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
 def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
     """Arrow arrays of keys and of list vectors (an engine's batch) as ``(keys, matrix)``.  A null, or a
     vector of another length than ``dim`` (default: the first one's), is a WriterError naming the key."""
-    if keys.null_count or vectors.null_count:
-        raise errors.WriterError(f"a null {'key' if keys.null_count else 'vector'} among {len(keys)} records")
+    _refuse_nulls(keys, vectors, "vector")
     return EncodedKeys.of_arrow(keys), _matrix(vectors, dim, lambda i: keys[i].as_py())
 
 
@@ -224,8 +223,7 @@ def arrow_records(keys: Any, records: Any, dim: int | None) -> RaggedChunk:
     """Arrow arrays of keys and of per-residue records (lists of list vectors: an engine's batch) as ``(keys,
     rows, lengths)``.  A null, a record of no rows, or a vector of another length than ``dim`` (default: the
     first one's), is a WriterError naming the key."""
-    if keys.null_count or records.null_count:
-        raise errors.WriterError(f"a null {'key' if keys.null_count else 'record'} among {len(keys)} records")
+    _refuse_nulls(keys, records, "record")
     lengths = np.diff(np.asarray(records.offsets))
     if (lengths == 0).any():
         i = int(np.flatnonzero(lengths == 0)[0])
@@ -235,6 +233,15 @@ def arrow_records(keys: Any, records: Any, dim: int | None) -> RaggedChunk:
     if rows.null_count:
         raise errors.WriterError(f"key {keys[int(owner[rows.is_null().index(True).as_py()])].as_py()!r}: a null row")
     return EncodedKeys.of_arrow(keys), _matrix(rows, dim, lambda i: keys[int(owner[i])].as_py()), lengths
+
+
+def _refuse_nulls(keys: Any, values: Any, what: str) -> None:
+    """A WriterError for a null key (saying which record of the batch) or a null value (naming its key)."""
+    if keys.null_count:
+        first = keys.is_null().index(True).as_py()
+        raise errors.WriterError(f"a null key (record {first} of a batch of {len(keys)})")
+    if values.null_count:
+        raise errors.WriterError(f"key {keys[values.is_null().index(True).as_py()].as_py()!r}: a null {what}")
 
 
 def _matrix(vectors: Any, dim: int | None, key_of: Callable[[int], Any]) -> np.ndarray:
@@ -250,7 +257,7 @@ def _matrix(vectors: Any, dim: int | None, key_of: Callable[[int], Any]) -> np.n
         raise errors.WriterError(f"key {key_of(i)!r}: vector of {lengths[i]} elements, not {dim}")
     values = vectors.flatten()
     if values.null_count:
-        raise errors.WriterError("a null element in a vector")
+        raise errors.WriterError(f"key {key_of(values.is_null().index(True).as_py() // dim)!r}: a null element")
     matrix: np.ndarray = values.to_numpy(zero_copy_only=False).reshape(len(vectors), dim)
     return matrix
 

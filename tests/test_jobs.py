@@ -107,9 +107,17 @@ def test_a_ragged_job_cuts_shards_between_records_and_names_what_is_wrong(tmp_pa
         ([[[1.0, 2.0]], [[1.0, 2.0], None]], "key 'b': a null row"),
         ([[[1.0, 2.0]], []], "key 'b': record has no rows"),
         ([[[1.0, 2.0]], [[1.0, 2.0], [3.0]]], "key 'b': vector of 1 elements, not 2"),
-        ([[[1.0, 2.0]], None], "a null record"),
+        ([[[1.0, 2.0]], None], "key 'b': a null record"),
     ):
         with pytest.raises(embfile.WriterError, match=says):
             jobs.arrow_records(pa.array(["a", "b"]), pa.array(records, nested), None)
+    flat = pa.list_(pa.float32())
+    for names, vectors, says in (  # an engine's batch of one vector per key: each null named
+        (["a", "b"], [[1.0, 2.0], None], "key 'b': a null vector"),
+        (["a", "b"], [[1.0, 2.0], [3.0, None]], "key 'b': a null element"),
+        (["a", None], [[1.0, 2.0], [3.0, 4.0]], r"a null key \(record 1 of a batch of 2\)"),
+    ):
+        with pytest.raises(embfile.WriterError, match=says):
+            jobs.arrow_chunk(pa.array(names, pa.string()), pa.array(vectors, flat), None)
     with pytest.raises(embfile.WriterError, match="holds ragged records; ragged=False does not fit it"):
         jobs.start_job(tmp_path / "ds", None, mode="append")
