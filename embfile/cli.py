@@ -383,7 +383,7 @@ def _convert(args: argparse.Namespace) -> None:
         options["per_residue"] = True
     metadata = {k: v for item in args.metadata or [] for k, v in item.items()} or None
     t = time.perf_counter()
-    formats.convert(
+    embfile.convert(
         args.src,
         args.dst,
         src_format=args.src_format,
@@ -396,7 +396,11 @@ def _convert(args: argparse.Namespace) -> None:
         **options,
     )
     if not args.quiet:
-        seconds, size = time.perf_counter() - t, os.path.getsize(args.dst)
+        seconds = time.perf_counter() - t
+        if remote.is_url(args.dst):  # uploaded: its size is the store's
+            print(f"wrote {args.dst} in {seconds:.2f} s" + _skipped(args), file=sys.stderr)  # report: a local path
+            return
+        size = os.path.getsize(args.dst)
         print(
             f"wrote {args.dst}: {size / 1e6:,.1f} MB in {seconds:.2f} s ({size / 1e6 / seconds:,.0f} MB/s)"
             + _skipped(args),

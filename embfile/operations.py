@@ -8,6 +8,7 @@ version.  A killed operation leaves the latest version as it was; the next one r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from embfile import errors, formats
+from embfile import errors, formats, remote
 from embfile import folder as layout
 from embfile._keys import key_list
 from embfile._stream import Source, chunk_rows, source_of
@@ -108,18 +109,24 @@ def compact(folder: PathLike, shard_bytes: int = 1 << 30) -> int:
 def merge(sources: Sequence[Any], dst: PathLike, *, shard_bytes: int = 1 << 30, **options: Any) -> None:
     """Write the records of every source, one after another, to a new .emb file (``dst`` ending in ``.emb``)
     or a new dataset folder.  Sources are what :func:`append` takes; the first one's dim, dtype and metadata
-    are the result's.  A key in two sources is an error naming it, and nothing is written."""
-    opened = [_source(s, "merge()", options) for s in sources]
-    if not opened:
-        raise ValueError("merge() needs at least one source")
-    first = opened[0]
-    for s in opened[1:]:
-        if s.dim != first.dim:
-            where = [x.description.get("path") or x.description.get("format") for x in (s, first)]
-            raise errors.WriterError(f"{where[0]} has vectors of dim {s.dim}, {where[1]} of dim {first.dim}")
-    chunks = (chunk for s in opened for chunk in s.chunks)
-    count = None if any(s.count is None for s in opened) else sum(s.count for s in opened if s.count is not None)
-    _write_new(dataclasses.replace(first, chunks=chunks, count=count), dst, shard_bytes)
+    are the result's.  A key in two sources is an error naming it, and nothing is written.  A source at a URL
+    (an .emb file or a dataset folder) is read as :func:`embfile.open` reads it, credentials from the
+    environment."""
+    with contextlib.ExitStack() as at_urls:
+        opened = [
+            _source(at_urls.enter_context(open_dataset(s)) if remote.is_url(s) else s, "merge()", options)
+            for s in sources
+        ]
+        if not opened:
+            raise ValueError("merge() needs at least one source")
+        first = opened[0]
+        for s in opened[1:]:
+            if s.dim != first.dim:
+                where = [x.description.get("path") or x.description.get("format") for x in (s, first)]
+                raise errors.WriterError(f"{where[0]} has vectors of dim {s.dim}, {where[1]} of dim {first.dim}")
+        chunks = (chunk for s in opened for chunk in s.chunks)
+        count = None if any(s.count is None for s in opened) else sum(s.count for s in opened if s.count is not None)
+        _write_new(dataclasses.replace(first, chunks=chunks, count=count), dst, shard_bytes)
 
 
 def subset(

@@ -891,6 +891,44 @@ def test_write_and_convert_to_s3(s3, tmp_path):
         embfile.write("https://127.0.0.1:1/x.emb", (keys, x))
 
 
+def test_mistakes_at_an_s3_url_are_one_line_naming_it(s3, tmp_path, monkeypatch):
+    """What a user gets wrong at a URL says so in one line naming the URL: a key not there (not the local folder
+    standing in for the dataset), a bucket not there, no credentials (at once: no retry finds them), a URL
+    given to convert as its source (merge reads one).  The CLI converts to a URL."""
+    from embfile import cli
+
+    keys, x = data(n=200, dim=8)
+    opts, url = s3.storage_options(), "s3://embs/mistakes"
+    embfile.write_shards(url, (keys, x), storage_options=opts, cache_dir=tmp_path / "c")
+    with pytest.raises(embfile.KeyNotFoundError, match=rf"^key 'nope' is not in {url} \(version 1\)"):
+        embfile.remove(url, ["nope"], storage_options=opts, cache_dir=tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match=r"bucket does not exist: 's3://nobucket/ds/"):
+        embfile.write_shards("s3://nobucket/ds", (keys, x), storage_options=opts, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match=rf"{url}: convert reads local files; .*embfile merge URL DST"):
+        embfile.convert(url, tmp_path / "x.emb")
+    with pytest.raises(ValueError, match="on_error='skip' to a URL needs report="):
+        embfile.convert(tmp_path / "x.h5", "s3://embs/x.emb", on_error="skip", storage_options=opts)
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata asked for: 127.0.0.1 only
+    with pytest.raises(embfile.RemoteError, match=rf"{url}/_embfile/LATEST: no credentials for the store"):
+        embfile.open(url, storage_options={"endpoint_url": opts["endpoint_url"]})
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", opts["key"])  # as a user of the CLI sets them
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", opts["secret"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["endpoint_url"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    embfile.merge([url], tmp_path / "merged.emb")
+    with embfile.open(tmp_path / "merged.emb") as db:
+        np.testing.assert_array_equal(db.get_batch(keys), x)
+    assert cli.main(["convert", str(tmp_path / "merged.emb"), "s3://embs/converted.emb"]) == 0
+    with embfile.open("s3://embs/converted.emb", cache_dir=tmp_path / "c2") as db:
+        np.testing.assert_array_equal(db.get_batch(keys), x)
+
+
 def test_a_dataset_grown_at_an_s3_url(s3, tmp_path):
     keys, x = data(n=3000, dim=16)
     opts, cache, url = s3.storage_options(), tmp_path / "c", "s3://embs/grown"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import os
 import random
 import threading
@@ -28,6 +29,8 @@ T = TypeVar("T")
 RETRIES = 5  # attempts after the first, with exponential backoff
 BACKOFF = 0.1  # seconds before the first retry; doubled each time, jittered, capped at BACKOFF_CAP
 BACKOFF_CAP = 4.0
+# what botocore and google-auth raise when they find no credentials (named: neither need be installed)
+NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
 IN_FLIGHT = 32  # ranges requested at once: an object store serves many at once, and latency is the cost
 
 
@@ -239,13 +242,23 @@ class Remote:
         for attempt in range(RETRIES + 1):
             try:
                 return call()
-            except (FileNotFoundError, IsADirectoryError, errors.RemoteError):
+            except FileNotFoundError as e:
+                if self.path in str(e) or self.url in str(e):
+                    raise
+                # something else missing (a bucket: "The specified bucket does not exist"): with the URL
+                raise FileNotFoundError(errno.ENOENT, str(e), self.url) from None
+            except (IsADirectoryError, errors.RemoteError):
                 raise
             except PermissionError as e:  # fsspec's for a 403: its message names neither the object nor the call
                 raise errors.RemoteError(
                     f"{what} {self.url}: the server answered 403 (permission denied: {e})"
                 ) from None
             except Exception as e:
+                if type(e).__name__ in NO_CREDENTIALS:  # no retry finds them: say so at once
+                    raise errors.RemoteError(
+                        f"{what} {self.url}: no credentials for the store ({type(e).__name__}); set them in the "
+                        "environment (AWS_* variables, an instance role) or pass storage_options"
+                    ) from None
                 status = _status(e)
                 if status == 412:
                     raise errors.RemoteError(

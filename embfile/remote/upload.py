@@ -69,7 +69,13 @@ def staged_folder(url: str, cache_dir: Any, storage_options: dict[str, Any] | No
     it commits are then uploaded (see the module)."""
     remote = writable(url.rstrip("/"), storage_options)
     with _stand_in(remote, Cache(cache_dir), read_index=True) as (staging, base):
-        yield staging
+        try:
+            yield staging
+        except errors.EmbFileError as e:  # it says where it looked: the user asked for the URL
+            e.args = tuple(a.replace(staging, remote.url) if isinstance(a, str) else a for a in e.args)
+            if isinstance(getattr(e, "message", None), str):
+                e.message = e.message.replace(staging, remote.url)  # type: ignore[attr-defined]
+            raise
         _publish(remote, staging, base.version if base else 0)
 
 
@@ -330,8 +336,15 @@ def write(
 
 
 def convert(src: Any, dst: Any, *, storage_options: dict[str, Any] | None = None, **options: Any) -> str:
+    if isinstance(src, (str, os.PathLike)) and is_url(src):
+        raise ValueError(
+            f"{src}: convert reads local files; a dataset at a URL is written elsewhere with "
+            "embfile.merge([url], dst) (`embfile merge URL DST`)"
+        )
     if not is_url(dst):
         return formats.convert(src, dst, **options)
+    if options.get("on_error") == "skip" and options.get("report") is None:
+        raise ValueError(f"{dst}: on_error='skip' to a URL needs report= (--report), a local file of what is skipped")
     with staged_file(dst, storage_options) as local:
         formats.convert(src, local, **options)
     return str(dst)
