@@ -8,6 +8,7 @@ version.  A killed operation leaves the latest version as it was; the next one r
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import os
@@ -112,21 +113,38 @@ def merge(sources: Sequence[Any], dst: PathLike, *, shard_bytes: int = 1 << 30, 
     are the result's.  A key in two sources is an error naming it, and nothing is written.  A source at a URL
     (an .emb file or a dataset folder) is read as :func:`embfile.open` reads it, credentials from the
     environment."""
+    if not sources:
+        raise ValueError("merge() needs at least one source")
+    names = [str(s) if isinstance(s, (str, os.PathLike)) else f"source {i}" for i, s in enumerate(sources)]
     with contextlib.ExitStack() as at_urls:
-        opened = [
-            _source(at_urls.enter_context(open_dataset(s)) if remote.is_url(s) else s, "merge()", options)
-            for s in sources
-        ]
-        if not opened:
-            raise ValueError("merge() needs at least one source")
-        first = opened[0]
-        for s in opened[1:]:
-            if s.dim != first.dim:
-                where = [x.description.get("path") or x.description.get("format") for x in (s, first)]
-                raise errors.WriterError(f"{where[0]} has vectors of dim {s.dim}, {where[1]} of dim {first.dim}")
-        chunks = (chunk for s in opened for chunk in s.chunks)
+        opened: list[Source] = []
+        for s, name in zip(sources, names):
+            data = at_urls.enter_context(open_dataset(s)) if remote.is_url(s) else s
+            opened.append(_source(data, "merge()", options, opened[0].ragged if opened else None))
+            first, last = opened[0], opened[-1]
+            if last.dim != first.dim:
+                raise errors.WriterError(f"{name} has vectors of dim {last.dim}, {names[0]} of dim {first.dim}")
+            if last.ragged != first.ragged:
+                kinds = ("one vector per key", "per-residue (ragged) records")
+                raise errors.WriterError(
+                    f"{names[0]} holds {kinds[first.ragged]}, {name} {kinds[last.ragged]}: "
+                    "pool the ragged one first (db.pool('mean', out=...))"
+                )
+        starts: list[int] = []  # each source's first row in the result, known as its chunks come
+
+        def chunks() -> Iterable[tuple[Any, ...]]:
+            rows = 0
+            for s in opened:
+                starts.append(rows)
+                for chunk in s.chunks:
+                    rows += len(chunk[0])
+                    yield chunk
+
         count = None if any(s.count is None for s in opened) else sum(s.count for s in opened if s.count is not None)
-        _write_new(dataclasses.replace(first, chunks=chunks, count=count), dst, shard_bytes)
+        try:
+            _write_new(dataclasses.replace(first, chunks=chunks(), count=count), dst, shard_bytes)
+        except errors.DuplicateKeyError as e:
+            raise _in_sources(e, names, starts) from None
 
 
 def subset(
@@ -160,6 +178,16 @@ def _source(data: Any, caller: str, options: dict[str, Any], ragged: bool | None
     if options:
         raise TypeError(f"{caller}: options {sorted(options)} apply to reading a file or folder only")
     return source_of(data, caller, ragged)
+
+
+def _in_sources(e: errors.DuplicateKeyError, names: list[str], starts: list[int]) -> errors.DuplicateKeyError:
+    """``e`` (rows of the merged result) as the sources and rows it is about."""
+    (i, a), (j, b) = ((n - 1, row - starts[n - 1]) for row in e.rows for n in [bisect.bisect_right(starts, row)])
+    if i == j or names[i] == names[j]:
+        where = f"in {names[i]}" + (f" (rows {a} and {b})" if i == j else ", given twice")
+    else:
+        where = f"in {names[i]} (row {a}) and {names[j]} (row {b})"
+    return errors.DuplicateKeyError(f"merge(): key {e.key!r} is {where}; merge takes each key once", e.key, e.rows)
 
 
 def _write_new(source: Source, dst: PathLike, shard_bytes: int) -> None:

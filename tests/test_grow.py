@@ -163,6 +163,31 @@ def test_a_duplicate_append_commits_nothing_and_names_the_key(ds):
     assert layout.latest_version(ds) == 1
 
 
+def test_a_merge_names_the_sources_a_key_is_in_and_takes_mappings_as_the_first_is(ds, tmp_path):
+    other = tmp_path / "other.emb"
+    embfile.write(other, (["q0", "p0007"], np.ones((2, DIM), np.float32)))
+    for sources, where in [
+        ([ds, other], rf"{ds} \(row 7\) and {other} \(row 1\)"),
+        (
+            [other, {"x": np.zeros(DIM)}, (["y", "p0007"], np.zeros((2, DIM)))],
+            rf"{other} \(row 1\) and source 2 \(row 1\)",
+        ),
+        ([other, other], f"{other}, given twice"),
+    ]:
+        with pytest.raises(embfile.DuplicateKeyError, match=rf"merge\(\): key '(p0007|q0)' is in {where}"):
+            embfile.merge(sources, tmp_path / "merged.emb")
+        assert not (tmp_path / "merged.emb").exists()
+    ragged = tmp_path / "ragged.emb"
+    embfile.write(ragged, {"r1": np.ones((2, DIM))}, ragged=True)
+    embfile.merge([ragged, {"r2": np.zeros((3, DIM))}], tmp_path / "both.emb")  # matrices, as the first holds
+    with embfile.open(tmp_path / "both.emb") as db:
+        assert db.ragged and db.lengths(["r1", "r2"]).tolist() == [2, 3]
+    with pytest.raises(
+        embfile.WriterError, match=r"other\.emb holds one vector per key, .*ragged\.emb per-residue .*db\.pool"
+    ):
+        embfile.merge([other, ragged], tmp_path / "mixed.emb")
+
+
 def test_append_takes_what_convert_reads_and_keeps_the_datasets_dtype_and_metadata(ds, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     pa = pytest.importorskip("pyarrow")
