@@ -161,6 +161,30 @@ def test_pool_against_numpy(tmp_path, how):
         np.testing.assert_allclose(pooled.matrix.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-3)
 
 
+def test_a_ragged_file_or_folder_converts_whole_or_pooled(tmp_path):
+    """``convert`` of an .emb file or dataset folder, to .emb, Parquet and HDF5: the records as they are, or
+    pooled with ``pool=`` (a folder converted to another format failed: only a file was read)."""
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("h5py")
+    records = records_of(np.random.default_rng(3), 40)
+    embfile.write(tmp_path / "r.emb", records, ragged=True)
+    embfile.write_shards(tmp_path / "ds", records, shard_bytes=8 * 4 * 200, ragged=True)
+    with embfile.open(tmp_path / "r.emb") as db:
+        means = db.pool("mean")
+    for src in ("r.emb", "ds"):
+        for out in ("whole.parquet", "whole.h5", "means.emb", "means.parquet"):
+            dst = tmp_path / f"{src}-{out}"
+            embfile.convert(tmp_path / src, dst, pool="mean" if out.startswith("means") else None)
+            if not out.endswith(".emb"):
+                dst = embfile.convert(dst, f"{dst}.emb")  # read back
+            with embfile.open(dst) as db:
+                if out.startswith("whole"):
+                    check_dataset(db, records)
+                else:
+                    assert not db.ragged and list(db) == list(records)
+                    np.testing.assert_array_equal(db.to_numpy(), means)
+
+
 def test_the_core_pools_every_type_as_numpy_does_on_both_paths():
     """The core's mean and maximum against float64 numpy: every type it reads, dims off the vector width,
     records of one row and long ones, the threads' cuts anywhere, NaN kept by the maximum; EMBFILE_PORTABLE=1

@@ -196,8 +196,14 @@ def convert(
     if df not in {"emb", *WRITERS}:
         raise ValueError(f"unknown output format {df!r}; one of {sorted({'emb', *WRITERS})}")
     reader_opts, writer_opts = _split_options(options, READERS[sf], WRITERS.get(df), sf, df)
-    if sf == "emb" and df != "emb" and dtype is None and metadata is None and key is None:
-        return WRITERS[df](src, dst, progress=progress, **writer_opts)
+    if (
+        sf == "emb"
+        and df != "emb"
+        and os.path.isfile(src)
+        and not reader_opts
+        and (dtype, metadata, key) == (None,) * 3
+    ):
+        return WRITERS[df](src, dst, progress=progress, **writer_opts)  # straight from the file's mapping
     source = rekeyed(READERS[sf](src, **reader_opts), key)
     if df == "emb":
         write_emb(source, dst, dtype, metadata, progress)

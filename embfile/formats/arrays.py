@@ -13,16 +13,17 @@ from typing import Any
 import numpy as np
 
 from embfile import errors
-from embfile._stream import Chunk, OnError, Source, chunk_rows, require_unique, source_of
+from embfile._stream import Chunk, OnError, Source, chunk_rows, pooled, require_unique, source_of
 from embfile.dataset import Dataset, EmbFile
 from embfile.shards import ShardedEmbFile
 
 
-def read_emb(path: str | os.PathLike[str]) -> Source:
-    """Another .emb file or dataset folder (to change its dtype, or on the way to another format)."""
+def read_emb(path: str | os.PathLike[str], *, pool: str | None = None) -> Source:
+    """Another .emb file or dataset folder (to change its dtype, or on the way to another format); per-residue
+    records pooled ``pool`` into one vector per key, as :meth:`embfile.Dataset.pool` does."""
     db: Dataset = ShardedEmbFile(path) if os.path.isdir(path) else EmbFile(path)
     source = source_of(db)
-    return dataclasses.replace(source, chunks=_closing(db, source.chunks), metadata=db.metadata)
+    return pooled(dataclasses.replace(source, chunks=_closing(db, source.chunks), metadata=db.metadata), pool)
 
 
 def _closing(db: Dataset, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
