@@ -49,6 +49,18 @@ def is_versioned(folder: str | os.PathLike[str]) -> bool:
     return os.path.isdir(os.path.join(folder, META))
 
 
+def not_versioned(folder: str | os.PathLike[str]) -> errors.ShardError:
+    """The error for a path that is not a versioned dataset folder, saying what it is instead."""
+    path = os.fspath(folder)
+    if not os.path.isdir(path):
+        what = "not a folder"
+    elif any(name.endswith(".emb") for name in os.listdir(path)):
+        what = "a folder in 0.1's layout (embfile shard writes it anew)"
+    else:
+        what = "no version in it"
+    return errors.ShardError(f"{path}: not a versioned dataset: {what}")
+
+
 def unique_name(prefix: str = "") -> str:
     """A file name no other writer will choose: ``PREFIX`` and 16 random hex digits."""
     return f"{prefix}{secrets.token_hex(8)}"
@@ -314,7 +326,7 @@ def tag_version(data: bytes, where: str) -> int:
 def tags(folder: str | os.PathLike[str]) -> dict[str, int]:
     """Every tag of the folder and the version it names, by name."""
     if not os.path.isdir(os.path.join(folder, VERSIONS)):
-        raise errors.ShardError(f"{os.fspath(folder)}: not a dataset folder (no version in it)")
+        raise not_versioned(folder)
     try:
         names = sorted(os.listdir(os.path.join(folder, TAGS)))
     except FileNotFoundError:
@@ -424,8 +436,12 @@ def make_layout(folder: str | os.PathLike[str]) -> None:
 
 def versions(folder: str | os.PathLike[str]) -> list[int]:
     """The numbers of the versions in the folder (vacuum removes old ones), oldest first: a listing."""
+    try:
+        names = os.listdir(os.path.join(folder, VERSIONS))
+    except (FileNotFoundError, NotADirectoryError):
+        raise not_versioned(folder) from None
     found = []
-    for name in os.listdir(os.path.join(folder, VERSIONS)):
+    for name in names:
         stem, ext = os.path.splitext(name)
         if ext == ".json" and stem.isdigit() and len(stem) == 20:
             found.append(int(stem))
@@ -466,10 +482,7 @@ class Transaction:
         self.folder = os.fspath(folder)
         self._fetch = _STAND_INS.get(self.folder)
         if not is_versioned(self.folder):
-            what = (
-                "a folder in 0.1's layout (embfile shard writes it anew)" if os.path.isdir(folder) else "not a folder"
-            )
-            raise errors.ShardError(f"{self.folder}: not a versioned dataset: {what}")
+            raise not_versioned(self.folder)
         clean_leftovers(self.folder)
         self._staging = Staging(os.path.join(self.folder, STAGING, OPERATION), folder=True)
         self.token = _token(os.path.basename(self._staging.path))
@@ -598,6 +611,8 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
     job still writing).  Returns the versions removed.
     """
     folder = os.fspath(folder)
+    if not is_versioned(folder):
+        raise not_versioned(folder)
     clean_leftovers(folder)
     now = time.time()
     gone = superseded(history(folder), keep, grace, now, set(tags(folder).values()))

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import embfile
+from embfile import cli
 from embfile import folder as layout
 
 
@@ -127,6 +128,34 @@ def test_a_version_argument_needs_a_dataset_folder(tmp_path, ds):
     with pytest.raises(ValueError, match="dataset folder"):
         embfile.open(tmp_path / "one.emb", version=1)
     assert embfile.open(tmp_path / "one.emb").version is None
+
+
+def test_what_is_not_a_versioned_dataset_is_named_as_what_it_is(tmp_path, capsys):
+    """Every call about versions, given a file, an empty folder, a folder in 0.1's layout or nothing, says which
+    (a single file gave "Not a directory: 'one.emb/_embfile/versions'")."""
+    embfile.write(tmp_path / "one.emb", generation(1, n=3))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "old").mkdir()
+    embfile.write(tmp_path / "old" / "part-00000.emb", generation(1, n=3))
+    calls = [
+        embfile.history,
+        embfile.tags,
+        lambda f: embfile.tag(f, "v1"),
+        lambda f: embfile.remove(f, ["g1-00000"]),
+        lambda f: embfile.vacuum(f, keep=1),
+    ]
+    for name, what in [
+        ("one.emb", "not a folder"),
+        ("nothing", "not a folder"),
+        ("empty", "no version in it"),
+        ("old", "a folder in 0.1's layout"),
+    ]:
+        for call in calls:
+            with pytest.raises(embfile.ShardError, match=f"{name}: not a versioned dataset: {what}"):
+                call(tmp_path / name)
+        assert cli.main(["versions", str(tmp_path / name)]) == 1
+        assert f"{name}: not a versioned dataset: {what}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "empty")) == [] and not (tmp_path / "nothing").exists()
 
 
 def test_writing_onto_a_dataset_needs_overwrite(ds):

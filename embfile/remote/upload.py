@@ -453,7 +453,7 @@ def _history(remote: Remote) -> list[layout.Manifest]:
     with ThreadPoolExecutor(MANIFEST_READS) as pool:
         found = [m for m in pool.map(present, numbers) if m is not None]
     if not found:
-        raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
+        raise errors.ShardError(f"{remote.url}: not a versioned dataset: no version in it")
     return found
 
 
@@ -477,7 +477,7 @@ def tag(
     where = remote.child(f"{layout.TAGS}/{layout.tag_name(name)}.json")
     manifest = read_manifest(remote, version)
     if manifest is None:
-        raise errors.ShardError(f"{remote.url}: not a dataset folder (no version in it)")
+        raise errors.ShardError(f"{remote.url}: not a versioned dataset: no version in it")
     if not where.upload_bytes(layout.tag_json(manifest.version), if_absent=not replace):
         held = tagged_version(remote, name)
         if held != manifest.version:
