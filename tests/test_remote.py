@@ -740,6 +740,10 @@ def test_prefetch_and_cli(served, tmp_path):
         np.testing.assert_array_equal(db.to_numpy(), x)
         np.testing.assert_array_equal(db.get_batch(keys[::13]), x[::13])
         assert len(server.gets()) == n  # read from the cache alone
+    local = str(tmp_path / "local.emb")
+    embfile.write(local, (keys[:3], x[:3]))
+    with pytest.raises(ValueError, match="local.emb is a local path: the cache holds datasets at a URL"):
+        embfile.prefetch(local, cache_dir=cache)  # it copied the file into the cache
 
 
 def test_torch_datasets_over_a_url(served, tmp_path):

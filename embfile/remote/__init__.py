@@ -26,6 +26,8 @@ def prefetch(
 ) -> str:
     """Download every file of the dataset at ``url`` into the cache ahead of use (those not there yet), each
     checked against its checksums; returns the cache folder.  ``embfile cache fetch URL`` does the same."""
+    if not is_url(url):
+        raise ValueError(f"{os.fspath(url)} is a local path: the cache holds datasets at a URL (s3://, https://...)")
     with RemoteDataset(url, version, cache_dir, cache_limit, storage_options) as db:
         db.download()
         return db.cache.root
