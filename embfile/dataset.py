@@ -364,8 +364,9 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         ``queries`` is one vector ``(dim,)`` (then both results are ``(k,)``) or ``(Q, dim)`` (then ``(Q, k)``).
         ``metric``: ``"cosine"`` and ``"ip"`` give similarities (highest first), ``"l2"`` Euclidean distances
         (smallest first); equal scores come in row order.  ``exclude``: keys never returned.  Fewer than ``k``
-        results if the dataset holds fewer.  A record holding NaN scores NaN and ranks last; a zero vector
-        has cosine similarity 0.  A streaming scan of the mapping: memory stays flat.
+        results if the dataset holds fewer.  A record holding NaN scores NaN and ranks last; a query holding
+        NaN or infinity is a ``ValueError`` (it would score every record alike); a zero vector has cosine
+        similarity 0.  A streaming scan of the mapping: memory stays flat.
 
         ``pool``, for a ragged dataset (and only there): how a record's rows make the one vector compared,
         ``"mean"``, ``"max"``, ``"first"`` or ``"last"``, in float32, pooled as the scan reaches the records:

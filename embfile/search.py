@@ -14,8 +14,9 @@ A ragged dataset (per-residue records) is searched through :class:`Pooled`: each
 vector as the scan reaches them.
 
 Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
-row order.  Scores are float32.  A record holding NaN scores NaN and ranks after every other; a zero vector has
-cosine similarity 0 with every query.
+row order.  Scores are float32.  A record holding NaN scores NaN and ranks after every other; a query holding
+NaN or infinity is refused (it would score every record alike); a zero vector has cosine similarity 0 with
+every query.
 """
 
 from __future__ import annotations
@@ -74,10 +75,15 @@ def search(
     q = np.asarray(queries)
     single = q.ndim == 1
     q = np.atleast_2d(q)
+    if q.dtype.kind in "US":
+        raise ValueError("queries are vectors; search_keys() searches by stored keys")
     if q.ndim != 2 or q.shape[1] != ds.dim or F.kind(q.dtype) not in "biuf":
         raise ValueError(f"queries must be numbers of shape ({ds.dim},) or (Q, {ds.dim}), not {q.dtype} {q.shape}")
     work = np.float64 if ds.dtype == np.float64 else np.float32
     q = q.astype(work)
+    bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
+    if bad.size:  # it would score every record alike (NaN, or 0 for cosine) and return the first rows
+        raise ValueError(f"query {bad[0]} holds NaN or infinity ({bad.size} of {len(q)} queries do)")
     if not len(q):
         shape = (0, min(k, len(ds)))
         return np.empty(shape, work), np.empty(shape, object)
@@ -134,8 +140,13 @@ def search_keys(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search with the stored vectors of ``keys`` as the queries; each key's own record left out (by row, not
     by distance: an identical vector under another key is still found)."""
-    rows = ds.rows(key_list(keys, "search_keys()"))
-    return search(ds, ds.take(rows), k, metric, exclude_rows=rows if exclude_self else None)
+    keys = key_list(keys, "search_keys()")
+    rows = ds.rows(keys)
+    queries = ds.take(rows)
+    bad = np.flatnonzero(~np.isfinite(queries).all(axis=1)) if queries.dtype.kind == "f" else []
+    if len(bad):
+        raise ValueError(f"key {keys[bad[0]]!r} holds NaN or infinity: it would score every record alike")
+    return search(ds, queries, k, metric, exclude_rows=rows if exclude_self else None)
 
 
 class Pooled:

@@ -90,6 +90,13 @@ def test_k_past_n_empty_files_nan_zero_vectors_and_ties(tmp_path):
         assert got.tolist() == [["a", "a-again"]]
         with pytest.raises(ValueError, match="metric must be one of"):
             db.search([1, 0], metric="dot")
+        for metric in ("cosine", "l2"):  # a NaN query scores every record alike: no answer, not the first rows
+            with pytest.raises(ValueError, match=r"query 1 holds NaN or infinity \(2 of 3 queries do\)"):
+                db.search([[1, 0], [np.nan, 0], [np.inf, 1]], metric=metric)
+            with pytest.raises(ValueError, match=r"key 'nan' holds NaN or infinity"):
+                db.search_keys(["a", "nan"], metric=metric)
+        with pytest.raises(ValueError, match=r"queries are vectors; search_keys\(\) searches by stored keys"):
+            db.search("a")
         with pytest.raises(ValueError, match=r"queries must be numbers of shape \(2,\) or \(Q, 2\)"):
             db.search([1, 0, 0])
         for scores, got in (db.search(np.zeros((0, 2)), k=3), db.search_keys([], k=3)):  # no queries
