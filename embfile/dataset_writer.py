@@ -152,21 +152,23 @@ class ShardWriter:
         """Append one record per row of ``matrix``, or of a ragged dataset ``lengths[i]`` rows per key (see
         :meth:`Writer.add_batch`)."""
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        m = np.asarray(matrix)
         if lengths is None:  # one row per key (a ragged writer says what is missing)
             ends = np.arange(1, len(keys) + 1)
         else:
             ends = np.cumsum(np.asarray(lengths)) if len(keys) else np.zeros(0, np.int64)
-            if len(ends) != len(keys) or not self.ragged:
-                self._current().add_batch(keys, matrix, lengths)  # the writer's error
+        rows = int(ends[-1]) if len(ends) else 0
+        if len(ends) != len(keys) or (lengths is not None and not self.ragged) or m.ndim != 2 or len(m) != rows:
+            self._current().add_batch(keys, matrix, lengths)  # the writer's error (slices would drop rows)
         lo = 0
         while lo < len(keys):
             first = int(ends[lo - 1]) if lo else 0
             hi = max(lo + 1, int(np.searchsorted(ends, first + self._room(), "right")))  # a long record alone
             last = int(ends[hi - 1])
             if lengths is None:
-                self._current().add_batch(keys[lo:hi], matrix[lo:hi])
+                self._current().add_batch(keys[lo:hi], m[lo:hi])
             else:
-                self._current().add_batch(keys[lo:hi], matrix[first:last], lengths[lo:hi])
+                self._current().add_batch(keys[lo:hi], m[first:last], lengths[lo:hi])
             self._added(keys[lo:hi])
             lo = hi
 

@@ -350,6 +350,25 @@ def test_dataset_writer_commits_each_full_shard_and_resumes(tmp_path):
     no_leftovers(path)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_batch_whose_matrix_does_not_fit_its_keys_is_refused_and_adds_nothing(tmp_path, ragged):
+    """Every writer refuses a matrix with more rows than its keys (or their lengths) own: the sharded writers
+    cut batches into shards by slicing, and dropped the rows past the last key."""
+    writers = {
+        "file.emb": lambda p: embfile.Writer(p, DIM, ragged=ragged),
+        "shards": lambda p: embfile.ShardWriter(p, DIM, ragged=ragged),
+        "dataset": lambda p: embfile.DatasetWriter(p, DIM, ragged=ragged),
+    }
+    lengths = [1, 1] if ragged else None
+    for name, make in writers.items():
+        with make(tmp_path / name) as w:
+            with pytest.raises(embfile.WriterError, match="the matrix has 3" if ragged else r"shape \(3, 3\)"):
+                w.add_batch(["a", "b"], np.ones((3, DIM)), lengths)
+            w.add_batch(["c", "d"], np.ones((2, DIM)), lengths)
+        with embfile.open(tmp_path / name) as db:
+            assert list(db) == ["c", "d"]
+
+
 def test_an_exception_inside_a_dataset_writer_keeps_what_was_added(tmp_path):
     path = tmp_path / "job"
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
