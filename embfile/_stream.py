@@ -14,6 +14,7 @@ import itertools
 import os
 import queue
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -98,9 +99,20 @@ def chunk_rows(record_bytes: int, multiple: int = 1) -> int:
     return max(multiple, rows // multiple * multiple)
 
 
+def array_of(value: Any) -> np.ndarray:
+    """``value`` as a numpy array; a torch tensor as a model leaves it (needing grad, on a GPU, bfloat16) too."""
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy's through ml_dtypes, bit for bit
+            return value.view(torch.int16).numpy().view(F.disk_dtype("bfloat16"))
+        return value.numpy()
+    return np.asarray(value)
+
+
 def as_vector(key: object, vector: object, dim: int | None) -> np.ndarray:
     """``vector`` as a 1-d numeric array of ``dim`` elements (any length if None), or the error naming ``key``."""
-    v = np.asarray(vector)
+    v = array_of(vector)
     if F.kind(v.dtype) not in "biufc":
         if isinstance(vector, np.ndarray):
             raise errors.WriterError(f"key {key!r}: cannot store {v.dtype} values; expected numbers")
@@ -115,7 +127,7 @@ def as_vector(key: object, vector: object, dim: int | None) -> np.ndarray:
 def as_matrix(key: object, matrix: object, dim: int | None) -> np.ndarray:
     """``matrix`` as a ragged record: a 2-d numeric array of at least one row of ``dim`` elements (any if
     None), or the error naming ``key``."""
-    m = np.asarray(matrix)
+    m = array_of(matrix)
     if F.kind(m.dtype) not in "biufc":
         if isinstance(matrix, np.ndarray):
             raise errors.WriterError(f"key {key!r}: cannot store {m.dtype} values; expected numbers")
@@ -141,7 +153,7 @@ def source_of(
         return _dataset_source(data, ragged)
     if isinstance(data, tuple) and len(data) == 2:
         keys, matrix = data
-        matrix = np.asarray(matrix)
+        matrix = array_of(matrix)
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         if matrix.ndim != 2:
             raise errors.WriterError(f"matrix must be 2-d, got shape {matrix.shape}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import contextlib
 import datetime
+import errno
 import json
 import os
 import warnings
@@ -24,7 +25,7 @@ from embfile import _core, errors
 from embfile import _format as F
 from embfile._keys import EncodedKeys
 from embfile._staging import DISK_FULL, Flusher, Staging, disk_full
-from embfile._stream import Source, as_matrix, as_vector, prefetched, progress_bar, source_of
+from embfile._stream import Source, array_of, as_matrix, as_vector, prefetched, progress_bar, source_of
 from embfile._version import __version__
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
@@ -105,6 +106,9 @@ class Writer:
         self._block_crcs = array.array("I")
         self._crc, self._crc_fill = 0, 0
         self._flusher: Flusher | None = None  # started once the file is worth flushing as it grows
+        if os.path.isdir(self.path):  # found before any record is written, not at the rename
+            what = "a folder is there; write_shards() (embfile shard) writes a dataset folder"
+            raise IsADirectoryError(errno.EISDIR, what, self.path)
         self._staging = Staging(self.path)
         self._file: Any = open(self._staging.path, "wb", buffering=0)
         self._carry = bytearray(F.PAGE)  # not yet in the file; starts with room for the header, written last
@@ -143,8 +147,8 @@ class Writer:
         ``keys`` may be :class:`~embfile._keys.EncodedKeys` (UTF-8 bytes as an Arrow array or a keys section
         holds them): then no Python ``str`` is made of any key.
         """
-        m = np.asarray(matrix)
-        if m.dtype.kind not in "biufc" and not isinstance(matrix, np.ndarray):
+        m = array_of(matrix)
+        if F.kind(m.dtype) not in "biufc" and not isinstance(matrix, np.ndarray):
             raise TypeError(f"add_batch() takes a matrix of numbers, not {type(matrix).__name__}")
         if not isinstance(keys, EncodedKeys):
             keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)

@@ -61,6 +61,35 @@ def test_torch_and_safetensors_bfloat16_kept_bit_for_bit(tmp_path, vectors):
     assert back.dtype == torch.bfloat16 and torch.equal(back.view(torch.int16), t.view(torch.int16))
 
 
+def test_writers_take_tensors_as_a_model_leaves_them(tmp_path, vectors):
+    """A model's output written as it is: tensors that need grad, and bfloat16 ones, to every writer and every
+    way of giving records (numpy refused the first, and numpy has no bfloat16)."""
+    keys = list(vectors)[1:7]  # no NaN: compared with array_equal
+    layer = torch.nn.Linear(16, 16)
+    out = layer(torch.from_numpy(np.stack([vectors[k] for k in keys])))  # requires grad
+    half = out.detach().to(torch.bfloat16)
+    want = {k: out[i].detach().numpy() for i, k in enumerate(keys)}
+    embfile.write(tmp_path / "dict.emb", {k: out[i] for i, k in enumerate(keys)})
+    embfile.write(tmp_path / "pair.emb", (keys, half))
+    with embfile.DatasetWriter(tmp_path / "ds", dim=16, dtype="float32") as w:
+        w.add_batch(keys[:3], out[:3])
+        w.add(keys[3], half[3])
+        w.add_batch(keys[4:], half[4:])
+    with embfile.Writer(tmp_path / "ragged.emb", dim=16, ragged=True) as w:
+        w.add("a", out[:2])
+        w.add_batch(["b", "c"], half[2:6], lengths=[1, 3])
+    with embfile.open(tmp_path / "dict.emb") as db:
+        assert db.dtype == np.float32 and all(np.array_equal(db[k], want[k]) for k in keys)
+    with embfile.open(tmp_path / "pair.emb") as db:
+        assert db.dtype == BF16 and np.array_equal(bits(db.matrix), bits(half.view(torch.int16).numpy()))
+    with embfile.open(tmp_path / "ds") as db:
+        np.testing.assert_array_equal(db.get_batch(keys[:3]), out[:3].detach().numpy())
+        np.testing.assert_array_equal(db.get_batch(keys[3:]), half[3:].float().numpy())  # widened exactly
+    with embfile.open(tmp_path / "ragged.emb") as db:
+        np.testing.assert_array_equal(db["a"], out[:2].detach().numpy())
+        np.testing.assert_array_equal(db["c"], half[3:6].float().numpy())
+
+
 def test_cast_on_request(tmp_path, vectors):
     m = np.stack(list(vectors.values()))
     embfile.write(tmp_path / "b.emb", vectors, dtype="bfloat16")

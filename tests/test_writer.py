@@ -268,6 +268,10 @@ def test_bad_writer_arguments(tmp_path):
     with pytest.raises(TypeError):
         embfile.write(tmp_path / "x.emb", [1, 2, 3])
     assert os.listdir(tmp_path) == []
+    (tmp_path / "folder").mkdir()  # found before a record is written (it was the rename's error, naming a temp)
+    with pytest.raises(IsADirectoryError, match=r"a folder is there; write_shards\(\) .*: '.*folder'$"):
+        embfile.write(tmp_path / "folder", {"a": np.ones(4)})
+    assert os.listdir(tmp_path) == ["folder"] and os.listdir(tmp_path / "folder") == []
 
 
 def test_duplicate_key_is_an_error_naming_it(tmp_path):

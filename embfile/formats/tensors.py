@@ -20,7 +20,7 @@ import numpy as np
 from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import OnError, Source, chunk_rows, require_unique, source_of
+from embfile._stream import OnError, Source, array_of, chunk_rows, require_unique, source_of
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output
 
@@ -159,12 +159,7 @@ def read_torch(
         raise errors.ConversionError(f"{path}: not a torch file it can load safely ({type(e).__name__}: {e})") from None
 
     def array(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            if value.dtype == torch.bfloat16:  # numpy's through ml_dtypes, bit for bit
-                return value.view(torch.int16).numpy().view(F.disk_dtype("bfloat16"))
-            return value.numpy()
-        return np.asarray(value) if isinstance(value, (list, tuple)) else value
+        return array_of(value) if isinstance(value, (torch.Tensor, list, tuple)) else value
 
     if isinstance(data, (tuple, list)) and len(data) == 2:
         keys, matrix = data
