@@ -105,8 +105,9 @@ def array_of(value: Any) -> np.ndarray:
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:  # numpy's through ml_dtypes, bit for bit
-            return value.view(torch.int16).numpy().view(F.disk_dtype("bfloat16"))
-        return value.numpy()
+            value = value.view(torch.int16).numpy().view(F.disk_dtype("bfloat16"))
+        else:
+            value = value.numpy()
     return np.asarray(value)
 
 

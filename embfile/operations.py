@@ -12,7 +12,7 @@ import bisect
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,7 +132,7 @@ def merge(sources: Sequence[Any], dst: PathLike, *, shard_bytes: int = 1 << 30, 
                 )
         starts: list[int] = []  # each source's first row in the result, known as its chunks come
 
-        def chunks() -> Iterable[tuple[Any, ...]]:
+        def chunks() -> Iterator[tuple[Any, ...]]:
             rows = 0
             for s in opened:
                 starts.append(rows)
