@@ -192,11 +192,13 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("info", _info, "count, dim, dtype, size, key lengths and metadata of an .emb file")
     c.add_argument("file")
+    _version_option(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
 
     c = command("get", _get, "print the vectors of some keys")
     c.add_argument("file")
     c.add_argument("keys", nargs="+", metavar="KEY")
+    _version_option(c)
     c.add_argument(
         "--format",
         choices=["text", "json", "npy"],
@@ -206,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("keys", _keys, "print every key, in row order")
     c.add_argument("file")
+    _version_option(c)
     c.add_argument("-0", "--null", action="store_true", help="end keys with NUL instead of newline")
 
     c = command("verify", _verify, "check every checksum and the index; exit status 0 only if all hold")
@@ -289,6 +292,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("search", _search, "the stored vectors nearest some keys' vectors or some query vectors, exactly")
     c.add_argument("file", help="an .emb file or a dataset folder")
+    _version_option(c)
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--key", nargs="+", metavar="KEY", help="query with these keys' vectors (each leaves itself out)"
@@ -311,6 +315,12 @@ def _parser() -> argparse.ArgumentParser:
     c = command("index", _index, "(re)write the index of a folder of .emb shards in 0.1's layout")
     c.add_argument("folder")
     return p
+
+
+def _version_option(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--version", type=_version, metavar="N", help="of a dataset folder: version N, or a tag (default: the latest)"
+    )
 
 
 def _version(text: str) -> int | str:
@@ -409,7 +419,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    with embfile.open(args.file) as db:
+    with embfile.open(args.file, args.version) as db:
         files = db.files
         lengths = np.concatenate([np.diff(f.key_offsets()) for f in files])
         info = {
@@ -445,7 +455,7 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _get(args: argparse.Namespace) -> None:
-    with embfile.open(args.file) as db:
+    with embfile.open(args.file, args.version) as db:
         if db.ragged:
             _get_ragged(args, [np.array(db[k]) for k in args.keys])
             return
@@ -476,7 +486,7 @@ def _get_ragged(args: argparse.Namespace, records: list[np.ndarray]) -> None:
 def _keys(args: argparse.Namespace) -> None:
     end = "\0" if args.null else "\n"
     out = sys.stdout
-    with embfile.open(args.file) as db:
+    with embfile.open(args.file, args.version) as db:
         step = 65536
         for lo in range(0, len(db), step):
             out.write("".join(k + end for k in db.keys_between(lo, min(lo + step, len(db)))))
@@ -602,7 +612,7 @@ def _subset(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    with embfile.open(args.file) as db:
+    with embfile.open(args.file, args.version) as db:
         if db.ragged and args.pool is None:
             raise ValueError(f"{args.file} holds per-residue (ragged) records: pass --pool mean (or max, first, last)")
         if args.pool and not db.ragged:

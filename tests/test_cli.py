@@ -230,6 +230,19 @@ def test_grow_a_dataset_from_the_shell(tmp_path, study):
         cli("remove", ds, "--keys", tmp_path / "gone.txt", check=False), f"key {keys[0]!r} is not in", "--missing"
     )
     cli("compact", ds)
+    for version, holds in (("1", False), ("3", True), (None, True)):  # reads of any version, by number or tag
+        args = ["--version", version] if version else []
+        got = json.loads(cli("info", ds, "--json", *args).stdout)
+        assert (got["version"], got["count"]) == (int(version or 5), {"1": 500, "3": 503}.get(version, 501))
+        assert (b"new1\n" in cli("keys", ds, *args).stdout) == holds
+        found = cli("get", ds, "new1", *args, check=False)
+        assert found.returncode == 0 if holds else "'new1' is not in" in found.stderr
+    cli("tag", ds, "before-removal", "--version", "3")
+    assert cli("get", ds, keys[0], "--version", "before-removal").stdout.startswith(keys[0].encode())
+    hits = cli("search", ds, "--key", keys[0], "-k", "1", "--version", "before-removal", "--format", "tsv").stdout
+    assert hits.splitlines()[1].startswith(keys[0].encode())  # the key removed later, found in its version
+    cli("tag", ds, "before-removal", "--delete")
+    assert_user_error(cli("info", path, "--version", "2", check=False), "applies to a dataset folder")
     versions = json.loads(cli("versions", ds, "--json").stdout)
     assert [(v["operation"], v["changed"], v["records"]) for v in versions] == [
         ("write", 500, 500),
