@@ -41,6 +41,7 @@ VERSIONS = f"{META}/versions"
 LATEST = f"{META}/LATEST"
 STAGING = f"{META}/staging"
 TAGS = f"{META}/tags"
+TAG_LIST = f"{META}/TAGS"  # a hint of every tag, for readers that cannot list a folder (plain http)
 TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # not all digits: a version's number is that
 
 
@@ -314,6 +315,19 @@ def tag_json(version: int) -> bytes:
     return (json.dumps({"version": version, "created": created}) + "\n").encode()
 
 
+def tag_list_json(found: dict[str, int]) -> bytes:
+    return (json.dumps({"tags": dict(sorted(found.items()))}) + "\n").encode()
+
+
+def tag_list(data: bytes, where: str) -> dict[str, int]:
+    """The tags a ``TAGS`` hint names; anything else in it is a :class:`CorruptFileError`."""
+    try:
+        raw = json.loads(data)["tags"]
+        return {tag_name(name): _int(version, 1) for name, version in raw.items()}
+    except (ValueError, TypeError, KeyError, AttributeError, errors.CorruptFileError):
+        raise errors.CorruptFileError(f"{where}: not a list of tags (a JSON object naming versions)") from None
+
+
 def tag_version(data: bytes, where: str) -> int:
     """The version a tag file names; anything else in it is a :class:`CorruptFileError`."""
     try:
@@ -379,6 +393,7 @@ def tag(folder: str | os.PathLike[str], name: str, version: int | str | None = N
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     fsync_path(os.path.join(folder, TAGS))
+    write_tag_list(folder)
     return number
 
 
@@ -390,6 +405,19 @@ def untag(folder: str | os.PathLike[str], name: str) -> None:
         tagged_version(folder, name)  # says there is no such tag
         raise
     fsync_path(os.path.join(folder, TAGS))
+    write_tag_list(folder)
+
+
+def write_tag_list(folder: str | os.PathLike[str]) -> None:
+    """Write the ``TAGS`` hint from the tags there are.  Listed again after each write, until two agree, so a
+    tag made meanwhile by another writer is in it unless that writer's own list came later still."""
+    found = tags(folder)
+    for _ in range(3):
+        _replace(folder, TAG_LIST, tag_list_json(found))
+        listed = tags(folder)
+        if listed == found:
+            return
+        found = listed
 
 
 def commit(folder: str | os.PathLike[str], manifest: Manifest) -> None:
@@ -418,13 +446,17 @@ def commit(folder: str | os.PathLike[str], manifest: Manifest) -> None:
 
 def write_latest(folder: str | os.PathLike[str], version: int) -> None:
     """Point ``LATEST`` at ``version`` (atomically: a reader sees the old hint or the new one)."""
-    path = os.path.join(folder, LATEST)
+    _replace(folder, LATEST, f"{version}\n".encode())
+
+
+def _replace(folder: str | os.PathLike[str], name: str, data: bytes) -> None:
+    """Replace the file ``name`` of the folder by one holding ``data``, atomically."""
     tmp = os.path.join(folder, META, f".{unique_name()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{version}\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, os.path.join(folder, name))
     fsync_path(os.path.join(folder, META))
 
 

@@ -1,6 +1,7 @@
 """Remote datasets against real servers on 127.0.0.1: moto's S3 server and an HTTP server with Range support and
 fault injection.  Request counts are the servers' own."""
 
+import json
 import multiprocessing
 import os
 import pickle
@@ -1026,6 +1027,8 @@ def test_tags_at_a_url(s3, served, tmp_path):
     assert embfile.tag(url, "second", version=2, replace=True, storage_options=opts) == 2
     assert embfile.tags(url, storage_options=opts) == {"first": 1, "second": 2}
     embfile.untag(url, "second", storage_options=opts)
+    hint = json.loads(s3.filesystem().cat_file("embs/tagged/_embfile/TAGS"))
+    assert hint == {"tags": {"first": 1}}  # for readers that cannot list: written by every change of a tag
     with pytest.raises(embfile.VersionNotFoundError, match="no tag 'second'"):
         embfile.open(url, version="second", storage_options=opts, **where)
     assert embfile.vacuum(url, keep=1, grace=0, storage_options=opts) == [2]
@@ -1045,16 +1048,25 @@ def test_tags_at_a_url(s3, served, tmp_path):
 
 def test_history_over_http_which_lists_no_folders(served, tmp_path, capsys):
     """A plain HTTP server lists no folders: the history asks for every version number up to the latest (a
-    vacuum's gap skipped), the tags say they cannot be listed (one line; `embfile versions` still shows the
-    versions), and a URL with nothing there says so."""
+    vacuum's gap skipped), the tags are those the TAGS hint names and are there (without a hint, one line saying
+    they cannot be listed; `embfile versions` still shows the versions), and a URL with nothing there says so."""
     from embfile import cli
 
     server, *_, root = served
     embfile.tag(root / "ds", "first", version=1)
+    embfile.tag(root / "ds", "gone", version=1)
+    embfile.tag(root / "ds", "latest")
     assert embfile.vacuum(root / "ds", keep=1, grace=0) == [2]
+    os.remove(root / "ds" / "_embfile" / "tags" / "gone.json")  # behind the hint's back: not listed
     url = f"{server.url}/ds"
     assert [(m.version, m.operation["name"]) for m in embfile.history(url)] == [(1, "write"), (3, "append")]
-    with pytest.raises(embfile.RemoteError, match=r"/ds: the server lists no folders, so the tags cannot be listed"):
+    assert embfile.tags(url) == {"first": 1, "latest": 3}
+    assert cli.main(["versions", url]) == 0
+    out, err = capsys.readouterr()
+    assert [(line.split()[0], line.split()[-1]) for line in out.splitlines()[1:]] == [("1", "first"), ("3", "latest")]
+    assert err == ""
+    os.remove(root / "ds" / "_embfile" / "TAGS")  # tagged by an embfile that wrote no hint
+    with pytest.raises(embfile.RemoteError, match=r"/ds: the server lists no folders and the dataset has no list"):
         embfile.tags(url)
     assert cli.main(["versions", url]) == 0
     out, err = capsys.readouterr()

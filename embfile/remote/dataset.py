@@ -42,7 +42,7 @@ from embfile.dataset import Dataset, ReadPart, checked_part
 from embfile.epochs import Fetch
 from embfile.file import MappedFile
 from embfile.remote.cache import Cache, PartialCopy, entry_name
-from embfile.remote.store import IN_FLIGHT, Identity, Remote
+from embfile.remote.store import IN_FLIGHT, SMALL_READS, Identity, Remote
 
 MERGE_GAP = 16  # pages: runs of missing pages this close are one range (64 KiB cost less than a round trip)
 OPEN_GAP = 1 << 20  # bytes: what opening fetches is one request where its parts are this close (a round trip
@@ -973,22 +973,32 @@ def tagged_version(remote: Remote, name: str) -> int:
 
 
 def remote_tags(remote: Remote) -> dict[str, int]:
-    """Every tag of the dataset folder at ``remote`` and the version it names.  A RemoteError where the server
-    lists no folders (a plain http(s) server): its tags cannot be known, only opened by name."""
-    found = {}
+    """Every tag of the dataset folder at ``remote`` and the version it names.  Where the server lists no
+    folders (a plain http(s) server), the tags the ``TAGS`` hint names, each read to check it is there (a
+    RemoteError if there is no hint: a dataset tagged by an embfile that wrote none)."""
     names = remote.child(layout.TAGS).names()
     if not names and remote.protocol in ("http", "https") and not remote.child(layout.VERSIONS).names():
-        raise errors.RemoteError(
-            f"{remote.url}: the server lists no folders, so the tags cannot be listed (one opens by name, "
-            "version='NAME'); list them at the store behind it (s3://, gs://)"
-        )
-    for file in names:
-        name = layout.tag_of(file)
-        if name is not None:
-            where = remote.child(f"{layout.TAGS}/{file}")
-            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
-                found[name] = layout.tag_version(where.read_all(), where.url)
-    return found
+        hint = remote.child(layout.TAG_LIST)
+        try:
+            names = [f"{name}.json" for name in layout.tag_list(hint.read_all(), hint.url)]
+        except FileNotFoundError:
+            raise errors.RemoteError(
+                f"{remote.url}: the server lists no folders and the dataset has no list of its tags "
+                f"({layout.TAG_LIST}, written by every tag change), so they cannot be listed (one opens by name, "
+                "version='NAME')"
+            ) from None
+
+    def version(file: str) -> int | None:
+        where = remote.child(f"{layout.TAGS}/{file}")
+        try:
+            return layout.tag_version(where.read_all(), where.url)
+        except FileNotFoundError:  # removed meanwhile
+            return None
+
+    files = [f for f in names if layout.tag_of(f) is not None]
+    with ThreadPoolExecutor(SMALL_READS) as pool:
+        found = dict(zip(files, pool.map(version, files)))
+    return {layout.tag_of(f): v for f, v in found.items() if v is not None}  # type: ignore[misc]
 
 
 def _by_part(numbers: np.ndarray, starts: Sequence[int] | np.ndarray) -> list[tuple[int, np.ndarray]]:

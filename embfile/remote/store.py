@@ -32,6 +32,7 @@ BACKOFF_CAP = 4.0
 # what botocore and google-auth raise when they find no credentials (named: neither need be installed)
 NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
 IN_FLIGHT = 32  # ranges requested at once: an object store serves many at once, and latency is the cost
+SMALL_READS = 16  # manifests or tags asked for at once, where the server lists none to say which there are
 
 
 _clients: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # this process's fsspec clients

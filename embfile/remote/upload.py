@@ -36,10 +36,9 @@ from embfile import dataset_writer, errors, formats, operations, writer
 from embfile import folder as layout
 from embfile.remote.cache import Cache
 from embfile.remote.dataset import RemoteDataset, RemoteFile, read_manifest, remote_tags, tagged_version, version_name
-from embfile.remote.store import Remote, is_url
+from embfile.remote.store import SMALL_READS, Remote, is_url
 
 UPLOADS_IN_FLIGHT = 4
-MANIFEST_READS = 16  # versions' manifests asked for at once where the server lists none
 
 
 def writable(url: str, storage_options: dict[str, Any] | None) -> Remote:
@@ -450,7 +449,7 @@ def _history(remote: Remote) -> list[layout.Manifest]:
         except errors.VersionNotFoundError:  # removed by a vacuum (since it was listed)
             return None
 
-    with ThreadPoolExecutor(MANIFEST_READS) as pool:
+    with ThreadPoolExecutor(SMALL_READS) as pool:
         found = [m for m in pool.map(present, numbers) if m is not None]
     if not found:
         raise errors.ShardError(f"{remote.url}: not a versioned dataset: no version in it")
@@ -482,6 +481,7 @@ def tag(
         held = tagged_version(remote, name)
         if held != manifest.version:
             raise ValueError(f"{remote.url}: tag {name!r} names version {held}; replace=True moves it")
+    _write_tag_list(remote)
     return manifest.version
 
 
@@ -494,7 +494,19 @@ def untag(folder: Any, name: str, *, storage_options: dict[str, Any] | None = No
     remote = writable(str(folder).rstrip("/"), storage_options)
     tagged_version(remote, name)  # there is such a tag
     remote.child(f"{layout.TAGS}/{name}.json").remove()
+    _write_tag_list(remote)
     return None
+
+
+def _write_tag_list(remote: Remote) -> None:
+    """Upload the ``TAGS`` hint from the tags the store lists (as :func:`embfile.folder.write_tag_list`)."""
+    found = remote_tags(remote)
+    for _ in range(3):
+        remote.child(layout.TAG_LIST).upload_bytes(layout.tag_list_json(found))
+        listed = remote_tags(remote)
+        if listed == found:
+            return
+        found = listed
 
 
 def tags(folder: Any, *, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
