@@ -646,12 +646,10 @@ cdef class Table:
         except UnicodeDecodeError as e:
             raise errors.CorruptFileError(f"keys section: key at row {row} is not UTF-8") from e
 
-    def key(self, uint64_t row):
-        """The key stored at ``row`` (row order is write order)."""
+    def key(self, row):
+        """The key stored at ``row`` (row order is write order; negative counts from the end)."""
         self._live()
-        if row >= self._n:
-            raise IndexError(f"row {row} out of range for {self._n} records")
-        return self._key_of(row)
+        return self._key_of(row_number(row, self._n))
 
     def keys_between(self, uint64_t start, uint64_t stop):
         """The keys of rows ``start`` to ``stop`` (clipped to the dataset), as a list."""

@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=POOLINGS,
         help="pool per-residue (L, D) input into one vector per key (default: keep every row, a ragged file)",
     )
+    _version_option(c)
     c.add_argument(
         "--on-error",
         choices=["error", "skip"],
@@ -340,6 +341,7 @@ def _size(text: str) -> int:
 
 
 _CONVERT_OPTIONS = (
+    "version",
     "on_error",
     "group",
     "layout",

@@ -241,6 +241,9 @@ def test_grow_a_dataset_from_the_shell(tmp_path, study):
     assert cli("get", ds, keys[0], "--version", "before-removal").stdout.startswith(keys[0].encode())
     hits = cli("search", ds, "--key", keys[0], "-k", "1", "--version", "before-removal", "--format", "tsv").stdout
     assert hits.splitlines()[1].startswith(keys[0].encode())  # the key removed later, found in its version
+    cli("convert", ds, tmp_path / "v3.parquet", "--version", "before-removal")  # a version exported
+    with embfile.open(embfile.convert(tmp_path / "v3.parquet", tmp_path / "v3.emb")) as db:
+        assert len(db) == 503 and keys[0] in db
     cli("tag", ds, "before-removal", "--delete")
     assert_user_error(cli("info", path, "--version", "2", check=False), "applies to a dataset folder")
     versions = json.loads(cli("versions", ds, "--json").stdout)

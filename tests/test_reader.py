@@ -176,7 +176,9 @@ def test_keys_between(study):
     assert db.keys_between(0, 3) == keys[:3]
     assert db.keys_between(498, 10**9) == keys[498:]
     assert db.keys_between(600, 700) == []
-    assert db.key(17) == keys[17]
+    assert db.key(17) == keys[17] and db.key(-1) == keys[-1]  # negative counts from the end, as record() does
+    with pytest.raises(IndexError, match="row -501 out of range for 500 records"):
+        db.key(-501)
     with pytest.raises(IndexError):
         db.key(500)
 

@@ -218,7 +218,7 @@ def test_changes_and_keys_by_row_at_a_url_read_keys_sections_not_records(served,
     assert embfile.changes(f"{server.url}/ds", since=3, version=2, cache_dir=tmp_path / "c1").removed == keys[2000:]
     with open_http(server, "one.emb", tmp_path / "c2") as db:
         n = len(server.gets())
-        assert db.key(7) == keys[7] and db.keys_between(2990, 3005) == keys[2990:]
+        assert db.key(7) == keys[7] and db.key(-1) == keys[-1] and db.keys_between(2990, 3005) == keys[2990:]
         assert db.keys_at(np.array([4, 2], np.uint64)) == [keys[4], keys[2]]
         assert server.sent(n) < (root / "one.emb").stat().st_size / 20
     raw = bytearray((root / "one.emb").read_bytes())

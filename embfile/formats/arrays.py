@@ -14,14 +14,15 @@ import numpy as np
 
 from embfile import errors
 from embfile._stream import Chunk, OnError, Source, chunk_rows, pooled, require_unique, source_of
-from embfile.dataset import Dataset, EmbFile
-from embfile.shards import ShardedEmbFile
+from embfile.dataset import Dataset
+from embfile.shards import open as open_dataset
 
 
-def read_emb(path: str | os.PathLike[str], *, pool: str | None = None) -> Source:
-    """Another .emb file or dataset folder (to change its dtype, or on the way to another format); per-residue
-    records pooled ``pool`` into one vector per key, as :meth:`embfile.Dataset.pool` does."""
-    db: Dataset = ShardedEmbFile(path) if os.path.isdir(path) else EmbFile(path)
+def read_emb(path: str | os.PathLike[str], *, pool: str | None = None, version: int | str | None = None) -> Source:
+    """Another .emb file or dataset folder (to change its dtype, or on the way to another format), of a folder
+    its latest version or ``version``; per-residue records pooled ``pool`` into one vector per key, as
+    :meth:`embfile.Dataset.pool` does."""
+    db: Dataset = open_dataset(path, version)
     source = source_of(db)
     return pooled(dataclasses.replace(source, chunks=_closing(db, source.chunks), metadata=db.metadata), pool)
 

@@ -879,6 +879,8 @@ class RemoteDataset(Dataset):
     # -- keys by row: from the key index's keys sections alone ----------------------------------------------
 
     def key(self, row: int) -> str:
+        self._require_attached()
+        row = _core.row_number(row, len(self))
         self._fetch_keys(np.array([row], np.int64))
         return super().key(row)
 
