@@ -409,10 +409,11 @@ def untag(folder: str | os.PathLike[str], name: str) -> None:
 
 
 def write_tag_list(folder: str | os.PathLike[str]) -> None:
-    """Write the ``TAGS`` hint from the tags there are.  Listed again after each write, until two agree, so a
-    tag made meanwhile by another writer is in it unless that writer's own list came later still."""
+    """Write the ``TAGS`` hint from the tags there are, listed again after each write until two listings agree.
+    Then the last hint written, by whichever writer, was listed after every tag change that writers finished
+    (each lists after its own change): once they are done, it names every tag."""
     found = tags(folder)
-    for _ in range(3):
+    while True:  # again only while others change tags: they finish
         _replace(folder, TAG_LIST, tag_list_json(found))
         listed = tags(folder)
         if listed == found:

@@ -404,3 +404,44 @@ def test_appenders_in_two_processes_both_commit_every_time(ds):
         assert {f"w{w}-{i}" for w in range(2) for i in range(15)} <= set(db)
     assert [m.parent for m in layout.history(ds)[1:]] == list(range(1, 31))
     no_leftovers(ds)
+
+
+def _tag_many(path, worker, n):
+    for i in range(n):
+        embfile.tag(path, f"w{worker}-{i}")
+        if i % 3 == 0:
+            embfile.untag(path, f"w{worker}-{i}")
+
+
+def test_racing_taggers_leave_a_tag_list_naming_every_tag(ds):
+    """The TAGS hint (for readers that cannot list a folder) is exact once the writers are done, however their
+    changes interleave: each lists the tags again after writing it, until two listings agree."""
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_tag_many, args=(ds, w, 12)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    hint = layout.tag_list((ds / layout.TAG_LIST).read_bytes(), "TAGS")
+    assert hint == embfile.tags(ds) and len(hint) == 4 * 8
+
+
+def test_a_tag_made_while_another_writer_lists_is_in_the_tag_list(ds, monkeypatch):
+    """The interleaving that loses a tag from a hint written once: writer A lists the tags, writer B makes a
+    tag and writes its hint, A writes its older list over it.  A lists again after writing, and writes again."""
+    embfile.tag(ds, "a")
+    listing = layout.tags
+
+    def racing(folder):
+        found = listing(folder)
+        if "b" not in found:  # B's whole tag, between A's listing and A's write
+            monkeypatch.setattr(layout, "tags", listing)
+            embfile.tag(ds, "b")
+            monkeypatch.setattr(layout, "tags", racing)
+        return found
+
+    monkeypatch.setattr(layout, "tags", racing)
+    layout.write_tag_list(ds)
+    monkeypatch.setattr(layout, "tags", listing)
+    assert layout.tag_list((ds / layout.TAG_LIST).read_bytes(), "TAGS") == {"a": 1, "b": 1}

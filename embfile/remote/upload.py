@@ -501,7 +501,7 @@ def untag(folder: Any, name: str, *, storage_options: dict[str, Any] | None = No
 def _write_tag_list(remote: Remote) -> None:
     """Upload the ``TAGS`` hint from the tags the store lists (as :func:`embfile.folder.write_tag_list`)."""
     found = remote_tags(remote)
-    for _ in range(3):
+    while True:
         remote.child(layout.TAG_LIST).upload_bytes(layout.tag_list_json(found))
         listed = remote_tags(remote)
         if listed == found:
