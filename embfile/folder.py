@@ -595,6 +595,7 @@ class Transaction:
 
 
 OPERATION = "op"  # a transaction's staging folder is _embfile/staging/.op.TOKEN.tmp
+STALE_TEMPORARY = 3600.0  # seconds: a manifest's, tag's or hint's temporary file lives for the milliseconds of a write
 
 
 def _token(staging_name: str) -> str:
@@ -663,6 +664,12 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
             with contextlib.suppress(FileNotFoundError):  # another vacuum got there first
                 if now - os.stat(os.path.join(folder, path)).st_mtime >= grace:
                     os.unlink(os.path.join(folder, path))
+    for sub in (META, VERSIONS, TAGS):  # of a writer killed between writing a manifest, tag or hint and its link
+        for name in os.listdir(os.path.join(folder, sub)) if os.path.isdir(os.path.join(folder, sub)) else []:
+            path = os.path.join(folder, sub, name)
+            with contextlib.suppress(FileNotFoundError):
+                if name[0] == "." and name.endswith(".tmp") and now - os.stat(path).st_mtime >= STALE_TEMPORARY:
+                    os.unlink(path)
     return gone
 
 

@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -322,6 +323,22 @@ def test_vacuum_leaves_the_files_of_a_running_operation(ds):
         embfile.vacuum(ds, keep=1, grace=0)
         assert os.path.exists(tx.path(name))
     assert not os.path.exists(tx.path(name))  # never committed: removed by its own close
+
+
+def test_vacuum_removes_the_temporaries_of_killed_writers_once_stale(ds):
+    """A writer killed between writing a manifest, a tag or a hint and linking it into place leaves its
+    temporary file; a vacuum removes it once no write could still be using it (an hour on)."""
+    embfile.tag(ds, "t")
+    stale, fresh = [], []
+    for sub in (layout.META, layout.VERSIONS, layout.TAGS):
+        for made, kept in ((stale, 7200), (fresh, 60)):
+            path = ds / sub / f".{layout.unique_name()}.tmp"
+            path.write_bytes(b"{}")
+            os.utime(path, (time.time() - kept, time.time() - kept))
+            made.append(path)
+    embfile.vacuum(ds, keep=1, grace=0)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in fresh)
+    assert embfile.tags(ds) == {"t": 1} and layout.latest_version(ds) == 1
 
 
 def test_dataset_writer_commits_each_full_shard_and_resumes(tmp_path):
