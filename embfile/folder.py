@@ -41,7 +41,7 @@ VERSIONS = f"{META}/versions"
 LATEST = f"{META}/LATEST"
 STAGING = f"{META}/staging"
 TAGS = f"{META}/tags"
-TAG_LIST = f"{META}/TAGS"  # a hint of every tag, for readers that cannot list a folder (plain http)
+TAG_LIST = f"{META}/tags.json"  # a hint of every tag, for readers that cannot list a folder (plain http)
 TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # not all digits: a version's number is that
 
 
@@ -320,7 +320,7 @@ def tag_list_json(found: dict[str, int]) -> bytes:
 
 
 def tag_list(data: bytes, where: str) -> dict[str, int]:
-    """The tags a ``TAGS`` hint names; anything else in it is a :class:`CorruptFileError`."""
+    """The tags a ``tags.json`` hint names; anything else in it is a :class:`CorruptFileError`."""
     try:
         raw = json.loads(data)["tags"]
         return {tag_name(name): _int(version, 1) for name, version in raw.items()}
@@ -409,8 +409,8 @@ def untag(folder: str | os.PathLike[str], name: str) -> None:
 
 
 def write_tag_list(folder: str | os.PathLike[str]) -> None:
-    """Write the ``TAGS`` hint from the tags there are, listed again after each write until two listings agree.
-    Then the last hint written, by whichever writer, was listed after every tag change that writers finished
+    """Write the ``tags.json`` hint from the tags there are, listed again after each write until two listings
+    agree.  Then the last hint written, by whichever writer, was listed after every tag change that writers finished
     (each lists after its own change): once they are done, it names every tag."""
     found = tags(folder)
     while True:  # again only while others change tags: they finish

@@ -431,7 +431,7 @@ def _tag_many(path, worker, n):
 
 
 def test_racing_taggers_leave_a_tag_list_naming_every_tag(ds):
-    """The TAGS hint (for readers that cannot list a folder) is exact once the writers are done, however their
+    """The tags.json hint (for readers that cannot list a folder) is exact once the writers are done, however their
     changes interleave: each lists the tags again after writing it, until two listings agree."""
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_tag_many, args=(ds, w, 12)) for w in range(4)]
@@ -440,7 +440,7 @@ def test_racing_taggers_leave_a_tag_list_naming_every_tag(ds):
     for p in procs:
         p.join()
         assert p.exitcode == 0
-    hint = layout.tag_list((ds / layout.TAG_LIST).read_bytes(), "TAGS")
+    hint = layout.tag_list((ds / layout.TAG_LIST).read_bytes(), "tags.json")
     assert hint == embfile.tags(ds) and len(hint) == 4 * 8
 
 
@@ -461,4 +461,4 @@ def test_a_tag_made_while_another_writer_lists_is_in_the_tag_list(ds, monkeypatc
     monkeypatch.setattr(layout, "tags", racing)
     layout.write_tag_list(ds)
     monkeypatch.setattr(layout, "tags", listing)
-    assert layout.tag_list((ds / layout.TAG_LIST).read_bytes(), "TAGS") == {"a": 1, "b": 1}
+    assert layout.tag_list((ds / layout.TAG_LIST).read_bytes(), "tags.json") == {"a": 1, "b": 1}

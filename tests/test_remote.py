@@ -1027,7 +1027,7 @@ def test_tags_at_a_url(s3, served, tmp_path):
     assert embfile.tag(url, "second", version=2, replace=True, storage_options=opts) == 2
     assert embfile.tags(url, storage_options=opts) == {"first": 1, "second": 2}
     embfile.untag(url, "second", storage_options=opts)
-    hint = json.loads(s3.filesystem().cat_file("embs/tagged/_embfile/TAGS"))
+    hint = json.loads(s3.filesystem().cat_file("embs/tagged/_embfile/tags.json"))
     assert hint == {"tags": {"first": 1}}  # for readers that cannot list: written by every change of a tag
     with pytest.raises(embfile.VersionNotFoundError, match="no tag 'second'"):
         embfile.open(url, version="second", storage_options=opts, **where)
@@ -1048,7 +1048,7 @@ def test_tags_at_a_url(s3, served, tmp_path):
 
 def test_history_over_http_which_lists_no_folders(served, tmp_path, capsys):
     """A plain HTTP server lists no folders: the history asks for every version number up to the latest (a
-    vacuum's gap skipped), the tags are those the TAGS hint names and are there (without a hint, one line saying
+    vacuum's gap skipped), the tags are those the tags.json hint names and are there (without a hint, one line saying
     they cannot be listed; `embfile versions` still shows the versions), and a URL with nothing there says so."""
     from embfile import cli
 
@@ -1065,7 +1065,7 @@ def test_history_over_http_which_lists_no_folders(served, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert [(line.split()[0], line.split()[-1]) for line in out.splitlines()[1:]] == [("1", "first"), ("3", "latest")]
     assert err == ""
-    os.remove(root / "ds" / "_embfile" / "TAGS")  # tagged by an embfile that wrote no hint
+    os.remove(root / "ds" / "_embfile" / "tags.json")  # tagged by an embfile that wrote no hint
     with pytest.raises(embfile.RemoteError, match=r"/ds: the server lists no folders and the dataset has no list"):
         embfile.tags(url)
     assert cli.main(["versions", url]) == 0

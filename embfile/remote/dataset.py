@@ -976,7 +976,7 @@ def tagged_version(remote: Remote, name: str) -> int:
 
 def remote_tags(remote: Remote) -> dict[str, int]:
     """Every tag of the dataset folder at ``remote`` and the version it names.  Where the server lists no
-    folders (a plain http(s) server), the tags the ``TAGS`` hint names, each read to check it is there (a
+    folders (a plain http(s) server), the tags the ``tags.json`` hint names, each read to check it is there (a
     RemoteError if there is no hint: a dataset tagged by an embfile that wrote none)."""
     names = remote.child(layout.TAGS).names()
     if not names and remote.protocol in ("http", "https") and not remote.child(layout.VERSIONS).names():

@@ -499,7 +499,7 @@ def untag(folder: Any, name: str, *, storage_options: dict[str, Any] | None = No
 
 
 def _write_tag_list(remote: Remote) -> None:
-    """Upload the ``TAGS`` hint from the tags the store lists (as :func:`embfile.folder.write_tag_list`)."""
+    """Upload the ``tags.json`` hint from the tags the store lists (as :func:`embfile.folder.write_tag_list`)."""
     found = remote_tags(remote)
     while True:
         remote.child(layout.TAG_LIST).upload_bytes(layout.tag_list_json(found))
