@@ -725,6 +725,26 @@ def test_window_holds_are_let_go_two_windows_on_once_no_batch_reads_them(served,
         assert _on_disk(tmp_path / "c") < (1 << 20) + 5 * (64 << 10) + (256 << 10)  # given back: over the limit
 
 
+def test_records_across_page_boundaries_are_read_whole_when_a_neighbour_brought_their_first_page(tmp_path):
+    """Records of 3,000 bytes: record 1 starts in the page record 0 was read from and ends in the next one.
+    What a lookup or a gather finds already fetched is its record's every page, not the first one alone."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    keys, x = [f"r{i}" for i in range(40)], np.random.default_rng(8).random((40, 750), np.float32)
+    embfile.write(root / "pages.emb", (keys, x))
+    server = RangeServer(str(root))
+    try:
+        by_key, in_a_batch = lambda db, i: db[keys[i]], lambda db, i: db.get_batch([keys[i - 1], keys[i]])[1]
+        for n, read in enumerate((by_key, in_a_batch)):
+            with open_http(server, "pages.emb", tmp_path / f"cache{n}") as db:
+                for i in range(0, 40, 4):  # records 0, 4, 8...: their pages only
+                    np.testing.assert_array_equal(db[keys[i]], x[i])
+                for i in range(1, 40, 4):  # records 1, 5, 9...: their first page is here, the next one not
+                    np.testing.assert_array_equal(read(db, i), x[i])
+    finally:
+        server.stop()
+
+
 def test_prefetch_and_cli(served, tmp_path):
     server, keys, x, _ = served
     cache = str(tmp_path / "c")

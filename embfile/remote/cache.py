@@ -335,6 +335,8 @@ class PartialCopy:
     def missing(self, start: int, end: int) -> list[tuple[int, int]]:
         """The runs of pages ``(first, last + 1)`` of bytes ``[start, end)`` that are not here yet."""
         first, last = start // PAGE, -(-end // PAGE)
+        if self.have[first:last].all():  # a lookup read before: the common case, answered at once
+            return []
         absent = np.flatnonzero(self.have[first:last] == 0) + first
         if not absent.size:
             return []

@@ -22,6 +22,7 @@ checked, not the file.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
@@ -166,6 +167,14 @@ class RemoteFile:
         lacking = np.unique(np.repeat(np.arange(len(start)), pages)[self.partial.have[page] == 0])
         return [r for i in lacking.tolist() for r in self.needs(int(start[i]), int(end[i]))]
 
+    def has(self, starts: np.ndarray, length: int) -> bool:
+        """Whether the pages of every byte range ``[starts[i], starts[i] + length)`` are here."""
+        if self.partial is None:
+            return True
+        first, last = starts // PAGE, (starts + length - 1) // PAGE
+        pages = np.minimum(first[:, None] + np.arange(-(-length // PAGE) + 1), last[:, None])  # each range's
+        return bool(self.partial.have[pages].all())
+
     def fetch(self, ranges: Iterable[tuple[int, int]], gap: int = OPEN_GAP) -> None:
         start, end = np.array(list(ranges), np.int64).reshape(-1, 2).T
         fetch_all(_merged([(self, a, b) for a, b in self.needs_of(start, end)], gap))
@@ -180,6 +189,11 @@ class RemoteFile:
                 if _core.crc32c(whole[h.offset(n) : h.offset(n) + h.size(n)]) != self.mapped.stored_crc(n):
                     raise errors.ChecksumError(f"{self.remote.url}: the {n} section does not match its checksum")
                 self.checked.add(n)
+
+    @functools.cached_property
+    def every_block(self) -> np.ndarray:
+        """The numbers of every checksum block of the records section (what a lookup holds)."""
+        return np.arange(self.n_blocks)
 
     @property
     def n_blocks(self) -> int:
@@ -437,6 +451,15 @@ def fetch_all(requests: Sequence[tuple[RemoteFile, int, int]]) -> None:
             list(pool.map(one, requests))
 
 
+def _fetched(held: Held, requests: list[tuple[RemoteFile, int, int]]) -> Held:
+    """``held``, once the byte ranges ``(file, start, end)`` it lacked are fetched (on a failure, released)."""
+    with contextlib.ExitStack() as failed:
+        failed.callback(held.release)
+        fetch_all(_merged(requests))
+        failed.pop_all()
+    return held
+
+
 class Held:
     """Records blocks ``(file, numbers)`` held in their partial copies (:meth:`RemoteFile.hold`) from creation
     until released: what a lookup or a window of an epoch is reading, which no other handle frees."""
@@ -595,8 +618,15 @@ class RemoteDataset(Dataset):
         released: the whole records section of each file holding them (one lock), for as long as a lookup."""
         if self._whole or not rows.size:
             return Held([], self.cache)
+        if rows.size == 1 and not self.ragged:  # one key's record (db[key]): no set arithmetic on one element
+            row = int(rows[0])
+            part = bisect.bisect_right(self._starts, row) - 1
+            f = self._remote_files[part]
+            rb = self.dim * self.dtype.itemsize
+            start = f.mapped.header.records_offset + (row - self._starts[part]) * rb
+            return _fetched(Held([(f, f.every_block)], self.cache), [(f, *r) for r in f.needs(start, start + rb)])
         parts = [(self._remote_files[p], local) for p, local in _by_part(np.unique(rows), self._starts)]
-        held = Held([(f, np.arange(f.n_blocks)) for f, _ in parts], self.cache)
+        held = Held([(f, f.every_block) for f, _ in parts], self.cache)
         if self.ragged:  # each record's two ranges entries
             fetch_all(
                 _merged(
@@ -611,16 +641,14 @@ class RemoteDataset(Dataset):
         rb = self.dim * self.dtype.itemsize
         for f, local in parts:
             h = f.mapped.header
+            if not h.ragged and f.has(h.records_offset + rb * local.astype(np.int64), rb):
+                continue  # every record read before: the lookups of a warm cache
             lo, hi = (local, local + 1) if not h.ragged else (f.mapped.ranges()[local], f.mapped.ranges()[local + 1])
             lo = np.minimum(lo.astype(np.int64), h.n_rows)  # damaged ranges: the table says so
             hi = np.minimum(np.maximum(lo, hi.astype(np.int64)), h.n_rows)
             runs = _spans(lo, hi)  # runs of neighbouring records
             requests += [(f, *r) for r in f.needs_of(*(h.records_offset + rb * e for e in runs))]
-        with contextlib.ExitStack() as failed:
-            failed.callback(held.release)
-            fetch_all(_merged(requests))
-            failed.pop_all()
-        return held
+        return _fetched(held, requests)
 
     # A record read from a partial copy is a copy, not a view: its pages may be freed once the lookup ends.
 
