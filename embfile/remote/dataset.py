@@ -168,12 +168,14 @@ class RemoteFile:
         return [r for i in lacking.tolist() for r in self.needs(int(start[i]), int(end[i]))]
 
     def has(self, starts: np.ndarray, length: int) -> bool:
-        """Whether the pages of every byte range ``[starts[i], starts[i] + length)`` are here."""
+        """Whether the pages of every byte range ``[starts[i], starts[i] + length)`` are here (False for a range
+        past the file: what asks for it learns why)."""
         if self.partial is None:
             return True
         first, last = starts // PAGE, (starts + length - 1) // PAGE
         pages = np.minimum(first[:, None] + np.arange(-(-length // PAGE) + 1), last[:, None])  # each range's
-        return bool(self.partial.have[pages].all())
+        have = self.partial.have
+        return bool(pages.max(initial=0) < len(have) and have[pages].all())
 
     def fetch(self, ranges: Iterable[tuple[int, int]], gap: int = OPEN_GAP) -> None:
         start, end = np.array(list(ranges), np.int64).reshape(-1, 2).T
