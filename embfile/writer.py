@@ -147,17 +147,7 @@ class Writer:
         ``keys`` may be :class:`~embfile._keys.EncodedKeys` (UTF-8 bytes as an Arrow array or a keys section
         holds them): then no Python ``str`` is made of any key.
         """
-        m = array_of(matrix)
-        if F.kind(m.dtype) not in "biufc" and not isinstance(matrix, np.ndarray):
-            raise TypeError(f"add_batch() takes a matrix of numbers, not {type(matrix).__name__}")
-        if not isinstance(keys, EncodedKeys):
-            keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        ranges = self._batch_ranges(keys, lengths, len(m) if m.ndim == 2 else -1)
-        rows = len(keys) if ranges is None else int(ranges[-1])
-        if m.ndim != 2 or m.shape != (rows, self.dim):
-            what = f"{len(keys)} keys" if ranges is None else f"{len(keys)} keys of {rows} rows in all"
-            raise errors.WriterError(f"matrix has shape {m.shape}, expected ({rows}, {self.dim}) for {what}")
-        _check_kind(m.dtype, self.dtype, keys[0] if len(keys) else None)
+        keys, m, ranges = self._batch(keys, matrix, lengths)
         encoded = _encoded(keys)
         self._flush()
         mark = (
@@ -169,17 +159,10 @@ class Writer:
             self._crc_fill,
             self._written,
         )
-
-        def key_of(lo: int) -> Callable[[int], object]:  # the key of row lo + i
-            if ranges is None:
-                return lambda i: keys[lo + i]
-            return lambda i: keys[int(np.searchsorted(ranges, lo + i, "right")) - 1]
-
         try:
-            step = max(1, _CHUNK_BYTES // self._record_bytes)
             with _disk_errors(self):
-                for lo in range(0, rows, step):
-                    self._write_records(_convert(m[lo : lo + step], self.dtype, key_of(lo)))
+                for block in self._converted(keys, m, ranges):
+                    self._write_records(block)
             if ranges is not None:
                 self._ranges.frombytes((ranges[1:] + self._ranges[-1]).astype(np.uint64).tobytes())
         except BaseException:
@@ -194,6 +177,45 @@ class Writer:
         for b in encoded:
             self._heap += b
             self._offsets.append(len(self._heap))
+
+    def _check_batch(self, keys: Sequence[str] | np.ndarray | EncodedKeys, matrix: Any, lengths: Any = None) -> None:
+        """Raise what :meth:`add_batch` would raise of these records (not of the disk), adding none: a caller
+        that cuts a batch over several files checks it whole first, so that it is added all or not at all."""
+        keys, m, ranges = self._batch(keys, matrix, lengths)
+        _encoded(keys)
+        for _ in self._converted(keys, m, ranges):
+            pass
+
+    def _batch(
+        self, keys: Sequence[str] | np.ndarray | EncodedKeys, matrix: Any, lengths: Any
+    ) -> tuple[list[str] | EncodedKeys, np.ndarray, np.ndarray | None]:
+        """``(keys, matrix, ranges)`` of a batch checked for its shape, lengths and kind (see :meth:`add_batch`)."""
+        m = array_of(matrix)
+        if F.kind(m.dtype) not in "biufc" and not isinstance(matrix, np.ndarray):
+            raise TypeError(f"add_batch() takes a matrix of numbers, not {type(matrix).__name__}")
+        if not isinstance(keys, EncodedKeys):
+            keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        ranges = self._batch_ranges(keys, lengths, len(m) if m.ndim == 2 else -1)
+        rows = len(keys) if ranges is None else int(ranges[-1])
+        if m.ndim != 2 or m.shape != (rows, self.dim):
+            what = f"{len(keys)} keys" if ranges is None else f"{len(keys)} keys of {rows} rows in all"
+            raise errors.WriterError(f"matrix has shape {m.shape}, expected ({rows}, {self.dim}) for {what}")
+        _check_kind(m.dtype, self.dtype, keys[0] if len(keys) else None)
+        return keys, m, ranges
+
+    def _converted(
+        self, keys: list[str] | EncodedKeys, m: np.ndarray, ranges: np.ndarray | None
+    ) -> Iterator[np.ndarray]:
+        """The batch's rows in the stored type, a chunk at a time; a value that does not fit, named by its key."""
+
+        def key_of(lo: int) -> Callable[[int], object]:  # the key of row lo + i
+            if ranges is None:
+                return lambda i: keys[lo + i]
+            return lambda i: keys[int(np.searchsorted(ranges, lo + i, "right")) - 1]
+
+        step = max(1, _CHUNK_BYTES // self._record_bytes)
+        for lo in range(0, len(m), step):
+            yield _convert(m[lo : lo + step], self.dtype, key_of(lo))
 
     def _batch_ranges(self, keys: Sequence[object] | EncodedKeys, lengths: Any, rows: int) -> np.ndarray | None:
         """The row offsets of a ragged batch (``len(keys) + 1``, from 0) given its ``lengths``; None for a

@@ -368,22 +368,35 @@ def test_dataset_writer_commits_each_full_shard_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("ragged", [False, True])
-def test_a_batch_whose_matrix_does_not_fit_its_keys_is_refused_and_adds_nothing(tmp_path, ragged):
-    """Every writer refuses a matrix with more rows than its keys (or their lengths) own: the sharded writers
-    cut batches into shards by slicing, and dropped the rows past the last key."""
+def test_a_bad_batch_is_refused_whole_by_every_writer_and_adds_nothing(tmp_path, ragged):
+    """A batch is added all or not at all, also where the sharded writers cut it over shards (they added the
+    shards' parts before the bad one) and where its matrix has rows no key owns (they dropped those)."""
     writers = {
-        "file.emb": lambda p: embfile.Writer(p, DIM, ragged=ragged),
-        "shards": lambda p: embfile.ShardWriter(p, DIM, ragged=ragged),
-        "dataset": lambda p: embfile.DatasetWriter(p, DIM, ragged=ragged),
+        "file.emb": lambda p: embfile.Writer(p, DIM, "float16", ragged=ragged),
+        "shards": lambda p: embfile.ShardWriter(p, DIM, "float16", shard_bytes=8 * DIM * 2, ragged=ragged),
+        "dataset": lambda p: embfile.DatasetWriter(p, DIM, "float16", shard_bytes=8 * DIM * 2, ragged=ragged),
     }
-    lengths = [1, 1] if ragged else None
+    keys, too_large = [f"k{i}" for i in range(40)], np.ones((40, DIM))
+    too_large[30] = 1e6  # past float16: found in the fourth shard's part
+    bad = [  # (keys, matrix, lengths), the message
+        (
+            ["a", "b"],
+            np.ones((3, DIM)),
+            [1, 1] if ragged else None,
+            "the matrix has 3" if ragged else r"shape \(3, 3\)",
+        ),
+        (keys, too_large, [1] * 40 if ragged else None, "key 'k30': value 1000000.0 does not fit in float16"),
+    ]
+    if ragged:
+        bad.append((keys[:2], np.ones((20, DIM)), [19, 0], "key 'k1': length 0"))
     for name, make in writers.items():
         with make(tmp_path / name) as w:
-            with pytest.raises(embfile.WriterError, match="the matrix has 3" if ragged else r"shape \(3, 3\)"):
-                w.add_batch(["a", "b"], np.ones((3, DIM)), lengths)
-            w.add_batch(["c", "d"], np.ones((2, DIM)), lengths)
+            for batch_keys, matrix, lengths, message in bad:
+                with pytest.raises(embfile.WriterError, match=message):
+                    w.add_batch(batch_keys, matrix, lengths)
+            w.add_batch(["c", "d"], np.ones((2, DIM)), [1, 1] if ragged else None)
         with embfile.open(tmp_path / name) as db:
-            assert list(db) == ["c", "d"]
+            assert list(db) == ["c", "d"], name
 
 
 def test_an_exception_inside_a_dataset_writer_keeps_what_was_added(tmp_path):
