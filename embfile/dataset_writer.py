@@ -158,10 +158,11 @@ class ShardWriter:
         else:
             ends = np.cumsum(np.asarray(lengths)) if len(keys) else np.zeros(0, np.int64)
         rows = int(ends[-1]) if len(ends) else 0
-        if len(ends) != len(keys) or (lengths is not None and not self.ragged) or m.ndim != 2 or len(m) != rows:
-            self._current().add_batch(keys, matrix, lengths)  # the writer's error (slices would drop rows)
-        if len(keys) and rows > self._room():  # cut over shards: checked whole first, so added all or none
-            self._current()._check_batch(keys, m, lengths)
+        mismatched = (
+            len(ends) != len(keys) or (lengths is not None and not self.ragged) or m.ndim != 2 or len(m) != rows
+        )
+        if mismatched or (len(keys) and rows > self._room()):  # slices would drop rows; a batch cut over shards
+            self._current()._check_batch(keys, m, lengths)  # is checked whole first, so added all or none
         lo = 0
         while lo < len(keys):
             first = int(ends[lo - 1]) if lo else 0

@@ -409,13 +409,18 @@ def untag(folder: str | os.PathLike[str], name: str) -> None:
 
 
 def write_tag_list(folder: str | os.PathLike[str]) -> None:
-    """Write the ``tags.json`` hint from the tags there are, listed again after each write until two listings
-    agree.  Then the last hint written, by whichever writer, was listed after every tag change that writers finished
-    (each lists after its own change): once they are done, it names every tag."""
-    found = tags(folder)
+    """Write the ``tags.json`` hint from the tags there are (see :func:`settle_tag_list`)."""
+    settle_tag_list(lambda: tags(folder), lambda data: _replace(folder, TAG_LIST, data))
+
+
+def settle_tag_list(listing: Callable[[], dict[str, int]], write: Callable[[bytes], object]) -> None:
+    """Write the tag list hint of the tags ``listing()`` finds, then list again, until two listings agree.  The
+    last hint written, by whichever writer, was then listed after every tag change that writers finished (each
+    lists after its own change): once they are done, it names every tag."""
+    found = listing()
     while True:  # again only while others change tags: they finish
-        _replace(folder, TAG_LIST, tag_list_json(found))
-        listed = tags(folder)
+        write(tag_list_json(found))
+        listed = listing()
         if listed == found:
             return
         found = listed
@@ -664,13 +669,20 @@ def vacuum(folder: str | os.PathLike[str], keep: int = 1, grace: float = 86400.0
             with contextlib.suppress(FileNotFoundError):  # another vacuum got there first
                 if now - os.stat(os.path.join(folder, path)).st_mtime >= grace:
                     os.unlink(os.path.join(folder, path))
-    for sub in (META, VERSIONS, TAGS):  # of a writer killed between writing a manifest, tag or hint and its link
-        for name in os.listdir(os.path.join(folder, sub)) if os.path.isdir(os.path.join(folder, sub)) else []:
-            path = os.path.join(folder, sub, name)
-            with contextlib.suppress(FileNotFoundError):
-                if name[0] == "." and name.endswith(".tmp") and now - os.stat(path).st_mtime >= STALE_TEMPORARY:
-                    os.unlink(path)
+    for sub in (META, VERSIONS, TAGS):
+        _remove_stale_temporaries(os.path.join(folder, sub), now)
     return gone
+
+
+def _remove_stale_temporaries(path: str, now: float) -> None:
+    """Remove the temporary files in ``path`` of writers killed between writing a manifest, tag or hint and
+    linking it into place: those older than :data:`STALE_TEMPORARY`."""
+    with contextlib.suppress(FileNotFoundError):  # no tags folder yet
+        names = [n for n in os.listdir(path) if n[0] == "." and n.endswith(".tmp")]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):  # another vacuum got there first
+                if now - os.stat(os.path.join(path, name)).st_mtime >= STALE_TEMPORARY:
+                    os.unlink(os.path.join(path, name))
 
 
 def superseded(

@@ -182,7 +182,12 @@ def _source(data: Any, caller: str, options: dict[str, Any], ragged: bool | None
 
 def _in_sources(e: errors.DuplicateKeyError, names: list[str], starts: list[int]) -> errors.DuplicateKeyError:
     """``e`` (rows of the merged result) as the sources and rows it is about."""
-    (i, a), (j, b) = ((n - 1, row - starts[n - 1]) for row in e.rows for n in [bisect.bisect_right(starts, row)])
+
+    def place(row: int) -> tuple[int, int]:  # the source holding a row of the result, and its row there
+        source = bisect.bisect_right(starts, row) - 1
+        return source, row - starts[source]
+
+    (i, a), (j, b) = place(e.rows[0]), place(e.rows[1])
     if i == j or names[i] == names[j]:
         where = f"in {names[i]}" + (f" (rows {a} and {b})" if i == j else ", given twice")
     else:

@@ -500,13 +500,7 @@ def untag(folder: Any, name: str, *, storage_options: dict[str, Any] | None = No
 
 def _write_tag_list(remote: Remote) -> None:
     """Upload the ``tags.json`` hint from the tags the store lists (as :func:`embfile.folder.write_tag_list`)."""
-    found = remote_tags(remote)
-    while True:
-        remote.child(layout.TAG_LIST).upload_bytes(layout.tag_list_json(found))
-        listed = remote_tags(remote)
-        if listed == found:
-            return
-        found = listed
+    layout.settle_tag_list(lambda: remote_tags(remote), remote.child(layout.TAG_LIST).upload_bytes)
 
 
 def tags(folder: Any, *, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
