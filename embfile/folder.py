@@ -52,14 +52,18 @@ def is_versioned(folder: str | os.PathLike[str]) -> bool:
 
 def not_versioned(folder: str | os.PathLike[str]) -> errors.ShardError:
     """The error for a path that is not a versioned dataset folder, saying what it is instead."""
-    path = os.fspath(folder)
+    return errors.ShardError(f"{os.fspath(folder)}: not a versioned dataset: {what_is(folder)}")
+
+
+def what_is(path: str | os.PathLike[str]) -> str:
+    """What a path that is not a versioned dataset folder is, for an error saying so."""
+    if not os.path.exists(path):
+        return "nothing there"
     if not os.path.isdir(path):
-        what = "not a folder"
-    elif any(name.endswith(".emb") for name in os.listdir(path)):
-        what = "a folder in 0.1's layout (embfile shard writes it anew)"
-    else:
-        what = "no version in it"
-    return errors.ShardError(f"{path}: not a versioned dataset: {what}")
+        return "a file, not a folder"
+    if any(name.endswith(".emb") for name in os.listdir(path)):
+        return "a folder in 0.1's layout (embfile shard writes it anew)"
+    return "no version in it"
 
 
 def unique_name(prefix: str = "") -> str:

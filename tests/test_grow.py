@@ -202,7 +202,7 @@ def test_append_takes_what_convert_reads_and_keeps_the_datasets_dtype_and_metada
         embfile.append(ds, (["r"], np.zeros((1, 2))))
     with pytest.raises(embfile.WriterError, match="no dataset to append to"):
         embfile.append(tmp_path / "nothing", (["r"], np.zeros((1, 3))))
-    with pytest.raises(embfile.ShardError, match="not a versioned dataset: not a folder"):
+    with pytest.raises(embfile.ShardError, match="not a versioned dataset: nothing there"):
         embfile.remove(tmp_path / "nothing", ["r"])
 
 

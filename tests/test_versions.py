@@ -145,8 +145,8 @@ def test_what_is_not_a_versioned_dataset_is_named_as_what_it_is(tmp_path, capsys
         lambda f: embfile.vacuum(f, keep=1),
     ]
     for name, what in [
-        ("one.emb", "not a folder"),
-        ("nothing", "not a folder"),
+        ("one.emb", "a file, not a folder"),
+        ("nothing", "nothing there"),
         ("empty", "no version in it"),
         ("old", "a folder in 0.1's layout"),
     ]:
@@ -155,6 +155,9 @@ def test_what_is_not_a_versioned_dataset_is_named_as_what_it_is(tmp_path, capsys
                 call(tmp_path / name)
         assert cli.main(["versions", str(tmp_path / name)]) == 1
         assert f"{name}: not a versioned dataset: {what}" in capsys.readouterr().err
+        # checked before the data: a per-residue record was refused as 'expected 1-d', a file 'not empty'
+        with pytest.raises(embfile.WriterError, match=f"{name}: no dataset to append to: {what}"):
+            embfile.append(tmp_path / name, {"r": np.ones((3, 4), np.float32)})
     assert sorted(os.listdir(tmp_path / "empty")) == [] and not (tmp_path / "nothing").exists()
 
 
