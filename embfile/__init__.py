@@ -42,14 +42,15 @@ from embfile.formats import (
     to_hdf5,
     to_parquet,
 )
-from embfile.operations import merge, subset
 from embfile.remote import prefetch
 from embfile.remote.upload import (  # a URL or a path
     append,
     compact,
     convert,
     history,
+    merge,
     remove,
+    subset,
     tag,
     tags,
     untag,

@@ -273,12 +273,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("merge", _merge, "write the records of several files or datasets to a new file or dataset")
     c.add_argument("sources", nargs="+", metavar="SRC")
-    c.add_argument("dst", help="a new .emb file, or a new dataset folder")
+    c.add_argument("dst", help="a new .emb file, or a new dataset folder (a path or a URL)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
 
     c = command("subset", _subset, "write the records of some keys to a new file or dataset")
-    c.add_argument("src", help="an .emb file or a dataset folder")
-    c.add_argument("dst", help="a new .emb file, or a new dataset folder")
+    c.add_argument("src", help="an .emb file or a dataset folder (a path or a URL)")
+    c.add_argument("dst", help="a new .emb file, or a new dataset folder (a path or a URL)")
     c.add_argument("--keys", required=True, metavar="FILE", help="the keys, one a line ('-': standard input)")
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")

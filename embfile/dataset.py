@@ -237,14 +237,18 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
                 w.add_batch(self.keys_between(lo, hi), pool_rows(block, offsets, how))
         return None
 
-    def _row_numbers(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    def keys_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The keys of the records at ``rows`` (ints), in that order."""
+        return super().keys_at(self._row_numbers(rows, "keys_at()"))
+
+    def _row_numbers(self, rows: Sequence[int] | np.ndarray, caller: str = "take()") -> np.ndarray:
         """``rows`` as uint64 row numbers, or the TypeError / IndexError that says what is wrong with them."""
         rows = np.asarray(rows)
         if rows.ndim != 1 or not (rows.dtype.kind in "iu" or rows.size == 0):
-            raise TypeError(f"take() needs a 1-d sequence of row numbers, not {rows.dtype} {rows.shape}")
+            raise TypeError(f"{caller} needs a 1-d sequence of row numbers, not {rows.dtype} {rows.shape}")
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows must be from 0 to {len(self) - 1}")
-        return rows.astype(np.uint64)
+        return rows.astype(np.uint64, copy=False)
 
     def to_numpy(self) -> Any:
         """All vectors as a new in-memory ``(n, dim)`` array, in row order (of a ragged dataset, all rows

@@ -109,19 +109,26 @@ def compact(folder: PathLike, shard_bytes: int = 1 << 30) -> int:
         return _committed(tx.commit(plan))
 
 
-def merge(sources: Sequence[Any], dst: PathLike, *, shard_bytes: int = 1 << 30, **options: Any) -> None:
+def merge(
+    sources: Sequence[Any],
+    dst: PathLike,
+    *,
+    shard_bytes: int = 1 << 30,
+    storage_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> None:
     """Write the records of every source, one after another, to a new .emb file (``dst`` ending in ``.emb``)
     or a new dataset folder.  Sources are what :func:`append` takes; the first one's dim, dtype and metadata
     are the result's.  A key in two sources is an error naming it, and nothing is written.  A source at a URL
-    (an .emb file or a dataset folder) is read as :func:`embfile.open` reads it, credentials from the
-    environment."""
+    (an .emb file or a dataset folder) is read as :func:`embfile.open` reads it, ``storage_options`` going to
+    fsspec."""
     if not sources:
         raise ValueError("merge() needs at least one source")
     names = [str(s) if isinstance(s, (str, os.PathLike)) else f"source {i}" for i, s in enumerate(sources)]
     with contextlib.ExitStack() as at_urls:
         opened: list[Source] = []
         for s, name in zip(sources, names):
-            data = at_urls.enter_context(open_dataset(s)) if remote.is_url(s) else s
+            data = at_urls.enter_context(open_dataset(s, storage_options=storage_options)) if remote.is_url(s) else s
             opened.append(_source(data, "merge()", options, opened[0].ragged if opened else None))
             first, last = opened[0], opened[-1]
             if last.dim != first.dim:
@@ -150,15 +157,24 @@ def merge(sources: Sequence[Any], dst: PathLike, *, shard_bytes: int = 1 << 30, 
 
 
 def subset(
-    src: PathLike | Dataset, dst: PathLike, keys: Iterable[str], *, missing: str = "error", shard_bytes: int = 1 << 30
+    src: PathLike | Dataset,
+    dst: PathLike,
+    keys: Iterable[str],
+    *,
+    missing: str = "error",
+    shard_bytes: int = 1 << 30,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
-    """Write the records of ``keys`` in ``src`` (an .emb file, a dataset folder or an open dataset) to a new .emb
-    file or dataset folder ``dst``, in ``src``'s row order.  A key ``src`` lacks is a
+    """Write the records of ``keys`` in ``src`` (an .emb file, a dataset folder, either at a URL, or an open
+    dataset) to a new .emb file or dataset folder ``dst``, in ``src``'s row order.  A key ``src`` lacks is a
     :class:`KeyNotFoundError`, or with ``missing="ignore"`` is skipped."""
     if missing not in ("error", "ignore"):
         raise ValueError(f"missing must be 'error' or 'ignore', not {missing!r}")
     keys = key_list(keys, "subset()")
-    ds = src if isinstance(src, Dataset) else open_dataset(src)
+    if isinstance(src, Dataset):
+        ds = src
+    else:  # storage_options (given for a destination at a URL, say) only for a source at a URL
+        ds = open_dataset(src, storage_options=storage_options if remote.is_url(src) else None)
     try:
         found = ds.find_rows(keys)
         _refuse_missing(found, keys, f"{ds.path}", missing)

@@ -181,6 +181,14 @@ def test_keys_between(study):
         db.key(-501)
     with pytest.raises(IndexError):
         db.key(500)
+    # keys_at takes rows as take() does (any ints; it said "Buffer dtype mismatch" to all but uint64)
+    for rows in ([3, 1, 499], np.array([3, 1, 499]), np.array([3, 1, 499], np.int32), np.array([3, 1, 499], np.uint64)):
+        assert db.keys_at(rows) == [keys[3], keys[1], keys[499]]
+    assert db.keys_at([]) == []
+    with pytest.raises(IndexError, match="rows must be from 0 to 499"):
+        db.keys_at([500])
+    with pytest.raises(TypeError, match=r"keys_at\(\) needs a 1-d sequence of row numbers"):
+        db.keys_at([0.5])
 
 
 def test_metadata(study):

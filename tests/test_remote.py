@@ -916,6 +916,32 @@ def test_write_and_convert_to_s3(s3, tmp_path):
         embfile.write("https://127.0.0.1:1/x.emb", (keys, x))
 
 
+def test_merge_and_subset_at_s3_urls(s3, tmp_path):
+    """Sources and destinations at URLs, with storage_options, as write and convert take them (merge said to
+    pass storage_options and took none; a destination at a URL was written to a local folder named 's3:')."""
+    keys, x = data(n=400, dim=8)
+    opts, cache = s3.storage_options(), tmp_path / "c"
+    embfile.write_shards("s3://embs/m/a", (keys[:300], x[:300]), storage_options=opts, cache_dir=cache)
+    embfile.write(tmp_path / "b.emb", (keys[300:], x[300:]))
+    embfile.merge(["s3://embs/m/a", tmp_path / "b.emb"], "s3://embs/m/all.emb", storage_options=opts)
+    embfile.merge(["s3://embs/m/a", tmp_path / "b.emb"], "s3://embs/m/all", storage_options=opts, cache_dir=cache)
+    embfile.subset("s3://embs/m/all", "s3://embs/m/some.emb", keys[::7], storage_options=opts)
+    embfile.subset(tmp_path / "b.emb", "s3://embs/m/local-some", keys[300::7], storage_options=opts)
+    for url, rows in [("all.emb", slice(None)), ("all", slice(None)), ("some.emb", slice(0, None, 7))]:
+        with embfile.open(f"s3://embs/m/{url}", cache_dir=cache, storage_options=opts) as db:
+            assert db.keys_at(np.arange(len(db))) == keys[rows]
+            np.testing.assert_array_equal(db.to_numpy(), x[rows])
+    with embfile.open("s3://embs/m/local-some", cache_dir=cache, storage_options=opts) as db:
+        np.testing.assert_array_equal(db.get_batch(keys[300::7]), x[300::7])
+    with pytest.raises(
+        embfile.DuplicateKeyError, match=r"HUMAN' is in s3://embs/m/a \(row 0\) and s3://embs/m/all.emb \(row 0\)"
+    ):
+        embfile.merge(["s3://embs/m/a", "s3://embs/m/all.emb"], "s3://embs/m/twice.emb", storage_options=opts)
+    with pytest.raises(embfile.WriterError, match="s3://embs/m/all exists and is a dataset"):
+        embfile.subset(tmp_path / "b.emb", "s3://embs/m/all", keys[300:], storage_options=opts)
+    assert not s3.filesystem().exists("embs/m/twice.emb")
+
+
 def test_mistakes_at_an_s3_url_are_one_line_naming_it(s3, tmp_path, monkeypatch):
     """What a user gets wrong at a URL says so in one line naming the URL: a key not there (not the local folder
     standing in for the dataset), a bucket not there, no credentials (at once: no retry finds them), a URL
@@ -952,6 +978,10 @@ def test_mistakes_at_an_s3_url_are_one_line_naming_it(s3, tmp_path, monkeypatch)
     assert cli.main(["convert", str(tmp_path / "merged.emb"), "s3://embs/converted.emb"]) == 0
     with embfile.open("s3://embs/converted.emb", cache_dir=tmp_path / "c2") as db:
         np.testing.assert_array_equal(db.get_batch(keys), x)
+    (tmp_path / "some.txt").write_text("".join(f"{k}\n" for k in keys[:5]))
+    assert cli.main(["subset", url, "s3://embs/some.emb", "--keys", str(tmp_path / "some.txt")]) == 0
+    with embfile.open("s3://embs/some.emb", cache_dir=tmp_path / "c2") as db:
+        np.testing.assert_array_equal(db.get_batch(keys[:5]), x[:5])
 
 
 def test_a_dataset_grown_at_an_s3_url(s3, tmp_path):

@@ -919,7 +919,8 @@ class RemoteDataset(Dataset):
         return super().keys_between(start, stop)
 
     def keys_at(self, rows: Any) -> list[str]:
-        self._fetch_keys(np.asarray(rows, np.int64))
+        rows = self._row_numbers(rows, "keys_at()")
+        self._fetch_keys(rows.astype(np.int64))
         return super().keys_at(rows)
 
     def _fetch_keys(self, rows: np.ndarray) -> None:

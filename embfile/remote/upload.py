@@ -349,6 +349,33 @@ def convert(src: Any, dst: Any, *, storage_options: dict[str, Any] | None = None
     return str(dst)
 
 
+def merge(
+    sources: Any,
+    dst: Any,
+    *,
+    shard_bytes: int = 1 << 30,
+    cache_dir: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> None:
+    with _new(dst, cache_dir, storage_options) as local:
+        operations.merge(sources, local, shard_bytes=shard_bytes, storage_options=storage_options, **options)
+
+
+def subset(
+    src: Any,
+    dst: Any,
+    keys: Any,
+    *,
+    missing: str = "error",
+    shard_bytes: int = 1 << 30,
+    cache_dir: Any = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    with _new(dst, cache_dir, storage_options) as local:
+        operations.subset(src, local, keys, missing=missing, shard_bytes=shard_bytes, storage_options=storage_options)
+
+
 def write_shards(
     folder: Any,
     data: Any,
@@ -527,6 +554,16 @@ def _folder(
     return contextlib.nullcontext(folder)
 
 
+def _new(dst: Any, cache_dir: Any, storage_options: dict[str, Any] | None) -> contextlib.AbstractContextManager[Any]:
+    """Where to write a new .emb file (``dst`` ending in ``.emb``) or dataset folder: ``dst`` itself if local,
+    else a staged one, uploaded."""
+    if not is_url(dst):
+        return contextlib.nullcontext(dst)
+    if str(dst).endswith(".emb"):
+        return staged_file(str(dst), storage_options)
+    return staged_folder(str(dst), cache_dir, storage_options)
+
+
 def _documented(local: Any, wrapper: Any, where: str) -> None:
     """Give ``wrapper`` the local function's documentation, and say what a URL does."""
     wrapper.__doc__ = (local.__doc__ or "").rstrip() + (
@@ -541,6 +578,8 @@ for _local, _wrapper, _where in (
     (writer.write, write, "the path"),
     (formats.convert, convert, "``dst``"),
     (dataset_writer.write_shards, write_shards, "the folder"),
+    (operations.merge, merge, "``dst``"),
+    (operations.subset, subset, "``dst``"),
     (operations.append, append, "the folder"),
     (operations.remove, remove, "the folder"),
     (operations.compact, compact, "the folder"),
