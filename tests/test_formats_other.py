@@ -217,6 +217,12 @@ def test_npz_archives_as_numpy_writes_them(tmp_path, vectors):
     embfile.convert(tmp_path / "residues.npz", tmp_path / "r.emb")
     with embfile.open(tmp_path / "r.emb") as db:
         assert db.ragged and all(np.array_equal(db[k], m) for k, m in residues.items())
+    torch.save({k: torch.from_numpy(m) for k, m in residues.items()}, tmp_path / "residues.pt")
+    for name in ("residues.npz", "residues.pt"):  # pool= was "applies to neither npz input nor emb output"
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", pool="max")
+        assert_store(tmp_path / f"{name}.emb", {k: m.max(axis=0) for k, m in residues.items()})
+    with pytest.raises(embfile.ConversionError, match="one vector per key already; pool= applies to per-residue"):
+        embfile.convert(tmp_path / "pair.npz", tmp_path / "x.emb", pool="mean")
 
 
 def test_torch_save_files_load_without_running_code(tmp_path, vectors):

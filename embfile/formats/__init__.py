@@ -20,7 +20,7 @@ from typing import Any
 
 from embfile import errors
 from embfile._staging import Staging
-from embfile._stream import KeyRule, Source, rekeyed
+from embfile._stream import KeyRule, Source, pooled, rekeyed
 from embfile.folder import is_versioned
 from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
@@ -204,7 +204,7 @@ def convert(
         and (dtype, metadata, key) == (None,) * 3
     ):
         return WRITERS[df](src, dst, progress=progress, **writer_opts)  # straight from the file's mapping
-    source = rekeyed(READERS[sf](src, **reader_opts), key)
+    source = _read(sf, src, reader_opts, key)
     if df == "emb":
         write_emb(source, dst, dtype, metadata, progress)
     else:
@@ -237,7 +237,15 @@ def read(
     if sf not in READERS:
         raise ValueError(f"unknown input format {sf!r}; one of {sorted(READERS)}")
     reader_opts, _ = _split_options(options, READERS[sf], None, sf, "emb")
-    return rekeyed(READERS[sf](src, **reader_opts), key)
+    return _read(sf, src, reader_opts, key)
+
+
+def _read(sf: str, src: str | os.PathLike[str], options: dict[str, Any], key: KeyRule | None) -> Source:
+    """The records of ``src``, read by the reader of format ``sf``; pooled here if it takes no ``pool`` (any
+    reader of per-residue ``(L, D)`` records: torch, safetensors, npz, Zarr, pickles)."""
+    reader = READERS[sf]
+    pool = None if "pool" in inspect.signature(reader).parameters else options.pop("pool", None)
+    return pooled(rekeyed(reader(src, **options), key), pool)
 
 
 def _split_options(
@@ -246,7 +254,7 @@ def _split_options(
     def takes(f: Callable[..., Any]) -> set[str]:
         return set(inspect.signature(f).parameters) - {"src", "dst", "path", "progress"}
 
-    r, w = takes(reader), takes(writer) if writer else set()
+    r, w = takes(reader) | {"pool"}, takes(writer) if writer else set()  # every reader's records pool (_read)
     unknown = set(options) - r - w
     if unknown:
         raise TypeError(f"option {sorted(unknown)[0]!r} applies to neither {sf} input nor {df} output")
