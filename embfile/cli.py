@@ -189,7 +189,9 @@ def _parser() -> argparse.ArgumentParser:
         "--per-residue", action="store_true", help="ESM: the per-residue representations, not mean_representations"
     )
     g.add_argument("--keys", help="npy: the text file of keys, one a line (default: NAME.txt)")
-    g.add_argument("--trust-pickle", action="store_true", help="pickle: load it (this runs its code)")
+    g.add_argument(
+        "--trust-pickle", action="store_true", help="pickle, or an .npy of Python objects: load it (this runs its code)"
+    )
 
     c = command("info", _info, "count, dim, dtype, size, key lengths and metadata of an .emb file")
     c.add_argument("file")

@@ -285,6 +285,7 @@ def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04" + b"\0" * 40)
     np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
     torch.save([1, 2, 3], tmp_path / "list.pt")
+    np.save(tmp_path / "dict.npy", {"a": np.ones(4)}, allow_pickle=True)
     (tmp_path / "folder").mkdir()
     cases = [
         (["pair.npy", "o.emb", "--from", "npy"], "an .npz archive, not an .npy matrix: --from npz"),
@@ -294,7 +295,8 @@ def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
         (["pair.npz", "afile/o.emb"], "afile is not a folder"),
         (["bad.npz", "o.emb"], "a damaged zip file"),
         (["objects.npz", "o.emb"], "objects.npz"),
-        (["list.pt", "o.emb"], "holds a list, not a dict of tensors"),
+        (["list.pt", "o.emb"], "holds a list, not a dict of vectors or (ids, matrix)"),
+        (["dict.npy", "o.emb"], "dict.npy: holds pickled Python objects (np.save of a dict, say): loading them runs"),
         (["folder", "o.emb", "--from", "zarr"], "not a readable Zarr group"),
         (["folder", "o.emb", "--from", "lance"], "not a Lance dataset (it has no _versions folder)"),
         (["pair.npz", "o.emb", "--ids", "nope"], "no array 'nope'"),

@@ -89,7 +89,7 @@ def test_npy_with_keys(tmp_path):
     with pytest.raises(embfile.ConversionError, match="2 keys for 109 rows"):
         embfile.convert(tmp_path / "emb.npy", tmp_path / "x.emb", keys=tmp_path / "short.txt")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
-    with pytest.raises(embfile.ConversionError, match="not a numeric .npy"):
+    with pytest.raises(embfile.ConversionError, match="obj.npy: holds pickled Python objects"):
         embfile.convert(tmp_path / "obj.npy", tmp_path / "x.emb")
     assert not os.path.exists(tmp_path / "x.emb")
 
@@ -106,8 +106,34 @@ def test_pickle_needs_trust(tmp_path):
     data["seq0000000007"] = np.zeros(5)
     with open(tmp_path / "bad.pkl", "wb") as f:
         pickle.dump(data, f)
-    with pytest.raises(embfile.ConversionError, match=r"key 'seq0000000007': vector has shape \(5,\)"):
+    with pytest.raises(embfile.WriterError, match=r"key .seq0000000007.: vector has shape \(5,\)"):
         embfile.convert(tmp_path / "bad.pkl", tmp_path / "bad.emb", trust_pickle=True)
+
+
+def test_pickles_hold_what_torch_files_hold(tmp_path):
+    """Per-residue matrices, an (ids, matrix) pair, a dict of ids and a matrix, and np.save of a dict (a pickle
+    in an .npy file) convert as torch.save files of them do; each was refused ("the first vector has shape
+    (3, 4)", "holds a tuple", "not a numeric .npy matrix")."""
+    rng = np.random.default_rng(11)
+    residues = {f"P{i}": rng.random((1 + i % 3, 4)).astype(np.float32) for i in range(20)}
+    keys, m = list(residues), rng.random((20, 4)).astype(np.float32)
+    objects = {"residues": residues, "pair": (keys, m), "named": {"ids": keys, "embeddings": m}}
+    for name, data in objects.items():
+        with open(tmp_path / f"{name}.pkl", "wb") as f:
+            pickle.dump(data, f)
+    np.save(tmp_path / "dict.npy", residues, allow_pickle=True)
+    with pytest.raises(embfile.ConversionError, match=r"dict.npy: holds pickled Python objects .* trust_pickle=True"):
+        embfile.convert(tmp_path / "dict.npy", tmp_path / "x.emb")
+    for name in ("residues.pkl", "dict.npy"):
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", trust_pickle=True)
+        with embfile.open(tmp_path / f"{name}.emb") as db:
+            assert db.ragged and all(np.array_equal(db[k], v) for k, v in residues.items())
+    embfile.convert(tmp_path / "residues.pkl", tmp_path / "pooled.emb", trust_pickle=True, pool="mean")
+    with embfile.open(tmp_path / "residues.pkl.emb") as db, embfile.open(tmp_path / "pooled.emb") as pooled:
+        np.testing.assert_array_equal(pooled.get_batch(keys), db.pool("mean")[db.rows(keys)])
+    for name in ("pair.pkl", "named.pkl"):
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", trust_pickle=True)
+        assert_store(tmp_path / f"{name}.emb", dict(zip(keys, m)))
 
 
 def test_detection_and_options(tmp_path, study):

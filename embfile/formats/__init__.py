@@ -148,7 +148,8 @@ def from_pickle(
     progress: bool = False,
     trust_pickle: bool = False,
 ) -> str:
-    """Pickled ``dict {key: vector}`` -> .emb, only with ``trust_pickle=True``: loading a pickle runs code."""
+    """Pickled ``dict {key: vector}`` (or per-residue matrices, or ids and a matrix) -> .emb, only with
+    ``trust_pickle=True``: loading a pickle runs code."""
     return write_emb(read_pickle(src, trust_pickle=trust_pickle), dst, dtype, metadata, progress)
 
 

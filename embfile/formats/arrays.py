@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import gzip
 import os
 import pickle
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
 from embfile import errors
-from embfile._stream import Chunk, OnError, Source, chunk_rows, pooled, require_unique, source_of
+from embfile._stream import Chunk, Source, chunk_rows, pooled, require_unique, source_of
 from embfile.dataset import Dataset
+from embfile.formats.tensors import loaded_source
 from embfile.shards import open as open_dataset
 
 
@@ -32,12 +31,23 @@ def _closing(db: Dataset, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         yield from chunks
 
 
-def read_npy(path: str | os.PathLike[str], *, keys: str | os.PathLike[str] | None = None) -> Source:
+def read_npy(
+    path: str | os.PathLike[str], *, keys: str | os.PathLike[str] | None = None, trust_pickle: bool = False
+) -> Source:
     """A 2-d ``.npy`` matrix (memory-mapped, never pickled) and a UTF-8 text file of keys, one a line.
 
-    ``keys`` defaults to the matrix's name with ``.txt`` for ``.npy`` (``emb.npy`` -> ``emb.txt``).
+    ``keys`` defaults to the matrix's name with ``.txt`` for ``.npy`` (``emb.npy`` -> ``emb.txt``).  An
+    ``.npy`` of Python objects (``np.save`` of a dict) is read as a pickle is, only with ``trust_pickle=True``.
     """
     path = os.fspath(path)
+    if _holds_objects(path):
+        if not trust_pickle:
+            raise errors.ConversionError(
+                f"{path}: holds pickled Python objects (np.save of a dict, say): loading them runs code; if you "
+                "trust where it came from, pass trust_pickle=True (--trust-pickle)"
+            )
+        data = np.load(path, allow_pickle=True)
+        return loaded_source(path, "npy", data.item() if data.ndim == 0 else data, None, None, "error")
     keys = os.fspath(keys) if keys else os.path.splitext(path)[0] + ".txt"
     try:
         m = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -59,16 +69,38 @@ def read_npy(path: str | os.PathLike[str], *, keys: str | os.PathLike[str] | Non
     return Source(m.shape[1], m.dtype.newbyteorder("="), m.shape[0], _npy_chunks(m, names), desc)
 
 
+def _holds_objects(path: str) -> bool:
+    """Whether the ``.npy`` file at ``path`` holds Python objects (pickled), from its header alone."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            return bool(read_header(f)[2].hasobject)
+        except ValueError:  # not an .npy header (an .npz, say): np.load says what it is
+            return False
+
+
 def _npy_chunks(m: np.ndarray, keys: list[str]) -> Iterator[Chunk]:
     step = chunk_rows(m.shape[1] * m.dtype.itemsize)
     for lo in range(0, len(keys), step):
         yield keys[lo : lo + step], np.asarray(m[lo : lo + step])
 
 
-def read_pickle(path: str | os.PathLike[str], *, trust_pickle: bool = False, on_error: str = "error") -> Source:
-    """A pickled ``dict {key: vector}``.  Loading a pickle runs code: only with ``trust_pickle=True``.
+def read_pickle(
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    ids: str | None = None,
+    vectors: str | None = None,
+    on_error: str = "error",
+) -> Source:
+    """A pickled ``dict {key: vector}`` (or ``{key: (L, dim) matrix}``: ragged records), a pair ``(ids,
+    matrix)``, or a dict holding the ids and the matrix, as a ``torch.save`` file holds them.  Loading a pickle
+    runs code: only with ``trust_pickle=True``.
 
-    The whole dict is loaded (pickle cannot be read in parts).  A vector of a type that casts exactly to the
+    The whole object is loaded (pickle cannot be read in parts).  A vector of a type that casts exactly to the
     first's is cast; ``on_error="skip"`` skips (and notes) one of another shape or type, or a key not a str.
     """
     path = os.fspath(path)
@@ -86,33 +118,4 @@ def read_pickle(path: str | os.PathLike[str], *, trust_pickle: bool = False, on_
         hint = "; a torch.save file? --from torch reads it" if "persistent" in str(e) else ""
         why = " ".join(str(e).split())
         raise errors.ConversionError(f"{path}: not a pickle this Python can load ({why}){hint}") from None
-    if not isinstance(data, collections.abc.Mapping):
-        raise errors.ConversionError(f"{path}: holds a {type(data).__name__}, not a dict of vectors")
-    if not data:
-        raise errors.ConversionError(f"{path}: the dict is empty, so it has no dimension")
-    v0 = np.asarray(next(iter(data.values())))
-    if v0.ndim != 1 or v0.dtype.kind not in "iuf":
-        raise errors.ConversionError(f"{path}: the first vector has shape {v0.shape} of {v0.dtype}, not (dim,)")
-    desc = {"format": "pickle", "path": os.path.abspath(path)}
-    bad = OnError(on_error)
-    chunks = _dict_chunks(data, v0, path, bad)
-    return Source(v0.shape[0], v0.dtype.newbyteorder("="), len(data), chunks, desc, on_error=bad)
-
-
-def _dict_chunks(data: collections.abc.Mapping[Any, Any], v0: np.ndarray, path: str, bad: OnError) -> Iterator[Chunk]:
-    step = chunk_rows(v0.nbytes)
-    items = iter(data.items())
-    while batch := [kv for _, kv in zip(range(step), items)]:
-        matrix = np.empty((len(batch), v0.shape[0]), v0.dtype)
-        keys: list[str] = []
-        for key, v in batch:
-            v = np.asarray(v)
-            if not isinstance(key, str):
-                bad(errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str"), path, key)
-            elif v.shape != v0.shape or not np.can_cast(v.dtype, v0.dtype, "safe"):
-                error = f"key {key!r}: vector has shape {v.shape} of {v.dtype}, expected {v0.shape} of {v0.dtype}"
-                bad(errors.ConversionError(f"{error} like the first"), path, key)
-            else:
-                matrix[len(keys)] = v
-                keys.append(key)
-        yield keys, matrix[: len(keys)]
+    return loaded_source(path, "pickle", data, ids, vectors, on_error)

@@ -48,12 +48,12 @@ def _source(
     ids: str | None,
     vectors: str | None,
     id_list: list[str] | None = None,
-    on_error: str = "error",
+    on_error: str | OnError = "error",
 ) -> Source:
     """The records of named ``arrays``: the matrix ``vectors`` with the ids ``ids`` (an array, or ``id_list``),
     found by shape when not named (a repeated id is an error before any vector is read); else one array per
     key (``on_error="skip"``: one that is not a vector, or not of the first's shape, is skipped)."""
-    bad = OnError(on_error)
+    bad = on_error if isinstance(on_error, OnError) else OnError(on_error)
     names = list(arrays)
     if not names:
         raise errors.ConversionError(f"{path}: holds no arrays: nothing to convert")
@@ -158,19 +158,28 @@ def read_torch(
     except Exception as e:  # torch raises many types for a file it cannot read
         raise errors.ConversionError(f"{path}: not a torch file it can load safely ({type(e).__name__}: {e})") from None
 
-    def array(value: Any) -> Any:
-        return array_of(value) if isinstance(value, (torch.Tensor, list, tuple)) else value
+    return loaded_source(path, "torch", data, ids, vectors, on_error)
+
+
+def loaded_source(path: str, fmt: str, data: Any, ids: str | None, vectors: str | None, on_error: str) -> Source:
+    """The records of an object a file held (``torch.save``, a pickle, ``np.save`` of a dict): a dict
+    ``{id: vector}`` (or ``{id: (L, dim) matrix}``), a pair ``(ids, matrix)``, or a dict holding the ids and
+    the matrix.  A key not a str is refused, or skipped under ``on_error="skip"``."""
+
+    def array(value: Any) -> Any:  # a tensor as an array (bfloat16 kept); anything else as it is, for errors
+        return array_of(value) if hasattr(value, "detach") else value
 
     if isinstance(data, (tuple, list)) and len(data) == 2:
         keys, matrix = data
         keys = [str(k) for k in (keys.tolist() if hasattr(keys, "tolist") else keys)]
-        return _source(path, "torch", {"vectors": array(matrix)}, None, "vectors", keys)
-    if not isinstance(data, dict):
-        raise errors.ConversionError(f"{path}: holds a {type(data).__name__}, not a dict of tensors or (ids, tensor)")
-    bad = next((k for k in data if not isinstance(k, str)), None)
-    if bad is not None:
-        raise errors.ConversionError(f"{path}: key {bad!r} is a {type(bad).__name__}; embfile keys are str")
-    return _source(path, "torch", _Lazy(list(data), lambda k: array(data[k])), ids, vectors, None, on_error)
+        return _source(path, fmt, {"vectors": array(matrix)}, None, "vectors", keys)
+    if not isinstance(data, collections.abc.Mapping):
+        raise errors.ConversionError(f"{path}: holds a {type(data).__name__}, not a dict of vectors or (ids, matrix)")
+    bad = OnError(on_error)
+    for key in (k for k in data if not isinstance(k, str)):
+        bad(errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str"), path, key)
+    names = [k for k in data if isinstance(k, str)]
+    return _source(path, fmt, _Lazy(names, lambda k: array(data[k])), ids, vectors, None, bad)
 
 
 def read_safetensors(
