@@ -261,15 +261,18 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
     those of :class:`~embfile.epochs.EpochOptions` that order an epoch (``seed``, ``epoch``, ``shuffle``,
     ``drop_last``, ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``: ``torch.distributed``'s by
     default).  Over a Dataset made with ``keys``, blocks are runs of those keys in the file's order, whatever
-    order they were given in.  Call :meth:`set_epoch` before each epoch; to resume, save
-    ``sampler.state_dict(batches_seen)``, then ``load_state_dict(state)``.
+    order they were given in; an embfile dataset (or its path) stands for every row of it.  Call
+    :meth:`set_epoch` before each epoch; to resume, save ``sampler.state_dict(batches_seen)``, then
+    ``load_state_dict(state)``.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, **options: Any) -> None:
+    def __init__(self, dataset: Dataset | Source, batch_size: int, **options: Any) -> None:
         ordering = {"seed", "epoch", "shuffle", "drop_last", "block_size", "buffer_blocks", "rank", "world_size"}
         unknown = set(options) - ordering
         if unknown:
             raise TypeError(f"BatchSampler() got unexpected options {sorted(unknown)}")
+        if not isinstance(dataset, Dataset):  # an embfile dataset or its path: the batches of its every row
+            dataset = Dataset(dataset)
         self.options = EpochOptions(batch_size, **_distributed(options))
         self._n, self._record_bytes = len(dataset), dataset.store.dim * dataset.store.dtype.itemsize
         self._file_order = dataset._file_order  # blocks are runs of the file, whatever order keys were given in

@@ -326,6 +326,11 @@ def test_batch_sampler_reads_the_iterable_epoch_through_workers(store):
     sampler = BatchSampler(ds, 100, seed=11, epoch=2, block_size=40)
     want = [x.numpy() for x in IterableDataset(folder / "ds", 100, seed=11, epoch=2, block_size=40)]
     assert len(sampler) == 12 and all(b.dtype == np.int64 for b in sampler)
+    with embfile.open(folder / "ds") as db:  # the embfile dataset itself (was "has no attribute 'store'")
+        for given in (db, folder / "ds"):
+            assert all(
+                np.array_equal(a, b) for a, b in zip(BatchSampler(given, 100, seed=11, epoch=2, block_size=40), sampler)
+            )
     for workers, context in ((0, None), (2, "fork"), (3, "spawn")):
         got = sampled(ds, sampler, workers, context)
         assert len(got) == 12 and all(np.array_equal(a, b) for a, b in zip(got, want))
