@@ -148,11 +148,17 @@ class Dataset(torch.utils.data.Dataset):
         return buffers.hand_over(batch) if buffers is not None else batch
 
     def __getitems__(self, indices: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
-        whole = _collated_whole(sys._getframe(1))
+        collate_fn = _collate_fn(sys._getframe(1))
+        whole = collate_fn is collate
         if self.store.ragged:
             if whole:  # padded in one native gather, as collate would pad the records
                 return _Batch(self._padded(indices))
             rows, offsets = self.store.take(self._rows(indices), pad=False)
+            if collate_fn is torch.utils.data.default_collate and len(set(np.diff(offsets).tolist())) > 1:
+                raise TypeError(
+                    "per-residue records of different lengths do not stack: pass collate_fn=embfile.torch.collate "
+                    "to the DataLoader (it pads them and gives the mask)"
+                )
             return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
         batch = self._gather(indices)
         return _Batch(batch, () if whole else batch.unbind(0))
@@ -348,13 +354,12 @@ class _Batch(list[torch.Tensor]):
         self.batch = batch
 
 
-def _collated_whole(caller: FrameType) -> bool:
-    """Whether ``caller``, the frame that asked :meth:`Dataset.__getitems__` for a batch, is a DataLoader's
-    fetcher that passes it straight to :func:`collate`.  A tensor per row is as costly to make as the gather of
-    the whole batch, and :func:`collate` would throw them away (of per-residue records, pad them in Python);
-    any other collate, or a caller not recognised, gets them."""
-    fetcher = caller.f_locals.get("self")
-    return getattr(fetcher, "collate_fn", None) is collate
+def _collate_fn(caller: FrameType) -> Any:
+    """The collate function of ``caller``, the frame that asked :meth:`Dataset.__getitems__` for a batch, if it
+    is a DataLoader's fetcher.  One passing the batch straight to :func:`collate` gets it whole: a tensor per row
+    is as costly to make as the gather of the whole batch, and :func:`collate` would throw them away (of
+    per-residue records, pad them in Python); any other collate, or a caller not recognised, gets them."""
+    return getattr(caller.f_locals.get("self"), "collate_fn", None)
 
 
 class IterableDataset(torch.utils.data.IterableDataset):

@@ -154,6 +154,9 @@ def test_map_style_per_residue_items_collate_with_a_mask(residues):
         for (x, mask), rows in zip(loader, batches, strict=True):  # each item a whole batch, padded natively
             want, want_mask = db.get_batch([keys[i] for i in rows])
             assert torch.equal(x, torch.from_numpy(want)) and torch.equal(mask, torch.from_numpy(want_mask))
+    for workers in (0, 2):  # torch's default collate: its "stack expects each tensor to be equal size" said nothing
+        with pytest.raises(Exception, match=r"pass collate_fn=embfile.torch.collate to the DataLoader"):
+            next(iter(DataLoader(Dataset(path, keys=keys), batch_size=16, num_workers=workers)))
 
 
 def test_token_budget_epochs_through_loader_workers_give_every_record_once(residues):
