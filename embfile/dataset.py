@@ -407,7 +407,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         return search.Pooled(self, pool)
 
     def iter_batches(
-        self, batch_size: int = 100, *, transform: Callable[[Any], Any] | None = None, **options: Any
+        self, batch_size: int | None = None, *, transform: Callable[[Any], Any] | None = None, **options: Any
     ) -> Batches:
         """Batches of one epoch: every record once, in a block-shuffled order.
 
@@ -421,13 +421,14 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
 
         Parameters
         ----------
-        batch_size : int
-            Records per batch.
+        batch_size : int, optional
+            Records per batch (default 100); with a ``token_budget``, at most this many (default: no limit).
         transform : callable, optional
             Applied to each batch.
         **options
             Any other field of :class:`~embfile.epochs.EpochOptions`: ``shuffle``, ``seed``, ``epoch``,
-            ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``, ``drop_last``, ``keys``.
+            ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``, ``drop_last``, ``keys``, and of
+            per-residue records ``unit``, ``token_budget``, ``pad``.
 
         Returns
         -------

@@ -15,9 +15,9 @@ disk; reading whole blocks in file order gives correlated batches.  The order he
 Ragged records (per-residue embeddings) are read by record, each batch padded to its longest record with a
 mask, or by row (``unit="row"``: every residue once, for per-residue heads).  With a ``token_budget`` the
 records of the rank's part of each window are sorted by length and cut into batches of at most that many
-padded rows, and those batches are shuffled: little padding, the same block-shuffled epoch, every record
-once.  A window then holds at least ``WINDOW_BUDGETS`` budgets of rows (more blocks than ``buffer_blocks`` if
-need be), so that records of about the same length meet in it.
+padded rows (and at most ``batch_size`` records, if given), and those batches are shuffled: little padding,
+the same block-shuffled epoch, every record once.  A window then holds at least ``WINDOW_BUDGETS`` budgets of
+rows (more blocks than ``buffer_blocks`` if need be), so that records of about the same length meet in it.
 
 Every shuffle is the core's Fisher-Yates driven by ``(seed, epoch, window)`` (``_core.stream_seed``),
 so the order depends on nothing else: not on numpy's generators, the number of loader workers or the
@@ -45,6 +45,7 @@ BLOCK_BYTES = 1 << 20  # default block: about 1 MiB of records, one sequential r
 BUFFER_BLOCKS = 64  # default window: 64 blocks mixed together
 _BLOCK_ORDER_STREAM = (1 << 64) - 1  # the random stream of the block order (windows use 0, 1, ...)
 _BUDGET_STREAM = 1 << 63  # the order of window w's budgeted batches: stream 2**63 + w
+DEFAULT_BATCH_SIZE = 100  # records, without a token budget
 WINDOW_BUDGETS = 64  # under a token budget, a window holds at least this many budgets of rows
 PADDING_TOLERANCE = 0.04  # and a batch stops short rather than pad more than this share of its rows
 READS = ("auto", "mapped", "direct")
@@ -77,8 +78,10 @@ class EpochOptions:
 
     Attributes
     ----------
-    batch_size : int
-        Records per batch (the last batch of a share may be shorter, unless ``drop_last``).
+    batch_size : int or None
+        Records per batch (default 100; the last batch of a share may be shorter, unless ``drop_last``).  With
+        a ``token_budget``, at most this many records in a batch (default: as many as the budget holds), as
+        fairseq's ``--batch-size`` caps its ``--max-tokens`` batches.
     shuffle : bool
         Block-shuffle the order; without it, row order.
     seed : int
@@ -102,7 +105,7 @@ class EpochOptions:
         row of every record once; the keys say whose).
     token_budget : int or None
         Of a ragged dataset read by record: batches of records of similar length, each at most this many
-        padded rows (a longer record alone), instead of ``batch_size`` records.
+        padded rows (a longer record alone), instead of ``batch_size`` records each.
     pad : bool
         Of a ragged dataset read by record: batches padded, with a mask; ``False`` packs their rows with
         offsets.
@@ -113,7 +116,7 @@ class EpochOptions:
         (not loader workers, which share the page cache).  The batches are the same.
     """
 
-    batch_size: int = 100
+    batch_size: int | None = None
     shuffle: bool = True
     seed: int = 0
     epoch: int = 0
@@ -129,7 +132,8 @@ class EpochOptions:
     read: str = "auto"
 
     def __post_init__(self) -> None:
-        checked: dict[str, object] = {"batch_size": count(self.batch_size, "batch_size", 1)}
+        size = DEFAULT_BATCH_SIZE if self.batch_size is None and self.token_budget is None else self.batch_size
+        checked: dict[str, object] = {"batch_size": None if size is None else count(size, "batch_size", 1)}
         if self.read not in READS:
             raise ValueError(f"read must be one of {', '.join(map(repr, READS))}, not {self.read!r}")
         if self.unit not in UNITS:
@@ -331,15 +335,19 @@ def _drop(future: Future[Callable[[], None]]) -> None:
         future.add_done_callback(lambda f: f.exception() is None and f.result()())
 
 
-def budget_cuts(lengths: np.ndarray, budget: int, tolerance: float = PADDING_TOLERANCE) -> np.ndarray:
+def budget_cuts(
+    lengths: np.ndarray, budget: int, most: int | None = None, tolerance: float = PADDING_TOLERANCE
+) -> np.ndarray:
     """Where to cut records of ascending ``lengths`` into batches (each as long as its last record): the indices
-    that start a new batch.  Greedily, a batch takes the next record unless its padded rows would then pass
-    ``budget`` or its padding ``tolerance`` of the budget; so where lengths are dense batches fill the budget,
-    and where they are sparse (the long tail) a batch stops a little short rather than pad."""
+    that start a new batch.  Greedily, a batch takes the next record unless it holds ``most`` records already,
+    or its padded rows would then pass ``budget`` or its padding ``tolerance`` of the budget; so where lengths
+    are dense batches fill the budget, and where they are sparse (the long tail) a batch stops a little short
+    rather than pad."""
     cuts, start, useful = [], 0, 0
+    most = most or len(lengths)
     for i, length in enumerate(lengths.tolist()):
         padded = (i - start + 1) * length
-        if i > start and (padded > budget or padded - useful - length > tolerance * budget):
+        if i > start and (i - start == most or padded > budget or padded - useful - length > tolerance * budget):
             cuts.append(i)
             start, useful, padded = i, 0, length
         useful += length
@@ -354,8 +362,10 @@ class BudgetBatches:
     window is known once every window before it was made.
     """
 
-    def __init__(self, plan: EpochPlan, lengths: np.ndarray, lo: int, hi: int, budget: int) -> None:
-        self.plan, self.lengths, self.lo, self.hi, self.budget = plan, lengths, lo, hi, budget
+    def __init__(
+        self, plan: EpochPlan, lengths: np.ndarray, lo: int, hi: int, budget: int, most: int | None = None
+    ) -> None:
+        self.plan, self.lengths, self.lo, self.hi, self.budget, self.most = plan, lengths, lo, hi, budget, most
         self.windows = range(plan.window_of(lo), plan.window_of(hi - 1) + 1) if lo < hi else range(0)
         self._firsts = [0]  # the number of batches before each window made so far
         self._cached: tuple[int, list[np.ndarray]] = (-1, [])
@@ -367,7 +377,7 @@ class BudgetBatches:
         w, starts = self.windows[i], self.plan.window_starts
         rows = self.plan.rows(max(self.lo, starts[w]), min(self.hi, starts[w + 1]))
         rows = rows[np.argsort(self.lengths[rows], kind="stable")]
-        batches = np.split(rows, budget_cuts(self.lengths[rows], self.budget))
+        batches = np.split(rows, budget_cuts(self.lengths[rows], self.budget, self.most))
         order = np.arange(len(batches), dtype=np.uint64)
         if self.plan.shuffle:
             _core.shuffle(order, _core.stream_seed(self.plan.seed, self.plan.epoch, _BUDGET_STREAM + w))
@@ -431,7 +441,7 @@ class Batches:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, not {type(transform).__name__}")
         self.options = options
-        self.batch_size = options.batch_size
+        self.batch_size = options.batch_size or 0  # (under a token budget, a batch's most records; 0: no most)
         self._source = source
         self._layout, fetch = source._epoch_reads()
         ragged = source.ragged
@@ -460,10 +470,10 @@ class Batches:
         )
         self._budget: BudgetBatches | None = None
         if budget is not None and lengths is not None:
-            self._budget = BudgetBatches(self.plan, lengths, self._lo, self._hi, budget)
+            self._budget = BudgetBatches(self.plan, lengths, self._lo, self._hi, budget, options.batch_size)
             shares = [rank_share(n, r, options.world_size, 1, False) for r in range(options.world_size)]
             self._n_batches = (  # with drop_last, as many batches as the rank with the fewest
-                min(len(BudgetBatches(self.plan, lengths, a, b, budget)) for a, b in shares)
+                min(len(BudgetBatches(self.plan, lengths, a, b, budget, options.batch_size)) for a, b in shares)
                 if options.drop_last
                 else None
             )
@@ -685,7 +695,7 @@ class Batches:
         return {
             **order_config(self.plan, o),
             **({"unit": o.unit} if self._by_row else {}),
-            **({"token_budget": o.token_budget} if self._budget is not None else {}),
+            **({"token_budget": o.token_budget, "batch_size": o.batch_size} if self._budget is not None else {}),
         }
 
 

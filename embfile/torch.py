@@ -279,6 +279,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
             raise TypeError(f"BatchSampler() got unexpected options {sorted(unknown)}")
         if not isinstance(dataset, Dataset):  # an embfile dataset or its path: the batches of its every row
             dataset = Dataset(dataset)
+        self.batch_size = count(batch_size, "batch_size", 1)
         self.options = EpochOptions(batch_size, **_distributed(options))
         self._n, self._record_bytes = len(dataset), dataset.store.dim * dataset.store.dtype.itemsize
         self._file_order = dataset._file_order  # blocks are runs of the file, whatever order keys were given in
@@ -291,7 +292,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         plan = EpochPlan(
             self._n, block_size=block_size, buffer_blocks=o.buffer_blocks, seed=o.seed, epoch=o.epoch, shuffle=o.shuffle
         )
-        return plan, *rank_share(self._n, o.rank, o.world_size, o.batch_size, o.drop_last)
+        return plan, *rank_share(self._n, o.rank, o.world_size, self.batch_size, o.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Order epoch ``epoch`` next, from its start."""
@@ -300,14 +301,14 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
 
     def __len__(self) -> int:
         _, lo, hi = self._plan()
-        return -(-max(0, hi - lo - self._start) // self.options.batch_size)
+        return -(-max(0, hi - lo - self._start) // self.batch_size)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         plan, lo, hi = self._plan()
         epoch = f"{zlib.crc32(repr(self._config()).encode()):08x}"  # names this epoch's windows in any process
         asked, due = -1, lo + self._start  # windows up to ``asked`` are read ahead; a batch reaching ``due`` asks
-        for first in range(lo + self._start, hi, self.options.batch_size):
-            stop = min(first + self.options.batch_size, hi)
+        for first in range(lo + self._start, hi, self.batch_size):
+            stop = min(first + self.batch_size, hi)
             positions = plan.rows(first, stop)
             items = positions if self._file_order is None else self._file_order[positions]
             rows = items.astype(np.int64).view(_BlockRows)
@@ -322,7 +323,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
     def state_dict(self, batches_seen: int) -> dict[str, Any]:
         """The resume point after the loader yielded ``batches_seen`` batches of this pass."""
         _, lo, hi = self._plan()
-        position = min(self._start + count(batches_seen, "batches_seen") * self.options.batch_size, hi - lo)
+        position = min(self._start + count(batches_seen, "batches_seen") * self.batch_size, hi - lo)
         return {**self._config(), "position": position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -332,7 +333,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         self._start = count(state["position"], "position")
 
     def _config(self) -> dict[str, Any]:
-        return {**order_config(self._plan()[0], self.options), "batch_size": self.options.batch_size}
+        return {**order_config(self._plan()[0], self.options), "batch_size": self.batch_size}
 
 
 def _distributed(options: dict[str, Any]) -> dict[str, Any]:
@@ -379,7 +380,7 @@ class IterableDataset(torch.utils.data.IterableDataset):
     def __init__(
         self,
         source: Source,
-        batch_size: int = 100,
+        batch_size: int | None = None,
         *,
         transform: Callable[[Any], Any] | None = None,
         **options: Any,
@@ -463,7 +464,7 @@ class Loader:
     def __init__(
         self,
         source: Source,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         *,
         transform: Callable[[Any], Any] | None = None,
         threads: int = 2,
@@ -473,6 +474,8 @@ class Loader:
     ) -> None:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, not {type(transform).__name__}")
+        if batch_size is None and options.get("token_budget") is None:
+            batch_size = 256
         self.dataset = IterableDataset(source, batch_size, **options)
         self.transform, self.threads = transform, count(threads, "threads")
         if pin_memory and not torch.cuda.is_available():

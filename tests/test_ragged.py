@@ -463,6 +463,26 @@ def test_token_budget_epochs_resume_and_split_over_workers(proteins):
             rest.load_state_dict(state)
 
 
+def test_batch_size_caps_the_records_of_budget_batches(proteins):
+    """Under a token budget, a batch_size given is a most of records per batch (as fairseq's --batch-size caps
+    --max-tokens batches); it was ignored without a word.  Every record still comes once, and a state saved with
+    one cap does not resume another."""
+    path, lengths = proteins
+    with embfile.open(path) as db:
+        free = [len(keys) for keys, *_ in db.iter_batches(seed=5, token_budget=8192)]
+        assert max(free) > 8
+        seen = collections.Counter()
+        for keys, _, mask in db.iter_batches(8, seed=5, token_budget=8192):
+            assert len(keys) <= 8 and (mask.size <= 8192 or len(keys) == 1)
+            seen.update(keys)
+        assert seen == collections.Counter(db.keys())
+        b = db.iter_batches(8, seed=5, token_budget=8192)
+        next(b)
+        with pytest.raises(ValueError, match="state was saved with batch_size=8, this iterator has batch_size=None"):
+            db.iter_batches(seed=5, token_budget=8192).load_state_dict(b.state_dict())
+        assert len(next(iter(db.iter_batches(shuffle=False)))[0]) == 100  # without a budget, 100 by default
+
+
 def test_drop_last_gives_every_rank_as_many_budget_batches(proteins):
     path, _ = proteins
     with embfile.open(path) as db:
