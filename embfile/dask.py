@@ -94,6 +94,8 @@ def _partitions(data: Any, key: Any, vector: Any, ragged: bool) -> list[Any]:
     if isinstance(data, dd.DataFrame):
         if ragged and not isinstance(vector, str):
             raise ValueError("ragged records come in one column (of 2-d arrays or of lists of vectors)")
+        if key not in data.columns and key == data.index.name:  # ids as the index, as pandas users keep them
+            data = data.reset_index()
         named = [key, *([vector] if isinstance(vector, str) else vector)]
         missing = [c for c in named if c not in data.columns]
         if missing:
@@ -141,17 +143,23 @@ def _chunks(kind: str, data: Any, key: Any, vector: Any, ragged: bool) -> Iterat
                 arrow = jobs.arrow_records if ragged else jobs.arrow_chunk
                 yield arrow(_arrow(data[key]), _arrow(column), None)
             elif ragged:
-                yield _records(data[key].tolist(), column.to_numpy())
+                yield _records(_keys(data[key]), column.to_numpy())
             else:
-                keys = data[key].tolist()
+                keys = _keys(data[key])
                 yield keys, _stacked(keys, column.to_numpy())
         else:
-            yield data[key].tolist(), data[list(vector)].to_numpy()
+            yield _keys(data[key]), data[list(vector)].to_numpy()
     else:  # pairs, read a chunk at a time: a partition may be a generator
         items = iter(data)
         while batch := list(itertools.islice(items, 4096)):
             keys, values = [k for k, _ in batch], [v for _, v in batch]
             yield _records(keys, values) if ragged else (keys, _stacked(keys, values))
+
+
+def _keys(column: Any) -> list[Any]:
+    """A key column's keys: integer ids as their decimal text, as the Parquet reader takes them."""
+    keys: list[Any] = (column.astype(str) if pd.api.types.is_integer_dtype(column.dtype) else column).tolist()
+    return keys
 
 
 def _stacked(keys: list[Any], vectors: Sequence[Any]) -> np.ndarray:

@@ -198,7 +198,7 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
                 lo = hi
         if writer is not None:
             close()
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
         for name in names:
@@ -206,6 +206,12 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
             if remote:
                 with contextlib.suppress(Exception):  # else the commit's (or abort's) sweep removes it
                     remote.child(name).remove()
+        if isinstance(e, errors.DuplicateKeyError):  # rows of the shard being written: say the partition's
+            before = sum(s.count for s in entries)
+            a, b = (before + r for r in e.rows)
+            raise errors.DuplicateKeyError(
+                f"key {e.key!r} is twice in partition {part} (rows {a} and {b})", e.key, (a, b)
+            ) from None
         raise
     finally:
         staged.close()
@@ -215,6 +221,7 @@ def write_part(job: Job, part: int, chunks: Iterable[Chunk | RaggedChunk]) -> Pa
 def arrow_chunk(keys: Any, vectors: Any, dim: int | None) -> Chunk:
     """Arrow arrays of keys and of list vectors (an engine's batch) as ``(keys, matrix)``.  A null, or a
     vector of another length than ``dim`` (default: the first one's), is a WriterError naming the key."""
+    keys = text_keys(keys)
     _refuse_nulls(keys, vectors, "vector")
     return EncodedKeys.of_arrow(keys), _matrix(vectors, dim, lambda i: keys[i].as_py())
 
@@ -223,6 +230,7 @@ def arrow_records(keys: Any, records: Any, dim: int | None) -> RaggedChunk:
     """Arrow arrays of keys and of per-residue records (lists of list vectors: an engine's batch) as ``(keys,
     rows, lengths)``.  A null, a record of no rows, or a vector of another length than ``dim`` (default: the
     first one's), is a WriterError naming the key."""
+    keys = text_keys(keys)
     _refuse_nulls(keys, records, "record")
     lengths = np.diff(np.asarray(records.offsets))
     if (lengths == 0).any():
@@ -233,6 +241,17 @@ def arrow_records(keys: Any, records: Any, dim: int | None) -> RaggedChunk:
     if rows.null_count:
         raise errors.WriterError(f"key {keys[int(owner[rows.is_null().index(True).as_py()])].as_py()!r}: a null row")
     return EncodedKeys.of_arrow(keys), _matrix(rows, dim, lambda i: keys[int(owner[i])].as_py()), lengths
+
+
+def text_keys(keys: Any) -> Any:
+    """An Arrow key column as strings: integer ids as their decimal text, as the Parquet reader takes them."""
+    import pyarrow as pa  # an engine's batch is Arrow: pyarrow is there
+
+    if pa.types.is_integer(keys.type):
+        return keys.cast(pa.string())
+    if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)):
+        raise errors.WriterError(f"keys are {keys.type}, not strings or integers")
+    return keys
 
 
 def _refuse_nulls(keys: Any, values: Any, what: str) -> None:
@@ -271,6 +290,7 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
         if r is not None:
             chosen.setdefault(r.part, r)  # one result per partition, whatever the engine sent
     shards = [s for part in sorted(chosen) for s in chosen[part].shards]
+    sources = [str(part) for part in sorted(chosen) for _ in chosen[part].shards]  # each shard's partition
     dims = {r.part: r.dim for r in chosen.values() if r.dim is not None}
     try:
         if len(set(dims.values())) > 1:
@@ -281,7 +301,7 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
             raise errors.WriterError(f"{job.folder}: no records to write, and no dim to make an empty dataset of")
         for attempt in range(COMMIT_ATTEMPTS):
             try:
-                manifest = _commit(job, shards, dim)
+                manifest = _commit(job, shards, dim, sources)
                 break
             except errors.CommitConflictError:  # at a URL: another writer published this version first
                 if attempt == COMMIT_ATTEMPTS - 1:
@@ -293,9 +313,9 @@ def commit_job(job: Job, results: Sequence[PartResult | None]) -> layout.Manifes
     return manifest
 
 
-def _commit(job: Job, shards: list[layout.FileEntry], dim: int) -> layout.Manifest:
-    """Commit ``shards`` as the next version of the dataset: its latest version's successor (an append: plus
-    them; else them alone)."""
+def _commit(job: Job, shards: list[layout.FileEntry], dim: int, sources: list[str]) -> layout.Manifest:
+    """Commit ``shards`` (of the partitions ``sources``) as the next version of the dataset: its latest
+    version's successor (an append: plus them; else them alone)."""
     transaction: contextlib.AbstractContextManager[layout.Transaction] = (
         staged_commit(job.folder, shards, job.mode == "append", job.cache_dir, job.storage_options)
         if is_url(job.folder)
@@ -316,6 +336,7 @@ def _commit(job: Job, shards: list[layout.FileEntry], dim: int) -> layout.Manife
             metadata=job.metadata,
             operation=operation_name(job.mode),
             ragged=job.ragged,
+            sources=sources,
         )
 
 

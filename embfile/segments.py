@@ -221,11 +221,14 @@ def commit_shards(
     metadata: dict[str, Any],
     operation: str,
     ragged: bool = False,
+    sources: Sequence[str] | None = None,
 ) -> Manifest:
     """Commit ``shards`` (files of ``tx``, in row order) as the next version, with one segment of their keys:
     after the latest version's records (``append``; ``replace`` as in :func:`appended`), or alone (a new
-    dataset, an overwrite).  A key in two of the shards is a :class:`ShardError` naming both."""
-    with in_two_shards([tx.path(s.path) for s in shards], [s.count for s in shards]):
+    dataset, an overwrite).  A key in two of the shards is a :class:`ShardError` naming both, or the
+    ``sources`` (the partitions of a job) that wrote them."""
+    names = [tx.path(s.path) for s in shards] if sources is None else sources
+    with in_two_shards(names, [s.count for s in shards], "shards" if sources is None else "partitions"):
         segment = write_segment(tx, itertools.chain.from_iterable(file_keys(tx.folder, s.path) for s in shards))
     done = {"name": operation, "records": segment.count}
 

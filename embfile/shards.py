@@ -57,15 +57,27 @@ def _build_index(path: str, shards: Sequence[MappedFile]) -> None:
 
 
 @contextlib.contextmanager
-def in_two_shards(paths: Sequence[str], counts: Sequence[int]) -> Iterator[None]:
-    """Turn a DuplicateKeyError about rows across these shards into a ShardError naming both shards."""
-    bounds = np.cumsum([0, *counts])
+def in_two_shards(names: Sequence[str], counts: Sequence[int], kind: str = "shards") -> Iterator[None]:
+    """Turn a DuplicateKeyError about rows across these shards into a ShardError naming both shards (their
+    ``names``; consecutive shards of one name are one, a partition's say, of ``kind``)."""
+    groups: list[str] = []
+    sizes: list[int] = []
+    for name, n in zip(names, counts):
+        if groups and groups[-1] == name:
+            sizes[-1] += n
+        else:
+            groups.append(name)
+            sizes.append(n)
+    bounds = np.cumsum([0, *sizes])
     try:
         yield
     except errors.DuplicateKeyError as e:
-        shard = [int(np.searchsorted(bounds, r, side="right")) - 1 for r in e.rows]
-        where = [f"{paths[s]} (row {r - bounds[s]})" for r, s in zip(e.rows, shard)]
-        raise errors.ShardError(f"key {e.key!r} is in two shards: {where[0]} and {where[1]}") from None
+        (a, b), (i, j) = e.rows, [int(np.searchsorted(bounds, r, side="right")) - 1 for r in e.rows]
+        if i == j:
+            where = f"twice in {kind[:-1]} {groups[i]} (rows {a - bounds[i]} and {b - bounds[i]})"
+        else:
+            where = f"in two {kind}: {groups[i]} (row {a - bounds[i]}) and {groups[j]} (row {b - bounds[j]})"
+        raise errors.ShardError(f"key {e.key!r} is {where}") from None
 
 
 def write_index(folder: PathLike) -> None:

@@ -286,6 +286,33 @@ def test_mistakes_of_one_vector_per_key_are_one_line_and_write_nothing(dask_clie
     assert not (tmp_path / "new").exists()
 
 
+def test_integer_ids_the_index_as_key_and_keys_twice(dask_client, tmp_path):
+    """Integer ids (a NumPy or an Arrow column, as the Parquet reader takes them) are stored as their decimal text,
+    and ids kept as the index are taken by name; they were "embfile keys are str, not int" and "no column". A key
+    twice names its partitions and rows there (it said "rows 0 and 1", of no one file the user has)."""
+    _, matrix = data(40, dim=4)
+    emb = pd.Series(list(matrix), dtype=pd.ArrowDtype(pa.list_(pa.float32())))
+    frames = {
+        "numpy": pd.DataFrame({"id": np.arange(40), "emb": emb}),
+        "arrow": pd.DataFrame({"id": pd.Series(np.arange(40), dtype=pd.ArrowDtype(pa.int64())), "emb": emb}),
+        "index": pd.DataFrame({"emb": emb.set_axis(pd.Index([f"p{i}" for i in range(40)], name="id"))}),
+    }
+    for name, frame in frames.items():
+        embfile.dask.to_embfile(dd.from_pandas(frame, npartitions=3), tmp_path / name, key="id", vector="emb")
+        with embfile.open(tmp_path / name) as db:
+            keys = [f"p{i}" for i in range(40)] if name == "index" else [str(i) for i in range(40)]
+            np.testing.assert_array_equal(db.get_batch(keys), matrix)
+    twice = pd.DataFrame({"id": [f"k{i}" for i in (0, 1, 2, 3, 1)], "emb": list(np.ones((5, 4), np.float32))})
+    with dask.config.set({"dataframe.convert-string": False}):
+        across = dd.from_pandas(twice, npartitions=2, sort=False)
+        within = dd.from_pandas(twice.iloc[1:], npartitions=1)
+        with pytest.raises(embfile.ShardError, match=r"key 'k1' is in two partitions: 0 \(row 1\) and 1 \(row 1\)"):
+            embfile.dask.to_embfile(across, tmp_path / "twice", key="id", vector="emb")
+        with pytest.raises(embfile.DuplicateKeyError, match=r"key 'k1' is twice in partition 0 \(rows 0 and 3\)"):
+            embfile.dask.to_embfile(within, tmp_path / "twice", key="id", vector="emb")
+    assert not (tmp_path / "twice").exists()
+
+
 def test_a_dataset_at_an_s3_url_written_and_read_by_the_workers(dask_client, s3, tmp_path, monkeypatch):
     """Tasks upload their shards and a killed worker's leave no object; a read task fetches its rows of its
     shard, and the driver plans a per-residue read from the files' ranges sections alone."""

@@ -223,6 +223,8 @@ def lookup(
     """``df`` with a column ``out_col`` of the vectors of its ``key_col`` keys (null for a key not in the
     dataset), read from the latest version of the dataset at ``path`` without reading the rest of it: each task
     opens the dataset by path and gathers its keys (at a URL, by range reads)."""
+    if key_col not in df.columns:
+        raise ValueError(f"embfile: no column {key_col!r} (key_col); columns: {df.columns}")
     with open_dataset(path, None, storage_options=storage_options) as ds:
         _, value_type = _spark_type(ds)
         column, version = _spark_column(ds), ds.version
@@ -232,7 +234,7 @@ def lookup(
         with open_dataset(path, version, storage_options=storage_options) as ds:
             out_type = pa.list_(pa.field("element", value_type))
             for batch in batches:
-                keys = batch.column(key_col).to_pylist()
+                keys = jobs.text_keys(batch.column(key_col)).to_pylist()  # integer ids as written
                 rows = ds.find_rows(["" if k is None else k for k in keys])
                 found = rows >= 0
                 if ds.ragged:  # in runs of about ROWS_PER_BATCH rows: Spark's lists count values in 32 bits
