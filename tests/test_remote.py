@@ -458,7 +458,15 @@ def test_eight_processes_download_one_shard_once(served, tmp_path):
     assert os.listdir(os.path.join(cache, "tmp")) == []
 
 
-def test_a_killed_download_leaves_nothing_half_written(served, tmp_path, monkeypatch):
+def backdate(*patterns):
+    """Make the files matching ``patterns`` a minute old: a dead process's leftovers, past the age at which the
+    cache takes an unlocked one for abandoned (setting that age to 0 instead also takes a live download in the
+    moment between creating its file and locking it)."""
+    for path in [p for pattern in patterns for p in glob(pattern)]:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+
+
+def test_a_killed_download_leaves_nothing_half_written(served, tmp_path):
     server, keys, x, _ = served
     url, cache = f"{server.url}/one.emb", str(tmp_path / "c")
     server.delay = 0.3
@@ -474,7 +482,7 @@ def test_a_killed_download_leaves_nothing_half_written(served, tmp_path, monkeyp
     child.wait()
     server.delay = 0.0
     assert os.listdir(os.path.join(cache, "files")) == []  # nothing at the final name
-    monkeypatch.setattr(remote_cache, "ABANDONED_AFTER", 0.0)
+    backdate(os.path.join(cache, "tmp", "*"))
     with embfile.open(url, cache_dir=cache) as db:
         np.testing.assert_array_equal(db.to_numpy(), x)
     assert os.listdir(os.path.join(cache, "tmp")) == []  # the dead download was removed
@@ -1182,7 +1190,7 @@ def _write_for_long(url, opts, cache, keys, x):
             w.add(k, v)
 
 
-def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path, monkeypatch):
+def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path):
     """A job writing at a URL publishes each shard as it fills: killed, it loses the shard in progress alone,
     and a writer elsewhere resumes from what the URL holds; the local disk holds the shard in progress."""
     keys, x = data(n=2000, dim=64)
@@ -1202,7 +1210,7 @@ def test_a_dataset_writer_at_an_s3_url_outlives_its_machine(tmp_path, monkeypatc
             assert done >= 400 and done % 200 == 0  # whole shards, in order
             np.testing.assert_array_equal(db.get_batch(keys[:done]), x[:done])
         assert len(os.listdir(os.path.join(cache, "staging"))) == 2  # the dead writer's stand-in and its lock
-        monkeypatch.setattr(remote_cache, "ABANDONED_AFTER", 0.0)
+        backdate(os.path.join(cache, "staging", "*.lock"))
         server.delay = 0.0
         with embfile.DatasetWriter(
             url, dim=64, resume=True, shard_bytes=200 * 256, cache_dir=cache, storage_options=opts
