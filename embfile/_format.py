@@ -6,6 +6,7 @@ header; the reader, the writer, ``verify``, the fuzzers and the tests all go thr
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -17,6 +18,14 @@ from embfile import _core, errors
 from embfile._extras import require
 
 MAGIC = b"\x89EMB\r\n\x1a\n"  # "Header": PNG-style, catches text-mode mangling
+FOREIGN = {  # the first bytes of files users convert from: opening one says what it is and how to convert it
+    b"\x89HDF\r\n\x1a\n": ("hdf5", "HDF5"),
+    b"PAR1": ("parquet", "Parquet"),
+    b"\x93NUMPY": ("npy", "a .npy array"),
+    b"ARROW1": ("arrow", "an Arrow IPC file"),  # the IPC file format (Feather v2)
+    b"PK\x03\x04": ("zip", "a zip (torch.save, np.savez)"),
+    b"\x80": ("pickle", "a pickle"),  # protocol 2 and later
+}
 VERSION = (1, 1)  # "Versioning": a reader refuses a newer major version
 FIXED_VERSION = (1, 0)  # files without ragged records are written as 1.0, readable by every 1.x reader
 PAGE = 4096  # "Alignment": records and index start on a page
@@ -141,7 +150,7 @@ class Header(NamedTuple):
         if head[: len(MAGIC)] != MAGIC:
             if size < HEADER_SIZE and MAGIC.startswith(head[: len(MAGIC)]):
                 raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, shorter than the header")
-            raise errors.NotAnEmbFileError(f"{path}: not an .emb file (starts with {head[:8]!r})")
+            raise errors.NotAnEmbFileError(f"{path}: not an .emb file {_what(head, path)}")
         if size < HEADER_SIZE or len(head) < HEADER_SIZE:
             raise errors.TruncatedFileError(f"{path}: truncated: {size} bytes, shorter than the header")
         h = cls.unpack(head)
@@ -279,3 +288,13 @@ FIELD_MAX = {
     for name, code in zip(FIELDS, re.findall(r"\d*[a-wyzA-Z]", _STRUCT.format.lstrip("<")))  # not padding: x
     if name != "magic"
 }
+
+
+def _what(head: bytes, path: str) -> str:
+    """What a file that is not an .emb file is, from its first bytes: a format embfile converts, or the bytes."""
+    kind = next((kind for magic, (_, kind) in FOREIGN.items() if head.startswith(magic)), None)
+    if kind is None:
+        return f"(starts with {head[:8]!r})"
+    if "://" in path:  # convert reads local files
+        return f"but {kind}: `embfile convert` converts a local copy of it"
+    return f"but {kind}: `embfile convert {path} {os.path.splitext(path)[0]}.emb` converts it"

@@ -76,8 +76,11 @@ def test_real_hdf5_and_parquet_are_refused(tmp_path):
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f.create_dataset("seq1", data=np.zeros(4))
     pq.write_table(pa.table({"id": ["a"], "v": [[1.0, 2.0]]}), tmp_path / "x.parquet")
-    for name in ("x.h5", "x.parquet"):
-        with pytest.raises(embfile.NotAnEmbFileError, match="not an .emb file"):
+    for name, kind in (("x.h5", "HDF5"), ("x.parquet", "Parquet")):  # said what its first bytes are, not how
+        stem = tmp_path / name.split(".")[0]
+        with pytest.raises(
+            embfile.NotAnEmbFileError, match=rf"not an .emb file but {kind}: `embfile convert .*{name} {stem}.emb`"
+        ):
             embfile.open(tmp_path / name)
 
 

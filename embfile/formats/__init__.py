@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from embfile import _format as F
 from embfile import errors
 from embfile._staging import Staging
 from embfile._stream import KeyRule, Source, pooled, rekeyed
@@ -50,13 +51,7 @@ WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
     "arrow": to_arrow,
     "safetensors": to_safetensors,
 }
-_MAGIC = {
-    b"\x89EMB\r\n\x1a\n": "emb",
-    b"\x89HDF\r\n\x1a\n": "hdf5",
-    b"PAR1": "parquet",
-    b"\x93NUMPY": "npy",
-    b"ARROW1": "arrow",  # the IPC file format (Feather v2)
-}
+_MAGIC = {F.MAGIC: "emb", **{magic: fmt for magic, (fmt, _) in F.FOREIGN.items() if fmt not in ("zip", "pickle")}}
 _EXTENSIONS = {
     ".emb": "emb",
     ".h5": "hdf5",
