@@ -455,7 +455,8 @@ class Loader:
     thread (without the GIL, with windows read ahead on another); ``transform`` runs on ``threads`` threads,
     several batches at once and yielded in order (numpy and torch release the GIL); with ``pin_memory``
     each batch is copied to pinned memory on those threads too, and with ``device`` handed to it without
-    waiting (``non_blocking``).  The other options are those of :class:`~embfile.epochs.EpochOptions`.
+    waiting (``non_blocking``).  ``batch_size`` defaults to 256 records (with a ``token_budget``, to no cap);
+    the other options are those of :class:`~embfile.epochs.EpochOptions`.
 
     Exactly once, determinism, DDP ranks and resume are the dataset's: :meth:`state_dict` takes no count,
     since the loader knows how many batches it yielded.
