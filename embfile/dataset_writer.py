@@ -80,7 +80,7 @@ class ShardWriter:
             )
             raise errors.WriterError(f"{self.folder} exists and is {what}")
         if mode == "append" and not into:
-            raise errors.WriterError(f"{self.folder}: no dataset to append to (write_shards creates one)")
+            raise layout.nothing_to_append_to(self.folder)
         self.ragged = bool(options.get("ragged", False))
         self._staging: Staging | None = None
         self._writer: Writer | None = None

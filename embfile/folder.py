@@ -52,10 +52,17 @@ def is_versioned(folder: str | os.PathLike[str]) -> bool:
 
 def not_versioned(folder: str | os.PathLike[str]) -> errors.ShardError:
     """The error for a path that is not a versioned dataset folder, saying what it is instead."""
-    return errors.ShardError(f"{os.fspath(folder)}: not a versioned dataset: {what_is(folder)}")
+    return errors.ShardError(f"{os.fspath(folder)}: not a versioned dataset: {_what_is(folder)}")
 
 
-def what_is(path: str | os.PathLike[str]) -> str:
+def nothing_to_append_to(folder: str | os.PathLike[str]) -> errors.WriterError:
+    """The error for an append to a path that is not a versioned dataset folder, saying what it is instead."""
+    return errors.WriterError(
+        f"{os.fspath(folder)}: no dataset to append to: {_what_is(folder)} (write_shards makes one)"
+    )
+
+
+def _what_is(path: str | os.PathLike[str]) -> str:
     """What a path that is not a versioned dataset folder is, for an error saying so."""
     if not os.path.exists(path):
         return "nothing there"

@@ -52,7 +52,7 @@ def append(
         return writers[-1]
 
     if not layout.is_versioned(folder):  # before the data is read: its errors would not say this
-        raise errors.WriterError(f"{os.fspath(folder)}: no dataset to append to: {layout.what_is(folder)}")
+        raise layout.nothing_to_append_to(folder)
     ragged = layout.read_manifest(folder).ragged  # a mapping's records: as the dataset stores them
     write_source(_source(data, "append()", options, ragged), open_sink)
     version = writers[0].version
