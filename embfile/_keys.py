@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
 from collections.abc import Iterable
 from typing import Any
@@ -59,3 +61,26 @@ def key_list(keys: Iterable[str], what: str) -> list[str]:
         return list(keys)
     except TypeError:
         raise TypeError(f"{what} takes an iterable of keys, not {type(keys).__name__}") from None
+
+
+def keys_file(path: str | os.PathLike[str]) -> list[str]:
+    """The keys a file lists, in its order: one a line (UTF-8; blank lines skipped; ``"-"``: standard input),
+    or, in a FASTA file, each record's id (its header's first word, as Biopython's ``record.id``), the order
+    its sequences were embedded in."""
+    path = os.fspath(path)
+    lines = []
+    with sys.stdin.buffer if path == "-" else open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = line.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not UTF-8 text ({e.reason})") from None
+            if text:
+                lines.append(text)
+    if not lines or not lines[0].startswith(">"):
+        return lines
+    headers = [line[1:].split(maxsplit=1) for line in lines if line.startswith(">")]
+    empty = next((i for i, words in enumerate(headers) if not words), None)
+    if empty is not None:
+        raise ValueError(f"{path}: FASTA record {empty + 1} has a header with no id")
+    return [words[0] for words in headers]

@@ -22,6 +22,7 @@ import numpy as np
 import embfile
 from embfile import _format as F
 from embfile import errors, formats, remote
+from embfile._keys import keys_file
 from embfile._stream import POOLINGS
 
 _EXAMPLES = {
@@ -188,7 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--per-residue", action="store_true", help="ESM: the per-residue representations, not mean_representations"
     )
-    g.add_argument("--keys", help="npy: the text file of keys, one a line (default: NAME.txt)")
+    g.add_argument(
+        "--keys",
+        help="a matrix without ids (npy, torch, npz, safetensors, Zarr, pickle): its keys, one a line, or the FASTA "
+        "file its rows were embedded from (default for npy and a bare tensor: NAME.txt)",
+    )
     g.add_argument(
         "--trust-pickle", action="store_true", help="pickle, or an .npy of Python objects: load it (this runs its code)"
     )
@@ -257,7 +262,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("remove", _remove, "remove keys from a dataset folder, as its next version")
     c.add_argument("folder")
-    c.add_argument("--keys", required=True, metavar="FILE", help="the keys, one a line ('-': standard input)")
+    c.add_argument(
+        "--keys", required=True, metavar="FILE", help="the keys, one a line, or a FASTA file ('-': standard input)"
+    )
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
 
     c = command("compact", _compact, "join small shards and merge the key index, as the next version")
@@ -281,7 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     c = command("subset", _subset, "write the records of some keys to a new file or dataset")
     c.add_argument("src", help="an .emb file or a dataset folder (a path or a URL)")
     c.add_argument("dst", help="a new .emb file, or a new dataset folder (a path or a URL)")
-    c.add_argument("--keys", required=True, metavar="FILE", help="the keys, one a line ('-': standard input)")
+    c.add_argument(
+        "--keys", required=True, metavar="FILE", help="the keys, one a line, or a FASTA file ('-': standard input)"
+    )
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
 
@@ -573,14 +582,8 @@ def _append(args: argparse.Namespace) -> None:
         print(f"{args.folder}: version {version} appends {src}", file=sys.stderr)
 
 
-def _key_lines(path: str) -> list[str]:
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    with f:
-        return [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
-
-
 def _remove(args: argparse.Namespace) -> None:
-    keys = _key_lines(args.keys)
+    keys = keys_file(args.keys)
     version = embfile.remove(args.folder, keys, missing=args.missing)
     print(f"{args.folder}: version {version}", file=sys.stderr)
 
@@ -612,7 +615,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _subset(args: argparse.Namespace) -> None:
-    embfile.subset(args.src, args.dst, _key_lines(args.keys), missing=args.missing, shard_bytes=args.shard_size)
+    embfile.subset(args.src, args.dst, keys_file(args.keys), missing=args.missing, shard_bytes=args.shard_size)
 
 
 def _search(args: argparse.Namespace) -> None:

@@ -277,6 +277,54 @@ def test_safetensors_files(tmp_path, vectors):
     assert_store(tmp_path / "c.emb", {str(i): v for i, v in enumerate(vectors.values())})
 
 
+def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    keys = [f"sp|P{i:05d}|PROT_HUMAN" for i in range(7)] + ["UniRef50_Q8WZ42/1-100", "ε.1"]
+    m = np.random.default_rng(3).standard_normal((len(keys), 24)).astype(np.float32)
+    vectors = dict(zip(keys, m))
+    fasta = "".join(f">{k} some protein OS=Homo sapiens\nMVLSPADKTN\nVKAAWGKV\n" for k in keys)
+    (tmp_path / "seqs.fasta").write_text(fasta, encoding="utf-8")
+    (tmp_path / "emb.txt").write_text("".join(k + "\n" for k in keys) + "\n", encoding="utf-8")  # a blank last line
+    torch.save(torch.from_numpy(m), tmp_path / "emb.pt")  # each was "holds a Tensor, not a dict", or was read
+    np.savez(tmp_path / "emb.npz", embeddings=m)  # as one per-residue record named 'embeddings'
+    st.save_file({"embeddings": m}, tmp_path / "emb.safetensors")
+    with open(tmp_path / "emb.pkl", "wb") as f:
+        pickle.dump(m, f)
+    np.save(tmp_path / "emb.npy", m)
+    for name in ("emb.pt", "emb.npz", "emb.safetensors", "emb.pkl", "emb.npy"):
+        trust = {"trust_pickle": True} if name.endswith(".pkl") else {}
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", **trust)  # emb.txt beside it
+        assert_store(tmp_path / f"{name}.emb", vectors)
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.fasta.emb", keys=tmp_path / "seqs.fasta", **trust)
+        assert_store(tmp_path / f"{name}.fasta.emb", vectors)
+    (tmp_path / "emb.txt").unlink()
+    with pytest.raises(embfile.ConversionError, match="emb.pt: a matrix of 9 rows without ids, and no keys file"):
+        embfile.convert(tmp_path / "emb.pt", tmp_path / "x.emb")
+    mistakes = {
+        ">a\nMV\n>b\nMV\n": "short.fasta: 2 keys for 9 rows of",
+        ">a\nMV\n> \nMV\n": "FASTA record 2 has a header with no id",
+        "".join(f">k{i // 2} {i}\nM\n" for i in range(9)): "duplicate key 'k0'",
+    }
+    for text, message in mistakes.items():
+        (tmp_path / "short.fasta").write_text(text)
+        with pytest.raises(embfile.EmbFileError, match=message):
+            embfile.convert(tmp_path / "emb.npz", tmp_path / "x.emb", keys=tmp_path / "short.fasta")
+    (tmp_path / "latin.txt").write_bytes("a\nb\n\xe9\n".encode("latin-1"))
+    with pytest.raises(embfile.ConversionError, match="latin.txt: line 3 is not UTF-8 text"):
+        embfile.convert(tmp_path / "emb.npy", tmp_path / "x.emb", keys=tmp_path / "latin.txt")
+    assert not os.path.exists(tmp_path / "x.emb")
+    cli = [sys.executable, "-m", "embfile"]
+    subprocess.run(
+        [*cli, "convert", tmp_path / "emb.pt", tmp_path / "cli.emb", "--keys", tmp_path / "seqs.fasta"], check=True
+    )
+    two = "".join(fasta.splitlines(keepends=True)[:6])  # the first two records
+    (tmp_path / "two.fasta").write_text(two, encoding="utf-8")
+    subprocess.run(
+        [*cli, "subset", tmp_path / "cli.emb", tmp_path / "two.emb", "--keys", tmp_path / "two.fasta"], check=True
+    )
+    assert_store(tmp_path / "two.emb", {k: vectors[k] for k in keys[:2]})
+
+
 def test_keys_derived_from_fasta_headers(tmp_path):
     headers = ["sp|P69905|HBA_HUMAN Hemoglobin subunit alpha", "sp|P68871|HBB_HUMAN Hemoglobin subunit beta"]
     vectors = {h: np.full(4, i, np.float32) for i, h in enumerate(headers)}

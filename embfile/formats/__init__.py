@@ -130,7 +130,8 @@ def from_npy(
     progress: bool = False,
     **options: Any,
 ) -> str:
-    """``.npy`` matrix plus a text file of keys, one a line -> .emb.  Option: ``keys`` (the text file)."""
+    """``.npy`` matrix plus a file of its keys -> .emb.  Option: ``keys`` (the file: one key a line, or the
+    FASTA file the rows were embedded from; default the matrix's name with ``.txt``)."""
     return write_emb(read_npy(src, **options), dst, dtype, metadata, progress)
 
 

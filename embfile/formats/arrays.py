@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from embfile import errors
-from embfile._stream import Chunk, Source, chunk_rows, pooled, require_unique, source_of
+from embfile._stream import Chunk, Source, chunk_rows, pooled, source_of
 from embfile.dataset import Dataset
-from embfile.formats.tensors import loaded_source
+from embfile.formats.tensors import KeysFile, listed_keys, loaded_source
 from embfile.shards import open as open_dataset
 
 
@@ -31,10 +31,9 @@ def _closing(db: Dataset, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         yield from chunks
 
 
-def read_npy(
-    path: str | os.PathLike[str], *, keys: str | os.PathLike[str] | None = None, trust_pickle: bool = False
-) -> Source:
-    """A 2-d ``.npy`` matrix (memory-mapped, never pickled) and a UTF-8 text file of keys, one a line.
+def read_npy(path: str | os.PathLike[str], *, keys: KeysFile = None, trust_pickle: bool = False) -> Source:
+    """A 2-d ``.npy`` matrix (memory-mapped, never pickled) and a file of its keys: UTF-8 text, one a line,
+    or the FASTA file its rows were embedded from (each record's id, in order).
 
     ``keys`` defaults to the matrix's name with ``.txt`` for ``.npy`` (``emb.npy`` -> ``emb.txt``).  An
     ``.npy`` of Python objects (``np.save`` of a dict) is read as a pickle is, only with ``trust_pickle=True``.
@@ -47,7 +46,7 @@ def read_npy(
                 "trust where it came from, pass trust_pickle=True (--trust-pickle)"
             )
         data = np.load(path, allow_pickle=True)
-        return loaded_source(path, "npy", data.item() if data.ndim == 0 else data, None, None, "error")
+        return loaded_source(path, "npy", data.item() if data.ndim == 0 else data, None, None, "error", keys)
     keys = os.fspath(keys) if keys else os.path.splitext(path)[0] + ".txt"
     try:
         m = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -58,14 +57,8 @@ def read_npy(
         raise errors.ConversionError(f"{path}: an .npz archive, not an .npy matrix: --from npz reads it")
     if m.ndim != 2 or m.dtype.kind not in "iuf":
         raise errors.ConversionError(f"{path}: holds {m.shape} {m.dtype}, not an (n, dim) matrix of numbers")
-    if not os.path.exists(keys):
-        raise errors.ConversionError(f"{path}: no keys file {keys}; name it with keys= (--keys)")
     desc = {"format": "npy", "path": os.path.abspath(path), "keys": os.path.abspath(keys)}
-    with open(keys, encoding="utf-8", newline="") as lines:  # all first: a wrong count or a repeat fails at once
-        names = [line.removesuffix("\n").removesuffix("\r") for line in lines]
-    if len(names) != m.shape[0]:
-        raise errors.ConversionError(f"{keys}: {len(names)} keys for {m.shape[0]} rows of {path}")
-    require_unique(names, keys)
+    names = listed_keys(keys, m.shape[0], path)  # all first: a wrong count or a repeat fails at once
     return Source(m.shape[1], m.dtype.newbyteorder("="), m.shape[0], _npy_chunks(m, names), desc)
 
 
@@ -94,11 +87,12 @@ def read_pickle(
     trust_pickle: bool = False,
     ids: str | None = None,
     vectors: str | None = None,
+    keys: KeysFile = None,
     on_error: str = "error",
 ) -> Source:
     """A pickled ``dict {key: vector}`` (or ``{key: (L, dim) matrix}``: ragged records), a pair ``(ids,
-    matrix)``, or a dict holding the ids and the matrix, as a ``torch.save`` file holds them.  Loading a pickle
-    runs code: only with ``trust_pickle=True``.
+    matrix)``, a dict holding the ids and the matrix, or a matrix and a file of its ``keys``, as a
+    ``torch.save`` file holds them.  Loading a pickle runs code: only with ``trust_pickle=True``.
 
     The whole object is loaded (pickle cannot be read in parts).  A vector of a type that casts exactly to the
     first's is cast; ``on_error="skip"`` skips (and notes) one of another shape or type, or a key not a str.
@@ -118,4 +112,4 @@ def read_pickle(
         hint = "; a torch.save file? --from torch reads it" if "persistent" in str(e) else ""
         why = " ".join(str(e).split())
         raise errors.ConversionError(f"{path}: not a pickle this Python can load ({why}){hint}") from None
-    return loaded_source(path, "pickle", data, ids, vectors, on_error)
+    return loaded_source(path, "pickle", data, ids, vectors, on_error, keys)

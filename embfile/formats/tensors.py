@@ -1,9 +1,9 @@
 """Tensor containers: ``.npz`` archives, ``torch.save`` files, safetensors files and Zarr groups.
 
 Each holds either one array per key (``(D,)`` vectors, or ``(L, D)`` per-residue matrices, read as ragged
-records) or one ``(n, D)`` matrix beside its ids (an array of strings or integers, or for safetensors a JSON
-list in the file's metadata).  Nothing here runs code: ``.npz`` is read without pickle, ``torch.save`` files
-with ``weights_only=True``.
+records) or one ``(n, D)`` matrix beside its ids (an array of strings or integers, for safetensors a JSON
+list in the file's metadata, or a keys file beside it: a list or the FASTA file the rows were embedded from).
+Nothing here runs code: ``.npz`` is read without pickle, ``torch.save`` files with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
+from embfile._keys import keys_file
 from embfile._stream import OnError, Source, array_of, chunk_rows, require_unique, source_of
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output
@@ -49,23 +50,32 @@ def _source(
     vectors: str | None,
     id_list: list[str] | None = None,
     on_error: str | OnError = "error",
+    key_file: str | os.PathLike[str] | None = None,
 ) -> Source:
-    """The records of named ``arrays``: the matrix ``vectors`` with the ids ``ids`` (an array, or ``id_list``),
-    found by shape when not named (a repeated id is an error before any vector is read); else one array per
-    key (``on_error="skip"``: one that is not a vector, or not of the first's shape, is skipped)."""
+    """The records of named ``arrays``: the matrix ``vectors`` with the ids ``ids`` (an array, ``id_list``, or
+    the file ``key_file``), found by shape when not named (a repeated id is an error before any vector is read);
+    else one array per key (``on_error="skip"``: one that is not a vector, or not of the first's shape, is
+    skipped)."""
     bad = on_error if isinstance(on_error, OnError) else OnError(on_error)
     names = list(arrays)
     if not names:
         raise errors.ConversionError(f"{path}: holds no arrays: nothing to convert")
     desc: dict[str, Any] = {"format": fmt, "path": os.path.abspath(path)}
+    if key_file is None and not (ids or vectors or id_list) and len(names) == 1 and np.ndim(arrays[names[0]]) == 2:
+        key_file = os.path.splitext(path)[0] + ".txt"  # a matrix alone: its keys are in a file beside it
+    if key_file is not None:
+        if ids:
+            raise errors.ConversionError(f"{path}: ids= and keys= both say where the ids are: pass one")
+        ids, vectors = None, vectors or _the_matrix(path, arrays, names)
+        if vectors in names and len(np.shape(arrays[vectors])) == 2:
+            of = path if len(names) == 1 else f"{path} ({vectors})"
+            id_list = listed_keys(key_file, np.shape(arrays[vectors])[0], of)
+            desc["keys"] = os.path.abspath(key_file)
     pair = (ids, vectors) if ids or vectors else _pair(arrays, names, id_list)
     if pair is not None:
         ids, vectors = pair
         if vectors is None:  # the ids named: the matrix is the one 2-d array
-            mats = [n for n in names if np.ndim(arrays[n]) == 2]
-            if len(mats) != 1:
-                raise errors.ConversionError(f"{path}: which array is the matrix? name it with vectors= (--vectors)")
-            vectors = mats[0]
+            vectors = _the_matrix(path, arrays, names)
         if vectors not in names:
             raise errors.ConversionError(f"{path}: no array {vectors!r}; arrays are {names[:8]}")
         matrix = arrays[vectors]
@@ -87,6 +97,32 @@ def _source(
             "numbers; name the ids and the matrix with ids= and vectors= (--ids, --vectors)"
         )
     return dataclasses.replace(source_of(arrays, path, ragged=first.ndim == 2, on_error=bad), description=desc)
+
+
+def _the_matrix(path: str, arrays: collections.abc.Mapping[str, Any], names: list[str]) -> str:
+    mats = [n for n in names if np.ndim(arrays[n]) == 2]
+    if len(mats) != 1:
+        raise errors.ConversionError(f"{path}: which array is the matrix? name it with vectors= (--vectors)")
+    return mats[0]
+
+
+def listed_keys(keys: str | os.PathLike[str], rows: int, of: str) -> list[str]:
+    """The keys of the ``rows`` rows of the matrix ``of``, from the file ``keys``: one a line, or the ids of
+    a FASTA file's records (see :func:`embfile._keys.keys_file`); a wrong count or a repeat is an error."""
+    keys = os.fspath(keys)
+    if not os.path.exists(keys):
+        raise errors.ConversionError(
+            f"{of}: a matrix of {rows} rows without ids, and no keys file {keys}: name a file of its keys, one a "
+            "line or the FASTA file its rows were embedded from, with keys= (--keys)"
+        )
+    try:
+        names = keys_file(keys)
+    except ValueError as e:
+        raise errors.ConversionError(str(e)) from None
+    if len(names) != rows:
+        raise errors.ConversionError(f"{keys}: {len(names)} keys for {rows} rows of {of}")
+    require_unique(names, keys)
+    return names
 
 
 def _matrix_source(keys: list[str], matrix: Any) -> Source:
@@ -126,11 +162,20 @@ def _ids(path: str, arrays: collections.abc.Mapping[str, Any], name: str, names:
     return [str(k) for k in raw.tolist()]
 
 
+KeysFile = str | os.PathLike[str] | None
+
+
 def read_npz(
-    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, on_error: str = "error"
+    path: str | os.PathLike[str],
+    *,
+    ids: str | None = None,
+    vectors: str | None = None,
+    keys: KeysFile = None,
+    on_error: str = "error",
 ) -> Source:
     """An ``np.savez`` archive, read without pickle: ``ids`` and an ``(n, dim)`` matrix (found by shape, or
-    named), or one array per key."""
+    named), or one array per key.  ``keys``: a file of the matrix's keys, one a line, or the FASTA file its
+    rows were embedded from, in place of ``ids``."""
     path = os.fspath(path)
     try:
         archive = np.load(path, allow_pickle=False)
@@ -139,7 +184,7 @@ def read_npz(
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise errors.ConversionError(f"{path}: an .npy matrix, not an .npz archive: --from npy reads it")
     try:
-        return _source(path, "npz", _Lazy(list(archive.files), archive.__getitem__), ids, vectors, None, on_error)
+        return _source(path, "npz", _Lazy(list(archive.files), archive.__getitem__), ids, vectors, None, on_error, keys)
     except errors.EmbFileError:
         raise
     except ValueError as e:  # an object array needs pickle, which is never used
@@ -147,10 +192,17 @@ def read_npz(
 
 
 def read_torch(
-    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, on_error: str = "error"
+    path: str | os.PathLike[str],
+    *,
+    ids: str | None = None,
+    vectors: str | None = None,
+    keys: KeysFile = None,
+    on_error: str = "error",
 ) -> Source:
     """A ``torch.save`` file, loaded with ``weights_only=True`` (it cannot run code): a dict ``{id: tensor}``,
-    a pair ``(ids, tensor)``, or a dict holding the ids and the matrix (found by shape, or named)."""
+    a pair ``(ids, tensor)``, a dict holding the ids and the matrix (found by shape, or named), or the
+    matrix alone with a file of its keys, ``keys`` (default: the file's name with ``.txt``; see
+    :func:`loaded_source`)."""
     torch = require("torch", "torch")
     path = os.fspath(path)
     try:
@@ -158,35 +210,47 @@ def read_torch(
     except Exception as e:  # torch raises many types for a file it cannot read
         raise errors.ConversionError(f"{path}: not a torch file it can load safely ({type(e).__name__}: {e})") from None
 
-    return loaded_source(path, "torch", data, ids, vectors, on_error)
+    return loaded_source(path, "torch", data, ids, vectors, on_error, keys)
 
 
-def loaded_source(path: str, fmt: str, data: Any, ids: str | None, vectors: str | None, on_error: str) -> Source:
+def loaded_source(
+    path: str, fmt: str, data: Any, ids: str | None, vectors: str | None, on_error: str, keys: KeysFile = None
+) -> Source:
     """The records of an object a file held (``torch.save``, a pickle, ``np.save`` of a dict): a dict
-    ``{id: vector}`` (or ``{id: (L, dim) matrix}``), a pair ``(ids, matrix)``, or a dict holding the ids and
-    the matrix.  A key not a str is refused, or skipped under ``on_error="skip"``."""
+    ``{id: vector}`` (or ``{id: (L, dim) matrix}``), a pair ``(ids, matrix)``, a dict holding the ids and
+    the matrix, or an ``(n, dim)`` matrix alone.  ``keys`` is a file of the matrix's keys, one a line or the
+    FASTA file its rows were embedded from (for a matrix alone, default: ``path``'s name with ``.txt``).  A
+    key not a str is refused, or skipped under ``on_error="skip"``."""
 
     def array(value: Any) -> Any:  # a tensor as an array (bfloat16 kept); anything else as it is, for errors
         return array_of(value) if hasattr(value, "detach") else value
 
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        keys, matrix = data
-        keys = [str(k) for k in (keys.tolist() if hasattr(keys, "tolist") else keys)]
-        return _source(path, fmt, {"vectors": array(matrix)}, None, "vectors", keys)
+        held, matrix = data
+        id_list = [str(k) for k in (held.tolist() if hasattr(held, "tolist") else held)]
+        return _source(path, fmt, {"vectors": array(matrix)}, None, "vectors", id_list, on_error, keys)
+    if len(getattr(data, "shape", ())) == 2:
+        return _source(path, fmt, {"matrix": array(data)}, None, None, None, on_error, keys)
     if not isinstance(data, collections.abc.Mapping):
         raise errors.ConversionError(f"{path}: holds a {type(data).__name__}, not a dict of vectors or (ids, matrix)")
     bad = OnError(on_error)
     for key in (k for k in data if not isinstance(k, str)):
         bad(errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str"), path, key)
     names = [k for k in data if isinstance(k, str)]
-    return _source(path, fmt, _Lazy(names, lambda k: array(data[k])), ids, vectors, None, bad)
+    return _source(path, fmt, _Lazy(names, lambda k: array(data[k])), ids, vectors, None, bad, keys)
 
 
 def read_safetensors(
-    path: str | os.PathLike[str], *, ids: str | None = None, vectors: str | None = None, on_error: str = "error"
+    path: str | os.PathLike[str],
+    *,
+    ids: str | None = None,
+    vectors: str | None = None,
+    keys: KeysFile = None,
+    on_error: str = "error",
 ) -> Source:
-    """A safetensors file: one tensor per key, or one ``(n, dim)`` matrix with its ids in a second tensor or,
-    as a JSON list, in the file's metadata under ``ids`` (default ``"ids"``)."""
+    """A safetensors file: one tensor per key, or one ``(n, dim)`` matrix with its ids in a second tensor,
+    as a JSON list in the file's metadata under ``ids`` (default ``"ids"``), or in a file ``keys`` (one a
+    line, or the FASTA file its rows were embedded from)."""
     safetensors = require("safetensors", "safetensors")
     path = os.fspath(path)
     try:
@@ -196,7 +260,7 @@ def read_safetensors(
     names = list(f.keys())
     meta = f.metadata() or {}
     id_list = None
-    if (ids or "ids") in meta:
+    if (ids or "ids") in meta and keys is None:
         try:
             id_list = [str(k) for k in json.loads(meta[ids or "ids"])]
         except (ValueError, TypeError):
@@ -214,7 +278,7 @@ def read_safetensors(
                 f"{path}: ids in the metadata, and {len(names)} tensors: name one with vectors="
             )
         return _source(path, "safetensors", _Lazy(names, load), None, vectors or names[0], id_list)
-    return _source(path, "safetensors", _Lazy(names, load), ids, vectors, None, on_error)
+    return _source(path, "safetensors", _Lazy(names, load), ids, vectors, None, on_error, keys)
 
 
 def read_zarr(
@@ -222,11 +286,13 @@ def read_zarr(
     *,
     ids: str | None = None,
     vectors: str | None = None,
+    keys: KeysFile = None,
     group: str | None = None,
     on_error: str = "error",
 ) -> Source:
-    """A Zarr group (format 2 or 3; ``group``, a path inside the store): an ids array (strings or integers)
-    beside an ``(n, dim)`` matrix (found by shape, or named), read a chunk at a time; or one array per key."""
+    """A Zarr group (format 2 or 3; ``group``, a path inside the store): an ids array (strings or integers;
+    or ``keys``, a file of them, one a line or the FASTA file the rows were embedded from) beside an
+    ``(n, dim)`` matrix (found by shape, or named), read a chunk at a time; or one array per key."""
     zarr = require("zarr", "zarr")
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -236,7 +302,7 @@ def read_zarr(
         arrays = dict(sorted(root.arrays()))  # zarr lists members in no fixed order
     except (ValueError, OSError) as e:  # zarr's errors are ValueErrors and FileNotFoundErrors
         raise errors.ConversionError(f"{path}: not a readable Zarr group ({e})") from None
-    return _source(path, "zarr", arrays, ids, vectors, None, on_error)
+    return _source(path, "zarr", arrays, ids, vectors, None, on_error, keys)
 
 
 def to_safetensors(
