@@ -31,7 +31,7 @@ from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, ReadAhead, WindowReader, aligned_empty, faulted_in_ahead
 from embfile._stream import POOLINGS, pool_rows, record_cuts
-from embfile.epochs import Batches, EpochOptions, Fetch
+from embfile.epochs import Batches, EpochOptions, Fetch, aligned_targets
 from embfile.file import MappedFile, attach
 from embfile.writer import Writer
 
@@ -407,14 +407,19 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         return search.Pooled(self, pool)
 
     def iter_batches(
-        self, batch_size: int | None = None, *, transform: Callable[[Any], Any] | None = None, **options: Any
+        self,
+        batch_size: int | None = None,
+        *,
+        transform: Callable[[Any], Any] | None = None,
+        targets: Any = None,
+        **options: Any,
     ) -> Batches:
         """Batches of one epoch: every record once, in a block-shuffled order.
 
-        Yields ``(keys, matrix)`` (``matrix`` alone with ``keys=False``), ``matrix`` a new ``(b, dim)``
-        array passed through ``transform`` if given.  Blocks of ``block_size`` consecutive records
-        (default: about 1 MiB) are shuffled, and each window of ``buffer_blocks`` blocks is shuffled as a
-        whole, so reads stay sequential while batches mix records from all over the dataset.  The order
+        Yields ``(keys, matrix)`` (``matrix`` alone with ``keys=False``; with ``targets``, theirs after it),
+        ``matrix`` a new ``(b, dim)`` array passed through ``transform`` if given.  Blocks of ``block_size``
+        consecutive records (default: about 1 MiB) are shuffled, and each window of ``buffer_blocks`` blocks
+        is shuffled as a whole, so reads stay sequential while batches mix records from all over the dataset.  The order
         depends only on ``(seed, epoch)``; without ``shuffle`` it is row order.  ``rank`` of
         ``world_size`` reads its own part (every record once across ranks; with ``drop_last`` every rank
         gets the same number of whole batches).
@@ -425,6 +430,9 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             Records per batch (default 100); with a ``token_budget``, at most this many (default: no limit).
         transform : callable, optional
             Applied to each batch.
+        targets : mapping or array, optional
+            What to train on (labels): one number, or one array of a shape all share, per record, as a mapping
+            from key or in row order; each batch then has its records' targets after the vectors.
         **options
             Any other field of :class:`~embfile.epochs.EpochOptions`: ``shuffle``, ``seed``, ``epoch``,
             ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``, ``drop_last``, ``keys``, and of
@@ -441,7 +449,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         ...     loss = model(torch.from_numpy(x))
         """
         self._require_attached()  # at a URL an epoch fetches its windows as it goes: no download
-        return Batches(self, EpochOptions(batch_size, **options), transform=transform)
+        aligned = None if targets is None else aligned_targets(targets, self.keys())
+        return Batches(self, EpochOptions(batch_size, **options), transform=transform, targets=aligned)
 
     def to_arrow(self, key_column: str = "key", vector_column: str = "vector") -> Any:
         """A ``pyarrow.Table`` of ``(key: large_string, vector: fixed_size_list<dtype>[dim])``, not null; of

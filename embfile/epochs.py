@@ -29,9 +29,10 @@ into a fresh array by the core, without the GIL: one copy per record.
 from __future__ import annotations
 
 import bisect
+import collections.abc
 import dataclasses
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -68,6 +69,29 @@ def count(value: object, name: str, low: int = 0) -> int:
     if number < low:
         raise ValueError(f"{name} must be at least {low}, not {number}")
     return number
+
+
+def aligned_targets(targets: Any, keys: Collection[str]) -> np.ndarray:
+    """``targets`` (labels to train on) as an array, one per item of ``keys``: given in their order (an array,
+    a tensor or a sequence), or as a mapping from key; one number, or one array of a shape all share, each."""
+    if isinstance(targets, collections.abc.Mapping):
+        missing = [k for k in keys if k not in targets]
+        if missing:
+            raise KeyError(f"targets has no target for {len(missing)} of the {len(keys)} keys, {missing[0]!r} first")
+        targets = [targets[k] for k in keys]
+    elif hasattr(targets, "detach"):  # a torch tensor
+        targets = targets.detach().cpu().numpy()
+    try:
+        array = np.asarray(targets)
+    except ValueError:  # numpy: "inhomogeneous shape"
+        raise ValueError(
+            "targets differ in shape: give one number, or one array of a shape all share, per item"
+        ) from None
+    if array.ndim == 0 or array.dtype.kind not in "biuf":
+        raise TypeError(f"targets must be numbers, one (or one array of them) per item, not {array.dtype}")
+    if len(array) != len(keys):
+        raise ValueError(f"{len(array)} targets for {len(keys)} items")
+    return array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +437,8 @@ class Batches:
     ``start`` skips that many records of the rank's share (a resume point; under a token budget, batches).
     ``read_ahead`` windows are read ahead on a thread (0: none, the gather faults pages in itself).
     ``out(rows)``, if given, returns the ``(rows, dim)`` array a fixed-width batch is gathered into (None:
-    a new one), for a loader that hands batches over in buffers of its own.
+    a new one), for a loader that hands batches over in buffers of its own.  ``targets``, one per record
+    (from :func:`aligned_targets`), adds each batch's targets after its vectors.
 
     ``state_dict()`` gives the position reached; ``load_state_dict(state)`` on an iterator made with the
     same options continues from it, with exactly the records not yet yielded.
@@ -434,6 +459,7 @@ class Batches:
         start: int = 0,
         read_ahead: int = 1,
         out: Callable[[int], np.ndarray | None] | None = None,
+        targets: np.ndarray | None = None,
     ) -> None:
         num_workers = count(num_workers, "num_workers", 1)
         if not count(worker, "worker") < num_workers:
@@ -448,6 +474,9 @@ class Batches:
         if not ragged and options.token_budget is not None:
             raise ValueError("token_budget= batches ragged records; this dataset has one row per record")
         self._by_row = ragged and options.unit == "row"
+        if targets is not None and self._by_row:
+            raise ValueError("targets= are one per record; unit='row' batches rows of records")
+        self._targets = targets
         lengths = source.lengths() if ragged else None
         self._row_of = np.concatenate([[0], np.cumsum(lengths)]) if lengths is not None else None  # record: row
         n = int(self._row_of[-1]) if self._row_of is not None and self._by_row else len(source)
@@ -571,6 +600,8 @@ class Batches:
         if self.options.keys and self._by_row:  # the key of each row's record
             assert self._row_of is not None
             keys = self._source.keys_at((np.searchsorted(self._row_of, rows, "right") - 1).astype(np.uint64))
+        if self._targets is not None:
+            data = (*data, self._targets[rows])
         if keys is not None:
             return (keys, *data)
         return data if len(data) > 1 else data[0]

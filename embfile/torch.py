@@ -33,6 +33,7 @@ from embfile.epochs import (
     Batches,
     EpochOptions,
     EpochPlan,
+    aligned_targets,
     check_state,
     count,
     default_block_size,
@@ -55,31 +56,48 @@ def tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def collate(items: Sequence[torch.Tensor]) -> Any:
+def collate(items: Sequence[Any]) -> Any:
     """A DataLoader batch of items: stacked (items that are the rows of one batch, as :class:`Dataset` gives
     them, as that batch, not copied), or of per-residue ``(length, dim)`` items a zero-padded ``(batch,
-    longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows.  What is not a sequence of
-    items of one shape's rank, one or two, is a batch already (the item of a DataLoader without a
-    ``batch_size``, from a batch sampler or :class:`IterableDataset`), and is passed on as it is.  In a
-    DataLoader worker, the batch goes to the main process through the worker's reused shared-memory buffers."""
-    if isinstance(items, _Batch):
-        batch: Any = items.batch
-    elif not _items(items):
-        batch = items
-    elif items[0].dim() == 1:
-        batch = _rows_of_one(items)
-        if batch is None:
-            batch = torch.stack(list(items))
-    else:
-        longest = max(len(t) for t in items)
-        out = items[0].new_zeros((len(items), longest, items[0].shape[1]))
-        mask = torch.zeros((len(items), longest), dtype=torch.bool)
-        for i, t in enumerate(items):
-            out[i, : len(t)] = t
-            mask[i, : len(t)] = True
-        batch = out, mask
+    longest, dim)`` tensor and a boolean ``(batch, longest)`` mask of the real rows; of ``(item, target)``
+    pairs, that batch and then the targets stacked.  What is not a sequence of items of one shape's rank, one
+    or two, is a batch already (the item of a DataLoader without a ``batch_size``, from a batch sampler or
+    :class:`IterableDataset`), and is passed on as it is.  In a DataLoader worker, the batch goes to the main
+    process through the worker's reused shared-memory buffers."""
+    batch = _stacked(items)
     buffers = worker_buffers()
     return buffers.hand_over(batch) if buffers is not None else batch
+
+
+def _stacked(items: Sequence[Any]) -> Any:
+    if isinstance(items, _Batch):
+        return items.batch
+    if _with_targets(items):
+        xs, ys = zip(*items)
+        batch = _stacked(list(xs))
+        return (*batch, torch.stack(ys)) if isinstance(batch, tuple) else (batch, torch.stack(ys))
+    if not _items(items):
+        return items
+    if items[0].dim() == 1:
+        batch = _rows_of_one(items)
+        return torch.stack(list(items)) if batch is None else batch
+    longest = max(len(t) for t in items)
+    out = items[0].new_zeros((len(items), longest, items[0].shape[1]))
+    mask = torch.zeros((len(items), longest), dtype=torch.bool)
+    for i, t in enumerate(items):
+        out[i, : len(t)] = t
+        mask[i, : len(t)] = True
+    return out, mask
+
+
+def _with_targets(batch: Any) -> bool:
+    """Whether ``batch`` is ``(item, target)`` pairs, as a :class:`Dataset` with targets gives its items."""
+    return (
+        isinstance(batch, (list, tuple))
+        and len(batch) > 0
+        and all(isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], torch.Tensor) for t in batch)
+        and _items([t[0] for t in batch])
+    )
 
 
 def _items(batch: Any) -> bool:
@@ -106,6 +124,10 @@ class Dataset(torch.utils.data.Dataset):
     """Item ``i`` is the vector at row ``i``, or of ``keys[i]`` when ``keys`` is given, as a tensor (of a
     ragged dataset, the record's ``(length, dim)`` rows: batch them with ``collate_fn=embfile.torch.collate``).
 
+    With ``targets`` (the labels to train on: one number, or one array of a shape all share, per item, in the
+    items' order or as a mapping from key), item ``i`` is ``(x, target)`` and a batch ``(x, targets)`` (of a
+    ragged dataset ``(padded, mask, targets)``).
+
     A DataLoader's batch is fetched with one native gather (``__getitems__``; pass
     ``collate_fn=embfile.torch.collate`` to use it as it is).  Given a list of indices, as a DataLoader does
     with ``batch_size=None, sampler=BatchSampler(...)``, the item is that batch itself, with no per-row step at
@@ -115,9 +137,10 @@ class Dataset(torch.utils.data.Dataset):
 
     _ahead: tuple[int, WindowReader] | None = None  # this process's read-ahead thread and its pid
 
-    def __init__(self, source: Source, keys: Sequence[str] | None = None) -> None:
+    def __init__(self, source: Source, keys: Sequence[str] | None = None, targets: Any = None) -> None:
         self.store = _dataset(source)
         self.keys = None if keys is None else key_list(keys, "Dataset(keys=)")
+        self.targets = None if targets is None else aligned_targets(targets, self.keys or self.store.keys())
         # the keys' rows, looked up once (a missing key fails here, naming it, not in a worker)
         self._key_rows = None if self.keys is None else self.store.rows(self.keys)
         # the items in the file's order (None: they are in it), for BatchSampler's blocks, and their rows
@@ -140,28 +163,32 @@ class Dataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int | Sequence[int] | np.ndarray) -> Any:
         if isinstance(index, (int, np.integer)):
-            return self.__getitems__([index])[0]
-        if self.store.ragged:
-            return collate(_Batch(self._padded(index)))
-        batch = self._gather(index)
-        buffers = worker_buffers()
-        return buffers.hand_over(batch) if buffers is not None else batch
+            return self._items([index], None)[0]
+        return collate(self._items(index, collate))
 
-    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
-        collate_fn = _collate_fn(sys._getframe(1))
+    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> list[Any]:
+        return self._items(indices, _collate_fn(sys._getframe(1)))
+
+    def _items(self, indices: Sequence[int] | np.ndarray, collate_fn: Any) -> list[Any]:
+        """The items of ``indices``, for ``collate_fn`` to batch; for :func:`collate`, the batch whole, with no
+        item made."""
         whole = collate_fn is collate
+        targets = () if self.targets is None else (torch.from_numpy(self.targets[np.asarray(indices, np.int64)]),)
         if self.store.ragged:
             if whole:  # padded in one native gather, as collate would pad the records
-                return _Batch(self._padded(indices))
+                return _Batch((*self._padded(indices), *targets))
             rows, offsets = self.store.take(self._rows(indices), pad=False)
             if collate_fn is torch.utils.data.default_collate and len(set(np.diff(offsets).tolist())) > 1:
                 raise TypeError(
                     "per-residue records of different lengths do not stack: pass collate_fn=embfile.torch.collate "
                     "to the DataLoader (it pads them and gives the mask)"
                 )
-            return [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+            items = [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+            return list(zip(items, targets[0].unbind(0))) if targets else items
         batch = self._gather(indices)
-        return _Batch(batch, () if whole else batch.unbind(0))
+        if not targets:
+            return _Batch(batch, () if whole else batch.unbind(0))
+        return _Batch((batch, *targets), () if whole else zip(batch.unbind(0), targets[0].unbind(0)))
 
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer."""
@@ -346,11 +373,11 @@ def _distributed(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-class _Batch(list[torch.Tensor]):
+class _Batch(list[Any]):
     """A batch gathered whole, which :func:`collate` takes back as it is, with its items (rows any collate can
     stack), or none when it goes to :func:`collate`."""
 
-    def __init__(self, batch: Any, items: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, batch: Any, items: Iterable[Any] = ()) -> None:
         super().__init__(items)
         self.batch = batch
 
@@ -371,7 +398,8 @@ class IterableDataset(torch.utils.data.IterableDataset):
     ``world_size`` default to ``torch.distributed``'s when it is initialised; the other options are those
     of :class:`~embfile.epochs.EpochOptions` (``keys`` defaults to False here).  Yields tensors sharing
     memory with the new batch arrays (``(keys, tensor)`` with ``keys=True``; of ragged records
-    ``(padded, mask)`` or, under ``pad=False``, ``(rows, offsets)``), passed through ``transform`` if given.
+    ``(padded, mask)`` or, under ``pad=False``, ``(rows, offsets)``; with ``targets``, one per record as a
+    mapping from key or in row order, the batch's targets last), passed through ``transform`` if given.
 
     Call :meth:`set_epoch` before each epoch.  To resume, save ``ds.state_dict(batches_seen)`` and call
     ``ds.load_state_dict(state)`` on a dataset made the same way before iterating again.
@@ -383,11 +411,13 @@ class IterableDataset(torch.utils.data.IterableDataset):
         batch_size: int | None = None,
         *,
         transform: Callable[[Any], Any] | None = None,
+        targets: Any = None,
         **options: Any,
     ) -> None:
         self.store = _dataset(source)
         self.options = EpochOptions(batch_size, **{"keys": False, **_distributed(options)})
         self.transform = transform
+        self.targets = None if targets is None else aligned_targets(targets, self.store.keys())
         self._start = 0
         self._batches()  # check the options here, not in a worker
 
@@ -405,6 +435,7 @@ class IterableDataset(torch.utils.data.IterableDataset):
             start=self._start,
             out=out,
             read_ahead=read_ahead,
+            targets=self.targets,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -456,7 +487,8 @@ class Loader:
     several batches at once and yielded in order (numpy and torch release the GIL); with ``pin_memory``
     each batch is copied to pinned memory on those threads too, and with ``device`` handed to it without
     waiting (``non_blocking``).  ``batch_size`` defaults to 256 records (with a ``token_budget``, to no cap);
-    the other options are those of :class:`~embfile.epochs.EpochOptions`.
+    ``targets`` are as :class:`IterableDataset` takes them; the other options are those of
+    :class:`~embfile.epochs.EpochOptions`.
 
     Exactly once, determinism, DDP ranks and resume are the dataset's: :meth:`state_dict` takes no count,
     since the loader knows how many batches it yielded.

@@ -159,6 +159,74 @@ def test_map_style_per_residue_items_collate_with_a_mask(residues):
             next(iter(DataLoader(Dataset(path, keys=keys), batch_size=16, num_workers=workers)))
 
 
+def test_map_style_items_carry_their_targets(store, residues):
+    from embfile.torch import BatchSampler, collate
+
+    folder, keys, matrix = store
+    row_of = {k: i for i, k in enumerate(keys)}
+    labels = {k: i % 7 for i, k in enumerate(keys)}
+    split = keys[::3][::-1]
+    by_key = Dataset(folder / "ds", keys=split, targets=labels)
+    x, y = by_key[5]
+    assert torch.equal(x, torch.from_numpy(matrix[row_of[split[5]]])) and y.item() == labels[split[5]]
+    loaders = [
+        DataLoader(by_key, batch_size=32, shuffle=True, collate_fn=collate),
+        DataLoader(by_key, batch_size=32, shuffle=True),  # torch's default collate stacks the pairs
+        DataLoader(by_key, batch_size=None, sampler=BatchSampler(by_key, 32, seed=1), num_workers=2),
+    ]
+    for loader in loaders:
+        seen = []
+        for x, y in loader:
+            rows = [int(np.flatnonzero((matrix == v).all(1))[0]) for v in x.numpy()]
+            assert y.tolist() == [labels[keys[r]] for r in rows]
+            seen += rows
+        assert sorted(seen) == sorted(row_of[k] for k in split)
+    soft = np.random.default_rng(1).random((len(keys), 3)).astype(np.float32)  # by row: arrays, not numbers
+    x, y = Dataset(folder / "db.emb", targets=torch.from_numpy(soft))[[4, 9]]
+    assert torch.equal(x, torch.from_numpy(matrix[[4, 9]])) and torch.equal(y, torch.from_numpy(soft[[4, 9]]))
+    path, records = residues
+    names = list(records)
+    lengths = Dataset(path, targets={k: len(m) for k, m in records.items()})
+    for workers in (0, 2):
+        x, mask, y = next(iter(DataLoader(lengths, batch_size=8, collate_fn=collate, num_workers=workers)))
+        assert mask.sum(1).tolist() == y.tolist() == [len(records[k]) for k in names[:8]]
+    mistakes = {
+        "targets has no target for 2 of the 1200 keys, 'P00000' first": dict.fromkeys(keys[2:], 1),
+        "3 targets for 1200 items": [1, 2, 3],
+        "targets differ in shape": [np.zeros(i % 3) for i in range(len(keys))],
+        "targets must be numbers": [str(i) for i in range(len(keys))],
+    }
+    for message, targets in mistakes.items():
+        with pytest.raises((KeyError, ValueError, TypeError), match=message):
+            Dataset(folder / "db.emb", targets=targets)
+
+
+def test_epochs_carry_their_targets_through_every_loader(store, residues):
+    from embfile.torch import Loader
+
+    folder, keys, matrix = store
+    labels = {k: i % 7 for i, k in enumerate(keys)}
+    with embfile.open(folder / "ds") as db:
+        seen = []
+        for names, _x, y in db.iter_batches(100, seed=4, targets=labels):
+            assert y.tolist() == [labels[k] for k in names]
+            seen += names
+        assert sorted(seen) == keys
+    loaders = [
+        DataLoader(IterableDataset(folder / "db.emb", 64, seed=2, keys=True, targets=labels), None, num_workers=2),
+        Loader(folder / "db.emb", 64, seed=2, keys=True, targets=labels),
+    ]
+    for loader in loaders:
+        assert sum(len(y) for names, x, y in loader if y.tolist() == [labels[k] for k in names]) == len(keys)
+    path, records = residues
+    lengths = np.array([len(m) for m in records.values()])  # in row order
+    with embfile.open(path) as db:
+        for names, _padded, mask, y in db.iter_batches(token_budget=3000, seed=1, targets=lengths):
+            assert mask.sum(1).tolist() == y.tolist() == [len(records[k]) for k in names]
+        with pytest.raises(ValueError, match="targets= are one per record; unit='row' batches rows"):
+            db.iter_batches(64, unit="row", targets=lengths)
+
+
 def test_token_budget_epochs_through_loader_workers_give_every_record_once(residues):
     path, records = residues
     ds = IterableDataset(path, token_budget=4000, keys=True, seed=2)
