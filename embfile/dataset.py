@@ -430,9 +430,10 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
             Records per batch (default 100); with a ``token_budget``, at most this many (default: no limit).
         transform : callable, optional
             Applied to each batch.
-        targets : mapping or array, optional
+        targets : dict or array_like, optional
             What to train on (labels): one number, or one array of a shape all share, per record, as a mapping
-            from key or in row order; each batch then has its records' targets after the vectors.
+            from key or in row order (of per-residue records, or one per residue); each batch then has its
+            records' targets after the vectors, batched as they are.
         **options
             Any other field of :class:`~embfile.epochs.EpochOptions`: ``shuffle``, ``seed``, ``epoch``,
             ``block_size``, ``buffer_blocks``, ``rank``, ``world_size``, ``drop_last``, ``keys``, and of
@@ -449,7 +450,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         ...     loss = model(torch.from_numpy(x))
         """
         self._require_attached()  # at a URL an epoch fetches its windows as it goes: no download
-        aligned = None if targets is None else aligned_targets(targets, self.keys())
+        lengths = self.lengths() if self.ragged and targets is not None else None
+        aligned = None if targets is None else aligned_targets(targets, self.keys(), lengths)
         return Batches(self, EpochOptions(batch_size, **options), transform=transform, targets=aligned)
 
     def to_arrow(self, key_column: str = "key", vector_column: str = "vector") -> Any:

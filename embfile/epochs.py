@@ -71,9 +71,41 @@ def count(value: object, name: str, low: int = 0) -> int:
     return number
 
 
-def aligned_targets(targets: Any, keys: Collection[str]) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class ResidueTargets:
+    """Targets of per-residue records, one per row (a label per residue): the records' targets back to back,
+    record ``i``'s at ``values[offsets[i]:offsets[i + 1]]``, gathered and padded as the records are."""
+
+    values: np.ndarray  # (rows, *shape)
+    offsets: np.ndarray  # (records + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def of(self, records: np.ndarray) -> list[np.ndarray]:
+        """Each record's targets."""
+        return [self.values[self.offsets[r] : self.offsets[r + 1]] for r in records.tolist()]
+
+    def batch(self, records: np.ndarray, pad: bool) -> np.ndarray:
+        """The records' targets as their vectors are batched: zero-padded ``(records, longest, *shape)``, or
+        packed back to back."""
+        parts = self.of(records)
+        if not pad:
+            return np.concatenate(parts) if parts else self.values[:0]
+        longest = max((len(p) for p in parts), default=0)
+        out = np.zeros((len(parts), longest, *self.values.shape[1:]), self.values.dtype)
+        for i, p in enumerate(parts):
+            out[i, : len(p)] = p
+        return out
+
+
+def aligned_targets(
+    targets: Any, keys: Collection[str], lengths: np.ndarray | None = None
+) -> np.ndarray | ResidueTargets:
     """``targets`` (labels to train on) as an array, one per item of ``keys``: given in their order (an array,
-    a tensor or a sequence), or as a mapping from key; one number, or one array of a shape all share, each."""
+    a tensor or a sequence), or as a mapping from key; one number, or one array of a shape all share, each.
+    Of per-residue records (``lengths``, their rows), targets whose first dimension is each record's length
+    are a label per residue (:class:`ResidueTargets`)."""
     if isinstance(targets, collections.abc.Mapping):
         missing = [k for k in keys if k not in targets]
         if missing:
@@ -81,16 +113,33 @@ def aligned_targets(targets: Any, keys: Collection[str]) -> np.ndarray:
         targets = [targets[k] for k in keys]
     elif hasattr(targets, "detach"):  # a torch tensor
         targets = targets.detach().cpu().numpy()
+    if not isinstance(targets, collections.abc.Collection) or isinstance(targets, (str, bytes)):
+        raise TypeError(f"targets must be one per item, in a mapping or a sequence, not {type(targets).__name__}")
+    if len(targets) != len(keys):
+        raise ValueError(f"{len(targets)} targets for {len(keys)} items")
+    if lengths is not None and [np.shape(t)[:1] for t in targets] == [(n,) for n in lengths.tolist()]:
+        parts = [_numbers(t) for t in targets]  # a label per residue
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise ValueError("per-residue targets differ in shape past their first dimension")
+        offsets = np.zeros(len(parts) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return ResidueTargets(np.concatenate(parts) if parts else np.zeros(0), offsets)
     try:
         array = np.asarray(targets)
     except ValueError:  # numpy: "inhomogeneous shape"
+        residues = (
+            " (of per-residue records, or one per residue: as many as its record's rows)" if lengths is not None else ""
+        )
         raise ValueError(
-            "targets differ in shape: give one number, or one array of a shape all share, per item"
+            f"targets differ in shape: one number, or one array of a shape all share, per item{residues}"
         ) from None
-    if array.ndim == 0 or array.dtype.kind not in "biuf":
+    return _numbers(array)
+
+
+def _numbers(target: Any) -> np.ndarray:
+    array = target.detach().cpu().numpy() if hasattr(target, "detach") else np.asarray(target)
+    if array.dtype.kind not in "biuf":
         raise TypeError(f"targets must be numbers, one (or one array of them) per item, not {array.dtype}")
-    if len(array) != len(keys):
-        raise ValueError(f"{len(array)} targets for {len(keys)} items")
     return array
 
 
@@ -438,7 +487,8 @@ class Batches:
     ``read_ahead`` windows are read ahead on a thread (0: none, the gather faults pages in itself).
     ``out(rows)``, if given, returns the ``(rows, dim)`` array a fixed-width batch is gathered into (None:
     a new one), for a loader that hands batches over in buffers of its own.  ``targets``, one per record
-    (from :func:`aligned_targets`), adds each batch's targets after its vectors.
+    (or one per residue; from ``aligned_targets``), adds each batch's targets after its vectors, batched as
+    they are.
 
     ``state_dict()`` gives the position reached; ``load_state_dict(state)`` on an iterator made with the
     same options continues from it, with exactly the records not yet yielded.
@@ -459,7 +509,7 @@ class Batches:
         start: int = 0,
         read_ahead: int = 1,
         out: Callable[[int], np.ndarray | None] | None = None,
-        targets: np.ndarray | None = None,
+        targets: np.ndarray | ResidueTargets | None = None,
     ) -> None:
         num_workers = count(num_workers, "num_workers", 1)
         if not count(worker, "worker") < num_workers:
@@ -474,8 +524,8 @@ class Batches:
         if not ragged and options.token_budget is not None:
             raise ValueError("token_budget= batches ragged records; this dataset has one row per record")
         self._by_row = ragged and options.unit == "row"
-        if targets is not None and self._by_row:
-            raise ValueError("targets= are one per record; unit='row' batches rows of records")
+        if isinstance(targets, np.ndarray) and self._by_row:
+            raise ValueError("targets= here are one per record; unit='row' batches rows: give one per residue")
         self._targets = targets
         lengths = source.lengths() if ragged else None
         self._row_of = np.concatenate([[0], np.cumsum(lengths)]) if lengths is not None else None  # record: row
@@ -600,7 +650,10 @@ class Batches:
         if self.options.keys and self._by_row:  # the key of each row's record
             assert self._row_of is not None
             keys = self._source.keys_at((np.searchsorted(self._row_of, rows, "right") - 1).astype(np.uint64))
-        if self._targets is not None:
+        if isinstance(self._targets, ResidueTargets):
+            by_row = self._targets.values[rows] if self._by_row else self._targets.batch(rows, self.options.pad)
+            data = (*data, by_row)
+        elif self._targets is not None:
             data = (*data, self._targets[rows])
         if keys is not None:
             return (keys, *data)

@@ -33,6 +33,7 @@ from embfile.epochs import (
     Batches,
     EpochOptions,
     EpochPlan,
+    ResidueTargets,
     aligned_targets,
     check_state,
     count,
@@ -75,7 +76,13 @@ def _stacked(items: Sequence[Any]) -> Any:
     if _with_targets(items):
         xs, ys = zip(*items)
         batch = _stacked(list(xs))
-        return (*batch, torch.stack(ys)) if isinstance(batch, tuple) else (batch, torch.stack(ys))
+        if len({y.shape for y in ys}) > 1:  # a target per residue: padded as the records are
+            targets = ys[0].new_zeros((len(ys), max(len(y) for y in ys), *ys[0].shape[1:]))
+            for i, y in enumerate(ys):
+                targets[i, : len(y)] = y
+        else:
+            targets = torch.stack(ys)
+        return (*batch, targets) if isinstance(batch, tuple) else (batch, targets)
     if not _items(items):
         return items
     if items[0].dim() == 1:
@@ -140,7 +147,10 @@ class Dataset(torch.utils.data.Dataset):
     def __init__(self, source: Source, keys: Sequence[str] | None = None, targets: Any = None) -> None:
         self.store = _dataset(source)
         self.keys = None if keys is None else key_list(keys, "Dataset(keys=)")
-        self.targets = None if targets is None else aligned_targets(targets, self.keys or self.store.keys())
+        self.targets = None
+        if targets is not None:
+            lengths = self.store.lengths(self.keys) if self.store.ragged else None
+            self.targets = aligned_targets(targets, self.keys or self.store.keys(), lengths)
         # the keys' rows, looked up once (a missing key fails here, naming it, not in a worker)
         self._key_rows = None if self.keys is None else self.store.rows(self.keys)
         # the items in the file's order (None: they are in it), for BatchSampler's blocks, and their rows
@@ -173,7 +183,7 @@ class Dataset(torch.utils.data.Dataset):
         """The items of ``indices``, for ``collate_fn`` to batch; for :func:`collate`, the batch whole, with no
         item made."""
         whole = collate_fn is collate
-        targets = () if self.targets is None else (torch.from_numpy(self.targets[np.asarray(indices, np.int64)]),)
+        targets = self._targets(np.asarray(indices, np.int64), whole)
         if self.store.ragged:
             if whole:  # padded in one native gather, as collate would pad the records
                 return _Batch((*self._padded(indices), *targets))
@@ -184,11 +194,22 @@ class Dataset(torch.utils.data.Dataset):
                     "to the DataLoader (it pads them and gives the mask)"
                 )
             items = [tensor(rows[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-            return list(zip(items, targets[0].unbind(0))) if targets else items
+            return list(zip(items, *targets)) if targets else items
         batch = self._gather(indices)
         if not targets:
             return _Batch(batch, () if whole else batch.unbind(0))
-        return _Batch((batch, *targets), () if whole else zip(batch.unbind(0), targets[0].unbind(0)))
+        return _Batch((batch, *targets), () if whole else zip(batch.unbind(0), *targets))
+
+    def _targets(self, items: np.ndarray, whole: bool) -> tuple[Any, ...]:
+        """The targets of ``items``: none, or as a batch (``whole``), or as one tensor per item."""
+        if self.targets is None:
+            return ()
+        if isinstance(self.targets, ResidueTargets):
+            if whole:
+                return (torch.from_numpy(self.targets.batch(items, pad=True)),)
+            return ([torch.from_numpy(t) for t in self.targets.of(items)],)
+        batch = torch.from_numpy(self.targets[items])
+        return (batch,) if whole else (batch.unbind(0),)
 
     def _gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The ``(len(indices), dim)`` batch, gathered in a DataLoader worker straight into a shared buffer."""
@@ -417,7 +438,8 @@ class IterableDataset(torch.utils.data.IterableDataset):
         self.store = _dataset(source)
         self.options = EpochOptions(batch_size, **{"keys": False, **_distributed(options)})
         self.transform = transform
-        self.targets = None if targets is None else aligned_targets(targets, self.store.keys())
+        lengths = self.store.lengths() if self.store.ragged and targets is not None else None
+        self.targets = None if targets is None else aligned_targets(targets, self.store.keys(), lengths)
         self._start = 0
         self._batches()  # check the options here, not in a worker
 

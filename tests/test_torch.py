@@ -202,7 +202,7 @@ def test_map_style_items_carry_their_targets(store, residues):
 
 
 def test_epochs_carry_their_targets_through_every_loader(store, residues):
-    from embfile.torch import Loader
+    from embfile.torch import Loader, collate
 
     folder, keys, matrix = store
     labels = {k: i % 7 for i, k in enumerate(keys)}
@@ -220,11 +220,28 @@ def test_epochs_carry_their_targets_through_every_loader(store, residues):
         assert sum(len(y) for names, x, y in loader if y.tolist() == [labels[k] for k in names]) == len(keys)
     path, records = residues
     lengths = np.array([len(m) for m in records.values()])  # in row order
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    row_numbers = {k: start + np.arange(n) for k, start, n in zip(records, starts, lengths)}  # a label per residue
+    every_row = np.concatenate(list(records.values()))
     with embfile.open(path) as db:
         for names, _padded, mask, y in db.iter_batches(token_budget=3000, seed=1, targets=lengths):
             assert mask.sum(1).tolist() == y.tolist() == [len(records[k]) for k in names]
-        with pytest.raises(ValueError, match="targets= are one per record; unit='row' batches rows"):
+        with pytest.raises(ValueError, match="here are one per record; unit='row' batches rows: give one per residue"):
             db.iter_batches(64, unit="row", targets=lengths)
+        for names, padded, mask, y in db.iter_batches(token_budget=3000, seed=1, targets=row_numbers):
+            assert y.shape == mask.shape and not y[~mask].any()
+            assert all(np.array_equal(padded[i][mask[i]], every_row[y[i][mask[i]]]) for i in range(len(names)))
+        for _names, rows, offsets, y in db.iter_batches(16, pad=False, targets=row_numbers):
+            assert len(y) == offsets[-1] and np.array_equal(rows, every_row[y])
+        seen = []
+        for _names, rows, y in db.iter_batches(64, unit="row", seed=2, targets=row_numbers):
+            assert np.array_equal(rows, every_row[y])
+            seen += y.tolist()
+        assert sorted(seen) == list(range(len(every_row)))
+    by_key = Dataset(path, keys=list(records)[::-1], targets=row_numbers)
+    for collate_fn in (collate, lambda items: collate(items)):  # the batch whole, or items padded by collate
+        for x, mask, y in DataLoader(by_key, batch_size=8, collate_fn=collate_fn, num_workers=2):
+            assert y.shape == mask.shape and torch.equal(x[mask], torch.from_numpy(every_row[y[mask].numpy()]))
 
 
 def test_token_budget_epochs_through_loader_workers_give_every_record_once(residues):
