@@ -93,6 +93,26 @@ def test_types_round_trip(spark, tmp_path, element, dtype, stored, read):
     )
 
 
+def test_spark_ml_vectors_dense_and_sparse_are_written(spark, tmp_path):
+    from pyspark.ml.linalg import Vectors
+
+    keys, matrix = expected(300, dtype=np.float64)
+    matrix[::7] = 0
+    matrix[::7, 3] = 2.5  # every seventh as a sparse vector, as Spark ML's transformers may give them
+    vectors = [Vectors.sparse(8, [3], [2.5]) if i % 7 == 0 else Vectors.dense(v.tolist()) for i, v in enumerate(matrix)]
+    df = spark.createDataFrame(list(zip(keys, vectors)), ["id", "emb"]).repartition(3)
+    save(df, tmp_path / "ds", dtype="float32")  # was "column 'emb' is vector, not an array of numbers"
+    with embfile.open(tmp_path / "ds") as db:
+        assert db.dtype == np.float32 and len(db) == 300
+        np.testing.assert_array_equal(db.get_batch(keys), matrix.astype(np.float32))
+    wrong = spark.createDataFrame(
+        [("a", Vectors.dense([1.0, 2.0])), ("b", Vectors.sparse(3, [0], [1.0]))], ["id", "emb"]
+    )
+    with pytest.raises(Exception, match="key 'b': vector of 3 elements, not 2"):
+        save(wrong.coalesce(1), tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+
+
 def test_embfile_to_spark_and_versions(spark, tmp_path):
     keys, matrix = expected(500)
     embfile.write(tmp_path / "one.emb", (keys, matrix))

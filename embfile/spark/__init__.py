@@ -11,8 +11,9 @@ folder (:mod:`embfile.jobs`: every key exactly once, whatever tasks failed or ra
 nothing).  ``mode("append")`` adds to a dataset (a key it holds is an error, or with ``option("on_duplicate",
 "replace")`` replaces it), ``mode("overwrite")`` writes its next version; either creates the dataset if there
 is none.  Options: ``key`` and ``vector`` (the columns, default ``key`` and ``vector``), ``dtype`` (default:
-the vector column's element type), ``shard_bytes`` (default 1 GiB).  A vector column of ``array<array<T>>``
-is written as per-residue (ragged) records.
+the vector column's element type), ``shard_bytes`` (default 1 GiB).  The vector column is an array of numbers
+or Spark ML's ``vector`` (dense or sparse, written dense); one of ``array<array<T>>`` is written as
+per-residue (ragged) records.
 
 Reading: a DataFrame ``key string, vector array<T>``, one input partition per shard or slice of a shard (option
 ``rows_per_partition``): :func:`read` reads it on the JVM (:mod:`embfile.spark._jvm`), ``spark.read.format(
@@ -54,7 +55,7 @@ from pyspark.sql.datasource import (  # noqa: E402
     InputPartition,
     WriterCommitMessage,
 )
-from pyspark.sql.types import ArrayType, StructType, _parse_datatype_string  # noqa: E402
+from pyspark.sql.types import ArrayType, DoubleType, StructType, _parse_datatype_string  # noqa: E402
 
 from embfile import errors, jobs, remote  # noqa: E402
 from embfile._stream import Chunk, RaggedChunk, record_cuts  # noqa: E402
@@ -178,6 +179,9 @@ class _Writer(DataSourceArrowWriter):
                     f"embfile: no column {column!r} (option key / vector); columns: {list(fields)}"
                 )
         column = fields[self.vector]
+        self.ml_vectors = type(column).__name__ == "VectorUDT"  # Spark ML's vectors, dense or sparse, of doubles
+        if self.ml_vectors:
+            column = ArrayType(DoubleType(), containsNull=False)
         inner = column.elementType if isinstance(column, ArrayType) else None
         self.ragged = isinstance(inner, ArrayType)  # per-residue records: an array of vectors each
         element = inner if self.ragged else column
@@ -203,7 +207,7 @@ class _Writer(DataSourceArrowWriter):
 
         context = TaskContext.get()
         part = context.partitionId() if context is not None else 0
-        chunks = (_chunk(batch, self.key, self.vector, self.job) for batch in iterator)
+        chunks = (_chunk(batch, self.key, self.vector, self.job, self.ml_vectors) for batch in iterator)
         return _Written(jobs.write_part(self.job, part, chunks))
 
     def commit(self, messages: list[WriterCommitMessage | None]) -> None:
@@ -406,13 +410,34 @@ def _values(matrix: np.ndarray) -> Any:
     return pa.array((matrix.astype(np.float32) if matrix.dtype.name == "bfloat16" else matrix).reshape(-1))
 
 
-def _chunk(batch: Any, key: str, vector: str, job: jobs.Job) -> Chunk | RaggedChunk:
-    """An Arrow batch of Spark rows as ``(keys, matrix)``, or ragged ``(keys, rows, lengths)``."""
+def _chunk(batch: Any, key: str, vector: str, job: jobs.Job, ml_vectors: bool = False) -> Chunk | RaggedChunk:
+    """An Arrow batch of Spark rows as ``(keys, matrix)``, or ragged ``(keys, rows, lengths)``; a column of
+    Spark ML vectors as the lists of their values."""
     try:
         arrow = jobs.arrow_records if job.ragged else jobs.arrow_chunk
-        return arrow(batch.column(key), batch.column(vector), job.dim)
+        vectors = _dense(batch.column(vector)) if ml_vectors else batch.column(vector)
+        return arrow(batch.column(key), vectors, job.dim)
     except errors.WriterError as e:
         raise errors.WriterError(f"embfile: {e}") from None
+
+
+def _dense(column: Any) -> Any:
+    """Spark ML vectors as Arrow gives them (``struct<type, size, indices, values>``: type 1 dense, its
+    ``values`` the vector; type 0 sparse, ``size`` zeros but at ``indices``) as lists of their values."""
+    kinds = column.field("type").fill_null(1).to_numpy(zero_copy_only=False)
+    values = column.field("values")
+    mask = column.is_null()
+    if (kinds == 1).all():
+        return pa.ListArray.from_arrays(values.offsets, values.values, mask=mask)
+    sizes = column.field("size").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = np.where(kinds == 1, np.diff(np.asarray(values.offsets)), sizes)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.zeros(int(offsets[-1]))
+    dense = np.repeat(kinds == 1, lengths)
+    flat[dense] = values.flatten().to_numpy()[np.repeat(kinds == 1, np.diff(np.asarray(values.offsets)))]
+    for i in np.flatnonzero(kinds == 0).tolist():
+        flat[offsets[i] + np.asarray(column.field("indices")[i].values)] = np.asarray(values[i].values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat), mask=mask)
 
 
 __all__ = ["register", "read", "lookup", "EmbfileDataSource"]
