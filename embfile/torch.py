@@ -183,6 +183,7 @@ class Dataset(torch.utils.data.Dataset):
         """The items of ``indices``, for ``collate_fn`` to batch; for :func:`collate`, the batch whole, with no
         item made."""
         whole = collate_fn is collate
+        indices = self._in_range(indices)
         targets = self._targets(np.asarray(indices, np.int64), whole)
         if self.store.ragged:
             if whole:  # padded in one native gather, as collate would pad the records
@@ -199,6 +200,17 @@ class Dataset(torch.utils.data.Dataset):
         if not targets:
             return _Batch(batch, () if whole else batch.unbind(0))
         return _Batch((batch, *targets), () if whole else zip(batch.unbind(0), *targets))
+
+    def _in_range(self, indices: Sequence[int] | np.ndarray) -> Sequence[int] | np.ndarray:
+        """``indices``, a negative one counted from the end as Python counts; one out of range an IndexError."""
+        at = np.asarray(indices, np.int64)
+        n = len(self)
+        if not len(at) or (at.min() >= 0 and at.max() < n):
+            return indices
+        bad = at[(at < -n) | (at >= n)]
+        if len(bad):
+            raise IndexError(f"index {int(bad[0])} is out of range for {n} items")
+        return np.where(at < 0, at + n, at)
 
     def _targets(self, items: np.ndarray, whole: bool) -> tuple[Any, ...]:
         """The targets of ``items``: none, or as a batch (``whole``), or as one tensor per item."""

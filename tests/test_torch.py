@@ -107,6 +107,12 @@ def test_map_style_dataset_by_row_and_by_key(store):
     np.testing.assert_allclose(total.numpy(), matrix.astype(np.float64).sum(0), rtol=1e-6)
     by_key = Dataset(folder / "ds", keys=keys[::-1])
     np.testing.assert_array_equal(by_key[0].numpy(), matrix[-1])
+    for items in (ds, by_key):  # from the end, as Python counts (was "rows must be from 0 to 1199")
+        np.testing.assert_array_equal(items[-1].numpy(), items[len(items) - 1].numpy())
+        np.testing.assert_array_equal(items[[0, -2]].numpy(), items[[0, len(items) - 2]].numpy())
+        for wrong in (1200, -1201):
+            with pytest.raises(IndexError, match=f"index {wrong} is out of range for 1200 items"):
+                items[wrong]
     batch = next(iter(DataLoader(by_key, batch_size=5, num_workers=2, multiprocessing_context="spawn")))
     np.testing.assert_array_equal(batch.numpy(), matrix[::-1][:5])
     with pytest.raises(KeyError, match="missing"):
