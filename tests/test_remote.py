@@ -405,11 +405,45 @@ def test_persistent_faults_raise_one_clear_error(served, tmp_path, quick_retries
         assert "one.emb" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_server_ignoring_range_is_refused(served, tmp_path):
-    server, keys, _, _ = served
-    server.faults = store_faults("ignore-range", -1)
-    with pytest.raises(embfile.RemoteError, match="ignored the Range"):
-        open_http(server, "one.emb", tmp_path / "c")
+def test_a_server_that_ignores_ranges_serves_whole_copies(served, tmp_path):
+    """``python -m http.server`` answers a Range request with the whole file (it was refused: "the server
+    ignored the Range request"): each file is kept whole in the cache from that one answer."""
+    import functools
+    import http.server
+    import threading
+
+    ranged, keys, x, root = served
+    with open_http(ranged, "one.emb", tmp_path / "r") as db:  # one that served ranges and stops: an error
+        ranged.faults = store_faults("ignore-range", -1)
+        with pytest.raises(embfile.RemoteError, match="ignored the Range request .* cannot serve lookups by range"):
+            db[keys[100]]
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.command)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for name in ("one.emb", "ds"):
+            with embfile.open(f"{url}/{name}", cache_dir=tmp_path / "c") as db:
+                np.testing.assert_array_equal(db[keys[7]], x[7])
+                np.testing.assert_array_equal(db.get_batch(keys[::-5]), x[::-5])
+                assert sum(len(k) for k, _ in db.iter_batches(128, seed=3)) == N
+        requests.clear()
+        with embfile.open(f"{url}/one.emb", cache_dir=tmp_path / "c") as db:  # the cached copy: no GET
+            np.testing.assert_array_equal(db[keys[-1]], x[-1])
+        assert requests == ["HEAD"]
+        damaged = bytearray((root / "one.emb").read_bytes())
+        damaged[4096 + 100] ^= 1  # a bit of a record
+        (root / "bad.emb").write_bytes(damaged)
+        with pytest.raises(embfile.RemoteError, match="bad.emb: the downloaded copy does not match its checksums"):
+            embfile.open(f"{url}/bad.emb", cache_dir=tmp_path / "c")
+        assert not [p for p in (tmp_path / "c").rglob("bad*") if p.parent.name in ("files", "tmp")]
+    finally:
+        server.shutdown()
 
 
 def test_slow_responses_time_out(served, tmp_path, quick_retries, monkeypatch):

@@ -125,9 +125,17 @@ class Cache:
     def partial(self, name: str, size: int) -> PartialCopy:
         return PartialCopy(os.path.join(self.root, "pages", self.boot, name), size)
 
-    def download(self, name: str, fetch: Callable[[int, int], bytes], size: int, check: Callable[[str], None]) -> str:
+    def download(
+        self,
+        name: str,
+        fetch: Callable[[int, int], bytes] | None,
+        size: int,
+        check: Callable[[str], None],
+        whole: bytes | None = None,
+    ) -> str:
         """The whole copy of ``name``, downloaded if the cache lacks it: ``fetch(start, end)`` reads ranges of
-        the ``size``-byte object, ``check(path)`` raises if the downloaded file is not the one expected."""
+        the ``size``-byte object (or it is ``whole``, read already), ``check(path)`` raises if the downloaded
+        file is not the one expected."""
         found = self.whole(name)
         if found:
             return found
@@ -142,7 +150,9 @@ class Cache:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # marks the download as live for _remove_abandoned
                 with disk_errors(self.root):
-                    _fetch_into(fd, fetch, size)
+                    read = fetch if whole is None else lambda a, b: whole[a:b]
+                    assert read is not None
+                    _fetch_into(fd, read, size)
                     os.fsync(fd)
                 check(tmp)
                 os.rename(tmp, final)

@@ -43,7 +43,7 @@ from embfile.dataset import Dataset, ReadPart, checked_part
 from embfile.epochs import Fetch
 from embfile.file import MappedFile
 from embfile.remote.cache import Cache, PartialCopy, entry_name
-from embfile.remote.store import IN_FLIGHT, SMALL_READS, Identity, Remote
+from embfile.remote.store import IN_FLIGHT, SMALL_READS, Identity, RangeIgnored, Remote
 
 MERGE_GAP = 16  # pages: runs of missing pages this close are one range (64 KiB cost less than a round trip)
 OPEN_GAP = 1 << 20  # bytes: what opening fetches is one request where its parts are this close (a round trip
@@ -82,7 +82,12 @@ class RemoteFile:
             self.whole_name = partial_name
             if self._open_whole():
                 return
-        head = remote.read_range(0, min(PAGE, identity.size), identity)
+        try:
+            head = remote.read_range(0, min(PAGE, identity.size), identity)
+        except RangeIgnored as e:  # a server that serves files only whole (it just sent this one): cache it whole
+            self.mapped = self._whole_copy(identity.size, e.data)
+            self._in_use = cache.in_use(self.mapped.path)
+            return
         h = Header.read(head, identity.size, remote.url)
         self.partial = cache.partial(partial_name, identity.size)
         if not self.partial.have[0]:
@@ -305,7 +310,11 @@ class RemoteFile:
         """The whole file, from the cache or downloaded into it (checked against its checksums)."""
         if self.partial is None:
             return self.mapped
-        size = self.partial.size
+        return self._whole_copy(self.partial.size)
+
+    def _whole_copy(self, size: int, data: bytes | None = None) -> MappedFile:
+        """The whole copy from the cache, or downloaded into it by range reads (or written from ``data``, the
+        whole file read already) and checked against its checksums."""
 
         def check(path: str) -> None:
             f = MappedFile(path)
@@ -320,7 +329,7 @@ class RemoteFile:
                 f.close()
 
         fetch = functools.partial(self.remote.read_range, identity=self.identity)
-        path = self.cache.download(self.whole_name, fetch, size, check)
+        path = self.cache.download(self.whole_name, fetch, size, check, data)
         return self._checked(MappedFile(path))
 
     def close(self) -> None:

@@ -159,9 +159,10 @@ class Remote:
             data = self._count(bytes(self._get(start, end, identity)))
             if len(data) != end - start:
                 if identity is not None and len(data) == identity.size and (start, end) != (0, identity.size):
-                    raise _RangeIgnored(
+                    raise RangeIgnored(
                         f"{self.url}: the server ignored the Range request for bytes {start}-{end} and sent the "
-                        f"whole object ({len(data)} bytes): it cannot serve lookups by range"
+                        f"whole object ({len(data)} bytes): it cannot serve lookups by range",
+                        data,
                     )
                 raise _Truncated(f"{self.url}: asked for bytes {start}-{end}, received {len(data)} bytes")
             return data
@@ -297,8 +298,12 @@ def _written(info: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-class _RangeIgnored(errors.RemoteError):
-    pass
+class RangeIgnored(errors.RemoteError):
+    """A server that answered a Range request with the whole object (``data``): it serves files only whole."""
+
+    def __init__(self, message: str, data: bytes) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 class _Truncated(Exception):
