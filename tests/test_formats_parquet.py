@@ -341,6 +341,12 @@ def test_arrow_ipc_feather_and_hugging_face_save_to_disk(tmp_path, data):
     shuffled = ds.shuffle(seed=1)
     embfile.convert(shuffled, tmp_path / "shuffled.emb")
     assert list(embfile.open(tmp_path / "shuffled.emb")) == shuffled["text_id"]
+    splits = datasets.DatasetDict({"train": ds, "test": ds.select(range(3))})  # what load_dataset gives
+    with pytest.raises(TypeError, match=r"a DatasetDict of the splits \['test', 'train'\]: .* e.g. ds\['train'\]"):
+        embfile.convert(splits, tmp_path / "x.emb")  # was datasets' "Invalid key: slice(None, None, None)"
+    with pytest.raises(TypeError, match="a streamed datasets.IterableDataset: .* without streaming=True"):
+        embfile.convert(ds.to_iterable_dataset(), tmp_path / "x.emb")
+    assert not os.path.exists(tmp_path / "x.emb")
 
 
 def test_one_row_group_of_list_vectors_converts_in_flat_memory(tmp_path):

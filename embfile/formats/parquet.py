@@ -570,6 +570,14 @@ def read_table(data: Any, **options: Any) -> Source:
     """An in-memory ``pyarrow.Table`` or Hugging Face ``datasets.Dataset``, columns as for Parquet."""
     pa = require("pyarrow", "parquet")
     name = type(data).__name__
+    if name == "DatasetDict":  # what datasets.load_dataset gives: one Dataset per split
+        split = "train" if "train" in data else sorted(data)[0]
+        raise TypeError(f"a DatasetDict of the splits {sorted(data)}: convert one split, e.g. ds[{split!r}]")
+    if name == "IterableDataset" and hasattr(data, "with_format"):  # datasets' streaming=True
+        raise TypeError(
+            "a streamed datasets.IterableDataset: a conversion reads the keys first, then the vectors, which would "
+            "stream it twice; load it without streaming=True, or write it to Parquet and convert that"
+        )
     if not isinstance(data, pa.Table) and hasattr(data, "with_format") and hasattr(data, "column_names"):
         data = data.with_format("arrow")[:]  # a datasets.Dataset: its rows (in its order) as an Arrow table
     if not isinstance(data, pa.Table):
