@@ -166,7 +166,11 @@ def source_of(
         chunks = ((keys[lo : lo + step], matrix[lo : lo + step]) for lo in range(0, max(len(keys), 1), step))
         return Source(matrix.shape[1], matrix.dtype, len(keys), chunks, {"format": "arrays"})
     if not isinstance(data, collections.abc.Mapping):
-        raise TypeError(f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}")
+        table = type(data).__name__ in ("DataFrame", "Table", "Dataset") or hasattr(data, "__arrow_c_stream__")
+        hint = "; a table goes through embfile.convert(table, path), which finds its key and vector columns"
+        raise TypeError(
+            f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}" + (hint if table else "")
+        )
     items = iter(data.items())
     check = as_matrix if ragged else as_vector
     bad = on_error or OnError()

@@ -24,6 +24,7 @@ from embfile._stream import Source, chunk_rows, source_of
 from embfile.dataset import Dataset
 from embfile.dataset_writer import ShardWriter
 from embfile.file import MappedFile
+from embfile.formats.parquet import is_table, read_table
 from embfile.segments import KeyIndex, copied, merged, without_rows
 from embfile.shards import open as open_dataset
 from embfile.writer import Sink, Writer, write_source
@@ -36,12 +37,13 @@ def append(
 ) -> int:
     """Add the records of ``data`` to the dataset in ``folder`` as its next version; return that version.
 
-    ``data`` is anything :func:`embfile.write` takes (a mapping, a ``(keys, matrix)`` pair, an open dataset)
-    or a path :func:`embfile.convert` reads (an .emb file, a dataset folder, HDF5, Parquet, ...; ``options``
-    go to its reader).  Records are stored in the dataset's dtype.  A key the dataset holds already is a
-    :class:`DuplicateKeyError` naming it, and nothing is committed; with ``on_duplicate="replace"`` the new
-    record replaces the old one.  The cost is that of writing the new records (and, with replacements, of
-    rewriting the shards that held the old ones), whatever the size of the dataset.
+    ``data`` is anything :func:`embfile.write` takes (a mapping, a ``(keys, matrix)`` pair, an open dataset),
+    a path :func:`embfile.convert` reads (an .emb file, a dataset folder, HDF5, Parquet, ...) or a table in
+    memory it reads (pandas, polars, Arrow, datasets); ``options`` go to the reader.  Records are stored in the
+    dataset's dtype.  A key the dataset holds already is a :class:`DuplicateKeyError` naming it, and nothing is
+    committed; with ``on_duplicate="replace"`` the new record replaces the old one.  The cost is that of
+    writing the new records (and, with replacements, of rewriting the shards that held the old ones), whatever
+    the size of the dataset.
     """
     writers: list[ShardWriter] = []
 
@@ -193,6 +195,8 @@ def subset(
 def _source(data: Any, caller: str, options: dict[str, Any], ragged: bool | None = None) -> Source:
     if isinstance(data, (str, os.PathLike)):
         return formats.read(data, **options)
+    if is_table(data):
+        return read_table(data, **options)
     if options:
         raise TypeError(f"{caller}: options {sorted(options)} apply to reading a file or folder only")
     return source_of(data, caller, ragged)

@@ -349,6 +349,29 @@ def test_arrow_ipc_feather_and_hugging_face_save_to_disk(tmp_path, data):
     assert not os.path.exists(tmp_path / "x.emb")
 
 
+def test_tables_in_memory_pandas_and_arrow_streams(tmp_path):
+    pd = pytest.importorskip("pandas")
+    data = {f"P{i:05d}": np.random.default_rng(i).random(6).astype(np.float32) for i in range(50)}
+    frame = pd.DataFrame({"id": list(data), "embedding": list(data.values()), "length": range(50)})
+    embfile.convert(frame, tmp_path / "a.emb")  # was "expected a path, a pyarrow.Table or a datasets.Dataset"
+    assert_store(tmp_path / "a.emb", data)
+    embfile.convert(frame.set_index("id")[["embedding"]], tmp_path / "b.emb")  # the ids as the index
+    assert_store(tmp_path / "b.emb", data)
+    stream = pa.RecordBatchReader.from_batches(*(lambda t: (t.schema, t.to_batches(10)))(pa.table(frame)))
+    embfile.convert(stream, tmp_path / "c.emb")  # an Arrow stream, as polars and DuckDB give their tables
+    assert_store(tmp_path / "c.emb", data)
+    keys = list(data)
+    embfile.write_shards(tmp_path / "ds", {k: data[k] for k in keys[:10]})
+    embfile.append(tmp_path / "ds", frame.iloc[10:].rename(columns={"id": "name"}), key_column="name")
+    assert_store(tmp_path / "ds", data)
+    with pytest.raises(TypeError, match=r"a table goes through embfile.convert\(table, path\)"):
+        embfile.write(tmp_path / "x.emb", frame)
+    residues = pd.DataFrame({"id": ["a"], "rows": [np.ones((3, 6))]})
+    with pytest.raises(embfile.ConversionError, match="a DataFrame that Arrow cannot take"):
+        embfile.convert(residues, tmp_path / "x.emb")
+    assert not os.path.exists(tmp_path / "x.emb")
+
+
 def test_one_row_group_of_list_vectors_converts_in_flat_memory(tmp_path):
     """A list-typed Parquet file written as a single row group (pandas' default for small frames, and what
     some tools write at any size) is read a buffer at a time: the converter's peak memory (VmHWM of its own

@@ -164,7 +164,8 @@ def convert(
 ) -> str:
     r"""Convert ``src`` to ``dst``, in the formats their contents and names say.
 
-    ``src`` is a path, or an in-memory ``pyarrow.Table`` or ``datasets.Dataset`` (to an .emb file).
+    ``src`` is a path, or a table in memory (to an .emb file): a ``pyarrow.Table``, a ``datasets.Dataset``, a
+    pandas or polars DataFrame.
     Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
     ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``,
     ``torch``, ``lance``, ``zarr``, ``pickle``.
@@ -182,7 +183,7 @@ def convert(
     Between two formats other than .emb the data passes through a temporary .emb
     beside ``dst``.
     """
-    if not isinstance(src, (str, os.PathLike)):  # a pyarrow.Table or a datasets.Dataset in memory
+    if not isinstance(src, (str, os.PathLike)):  # a table in memory
         if dst_format not in (None, "emb") or output_format(dst) != "emb":
             raise ValueError("an in-memory table converts to .emb; convert that file further")
         return write_emb(rekeyed(read_table(src, **options), key), dst, dtype, metadata, progress)

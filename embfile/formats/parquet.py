@@ -566,8 +566,20 @@ def read_lance(
     return read_parts(path, "lance", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
+def is_table(data: Any) -> bool:
+    """Whether ``data`` is a table in memory that :func:`read_table` reads."""
+    name = type(data).__name__
+    return (
+        name in ("Table", "DataFrame", "DatasetDict", "IterableDataset")
+        or hasattr(data, "__arrow_c_stream__")
+        or (hasattr(data, "with_format") and hasattr(data, "column_names"))
+    )
+
+
 def read_table(data: Any, **options: Any) -> Source:
-    """An in-memory ``pyarrow.Table`` or Hugging Face ``datasets.Dataset``, columns as for Parquet."""
+    """A table in memory, columns as for Parquet: a ``pyarrow.Table``, a Hugging Face ``datasets.Dataset``, a
+    pandas DataFrame (a named index is a column: the ids, as pandas users keep them), or a polars DataFrame or
+    anything else that gives its data as an Arrow stream."""
     pa = require("pyarrow", "parquet")
     name = type(data).__name__
     if name == "DatasetDict":  # what datasets.load_dataset gives: one Dataset per split
@@ -580,8 +592,13 @@ def read_table(data: Any, **options: Any) -> Source:
         )
     if not isinstance(data, pa.Table) and hasattr(data, "with_format") and hasattr(data, "column_names"):
         data = data.with_format("arrow")[:]  # a datasets.Dataset: its rows (in its order) as an Arrow table
+    elif not isinstance(data, pa.Table) and (name == "DataFrame" or hasattr(data, "__arrow_c_stream__")):
+        try:
+            data = pa.table(data)  # pandas (with its index), polars, DuckDB results: as one Arrow table
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise errors.ConversionError(f"a {name} that Arrow cannot take: {e}") from None
     if not isinstance(data, pa.Table):
-        raise TypeError(f"expected a path, a pyarrow.Table or a datasets.Dataset, not {name}")
+        raise TypeError(f"expected a path or a table (pyarrow, pandas, polars, datasets), not {name}")
     return read_parts(f"a {name}", "arrow", [table_part(data, f"a {name}")], **options)
 
 
