@@ -198,7 +198,7 @@ cdef tuple _encoded(keys, caller):
     """``keys`` (a sequence of str or a numpy string array) as ``(list, pointers, lengths)``: the address and
     length of each key's UTF-8, valid while the list lives.  TypeError for anything else."""
     if isinstance(keys, (str, bytes)):
-        raise TypeError(f"{caller}() takes a sequence of keys, not a single key")
+        raise TypeError(f"{caller}() takes a sequence of keys, not a single key (db[key] gives one)")
     try:
         seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
     except TypeError:
@@ -546,6 +546,8 @@ cdef class Table:
         length, and a boolean ``(len(keys), longest)`` mask of the real rows; without, the rows packed one
         record after another and ``len(keys) + 1`` offsets (record ``i`` is ``rows[offsets[i]:offsets[i+1]]``).
         """
+        if isinstance(keys, (str, bytes)):  # here, to name the call the user made
+            raise TypeError("get_batch() takes a sequence of keys, not a single key (db[key] gives one)")
         rows = self.rows(keys)
         if self._ragged:
             return self._gather_ragged(rows.view(np.uint64), pad)

@@ -680,19 +680,19 @@ class RemoteDataset(Dataset):
         return super().row(key)
 
     def rows(self, keys: Any) -> np.ndarray:
-        keys = _listed(keys)
+        keys = _listed(keys, "rows")
         if not self._whole:
             self._fetch_index(keys)
         return super().rows(keys)
 
     def find_rows(self, keys: Any) -> np.ndarray:
-        keys = _listed(keys)
+        keys = _listed(keys, "find_rows")
         if not self._whole:
             self._fetch_index(keys)
         return super().find_rows(keys)
 
     def get_batch(self, keys: Any, pad: bool = True) -> Any:
-        keys = _listed(keys)
+        keys = _listed(keys, "get_batch")
         with self._fetch_for(keys):
             return super().get_batch(keys, pad)
 
@@ -1085,9 +1085,9 @@ def version_name(version: int) -> str:
     return f"{layout.VERSIONS}/{version:020d}.json"
 
 
-def _listed(keys: Any) -> list[str]:
+def _listed(keys: Any, caller: str) -> list[str]:
     if isinstance(keys, (str, bytes)):
-        raise TypeError("a sequence of keys, not a single key")
+        raise TypeError(f"{caller}() takes a sequence of keys, not a single key (db[key] gives one)")
     return keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
 
 
