@@ -31,7 +31,7 @@ from embfile._extras import require
 from embfile._format import Header
 from embfile._pages import Layout, ReadAhead, WindowReader, aligned_empty, faulted_in_ahead
 from embfile._stream import POOLINGS, pool_rows, record_cuts
-from embfile.epochs import Batches, EpochOptions, Fetch, aligned_targets
+from embfile.epochs import OPTIONS, Batches, EpochOptions, Fetch, aligned_targets, refuse_unknown
 from embfile.file import MappedFile, attach
 from embfile.writer import Writer
 
@@ -451,6 +451,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         """
         self._require_attached()  # at a URL an epoch fetches its windows as it goes: no download
         lengths = self.lengths() if self.ragged and targets is not None else None
+        refuse_unknown(options, OPTIONS, "iter_batches()")
         aligned = None if targets is None else aligned_targets(targets, self.keys(), lengths)
         return Batches(self, EpochOptions(batch_size, **options), transform=transform, targets=aligned)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import collections.abc
 import dataclasses
+import difflib
 import operator
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +57,15 @@ UNITS = ("record", "row")
 def default_block_size(record_bytes: int) -> int:
     """Records in a default block: as many as fill :data:`BLOCK_BYTES`, at least one."""
     return max(1, BLOCK_BYTES // record_bytes)
+
+
+def refuse_unknown(options: Collection[str], known: Collection[str], caller: str) -> None:
+    """A TypeError for the first of ``options`` not among ``known``, naming the one it is likely a typo of."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, 1)
+        hint = f"did you mean {close[0]!r}?" if close else f"options are {', '.join(sorted(known))}"
+        raise TypeError(f"{caller} has no option {unknown[0]!r}: {hint}")
 
 
 def count(value: object, name: str, low: int = 0) -> int:
@@ -227,6 +237,9 @@ class EpochOptions:
         checked.update((name, bool(getattr(self, name))) for name in ("shuffle", "drop_last", "keys", "pad"))
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # frozen: the checked values replace the given ones
+
+
+OPTIONS = tuple(f.name for f in dataclasses.fields(EpochOptions) if f.name != "batch_size")  # keyword options
 
 
 class EpochPlan:

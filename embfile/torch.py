@@ -30,6 +30,7 @@ from embfile._handover import Buffers, each_tensor, worker_buffers
 from embfile._keys import key_list
 from embfile._pages import WindowReader
 from embfile.epochs import (
+    OPTIONS,
     Batches,
     EpochOptions,
     EpochPlan,
@@ -40,6 +41,7 @@ from embfile.epochs import (
     default_block_size,
     order_config,
     rank_share,
+    refuse_unknown,
 )
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | embfile.Dataset
@@ -334,9 +336,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
 
     def __init__(self, dataset: Dataset | Source, batch_size: int, **options: Any) -> None:
         ordering = {"seed", "epoch", "shuffle", "drop_last", "block_size", "buffer_blocks", "rank", "world_size"}
-        unknown = set(options) - ordering
-        if unknown:
-            raise TypeError(f"BatchSampler() got unexpected options {sorted(unknown)}")
+        refuse_unknown(options, ordering, "BatchSampler()")
         if not isinstance(dataset, Dataset):  # an embfile dataset or its path: the batches of its every row
             dataset = Dataset(dataset)
         self.batch_size = count(batch_size, "batch_size", 1)
@@ -447,6 +447,7 @@ class IterableDataset(torch.utils.data.IterableDataset):
         targets: Any = None,
         **options: Any,
     ) -> None:
+        refuse_unknown(options, OPTIONS, f"{type(self).__name__}()")
         self.store = _dataset(source)
         self.options = EpochOptions(batch_size, **{"keys": False, **_distributed(options)})
         self.transform = transform
@@ -541,6 +542,12 @@ class Loader:
     ) -> None:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, not {type(transform).__name__}")
+        if "num_workers" in options:
+            raise TypeError(
+                "Loader() starts no worker processes (threads= sets the threads its transform runs on); for "
+                "workers, DataLoader(IterableDataset(...), batch_size=None, num_workers=k)"
+            )
+        refuse_unknown(options, (*OPTIONS, "targets"), "Loader()")
         if batch_size is None and options.get("token_budget") is None:
             batch_size = 256
         self.dataset = IterableDataset(source, batch_size, **options)

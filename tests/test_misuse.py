@@ -103,6 +103,7 @@ WRONG_TYPES = [
     (lambda db: db.iter_batches("10"), "batch_size must be an int, not str"),
     (lambda db: db.iter_batches(4, seed="x"), "seed must be an int, not str"),
     (lambda db: db.iter_batches(4, epoch=1.5), "epoch must be an int, not float"),
+    (lambda db: db.iter_batches(4, seeds=1), r"iter_batches\(\) has no option 'seeds': did you mean 'seed'\?"),
     (lambda db: db.search_keys("k1"), r"search_keys\(\) takes an iterable of keys, not a single key"),
     (lambda db: db.search(db["k1"], exclude="k1"), "exclude takes an iterable of keys, not a single key"),
     (lambda db: db.search(db["k1"], exclude=5), "exclude takes an iterable of keys, not int"),

@@ -119,6 +119,16 @@ def test_map_style_dataset_by_row_and_by_key(store):
         Dataset(folder / "db.emb", keys=["P00001", "missing"])
     with pytest.raises(TypeError, match="not a single key"):
         Dataset(folder / "db.emb", keys="P00001")
+    from embfile.torch import BatchSampler, Loader
+
+    typos = {  # each was Python's "EpochOptions.__init__() got an unexpected keyword argument"
+        lambda: IterableDataset(folder / "db.emb", 8, shufle=False): "IterableDataset.. has no option 'shufle': did",
+        lambda: BatchSampler(ds, 8, seeds=1): r"BatchSampler\(\) has no option 'seeds': did you mean 'seed'",
+        lambda: Loader(folder / "db.emb", 8, num_workers=2): r"Loader\(\) starts no worker processes",
+    }
+    for make, message in typos.items():
+        with pytest.raises(TypeError, match=message):
+            make()
 
 
 def test_transform_gets_tensors(store):
