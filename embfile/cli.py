@@ -15,15 +15,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 import embfile
 from embfile import _format as F
 from embfile import errors, formats, remote
-from embfile._keys import keys_file
-from embfile._stream import POOLINGS
+from embfile._keys import EncodedKeys, keys_file
+from embfile._stream import POOLINGS, Source, pooled
 
 _EXAMPLES = {
     "convert": """examples:
@@ -59,6 +59,7 @@ _EXAMPLES = {
     "subset": "example:\n  embfile subset uniref50/ test.emb --keys test_ids.txt",
     "search": "examples:\n  embfile search prott5.emb --key P69905 P68871 -k 5\n"
     "  embfile search esm2/ --queries new.npy -k 1 --metric l2 --format tsv > hits.tsv\n"
+    "  embfile search lookup.emb --queries new_proteins.h5 -k 1     # each query named by its key\n"
     "  embfile search residues.emb --key P69905 --pool mean",
     "cache": "examples:\n  embfile cache fetch s3://bucket/esm2/      # before training on a machine of its own\n"
     "  embfile cache fetch https://example.org/prott5.emb --cache-dir /scratch/embfile\n  embfile cache clear",
@@ -309,7 +310,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--key", nargs="+", metavar="KEY", help="query with these keys' vectors (each leaves itself out)"
     )
-    which.add_argument("--queries", metavar="NPY", help="query with the rows of this (Q, dim) or (dim,) .npy array")
+    which.add_argument(
+        "--queries",
+        metavar="FILE",
+        help="query with the rows of this (Q, dim) or (dim,) .npy array (named by number), or the records of any file "
+        "convert reads (an .emb file or dataset, HDF5, Parquet...; named by key; per-residue ones pooled by --pool)",
+    )
     c.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     c.add_argument("--metric", choices=["cosine", "ip", "l2"], default="cosine", help="default cosine")
     c.add_argument(
@@ -620,27 +626,72 @@ def _subset(args: argparse.Namespace) -> None:
 
 def _search(args: argparse.Namespace) -> None:
     with embfile.open(args.file, args.version) as db:
+        source = None if args.key or _is_npy(args.queries) else _queries(args.queries)
+        if source is not None and source.ragged:
+            if args.pool is None:
+                raise ValueError(
+                    f"{args.queries} holds per-residue (ragged) records: pass --pool mean (or max, first, last) to "
+                    "query with each one's rows pooled"
+                )
+            source = pooled(source, args.pool)
         if db.ragged and args.pool is None:
             raise ValueError(f"{args.file} holds per-residue (ragged) records: pass --pool mean (or max, first, last)")
-        if args.pool and not db.ragged:
+        if args.pool and not db.ragged and source is None:
             raise ValueError(f"{args.file} has one vector per key: --pool is for per-residue (ragged) records")
+        pool = args.pool if db.ragged else None
         if args.key:
-            names = list(args.key)
-            scores, keys = db.search_keys(names, k=args.k, metric=args.metric, pool=args.pool)
-        else:
-            queries = _npy(args.queries)
-            scores, keys = db.search(np.atleast_2d(queries), k=args.k, metric=args.metric, pool=args.pool)
-            names = [str(i) for i in range(len(scores))]
-    if args.format == "json":
-        hits = {n: [{"key": k, "score": float(s)} for k, s in zip(ks, ss)] for n, ks, ss in zip(names, keys, scores)}
+            results: Iterable[tuple[list[str], np.ndarray, np.ndarray]] = [
+                (list(args.key), *db.search_keys(list(args.key), k=args.k, metric=args.metric, pool=pool))
+            ]
+        elif source is None:
+            scores, keys = db.search(np.atleast_2d(_npy(args.queries)), k=args.k, metric=args.metric, pool=pool)
+            results = [([str(i) for i in range(len(scores))], scores, keys)]
+        else:  # a chunk of queries at a time: as many as the file holds, in flat memory
+            results = (
+                (_names(names), *db.search(x, k=args.k, metric=args.metric, pool=pool)) for names, x in source.chunks
+            )
+        _print_hits(results, args.format)
+
+
+def _print_hits(results: Iterable[tuple[list[str], np.ndarray, np.ndarray]], form: str) -> None:
+    """Each query's hits: ``query key score`` lines (tsv: with a header), or one JSON object of them all."""
+    if form == "json":
+        hits = {
+            n: [{"key": k, "score": float(s)} for k, s in zip(ks, ss)]
+            for names, scores, keys in results
+            for n, ss, ks in zip(names, scores, keys)
+        }
         print(json.dumps(hits, ensure_ascii=False, indent=1))
         return
-    sep = "\t" if args.format == "tsv" else " "
-    if args.format == "tsv":
+    sep = "\t" if form == "tsv" else " "
+    if form == "tsv":
         print("query\tkey\tscore")
-    for name, ks, ss in zip(names, keys, scores):
-        for key, score in zip(ks, ss):
-            print(f"{name}{sep}{key}{sep}{score:.6g}")
+    for names, scores, keys in results:
+        sys.stdout.write(
+            "".join(f"{n}{sep}{k}{sep}{s:.6g}\n" for n, ss, ks in zip(names, scores, keys) for k, s in zip(ks, ss))
+        )
+
+
+def _queries(path: str) -> Source:
+    """The records of the queries file at ``path``, read as ``convert`` reads it."""
+    try:
+        formats.detect_format(path)
+    except errors.ConversionError:
+        raise ValueError(
+            f"{path} is neither a .npy array (save the queries with numpy.save) nor a file convert reads"
+        ) from None
+    return formats.read(path)
+
+
+def _names(keys: Sequence[str] | EncodedKeys) -> list[str]:
+    return keys.tolist() if hasattr(keys, "tolist") else list(keys)  # a chunk's keys, perhaps encoded
+
+
+def _is_npy(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
 
 
 def _npy(path: str) -> np.ndarray:

@@ -178,7 +178,7 @@ def test_search_from_the_command_line(tmp_path):
     np.save(tmp_path / "o.npy", np.array([None] * 4), allow_pickle=True)
     for wrong, says in (
         (["--key", "nope"], "'nope'"),
-        (["--queries", tmp_path / "q.txt"], "q.txt is not a .npy array"),
+        (["--queries", tmp_path / "q.txt"], "q.txt is neither a .npy array (save the queries with numpy.save) nor"),
         (["--queries", tmp_path / "o.npy"], "o.npy: Object arrays"),
         (["--key", "x", "--pool", "mean"], "--pool is for per-residue"),
     ):
@@ -191,6 +191,30 @@ def test_search_from_the_command_line(tmp_path):
     assert out.returncode == 0 and out.stdout.split()[:2] == ["x", "y"], out.stderr
     out = subprocess.run([*run, "--key", "x"], capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "pass --pool mean" in out.stderr
+    # queries from any file convert reads, named by their keys (they were only an .npy's numbered rows)
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "new.h5", "w") as f:
+        f["new_x"] = [0.1, 0.9, 0.1, 0]
+        f["new_z"] = [0, 0, 0.1, 0.9]
+    run[-1] = tmp_path / "db.emb"
+    out = subprocess.run(
+        [*run, "--queries", tmp_path / "new.h5", "-k", "1", "--format", "tsv"], capture_output=True, text=True
+    )
+    assert out.stdout.splitlines()[1:] == [
+        "new_x\tx\t0.987878",
+        "new_z\tz\t0.993884",
+    ]  # 0.9 / sqrt(0.83), 0.9 / sqrt(0.82), out.stderr
+    out = subprocess.run(
+        [*run, "--queries", tmp_path / "r.emb", "-k", "1", "--pool", "max"], capture_output=True, text=True
+    )
+    assert [line.split()[:2] for line in out.stdout.splitlines()] == [["w", "w"], ["x", "x"], ["y", "w"]], out.stderr
+    out = subprocess.run([*run, "--queries", tmp_path / "r.emb"], capture_output=True, text=True)
+    assert out.returncode == 1 and "r.emb holds per-residue (ragged) records: pass --pool mean" in out.stderr
+    run[-1] = tmp_path / "r.emb"  # a per-residue file queried with one vector per key: --pool is for the file
+    out = subprocess.run(
+        [*run, "--queries", tmp_path / "new.h5", "-k", "1", "--pool", "mean"], capture_output=True, text=True
+    )
+    assert [line.split()[:2] for line in out.stdout.splitlines()] == [["new_x", "x"], ["new_z", "w"]], out.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
