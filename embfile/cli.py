@@ -450,13 +450,17 @@ def _info(args: argparse.Namespace) -> None:
             **({"ragged": True, "rows": int(db.lengths().sum())} if db.ragged else {}),
             "size": sum(f.header.file_size for f in files),
             "key_bytes": [int(lengths.min()), int(lengths.max())] if len(db) else None,
-            "metadata": db.metadata,
         }
+        meta = db.metadata
+        record = meta.pop("embfile", {})  # the writer's own record (of a folder, the first shard's)
         if isinstance(db, embfile.ShardedEmbFile):
             info["shards"] = len(files)
             if db.version is not None:
                 info["version"] = db.version
-            info["metadata"].pop("embfile")  # the first shard's own record; the user's part is shared
+        else:
+            info["created"] = record.get("created")
+            info["written_by"] = f"embfile {record.get('embfile_version')}"
+        info["metadata"] = meta  # the user's
     if args.json:
         print(json.dumps(info, ensure_ascii=False, indent=2))
         return

@@ -93,6 +93,8 @@ def test_convert_info_get_keys(tmp_path):
     info = json.loads(cli("info", tmp_path / "db.emb", "--json").stdout)
     assert (info["count"], info["dim"], info["dtype"]) == (3, 16, "float16")
     assert info["key_bytes"] == [10, 19] and info["metadata"]["model"] == "prot_t5"
+    assert "embfile" not in info["metadata"]  # the writer's record, apart
+    assert info["written_by"] == f"embfile {embfile.__version__}" and info["created"].startswith("20")
     assert info["size"] == os.path.getsize(tmp_path / "db.emb")
     assert b"float16" in cli("info", tmp_path / "db.emb").stdout
 
