@@ -295,6 +295,4 @@ def _what(head: bytes, path: str) -> str:
     kind = next((kind for magic, (_, kind) in FOREIGN.items() if head.startswith(magic)), None)
     if kind is None:
         return f"(starts with {head[:8]!r})"
-    if "://" in path:  # convert reads local files
-        return f"but {kind}: `embfile convert` converts a local copy of it"
     return f"but {kind}: `embfile convert {path} {os.path.splitext(path)[0]}.emb` converts it"

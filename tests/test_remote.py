@@ -984,10 +984,52 @@ def test_merge_and_subset_at_s3_urls(s3, tmp_path):
     assert not s3.filesystem().exists("embs/m/twice.emb")
 
 
+def test_convert_reads_files_and_datasets_at_urls(s3, tmp_path):
+    """A file or folder at a URL converts as a local one does (it was "convert reads local files"): an .emb file
+    or dataset read there, anything else downloaded beside the output and removed after; to a URL too."""
+    from conftest import assert_store
+
+    h5py = pytest.importorskip("h5py")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    keys, x = data(n=300, dim=8)
+    opts, fs = s3.storage_options(), s3.filesystem()
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        for k, v in zip(keys, x):
+            f[k.replace("/", "_")] = v
+    (tmp_path / "pq").mkdir()
+    for i in range(2):
+        part = slice(150 * i, 150 * (i + 1))
+        pq.write_table(pa.table({"id": keys[part], "emb": list(x[part])}), tmp_path / "pq" / f"{i}.parquet")
+    fs.put(str(tmp_path / "x.h5"), "embs/in/x.h5")
+    fs.put(str(tmp_path / "pq"), "embs/in/pq", recursive=True)
+    embfile.write_shards("s3://embs/in/ds", (keys, x), storage_options=opts, cache_dir=tmp_path / "c")
+    out = tmp_path / "out"
+    out.mkdir()
+    want = {k.replace("/", "_"): v for k, v in zip(keys, x)}
+    embfile.convert("s3://embs/in/x.h5", out / "h5.emb", storage_options=opts)
+    assert_store(out / "h5.emb", want)
+    embfile.convert("s3://embs/in/pq", out / "pq.emb", storage_options=opts, dtype="float16")
+    assert_store(out / "pq.emb", {k: v.astype(np.float16) for k, v in zip(keys, x)})
+    embfile.convert("s3://embs/in/ds", out / "ds.parquet", storage_options=opts)
+    assert pq.read_table(out / "ds.parquet").num_rows == 300
+    assert sorted(os.listdir(out)) == ["ds.parquet", "h5.emb", "pq.emb"]  # the downloads are gone
+    embfile.convert("s3://embs/in/x.h5", "s3://embs/out/x.emb", storage_options=opts)
+    with embfile.open("s3://embs/out/x.emb", storage_options=opts, cache_dir=tmp_path / "c") as db:
+        np.testing.assert_array_equal(db.get_batch(list(want)), x)
+    with pytest.raises(FileNotFoundError, match="s3://embs/in/nope.h5"):
+        embfile.convert("s3://embs/in/nope.h5", out / "x.emb", storage_options=opts)
+    with pytest.raises(
+        embfile.NotAnEmbFileError, match=r"but HDF5: `embfile convert s3://embs/in/x.h5 s3://embs/in/x.emb`"
+    ):
+        embfile.open("s3://embs/in/x.h5", storage_options=opts, cache_dir=tmp_path / "c")
+    assert not os.path.exists(out / "x.emb")
+
+
 def test_mistakes_at_an_s3_url_are_one_line_naming_it(s3, tmp_path, monkeypatch):
     """What a user gets wrong at a URL says so in one line naming the URL: a key not there (not the local folder
     standing in for the dataset), a bucket not there, no credentials (at once: no retry finds them), a URL
-    given to convert as its source (merge reads one).  The CLI converts to a URL."""
+    given to merge as its destination.  The CLI converts to a URL."""
     from embfile import cli
 
     keys, x = data(n=200, dim=8)
@@ -997,8 +1039,6 @@ def test_mistakes_at_an_s3_url_are_one_line_naming_it(s3, tmp_path, monkeypatch)
         embfile.remove(url, ["nope"], storage_options=opts, cache_dir=tmp_path / "c")
     with pytest.raises(FileNotFoundError, match=r"bucket does not exist: 's3://nobucket/ds/"):
         embfile.write_shards("s3://nobucket/ds", (keys, x), storage_options=opts, cache_dir=tmp_path / "c")
-    with pytest.raises(ValueError, match=rf"{url}: convert reads local files; .*embfile merge URL DST"):
-        embfile.convert(url, tmp_path / "x.emb")
     with pytest.raises(ValueError, match="on_error='skip' to a URL needs report="):
         embfile.convert(tmp_path / "x.h5", "s3://embs/x.emb", on_error="skip", storage_options=opts)
 

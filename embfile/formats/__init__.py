@@ -22,6 +22,7 @@ from embfile import _format as F
 from embfile import errors
 from embfile._staging import Staging
 from embfile._stream import KeyRule, Source, pooled, rekeyed
+from embfile.dataset import Dataset
 from embfile.folder import is_versioned
 from embfile.formats._common import write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
@@ -164,8 +165,8 @@ def convert(
 ) -> str:
     r"""Convert ``src`` to ``dst``, in the formats their contents and names say.
 
-    ``src`` is a path, or a table in memory (to an .emb file): a ``pyarrow.Table``, a ``datasets.Dataset``, a
-    pandas or polars DataFrame.
+    ``src`` is a path, an open embfile dataset, or a table in memory (to an .emb file): a ``pyarrow.Table``, a
+    ``datasets.Dataset``, a pandas or polars DataFrame.
     Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
     ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``,
     ``torch``, ``lance``, ``zarr``, ``pickle``.
@@ -183,11 +184,11 @@ def convert(
     Between two formats other than .emb the data passes through a temporary .emb
     beside ``dst``.
     """
-    if not isinstance(src, (str, os.PathLike)):  # a table in memory
+    if not isinstance(src, (str, os.PathLike, Dataset)):  # a table in memory
         if dst_format not in (None, "emb") or output_format(dst) != "emb":
             raise ValueError("an in-memory table converts to .emb; convert that file further")
         return write_emb(rekeyed(read_table(src, **options), key), dst, dtype, metadata, progress)
-    sf = src_format or detect_format(src)
+    sf = "emb" if isinstance(src, Dataset) else src_format or detect_format(src)
     df = dst_format or output_format(dst)
     if sf not in READERS:
         raise ValueError(f"unknown input format {sf!r}; one of {sorted(READERS)}")
@@ -197,6 +198,7 @@ def convert(
     if (
         sf == "emb"
         and df != "emb"
+        and not isinstance(src, Dataset)
         and os.path.isfile(src)
         and not reader_opts
         and (dtype, metadata, key) == (None,) * 3
@@ -238,7 +240,7 @@ def read(
     return _read(sf, src, reader_opts, key)
 
 
-def _read(sf: str, src: str | os.PathLike[str], options: dict[str, Any], key: KeyRule | None) -> Source:
+def _read(sf: str, src: str | os.PathLike[str] | Dataset, options: dict[str, Any], key: KeyRule | None) -> Source:
     """The records of ``src``, read by the reader of format ``sf``; pooled here if it takes no ``pool`` (any
     reader of per-residue ``(L, D)`` records: torch, safetensors, npz, Zarr, pickles)."""
     reader = READERS[sf]

@@ -17,10 +17,16 @@ from embfile.formats.tensors import KeysFile, listed_keys, loaded_source
 from embfile.shards import open as open_dataset
 
 
-def read_emb(path: str | os.PathLike[str], *, pool: str | None = None, version: int | str | None = None) -> Source:
+def read_emb(
+    path: str | os.PathLike[str] | Dataset, *, pool: str | None = None, version: int | str | None = None
+) -> Source:
     """Another .emb file or dataset folder (to change its dtype, or on the way to another format), of a folder
-    its latest version or ``version``; per-residue records pooled ``pool`` into one vector per key, as
-    :meth:`embfile.Dataset.pool` does."""
+    its latest version or ``version``, or an open dataset (one at a URL, say); per-residue records pooled
+    ``pool`` into one vector per key, as :meth:`embfile.Dataset.pool` does."""
+    if isinstance(path, Dataset):
+        if version is not None:
+            raise ValueError("version= applies to a path; an open dataset is the version it was opened at")
+        return pooled(dataclasses.replace(source_of(path), metadata=path.metadata), pool)
     db: Dataset = open_dataset(path, version)
     source = source_of(db)
     return pooled(dataclasses.replace(source, chunks=_closing(db, source.chunks), metadata=db.metadata), pool)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from embfile import _format as F
 from embfile import dataset_writer, errors, formats, operations, writer
 from embfile import folder as layout
 from embfile.remote.cache import Cache
@@ -335,11 +336,9 @@ def write(
 
 
 def convert(src: Any, dst: Any, *, storage_options: dict[str, Any] | None = None, **options: Any) -> str:
-    if isinstance(src, (str, os.PathLike)) and is_url(src):
-        raise ValueError(
-            f"{src}: convert reads local files; a dataset at a URL is written elsewhere with "
-            "embfile.merge([url], dst) (`embfile merge URL DST`)"
-        )
+    if is_url(src):
+        with _readable(src, storage_options, options.get("src_format"), dst) as readable:
+            return convert(readable, dst, storage_options=storage_options, **options)
     if not is_url(dst):
         return formats.convert(src, dst, **options)
     if options.get("on_error") == "skip" and options.get("report") is None:
@@ -347,6 +346,34 @@ def convert(src: Any, dst: Any, *, storage_options: dict[str, Any] | None = None
     with staged_file(dst, storage_options) as local:
         formats.convert(src, local, **options)
     return str(dst)
+
+
+@contextlib.contextmanager
+def _readable(url: str, storage_options: dict[str, Any] | None, src_format: str | None, dst: Any) -> Iterator[Any]:
+    """What convert reads of the input at ``url``: an embfile file or dataset there, open (its records read by
+    range requests, checked); any other file or folder, downloaded whole beside ``dst`` (or in the temporary
+    folder, for a ``dst`` at a URL) and removed afterwards."""
+    remote = Remote(url.rstrip("/"), storage_options)
+    fs, path = remote.fs, remote.path
+    if src_format in (None, "emb") and remote._retrying("reading", lambda: _holds_emb(fs, path)):
+        with RemoteDataset(url, storage_options=storage_options) as db:
+            yield db
+        return
+    beside = tempfile.gettempdir() if is_url(dst) else os.path.dirname(os.path.abspath(os.fspath(dst)))
+    tmp = tempfile.mkdtemp(prefix=".embfile-download-", dir=beside)
+    try:
+        local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])  # its name: the format may be in it
+        remote._retrying("downloading", lambda: fs.get(path, local, recursive=fs.isdir(path)))
+        yield local
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _holds_emb(fs: Any, path: str) -> bool:
+    """Whether ``path`` is an .emb file, or a folder of them (a dataset, versioned or in 0.1's layout)."""
+    if fs.isdir(path):
+        return bool(fs.exists(f"{path}/_embfile") or any(p.endswith(".emb") for p in fs.ls(path, detail=False)))
+    return bytes(fs.cat_file(path, start=0, end=len(F.MAGIC))) == F.MAGIC
 
 
 def merge(
