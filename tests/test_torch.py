@@ -443,7 +443,7 @@ def test_batch_sampler_reads_the_iterable_epoch_through_workers(store):
     sampler.set_epoch(3)
     assert not np.array_equal(np.concatenate(list(sampler)), rows)
     np.testing.assert_array_equal(np.sort(np.concatenate(sampled(ds, sampler, 2, "fork")), 0), np.sort(matrix, 0))
-    with pytest.raises(TypeError, match=r"unexpected options \['keys'\]"):
+    with pytest.raises(TypeError, match=r"BatchSampler\(\) has no option 'keys': options are block_size"):
         BatchSampler(ds, 100, keys=True)
 
 
