@@ -316,6 +316,11 @@ def _parser() -> argparse.ArgumentParser:
         help="query with the rows of this (Q, dim) or (dim,) .npy array (named by number), or the records of any file "
         "convert reads (an .emb file or dataset, HDF5, Parquet...; named by key; per-residue ones pooled by --pool)",
     )
+    c.add_argument(
+        "--exclude-self",
+        action="store_true",
+        help="with --queries from a file: leave each query's own key out of its hits (the same proteins on both sides)",
+    )
     c.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     c.add_argument("--metric", choices=["cosine", "ip", "l2"], default="cosine", help="default cosine")
     c.add_argument(
@@ -642,6 +647,8 @@ def _search(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.file} holds per-residue (ragged) records: pass --pool mean (or max, first, last)")
         if args.pool and not db.ragged and source is None:
             raise ValueError(f"{args.file} has one vector per key: --pool is for per-residue (ragged) records")
+        if args.exclude_self and source is None and not args.key:
+            raise ValueError("--exclude-self needs queries named by key: records of a file, not an .npy array's rows")
         pool = args.pool if db.ragged else None
         if args.key:
             results: Iterable[tuple[list[str], np.ndarray, np.ndarray]] = [
@@ -652,7 +659,8 @@ def _search(args: argparse.Namespace) -> None:
             results = [([str(i) for i in range(len(scores))], scores, keys)]
         else:  # a chunk of queries at a time: as many as the file holds, in flat memory
             results = (
-                (_names(names), *db.search(x, k=args.k, metric=args.metric, pool=pool)) for names, x in source.chunks
+                (n, *db.search(x, k=args.k, metric=args.metric, pool=pool, query_keys=n if args.exclude_self else None))
+                for n, x in ((_names(names), x) for names, x in source.chunks)
             )
         _print_hits(results, args.format)
 

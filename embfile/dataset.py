@@ -29,6 +29,7 @@ from embfile import _core, errors, search
 from embfile import _format as F
 from embfile._extras import require
 from embfile._format import Header
+from embfile._keys import key_list
 from embfile._pages import Layout, ReadAhead, WindowReader, aligned_empty, faulted_in_ahead
 from embfile._stream import POOLINGS, pool_rows, record_cuts
 from embfile.epochs import OPTIONS, Batches, EpochOptions, Fetch, aligned_targets, refuse_unknown
@@ -362,12 +363,15 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         metric: str = "cosine",
         exclude: Iterable[str] | None = None,
         pool: str | None = None,
+        query_keys: Sequence[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` stored vectors nearest each query, exactly: ``(scores, keys)``, best first.
 
         ``queries`` is one vector ``(dim,)`` (then both results are ``(k,)``) or ``(Q, dim)`` (then ``(Q, k)``).
         ``metric``: ``"cosine"`` and ``"ip"`` give similarities (highest first), ``"l2"`` Euclidean distances
-        (smallest first); equal scores come in row order.  ``exclude``: keys never returned.  Fewer than ``k``
+        (smallest first); equal scores come in row order.  ``exclude``: keys never returned.  ``query_keys``:
+        the key each query stands for, its own record (where stored) left out of its hits, as
+        :meth:`search_keys` leaves it out (queries from another file of the same proteins).  Fewer than ``k``
         results if the dataset holds fewer.  A record holding NaN scores NaN and ranks last; a query holding
         NaN or infinity is a ``ValueError`` (it would score every record alike); a zero vector has cosine
         similarity 0.  A streaming scan of the mapping: memory stays flat.
@@ -377,7 +381,9 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         every search reads every row, so for many searches write the pooled file once with :meth:`pool`.
         """
         self._require_open()
-        return search.search(self._searched(pool, "search()"), queries, k, metric, exclude)
+        searched = self._searched(pool, "search()")
+        own = None if query_keys is None else searched.find_rows(key_list(query_keys, "query_keys"))
+        return search.search(searched, queries, k, metric, exclude, own)
 
     def search_keys(
         self,

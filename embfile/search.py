@@ -84,6 +84,8 @@ def search(
     bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
     if bad.size:  # it would score every record alike (NaN, or 0 for cosine) and return the first rows
         raise ValueError(f"query {bad[0]} holds NaN or infinity ({bad.size} of {len(q)} queries do)")
+    if exclude_rows is not None and len(exclude_rows) != len(q):
+        raise ValueError(f"{len(exclude_rows)} query_keys for {len(q)} queries: one key each")
     if not len(q):
         shape = (0, min(k, len(ds)))
         return np.empty(shape, work), np.empty(shape, object)

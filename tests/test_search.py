@@ -88,6 +88,10 @@ def test_k_past_n_empty_files_nan_zero_vectors_and_ties(tmp_path):
         assert got.tolist() == [["a-again"]]  # itself left out by identity, its twin found
         _, got = db.search_keys(["a"], k=2, metric="l2", exclude_self=False)
         assert got.tolist() == [["a", "a-again"]]
+        _, got = db.search([[1, 0], [2, 0]], k=1, metric="l2", query_keys=["a", "not-stored"])  # by identity too
+        assert got.tolist() == [["a-again"], ["b"]]
+        with pytest.raises(ValueError, match="1 query_keys for 2 queries: one key each"):
+            db.search([[1, 0], [2, 0]], query_keys=["a"])
         with pytest.raises(ValueError, match="metric must be one of"):
             db.search([1, 0], metric="dot")
         for metric in ("cosine", "l2"):  # a NaN query scores every record alike: no answer, not the first rows
@@ -208,6 +212,10 @@ def test_search_from_the_command_line(tmp_path):
         [*run, "--queries", tmp_path / "r.emb", "-k", "1", "--pool", "max"], capture_output=True, text=True
     )
     assert [line.split()[:2] for line in out.stdout.splitlines()] == [["w", "w"], ["x", "x"], ["y", "w"]], out.stderr
+    out = subprocess.run(
+        [*run, "--queries", tmp_path / "db.emb", "-k", "1", "--exclude-self"], capture_output=True, text=True
+    )
+    assert [line.split()[:2] for line in out.stdout.splitlines()] == [["w", "x"], ["x", "w"], ["y", "w"], ["z", "w"]]
     out = subprocess.run([*run, "--queries", tmp_path / "r.emb"], capture_output=True, text=True)
     assert out.returncode == 1 and "r.emb holds per-residue (ragged) records: pass --pool mean" in out.stderr
     run[-1] = tmp_path / "r.emb"  # a per-residue file queried with one vector per key: --pool is for the file
