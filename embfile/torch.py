@@ -205,7 +205,15 @@ class Dataset(torch.utils.data.Dataset):
 
     def _in_range(self, indices: Sequence[int] | np.ndarray) -> Sequence[int] | np.ndarray:
         """``indices``, a negative one counted from the end as Python counts; one out of range an IndexError."""
-        at = np.asarray(indices, np.int64)
+        try:
+            at = np.asarray(indices, np.int64)
+        except ValueError:  # batches of different lengths
+            at = np.zeros((2, 0), np.int64)
+        if at.ndim != 1:  # a DataLoader batching the batches of a batch sampler given as its sampler
+            raise TypeError(
+                "a batch of batches: a batch sampler gives whole batches, so give the DataLoader batch_size=None "
+                "with sampler=BatchSampler(...), or batch_sampler=BatchSampler(...)"
+            )
         n = len(self)
         if not len(at) or (at.min() >= 0 and at.max() < n):
             return indices
@@ -483,6 +491,12 @@ class IterableDataset(torch.utils.data.IterableDataset):
         return len(self._batches())
 
     def __iter__(self) -> Iterator[Any]:
+        fetcher = sys._getframe(1).f_locals.get("self")  # what asked for the first batch: a DataLoader's fetcher?
+        if getattr(fetcher, "auto_collation", False):
+            raise TypeError(
+                "IterableDataset yields whole batches: give the DataLoader batch_size=None (it would stack "
+                "batch_size of them into one)"
+            )
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         buffers = worker_buffers()

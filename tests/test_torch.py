@@ -129,6 +129,20 @@ def test_map_style_dataset_by_row_and_by_key(store):
     for make, message in typos.items():
         with pytest.raises(TypeError, match=message):
             make()
+    miswired = {  # batches of batches: a silent (8, 100, dim) tensor, and "take() needs a 1-d sequence"
+        "IterableDataset yields whole batches: give the DataLoader batch_size=None": (
+            IterableDataset(folder / "db.emb", 100),
+            {"batch_size": 8},
+        ),
+        "a batch of batches: .* batch_size=None with sampler=BatchSampler": (
+            ds,
+            {"batch_size": 8, "sampler": BatchSampler(ds, 100)},
+        ),
+    }
+    for message, (dataset, options) in miswired.items():
+        for workers in (0, 2):
+            with pytest.raises(Exception, match=message):
+                next(iter(DataLoader(dataset, num_workers=workers, **options)))
 
 
 def test_transform_gets_tensors(store):
