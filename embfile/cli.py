@@ -636,7 +636,8 @@ def _subset(args: argparse.Namespace) -> None:
 def _search(args: argparse.Namespace) -> None:
     with embfile.open(args.file, args.version) as db:
         source = None if args.key or _is_npy(args.queries) else _queries(args.queries)
-        if source is not None and source.ragged:
+        ragged_queries = source is not None and source.ragged
+        if source is not None and ragged_queries:
             if args.pool is None:
                 raise ValueError(
                     f"{args.queries} holds per-residue (ragged) records: pass --pool mean (or max, first, last) to "
@@ -645,7 +646,7 @@ def _search(args: argparse.Namespace) -> None:
             source = pooled(source, args.pool)
         if db.ragged and args.pool is None:
             raise ValueError(f"{args.file} holds per-residue (ragged) records: pass --pool mean (or max, first, last)")
-        if args.pool and not db.ragged and source is None:
+        if args.pool and not db.ragged and not ragged_queries:
             raise ValueError(f"{args.file} has one vector per key: --pool is for per-residue (ragged) records")
         if args.exclude_self and source is None and not args.key:
             raise ValueError("--exclude-self needs queries named by key: records of a file, not an .npy array's rows")

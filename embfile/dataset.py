@@ -425,8 +425,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         Yields ``(keys, matrix)`` (``matrix`` alone with ``keys=False``; with ``targets``, theirs after it),
         ``matrix`` a new ``(b, dim)`` array passed through ``transform`` if given.  Blocks of ``block_size``
         consecutive records (default: about 1 MiB) are shuffled, and each window of ``buffer_blocks`` blocks
-        is shuffled as a whole, so reads stay sequential while batches mix records from all over the dataset.  The order
-        depends only on ``(seed, epoch)``; without ``shuffle`` it is row order.  ``rank`` of
+        is shuffled as a whole, so reads stay sequential while batches mix records from all over the dataset.
+        The order depends only on ``(seed, epoch)``; without ``shuffle`` it is row order.  ``rank`` of
         ``world_size`` reads its own part (every record once across ranks; with ``drop_last`` every rank
         gets the same number of whole batches).
 
@@ -456,8 +456,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         ...     loss = model(torch.from_numpy(x))
         """
         self._require_attached()  # at a URL an epoch fetches its windows as it goes: no download
-        lengths = self.lengths() if self.ragged and targets is not None else None
         refuse_unknown(options, OPTIONS, "iter_batches()")
+        lengths = self.lengths() if self.ragged and targets is not None else None
         aligned = None if targets is None else aligned_targets(targets, self.keys(), lengths)
         return Batches(self, EpochOptions(batch_size, **options), transform=transform, targets=aligned)
 

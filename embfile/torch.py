@@ -149,12 +149,12 @@ class Dataset(torch.utils.data.Dataset):
     def __init__(self, source: Source, keys: Sequence[str] | None = None, targets: Any = None) -> None:
         self.store = _dataset(source)
         self.keys = None if keys is None else key_list(keys, "Dataset(keys=)")
+        # the keys' rows, looked up once (a missing key fails here, naming it, not in a worker)
+        self._key_rows = None if self.keys is None else self.store.rows(self.keys)
         self.targets = None
         if targets is not None:
             lengths = self.store.lengths(self.keys) if self.store.ragged else None
             self.targets = aligned_targets(targets, self.keys or self.store.keys(), lengths)
-        # the keys' rows, looked up once (a missing key fails here, naming it, not in a worker)
-        self._key_rows = None if self.keys is None else self.store.rows(self.keys)
         # the items in the file's order (None: they are in it), for BatchSampler's blocks, and their rows
         self._file_order: np.ndarray | None = None
         self._rows_in_file_order = self._key_rows
@@ -186,7 +186,7 @@ class Dataset(torch.utils.data.Dataset):
         item made."""
         whole = collate_fn is collate
         indices = self._in_range(indices)
-        targets = self._targets(np.asarray(indices, np.int64), whole)
+        targets = self._targets(np.asarray(indices), whole)
         if self.store.ragged:
             if whole:  # padded in one native gather, as collate would pad the records
                 return _Batch((*self._padded(indices), *targets))
