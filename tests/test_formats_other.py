@@ -297,6 +297,10 @@ def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_p
         assert_store(tmp_path / f"{name}.emb", vectors)
         embfile.convert(tmp_path / name, tmp_path / f"{name}.fasta.emb", keys=tmp_path / "seqs.fasta", **trust)
         assert_store(tmp_path / f"{name}.fasta.emb", vectors)
+    torch.save({"P1": torch.ones(5, 24)}, tmp_path / "one.pt")  # a dict's one entry: a per-residue record, by key
+    embfile.convert(tmp_path / "one.pt", tmp_path / "one.emb")
+    with embfile.open(tmp_path / "one.emb") as db:
+        assert db.ragged and list(db) == ["P1"]
     (tmp_path / "emb.txt").unlink()
     with pytest.raises(embfile.ConversionError, match="emb.pt: a matrix of 9 rows without ids, and no keys file"):
         embfile.convert(tmp_path / "emb.pt", tmp_path / "x.emb")

@@ -51,17 +51,20 @@ def _source(
     id_list: list[str] | None = None,
     on_error: str | OnError = "error",
     key_file: str | os.PathLike[str] | None = None,
+    named_by_key: bool = False,
 ) -> Source:
     """The records of named ``arrays``: the matrix ``vectors`` with the ids ``ids`` (an array, ``id_list``, or
     the file ``key_file``), found by shape when not named (a repeated id is an error before any vector is read);
     else one array per key (``on_error="skip"``: one that is not a vector, or not of the first's shape, is
-    skipped)."""
+    skipped).  One ``(n, dim)`` array alone is a matrix whose keys are in a file beside it, unless the arrays
+    are ``named_by_key`` (a dict's: one per-residue record)."""
     bad = on_error if isinstance(on_error, OnError) else OnError(on_error)
     names = list(arrays)
     if not names:
         raise errors.ConversionError(f"{path}: holds no arrays: nothing to convert")
     desc: dict[str, Any] = {"format": fmt, "path": os.path.abspath(path)}
-    if key_file is None and not (ids or vectors or id_list) and len(names) == 1 and np.ndim(arrays[names[0]]) == 2:
+    alone = not (ids or vectors or id_list or named_by_key) and len(names) == 1 and np.ndim(arrays[names[0]]) == 2
+    if key_file is None and alone:
         key_file = os.path.splitext(path)[0] + ".txt"  # a matrix alone: its keys are in a file beside it
     if key_file is not None:
         if ids:
@@ -237,7 +240,7 @@ def loaded_source(
     for key in (k for k in data if not isinstance(k, str)):
         bad(errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str"), path, key)
     names = [k for k in data if isinstance(k, str)]
-    return _source(path, fmt, _Lazy(names, lambda k: array(data[k])), ids, vectors, None, bad, keys)
+    return _source(path, fmt, _Lazy(names, lambda k: array(data[k])), ids, vectors, None, bad, keys, named_by_key=True)
 
 
 def read_safetensors(
