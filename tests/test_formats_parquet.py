@@ -344,8 +344,9 @@ def test_arrow_ipc_feather_and_hugging_face_save_to_disk(tmp_path, data):
     splits = datasets.DatasetDict({"train": ds, "test": ds.select(range(3))})  # what load_dataset gives
     with pytest.raises(TypeError, match=r"a DatasetDict of the splits \['test', 'train'\]: .* e.g. ds\['train'\]"):
         embfile.convert(splits, tmp_path / "x.emb")  # was datasets' "Invalid key: slice(None, None, None)"
-    with pytest.raises(TypeError, match="a streamed datasets.IterableDataset: .* without streaming=True"):
-        embfile.convert(ds.to_iterable_dataset(), tmp_path / "x.emb")
+    embfile.convert(ds.to_iterable_dataset(), tmp_path / "streamed.emb")  # streaming=True's: read once, in order
+    assert_store(tmp_path / "streamed.emb", data)
+    assert list(embfile.open(tmp_path / "streamed.emb")) == list(data)
     assert not os.path.exists(tmp_path / "x.emb")
 
 
@@ -357,9 +358,13 @@ def test_tables_in_memory_pandas_and_arrow_streams(tmp_path):
     assert_store(tmp_path / "a.emb", data)
     embfile.convert(frame.set_index("id")[["embedding"]], tmp_path / "b.emb")  # the ids as the index
     assert_store(tmp_path / "b.emb", data)
-    stream = pa.RecordBatchReader.from_batches(*(lambda t: (t.schema, t.to_batches(10)))(pa.table(frame)))
-    embfile.convert(stream, tmp_path / "c.emb")  # an Arrow stream, as polars and DuckDB give their tables
+    table = pa.table(frame)
+    stream = pa.RecordBatchReader.from_batches(table.schema, table.to_batches(10))
+    embfile.convert(stream, tmp_path / "c.emb")  # an Arrow stream (a DuckDB result, say), read once
     assert_store(tmp_path / "c.emb", data)
+    twice = pa.concat_tables([table, table.slice(7, 1)])
+    with pytest.raises(embfile.DuplicateKeyError, match="duplicate key 'P00007'"):  # found as the output ends
+        embfile.convert(pa.RecordBatchReader.from_batches(twice.schema, twice.to_batches(10)), tmp_path / "x.emb")
     keys = list(data)
     embfile.write_shards(tmp_path / "ds", {k: data[k] for k in keys[:10]})
     embfile.append(tmp_path / "ds", frame.iloc[10:].rename(columns={"id": "name"}), key_column="name")

@@ -42,6 +42,7 @@ from embfile.dataset import ARROW_METADATA_KEY, EmbFile
 from embfile.formats._common import atomic_output, start_writeback
 
 ROW_GROUP_BYTES = 64 << 20  # default row group: about this many bytes of vectors
+STREAM_ROWS = 4096  # rows a streamed datasets.IterableDataset gives at a time
 # A file named for a dataset split (train.parquet, test-00000-of-00002.parquet as Hugging Face writes them)
 _SPLIT = re.compile(r"(train|test|validation|valid|val|dev)(?=[-_.\d])", re.IGNORECASE)
 
@@ -95,13 +96,39 @@ def to_parquet(
 class Part:
     """One file (or in-memory table) of a tabular input: its schema, rows, and record batches of some columns."""
 
+    one_pass = False  # its batches can be read once only (a stream)
+
     def __init__(
-        self, name: str, schema: Any, num_rows: int, batches: Callable[[int, list[str]], Iterator[Any]]
+        self, name: str, schema: Any, num_rows: int | None, batches: Callable[[int, list[str]], Iterator[Any]]
     ) -> None:
         self.name, self.schema, self.num_rows, self._batches = name, schema, num_rows, batches
 
     def iter_batches(self, batch_size: int, columns: list[str]) -> Iterator[Any]:
         return self._batches(batch_size, columns)
+
+
+class StreamPart(Part):
+    """A stream of record batches, read once (an Arrow stream, a streamed ``datasets.IterableDataset``): its
+    first batches, read to learn its schema and dimension, are kept and given again first; the rest once."""
+
+    one_pass = True
+
+    def __init__(self, name: str, record_batches: Iterator[Any]) -> None:
+        self._source, self._head, self._read = record_batches, [], False
+        for batch in self._source:
+            self._head.append(batch)
+            if batch.num_rows:
+                break
+        if not self._head:
+            raise errors.ConversionError(f"{name}: an empty stream, nothing to convert")
+        super().__init__(name, self._head[0].schema, None, sliced(self._once))
+
+    def _once(self) -> Iterator[Any]:
+        yield from self._head
+        if self._read:
+            raise errors.ConversionError(f"{self.name}: a stream is read once, and its start held no vector")
+        self._read = True
+        yield from self._source
 
 
 def parquet_part(path: str) -> Part:
@@ -208,7 +235,8 @@ def read_parts(
         raise errors.ConversionError(
             f"{path}: key column {key_column!r} is {schema.field(key_column).type}, not strings or integers"
         )
-    _require_unique_keys(parts, key_column, path)
+    if not any(p.one_pass for p in parts):  # (a stream's repeated key is found as the output is finished)
+        _require_unique_keys(parts, key_column, path)
     if wide_prefix or wide_columns:
         if vector_column:
             raise errors.ConversionError("give vector_column or wide_prefix/wide_columns, not both")
@@ -240,7 +268,7 @@ def read_parts(
         columns = [vector_column]
         dtype = _numpy_dtype(vtype.value_type)
         dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else _first_length(parts, vector_column)
-    count = sum(p.num_rows for p in parts)
+    count = _rows(parts)
     desc = {
         "format": fmt,
         "path": os.path.abspath(path),
@@ -251,6 +279,12 @@ def read_parts(
     bad = OnError(on_error)
     chunks = _chunks(parts, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns), bad)
     return pooled(Source(dim, dtype, count, chunks, desc, meta, on_error=bad), pool)
+
+
+def _rows(parts: list[Part]) -> int | None:
+    """The rows of ``parts``, if known (a stream's are not)."""
+    counts = [p.num_rows for p in parts]
+    return None if None in counts else sum(c for c in counts if c is not None)
 
 
 def _require_unique_keys(parts: list[Part], key_column: str, path: str) -> None:
@@ -286,7 +320,7 @@ def _read_matrices(path: str, fmt: str, parts: list[Part], schema: Any, key_colu
     dtype = _numpy_dtype(row_type.value_type)
     dim = row_type.list_size if pa.types.is_fixed_size_list(row_type) else _first_row_length(parts, column)
     desc = {"format": fmt, "path": os.path.abspath(path), "key_column": key_column, "vector_column": column}
-    count = sum(p.num_rows for p in parts)
+    count = _rows(parts)
     rows = _matrix_chunks(parts, key_column, column, dim, dtype)
     return Source(dim, dtype, count, rows, desc, _stored_metadata(schema), ragged=True)
 
@@ -585,21 +619,21 @@ def read_table(data: Any, **options: Any) -> Source:
     if name == "DatasetDict":  # what datasets.load_dataset gives: one Dataset per split
         split = "train" if "train" in data else sorted(data)[0]
         raise TypeError(f"a DatasetDict of the splits {sorted(data)}: convert one split, e.g. ds[{split!r}]")
-    if name == "IterableDataset" and hasattr(data, "with_format"):  # datasets' streaming=True
-        raise TypeError(
-            "a streamed datasets.IterableDataset: a conversion reads the keys first, then the vectors, which would "
-            "stream it twice; load it without streaming=True, or write it to Parquet and convert that"
-        )
-    if not isinstance(data, pa.Table) and hasattr(data, "with_format") and hasattr(data, "column_names"):
-        data = data.with_format("arrow")[:]  # a datasets.Dataset: its rows (in its order) as an Arrow table
-    elif not isinstance(data, pa.Table) and (name == "DataFrame" or hasattr(data, "__arrow_c_stream__")):
+    if name == "IterableDataset" and hasattr(data, "with_format"):  # datasets' streaming=True: read once
+        tables = data.with_format("arrow").iter(batch_size=STREAM_ROWS)
+        part: Part = StreamPart(f"a {name}", (b for t in tables for b in t.to_batches()))
+    elif hasattr(data, "with_format") and hasattr(data, "column_names"):  # a datasets.Dataset, in its order
+        part = table_part(data.with_format("arrow")[:], f"a {name}")
+    elif isinstance(data, pa.Table) or name == "DataFrame":  # in memory: pandas (with its index), polars
         try:
-            data = pa.table(data)  # pandas (with its index), polars, DuckDB results: as one Arrow table
+            part = table_part(pa.table(data), f"a {name}")
         except (pa.ArrowException, TypeError, ValueError) as e:
             raise errors.ConversionError(f"a {name} that Arrow cannot take: {e}") from None
-    if not isinstance(data, pa.Table):
+    elif hasattr(data, "__arrow_c_stream__"):  # a stream (a RecordBatchReader, a DuckDB result): read once
+        part = StreamPart(f"a {name}", iter(pa.RecordBatchReader.from_stream(data)))
+    else:
         raise TypeError(f"expected a path or a table (pyarrow, pandas, polars, datasets), not {name}")
-    return read_parts(f"a {name}", "arrow", [table_part(data, f"a {name}")], **options)
+    return read_parts(f"a {name}", "arrow", [part], **options)
 
 
 def _arrow_files(path: str) -> list[str]:
