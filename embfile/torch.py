@@ -205,6 +205,8 @@ class Dataset(torch.utils.data.Dataset):
 
     def _in_range(self, indices: Sequence[int] | np.ndarray) -> Sequence[int] | np.ndarray:
         """``indices``, a negative one counted from the end as Python counts; one out of range an IndexError."""
+        if isinstance(indices, _BlockRows):  # BatchSampler's: in range by construction
+            return indices
         try:
             at = np.asarray(indices, np.int64)
         except ValueError:  # batches of different lengths
@@ -216,7 +218,7 @@ class Dataset(torch.utils.data.Dataset):
             )
         n = len(self)
         if not len(at) or (at.min() >= 0 and at.max() < n):
-            return indices
+            return at  # (converted once, for what follows)
         bad = at[(at < -n) | (at >= n)]
         if len(bad):
             raise IndexError(f"index {int(bad[0])} is out of range for {n} items")
