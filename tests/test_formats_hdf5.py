@@ -103,6 +103,11 @@ def test_bio_embeddings_original_id(tmp_path):
     assert_store(tmp_path / "b.emb", data)
     with pytest.raises(embfile.ConversionError, match="no attribute 'nope'"):
         embfile.convert(tmp_path / "reduced_embeddings_file.h5", tmp_path / "c.emb", key_attr="nope")
+    with h5py.File(tmp_path / "reduced_embeddings_file.h5", "a") as f:  # two sequences, one original id
+        f.create_dataset("another-md5", data=data[AWKWARD_KEYS[0]]).attrs["original_id"] = AWKWARD_KEYS[0]
+    with pytest.raises(embfile.DuplicateKeyError, match=r"reduced_embeddings_file.h5: duplicate key .* \(rows"):
+        embfile.convert(tmp_path / "reduced_embeddings_file.h5", tmp_path / "c.emb", key_attr="original_id")
+    assert not (tmp_path / "c.emb").exists()  # the message named the file (it said the key and rows alone)
 
 
 @pytest.mark.parametrize("ids_kind", ["vlen", "fixed", "int"])

@@ -356,6 +356,8 @@ def test_tables_in_memory_pandas_and_arrow_streams(tmp_path):
     frame = pd.DataFrame({"id": list(data), "embedding": list(data.values()), "length": range(50)})
     embfile.convert(frame, tmp_path / "a.emb")  # was "expected a path, a pyarrow.Table or a datasets.Dataset"
     assert_store(tmp_path / "a.emb", data)
+    source = embfile.open(tmp_path / "a.emb").metadata["source"]  # what it was, not a path that never was
+    assert source == {"format": "table", "object": "DataFrame", "key_column": "id", "vector_column": "embedding"}
     embfile.convert(frame.set_index("id")[["embedding"]], tmp_path / "b.emb")  # the ids as the index
     assert_store(tmp_path / "b.emb", data)
     table = pa.table(frame)
@@ -363,7 +365,7 @@ def test_tables_in_memory_pandas_and_arrow_streams(tmp_path):
     embfile.convert(stream, tmp_path / "c.emb")  # an Arrow stream (a DuckDB result, say), read once
     assert_store(tmp_path / "c.emb", data)
     twice = pa.concat_tables([table, table.slice(7, 1)])
-    with pytest.raises(embfile.DuplicateKeyError, match="duplicate key 'P00007'"):  # found as the output ends
+    with pytest.raises(embfile.DuplicateKeyError, match="^the RecordBatchReader: duplicate key 'P00007'"):
         embfile.convert(pa.RecordBatchReader.from_batches(twice.schema, twice.to_batches(10)), tmp_path / "x.emb")
     keys = list(data)
     embfile.write_shards(tmp_path / "ds", {k: data[k] for k in keys[:10]})

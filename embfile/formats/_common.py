@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from embfile import _core
+from embfile import _core, errors
 from embfile._staging import DISK_FULL, Staging, disk_full, require_space
 from embfile._stream import Source
 from embfile.writer import Writer, write_source
@@ -31,13 +31,19 @@ def write_emb(
     meta.update(metadata or {})
     meta["source"] = source.description
     meta["sources"] = [*earlier, source.description]
-    write_source(
-        source,
-        lambda dim, dt, ragged: Writer(dst, dim, dt, meta, ragged=ragged),
-        dtype,
-        progress=progress and dst,
-        prefetch=True,
-    )
+    try:
+        write_source(
+            source,
+            lambda dim, dt, ragged: Writer(dst, dim, dt, meta, ragged=ragged),
+            dtype,
+            progress=progress and dst,
+            prefetch=True,
+        )
+    except errors.DuplicateKeyError as e:  # found as the output is finished: say in what
+        where = source.description.get("path") or f"the {source.description.get('object', 'input')}"
+        if str(e).startswith(str(where)):
+            raise
+        raise errors.DuplicateKeyError(f"{where}: {e}", e.key, e.rows) from None
     return os.fspath(dst)
 
 

@@ -18,6 +18,7 @@ Parquet encodes it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -633,7 +634,9 @@ def read_table(data: Any, **options: Any) -> Source:
         part = StreamPart(f"a {name}", iter(pa.RecordBatchReader.from_stream(data)))
     else:
         raise TypeError(f"expected a path or a table (pyarrow, pandas, polars, datasets), not {name}")
-    return read_parts(f"a {name}", "arrow", [part], **options)
+    source = read_parts(f"a {name}", "arrow", [part], **options)
+    where = {k: v for k, v in source.description.items() if k != "path"}  # no file: what it was, in memory
+    return dataclasses.replace(source, description={**where, "format": "table", "object": name})
 
 
 def _arrow_files(path: str) -> list[str]:
