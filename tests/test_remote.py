@@ -1026,6 +1026,40 @@ def test_convert_reads_files_and_datasets_at_urls(s3, tmp_path):
     assert not os.path.exists(out / "x.emb")
 
 
+def test_a_conversion_from_a_url_killed_while_downloading_leaves_nothing_the_next_keeps(s3, tmp_path):
+    """The download is staged beside the output as the conversion's own files are: hidden, locked while it
+    runs; what a SIGKILL leaves, the next conversion to that path removes."""
+    h5py = pytest.importorskip("h5py")
+    keys, x = data(n=200, dim=8)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        for i, v in enumerate(x):
+            f[f"p{i}"] = v
+    s3.filesystem().put(str(tmp_path / "x.h5"), "embs/k/x.h5")
+    out, opts = tmp_path / "out", s3.storage_options()
+    out.mkdir()
+    code = (
+        "import embfile, json, sys; "
+        "embfile.convert('s3://embs/k/x.h5', sys.argv[1], storage_options=json.loads(sys.argv[2]))"
+    )
+    s3.delay = 0.5  # each request: the download is under way for seconds
+    try:
+        child = subprocess.Popen([sys.executable, "-c", code, str(out / "x.emb"), json.dumps(opts)])
+        deadline = time.monotonic() + 60
+        while not os.listdir(out) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        s3.delay = 0
+    left = os.listdir(out)
+    assert len(left) == 1 and left[0].startswith(".x.emb.")  # nothing at the user's path; a hidden leftover
+    embfile.convert("s3://embs/k/x.h5", out / "x.emb", storage_options=opts)
+    assert os.listdir(out) == ["x.emb"]
+    with embfile.open(out / "x.emb") as db:
+        np.testing.assert_array_equal(db.get_batch([f"p{i}" for i in range(200)]), x)
+
+
 def test_mistakes_at_an_s3_url_are_one_line_naming_it(s3, tmp_path, monkeypatch):
     """What a user gets wrong at a URL says so in one line naming the URL: a key not there (not the local folder
     standing in for the dataset), a bucket not there, no credentials (at once: no retry finds them), a URL

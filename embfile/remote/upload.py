@@ -35,6 +35,7 @@ import numpy as np
 from embfile import _format as F
 from embfile import dataset_writer, errors, formats, operations, writer
 from embfile import folder as layout
+from embfile._staging import Staging
 from embfile.remote.cache import Cache
 from embfile.remote.dataset import RemoteDataset, RemoteFile, read_manifest, remote_tags, tagged_version, version_name
 from embfile.remote.store import SMALL_READS, Remote, is_url
@@ -359,14 +360,18 @@ def _readable(url: str, storage_options: dict[str, Any] | None, src_format: str 
         with RemoteDataset(url, storage_options=storage_options) as db:
             yield db
         return
-    beside = tempfile.gettempdir() if is_url(dst) else os.path.dirname(os.path.abspath(os.fspath(dst)))
-    tmp = tempfile.mkdtemp(prefix=".embfile-download-", dir=beside)
+    # beside dst, hidden and locked as a conversion's own files are: what a killed one leaves, the next removes
+    staging = None if is_url(dst) else Staging(dst, folder=True)
+    tmp = tempfile.mkdtemp(prefix="embfile-download-") if staging is None else staging.path
     try:
         local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])  # its name: the format may be in it
         remote._retrying("downloading", lambda: fs.get(path, local, recursive=fs.isdir(path)))
         yield local
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if staging is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            staging.discard()
 
 
 def _holds_emb(fs: Any, path: str) -> bool:
