@@ -142,6 +142,17 @@ def as_matrix(key: object, matrix: object, dim: int | None) -> np.ndarray:
     return m
 
 
+def is_table(data: Any) -> bool:
+    """Whether ``data`` is a table in memory that :func:`embfile.formats.parquet.read_table` reads (told by its
+    type's name and what it has: this module imports no table library)."""
+    name = type(data).__name__
+    return (
+        name in ("Table", "DataFrame", "DatasetDict", "IterableDataset")
+        or hasattr(data, "__arrow_c_stream__")
+        or (hasattr(data, "with_format") and hasattr(data, "column_names"))
+    )
+
+
 def source_of(
     data: Any, caller: str = "write()", ragged: bool | None = None, on_error: OnError | None = None
 ) -> Source:
@@ -166,10 +177,10 @@ def source_of(
         chunks = ((keys[lo : lo + step], matrix[lo : lo + step]) for lo in range(0, max(len(keys), 1), step))
         return Source(matrix.shape[1], matrix.dtype, len(keys), chunks, {"format": "arrays"})
     if not isinstance(data, collections.abc.Mapping):
-        table = type(data).__name__ in ("DataFrame", "Table", "Dataset") or hasattr(data, "__arrow_c_stream__")
         hint = "; a table goes through embfile.convert(table, path), which finds its key and vector columns"
         raise TypeError(
-            f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}" + (hint if table else "")
+            f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}"
+            + (hint if is_table(data) else "")
         )
     items = iter(data.items())
     check = as_matrix if ragged else as_vector

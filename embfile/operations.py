@@ -20,11 +20,11 @@ import numpy as np
 from embfile import errors, formats, remote
 from embfile import folder as layout
 from embfile._keys import key_list
-from embfile._stream import Source, chunk_rows, source_of
+from embfile._stream import Source, chunk_rows, is_table, source_of
 from embfile.dataset import Dataset
 from embfile.dataset_writer import ShardWriter
 from embfile.file import MappedFile
-from embfile.formats.parquet import is_table, read_table
+from embfile.formats.parquet import read_table
 from embfile.segments import KeyIndex, copied, merged, without_rows
 from embfile.shards import open as open_dataset
 from embfile.writer import Sink, Writer, write_source

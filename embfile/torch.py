@@ -78,25 +78,23 @@ def _stacked(items: Sequence[Any]) -> Any:
     if _with_targets(items):
         xs, ys = zip(*items)
         batch = _stacked(list(xs))
-        if len({y.shape for y in ys}) > 1:  # a target per residue: padded as the records are
-            targets = ys[0].new_zeros((len(ys), max(len(y) for y in ys), *ys[0].shape[1:]))
-            for i, y in enumerate(ys):
-                targets[i, : len(y)] = y
-        else:
-            targets = torch.stack(ys)
+        targets = _zero_padded(ys) if len({y.shape for y in ys}) > 1 else torch.stack(ys)  # per residue: padded
         return (*batch, targets) if isinstance(batch, tuple) else (batch, targets)
     if not _items(items):
         return items
     if items[0].dim() == 1:
         batch = _rows_of_one(items)
         return torch.stack(list(items)) if batch is None else batch
-    longest = max(len(t) for t in items)
-    out = items[0].new_zeros((len(items), longest, items[0].shape[1]))
-    mask = torch.zeros((len(items), longest), dtype=torch.bool)
+    out = _zero_padded(items)
+    return out, torch.arange(out.shape[1]) < torch.tensor([len(t) for t in items])[:, None]
+
+
+def _zero_padded(items: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``items`` of different lengths, one after another in a batch, zeros past each one's end."""
+    out = items[0].new_zeros((len(items), max(len(t) for t in items), *items[0].shape[1:]))
     for i, t in enumerate(items):
         out[i, : len(t)] = t
-        mask[i, : len(t)] = True
-    return out, mask
+    return out
 
 
 def _with_targets(batch: Any) -> bool:
@@ -208,10 +206,10 @@ class Dataset(torch.utils.data.Dataset):
         if isinstance(indices, _BlockRows):  # BatchSampler's: in range by construction
             return indices
         try:
-            at = np.asarray(indices, np.int64)
+            at: np.ndarray | None = np.asarray(indices, np.int64)
         except ValueError:  # batches of different lengths
-            at = np.zeros((2, 0), np.int64)
-        if at.ndim != 1:  # a DataLoader batching the batches of a batch sampler given as its sampler
+            at = None
+        if at is None or at.ndim != 1:  # a DataLoader batching the batches of a batch sampler given as its sampler
             raise TypeError(
                 "a batch of batches: a batch sampler gives whole batches, so give the DataLoader batch_size=None "
                 "with sampler=BatchSampler(...), or batch_sampler=BatchSampler(...)"

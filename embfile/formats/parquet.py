@@ -601,20 +601,10 @@ def read_lance(
     return read_parts(path, "lance", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
-def is_table(data: Any) -> bool:
-    """Whether ``data`` is a table in memory that :func:`read_table` reads."""
-    name = type(data).__name__
-    return (
-        name in ("Table", "DataFrame", "DatasetDict", "IterableDataset")
-        or hasattr(data, "__arrow_c_stream__")
-        or (hasattr(data, "with_format") and hasattr(data, "column_names"))
-    )
-
-
 def read_table(data: Any, **options: Any) -> Source:
-    """A table in memory, columns as for Parquet: a ``pyarrow.Table``, a Hugging Face ``datasets.Dataset``, a
-    pandas DataFrame (a named index is a column: the ids, as pandas users keep them), or a polars DataFrame or
-    anything else that gives its data as an Arrow stream."""
+    """A table in memory, columns as for Parquet: a ``pyarrow.Table``, a ``datasets.Dataset``, a pandas DataFrame
+    (a named index is a column: the ids, as pandas users keep them) or a polars one; or a stream, read once: an
+    Arrow stream (a ``RecordBatchReader``, a DuckDB result) or a streamed ``datasets.IterableDataset``."""
     pa = require("pyarrow", "parquet")
     name = type(data).__name__
     if name == "DatasetDict":  # what datasets.load_dataset gives: one Dataset per split

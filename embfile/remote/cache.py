@@ -128,7 +128,7 @@ class Cache:
     def download(
         self,
         name: str,
-        fetch: Callable[[int, int], bytes] | None,
+        fetch: Callable[[int, int], bytes],
         size: int,
         check: Callable[[str], None],
         whole: bytes | None = None,
@@ -150,9 +150,7 @@ class Cache:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # marks the download as live for _remove_abandoned
                 with disk_errors(self.root):
-                    read = fetch if whole is None else lambda a, b: whole[a:b]
-                    assert read is not None
-                    _fetch_into(fd, read, size)
+                    _fetch_into(fd, fetch if whole is None else lambda a, b: whole[a:b], size)
                     os.fsync(fd)
                 check(tmp)
                 os.rename(tmp, final)

@@ -430,11 +430,11 @@ def _dense(column: Any) -> Any:
     if (kinds == 1).all():
         return pa.ListArray.from_arrays(values.offsets, values.values, mask=mask)
     sizes = column.field("size").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = np.where(kinds == 1, np.diff(np.asarray(values.offsets)), sizes)
+    held = np.diff(np.asarray(values.offsets))  # values each row holds
+    lengths = np.where(kinds == 1, held, sizes)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     flat = np.zeros(int(offsets[-1]))
-    dense = np.repeat(kinds == 1, lengths)
-    flat[dense] = values.flatten().to_numpy()[np.repeat(kinds == 1, np.diff(np.asarray(values.offsets)))]
+    flat[np.repeat(kinds == 1, lengths)] = values.flatten().to_numpy()[np.repeat(kinds == 1, held)]
     for i in np.flatnonzero(kinds == 0).tolist():
         flat[offsets[i] + np.asarray(column.field("indices")[i].values)] = np.asarray(values[i].values)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat), mask=mask)
