@@ -13,6 +13,8 @@ Loaders (batches of 256 records, one shuffled epoch each):
 - a numpy memmap map-style dataset (``__getitem__`` per row, the default collate), ``shuffle=True``;
 - Hugging Face datasets (Arrow, memory-mapped, ``with_format("torch")``), ``shuffle=True``;
 - LitData (``optimize`` then ``StreamingDataset(shuffle=True)`` + ``StreamingDataLoader``), where it installs.
+
+embfile's main worker paths run again with ``prefetch_factor=8`` (PyTorch asks each worker for 2 batches ahead).
   Mosaic Streaming is not run: its releases pin numpy < 2.2.
 
 The machine's limits: memcpy, a cold sequential read of the file, and the DataLoader alone (an
@@ -60,6 +62,8 @@ from embfile.torch import Dataset, IterableDataset, Loader, collate
 BATCH = 256
 WORKERS = (0, 2, 4)
 DATALOADER_ALONE = "machine: DataLoader alone (no data)"
+PREFETCH = 8
+DEEPER = ("embfile IterableDataset", "embfile map-style, shuffle", "embfile map-style, embfile BatchSampler")
 warnings.filterwarnings("ignore", message="This DataLoader will create")
 
 
@@ -145,13 +149,15 @@ def loaders(paths):
             WORKERS,
         ),
         "embfile IterableDataset": (
-            lambda k, cold: dl(IterableDataset(paths["emb"], BATCH, seed=1), k, cold, batch_size=None),
+            lambda k, cold, **kw: dl(IterableDataset(paths["emb"], BATCH, seed=1), k, cold, batch_size=None, **kw),
             [paths["emb"]],
             WORKERS,
         ),
         "embfile Loader (no workers)": (lambda k, cold: Loader(paths["emb"], BATCH, seed=1), [paths["emb"]], (0,)),
         "embfile map-style, shuffle": (
-            lambda k, cold: dl(Dataset(paths["emb"]), k, cold, batch_size=BATCH, shuffle=True, collate_fn=collate),
+            lambda k, cold, **kw: dl(
+                Dataset(paths["emb"]), k, cold, batch_size=BATCH, shuffle=True, collate_fn=collate, **kw
+            ),
             [paths["emb"]],
             WORKERS,
         ),
@@ -167,8 +173,8 @@ def loaders(paths):
             WORKERS,
         ),
         "embfile map-style, embfile BatchSampler": (
-            lambda k, cold: dl(
-                by_row := Dataset(paths["emb"]), k, cold, batch_size=None, sampler=Sampler(by_row, BATCH, seed=1)
+            lambda k, cold, **kw: dl(
+                by_row := Dataset(paths["emb"]), k, cold, batch_size=None, sampler=Sampler(by_row, BATCH, seed=1), **kw
             ),
             [paths["emb"]],
             WORKERS,
@@ -206,7 +212,22 @@ def loaders(paths):
 
         files = [os.path.join(paths["litdata"], f) for f in os.listdir(paths["litdata"]) if f.endswith(".bin")]
         made["LitData StreamingDataset"] = (lit, files, WORKERS)
-    return made
+    return deeper(made)
+
+
+def deeper(made):
+    """``made`` with, after each of embfile's main DataLoader paths, the same path with each worker asked for
+    PREFETCH batches ahead instead of PyTorch's default 2 (what the docs advise with workers on few cores)."""
+    out = {}
+    for name, (make, files, ks) in made.items():
+        out[name] = make, files, ks
+        if name in DEEPER:
+            out[f"{name}, prefetch_factor={PREFETCH}"] = (
+                functools.partial(make, prefetch_factor=PREFETCH),
+                files,
+                [k for k in ks if k],
+            )
+    return out
 
 
 def split_keys(paths):
