@@ -80,10 +80,11 @@ def search(
     if q.ndim != 2 or q.shape[1] != ds.dim or F.kind(q.dtype) not in "biuf":
         raise ValueError(f"queries must be numbers of shape ({ds.dim},) or (Q, {ds.dim}), not {q.dtype} {q.shape}")
     work = np.float64 if ds.dtype == np.float64 else np.float32
-    q = q.astype(work)
-    bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
-    if bad.size:  # it would score every record alike (NaN, or 0 for cosine) and return the first rows
-        raise ValueError(f"query {bad[0]} holds NaN or infinity ({bad.size} of {len(q)} queries do)")
+    if q.dtype.kind == "f":
+        _refuse_unfinite(q, "NaN or infinity")
+    with np.errstate(over="ignore"):
+        q = q.astype(work)
+    _refuse_unfinite(q, f"values beyond {np.dtype(work)}, which the search computes in")
     if exclude_rows is not None and len(exclude_rows) != len(q):
         raise ValueError(f"{len(exclude_rows)} query_keys for {len(q)} queries: one key each")
     if not len(q):
@@ -179,6 +180,14 @@ class Pooled:
         packed, offsets = self._ds.take(rows, pad=False)
         pooled: np.ndarray = pool_rows(packed, offsets, self._how).astype(self.dtype)
         return pooled
+
+
+def _refuse_unfinite(q: np.ndarray, what: str) -> None:
+    """A query of NaN or infinity would score every record alike (NaN, or 0 for cosine), and the search would
+    return the first rows."""
+    bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
+    if bad.size:
+        raise ValueError(f"query {bad[0]} holds {what} ({bad.size} of {len(q)} queries do)")
 
 
 def _rows_of(ds: Dataset, keys: Iterable[str]) -> np.ndarray:

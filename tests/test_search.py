@@ -99,6 +99,8 @@ def test_k_past_n_empty_files_nan_zero_vectors_and_ties(tmp_path):
                 db.search([[1, 0], [np.nan, 0], [np.inf, 1]], metric=metric)
             with pytest.raises(ValueError, match=r"key 'nan' holds NaN or infinity"):
                 db.search_keys(["a", "nan"], metric=metric)
+        with pytest.raises(ValueError, match=r"query 0 holds values beyond float32, which the search computes in"):
+            db.search(np.array([1e300, 0]))  # finite, but not as the float32 the search computes in
         with pytest.raises(ValueError, match=r"queries are vectors; search_keys\(\) searches by stored keys"):
             db.search("a")
         with pytest.raises(ValueError, match=r"queries must be numbers of shape \(2,\) or \(Q, 2\)"):
