@@ -13,6 +13,7 @@ import array
 import contextlib
 import datetime
 import errno
+import functools
 import json
 import os
 import warnings
@@ -312,22 +313,29 @@ class Writer:
         heap = np.frombuffer(self._heap, dtype=np.uint8)
         perm = _core.sort_keys(heap, offsets)  # a DuplicateKeyError names the key and both rows
         index, n_buckets, lcp_len = _core.build_index(heap, offsets, perm, self._bucket_keys)
-        keys = offsets.astype("<u8").tobytes() + self._heap
-        meta = json.dumps({**self._meta, "embfile": self._writer_record(n)}, ensure_ascii=False).encode()
+        del perm
+        # The sections are written from the buffers they are in, not joined into new ones: the keys are the
+        # bulk of what a writer holds, and a copy of them at the end would double its peak memory.
+        keys = (_little_endian_bytes(offsets), heap)
+        meta = (json.dumps({**self._meta, "embfile": self._writer_record(n)}, ensure_ascii=False).encode(),)
         rows = self._ranges[-1] if self.ragged else n
-        ranges = [("ranges", np.frombuffer(self._ranges, np.uint64).astype("<u8").tobytes(), 8)] if self.ragged else []
-        crcs = [_core.crc32c(index), _core.crc32c(keys), _core.crc32c(meta), *(_core.crc32c(r[1]) for r in ranges)]
-        sums = np.array([*self._block_crcs, *crcs], dtype="<u4").tobytes()
+        sections: list[tuple[str, tuple[Any, ...], int]] = [("index", (index,), F.PAGE), ("keys", keys, 8)]
+        if self.ragged:
+            sections.append(("ranges", (_little_endian_bytes(np.frombuffer(self._ranges, np.uint64)),), 8))
+        sections.append(("meta", meta, 1))
+        crc = {name: functools.reduce(lambda c, b: _core.crc32c(b, c), data, 0) for name, data, _ in sections}
+        crcs = [crc[name] for name in ("index", "keys", "meta", "ranges") if name in crc]  # the format's order
+        sections.append(("sums", (np.array([*self._block_crcs, *crcs], dtype="<u4").tobytes(),), 4))
         parts: list[Any] = [self._carry]  # the carry, then the sections after the records
         pos = self._written
         where = {"records": (F.PAGE, rows * self._record_bytes)}
-        sections = (("index", index, F.PAGE), ("keys", keys, 8), *ranges, ("meta", meta, 1), ("sums", sums, 4))
         for name, data, align in sections:
             parts.append(bytes(-pos % align))
             pos += len(parts[-1])
-            where[name] = (pos, len(data))
-            parts.append(data)
-            pos += len(data)
+            size = sum(len(b) for b in data)
+            where[name] = (pos, size)
+            parts.extend(data)
+            pos += size
         self._write_all(*parts)
         header = F.Header(
             magic=F.MAGIC,
@@ -499,6 +507,11 @@ def _encode_key(key: object) -> bytes:
     if len(b) > F.MAX_KEY_BYTES:
         raise errors.WriterError(f"key {key[:40]!r}... is {len(b)} bytes; the limit is {F.MAX_KEY_BYTES}")
     return b
+
+
+def _little_endian_bytes(a: np.ndarray) -> np.ndarray:
+    """The bytes of uint64 ``a`` in the file's order: a view of it on a little-endian machine."""
+    return a.astype("<u8", copy=False).view(np.uint8)
 
 
 def _encoded(keys: list[str] | EncodedKeys) -> list[bytes] | EncodedKeys:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from conftest import check_roundtrip
 
 import embfile
 from embfile import _core, writer
+from embfile import _format as F
 from embfile._staging import Flusher
 
 
@@ -359,6 +361,24 @@ def test_streaming_write_memory_is_bounded(tmp_path):
     db = embfile.open(tmp_path / "big.emb")
     assert len(db) == n
     db.verify()
+
+
+def test_finishing_a_file_writes_its_keys_from_where_they_are(tmp_path):
+    """The keys are the bulk of what a writer holds (all of them, to sort them at the end: gigabytes for a
+    hundred million).  Finishing the file allocates the sort's order and the index, not a copy of the keys."""
+    n = 200_000
+    w = embfile.Writer(tmp_path / "keys.emb", 1, "uint8")
+    w.add_batch([f"UniRef50_A0A{i:010d}" for i in range(n)], np.zeros((n, 1), np.uint8))
+    tracemalloc.start()
+    try:
+        w.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with open(tmp_path / "keys.emb", "rb") as f:
+        index_size = F.Header.unpack(f.read(F.HEADER_SIZE)).index_size
+    order = 8 * n  # the rows in key order, from which the index is built
+    assert peak - order - index_size < 1 << 20, f"{peak} bytes to finish {n} keys of 22 bytes"
 
 
 def test_keys_given_as_utf8_bytes_write_the_same_file(tmp_path, monkeypatch):
