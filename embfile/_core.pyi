@@ -1,12 +1,20 @@
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
 
 _Buffer = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
-_Keys = Sequence[str] | npt.NDArray[Any]
+
+class _Utf8Keys(Protocol):  # embfile._keys.EncodedKeys: UTF-8 back to back
+    @property
+    def heap(self) -> npt.NDArray[Any]: ...
+    @property
+    def offsets(self) -> npt.NDArray[Any]: ...
+    def __len__(self) -> int: ...
+
+_Keys = Sequence[str] | npt.NDArray[Any] | _Utf8Keys
 
 MAX_KEY_BYTES: int
 

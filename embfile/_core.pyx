@@ -195,10 +195,15 @@ def row_number(row, n):
 
 
 cdef tuple _encoded(keys, caller):
-    """``keys`` (a sequence of str or a numpy string array) as ``(list, pointers, lengths)``: the address and
-    length of each key's UTF-8, valid while the list lives.  TypeError for anything else."""
+    """``keys`` (a sequence of str, a numpy string array, or UTF-8 back to back as ``embfile._keys.EncodedKeys``)
+    as ``(sequence, pointers, lengths)``: the address and length of each key's UTF-8, valid while the sequence
+    lives.  TypeError for anything else."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"{caller}() takes a sequence of keys, not a single key (db[key] gives one)")
+    heap, offsets = getattr(keys, "heap", None), getattr(keys, "offsets", None)
+    if isinstance(heap, np.ndarray) and heap.dtype == np.uint8 and heap.flags.c_contiguous and offsets is not None:
+        offsets = np.asarray(offsets, dtype=np.int64)
+        return keys, (heap.ctypes.data + offsets[:-1]).astype(np.uintp), np.diff(offsets).astype(np.uintp)
     try:
         seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
     except TypeError:

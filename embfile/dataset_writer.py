@@ -303,11 +303,13 @@ class DatasetWriter(ShardWriter):
 
     def _refuse_present(self, keys: list[str]) -> None:
         index = self._current_index()
-        rows = index.find_rows(keys)
-        seen: set[str] = set()
-        for i, key in enumerate(keys):
-            if rows[i] >= 0 or key in self._pending or key in seen:
-                where = f"version {index.version}" if rows[i] >= 0 else "the records added"
+        stored = index.find_rows(keys) >= 0
+        if not stored.any() and self._pending.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+            return
+        seen: set[str] = set()  # the first key at fault, in the batch's order
+        for key, there in zip(keys, stored.tolist()):
+            if there or key in self._pending or key in seen:
+                where = f"version {index.version}" if there else "the records added"
                 raise errors.DuplicateKeyError(f"key {key!r} is already in the dataset ({where})", key, (-1, -1))
             seen.add(key)
 

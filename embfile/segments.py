@@ -156,7 +156,7 @@ class KeyIndex:
         self.table = _core.Table()
         attach(self.table, self._files, self._files) if self._files else None
 
-    def find_rows(self, keys: Sequence[str]) -> np.ndarray:
+    def find_rows(self, keys: Sequence[str] | EncodedKeys) -> np.ndarray:
         if not self._files:
             return np.full(len(keys), -1, np.int64)
         return self.table.find_rows(keys)
@@ -188,7 +188,7 @@ def appended(
     index = KeyIndex(tx.folder, base)
     try:
         rows = np.concatenate(
-            [index.find_rows(keys.tolist()) for keys in file_keys(tx.folder, segment.path)] or [np.empty(0, np.int64)]
+            [index.find_rows(keys) for keys in file_keys(tx.folder, segment.path)] or [np.empty(0, np.int64)]
         )
         if not replace and (rows >= 0).any():
             first = int(np.flatnonzero(rows >= 0)[0])

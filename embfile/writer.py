@@ -169,15 +169,10 @@ class Writer:
         except BaseException:
             self._rollback(*mark)
             raise
-        if isinstance(encoded, EncodedKeys):
-            first, last = int(encoded.offsets[0]), int(encoded.offsets[-1])
-            ends = encoded.offsets[1:] - first + len(self._heap)
-            self._heap += encoded.heap[first:last].data
-            self._offsets.frombytes(ends.astype(np.uint64).tobytes())
-            return
-        for b in encoded:
-            self._heap += b
-            self._offsets.append(len(self._heap))
+        first, last = int(encoded.offsets[0]), int(encoded.offsets[-1])
+        ends = encoded.offsets[1:] - first + len(self._heap)
+        self._heap += encoded.heap[first:last].data
+        self._offsets.frombytes(ends.astype(np.uint64).tobytes())
 
     def _check_batch(self, keys: Sequence[str] | np.ndarray | EncodedKeys, matrix: Any, lengths: Any = None) -> None:
         """Raise what :meth:`add_batch` would raise of these records (not of the disk), adding none: a caller
@@ -514,10 +509,18 @@ def _little_endian_bytes(a: np.ndarray) -> np.ndarray:
     return a.astype("<u8", copy=False).view(np.uint8)
 
 
-def _encoded(keys: list[str] | EncodedKeys) -> list[bytes] | EncodedKeys:
-    """Each key's UTF-8, checked against the format's limit (bytes given as such: their lengths checked)."""
+def _encoded(keys: list[str] | EncodedKeys) -> EncodedKeys:
+    """The keys' UTF-8 back to back, each checked against the format's limit."""
     if not isinstance(keys, EncodedKeys):
-        return [_encode_key(k) for k in keys]
+        try:
+            utf8 = list(map(str.encode, keys))
+        except (TypeError, UnicodeEncodeError):
+            for key in keys:
+                _encode_key(key)  # raises, naming the key
+            raise
+        offsets = np.zeros(len(utf8) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, utf8), np.int64, len(utf8)), out=offsets[1:])
+        keys = EncodedKeys(offsets, np.frombuffer(b"".join(utf8), np.uint8))
     lengths = np.diff(keys.offsets)
     too_long = np.flatnonzero((lengths > F.MAX_KEY_BYTES) | (lengths < 0))
     if too_long.size:

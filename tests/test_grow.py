@@ -350,8 +350,13 @@ def test_dataset_writer_commits_each_full_shard_and_resumes(tmp_path):
             w.add(k, v)
         assert layout.latest_version(path) == 2  # version 1 is the empty dataset, 2 the first full shard
         assert len(w.done_keys()) == 150 and "s0149" in w.done_keys() and "s0150" not in w.done_keys()
-        with pytest.raises(embfile.DuplicateKeyError, match="'s0003' is already in the dataset"):
+        with pytest.raises(embfile.DuplicateKeyError, match=r"'s0003' is already in the dataset \(version 2\)"):
             w.add_batch(["fresh", "s0003"], m[:2])
+        # the first key at fault in the batch's order: one of the shard in progress, then one stored
+        with pytest.raises(embfile.DuplicateKeyError, match=r"'s0140' is already in the dataset \(the records add"):
+            w.add_batch(["fresh", "s0140", "s0003"], m[:3])
+        with pytest.raises(embfile.DuplicateKeyError, match=r"'twice' is already in the dataset \(the records add"):
+            w.add_batch(["fresh", "twice", "twice"], m[:3])
         assert "fresh" not in w.done_keys()
     with pytest.raises(embfile.WriterError, match="resume=True continues it"):
         embfile.DatasetWriter(path, dim=DIM)
