@@ -113,7 +113,8 @@ def aligned_targets(
     targets: Any, keys: Collection[str], lengths: np.ndarray | None = None
 ) -> np.ndarray | ResidueTargets:
     """``targets`` (labels to train on) as an array, one per item of ``keys``: given in their order (an array,
-    a tensor or a sequence), or as a mapping from key; one number, or one array of a shape all share, each.
+    a tensor or a sequence), or by key (a mapping, or a pandas Series or DataFrame indexed by key); one number,
+    or one array of a shape all share, each.
     Of per-residue records (``lengths``, their rows), targets whose first dimension is each record's length
     are a label per residue (:class:`ResidueTargets`)."""
     if isinstance(targets, collections.abc.Mapping):
@@ -121,6 +122,8 @@ def aligned_targets(
         if missing:
             raise KeyError(f"targets has no target for {len(missing)} of the {len(keys)} keys, {missing[0]!r} first")
         targets = [targets[k] for k in keys]
+    elif _indexed_by_key(targets):
+        targets = _by_key(targets, keys)
     elif hasattr(targets, "detach"):  # a torch tensor
         targets = targets.detach().cpu().numpy()
     if not isinstance(targets, collections.abc.Collection) or isinstance(targets, (str, bytes)):
@@ -144,6 +147,35 @@ def aligned_targets(
             f"targets differ in shape: one number, or one array of a shape all share, per item{residues}"
         ) from None
     return _numbers(array)
+
+
+def _indexed_by_key(targets: Any) -> bool:
+    """Whether ``targets`` is a pandas Series or DataFrame whose index holds keys (labels read with
+    ``index_col="id"``), not numbers (whose rows are taken in order, as an array's)."""
+    index = getattr(targets, "index", None)
+    if not (hasattr(targets, "to_numpy") and hasattr(index, "get_indexer")):
+        return False
+    if index.inferred_type in ("integer", "empty"):
+        return False
+    if index.inferred_type not in ("string", "unicode"):
+        raise TypeError(
+            f"targets' index holds {index.inferred_type} values: index the targets by key (str), or by number "
+            "to take them in order"
+        )
+    return True
+
+
+def _by_key(targets: Any, keys: Collection[str]) -> np.ndarray:
+    """The rows of ``targets`` (indexed by key) for ``keys``, in their order."""
+    index = targets.index
+    if not index.is_unique:
+        twice = index[index.duplicated()][0]
+        raise ValueError(f"targets' index holds {twice!r} more than once: one target per key")
+    rows = index.get_indexer(list(keys))
+    if (rows < 0).any():
+        first = list(keys)[int(np.flatnonzero(rows < 0)[0])]
+        raise KeyError(f"targets has no target for {int((rows < 0).sum())} of the {len(keys)} keys, {first!r} first")
+    return targets.to_numpy()[rows]
 
 
 def _numbers(target: Any) -> np.ndarray:

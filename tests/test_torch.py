@@ -220,8 +220,20 @@ def test_map_style_items_carry_their_targets(store, residues):
     for workers in (0, 2):
         x, mask, y = next(iter(DataLoader(lengths, batch_size=8, collate_fn=collate, num_workers=workers)))
         assert mask.sum(1).tolist() == y.tolist() == [len(records[k]) for k in names[:8]]
+    pd = pytest.importorskip("pandas")
+    table = pd.DataFrame({"id": keys, "label": [labels[k] for k in keys]}).sample(frac=1, random_state=0)
+    for column in (table.set_index("id")["label"], table.set_index("id")):  # labels read with index_col="id"
+        _, y = Dataset(folder / "ds", keys=split, targets=column)[[5, 6]]  # by key, whatever the table's order
+        assert y.flatten().tolist() == [labels[split[5]], labels[split[6]]]
+    _, y = Dataset(folder / "db.emb", targets=table["label"].sort_index())[[5, 6]]  # numbered: in row order
+    assert y.tolist() == [labels[keys[5]], labels[keys[6]]]
     mistakes = {
         "targets has no target for 2 of the 1200 keys, 'P00000' first": dict.fromkeys(keys[2:], 1),
+        "targets has no target for 1 of the 1200 keys, 'P00001' first": table.set_index("id")["label"].drop(keys[1]),
+        "targets' index holds 'P00003' more than once": table.set_index("id")["label"].rename({keys[4]: keys[3]}),
+        "targets' index holds floating values: index the targets by key": table["label"].set_axis(
+            np.arange(len(keys)) + 0.5
+        ),
         "3 targets for 1200 items": [1, 2, 3],
         "targets differ in shape": [np.zeros(i % 3) for i in range(len(keys))],
         "targets must be numbers": [str(i) for i in range(len(keys))],
