@@ -146,19 +146,25 @@ def is_table(data: Any) -> bool:
     """Whether ``data`` is a table in memory that :func:`embfile.formats.parquet.read_table` reads (told by its
     type's name and what it has: this module imports no table library)."""
     name = type(data).__name__
-    return (
+    return not _is_series(data) and (
         name in ("Table", "DataFrame", "DatasetDict", "IterableDataset")
         or hasattr(data, "__arrow_c_stream__")
         or (hasattr(data, "with_format") and hasattr(data, "column_names"))
     )
 
 
+def _is_series(data: Any) -> bool:
+    """Whether ``data`` is a pandas Series: of vectors indexed by key, a mapping."""
+    return type(data).__name__ == "Series" and hasattr(data, "index") and hasattr(data, "items")
+
+
 def source_of(
     data: Any, caller: str = "write()", ragged: bool | None = None, on_error: OnError | None = None
 ) -> Source:
     """``data`` as a Source: an open dataset (streamed from its mapping), a ``(keys, matrix)`` pair or a
-    mapping ``{key: vector}``; with ``ragged``, a mapping ``{key: (length, dim) matrix}`` (a dataset is
-    ragged or not of itself).  ``on_error`` skips (and notes) a mapping's bad values instead of raising.
+    mapping ``{key: vector}`` (or a pandas Series of vectors indexed by key); with ``ragged``, a mapping
+    ``{key: (length, dim) matrix}`` (a dataset is ragged or not of itself).  ``on_error`` skips (and notes)
+    a mapping's bad values instead of raising.
     A dataset is recognised by the native table every dataset extends: this module cannot import
     dataset.py, which imports the writer (``Dataset.pool`` writes), which imports this module."""
     if isinstance(data, _core.Table):
@@ -176,7 +182,12 @@ def source_of(
         step = chunk_rows(matrix.shape[1] * matrix.dtype.itemsize)
         chunks = ((keys[lo : lo + step], matrix[lo : lo + step]) for lo in range(0, max(len(keys), 1), step))
         return Source(matrix.shape[1], matrix.dtype, len(keys), chunks, {"format": "arrays"})
-    if not isinstance(data, collections.abc.Mapping):
+    if _is_series(data) and len(data) and data.index.inferred_type not in ("string", "unicode"):
+        raise TypeError(
+            f"{caller} takes a Series of vectors indexed by key (str); this one's index holds "
+            f"{data.index.inferred_type} values (set_index the key column first)"
+        )
+    if not isinstance(data, collections.abc.Mapping) and not _is_series(data):
         hint = "; a table goes through embfile.convert(table, path), which finds its key and vector columns"
         raise TypeError(
             f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}"

@@ -373,6 +373,16 @@ def test_tables_in_memory_pandas_and_arrow_streams(tmp_path):
     assert_store(tmp_path / "ds", data)
     with pytest.raises(TypeError, match=r"a table goes through embfile.convert\(table, path\)"):
         embfile.write(tmp_path / "x.emb", frame)
+    column = frame.set_index("id")["embedding"]  # a Series of vectors indexed by key: a mapping
+    embfile.write(tmp_path / "d.emb", column)
+    assert_store(tmp_path / "d.emb", data)
+    embfile.write_shards(tmp_path / "ds2", column.iloc[:10])
+    embfile.append(tmp_path / "ds2", column.iloc[10:])
+    assert_store(tmp_path / "ds2", data)
+    with pytest.raises(TypeError, match=r"write\(\) takes a Series of vectors indexed by key \(str\); this one's"):
+        embfile.write(tmp_path / "x.emb", frame["embedding"])  # numbered from 0: no keys
+    with pytest.raises(TypeError, match=r"a Series of vectors indexed by key is a mapping: embfile.write"):
+        embfile.convert(column, tmp_path / "x.emb")  # it said "ArrowInvalid: Cannot import schema"
     residues = pd.DataFrame({"id": ["a"], "rows": [np.ones((3, 6))]})
     with pytest.raises(embfile.ConversionError, match="a DataFrame that Arrow cannot take"):
         embfile.convert(residues, tmp_path / "x.emb")

@@ -620,6 +620,8 @@ def read_table(data: Any, **options: Any) -> Source:
             part = table_part(pa.table(data), f"a {name}")
         except (pa.ArrowException, TypeError, ValueError) as e:
             raise errors.ConversionError(f"a {name} that Arrow cannot take: {e}") from None
+    elif name == "Series":  # pandas: of vectors indexed by key, a mapping (Arrow would take it as a stream)
+        raise TypeError("a Series of vectors indexed by key is a mapping: embfile.write(path, series) writes it")
     elif hasattr(data, "__arrow_c_stream__"):  # a stream (a RecordBatchReader, a DuckDB result): read once
         part = StreamPart(f"a {name}", iter(pa.RecordBatchReader.from_stream(data)))
     else:
