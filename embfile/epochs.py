@@ -152,7 +152,7 @@ def aligned_targets(
 def _indexed_by_key(targets: Any) -> bool:
     """Whether ``targets`` is a pandas Series or DataFrame whose index holds keys (labels read with
     ``index_col="id"``), not numbers (whose rows are taken in order, as an array's)."""
-    index = getattr(targets, "index", None)
+    index: Any = getattr(targets, "index", None)
     if not (hasattr(targets, "to_numpy") and hasattr(index, "get_indexer")):
         return False
     if index.inferred_type in ("integer", "empty"):
@@ -175,7 +175,7 @@ def _by_key(targets: Any, keys: Collection[str]) -> np.ndarray:
     if (rows < 0).any():
         first = list(keys)[int(np.flatnonzero(rows < 0)[0])]
         raise KeyError(f"targets has no target for {int((rows < 0).sum())} of the {len(keys)} keys, {first!r} first")
-    return targets.to_numpy()[rows]
+    return np.asarray(targets.to_numpy()[rows])
 
 
 def _numbers(target: Any) -> np.ndarray:
