@@ -205,7 +205,10 @@ cdef tuple _encoded(keys, caller):
         offsets = np.asarray(offsets, dtype=np.int64)
         return keys, (heap.ctypes.data + offsets[:-1]).astype(np.uintp), np.diff(offsets).astype(np.uintp)
     try:
-        seq = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        if isinstance(keys, np.ndarray):
+            seq = keys.tolist()
+        else:  # an Arrow array's items are its scalars: its keys are the str of to_pylist()
+            seq = keys.to_pylist() if hasattr(keys, "to_pylist") else list(keys)
     except TypeError:
         raise TypeError(f"{caller}() takes a sequence of str keys, not {type(keys).__name__}") from None
     ptrs = np.empty(len(seq), dtype=np.uintp)

@@ -58,7 +58,7 @@ def key_list(keys: Iterable[str], what: str) -> list[str]:
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"{what} takes an iterable of keys, not a single key")
     try:
-        return list(keys)
+        return keys.to_pylist() if hasattr(keys, "to_pylist") else list(keys)  # Arrow's items are its scalars
     except TypeError:
         raise TypeError(f"{what} takes an iterable of keys, not {type(keys).__name__}") from None
 

@@ -71,6 +71,16 @@ def test_get_batch_orders_and_types(study):
     np.testing.assert_array_equal(db[keys[5]], matrix[5])
     assert db.get_batch([]).shape == (0, db.dim)
     np.testing.assert_array_equal(db.rows(pick), [5, 0, 499, 5])
+    pa = pytest.importorskip("pyarrow")  # a column of ids read with pyarrow: its items are Arrow scalars
+    for column in (pa.array(pick), pa.chunked_array([pick[:1], pick[1:]], pa.large_string())):
+        np.testing.assert_array_equal(db.get_batch(column), want)  # "keys are str, not StringScalar"
+        np.testing.assert_array_equal(db.rows(column), [5, 0, 499, 5])
+        assert db.search_keys(column, k=1, exclude_self=False)[1].ravel().tolist() == pick
+        if isinstance(column, pa.Array):
+            embfile.subset(path, path.parent / "subset.emb", pa.array(pick[:3]))
+            assert list(embfile.open(path.parent / "subset.emb")) == sorted(pick[:3], key=keys.index)
+    with pytest.raises(TypeError, match="embfile keys are str, not NoneType"):
+        db.get_batch(pa.array([keys[0], None]))
 
 
 def test_to_numpy_is_an_in_memory_copy(study, tmp_path):
