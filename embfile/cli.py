@@ -39,7 +39,8 @@ _EXAMPLES = {
   embfile convert embeddings.pkl db.emb --trust-pickle        # only pickles you trust: loading runs code""",
     "info": "example:\n  embfile info db.emb --json",
     "get": "examples:\n  embfile get db.emb 'sp|P69905|HBA_HUMAN'\n"
-    "  embfile get db.emb P69905 P68871 --format npy > two.npy",
+    "  embfile get db.emb P69905 P68871 --format npy > two.npy\n"
+    "  embfile get db.emb --keys query.fasta --format npy > queries.npy    # in the FASTA file's order",
     "keys": "examples:\n  embfile keys db.emb | head\n  embfile keys db.emb -0 | xargs -0 ...",
     "verify": "example:\n  embfile verify db.emb other.emb && echo intact",
     "shard": "examples:\n  embfile shard uniref50.emb uniref50/ --shard-size 2GB    # then embfile.open('uniref50/')\n"
@@ -206,7 +207,10 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("get", _get, "print the vectors of some keys")
     c.add_argument("file")
-    c.add_argument("keys", nargs="+", metavar="KEY")
+    c.add_argument("keys", nargs="*", metavar="KEY")
+    c.add_argument(
+        "--keys", dest="keys_file", metavar="FILE", help="and those of a file: one a line, or a FASTA file's ids"
+    )
     _version_option(c)
     c.add_argument(
         "--format",
@@ -483,6 +487,9 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _get(args: argparse.Namespace) -> None:
+    args.keys += keys_file(args.keys_file) if args.keys_file else []
+    if not args.keys:
+        raise ValueError("no keys: give them as arguments, or --keys FILE")
     with embfile.open(args.file, args.version) as db:
         if db.ragged:
             _get_ragged(args, [np.array(db[k]) for k in args.keys])
@@ -502,7 +509,7 @@ def _get(args: argparse.Namespace) -> None:
 def _get_ragged(args: argparse.Namespace, records: list[np.ndarray]) -> None:
     """Per-residue records: JSON of each key's rows, or a TSV line per row (key, row number, values)."""
     if args.format == "npy":
-        raise ValueError("per-residue records differ in length: --format json or tsv writes them")
+        raise ValueError("per-residue records differ in length: --format json or text writes them")
     if args.format == "json":
         print(json.dumps({k: m.tolist() for k, m in zip(args.keys, records)}, ensure_ascii=False))
         return

@@ -107,6 +107,16 @@ def test_convert_info_get_keys(tmp_path):
     np.testing.assert_array_equal(np.array(got["sp|P69905|HBA_HUMAN"], np.float16), want["sp|P69905|HBA_HUMAN"])
     arr = np.load(io.BytesIO(cli("get", tmp_path / "db.emb", "multi\nline", "protéine 1", "--format", "npy").stdout))
     np.testing.assert_array_equal(arr, np.stack([want["multi\nline"], want["protéine 1"]]))
+    (tmp_path / "ids.txt").write_text("protéine 1\nsp|P69905|HBA_HUMAN\n")
+    listed = cli("get", tmp_path / "db.emb", "--keys", tmp_path / "ids.txt", "--format", "npy").stdout
+    np.testing.assert_array_equal(
+        np.load(io.BytesIO(listed)), np.stack([want["protéine 1"], want["sp|P69905|HBA_HUMAN"]])
+    )
+    (tmp_path / "query.fasta").write_text(">sp|P69905|HBA_HUMAN Hemoglobin subunit alpha\nMVL\n")
+    got = cli("get", tmp_path / "db.emb", "protéine 1", "--keys", tmp_path / "query.fasta", "--format", "json")
+    assert list(json.loads(got.stdout)) == ["protéine 1", "sp|P69905|HBA_HUMAN"]  # FASTA: each header's first word
+    refused = cli("get", tmp_path / "db.emb", check=False).stderr.strip()
+    assert refused.endswith("no keys: give them as arguments, or --keys FILE")
 
     keys = cli("keys", tmp_path / "db.emb", "-0").stdout.decode().split("\0")[:-1]
     assert sorted(keys) == sorted(data)
