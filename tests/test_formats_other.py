@@ -506,3 +506,40 @@ def test_a_repeated_key_fails_before_any_vector_is_read(tmp_path, fmt):
     with pytest.raises(embfile.DuplicateKeyError, match=r"duplicate key 'k7' \(rows 7 and 1000\)") as e:
         embfile.formats.read(src)  # opening the input, before a single chunk of vectors is read
     assert e.value.key == "k7" and e.value.rows == (7, 1000)
+
+
+def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
+    """Tables exported as CSV or TSV (one column per dimension), JSON Lines as embedding APIs' results are saved
+    (a column of lists beside the text), and the word2vec / GloVe / fastText text format."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(3)
+    data = {k: rng.standard_normal(5) for k in ["doc-1", "doc 2", "ünï", "sp|P69905|HBA_HUMAN"]}
+    wide = pd.DataFrame(list(data.values()), index=list(data), columns=[f"v{i}" for i in range(5)])
+    wide.rename_axis("id").to_csv(tmp_path / "wide.csv")  # pandas' export: id,v0,...,v4
+    wide.rename_axis("id").to_csv(tmp_path / "wide.tsv", sep="\t")
+    with open(tmp_path / "api.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": k, "embedding": v.tolist(), "text": "..."}) + "\n" for k, v in data.items())
+    for name, options in (("wide.csv", {}), ("wide.tsv", {}), ("api.jsonl", {"key_column": "id"})):
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", **options)
+        assert_store(tmp_path / f"{name}.emb", data)
+    assert detect_format(tmp_path / "wide.tsv") == "csv" and detect_format(tmp_path / "api.jsonl") == "jsonl"
+
+    words = {"the": rng.random(3), "Köln": rng.random(3), "</s>": rng.random(3)}
+    lines = [f"{w} " + " ".join(f"{x:.6f}" for x in v) for w, v in words.items()]
+    (tmp_path / "w2v.vec").write_text(f"{len(words)} 3\n" + "".join(line + " \n" for line in lines))  # word2vec's
+    (tmp_path / "glove.txt").write_text("".join(line + "\n" for line in lines))  # GloVe's: no count, no end space
+    want = {w: np.array([float(x) for x in line.split()[1:]]) for w, line in zip(words, lines)}
+    for name in ("w2v.vec", "glove.txt"):
+        cli = [sys.executable, "-m", "embfile", "convert", tmp_path / name, tmp_path / f"{name}.emb"]
+        subprocess.run(cli, check=True, capture_output=True)
+        assert_store(tmp_path / f"{name}.emb", want)
+
+    (tmp_path / "short.vec").write_text("".join(line + "\n" for line in lines[:2]) + "Bonn 0.5 0.25\n")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "embedding": [1.0, 2.0]}\n{"id": "b", "embedding": [1.0,\n')
+    for name, message in (
+        ("short.vec", "short.vec: CSV parse error: Expected 4 columns, got 3"),
+        ("bad.jsonl", "bad.jsonl: "),
+    ):
+        with pytest.raises(embfile.ConversionError, match=message):
+            embfile.convert(tmp_path / name, tmp_path / "out.emb")
+        assert not os.path.exists(tmp_path / "out.emb")

@@ -1,5 +1,6 @@
 """Converters between .emb and the files our users have: HDF5, Parquet, ESM ``.pt`` folders, ``.npy``, ``.npz``,
-``torch.save`` and safetensors files, Lance datasets, Zarr groups, pickles.
+``torch.save`` and safetensors files, Lance datasets, Zarr groups, pickles, and text: CSV, JSON Lines and
+word vectors.
 
 Every input is read as a :class:`~embfile.formats._common.Source` that streams
 ``(keys, matrix)`` chunks of about 16 MiB, so a conversion holds one chunk and
@@ -30,6 +31,7 @@ from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_arrow, read_lance, read_parquet, read_table, to_arrow, to_parquet
 from embfile.formats.tensors import read_npz, read_safetensors, read_torch, read_zarr, to_safetensors
+from embfile.formats.text import read_csv, read_jsonl, read_word2vec, word_vectors_header
 from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -45,6 +47,9 @@ READERS: dict[str, Callable[..., Source]] = {
     "safetensors": read_safetensors,
     "lance": read_lance,
     "zarr": read_zarr,
+    "csv": read_csv,
+    "jsonl": read_jsonl,
+    "word2vec": read_word2vec,
 }
 WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
     "hdf5": to_hdf5,
@@ -72,6 +77,13 @@ _EXTENSIONS = {
     ".safetensors": "safetensors",
     ".lance": "lance",
     ".zarr": "zarr",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".tab": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".vec": "word2vec",
+    ".txt": "word2vec",  # GloVe's
 }
 
 
@@ -169,7 +181,8 @@ def convert(
     ``datasets.Dataset``, a pandas or polars DataFrame.
     Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
     ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``,
-    ``torch``, ``lance``, ``zarr``, ``pickle``.
+    ``torch``, ``lance``, ``zarr``, ``pickle``, ``csv`` (and TSV), ``jsonl`` and ``word2vec`` (its text format,
+    as GloVe and fastText write it).
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
@@ -290,8 +303,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".pkl", ".pickle") or head[:1] == b"\x80":
         return "pickle"
-    if ext in _EXTENSIONS:  # e.g. HDF5 with a user block before its signature
-        return _EXTENSIONS[ext]
+    if ext in _EXTENSIONS and (_EXTENSIONS[ext] != "word2vec" or word_vectors_header(path) is not None):
+        return _EXTENSIONS[ext]  # e.g. HDF5 with a user block before its signature
     raise errors.ConversionError(f"{path}: cannot tell its format; name it with src_format= (--from)")
 
 
