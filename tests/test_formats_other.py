@@ -528,7 +528,7 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
     lines = [f"{w} " + " ".join(f"{x:.6f}" for x in v) for w, v in words.items()]
     (tmp_path / "w2v.vec").write_text(f"{len(words)} 3\n" + "".join(line + " \n" for line in lines))  # word2vec's
     (tmp_path / "glove.txt").write_text("".join(line + "\n" for line in lines))  # GloVe's: no count, no end space
-    want = {w: np.array([float(x) for x in line.split()[1:]]) for w, line in zip(words, lines)}
+    want = {w: np.array(line.split()[1:], np.float32) for w, line in zip(words, lines)}  # float32, as word2vec
     for name in ("w2v.vec", "glove.txt"):
         cli = [sys.executable, "-m", "embfile", "convert", tmp_path / name, tmp_path / f"{name}.emb"]
         subprocess.run(cli, check=True, capture_output=True)

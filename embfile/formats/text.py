@@ -73,21 +73,24 @@ def read_jsonl(
 
 
 def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_error: str = "error") -> Source:
-    """The word-vector text format: ``key v1 v2 ... vD`` a line, after an optional ``count dim`` line."""
+    """The word-vector text format: ``key v1 v2 ... vD`` a line, after an optional ``count dim`` line; float32,
+    as the tools that write it hold them."""
     pa = require("pyarrow", "parquet")
     from pyarrow import csv
 
     path = os.fspath(path)
-    header = word_vectors_header(path)
-    if header is None:
+    start = word_vectors_header(path)
+    if start is None:
         raise errors.ConversionError(f"{path}: not word vectors as text (a key and its values a line)")
+    header, dim = start
+    types = {"f0": pa.string(), **{f"f{i}": pa.float32() for i in range(1, dim + 1)}}  # as word2vec keeps them
     reader = _parsed(
         path,
         lambda: csv.open_csv(
             path,
             csv.ReadOptions(block_size=BLOCK_BYTES, autogenerate_column_names=True, skip_rows=int(header)),
             csv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False),
-            csv.ConvertOptions(column_types={"f0": pa.string()}),
+            csv.ConvertOptions(column_types=types),
         ),
     )
     part = StreamPart(path, _batches(path, reader))
@@ -99,16 +102,16 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
     return read_parts(path, "word2vec", [part], "f0", None, None, names[1:], pool, on_error)
 
 
-def word_vectors_header(path: str) -> bool | None:
-    """Whether the word-vector text file ``path`` starts with a ``count dim`` line; None if its first lines are
-    not word vectors (a key and numbers, separated by spaces)."""
+def word_vectors_header(path: str) -> tuple[bool, int] | None:
+    """Whether the word-vector text file ``path`` starts with a ``count dim`` line, and its dimension; None if
+    its first lines are not word vectors (a key and numbers, separated by spaces)."""
     with open(path, "rb") as f:
         lines = [f.readline(1 << 20).split(b" ") for _ in range(2)]
     first, second = ([x for x in line if x.strip()] for line in lines)
     header = len(first) == 2 and all(x.strip().isdigit() for x in first)
     vector = second if header else first
     try:
-        return header if len(vector) >= 2 and [float(x) for x in vector[1:]] else None
+        return (header, len(vector) - 1) if len(vector) >= 2 and [float(x) for x in vector[1:]] else None
     except ValueError:
         return None
 
