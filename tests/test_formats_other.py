@@ -543,3 +543,43 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
         with pytest.raises(embfile.ConversionError, match=message):
             embfile.convert(tmp_path / name, tmp_path / "out.emb")
         assert not os.path.exists(tmp_path / "out.emb")
+
+
+def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
+    """Text is where hand-made and half-written files are: a mutated CSV, JSON Lines or word-vector file
+    converts or raises an EmbFileError, and leaves nothing at the output."""
+    import random
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(20)]
+    seeds = {
+        "x.vec": "3 4\n" + "".join(f"{w} " + " ".join(f"{x:.3f}" for x in rng.random(4)) + " \n" for w in words[:3]),
+        "x.csv": "id,v0,v1,v2\n" + "".join(f"{w},{','.join(f'{x:.3f}' for x in rng.random(3))}\n" for w in words),
+        "x.jsonl": "".join(json.dumps({"id": w, "embedding": rng.random(3).round(3).tolist()}) + "\n" for w in words),
+    }
+    regressions = [  # text Arrow does not check: it said UnicodeDecodeError
+        ("x.jsonl", b'{"id": "a\xff", "embedding": [1, 2]}\n', "x.jsonl: a key of rows 0 to 0 is not UTF-8"),
+        ("x.csv", b"i\xffd,v0,v1\na,1,2\n", "x.csv: its column names are not UTF-8"),
+    ]
+    for name, data, message in regressions:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(embfile.ConversionError, match=message):
+            embfile.convert(tmp_path / name, tmp_path / "out.emb")
+    pick = random.Random(1)
+    for _ in range(400):
+        name, text = pick.choice(list(seeds.items()))
+        data = bytearray(text.encode())
+        for _ in range(pick.randint(1, 4)):
+            i = pick.randrange(len(data))
+            if pick.random() < 0.4:
+                data[i] = pick.randrange(256)
+            elif pick.random() < 0.5:
+                del data[i : i + pick.randint(1, 8)]
+            else:
+                data[i:i] = bytes(pick.choice(b' ,\n"[]{}0.e-\tx\xff') for _ in range(pick.randint(1, 4)))
+        (tmp_path / name).write_bytes(data)
+        try:
+            embfile.convert(tmp_path / name, tmp_path / "out.emb")
+        except embfile.EmbFileError:
+            assert not os.path.exists(tmp_path / "out.emb")
+        (tmp_path / "out.emb").unlink(missing_ok=True)

@@ -480,7 +480,10 @@ def _chunks(
             keys = batch.column(key_column)
             if keys.null_count:
                 raise errors.ConversionError(f"{f}: row {first_row + _first_null(keys)} has a null key")
-            keys = (keys.cast("string") if _is_int(keys.type) else keys).to_pylist()
+            try:
+                keys = (keys.cast("string") if _is_int(keys.type) else keys).to_pylist()
+            except UnicodeDecodeError:  # a reader that does not check its text (JSON)
+                raise errors.ConversionError(f"{f}: a key of rows {first_row} to {row - 1} is not UTF-8") from None
             if wide:
                 matrix = np.empty((batch.num_rows, dim), dtype)
                 for j, c in enumerate(columns):

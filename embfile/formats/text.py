@@ -46,7 +46,7 @@ def read_csv(
             path, csv.ReadOptions(block_size=BLOCK_BYTES), csv.ParseOptions(delimiter=delimiter), csv.ConvertOptions()
         ),
     )
-    part = StreamPart(path, _batches(path, reader))
+    part = _part(path, reader)
     if not (vector_column or wide_prefix or wide_columns):
         wide_columns = _numbers_beside_the_key(pa, part.schema, key_column)
     return read_parts(path, "csv", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
@@ -68,7 +68,7 @@ def read_jsonl(
 
     path = os.fspath(path)
     reader = _parsed(path, lambda: json.open_json(path, json.ReadOptions(block_size=BLOCK_BYTES)))
-    part = StreamPart(path, _batches(path, reader))
+    part = _part(path, reader)
     return read_parts(path, "jsonl", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
@@ -93,7 +93,7 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
             csv.ConvertOptions(column_types=types),
         ),
     )
-    part = StreamPart(path, _batches(path, reader))
+    part = _part(path, reader)
     names = part.schema.names
     if part.schema.field(names[-1]).type == pa.null():  # word2vec's space at the end of each line
         names = names[:-1]
@@ -124,6 +124,16 @@ def _parsed(path: str, start: Any) -> Any:
         return start()
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise errors.ConversionError(f"{path}: {_first_line(e)}") from None
+
+
+def _part(path: str, reader: Any) -> StreamPart:
+    """The stream of ``reader``'s batches, its column names checked (Arrow decodes them only when asked)."""
+    part = StreamPart(path, _batches(path, reader))
+    try:
+        _ = part.schema.names
+    except UnicodeDecodeError:
+        raise errors.ConversionError(f"{path}: its column names are not UTF-8") from None
+    return part
 
 
 def _batches(path: str, reader: Any) -> Any:
