@@ -534,6 +534,14 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
         subprocess.run(cli, check=True, capture_output=True)
         assert_store(tmp_path / f"{name}.emb", want)
 
+    nodes = "2 3\n17 0.5 0.25 1\n4 1 2 3\n"  # node2vec's (gensim's): numeric keys, after the count line
+    (tmp_path / "nodes.txt").write_text(nodes)
+    embfile.convert(tmp_path / "nodes.txt", tmp_path / "nodes.emb")
+    assert_store(tmp_path / "nodes.emb", {"17": np.float32([0.5, 0.25, 1]), "4": np.float32([1, 2, 3])})
+    np.savetxt(tmp_path / "matrix.txt", np.ones((2, 3)))  # numbers alone: a matrix without its keys
+    with pytest.raises(embfile.ConversionError, match="matrix.txt: cannot tell its format"):
+        embfile.convert(tmp_path / "matrix.txt", tmp_path / "out.emb")
+
     (tmp_path / "short.vec").write_text("".join(line + "\n" for line in lines[:2]) + "Bonn 0.5 0.25\n")
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "embedding": [1.0, 2.0]}\n{"id": "b", "embedding": [1.0,\n')
     for name, message in (

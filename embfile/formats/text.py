@@ -104,16 +104,28 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
 
 def word_vectors_header(path: str) -> tuple[bool, int] | None:
     """Whether the word-vector text file ``path`` starts with a ``count dim`` line, and its dimension; None if
-    its first lines are not word vectors (a key and numbers, separated by spaces)."""
+    its first lines are not word vectors (a key and numbers, separated by spaces; numeric keys, as node2vec's,
+    only after a count line, as gensim writes them: without one, a line of numbers is a matrix's row)."""
     with open(path, "rb") as f:
         lines = [f.readline(1 << 20).split(b" ") for _ in range(2)]
     first, second = ([x for x in line if x.strip()] for line in lines)
     header = len(first) == 2 and all(x.strip().isdigit() for x in first)
     vector = second if header else first
     try:
-        return (header, len(vector) - 1) if len(vector) >= 2 and [float(x) for x in vector[1:]] else None
+        values = [float(x) for x in vector[1:]]
     except ValueError:
         return None
+    if not values or (not header and _number(vector[0])):  # numbers only, no count line: a matrix (np.savetxt)
+        return None
+    return header, len(values)
+
+
+def _number(field: bytes) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
 
 
 def _parsed(path: str, start: Any) -> Any:
