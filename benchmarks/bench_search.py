@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine
 
 import embfile
-from embfile.search import BY_ROW_QUERIES
 
 K = 10
 
@@ -51,16 +50,11 @@ def sgemm_gflops(n=3072, repeats=3):
 
 
 def products(matrix, q, rows=13_107):
-    """The products over ``matrix`` in blocks of ``rows`` (64 MiB of float32 at 1280-d), as the search computes
-    them: ``block @ q.T`` from ``embfile.search.BY_ROW_QUERIES`` queries on, ``q @ block.T`` below."""
-    by_row = len(q) >= BY_ROW_QUERIES
-    out = np.empty((rows, len(q)) if by_row else (len(q), rows), np.float32)
+    """``q @ block.T`` over ``matrix`` in blocks of ``rows`` (64 MiB of float32 at 1280-d), as the search does."""
+    out = np.empty((len(q), rows), np.float32)
     for lo in range(0, len(matrix), rows):
         block = matrix[lo : lo + rows]
-        if by_row:
-            np.matmul(block, q.T, out=out[: len(block)])
-        else:
-            np.matmul(q, block.T, out=out[:, : len(block)])
+        np.matmul(q, block.T, out=out[:, : len(block)])
 
 
 def seconds(fn, repeats=2):

@@ -42,8 +42,8 @@ cdef extern from "embfile.h" nogil:
         EMB_POOL_MEAN, EMB_POOL_MAX
     int emb_pool(const uint8_t *x, uint32_t dim, int kind, const int64_t *offsets, uint64_t n, int how, float *out,
                  int threads)
-    void emb_topk_merge(const float *scores, uint64_t ld, int by_row, uint64_t n, uint32_t nq, const int64_t *rows,
-                        uint32_t k, int smaller, float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads)
+    void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq, const int64_t *rows, uint32_t k,
+                        int smaller, float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads)
     uint64_t emb_stream_seed(uint64_t seed, uint64_t epoch, uint64_t stream)
     void emb_shuffle(uint64_t *items, uint64_t n, uint64_t seed)
     uint32_t emb_crc32c(uint32_t crc, const uint8_t *p, size_t len)

@@ -892,21 +892,17 @@ cdef class TopK:
         self.count = np.zeros(q, np.uint32)
 
     def add(self, scores, rows):
-        """Merge ``scores`` ``(q, n)`` of the dataset rows ``rows`` (ascending, past every row merged before).
-        Each query's scores may be contiguous, or each row's (the transpose of a product of rows and queries)."""
-        by_row = scores.dtype == np.float32 and scores.ndim == 2 and _rows_contiguous(scores.T) and scores.shape[0] > 1
-        s = scores if by_row or scores.dtype == np.float32 and _rows_contiguous(scores) else \
-            np.ascontiguousarray(scores, np.float32)
+        """Merge ``scores`` ``(q, n)`` of the dataset rows ``rows`` (ascending, past every row merged before)."""
+        s = scores if scores.dtype == np.float32 and _rows_contiguous(scores) else np.ascontiguousarray(scores, np.float32)
         r = np.ascontiguousarray(rows, dtype=np.int64)
         if s.ndim != 2 or s.shape[0] != self.q or r.shape[0] != s.shape[1]:
             raise ValueError(f"TopK.add() takes ({self.q}, {len(r)}) scores, not {s.shape}")
         cdef cnp.ndarray sa = s, ra = r, hs = self.scores, hr = self.rows, c = self.count
-        cdef uint64_t n = s.shape[1], ld = max((s.strides[1] if by_row else s.strides[0]) // 4, 1)
-        cdef int rowwise = by_row
+        cdef uint64_t n = s.shape[1], ld = max(s.strides[0] // 4, 1)
         with nogil:
-            emb_topk_merge(<const float *>cnp.PyArray_DATA(sa), ld, rowwise, n, self.q,
-                           <const int64_t *>cnp.PyArray_DATA(ra), self.k, self.smaller, <float *>cnp.PyArray_DATA(hs),
-                           <int64_t *>cnp.PyArray_DATA(hr), <uint32_t *>cnp.PyArray_DATA(c), self.threads)
+            emb_topk_merge(<const float *>cnp.PyArray_DATA(sa), ld, n, self.q, <const int64_t *>cnp.PyArray_DATA(ra),
+                           self.k, self.smaller, <float *>cnp.PyArray_DATA(hs), <int64_t *>cnp.PyArray_DATA(hr),
+                           <uint32_t *>cnp.PyArray_DATA(c), self.threads)
 
     def result(self):
         """``(scores, rows)`` ``(q, m)``, best first, ``m`` the number kept (at most ``k``)."""

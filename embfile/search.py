@@ -53,9 +53,6 @@ BLOCK_BYTES = 64 << 20  # records scored at a time (for BLAS, converted to float
 KERNEL_BLOCK_BYTES = 256 << 20  # for the kernel, which copies nothing: fewer waits for both threads to end
 # up to this many queries, the core's kernel (values widened in registers); more, BLAS on a float32 copy
 KERNEL_QUERIES = {"float32": 12, "float16": 16, "bfloat16": 16, "int8": 16, "uint8": 16}
-# from this many queries, BLAS multiplies a block by the queries (scores row by row), which OpenBLAS runs faster
-# than the queries by the block (a product of few rows and many columns)
-BY_ROW_QUERIES = 128
 THREADS = min(os.cpu_count() or 1, 8)
 
 
@@ -103,21 +100,15 @@ def search(
     kernel = len(q) <= KERNEL_QUERIES.get(ds.dtype.name, 0)
     width = ds.dtype.itemsize if kernel else max(ds.dtype.itemsize, np.dtype(work).itemsize)  # bytes per element held
     step = max(1, (KERNEL_BLOCK_BYTES if kernel else BLOCK_BYTES) // (ds.dim * width))
-    by_row = not kernel and len(q) >= BY_ROW_QUERIES
-    most = min(step, len(ds))  # rows in a block
-    scores_buffer = np.empty((most, len(q)) if by_row else (len(q), most), work)  # reused: fresh ones cost faults
-    widened = np.empty((most, ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
+    scores_buffer = np.empty((len(q), min(step, len(ds))), work)  # reused: a fresh array per block costs its faults
+    widened = np.empty((min(step, len(ds)), ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
     for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
-        # (Q, rows) either way: each query's scores contiguous, or (by_row) each row's; the top-k takes both
-        scores = scores_buffer[: hi - lo].T if by_row else scores_buffer[:, : hi - lo]
+        scores = scores_buffer[:, : hi - lo]  # (Q, rows): each query's scores contiguous, for the top-k
         if kernel:
             _core.dot(block, q, THREADS, out=scores)
         else:
             x = block.astype(work, copy=False) if widened is None else _core.widen(block, THREADS, widened[: hi - lo])
-            if by_row:
-                np.matmul(x, q.T, out=scores_buffer[: hi - lo])
-            else:
-                np.matmul(q, x.T, out=scores)
+            np.matmul(q, x.T, out=scores)
         if metric == "cosine":
             n = _norms(ds, lo, hi, block, work)
             np.divide(scores, n, out=scores, where=n > 0)

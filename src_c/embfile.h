@@ -140,15 +140,13 @@ int emb_pool(const uint8_t *x, uint32_t dim, int kind, const int64_t *offsets, u
              float *out, int threads);
 
 /* Search (search.c): merges a block of scores into a running top-k per query.
- * Query j's score of row i (dataset row rows[i]) is scores[j * ld + i], or,
- * with `by_row` (scores laid out row by row, as a product of the rows with
- * the queries gives them), scores[i * ld + j]; its heap of count[j] <= k
- * entries is heap_scores/heap_rows[j * k ...], the worst kept at the root.
- * Larger scores are better (smaller if `smaller`; the heap then holds negated
- * scores); NaN is worse than any number; between equal scores the lower row is
- * better, so rows must arrive in ascending order.  The queries are split over
- * `threads` threads. */
-void emb_topk_merge(const float *scores, uint64_t ld, int by_row, uint64_t n, uint32_t nq,
+ * Query j's score of row i (dataset row rows[i]) is scores[j * ld + i]; its
+ * heap of count[j] <= k entries is heap_scores/heap_rows[j * k ...], the worst
+ * kept at the root.  Larger scores are better (smaller if `smaller`; the heap
+ * then holds negated scores); NaN is worse than any number; between equal
+ * scores the lower row is better, so rows must arrive in ascending order.
+ * The queries are split over `threads` threads. */
+void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq,
                     const int64_t *rows, uint32_t k, int smaller,
                     float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads);
 

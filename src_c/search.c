@@ -11,9 +11,7 @@
  * split between threads.
  *
  * Scores are laid out query by query, so each query's top-k reads its scores
- * in memory order and rejects most of them eight at a time; or row by row (a
- * BLAS product of the rows with the queries), each row's scores then compared
- * with eight queries' bars at a time.
+ * in memory order and rejects most of them eight at a time.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -267,7 +265,6 @@ static void sift(float *hs, int64_t *hr, uint32_t n, uint32_t i) {
 typedef struct {
     const float *scores;
     uint64_t ld, n;
-    int by_row;
     uint32_t first, last, k;
     const int64_t *rows;
     int smaller;
@@ -341,84 +338,19 @@ __attribute__((target("avx2"))) static void offer_avx2(const topk_job *t, uint32
 }
 #endif
 
-/* Scores laid out row by row: queries [first, last) of rows [from, n), in row
- * order; bars[j - first] is query j's bar, kept up to date. */
-typedef void (*offer_rows_fn)(const topk_job *t, float *bars, uint64_t from, float sign);
-
-static void offer_rows(const topk_job *t, float *bars, uint64_t from, float sign) {
-    for (uint64_t r = from; r < t->n; r++) {
-        const float *row = t->scores + r * t->ld;
-        for (uint32_t j = t->first; j < t->last; j++) {
-            float s = sign * row[j];
-            if (!(s <= bars[j - t->first])) bars[j - t->first] = admit(t, j, s, t->rows[r]);
-        }
-    }
-}
-
-#ifdef EMB_X86
-/* Eight queries of a row at a time against their eight bars: most often none enters. */
-__attribute__((target("avx2"))) static void offer_rows_avx2(const topk_job *t, float *bars, uint64_t from,
-                                                            float sign) {
-    __m256 signs = _mm256_set1_ps(sign);
-    uint32_t body = t->first + ((t->last - t->first) & ~7u);
-    for (uint64_t r = from; r < t->n; r++) {
-        const float *row = t->scores + r * t->ld;
-        uint32_t j = t->first;
-        for (; j < body; j += 8) {
-            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(row + j), signs);
-            __m256 bar = _mm256_loadu_ps(bars + (j - t->first));
-            unsigned pass = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(s, bar, _CMP_NLE_UQ));
-            for (; pass; pass &= pass - 1) {
-                uint32_t i = j + (uint32_t)__builtin_ctz(pass);
-                bars[i - t->first] = admit(t, i, sign * row[i], t->rows[r]);
-            }
-        }
-        for (; j < t->last; j++) {
-            float s = sign * row[j];
-            if (!(s <= bars[j - t->first])) bars[j - t->first] = admit(t, j, s, t->rows[r]);
-        }
-    }
-}
-#endif
-
 static void *run_topk(void *arg) {
     topk_job *t = arg;
     float sign = t->smaller ? -1.0f : 1.0f;
-    int avx2 = 0;
+    offer_fn fn = offer;
 #ifdef EMB_X86
     __builtin_cpu_init();
-    avx2 = !getenv("EMBFILE_PORTABLE") && __builtin_cpu_supports("avx2");
+    if (!getenv("EMBFILE_PORTABLE") && __builtin_cpu_supports("avx2")) fn = offer_avx2;
 #endif
-    if (!t->by_row) {
-        offer_fn fn = offer;
-#ifdef EMB_X86
-        if (avx2) fn = offer_avx2;
-#endif
-        for (uint32_t j = t->first; j < t->last; j++) fn(t, j, t->scores + j * t->ld, 0, sign);
-        return NULL;
-    }
-    float *bars = malloc(((size_t)(t->last - t->first) + 1) * sizeof *bars);
-    if (!bars) { /* no room for the bars: one query at a time, each its own bar */
-        for (uint32_t j = t->first; j < t->last; j++) {
-            topk_job one = *t;
-            float bar = bar_of(t->heap_scores + (uint64_t)j * t->k, t->count[j], t->k);
-            one.first = j, one.last = j + 1;
-            offer_rows(&one, &bar, 0, sign);
-        }
-        return NULL;
-    }
-    for (uint32_t j = t->first; j < t->last; j++)
-        bars[j - t->first] = bar_of(t->heap_scores + (uint64_t)j * t->k, t->count[j], t->k);
-    offer_rows_fn fn = offer_rows;
-#ifdef EMB_X86
-    if (avx2) fn = offer_rows_avx2;
-#endif
-    fn(t, bars, 0, sign);
-    free(bars);
+    for (uint32_t j = t->first; j < t->last; j++) fn(t, j, t->scores + j * t->ld, 0, sign);
     return NULL;
 }
 
-void emb_topk_merge(const float *scores, uint64_t ld, int by_row, uint64_t n, uint32_t nq,
+void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq,
                     const int64_t *rows, uint32_t k, int smaller,
                     float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads) {
     topk_job jobs[EMB_MAX_THREADS];
@@ -428,7 +360,7 @@ void emb_topk_merge(const float *scores, uint64_t ld, int by_row, uint64_t n, ui
     uint32_t lo = 0;
     for (int t = 0; t < threads; t++) { /* the queries, split: each heap is one thread's */
         uint32_t share = nq / (uint32_t)threads + ((uint32_t)t < nq % (uint32_t)threads);
-        jobs[t] = (topk_job){scores, ld, n, by_row, lo, lo + share, k, rows, smaller, heap_scores, heap_rows, count};
+        jobs[t] = (topk_job){scores, ld, n, lo, lo + share, k, rows, smaller, heap_scores, heap_rows, count};
         lo += share;
     }
     emb_run_jobs(run_topk, jobs, sizeof jobs[0], threads);

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import embfile
-from embfile import _core
 from embfile import search as search_module
 
 
@@ -71,31 +70,8 @@ def test_every_metric_and_dtype_against_numpy(tmp_path, dtype, metric, monkeypat
         check(db, matrix, keys, queries, 10, metric)
         check(db, matrix, keys, queries[0], 3, metric)  # one query: (k,) results
         check(db, matrix, keys, queries, 10, metric, exclude=[5, 17, 699])
-        many = rng.standard_normal((search_module.BY_ROW_QUERIES + 3, dim)).astype(np.float32)
-        check(db, matrix, keys, many, 10, metric, exclude=[5, 17])  # BLAS gives the scores row by row
         scores, got = db.search(queries[0], k=3, metric=metric)
         assert scores.shape == (3,) and got.shape == (3,)
-
-
-@pytest.mark.parametrize("portable", [False, True])
-def test_the_top_k_takes_scores_query_by_query_or_row_by_row(portable, monkeypatch):
-    """The running top-k keeps the same (score, row) whichever way a block's scores are laid out: NaN last,
-    ties to the earlier row, with the SIMD loops and without."""
-    if portable:
-        monkeypatch.setenv("EMBFILE_PORTABLE", "1")
-    rng = np.random.default_rng(0)
-    for q, n, k in [(256, 5000, 10), (13, 777, 7), (300, 2000, 50), (2, 50, 60)]:
-        scores = rng.standard_normal((n, q)).astype(np.float32)
-        scores[rng.random(scores.shape) < 0.01] = np.nan
-        scores[::7] = 0.5  # ties
-        for smaller in (False, True):
-            by_query, by_row = _core.TopK(q, k, smaller, 2), _core.TopK(q, k, smaller, 2)
-            for lo in range(0, n, 999):
-                rows = np.arange(lo, min(n, lo + 999))
-                by_query.add(np.ascontiguousarray(scores[lo : lo + 999].T), rows)
-                by_row.add(scores[lo : lo + 999].T, rows)  # a view: each row's scores contiguous
-            (s1, r1), (s2, r2) = by_query.result(), by_row.result()
-            assert np.array_equal(r1, r2) and np.array_equal(s1, s2, equal_nan=True), (q, n, k, smaller)
 
 
 def test_k_past_n_empty_files_nan_zero_vectors_and_ties(tmp_path):
