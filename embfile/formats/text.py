@@ -40,13 +40,12 @@ def read_csv(
     path = os.fspath(path)
     if delimiter is None:
         delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
-    reader = _parsed(
+    part = _stream(
         path,
         lambda: csv.open_csv(
             path, csv.ReadOptions(block_size=BLOCK_BYTES), csv.ParseOptions(delimiter=delimiter), csv.ConvertOptions()
         ),
     )
-    part = _part(path, reader)
     if not (vector_column or wide_prefix or wide_columns):
         wide_columns = _numbers_beside_the_key(pa, part.schema, key_column)
     return read_parts(path, "csv", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
@@ -67,8 +66,7 @@ def read_jsonl(
     from pyarrow import json
 
     path = os.fspath(path)
-    reader = _parsed(path, lambda: json.open_json(path, json.ReadOptions(block_size=BLOCK_BYTES)))
-    part = _part(path, reader)
+    part = _stream(path, lambda: json.open_json(path, json.ReadOptions(block_size=BLOCK_BYTES)))
     return read_parts(path, "jsonl", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
@@ -84,7 +82,7 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
         raise errors.ConversionError(f"{path}: not word vectors as text (a key and its values a line)")
     header, dim = start
     types = {"f0": pa.string(), **{f"f{i}": pa.float32() for i in range(1, dim + 1)}}  # as word2vec keeps them
-    reader = _parsed(
+    part = _stream(
         path,
         lambda: csv.open_csv(
             path,
@@ -93,7 +91,6 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
             csv.ConvertOptions(column_types=types),
         ),
     )
-    part = _part(path, reader)
     names = part.schema.names
     if part.schema.field(names[-1]).type == pa.null():  # word2vec's space at the end of each line
         names = names[:-1]
@@ -128,23 +125,17 @@ def _number(field: bytes) -> bool:
     return True
 
 
-def _parsed(path: str, start: Any) -> Any:
-    """``start()``, its parse error (of the first block) as a ConversionError naming ``path``."""
+def _stream(path: str, start: Any) -> StreamPart:
+    """The record batches of the reader ``start()`` opens, read once; a parse error (of any block), or column
+    names that are not UTF-8 (Arrow decodes them only when asked), a ConversionError naming ``path``."""
     import pyarrow as pa
 
     try:
-        return start()
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-        raise errors.ConversionError(f"{path}: {_first_line(e)}") from None
-
-
-def _part(path: str, reader: Any) -> StreamPart:
-    """The stream of ``reader``'s batches, its column names checked (Arrow decodes them only when asked)."""
-    part = StreamPart(path, _batches(path, reader))
-    try:
+        part = StreamPart(path, _batches(path, start()))
         _ = part.schema.names
-    except UnicodeDecodeError:
-        raise errors.ConversionError(f"{path}: its column names are not UTF-8") from None
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        what = "its column names are not UTF-8" if isinstance(e, UnicodeDecodeError) else _first_line(e)
+        raise errors.ConversionError(f"{path}: {what}") from None
     return part
 
 
