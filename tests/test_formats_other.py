@@ -509,8 +509,9 @@ def test_a_repeated_key_fails_before_any_vector_is_read(tmp_path, fmt):
 
 
 def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
-    """Tables exported as CSV or TSV (one column per dimension), JSON Lines as embedding APIs' results are saved
-    (a column of lists beside the text), and the word2vec / GloVe / fastText text format."""
+    """Tables exported as CSV or TSV (one column per dimension, or a column of lists as text), JSON Lines as
+    embedding APIs' results are saved (a column of lists beside the text), and the word2vec / GloVe / fastText
+    text format (keys holding spaces too, as GloVe 840B's)."""
     pd = pytest.importorskip("pandas")
     rng = np.random.default_rng(3)
     data = {k: rng.standard_normal(5) for k in ["doc-1", "doc 2", "ünï", "sp|P69905|HBA_HUMAN"]}
@@ -519,16 +520,26 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
     wide.rename_axis("id").to_csv(tmp_path / "wide.tsv", sep="\t")
     with open(tmp_path / "api.jsonl", "w") as f:
         f.writelines(json.dumps({"id": k, "embedding": v.tolist(), "text": "..."}) + "\n" for k, v in data.items())
-    for name, options in (("wide.csv", {}), ("wide.tsv", {}), ("api.jsonl", {"key_column": "id"})):
-        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", **options)
+    lists = pd.DataFrame({"id": list(data), "text": ["a, b", "c", "d", "e"], "embedding": list(data.values())})
+    lists.assign(embedding=[v.tolist() for v in data.values()]).to_csv(tmp_path / "lists.csv", index=False)
+    for name in ("wide.csv", "wide.tsv", "api.jsonl", "lists.csv"):  # the key: the text column named id
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb")
         assert_store(tmp_path / f"{name}.emb", data)
     assert detect_format(tmp_path / "wide.tsv") == "csv" and detect_format(tmp_path / "api.jsonl") == "jsonl"
+    long = lists.assign(embedding=[np.float32(v.tolist() * 3) for v in data.values()])  # numpy prints them over lines
+    long.to_csv(tmp_path / "arrays.csv", index=False)
+    embfile.convert(tmp_path / "arrays.csv", tmp_path / "arrays.emb")
+    with embfile.open(tmp_path / "arrays.emb") as db:
+        np.testing.assert_allclose(db.get_batch(list(data)), np.stack(long["embedding"]), rtol=1e-6)
+    long.assign(embedding=[np.ones(1001)] * 4).to_csv(tmp_path / "summarised.csv", index=False)  # "[1. 1. ... 1.]"
+    with pytest.raises(embfile.ConversionError, match="'embedding': arrays printed summarised, values left out"):
+        embfile.convert(tmp_path / "summarised.csv", tmp_path / "out.emb")
 
-    words = {"the": rng.random(3), "Köln": rng.random(3), "</s>": rng.random(3)}
+    words = {". . .": rng.random(3), "the": rng.random(3), "Köln": rng.random(3), "at name@domain.com": rng.random(3)}
     lines = [f"{w} " + " ".join(f"{x:.6f}" for x in v) for w, v in words.items()]
     (tmp_path / "w2v.vec").write_text(f"{len(words)} 3\n" + "".join(line + " \n" for line in lines))  # word2vec's
     (tmp_path / "glove.txt").write_text("".join(line + "\n" for line in lines))  # GloVe's: no count, no end space
-    want = {w: np.array(line.split()[1:], np.float32) for w, line in zip(words, lines)}  # float32, as word2vec
+    want = {w: np.array(line.split()[-3:], np.float32) for w, line in zip(words, lines)}  # float32, as word2vec
     for name in ("w2v.vec", "glove.txt"):
         cli = [sys.executable, "-m", "embfile", "convert", tmp_path / name, tmp_path / f"{name}.emb"]
         subprocess.run(cli, check=True, capture_output=True)
@@ -542,10 +553,12 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
     with pytest.raises(embfile.ConversionError, match="matrix.txt: cannot tell its format"):
         embfile.convert(tmp_path / "matrix.txt", tmp_path / "out.emb")
 
-    (tmp_path / "short.vec").write_text("".join(line + "\n" for line in lines[:2]) + "Bonn 0.5 0.25\n")
+    (tmp_path / "short.vec").write_text("".join(line + "\n" for line in lines[1:3]) + "Bonn 0.5 0.25\n")
+    (tmp_path / "long.vec").write_text("".join(line + "\n" for line in lines[1:3]) + "Bonn 7 0.5 0.25 1\n")
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "embedding": [1.0, 2.0]}\n{"id": "b", "embedding": [1.0,\n')
     for name, message in (
         ("short.vec", "short.vec: CSV parse error: Expected 4 columns, got 3"),
+        ("long.vec", "long.vec: not a key and 3 numbers: 'Bonn 7 0.5 0.25 1'"),
         ("bad.jsonl", "bad.jsonl: "),
     ):
         with pytest.raises(embfile.ConversionError, match=message):
@@ -563,6 +576,8 @@ def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
     seeds = {
         "x.vec": "3 4\n" + "".join(f"{w} " + " ".join(f"{x:.3f}" for x in rng.random(4)) + " \n" for w in words[:3]),
         "x.csv": "id,v0,v1,v2\n" + "".join(f"{w},{','.join(f'{x:.3f}' for x in rng.random(3))}\n" for w in words),
+        "lists.csv": "id,vector\n" + "".join(f'{w},"{rng.random(3).round(3).tolist()}"\n' for w in words),
+        "spaced.txt": "".join(f"{w} x " + " ".join(f"{x:.3f}" for x in rng.random(4)) + "\n" for w in words[:3]),
         "x.jsonl": "".join(json.dumps({"id": w, "embedding": rng.random(3).round(3).tolist()}) + "\n" for w in words),
     }
     regressions = [  # text Arrow does not check: it said UnicodeDecodeError

@@ -220,9 +220,10 @@ def read_parts(
     for other in parts[1:]:
         if not other.schema.equals(schema, check_metadata=False):
             raise errors.ConversionError(f"{other.name}: schema differs from {parts[0].name}'s")
-    if key_column is None:  # the only string column, else the only integer one
+    if key_column is None:  # one named as ids are (``id`` beside ``title`` and ``text``), else the only string
+        # column, else the only integer one
         strings = any(_is_string(f.type) for f in schema)
-        key_column = _only(
+        key_column = _named_key(schema) or _only(
             schema,
             _is_string if strings else _is_int,
             "key column (strings or integers)",
@@ -427,6 +428,15 @@ def _is_vector(t: Any) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _is_number(
         t.value_type
     )
+
+
+KEY_NAMES = ("id", "_id", "key")  # what embedding datasets name their ids column (any case)
+
+
+def _named_key(schema: Any) -> str | None:
+    """The one column of strings or integers named as an ids column is, if there is one."""
+    named = [f.name for f in schema if f.name.lower() in KEY_NAMES and _is_key(f.type)]
+    return named[0] if len(named) == 1 else None
 
 
 def _only(
