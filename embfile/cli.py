@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vectors", help="the matrix's dataset or array (default: detected; HDF5 output: vectors)")
     g.add_argument("--compression", help="HDF5 output: gzip or lzf; Parquet output: codec of the keys")
     g = c.add_argument_group("Parquet, Arrow and Lance")
-    g.add_argument("--key-column", help="default: the one named id, _id or key, else the only string column (output: key)")
+    g.add_argument("--key-column", help="default: one named id, _id or key, or the only string column (output: key)")
     g.add_argument("--vector-column", help="default: the only list column (output: vector)")
     g.add_argument("--wide-prefix", help="one numeric column per dimension: the columns starting with this")
     g.add_argument("--wide-columns", type=lambda s: s.split(","), help="... or these, comma-separated")

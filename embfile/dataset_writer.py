@@ -287,7 +287,8 @@ class DatasetWriter(ShardWriter):
         self._pending: dict[str, None] = {}  # keys of the shard in progress, in order
         self._index: KeyIndex | None = None
         super().__init__(folder, dim, dtype, None, shard_bytes=shard_bytes, mode="append", **options)
-        self._index = KeyIndex(self._tx.folder, layout.read_manifest(self._tx.folder))
+        manifest = layout.read_manifest(self._tx.folder)
+        self._index = KeyIndex(self._tx.folder, manifest.segments, manifest.version)
 
     def add(self, key: str, vector: Any) -> None:
         """Append one record (see :meth:`Writer.add`); a key already there is a :class:`DuplicateKeyError`."""
@@ -333,7 +334,7 @@ class DatasetWriter(ShardWriter):
         manifest = super()._commit()
         self._pending = {}
         self._current_index().close()
-        self._index = KeyIndex(self._tx.folder, manifest)
+        self._index = KeyIndex(self._tx.folder, manifest.segments, manifest.version)
         return manifest
 
     def _operation(self) -> str:

@@ -25,7 +25,7 @@ from embfile.dataset import Dataset
 from embfile.dataset_writer import ShardWriter
 from embfile.file import MappedFile
 from embfile.formats.parquet import read_table
-from embfile.segments import KeyIndex, copied, merged, without_rows
+from embfile.segments import KeyIndex, copied, fewest, merged, without_rows
 from embfile.shards import open as open_dataset
 from embfile.writer import Sink, Writer, write_source
 
@@ -87,7 +87,8 @@ def remove(folder: PathLike, keys: Iterable[str], missing: str = "error") -> int
 
 def compact(folder: PathLike, shard_bytes: int = 1 << 30) -> int:
     """Join runs of small shards into shards of up to ``shard_bytes`` of records, and merge the key index into
-    one segment, as the next version (none if there is nothing to join); return the latest version.
+    as few segments as hold it, as the next version (none if there is nothing to join); return the latest
+    version.
 
     Rows, keys and vectors stay as they were.  Earlier versions keep their files until :func:`vacuum`.
     """
@@ -102,10 +103,11 @@ def compact(folder: PathLike, shard_bytes: int = 1 << 30) -> int:
                 if not runs or sum(r for _, r in runs[-1]) + rows > per_shard:
                     runs.append([])
                 runs[-1].append((shard, rows))
-            if len(runs) == len(base.shards) and len(base.segments) <= 1:
+            merged_already = fewest(base.segments)
+            if len(runs) == len(base.shards) and merged_already:
                 return None
             shards = [run[0][0] if len(run) == 1 else copied(tx, [s for s, _ in run]) for run in runs]
-            segments = [merged(tx, base.segments)] if len(base.segments) > 1 else base.segments
+            segments = base.segments if merged_already else merged(tx, base.segments)
             return base.successor(shards, segments, {"name": "compact", "records": base.count})
 
         return _committed(tx.commit(plan))
@@ -245,7 +247,7 @@ def _rows_of(path: str) -> int:
 
 def _rows_in(folder: str, base: layout.Manifest, keys: list[str], missing: str) -> np.ndarray:
     """The sorted, unique rows of ``keys`` in ``base`` (a missing key refused unless ``missing="ignore"``)."""
-    index = KeyIndex(folder, base)
+    index = KeyIndex(folder, base.segments, base.version)
     try:
         found = index.find_rows(keys)
     finally:

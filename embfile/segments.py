@@ -6,7 +6,9 @@ append writes one segment of the new keys and rewrites nothing; :func:`merge_tai
 segments while they are not much smaller than the one before, so sizes fall by half or more from oldest to
 newest and a dataset built by any number of appends has at most ``log2(count)`` segments (each key is
 rewritten about as many times over its life: appends stay in proportion to the data appended).
-``compact`` merges them all into one.
+``compact`` merges them into as few as hold the keys.  Finishing a segment holds its keys in memory, so none
+holds more than :data:`SEGMENT_KEYS`: a commit or merge of more writes several, each checked against the ones
+before for a repeated key.
 
 Removing rows rewrites the shards and the segments that hold them without those rows (copy-on-write, at the
 granularity of a shard), so every version's rows stay contiguous and every key is in exactly one segment:
@@ -29,6 +31,8 @@ from embfile.shards import in_two_shards
 from embfile.writer import Writer
 
 KEY_CHUNK = 1 << 16  # keys read and written at a time
+SEGMENT_KEYS = 1 << 26  # keys a segment holds at most: finishing one holds them all in memory (about twice their
+# UTF-8 plus 45 bytes a key, 6 GB of keys of 22 bytes), so that no commit, merge or compaction needs more
 ROW_CHUNK_BYTES = 64 << 20  # records copied at a time by a rewrite
 
 
@@ -51,35 +55,82 @@ def file_keys(folder: str, name: str) -> Iterator[EncodedKeys]:
         f.close()
 
 
-def write_segment(tx: Transaction, key_chunks: Iterable[list[str] | EncodedKeys]) -> FileEntry:
-    """A new segment of these keys, in this order.  A key given twice is a :class:`DuplicateKeyError`."""
-    name = tx.new_name(INDEX)
-    n = 0
-    with Writer(tx.path(name), 1, "uint64") as w:
+def write_segments(tx: Transaction, key_chunks: Iterable[list[str] | EncodedKeys]) -> list[FileEntry]:
+    """New segments of these keys, in this order, of :data:`SEGMENT_KEYS` each at most (none for no keys).
+    A key given twice is a :class:`DuplicateKeyError` naming its two positions."""
+    out: list[FileEntry] = []
+    name, w, n = None, None, 0  # the segment being written, and the keys before it
+    try:
         for keys in key_chunks:
-            w.add_batch(keys, np.arange(n, n + len(keys), dtype=np.uint64)[:, None])
-            n += len(keys)
-    return entry(tx.folder, name)
-
-
-def merge_tail(tx: Transaction, segments: Sequence[FileEntry]) -> list[FileEntry]:
-    """``segments`` with the newest ones merged while the one before is less than twice as large."""
-    out = [s for s in segments if s.count]
-    while len(out) >= 2 and out[-2].count < 2 * out[-1].count:
-        out[-2:] = [merged(tx, out[-2:])]
+            while len(keys):
+                if w is None:
+                    name = tx.new_name(INDEX)
+                    w = Writer(tx.path(name), 1, "uint64")
+                take = keys[: SEGMENT_KEYS - len(w)]
+                _refuse_written(tx, out, take, n + len(w))
+                w.add_batch(take, np.arange(len(w), len(w) + len(take), dtype=np.uint64)[:, None])
+                keys = keys[len(take) :]
+                if len(w) == SEGMENT_KEYS:
+                    out.append(_finished(tx, w, name, n))
+                    n, w = n + SEGMENT_KEYS, None
+        if w is not None:
+            out.append(_finished(tx, w, name, n))
+    finally:
+        if w is not None:
+            w.abort()
     return out
 
 
-def merged(tx: Transaction, segments: Sequence[FileEntry]) -> FileEntry:
-    """One segment of the keys of ``segments``, in order."""
-    return write_segment(tx, itertools.chain.from_iterable(file_keys(tx.folder, s.path) for s in segments))
+def _finished(tx: Transaction, w: Writer, name: str | None, start: int) -> FileEntry:
+    """The segment ``w`` wrote, its keys ``start`` on; a key twice in it named by those positions."""
+    try:
+        w.close()
+    except errors.DuplicateKeyError as e:
+        a, b = sorted(start + int(r) for r in e.rows)
+        raise errors.DuplicateKeyError(f"duplicate key {e.key!r} (positions {a} and {b})", e.key, (a, b)) from None
+    assert name is not None
+    return entry(tx.folder, name)
+
+
+def _refuse_written(tx: Transaction, written: Sequence[FileEntry], keys: list[str] | EncodedKeys, at: int) -> None:
+    """A DuplicateKeyError if one of ``keys`` (at positions ``at`` on) is in the ``written`` segments."""
+    if not written:
+        return
+    index = KeyIndex(tx.folder, written)
+    try:
+        found = index.find_rows(keys)
+        if (found >= 0).any():
+            i = int(np.flatnonzero(found >= 0)[0])
+            key, a = index.table.key(int(found[i])), int(found[i])
+            raise errors.DuplicateKeyError(f"duplicate key {key!r} (positions {a} and {at + i})", key, (a, at + i))
+    finally:
+        index.close()
+
+
+def merge_tail(tx: Transaction, segments: Sequence[FileEntry]) -> list[FileEntry]:
+    """``segments`` with the newest ones merged while the one before is less than twice as large and the two
+    fit in one segment."""
+    out = [s for s in segments if s.count]
+    while len(out) >= 2 and out[-2].count < 2 * out[-1].count and out[-2].count + out[-1].count <= SEGMENT_KEYS:
+        out[-2:] = merged(tx, out[-2:])
+    return out
+
+
+def fewest(segments: Sequence[FileEntry]) -> bool:
+    """Whether ``segments`` are as few as can hold their keys: each one but the last full."""
+    return all(s.count == SEGMENT_KEYS for s in segments[:-1])
+
+
+def merged(tx: Transaction, segments: Sequence[FileEntry]) -> list[FileEntry]:
+    """The keys of ``segments``, in order, in as few segments as hold them."""
+    return write_segments(tx, itertools.chain.from_iterable(file_keys(tx.folder, s.path) for s in segments))
 
 
 def without_rows(tx: Transaction, base: Manifest, rows: np.ndarray) -> tuple[list[FileEntry], list[FileEntry]]:
     """The shards and segments of ``base`` with dataset ``rows`` (sorted, unique) removed: the files holding
     none of them as they were, the others rewritten without them (or dropped if nothing is left)."""
     shards = _rewritten(tx, base.shards, rows, _copy_shard)
-    segments = _rewritten(tx, base.segments, rows, lambda tx, f, live: write_segment(tx, _keys_at(f, live)))
+    segments = _rewritten(tx, base.segments, rows, lambda tx, f, live: write_segments(tx, _keys_at(f, live))[0])
     if not shards:  # every record removed: a version names at least one shard
         name = tx.new_name(SHARDS)
         Writer(tx.path(name), base.dim, base.dtype, ragged=base.ragged).close()
@@ -147,12 +198,13 @@ def _new_shard(tx: Transaction, like: MappedFile, parts: Sequence[tuple[MappedFi
 
 
 class KeyIndex:
-    """The key index of one version, for the writers: ``find_rows``, ``in`` and the keys, without mapping a
-    shard (its table's records are the segments' own)."""
+    """The key index of one version (its ``segments``), for the writers: ``find_rows``, ``in`` and the keys,
+    without mapping a shard (its table's records are the segments' own)."""
 
-    def __init__(self, folder: str, manifest: Manifest) -> None:
-        self.version, self.count = manifest.version, manifest.count
-        self._files = [MappedFile(f"{folder}/{s.path}") for s in manifest.segments]
+    def __init__(self, folder: str, segments: Sequence[FileEntry], version: int = 0) -> None:
+        self.version = version
+        self._files = [MappedFile(f"{folder}/{s.path}") for s in segments]
+        self.count = sum(f.count for f in self._files)
         self.table = _core.Table()
         attach(self.table, self._files, self._files) if self._files else None
 
@@ -179,16 +231,17 @@ def appended(
     tx: Transaction,
     base: Manifest,
     shards: Sequence[FileEntry],
-    segment: FileEntry,
+    segments: Sequence[FileEntry],
     replace: bool,
     operation: dict[str, Any],
 ) -> Manifest:
-    """``base`` and then ``shards`` (whose keys ``segment`` holds).  A key already in ``base`` is a
+    """``base`` and then ``shards`` (whose keys ``segments`` hold).  A key already in ``base`` is a
     :class:`DuplicateKeyError`, or with ``replace`` its old record is removed."""
-    index = KeyIndex(tx.folder, base)
+    index = KeyIndex(tx.folder, base.segments, base.version)
     try:
         rows = np.concatenate(
-            [index.find_rows(keys) for keys in file_keys(tx.folder, segment.path)] or [np.empty(0, np.int64)]
+            [index.find_rows(keys) for s in segments for keys in file_keys(tx.folder, s.path)]
+            or [np.empty(0, np.int64)]
         )
         if not replace and (rows >= 0).any():
             first = int(np.flatnonzero(rows >= 0)[0])
@@ -205,7 +258,7 @@ def appended(
     old_shards, old_segments = without_rows(tx, base, dead) if dead.size else (base.shards, base.segments)
     return base.successor(
         [*old_shards, *shards],
-        merge_tail(tx, [*old_segments, segment]),
+        merge_tail(tx, [*old_segments, *segments]),
         {**operation, "replaced": int(dead.size)} if replace else operation,
     )
 
@@ -223,26 +276,27 @@ def commit_shards(
     ragged: bool = False,
     sources: Sequence[str] | None = None,
 ) -> Manifest:
-    """Commit ``shards`` (files of ``tx``, in row order) as the next version, with one segment of their keys:
+    """Commit ``shards`` (files of ``tx``, in row order) as the next version, with segments of their keys:
     after the latest version's records (``append``; ``replace`` as in :func:`appended`), or alone (a new
     dataset, an overwrite).  A key in two of the shards is a :class:`ShardError` naming both, or the
     ``sources`` (the partitions of a job) that wrote them."""
     names = [tx.path(s.path) for s in shards] if sources is None else sources
     with in_two_shards(names, [s.count for s in shards], "shards" if sources is None else "partitions"):
-        segment = write_segment(tx, itertools.chain.from_iterable(file_keys(tx.folder, s.path) for s in shards))
-    done = {"name": operation, "records": segment.count}
+        segments = write_segments(tx, itertools.chain.from_iterable(file_keys(tx.folder, s.path) for s in shards))
+    count = sum(s.count for s in segments)
+    done = {"name": operation, "records": count}
 
     def plan(base: Manifest | None) -> Manifest:
         if base is not None and append:
-            return appended(tx, base, shards, segment, replace, done)
+            return appended(tx, base, shards, segments, replace, done)
         return Manifest(
             version=1 if base is None else base.version + 1,
             parent=None if base is None else base.version,
             dim=dim,
             dtype=dtype,
-            count=segment.count,
+            count=count,
             shards=tuple(shards),
-            segments=placed([segment] if segment.count else []),
+            segments=placed(segments),
             operation=done,
             metadata=metadata,
             ragged=ragged,

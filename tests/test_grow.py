@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import embfile
 from embfile import folder as layout
+from embfile import segments
 
 DIM = 3
 KEYS = st.sampled_from([f"k{i:03d}" for i in range(60)])
@@ -103,7 +104,7 @@ class Growing(RuleBasedStateMachine):
         before = max(self.versions)
         version = embfile.compact(self.path, shard_bytes=per_shard * DIM * 4)
         with embfile.open(self.path) as db:
-            assert db.segments <= 1 or version == before
+            assert db.segments <= max(1, -(-len(db) // segments.SEGMENT_KEYS)) or version == before
         if version != before:
             self.committed(version, dict(self.truth))
 
@@ -136,7 +137,9 @@ class Growing(RuleBasedStateMachine):
                 assert_holds(db, truth)
         with embfile.open(self.path) as db:
             assert db.version == max(self.versions)
-            assert db.segments <= max(1, int(np.log2(max(len(db), 1))) + 1)
+            assert max((s.count for s in db.manifest.segments), default=0) <= segments.SEGMENT_KEYS
+            if len(db) <= segments.SEGMENT_KEYS:
+                assert db.segments <= max(1, int(np.log2(max(len(db), 1))) + 1)
         no_leftovers(self.path)
 
 
@@ -144,6 +147,22 @@ Growing.TestCase.settings = settings(
     max_examples=25, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_operations_against_a_dict = Growing.TestCase
+
+
+class GrowingInSmallSegments(Growing):
+    """The same with segments of 5 keys at most: commits, merges and compactions that write several."""
+
+    def __init__(self):
+        super().__init__()
+        self.cap, segments.SEGMENT_KEYS = segments.SEGMENT_KEYS, 5
+
+    def teardown(self):
+        segments.SEGMENT_KEYS = self.cap
+        super().teardown()
+
+
+GrowingInSmallSegments.TestCase.settings = Growing.TestCase.settings
+test_operations_in_small_segments_against_a_dict = GrowingInSmallSegments.TestCase
 
 
 @pytest.fixture
@@ -218,6 +237,47 @@ def test_appends_cost_a_segment_each_and_the_index_stays_logarithmic(ds):
     embfile.compact(ds)
     with embfile.open(ds) as db:
         assert db.segments == 1 and len(db.files) == 1 and db["a7-3"].tolist() == [7, 7, 7]
+
+
+def test_segments_stay_bounded_so_no_write_holds_every_key(tmp_path, monkeypatch):
+    """Finishing a segment holds its keys in memory; a write, merge or compaction of more keys than a segment
+    takes writes several, and a key in two of them is still found.  (``SEGMENT_KEYS`` made small here.)"""
+    import tracemalloc
+
+    from embfile import jobs
+
+    monkeypatch.setattr(segments, "SEGMENT_KEYS", 1000)
+    path = tmp_path / "ds"
+    truth = {f"k{i:05d}": v for i, v in enumerate(vectors(range(9500), 1))}
+    embfile.write_shards(path, (list(truth), np.stack(list(truth.values()))), shard_bytes=700 * DIM * 4)
+    for lo, n in ((9500, 800), (10300, 100)):
+        keys = [f"k{i:05d}" for i in range(lo, lo + n)]
+        embfile.append(path, (keys, vectors(keys, lo)))
+        truth.update(zip(keys, vectors(keys, lo)))
+    embfile.remove(path, ["k00003", "k08999", "k10350"])
+    for k in ("k00003", "k08999", "k10350"):
+        del truth[k]
+    with embfile.open(path) as db:
+        assert [s.count for s in db.manifest.segments] == [999, *[1000] * 7, 999, 500, 800, 99]  # none past 1000
+        assert_holds(db, truth)
+    tracemalloc.start()
+    embfile.compact(path, shard_bytes=700 * DIM * 4)  # the shards as they are: the segments merged alone
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 300_000  # 10,397 keys in segments of 1000 (110 kB); in one segment, 650 kB
+    with embfile.open(path) as db:
+        assert [s.count for s in db.manifest.segments] == [1000] * 10 + [397]
+        assert_holds(db, truth)
+    no_leftovers(path)
+
+    job = jobs.start_job(tmp_path / "job", None, "float32")  # a key in two segments of one commit
+    parts = [
+        jobs.write_part(job, i, [(keys, np.zeros((len(keys), 2)))])
+        for i, keys in enumerate([[f"a{i}" for i in range(1500)], ["b", "a10"]])
+    ]
+    with pytest.raises(embfile.ShardError, match=r"'a10' is in two partitions: 0 \(row 10\) and 1 \(row 1\)"):
+        jobs.commit_job(job, parts)
+    assert not (tmp_path / "job").exists()
 
 
 def test_remove_rewrites_only_the_shards_holding_the_keys(ds):
