@@ -566,6 +566,40 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
         assert not os.path.exists(tmp_path / "out.emb")
 
 
+def test_word_vectors_binary_and_gzipped_as_gensim_and_word2vec_write_them(tmp_path):
+    """word2vec's binary format (GoogleNews-vectors-negative300.bin) as gensim writes it and as word2vec's C tool
+    does (a newline after each record), and word vectors gzipped (fastText's cc.en.300.vec.gz)."""
+    gensim = pytest.importorskip("gensim")
+    rng = np.random.default_rng(5)
+    words = ["the", "Köln", "</s>", "New_York", "ß"]
+    vectors = rng.standard_normal((len(words), 7)).astype(np.float32)
+    kv = gensim.models.KeyedVectors(7)
+    kv.add_vectors(words, vectors)
+    want = dict(zip(words, vectors))
+    for name, binary in (("w.bin", True), ("w.bin.gz", True), ("w.vec.gz", False), ("w.txt", False)):
+        kv.save_word2vec_format(str(tmp_path / name), binary=binary)  # gzipped by its name
+        assert detect_format(tmp_path / name) == "word2vec"
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb")
+        assert_store(tmp_path / f"{name}.emb", want if binary else {w: np.float32(kv[w]) for w in words})
+    c_tool = b"5 7\n" + b"".join(w.encode() + b" " + v.astype("<f4").tobytes() + b"\n" for w, v in want.items())
+    (tmp_path / "c.bin").write_bytes(c_tool)
+    embfile.convert(tmp_path / "c.bin", tmp_path / "c.emb")
+    assert_store(tmp_path / "c.emb", want)
+    for name, data, message in (
+        ("cut.bin", c_tool[:-40], "cut.bin: ends after 3 of the 5 records it counts"),
+        ("latin1.bin", c_tool.replace("Köln".encode(), "Köln".encode("latin-1")), "the key at byte 37 is not UTF-8"),
+    ):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(embfile.ConversionError, match=message):
+            embfile.convert(tmp_path / name, tmp_path / "out.emb")
+        assert not os.path.exists(tmp_path / "out.emb")
+    kv.save_word2vec_format(str(tmp_path / "words.bin"), binary=True)
+    model = gensim.models.KeyedVectors.load_word2vec_format(str(tmp_path / "words.bin"), binary=True)
+    embfile.convert(tmp_path / "c.emb", tmp_path / "back.emb")  # and what gensim reads back is what we stored
+    with embfile.open(tmp_path / "back.emb") as db:
+        np.testing.assert_array_equal(db.get_batch(words), model[words])
+
+
 def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
     """Text is where hand-made and half-written files are: a mutated CSV, JSON Lines or word-vector file
     converts or raises an EmbFileError, and leaves nothing at the output."""
@@ -577,6 +611,7 @@ def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
         "x.vec": "3 4\n" + "".join(f"{w} " + " ".join(f"{x:.3f}" for x in rng.random(4)) + " \n" for w in words[:3]),
         "x.csv": "id,v0,v1,v2\n" + "".join(f"{w},{','.join(f'{x:.3f}' for x in rng.random(3))}\n" for w in words),
         "lists.csv": "id,vector\n" + "".join(f'{w},"{rng.random(3).round(3).tolist()}"\n' for w in words),
+        "x.bin": "3 4\n" + "".join(f"{w} " + "\x00\x00\x00@" * 4 for w in words[:3]),
         "spaced.txt": "".join(f"{w} x " + " ".join(f"{x:.3f}" for x in rng.random(4)) + "\n" for w in words[:3]),
         "x.jsonl": "".join(json.dumps({"id": w, "embedding": rng.random(3).round(3).tolist()}) + "\n" for w in words),
     }

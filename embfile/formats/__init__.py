@@ -31,7 +31,8 @@ from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_arrow, read_lance, read_parquet, read_table, to_arrow, to_parquet
 from embfile.formats.tensors import read_npz, read_safetensors, read_torch, read_zarr, to_safetensors
-from embfile.formats.text import read_csv, read_jsonl, read_word2vec, word_vectors_header
+from embfile.formats.text import read_csv, read_jsonl
+from embfile.formats.word2vec import GZIP, read_word2vec, word_vectors_layout
 from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -84,6 +85,7 @@ _EXTENSIONS = {
     ".ndjson": "jsonl",
     ".vec": "word2vec",
     ".txt": "word2vec",  # GloVe's
+    ".bin": "word2vec",  # word2vec's binary format (GoogleNews-vectors-negative300.bin)
 }
 
 
@@ -182,7 +184,7 @@ def convert(
     Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
     ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``,
     ``torch``, ``lance``, ``zarr``, ``pickle``, ``csv`` (and TSV), ``jsonl`` and ``word2vec`` (its text format,
-    as GloVe and fastText write it).
+    as GloVe and fastText write it, and its binary one).
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
@@ -301,9 +303,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
         return "safetensors"  # an 8-byte header length, then the JSON header
     ext = os.path.splitext(path)[1].lower()
+    if head.startswith(GZIP) and ext == ".gz":  # by the name inside: a .vec.gz, .csv.gz, .pkl.gz
+        ext = os.path.splitext(path[: -len(ext)])[1].lower()
     if ext in (".pkl", ".pickle") or head[:1] == b"\x80":
         return "pickle"
-    if ext in _EXTENSIONS and (_EXTENSIONS[ext] != "word2vec" or word_vectors_header(path) is not None):
+    if ext in _EXTENSIONS and (_EXTENSIONS[ext] != "word2vec" or word_vectors_layout(path) is not None):
         return _EXTENSIONS[ext]  # e.g. HDF5 with a user block before its signature
     raise errors.ConversionError(f"{path}: cannot tell its format; name it with src_format= (--from)")
 

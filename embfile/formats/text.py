@@ -1,22 +1,17 @@
-"""Vectors kept as text: CSV and TSV tables, JSON Lines, and the word2vec / GloVe / fastText text format.
+"""Vectors kept as text: CSV and TSV tables and JSON Lines (word vectors are :mod:`embfile.formats.word2vec`'s).
 
 Text is how many vectors leave the tool that made them: a table exported with its ids (``id,v0,v1,...``, or a
-column of lists), one JSON object a line as embedding APIs' results are saved (``{"id": ..., "embedding": [...]}``),
-or the word-vector text format (a key and its values a line, separated by spaces, after an optional
-``count dim`` line; word2vec ends each line with a space).  Arrow's parsers read each file a block at a time
-(on its threads), and the columns go where a Parquet file's would (:func:`~embfile.formats.parquet.read_parts`):
-a table of a key (its only text column) and columns of numbers only is one column per dimension.
+column of lists), or one JSON object a line as embedding APIs' results are saved (``{"id": ..., "embedding":
+[...]}``).  Arrow's parsers read each file a block at a time (on its threads; gzipped by its name), and the
+columns go where a Parquet file's would (:func:`~embfile.formats.parquet.read_parts`): a table of a key (its
+only text column) and columns of numbers only is one column per dimension.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import os
 from collections.abc import Iterator
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import Any
 
 from embfile import errors
 from embfile._extras import require
@@ -79,66 +74,6 @@ def read_jsonl(
     return read_parts(path, "jsonl", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
-def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_error: str = "error") -> Source:
-    """The word-vector text format: ``key v1 v2 ... vD`` a line, after an optional ``count dim`` line; float32,
-    as the tools that write it hold them."""
-    pa = require("pyarrow", "parquet")
-    from pyarrow import csv
-
-    path = os.fspath(path)
-    layout = word_vectors_header(path)
-    if layout is None:
-        raise errors.ConversionError(f"{path}: not word vectors as text (a key and its values a line)")
-    dim = layout.dim
-    names = [f"f{i}" for i in range(dim + 1 + layout.trailing_space)]  # not the first line's: its key may hold
-    # spaces
-    types = {"f0": pa.string(), **{f"f{i}": pa.float32() for i in range(1, dim + 1)}}  # as word2vec keeps them
-    spaced: list[str] = []  # lines of more fields than the first: keys holding spaces, read apart
-
-    def longer(row: Any) -> str:
-        if row.actual_columns <= row.expected_columns:
-            return "error"
-        spaced.append(row.text)
-        return "skip"
-
-    part = _stream(
-        path,
-        lambda: csv.open_csv(
-            path,
-            csv.ReadOptions(block_size=BLOCK_BYTES, column_names=names, skip_rows=int(layout.count_line)),
-            csv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False, invalid_row_handler=longer),
-            csv.ConvertOptions(column_types=types),
-        ),
-        functools.partial(_with_spaced_keys, spaced, dim),
-    )
-    return read_parts(path, "word2vec", [part], "f0", None, None, names[1 : dim + 1], pool, on_error)
-
-
-class WordVectors(NamedTuple):
-    """How a word-vector text file is laid out, read off its first lines."""
-
-    count_line: bool  # starts with ``count dim``
-    dim: int
-    trailing_space: bool  # each line ends with a space (word2vec's C tool)
-
-
-def word_vectors_header(path: str) -> WordVectors | None:
-    """How the word-vector text file ``path`` is laid out; None if its first lines are not word vectors (a key
-    and numbers, separated by spaces; numeric keys, as node2vec's, only after a count line, as gensim writes
-    them: without one, a line of numbers is a matrix's row)."""
-    with open(path, "rb") as f:
-        lines = [f.readline(1 << 20).split(b" ") for _ in range(2)]
-    first, second = ([x for x in line if x.strip()] for line in lines)
-    count_line = len(first) == 2 and all(x.strip().isdigit() for x in first)
-    fields = second if count_line else first
-    values = len(list(itertools.takewhile(_number, reversed(fields))))  # the key before them may hold spaces
-    if values == len(fields):  # numbers only: a numeric key after a count line, else a matrix's row (np.savetxt)
-        values -= 1 if count_line else len(fields)
-    if not values or (count_line and values != int(first[1])):
-        return None
-    return WordVectors(count_line, values, not lines[count_line][-1].strip())
-
-
 def _number(field: bytes) -> bool:
     try:
         float(field)
@@ -175,32 +110,6 @@ def _batches(path: str, reader: Any) -> Any:
         except pa.ArrowInvalid as e:
             raise errors.ConversionError(f"{path}: {_first_line(e)}") from None
         yield batch
-
-
-def _with_spaced_keys(spaced: list[str], dim: int, path: str, batches: Iterator[Any]) -> Iterator[Any]:
-    """``batches``, each followed by the lines Arrow's parser set aside since the one before: lines whose key
-    holds spaces (GloVe 840B's ``. . .``, ``at name@domain.com``), the last ``dim`` fields their values."""
-    import pyarrow as pa
-
-    for batch in batches:
-        yield batch
-        if spaced:
-            lines, spaced[:] = list(spaced), []
-            keys, values = zip(*(_spaced_key(path, line, dim) for line in lines))
-            matrix = np.stack(values)
-            columns = [pa.array(keys, pa.string()), *(pa.array(matrix[:, j]) for j in range(dim))]
-            columns += [pa.nulls(len(lines))] * (batch.num_columns - len(columns))  # word2vec's last space
-            yield pa.RecordBatch.from_arrays(columns, schema=batch.schema)
-
-
-def _spaced_key(path: str, line: str, dim: int) -> tuple[str, np.ndarray]:
-    key, *values = line.rstrip(" ").rsplit(" ", dim)
-    try:
-        if _number(key.rsplit(" ", 1)[-1].encode()):
-            raise ValueError
-        return key, np.array(values, np.float32)
-    except ValueError:
-        raise errors.ConversionError(f"{path}: not a key and {dim} numbers: {line[:80]!r}") from None
 
 
 def _lists_as_text(path: str, batches: Iterator[Any]) -> Iterator[Any]:

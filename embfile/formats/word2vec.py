@@ -1,0 +1,170 @@
+"""Word vectors as word2vec, GloVe and fastText keep them: the text format and word2vec's binary one.
+
+The text format is a key and its values a line, separated by spaces, after an optional ``count dim`` line
+(word2vec ends each line with a space).  Arrow's CSV parser reads it a block at a time, on its threads; a line
+of more fields than the others is a key holding spaces (GloVe 840B's ``. . .``), read apart by its last
+``dim`` values.  The binary format (``GoogleNews-vectors-negative300.bin``, gensim's ``binary=True``) is the
+``count dim`` line, then each key, a space and ``dim`` little-endian float32 (word2vec's C tool puts a newline
+after each).  Either may be gzipped (fastText's ``cc.en.300.vec.gz``), and both are read once, as a stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+
+from embfile import _format as F
+from embfile import errors
+from embfile._extras import require
+from embfile._stream import Chunk, Source, pooled
+from embfile.formats.parquet import read_parts
+from embfile.formats.text import BLOCK_BYTES, _number, _stream
+
+GZIP = b"\x1f\x8b"
+
+
+class WordVectors(NamedTuple):
+    """How a word-vector file is laid out, read off its first bytes."""
+
+    count_line: bool  # starts with ``count dim``
+    dim: int
+    trailing_space: bool  # each line ends with a space (word2vec's C tool)
+    binary: bool  # word2vec's binary format
+    records: int  # as the count line says, or 0
+
+
+def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_error: str = "error") -> Source:
+    """Word vectors (text or word2vec's binary format, gzipped or not): float32, as the tools that write them
+    hold them."""
+    path = os.fspath(path)
+    layout = word_vectors_layout(path)
+    if layout is None:
+        raise errors.ConversionError(f"{path}: not word vectors (a key and its values a line, or word2vec's binary)")
+    if layout.binary:
+        desc = {"format": "word2vec", "binary": True, "path": os.path.abspath(path)}
+        return pooled(
+            Source(layout.dim, np.dtype(np.float32), layout.records, _binary_chunks(path, layout), desc), pool
+        )
+    pa = require("pyarrow", "parquet")
+    from pyarrow import csv
+
+    dim = layout.dim
+    names = [f"f{i}" for i in range(dim + 1 + layout.trailing_space)]  # not the first line's: its key may hold
+    # spaces
+    types = {"f0": pa.string(), **{f"f{i}": pa.float32() for i in range(1, dim + 1)}}  # as word2vec keeps them
+    spaced: list[str] = []  # lines of more fields than the first: keys holding spaces, read apart
+
+    def longer(row: Any) -> str:
+        if row.actual_columns <= row.expected_columns:
+            return "error"
+        spaced.append(row.text)
+        return "skip"
+
+    part = _stream(
+        path,
+        lambda: csv.open_csv(
+            pa.input_stream(path, compression="gzip" if _gzipped(path) else None),
+            csv.ReadOptions(block_size=BLOCK_BYTES, column_names=names, skip_rows=int(layout.count_line)),
+            csv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False, invalid_row_handler=longer),
+            csv.ConvertOptions(column_types=types),
+        ),
+        functools.partial(_with_spaced_keys, spaced, dim),
+    )
+    return read_parts(path, "word2vec", [part], "f0", None, None, names[1 : dim + 1], pool, on_error)
+
+
+def word_vectors_layout(path: str) -> WordVectors | None:
+    """How the word-vector file ``path`` is laid out; None if its first bytes are not word vectors (a key and
+    numbers, separated by spaces; numeric keys, as node2vec's, only after a count line, as gensim writes them:
+    without one, a line of numbers is a matrix's row)."""
+    with _opened(path) as f:
+        head = f.read(1 << 20)
+    first, _, rest = head.partition(b"\n")
+    fields = first.split()
+    count_line = len(fields) == 2 and all(x.isdigit() for x in fields)
+    count, dim = map(int, fields) if count_line else (0, 0)
+    lines = [first.split(b" "), rest.partition(b"\n")[0].split(b" ")]
+    fields = [x for x in lines[count_line] if x.strip()]
+    values = len(list(itertools.takewhile(_number, reversed(fields))))  # the key before them may hold spaces
+    if values == len(fields):  # numbers only: a numeric key after a count line, else a matrix's row (np.savetxt)
+        values -= 1 if count_line else len(fields)
+    if values and (not count_line or values == dim):
+        return WordVectors(count_line, values, not lines[count_line][-1].strip(), False, count)
+    if count_line and dim and b" " in rest[: F.MAX_KEY_BYTES + 1]:  # a line of text it is not: binary
+        return WordVectors(True, dim, False, True, count)
+    return None
+
+
+def _gzipped(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP
+
+
+def _opened(path: str) -> BinaryIO:
+    return gzip.open(path, "rb") if _gzipped(path) else open(path, "rb")  # type: ignore[return-value]
+
+
+def _binary_chunks(path: str, layout: WordVectors) -> Iterator[Chunk]:
+    """The records of a word2vec binary file, those of a block of the file at a time."""
+    record, n = 4 * layout.dim, 0
+    with _opened(path) as f:
+        at, data = len(f.readline()), bytearray()  # ``data[0]``'s offset in the file, and the bytes not yet read
+        while n < layout.records:
+            block = f.read(BLOCK_BYTES)
+            data += block
+            keys: list[str] = []
+            vectors: list[bytearray] = []
+            pos = space = 0
+            while n + len(keys) < layout.records:
+                while data[pos : pos + 1] == b"\n":  # word2vec's C tool ends each record with one
+                    pos += 1
+                space = data.find(b" ", pos, pos + F.MAX_KEY_BYTES + 1)
+                if space < 0 or space + 1 + record > len(data):
+                    break
+                try:
+                    keys.append(data[pos:space].decode())
+                except UnicodeDecodeError:
+                    raise errors.ConversionError(f"{path}: the key at byte {at + pos} is not UTF-8") from None
+                vectors.append(data[space + 1 : space + 1 + record])
+                pos = space + 1 + record
+            if keys:
+                yield keys, np.frombuffer(b"".join(vectors), "<f4").reshape(len(keys), layout.dim)
+                n += len(keys)
+            if n < layout.records and not block:
+                raise errors.ConversionError(f"{path}: ends after {n} of the {layout.records} records it counts")
+            if space < 0 and len(data) - pos > F.MAX_KEY_BYTES:
+                raise errors.ConversionError(f"{path}: no key ends at byte {at + pos}: not word2vec's binary format")
+            del data[:pos]
+            at += pos
+
+
+def _with_spaced_keys(spaced: list[str], dim: int, path: str, batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, each followed by the lines Arrow's parser set aside since the one before: lines whose key
+    holds spaces (GloVe 840B's ``. . .``, ``at name@domain.com``), the last ``dim`` fields their values."""
+    import pyarrow as pa
+
+    for batch in batches:
+        yield batch
+        if spaced:
+            lines, spaced[:] = list(spaced), []
+            keys, values = zip(*(_spaced_key(path, line, dim) for line in lines))
+            matrix = np.stack(values)
+            columns = [pa.array(keys, pa.string()), *(pa.array(matrix[:, j]) for j in range(dim))]
+            columns += [pa.nulls(len(lines))] * (batch.num_columns - len(columns))  # word2vec's last space
+            yield pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+
+
+def _spaced_key(path: str, line: str, dim: int) -> tuple[str, np.ndarray]:
+    key, *values = line.rstrip(" ").rsplit(" ", dim)
+    try:
+        if _number(key.rsplit(" ", 1)[-1].encode()):
+            raise ValueError
+        return key, np.array(values, np.float32)
+    except ValueError:
+        raise errors.ConversionError(f"{path}: not a key and {dim} numbers: {line[:80]!r}") from None
