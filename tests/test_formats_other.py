@@ -600,6 +600,31 @@ def test_word_vectors_binary_and_gzipped_as_gensim_and_word2vec_write_them(tmp_p
         np.testing.assert_array_equal(db.get_batch(words), model[words])
 
 
+def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
+    """gensim's own format (a pickle, large arrays stored beside it): a Word2Vec's or FastText's words, a
+    Doc2Vec's documents (tags as keys), KeyedVectors; only with trust_pickle, as every pickle."""
+    models = pytest.importorskip("gensim.models")
+    sentences = [["the", "cat", "sat"], ["the", "dog", "ran"], ["a", "cat", "ran"]] * 5
+    word2vec = models.Word2Vec(sentences, vector_size=6, min_count=1, seed=1, workers=1)
+    tagged = [models.doc2vec.TaggedDocument(s, [f"doc{i}"]) for i, s in enumerate(sentences)]
+    doc2vec = models.Doc2Vec(tagged, vector_size=6, min_count=1, seed=1, workers=1)
+    fasttext = models.FastText(sentences, vector_size=6, min_count=1, seed=1, workers=1)
+    word2vec.save(str(tmp_path / "w2v.model"))
+    word2vec.wv.save(str(tmp_path / "words.kv"), sep_limit=0)  # its vectors in words.kv.vectors.npy
+    doc2vec.save(str(tmp_path / "d2v.model"))
+    fasttext.save(str(tmp_path / "ft.model"))
+    for name, vectors in (
+        ("w2v.model", word2vec.wv),
+        ("words.kv", word2vec.wv),
+        ("d2v.model", doc2vec.dv),
+        ("ft.model", fasttext.wv),
+    ):
+        with pytest.raises(embfile.ConversionError, match="loading a pickle runs code"):
+            embfile.convert(tmp_path / name, tmp_path / f"{name}.emb")
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", trust_pickle=True)
+        assert_store(tmp_path / f"{name}.emb", {k: vectors[k] for k in vectors.index_to_key})
+
+
 def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
     """Text is where hand-made and half-written files are: a mutated CSV, JSON Lines or word-vector file
     converts or raises an EmbFileError, and leaves nothing at the output."""

@@ -1,4 +1,4 @@
-"""Inputs that are arrays already: another .emb, a ``.npy`` matrix with a keys file, a pickled dict."""
+"""Inputs that are arrays already: another .emb, a ``.npy`` matrix with a keys file, a pickle (a gensim model too)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import gzip
 import os
 import pickle
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -118,4 +119,15 @@ def read_pickle(
         hint = "; a torch.save file? --from torch reads it" if "persistent" in str(e) else ""
         why = " ".join(str(e).split())
         raise errors.ConversionError(f"{path}: not a pickle this Python can load ({why}){hint}") from None
-    return loaded_source(path, "pickle", data, ids, vectors, on_error, keys)
+    return loaded_source(path, "pickle", _gensim_vectors(path, data), ids, vectors, on_error, keys)
+
+
+def _gensim_vectors(path: str, data: Any) -> Any:
+    """Of a gensim model or ``KeyedVectors`` saved with its ``save``, ``(keys, matrix)``: a ``Doc2Vec``'s
+    documents, a ``Word2Vec``'s or ``FastText``'s words.  gensim loads it again, to attach the arrays it
+    stored beside the pickle (``NAME.vectors.npy``, mapped); anything else is returned as it is."""
+    if not hasattr(data, "_load_specials"):  # gensim.utils.SaveLoad's
+        return data
+    loaded = type(data).load(path, mmap="r")
+    vectors = next((v for v in (getattr(loaded, "dv", None), getattr(loaded, "wv", None)) if v is not None), loaded)
+    return list(vectors.index_to_key), vectors.vectors
