@@ -593,6 +593,10 @@ def test_word_vectors_binary_and_gzipped_as_gensim_and_word2vec_write_them(tmp_p
         with pytest.raises(embfile.ConversionError, match=message):
             embfile.convert(tmp_path / name, tmp_path / "out.emb")
         assert not os.path.exists(tmp_path / "out.emb")
+    fasttext = gensim.models.FastText([words], vector_size=4, min_count=1, workers=1)
+    gensim.models.fasttext.save_facebook_model(fasttext, str(tmp_path / "cc.bin"))  # a model, not its vectors
+    with pytest.raises(embfile.ConversionError, match="cc.bin: a fastText model, not word vectors: convert the .vec"):
+        embfile.convert(tmp_path / "cc.bin", tmp_path / "out.emb")
     kv.save_word2vec_format(str(tmp_path / "words.bin"), binary=True)
     model = gensim.models.KeyedVectors.load_word2vec_format(str(tmp_path / "words.bin"), binary=True)
     embfile.convert(tmp_path / "c.emb", tmp_path / "back.emb")  # and what gensim reads back is what we stored

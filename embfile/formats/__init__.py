@@ -59,6 +59,7 @@ WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
     "safetensors": to_safetensors,
 }
 _MAGIC = {F.MAGIC: "emb", **{magic: fmt for magic, (fmt, _) in F.FOREIGN.items() if fmt not in ("zip", "pickle")}}
+FASTTEXT_MODEL = (793712314).to_bytes(4, "little")  # fastText's .bin models start with it
 _EXTENSIONS = {
     ".emb": "emb",
     ".h5": "hdf5",
@@ -302,6 +303,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return _zip_format(path)
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
         return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(FASTTEXT_MODEL):
+        raise errors.ConversionError(
+            f"{path}: a fastText model, not word vectors: convert the .vec file fastText writes beside it, or "
+            "save the vectors with gensim (load_facebook_vectors, then save_word2vec_format)"
+        )
     ext = os.path.splitext(path)[1].lower()
     if head.startswith(GZIP) and ext == ".gz":  # by the name inside: a .vec.gz, .csv.gz, .pkl.gz
         ext = os.path.splitext(path[: -len(ext)])[1].lower()
