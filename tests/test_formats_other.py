@@ -1,6 +1,7 @@
 """ESM .pt folders, .npy + keys, .npz, torch.save and safetensors files, pickles, format detection and
 conversions between other formats."""
 
+import gzip
 import json
 import os
 import pickle
@@ -522,7 +523,9 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
         f.writelines(json.dumps({"id": k, "embedding": v.tolist(), "text": "..."}) + "\n" for k, v in data.items())
     lists = pd.DataFrame({"id": list(data), "text": ["a, b", "c", "d", "e"], "embedding": list(data.values())})
     lists.assign(embedding=[v.tolist() for v in data.values()]).to_csv(tmp_path / "lists.csv", index=False)
-    for name in ("wide.csv", "wide.tsv", "api.jsonl", "lists.csv"):  # the key: the text column named id
+    for name in ("wide.tsv", "api.jsonl"):
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((tmp_path / name).read_bytes()))
+    for name in ("wide.csv", "wide.tsv", "api.jsonl", "lists.csv", "wide.tsv.gz", "api.jsonl.gz"):  # key: named id
         embfile.convert(tmp_path / name, tmp_path / f"{name}.emb")
         assert_store(tmp_path / f"{name}.emb", data)
     assert detect_format(tmp_path / "wide.tsv") == "csv" and detect_format(tmp_path / "api.jsonl") == "jsonl"

@@ -39,7 +39,7 @@ def read_csv(
 
     path = os.fspath(path)
     if delimiter is None:
-        delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
+        delimiter = "\t" if path.lower().removesuffix(".gz").endswith((".tsv", ".tab")) else ","
     part = _stream(
         path,
         lambda: csv.open_csv(
