@@ -193,8 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--keys",
-        help="a matrix without ids (npy, torch, npz, safetensors, Zarr, pickle): its keys, one a line, or the FASTA "
-        "file its rows were embedded from (default for npy and a bare tensor: NAME.txt)",
+        help="a matrix without ids (npy, torch, npz, safetensors, Zarr, pickle): its keys, one a line, the FASTA "
+        "file its rows were embedded from, a JSON list or an .npy array (default for npy and a bare tensor: NAME.txt)",
     )
     g.add_argument(
         "--trust-pickle", action="store_true", help="pickle, or an .npy of Python objects: load it (this runs its code)"
@@ -209,7 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.add_argument("keys", nargs="*", metavar="KEY")
     c.add_argument(
-        "--keys", dest="keys_file", metavar="FILE", help="and those of a file: one a line, or a FASTA file's ids"
+        "--keys",
+        dest="keys_file",
+        metavar="FILE",
+        help="and those of a file: one a line, a FASTA file's ids, a JSON list or an .npy array",
     )
     _version_option(c)
     c.add_argument(
@@ -268,7 +271,10 @@ def _parser() -> argparse.ArgumentParser:
     c = command("remove", _remove, "remove keys from a dataset folder, as its next version")
     c.add_argument("folder")
     c.add_argument(
-        "--keys", required=True, metavar="FILE", help="the keys, one a line, or a FASTA file ('-': standard input)"
+        "--keys",
+        required=True,
+        metavar="FILE",
+        help="the keys: one a line, a FASTA file's ids, a JSON list or an .npy array ('-': standard input)",
     )
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
 
@@ -294,7 +300,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="an .emb file or a dataset folder (a path or a URL)")
     c.add_argument("dst", help="a new .emb file, or a new dataset folder (a path or a URL)")
     c.add_argument(
-        "--keys", required=True, metavar="FILE", help="the keys, one a line, or a FASTA file ('-': standard input)"
+        "--keys",
+        required=True,
+        metavar="FILE",
+        help="the keys: one a line, a FASTA file's ids, a JSON list or an .npy array ('-': standard input)",
     )
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")

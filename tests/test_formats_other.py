@@ -298,6 +298,15 @@ def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_p
         assert_store(tmp_path / f"{name}.emb", vectors)
         embfile.convert(tmp_path / name, tmp_path / f"{name}.fasta.emb", keys=tmp_path / "seqs.fasta", **trust)
         assert_store(tmp_path / f"{name}.fasta.emb", vectors)
+    np.save(tmp_path / "ids.npy", np.array(keys))  # the keys as users save them beside their matrix
+    (tmp_path / "ids.json").write_text(json.dumps(keys))
+    (tmp_path / "seqs.fasta.gz").write_bytes(gzip.compress(fasta.encode()))
+    for name in ("ids.npy", "ids.json", "seqs.fasta.gz"):
+        embfile.convert(tmp_path / "emb.npy", tmp_path / f"{name}.emb", keys=tmp_path / name)
+        assert_store(tmp_path / f"{name}.emb", vectors)
+    np.save(tmp_path / "numbers.npy", np.arange(9) * 10)
+    embfile.convert(tmp_path / "emb.npy", tmp_path / "numbers.emb", keys=tmp_path / "numbers.npy")
+    assert_store(tmp_path / "numbers.emb", {str(i * 10): v for i, v in enumerate(m)})
     torch.save({"P1": torch.ones(5, 24)}, tmp_path / "one.pt")  # a dict's one entry: a per-residue record, by key
     embfile.convert(tmp_path / "one.pt", tmp_path / "one.emb")
     with embfile.open(tmp_path / "one.emb") as db:
@@ -315,8 +324,19 @@ def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_p
         with pytest.raises(embfile.EmbFileError, match=message):
             embfile.convert(tmp_path / "emb.npz", tmp_path / "x.emb", keys=tmp_path / "short.fasta")
     (tmp_path / "latin.txt").write_bytes("a\nb\n\xe9\n".encode("latin-1"))
-    with pytest.raises(embfile.ConversionError, match="latin.txt: line 3 is not UTF-8 text"):
-        embfile.convert(tmp_path / "emb.npy", tmp_path / "x.emb", keys=tmp_path / "latin.txt")
+    np.save(tmp_path / "objects.npy", np.array(keys, dtype=object))
+    np.save(tmp_path / "matrix.npy", m)
+    (tmp_path / "dict.json").write_text(json.dumps({"ids": keys}))
+    (tmp_path / "cut.fasta.gz").write_bytes(gzip.compress(fasta.encode())[:-20])
+    for name, message in (
+        ("latin.txt", "latin.txt: line 3 is not UTF-8 text"),
+        ("objects.npy", "objects.npy: an array of Python objects, which only a pickle holds; save the keys as"),
+        ("matrix.npy", r"matrix.npy: a float32 array of shape \(9, 24\), not a list of keys"),
+        ("dict.json", "dict.json: not a JSON list of keys"),
+        ("cut.fasta.gz", "cut.fasta.gz: a damaged gzip file"),
+    ):
+        with pytest.raises(embfile.ConversionError, match=message):
+            embfile.convert(tmp_path / "emb.npy", tmp_path / "x.emb", keys=tmp_path / name)
     assert not os.path.exists(tmp_path / "x.emb")
     cli = [sys.executable, "-m", "embfile"]
     subprocess.run(
