@@ -627,6 +627,33 @@ def test_word_vectors_binary_and_gzipped_as_gensim_and_word2vec_write_them(tmp_p
         np.testing.assert_array_equal(db.get_batch(words), model[words])
 
 
+def test_word_vectors_written_for_gensim_and_the_tools_that_read_them(tmp_path):
+    """.emb -> word2vec text (.vec, .txt), binary (.bin) and gzipped, read back by gensim: float32 values exact;
+    a key holding whitespace, or per-residue records, refused with nothing written."""
+    gensim = pytest.importorskip("gensim")
+    rng = np.random.default_rng(6)
+    keys = ["the", "Köln", "</s>", "New_York"]
+    vectors = rng.standard_normal((4, 9)).astype(np.float32)
+    embfile.write(tmp_path / "words.emb", (keys, vectors))
+    embfile.write(tmp_path / "half.emb", (keys, vectors.astype(np.float16)))
+    for name in ("w.vec", "w.txt", "w.bin", "w.vec.gz", "w.bin.gz", "half.bin"):
+        src = tmp_path / ("half.emb" if name.startswith("half") else "words.emb")
+        embfile.convert(src, tmp_path / name)
+        kv = gensim.models.KeyedVectors.load_word2vec_format(str(tmp_path / name), binary=".bin" in name)
+        assert kv.index_to_key == keys and kv.vectors.dtype == np.float32
+        want = vectors.astype(np.float16) if name.startswith("half") else vectors
+        np.testing.assert_array_equal(kv[keys], want.astype(np.float32))
+    embfile.write(tmp_path / "spaced.emb", (["a", "New York"], vectors[:2]))
+    embfile.write(tmp_path / "residues.emb", {"P1": np.ones((3, 9), np.float32)}, ragged=True)
+    for name, message in (
+        ("spaced.emb", "spaced.emb: key 'New York' holds whitespace, which word vectors separate fields with"),
+        ("residues.emb", "residues.emb: per-residue records; word vectors are one a key: pool them first"),
+    ):
+        with pytest.raises(embfile.ConversionError, match=message):
+            embfile.convert(tmp_path / name, tmp_path / "out.vec")
+        assert not os.path.exists(tmp_path / "out.vec")
+
+
 def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
     """gensim's own format (a pickle, large arrays stored beside it): a Word2Vec's or FastText's words, a
     Doc2Vec's documents (tags as keys), KeyedVectors; only with trust_pickle, as every pickle."""

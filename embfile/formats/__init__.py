@@ -32,7 +32,7 @@ from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_arrow, read_lance, read_parquet, read_table, to_arrow, to_parquet
 from embfile.formats.tensors import read_npz, read_safetensors, read_torch, read_zarr, to_safetensors
 from embfile.formats.text import read_csv, read_jsonl
-from embfile.formats.word2vec import GZIP, read_word2vec, word_vectors_layout
+from embfile.formats.word2vec import GZIP, read_word2vec, to_word2vec, word_vectors_layout
 from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -57,6 +57,7 @@ WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
     "parquet": to_parquet,
     "arrow": to_arrow,
     "safetensors": to_safetensors,
+    "word2vec": to_word2vec,
 }
 _MAGIC = {F.MAGIC: "emb", **{magic: fmt for magic, (fmt, _) in F.FOREIGN.items() if fmt not in ("zip", "pickle")}}
 FASTTEXT_MODEL = (793712314).to_bytes(4, "little")  # fastText's .bin models start with it
@@ -183,9 +184,9 @@ def convert(
     ``src`` is a path, an open embfile dataset, or a table in memory (to an .emb file): a ``pyarrow.Table``, a
     ``datasets.Dataset``, a pandas or polars DataFrame.
     Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
-    ``save_to_disk`` folders), ``safetensors``; as inputs only ``esm``, ``npy``, ``npz``,
-    ``torch``, ``lance``, ``zarr``, ``pickle``, ``csv`` (and TSV), ``jsonl`` and ``word2vec`` (its text format,
-    as GloVe and fastText write it, and its binary one).
+    ``save_to_disk`` folders), ``safetensors``, ``word2vec`` (its text format, as GloVe and fastText write it,
+    and its binary one); as inputs only ``esm``, ``npy``, ``npz``, ``torch``, ``lance``, ``zarr``, ``pickle``,
+    ``csv`` (and TSV) and ``jsonl``.
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
@@ -335,11 +336,12 @@ def _zip_format(path: str) -> str:
 
 def output_format(path: str | os.PathLike[str]) -> str:
     """The format an output's name asks for."""
-    fmt = _EXTENSIONS.get(os.path.splitext(os.fspath(path))[1].lower())
-    if fmt is None or fmt not in ("emb", *WRITERS):
+    name = os.fspath(path).lower()
+    fmt = _EXTENSIONS.get(os.path.splitext(name.removesuffix(".gz") if name.endswith(".gz") else name)[1])
+    if fmt is None or fmt not in ("emb", *WRITERS) or (name.endswith(".gz") and fmt != "word2vec"):
         raise errors.ConversionError(
-            f"{path}: cannot tell the output format from its name; use .emb, .h5, .parquet, .arrow or "
-            ".safetensors, or dst_format= (--to)"
+            f"{path}: cannot tell the output format from its name; use .emb, .h5, .parquet, .arrow, "
+            ".safetensors or .vec, .txt, .bin (word vectors; .gz too), or dst_format= (--to)"
         )
     return fmt
 

@@ -22,7 +22,9 @@ import numpy as np
 from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Chunk, Source, pooled
+from embfile._stream import CHUNK_BYTES, Chunk, Source, pooled, progress_bar
+from embfile.dataset import EmbFile
+from embfile.formats._common import atomic_output
 from embfile.formats.parquet import read_parts
 from embfile.formats.text import BLOCK_BYTES, _number, _stream
 
@@ -168,3 +170,57 @@ def _spaced_key(path: str, line: str, dim: int) -> tuple[str, np.ndarray]:
         return key, np.array(values, np.float32)
     except ValueError:
         raise errors.ConversionError(f"{path}: not a key and {dim} numbers: {line[:80]!r}") from None
+
+
+def to_word2vec(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, binary: bool | None = None, progress: bool = False
+) -> str:
+    """Write the .emb file ``src`` as word vectors at ``dst`` (atomic), for the tools that read them (gensim's
+    ``load_word2vec_format``, spaCy's ``init vectors``, fastText's ``-pretrainedVectors``): a ``count dim``
+    line, then each key and its values; in word2vec's binary format (float32, each record ending in a newline,
+    as its C tool writes them) with ``binary`` (default: for a ``.bin`` name), else as text; gzipped for a
+    ``.gz`` name.  A key holding whitespace is refused (the format separates fields by spaces), and so are
+    per-residue records (pool them first)."""
+    pa = require("pyarrow", "parquet")
+    from pyarrow import csv
+
+    dst = os.fspath(dst)
+    name = dst.lower().removesuffix(".gz")
+    binary = name.endswith(".bin") if binary is None else binary
+    with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(dst)) as bar:
+        if db.ragged:
+            raise errors.ConversionError(f"{src}: per-residue records; word vectors are one a key: pool them first")
+        dtype = db.dtype if db.dtype == np.float64 and not binary else np.dtype("<f4")  # the format's type
+        table = db.to_arrow()
+        options = csv.WriteOptions(include_header=False, delimiter=" ", quoting_style="none")
+        with atomic_output(dst, db.header.keys_size + len(db) * db.dim * (4 if binary else 16)) as tmp:
+            with pa.output_stream(tmp, compression="gzip" if dst.lower().endswith(".gz") else None) as out:
+                out.write(f"{len(db)} {db.dim}\n".encode())
+                for lo, hi, block in db.chunks(max(1, CHUNK_BYTES // (db.dim * 4))):
+                    keys = table["key"].slice(lo, hi - lo)
+                    _refuse_spaced_keys(src, keys)
+                    matrix = np.asarray(block, dtype)
+                    if binary:
+                        out.write(b"".join(k + b" " + v.tobytes() + b"\n" for k, v in zip(_utf8(keys), matrix)))
+                    else:
+                        columns = [keys, *(pa.array(matrix[:, j]) for j in range(db.dim))]
+                        lines = pa.Table.from_arrays(columns, [f"f{j}" for j in range(db.dim + 1)])
+                        csv.write_csv(lines, out, options)
+                    bar.update(hi - lo)
+    return dst
+
+
+def _refuse_spaced_keys(src: Any, keys: Any) -> None:
+    import pyarrow.compute as pc
+
+    spaced = pc.match_substring_regex(keys, r"\s")
+    if pc.any(spaced).as_py():
+        key = keys.filter(spaced)[0].as_py()
+        raise errors.ConversionError(
+            f"{src}: key {key!r} holds whitespace, which word vectors separate fields with; "
+            "subset the file without it, or convert to another format"
+        )
+
+
+def _utf8(keys: Any) -> list[bytes]:
+    return [k.encode() for k in keys.to_pylist()]
