@@ -22,8 +22,9 @@ import numpy as np
 import embfile
 from embfile import _format as F
 from embfile import errors, formats, remote
-from embfile._keys import EncodedKeys, keys_file
+from embfile._keys import EncodedKeys
 from embfile._stream import POOLINGS, Source, pooled
+from embfile.formats.keys import keys_file
 
 _EXAMPLES = {
     "convert": """examples:
@@ -194,7 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--keys",
         help="a matrix without ids (npy, torch, npz, safetensors, Zarr, pickle): its keys, one a line, the FASTA "
-        "file its rows were embedded from, a JSON list or an .npy array (default for npy and a bare tensor: NAME.txt)",
+        "file its rows were embedded from, a JSON list, an .npy array or a Parquet table (default for npy and a bare "
+        "tensor: NAME.txt)",
     )
     g.add_argument(
         "--trust-pickle", action="store_true", help="pickle, or an .npy of Python objects: load it (this runs its code)"
@@ -212,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         "--keys",
         dest="keys_file",
         metavar="FILE",
-        help="and those of a file: one a line, a FASTA file's ids, a JSON list or an .npy array",
+        help="and those of a file: one a line, a FASTA file's ids, a JSON list, .npy or Parquet",
     )
     _version_option(c)
     c.add_argument(
@@ -274,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
         "--keys",
         required=True,
         metavar="FILE",
-        help="the keys: one a line, a FASTA file's ids, a JSON list or an .npy array ('-': standard input)",
+        help="the keys: one a line, a FASTA file's ids, a JSON list, .npy or Parquet ('-': standard input)",
     )
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
 
@@ -303,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
         "--keys",
         required=True,
         metavar="FILE",
-        help="the keys: one a line, a FASTA file's ids, a JSON list or an .npy array ('-': standard input)",
+        help="the keys: one a line, a FASTA file's ids, a JSON list, .npy or Parquet ('-': standard input)",
     )
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")

@@ -10,6 +10,7 @@ import sys
 
 import h5py
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import AWKWARD_KEYS, assert_store
@@ -304,6 +305,13 @@ def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_p
     for name in ("ids.npy", "ids.json", "seqs.fasta.gz"):
         embfile.convert(tmp_path / "emb.npy", tmp_path / f"{name}.emb", keys=tmp_path / name)
         assert_store(tmp_path / f"{name}.emb", vectors)
+    meta = {"url": [f"https://x/{i}.jpg" for i in range(9)], "caption": ["a cat"] * 9, "key": keys, "width": [64] * 9}
+    pq.write_table(pa.table(meta), tmp_path / "metadata_0.parquet")  # LAION's metadata beside img_emb_0.npy
+    embfile.convert(tmp_path / "emb.npy", tmp_path / "laion.emb", keys=tmp_path / "metadata_0.parquet")
+    assert_store(tmp_path / "laion.emb", vectors)
+    pq.write_table(pa.table({k: v for k, v in meta.items() if k != "key"}), tmp_path / "unkeyed.parquet")
+    with pytest.raises(embfile.ConversionError, match=r"unkeyed.parquet: cannot tell which of its columns \(url, "):
+        embfile.convert(tmp_path / "emb.npy", tmp_path / "x.emb", keys=tmp_path / "unkeyed.parquet")
     np.save(tmp_path / "numbers.npy", np.arange(9) * 10)
     embfile.convert(tmp_path / "emb.npy", tmp_path / "numbers.emb", keys=tmp_path / "numbers.npy")
     assert_store(tmp_path / "numbers.emb", {str(i * 10): v for i, v in enumerate(m)})

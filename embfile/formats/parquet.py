@@ -220,10 +220,9 @@ def read_parts(
     for other in parts[1:]:
         if not other.schema.equals(schema, check_metadata=False):
             raise errors.ConversionError(f"{other.name}: schema differs from {parts[0].name}'s")
-    if key_column is None:  # one named as ids are (``id`` beside ``title`` and ``text``), else the only string
-        # column, else the only integer one
+    if key_column is None:
         strings = any(_is_string(f.type) for f in schema)
-        key_column = _named_key(schema) or _only(
+        key_column = key_column_of(schema) or _only(
             schema,
             _is_string if strings else _is_int,
             "key column (strings or integers)",
@@ -433,10 +432,13 @@ def _is_vector(t: Any) -> bool:
 KEY_NAMES = ("id", "_id", "key")  # what embedding datasets name their ids column (any case)
 
 
-def _named_key(schema: Any) -> str | None:
-    """The one column of strings or integers named as an ids column is, if there is one."""
+def key_column_of(schema: Any) -> str | None:
+    """A table's key column, found without being named: the one of strings or integers named as ids columns
+    are (``id`` beside ``title`` and ``text``), else its only string column, else its only integer one; None
+    if none fits or several do."""
     named = [f.name for f in schema if f.name.lower() in KEY_NAMES and _is_key(f.type)]
-    return named[0] if len(named) == 1 else None
+    found = named or [f.name for f in schema if _is_string(f.type)] or [f.name for f in schema if _is_int(f.type)]
+    return str(found[0]) if len(found) == 1 else None
 
 
 def _only(

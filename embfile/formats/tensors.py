@@ -20,10 +20,10 @@ import numpy as np
 from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
-from embfile._keys import keys_file
 from embfile._stream import OnError, Source, array_of, chunk_rows, require_unique, source_of
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output
+from embfile.formats.keys import keys_file
 
 
 class _Lazy(collections.abc.Mapping[str, np.ndarray]):
