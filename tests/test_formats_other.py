@@ -557,6 +557,9 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
         embfile.convert(tmp_path / name, tmp_path / f"{name}.emb")
         assert_store(tmp_path / f"{name}.emb", data)
     assert detect_format(tmp_path / "wide.tsv") == "csv" and detect_format(tmp_path / "api.jsonl") == "jsonl"
+    (tmp_path / "numbered.csv").write_text("id,v0,v1,v2\n7,0.5,1,2\n9,1,2,3\n")  # integer ids, one column a dimension
+    embfile.convert(tmp_path / "numbered.csv", tmp_path / "numbered.emb")
+    assert_store(tmp_path / "numbered.emb", {"7": np.array([0.5, 1, 2]), "9": np.array([1.0, 2, 3])})
     long = lists.assign(embedding=[np.float32(v.tolist() * 3) for v in data.values()])  # numpy prints them over lines
     long.to_csv(tmp_path / "arrays.csv", index=False)
     embfile.convert(tmp_path / "arrays.csv", tmp_path / "arrays.emb")

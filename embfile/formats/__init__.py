@@ -25,14 +25,14 @@ from embfile._staging import Staging
 from embfile._stream import KeyRule, Source, pooled, rekeyed
 from embfile.dataset import Dataset
 from embfile.folder import is_versioned
-from embfile.formats._common import write_emb
+from embfile.formats._common import GZIP, write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_arrow, read_lance, read_parquet, read_table, to_arrow, to_parquet
 from embfile.formats.tensors import read_npz, read_safetensors, read_torch, read_zarr, to_safetensors
 from embfile.formats.text import read_csv, read_jsonl
-from embfile.formats.word2vec import GZIP, read_word2vec, to_word2vec, word_vectors_layout
+from embfile.formats.word2vec import read_word2vec, to_word2vec, word_vectors_layout
 from embfile.shards import shard_paths
 
 READERS: dict[str, Callable[..., Source]] = {

@@ -1,16 +1,29 @@
-"""What every converter shares: the .emb sink and atomic outputs of other formats."""
+"""What every converter shares: the .emb sink, atomic outputs of other formats, gzipped inputs."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 from embfile import _core, errors
 from embfile._staging import DISK_FULL, Staging, disk_full, require_space
 from embfile._stream import Source
 from embfile.writer import Writer, write_source
+
+GZIP = b"\x1f\x8b"
+
+
+def gzipped(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(GZIP)) == GZIP
+
+
+def opened(path: str) -> IO[bytes]:
+    """The file at ``path`` for reading, through gzip if it is gzipped (a ``.fasta.gz``, ``.vec.gz``)."""
+    return gzip.open(path, "rb") if gzipped(path) else open(path, "rb")  # type: ignore[return-value]
 
 
 def write_emb(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import pickle
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import numpy as np
 from embfile import errors
 from embfile._stream import Chunk, Source, chunk_rows, pooled, source_of
 from embfile.dataset import Dataset
+from embfile.formats._common import opened
 from embfile.formats.tensors import KeysFile, listed_keys, loaded_source
 from embfile.shards import open as open_dataset
 
@@ -110,10 +110,8 @@ def read_pickle(
             f"{path}: loading a pickle runs code; if you trust where it came from, pass trust_pickle=True "
             "(--trust-pickle)"
         )
-    with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
     try:
-        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:  # a .pkl.gz: read through gzip
+        with opened(path) as f:  # a .pkl.gz: read through gzip
             data = pickle.load(f)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
         hint = "; a torch.save file? --from torch reads it" if "persistent" in str(e) else ""

@@ -11,12 +11,12 @@ import gzip
 import json
 import os
 import sys
-import typing
 import zlib
 
 import numpy as np
 
 from embfile._extras import require
+from embfile.formats._common import opened
 from embfile.formats.parquet import key_column_of
 
 
@@ -34,7 +34,7 @@ def keys_file(path: str | os.PathLike[str]) -> list[str]:
     if path.lower().removesuffix(".gz").endswith(".json"):
         return _json_keys(path)
     lines = []
-    with sys.stdin.buffer if path == "-" else _opened(path) as f:
+    with sys.stdin.buffer if path == "-" else opened(path) as f:
         try:
             for number, line in enumerate(f, 1):
                 try:
@@ -59,13 +59,8 @@ def _starts(path: str, magic: bytes) -> bool:
         return f.read(len(magic)) == magic
 
 
-def _opened(path: str) -> typing.IO[bytes]:
-    """The file at ``path``, read through gzip if it is gzipped."""
-    return gzip.open(path, "rb") if _starts(path, b"\x1f\x8b") else open(path, "rb")  # type: ignore[return-value]
-
-
 def _json_keys(path: str) -> list[str]:
-    with _opened(path) as f:
+    with opened(path) as f:
         try:
             keys = json.load(f)
         except (ValueError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # (UnicodeDecodeError is a ValueError)

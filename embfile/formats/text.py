@@ -16,7 +16,7 @@ from typing import Any
 from embfile import errors
 from embfile._extras import require
 from embfile._stream import Source
-from embfile.formats.parquet import StreamPart, read_parts
+from embfile.formats.parquet import StreamPart, key_column_of, read_parts
 
 BLOCK_BYTES = 16 << 20  # text parsed at a time
 
@@ -40,7 +40,7 @@ def read_csv(
     path = os.fspath(path)
     if delimiter is None:
         delimiter = "\t" if path.lower().removesuffix(".gz").endswith((".tsv", ".tab")) else ","
-    part = _stream(
+    part = stream_part(
         path,
         lambda: csv.open_csv(
             path,
@@ -70,11 +70,11 @@ def read_jsonl(
     from pyarrow import json
 
     path = os.fspath(path)
-    part = _stream(path, lambda: json.open_json(path, json.ReadOptions(block_size=BLOCK_BYTES)))
+    part = stream_part(path, lambda: json.open_json(path, json.ReadOptions(block_size=BLOCK_BYTES)))
     return read_parts(path, "jsonl", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
-def _number(field: bytes) -> bool:
+def is_number(field: bytes) -> bool:
     try:
         float(field)
     except ValueError:
@@ -82,7 +82,7 @@ def _number(field: bytes) -> bool:
     return True
 
 
-def _stream(path: str, start: Any, parse: Any = None) -> StreamPart:
+def stream_part(path: str, start: Any, parse: Any = None) -> StreamPart:
     """The record batches of the reader ``start()`` opens, read once (through ``parse(path, batches)`` if
     given); a parse error (of any block), or column names that are not UTF-8 (Arrow decodes them only when
     asked), a ConversionError naming ``path``."""
@@ -135,7 +135,7 @@ def _a_list(column: Any) -> bool:
     if not (text.startswith("[") and text.endswith("]")):
         return False
     numbers = text[1:-1].replace(",", " ").split()
-    return bool(numbers) and all(x == "..." or _number(x.encode()) for x in numbers)  # (summarised: refused)
+    return bool(numbers) and all(x == "..." or is_number(x.encode()) for x in numbers)  # (summarised: refused)
 
 
 def _parsed_lists(path: str, name: str, column: Any) -> Any:
@@ -162,13 +162,9 @@ def _first_line(e: Exception) -> str:
 
 
 def _numbers_beside_the_key(pa: Any, schema: Any, key_column: str | None) -> list[str] | None:
-    """The other columns of a table of a key (``key_column``, or its only text column) and two or more columns
+    """The other columns of a table of a key (``key_column``, or as found in any table) and two or more columns
     of numbers only: one column per dimension (``id,v0,v1,...``); else None (a vector column, to be found)."""
-    if key_column is None:
-        text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-        if len(text) != 1:
-            return None
-        key_column = text[0]
+    key_column = key_column or key_column_of(schema)
     rest = [f for f in schema if f.name != key_column]
     numeric = all(pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in rest)
     return [f.name for f in rest] if numeric and len(rest) >= 2 and key_column in schema.names else None

@@ -11,11 +11,10 @@ after each).  Either may be gzipped (fastText's ``cc.en.300.vec.gz``), and both 
 from __future__ import annotations
 
 import functools
-import gzip
 import itertools
 import os
 from collections.abc import Iterator
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,11 +23,9 @@ from embfile import errors
 from embfile._extras import require
 from embfile._stream import CHUNK_BYTES, Chunk, Source, pooled, progress_bar
 from embfile.dataset import EmbFile
-from embfile.formats._common import atomic_output
+from embfile.formats._common import atomic_output, gzipped, opened
 from embfile.formats.parquet import read_parts
-from embfile.formats.text import BLOCK_BYTES, _number, _stream
-
-GZIP = b"\x1f\x8b"
+from embfile.formats.text import BLOCK_BYTES, is_number, stream_part
 
 
 class WordVectors(NamedTuple):
@@ -68,10 +65,10 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
         spaced.append(row.text)
         return "skip"
 
-    part = _stream(
+    part = stream_part(
         path,
         lambda: csv.open_csv(
-            pa.input_stream(path, compression="gzip" if _gzipped(path) else None),
+            pa.input_stream(path, compression="gzip" if gzipped(path) else None),
             csv.ReadOptions(block_size=BLOCK_BYTES, column_names=names, skip_rows=int(layout.count_line)),
             csv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False, invalid_row_handler=longer),
             csv.ConvertOptions(column_types=types),
@@ -85,7 +82,7 @@ def word_vectors_layout(path: str) -> WordVectors | None:
     """How the word-vector file ``path`` is laid out; None if its first bytes are not word vectors (a key and
     numbers, separated by spaces; numeric keys, as node2vec's, only after a count line, as gensim writes them:
     without one, a line of numbers is a matrix's row)."""
-    with _opened(path) as f:
+    with opened(path) as f:
         head = f.read(1 << 20)
     first, _, rest = head.partition(b"\n")
     fields = first.split()
@@ -93,7 +90,7 @@ def word_vectors_layout(path: str) -> WordVectors | None:
     count, dim = map(int, fields) if count_line else (0, 0)
     lines = [first.split(b" "), rest.partition(b"\n")[0].split(b" ")]
     fields = [x for x in lines[count_line] if x.strip()]
-    values = len(list(itertools.takewhile(_number, reversed(fields))))  # the key before them may hold spaces
+    values = len(list(itertools.takewhile(is_number, reversed(fields))))  # the key before them may hold spaces
     if values == len(fields):  # numbers only: a numeric key after a count line, else a matrix's row (np.savetxt)
         values -= 1 if count_line else len(fields)
     if values and (not count_line or values == dim):
@@ -103,19 +100,10 @@ def word_vectors_layout(path: str) -> WordVectors | None:
     return None
 
 
-def _gzipped(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP
-
-
-def _opened(path: str) -> BinaryIO:
-    return gzip.open(path, "rb") if _gzipped(path) else open(path, "rb")  # type: ignore[return-value]
-
-
 def _binary_chunks(path: str, layout: WordVectors) -> Iterator[Chunk]:
     """The records of a word2vec binary file, those of a block of the file at a time."""
     record, n = 4 * layout.dim, 0
-    with _opened(path) as f:
+    with opened(path) as f:
         at, data = len(f.readline()), bytearray()  # ``data[0]``'s offset in the file, and the bytes not yet read
         while n < layout.records:
             block = f.read(BLOCK_BYTES)
@@ -165,7 +153,7 @@ def _with_spaced_keys(spaced: list[str], dim: int, path: str, batches: Iterator[
 def _spaced_key(path: str, line: str, dim: int) -> tuple[str, np.ndarray]:
     key, *values = line.rstrip(" ").rsplit(" ", dim)
     try:
-        if _number(key.rsplit(" ", 1)[-1].encode()):
+        if is_number(key.rsplit(" ", 1)[-1].encode()):
             raise ValueError
         return key, np.array(values, np.float32)
     except ValueError:
