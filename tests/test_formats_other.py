@@ -621,6 +621,7 @@ def test_word_vectors_binary_and_gzipped_as_gensim_and_word2vec_write_them(tmp_p
     assert_store(tmp_path / "c.emb", want)
     for name, data, message in (
         ("cut.bin", c_tool[:-40], "cut.bin: ends after 3 of the 5 records it counts"),
+        ("huge.bin", b"5 900000000\n" + c_tool[4:], "huge.bin: its first line says 900000000 values a record"),
         ("latin1.bin", c_tool.replace("Köln".encode(), "Köln".encode("latin-1")), "the key at byte 37 is not UTF-8"),
     ):
         (tmp_path / name).write_bytes(data)

@@ -46,6 +46,10 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
     if layout is None:
         raise errors.ConversionError(f"{path}: not word vectors (a key and its values a line, or word2vec's binary)")
     if layout.binary:
+        if not gzipped(path) and 4 * layout.dim > os.path.getsize(path):
+            raise errors.ConversionError(
+                f"{path}: its first line says {layout.dim} values a record, more than it holds"
+            )
         desc = {"format": "word2vec", "binary": True, "path": os.path.abspath(path)}
         return pooled(
             Source(layout.dim, np.dtype(np.float32), layout.records, _binary_chunks(path, layout), desc), pool
