@@ -358,6 +358,46 @@ def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_p
     assert_store(tmp_path / "two.emb", {k: vectors[k] for k in keys[:2]})
 
 
+def test_keys_files_mutated_only_raise_value_errors(tmp_path):
+    """A damaged keys file of any kind (lines, FASTA, gzipped, JSON, .npy, Parquet) gives its keys or one
+    ValueError naming it (the commands print it as one line), never another exception."""
+    import random
+
+    from embfile.formats.keys import keys_file
+
+    keys = [f"k{i}é" for i in range(30)]
+    np.save(tmp_path / "seed.npy", np.array(keys))
+    pq.write_table(pa.table({"id": keys}), tmp_path / "seed.parquet")
+    seeds = {
+        "k.txt": "".join(k + "\n" for k in keys).encode(),
+        "k.fasta.gz": gzip.compress("".join(f">{k} x\nMV\n" for k in keys).encode()),
+        "k.json": json.dumps(keys).encode(),
+        "k.npy": (tmp_path / "seed.npy").read_bytes(),
+        "k.parquet": (tmp_path / "seed.parquet").read_bytes(),
+    }
+    pick = random.Random(2)
+    for _ in range(300):
+        name, data = pick.choice(list(seeds.items()))
+        data = bytearray(data)
+        for _ in range(pick.randint(1, 3)):
+            i = pick.randrange(len(data))
+            if pick.random() < 0.5:
+                data[i] = pick.randrange(256)
+            else:
+                del data[i : i + pick.randint(1, 64)]
+        (tmp_path / name).write_bytes(data)
+        try:
+            got = keys_file(tmp_path / name)
+        except ValueError as e:
+            assert str(e).startswith(str(tmp_path / name)), e
+        else:
+            assert all(isinstance(k, str) for k in got)
+    np.save(tmp_path / "m.npy", np.ones((3, 2)))  # a matrix whose header numpy cannot parse: it said SyntaxError
+    (tmp_path / "m.npy").write_bytes((tmp_path / "m.npy").read_bytes().replace(b"'descr'", b"'de\0cr'"))
+    with pytest.raises(embfile.ConversionError, match="m.npy: not a numeric .npy matrix"):
+        embfile.convert(tmp_path / "m.npy", tmp_path / "m.emb", keys=tmp_path / "k.json")
+
+
 def test_keys_derived_from_fasta_headers(tmp_path):
     headers = ["sp|P69905|HBA_HUMAN Hemoglobin subunit alpha", "sp|P68871|HBB_HUMAN Hemoglobin subunit beta"]
     vectors = {h: np.full(4, i, np.float32) for i, h in enumerate(headers)}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import tokenize
 from collections.abc import Iterator
 from typing import IO, Any
+
+import numpy as np
 
 from embfile import _core, errors
 from embfile._staging import DISK_FULL, Staging, disk_full, require_space
@@ -14,6 +17,8 @@ from embfile._stream import Source
 from embfile.writer import Writer, write_source
 
 GZIP = b"\x1f\x8b"
+NPY_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)  # numpy's, of a damaged .npy (its header
+# is a Python literal, parsed as one)
 
 
 def gzipped(path: str) -> bool:
@@ -24,6 +29,19 @@ def gzipped(path: str) -> bool:
 def opened(path: str) -> IO[bytes]:
     """The file at ``path`` for reading, through gzip if it is gzipped (a ``.fasta.gz``, ``.vec.gz``)."""
     return gzip.open(path, "rb") if gzipped(path) else open(path, "rb")  # type: ignore[return-value]
+
+
+def holds_objects(path: str) -> bool:
+    """Whether the ``.npy`` file at ``path`` holds Python objects (pickled), from its header alone."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            return bool(read_header(f)[2].hasobject)
+        except NPY_ERRORS:  # not an .npy header (an .npz, say): np.load says what it is
+            return False
 
 
 def write_emb(

@@ -13,7 +13,7 @@ import numpy as np
 from embfile import errors
 from embfile._stream import Chunk, Source, chunk_rows, pooled, source_of
 from embfile.dataset import Dataset
-from embfile.formats._common import opened
+from embfile.formats._common import NPY_ERRORS, holds_objects, opened
 from embfile.formats.tensors import KeysFile, listed_keys, loaded_source
 from embfile.shards import open as open_dataset
 
@@ -46,7 +46,7 @@ def read_npy(path: str | os.PathLike[str], *, keys: KeysFile = None, trust_pickl
     ``.npy`` of Python objects (``np.save`` of a dict) is read as a pickle is, only with ``trust_pickle=True``.
     """
     path = os.fspath(path)
-    if _holds_objects(path):
+    if holds_objects(path):
         if not trust_pickle:
             raise errors.ConversionError(
                 f"{path}: holds pickled Python objects (np.save of a dict, say): loading them runs code; if you "
@@ -57,7 +57,7 @@ def read_npy(path: str | os.PathLike[str], *, keys: KeysFile = None, trust_pickl
     keys = os.fspath(keys) if keys else os.path.splitext(path)[0] + ".txt"
     try:
         m = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
+    except NPY_ERRORS as e:
         raise errors.ConversionError(f"{path}: not a numeric .npy matrix ({e})") from None
     if not isinstance(m, np.ndarray):  # np.load opens an .npz archive whatever its name
         m.close()
@@ -67,19 +67,6 @@ def read_npy(path: str | os.PathLike[str], *, keys: KeysFile = None, trust_pickl
     desc = {"format": "npy", "path": os.path.abspath(path), "keys": os.path.abspath(keys)}
     names = listed_keys(keys, m.shape[0], path)  # all first: a wrong count or a repeat fails at once
     return Source(m.shape[1], m.dtype.newbyteorder("="), m.shape[0], _npy_chunks(m, names), desc)
-
-
-def _holds_objects(path: str) -> bool:
-    """Whether the ``.npy`` file at ``path`` holds Python objects (pickled), from its header alone."""
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            return bool(read_header(f)[2].hasobject)
-        except ValueError:  # not an .npy header (an .npz, say): np.load says what it is
-            return False
 
 
 def _npy_chunks(m: np.ndarray, keys: list[str]) -> Iterator[Chunk]:

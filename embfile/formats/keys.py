@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 
 from embfile._extras import require
-from embfile.formats._common import opened
+from embfile.formats._common import NPY_ERRORS, holds_objects, opened
 from embfile.formats.parquet import key_column_of
 
 
@@ -71,13 +71,15 @@ def _json_keys(path: str) -> list[str]:
 
 
 def _npy_keys(path: str) -> list[str]:
-    try:
-        ids = np.load(path, allow_pickle=False)
-    except ValueError:
+    if holds_objects(path):
         raise ValueError(
             f"{path}: an array of Python objects, which only a pickle holds; save the keys as strings "
             "(np.save(path, np.array(keys, dtype=str)))"
-        ) from None
+        )
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, *NPY_ERRORS) as e:
+        raise ValueError(f"{path}: a damaged .npy file ({e})") from None
     if ids.ndim != 1 or ids.dtype.kind not in "USiu":
         raise ValueError(f"{path}: a {ids.dtype} array of shape {ids.shape}, not a list of keys (strings or integers)")
     try:
@@ -90,15 +92,21 @@ def _parquet_keys(path: str) -> list[str]:
     pq = require("pyarrow.parquet", "parquet")
     try:
         table = pq.ParquetFile(path)
-        column = key_column_of(table.schema_arrow)
-        if column is None:
-            raise ValueError(
-                f"{path}: cannot tell which of its columns ({', '.join(table.schema_arrow.names)}) holds the keys; "
-                "name one id or key, or write the keys one a line"
-            )
+    except (OSError, ValueError) as e:  # Arrow's errors on a damaged file
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+    column = key_column_of(table.schema_arrow)
+    if column is None:
+        raise ValueError(
+            f"{path}: cannot tell which of its columns ({', '.join(table.schema_arrow.names)}) holds the keys; "
+            "name one id or key, or write the keys one a line"
+        )
+    try:
         keys = table.read(columns=[column]).column(0)
-    except OSError as e:  # Arrow's errors on a damaged file
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
     if keys.null_count:
         raise ValueError(f"{path}: column {column!r} holds a null key")
-    return [str(k) for k in keys.to_pylist()]
+    try:
+        return [str(k) for k in keys.to_pylist()]
+    except UnicodeDecodeError as e:  # Parquet's strings are not checked as they are read
+        raise ValueError(f"{path}: a key of column {column!r} is not UTF-8 ({e.reason})") from None
