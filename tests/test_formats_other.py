@@ -732,8 +732,8 @@ def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
 
 
 def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
-    """Text is where hand-made and half-written files are: a mutated CSV, JSON Lines or word-vector file
-    converts or raises an EmbFileError, and leaves nothing at the output."""
+    """Text is where hand-made and half-written files are: a mutated CSV, JSON Lines or word-vector file, or a
+    gzipped one (or pickle) damaged, converts or raises an EmbFileError, and leaves nothing at the output."""
     import random
 
     rng = np.random.default_rng(0)
@@ -746,6 +746,10 @@ def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
         "spaced.txt": "".join(f"{w} x " + " ".join(f"{x:.3f}" for x in rng.random(4)) + "\n" for w in words[:3]),
         "x.jsonl": "".join(json.dumps({"id": w, "embedding": rng.random(3).round(3).tolist()}) + "\n" for w in words),
     }
+    seeds = {name: text.encode() for name, text in seeds.items()}
+    for name in ("x.vec", "x.csv", "x.bin", "x.jsonl"):  # gzipped: damage is found by the decompressor
+        seeds[f"{name}.gz"] = gzip.compress(seeds[name])
+    seeds["x.pkl.gz"] = gzip.compress(pickle.dumps({w: rng.random(3) for w in words}))
     regressions = [  # text Arrow does not check: it said UnicodeDecodeError
         ("x.jsonl", b'{"id": "a\xff", "embedding": [1, 2]}\n', "x.jsonl: a key of rows 0 to 0 is not UTF-8"),
         ("x.csv", b"i\xffd,v0,v1\na,1,2\n", "x.csv: its column names are not UTF-8"),
@@ -755,9 +759,9 @@ def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
         with pytest.raises(embfile.ConversionError, match=message):
             embfile.convert(tmp_path / name, tmp_path / "out.emb")
     pick = random.Random(1)
-    for _ in range(400):
-        name, text = pick.choice(list(seeds.items()))
-        data = bytearray(text.encode())
+    for _ in range(600):
+        name, seed = pick.choice(list(seeds.items()))
+        data = bytearray(seed)
         for _ in range(pick.randint(1, 4)):
             i = pick.randrange(len(data))
             if pick.random() < 0.4:
@@ -768,7 +772,7 @@ def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
                 data[i:i] = bytes(pick.choice(b' ,\n"[]{}0.e-\tx\xff') for _ in range(pick.randint(1, 4)))
         (tmp_path / name).write_bytes(data)
         try:
-            embfile.convert(tmp_path / name, tmp_path / "out.emb")
+            embfile.convert(tmp_path / name, tmp_path / "out.emb", **({"trust_pickle": True} if ".pkl" in name else {}))
         except embfile.EmbFileError:
             assert not os.path.exists(tmp_path / "out.emb")
         (tmp_path / "out.emb").unlink(missing_ok=True)

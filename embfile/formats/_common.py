@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import os
 import tokenize
+import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -17,6 +18,7 @@ from embfile._stream import Source
 from embfile.writer import Writer, write_source
 
 GZIP = b"\x1f\x8b"
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # of a damaged or cut .gz, as it is read
 NPY_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)  # numpy's, of a damaged .npy (its header
 # is a Python literal, parsed as one)
 

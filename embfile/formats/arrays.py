@@ -100,7 +100,7 @@ def read_pickle(
     try:
         with opened(path) as f:  # a .pkl.gz: read through gzip
             data = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+    except Exception as e:  # a damaged pickle (or .gz) fails in any of a dozen ways, a class it names in more
         hint = "; a torch.save file? --from torch reads it" if "persistent" in str(e) else ""
         why = " ".join(str(e).split())
         raise errors.ConversionError(f"{path}: not a pickle this Python can load ({why}){hint}") from None

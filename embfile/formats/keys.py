@@ -7,16 +7,14 @@ beside ``img_emb_0.npy``); any of them gzipped.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import sys
-import zlib
 
 import numpy as np
 
 from embfile._extras import require
-from embfile.formats._common import NPY_ERRORS, holds_objects, opened
+from embfile.formats._common import GZIP_ERRORS, NPY_ERRORS, holds_objects, opened
 from embfile.formats.parquet import key_column_of
 
 
@@ -43,7 +41,7 @@ def keys_file(path: str | os.PathLike[str]) -> list[str]:
                     raise ValueError(f"{path}: line {number} is not UTF-8 text ({e.reason})") from None
                 if text:
                     lines.append(text)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        except GZIP_ERRORS as e:
             raise ValueError(f"{path}: a damaged gzip file ({e})") from None
     if not lines or not lines[0].startswith(">"):
         return lines
@@ -63,7 +61,7 @@ def _json_keys(path: str) -> list[str]:
     with opened(path) as f:
         try:
             keys = json.load(f)
-        except (ValueError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # (UnicodeDecodeError is a ValueError)
+        except (ValueError, *GZIP_ERRORS) as e:  # (UnicodeDecodeError is a ValueError)
             raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(keys, list) or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys):
         raise ValueError(f"{path}: not a JSON list of keys (strings or integers)")

@@ -92,7 +92,7 @@ def stream_part(path: str, start: Any, parse: Any = None) -> StreamPart:
         batches = _batches(path, start())
         part = StreamPart(path, parse(path, batches) if parse else batches)
         _ = part.schema.names
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+    except (pa.ArrowInvalid, pa.ArrowIOError, UnicodeDecodeError) as e:  # (IOError: a damaged .gz, say)
         what = "its column names are not UTF-8" if isinstance(e, UnicodeDecodeError) else _first_line(e)
         raise errors.ConversionError(f"{path}: {what}") from None
     return part
@@ -107,7 +107,7 @@ def _batches(path: str, reader: Any) -> Any:
             batch = reader.read_next_batch()
         except StopIteration:
             return
-        except pa.ArrowInvalid as e:
+        except (pa.ArrowInvalid, pa.ArrowIOError) as e:
             raise errors.ConversionError(f"{path}: {_first_line(e)}") from None
         yield batch
 

@@ -23,7 +23,7 @@ from embfile import errors
 from embfile._extras import require
 from embfile._stream import CHUNK_BYTES, Chunk, Source, pooled, progress_bar
 from embfile.dataset import EmbFile
-from embfile.formats._common import atomic_output, gzipped, opened
+from embfile.formats._common import GZIP_ERRORS, atomic_output, gzipped, opened
 from embfile.formats.parquet import read_parts
 from embfile.formats.text import BLOCK_BYTES, is_number, stream_part
 
@@ -86,8 +86,11 @@ def word_vectors_layout(path: str) -> WordVectors | None:
     """How the word-vector file ``path`` is laid out; None if its first bytes are not word vectors (a key and
     numbers, separated by spaces; numeric keys, as node2vec's, only after a count line, as gensim writes them:
     without one, a line of numbers is a matrix's row)."""
-    with opened(path) as f:
-        head = f.read(1 << 20)
+    try:
+        with opened(path) as f:
+            head = f.read(1 << 20)
+    except GZIP_ERRORS as e:
+        raise errors.ConversionError(f"{path}: a damaged gzip file ({e})") from None
     first, _, rest = head.partition(b"\n")
     fields = first.split()
     count_line = len(fields) == 2 and all(x.isdigit() for x in fields)
@@ -110,7 +113,10 @@ def _binary_chunks(path: str, layout: WordVectors) -> Iterator[Chunk]:
     with opened(path) as f:
         at, data = len(f.readline()), bytearray()  # ``data[0]``'s offset in the file, and the bytes not yet read
         while n < layout.records:
-            block = f.read(BLOCK_BYTES)
+            try:
+                block = f.read(BLOCK_BYTES)
+            except GZIP_ERRORS as e:
+                raise errors.ConversionError(f"{path}: a damaged gzip file ({e})") from None
             data += block
             keys: list[str] = []
             vectors: list[bytearray] = []
