@@ -630,6 +630,9 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
     (tmp_path / "short.vec").write_text("".join(line + "\n" for line in lines[1:3]) + "Bonn 0.5 0.25\n")
     (tmp_path / "long.vec").write_text("".join(line + "\n" for line in lines[1:3]) + "Bonn 7 0.5 0.25 1\n")
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "embedding": [1.0, 2.0]}\n{"id": "b", "embedding": [1.0,\n')
+    (tmp_path / "latin.vec").write_bytes(b"a 1 2 3\nb \xff 1 2 3\n")  # a long line Arrow cannot decode: one line too
+    cli = [sys.executable, "-m", "embfile", "convert", tmp_path / "latin.vec", tmp_path / "out.emb"]
+    assert subprocess.run(cli, capture_output=True, text=True).stderr.count("\n") == 1
     for name, message in (
         ("short.vec", "short.vec: CSV parse error: Expected 4 columns, got 3"),
         ("long.vec", "long.vec: not a key and 3 numbers: 'Bonn 7 0.5 0.25 1'"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -69,6 +70,7 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
         spaced.append(row.text)
         return "skip"
 
+    _quiet_undecodable_rows()
     part = stream_part(
         path,
         lambda: csv.open_csv(
@@ -80,6 +82,25 @@ def read_word2vec(path: str | os.PathLike[str], *, pool: str | None = None, on_e
         functools.partial(_with_spaced_keys, spaced, dim),
     )
     return read_parts(path, "word2vec", [part], "f0", None, None, names[1 : dim + 1], pool, on_error)
+
+
+def _quiet_undecodable_rows() -> None:
+    """Have Python's hook for unraisable exceptions (as it is now) pass over one: Arrow decodes a line it sets
+    aside as UTF-8 before calling the handler above, and a line that is not gives the handler no call and the
+    user a traceback, as the line is refused anyway (a ConversionError names it)."""
+    hook = sys.unraisablehook
+    if getattr(hook, "passes_over_rows", False):
+        return
+
+    def quiet(unraisable: Any) -> None:
+        if not (
+            isinstance(unraisable.exc_value, UnicodeDecodeError)
+            and getattr(unraisable.object, "__qualname__", "") == "read_word2vec.<locals>.longer"
+        ):
+            hook(unraisable)
+
+    quiet.passes_over_rows = True  # type: ignore[attr-defined]
+    sys.unraisablehook = quiet
 
 
 def word_vectors_layout(path: str) -> WordVectors | None:
