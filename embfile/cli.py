@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +132,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("src", help="input file or folder")
     c.add_argument("dst", help="output file (.emb, .h5, .parquet, .arrow or .safetensors)")
-    c.add_argument("--from", dest="src_format", choices=sorted(formats.READERS), help="input format (detected)")
     c.add_argument(
         "--to", dest="dst_format", choices=["emb", *sorted(formats.WRITERS)], help="output format (from the name)"
     )
@@ -149,11 +149,6 @@ def _parser() -> argparse.ArgumentParser:
         help="add to the metadata: KEY=VALUE (VALUE read as JSON if it is, else as text), or a JSON object; repeatable",
     )
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
-    c.add_argument(
-        "--pool",
-        choices=POOLINGS,
-        help="pool per-residue (L, D) input into one vector per key (default: keep every row, a ragged file)",
-    )
     _version_option(c)
     c.add_argument(
         "--on-error",
@@ -162,45 +157,10 @@ def _parser() -> argparse.ArgumentParser:
         "and list it in --report (default: error)",
     )
     c.add_argument("--report", help="with --on-error skip: where to list what was skipped (default DST.skipped.jsonl)")
-    c.add_argument(
-        "--key-regex",
-        metavar="PATTERN",
-        help="derive each key from the source's: the first group (else the whole match) of PATTERN, "
-        r"e.g. '\|([^|]+)\|' takes P69905 of sp|P69905|HBA_HUMAN",
-    )
-    g = c.add_argument_group("HDF5 and Zarr")
-    g.add_argument("--group", help="read under this group (default /)")
-    g.add_argument(
-        "--layout",
-        choices=["bulk", "per-key", "skbio"],
-        help="input: detected (skbio: scikit-bio's embed format); output: bulk, per-key for per-residue records",
-    )
-    g.add_argument("--key-attr", help="take each key from this dataset attribute (e.g. original_id)")
-    g.add_argument(
-        "--ids", help="the ids' dataset or array (HDF5 bulk, npz, torch, safetensors, Zarr; default: detected)"
-    )
-    g.add_argument("--vectors", help="the matrix's dataset or array (default: detected; HDF5 output: vectors)")
-    g.add_argument("--compression", help="HDF5 output: gzip or lzf; Parquet output: codec of the keys")
-    g = c.add_argument_group("Parquet, Arrow and Lance")
-    g.add_argument("--key-column", help="default: one named id, _id or key, or the only string column (output: key)")
-    g.add_argument("--vector-column", help="default: the only list column (output: vector)")
-    g.add_argument("--wide-prefix", help="one numeric column per dimension: the columns starting with this")
-    g.add_argument("--wide-columns", type=lambda s: s.split(","), help="... or these, comma-separated")
-    g.add_argument("--row-group-size", type=int, help="rows per row group (default: about 64 MiB)")
-    g = c.add_argument_group("others")
-    g.add_argument("--layer", type=int, help="ESM: the layer of the representations to take")
-    g.add_argument(
-        "--per-residue", action="store_true", help="ESM: the per-residue representations, not mean_representations"
-    )
-    g.add_argument(
-        "--keys",
-        help="a matrix without ids (npy, torch, npz, safetensors, Zarr, pickle): its keys, one a line, the FASTA "
-        "file its rows were embedded from, a JSON list, an .npy array or a Parquet table (default for npy and a bare "
-        "tensor: NAME.txt)",
-    )
-    g.add_argument(
-        "--trust-pickle", action="store_true", help="pickle, or an .npy of Python objects: load it (this runs its code)"
-    )
+    _reading_arguments(c)
+    g = c.add_argument_group("outputs")
+    g.add_argument("--compression", help="HDF5: gzip or lzf; Parquet: codec of the keys")
+    g.add_argument("--row-group-size", type=int, help="Parquet: rows per row group (default: about 64 MiB)")
 
     c = command("info", _info, "count, dim, dtype, size, key lengths and metadata of an .emb file")
     c.add_argument("file")
@@ -269,6 +229,7 @@ def _parser() -> argparse.ArgumentParser:
         default="1GiB",
         help="bytes of records per new shard, e.g. 2GB or 512MiB (default 1GiB)",
     )
+    _reading_arguments(c)
 
     c = command("remove", _remove, "remove keys from a dataset folder, as its next version")
     c.add_argument("folder")
@@ -355,6 +316,53 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _reading_arguments(c: argparse.ArgumentParser) -> None:
+    """The options of reading an input, for ``convert`` and ``append``."""
+    c.add_argument("--from", dest="src_format", choices=sorted(formats.READERS), help="input format (detected)")
+    c.add_argument(
+        "--pool",
+        choices=POOLINGS,
+        help="pool per-residue (L, D) input into one vector per key (default: keep every row, a ragged file)",
+    )
+    c.add_argument(
+        "--key-regex",
+        metavar="PATTERN",
+        help="derive each key from the source's: the first group (else the whole match) of PATTERN, "
+        r"e.g. '\|([^|]+)\|' takes P69905 of sp|P69905|HBA_HUMAN",
+    )
+    g = c.add_argument_group("HDF5 and Zarr")
+    g.add_argument("--group", help="read under this group (default /)")
+    g.add_argument(
+        "--layout",
+        choices=["bulk", "per-key", "skbio"],
+        help="input: detected (skbio: scikit-bio's embed format); output: bulk, per-key for per-residue records",
+    )
+    g.add_argument("--key-attr", help="take each key from this dataset attribute (e.g. original_id)")
+    g.add_argument(
+        "--ids", help="the ids' dataset or array (HDF5 bulk, npz, torch, safetensors, Zarr; default: detected)"
+    )
+    g.add_argument("--vectors", help="the matrix's dataset or array (default: detected; HDF5 output: vectors)")
+    g = c.add_argument_group("Parquet, Arrow and Lance")
+    g.add_argument("--key-column", help="default: one named id, _id or key, or the only string column (output: key)")
+    g.add_argument("--vector-column", help="default: the only list column (output: vector)")
+    g.add_argument("--wide-prefix", help="one numeric column per dimension: the columns starting with this")
+    g.add_argument("--wide-columns", type=lambda s: s.split(","), help="... or these, comma-separated")
+    g = c.add_argument_group("others")
+    g.add_argument("--layer", type=int, help="ESM: the layer of the representations to take")
+    g.add_argument(
+        "--per-residue", action="store_true", help="ESM: the per-residue representations, not mean_representations"
+    )
+    g.add_argument(
+        "--keys",
+        help="a matrix without ids (npy, torch, npz, safetensors, Zarr, pickle): its keys, one a line, the FASTA "
+        "file its rows were embedded from, a JSON list, an .npy array or a Parquet table (default for npy and a bare "
+        "tensor: NAME.txt)",
+    )
+    g.add_argument(
+        "--trust-pickle", action="store_true", help="pickle, or an .npy of Python objects: load it (this runs its code)"
+    )
+
+
 def _version_option(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--version", type=_version, metavar="N", help="of a dataset folder: version N, or a tag (default: the latest)"
@@ -377,21 +385,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
 
 
-_CONVERT_OPTIONS = (
-    "version",
-    "on_error",
+_READ_OPTIONS = (  # the keywords of _reading_arguments' options, as the readers take them
     "group",
     "layout",
     "key_attr",
     "pool",
     "ids",
     "vectors",
-    "compression",
     "key_column",
     "vector_column",
     "wide_prefix",
     "wide_columns",
-    "row_group_size",
     "layer",
     "keys",
 )
@@ -424,12 +428,14 @@ def _metadata(text: str) -> dict[str, object]:
         return {key: raw}
 
 
+def _reading(args: argparse.Namespace, names: tuple[str, ...] = _READ_OPTIONS) -> dict[str, Any]:
+    """The options given of ``names`` (and the reading flags), as keywords."""
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    return {**options, **{flag: True for flag in ("trust_pickle", "per_residue") if getattr(args, flag)}}
+
+
 def _convert(args: argparse.Namespace) -> None:
-    options = {k: getattr(args, k) for k in _CONVERT_OPTIONS if getattr(args, k) is not None}
-    if args.trust_pickle:
-        options["trust_pickle"] = True
-    if args.per_residue:
-        options["per_residue"] = True
+    options = _reading(args, (*_READ_OPTIONS, "version", "on_error", "compression", "row_group_size"))
     metadata = {k: v for item in args.metadata or [] for k, v in item.items()} or None
     t = time.perf_counter()
     embfile.convert(
@@ -610,8 +616,10 @@ def _tag(args: argparse.Namespace) -> None:
 
 
 def _append(args: argparse.Namespace) -> None:
+    how = "replace" if args.replace else "error"
+    options = {**_reading(args), "src_format": args.src_format, "key": args.key_regex}
     for src in args.sources:
-        version = embfile.append(args.folder, src, "replace" if args.replace else "error", shard_bytes=args.shard_size)
+        version = embfile.append(args.folder, src, how, shard_bytes=args.shard_size, **options)
         print(f"{args.folder}: version {version} appends {src}", file=sys.stderr)
 
 

@@ -58,7 +58,7 @@ def not_versioned(folder: str | os.PathLike[str]) -> errors.ShardError:
 def nothing_to_append_to(folder: str | os.PathLike[str]) -> errors.WriterError:
     """The error for an append to a path that is not a versioned dataset folder, saying what it is instead."""
     return errors.WriterError(
-        f"{os.fspath(folder)}: no dataset to append to: {_what_is(folder)} (write_shards makes one)"
+        f"{os.fspath(folder)}: no dataset to append to: {_what_is(folder)} (write_shards or embfile merge make one)"
     )
 
 

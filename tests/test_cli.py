@@ -13,6 +13,8 @@ import termios
 
 import h5py
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import embfile
@@ -277,6 +279,13 @@ def test_grow_a_dataset_from_the_shell(tmp_path, study):
     with embfile.open(tmp_path / "some.emb") as db:
         assert list(db) == [keys[7], "new2"] and db["new2"].tolist() == [2.0] * 32
     assert_user_error(cli("append", tmp_path / "nothing", path, check=False), "no dataset to append to")
+    np.save(tmp_path / "more.npy", np.full((2, 32), 7, np.float32))  # appends read as convert reads
+    (tmp_path / "more.json").write_text('["m1", "m2"]')
+    assert "appends" in cli("append", ds, tmp_path / "more.npy", "--keys", tmp_path / "more.json").stderr
+    pq.write_table(pa.table({"acc": ["sp|P1|X"], "name": ["x"], "emb": [[1.0] * 32]}), tmp_path / "t.parquet")
+    cli("append", ds, tmp_path / "t.parquet", "--key-column", "acc", "--key-regex", r"\|([^|]+)\|")
+    with embfile.open(ds) as db:
+        assert db["m2"].tolist() == [7.0] * 32 and db["P1"].tolist() == [1.0] * 32
 
 
 def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
