@@ -311,6 +311,37 @@ def test_a_folder_of_two_splits_is_refused_not_merged(tmp_path):
     assert list(embfile.open(tmp_path / "o.emb")) == ["train-a"]
 
 
+def test_a_delta_lake_table_converts_its_current_version(tmp_path):
+    """A Delta Lake table's folder holds the Parquet files of every version: its log names the current one's
+    (a deleted row's old file stays until VACUUM). Files of one table written at other times differ in their
+    list items' names and string types (deltalake writes string views), and read as one."""
+    deltalake = pytest.importorskip("deltalake")
+    table = tmp_path / "table"
+    deltalake.write_deltalake(table, pa.table({"id": ["a", "b", "c"], "emb": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]}))
+    deltalake.write_deltalake(table, pa.table({"id": ["d"], "emb": [[7.0, 8.0]]}), mode="append")
+    deltalake.DeltaTable(table).delete("id = 'b'")  # rewrites the first file without it; the old one stays
+    assert len(list(table.glob("*.parquet"))) == 3
+    embfile.convert(table, tmp_path / "t.emb")
+    assert_store(tmp_path / "t.emb", {"a": [1.0, 2.0], "c": [5.0, 6.0], "d": [7.0, 8.0]})
+    partitioned = pa.table({"id": ["a", "b"], "emb": [[1.0], [2.0]], "part": ["x", "y"]})
+    deltalake.write_deltalake(tmp_path / "parts", partitioned, partition_by=["part"])
+    embfile.convert(tmp_path / "parts", tmp_path / "parts.emb")
+    assert_store(tmp_path / "parts.emb", {"a": [1.0], "b": [2.0]})
+    deltalake.write_deltalake(tmp_path / "dv", partitioned, configuration={"delta.enableDeletionVectors": "true"})
+    with pytest.raises(embfile.ConversionError, match="dv: a Delta Lake table with deletionVectors: its Parquet"):
+        embfile.convert(tmp_path / "dv", tmp_path / "dv.emb")
+    for name, marker, what in (  # laid out as their tables are (not written by their tools)
+        ("iceberg", "metadata/v1.metadata.json", "an Apache Iceberg table"),
+        ("hudi", ".hoodie/hoodie.properties", "an Apache Hudi table"),
+    ):
+        (tmp_path / name / "data").mkdir(parents=True)
+        pq.write_table(pa.table({"id": ["a"], "emb": [[1.0]]}), tmp_path / name / "data/0.parquet")
+        (tmp_path / name / marker).parent.mkdir()
+        (tmp_path / name / marker).write_text("{}")
+        with pytest.raises(embfile.ConversionError, match=f"{name}: {what}; its folder holds files its current"):
+            embfile.convert(tmp_path / name, tmp_path / "x.emb")
+
+
 def test_arrow_ipc_feather_and_hugging_face_save_to_disk(tmp_path, data):
     import pyarrow.feather as feather
 

@@ -134,12 +134,29 @@ class StreamPart(Part):
 
 def parquet_part(path: str) -> Part:
     """A Parquet file, read a column-chunk buffer at a time: a huge row group is never loaded whole."""
+    pa = require("pyarrow", "parquet")
     pq = require("pyarrow.parquet", "parquet")
+    schema = pq.read_schema(path)
+    plain = _without_views(schema)
 
     def batches(size: int, columns: list[str]) -> Iterator[Any]:
-        return iter(pq.ParquetFile(path, buffer_size=8 << 20, pre_buffer=False).iter_batches(size, columns=columns))
+        read = pq.ParquetFile(path, buffer_size=8 << 20, pre_buffer=False).iter_batches(size, columns=columns)
+        if plain.equals(schema):
+            return iter(read)
+        return (b.cast(pa.schema([plain.field(c) for c in b.schema.names])) for b in read)
 
-    return Part(path, pq.read_schema(path), pq.read_metadata(path).num_rows, batches)
+    return Part(path, plain, pq.read_metadata(path).num_rows, batches)
+
+
+def _without_views(schema: Any) -> Any:
+    """``schema`` with its string views as strings (what deltalake and Polars may write: keys are read from
+    the layout of Arrow's ``string``)."""
+    import pyarrow as pa
+
+    def plain(t: Any) -> Any:
+        return pa.large_string() if pa.types.is_string_view(t) else t
+
+    return pa.schema([f.with_type(plain(f.type)) for f in schema], metadata=schema.metadata)
 
 
 def arrow_part(path: str) -> Part:
@@ -218,7 +235,7 @@ def read_parts(
     pa = require("pyarrow", "parquet")
     schema = parts[0].schema
     for other in parts[1:]:
-        if not other.schema.equals(schema, check_metadata=False):
+        if _columns(other.schema) != _columns(schema):
             raise errors.ConversionError(f"{other.name}: schema differs from {parts[0].name}'s")
     if key_column is None:
         strings = any(_is_string(f.type) for f in schema)
@@ -280,6 +297,21 @@ def read_parts(
     bad = OnError(on_error)
     chunks = _chunks(parts, key_column, columns, dim, dtype, bool(wide_prefix or wide_columns), bad)
     return pooled(Source(dim, dtype, count, chunks, desc, meta, on_error=bad), pool)
+
+
+def _columns(schema: Any) -> list[tuple[str, Any]]:
+    """The columns of ``schema`` and their types, as the records are read from them: the names writers give a
+    list's items (``item``, ``element``) and the width of its offsets left out."""
+    import pyarrow as pa
+
+    def kind(t: Any) -> Any:
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return ("list", kind(t.value_type))
+        if pa.types.is_fixed_size_list(t):
+            return ("list", t.list_size, kind(t.value_type))
+        return "string" if _is_string(t) else str(t)
+
+    return [(f.name, kind(f.type)) for f in schema]
 
 
 def _rows(parts: list[Part]) -> int | None:
@@ -377,7 +409,21 @@ def _matrix_chunks(parts: list[Part], key_column: str, column: str, dim: int, dt
             row += batch.num_rows
 
 
+TABLE_FORMATS = {  # a folder with one of these holds the files of every version of a table, not one version
+    "metadata": "an Apache Iceberg table",
+    ".hoodie": "an Apache Hudi table",
+}
+
+
 def _parquet_files(path: str) -> list[str]:
+    if os.path.isdir(os.path.join(path, "_delta_log")):
+        return _delta_files(path)
+    for marker, what in TABLE_FORMATS.items():
+        if os.path.isdir(os.path.join(path, marker)) and (marker != "metadata" or _iceberg(path)):
+            raise errors.ConversionError(
+                f"{path}: {what}; its folder holds files its current version no longer reads: read the table "
+                "with its engine (embfile.spark.write of spark.read.table(...), say)"
+            )
     if os.path.isdir(path):
         files = sorted(
             os.path.join(d, f)
@@ -397,6 +443,27 @@ def _parquet_files(path: str) -> list[str]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     return [path]
+
+
+def _iceberg(path: str) -> bool:
+    return any(f.endswith(".metadata.json") for f in os.listdir(os.path.join(path, "metadata")))
+
+
+def _delta_files(path: str) -> list[str]:
+    """The Parquet files of a Delta Lake table's current version (its folder holds every version's), as its
+    log says (read by the ``deltalake`` package); a partitioning column is not in them, the others are."""
+    deltalake = require("deltalake", "delta")
+    table = deltalake.DeltaTable(path)
+    beyond = set(table.protocol().reader_features or ()) & {"deletionVectors", "columnMapping"}
+    if beyond:
+        raise errors.ConversionError(
+            f"{path}: a Delta Lake table with {' and '.join(sorted(beyond))}: its Parquet files alone do not hold "
+            "its rows; read it with Spark (embfile.spark.write of spark.read.format('delta').load(...))"
+        )
+    files = [u.removeprefix("file://") for u in table.file_uris()]
+    if not files:
+        raise errors.ConversionError(f"{path}: a Delta Lake table with no rows (version {table.version()})")
+    return files
 
 
 def _is_string(t: Any) -> bool:
