@@ -258,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("sources", nargs="+", metavar="SRC")
     c.add_argument("dst", help="a new .emb file, or a new dataset folder (a path or a URL)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
+    _reading_arguments(c)
 
     c = command("subset", _subset, "write the records of some keys to a new file or dataset")
     c.add_argument("src", help="an .emb file or a dataset folder (a path or a URL)")
@@ -432,6 +433,12 @@ def _reading(args: argparse.Namespace, names: tuple[str, ...] = _READ_OPTIONS) -
     """The options given of ``names`` (and the reading flags), as keywords."""
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     return {**options, **{flag: True for flag in ("trust_pickle", "per_residue") if getattr(args, flag)}}
+
+
+def _reading_all(args: argparse.Namespace) -> dict[str, Any]:
+    """The reading options as ``append`` and ``merge`` take them (each source read with them)."""
+    given = {"src_format": args.src_format, "key": args.key_regex}
+    return {**_reading(args), **{k: v for k, v in given.items() if v is not None}}
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -617,7 +624,7 @@ def _tag(args: argparse.Namespace) -> None:
 
 def _append(args: argparse.Namespace) -> None:
     how = "replace" if args.replace else "error"
-    options = {**_reading(args), "src_format": args.src_format, "key": args.key_regex}
+    options = _reading_all(args)
     for src in args.sources:
         version = embfile.append(args.folder, src, how, shard_bytes=args.shard_size, **options)
         print(f"{args.folder}: version {version} appends {src}", file=sys.stderr)
@@ -652,7 +659,7 @@ def _cache(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    embfile.merge(args.sources, args.dst, shard_bytes=args.shard_size)
+    embfile.merge(args.sources, args.dst, shard_bytes=args.shard_size, **_reading_all(args))
 
 
 def _subset(args: argparse.Namespace) -> None:

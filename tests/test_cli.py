@@ -286,6 +286,8 @@ def test_grow_a_dataset_from_the_shell(tmp_path, study):
     cli("append", ds, tmp_path / "t.parquet", "--key-column", "acc", "--key-regex", r"\|([^|]+)\|")
     with embfile.open(ds) as db:
         assert db["m2"].tolist() == [7.0] * 32 and db["P1"].tolist() == [1.0] * 32
+    cli("merge", tmp_path / "more.npy", tmp_path / "started", "--keys", tmp_path / "more.json")  # a dataset begun
+    assert list(embfile.open(tmp_path / "started")) == ["m1", "m2"]
 
 
 def test_a_sweep_of_bad_inputs_gives_one_line_each(tmp_path):
