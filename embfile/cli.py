@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         "convert", _convert, "convert between .emb, HDF5, Parquet, ESM folders, .npy, .npz, torch, safetensors, pickles"
     )
     c.add_argument("src", help="input file or folder")
-    c.add_argument("dst", help="output file (.emb, .h5, .parquet, .arrow or .safetensors)")
+    c.add_argument("dst", help="output file (.emb, .h5, .parquet, .arrow, .safetensors, .vec, .bin or .csv)")
     c.add_argument(
         "--to", dest="dst_format", choices=["emb", *sorted(formats.WRITERS)], help="output format (from the name)"
     )

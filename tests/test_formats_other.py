@@ -147,7 +147,7 @@ def test_detection_and_options(tmp_path, study):
     with pytest.raises(embfile.ConversionError, match="cannot tell its format"):
         embfile.convert(tmp_path / "x.txt", tmp_path / "y.emb")
     with pytest.raises(embfile.ConversionError, match="cannot tell the output format"):
-        embfile.convert(path, tmp_path / "y.csv")
+        embfile.convert(path, tmp_path / "y.xlsx")
     with pytest.raises(TypeError, match="'layer' applies to neither emb input nor parquet output"):
         embfile.convert(path, tmp_path / "y.parquet", layer=3)
 
@@ -707,6 +707,28 @@ def test_word_vectors_written_for_gensim_and_the_tools_that_read_them(tmp_path):
         with pytest.raises(embfile.ConversionError, match=message):
             embfile.convert(tmp_path / name, tmp_path / "out.vec")
         assert not os.path.exists(tmp_path / "out.vec")
+
+
+def test_tables_written_as_csv_for_pandas_and_r(tmp_path):
+    """.emb -> CSV or TSV (gzipped too), a header row and one column a dimension, read back by pandas exactly
+    (keys holding the delimiter or quotes quoted), and by embfile's own reader."""
+    pd = pytest.importorskip("pandas")
+    keys = ["a,b", 'say "hi"', "tab\there", "ü"]
+    vectors = np.random.default_rng(7).standard_normal((4, 5)).astype(np.float32)
+    embfile.write(tmp_path / "v.emb", (keys, vectors))
+    embfile.write(tmp_path / "half.emb", (keys, vectors.astype(np.float16)))
+    for name, sep in (("v.csv", ","), ("v.tsv", "\t"), ("v.csv.gz", ","), ("half.csv", ",")):
+        embfile.convert(tmp_path / ("half.emb" if name.startswith("half") else "v.emb"), tmp_path / name)
+        table = pd.read_csv(tmp_path / name, sep=sep, index_col="key")
+        want = vectors.astype(np.float16) if name.startswith("half") else vectors
+        assert list(table.index) == keys and list(table.columns) == [f"v{j}" for j in range(5)]
+        np.testing.assert_array_equal(table.to_numpy(np.float32), want.astype(np.float32))
+        embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", dtype="float32")  # (text: float64 unless asked)
+        assert_store(tmp_path / f"{name}.emb", dict(zip(keys, want.astype(np.float32))))
+    embfile.write(tmp_path / "residues.emb", {"P1": np.ones((3, 5), np.float32)}, ragged=True)
+    with pytest.raises(embfile.ConversionError, match="residues.emb: per-residue records; a table's row is one a key"):
+        embfile.convert(tmp_path / "residues.emb", tmp_path / "out.csv")
+    assert not os.path.exists(tmp_path / "out.csv")
 
 
 def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):

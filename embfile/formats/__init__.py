@@ -31,7 +31,7 @@ from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
 from embfile.formats.parquet import read_arrow, read_lance, read_parquet, read_table, to_arrow, to_parquet
 from embfile.formats.tensors import read_npz, read_safetensors, read_torch, read_zarr, to_safetensors
-from embfile.formats.text import read_csv, read_jsonl
+from embfile.formats.text import read_csv, read_jsonl, to_csv
 from embfile.formats.word2vec import read_word2vec, to_word2vec, word_vectors_layout
 from embfile.shards import shard_paths
 
@@ -58,6 +58,7 @@ WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
     "arrow": to_arrow,
     "safetensors": to_safetensors,
     "word2vec": to_word2vec,
+    "csv": to_csv,
 }
 _MAGIC = {F.MAGIC: "emb", **{magic: fmt for magic, (fmt, _) in F.FOREIGN.items() if fmt not in ("zip", "pickle")}}
 FASTTEXT_MODEL = (793712314).to_bytes(4, "little")  # fastText's .bin models start with it
@@ -185,8 +186,8 @@ def convert(
     ``datasets.Dataset``, a pandas or polars DataFrame.
     Formats: ``emb``, ``hdf5``, ``parquet``, ``arrow`` (IPC files and streams, Feather, Hugging Face
     ``save_to_disk`` folders), ``safetensors``, ``word2vec`` (its text format, as GloVe and fastText write it,
-    and its binary one); as inputs only ``esm``, ``npy``, ``npz``, ``torch``, ``lance``, ``zarr``, ``pickle``,
-    ``csv`` (and TSV) and ``jsonl``.
+    and its binary one), ``csv`` (and TSV); as inputs only ``esm``, ``npy``, ``npz``, ``torch``, ``lance``,
+    ``zarr``, ``pickle`` and ``jsonl``.
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
@@ -338,10 +339,10 @@ def output_format(path: str | os.PathLike[str]) -> str:
     """The format an output's name asks for."""
     name = os.fspath(path).lower()
     fmt = _EXTENSIONS.get(os.path.splitext(name.removesuffix(".gz") if name.endswith(".gz") else name)[1])
-    if fmt is None or fmt not in ("emb", *WRITERS) or (name.endswith(".gz") and fmt != "word2vec"):
+    if fmt is None or fmt not in ("emb", *WRITERS) or (name.endswith(".gz") and fmt not in ("word2vec", "csv")):
         raise errors.ConversionError(
             f"{path}: cannot tell the output format from its name; use .emb, .h5, .parquet, .arrow, "
-            ".safetensors or .vec, .txt, .bin (word vectors; .gz too), or dst_format= (--to)"
+            ".safetensors, .csv, .tsv or .vec, .txt, .bin (word vectors; text also .gz), or dst_format= (--to)"
         )
     return fmt
 

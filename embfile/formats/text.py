@@ -9,13 +9,18 @@ only text column) and columns of numbers only is one column per dimension.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import Source
+from embfile._stream import CHUNK_BYTES, Source, progress_bar
+from embfile.dataset import EmbFile
+from embfile.formats._common import atomic_output
 from embfile.formats.parquet import StreamPart, key_column_of, read_parts
 
 BLOCK_BYTES = 16 << 20  # text parsed at a time
@@ -168,3 +173,61 @@ def _numbers_beside_the_key(pa: Any, schema: Any, key_column: str | None) -> lis
     rest = [f for f in schema if f.name != key_column]
     numeric = all(pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in rest)
     return [f.name for f in rest] if numeric and len(rest) >= 2 and key_column in schema.names else None
+
+
+def to_csv(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    delimiter: str | None = None,
+    key_column: str = "key",
+    progress: bool = False,
+) -> str:
+    """Write the .emb file ``src`` as a CSV table at ``dst`` (atomic; TSV by its name or ``delimiter``; gzipped
+    for a ``.gz`` name), for R, spreadsheets and pandas: a header row, then each key and its values, one column
+    a dimension (``key_column``, ``v0``, ``v1``, ...), as :func:`read_csv` reads it back.  Each value is the
+    shortest text that reads back as it was (half floats as float32); per-residue records are refused."""
+    from pyarrow import csv
+
+    name = os.fspath(dst).lower().removesuffix(".gz")
+    delimiter = delimiter or ("\t" if name.endswith((".tsv", ".tab")) else ",")
+    with text_output(src, dst, "a table's row is one a key", progress) as (db, out, chunks):
+        dtype = np.dtype(np.float32) if db.dtype.kind == "f" and db.dtype.itemsize < 4 else db.dtype
+        options = csv.WriteOptions(include_header=False, delimiter=delimiter)
+        names = [key_column, *(f"v{j}" for j in range(db.dim))]
+        out.write((delimiter.join(names) + "\n").encode())  # as pandas writes it (Arrow quotes every name)
+        for keys, block in chunks:
+            csv.write_csv(rows_table(keys, np.asarray(block, dtype), names), out, options)
+    return os.fspath(dst)
+
+
+@contextlib.contextmanager
+def text_output(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], per_record: str, progress: bool, value_bytes: int = 16
+) -> Iterator[tuple[Any, Any, Iterator[tuple[Any, np.ndarray]]]]:
+    """The .emb file ``src`` open, an output stream at ``dst`` (atomic; gzipped for a ``.gz`` name), and the
+    file's records in chunks (its keys as an Arrow array, its values as stored), the progress bar following
+    them.  Per-residue records are refused (``per_record`` says why)."""
+    pa = require("pyarrow", "parquet")
+    with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
+        if db.ragged:
+            raise errors.ConversionError(f"{src}: per-residue records; {per_record}: pool them first")
+        keys = db.to_arrow()["key"]
+
+        def chunks() -> Iterator[tuple[Any, np.ndarray]]:
+            for lo, hi, block in db.chunks(max(1, CHUNK_BYTES // (db.dim * db.dtype.itemsize))):
+                yield keys.slice(lo, hi - lo), block
+                bar.update(hi - lo)
+
+        gz = os.fspath(dst).lower().endswith(".gz")
+        with atomic_output(dst, db.header.keys_size + len(db) * db.dim * value_bytes) as tmp:
+            with pa.output_stream(tmp, compression="gzip" if gz else None) as out:
+                yield db, out, chunks()
+
+
+def rows_table(keys: Any, matrix: np.ndarray, names: list[str] | None = None) -> Any:
+    """A table of ``keys`` and one column a dimension of ``matrix``, to be written as text rows."""
+    import pyarrow as pa
+
+    columns = [keys, *(pa.array(matrix[:, j]) for j in range(matrix.shape[1]))]
+    return pa.Table.from_arrays(columns, names or [f"f{j}" for j in range(len(columns))])

@@ -22,11 +22,10 @@ import numpy as np
 from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import CHUNK_BYTES, Chunk, Source, pooled, progress_bar
-from embfile.dataset import EmbFile
-from embfile.formats._common import GZIP_ERRORS, atomic_output, gzipped, opened
+from embfile._stream import Chunk, Source, pooled
+from embfile.formats._common import GZIP_ERRORS, gzipped, opened
 from embfile.formats.parquet import read_parts
-from embfile.formats.text import BLOCK_BYTES, is_number, stream_part
+from embfile.formats.text import BLOCK_BYTES, is_number, rows_table, stream_part, text_output
 
 
 class WordVectors(NamedTuple):
@@ -200,33 +199,21 @@ def to_word2vec(
     as its C tool writes them) with ``binary`` (default: for a ``.bin`` name), else as text; gzipped for a
     ``.gz`` name.  A key holding whitespace is refused (the format separates fields by spaces), and so are
     per-residue records (pool them first)."""
-    pa = require("pyarrow", "parquet")
     from pyarrow import csv
 
-    dst = os.fspath(dst)
-    name = dst.lower().removesuffix(".gz")
-    binary = name.endswith(".bin") if binary is None else binary
-    with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(dst)) as bar:
-        if db.ragged:
-            raise errors.ConversionError(f"{src}: per-residue records; word vectors are one a key: pool them first")
+    binary = os.fspath(dst).lower().removesuffix(".gz").endswith(".bin") if binary is None else binary
+    with text_output(src, dst, "word vectors are one a key", progress, 4 if binary else 16) as (db, out, chunks):
         dtype = db.dtype if db.dtype == np.float64 and not binary else np.dtype("<f4")  # the format's type
-        table = db.to_arrow()
         options = csv.WriteOptions(include_header=False, delimiter=" ", quoting_style="none")
-        with atomic_output(dst, db.header.keys_size + len(db) * db.dim * (4 if binary else 16)) as tmp:
-            with pa.output_stream(tmp, compression="gzip" if dst.lower().endswith(".gz") else None) as out:
-                out.write(f"{len(db)} {db.dim}\n".encode())
-                for lo, hi, block in db.chunks(max(1, CHUNK_BYTES // (db.dim * 4))):
-                    keys = table["key"].slice(lo, hi - lo)
-                    _refuse_spaced_keys(src, keys)
-                    matrix = np.asarray(block, dtype)
-                    if binary:
-                        out.write(b"".join(k + b" " + v.tobytes() + b"\n" for k, v in zip(_utf8(keys), matrix)))
-                    else:
-                        columns = [keys, *(pa.array(matrix[:, j]) for j in range(db.dim))]
-                        lines = pa.Table.from_arrays(columns, [f"f{j}" for j in range(db.dim + 1)])
-                        csv.write_csv(lines, out, options)
-                    bar.update(hi - lo)
-    return dst
+        out.write(f"{len(db)} {db.dim}\n".encode())
+        for keys, block in chunks:
+            _refuse_spaced_keys(src, keys)
+            matrix = np.asarray(block, dtype)
+            if binary:
+                out.write(b"".join(k + b" " + v.tobytes() + b"\n" for k, v in zip(_utf8(keys), matrix)))
+            else:
+                csv.write_csv(rows_table(keys, matrix), out, options)
+    return os.fspath(dst)
 
 
 def _refuse_spaced_keys(src: Any, keys: Any) -> None:
