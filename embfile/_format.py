@@ -26,6 +26,34 @@ FOREIGN = {  # the first bytes of files users convert from: opening one says wha
     b"PK\x03\x04": ("zip", "a zip (torch.save, np.savez)"),
     b"\x80": ("pickle", "a pickle"),  # protocol 2 and later
 }
+EXTENSIONS = {  # the formats file names say (formats.detect_format, output_format; open()'s errors)
+    ".emb": "emb",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+    ".hdf": "hdf5",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+    ".npy": "npy",
+    ".npz": "npz",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".safetensors": "safetensors",
+    ".lance": "lance",
+    ".zarr": "zarr",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".tab": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".vec": "word2vec",
+    ".txt": "word2vec",  # GloVe's
+    ".bin": "word2vec",  # word2vec's binary format (GoogleNews-vectors-negative300.bin)
+}
 VERSION = (1, 1)  # "Versioning": a reader refuses a newer major version
 FIXED_VERSION = (1, 0)  # files without ragged records are written as 1.0, readable by every 1.x reader
 PAGE = 4096  # "Alignment": records and index start on a page
@@ -293,6 +321,9 @@ FIELD_MAX = {
 def _what(head: bytes, path: str) -> str:
     """What a file that is not an .emb file is, from its first bytes: a format embfile converts, or the bytes."""
     kind = next((kind for magic, (_, kind) in FOREIGN.items() if head.startswith(magic)), None)
-    if kind is None:
-        return f"(starts with {head[:8]!r})"
-    return f"but {kind}: `embfile convert {path} {os.path.splitext(path)[0]}.emb` converts it"
+    command = f"`embfile convert {path} {os.path.splitext(path.removesuffix('.gz'))[0]}.emb`"
+    if kind is not None:
+        return f"but {kind}: {command} converts it"
+    if EXTENSIONS.get(os.path.splitext(path.lower().removesuffix(".gz"))[1], "emb") != "emb":  # text, say
+        return f"(starts with {head[:8]!r}); if it holds vectors, {command} converts it"
+    return f"(starts with {head[:8]!r})"

@@ -82,6 +82,14 @@ def test_real_hdf5_and_parquet_are_refused(tmp_path):
             embfile.NotAnEmbFileError, match=rf"not an .emb file but {kind}: `embfile convert .*{name} {stem}.emb`"
         ):
             embfile.open(tmp_path / name)
+    (tmp_path / "words.vec.gz").write_bytes(b"\x1f\x8b...")  # no magic of its own: by its name, text to convert
+    with pytest.raises(
+        embfile.NotAnEmbFileError, match=r"; if it holds vectors, `embfile convert .*words.vec.gz .*words.emb"
+    ):
+        embfile.open(tmp_path / "words.vec.gz")
+    (tmp_path / "notes.md").write_text("# notes")
+    with pytest.raises(embfile.NotAnEmbFileError, match=r"notes.md: not an .emb file \(starts with b'# notes'\)$"):
+        embfile.open(tmp_path / "notes.md")
 
 
 def test_future_major_version(good):

@@ -62,34 +62,6 @@ WRITERS: dict[str, Callable[..., str]] = {  # and "emb", through write_emb
 }
 _MAGIC = {F.MAGIC: "emb", **{magic: fmt for magic, (fmt, _) in F.FOREIGN.items() if fmt not in ("zip", "pickle")}}
 FASTTEXT_MODEL = (793712314).to_bytes(4, "little")  # fastText's .bin models start with it
-_EXTENSIONS = {
-    ".emb": "emb",
-    ".h5": "hdf5",
-    ".hdf5": "hdf5",
-    ".hdf": "hdf5",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".arrow": "arrow",
-    ".feather": "arrow",
-    ".ipc": "arrow",
-    ".pkl": "pickle",
-    ".pickle": "pickle",
-    ".npy": "npy",
-    ".npz": "npz",
-    ".pt": "torch",
-    ".pth": "torch",
-    ".safetensors": "safetensors",
-    ".lance": "lance",
-    ".zarr": "zarr",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".tab": "csv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".vec": "word2vec",
-    ".txt": "word2vec",  # GloVe's
-    ".bin": "word2vec",  # word2vec's binary format (GoogleNews-vectors-negative300.bin)
-}
 
 
 def from_hdf5(
@@ -315,8 +287,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         ext = os.path.splitext(path[: -len(ext)])[1].lower()
     if ext in (".pkl", ".pickle") or head[:1] == b"\x80":
         return "pickle"
-    if ext in _EXTENSIONS and (_EXTENSIONS[ext] != "word2vec" or word_vectors_layout(path) is not None):
-        return _EXTENSIONS[ext]  # e.g. HDF5 with a user block before its signature
+    if ext in F.EXTENSIONS and (F.EXTENSIONS[ext] != "word2vec" or word_vectors_layout(path) is not None):
+        return F.EXTENSIONS[ext]  # e.g. HDF5 with a user block before its signature
     raise errors.ConversionError(f"{path}: cannot tell its format; name it with src_format= (--from)")
 
 
@@ -338,7 +310,7 @@ def _zip_format(path: str) -> str:
 def output_format(path: str | os.PathLike[str]) -> str:
     """The format an output's name asks for."""
     name = os.fspath(path).lower()
-    fmt = _EXTENSIONS.get(os.path.splitext(name.removesuffix(".gz") if name.endswith(".gz") else name)[1])
+    fmt = F.EXTENSIONS.get(os.path.splitext(name.removesuffix(".gz") if name.endswith(".gz") else name)[1])
     if fmt is None or fmt not in ("emb", *WRITERS) or (name.endswith(".gz") and fmt not in ("word2vec", "csv")):
         raise errors.ConversionError(
             f"{path}: cannot tell the output format from its name; use .emb, .h5, .parquet, .arrow, "
