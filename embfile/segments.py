@@ -59,52 +59,54 @@ def write_segments(tx: Transaction, key_chunks: Iterable[list[str] | EncodedKeys
     """New segments of these keys, in this order, of :data:`SEGMENT_KEYS` each at most (none for no keys).
     A key given twice is a :class:`DuplicateKeyError` naming its two positions."""
     out: list[FileEntry] = []
-    name, w, n = None, None, 0  # the segment being written, and the keys before it
+    written: KeyIndex | None = None  # of the segments finished: the next one's keys are looked up in it
+    current: tuple[str, Writer] | None = None  # the segment being written
     try:
         for keys in key_chunks:
             while len(keys):
-                if w is None:
+                if current is None:
                     name = tx.new_name(INDEX)
-                    w = Writer(tx.path(name), 1, "uint64")
-                take = keys[: SEGMENT_KEYS - len(w)]
-                _refuse_written(tx, out, take, n + len(w))
+                    current = name, Writer(tx.path(name), 1, "uint64")
+                name, w = current
+                take, keys = keys[: SEGMENT_KEYS - len(w)], keys[SEGMENT_KEYS - len(w) :]
+                if written is not None:
+                    _refuse_present(written, take, written.count + len(w))
                 w.add_batch(take, np.arange(len(w), len(w) + len(take), dtype=np.uint64)[:, None])
-                keys = keys[len(take) :]
                 if len(w) == SEGMENT_KEYS:
-                    out.append(_finished(tx, w, name, n))
-                    n, w = n + SEGMENT_KEYS, None
-        if w is not None:
-            out.append(_finished(tx, w, name, n))
+                    current = None
+                    out.append(_finished(tx, name, w, SEGMENT_KEYS * len(out)))
+                    if written is not None:
+                        written.close()
+                    written = KeyIndex(tx.folder, out)
+        if current is not None:
+            name, w = current
+            current = None
+            out.append(_finished(tx, name, w, SEGMENT_KEYS * len(out)))
     finally:
-        if w is not None:
-            w.abort()
+        if current is not None:
+            current[1].abort()
+        if written is not None:
+            written.close()
     return out
 
 
-def _finished(tx: Transaction, w: Writer, name: str | None, start: int) -> FileEntry:
-    """The segment ``w`` wrote, its keys ``start`` on; a key twice in it named by those positions."""
+def _finished(tx: Transaction, name: str, w: Writer, start: int) -> FileEntry:
+    """The segment ``w`` wrote, of keys ``start`` on; a key twice in it named by those positions."""
     try:
         w.close()
     except errors.DuplicateKeyError as e:
         a, b = sorted(start + int(r) for r in e.rows)
         raise errors.DuplicateKeyError(f"duplicate key {e.key!r} (positions {a} and {b})", e.key, (a, b)) from None
-    assert name is not None
     return entry(tx.folder, name)
 
 
-def _refuse_written(tx: Transaction, written: Sequence[FileEntry], keys: list[str] | EncodedKeys, at: int) -> None:
-    """A DuplicateKeyError if one of ``keys`` (at positions ``at`` on) is in the ``written`` segments."""
-    if not written:
-        return
-    index = KeyIndex(tx.folder, written)
-    try:
-        found = index.find_rows(keys)
-        if (found >= 0).any():
-            i = int(np.flatnonzero(found >= 0)[0])
-            key, a = index.table.key(int(found[i])), int(found[i])
-            raise errors.DuplicateKeyError(f"duplicate key {key!r} (positions {a} and {at + i})", key, (a, at + i))
-    finally:
-        index.close()
+def _refuse_present(index: KeyIndex, keys: list[str] | EncodedKeys, at: int) -> None:
+    """A DuplicateKeyError if one of ``keys`` (at positions ``at`` on) is in ``index``."""
+    found = index.find_rows(keys)
+    if (found >= 0).any():
+        i = int(np.flatnonzero(found >= 0)[0])
+        key, a = index.table.key(int(found[i])), int(found[i])
+        raise errors.DuplicateKeyError(f"duplicate key {key!r} (positions {a} and {at + i})", key, (a, at + i))
 
 
 def merge_tail(tx: Transaction, segments: Sequence[FileEntry]) -> list[FileEntry]:
@@ -238,23 +240,23 @@ def appended(
     """``base`` and then ``shards`` (whose keys ``segments`` hold).  A key already in ``base`` is a
     :class:`DuplicateKeyError`, or with ``replace`` its old record is removed."""
     index = KeyIndex(tx.folder, base.segments, base.version)
+    found = []  # the rows of base the new keys are at (few, or none: not a row a key)
     try:
-        rows = np.concatenate(
-            [index.find_rows(keys) for s in segments for keys in file_keys(tx.folder, s.path)]
-            or [np.empty(0, np.int64)]
-        )
-        if not replace and (rows >= 0).any():
-            first = int(np.flatnonzero(rows >= 0)[0])
-            key = index.table.key(int(rows[first]))
-            raise errors.DuplicateKeyError(
-                f"key {key!r} is already in the dataset (version {base.version}); "
-                "on_duplicate='replace' (--replace) replaces it",
-                key,
-                (int(rows[first]), -1),
-            )
+        for keys in (keys for s in segments for keys in file_keys(tx.folder, s.path)):
+            rows = index.find_rows(keys)
+            rows = rows[rows >= 0]
+            if rows.size and not replace:
+                key = index.table.key(int(rows[0]))
+                raise errors.DuplicateKeyError(
+                    f"key {key!r} is already in the dataset (version {base.version}); "
+                    "on_duplicate='replace' (--replace) replaces it",
+                    key,
+                    (int(rows[0]), -1),
+                )
+            found.append(rows)
     finally:
         index.close()
-    dead = np.unique(rows[rows >= 0]).astype(np.uint64)
+    dead = np.unique(np.concatenate(found) if found else np.empty(0, np.int64)).astype(np.uint64)
     old_shards, old_segments = without_rows(tx, base, dead) if dead.size else (base.shards, base.segments)
     return base.successor(
         [*old_shards, *shards],
