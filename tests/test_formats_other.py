@@ -41,6 +41,13 @@ def write_esm_extract(folder, labels, dim=1280, layers=(33,), per_tok=False, mea
     return expected
 
 
+def assert_refused(src, dst, message):
+    """Converting ``src`` is one ConversionError matching ``message``, and nothing is left at ``dst``."""
+    with pytest.raises(embfile.ConversionError, match=message):
+        embfile.convert(src, dst)
+    assert not os.path.exists(dst)
+
+
 def test_esm_folder(tmp_path):
     labels = [k for k in AWKWARD_KEYS if len(k) < 200] + ["UniRef90_A/B", "x/y/z"]  # '/' makes subfolders
     reps = write_esm_extract(tmp_path / "esm", labels, dim=64)
@@ -638,9 +645,7 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
         ("long.vec", "long.vec: not a key and 3 numbers: 'Bonn 7 0.5 0.25 1'"),
         ("bad.jsonl", "bad.jsonl: "),
     ):
-        with pytest.raises(embfile.ConversionError, match=message):
-            embfile.convert(tmp_path / name, tmp_path / "out.emb")
-        assert not os.path.exists(tmp_path / "out.emb")
+        assert_refused(tmp_path / name, tmp_path / "out.emb", message)
 
 
 def test_word_vectors_binary_and_gzipped_as_gensim_and_word2vec_write_them(tmp_path):
@@ -668,9 +673,7 @@ def test_word_vectors_binary_and_gzipped_as_gensim_and_word2vec_write_them(tmp_p
         ("latin1.bin", c_tool.replace("Köln".encode(), "Köln".encode("latin-1")), "the key at byte 37 is not UTF-8"),
     ):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(embfile.ConversionError, match=message):
-            embfile.convert(tmp_path / name, tmp_path / "out.emb")
-        assert not os.path.exists(tmp_path / "out.emb")
+        assert_refused(tmp_path / name, tmp_path / "out.emb", message)
     fasttext = gensim.models.FastText([words], vector_size=4, min_count=1, workers=1)
     gensim.models.fasttext.save_facebook_model(fasttext, str(tmp_path / "cc.bin"))  # a model, not its vectors
     with pytest.raises(embfile.ConversionError, match="cc.bin: a fastText model, not word vectors: convert the .vec"):
@@ -704,9 +707,7 @@ def test_word_vectors_written_for_gensim_and_the_tools_that_read_them(tmp_path):
         ("spaced.emb", "spaced.emb: key 'New York' holds whitespace, which word vectors separate fields with"),
         ("residues.emb", "residues.emb: per-residue records; word vectors are one a key: pool them first"),
     ):
-        with pytest.raises(embfile.ConversionError, match=message):
-            embfile.convert(tmp_path / name, tmp_path / "out.vec")
-        assert not os.path.exists(tmp_path / "out.vec")
+        assert_refused(tmp_path / name, tmp_path / "out.vec", message)
 
 
 def test_tables_written_as_csv_for_pandas_and_r(tmp_path):
@@ -726,9 +727,8 @@ def test_tables_written_as_csv_for_pandas_and_r(tmp_path):
         embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", dtype="float32")  # (text: float64 unless asked)
         assert_store(tmp_path / f"{name}.emb", dict(zip(keys, want.astype(np.float32))))
     embfile.write(tmp_path / "residues.emb", {"P1": np.ones((3, 5), np.float32)}, ragged=True)
-    with pytest.raises(embfile.ConversionError, match="residues.emb: per-residue records; a table's row is one a key"):
-        embfile.convert(tmp_path / "residues.emb", tmp_path / "out.csv")
-    assert not os.path.exists(tmp_path / "out.csv")
+    message = "residues.emb: per-residue records; a table's row is one a key"
+    assert_refused(tmp_path / "residues.emb", tmp_path / "out.csv", message)
 
 
 def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
