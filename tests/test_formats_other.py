@@ -41,6 +41,26 @@ def write_esm_extract(folder, labels, dim=1280, layers=(33,), per_tok=False, mea
     return expected
 
 
+def mutated(seeds, count, seed, cut, insert=b""):
+    """``count`` of the files ``seeds`` (name -> bytes), each with a few bytes changed, cut out (up to ``cut``)
+    or, if ``insert`` is given, put in (from those bytes): ``(name, bytes)``."""
+    import random
+
+    pick = random.Random(seed)
+    for _ in range(count):
+        name, data = pick.choice(list(seeds.items()))
+        data = bytearray(data)
+        for _ in range(pick.randint(1, 4)):
+            i, roll = pick.randrange(len(data)), pick.random()
+            if roll < 0.4:
+                data[i] = pick.randrange(256)
+            elif roll < 0.7 or not insert:
+                del data[i : i + pick.randint(1, cut)]
+            else:
+                data[i:i] = bytes(pick.choice(insert) for _ in range(pick.randint(1, 4)))
+        yield name, bytes(data)
+
+
 def assert_refused(src, dst, message):
     """Converting ``src`` is one ConversionError matching ``message``, and nothing is left at ``dst``."""
     with pytest.raises(embfile.ConversionError, match=message):
@@ -368,7 +388,6 @@ def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_p
 def test_keys_files_mutated_only_raise_value_errors(tmp_path):
     """A damaged keys file of any kind (lines, FASTA, gzipped, JSON, .npy, Parquet) gives its keys or one
     ValueError naming it (the commands print it as one line), never another exception."""
-    import random
 
     from embfile.formats.keys import keys_file
 
@@ -382,16 +401,7 @@ def test_keys_files_mutated_only_raise_value_errors(tmp_path):
         "k.npy": (tmp_path / "seed.npy").read_bytes(),
         "k.parquet": (tmp_path / "seed.parquet").read_bytes(),
     }
-    pick = random.Random(2)
-    for _ in range(300):
-        name, data = pick.choice(list(seeds.items()))
-        data = bytearray(data)
-        for _ in range(pick.randint(1, 3)):
-            i = pick.randrange(len(data))
-            if pick.random() < 0.5:
-                data[i] = pick.randrange(256)
-            else:
-                del data[i : i + pick.randint(1, 64)]
+    for name, data in mutated(seeds, 300, seed=2, cut=64):
         (tmp_path / name).write_bytes(data)
         try:
             got = keys_file(tmp_path / name)
@@ -759,7 +769,6 @@ def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
 def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
     """Text is where hand-made and half-written files are: a mutated CSV, JSON Lines or word-vector file, or a
     gzipped one (or pickle) damaged, converts or raises an EmbFileError, and leaves nothing at the output."""
-    import random
 
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(20)]
@@ -783,18 +792,7 @@ def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(embfile.ConversionError, match=message):
             embfile.convert(tmp_path / name, tmp_path / "out.emb")
-    pick = random.Random(1)
-    for _ in range(600):
-        name, seed = pick.choice(list(seeds.items()))
-        data = bytearray(seed)
-        for _ in range(pick.randint(1, 4)):
-            i = pick.randrange(len(data))
-            if pick.random() < 0.4:
-                data[i] = pick.randrange(256)
-            elif pick.random() < 0.5:
-                del data[i : i + pick.randint(1, 8)]
-            else:
-                data[i:i] = bytes(pick.choice(b' ,\n"[]{}0.e-\tx\xff') for _ in range(pick.randint(1, 4)))
+    for name, data in mutated(seeds, 600, seed=1, cut=8, insert=b' ,\n"[]{}0.e-\tx\xff'):
         (tmp_path / name).write_bytes(data)
         try:
             embfile.convert(tmp_path / name, tmp_path / "out.emb", **({"trust_pickle": True} if ".pkl" in name else {}))
