@@ -136,7 +136,8 @@ def _lists_as_text(path: str, batches: Iterator[Any]) -> Iterator[Any]:
 
 
 def _a_list(column: Any) -> bool:
-    text = next((v for v in column.to_pylist() if v is not None), "").strip()
+    present = column.drop_null()
+    text = present[0].as_py().strip() if len(present) else ""
     if not (text.startswith("[") and text.endswith("]")):
         return False
     numbers = text[1:-1].replace(",", " ").split()
