@@ -318,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _reading_arguments(c: argparse.ArgumentParser) -> None:
-    """The options of reading an input, for ``convert`` and ``append``."""
+    """The options of reading an input, for ``convert``, ``append`` and ``merge``."""
     c.add_argument("--from", dest="src_format", choices=sorted(formats.READERS), help="input format (detected)")
     c.add_argument(
         "--pool",
