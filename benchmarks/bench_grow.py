@@ -9,7 +9,10 @@
    for the key index: every append a segment of the same size), against one .emb of the same keys, in
    interleaved rounds: warm ``db[key]`` of present keys and of absent ones, ``get_batch`` of 1,000 keys, and
    cold ``db[key]`` (every file evicted from the page cache, then a fresh handle).
-3. **What changed since a version.**  A dataset (``--changes-keys`` keys in 64 MiB shards) grown by an append
+3. **Lookups with the key index in segments at their cap.**  A segment holds at most ``SEGMENT_KEYS`` (2^26)
+   keys, so a dataset of a billion has 15 segments or more.  The same keys written with the cap set to a 16th
+   of them (16 full segments), against one segment, in interleaved rounds: the cost of the cap, in miniature.
+4. **What changed since a version.**  A dataset (``--changes-keys`` keys in 64 MiB shards) grown by an append
    of 1% new keys, a removal of 100 keys spread over it, and a compaction: ``embfile.changes`` between each
    version and the one before, against what a user does without it (both versions read whole, each key of
    one looked up in the other and its record compared), in interleaved rounds, warm.
@@ -160,6 +163,51 @@ def lookup_race(folder, n, dim, rounds, seed=0):
     return shape, results
 
 
+def segments_race(folder, n, dim, rounds, seed=0):
+    """One dataset of ``n`` keys with its key index in one segment against the same keys in 16 segments at the
+    cap (``SEGMENT_KEYS`` set to a 16th of them while it is written), in interleaved rounds."""
+    from embfile import segments
+
+    paths = {"one segment": os.path.join(folder, "one"), "16 segments": os.path.join(folder, "sixteen")}
+    for path, cap in zip(paths.values(), (segments.SEGMENT_KEYS, -(-n // 16))):
+        saved, segments.SEGMENT_KEYS = segments.SEGMENT_KEYS, cap
+        try:
+            embfile.write_shards(path, data(0, n, dim))
+        finally:
+            segments.SEGMENT_KEYS = saved
+    with embfile.open(paths["16 segments"]) as db:
+        shape = [s.count for s in db.manifest.segments]
+    rng = np.random.default_rng(seed)
+    probes = keys_of(0, n)
+    probes = [probes[i] for i in rng.integers(0, n, 20_000)]
+    absent = [k + "-absent" for k in probes]
+    results = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            results[name].append(lookups(path, probes, absent, probes[:1000]))
+    return shape, results
+
+
+def print_lookups(res, rounds):
+    """The table of two datasets' :func:`lookups`, the second against the first."""
+    first, second = res
+    print(f"{rounds} interleaved rounds, median (range) of each round's median:\n")
+    print(f"| | {first} | {second} | ratio |")
+    print("|---|---:|---:|---:|")
+    for op, label, scale in (
+        ("open", "warm open + close, µs", 1.0),
+        ("hit", "warm db[key], ns", 1.0),
+        ("miss", "warm key in db (absent), ns", 1.0),
+        ("gather", "warm get_batch(1,000 keys), µs", 1e-3),
+        ("cold_open", "cold open, ms", 1.0),
+        ("cold", "cold db[key], µs", 1.0),
+    ):
+        a = [r[op] * scale for r in res[first]]
+        b = [r[op] * scale for r in res[second]]
+        fmt = "{:.0f}" if op in ("hit", "miss", "open") else "{:.1f}"
+        print(f"| {label} | {spread(a, fmt=fmt)} | {spread(b, fmt=fmt)} | {np.median(b) / np.median(a):.2f}x |")
+
+
 def full_diff(path, since, version):
     """The changes from ``since`` to ``version`` as a user finds them without :func:`embfile.changes`: both
     versions read whole, each key of one looked up in the other, the records compared."""
@@ -241,21 +289,14 @@ def run(args):
             f"100 appends (version {version}: "
             f"{shards} shards, key index in {segments} segments of {', '.join(f'{s:,}' for s in sizes)} keys)\n"
         )
-        print(f"{args.rounds} interleaved rounds, median (range) of each round's median:\n")
-        print("| | one .emb | 100 appends | ratio |")
-        print("|---|---:|---:|---:|")
-        for op, label, scale in (
-            ("open", "warm open + close, µs", 1.0),
-            ("hit", "warm db[key], ns", 1.0),
-            ("miss", "warm key in db (absent), ns", 1.0),
-            ("gather", "warm get_batch(1,000 keys), µs", 1e-3),
-            ("cold_open", "cold open, ms", 1.0),
-            ("cold", "cold db[key], µs", 1.0),
-        ):
-            a = [r[op] * scale for r in res["one .emb"]]
-            b = [r[op] * scale for r in res["100 appends"]]
-            fmt = "{:.0f}" if op in ("hit", "miss", "open") else "{:.1f}"
-            print(f"| {label} | {spread(a, fmt=fmt)} | {spread(b, fmt=fmt)} | {np.median(b) / np.median(a):.2f}x |")
+        print_lookups(res, args.rounds)
+        sizes, res = segments_race(folder, args.lookup_keys, args.lookup_dim, args.rounds)
+        print(
+            f"\n## Lookups with the key index at its cap: {args.lookup_keys:,} keys of {args.lookup_dim} float32, "
+            f"one segment against {len(sizes)} full ones of {sizes[0]:,} keys (as a dataset of {len(sizes)} x "
+            f"2^26 keys lays its index out)\n"
+        )
+        print_lookups(res, args.rounds)
         size, counts, times = changes_race(folder, args.changes_keys, args.lookup_dim, args.rounds)
         print(
             f"\n## What changed since a version: {args.changes_keys:,} keys of {args.lookup_dim} float32 "
