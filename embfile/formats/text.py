@@ -3,8 +3,8 @@
 Text is how many vectors leave the tool that made them: a table exported with its ids (``id,v0,v1,...``, or a
 column of lists), or one JSON object a line as embedding APIs' results are saved (``{"id": ..., "embedding":
 [...]}``).  Arrow's parsers read each file a block at a time (on its threads; gzipped by its name), and the
-columns go where a Parquet file's would (:func:`~embfile.formats.parquet.read_parts`): a table of a key (its
-only text column) and columns of numbers only is one column per dimension.
+columns go where a Parquet file's would (:func:`~embfile.formats.parquet.read_parts`): a table of a key
+(:func:`~embfile.formats.parquet.key_column_of`) and columns of numbers only is one column per dimension.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def read_csv(
     on_error: str = "error",
 ) -> Source:
     """A CSV (or, by its name or ``delimiter``, TSV) table with a header row; columns as for Parquet, and a
-    table of one text column and numbers only taken as the key and one column per dimension."""
+    table of a key column (found as any table's) and numbers only taken as the key and one column per
+    dimension."""
     pa = require("pyarrow", "parquet")
     from pyarrow import csv
 
