@@ -146,14 +146,14 @@ def is_table(data: Any) -> bool:
     """Whether ``data`` is a table in memory that :func:`embfile.formats.parquet.read_table` reads (told by its
     type's name and what it has: this module imports no table library)."""
     name = type(data).__name__
-    return not _is_series(data) and (
+    return not is_series(data) and (
         name in ("Table", "DataFrame", "DatasetDict", "IterableDataset")
         or hasattr(data, "__arrow_c_stream__")
         or (hasattr(data, "with_format") and hasattr(data, "column_names"))
     )
 
 
-def _is_series(data: Any) -> bool:
+def is_series(data: Any) -> bool:
     """Whether ``data`` is a pandas Series: of vectors indexed by key, a mapping."""
     return type(data).__name__ == "Series" and hasattr(data, "index") and hasattr(data, "items")
 
@@ -182,12 +182,12 @@ def source_of(
         step = chunk_rows(matrix.shape[1] * matrix.dtype.itemsize)
         chunks = ((keys[lo : lo + step], matrix[lo : lo + step]) for lo in range(0, max(len(keys), 1), step))
         return Source(matrix.shape[1], matrix.dtype, len(keys), chunks, {"format": "arrays"})
-    if _is_series(data) and len(data) and data.index.inferred_type not in ("string", "unicode"):
+    if is_series(data) and len(data) and data.index.inferred_type not in ("string", "unicode"):
         raise TypeError(
             f"{caller} takes a Series of vectors indexed by key (str); this one's index holds "
             f"{data.index.inferred_type} values (set_index the key column first)"
         )
-    if not isinstance(data, collections.abc.Mapping) and not _is_series(data):
+    if not isinstance(data, collections.abc.Mapping) and not is_series(data):
         hint = "; a table goes through embfile.convert(table, path), which finds its key and vector columns"
         raise TypeError(
             f"{caller} takes a mapping or a (keys, matrix) pair, not {type(data).__name__}"

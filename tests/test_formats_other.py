@@ -160,9 +160,18 @@ def test_pickles_hold_what_torch_files_hold(tmp_path):
     embfile.convert(tmp_path / "residues.pkl", tmp_path / "pooled.emb", trust_pickle=True, pool="mean")
     with embfile.open(tmp_path / "residues.pkl.emb") as db, embfile.open(tmp_path / "pooled.emb") as pooled:
         np.testing.assert_array_equal(pooled.get_batch(keys), db.pool("mean")[db.rows(keys)])
-    for name in ("pair.pkl", "named.pkl"):
+    pd = pytest.importorskip("pandas")  # pandas' to_pickle: a table (by its columns) or a Series by key
+    pd.DataFrame({"id": keys, "embedding": list(m), "length": 7}).to_pickle(tmp_path / "frame.pkl")
+    pd.DataFrame(m, index=keys).to_pickle(tmp_path / "wide.pkl")  # a column a dimension, the ids its index
+    pd.Series(list(m), index=keys).to_pickle(tmp_path / "series.pkl")
+    for name in ("pair.pkl", "named.pkl", "frame.pkl", "wide.pkl", "series.pkl"):  # frames: "a matrix without ids"
         embfile.convert(tmp_path / name, tmp_path / f"{name}.emb", trust_pickle=True)
         assert_store(tmp_path / f"{name}.emb", dict(zip(keys, m)))
+    pd.DataFrame({"id": keys, "a": list(m), "b": list(m)}).to_pickle(tmp_path / "two.pkl")
+    with pytest.raises(embfile.ConversionError, match=r"two.pkl: columns \['a', 'b'\] could each be"):
+        embfile.convert(tmp_path / "two.pkl", tmp_path / "x.emb", trust_pickle=True)
+    embfile.convert(tmp_path / "two.pkl", tmp_path / "b.emb", trust_pickle=True, vectors="b")
+    assert_store(tmp_path / "b.emb", dict(zip(keys, m)))
 
 
 def test_detection_and_options(tmp_path, study):

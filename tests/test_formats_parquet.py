@@ -83,6 +83,15 @@ def test_wide_layout(tmp_path, data):
     assert_store(tmp_path / "w.emb", data)
     embfile.convert(tmp_path / "w.parquet", tmp_path / "w2.emb", wide_columns=["dim_3", "dim_1"])
     assert_store(tmp_path / "w2.emb", {k: v[[3, 1]] for k, v in data.items()})
+    # a key and numbered columns of numbers: one a dimension, unnamed (was "no column is the vector column")
+    pd.DataFrame(m, index=pd.Index(list(data), name="id")).to_parquet(tmp_path / "pandas.parquet")  # 0, 1, ...
+    df.drop(columns="label").to_parquet(tmp_path / "dims.parquet")
+    for name in ("pandas", "dims"):
+        embfile.convert(tmp_path / f"{name}.parquet", tmp_path / f"{name}.emb")
+        assert_store(tmp_path / f"{name}.emb", data)
+    df.drop(columns=["label", "dim_7"]).to_parquet(tmp_path / "gap.parquet")  # not numbered as dimensions are
+    with pytest.raises(embfile.ConversionError, match="no column is the vector column"):
+        embfile.convert(tmp_path / "gap.parquet", tmp_path / "x.emb")
 
 
 def test_bad_tables_give_clear_errors(tmp_path):
@@ -375,6 +384,11 @@ def test_arrow_ipc_feather_and_hugging_face_save_to_disk(tmp_path, data):
     splits = datasets.DatasetDict({"train": ds, "test": ds.select(range(3))})  # what load_dataset gives
     with pytest.raises(TypeError, match=r"a DatasetDict of the splits \['test', 'train'\]: .* e.g. ds\['train'\]"):
         embfile.convert(splits, tmp_path / "x.emb")  # was datasets' "Invalid key: slice(None, None, None)"
+    splits.save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(embfile.ConversionError, match=r"DatasetDict of the splits \['test', 'train'\]: convert one"):
+        embfile.convert(tmp_path / "splits", tmp_path / "x.emb")  # was "no .arrow files in this folder"
+    embfile.convert(tmp_path / "splits" / "train", tmp_path / "train.emb")
+    assert_store(tmp_path / "train.emb", data)
     embfile.convert(ds.to_iterable_dataset(), tmp_path / "streamed.emb")  # streaming=True's: read once, in order
     assert_store(tmp_path / "streamed.emb", data)
     assert list(embfile.open(tmp_path / "streamed.emb")) == list(data)

@@ -86,7 +86,9 @@ def read_pickle(
 ) -> Source:
     """A pickled ``dict {key: vector}`` (or ``{key: (L, dim) matrix}``: ragged records), a pair ``(ids,
     matrix)``, a dict holding the ids and the matrix, or a matrix and a file of its ``keys``, as a
-    ``torch.save`` file holds them.  Loading a pickle runs code: only with ``trust_pickle=True``.
+    ``torch.save`` file holds them; or a pandas DataFrame (its columns found as a table's, ``ids`` and
+    ``vectors`` naming them) or Series of vectors by key, as ``to_pickle`` writes them.  Loading a pickle runs
+    code: only with ``trust_pickle=True``.
 
     The whole object is loaded (pickle cannot be read in parts).  A vector of a type that casts exactly to the
     first's is cast; ``on_error="skip"`` skips (and notes) one of another shape or type, or a key not a str.

@@ -1,11 +1,10 @@
 """Parquet (and Arrow) in and out; Lance datasets in.
 
-Input: a file or a folder of files with one string key column and the vectors as
-``fixed_size_list``, ``list`` or ``large_list`` of numbers (what pyarrow, pandas,
-Hugging Face datasets and polars write), or one numeric column per dimension
-("wide", selected by a prefix or a list); or per-residue matrices as a list of such lists
-(``list<list<float>>``, ``list<fixed_size_list>``), read as ragged records.  Read a batch at a
-time, never whole.
+Input: a file or a folder of files with one string key column and the vectors as ``fixed_size_list``,
+``list`` or ``large_list`` of numbers (what pyarrow, pandas, Hugging Face datasets and polars write), or one
+numeric column per dimension ("wide": every column but the key when all hold numbers, else selected by a
+prefix or a list); or per-residue matrices as a list of such lists (``list<list<float>>``,
+``list<fixed_size_list>``), read as ragged records.  Read a batch at a time, never whole.
 A null float value is read as NaN (pandas writes NaN as null); a null vector, a
 null integer or a vector of the wrong length is an error naming its row and key.
 
@@ -230,8 +229,8 @@ def read_parts(
     on_error: str = "error",
 ) -> Source:
     """The records of tabular ``parts`` of one schema: a key column and a vector column (detected when only one
-    fits), or one column per dimension; a column of per-residue matrices as ragged records (pooled with
-    ``pool``)."""
+    fits), or one column per dimension (every column but the key, when all hold numbers); a column of
+    per-residue matrices as ragged records (pooled with ``pool``)."""
     pa = require("pyarrow", "parquet")
     schema = parts[0].schema
     for other in parts[1:]:
@@ -255,6 +254,8 @@ def read_parts(
         )
     if not any(p.one_pass for p in parts):  # (a stream's repeated key is found as the output is finished)
         _require_unique_keys(parts, key_column, path)
+    if not (vector_column or wide_prefix or wide_columns):
+        wide_columns = _numbers_beside(schema, key_column)
     if wide_prefix or wide_columns:
         if vector_column:
             raise errors.ConversionError("give vector_column or wide_prefix/wide_columns, not both")
@@ -508,6 +509,19 @@ def key_column_of(schema: Any) -> str | None:
     return str(found[0]) if len(found) == 1 else None
 
 
+def _numbers_beside(schema: Any, key_column: str) -> list[str] | None:
+    """The other columns of a table of a key column and numbered columns of numbers (``id,v0,v1,...``,
+    ``dim_1,dim_2,...``, a pandas DataFrame's ``0,1,...``): one a dimension; else None (a vector column, to
+    be found).  A column named otherwise (``label``) or out of order is not taken as a dimension."""
+    rest = [f.name for f in schema if f.name != key_column]
+    numbered = [m for m in (re.fullmatch(r"(.*?)(\d+)", name) for name in rest) if m]
+    if len(rest) < 2 or len(numbered) != len(rest) or not all(_is_number(schema.field(n).type) for n in rest):
+        return None
+    numbers = [int(m[2]) for m in numbered]
+    in_order = numbers[0] in (0, 1) and numbers == list(range(numbers[0], numbers[0] + len(rest)))
+    return rest if in_order and len({m[1] for m in numbered}) == 1 else None
+
+
 def _only(
     schema: Any, test: Callable[[Any], bool], what: str, path: str, option: str, flag: str, hint: str = ""
 ) -> str:
@@ -687,30 +701,35 @@ def read_table(data: Any, **options: Any) -> Source:
     """A table in memory, columns as for Parquet: a ``pyarrow.Table``, a ``datasets.Dataset``, a pandas DataFrame
     (a named index is a column: the ids, as pandas users keep them) or a polars one; or a stream, read once: an
     Arrow stream (a ``RecordBatchReader``, a DuckDB result) or a streamed ``datasets.IterableDataset``."""
-    pa = require("pyarrow", "parquet")
     name = type(data).__name__
-    if name == "DatasetDict":  # what datasets.load_dataset gives: one Dataset per split
-        split = "train" if "train" in data else sorted(data)[0]
-        raise TypeError(f"a DatasetDict of the splits {sorted(data)}: convert one split, e.g. ds[{split!r}]")
-    if name == "IterableDataset" and hasattr(data, "with_format"):  # datasets' streaming=True: read once
-        tables = data.with_format("arrow").iter(batch_size=STREAM_ROWS)
-        part: Part = StreamPart(f"a {name}", (b for t in tables for b in t.to_batches()))
-    elif hasattr(data, "with_format") and hasattr(data, "column_names"):  # a datasets.Dataset, in its order
-        part = table_part(data.with_format("arrow")[:], f"a {name}")
-    elif isinstance(data, pa.Table) or name == "DataFrame":  # in memory: pandas (with its index), polars
-        try:
-            part = table_part(pa.table(data), f"a {name}")
-        except (pa.ArrowException, TypeError, ValueError) as e:
-            raise errors.ConversionError(f"a {name} that Arrow cannot take: {e}") from None
-    elif name == "Series":  # pandas: of vectors indexed by key, a mapping (Arrow would take it as a stream)
-        raise TypeError("a Series of vectors indexed by key is a mapping: embfile.write(path, series) writes it")
-    elif hasattr(data, "__arrow_c_stream__"):  # a stream (a RecordBatchReader, a DuckDB result): read once
-        part = StreamPart(f"a {name}", iter(pa.RecordBatchReader.from_stream(data)))
-    else:
-        raise TypeError(f"expected a path or a table (pyarrow, pandas, polars, datasets), not {name}")
-    source = read_parts(f"a {name}", "arrow", [part], **options)
+    source = read_parts(f"a {name}", "arrow", [memory_part(data, f"a {name}")], **options)
     where = {k: v for k, v in source.description.items() if k != "path"}  # no file: what it was, in memory
     return dataclasses.replace(source, description={**where, "format": "table", "object": name})
+
+
+def memory_part(data: Any, name: str) -> Part:
+    """A table in memory (as :func:`read_table` takes them) as a part named ``name``."""
+    pa = require("pyarrow", "parquet")
+    kind = type(data).__name__
+    if kind == "DatasetDict":  # what datasets.load_dataset gives: one Dataset per split
+        split = "train" if "train" in data else sorted(data)[0]
+        raise TypeError(f"a DatasetDict of the splits {sorted(data)}: convert one split, e.g. ds[{split!r}]")
+    if kind == "IterableDataset" and hasattr(data, "with_format"):  # datasets' streaming=True: read once
+        tables = data.with_format("arrow").iter(batch_size=STREAM_ROWS)
+        return StreamPart(name, (b for t in tables for b in t.to_batches()))
+    if hasattr(data, "with_format") and hasattr(data, "column_names"):  # a datasets.Dataset, in its order
+        return table_part(data.with_format("arrow")[:], name)
+    if isinstance(data, pa.Table) or kind == "DataFrame":  # in memory: pandas (with its index), polars
+        try:
+            return table_part(pa.table(data), name)
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            what = name if name == f"a {kind}" else f"{name}: a {kind}"  # in memory, or a pickle's
+            raise errors.ConversionError(f"{what} that Arrow cannot take: {e}") from None
+    if kind == "Series":  # pandas: of vectors indexed by key, a mapping (Arrow would take it as a stream)
+        raise TypeError("a Series of vectors indexed by key is a mapping: embfile.write(path, series) writes it")
+    if hasattr(data, "__arrow_c_stream__"):  # a stream (a RecordBatchReader, a DuckDB result): read once
+        return StreamPart(name, iter(pa.RecordBatchReader.from_stream(data)))
+    raise TypeError(f"expected a path or a table (pyarrow, pandas, polars, datasets), not {kind}")
 
 
 def _arrow_files(path: str) -> list[str]:
@@ -718,6 +737,13 @@ def _arrow_files(path: str) -> list[str]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
         return [path]
+    splits = os.path.join(path, "dataset_dict.json")
+    if os.path.exists(splits):  # datasets' save_to_disk of a DatasetDict: a folder a split
+        names = sorted(n for n in os.listdir(path) if os.path.exists(os.path.join(path, n, "state.json")))
+        first = os.path.join(path, "train" if "train" in names else (names or ["SPLIT"])[0])
+        raise errors.ConversionError(
+            f"{path}: a Hugging Face DatasetDict of the splits {names}: convert one split's folder ({first})"
+        )
     state = os.path.join(path, "state.json")
     if os.path.exists(state):  # datasets' save_to_disk
         try:

@@ -20,10 +20,11 @@ import numpy as np
 from embfile import _format as F
 from embfile import errors
 from embfile._extras import require
-from embfile._stream import OnError, Source, array_of, chunk_rows, require_unique, source_of
+from embfile._stream import OnError, Source, array_of, chunk_rows, is_series, is_table, require_unique, source_of
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output
 from embfile.formats.keys import keys_file
+from embfile.formats.parquet import memory_part, read_parts
 
 
 class _Lazy(collections.abc.Mapping[str, np.ndarray]):
@@ -221,13 +222,19 @@ def loaded_source(
 ) -> Source:
     """The records of an object a file held (``torch.save``, a pickle, ``np.save`` of a dict): a dict
     ``{id: vector}`` (or ``{id: (L, dim) matrix}``), a pair ``(ids, matrix)``, a dict holding the ids and
-    the matrix, or an ``(n, dim)`` matrix alone.  ``keys`` is a file of the matrix's keys, one a line or the
+    the matrix, an ``(n, dim)`` matrix alone, or a table (a pandas DataFrame: ``ids`` and ``vectors`` name its
+    columns) or a pandas Series of vectors by key.  ``keys`` is a file of the matrix's keys, one a line or the
     FASTA file its rows were embedded from (for a matrix alone, default: ``path``'s name with ``.txt``).  A
     key not a str is refused, or skipped under ``on_error="skip"``."""
 
     def array(value: Any) -> Any:  # a tensor as an array (bfloat16 kept); anything else as it is, for errors
         return array_of(value) if hasattr(value, "detach") else value
 
+    if is_table(data):  # a DataFrame (pandas' to_pickle): its columns as a table's
+        part = memory_part(data, path)
+        return read_parts(path, fmt, [part], key_column=ids, vector_column=vectors, on_error=on_error)
+    if is_series(data):  # pandas: of vectors indexed by key
+        data = dict(data.items())
     if isinstance(data, (tuple, list)) and len(data) == 2:
         held, matrix = data
         id_list = [str(k) for k in (held.tolist() if hasattr(held, "tolist") else held)]

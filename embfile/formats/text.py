@@ -3,8 +3,8 @@
 Text is how many vectors leave the tool that made them: a table exported with its ids (``id,v0,v1,...``, or a
 column of lists), or one JSON object a line as embedding APIs' results are saved (``{"id": ..., "embedding":
 [...]}``).  Arrow's parsers read each file a block at a time (on its threads; gzipped by its name), and the
-columns go where a Parquet file's would (:func:`~embfile.formats.parquet.read_parts`): a table of a key
-(:func:`~embfile.formats.parquet.key_column_of`) and columns of numbers only is one column per dimension.
+columns go where a Parquet file's would (:func:`~embfile.formats.parquet.read_parts`): a table of a key and
+columns of numbers only is one column per dimension.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from embfile._extras import require
 from embfile._stream import CHUNK_BYTES, Source, progress_bar
 from embfile.dataset import EmbFile
 from embfile.formats._common import atomic_output
-from embfile.formats.parquet import StreamPart, key_column_of, read_parts
+from embfile.formats.parquet import StreamPart, read_parts
 
 BLOCK_BYTES = 16 << 20  # text parsed at a time
 
@@ -37,10 +37,8 @@ def read_csv(
     pool: str | None = None,
     on_error: str = "error",
 ) -> Source:
-    """A CSV (or, by its name or ``delimiter``, TSV) table with a header row; columns as for Parquet, and a
-    table of a key column (found as any table's) and numbers only taken as the key and one column per
-    dimension."""
-    pa = require("pyarrow", "parquet")
+    """A CSV (or, by its name or ``delimiter``, TSV) table with a header row; columns as for Parquet."""
+    require("pyarrow", "parquet")
     from pyarrow import csv
 
     path = os.fspath(path)
@@ -56,8 +54,6 @@ def read_csv(
         ),
         _lists_as_text,
     )
-    if not (vector_column or wide_prefix or wide_columns):
-        wide_columns = _numbers_beside_the_key(pa, part.schema, key_column)
     return read_parts(path, "csv", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
@@ -166,15 +162,6 @@ def _parsed_lists(path: str, name: str, column: Any) -> Any:
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0]
-
-
-def _numbers_beside_the_key(pa: Any, schema: Any, key_column: str | None) -> list[str] | None:
-    """The other columns of a table of a key (``key_column``, or as found in any table) and two or more columns
-    of numbers only: one column per dimension (``id,v0,v1,...``); else None (a vector column, to be found)."""
-    key_column = key_column or key_column_of(schema)
-    rest = [f for f in schema if f.name != key_column]
-    numeric = all(pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in rest)
-    return [f.name for f in rest] if numeric and len(rest) >= 2 and key_column in schema.names else None
 
 
 def to_csv(
