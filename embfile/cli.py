@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         return c
 
     c = command(
-        "convert", _convert, "convert between .emb, HDF5, Parquet, ESM folders, .npy, .npz, torch, safetensors, pickles"
+        "convert", _convert, "convert between .emb and HDF5, Parquet, Arrow, CSV, JSON Lines, word vectors, torch, ..."
     )
     c.add_argument("src", help="input file or folder")
     c.add_argument("dst", help="output file (.emb, .h5, .parquet, .arrow, .safetensors, .vec, .bin or .csv)")
@@ -524,10 +524,18 @@ def _get(args: argparse.Namespace) -> None:
             raise ValueError("--format npy writes binary: redirect it to a file")
         np.save(sys.stdout.buffer, batch)
     elif args.format == "json":
-        print(json.dumps({k: v.tolist() for k, v in zip(args.keys, batch)}, ensure_ascii=False))
+        print(json.dumps({k: _json_numbers(v) for k, v in zip(args.keys, batch)}, ensure_ascii=False))
     else:
         for k, v in zip(args.keys, batch):
             print(k, " ".join(map(str, v)), sep="\t")
+
+
+def _json_numbers(a: np.ndarray) -> Any:
+    """``a`` as (nested) lists of numbers, each float as short as its own type prints it: a float32's 0.1, not
+    the 0.10000000149011612 it is as a float64 (twice the text, and digits the file does not hold)."""
+    if a.dtype.kind in "iub" or a.dtype == np.float64:
+        return a.tolist()
+    return np.array([float(str(x)) for x in a.ravel()]).reshape(a.shape).tolist()  # (str of its own scalars)
 
 
 def _get_ragged(args: argparse.Namespace, records: list[np.ndarray]) -> None:
@@ -535,7 +543,7 @@ def _get_ragged(args: argparse.Namespace, records: list[np.ndarray]) -> None:
     if args.format == "npy":
         raise ValueError("per-residue records differ in length: --format json or text writes them")
     if args.format == "json":
-        print(json.dumps({k: m.tolist() for k, m in zip(args.keys, records)}, ensure_ascii=False))
+        print(json.dumps({k: _json_numbers(m) for k, m in zip(args.keys, records)}, ensure_ascii=False))
         return
     for k, m in zip(args.keys, records):
         for i, row in enumerate(m):
@@ -703,7 +711,7 @@ def _print_hits(results: Iterable[tuple[list[str], np.ndarray, np.ndarray]], for
     """Each query's hits: ``query key score`` lines (tsv: with a header), or one JSON object of them all."""
     if form == "json":
         hits = {
-            n: [{"key": k, "score": float(s)} for k, s in zip(ks, ss)]
+            n: [{"key": k, "score": s} for k, s in zip(ks, _json_numbers(ss))]
             for names, scores, keys in results
             for n, ss, ks in zip(names, scores, keys)
         }

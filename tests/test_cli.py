@@ -105,8 +105,11 @@ def test_convert_info_get_keys(tmp_path):
     key, values = text.rstrip("\n").split("\t")
     assert key == "protéine 1"
     np.testing.assert_array_equal(np.array(values.split(), np.float16), want["protéine 1"])
-    got = json.loads(cli("get", tmp_path / "db.emb", "sp|P69905|HBA_HUMAN", "protéine 1", "--format", "json").stdout)
+    printed = cli("get", tmp_path / "db.emb", "sp|P69905|HBA_HUMAN", "protéine 1", "--format", "json").stdout
+    got = json.loads(printed)
     np.testing.assert_array_equal(np.array(got["sp|P69905|HBA_HUMAN"], np.float16), want["sp|P69905|HBA_HUMAN"])
+    shortest = [str(x) for x in want["protéine 1"]]  # each value as its float16 prints, not as a float64 does
+    assert printed.decode().split('"protéine 1": [')[1].split("]")[0].split(", ") == shortest
     arr = np.load(io.BytesIO(cli("get", tmp_path / "db.emb", "multi\nline", "protéine 1", "--format", "npy").stdout))
     np.testing.assert_array_equal(arr, np.stack([want["multi\nline"], want["protéine 1"]]))
     (tmp_path / "ids.txt").write_text("protéine 1\nsp|P69905|HBA_HUMAN\n")
