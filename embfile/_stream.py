@@ -16,7 +16,7 @@ import queue
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -109,6 +109,22 @@ def array_of(value: Any) -> np.ndarray:
         else:
             value = value.numpy()
     return np.asarray(value)
+
+
+def unpadded(m: np.ndarray, lengths: Any, keys: Sequence[object] | EncodedKeys) -> tuple[np.ndarray, np.ndarray]:
+    """Of a zero-padded batch ``(B, longest, dim)`` (a model's output for B sequences) and each record's
+    length, the records' rows one after another, as a ragged writer stores them, and the lengths."""
+    n = array_of(lengths)
+    if len(m) != len(keys) or n.shape != (len(keys),) or n.dtype.kind not in "iu":
+        raise errors.WriterError(
+            f"a padded batch of shape {m.shape} for {len(keys)} keys takes {len(keys)} integer lengths, "
+            f"not {n.dtype} {n.shape}"
+        )
+    longer = np.flatnonzero(n > m.shape[1])
+    if longer.size:
+        i = int(longer[0])
+        raise errors.WriterError(f"key {keys[i]!r}: length {n[i]}, more than the padded batch's {m.shape[1]} rows")
+    return m[np.arange(m.shape[1]) < n[:, None]], n
 
 
 def as_vector(key: object, vector: object, dim: int | None) -> np.ndarray:

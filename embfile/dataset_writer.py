@@ -19,7 +19,7 @@ from embfile import _format as F
 from embfile import errors
 from embfile import folder as layout
 from embfile._staging import Staging
-from embfile._stream import array_of, source_of
+from embfile._stream import array_of, source_of, unpadded
 from embfile.remote.store import is_url
 from embfile.segments import KeyIndex, commit_shards, entry
 from embfile.writer import Writer, write_source
@@ -149,10 +149,12 @@ class ShardWriter:
         self._added([key])
 
     def add_batch(self, keys: Sequence[str] | np.ndarray, matrix: Any, lengths: Any = None) -> None:
-        """Append one record per row of ``matrix``, or of a ragged dataset ``lengths[i]`` rows per key (see
-        :meth:`Writer.add_batch`)."""
+        """Append one record per row of ``matrix``, or of a ragged dataset ``lengths[i]`` rows per key (of
+        ``matrix`` or of a padded ``matrix[i]``: see :meth:`Writer.add_batch`)."""
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         m = array_of(matrix)
+        if self.ragged and m.ndim == 3 and lengths is not None:
+            m, lengths = unpadded(m, lengths, keys)
         if lengths is None:  # one row per key (a ragged writer says what is missing)
             ends = np.arange(1, len(keys) + 1)
         else:

@@ -26,7 +26,7 @@ from embfile import _core, errors
 from embfile import _format as F
 from embfile._keys import EncodedKeys
 from embfile._staging import DISK_FULL, Flusher, Staging, disk_full
-from embfile._stream import Source, array_of, as_matrix, as_vector, prefetched, progress_bar, source_of
+from embfile._stream import Source, array_of, as_matrix, as_vector, prefetched, progress_bar, source_of, unpadded
 from embfile._version import __version__
 
 _CHUNK_BYTES = 4 << 20  # vectors are converted and written this many bytes at a time
@@ -144,7 +144,9 @@ class Writer:
         """Append ``len(keys)`` records, one per row of ``matrix``: all of them, or on an error none.
 
         To a ragged writer, ``matrix`` holds the records' rows one record after another and ``lengths`` how
-        many rows each record has (key ``i`` owns the ``lengths[i]`` rows after those of the keys before).
+        many rows each record has (key ``i`` owns the ``lengths[i]`` rows after those of the keys before); or
+        ``matrix`` is a zero-padded batch ``(len(keys), longest, dim)``, as a model gives it for a batch of
+        sequences, and key ``i`` owns the first ``lengths[i]`` rows of ``matrix[i]``.
         ``keys`` may be :class:`~embfile._keys.EncodedKeys` (UTF-8 bytes as an Arrow array or a keys section
         holds them): then no Python ``str`` is made of any key.
         """
@@ -191,6 +193,8 @@ class Writer:
             raise TypeError(f"add_batch() takes a matrix of numbers, not {type(matrix).__name__}")
         if not isinstance(keys, EncodedKeys):
             keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        if self.ragged and m.ndim == 3 and lengths is not None:
+            m, lengths = unpadded(m, lengths, keys)
         ranges = self._batch_ranges(keys, lengths, len(m) if m.ndim == 2 else -1)
         rows = len(keys) if ranges is None else int(ranges[-1])
         if m.ndim != 2 or m.shape != (rows, self.dim):

@@ -259,6 +259,28 @@ def test_bad_records_name_the_key_and_write_nothing(tmp_path, records, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_model_s_padded_batch_is_written_as_its_records_lengths(tmp_path):
+    """``add_batch(keys, padded, lengths)``: a model's ``(B, longest, D)`` output as it leaves the model (a
+    tensor needing grad), each key's first ``lengths[i]`` rows; a batch cut over shards too.  It was
+    "matrix has shape (3, 7, 4), expected (9, 4)"."""
+    torch = pytest.importorskip("torch")
+    padded = torch.randn(3, 7, 4, requires_grad=True)
+    lengths = torch.tensor([3, 5, 1])  # attention_mask.sum(1), say
+    want = {k: padded[i, :n].detach().numpy() for i, (k, n) in enumerate(zip("abc", [3, 5, 1]))}
+    with embfile.Writer(tmp_path / "r.emb", 4, ragged=True) as w:
+        w.add_batch(list("abc"), padded, lengths)
+        with pytest.raises(embfile.WriterError, match=r"key 'y': length 8, more than the padded batch's 7 rows"):
+            w.add_batch(["x", "y", "z"], padded, [1, 8, 1])
+        with pytest.raises(embfile.WriterError, match=r"a padded batch of shape \(3, 7, 4\) for 3 keys takes 3"):
+            w.add_batch(["x", "y", "z"], padded, [1, 2])
+    with embfile.DatasetWriter(tmp_path / "ds", dim=4, ragged=True, shard_bytes=4 * 4 * 4) as w:
+        w.add_batch(list("abc"), padded, lengths)
+    for path in ("r.emb", "ds"):
+        with embfile.open(tmp_path / path) as db:
+            assert list(db) == list("abc") and all(np.array_equal(db[k], v) for k, v in want.items())
+    assert len(embfile.open(tmp_path / "ds").files) > 1
+
+
 def test_ragged_data_given_to_a_fixed_width_writer_and_the_reverse(tmp_path):
     with pytest.raises(embfile.WriterError, match=r"key 'a': vector has shape \(3, 4\).*ragged=True"):
         embfile.write(tmp_path / "f.emb", {"a": np.zeros((3, 4))})
