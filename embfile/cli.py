@@ -520,9 +520,7 @@ def _get(args: argparse.Namespace) -> None:
             return
         batch = db.get_batch(args.keys)
     if args.format == "npy":
-        if sys.stdout.isatty():
-            raise ValueError("--format npy writes binary: redirect it to a file")
-        np.save(sys.stdout.buffer, batch)
+        _save_npy(batch)
     elif args.format == "json":
         print(json.dumps({k: _json_numbers(v) for k, v in zip(args.keys, batch)}, ensure_ascii=False))
     else:
@@ -538,10 +536,20 @@ def _json_numbers(a: np.ndarray) -> Any:
     return np.array([float(str(x)) for x in a.ravel()]).reshape(a.shape).tolist()  # (str of its own scalars)
 
 
+def _save_npy(array: np.ndarray) -> None:
+    if sys.stdout.isatty():
+        raise ValueError("--format npy writes binary: redirect it to a file")
+    np.save(sys.stdout.buffer, array)
+
+
 def _get_ragged(args: argparse.Namespace, records: list[np.ndarray]) -> None:
-    """Per-residue records: JSON of each key's rows, or a TSV line per row (key, row number, values)."""
+    """Per-residue records: JSON of each key's rows, or a TSV line per row (key, row number, values), or
+    one key's ``(length, dim)`` matrix as ``.npy``."""
     if args.format == "npy":
-        raise ValueError("per-residue records differ in length: --format json or text writes them")
+        if len(records) > 1:
+            raise ValueError("per-residue records differ in length: --format npy writes one key's; json or text all")
+        _save_npy(records[0])
+        return
     if args.format == "json":
         print(json.dumps({k: _json_numbers(m) for k, m in zip(args.keys, records)}, ensure_ascii=False))
         return

@@ -127,6 +127,20 @@ def test_convert_info_get_keys(tmp_path):
     assert sorted(keys) == sorted(data)
 
 
+def test_get_per_residue_records(tmp_path):
+    records = {"P1": np.arange(6, dtype=np.float32).reshape(3, 2) / 10, "P2": np.ones((1, 2), np.float32)}
+    embfile.write(tmp_path / "r.emb", records, ragged=True)
+    lines = cli("get", tmp_path / "r.emb", "P1", "P2").stdout.decode().splitlines()
+    assert lines == ["P1\t0\t0.0 0.1", "P1\t1\t0.2 0.3", "P1\t2\t0.4 0.5", "P2\t0\t1.0 1.0"]  # key, row, values
+    assert json.loads(cli("get", tmp_path / "r.emb", "P1", "--format", "json").stdout) == {
+        "P1": [[0.0, 0.1], [0.2, 0.3], [0.4, 0.5]]  # as float32 prints them
+    }
+    one = np.load(io.BytesIO(cli("get", tmp_path / "r.emb", "P1", "--format", "npy").stdout))  # was refused
+    np.testing.assert_array_equal(one, records["P1"])
+    refused = cli("get", tmp_path / "r.emb", "P1", "P2", "--format", "npy", check=False)
+    assert_user_error(refused, "--format npy writes one key's; json or text all")
+
+
 def test_verify_exit_status(tmp_path, study):
     path, keys, matrix = study
     other = tmp_path / "copy.emb"

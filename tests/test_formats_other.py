@@ -724,7 +724,10 @@ def test_word_vectors_written_for_gensim_and_the_tools_that_read_them(tmp_path):
     embfile.write(tmp_path / "residues.emb", {"P1": np.ones((3, 9), np.float32)}, ragged=True)
     for name, message in (
         ("spaced.emb", "spaced.emb: key 'New York' holds whitespace, which word vectors separate fields with"),
-        ("residues.emb", "residues.emb: per-residue records; word vectors are one a key: pool them first"),
+        (
+            "residues.emb",
+            "residues.emb: per-residue records; word vectors are one a key: pool them with pool='mean' (--pool mean)",
+        ),
     ):
         assert_refused(tmp_path / name, tmp_path / "out.vec", message)
 

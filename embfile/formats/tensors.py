@@ -321,11 +321,14 @@ def to_safetensors(
     """Write the .emb file ``src`` as safetensors at ``dst`` (atomic): one ``(n, dim)`` tensor ``vectors`` with
     the keys, in row order, as a JSON list under ``"ids"`` in the file's metadata (and the .emb metadata under
     ``"embfile.metadata"``), as :func:`read_safetensors` reads it back.  Per-residue records are refused:
-    safetensors has no ragged tensor (convert to HDF5 or Parquet, or pool first)."""
+    safetensors has no ragged tensor (convert to HDF5 or Parquet, or pool them)."""
     safetensors_numpy = require("safetensors.numpy", "safetensors")
     with EmbFile(src) as db:
         if db.ragged:
-            raise errors.ConversionError(f"{src}: per-residue records: safetensors has no ragged tensor; pool first")
+            raise errors.ConversionError(
+                f"{src}: per-residue records: safetensors has no ragged tensor; pool them with pool='mean' "
+                "(--pool mean)"
+            )
         metadata = {"ids": json.dumps(list(db), ensure_ascii=False), "embfile.metadata": json.dumps(db.metadata)}
         with atomic_output(dst, 2 * db.matrix.nbytes) as tmp:
             safetensors_numpy.save_file({vectors: np.ascontiguousarray(db.matrix)}, tmp, metadata=metadata)

@@ -200,7 +200,9 @@ def text_output(
     pa = require("pyarrow", "parquet")
     with EmbFile(src) as db, progress_bar(len(db), progress, os.path.basename(os.fspath(dst))) as bar:
         if db.ragged:
-            raise errors.ConversionError(f"{src}: per-residue records; {per_record}: pool them first")
+            raise errors.ConversionError(
+                f"{src}: per-residue records; {per_record}: pool them with pool='mean' (--pool mean)"
+            )
         keys = db.to_arrow()["key"]
 
         def chunks() -> Iterator[tuple[Any, np.ndarray]]:

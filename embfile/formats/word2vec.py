@@ -198,7 +198,7 @@ def to_word2vec(
     line, then each key and its values; in word2vec's binary format (float32, each record ending in a newline,
     as its C tool writes them) with ``binary`` (default: for a ``.bin`` name), else as text; gzipped for a
     ``.gz`` name.  A key holding whitespace is refused (the format separates fields by spaces), and so are
-    per-residue records (pool them first)."""
+    per-residue records (pool them)."""
     from pyarrow import csv
 
     binary = os.fspath(dst).lower().removesuffix(".gz").endswith(".bin") if binary is None else binary
