@@ -726,7 +726,7 @@ def test_word_vectors_written_for_gensim_and_the_tools_that_read_them(tmp_path):
         ("spaced.emb", "spaced.emb: key 'New York' holds whitespace, which word vectors separate fields with"),
         (
             "residues.emb",
-            "residues.emb: per-residue records; word vectors are one a key: pool them with pool='mean' (--pool mean)",
+            r"residues.emb: per-residue records; word vectors are one a key: pool them with pool='mean' \(--pool mean",
         ),
     ):
         assert_refused(tmp_path / name, tmp_path / "out.vec", message)
