@@ -69,6 +69,9 @@ DOT_KINDS: dict[str, int]
 def dot(
     block: npt.NDArray[Any], queries: npt.ArrayLike, threads: int = 2, out: npt.NDArray[np.float32] | None = None
 ) -> npt.NDArray[np.float32]: ...
+def hamming(
+    block: npt.NDArray[Any], queries: npt.ArrayLike, threads: int = 2, out: npt.NDArray[np.float32] | None = None
+) -> npt.NDArray[np.float32]: ...
 def widen(
     block: npt.NDArray[np.float16], threads: int = 2, out: npt.NDArray[np.float32] | None = None
 ) -> npt.NDArray[np.float32]: ...

@@ -829,6 +829,29 @@ def dot(cnp.ndarray block, queries, int threads=2, out=None):
     return out
 
 
+def hamming(cnp.ndarray block, queries, int threads=2, out=None):
+    """The bits that differ between each row of a C-contiguous ``(n, nbytes)`` block of packed bits (uint8 or
+    int8: a view of the mapping, nothing copied) and each of ``(q, nbytes)`` queries, as a float32 ``(q, n)``
+    array (into ``out`` as for :func:`dot`); the GIL released, the rows split over ``threads`` threads."""
+    if block.ndim != 2 or not block.flags.c_contiguous or block.dtype.itemsize != 1 or block.dtype.kind not in "iu":
+        raise ValueError("hamming() takes a C-contiguous 2-d block of uint8 or int8")
+    q = np.ascontiguousarray(queries).view(np.uint8) if np.asarray(queries).dtype.itemsize == 1 else None
+    if q is None or q.ndim != 2 or q.shape[1] != block.shape[1]:
+        raise ValueError(f"hamming() takes byte queries of shape (q, {block.shape[1]})")
+    cdef uint64_t n = block.shape[0]
+    cdef uint32_t nbytes = block.shape[1], nq = q.shape[0]
+    if out is None:
+        out = np.empty((nq, n), dtype=np.float32)
+    elif out.shape != (nq, n) or out.dtype != np.float32 or not _rows_contiguous(out) or not out.flags.writeable:
+        raise ValueError(f"hamming() output must be a writable float32 array of shape ({nq}, {n}) with contiguous rows")
+    cdef cnp.ndarray qa = q, oa = out
+    cdef uint64_t ld = out.strides[0] // 4
+    with nogil:
+        emb_hamming(<const uint8_t *>cnp.PyArray_DATA(block), n, nbytes, <const uint8_t *>cnp.PyArray_DATA(qa), nq,
+                    <float *>cnp.PyArray_DATA(oa), ld, threads)
+    return out
+
+
 def _rows_contiguous(a):
     """Whether a 2-d array's rows are each contiguous, at a stride of whole items (a view of a wider buffer)."""
     return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and a.strides[0] % a.itemsize == 0 \

@@ -22,7 +22,7 @@ import numpy as np
 
 import embfile
 from embfile import _format as F
-from embfile import errors, formats, remote
+from embfile import errors, formats, remote, search
 from embfile._keys import EncodedKeys
 from embfile._stream import POOLINGS, Source, pooled
 from embfile.formats.keys import keys_file
@@ -299,7 +299,9 @@ def _parser() -> argparse.ArgumentParser:
         help="with --queries from a file: leave each query's own key out of its hits (the same proteins on both sides)",
     )
     c.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    c.add_argument("--metric", choices=["cosine", "ip", "l2"], default="cosine", help="default cosine")
+    c.add_argument(
+        "--metric", choices=search.METRICS, default="cosine", help="default cosine; hamming: of packed bits (uint8)"
+    )
     c.add_argument(
         "--pool",
         choices=POOLINGS,

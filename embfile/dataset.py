@@ -369,7 +369,9 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
 
         ``queries`` is one vector ``(dim,)`` (then both results are ``(k,)``) or ``(Q, dim)`` (then ``(Q, k)``).
         ``metric``: ``"cosine"`` and ``"ip"`` give similarities (highest first), ``"l2"`` Euclidean distances
-        (smallest first); equal scores come in row order.  ``exclude``: keys never returned.  ``query_keys``:
+        (smallest first), ``"hamming"`` the bits that differ (smallest first), for records of packed bits
+        (uint8 or int8, as ``np.packbits`` and embedding models' binary quantization give them) and queries
+        packed alike; equal scores come in row order.  ``exclude``: keys never returned.  ``query_keys``:
         the key each query stands for, its own record (where stored) left out of its hits, as
         :meth:`search_keys` leaves it out (queries from another file of the same proteins).  Fewer than ``k``
         results if the dataset holds fewer.  A record holding NaN scores NaN and ranks last; a query holding

@@ -13,10 +13,13 @@ in the number of records.  Cosine and l2 need each record's norm: computed once 
 A ragged dataset (per-residue records) is searched through :class:`Pooled`: each record's rows pooled into one
 vector as the scan reaches them.
 
-Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2``); equal scores in
-row order.  Scores are float32.  A record holding NaN scores NaN and ranks after every other; a query holding
-NaN or infinity is refused (it would score every record alike); a zero vector has cosine similarity 0 with
-every query.
+Records of packed bits (uint8 or int8: ``np.packbits``, the binary quantization of embedding models) are searched
+by ``hamming`` distance, the bits that differ: eight bytes a popcount in the core, queries packed alike.
+
+Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2`` and ``hamming``);
+equal scores in row order.  Scores are float32.  A record holding NaN scores NaN and ranks after every other;
+a query holding NaN or infinity is refused (it would score every record alike); a zero vector has cosine
+similarity 0 with every query.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Dataset(Protocol):
     def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray: ...
 
 
-METRICS = ("cosine", "ip", "l2")
+METRICS = ("cosine", "ip", "l2", "hamming")
 BLOCK_BYTES = 64 << 20  # records scored at a time (for BLAS, converted to float32: a bounded copy)
 KERNEL_BLOCK_BYTES = 256 << 20  # for the kernel, which copies nothing: fewer waits for both threads to end
 # up to this many queries, the core's kernel (values widened in registers); more, BLAS on a float32 copy
@@ -80,11 +83,14 @@ def search(
     if q.ndim != 2 or q.shape[1] != ds.dim or F.kind(q.dtype) not in "biuf":
         raise ValueError(f"queries must be numbers of shape ({ds.dim},) or (Q, {ds.dim}), not {q.dtype} {q.shape}")
     work = np.float64 if ds.dtype == np.float64 else np.float32
-    if q.dtype.kind == "f":
-        _refuse_unfinite(q, "NaN or infinity")
-    with np.errstate(over="ignore"):
-        q = q.astype(work)
-    _refuse_unfinite(q, f"values beyond {np.dtype(work)}, which the search computes in")
+    if metric == "hamming":
+        q = _packed_bits(ds, q)
+    else:
+        if q.dtype.kind == "f":
+            _refuse_unfinite(q, "NaN or infinity")
+        with np.errstate(over="ignore"):
+            q = q.astype(work)
+        _refuse_unfinite(q, f"values beyond {np.dtype(work)}, which the search computes in")
     if exclude_rows is not None and len(exclude_rows) != len(q):
         raise ValueError(f"{len(exclude_rows)} query_keys for {len(q)} queries: one key each")
     if not len(q):
@@ -95,16 +101,18 @@ def search(
         q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
     excluded = np.zeros(0, np.int64) if exclude is None else _rows_of(ds, exclude)
     extra = 0 if exclude_rows is None else 1  # one more, for the row each query leaves out
-    best = _core.TopK(len(q), min(k + extra, len(ds)), metric == "l2", THREADS)
+    best = _core.TopK(len(q), min(k + extra, len(ds)), metric in ("l2", "hamming"), THREADS)
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
-    kernel = len(q) <= KERNEL_QUERIES.get(ds.dtype.name, 0)
+    kernel = len(q) <= KERNEL_QUERIES.get(ds.dtype.name, 0) or metric == "hamming"
     width = ds.dtype.itemsize if kernel else max(ds.dtype.itemsize, np.dtype(work).itemsize)  # bytes per element held
     step = max(1, (KERNEL_BLOCK_BYTES if kernel else BLOCK_BYTES) // (ds.dim * width))
     scores_buffer = np.empty((len(q), min(step, len(ds))), work)  # reused: a fresh array per block costs its faults
     widened = np.empty((min(step, len(ds)), ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
     for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
         scores = scores_buffer[:, : hi - lo]  # (Q, rows): each query's scores contiguous, for the top-k
-        if kernel:
+        if metric == "hamming":
+            _core.hamming(block, q, THREADS, out=scores)
+        elif kernel:
             _core.dot(block, q, THREADS, out=scores)
         else:
             x = block.astype(work, copy=False) if widened is None else _core.widen(block, THREADS, widened[: hi - lo])
@@ -180,6 +188,19 @@ class Pooled:
         packed, offsets = self._ds.take(rows, pad=False)
         pooled: np.ndarray = pool_rows(packed, offsets, self._how).astype(self.dtype)
         return pooled
+
+
+def _packed_bits(ds: Dataset, q: np.ndarray) -> np.ndarray:
+    """Queries for a Hamming search, in the stored type: packed bits, as the records hold them."""
+    if ds.dtype.itemsize != 1 or ds.dtype.kind not in "iu":
+        raise ValueError(
+            f"hamming compares packed bits: records of uint8 or int8 (np.packbits, binary quantization), not {ds.dtype}"
+        )
+    packed = q.astype(ds.dtype)
+    if q.dtype.kind not in "iu" or not np.array_equal(packed, q):
+        what = f"these hold values beyond {ds.dtype}" if q.dtype.kind in "iu" else f"not {q.dtype}"
+        raise ValueError(f"hamming queries are packed bits (np.packbits) of {ds.dtype}, as stored; {what}")
+    return packed
 
 
 def _refuse_unfinite(q: np.ndarray, what: str) -> None:

@@ -124,6 +124,13 @@ enum { EMB_DOT_F32, EMB_DOT_F16, EMB_DOT_BF16, EMB_DOT_I8, EMB_DOT_U8 };
 int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
             const float *q, uint32_t nq, float *out, uint64_t ld, int threads);
 
+/* Search (search.c): out[j * ld + r] = the bits that differ between row r of
+ * x (n rows of nbytes bytes of packed bits, back to back) and query j of q (nq
+ * rows of nbytes), as a float32 (exact up to 2^24); the rows split over
+ * `threads` threads. */
+void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq, float *out,
+                 uint64_t ld, int threads);
+
 /* Search (search.c): float16 values src[0..n) as float32 in dst, over
  * `threads` threads. */
 void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads);

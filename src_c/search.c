@@ -1,7 +1,8 @@
 /*
  * search.c -- dot products of stored rows with a few query vectors, at the
- * speed memory delivers the rows (embfile.h: emb_dot), and the running top-k
- * of every query (emb_topk_merge).
+ * speed memory delivers the rows (embfile.h: emb_dot), Hamming distances of
+ * packed bits (emb_hamming), and the running top-k of every query
+ * (emb_topk_merge).
  *
  * One pass over the rows: each row is loaded once and multiplied with every
  * query while it sits in L1.  float16, bfloat16 and (u)int8 rows are widened
@@ -236,6 +237,75 @@ int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
     }
     emb_run_jobs(run_job, jobs, sizeof jobs[0], threads);
     return EMB_OK;
+}
+
+/* Hamming distances: the bits that differ between rows of packed bits and a
+ * few queries, eight bytes at a time (one popcnt each where the CPU has it).
+ * As in the dot products, each row is loaded once for all the queries, and
+ * lines ahead are asked for once each. */
+typedef void (*hamming_fn)(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq,
+                           float *out, uint64_t ld);
+enum { HAMMING_AHEAD = 2048 };
+#define EMB_HAMMING(NAME, ATTRIBUTES)                                                              \
+    ATTRIBUTES static void NAME(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q,   \
+                                uint32_t nq, float *out, uint64_t ld) {                            \
+        for (uint64_t r = 0; r < n; r++) {                                                         \
+            const uint8_t *row = x + r * nbytes;                                                   \
+            for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + HAMMING_AHEAD + o); \
+            for (uint32_t j = 0; j < nq; j++) {                                                    \
+                const uint8_t *qj = q + (uint64_t)j * nbytes;                                      \
+                uint64_t bits = 0;                                                                 \
+                uint32_t d = 0;                                                                    \
+                for (; d + 8 <= nbytes; d += 8) {                                                  \
+                    uint64_t a, b;                                                                 \
+                    memcpy(&a, row + d, 8);                                                        \
+                    memcpy(&b, qj + d, 8);                                                         \
+                    bits += (uint64_t)__builtin_popcountll(a ^ b);                                 \
+                }                                                                                  \
+                for (; d < nbytes; d++) bits += (uint64_t)__builtin_popcount((unsigned)(row[d] ^ qj[d])); \
+                out[j * ld + r] = (float)bits;                                                     \
+            }                                                                                      \
+        }                                                                                          \
+    }
+EMB_HAMMING(hamming_portable, )
+#ifdef EMB_X86
+EMB_HAMMING(hamming_popcnt, __attribute__((target("popcnt"))))
+#endif
+
+typedef struct {
+    hamming_fn fn;
+    const uint8_t *x;
+    uint64_t n;
+    uint32_t nbytes, nq;
+    const uint8_t *q;
+    float *out;
+    uint64_t ld;
+} hamming_job;
+
+static void *run_hamming(void *arg) {
+    hamming_job *j = arg;
+    j->fn(j->x, j->n, j->nbytes, j->q, j->nq, j->out, j->ld);
+    return NULL;
+}
+
+void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq, float *out,
+                 uint64_t ld, int threads) {
+    hamming_fn fn = hamming_portable;
+#ifdef EMB_X86
+    __builtin_cpu_init();
+    if (!getenv("EMBFILE_PORTABLE") && __builtin_cpu_supports("popcnt")) fn = hamming_popcnt;
+#endif
+    hamming_job jobs[EMB_MAX_THREADS];
+    if (threads < 1) threads = 1;
+    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
+    if ((uint64_t)threads > n) threads = n ? (int)n : 1;
+    uint64_t per = n / (uint64_t)threads, lo = 0;
+    for (int t = 0; t < threads; t++) {
+        uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
+        jobs[t] = (hamming_job){fn, x + lo * nbytes, count, nbytes, nq, q, out + lo, ld};
+        lo += count;
+    }
+    emb_run_jobs(run_hamming, jobs, sizeof jobs[0], threads);
 }
 
 /* Top-k: is candidate (s, r) worse than (t, q)?  Larger scores are better

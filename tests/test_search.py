@@ -1,5 +1,6 @@
 """Exact nearest-neighbour search against a numpy oracle: every metric and dtype, k past n, empty files, NaN,
-zero vectors, ties, exclusion, sharded datasets, search by stored key, and the command line."""
+zero vectors, ties, exclusion, sharded datasets, search by stored key, packed bits by Hamming distance, and the
+command line."""
 
 import json
 import os
@@ -123,6 +124,68 @@ def test_sharded_and_versioned_datasets(tmp_path):
         assert len(db.files) > 5
         check(db, matrix[100:], keys[100:], rng.standard_normal((4, 8)), 7, "cosine")
         check(db, matrix[100:], keys[100:], rng.standard_normal((4, 8)), 7, "l2")
+
+
+def hamming_oracle(bits, queries, k, skip=()):
+    """Bits that differ, smallest first, equal distances in row order."""
+    d = np.stack([np.bitwise_count(bits.view(np.uint8) ^ q).sum(axis=1) for q in np.atleast_2d(queries).view(np.uint8)])
+    rows = [[r for r in np.lexsort((np.arange(len(row)), row)) if r not in skip][:k] for row in d]
+    return np.take_along_axis(d, np.array(rows), axis=1), np.array(rows)
+
+
+def test_hamming_search_of_packed_bits_against_numpy(tmp_path, monkeypatch):
+    """Binary quantization's records (``np.packbits(x > 0)``: sentence-transformers' ``ubinary``, and its
+    ``binary``, the same bits as int8) searched by the bits that differ, in one file and a sharded dataset."""
+    for blocks in ("BLOCK_BYTES", "KERNEL_BLOCK_BYTES"):
+        monkeypatch.setattr(search_module, blocks, 1000)
+    rng = np.random.default_rng(9)
+    floats = rng.standard_normal((700, 100))
+    ubinary = np.packbits(floats > 0, axis=1)  # 13 bytes a record: a popcount of 8 bytes and a tail
+    ubinary[[40, 41, 3]] = ubinary[5]  # ties, in row order
+    binary = (ubinary.astype(np.int16) - 128).astype(np.int8)
+    keys = [f"d{i}" for i in range(700)]
+    embfile.write(tmp_path / "ubinary.emb", (keys, ubinary))
+    embfile.write(tmp_path / "binary.emb", (keys, binary))
+    embfile.write_shards(tmp_path / "ds", (keys, ubinary), shard_bytes=13 * 90)
+    queries = ubinary[[5, 0, 699]] ^ rng.integers(0, 256, (3, 13), dtype=np.uint8) & 0x11  # near 5, 0 and 699
+    for path, q in (("ubinary.emb", queries), ("binary.emb", (queries.astype(np.int16) - 128).astype(np.int8))):
+        with embfile.open(tmp_path / path) as db:
+            for k, skip in ((10, ()), (3, (3, 5)), (800, ())):
+                scores, got = db.search(q, k=k, metric="hamming", exclude=[keys[r] for r in skip])
+                want_scores, want_rows = hamming_oracle(ubinary, queries, k, skip)
+                np.testing.assert_array_equal(scores, want_scores)
+                assert got.tolist() == [[keys[r] for r in rows] for rows in want_rows]
+            scores, got = db.search_keys(["d5"], k=3, metric="hamming")  # itself left out, its copies first
+            assert got.tolist() == [["d3", "d40", "d41"]] and scores.tolist() == [[0, 0, 0]]
+    with embfile.open(tmp_path / "ds") as db:
+        assert len(db.files) > 5
+        scores, got = db.search(queries, k=10, metric="hamming")
+        np.testing.assert_array_equal(scores, hamming_oracle(ubinary, queries, 10)[0])
+        with pytest.raises(ValueError, match=r"queries are packed bits \(np.packbits\) of uint8, as stored; not float"):
+            db.search(queries.astype(np.float32), metric="hamming")
+        with pytest.raises(ValueError, match="these hold values beyond uint8"):
+            db.search(queries.astype(np.int64) + 200, metric="hamming")
+    embfile.write(tmp_path / "floats.emb", (keys, floats.astype(np.float32)))
+    with embfile.open(tmp_path / "floats.emb") as db, pytest.raises(ValueError, match="records of uint8 or int8"):
+        db.search(floats[0], metric="hamming")
+    hits = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embfile",
+            "search",
+            tmp_path / "ubinary.emb",
+            "--key",
+            "d5",
+            "-k",
+            "3",
+            "--metric",
+            "hamming",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert hits.stdout.split() == ["d5", "d3", "0", "d5", "d40", "0", "d5", "d41", "0"], hits.stderr
 
 
 POOLED = {
@@ -272,6 +335,11 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
         "    key = np.where(np.isnan(scores), np.inf, scores if smaller else -scores)\n"
         "    want = np.lexsort((np.broadcast_to(np.arange(1000), key.shape), key), axis=1)[:, :7]\n"
         "    assert np.array_equal(best.result()[1], want), smaller\n"
+        "for nbytes in (1, 7, 8, 13, 128):  # packed bits: popcounts of 8 bytes, and a tail\n"
+        "    x = rng.integers(0, 256, (33, nbytes), dtype=np.uint8)\n"
+        "    q = rng.integers(0, 256, (3, nbytes), dtype=np.uint8)\n"
+        "    want = np.stack([np.bitwise_count(x ^ one).sum(axis=1) for one in q])\n"
+        "    assert np.array_equal(c.hamming(x, q, 3), want) and np.array_equal(c.hamming(x.view(np.int8), q), want)\n"
         "print('ok')\n"
     )
     for env in ({}, {"EMBFILE_AVX2": "1"}, {"EMBFILE_PORTABLE": "1"}):
