@@ -270,6 +270,32 @@ enum { HAMMING_AHEAD = 2048 };
 EMB_HAMMING(hamming_portable, )
 #ifdef EMB_X86
 EMB_HAMMING(hamming_popcnt, __attribute__((target("popcnt"))))
+
+/* AVX-512 VPOPCNTDQ: 64 bytes a popcount instruction, the row's last bytes
+ * read through a mask (nothing past the row is touched). */
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))) static void hamming_avx512(
+    const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq, float *out, uint64_t ld) {
+    uint32_t body = nbytes & ~63u, rest = nbytes - body;
+    __mmask64 tail = rest ? ~0ULL >> (64u - rest) : 0;
+    for (uint64_t r = 0; r < n; r++) {
+        const uint8_t *row = x + r * nbytes;
+        for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + HAMMING_AHEAD + o);
+        for (uint32_t j = 0; j < nq; j++) {
+            const uint8_t *qj = q + (uint64_t)j * nbytes;
+            __m512i acc = _mm512_setzero_si512();
+            for (uint32_t d = 0; d < body; d += 64) {
+                __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + d), _mm512_loadu_si512(qj + d));
+                acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
+            }
+            if (rest) {
+                __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, row + body),
+                                             _mm512_maskz_loadu_epi8(tail, qj + body));
+                acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
+            }
+            out[j * ld + r] = (float)_mm512_reduce_add_epi64(acc);
+        }
+    }
+}
 #endif
 
 typedef struct {
@@ -294,6 +320,9 @@ void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q
 #ifdef EMB_X86
     __builtin_cpu_init();
     if (!getenv("EMBFILE_PORTABLE") && __builtin_cpu_supports("popcnt")) fn = hamming_popcnt;
+    if (fn == hamming_popcnt && !getenv("EMBFILE_AVX2") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vpopcntdq"))
+        fn = hamming_avx512;
 #endif
     hamming_job jobs[EMB_MAX_THREADS];
     if (threads < 1) threads = 1;
