@@ -1,6 +1,7 @@
 """ESM .pt folders, .npy + keys, .npz, torch.save and safetensors files, pickles, format detection and
 conversions between other formats."""
 
+import codecs
 import gzip
 import json
 import os
@@ -338,7 +339,8 @@ def test_a_matrix_without_ids_takes_its_keys_from_a_list_or_the_fasta_file(tmp_p
     np.save(tmp_path / "ids.npy", np.array(keys))  # the keys as users save them beside their matrix
     (tmp_path / "ids.json").write_text(json.dumps(keys))
     (tmp_path / "seqs.fasta.gz").write_bytes(gzip.compress(fasta.encode()))
-    for name in ("ids.npy", "ids.json", "seqs.fasta.gz"):
+    (tmp_path / "windows.txt").write_bytes(codecs.BOM_UTF8 + "".join(k + "\r\n" for k in keys).encode())  # Notepad's
+    for name in ("ids.npy", "ids.json", "seqs.fasta.gz", "windows.txt"):  # the BOM made the first key '\ufeffsp|...'
         embfile.convert(tmp_path / "emb.npy", tmp_path / f"{name}.emb", keys=tmp_path / name)
         assert_store(tmp_path / f"{name}.emb", vectors)
     meta = {"url": [f"https://x/{i}.jpg" for i in range(9)], "caption": ["a cat"] * 9, "key": keys, "width": [64] * 9}
@@ -639,8 +641,10 @@ def test_vectors_kept_as_text_csv_json_lines_and_word_vectors(tmp_path):
     lines = [f"{w} " + " ".join(f"{x:.6f}" for x in v) for w, v in words.items()]
     (tmp_path / "w2v.vec").write_text(f"{len(words)} 3\n" + "".join(line + " \n" for line in lines))  # word2vec's
     (tmp_path / "glove.txt").write_text("".join(line + "\n" for line in lines))  # GloVe's: no count, no end space
+    bom = codecs.BOM_UTF8.decode()  # as a Windows editor saves text: the count line was taken for a word
+    (tmp_path / "bom.vec").write_text(bom + f"{len(words)} 3\n" + "".join(line + "\n" for line in lines))
     want = {w: np.array(line.split()[-3:], np.float32) for w, line in zip(words, lines)}  # float32, as word2vec
-    for name in ("w2v.vec", "glove.txt"):
+    for name in ("w2v.vec", "glove.txt", "bom.vec"):
         cli = [sys.executable, "-m", "embfile", "convert", tmp_path / name, tmp_path / f"{name}.emb"]
         subprocess.run(cli, check=True, capture_output=True)
         assert_store(tmp_path / f"{name}.emb", want)

@@ -36,7 +36,7 @@ def keys_file(path: str | os.PathLike[str]) -> list[str]:
         try:
             for number, line in enumerate(f, 1):
                 try:
-                    text = line.rstrip(b"\r\n").decode("utf-8")
+                    text = line.rstrip(b"\r\n").decode("utf-8-sig" if number == 1 else "utf-8")  # (Windows' BOM)
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}: line {number} is not UTF-8 text ({e.reason})") from None
                 if text:

@@ -10,6 +10,7 @@ after each).  Either may be gzipped (fastText's ``cc.en.300.vec.gz``), and both 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import itertools
 import os
@@ -111,7 +112,7 @@ def word_vectors_layout(path: str) -> WordVectors | None:
             head = f.read(1 << 20)
     except GZIP_ERRORS as e:
         raise errors.ConversionError(f"{path}: a damaged gzip file ({e})") from None
-    first, _, rest = head.partition(b"\n")
+    first, _, rest = head.removeprefix(codecs.BOM_UTF8).partition(b"\n")  # (Arrow passes over it too)
     fields = first.split()
     count_line = len(fields) == 2 and all(x.isdigit() for x in fields)
     count, dim = map(int, fields) if count_line else (0, 0)
