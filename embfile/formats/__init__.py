@@ -90,7 +90,8 @@ def from_parquet(
     **options: Any,
 ) -> str:
     """Parquet file or folder -> .emb.  Options: ``key_column``, ``vector_column`` (detected when
-    only one fits), or ``wide_prefix`` / ``wide_columns`` for one column per dimension.  A column of
+    only one fits), or ``wide_prefix`` / ``wide_columns`` for one column per dimension (found without them
+    when the other columns are numbered columns of numbers: ``v0, v1, ...``).  A column of
     per-residue matrices (``list<list<float>>``, ``list<fixed_size_list>``) becomes a ragged file, or with
     ``pool`` one vector per key."""
     return write_emb(read_parquet(src, **options), dst, dtype, metadata, progress)
