@@ -54,7 +54,8 @@ _EXAMPLES = {
     "  embfile tag esm2/ paper-v1 --version 7\n  embfile tag esm2/ paper-v1 --delete",
     "append": "examples:\n  embfile append esm2/ week49.emb week50.h5\n"
     "  embfile append esm2/ fixed.parquet --replace                # new vectors replace the old ones",
-    "remove": "example:\n  embfile remove esm2/ --keys retracted.txt --missing ignore",
+    "remove": "examples:\n  embfile remove esm2/ --keys retracted.txt --missing ignore\n"
+    "  embfile remove esm2/ P69905 P68871",
     "compact": "example:\n  embfile compact esm2/ --shard-size 2GB",
     "vacuum": "examples:\n  embfile vacuum esm2/ --keep 5\n"
     "  embfile vacuum esm2/ --keep 1 --grace 0      # no reader can be using an older version",
@@ -169,13 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("get", _get, "print the vectors of some keys")
     c.add_argument("file")
-    c.add_argument("keys", nargs="*", metavar="KEY")
-    c.add_argument(
-        "--keys",
-        dest="keys_file",
-        metavar="FILE",
-        help="and those of a file: one a line, a FASTA file's ids, a JSON list, .npy or Parquet",
-    )
+    _keys_arguments(c)
     _version_option(c)
     c.add_argument(
         "--format",
@@ -233,12 +228,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("remove", _remove, "remove keys from a dataset folder, as its next version")
     c.add_argument("folder")
-    c.add_argument(
-        "--keys",
-        required=True,
-        metavar="FILE",
-        help="the keys: one a line, a FASTA file's ids, a JSON list, .npy or Parquet ('-': standard input)",
-    )
+    _keys_arguments(c)
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
 
     c = command("compact", _compact, "join small shards and merge the key index, as the next version")
@@ -263,12 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     c = command("subset", _subset, "write the records of some keys to a new file or dataset")
     c.add_argument("src", help="an .emb file or a dataset folder (a path or a URL)")
     c.add_argument("dst", help="a new .emb file, or a new dataset folder (a path or a URL)")
-    c.add_argument(
-        "--keys",
-        required=True,
-        metavar="FILE",
-        help="the keys: one a line, a FASTA file's ids, a JSON list, .npy or Parquet ('-': standard input)",
-    )
+    _keys_arguments(c)
     c.add_argument("--missing", choices=["error", "ignore"], default="error", help="a key not there (default: error)")
     c.add_argument("--shard-size", type=_size, default="1GiB", help="for a folder: bytes of records per shard")
 
@@ -512,10 +497,29 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _get(args: argparse.Namespace) -> None:
-    args.keys += keys_file(args.keys_file) if args.keys_file else []
-    if not args.keys:
+def _keys_arguments(c: argparse.ArgumentParser) -> None:
+    """Keys as arguments, and (or) a file of them: what get, remove and subset take."""
+    c.add_argument("keys", nargs="*", metavar="KEY")
+    c.add_argument(
+        "--keys",
+        dest="keys_file",
+        metavar="FILE",
+        help="and those of a file: one a line, a FASTA file's ids, a JSON list, .npy or Parquet ('-': standard input)",
+    )
+
+
+def _given_keys(args: argparse.Namespace) -> list[str]:
+    """The keys given as arguments, then those of ``--keys FILE``."""
+    if args.keys_file and not (args.keys_file == "-" or os.path.exists(args.keys_file)):
+        raise ValueError(f"--keys {args.keys_file}: no such file (keys themselves go after the paths, as arguments)")
+    keys = list(args.keys) + (keys_file(args.keys_file) if args.keys_file else [])
+    if not keys:
         raise ValueError("no keys: give them as arguments, or --keys FILE")
+    return keys
+
+
+def _get(args: argparse.Namespace) -> None:
+    args.keys = _given_keys(args)
     with embfile.open(args.file, args.version) as db:
         if db.ragged:
             _get_ragged(args, [np.array(db[k]) for k in args.keys])
@@ -649,8 +653,7 @@ def _append(args: argparse.Namespace) -> None:
 
 
 def _remove(args: argparse.Namespace) -> None:
-    keys = keys_file(args.keys)
-    version = embfile.remove(args.folder, keys, missing=args.missing)
+    version = embfile.remove(args.folder, _given_keys(args), missing=args.missing)
     print(f"{args.folder}: version {version}", file=sys.stderr)
 
 
@@ -681,7 +684,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _subset(args: argparse.Namespace) -> None:
-    embfile.subset(args.src, args.dst, keys_file(args.keys), missing=args.missing, shard_bytes=args.shard_size)
+    embfile.subset(args.src, args.dst, _given_keys(args), missing=args.missing, shard_bytes=args.shard_size)
 
 
 def _search(args: argparse.Namespace) -> None:

@@ -258,8 +258,9 @@ def test_grow_a_dataset_from_the_shell(tmp_path, study):
     (tmp_path / "gone.txt").write_text(f"{keys[0]}\n{keys[1]}\n")
     cli("remove", ds, "--keys", tmp_path / "gone.txt")
     assert_user_error(
-        cli("remove", ds, "--keys", tmp_path / "gone.txt", check=False), f"key {keys[0]!r} is not in", "--missing"
-    )
+        cli("remove", ds, keys[0], check=False), f"key {keys[0]!r} is not in", "--missing"
+    )  # as arguments
+    assert_user_error(cli("remove", ds, "--keys", keys[1], check=False), "no such file (keys themselves go after")
     cli("compact", ds)
     for version, holds in (("1", False), ("3", True), (None, True)):  # reads of any version, by number or tag
         args = ["--version", version] if version else []
@@ -288,8 +289,7 @@ def test_grow_a_dataset_from_the_shell(tmp_path, study):
     assert versions[2]["replaced"] == 3 and versions[-1]["shards"] == versions[-1]["segments"] == 1
     assert "removed 0 versions" in cli("vacuum", ds, "--keep", "1").stderr  # within the grace period
     assert "removed 4 versions" in cli("vacuum", ds, "--keep", "1", "--grace", "0").stderr
-    (tmp_path / "some.txt").write_text(f"new2\n{keys[7]}\n")
-    cli("subset", ds, tmp_path / "some.emb", "--keys", tmp_path / "some.txt")
+    cli("subset", ds, tmp_path / "some.emb", "new2", keys[7])  # was a file only: "unrecognized arguments"
     merge = cli("merge", tmp_path / "some.emb", path, tmp_path / "merged", check=False)
     assert_user_error(merge, f"{keys[7]!r}")  # in both sources
     assert not (tmp_path / "merged").exists()
