@@ -782,6 +782,56 @@ def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
         assert_store(tmp_path / f"{name}.emb", {k: vectors[k] for k in vectors.index_to_key})
 
 
+def test_tables_and_frames_mutated_only_raise_conversion_errors(tmp_path):
+    """A damaged Parquet file, Arrow IPC file or stream, or pickled pandas DataFrame or Series converts or
+    raises an EmbFileError naming it, and leaves nothing at the output.  Before, a damaged Parquet footer or
+    page raised pyarrow's OSError or ArrowInvalid without the file's name (about one mutation in five), and an
+    Arrow file or a pickled frame whose string offsets point past their data crashed the interpreter (pyarrow
+    reads both without checking them): the regressions below run in a process of their own."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(5)
+    words = [f"w{i}" for i in range(20)]
+    table = pa.table({"id": words, "emb": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(60)), 3)})
+    pq.write_table(table, tmp_path / "seed.parquet", row_group_size=7, compression="none")
+    pd.DataFrame(rng.random((20, 3)), index=pd.Index(words, name="id")).to_parquet(tmp_path / "wide.parquet")
+    with pa.OSFile(str(tmp_path / "seed.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table, max_chunksize=7)
+    with pa.OSFile(str(tmp_path / "seed.arrows"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table, max_chunksize=7)
+    seeds = {name: (tmp_path / f"seed.{name.split('.')[1]}").read_bytes() for name in ("x.parquet", "x.arrow")}
+    seeds["s.arrows"] = (tmp_path / "seed.arrows").read_bytes()
+    seeds["w.parquet"] = (tmp_path / "wide.parquet").read_bytes()
+    frame = pd.DataFrame({"id": words, "emb": list(rng.random((20, 3)))})
+    seeds["frame.pkl"] = pickle.dumps(frame)
+    seeds["series.pkl"] = pickle.dumps(frame.set_index("id")["emb"])
+    for name, data in mutated(seeds, 500, seed=2, cut=8, insert=b"\x00\x01\xff"):
+        (tmp_path / name).write_bytes(data)
+        options = {"trust_pickle": True} if ".pkl" in name else {"src_format": "arrow"} if ".arrow" in name else {}
+        try:
+            embfile.convert(tmp_path / name, tmp_path / "out.emb", **options)
+        except embfile.EmbFileError:
+            assert not os.path.exists(tmp_path / "out.emb")
+        (tmp_path / "out.emb").unlink(missing_ok=True)
+
+    def past_their_data(data, width):  # the last string offset of "w0".."w19" moved far past the text
+        good = np.array([0, 2, 4], np.dtype(f"i{width}")).tobytes()
+        assert data.count(good) >= 1
+        return data.replace(good, np.array([0, 2, 60000], np.dtype(f"i{width}")).tobytes())
+
+    with pa.OSFile(str(tmp_path / "three.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table.slice(0, 2))
+    (tmp_path / "bad.arrow").write_bytes(past_their_data((tmp_path / "three.arrow").read_bytes(), 4))
+    (tmp_path / "bad.pkl").write_bytes(past_their_data(pickle.dumps(frame.iloc[:2].set_index("id")["emb"]), 8))
+    for name, *options in (("bad.arrow",), ("bad.pkl", "--trust-pickle")):
+        out = subprocess.run(
+            [sys.executable, "-m", "embfile", "convert", tmp_path / name, tmp_path / "out.emb", *options],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr  # not -7 (SIGBUS) or -11
+        assert "offset for slot 2 out of bounds: 60000" in out.stderr and not os.path.exists(tmp_path / "out.emb")
+
+
 def test_text_inputs_mutated_only_raise_conversion_errors(tmp_path):
     """Text is where hand-made and half-written files are: a mutated CSV, JSON Lines or word-vector file, or a
     gzipped one (or pickle) damaged, converts or raises an EmbFileError, and leaves nothing at the output."""

@@ -113,7 +113,8 @@ def _gensim_vectors(path: str, data: Any) -> Any:
     """Of a gensim model or ``KeyedVectors`` saved with its ``save``, ``(keys, matrix)``: a ``Doc2Vec``'s
     documents, a ``Word2Vec``'s or ``FastText``'s words.  gensim loads it again, to attach the arrays it
     stored beside the pickle (``NAME.vectors.npy``, mapped); anything else is returned as it is."""
-    if not hasattr(data, "_load_specials"):  # gensim.utils.SaveLoad's
+    if not hasattr(type(data), "_load_specials"):  # gensim.utils.SaveLoad's (asked of the class: pandas' objects
+        # answer an instance's by looking the name up in their index, which a damaged pickle's crashes)
         return data
     loaded = type(data).load(path, mmap="r")
     vectors = next((v for v in (getattr(loaded, "dv", None), getattr(loaded, "wv", None)) if v is not None), loaded)

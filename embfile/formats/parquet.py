@@ -17,6 +17,7 @@ Parquet encodes it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -93,6 +94,28 @@ def to_parquet(
     return os.fspath(dst)
 
 
+@contextlib.contextmanager
+def arrow_errors(name: str) -> Iterator[None]:
+    """What Arrow says of a damaged input (a Parquet footer or page that does not decode, an IPC message cut
+    short) as a ConversionError naming ``name``; an ``OSError`` of the system (one with an errno) passes."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except pa.ArrowException as e:
+        raise errors.ConversionError(f"{name}: {_first_line(e)}") from None
+    except UnicodeDecodeError:  # (names in a Parquet footer are decoded as they are asked for)
+        raise errors.ConversionError(f"{name}: damaged: its names are not UTF-8") from None
+    except OSError as e:  # (pyarrow's IOError: data it could not decode)
+        if e.errno is not None:
+            raise
+        raise errors.ConversionError(f"{name}: damaged ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class Part:
     """One file (or in-memory table) of a tabular input: its schema, rows, and record batches of some columns."""
 
@@ -104,7 +127,8 @@ class Part:
         self.name, self.schema, self.num_rows, self._batches = name, schema, num_rows, batches
 
     def iter_batches(self, batch_size: int, columns: list[str]) -> Iterator[Any]:
-        return self._batches(batch_size, columns)
+        with arrow_errors(self.name):
+            yield from self._batches(batch_size, columns)
 
 
 class StreamPart(Part):
@@ -135,7 +159,9 @@ def parquet_part(path: str) -> Part:
     """A Parquet file, read a column-chunk buffer at a time: a huge row group is never loaded whole."""
     pa = require("pyarrow", "parquet")
     pq = require("pyarrow.parquet", "parquet")
-    schema = pq.read_schema(path)
+    with arrow_errors(path):
+        schema = pq.read_schema(path)
+        rows = pq.read_metadata(path).num_rows
     plain = _without_views(schema)
 
     def batches(size: int, columns: list[str]) -> Iterator[Any]:
@@ -144,7 +170,7 @@ def parquet_part(path: str) -> Part:
             return iter(read)
         return (b.cast(pa.schema([plain.field(c) for c in b.schema.names])) for b in read)
 
-    return Part(path, plain, pq.read_metadata(path).num_rows, batches)
+    return Part(path, plain, rows, batches)
 
 
 def _without_views(schema: Any) -> Any:
@@ -172,14 +198,16 @@ def arrow_part(path: str) -> Part:
             except pa.ArrowInvalid as e:
                 raise errors.ConversionError(f"{path}: not an Arrow IPC file or stream ({e})") from None
 
-    def record_batches() -> Iterator[Any]:
+    def record_batches() -> Iterator[Any]:  # each checked whole: a damaged one would be read past its ends
         r = reader()
-        if hasattr(r, "num_record_batches"):
-            return (r.get_batch(i) for i in range(r.num_record_batches))
-        return iter(r)
+        for batch in (r.get_batch(i) for i in range(r.num_record_batches)) if hasattr(r, "num_record_batches") else r:
+            batch.validate(full=True)
+            yield batch
 
-    first = reader()
-    return Part(path, first.schema, sum(b.num_rows for b in record_batches()), sliced(record_batches))
+    with arrow_errors(path):
+        first = reader()
+        rows = sum(b.num_rows for b in record_batches())
+    return Part(path, first.schema, rows, sliced(record_batches))
 
 
 def table_part(table: Any, name: str) -> Part:

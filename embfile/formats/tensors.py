@@ -230,6 +230,8 @@ def loaded_source(
     def array(value: Any) -> Any:  # a tensor as an array (bfloat16 kept); anything else as it is, for errors
         return array_of(value) if hasattr(value, "detach") else value
 
+    if hasattr(data, "index") and type(data).__name__ in ("DataFrame", "Series"):
+        _check_arrow_backed(data, path)
     if is_table(data):  # a DataFrame (pandas' to_pickle): its columns as a table's
         part = memory_part(data, path)
         return read_parts(path, fmt, [part], key_column=ids, vector_column=vectors, on_error=on_error)
@@ -248,6 +250,31 @@ def loaded_source(
         bad(errors.ConversionError(f"key {key!r} is a {type(key).__name__}; embfile keys are str"), path, key)
     names = [k for k in data if isinstance(k, str)]
     return _source(path, fmt, _Lazy(names, lambda k: array(data[k])), ids, vectors, None, bad, keys, named_by_key=True)
+
+
+def _check_arrow_backed(frame: Any, path: str) -> None:
+    """The Arrow arrays a pandas DataFrame or Series from a pickle keeps its strings in, checked whole: one a
+    damaged pickle made (offsets past its data) crashes pyarrow as pandas reads it."""
+    import pyarrow as pa
+
+    def arrays() -> Iterator[Any]:  # the labels first: taking a column reads its label
+        yield frame.index
+        if frame.ndim == 1:
+            yield frame
+            return
+        yield frame.columns
+        yield from (frame.iloc[:, i] for i in range(frame.shape[1]))
+
+    for values in arrays():
+        try:
+            arrow = values.array.__arrow_array__  # (pandas' arrays over Arrow have it; a MultiIndex has no array)
+        except (AttributeError, ValueError, TypeError):
+            continue
+        try:
+            arrow().validate(full=True)
+        except pa.ArrowException as e:
+            why = str(e).strip().splitlines()[0]
+            raise errors.ConversionError(f"{path}: a damaged pickle ({type(frame).__name__}: {why})") from None
 
 
 def read_safetensors(
