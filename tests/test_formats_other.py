@@ -782,12 +782,14 @@ def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
         assert_store(tmp_path / f"{name}.emb", {k: vectors[k] for k in vectors.index_to_key})
 
 
-def test_tables_and_frames_mutated_only_raise_conversion_errors(tmp_path):
-    """A damaged Parquet file, Arrow IPC file or stream, or pickled pandas DataFrame or Series converts or
-    raises an EmbFileError naming it, and leaves nothing at the output.  Before, a damaged Parquet footer or
-    page raised pyarrow's OSError or ArrowInvalid without the file's name (about one mutation in five), and an
-    Arrow file or a pickled frame whose string offsets point past their data crashed the interpreter (pyarrow
-    reads both without checking them): the regressions below run in a process of their own."""
+def test_binary_inputs_mutated_only_raise_conversion_errors(tmp_path):
+    """A damaged HDF5 file (per key, bulk, per residue), .npz archive, torch or safetensors file, Parquet file,
+    Arrow IPC file or stream, or pickled pandas DataFrame or Series converts or raises an EmbFileError naming
+    it, and leaves nothing at the output.  Before, more than half of the damaged HDF5 files and .npz archives
+    raised h5py's or zipfile's errors (OSError, RuntimeError, KeyError, BadZipFile) without the file's name, a
+    damaged Parquet footer or page pyarrow's (one in five), and an Arrow file or a pickled frame whose string
+    offsets point past their data crashed the interpreter (pyarrow reads both without checking them): the
+    regressions below run in a process of their own."""
     pd = pytest.importorskip("pandas")
     rng = np.random.default_rng(5)
     words = [f"w{i}" for i in range(20)]
@@ -804,7 +806,22 @@ def test_tables_and_frames_mutated_only_raise_conversion_errors(tmp_path):
     frame = pd.DataFrame({"id": words, "emb": list(rng.random((20, 3)))})
     seeds["frame.pkl"] = pickle.dumps(frame)
     seeds["series.pkl"] = pickle.dumps(frame.set_index("id")["emb"])
-    for name, data in mutated(seeds, 500, seed=2, cut=8, insert=b"\x00\x01\xff"):
+    vectors = rng.random((12, 8)).astype(np.float32)
+    with h5py.File(tmp_path / "seed.h5", "w") as f:  # ProtTrans': a dataset a protein
+        for w, v in zip(words, vectors):
+            f[w] = v
+    with h5py.File(tmp_path / "bulk.h5", "w") as f:
+        f["ids"], f["embeddings"] = np.array(words[:12], dtype="S"), vectors
+    with h5py.File(tmp_path / "residues.h5", "w") as f:
+        for w in words[:12]:
+            f[w] = rng.random((3, 8)).astype(np.float16)
+    np.savez(tmp_path / "seed.npz", ids=np.array(words[:12]), embeddings=vectors)
+    torch.save(dict(zip(words, torch.from_numpy(vectors))), tmp_path / "seed.pt")
+    st = pytest.importorskip("safetensors.numpy")
+    st.save_file(dict(zip(words, vectors)), tmp_path / "seed.safetensors")
+    for name in ("seed.h5", "bulk.h5", "residues.h5", "seed.npz", "seed.pt", "seed.safetensors"):
+        seeds[name] = (tmp_path / name).read_bytes()
+    for name, data in mutated(seeds, 700, seed=2, cut=16, insert=b"\x00\x01\xff"):
         (tmp_path / name).write_bytes(data)
         options = {"trust_pickle": True} if ".pkl" in name else {"src_format": "arrow"} if ".arrow" in name else {}
         try:

@@ -25,7 +25,7 @@ from embfile._staging import Staging
 from embfile._stream import KeyRule, Source, pooled, rekeyed
 from embfile.dataset import Dataset
 from embfile.folder import is_versioned
-from embfile.formats._common import GZIP, write_emb
+from embfile.formats._common import GZIP, damage_named, write_emb
 from embfile.formats.arrays import read_emb, read_npy, read_pickle
 from embfile.formats.esm import read_esm
 from embfile.formats.hdf5 import read_hdf5, to_hdf5
@@ -296,11 +296,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 def _zip_format(path: str) -> str:
     import zipfile
 
-    try:
+    with damage_named(path, "zip file", (zipfile.BadZipFile, NotImplementedError, UnicodeDecodeError)):
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except zipfile.BadZipFile as e:
-        raise errors.ConversionError(f"{path}: a damaged zip file ({e})") from None
+            names = z.namelist()  # (a name flagged UTF-8 is decoded as it is read)
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "torch"
     if names and all(n.endswith(".npy") for n in names):

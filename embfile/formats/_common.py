@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import tokenize
@@ -23,6 +24,36 @@ NPY_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)  # numpy's
 # is a Python literal, parsed as one)
 
 
+@contextlib.contextmanager
+def damage_named(path: str, what: str, kinds: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """The errors a library raises reading a damaged file (``kinds``, and an ``OSError`` with no errno, or
+    EINVAL from a seek to an offset the file's own bytes gave) as one ConversionError naming ``path`` and
+    what it is; an ``OSError`` of the system (a missing file, a failing disk) passes."""
+    try:
+        yield
+    except errors.EmbFileError:
+        raise
+    except kinds as e:
+        raise errors.ConversionError(f"{path}: a damaged {what} ({_first_line(e)})") from None
+    except OSError as e:
+        if e.errno not in (None, errno.EINVAL):
+            raise
+        raise errors.ConversionError(f"{path}: a damaged {what} ({_first_line(e)})") from None
+
+
+def damage_named_in(
+    path: str, what: str, kinds: tuple[type[BaseException], ...], items: Iterator[Any]
+) -> Iterator[Any]:
+    """``items`` (a source's chunks, read as they are asked for), with :func:`damage_named`'s errors."""
+    with damage_named(path, what, kinds):
+        yield from items
+
+
+def _first_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else e  # (a KeyError's str is its repr)
+    return (str(text).strip().splitlines() or [type(e).__name__])[0]
+
+
 def gzipped(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(len(GZIP)) == GZIP
@@ -33,9 +64,10 @@ def opened(path: str) -> IO[bytes]:
     return gzip.open(path, "rb") if gzipped(path) else open(path, "rb")  # type: ignore[return-value]
 
 
-def holds_objects(path: str) -> bool:
-    """Whether the ``.npy`` file at ``path`` holds Python objects (pickled), from its header alone."""
-    with open(path, "rb") as f:
+def holds_objects(path: str | IO[bytes]) -> bool:
+    """Whether the ``.npy`` file at ``path`` (or open as a file) holds Python objects (pickled), from its header
+    alone."""
+    with open(path, "rb") if isinstance(path, str) else contextlib.nullcontext(path) as f:
         try:
             version = np.lib.format.read_magic(f)
             read_header = (

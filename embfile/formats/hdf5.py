@@ -13,6 +13,7 @@ Per-key input is read through h5py's low-level API straight into the chunk buffe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -24,10 +25,12 @@ from embfile import errors
 from embfile._extras import require
 from embfile._stream import Chunk, OnError, RaggedChunk, Source, chunk_rows, pooled, progress_bar, require_unique
 from embfile.dataset import EmbFile
-from embfile.formats._common import atomic_output, start_writeback
+from embfile.formats._common import atomic_output, damage_named, damage_named_in, start_writeback
 
 META_ATTR = "embfile_metadata"  # where exports keep the .emb metadata (JSON), and imports find it
 LAYOUTS = ("bulk", "per-key", "skbio")
+DAMAGE = (RuntimeError, KeyError, ValueError, TypeError, SystemError)  # h5py's (and OSErrors of no errno), of a file
+# HDF5 cannot walk: a damaged link, heap, header, type or dataspace
 _MAX_BULK_MEMBERS = 8  # a group with more members than this is taken as per-key
 
 
@@ -50,6 +53,22 @@ def read_hdf5(
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, not {layout!r}")
     path = os.fspath(path)
+    with damage_named(path, "HDF5 file", DAMAGE):
+        source = _read_hdf5(h5py, path, group, layout, key_attr, pool, ids, vectors, bad)
+    return dataclasses.replace(source, chunks=damage_named_in(path, "HDF5 file", DAMAGE, source.chunks))
+
+
+def _read_hdf5(
+    h5py: Any,
+    path: str,
+    group: str,
+    layout: str | None,
+    key_attr: str | None,
+    pool: str | None,
+    ids: str | None,
+    vectors: str | None,
+    bad: OnError,
+) -> Source:
     with h5py.File(path, "r") as f:
         if group not in f or not isinstance(f[group], h5py.Group):
             raise errors.ConversionError(f"{path}: no group {group!r}")

@@ -40,7 +40,7 @@ from embfile._stream import (
     require_unique_encoded,
 )
 from embfile.dataset import ARROW_METADATA_KEY, EmbFile
-from embfile.formats._common import atomic_output, start_writeback
+from embfile.formats._common import atomic_output, damage_named, start_writeback
 
 ROW_GROUP_BYTES = 64 << 20  # default row group: about this many bytes of vectors
 STREAM_ROWS = 4096  # rows a streamed datasets.IterableDataset gives at a time
@@ -94,26 +94,12 @@ def to_parquet(
     return os.fspath(dst)
 
 
-@contextlib.contextmanager
-def arrow_errors(name: str) -> Iterator[None]:
+def arrow_errors(name: str) -> contextlib.AbstractContextManager[None]:
     """What Arrow says of a damaged input (a Parquet footer or page that does not decode, an IPC message cut
-    short) as a ConversionError naming ``name``; an ``OSError`` of the system (one with an errno) passes."""
+    short, names that are not UTF-8) as a ConversionError naming ``name``."""
     import pyarrow as pa
 
-    try:
-        yield
-    except pa.ArrowException as e:
-        raise errors.ConversionError(f"{name}: {_first_line(e)}") from None
-    except UnicodeDecodeError:  # (names in a Parquet footer are decoded as they are asked for)
-        raise errors.ConversionError(f"{name}: damaged: its names are not UTF-8") from None
-    except OSError as e:  # (pyarrow's IOError: data it could not decode)
-        if e.errno is not None:
-            raise
-        raise errors.ConversionError(f"{name}: damaged ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return damage_named(name, "table", (pa.ArrowException, UnicodeDecodeError))
 
 
 class Part:

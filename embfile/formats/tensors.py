@@ -12,6 +12,7 @@ import collections.abc
 import dataclasses
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from embfile import errors
 from embfile._extras import require
 from embfile._stream import OnError, Source, array_of, chunk_rows, is_series, is_table, require_unique, source_of
 from embfile.dataset import EmbFile
-from embfile.formats._common import atomic_output
+from embfile.formats._common import GZIP_ERRORS, NPY_ERRORS, atomic_output, damage_named, damage_named_in, holds_objects
 from embfile.formats.keys import keys_file
 from embfile.formats.parquet import memory_part, read_parts
 
@@ -169,6 +170,10 @@ def _ids(path: str, arrays: collections.abc.Mapping[str, Any], name: str, names:
 KeysFile = str | os.PathLike[str] | None
 
 
+# a zip's directory, member or header, or its deflate, damaged (a version number past the last: not implemented)
+NPZ_DAMAGE = (zipfile.BadZipFile, NotImplementedError, UnicodeDecodeError, *NPY_ERRORS, *GZIP_ERRORS)
+
+
 def read_npz(
     path: str | os.PathLike[str],
     *,
@@ -181,18 +186,21 @@ def read_npz(
     named), or one array per key.  ``keys``: a file of the matrix's keys, one a line, or the FASTA file its
     rows were embedded from, in place of ``ids``."""
     path = os.fspath(path)
-    try:
+    with damage_named(path, ".npz archive", NPZ_DAMAGE):
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise errors.ConversionError(f"{path}: not a readable .npz archive ({e})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise errors.ConversionError(f"{path}: an .npy matrix, not an .npz archive: --from npy reads it")
-    try:
-        return _source(path, "npz", _Lazy(list(archive.files), archive.__getitem__), ids, vectors, None, on_error, keys)
-    except errors.EmbFileError:
-        raise
-    except ValueError as e:  # an object array needs pickle, which is never used
-        raise errors.ConversionError(f"{path}: {e}") from None
+
+    def member(name: str) -> np.ndarray:
+        assert archive.zip is not None  # (until the archive is closed)
+        with archive.zip.open(f"{name}.npy") as f:
+            if holds_objects(f):
+                raise errors.ConversionError(f"{path}: {name!r} holds Python objects, which only a pickle holds")
+        return archive[name]
+
+    with damage_named(path, ".npz archive", NPZ_DAMAGE):
+        source = _source(path, "npz", _Lazy(list(archive.files), member), ids, vectors, None, on_error, keys)
+    return dataclasses.replace(source, chunks=damage_named_in(path, ".npz archive", NPZ_DAMAGE, source.chunks))
 
 
 def read_torch(
