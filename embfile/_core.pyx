@@ -817,10 +817,7 @@ def dot(cnp.ndarray block, queries, int threads=2, out=None):
     cdef uint64_t n = block.shape[0]
     cdef uint32_t dim = block.shape[1], nq = q.shape[0]
     cdef int k = kind
-    if out is None:
-        out = np.empty((nq, n), dtype=np.float32)
-    elif out.shape != (nq, n) or out.dtype != np.float32 or not _rows_contiguous(out) or not out.flags.writeable:
-        raise ValueError(f"dot() output must be a writable float32 array of shape ({nq}, {n}) with contiguous rows")
+    out = _scores_out(out, nq, n, "dot()")
     cdef cnp.ndarray qa = q, oa = out
     cdef uint64_t ld = out.strides[0] // 4
     with nogil:
@@ -840,15 +837,21 @@ def hamming(cnp.ndarray block, queries, int threads=2, out=None):
         raise ValueError(f"hamming() takes byte queries of shape (q, {block.shape[1]})")
     cdef uint64_t n = block.shape[0]
     cdef uint32_t nbytes = block.shape[1], nq = q.shape[0]
-    if out is None:
-        out = np.empty((nq, n), dtype=np.float32)
-    elif out.shape != (nq, n) or out.dtype != np.float32 or not _rows_contiguous(out) or not out.flags.writeable:
-        raise ValueError(f"hamming() output must be a writable float32 array of shape ({nq}, {n}) with contiguous rows")
+    out = _scores_out(out, nq, n, "hamming()")
     cdef cnp.ndarray qa = q, oa = out
     cdef uint64_t ld = out.strides[0] // 4
     with nogil:
         emb_hamming(<const uint8_t *>cnp.PyArray_DATA(block), n, nbytes, <const uint8_t *>cnp.PyArray_DATA(qa), nq,
                     <float *>cnp.PyArray_DATA(oa), ld, threads)
+    return out
+
+
+def _scores_out(out, nq, n, what):
+    """``out``, checked to take ``(nq, n)`` float32 scores a row at a time; a new array if None."""
+    if out is None:
+        return np.empty((nq, n), dtype=np.float32)
+    if out.shape != (nq, n) or out.dtype != np.float32 or not _rows_contiguous(out) or not out.flags.writeable:
+        raise ValueError(f"{what} output must be a writable float32 array of shape ({nq}, {n}) with contiguous rows")
     return out
 
 

@@ -34,11 +34,11 @@ def damage_named(path: str, what: str, kinds: tuple[type[BaseException], ...]) -
     except errors.EmbFileError:
         raise
     except kinds as e:
-        raise errors.ConversionError(f"{path}: a damaged {what} ({_first_line(e)})") from None
+        raise errors.ConversionError(f"{path}: a damaged {what} ({first_line(e)})") from None
     except OSError as e:
         if e.errno not in (None, errno.EINVAL):
             raise
-        raise errors.ConversionError(f"{path}: a damaged {what} ({_first_line(e)})") from None
+        raise errors.ConversionError(f"{path}: a damaged {what} ({first_line(e)})") from None
 
 
 def damage_named_in(
@@ -49,7 +49,8 @@ def damage_named_in(
         yield from items
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """What an error says, in one line (a library's may run to many)."""
     text = e.args[0] if isinstance(e, KeyError) and e.args else e  # (a KeyError's str is its repr)
     return (str(text).strip().splitlines() or [type(e).__name__])[0]
 

@@ -20,7 +20,7 @@ from embfile import errors
 from embfile._extras import require
 from embfile._stream import CHUNK_BYTES, Source, progress_bar
 from embfile.dataset import EmbFile
-from embfile.formats._common import atomic_output
+from embfile.formats._common import atomic_output, first_line
 from embfile.formats.parquet import StreamPart, read_parts
 
 BLOCK_BYTES = 16 << 20  # text parsed at a time
@@ -95,7 +95,7 @@ def stream_part(path: str, start: Any, parse: Any = None) -> StreamPart:
         part = StreamPart(path, parse(path, batches) if parse else batches)
         _ = part.schema.names
     except (pa.ArrowInvalid, pa.ArrowIOError, UnicodeDecodeError) as e:  # (IOError: a damaged .gz, say)
-        what = "its column names are not UTF-8" if isinstance(e, UnicodeDecodeError) else _first_line(e)
+        what = "its column names are not UTF-8" if isinstance(e, UnicodeDecodeError) else first_line(e)
         raise errors.ConversionError(f"{path}: {what}") from None
     return part
 
@@ -110,7 +110,7 @@ def _batches(path: str, reader: Any) -> Any:
         except StopIteration:
             return
         except (pa.ArrowInvalid, pa.ArrowIOError) as e:
-            raise errors.ConversionError(f"{path}: {_first_line(e)}") from None
+            raise errors.ConversionError(f"{path}: {first_line(e)}") from None
         yield batch
 
 
@@ -154,14 +154,10 @@ def _parsed_lists(path: str, name: str, column: Any) -> Any:
             "arrays printed summarised, values left out as '...' (numpy prints long arrays so; save "
             "them as lists, .tolist(), or as Parquet)"
             if summarised
-            else _first_line(e)
+            else first_line(e)
         )
         raise errors.ConversionError(f"{path}: column {name!r}: {why}") from None
     return pa.ListArray.from_arrays(pieces.offsets, values, mask=pieces.is_null())
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0]
 
 
 def to_csv(
