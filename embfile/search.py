@@ -14,7 +14,7 @@ A ragged dataset (per-residue records) is searched through :class:`Pooled`: each
 vector as the scan reaches them.
 
 Records of packed bits (uint8 or int8: ``np.packbits``, the binary quantization of embedding models) are searched
-by ``hamming`` distance, the bits that differ: eight bytes a popcount in the core, queries packed alike.
+by ``hamming`` distance, the bits that differ, counted in the core with the CPU's popcount; queries packed alike.
 
 Order: best first (highest similarity for ``cosine`` and ``ip``, smallest distance for ``l2`` and ``hamming``);
 equal scores in row order.  Scores are float32.  A record holding NaN scores NaN and ranks after every other;

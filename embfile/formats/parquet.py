@@ -2,8 +2,8 @@
 
 Input: a file or a folder of files with one string key column and the vectors as ``fixed_size_list``,
 ``list`` or ``large_list`` of numbers (what pyarrow, pandas, Hugging Face datasets and polars write), or one
-numeric column per dimension ("wide": every column but the key when all hold numbers, else selected by a
-prefix or a list); or per-residue matrices as a list of such lists (``list<list<float>>``,
+numeric column per dimension ("wide": found when the other columns are numbered, ``v0, v1, ...``, else
+selected by a prefix or a list); or per-residue matrices as a list of such lists (``list<list<float>>``,
 ``list<fixed_size_list>``), read as ragged records.  Read a batch at a time, never whole.
 A null float value is read as NaN (pandas writes NaN as null); a null vector, a
 null integer or a vector of the wrong length is an error naming its row and key.
@@ -243,7 +243,7 @@ def read_parts(
     on_error: str = "error",
 ) -> Source:
     """The records of tabular ``parts`` of one schema: a key column and a vector column (detected when only one
-    fits), or one column per dimension (every column but the key, when all hold numbers); a column of
+    fits), or one column per dimension (found when the other columns are numbered columns of numbers); a column of
     per-residue matrices as ragged records (pooled with ``pool``)."""
     pa = require("pyarrow", "parquet")
     schema = parts[0].schema

@@ -12,6 +12,7 @@ import collections.abc
 import dataclasses
 import json
 import os
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,15 @@ from embfile import errors
 from embfile._extras import require
 from embfile._stream import OnError, Source, array_of, chunk_rows, is_series, is_table, require_unique, source_of
 from embfile.dataset import EmbFile
-from embfile.formats._common import GZIP_ERRORS, NPY_ERRORS, atomic_output, damage_named, damage_named_in, holds_objects
+from embfile.formats._common import (
+    GZIP_ERRORS,
+    NPY_ERRORS,
+    atomic_output,
+    damage_named,
+    damage_named_in,
+    first_line,
+    holds_objects,
+)
 from embfile.formats.keys import keys_file
 from embfile.formats.parquet import memory_part, read_parts
 
@@ -263,7 +272,9 @@ def loaded_source(
 def _check_arrow_backed(frame: Any, path: str) -> None:
     """The Arrow arrays a pandas DataFrame or Series from a pickle keeps its strings in, checked whole: one a
     damaged pickle made (offsets past its data) crashes pyarrow as pandas reads it."""
-    import pyarrow as pa
+    pa = sys.modules.get("pyarrow")
+    if pa is None:  # (pandas imports it to hold strings in it: without it, there are none)
+        return
 
     def arrays() -> Iterator[Any]:  # the labels first: taking a column reads its label
         yield frame.index
@@ -281,8 +292,8 @@ def _check_arrow_backed(frame: Any, path: str) -> None:
         try:
             arrow().validate(full=True)
         except pa.ArrowException as e:
-            why = str(e).strip().splitlines()[0]
-            raise errors.ConversionError(f"{path}: a damaged pickle ({type(frame).__name__}: {why})") from None
+            what = f"{type(frame).__name__}: {first_line(e)}"
+            raise errors.ConversionError(f"{path}: a damaged pickle ({what})") from None
 
 
 def read_safetensors(
