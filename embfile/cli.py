@@ -285,6 +285,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     c.add_argument(
+        "--among",
+        metavar="FILE",
+        help="search only the records of the keys in this file (one a line, a FASTA file's ids, ...; '-': stdin)",
+    )
+    c.add_argument(
         "--metric", choices=search.METRICS, default="cosine", help="default cosine; hamming: of packed bits (uint8)"
     )
     c.add_argument(
@@ -704,17 +709,19 @@ def _search(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.file} has one vector per key: --pool is for per-residue (ragged) records")
         if args.exclude_self and source is None and not args.key:
             raise ValueError("--exclude-self needs queries named by key: records of a file, not an .npy array's rows")
-        pool = args.pool if db.ragged else None
+        how = {"k": args.k, "metric": args.metric, "pool": args.pool if db.ragged else None}
+        if args.among:
+            how["among"] = _given_keys(argparse.Namespace(keys=[], keys_file=args.among))
         if args.key:
             results: Iterable[tuple[list[str], np.ndarray, np.ndarray]] = [
-                (list(args.key), *db.search_keys(list(args.key), k=args.k, metric=args.metric, pool=pool))
+                (list(args.key), *db.search_keys(list(args.key), **how))
             ]
         elif source is None:
-            scores, keys = db.search(np.atleast_2d(_npy(args.queries)), k=args.k, metric=args.metric, pool=pool)
+            scores, keys = db.search(np.atleast_2d(_npy(args.queries)), **how)
             results = [([str(i) for i in range(len(scores))], scores, keys)]
         else:  # a chunk of queries at a time: as many as the file holds, in flat memory
             results = (
-                (n, *db.search(x, k=args.k, metric=args.metric, pool=pool, query_keys=n if args.exclude_self else None))
+                (n, *db.search(x, query_keys=n if args.exclude_self else None, **how))
                 for n, x in ((_names(names), x) for names, x in source.chunks)
             )
         _print_hits(results, args.format)

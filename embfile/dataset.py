@@ -364,6 +364,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         exclude: Iterable[str] | None = None,
         pool: str | None = None,
         query_keys: Sequence[str] | None = None,
+        among: Iterable[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` stored vectors nearest each query, exactly: ``(scores, keys)``, best first.
 
@@ -373,10 +374,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         (uint8 or int8, as ``np.packbits`` and embedding models' binary quantization give them) and queries
         packed alike; equal scores come in row order.  ``exclude``: keys never returned.  ``query_keys``:
         the key each query stands for, its own record (where stored) left out of its hits, as
-        :meth:`search_keys` leaves it out (queries from another file of the same proteins).  Fewer than ``k``
-        results if the dataset holds fewer.  A record holding NaN scores NaN and ranks last; a query holding
-        NaN or infinity is a ``ValueError`` (it would score every record alike); a zero vector has cosine
-        similarity 0.  A streaming scan of the mapping: memory stays flat.
+        :meth:`search_keys` leaves it out (queries from another file of the same proteins).  ``among``: the keys
+        of the only records searched (the annotated proteins, one species' records; each must be stored),
+        gathered a block at a time.  Fewer than ``k`` results if the dataset (or ``among``) holds fewer.  A
+        record holding NaN scores NaN and ranks last; a query holding NaN or infinity is a ``ValueError`` (it
+        would score every record alike); a zero vector has cosine similarity 0.  A streaming scan of the
+        mapping: memory stays flat.
 
         ``pool``, for a ragged dataset (and only there): how a record's rows make the one vector compared,
         ``"mean"``, ``"max"``, ``"first"`` or ``"last"``, in float32, pooled as the scan reaches the records:
@@ -385,7 +388,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         self._require_open()
         searched = self._searched(pool, "search()")
         own = None if query_keys is None else searched.find_rows(key_list(query_keys, "query_keys"))
-        return search.search(searched, queries, k, metric, exclude, own)
+        return search.search(searched, queries, k, metric, exclude, own, among)
 
     def search_keys(
         self,
@@ -394,11 +397,12 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         metric: str = "cosine",
         exclude_self: bool = True,
         pool: str | None = None,
+        among: Iterable[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` with the stored vectors of ``keys`` as queries, each key's own record left out
-        (by identity: an equal vector under another key is still found); ``pool`` as there."""
+        (by identity: an equal vector under another key is still found); ``pool`` and ``among`` as there."""
         self._require_open()
-        return search.search_keys(self._searched(pool, "search_keys()"), keys, k, metric, exclude_self)
+        return search.search_keys(self._searched(pool, "search_keys()"), keys, k, metric, exclude_self, among)
 
     def _searched(self, pool: str | None, what: str) -> Any:
         """What a search reads: the dataset, or for a ragged one its records pooled ``pool``."""

@@ -57,6 +57,7 @@ KERNEL_BLOCK_BYTES = 256 << 20  # for the kernel, which copies nothing: fewer wa
 # up to this many queries, the core's kernel (values widened in registers); more, BLAS on a float32 copy
 KERNEL_QUERIES = {"float32": 12, "float16": 16, "bfloat16": 16, "int8": 16, "uint8": 16}
 THREADS = min(os.cpu_count() or 1, 8)
+GATHER_SHARE = 32  # ``among`` fewer than a 32nd of the records: gathered, else found in a scan of all
 
 
 def search(
@@ -66,10 +67,12 @@ def search(
     metric: str = "cosine",
     exclude: Iterable[str] | None = None,
     exclude_rows: np.ndarray | None = None,
+    among: Iterable[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, keys)`` of the ``k`` records nearest each query (see :meth:`embfile.Dataset.search`).
 
     ``exclude_rows``: a ``(Q,)`` array of one row per query to leave out (-1: none), for searches by stored key.
+    ``among``: the keys of the only records scored (gathered a block at a time), else every record's.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
@@ -93,45 +96,58 @@ def search(
         _refuse_unfinite(q, f"values beyond {np.dtype(work)}, which the search computes in")
     if exclude_rows is not None and len(exclude_rows) != len(q):
         raise ValueError(f"{len(exclude_rows)} query_keys for {len(q)} queries: one key each")
+    candidates = None if among is None else np.unique(ds.rows(key_list(among, "among")))
+    excluded = np.zeros(0, np.int64) if exclude is None else _rows_of(ds, exclude)
+    if candidates is not None:
+        candidates = np.setdiff1d(candidates, excluded, assume_unique=True)
+    n_candidates = len(ds) - len(excluded) if candidates is None else len(candidates)
     if not len(q):
-        shape = (0, min(k, len(ds)))
+        shape = (0, min(k, n_candidates))
         return np.empty(shape, work), np.empty(shape, object)
     if metric == "cosine":
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         q = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
-    excluded = np.zeros(0, np.int64) if exclude is None else _rows_of(ds, exclude)
     extra = 0 if exclude_rows is None else 1  # one more, for the row each query leaves out
-    best = _core.TopK(len(q), min(k + extra, len(ds)), metric in ("l2", "hamming"), THREADS)
+    best = _core.TopK(len(q), min(k + extra, n_candidates), metric in ("l2", "hamming"), THREADS)
     q_sq = (q * q).sum(axis=1) if metric == "l2" else None
     kernel = len(q) <= KERNEL_QUERIES.get(ds.dtype.name, 0) or metric == "hamming"
     width = ds.dtype.itemsize if kernel else max(ds.dtype.itemsize, np.dtype(work).itemsize)  # bytes per element held
-    step = max(1, (KERNEL_BLOCK_BYTES if kernel else BLOCK_BYTES) // (ds.dim * width))
-    scores_buffer = np.empty((len(q), min(step, len(ds))), work)  # reused: a fresh array per block costs its faults
+    # a few candidates are gathered (a copy: no larger a block than BLAS's converted one); more, the scan's
+    # blocks are scored and only the rows wanted kept, as gathering scattered rows costs more than reading all
+    gather = candidates is not None and len(candidates) * GATHER_SHARE < len(ds)
+    wanted = None
+    if not gather and (candidates is not None or excluded.size):
+        wanted = np.ones(len(ds), bool) if candidates is None else np.zeros(len(ds), bool)
+        wanted[excluded if candidates is None else candidates] = candidates is not None
+    step = max(1, (KERNEL_BLOCK_BYTES if kernel and not gather else BLOCK_BYTES) // (ds.dim * width))
+    scores_buffer = np.empty((len(q), min(step, len(ds))), work)  # reused: a fresh array per block costs faults
     widened = np.empty((min(step, len(ds)), ds.dim), np.float32) if ds.dtype == np.float16 and not kernel else None
-    for lo, hi, block in ds.chunks(step, release=False):  # pages stay mapped: the next search finds them
-        scores = scores_buffer[:, : hi - lo]  # (Q, rows): each query's scores contiguous, for the top-k
+    for rows, block in _blocks(ds, step, candidates if gather else None):
+        scores = scores_buffer[:, : len(rows)]  # (Q, rows): each query's scores contiguous, for the top-k
         if metric == "hamming":
             _core.hamming(block, q, THREADS, out=scores)
         elif kernel:
             _core.dot(block, q, THREADS, out=scores)
         else:
-            x = block.astype(work, copy=False) if widened is None else _core.widen(block, THREADS, widened[: hi - lo])
+            x = (
+                block.astype(work, copy=False)
+                if widened is None
+                else _core.widen(block, THREADS, widened[: len(block)])
+            )
             np.matmul(q, x.T, out=scores)
         if metric == "cosine":
-            n = _norms(ds, lo, hi, block, work)
+            n = _norms(ds, rows, block, work)
             np.divide(scores, n, out=scores, where=n > 0)
             scores[:, n == 0] = 0
         elif metric == "l2":
             assert q_sq is not None
-            n = _norms(ds, lo, hi, block, work)
+            n = _norms(ds, rows, block, work)
             scores = (n * n)[None, :] - 2 * scores + q_sq[:, None]
             np.sqrt(np.maximum(scores, 0, out=scores), out=scores)
-        block_rows = np.arange(lo, hi)
-        gone = excluded[(excluded >= lo) & (excluded < hi)]
-        if gone.size:
-            block_rows = np.setdiff1d(block_rows, gone, assume_unique=True)
-            scores = scores[:, block_rows - lo]
-        best.add(scores, block_rows)
+        if wanted is not None:
+            kept = wanted[rows[0] : rows[-1] + 1]  # (the scan's rows: consecutive)
+            rows, scores = rows[kept], scores[:, kept]
+        best.add(scores, rows)
     scores, rows = best.result()
     if exclude_rows is not None:  # drop each query's own row (or, if it is not among them, the last)
         keep = rows != exclude_rows[:, None]
@@ -147,7 +163,12 @@ def search(
 
 
 def search_keys(
-    ds: Dataset, keys: Sequence[str], k: int = 10, metric: str = "cosine", exclude_self: bool = True
+    ds: Dataset,
+    keys: Sequence[str],
+    k: int = 10,
+    metric: str = "cosine",
+    exclude_self: bool = True,
+    among: Iterable[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search with the stored vectors of ``keys`` as the queries; each key's own record left out (by row, not
     by distance: an identical vector under another key is still found)."""
@@ -157,7 +178,7 @@ def search_keys(
     bad = np.flatnonzero(~np.isfinite(queries).all(axis=1)) if F.kind(queries.dtype) == "f" else np.zeros(0, int)
     if bad.size:
         raise ValueError(f"key {keys[bad[0]]!r} holds NaN or infinity: it would score every record alike")
-    return search(ds, queries, k, metric, exclude_rows=rows if exclude_self else None)
+    return search(ds, queries, k, metric, exclude_rows=rows if exclude_self else None, among=among)
 
 
 class Pooled:
@@ -216,13 +237,26 @@ def _rows_of(ds: Dataset, keys: Iterable[str]) -> np.ndarray:
     return np.unique(rows[rows >= 0])
 
 
-def _norms(ds: Dataset, lo: int, hi: int, block: np.ndarray, work: Any) -> np.ndarray:
-    """The norms of rows ``[lo, hi)`` (``block`` holds them, as stored): computed once per handle, then kept."""
+def _blocks(ds: Dataset, step: int, candidates: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, block)``: every record, ``step`` rows at a time, straight from the mapping (its pages stay
+    mapped: the next search finds them); or only the rows of ``candidates``, gathered ``step`` at a time."""
+    if candidates is None:
+        for lo, hi, block in ds.chunks(step, release=False):
+            yield np.arange(lo, hi), block
+        return
+    for i in range(0, len(candidates), step):
+        rows = candidates[i : i + step]
+        yield rows, ds.take(rows)
+
+
+def _norms(ds: Dataset, rows: np.ndarray, block: np.ndarray, work: Any) -> np.ndarray:
+    """The norms of ``rows`` (``block`` holds them, as stored): computed once per handle, then kept."""
     if ds._norms is None:
         ds._norms = (np.zeros(len(ds), work), np.zeros(len(ds), bool))
     values, known = ds._norms
-    if not known[lo:hi].all():
+    at = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
+    if not known[at].all():
         x = block.astype(work, copy=False)
-        values[lo:hi] = np.sqrt(np.einsum("ij,ij->i", x, x))
-        known[lo:hi] = True
-    return values[lo:hi]
+        values[at] = np.sqrt(np.einsum("ij,ij->i", x, x))
+        known[at] = True
+    return values[at]

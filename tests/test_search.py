@@ -126,6 +126,64 @@ def test_sharded_and_versioned_datasets(tmp_path):
         check(db, matrix[100:], keys[100:], rng.standard_normal((4, 8)), 7, "l2")
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip", "hamming"])
+def test_search_among_some_keys(tmp_path, metric, monkeypatch):
+    """``among=``: only those records scored (the annotated proteins of a lookup set), gathered a block at a
+    time or, as many as here, kept out of a scan of all; with exclusion, by key and from the shell; a key not
+    stored is an error naming it."""
+    monkeypatch.setattr(search_module, "BLOCK_BYTES", 600)  # several gathered blocks
+    monkeypatch.setattr(search_module, "KERNEL_BLOCK_BYTES", 600)  # several scanned ones
+    rng = np.random.default_rng(4)
+    n = 400
+    matrix = np.packbits(rng.random((n, 64)) > 0.5, axis=1) if metric == "hamming" else rng.standard_normal((n, 12))
+    matrix = matrix if metric == "hamming" else matrix.astype(np.float32)
+    keys = [f"p{i}" for i in range(n)]
+    embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=matrix[0].nbytes * 90)
+    among = sorted(rng.choice(n, 150, replace=False).tolist(), key=lambda r: -r)  # any order
+    queries = matrix[[3, 77]] if metric == "hamming" else rng.standard_normal((2, 12)).astype(np.float32)
+    if metric == "hamming":
+        want_scores, want_rows = hamming_oracle(matrix[sorted(among)], queries, 8, skip={len(among) - 1})
+    else:
+        want_scores, want_rows = oracle(matrix[sorted(among)], queries, 8, metric, skip={len(among) - 1})
+    with embfile.open(tmp_path / "ds") as db:
+        assert len(db.files) > 3
+        for share in (1, 32):  # 150 of 400 gathered, or kept out of the scan
+            monkeypatch.setattr(search_module, "GATHER_SHARE", share)
+            among_keys, exclude = [keys[r] for r in among], [keys[among[0]]]  # (among[0]: the last of them in rows)
+            scores, got = db.search(queries, k=8, metric=metric, among=among_keys, exclude=exclude)
+            np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+            assert got.tolist() == [[keys[sorted(among)[r]] for r in rows] for rows in want_rows]
+        if metric == "cosine":
+            _, got = db.search_keys([keys[among[5]]], k=3, among=[keys[r] for r in among])
+            assert keys[among[5]] not in got[0] and {int(k[1:]) for k in got[0]} <= set(among)
+            scores, got = db.search(queries[0], k=5, among=[keys[0]])  # fewer than k
+            assert got.tolist() == [keys[0]] and scores.shape == (1,)
+            with pytest.raises(embfile.KeyNotFoundError, match="nope"):
+                db.search(queries[0], among=["nope"])
+            (tmp_path / "among.txt").write_text("".join(keys[r] + "\n" for r in among))
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "embfile",
+                    "search",
+                    tmp_path / "ds",
+                    "--key",
+                    keys[1],
+                    "-k",
+                    "2",
+                    "--among",
+                    tmp_path / "among.txt",
+                    "--format",
+                    "json",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            want = db.search_keys([keys[1]], k=2, among=[keys[r] for r in among])[1][0].tolist()
+            assert [hit["key"] for hit in json.loads(out.stdout)[keys[1]]] == want, out.stderr
+
+
 def hamming_oracle(bits, queries, k, skip=()):
     """Bits that differ, smallest first, equal distances in row order."""
     d = np.stack([np.bitwise_count(bits.view(np.uint8) ^ q).sum(axis=1) for q in np.atleast_2d(queries).view(np.uint8)])
