@@ -2,10 +2,12 @@
 conversions between other formats."""
 
 import codecs
+import contextlib
 import gzip
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -782,14 +784,16 @@ def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
         assert_store(tmp_path / f"{name}.emb", {k: vectors[k] for k in vectors.index_to_key})
 
 
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")  # zarr's, of a damaged zarr.json
 def test_binary_inputs_mutated_only_raise_conversion_errors(tmp_path):
-    """A damaged HDF5 file (per key, bulk, per residue), .npz archive, torch or safetensors file, Parquet file,
-    Arrow IPC file or stream, or pickled pandas DataFrame or Series converts or raises an EmbFileError naming
-    it, and leaves nothing at the output.  Before, more than half of the damaged HDF5 files and .npz archives
-    raised h5py's or zipfile's errors (OSError, RuntimeError, KeyError, BadZipFile) without the file's name, a
-    damaged Parquet footer or page pyarrow's (one in five), and an Arrow file or a pickled frame whose string
-    offsets point past their data crashed the interpreter (pyarrow reads both without checking them): the
-    regressions below run in a process of their own."""
+    """A damaged HDF5 file (per key, bulk, per residue), .npz archive, torch or safetensors file, Zarr group,
+    Parquet file, Arrow IPC file or stream, or pickled pandas DataFrame or Series converts or raises an
+    EmbFileError naming it, and leaves nothing at the output.  Before, more than half of the damaged HDF5
+    files and .npz archives raised h5py's or zipfile's errors (OSError, RuntimeError, KeyError, BadZipFile)
+    without the file's name, damaged Zarr chunks zstd's RuntimeError, a damaged Parquet footer or page
+    pyarrow's (one in five), and an Arrow file or a pickled frame whose string offsets point past their data
+    crashed the interpreter (pyarrow reads both without checking them): the regressions below run in a
+    process of their own."""
     pd = pytest.importorskip("pandas")
     rng = np.random.default_rng(5)
     words = [f"w{i}" for i in range(20)]
@@ -828,6 +832,20 @@ def test_binary_inputs_mutated_only_raise_conversion_errors(tmp_path):
             embfile.convert(tmp_path / name, tmp_path / "out.emb", **options)
         except embfile.EmbFileError:
             assert not os.path.exists(tmp_path / "out.emb")
+        (tmp_path / "out.emb").unlink(missing_ok=True)
+
+    zarr = pytest.importorskip("zarr")  # a folder: each mutation damages one of its files
+    store = zarr.open_group(tmp_path / "seed.zarr", mode="w")
+    store.create_array("ids", shape=(12,), dtype=str)[:] = np.array(words[:12], dtype=object)
+    store.create_array("embeddings", data=vectors, chunks=(4, 8))
+    parts = sorted(p.relative_to(tmp_path / "seed.zarr") for p in (tmp_path / "seed.zarr").rglob("*") if p.is_file())
+    for i, (name, data) in enumerate(
+        mutated({str(p): (tmp_path / "seed.zarr" / p).read_bytes() for p in parts}, 150, 3, 8)
+    ):
+        shutil.copytree(tmp_path / "seed.zarr", tmp_path / f"m{i}.zarr")
+        (tmp_path / f"m{i}.zarr" / name).write_bytes(data)  # was zstd's RuntimeError, zarr's TypeError
+        with contextlib.suppress(embfile.EmbFileError):
+            embfile.convert(tmp_path / f"m{i}.zarr", tmp_path / "out.emb")
         (tmp_path / "out.emb").unlink(missing_ok=True)
 
     def past_their_data(data, width):  # the last string offset of "w0".."w19" moved far past the text

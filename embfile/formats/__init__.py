@@ -296,7 +296,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 def _zip_format(path: str) -> str:
     import zipfile
 
-    with damage_named(path, "zip file", (zipfile.BadZipFile, NotImplementedError, UnicodeDecodeError)):
+    with damage_named(path, "a damaged zip file", (zipfile.BadZipFile, NotImplementedError, UnicodeDecodeError)):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()  # (a name flagged UTF-8 is decoded as it is read)
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):

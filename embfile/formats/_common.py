@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gzip
 import os
@@ -27,26 +28,29 @@ NPY_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)  # numpy's
 @contextlib.contextmanager
 def damage_named(path: str, what: str, kinds: tuple[type[BaseException], ...]) -> Iterator[None]:
     """The errors a library raises reading a damaged file (``kinds``, and an ``OSError`` with no errno, or
-    EINVAL from a seek to an offset the file's own bytes gave) as one ConversionError naming ``path`` and
-    what it is; an ``OSError`` of the system (a missing file, a failing disk) passes."""
+    EINVAL from a seek to an offset the file's own bytes gave) as one ConversionError: ``path``, ``what`` it
+    is (``"a damaged HDF5 file"``) and the library's first line; an ``OSError`` of the system (a missing file,
+    a failing disk) passes."""
     try:
         yield
     except errors.EmbFileError:
         raise
     except kinds as e:
-        raise errors.ConversionError(f"{path}: a damaged {what} ({first_line(e)})") from None
+        raise errors.ConversionError(f"{path}: {what} ({first_line(e)})") from None
     except OSError as e:
         if e.errno not in (None, errno.EINVAL):
             raise
-        raise errors.ConversionError(f"{path}: a damaged {what} ({first_line(e)})") from None
+        raise errors.ConversionError(f"{path}: {what} ({first_line(e)})") from None
 
 
-def damage_named_in(
-    path: str, what: str, kinds: tuple[type[BaseException], ...], items: Iterator[Any]
-) -> Iterator[Any]:
-    """``items`` (a source's chunks, read as they are asked for), with :func:`damage_named`'s errors."""
-    with damage_named(path, what, kinds):
-        yield from items
+def chunks_damage_named(source: Source, path: str, what: str, kinds: tuple[type[BaseException], ...]) -> Source:
+    """``source``, its chunks (read as they are asked for) with :func:`damage_named`'s errors."""
+
+    def chunks() -> Iterator[Any]:
+        with damage_named(path, what, kinds):
+            yield from source.chunks
+
+    return dataclasses.replace(source, chunks=chunks())
 
 
 def first_line(e: BaseException) -> str:

@@ -13,7 +13,6 @@ Per-key input is read through h5py's low-level API straight into the chunk buffe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from embfile import errors
 from embfile._extras import require
 from embfile._stream import Chunk, OnError, RaggedChunk, Source, chunk_rows, pooled, progress_bar, require_unique
 from embfile.dataset import EmbFile
-from embfile.formats._common import atomic_output, damage_named, damage_named_in, start_writeback
+from embfile.formats._common import atomic_output, chunks_damage_named, damage_named, start_writeback
 
 META_ATTR = "embfile_metadata"  # where exports keep the .emb metadata (JSON), and imports find it
 LAYOUTS = ("bulk", "per-key", "skbio")
@@ -53,9 +52,9 @@ def read_hdf5(
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, not {layout!r}")
     path = os.fspath(path)
-    with damage_named(path, "HDF5 file", DAMAGE):
+    with damage_named(path, "a damaged HDF5 file", DAMAGE):
         source = _read_hdf5(h5py, path, group, layout, key_attr, pool, ids, vectors, bad)
-    return dataclasses.replace(source, chunks=damage_named_in(path, "HDF5 file", DAMAGE, source.chunks))
+    return chunks_damage_named(source, path, "a damaged HDF5 file", DAMAGE)
 
 
 def _read_hdf5(

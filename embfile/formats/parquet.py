@@ -99,7 +99,7 @@ def arrow_errors(name: str) -> contextlib.AbstractContextManager[None]:
     short, names that are not UTF-8) as a ConversionError naming ``name``."""
     import pyarrow as pa
 
-    return damage_named(name, "table", (pa.ArrowException, UnicodeDecodeError))
+    return damage_named(name, "a damaged table", (pa.ArrowException, UnicodeDecodeError))
 
 
 class Part:

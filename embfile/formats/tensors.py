@@ -28,8 +28,8 @@ from embfile.formats._common import (
     GZIP_ERRORS,
     NPY_ERRORS,
     atomic_output,
+    chunks_damage_named,
     damage_named,
-    damage_named_in,
     first_line,
     holds_objects,
 )
@@ -195,7 +195,7 @@ def read_npz(
     named), or one array per key.  ``keys``: a file of the matrix's keys, one a line, or the FASTA file its
     rows were embedded from, in place of ``ids``."""
     path = os.fspath(path)
-    with damage_named(path, ".npz archive", NPZ_DAMAGE):
+    with damage_named(path, "a damaged .npz archive", NPZ_DAMAGE):
         archive = np.load(path, allow_pickle=False)
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise errors.ConversionError(f"{path}: an .npy matrix, not an .npz archive: --from npy reads it")
@@ -207,9 +207,9 @@ def read_npz(
                 raise errors.ConversionError(f"{path}: {name!r} holds Python objects, which only a pickle holds")
         return archive[name]
 
-    with damage_named(path, ".npz archive", NPZ_DAMAGE):
+    with damage_named(path, "a damaged .npz archive", NPZ_DAMAGE):
         source = _source(path, "npz", _Lazy(list(archive.files), member), ids, vectors, None, on_error, keys)
-    return dataclasses.replace(source, chunks=damage_named_in(path, ".npz archive", NPZ_DAMAGE, source.chunks))
+    return chunks_damage_named(source, path, "a damaged .npz archive", NPZ_DAMAGE)
 
 
 def read_torch(
@@ -353,12 +353,16 @@ def read_zarr(
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
-    try:
+    with damage_named(path, "not a readable Zarr group", ZARR_DAMAGE):
         root = zarr.open_group(path, mode="r", path=group or "")
         arrays = dict(sorted(root.arrays()))  # zarr lists members in no fixed order
-    except (ValueError, OSError) as e:  # zarr's errors are ValueErrors and FileNotFoundErrors
-        raise errors.ConversionError(f"{path}: not a readable Zarr group ({e})") from None
-    return _source(path, "zarr", arrays, ids, vectors, None, on_error, keys)
+        source = _source(path, "zarr", arrays, ids, vectors, None, on_error, keys)
+    return chunks_damage_named(source, path, "not a readable Zarr group", ZARR_DAMAGE)
+
+
+# zarr's, of metadata it cannot parse (ValueError, TypeError: a field misnamed) or a chunk its codec cannot
+# decode (RuntimeError), or an array missing (FileNotFoundError, KeyError)
+ZARR_DAMAGE = (ValueError, TypeError, RuntimeError, KeyError, FileNotFoundError)
 
 
 def to_safetensors(
