@@ -787,7 +787,7 @@ def test_gensim_models_and_keyed_vectors_saved_with_save(tmp_path):
 @pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")  # zarr's, of a damaged zarr.json
 def test_binary_inputs_mutated_only_raise_conversion_errors(tmp_path):
     """A damaged HDF5 file (per key, bulk, per residue), .npz archive, torch or safetensors file, Zarr group,
-    Parquet file, Arrow IPC file or stream, or pickled pandas DataFrame or Series converts or raises an
+    Lance dataset, Parquet file, Arrow IPC file or stream, or pickled pandas DataFrame or Series converts or raises an
     EmbFileError naming it, and leaves nothing at the output.  Before, more than half of the damaged HDF5
     files and .npz archives raised h5py's or zipfile's errors (OSError, RuntimeError, KeyError, BadZipFile)
     without the file's name, damaged Zarr chunks zstd's RuntimeError, a damaged Parquet footer or page
@@ -846,6 +846,16 @@ def test_binary_inputs_mutated_only_raise_conversion_errors(tmp_path):
         (tmp_path / f"m{i}.zarr" / name).write_bytes(data)  # was zstd's RuntimeError, zarr's TypeError
         with contextlib.suppress(embfile.EmbFileError):
             embfile.convert(tmp_path / f"m{i}.zarr", tmp_path / "out.emb")
+        (tmp_path / "out.emb").unlink(missing_ok=True)
+
+    lance = pytest.importorskip("lance")  # its manifest damaged: a Rust panic, pyo3's PanicException (a BaseException)
+    lance.write_dataset(table, tmp_path / "seed.lance")
+    (manifest,) = (tmp_path / "seed.lance" / "_versions").glob("*.manifest")
+    for i, (_, data) in enumerate(mutated({"m": manifest.read_bytes()}, 60, 4, 8)):
+        shutil.copytree(tmp_path / "seed.lance", tmp_path / f"m{i}.lance")
+        (tmp_path / f"m{i}.lance" / "_versions" / manifest.name).write_bytes(data)
+        with contextlib.suppress(embfile.EmbFileError):
+            embfile.convert(tmp_path / f"m{i}.lance", tmp_path / "out.emb", vector_column="emb")
         (tmp_path / "out.emb").unlink(missing_ok=True)
 
     def past_their_data(data, width):  # the last string offset of "w0".."w19" moved far past the text

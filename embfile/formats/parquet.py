@@ -698,16 +698,21 @@ def read_lance(
         raise FileNotFoundError(f"{path}: no such file or folder")
     if not os.path.isdir(os.path.join(path, "_versions")):
         raise errors.ConversionError(f"{path}: not a Lance dataset (it has no _versions folder)")
+    # a Rust panic (of a damaged manifest) reaches Python as pyo3's PanicException, a BaseException
+    panics = tuple(c for c in BaseException.__subclasses__() if c.__name__ == "PanicException")
+    unreadable: tuple[type[BaseException], ...] = (ValueError, OSError, *panics)
     try:
         dataset = lance.dataset(path)
-    except (ValueError, OSError) as e:  # what lance could not read, without the Rust source lines it appends
-        why = re.sub(r",? /\S+\.rs:\d+:\d+", "", str(e).splitlines()[0])
+        schema, rows = dataset.schema, dataset.count_rows()
+    except unreadable as e:  # what lance could not read, without its Rust source lines
+        why = re.sub(r",? /\S+\.rs:\d+:\d+", "", (str(e).splitlines() or [type(e).__name__])[0])
         raise errors.ConversionError(f"{path}: not a readable Lance dataset ({why})") from None
 
     def batches(size: int, columns: list[str]) -> Iterator[Any]:
-        return iter(dataset.to_batches(columns=columns, batch_size=size))
+        with damage_named(path, "not a readable Lance dataset", (ValueError, *panics)):
+            yield from dataset.to_batches(columns=columns, batch_size=size)
 
-    part = Part(path, dataset.schema, dataset.count_rows(), batches)
+    part = Part(path, schema, rows, batches)
     return read_parts(path, "lance", [part], key_column, vector_column, wide_prefix, wide_columns, pool, on_error)
 
 
