@@ -515,12 +515,18 @@ def _keys_arguments(c: argparse.ArgumentParser) -> None:
 
 def _given_keys(args: argparse.Namespace) -> list[str]:
     """The keys given as arguments, then those of ``--keys FILE``."""
-    if args.keys_file and not (args.keys_file == "-" or os.path.exists(args.keys_file)):
-        raise ValueError(f"--keys {args.keys_file}: no such file (keys themselves go after the paths, as arguments)")
-    keys = list(args.keys) + (keys_file(args.keys_file) if args.keys_file else [])
+    hint = " (keys themselves go after the paths, as arguments)"
+    keys = list(args.keys) + (_listed_keys(args.keys_file, "--keys", hint) if args.keys_file else [])
     if not keys:
         raise ValueError("no keys: give them as arguments, or --keys FILE")
     return keys
+
+
+def _listed_keys(path: str, option: str, hint: str = "") -> list[str]:
+    """The keys of the file ``option`` names ('-': standard input); one naming no file is one line."""
+    if not (path == "-" or os.path.exists(path)):
+        raise ValueError(f"{option} {path}: no such file{hint}")
+    return keys_file(path)
 
 
 def _get(args: argparse.Namespace) -> None:
@@ -711,7 +717,7 @@ def _search(args: argparse.Namespace) -> None:
             raise ValueError("--exclude-self needs queries named by key: records of a file, not an .npy array's rows")
         how = {"k": args.k, "metric": args.metric, "pool": args.pool if db.ragged else None}
         if args.among:
-            how["among"] = _given_keys(argparse.Namespace(keys=[], keys_file=args.among))
+            how["among"] = _listed_keys(args.among, "--among")
         if args.key:
             results: Iterable[tuple[list[str], np.ndarray, np.ndarray]] = [
                 (list(args.key), *db.search_keys(list(args.key), **how))

@@ -184,15 +184,17 @@ def arrow_part(path: str) -> Part:
             except pa.ArrowInvalid as e:
                 raise errors.ConversionError(f"{path}: not an Arrow IPC file or stream ({e})") from None
 
-    def record_batches() -> Iterator[Any]:  # each checked whole: a damaged one would be read past its ends
-        r = reader()
-        for batch in (r.get_batch(i) for i in range(r.num_record_batches)) if hasattr(r, "num_record_batches") else r:
+    def batches_of(r: Any) -> Iterator[Any]:
+        return (r.get_batch(i) for i in range(r.num_record_batches)) if hasattr(r, "num_record_batches") else iter(r)
+
+    def record_batches() -> Iterator[Any]:  # each checked whole as it is read: a damaged one would be read past
+        for batch in batches_of(reader()):  # its ends
             batch.validate(full=True)
             yield batch
 
     with arrow_errors(path):
         first = reader()
-        rows = sum(b.num_rows for b in record_batches())
+        rows = sum(b.num_rows for b in batches_of(first))  # (counted from the messages: no value is read)
     return Part(path, first.schema, rows, sliced(record_batches))
 
 
