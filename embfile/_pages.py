@@ -44,13 +44,14 @@ class Layout:
         """Copy ``rows`` (uint64) into ``out``, a C-contiguous array of ``len(rows)`` records."""
         _core.gather(self.bases, self.starts, self.record_bytes, rows, out)
 
-    def gather_random(self, rows: np.ndarray, out: np.ndarray, chunk: int = 0) -> None:
+    def gather_random(self, rows: np.ndarray, out: np.ndarray, chunk: int = 0, processes: int = 1) -> None:
         """:meth:`gather` of rows from anywhere: if they look uncached (a sample of them), the kernel is first
         asked for all their pages at once, so the copy waits on many reads in flight, not on one page fault at
         a time.  It reads the ``chunk``-byte pieces around them (a multiple of the page size), by default
         their pages alone until an eighth of the records came this way and 64 KiB pieces after that (see
-        ``_core.prefetch_chunk``)."""
-        chunk = chunk or _core.prefetch_chunk(self.random_rows[0], int(self.starts[-1]))
+        ``_core.prefetch_chunk``); of ``processes`` sharing the gathers of one epoch (DataLoader workers),
+        this one's gathers count for all of them."""
+        chunk = chunk or _core.prefetch_chunk(self.random_rows[0] * processes, int(self.starts[-1]))
         self.random_rows[0] += len(rows)
         if len(rows) > 1:
             _core.prefetch(self.bases, self.starts, self.record_bytes, np.sort(rows), chunk=chunk)

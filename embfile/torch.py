@@ -241,8 +241,9 @@ class Dataset(torch.utils.data.Dataset):
         out = buffers.array((len(rows), self.store.dim), self.store.dtype) if buffers is not None else None
         if out is None:
             out = np.empty((len(rows), self.store.dim), self.store.dtype)
+        info = torch.utils.data.get_worker_info()  # a worker gathers one of num_workers shares of the epoch
         with self.store._reading(rows, windows) as layout:
-            layout.gather_random(rows, out, chunk)
+            layout.gather_random(rows, out, chunk, info.num_workers if info is not None else 1)
         return tensor(out)
 
     def _padded(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

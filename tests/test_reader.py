@@ -421,6 +421,29 @@ def test_a_long_hint_reads_every_page(tmp_path):
             assert _all_resident(address, length)
 
 
+def test_a_worker_s_random_gathers_count_for_every_worker(tmp_path):
+    """Past an eighth of an epoch's records, a cold random gather reads the 64 KiB pieces around each record
+    (the epoch will want its neighbours).  A DataLoader worker gathers one of ``num_workers`` shares of the
+    epoch, so its own count is multiplied by theirs: with two workers, past a sixteenth of its own."""
+    m = np.ones((3000, 1000), np.float32)
+    embfile.write(tmp_path / "db.emb", ([f"k{i}" for i in range(3000)], m))
+    piece = 65536
+    assert _core.prefetch_chunk(188, 3000) < piece <= _core.prefetch_chunk(2 * 188, 3000)  # past a sixteenth
+    with embfile.open(tmp_path / "db.emb") as db:
+        layout = db._layout()
+        _evicted(tmp_path / "db.emb")
+        base = int(layout.bases[0])
+        if _core.resident_fraction(base, 3000 * 4000 // 4096 * 4096) >= 0.5:
+            pytest.skip("this file system keeps the file's pages")
+        layout.random_rows[0] = 188
+        rows = np.array([300, 1500, 2600], np.uint64)
+        out = np.empty((3, 1000), np.float32)
+        layout.gather_random(rows, out, processes=2)
+        np.testing.assert_array_equal(out, 1.0)
+        for r in rows.tolist():
+            assert _all_resident(base + r * 4000 // piece * piece, piece)  # the record's whole piece
+
+
 def test_random_gathers_ask_for_uncached_pages_at_once(tmp_path):
     """A gather of rows from anywhere asks the kernel for all their pages together when a sample of them is not
     in the page cache (and not when it is), and gives the same records either way."""
