@@ -710,7 +710,9 @@ def test_a_map_style_epoch_at_a_url_streams_its_windows(served, tmp_path, worker
     np.testing.assert_array_equal(np.concatenate(got), x[order])
     assert not db._whole and os.listdir(cache / "files") == []
     assert peak < limit + (3 << 20), (peak, limit)  # and the windows of the batches in flight (up to 2.3 MiB)
-    assert 0.9 * size < server.sent(n) < 1.1 * size  # 1.5x before batches took their windows' locks
+    # 1.5x before batches took their windows' locks; under a busy machine a worker that falls behind may find
+    # a window the other gave back under this tight limit (a quarter of the file) and fetch it again
+    assert 0.9 * size < server.sent(n) < 1.25 * size
     db.close()
 
     rng = np.random.default_rng(3)
