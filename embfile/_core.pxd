@@ -35,10 +35,10 @@ cdef extern from "embfile.h" nogil:
                            const uint64_t *length, size_t k, uint64_t stride, int zero_pad, uint8_t *dst)
     enum:
         EMB_DOT_F32, EMB_DOT_F16, EMB_DOT_BF16, EMB_DOT_I8, EMB_DOT_U8
-    int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind, const float *q, uint32_t nq,
-                float *out, uint64_t ld, int threads)
-    void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq, float *out,
-                     uint64_t ld, int threads)
+    int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride, int kind, const float *q,
+                uint32_t nq, float *out, uint64_t ld, int threads)
+    void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q, uint32_t nq,
+                     float *out, uint64_t ld, int threads)
     void emb_widen_f16(const uint8_t *src, uint64_t n, float *dst, int threads)
     enum:
         EMB_POOL_MEAN, EMB_POOL_MAX

@@ -805,44 +805,46 @@ DOT_KINDS = {"float32": EMB_DOT_F32, "float16": EMB_DOT_F16, "bfloat16": EMB_DOT
 
 def dot(cnp.ndarray block, queries, int threads=2, out=None):
     """``queries @ block.T`` as a float32 ``(q, n)`` array (into ``out`` if given: its rows may be longer than
-    ``n``, as a view of a bigger buffer, but each must be contiguous), for a C-contiguous ``(n, dim)`` block of
-    one of :data:`DOT_KINDS` (a view of the mapping: nothing is copied; values widened in registers) and
-    ``(q, dim)`` queries; the GIL released, the rows split over ``threads`` threads."""
+    ``n``, as a view of a bigger buffer, but each must be contiguous), for a ``(n, dim)`` block of one of
+    :data:`DOT_KINDS` whose rows are each contiguous (a view of the mapping, or of the leading ``dim`` values of
+    its records: nothing is copied; values widened in registers) and ``(q, dim)`` queries; the GIL released,
+    the rows split over ``threads`` threads."""
     kind = DOT_KINDS.get(block.dtype.name, -1) if block.dtype.isnative else -1
-    if block.ndim != 2 or not block.flags.c_contiguous or kind < 0:
-        raise ValueError(f"dot() takes a C-contiguous 2-d block of {', '.join(DOT_KINDS)}")
+    if kind < 0 or not _rows_contiguous(block):
+        raise ValueError(f"dot() takes a 2-d block of {', '.join(DOT_KINDS)} with contiguous rows")
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != block.shape[1]:
         raise ValueError(f"dot() takes queries of shape (q, {block.shape[1]}), not {q.shape}")
-    cdef uint64_t n = block.shape[0]
+    cdef uint64_t n = block.shape[0], stride = _row_stride(block)
     cdef uint32_t dim = block.shape[1], nq = q.shape[0]
     cdef int k = kind
     out = _scores_out(out, nq, n, "dot()")
     cdef cnp.ndarray qa = q, oa = out
     cdef uint64_t ld = out.strides[0] // 4
     with nogil:
-        emb_dot(<const uint8_t *>cnp.PyArray_DATA(block), n, dim, k, <const float *>cnp.PyArray_DATA(qa), nq,
-                <float *>cnp.PyArray_DATA(oa), ld, threads)
+        emb_dot(<const uint8_t *>cnp.PyArray_DATA(block), n, dim, stride, k,
+                <const float *>cnp.PyArray_DATA(qa), nq, <float *>cnp.PyArray_DATA(oa), ld, threads)
     return out
 
 
 def hamming(cnp.ndarray block, queries, int threads=2, out=None):
-    """The bits that differ between each row of a C-contiguous ``(n, nbytes)`` block of packed bits (uint8 or
-    int8: a view of the mapping, nothing copied) and each of ``(q, nbytes)`` queries, as a float32 ``(q, n)``
-    array (into ``out`` as for :func:`dot`); the GIL released, the rows split over ``threads`` threads."""
-    if block.ndim != 2 or not block.flags.c_contiguous or block.dtype.itemsize != 1 or block.dtype.kind not in "iu":
-        raise ValueError("hamming() takes a C-contiguous 2-d block of uint8 or int8")
+    """The bits that differ between each row of a ``(n, nbytes)`` block of packed bits (uint8 or int8) whose
+    rows are each contiguous (a view of the mapping, or of the leading bytes of its records: nothing copied)
+    and each of ``(q, nbytes)`` queries, as a float32 ``(q, n)`` array (into ``out`` as for :func:`dot`); the
+    GIL released, the rows split over ``threads`` threads."""
+    if block.dtype.itemsize != 1 or block.dtype.kind not in "iu" or not _rows_contiguous(block):
+        raise ValueError("hamming() takes a 2-d block of uint8 or int8 with contiguous rows")
     q = np.ascontiguousarray(queries).view(np.uint8) if np.asarray(queries).dtype.itemsize == 1 else None
     if q is None or q.ndim != 2 or q.shape[1] != block.shape[1]:
         raise ValueError(f"hamming() takes byte queries of shape (q, {block.shape[1]})")
-    cdef uint64_t n = block.shape[0]
+    cdef uint64_t n = block.shape[0], stride = _row_stride(block)
     cdef uint32_t nbytes = block.shape[1], nq = q.shape[0]
     out = _scores_out(out, nq, n, "hamming()")
     cdef cnp.ndarray qa = q, oa = out
     cdef uint64_t ld = out.strides[0] // 4
     with nogil:
-        emb_hamming(<const uint8_t *>cnp.PyArray_DATA(block), n, nbytes, <const uint8_t *>cnp.PyArray_DATA(qa), nq,
-                    <float *>cnp.PyArray_DATA(oa), ld, threads)
+        emb_hamming(<const uint8_t *>cnp.PyArray_DATA(block), n, nbytes, stride,
+                    <const uint8_t *>cnp.PyArray_DATA(qa), nq, <float *>cnp.PyArray_DATA(oa), ld, threads)
     return out
 
 
@@ -857,8 +859,13 @@ def _scores_out(out, nq, n, what):
 
 def _rows_contiguous(a):
     """Whether a 2-d array's rows are each contiguous, at a stride of whole items (a view of a wider buffer)."""
-    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and a.strides[0] % a.itemsize == 0 \
-        and a.strides[0] >= a.shape[1] * a.itemsize
+    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and (a.shape[0] <= 1 or (
+        a.strides[0] % a.itemsize == 0 and a.strides[0] >= a.shape[1] * a.itemsize))
+
+
+def _row_stride(a):
+    """The bytes from one row of ``a`` to the next (of one row, which numpy may give any stride: its length)."""
+    return a.strides[0] if a.shape[0] > 1 else a.shape[1] * a.itemsize
 
 
 def widen(cnp.ndarray block, int threads=2, out=None):

@@ -293,6 +293,12 @@ def _parser() -> argparse.ArgumentParser:
         "--metric", choices=search.METRICS, default="cosine", help="default cosine; hamming: of packed bits (uint8)"
     )
     c.add_argument(
+        "--dims",
+        type=int,
+        metavar="N",
+        help="compare the first N values of each vector alone (Matryoshka embeddings' prefix); queries cut to them",
+    )
+    c.add_argument(
         "--pool",
         choices=POOLINGS,
         help="of a per-residue (ragged) file, required: compare each record's rows pooled so",
@@ -715,7 +721,7 @@ def _search(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.file} has one vector per key: --pool is for per-residue (ragged) records")
         if args.exclude_self and source is None and not args.key:
             raise ValueError("--exclude-self needs queries named by key: records of a file, not an .npy array's rows")
-        how = {"k": args.k, "metric": args.metric, "pool": args.pool if db.ragged else None}
+        how = {"k": args.k, "metric": args.metric, "pool": args.pool if db.ragged else None, "dims": args.dims}
         if args.among:
             how["among"] = _listed_keys(args.among, "--among")
         if args.key:

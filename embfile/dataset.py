@@ -92,7 +92,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     _segments: tuple[MappedFile, ...] = ()
     version: int | None = None
     manifest: Manifest | None = None
-    _norms: tuple[np.ndarray, np.ndarray] | None = None  # cosine search: each row's norm, and which are known
+    _norms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None  # search: each row's norm (over how many
+    # leading values), and which are known
 
     def _open_files(
         self, index: MappedFile | Sequence[MappedFile], parts: Sequence[MappedFile], path: str | None
@@ -365,6 +366,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         pool: str | None = None,
         query_keys: Sequence[str] | None = None,
         among: Iterable[str] | None = None,
+        dims: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` stored vectors nearest each query, exactly: ``(scores, keys)``, best first.
 
@@ -376,10 +378,13 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         the key each query stands for, its own record (where stored) left out of its hits, as
         :meth:`search_keys` leaves it out (queries from another file of the same proteins).  ``among``: the keys
         of the only records searched (the annotated proteins, one species' records; each must be stored),
-        gathered a block at a time.  Fewer than ``k`` results if the dataset (or ``among``) holds fewer.  A
-        record holding NaN scores NaN and ranks last; a query holding NaN or infinity is a ``ValueError`` (it
-        would score every record alike); a zero vector has cosine similarity 0.  A streaming scan of the
-        mapping: memory stays flat.
+        gathered a block at a time.  ``dims``: compare the leading ``dims`` values of each record alone (of
+        packed bits, bytes), the prefix that Matryoshka embeddings (OpenAI's text-embedding-3, nomic-embed, ...)
+        train to stand for the whole; queries of the whole length are cut to it, and the cosine is of the
+        prefixes.  Fewer than ``k`` results if the dataset (or ``among``) holds fewer.  A record holding NaN
+        scores NaN and ranks last; a query holding NaN or infinity is a ``ValueError`` (it would score every
+        record alike); a zero vector has cosine similarity 0.  A streaming scan of the mapping: memory stays
+        flat.
 
         ``pool``, for a ragged dataset (and only there): how a record's rows make the one vector compared,
         ``"mean"``, ``"max"``, ``"first"`` or ``"last"``, in float32, pooled as the scan reaches the records:
@@ -388,7 +393,7 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         self._require_open()
         searched = self._searched(pool, "search()")
         own = None if query_keys is None else searched.find_rows(key_list(query_keys, "query_keys"))
-        return search.search(searched, queries, k, metric, exclude, own, among)
+        return search.search(searched, queries, k, metric, exclude, own, among, dims)
 
     def search_keys(
         self,
@@ -398,11 +403,14 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
         exclude_self: bool = True,
         pool: str | None = None,
         among: Iterable[str] | None = None,
+        dims: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` with the stored vectors of ``keys`` as queries, each key's own record left out
-        (by identity: an equal vector under another key is still found); ``pool`` and ``among`` as there."""
+        (by identity: an equal vector under another key is still found); ``pool``, ``among`` and ``dims`` as
+        there."""
         self._require_open()
-        return search.search_keys(self._searched(pool, "search_keys()"), keys, k, metric, exclude_self, among)
+        searched = self._searched(pool, "search_keys()")
+        return search.search_keys(searched, keys, k, metric, exclude_self, among, dims)
 
     def _searched(self, pool: str | None, what: str) -> Any:
         """What a search reads: the dataset, or for a ragged one its records pooled ``pool``."""

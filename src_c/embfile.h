@@ -117,19 +117,21 @@ void emb_gather_ragged(const uint8_t *const *bases, const uint64_t *starts,
                        int zero_pad, uint8_t *dst);
 
 /* Search (search.c): out[j * ld + r] = the dot product of row r of x (n rows
- * of dim elements of type `kind`, back to back) with query j of q (nq rows of
- * dim float32), accumulated in float32; the rows split over `threads`
- * threads.  Returns EMB_OK, or EMB_E_RANGE for a kind it does not know. */
+ * of dim elements of type `kind`, `stride` bytes apart: back to back, or the
+ * leading dim values of longer records) with query j of q (nq rows of dim
+ * float32), accumulated in float32; the rows split over `threads` threads.
+ * Returns EMB_OK, or EMB_E_RANGE for a kind it does not know or rows closer
+ * than their length. */
 enum { EMB_DOT_F32, EMB_DOT_F16, EMB_DOT_BF16, EMB_DOT_I8, EMB_DOT_U8 };
-int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
+int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride, int kind,
             const float *q, uint32_t nq, float *out, uint64_t ld, int threads);
 
 /* Search (search.c): out[j * ld + r] = the bits that differ between row r of
- * x (n rows of nbytes bytes of packed bits, back to back) and query j of q (nq
- * rows of nbytes), as a float32 (exact up to 2^24); the rows split over
- * `threads` threads. */
-void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq, float *out,
-                 uint64_t ld, int threads);
+ * x (n rows of nbytes bytes of packed bits, `stride` bytes apart) and query j
+ * of q (nq rows of nbytes), as a float32 (exact up to 2^24); the rows split
+ * over `threads` threads. */
+void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q, uint32_t nq,
+                 float *out, uint64_t ld, int threads);
 
 /* Search (search.c): float16 values src[0..n) as float32 in dst, over
  * `threads` threads. */

@@ -25,14 +25,22 @@
 #define EMB_X86 1
 #endif
 
-typedef void (*dot_fn)(const uint8_t *x, uint64_t n, uint32_t dim,
+/* The first pass over a row asks for the line `ahead` bytes on.  Rows back to
+ * back (stride == row_bytes) take that distance as it is; rows with a gap
+ * between them (a leading part of each stored record) ask for the same place
+ * as many rows on as that distance holds of their bytes, not for the gap. */
+static inline uint64_t ahead_of(uint64_t row_bytes, uint64_t stride, uint64_t ahead) {
+    return stride == row_bytes ? ahead : stride * ((ahead + row_bytes - 1) / row_bytes);
+}
+
+typedef void (*dot_fn)(const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride,
                        const float *q, uint32_t nq, float *out, uint64_t ld);
 
 #define EMB_DOT_PORTABLE(NAME, WIDTH, SCALAR)                                    \
-    static void NAME(const uint8_t *x, uint64_t n, uint32_t dim, const float *q, \
-                     uint32_t nq, float *out, uint64_t ld) {                     \
+    static void NAME(const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride, \
+                     const float *q, uint32_t nq, float *out, uint64_t ld) {     \
         for (uint64_t r = 0; r < n; r++) {                                       \
-            const uint8_t *row = x + r * dim * (WIDTH);                          \
+            const uint8_t *row = x + r * stride;                                 \
             for (uint32_t j = 0; j < nq; j++) {                                  \
                 float s = 0;                                                     \
                 for (uint32_t d = 0; d < dim; d++) s += SCALAR(row, d) * q[(uint64_t)j * dim + d]; \
@@ -70,11 +78,12 @@ enum { AHEAD = 2048 };
     E = _mm256_fmadd_ps(V, _mm256_loadu_ps(q3 + (D)), E);
 #define EMB_DOT_AVX2(NAME, WIDTH, LOAD, SCALAR)                                   \
     __attribute__((target("avx2,fma,f16c"))) static void NAME(                 \
-        const uint8_t *x, uint64_t n, uint32_t dim, const float *q, uint32_t nq, \
-        float *out, uint64_t ld) {                                               \
+        const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride, const float *q, \
+        uint32_t nq, float *out, uint64_t ld) {                                  \
         uint32_t body = dim & ~7u;                                               \
+        const uint64_t ahead = ahead_of((uint64_t)dim * (WIDTH), stride, AHEAD); \
         for (uint64_t r = 0; r < n; r++) {                                       \
-            const uint8_t *row = x + r * dim * (WIDTH);                          \
+            const uint8_t *row = x + r * stride;                                 \
             uint32_t j = 0;                                                      \
             for (; j + 4 <= nq; j += 4) {                                        \
                 const float *q0 = q + (uint64_t)j * dim, *q1 = q0 + dim;         \
@@ -83,7 +92,7 @@ enum { AHEAD = 2048 };
                 __m256 a1 = a0, b1 = a0, c1 = a0, e1 = a0;                       \
                 uint32_t d = 0;                                                  \
                 for (; d + 16 <= body; d += 16) {                                \
-                    if (!j && !(((WIDTH) * d) & 63)) _mm_prefetch((const char *)(row + (WIDTH) * d + AHEAD), _MM_HINT_T0); \
+                    if (!j && !(((WIDTH) * d) & 63)) _mm_prefetch((const char *)(row + (WIDTH) * d + ahead), _MM_HINT_T0); \
                     __m256 v0 = LOAD(row, d), v1 = LOAD(row, d + 8);             \
                     EMB_FMA4(v0, d, a0, b0, c0, e0)                              \
                     EMB_FMA4(v1, d + 8, a1, b1, c1, e1)                          \
@@ -106,7 +115,7 @@ enum { AHEAD = 2048 };
                 __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();       \
                 uint32_t d = 0;                                                  \
                 for (; d + 16 <= body; d += 16) {                                \
-                    if (!j && !(((WIDTH) * d) & 63)) _mm_prefetch((const char *)(row + (WIDTH) * d + AHEAD), _MM_HINT_T0); \
+                    if (!j && !(((WIDTH) * d) & 63)) _mm_prefetch((const char *)(row + (WIDTH) * d + ahead), _MM_HINT_T0); \
                     a0 = _mm256_fmadd_ps(LOAD(row, d), _mm256_loadu_ps(qj + d), a0); \
                     a1 = _mm256_fmadd_ps(LOAD(row, d + 8), _mm256_loadu_ps(qj + d + 8), a1); \
                 }                                                                \
@@ -142,17 +151,19 @@ EMB_DOT_AVX2(dot_u8_avx2, 1u, LOAD_U8, emb_value_u8)
 #define LOAD16_F16(row, d) \
     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)((row) + 2u * (d))))
 __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
-    const uint8_t *x, uint64_t n, uint32_t dim, const float *q, uint32_t nq, float *out, uint64_t ld) {
+    const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride, const float *q, uint32_t nq, float *out,
+    uint64_t ld) {
     uint32_t body = dim & ~15u;
+    const uint64_t ahead = ahead_of((uint64_t)dim * 2u, stride, AHEAD);
     for (uint64_t r = 0; r < n; r++) {
-        const uint8_t *row = x + r * dim * 2u;
+        const uint8_t *row = x + r * stride;
         uint32_t j = 0;
         for (; j + 4 <= nq; j += 4) {
             const float *q0 = q + (uint64_t)j * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
             __m512 a = _mm512_setzero_ps(), b = a, c = a, e = a;
             uint32_t d = 0;
             for (; d < body; d += 16) {
-                if (!j && !(d & 31)) _mm_prefetch((const char *)(row + 2u * d + AHEAD), _MM_HINT_T0);
+                if (!j && !(d & 31)) _mm_prefetch((const char *)(row + 2u * d + ahead), _MM_HINT_T0);
                 __m512 v = LOAD16_F16(row, d);
                 a = _mm512_fmadd_ps(v, _mm512_loadu_ps(q0 + d), a);
                 b = _mm512_fmadd_ps(v, _mm512_loadu_ps(q1 + d), b);
@@ -173,7 +184,7 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) static void dot_f16_avx512(
             __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
             uint32_t d = 0;
             for (; d + 32 <= body; d += 32) {
-                if (!j) _mm_prefetch((const char *)(row + 2u * d + AHEAD), _MM_HINT_T0);
+                if (!j) _mm_prefetch((const char *)(row + 2u * d + ahead), _MM_HINT_T0);
                 a0 = _mm512_fmadd_ps(LOAD16_F16(row, d), _mm512_loadu_ps(qj + d), a0);
                 a1 = _mm512_fmadd_ps(LOAD16_F16(row, d + 16), _mm512_loadu_ps(qj + d + 16), a1);
             }
@@ -206,7 +217,7 @@ static dot_fn choose(int kind) {
 typedef struct {
     dot_fn fn;
     const uint8_t *x;
-    uint64_t n;
+    uint64_t n, stride;
     uint32_t dim, nq;
     const float *q;
     float *out;
@@ -215,16 +226,15 @@ typedef struct {
 
 static void *run_job(void *arg) {
     dot_job *j = arg;
-    j->fn(j->x, j->n, j->dim, j->q, j->nq, j->out, j->ld);
+    j->fn(j->x, j->n, j->dim, j->stride, j->q, j->nq, j->out, j->ld);
     return NULL;
 }
 
-int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
+int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride, int kind,
             const float *q, uint32_t nq, float *out, uint64_t ld, int threads) {
     dot_job jobs[EMB_MAX_THREADS];
     static const uint64_t widths[] = {4u, 2u, 2u, 1u, 1u};
-    if (kind < EMB_DOT_F32 || kind > EMB_DOT_U8) return EMB_E_RANGE;
-    uint64_t width = widths[kind];
+    if (kind < EMB_DOT_F32 || kind > EMB_DOT_U8 || stride < dim * widths[kind]) return EMB_E_RANGE;
     if (threads < 1) threads = 1;
     if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
     if ((uint64_t)threads > n) threads = n ? (int)n : 1;
@@ -232,7 +242,7 @@ int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
     uint64_t per = n / (uint64_t)threads, lo = 0;
     for (int t = 0; t < threads; t++) {
         uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
-        jobs[t] = (dot_job){fn, x + lo * dim * width, count, dim, nq, q, out + lo, ld};
+        jobs[t] = (dot_job){fn, x + lo * stride, count, stride, dim, nq, q, out + lo, ld};
         lo += count;
     }
     emb_run_jobs(run_job, jobs, sizeof jobs[0], threads);
@@ -243,15 +253,16 @@ int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, int kind,
  * few queries, eight bytes at a time (one popcnt each where the CPU has it).
  * As in the dot products, each row is loaded once for all the queries, and
  * lines ahead are asked for once each. */
-typedef void (*hamming_fn)(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq,
-                           float *out, uint64_t ld);
+typedef void (*hamming_fn)(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q,
+                           uint32_t nq, float *out, uint64_t ld);
 enum { HAMMING_AHEAD = 2048 };
 #define EMB_HAMMING(NAME, ATTRIBUTES)                                                              \
-    ATTRIBUTES static void NAME(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q,   \
-                                uint32_t nq, float *out, uint64_t ld) {                            \
+    ATTRIBUTES static void NAME(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride,    \
+                                const uint8_t *q, uint32_t nq, float *out, uint64_t ld) {          \
+        const uint64_t ahead = ahead_of(nbytes, stride, HAMMING_AHEAD);                            \
         for (uint64_t r = 0; r < n; r++) {                                                         \
-            const uint8_t *row = x + r * nbytes;                                                   \
-            for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + HAMMING_AHEAD + o); \
+            const uint8_t *row = x + r * stride;                                                   \
+            for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + ahead + o);         \
             for (uint32_t j = 0; j < nq; j++) {                                                    \
                 const uint8_t *qj = q + (uint64_t)j * nbytes;                                      \
                 uint64_t bits = 0;                                                                 \
@@ -274,12 +285,14 @@ EMB_HAMMING(hamming_popcnt, __attribute__((target("popcnt"))))
 /* AVX-512 VPOPCNTDQ: 64 bytes a popcount instruction, the row's last bytes
  * read through a mask (nothing past the row is touched). */
 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))) static void hamming_avx512(
-    const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq, float *out, uint64_t ld) {
+    const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q, uint32_t nq, float *out,
+    uint64_t ld) {
     uint32_t body = nbytes & ~63u, rest = nbytes - body;
     __mmask64 tail = rest ? ~0ULL >> (64u - rest) : 0;
+    const uint64_t ahead = ahead_of(nbytes, stride, HAMMING_AHEAD);
     for (uint64_t r = 0; r < n; r++) {
-        const uint8_t *row = x + r * nbytes;
-        for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + HAMMING_AHEAD + o);
+        const uint8_t *row = x + r * stride;
+        for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + ahead + o);
         for (uint32_t j = 0; j < nq; j++) {
             const uint8_t *qj = q + (uint64_t)j * nbytes;
             __m512i acc = _mm512_setzero_si512();
@@ -301,7 +314,7 @@ __attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))) static void hamming_
 typedef struct {
     hamming_fn fn;
     const uint8_t *x;
-    uint64_t n;
+    uint64_t n, stride;
     uint32_t nbytes, nq;
     const uint8_t *q;
     float *out;
@@ -310,12 +323,12 @@ typedef struct {
 
 static void *run_hamming(void *arg) {
     hamming_job *j = arg;
-    j->fn(j->x, j->n, j->nbytes, j->q, j->nq, j->out, j->ld);
+    j->fn(j->x, j->n, j->nbytes, j->stride, j->q, j->nq, j->out, j->ld);
     return NULL;
 }
 
-void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q, uint32_t nq, float *out,
-                 uint64_t ld, int threads) {
+void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q, uint32_t nq,
+                 float *out, uint64_t ld, int threads) {
     hamming_fn fn = hamming_portable;
 #ifdef EMB_X86
     __builtin_cpu_init();
@@ -331,7 +344,7 @@ void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, const uint8_t *q
     uint64_t per = n / (uint64_t)threads, lo = 0;
     for (int t = 0; t < threads; t++) {
         uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
-        jobs[t] = (hamming_job){fn, x + lo * nbytes, count, nbytes, nq, q, out + lo, ld};
+        jobs[t] = (hamming_job){fn, x + lo * stride, count, stride, nbytes, nq, q, out + lo, ld};
         lo += count;
     }
     emb_run_jobs(run_hamming, jobs, sizeof jobs[0], threads);

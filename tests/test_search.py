@@ -348,6 +348,81 @@ def test_search_from_the_command_line(tmp_path):
     assert [line.split()[:2] for line in out.stdout.splitlines()] == [["new_x", "x"], ["new_z", "w"]], out.stderr
 
 
+def test_search_of_the_leading_dims_of_matryoshka_embeddings(tmp_path, monkeypatch):
+    """``dims=``: the leading values of each record compared alone (a Matryoshka embedding's prefix), straight
+    from the mapping at the records' stride: as numpy scores the cut matrix, for every metric and both paths
+    (the kernel and BLAS), with exclusion, ``among``, a sharded dataset, per-residue records pooled, packed bits
+    and the shell; the norms of a prefix are kept apart from the whole records' (a whole search after a cut
+    one, and the other way, is still right)."""
+    for blocks in ("BLOCK_BYTES", "KERNEL_BLOCK_BYTES"):
+        monkeypatch.setattr(search_module, blocks, 2000)
+    rng = np.random.default_rng(12)
+    n, dim, cut = 300, 24, 8
+    matrix = rng.standard_normal((n, dim)).astype(np.float32)
+    keys = [f"m{i}" for i in range(n)]
+    embfile.write_shards(tmp_path / "ds", (keys, matrix), shard_bytes=matrix[0].nbytes * 70)
+    embfile.write(tmp_path / "half.emb", (keys, matrix.astype(np.float16)))
+    queries = rng.standard_normal((3, dim)).astype(np.float32)
+    many = rng.standard_normal((search_module.KERNEL_QUERIES["float16"] + 2, dim)).astype(np.float32)
+    with embfile.open(tmp_path / "ds") as db, embfile.open(tmp_path / "half.emb") as half:
+        for metric in ("cosine", "ip", "l2"):
+            for whole in (False, True):  # queries of the prefix, or the model's whole embeddings
+                check(Cut(db, cut, whole), matrix[:, :cut], keys, queries[:, :cut], 7, metric, exclude=[4, 299])
+            check(db, matrix, keys, queries, 7, metric)  # whole records after cut ones: their own norms
+            check(Cut(half, cut, True), matrix[:, :cut].astype(np.float16), keys, many[:, :cut], 5, metric)  # BLAS
+        check(half, matrix.astype(np.float16), keys, many, 5, "cosine")
+        among = [keys[r] for r in range(0, n, 3)]
+        scores, got = db.search(queries, k=4, dims=cut, among=among)
+        want_scores, want_rows = oracle(matrix[::3, :cut], queries[:, :cut], 4, "cosine")
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+        assert got.tolist() == [[keys[3 * r] for r in rows] for rows in want_rows]
+        _, got = db.search_keys(keys[:2], k=3, dims=cut)
+        want = oracle(matrix[:, :cut], matrix[:2, :cut], 4, "cosine")[1]
+        assert got.tolist() == [[keys[r] for r in rows if r != i][:3] for i, rows in enumerate(want)]
+        with pytest.raises(ValueError, match="dims must be an int from 1 to 24"):
+            db.search(queries, dims=25)
+        with pytest.raises(ValueError, match=r"\(8,\) or \(Q, 8\), or the whole \(24,\)"):
+            db.search(queries[:, :9], dims=cut)
+        out = subprocess.run(
+            [sys.executable, "-m", "embfile", "search", tmp_path / "ds", "--key", keys[0], "-k", "3", "--dims", "8"],
+            capture_output=True,
+            text=True,
+        )
+        assert [line.split()[1] for line in out.stdout.splitlines()] == got[0].tolist(), out.stderr
+
+    bits = np.packbits(rng.random((n, 64)) > 0.5, axis=1)  # 8 bytes; the leading 3 compared
+    embfile.write(tmp_path / "bits.emb", (keys, bits))
+    with embfile.open(tmp_path / "bits.emb") as db:
+        scores, got = db.search(bits[[5, 9]], k=6, metric="hamming", dims=3)
+        want_scores, want_rows = hamming_oracle(bits[:, :3], bits[[5, 9], :3], 6)
+        assert scores.tolist() == want_scores.tolist() and got.tolist() == [[keys[r] for r in w] for w in want_rows]
+
+    records = {
+        k: rng.standard_normal((int(length), dim)).astype(np.float32)
+        for k, length in zip(keys[:50], rng.integers(1, 9, 50))
+    }
+    embfile.write(tmp_path / "res.emb", records, ragged=True)
+    pooled = np.stack([r.mean(axis=0) for r in records.values()])
+    with embfile.open(tmp_path / "res.emb") as db:
+        scores, got = db.search(queries[0], k=5, pool="mean", dims=cut)
+        want_scores, want_rows = oracle(pooled[:, :cut], queries[0, :cut], 5, "cosine")
+        np.testing.assert_allclose(scores, want_scores[0], rtol=1e-4, atol=1e-4)
+        assert got.tolist() == [keys[r] for r in want_rows[0]]
+
+
+class Cut:
+    """A dataset whose searches compare the leading ``dims`` values (what ``check`` calls); ``whole``: given
+    queries of the whole length, values past the prefix that must not count."""
+
+    def __init__(self, db, dims, whole=False):
+        self.db, self.dims, self.whole = db, dims, whole
+
+    def search(self, queries, **how):
+        if self.whole:
+            queries = np.concatenate([queries, np.full((len(queries), self.db.dim - self.dims), 7.0)], axis=1)
+        return self.db.search(queries, dims=self.dims, **how)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_many_queries_take_the_blas_path_and_agree(tmp_path, dtype):
     rng = np.random.default_rng(9)
@@ -372,9 +447,15 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
         "rng = np.random.default_rng(2)\n"
         "for dim in (1, 7, 8, 17, 33, 48, 1280):\n"
         "    x = rng.standard_normal((33, dim)).astype(np.float32)\n"
+        "    rest = np.random.default_rng(dim).standard_normal((33, 5)).astype(np.float32)  # (rng's draws as before)\n"
+        "    wide = np.concatenate([x, rest], axis=1)\n"
         "    for queries in (1, 3, 4, 9):  # one at a time, and in fours\n"
         "        q = rng.standard_normal((queries, dim)).astype(np.float32)\n"
         "        narrow = (x.astype(np.float16), x.astype(ml_dtypes.bfloat16), (x * 40).astype(np.int8))\n"
+        "        leading = [w[:, :dim] for w in (wide, wide.astype(np.float16), wide.astype(ml_dtypes.bfloat16))]\n"
+        "        for block in leading:  # rows a longer record apart\n"
+        "            want = q.astype(np.float64) @ block.T.astype(np.float64)\n"
+        "            assert np.allclose(c.dot(block, q), want, rtol=1e-4, atol=1e-3), (dim, queries)\n"
         "        for block in (x, *narrow, (x * 40 + 128).clip(0, 255).astype(np.uint8)):\n"
         "            want = q.astype(np.float64) @ block.T.astype(np.float64)\n"
         "            assert np.allclose(c.dot(block, q, 3), want, rtol=1e-4, atol=1e-3), (dim, queries)\n"
@@ -398,6 +479,8 @@ def test_the_portable_kernel_agrees_with_the_vectorised_one(tmp_path):
         "    q = rng.integers(0, 256, (3, nbytes), dtype=np.uint8)\n"
         "    want = np.stack([np.bitwise_count(x ^ one).sum(axis=1) for one in q])\n"
         "    assert np.array_equal(c.hamming(x, q, 3), want) and np.array_equal(c.hamming(x.view(np.int8), q), want)\n"
+        "    wide = np.concatenate([x, np.full((33, 70), 255, np.uint8)], axis=1)\n"
+        "    assert np.array_equal(c.hamming(wide[:, :nbytes], q, 3), want)  # the leading bytes of longer rows\n"
         "print('ok')\n"
     )
     for env in ({}, {"EMBFILE_AVX2": "1"}, {"EMBFILE_PORTABLE": "1"}):
