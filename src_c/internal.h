@@ -122,4 +122,19 @@ static inline void emb_run_jobs(void *(*fn)(void *), void *jobs, size_t size, in
     for (int t = started + 1; t < n; t++) fn((char *)jobs + (size_t)t * size);
 }
 
+/* The jobs `items` things are split into: `threads`, at least one, at most
+ * EMB_MAX_THREADS, and no more than there are items. */
+static inline int emb_jobs(int threads, uint64_t items) {
+    if (threads < 1) threads = 1;
+    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
+    if ((uint64_t)threads > items) threads = items ? (int)items : 1;
+    return threads;
+}
+
+/* How many of `items` things job t of `jobs` takes: an even share, the first
+ * items % jobs jobs one more. */
+static inline uint64_t emb_share(uint64_t items, int jobs, int t) {
+    return items / (uint64_t)jobs + ((uint64_t)t < items % (uint64_t)jobs);
+}
+
 #endif

@@ -122,9 +122,7 @@ int emb_pool(const uint8_t *x, uint32_t dim, int kind, const int64_t *offsets, u
 #ifdef EMB_X86
     if (kind == EMB_DOT_F16 && vectorised()) widen = row_f16c;
 #endif
-    if (threads < 1) threads = 1;
-    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
-    if ((uint64_t)threads > n) threads = n ? (int)n : 1;
+    threads = emb_jobs(threads, n);
     /* thread t takes the records from the one holding row (total * t / threads) of the block */
     uint64_t lo = 0, total = n ? (uint64_t)(offsets[n] - offsets[0]) : 0;
     for (int t = 0; t < threads; t++) {

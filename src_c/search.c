@@ -235,13 +235,11 @@ int emb_dot(const uint8_t *x, uint64_t n, uint32_t dim, uint64_t stride, int kin
     dot_job jobs[EMB_MAX_THREADS];
     static const uint64_t widths[] = {4u, 2u, 2u, 1u, 1u};
     if (kind < EMB_DOT_F32 || kind > EMB_DOT_U8 || stride < dim * widths[kind]) return EMB_E_RANGE;
-    if (threads < 1) threads = 1;
-    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
-    if ((uint64_t)threads > n) threads = n ? (int)n : 1;
+    threads = emb_jobs(threads, n);
     dot_fn fn = choose(kind);
-    uint64_t per = n / (uint64_t)threads, lo = 0;
+    uint64_t lo = 0;
     for (int t = 0; t < threads; t++) {
-        uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
+        uint64_t count = emb_share(n, threads, t);
         jobs[t] = (dot_job){fn, x + lo * stride, count, stride, dim, nq, q, out + lo, ld};
         lo += count;
     }
@@ -338,12 +336,10 @@ void emb_hamming(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride,
         fn = hamming_avx512;
 #endif
     hamming_job jobs[EMB_MAX_THREADS];
-    if (threads < 1) threads = 1;
-    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
-    if ((uint64_t)threads > n) threads = n ? (int)n : 1;
-    uint64_t per = n / (uint64_t)threads, lo = 0;
+    threads = emb_jobs(threads, n);
+    uint64_t lo = 0;
     for (int t = 0; t < threads; t++) {
-        uint64_t count = per + ((uint64_t)t < n % (uint64_t)threads);
+        uint64_t count = emb_share(n, threads, t);
         jobs[t] = (hamming_job){fn, x + lo * stride, count, stride, nbytes, nq, q, out + lo, ld};
         lo += count;
     }
@@ -466,12 +462,10 @@ void emb_topk_merge(const float *scores, uint64_t ld, uint64_t n, uint32_t nq,
                     const int64_t *rows, uint32_t k, int smaller,
                     float *heap_scores, int64_t *heap_rows, uint32_t *count, int threads) {
     topk_job jobs[EMB_MAX_THREADS];
-    if (threads < 1) threads = 1;
-    if (threads > EMB_MAX_THREADS) threads = EMB_MAX_THREADS;
-    if ((uint32_t)threads > nq) threads = nq ? (int)nq : 1;
+    threads = emb_jobs(threads, nq);
     uint32_t lo = 0;
     for (int t = 0; t < threads; t++) { /* the queries, split: each heap is one thread's */
-        uint32_t share = nq / (uint32_t)threads + ((uint32_t)t < nq % (uint32_t)threads);
+        uint32_t share = (uint32_t)emb_share(nq, threads, t);
         jobs[t] = (topk_job){scores, ld, n, lo, lo + share, k, rows, smaller, heap_scores, heap_rows, count};
         lo += share;
     }
