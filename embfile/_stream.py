@@ -360,6 +360,23 @@ def pooled(source: Source, how: str | None) -> Source:
     )
 
 
+def leading(source: Source, dims: int | None) -> Source:
+    """``source`` with the first ``dims`` values of each vector kept (of per-residue records, of each row): a
+    Matryoshka embedding cut to the prefix it was trained to hold (``None``: as it is)."""
+    if dims is None:
+        return source
+    if not isinstance(dims, (int, np.integer)) or isinstance(dims, bool) or not 1 <= dims <= source.dim:
+        raise ValueError(f"dims must be an int from 1 to {source.dim} (the input's values a vector), not {dims!r}")
+
+    def chunks() -> Iterator[Any]:
+        for keys, x, *lengths in source.chunks:
+            yield (keys, np.ascontiguousarray(x[:, :dims]), *lengths)  # a copy: the chunk's rows are longer
+
+    return dataclasses.replace(
+        source, dim=int(dims), chunks=chunks(), description={**source.description, "dims": int(dims)}
+    )
+
+
 KeyRule = Callable[[str], str] | str  # a function of the source key, or a regular expression
 
 

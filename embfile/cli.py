@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"stored element type, one of {', '.join(F.DTYPES.values())} (default: the input's)",
     )
     c.add_argument(
+        "--dims",
+        type=int,
+        metavar="N",
+        help="keep the first N values of each vector (a Matryoshka embedding's prefix; default: all)",
+    )
+    c.add_argument(
         "--metadata",
         type=_metadata,
         action="append",
@@ -449,6 +455,7 @@ def _convert(args: argparse.Namespace) -> None:
         src_format=args.src_format,
         dst_format=args.dst_format,
         dtype=args.dtype,
+        dims=args.dims,
         metadata=metadata,
         key=args.key_regex,
         report=args.report,

@@ -407,3 +407,38 @@ def test_metadata_as_key_value_pairs_and_the_history_of_sources(tmp_path):
     assert_user_error(cli("info", tmp_path / "nope.emb", check=False), "nope.emb")
     p = cli("convert", tmp_path / "c.emb", tmp_path / "e.emb", "--dtype", "float8", check=False)
     assert p.returncode == 2 and "float16" in p.stderr  # usage error: the valid dtypes listed
+
+
+def test_convert_keeps_a_matryoshka_prefix(tmp_path):
+    """``--dims N`` (``convert(dims=N)``) keeps the first N values of each vector: of one vector a key, of
+    per-residue rows (kept, or pooled), of a table in memory, and on the way to another format (not copied
+    whole from the mapping); N past the vectors' length is one line."""
+    rng = np.random.default_rng(7)
+    keys = [f"t{i}" for i in range(40)]
+    x = rng.standard_normal((40, 32)).astype(np.float32)
+    embfile.write(tmp_path / "a.emb", (keys, x))
+    cli("convert", tmp_path / "a.emb", tmp_path / "cut.emb", "--dims", "8", "-q")
+    with embfile.open(tmp_path / "cut.emb") as db:
+        assert db.dim == 8 and list(db.keys()) == keys
+        np.testing.assert_array_equal(db.matrix, x[:, :8])
+        assert db.metadata["source"]["dims"] == 8
+    cli("convert", tmp_path / "a.emb", tmp_path / "cut.parquet", "--dims", "8", "-q")
+    vectors = pq.read_table(tmp_path / "cut.parquet").column("vector").to_pylist()
+    np.testing.assert_array_equal(np.array(vectors, np.float32), x[:, :8])
+    table = pa.table({"id": keys, "vector": list(x)})
+    embfile.convert(table, tmp_path / "table.emb", dims=5)
+    np.testing.assert_array_equal(embfile.open(tmp_path / "table.emb").matrix, x[:, :5])
+
+    records = {k: rng.standard_normal((int(n), 32)).astype(np.float32) for k, n in zip(keys, rng.integers(1, 6, 40))}
+    embfile.write(tmp_path / "res.emb", records, ragged=True)
+    embfile.convert(tmp_path / "res.emb", tmp_path / "res_cut.emb", dims=4)
+    with embfile.open(tmp_path / "res_cut.emb") as db:
+        assert db.ragged and db.dim == 4
+        for k, rows in records.items():
+            np.testing.assert_array_equal(db[k], rows[:, :4])
+    embfile.convert(tmp_path / "res.emb", tmp_path / "pooled_cut.emb", dims=4, pool="mean")
+    with embfile.open(tmp_path / "pooled_cut.emb") as db:
+        np.testing.assert_allclose(db.matrix, np.stack([r.mean(axis=0)[:4] for r in records.values()]), atol=1e-6)
+
+    assert_user_error(cli("convert", tmp_path / "a.emb", tmp_path / "x.emb", "--dims", "33", check=False), "1 to 32")
+    assert not (tmp_path / "x.emb").exists()

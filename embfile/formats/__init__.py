@@ -22,7 +22,7 @@ from typing import Any
 from embfile import _format as F
 from embfile import errors
 from embfile._staging import Staging
-from embfile._stream import KeyRule, Source, pooled, rekeyed
+from embfile._stream import KeyRule, Source, leading, pooled, rekeyed
 from embfile.dataset import Dataset
 from embfile.folder import is_versioned
 from embfile.formats._common import GZIP, damage_named, write_emb
@@ -147,6 +147,7 @@ def convert(
     src_format: str | None = None,
     dst_format: str | None = None,
     dtype: object = None,
+    dims: int | None = None,
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
     key: KeyRule | None = None,
@@ -162,7 +163,9 @@ def convert(
     and its binary one), ``csv`` (and TSV); as inputs only ``esm``, ``npy``, ``npz``, ``torch``, ``lance``,
     ``zarr``, ``pickle`` and ``jsonl``.
     ``src_format`` / ``dst_format`` override the detection.
-    ``dtype`` sets the stored element type, ``metadata`` adds to the source's.  Other
+    ``dtype`` sets the stored element type; ``dims`` keeps the first ``dims`` values of each vector (a
+    Matryoshka embedding's prefix: OpenAI's text-embedding-3 at 256 of 3072); ``metadata`` adds to the
+    source's.  Other
     options go to the reader or the writer they belong to (see :func:`from_hdf5`,
     :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`,
     :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
@@ -178,7 +181,7 @@ def convert(
     if not isinstance(src, (str, os.PathLike, Dataset)):  # a table in memory
         if dst_format not in (None, "emb") or output_format(dst) != "emb":
             raise ValueError("an in-memory table converts to .emb; convert that file further")
-        return write_emb(rekeyed(read_table(src, **options), key), dst, dtype, metadata, progress)
+        return write_emb(leading(rekeyed(read_table(src, **options), key), dims), dst, dtype, metadata, progress)
     sf = "emb" if isinstance(src, Dataset) else src_format or detect_format(src)
     df = dst_format or output_format(dst)
     if sf not in READERS:
@@ -192,10 +195,10 @@ def convert(
         and not isinstance(src, Dataset)
         and os.path.isfile(src)
         and not reader_opts
-        and (dtype, metadata, key) == (None,) * 3
+        and (dtype, dims, metadata, key) == (None,) * 4
     ):
         return WRITERS[df](src, dst, progress=progress, **writer_opts)  # straight from the file's mapping
-    source = _read(sf, src, reader_opts, key)
+    source = leading(_read(sf, src, reader_opts, key), dims)
     if df == "emb":
         write_emb(source, dst, dtype, metadata, progress)
     else:
