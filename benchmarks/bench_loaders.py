@@ -22,9 +22,9 @@ The machine's limits: memcpy, a cold sequential read of the file, and the DataLo
 machine, whatever the dataset).
 
 Warm: the files cached, workers persistent, one untimed epoch first; the figure is records per second of the
-next epoch, against an in-process epoch run just before it.  Cold: the files evicted before the epoch, workers
-started for it; the rate counts from the first batch on, and the first batch's time (the workers' start, the
-first reads) is printed apart.
+epochs that follow for at least ``--seconds``, against in-process epochs run for as long just before.  Cold:
+the files evicted before the epoch, workers started for it; the rate counts from the first batch on, and the
+first batch's time (the workers' start, the first reads) is printed apart.
 Every configuration runs ``--rounds`` times, interleaved with the others (A, B, ..., A, B, ...): the median
 and the range are printed.
 
@@ -249,10 +249,12 @@ def records(batch):
     return len(batch)
 
 
-def epoch_rate(loader, files, cold):
+def epoch_rate(loader, files, cold, seconds=0.0):
     """Records per second of one epoch of ``loader`` (cold: its files evicted first), and how long its first
     batch took.  Cold, the rate counts from the first batch on: the workers' start and the first reads are in
-    the first batch's time, reported apart (an epoch of a real training run is minutes long, the start is not)."""
+    the first batch's time, reported apart (an epoch of a real training run is minutes long, the start is not).
+    Warm, epochs follow one another until ``seconds`` have passed: the rate of a tenth of a second would be the
+    machine's drift as much as the loader's."""
     if cold:
         gc.collect()
         for f in files:
@@ -262,6 +264,8 @@ def epoch_rate(loader, files, cold):
     n = records(next(batches))
     t1 = time.perf_counter()
     rest = sum(records(b) for b in batches)
+    while not cold and time.perf_counter() - t0 < seconds:
+        rest += sum(records(b) for b in loader)
     t2 = time.perf_counter()
     return (rest / (t2 - t1) if cold else (n + rest) / (t2 - t0)), t1 - t0
 
@@ -271,6 +275,7 @@ def main():
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs of each configuration (median, range)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="warm: epochs repeated for at least this long")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--out", help="the result file (default benchmarks/results/loaders.md; - for none)")
     args = ap.parse_args()
@@ -292,6 +297,7 @@ def run(args):
         made = loaders(paths)
         results, limits, firsts = {}, {}, {}  # (name, k, temp) -> records/s of each round, the reference beside
         # each, the first batch's seconds
+        cpu = {}  # (name, k) -> warm CPU seconds per batch of the main process and of the workers, each round
         configs = [(name, k) for name, (_, _, ks) in made.items() for k in ks]
         for _ in range(args.rounds):
             for temp in ("warm", "cold"):
@@ -313,10 +319,16 @@ def run(args):
                         epoch_rate(loader, files, False)  # start the workers, warm the files
                     # against the in-process epoch (warm) or a cold read of the file (cold) just before: the
                     # machine's speed drifts by 2-3x from minute to minute
-                    limit = cold_read(paths["emb"], record_bytes) if cold else in_process_rate(paths["emb"])
+                    limit = (
+                        cold_read(paths["emb"], record_bytes) if cold else in_process_rate(paths["emb"], args.seconds)
+                    )
                     if not cold:
                         results.setdefault(reference, []).append(limit)
-                    rate, first = epoch_rate(loader, files, cold)
+                    if cold:
+                        rate, first = epoch_rate(loader, files, cold)
+                    else:
+                        rate, first, spent = warm_rate(loader, files, args.seconds)
+                        cpu.setdefault((name, k), []).append(spent)
                     results.setdefault((name, k, temp), []).append(rate)
                     firsts.setdefault((name, k, temp), []).append(first)
                     limits.setdefault((name, k, temp), []).append(limit)
@@ -365,15 +377,60 @@ def run(args):
                         + " |"
                     )
             print()
+        print(
+            "warm, CPU per batch of records: us of the main process + us of the worker processes (median of the "
+            f"rounds; {os.cpu_count()} cores: a loader whose sum passes {os.cpu_count()} times its wall time per "
+            "batch waits on the cores)\n"
+        )
+        print("| loader | " + " | ".join(f"num_workers={k}" for k in WORKERS) + " |")
+        print("|---|" + "---|" * len(WORKERS))
+        for name in made:
+            cells = []
+            for k in WORKERS:
+                spent = cpu.get((name, k))
+                main_us, workers_us = (np.median([s[i] for s in spent]) * 1e6 for i in (0, 1)) if spent else (0, 0)
+                cells.append(f"{main_us:,.0f} + {workers_us:,.0f}" if spent else "")
+            if any(cells):
+                print(f"| {name} | " + " | ".join(cells) + " |")
+        print()
         print("targets: every embfile path >= 0.70 of in-process iter_batches warm; cold >= 0.85 of the cold read")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def in_process_rate(path):
-    """Records per second of one warm epoch of ``iter_batches`` (the reference of the warm figures)."""
+def warm_rate(loader, files, seconds):
+    """``epoch_rate`` of warm epochs, and the CPU seconds per batch they cost this process (its threads too)
+    and the loader's worker processes (started by the epoch before)."""
+    pids = [os.getpid(), *(w.pid for w in getattr(getattr(loader, "_iterator", None), "_workers", None) or [])]
+    before = [cpu_seconds(pid) for pid in pids]
+    t = time.perf_counter()
+    rate, first = epoch_rate(loader, files, False, seconds)
+    batches = rate * (time.perf_counter() - t) / BATCH
+    spent = [cpu_seconds(pid) - b for pid, b in zip(pids, before)]
+    return rate, first, (spent[0] / batches, sum(spent[1:]) / batches)
+
+
+def cpu_seconds(pid):
+    """User and system CPU seconds of process ``pid`` so far (Linux's /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_process_rate(path, seconds):
+    """Records per second of warm epochs of ``iter_batches`` (the reference of the warm figures)."""
     with embfile.open(path) as db:
-        return epoch_rate(db.iter_batches(BATCH, keys=False, seed=1), [path], False)[0]
+        return epoch_rate(Epochs(db), [path], False, seconds)[0]
+
+
+class Epochs:
+    """``db``'s epoch of ``iter_batches``, once each time it is iterated (as a DataLoader is)."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __iter__(self):
+        return self.db.iter_batches(BATCH, keys=False, seed=1)
 
 
 def cold_read(path, record_bytes):
