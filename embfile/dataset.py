@@ -92,8 +92,8 @@ class Dataset(_core.Table, collections.abc.Mapping[str, np.ndarray]):
     _segments: tuple[MappedFile, ...] = ()
     version: int | None = None
     manifest: Manifest | None = None
-    _norms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None  # search: each row's norm (over how many
-    # leading values), and which are known
+    # search: by how many leading values they are over, each row's norm and which are known
+    _norms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def _open_files(
         self, index: MappedFile | Sequence[MappedFile], parts: Sequence[MappedFile], path: str | None

@@ -165,10 +165,9 @@ def convert(
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type; ``dims`` keeps the first ``dims`` values of each vector (a
     Matryoshka embedding's prefix: OpenAI's text-embedding-3 at 256 of 3072); ``metadata`` adds to the
-    source's.  Other
-    options go to the reader or the writer they belong to (see :func:`from_hdf5`,
-    :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`,
-    :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
+    source's.  Other options go to the reader or the writer they belong to (see :func:`from_hdf5`,
+    :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`, :func:`to_hdf5`,
+    :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
     from the source's: a function, or a regular expression whose first group (else whole match) is the key
     (``r"\|([^|]+)\|"``: ``sp|P69905|HBA_HUMAN`` -> ``P69905``); two source keys that become one are an error.
     ``on_error="skip"`` (every input with records that can be bad: all but ``emb``, ``npy``, ``esm``) skips a
