@@ -190,7 +190,8 @@ def search_keys(
     keys = key_list(keys, "search_keys()")
     rows = ds.rows(keys)
     queries = ds.take(rows)
-    bad = np.flatnonzero(~np.isfinite(queries).all(axis=1)) if F.kind(queries.dtype) == "f" else np.zeros(0, int)
+    compared = queries if dims is None else queries[:, :dims]  # (NaN past the prefix counts for nothing)
+    bad = np.flatnonzero(~np.isfinite(compared).all(axis=1)) if F.kind(queries.dtype) == "f" else np.zeros(0, int)
     if bad.size:
         raise ValueError(f"key {keys[bad[0]]!r} holds NaN or infinity: it would score every record alike")
     return search(ds, queries, k, metric, exclude_rows=rows if exclude_self else None, among=among, dims=dims)

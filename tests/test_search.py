@@ -390,6 +390,16 @@ def test_search_of_the_leading_dims_of_matryoshka_embeddings(tmp_path, monkeypat
         )
         assert [line.split()[1] for line in out.stdout.splitlines()] == got[0].tolist(), out.stderr
 
+    past = matrix.copy()
+    past[0, cut:] = np.nan  # NaN past the prefix counts for nothing, as a record or as a query
+    embfile.write(tmp_path / "past.emb", (keys, past))
+    with embfile.open(tmp_path / "past.emb") as db:
+        check(Cut(db, cut), matrix[:, :cut], keys, queries[:, :cut], 5, "cosine")
+        _, got = db.search_keys(["m0"], k=3, dims=cut)
+        assert got[0].tolist() == [keys[r] for r in oracle(matrix[:, :cut], matrix[0, :cut], 4, "cosine")[1][0][1:]]
+        with pytest.raises(ValueError, match="holds NaN"):
+            db.search_keys(["m0"], k=3)
+
     bits = np.packbits(rng.random((n, 64)) > 0.5, axis=1)  # 8 bytes; the leading 3 compared
     embfile.write(tmp_path / "bits.emb", (keys, bits))
     with embfile.open(tmp_path / "bits.emb") as db:
