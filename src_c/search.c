@@ -269,76 +269,67 @@ static inline uint64_t differing_bits(const uint8_t *row, const uint8_t *qj, uin
     return bits;
 }
 
-static void hamming_portable(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q,
-                             uint32_t nq, float *out, uint64_t ld) {
-    const uint64_t ahead = ahead_of(nbytes, stride, HAMMING_AHEAD);
-    for (uint64_t r = 0; r < n; r++) {
-        const uint8_t *row = x + r * stride;
-        for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + ahead + o);
-        for (uint32_t j = 0; j < nq; j++) out[j * ld + r] = (float)differing_bits(row, q + (uint64_t)j * nbytes, 0, nbytes);
+/* A Hamming kernel: rows `stride` bytes apart, the lines ahead of each asked
+ * for once, then COUNT(row, query, nbytes), the bits that differ, for every
+ * query while the row sits in L1. */
+#define EMB_HAMMING(NAME, ATTRIBUTES, COUNT)                                                       \
+    ATTRIBUTES static void NAME(const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride,    \
+                                const uint8_t *q, uint32_t nq, float *out, uint64_t ld) {          \
+        const uint64_t ahead = ahead_of(nbytes, stride, HAMMING_AHEAD);                            \
+        for (uint64_t r = 0; r < n; r++) {                                                         \
+            const uint8_t *row = x + r * stride;                                                   \
+            for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + ahead + o);         \
+            for (uint32_t j = 0; j < nq; j++) out[j * ld + r] = (float)COUNT(row, q + (uint64_t)j * nbytes, nbytes); \
+        }                                                                                          \
     }
+
+static inline uint64_t bits_portable(const uint8_t *row, const uint8_t *qj, uint32_t nbytes) {
+    return differing_bits(row, qj, 0, nbytes);
 }
+EMB_HAMMING(hamming_portable, , bits_portable)
 
 #ifdef EMB_X86
 /* AVX2, which has no vector popcount: 32 bytes at a time, the bits of each
  * half byte looked up with a byte shuffle and the bytes summed by vpsadbw
  * (Mula, Kurz and Lemire's count, as faiss's binary indexes use it); the rest
  * of the row eight bytes a popcnt. */
-__attribute__((target("avx2,popcnt"))) static void hamming_avx2(
-    const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q, uint32_t nq, float *out,
-    uint64_t ld) {
+__attribute__((target("avx2,popcnt"))) static inline uint64_t bits_avx2(const uint8_t *row, const uint8_t *qj,
+                                                                        uint32_t nbytes) {
     const __m256i half_byte_bits = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                                     0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
     uint32_t body = nbytes & ~31u;
-    const uint64_t ahead = ahead_of(nbytes, stride, HAMMING_AHEAD);
-    for (uint64_t r = 0; r < n; r++) {
-        const uint8_t *row = x + r * stride;
-        for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + ahead + o);
-        for (uint32_t j = 0; j < nq; j++) {
-            const uint8_t *qj = q + (uint64_t)j * nbytes;
-            __m256i acc = zero;
-            for (uint32_t d = 0; d < body; d += 32) {
-                __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)(row + d)),
-                                             _mm256_loadu_si256((const __m256i *)(const void *)(qj + d)));
-                __m256i lo = _mm256_shuffle_epi8(half_byte_bits, _mm256_and_si256(v, low));
-                __m256i hi = _mm256_shuffle_epi8(half_byte_bits, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-                acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_add_epi8(lo, hi), zero));
-            }
-            __m128i s = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-            uint64_t bits = (uint64_t)_mm_cvtsi128_si64(s) + (uint64_t)_mm_extract_epi64(s, 1);
-            out[j * ld + r] = (float)(bits + differing_bits(row, qj, body, nbytes));
-        }
+    __m256i acc = zero;
+    for (uint32_t d = 0; d < body; d += 32) {
+        __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)(row + d)),
+                                     _mm256_loadu_si256((const __m256i *)(const void *)(qj + d)));
+        __m256i lo = _mm256_shuffle_epi8(half_byte_bits, _mm256_and_si256(v, low));
+        __m256i hi = _mm256_shuffle_epi8(half_byte_bits, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_add_epi8(lo, hi), zero));
     }
+    __m128i s = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    return (uint64_t)_mm_cvtsi128_si64(s) + (uint64_t)_mm_extract_epi64(s, 1) + differing_bits(row, qj, body, nbytes);
 }
+EMB_HAMMING(hamming_avx2, __attribute__((target("avx2,popcnt"))), bits_avx2)
 
 /* AVX-512 VPOPCNTDQ: 64 bytes a popcount instruction, the row's last bytes
  * read through a mask (nothing past the row is touched). */
-__attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))) static void hamming_avx512(
-    const uint8_t *x, uint64_t n, uint32_t nbytes, uint64_t stride, const uint8_t *q, uint32_t nq, float *out,
-    uint64_t ld) {
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))) static inline uint64_t bits_avx512(
+    const uint8_t *row, const uint8_t *qj, uint32_t nbytes) {
     uint32_t body = nbytes & ~63u, rest = nbytes - body;
-    __mmask64 tail = rest ? ~0ULL >> (64u - rest) : 0;
-    const uint64_t ahead = ahead_of(nbytes, stride, HAMMING_AHEAD);
-    for (uint64_t r = 0; r < n; r++) {
-        const uint8_t *row = x + r * stride;
-        for (uint32_t o = 0; o < nbytes; o += 64) __builtin_prefetch(row + ahead + o);
-        for (uint32_t j = 0; j < nq; j++) {
-            const uint8_t *qj = q + (uint64_t)j * nbytes;
-            __m512i acc = _mm512_setzero_si512();
-            for (uint32_t d = 0; d < body; d += 64) {
-                __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + d), _mm512_loadu_si512(qj + d));
-                acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
-            }
-            if (rest) {
-                __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, row + body),
-                                             _mm512_maskz_loadu_epi8(tail, qj + body));
-                acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
-            }
-            out[j * ld + r] = (float)_mm512_reduce_add_epi64(acc);
-        }
+    __m512i acc = _mm512_setzero_si512();
+    for (uint32_t d = 0; d < body; d += 64) {
+        __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + d), _mm512_loadu_si512(qj + d));
+        acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
     }
+    if (rest) {
+        __mmask64 tail = ~0ULL >> (64u - rest);
+        __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, row + body), _mm512_maskz_loadu_epi8(tail, qj + body));
+        acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(v));
+    }
+    return (uint64_t)_mm512_reduce_add_epi64(acc);
 }
+EMB_HAMMING(hamming_avx512, __attribute__((target("avx512f,avx512bw,avx512vpopcntdq"))), bits_avx512)
 #endif
 
 typedef struct {
