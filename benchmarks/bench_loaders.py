@@ -17,9 +17,11 @@ Loaders (batches of 256 records, one shuffled epoch each):
 embfile's main worker paths run again with ``prefetch_factor=8`` (PyTorch asks each worker for 2 batches ahead).
   Mosaic Streaming is not run: its releases pin numpy < 2.2.
 
-The machine's limits: memcpy, a cold sequential read of the file, and the DataLoader alone (an
+The machine's limits: memcpy, a cold sequential read of the file, the DataLoader alone (an
 ``IterableDataset`` whose workers hand over a count and no data: what the loader's machinery allows on this
-machine, whatever the dataset).
+machine, whatever the dataset), and the DataLoader whose workers copy each batch once, a stretch of rows with
+no shuffle, handed over in reused shared memory or PyTorch's way: the ceiling of any loader with workers here,
+since each must at least bring its batch into memory the main process reads.
 
 Warm: the files cached, workers persistent, one untimed epoch first; the figure is records per second of the
 epochs that follow for at least ``--seconds``, against in-process epochs run for as long just before.  Cold:
@@ -56,12 +58,15 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 import embfile
+from embfile._handover import worker_buffers
 from embfile.torch import BatchSampler as Sampler
 from embfile.torch import Dataset, IterableDataset, Loader, collate
 
 BATCH = 256
 WORKERS = (0, 2, 4)
 DATALOADER_ALONE = "machine: DataLoader alone (no data)"
+COPIED = "machine: DataLoader, each batch copied once (reused shared memory)"
+COPIED_TORCH = "machine: DataLoader, each batch copied once (PyTorch's hand-over)"
 PREFETCH = 8
 DEEPER = ("embfile IterableDataset", "embfile map-style, shuffle", "embfile map-style, embfile BatchSampler")
 warnings.filterwarnings("ignore", message="This DataLoader will create")
@@ -148,6 +153,8 @@ def loaders(paths):
             None,  # no data: warm only
             WORKERS,
         ),
+        COPIED: (lambda k, cold: dl(Copied(paths["npy"], True), k, cold, batch_size=None), None, WORKERS[1:]),
+        COPIED_TORCH: (lambda k, cold: dl(Copied(paths["npy"], False), k, cold, batch_size=None), None, WORKERS[1:]),
         "embfile IterableDataset": (
             lambda k, cold, **kw: dl(IterableDataset(paths["emb"], BATCH, seed=1), k, cold, batch_size=None, **kw),
             [paths["emb"]],
@@ -268,6 +275,30 @@ def epoch_rate(loader, files, cold, seconds=0.0):
         rest += sum(records(b) for b in loader)
     t2 = time.perf_counter()
     return (rest / (t2 - t1) if cold else (n + rest) / (t2 - t0)), t1 - t0
+
+
+class Copied(torch.utils.data.IterableDataset):
+    """The least a loader with workers can do with data: each batch a stretch of rows of the cached .npy file
+    (no shuffle, no gather), copied once into memory the main process reads: in a worker, one of embfile's
+    reused shared buffers (``shared``: the cheapest hand-over known here) or a new tensor that PyTorch moves to
+    a new shared segment, as any dataset's batch goes."""
+
+    def __init__(self, npy, shared):
+        self.npy, self.shared, self.rows = npy, shared, None
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.rows is None:  # mapped once in each (persistent) worker, as a dataset keeps its file open
+            self.rows = np.load(self.npy, mmap_mode="r")
+        rows = self.rows
+        buffers = worker_buffers() if self.shared else None
+        for start in range(worker * BATCH, len(rows), workers * BATCH):
+            batch = rows[start : start + BATCH]
+            out = buffers.array(batch.shape, batch.dtype) if buffers is not None else None
+            out = np.empty(batch.shape, batch.dtype) if out is None else out
+            np.copyto(out, batch)
+            yield buffers.hand_over(torch.from_numpy(out)) if buffers is not None else torch.from_numpy(out)
 
 
 def main():
