@@ -377,6 +377,29 @@ def leading(source: Source, dims: int | None) -> Source:
     )
 
 
+def normalized(source: Source, normalize: bool) -> Source:
+    """``source`` with each vector (of per-residue records, each row) scaled to unit length, so a dot product
+    of two is their cosine; after :func:`leading`, a Matryoshka prefix re-normalized as its models ask.  A zero
+    vector stays zero.  Of float vectors only (bfloat16 too), kept in their type."""
+    if not normalize:
+        return source
+    if source.dtype.kind != "f" and source.dtype.name != "bfloat16":
+        raise ValueError(
+            f"normalize= scales float vectors; {source.description.get('path', 'the input')} holds "
+            f"{source.dtype.name} (convert it to float32 first)"
+        )
+    wide = np.float64 if source.dtype == np.float64 else np.float32
+
+    def chunks() -> Iterator[Any]:
+        for keys, x, *lengths in source.chunks:
+            xf = x.astype(wide, copy=False)
+            norms = np.sqrt(np.einsum("ij,ij->i", xf, xf))
+            norms[norms == 0] = 1
+            yield (keys, (xf / norms[:, None]).astype(source.dtype, copy=False), *lengths)
+
+    return dataclasses.replace(source, chunks=chunks(), description={**source.description, "normalized": True})
+
+
 KeyRule = Callable[[str], str] | str  # a function of the source key, or a regular expression
 
 

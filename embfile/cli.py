@@ -149,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the first N values of each vector (a Matryoshka embedding's prefix; default: all)",
     )
     c.add_argument(
+        "--normalize",
+        action="store_true",
+        help="scale each float vector (after --dims) to unit length, so a dot product is a cosine",
+    )
+    c.add_argument(
         "--metadata",
         type=_metadata,
         action="append",
@@ -456,6 +461,7 @@ def _convert(args: argparse.Namespace) -> None:
         dst_format=args.dst_format,
         dtype=args.dtype,
         dims=args.dims,
+        normalize=args.normalize,
         metadata=metadata,
         key=args.key_regex,
         report=args.report,

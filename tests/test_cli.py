@@ -442,3 +442,46 @@ def test_convert_keeps_a_matryoshka_prefix(tmp_path):
 
     assert_user_error(cli("convert", tmp_path / "a.emb", tmp_path / "x.emb", "--dims", "33", check=False), "1 to 32")
     assert not (tmp_path / "x.emb").exists()
+
+
+def test_convert_normalizes_each_vector_after_the_cut(tmp_path):
+    """``--normalize`` (``convert(normalize=True)``) scales each vector to unit length after ``--dims`` cut it,
+    as Matryoshka models ask of a prefix: of one vector a key (float16 kept, computed wide), of per-residue rows,
+    of a table in memory, to another format; a zero vector stays zero; integer vectors are one line."""
+    rng = np.random.default_rng(8)
+    keys = [f"n{i}" for i in range(30)]
+    x = (rng.standard_normal((30, 16)) * rng.uniform(0.1, 50, (30, 1))).astype(np.float32)
+    x[3] = 0
+    embfile.write(tmp_path / "a.emb", (keys, x))
+
+    def unit(v):
+        n = np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True)
+        return v / np.where(n == 0, 1, n)
+
+    cli("convert", tmp_path / "a.emb", tmp_path / "unit.emb", "--dims", "6", "--normalize", "-q")
+    with embfile.open(tmp_path / "unit.emb") as db:
+        assert db.dim == 6 and db.metadata["source"]["normalized"] is True
+        np.testing.assert_allclose(db.matrix, unit(x[:, :6]), rtol=1e-6, atol=1e-7)
+        assert not db.matrix[3].any()
+    embfile.convert(tmp_path / "a.emb", tmp_path / "unit.parquet", normalize=True)
+    vectors = np.array(pq.read_table(tmp_path / "unit.parquet").column("vector").to_pylist(), np.float32)
+    np.testing.assert_allclose(vectors, unit(x), rtol=1e-6, atol=1e-7)
+    embfile.convert(pa.table({"id": keys, "vector": list(x)}), tmp_path / "table.emb", normalize=True)
+    np.testing.assert_allclose(embfile.open(tmp_path / "table.emb").matrix, unit(x), rtol=1e-6, atol=1e-7)
+
+    embfile.write(tmp_path / "half.emb", (keys, x.astype(np.float16)))
+    embfile.convert(tmp_path / "half.emb", tmp_path / "half_unit.emb", normalize=True)
+    with embfile.open(tmp_path / "half_unit.emb") as db:
+        assert db.dtype == np.float16
+        np.testing.assert_allclose(db.matrix, unit(x.astype(np.float16).astype(np.float32)), atol=1e-3)
+
+    records = {k: rng.standard_normal((int(n), 16)).astype(np.float32) for k, n in zip(keys, rng.integers(1, 5, 30))}
+    embfile.write(tmp_path / "res.emb", records, ragged=True)
+    embfile.convert(tmp_path / "res.emb", tmp_path / "res_unit.emb", dims=4, normalize=True)
+    with embfile.open(tmp_path / "res_unit.emb") as db:
+        for k, rows in records.items():
+            np.testing.assert_allclose(db[k], unit(rows[:, :4]), rtol=1e-6, atol=1e-7)
+
+    embfile.write(tmp_path / "int.emb", (keys, (x * 2).astype(np.int8)))
+    assert_user_error(cli("convert", tmp_path / "int.emb", tmp_path / "y.emb", "--normalize", check=False), "int8")
+    assert not (tmp_path / "y.emb").exists()

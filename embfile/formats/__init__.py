@@ -22,7 +22,7 @@ from typing import Any
 from embfile import _format as F
 from embfile import errors
 from embfile._staging import Staging
-from embfile._stream import KeyRule, Source, leading, pooled, rekeyed
+from embfile._stream import KeyRule, Source, leading, normalized, pooled, rekeyed
 from embfile.dataset import Dataset
 from embfile.folder import is_versioned
 from embfile.formats._common import GZIP, damage_named, write_emb
@@ -148,6 +148,7 @@ def convert(
     dst_format: str | None = None,
     dtype: object = None,
     dims: int | None = None,
+    normalize: bool = False,
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
     key: KeyRule | None = None,
@@ -164,9 +165,10 @@ def convert(
     ``zarr``, ``pickle`` and ``jsonl``.
     ``src_format`` / ``dst_format`` override the detection.
     ``dtype`` sets the stored element type; ``dims`` keeps the first ``dims`` values of each vector (a
-    Matryoshka embedding's prefix: OpenAI's text-embedding-3 at 256 of 3072); ``metadata`` adds to the
-    source's.  Other options go to the reader or the writer they belong to (see :func:`from_hdf5`,
-    :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`, :func:`to_hdf5`,
+    Matryoshka embedding's prefix: OpenAI's text-embedding-3 at 256 of 3072); ``normalize`` scales each float
+    vector (after the cut) to unit length, as Matryoshka models ask of a prefix, so a dot product is a cosine;
+    ``metadata`` adds to the source's.  Other options go to the reader or the writer they belong to (see
+    :func:`from_hdf5`, :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`, :func:`to_hdf5`,
     :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
     from the source's: a function, or a regular expression whose first group (else whole match) is the key
     (``r"\|([^|]+)\|"``: ``sp|P69905|HBA_HUMAN`` -> ``P69905``); two source keys that become one are an error.
@@ -180,7 +182,8 @@ def convert(
     if not isinstance(src, (str, os.PathLike, Dataset)):  # a table in memory
         if dst_format not in (None, "emb") or output_format(dst) != "emb":
             raise ValueError("an in-memory table converts to .emb; convert that file further")
-        return write_emb(leading(rekeyed(read_table(src, **options), key), dims), dst, dtype, metadata, progress)
+        source = normalized(leading(rekeyed(read_table(src, **options), key), dims), normalize)
+        return write_emb(source, dst, dtype, metadata, progress)
     sf = "emb" if isinstance(src, Dataset) else src_format or detect_format(src)
     df = dst_format or output_format(dst)
     if sf not in READERS:
@@ -195,9 +198,10 @@ def convert(
         and os.path.isfile(src)
         and not reader_opts
         and (dtype, dims, metadata, key) == (None,) * 4
+        and not normalize
     ):
         return WRITERS[df](src, dst, progress=progress, **writer_opts)  # straight from the file's mapping
-    source = leading(_read(sf, src, reader_opts, key), dims)
+    source = normalized(leading(_read(sf, src, reader_opts, key), dims), normalize)
     if df == "emb":
         write_emb(source, dst, dtype, metadata, progress)
     else:
