@@ -400,6 +400,28 @@ def normalized(source: Source, normalize: bool) -> Source:
     return dataclasses.replace(source, chunks=chunks(), description={**source.description, "normalized": True})
 
 
+def binarized(source: Source, binary: bool) -> Source:
+    """``source`` with each vector (of per-residue records, each row) as its signs, packed 8 to a byte
+    (``np.packbits(x > 0)``, the binary quantization of embedding models: uint8 records of ``dim / 8`` bytes,
+    the last padded with zero bits), for ``metric="hamming"`` search.  Of signed vectors only."""
+    if not binary:
+        return source
+    if source.dtype.kind not in "fi" and source.dtype.name != "bfloat16":
+        raise ValueError(
+            f"binary= packs the signs of vectors; {source.description.get('path', 'the input')} holds "
+            f"{source.dtype.name}, which has none"
+        )
+
+    def chunks() -> Iterator[Any]:
+        for keys, x, *lengths in source.chunks:
+            yield (keys, np.packbits(x.astype(np.float32, copy=False) > 0, axis=1), *lengths)
+
+    description = {**source.description, "binary": True, "binary_dims": source.dim}
+    return dataclasses.replace(
+        source, dtype=np.dtype(np.uint8), dim=-(-source.dim // 8), chunks=chunks(), description=description
+    )
+
+
 KeyRule = Callable[[str], str] | str  # a function of the source key, or a regular expression
 
 

@@ -154,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
         help="scale each float vector (after --dims) to unit length, so a dot product is a cosine",
     )
     c.add_argument(
+        "--binary",
+        action="store_true",
+        help="write each vector's signs as packed bits (binary quantization, uint8: a 32nd of float32), "
+        "for search --metric hamming",
+    )
+    c.add_argument(
         "--metadata",
         type=_metadata,
         action="append",
@@ -462,6 +468,7 @@ def _convert(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         dims=args.dims,
         normalize=args.normalize,
+        binary=args.binary,
         metadata=metadata,
         key=args.key_regex,
         report=args.report,

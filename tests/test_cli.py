@@ -485,3 +485,40 @@ def test_convert_normalizes_each_vector_after_the_cut(tmp_path):
     embfile.write(tmp_path / "int.emb", (keys, (x * 2).astype(np.int8)))
     assert_user_error(cli("convert", tmp_path / "int.emb", tmp_path / "y.emb", "--normalize", check=False), "int8")
     assert not (tmp_path / "y.emb").exists()
+
+
+def test_convert_writes_binary_quantized_records_for_hamming_search(tmp_path):
+    """``--binary`` (``convert(binary=True)``) writes each vector's signs packed 8 to a byte, as
+    ``np.packbits(x > 0)`` and sentence-transformers' "ubinary" do (a width not a multiple of 8 padded with zero
+    bits), of one vector a key and per-residue rows, after a ``--dims`` cut; the file searches by Hamming
+    distance; a dtype with it, or unsigned input, is one line."""
+    rng = np.random.default_rng(9)
+    keys = [f"b{i}" for i in range(50)]
+    x = rng.standard_normal((50, 20)).astype(np.float32)
+    embfile.write(tmp_path / "a.emb", (keys, x))
+    cli("convert", tmp_path / "a.emb", tmp_path / "bits.emb", "--binary", "-q")
+    bits = np.packbits(x > 0, axis=1)
+    with embfile.open(tmp_path / "bits.emb") as db:
+        assert db.dtype == np.uint8 and db.dim == 3 and list(db.keys()) == keys
+        np.testing.assert_array_equal(db.matrix, bits)
+        assert db.metadata["source"]["binary_dims"] == 20
+        distances, found = db.search(bits[7], k=5, metric="hamming")
+        brute = np.unpackbits(bits ^ bits[7], axis=1).sum(axis=1)
+        np.testing.assert_array_equal(distances, np.sort(brute)[:5])
+        assert found[0] == "b7"
+    embfile.convert(tmp_path / "a.emb", tmp_path / "bits8.emb", dims=8, binary=True)
+    np.testing.assert_array_equal(embfile.open(tmp_path / "bits8.emb").matrix, np.packbits(x[:, :8] > 0, axis=1))
+
+    records = {k: rng.standard_normal((int(n), 16)).astype(np.float16) for k, n in zip(keys, rng.integers(1, 5, 50))}
+    embfile.write(tmp_path / "res.emb", records, ragged=True)
+    embfile.convert(tmp_path / "res.emb", tmp_path / "res_bits.emb", binary=True)
+    with embfile.open(tmp_path / "res_bits.emb") as db:
+        assert db.ragged and db.dim == 2
+        for k, rows in records.items():
+            np.testing.assert_array_equal(db[k], np.packbits(rows > 0, axis=1))
+
+    out = cli("convert", tmp_path / "a.emb", tmp_path / "y.emb", "--binary", "--dtype", "int8", check=False)
+    assert_user_error(out, "leave dtype unset")
+    embfile.write(tmp_path / "u8.emb", (keys, bits))
+    assert_user_error(cli("convert", tmp_path / "u8.emb", tmp_path / "y.emb", "--binary", check=False), "uint8")
+    assert not (tmp_path / "y.emb").exists()

@@ -22,7 +22,7 @@ from typing import Any
 from embfile import _format as F
 from embfile import errors
 from embfile._staging import Staging
-from embfile._stream import KeyRule, Source, leading, normalized, pooled, rekeyed
+from embfile._stream import KeyRule, Source, binarized, leading, normalized, pooled, rekeyed
 from embfile.dataset import Dataset
 from embfile.folder import is_versioned
 from embfile.formats._common import GZIP, damage_named, write_emb
@@ -149,6 +149,7 @@ def convert(
     dtype: object = None,
     dims: int | None = None,
     normalize: bool = False,
+    binary: bool = False,
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
     key: KeyRule | None = None,
@@ -164,14 +165,16 @@ def convert(
     and its binary one), ``csv`` (and TSV); as inputs only ``esm``, ``npy``, ``npz``, ``torch``, ``lance``,
     ``zarr``, ``pickle`` and ``jsonl``.
     ``src_format`` / ``dst_format`` override the detection.
-    ``dtype`` sets the stored element type; ``dims`` keeps the first ``dims`` values of each vector (a
-    Matryoshka embedding's prefix: OpenAI's text-embedding-3 at 256 of 3072); ``normalize`` scales each float
-    vector (after the cut) to unit length, as Matryoshka models ask of a prefix, so a dot product is a cosine;
-    ``metadata`` adds to the source's.  Other options go to the reader or the writer they belong to (see
-    :func:`from_hdf5`, :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`, :func:`from_pickle`, :func:`to_hdf5`,
-    :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key`` derives each key
-    from the source's: a function, or a regular expression whose first group (else whole match) is the key
-    (``r"\|([^|]+)\|"``: ``sp|P69905|HBA_HUMAN`` -> ``P69905``); two source keys that become one are an error.
+    ``dtype`` sets the stored element type; ``dims`` keeps the first ``dims`` values of each vector (a Matryoshka
+    embedding's prefix: OpenAI's text-embedding-3 at 256 of 3072); ``normalize`` scales each float vector (after the
+    cut) to unit length, as Matryoshka models ask of a prefix, so a dot product is a cosine; ``binary`` writes each
+    vector's signs as packed bits (binary quantization: uint8 records of ``dim / 8`` bytes, searched by
+    ``metric="hamming"``; no ``dtype`` with it); ``metadata`` adds to the source's.  Other options go to the reader
+    or the writer they belong to (see :func:`from_hdf5`, :func:`from_parquet`, :func:`from_esm`, :func:`from_npy`,
+    :func:`from_pickle`, :func:`to_hdf5`, :func:`to_parquet`); one that neither takes is a ``TypeError``.  ``key``
+    derives each key from the source's: a function, or a regular expression whose first group (else whole match) is
+    the key (``r"\|([^|]+)\|"``: ``sp|P69905|HBA_HUMAN`` -> ``P69905``); two source keys that become one are an
+    error.
     ``on_error="skip"`` (every input with records that can be bad: all but ``emb``, ``npy``, ``esm``) skips a
     bad record instead of failing, and lists each one skipped, where and why, as JSON lines in ``report``
     (default ``DST.skipped.jsonl``).  A repeated key is an error, raised before any vector is read wherever
@@ -182,7 +185,7 @@ def convert(
     if not isinstance(src, (str, os.PathLike, Dataset)):  # a table in memory
         if dst_format not in (None, "emb") or output_format(dst) != "emb":
             raise ValueError("an in-memory table converts to .emb; convert that file further")
-        source = normalized(leading(rekeyed(read_table(src, **options), key), dims), normalize)
+        source = _shaped(rekeyed(read_table(src, **options), key), dtype, dims, normalize, binary)
         return write_emb(source, dst, dtype, metadata, progress)
     sf = "emb" if isinstance(src, Dataset) else src_format or detect_format(src)
     df = dst_format or output_format(dst)
@@ -198,10 +201,10 @@ def convert(
         and os.path.isfile(src)
         and not reader_opts
         and (dtype, dims, metadata, key) == (None,) * 4
-        and not normalize
+        and not (normalize or binary)
     ):
         return WRITERS[df](src, dst, progress=progress, **writer_opts)  # straight from the file's mapping
-    source = normalized(leading(_read(sf, src, reader_opts, key), dims), normalize)
+    source = _shaped(_read(sf, src, reader_opts, key), dtype, dims, normalize, binary)
     if df == "emb":
         write_emb(source, dst, dtype, metadata, progress)
     else:
@@ -213,6 +216,13 @@ def convert(
             staging.discard()
     _report(source, dst, report)
     return os.fspath(dst)
+
+
+def _shaped(source: Source, dtype: object, dims: int | None, normalize: bool, binary: bool) -> Source:
+    """``source`` cut to ``dims``, normalized, binarized, as :func:`convert` is asked (in that order)."""
+    if binary and dtype is not None:
+        raise ValueError("binary=True writes packed bits as uint8: leave dtype unset")
+    return binarized(normalized(leading(source, dims), normalize), binary)
 
 
 def _report(source: Source, dst: str | os.PathLike[str], report: str | os.PathLike[str] | None) -> None:
