@@ -38,6 +38,8 @@ _EXAMPLES = {
   embfile convert table.parquet db.emb --vector-column embedding
   embfile convert db.emb db.parquet --row-group-size 50000
   embfile convert db.emb db.h5 --compression gzip
+  embfile convert openai.parquet small.emb --dims 256 --normalize   # a Matryoshka prefix, unit length
+  embfile convert db.emb bits.emb --binary                    # signs as packed bits, for --metric hamming
   embfile convert embeddings.pkl db.emb --trust-pickle        # only pickles you trust: loading runs code""",
     "info": "example:\n  embfile info db.emb --json",
     "get": "examples:\n  embfile get db.emb 'sp|P69905|HBA_HUMAN'\n"
