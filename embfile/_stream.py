@@ -383,7 +383,7 @@ def normalized(source: Source, normalize: bool) -> Source:
     vector stays zero.  Of float vectors only (bfloat16 too), kept in their type."""
     if not normalize:
         return source
-    if source.dtype.kind != "f" and source.dtype.name != "bfloat16":
+    if F.kind(source.dtype) != "f":
         raise ValueError(
             f"normalize= scales float vectors; {source.description.get('path', 'the input')} holds "
             f"{source.dtype.name} (convert it to float32 first)"
@@ -406,7 +406,7 @@ def binarized(source: Source, binary: bool) -> Source:
     the last padded with zero bits), for ``metric="hamming"`` search.  Of signed vectors only."""
     if not binary:
         return source
-    if source.dtype.kind not in "fi" and source.dtype.name != "bfloat16":
+    if F.kind(source.dtype) not in "fi":
         raise ValueError(
             f"binary= packs the signs of vectors; {source.description.get('path', 'the input')} holds "
             f"{source.dtype.name}, which has none"
